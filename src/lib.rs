@@ -1,0 +1,10 @@
+//! subtocall: shared subscriptions for WAMP routers.
+//!
+//! ```text
+//!  main.rs     config + tracing + signals; runs the app until shutdown
+//!  app         discovery (registrations -> subscriptions) and forwarding
+//!  wamp        client (the one task that owns the socket) over a sans-IO
+//!              session, codec, auth and message types; knows nothing of the app
+//! ```
+
+pub mod wamp;
