@@ -2,8 +2,13 @@
 //! with one async piece on top (`client`). Nothing here knows about
 //! shared subscriptions.
 
+pub mod auth;
+pub mod codec;
 pub mod id;
+pub mod message;
 pub mod value;
 
+pub use codec::Serializer;
 pub use id::{PublicationId, RegistrationId, RequestId, SessionId, SubscriptionId};
+pub use message::{Event, Invocation, Message, Payload};
 pub use value::{Dict, Value};
