@@ -3,12 +3,19 @@
 //! shared subscriptions.
 
 pub mod auth;
+pub mod client;
 pub mod codec;
 pub mod id;
 pub mod message;
+pub mod session;
+pub mod tls;
 pub mod value;
 
+pub use client::{
+    CallResult, Client, ClientConfig, CloseReason, ConnectError, Incoming, IncomingRx,
+};
 pub use codec::Serializer;
 pub use id::{PublicationId, RegistrationId, RequestId, SessionId, SubscriptionId};
 pub use message::{Event, Invocation, Message, Payload};
+pub use session::{RequestError, SessionInfo, WampError};
 pub use value::{Dict, Value};
