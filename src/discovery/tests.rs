@@ -783,3 +783,352 @@ fn notes_read_as_log_lines() {
     );
     assert_eq!(n.level(), Level::Info);
 }
+
+// ----- property test -------------------------------------------------------
+
+/// Random interleavings of registration churn, list/get answers, completions
+/// (some failing) and time, against a fake router that checks every action.
+mod churn {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const GRACE: Duration = Duration::from_secs(10);
+    const RETRY: Duration = Duration::from_secs(15);
+
+    /// The registrations backends may make: SUB_ exact and wildcard ones, two
+    /// mapping to the same topic string, a SUB_ prefix one and an ordinary one.
+    const URIS: [(&str, MatchPolicy); 6] = [
+        ("a.SUB_x", MatchPolicy::Exact),
+        ("b.SUB_x", MatchPolicy::Exact),
+        ("a..SUB_x", MatchPolicy::Wildcard),
+        ("a..SUB_x", MatchPolicy::Exact),
+        ("a.SUB_x", MatchPolicy::Prefix),
+        ("a.plain", MatchPolicy::Exact),
+    ];
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// A backend registers URIS[i] (a new registration, or another callee).
+        Register(usize),
+        /// Like `Register`, but before we subscribed to the meta topics: no
+        /// events, only the list can tell. Ignored once the list is taken.
+        PreExisting(usize),
+        /// The last callee of the n-th live registration leaves.
+        Delete(usize),
+        /// The initial `wamp.registration.list` is answered (once).
+        List,
+        /// The n-th `get` in flight is answered.
+        AnswerGet(usize, Answer),
+        /// The n-th SUBSCRIBE in flight completes; `true`: refused.
+        CompleteSubscribe(usize, bool),
+        /// The n-th UNSUBSCRIBE in flight completes; `true`: with an error.
+        CompleteUnsubscribe(usize, bool),
+        Advance(u64),
+    }
+
+    /// How the router answers a `get`.
+    #[derive(Debug, Clone, Copy)]
+    enum Answer {
+        /// With the state at the time of the answer.
+        Current,
+        /// With the state at the time of the call: the result was on its way
+        /// (or queued in the layer above) while the registration was deleted.
+        Stale,
+        Failed,
+    }
+
+    fn answer() -> impl Strategy<Value = Answer> {
+        prop_oneof![
+            3 => Just(Answer::Current),
+            2 => Just(Answer::Stale),
+            1 => Just(Answer::Failed),
+        ]
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            3 => (0..URIS.len()).prop_map(Op::Register),
+            1 => (0..URIS.len()).prop_map(Op::PreExisting),
+            3 => (0..8usize).prop_map(Op::Delete),
+            1 => Just(Op::List),
+            3 => (0..4usize, answer()).prop_map(|(n, a)| Op::AnswerGet(n, a)),
+            3 => (0..4usize, prop::bool::weighted(0.2))
+                .prop_map(|(n, f)| Op::CompleteSubscribe(n, f)),
+            3 => (0..4usize, prop::bool::weighted(0.2))
+                .prop_map(|(n, f)| Op::CompleteUnsubscribe(n, f)),
+            2 => (0..25u64).prop_map(Op::Advance),
+        ]
+    }
+
+    /// The router as far as discovery can tell, plus the requests in flight.
+    struct World {
+        d: Discovery,
+        now: Instant,
+        next_id: u64,
+        listed: bool,
+        /// Live registrations: id -> index into URIS.
+        live: BTreeMap<u64, usize>,
+        /// Subscriptions on the router.
+        subs: BTreeMap<TopicKey, SubscriptionId>,
+        subscribing: Vec<TopicKey>,
+        unsubscribing: Vec<(TopicKey, SubscriptionId)>,
+        /// Gets in flight, with what the router would have said when asked.
+        getting: Vec<(RegistrationId, GetOutcome)>,
+    }
+
+    impl World {
+        fn new() -> World {
+            World {
+                d: Discovery::new(Marker::default(), None, GRACE).with_retry_delay(RETRY),
+                now: Instant::now(),
+                next_id: 1,
+                listed: false,
+                live: BTreeMap::new(),
+                subs: BTreeMap::new(),
+                subscribing: Vec::new(),
+                unsubscribing: Vec::new(),
+                getting: Vec::new(),
+            }
+        }
+
+        fn info(&self, id: u64) -> RegistrationInfo {
+            let (uri, policy) = URIS[self.live[&id]];
+            info(id, uri, policy)
+        }
+
+        fn lookup(&self, id: RegistrationId) -> GetOutcome {
+            if self.live.contains_key(&id.0) {
+                GetOutcome::Found(self.info(id.0))
+            } else {
+                GetOutcome::NoSuchRegistration
+            }
+        }
+
+        fn live_id(&self, uri: usize) -> Option<u64> {
+            self.live
+                .iter()
+                .find(|(_, u)| **u == uri)
+                .map(|(id, _)| *id)
+        }
+
+        fn apply(&mut self, op: Op) {
+            match op {
+                Op::Register(u) => match self.live_id(u) {
+                    Some(id) => self.d.on_meta_event(registered(id), self.now),
+                    None => {
+                        let id = self.next_id;
+                        self.next_id += 1;
+                        self.live.insert(id, u);
+                        let (uri, policy) = URIS[u];
+                        self.d
+                            .on_meta_event(created_with(id, uri, policy), self.now);
+                        self.d.on_meta_event(registered(id), self.now);
+                    }
+                },
+                Op::PreExisting(u) => {
+                    if !self.listed && self.live_id(u).is_none() {
+                        self.live.insert(self.next_id, u);
+                        self.next_id += 1;
+                    }
+                }
+                Op::Delete(n) => {
+                    if let Some(id) = self.live.keys().nth(n).copied() {
+                        self.live.remove(&id);
+                        self.d.on_meta_event(deleted(id), self.now);
+                    }
+                }
+                Op::List => {
+                    if !self.listed {
+                        self.listed = true;
+                        let ids: Vec<_> = self.live.keys().map(|id| reg(*id)).collect();
+                        self.d.on_list_result(ids);
+                    }
+                }
+                Op::AnswerGet(n, answer) => {
+                    if n < self.getting.len() {
+                        let (id, stale) = self.getting.remove(n);
+                        let outcome = match answer {
+                            Answer::Current => self.lookup(id),
+                            Answer::Stale => stale,
+                            Answer::Failed => GetOutcome::Failed("wamp.error.timeout".into()),
+                        };
+                        self.d.on_get_result(id, outcome, self.now);
+                    }
+                }
+                Op::CompleteSubscribe(n, fail) => {
+                    if n < self.subscribing.len() {
+                        let key = self.subscribing.remove(n);
+                        if fail {
+                            self.d.on_subscribe_failed(&key, "denied".into(), self.now);
+                        } else {
+                            let id = SubscriptionId(self.next_id);
+                            self.next_id += 1;
+                            self.subs.insert(key.clone(), id);
+                            self.d.on_subscribed(&key, id);
+                        }
+                    }
+                }
+                Op::CompleteUnsubscribe(n, fail) => {
+                    if n < self.unsubscribing.len() {
+                        let (key, id) = self.unsubscribing.remove(n);
+                        // Either way the router no longer has it (a failure
+                        // here plays `no_such_subscription`).
+                        self.subs.remove(&key);
+                        if fail {
+                            self.d.on_unsubscribe_failed(id, "gone".into());
+                        } else {
+                            self.d.on_unsubscribed(id);
+                        }
+                    }
+                }
+                Op::Advance(secs) => self.now += Duration::from_secs(secs),
+            }
+            self.poll();
+        }
+
+        /// Executes what discovery asks for, checking it makes sense.
+        fn poll(&mut self) {
+            for out in self.d.poll(self.now) {
+                let Output::Action(action) = out else {
+                    continue;
+                };
+                match action {
+                    Action::Subscribe(key) => {
+                        assert!(!self.subscribing.contains(&key), "two SUBSCRIBEs for {key}");
+                        assert!(
+                            !self.subs.contains_key(&key),
+                            "SUBSCRIBE for {key}, subscribed"
+                        );
+                        self.subscribing.push(key);
+                    }
+                    Action::Unsubscribe {
+                        topic,
+                        subscription,
+                    } => {
+                        assert_eq!(self.subs.get(&topic), Some(&subscription));
+                        assert!(
+                            !self.unsubscribing.iter().any(|(k, _)| *k == topic),
+                            "two UNSUBSCRIBEs for {topic}"
+                        );
+                        self.unsubscribing.push((topic, subscription));
+                    }
+                    Action::GetRegistration(id) => {
+                        assert!(
+                            !self.getting.iter().any(|(g, _)| *g == id),
+                            "two gets for {id}"
+                        );
+                        let outcome = self.lookup(id);
+                        self.getting.push((id, outcome));
+                    }
+                }
+            }
+            self.check();
+        }
+
+        fn wanted_topics(&self) -> BTreeSet<TopicKey> {
+            let mapper = Mapper::new(Marker::default(), None);
+            self.live
+                .values()
+                .filter_map(|u| match mapper.classify(URIS[*u].0, URIS[*u].1) {
+                    Classification::Shared(key) => Some(key),
+                    _ => None,
+                })
+                .collect()
+        }
+
+        fn shared_live(&self) -> usize {
+            let mapper = Mapper::new(Marker::default(), None);
+            self.live
+                .values()
+                .filter(|u| {
+                    matches!(
+                        mapper.classify(URIS[**u].0, URIS[**u].1),
+                        Classification::Shared(_)
+                    )
+                })
+                .count()
+        }
+
+        fn check(&self) {
+            assert_eq!(self.d.active_subscriptions(), self.subs.len());
+            for (key, id) in &self.subs {
+                assert_eq!(
+                    self.d.topic_for_subscription(*id),
+                    Some((key.topic.as_str(), key.policy))
+                );
+            }
+            assert!(self.d.tracked_registrations() <= self.shared_live());
+            if self.d.is_synced() {
+                assert_eq!(self.d.tracked_registrations(), self.shared_live());
+            }
+            if let Some(deadline) = self.d.next_deadline() {
+                assert!(deadline > self.now, "a deadline in the past would spin");
+            }
+        }
+
+        /// Answers everything in flight successfully and lets time pass until
+        /// nothing moves any more.
+        fn settle(&mut self) {
+            if !self.listed {
+                self.apply(Op::List);
+            }
+            for _ in 0..50 {
+                let busy = !(self.getting.is_empty()
+                    && self.subscribing.is_empty()
+                    && self.unsubscribing.is_empty());
+                if !busy && self.d.next_deadline().is_none() {
+                    return;
+                }
+                while !self.getting.is_empty() {
+                    self.apply(Op::AnswerGet(0, Answer::Current));
+                }
+                while !self.subscribing.is_empty() {
+                    self.apply(Op::CompleteSubscribe(0, false));
+                }
+                while !self.unsubscribing.is_empty() {
+                    self.apply(Op::CompleteUnsubscribe(0, false));
+                }
+                if let Some(deadline) = self.d.next_deadline() {
+                    self.now = deadline;
+                    self.poll();
+                }
+            }
+            panic!("discovery did not settle");
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+        #[test]
+        fn discovery_converges_to_the_router_state_under_any_interleaving(
+            ops in prop::collection::vec(op(), 0..60)
+        ) {
+            let mut w = World::new();
+            for op in ops {
+                w.apply(op);
+            }
+            // Every wanted topic ends up subscribed, and nothing else.
+            w.settle();
+            prop_assert!(w.d.is_synced());
+            prop_assert_eq!(w.d.tracked_registrations(), w.shared_live());
+            let subscribed: BTreeSet<TopicKey> = w.subs.keys().cloned().collect();
+            prop_assert_eq!(subscribed, w.wanted_topics());
+            // Once every registration is gone and the grace has passed,
+            // every subscription is gone too.
+            let ids: Vec<u64> = w.live.keys().copied().collect();
+            for _ in ids {
+                w.apply(Op::Delete(0));
+            }
+            w.settle();
+            prop_assert!(w.subs.is_empty());
+            prop_assert_eq!(w.d.active_subscriptions(), 0);
+            prop_assert_eq!(w.d.tracked_registrations(), 0);
+            prop_assert_eq!(w.d.next_deadline(), None);
+            prop_assert!(w.d.poll(w.now).is_empty());
+        }
+    }
+}
