@@ -7,5 +7,6 @@
 //!              session, codec, auth and message types; knows nothing of the app
 //! ```
 
+pub mod discovery;
 pub mod forward;
 pub mod wamp;

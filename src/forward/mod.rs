@@ -1,5 +1,6 @@
-//! Getting accepted events to their destination: the bounded queue, the
-//! retry policy and (elsewhere) the sinks that do the delivering.
+//! Getting accepted events to their destination: de-duplication, the
+//! bounded queue and the retry policy. Pure; the sinks do the delivering.
 
+pub mod dedup;
 pub mod queue;
 pub mod retry;

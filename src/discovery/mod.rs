@@ -1,0 +1,858 @@
+//! Discovery: which topics to subscribe to, given the dealer's registrations.
+//!
+//! A pure state machine in the rumqtt style: no IO, no tokio, no clock (time
+//! is an argument). The async layer feeds it meta events, call results and
+//! subscription completions, executes the [`Action`]s that [`Discovery::poll`]
+//! returns and logs the [`Note`]s. It may call `crate::wamp` data types and its
+//! own submodules: [`meta`] (payload parsing) and [`topic`] (URI mapping).
+//!
+//! The model: *registrations* (tracked by id, pitfall P10) map to *topics*; a
+//! topic is wanted while at least one registration maps to it, and for a grace
+//! period after its last one left. Each topic also records where its
+//! subscription on the router stands (none, subscribing, subscribed,
+//! unsubscribing, failed), and `poll` emits whatever SUBSCRIBE or UNSUBSCRIBE
+//! closes the gap between wanted and actual, never two at once for one topic.
+//!
+//! Driving it:
+//!
+//! ```text
+//! on (re)join:   reset(); subscribe meta::META_TOPICS; await all SUBSCRIBED;
+//!                CALL meta::LIST -> on_list_result(list.ids())
+//! meta EVENT     -> on_meta_event(parse_meta_event(topic, args)?, now)
+//! get answered   -> on_get_result(id, outcome, now)
+//! SUBSCRIBED     -> on_subscribed(&key, id)      ERROR -> on_subscribe_failed(&key, err, now)
+//! UNSUBSCRIBED   -> on_unsubscribed(id)          ERROR -> on_unsubscribe_failed(id, err)
+//! after each of these, and when next_deadline() passes: for out in poll(now) { execute or log }
+//! ```
+
+pub mod meta;
+pub mod topic;
+
+#[cfg(test)]
+mod tests;
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use regex::Regex;
+
+use crate::wamp::{RegistrationId, SubscriptionId};
+
+pub use meta::{
+    MetaError, MetaEvent, RegistrationInfo, RegistrationList, parse_get_result, parse_list_result,
+    parse_meta_event,
+};
+pub use topic::{Classification, Mapper, Marker, MarkerError, MatchPolicy, TopicKey};
+
+/// How long to wait before retrying a refused SUBSCRIBE or a failed
+/// `wamp.registration.get`, unless set with [`Discovery::with_retry_delay`].
+pub const DEFAULT_RETRY_DELAY: Duration = Duration::from_secs(30);
+
+/// How many deleted registration ids to remember. The memory only has to
+/// outlive the `get` calls in flight when a delete arrives, so a thousand
+/// covers any realistic burst while staying a few tens of kB.
+const RECENTLY_DELETED_CAPACITY: usize = 1024;
+
+/// Something for the async layer to do; each is answered with one completion.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// SUBSCRIBE to `topic.topic`, with options `{"match": "wildcard"}` for a
+    /// wildcard key (and no `match` option for an exact one). Answer with
+    /// [`Discovery::on_subscribed`] or [`Discovery::on_subscribe_failed`].
+    Subscribe(TopicKey),
+    /// UNSUBSCRIBE `subscription`. Answer with [`Discovery::on_unsubscribed`]
+    /// or [`Discovery::on_unsubscribe_failed`].
+    Unsubscribe {
+        topic: TopicKey,
+        subscription: SubscriptionId,
+    },
+    /// CALL `wamp.registration.get [id]`. Answer with
+    /// [`Discovery::on_get_result`].
+    GetRegistration(RegistrationId),
+}
+
+/// Something worth one log line. Actions are not repeated here: the caller
+/// logs what it executes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Note {
+    RegistrationTracked {
+        id: RegistrationId,
+        uri: String,
+        invoke: String,
+        topic: TopicKey,
+    },
+    RegistrationUntracked {
+        id: RegistrationId,
+        uri: String,
+        topic: TopicKey,
+    },
+    /// A SUB_-looking prefix registration; said once per registration id.
+    PrefixRegistrationIgnored { id: RegistrationId, uri: String },
+    /// A SUB_ registration excluded by the include filter.
+    RegistrationFilteredOut { id: RegistrationId, uri: String },
+    /// The topic's last registration left; its subscription is kept for
+    /// `grace` in case a backend comes back (rolling restart).
+    GraceStarted { topic: TopicKey, grace: Duration },
+    /// A registration came back within the grace period: the subscription
+    /// simply continues.
+    TopicResumed { topic: TopicKey },
+    Subscribed {
+        topic: TopicKey,
+        subscription: SubscriptionId,
+    },
+    SubscribeFailed {
+        topic: TopicKey,
+        error: String,
+        retry_in: Duration,
+    },
+    Unsubscribed {
+        topic: TopicKey,
+        subscription: SubscriptionId,
+    },
+    /// The subscription is forgotten anyway (see
+    /// [`Discovery::on_unsubscribe_failed`]).
+    UnsubscribeFailed {
+        topic: TopicKey,
+        subscription: SubscriptionId,
+        error: String,
+    },
+    GetFailed {
+        id: RegistrationId,
+        error: String,
+        retry_in: Duration,
+    },
+    /// The initial list and every `get` it needed are answered: ready.
+    Synced { registrations: usize },
+}
+
+/// How loud a [`Note`] should be logged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Level {
+    Debug,
+    Info,
+    Warn,
+}
+
+impl Note {
+    pub fn level(&self) -> Level {
+        match self {
+            Note::PrefixRegistrationIgnored { .. }
+            | Note::SubscribeFailed { .. }
+            | Note::UnsubscribeFailed { .. }
+            | Note::GetFailed { .. } => Level::Warn,
+            Note::RegistrationFilteredOut { .. } => Level::Debug,
+            _ => Level::Info,
+        }
+    }
+}
+
+impl fmt::Display for Note {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Note::RegistrationTracked {
+                id,
+                uri,
+                invoke,
+                topic,
+            } => write!(
+                f,
+                "tracking SUB_ registration {uri} (id {id}, invoke {invoke}) for topic {topic}"
+            ),
+            Note::RegistrationUntracked { id, uri, topic } => write!(
+                f,
+                "SUB_ registration {uri} (id {id}) is gone; it was for topic {topic}"
+            ),
+            Note::PrefixRegistrationIgnored { id, uri } => write!(
+                f,
+                "ignoring prefix registration {uri} (id {id}): a prefix registration \
+                 stands for no single topic; register it exact or wildcard"
+            ),
+            Note::RegistrationFilteredOut { id, uri } => write!(
+                f,
+                "ignoring SUB_ registration {uri} (id {id}): excluded by the filter"
+            ),
+            Note::GraceStarted { topic, grace } => write!(
+                f,
+                "last registration for topic {topic} is gone; keeping the subscription for {grace:?}"
+            ),
+            Note::TopicResumed { topic } => write!(
+                f,
+                "topic {topic} has a registration again within the grace period; subscription kept"
+            ),
+            Note::Subscribed {
+                topic,
+                subscription,
+            } => write!(f, "subscribed to {topic} (subscription {subscription})"),
+            Note::SubscribeFailed {
+                topic,
+                error,
+                retry_in,
+            } => write!(
+                f,
+                "subscribing to {topic} failed: {error}; retrying in {retry_in:?}"
+            ),
+            Note::Unsubscribed {
+                topic,
+                subscription,
+            } => write!(f, "unsubscribed from {topic} (subscription {subscription})"),
+            Note::UnsubscribeFailed {
+                topic,
+                subscription,
+                error,
+            } => write!(
+                f,
+                "unsubscribing from {topic} (subscription {subscription}) failed: {error}; \
+                 forgetting it"
+            ),
+            Note::GetFailed {
+                id,
+                error,
+                retry_in,
+            } => write!(
+                f,
+                "wamp.registration.get for {id} failed: {error}; retrying in {retry_in:?}"
+            ),
+            Note::Synced { registrations } => write!(
+                f,
+                "registration discovery complete: {registrations} SUB_ registrations"
+            ),
+        }
+    }
+}
+
+/// What [`Discovery::poll`] returns, in the order things happened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    Action(Action),
+    Note(Note),
+}
+
+/// How a `wamp.registration.get` call ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GetOutcome {
+    Found(RegistrationInfo),
+    /// The call failed with [`meta::NO_SUCH_REGISTRATION`]: the registration
+    /// was deleted meanwhile (P11). Treated exactly like `on_delete`.
+    NoSuchRegistration,
+    /// Any other failure (including an unparsable result): retried after the
+    /// retry delay; the registration stays unknown until then.
+    Failed(String),
+}
+
+/// Where one EVENT goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route<'a> {
+    /// The procedure to CALL: borrowed for exact subscriptions, derived from
+    /// the event's concrete topic for wildcard ones.
+    pub procedure: Cow<'a, str>,
+    /// The event's concrete topic.
+    pub topic: &'a str,
+}
+
+/// Why an EVENT cannot be routed. Both mean: drop the event and count it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    /// Not a subscription of ours (any more): e.g. an event that was in
+    /// flight while we unsubscribed.
+    #[error("event for unknown subscription {0}")]
+    UnknownSubscription(SubscriptionId),
+    /// A pattern subscription's EVENT must carry `details.topic`; without it
+    /// the concrete procedure cannot be named.
+    #[error("event for {pattern} subscription {subscription} carries no details.topic")]
+    MissingTopic {
+        subscription: SubscriptionId,
+        pattern: TopicKey,
+    },
+}
+
+/// The discovery state machine. See the module docs for how to drive it.
+#[derive(Debug)]
+pub struct Discovery {
+    mapper: Mapper,
+    grace: Duration,
+    retry_delay: Duration,
+    /// SUB_ registrations, by id: the only thing that makes a topic wanted.
+    tracked: HashMap<RegistrationId, Tracked>,
+    /// Registrations seen and deliberately ignored (ordinary, filtered out,
+    /// prefix), so that a second report of one (`on_create` and `get`) is a
+    /// no-op and the prefix warning is given once.
+    ignored: HashSet<RegistrationId>,
+    /// `wamp.registration.get` calls owed or awaited. Ordered so that `poll`
+    /// output is deterministic.
+    gets: BTreeMap<RegistrationId, PendingGet>,
+    /// Deleted ids, so that a late `get` answer or event cannot resurrect one.
+    /// Crossbar picks registration ids at random from 2^53, so an id never
+    /// comes back.
+    deleted: RecentIds,
+    /// Every topic that is wanted or still has a subscription (in flight) on
+    /// the router. Ordered for deterministic output.
+    topics: BTreeMap<TopicKey, Topic>,
+    /// Subscriptions that exist on the router, for routing EVENTs.
+    routes: HashMap<SubscriptionId, RouteEntry>,
+    sync: SyncState,
+    /// Notes gathered by the inputs, handed out (with actions) by `poll`.
+    out: Vec<Output>,
+}
+
+#[derive(Debug)]
+struct Tracked {
+    uri: String,
+    topic: TopicKey,
+}
+
+#[derive(Debug)]
+struct PendingGet {
+    state: GetState,
+    /// Asked for because of the initial list: readiness waits for it.
+    initial: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GetState {
+    /// To be emitted by the next `poll`.
+    Due,
+    InFlight,
+    RetryAt(Instant),
+}
+
+#[derive(Debug)]
+struct Topic {
+    /// The tracked registrations mapping here. A set, not a count, so that a
+    /// registration reported twice can never be counted twice.
+    registrations: BTreeSet<RegistrationId>,
+    /// Set when the last registration leaves: keep the subscription until
+    /// then. Invariant: only ever set while `registrations` is empty.
+    grace_until: Option<Instant>,
+    subscription: SubState,
+}
+
+/// Where the topic's subscription on the router stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SubState {
+    None,
+    Subscribing,
+    Subscribed(SubscriptionId),
+    Unsubscribing(SubscriptionId),
+    /// The last SUBSCRIBE was refused (e.g. not authorized). Retrying at once
+    /// would only hammer the router with the same refusal; permissions can
+    /// change at runtime though (dynamic authorizers), so retry after the
+    /// retry delay rather than never.
+    Failed {
+        retry_at: Instant,
+    },
+}
+
+#[derive(Debug)]
+struct RouteEntry {
+    topic: TopicKey,
+    /// For exact subscriptions, the procedure, computed once rather than per
+    /// event. `None` for patterns: it depends on each event's topic.
+    procedure: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SyncState {
+    /// The initial `wamp.registration.list` is not answered yet.
+    AwaitingList,
+    /// Listed; waiting for `get` answers.
+    Fetching,
+    Synced,
+}
+
+impl Discovery {
+    /// `grace_period` is how long a topic's subscription outlives its last
+    /// registration; zero unsubscribes at once.
+    pub fn new(marker: Marker, filter: Option<Regex>, grace_period: Duration) -> Discovery {
+        Discovery {
+            mapper: Mapper::new(marker, filter),
+            grace: grace_period,
+            retry_delay: DEFAULT_RETRY_DELAY,
+            tracked: HashMap::new(),
+            ignored: HashSet::new(),
+            gets: BTreeMap::new(),
+            deleted: RecentIds::new(RECENTLY_DELETED_CAPACITY),
+            topics: BTreeMap::new(),
+            routes: HashMap::new(),
+            sync: SyncState::AwaitingList,
+            out: Vec::new(),
+        }
+    }
+
+    /// Sets the delay before a refused SUBSCRIBE or a failed `get` is retried.
+    pub fn with_retry_delay(mut self, delay: Duration) -> Discovery {
+        self.retry_delay = delay;
+        self
+    }
+
+    pub fn marker(&self) -> &Marker {
+        self.mapper.marker()
+    }
+
+    /// Forgets everything but the configuration. Call on every (re)join: the
+    /// new session has no subscriptions, and registrations may have changed
+    /// while we were away. Completions from the old session must not be fed
+    /// in afterwards.
+    pub fn reset(&mut self) {
+        self.tracked.clear();
+        self.ignored.clear();
+        self.gets.clear();
+        self.deleted = RecentIds::new(RECENTLY_DELETED_CAPACITY);
+        self.topics.clear();
+        self.routes.clear();
+        self.sync = SyncState::AwaitingList;
+        self.out.clear();
+    }
+
+    // ----- inputs: registrations -------------------------------------------
+
+    /// A registration meta event.
+    pub fn on_meta_event(&mut self, event: MetaEvent, now: Instant) {
+        match event {
+            MetaEvent::Created { info, .. } => self.learn(info),
+            MetaEvent::Registered { registration, .. } => {
+                // Normally known already (`on_create` comes first, or the list
+                // has it). If not, asking costs one call and closes any gap.
+                if !self.knows(registration) {
+                    self.gets.insert(
+                        registration,
+                        PendingGet {
+                            state: GetState::Due,
+                            initial: false,
+                        },
+                    );
+                }
+            }
+            // A callee left, but the registration lives until `on_delete`.
+            MetaEvent::Unregistered { .. } => {}
+            MetaEvent::Deleted { registration, .. } => self.forget(registration, now),
+        }
+    }
+
+    /// The answer to the initial `wamp.registration.list` (called after the
+    /// meta topics are subscribed). Every id not known yet is fetched with
+    /// `get`; discovery is synced once all of those are answered.
+    pub fn on_list_result(&mut self, ids: impl IntoIterator<Item = RegistrationId>) {
+        for id in ids {
+            if self.tracked.contains_key(&id)
+                || self.ignored.contains(&id)
+                || self.deleted.contains(id)
+            {
+                continue;
+            }
+            self.gets
+                .entry(id)
+                .or_insert(PendingGet {
+                    state: GetState::Due,
+                    initial: true,
+                })
+                .initial = true;
+        }
+        if self.sync == SyncState::AwaitingList {
+            self.sync = SyncState::Fetching;
+        }
+        self.check_synced();
+    }
+
+    /// How the `wamp.registration.get` call for `id` ended.
+    pub fn on_get_result(&mut self, id: RegistrationId, outcome: GetOutcome, now: Instant) {
+        match outcome {
+            GetOutcome::Found(info) => {
+                self.gets.remove(&id);
+                self.learn(info);
+                self.check_synced();
+            }
+            GetOutcome::NoSuchRegistration => self.forget(id, now),
+            GetOutcome::Failed(error) => {
+                // A get dropped meanwhile (the id was deleted) needs no retry.
+                if let Some(get) = self.gets.get_mut(&id) {
+                    get.state = GetState::RetryAt(now + self.retry_delay);
+                    self.out.push(Output::Note(Note::GetFailed {
+                        id,
+                        error,
+                        retry_in: self.retry_delay,
+                    }));
+                }
+            }
+        }
+    }
+
+    // ----- inputs: subscription completions --------------------------------
+
+    /// SUBSCRIBED for an [`Action::Subscribe`]. A completion for a topic with
+    /// no SUBSCRIBE in flight is ignored.
+    pub fn on_subscribed(&mut self, key: &TopicKey, subscription: SubscriptionId) {
+        let Some(topic) = self.topics.get_mut(key) else {
+            return;
+        };
+        if topic.subscription != SubState::Subscribing {
+            return;
+        }
+        topic.subscription = SubState::Subscribed(subscription);
+        let procedure = match key.policy {
+            MatchPolicy::Exact => Some(self.mapper.marker().procedure_for(&key.topic)),
+            MatchPolicy::Prefix | MatchPolicy::Wildcard => None,
+        };
+        self.routes.insert(
+            subscription,
+            RouteEntry {
+                topic: key.clone(),
+                procedure,
+            },
+        );
+        self.out.push(Output::Note(Note::Subscribed {
+            topic: key.clone(),
+            subscription,
+        }));
+    }
+
+    /// SUBSCRIBE failed (e.g. `wamp.error.not_authorized`). The topic is not
+    /// retried before `retry_delay` has passed; if its registrations all go
+    /// meanwhile it is dropped, and subscribed afresh when one comes back.
+    pub fn on_subscribe_failed(&mut self, key: &TopicKey, error: String, now: Instant) {
+        let Some(topic) = self.topics.get_mut(key) else {
+            return;
+        };
+        if topic.subscription != SubState::Subscribing {
+            return;
+        }
+        topic.subscription = SubState::Failed {
+            retry_at: now + self.retry_delay,
+        };
+        self.out.push(Output::Note(Note::SubscribeFailed {
+            topic: key.clone(),
+            error,
+            retry_in: self.retry_delay,
+        }));
+    }
+
+    /// UNSUBSCRIBED for an [`Action::Unsubscribe`]. Also the right call when
+    /// the router revokes a subscription on its own: the topic is then
+    /// subscribed again if still wanted.
+    pub fn on_unsubscribed(&mut self, subscription: SubscriptionId) {
+        if let Some(topic) = self.drop_subscription(subscription) {
+            self.out.push(Output::Note(Note::Unsubscribed {
+                topic,
+                subscription,
+            }));
+        }
+    }
+
+    /// UNSUBSCRIBE failed. The subscription is forgotten all the same: the
+    /// usual cause is that the router no longer has it, and if it does, its
+    /// events count as "unknown subscription" and are dropped. Retrying an
+    /// UNSUBSCRIBE that failed once is unlikely to help.
+    pub fn on_unsubscribe_failed(&mut self, subscription: SubscriptionId, error: String) {
+        if let Some(topic) = self.drop_subscription(subscription) {
+            self.out.push(Output::Note(Note::UnsubscribeFailed {
+                topic,
+                subscription,
+                error,
+            }));
+        }
+    }
+
+    // ----- outputs ---------------------------------------------------------
+
+    /// Fires due timers and returns everything to do and to log since the last
+    /// call, in order. Call after every input and whenever
+    /// [`Discovery::next_deadline`] has passed.
+    pub fn poll(&mut self, now: Instant) -> Vec<Output> {
+        for (id, get) in &mut self.gets {
+            let due = match get.state {
+                GetState::Due => true,
+                GetState::RetryAt(at) => at <= now,
+                GetState::InFlight => false,
+            };
+            if due {
+                get.state = GetState::InFlight;
+                self.out.push(Output::Action(Action::GetRegistration(*id)));
+            }
+        }
+        let out = &mut self.out;
+        self.topics
+            .retain(|key, topic| topic.reconcile(key, now, out));
+        std::mem::take(&mut self.out)
+    }
+
+    /// The earliest time at which `poll` has something new to do on its own
+    /// (a grace period ending, a retry falling due), if any.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let gets = self.gets.values().filter_map(|g| match g.state {
+            GetState::RetryAt(at) => Some(at),
+            GetState::Due | GetState::InFlight => None,
+        });
+        let topics = self.topics.values().filter_map(|t| match t.subscription {
+            SubState::Failed { retry_at } if !t.registrations.is_empty() => Some(retry_at),
+            _ => t.grace_until,
+        });
+        gets.chain(topics).min()
+    }
+
+    // ----- queries ---------------------------------------------------------
+
+    /// True once the initial list is answered and so is every `get` it needed
+    /// (found or deleted meanwhile). Stays true until [`Discovery::reset`].
+    pub fn is_synced(&self) -> bool {
+        self.sync == SyncState::Synced
+    }
+
+    /// How many SUB_ registrations are tracked (a metric).
+    pub fn tracked_registrations(&self) -> usize {
+        self.tracked.len()
+    }
+
+    /// How many subscriptions exist on the router (a metric), counting ones
+    /// in their grace period and ones being unsubscribed.
+    pub fn active_subscriptions(&self) -> usize {
+        self.routes.len()
+    }
+
+    /// The topic and match policy of one of our subscriptions. EVENTs carry
+    /// only the subscription id, and exact ones no topic at all.
+    pub fn topic_for_subscription(
+        &self,
+        subscription: SubscriptionId,
+    ) -> Option<(&str, MatchPolicy)> {
+        self.routes
+            .get(&subscription)
+            .map(|r| (r.topic.topic.as_str(), r.topic.policy))
+    }
+
+    /// Where an EVENT on `subscription` goes. `details_topic` is the EVENT's
+    /// `Details.topic`, which the router sends for pattern subscriptions only.
+    /// Events for a topic in its grace period are routed as usual: the backend
+    /// may be mid-restart, and the forwarder retries.
+    pub fn route<'a>(
+        &'a self,
+        subscription: SubscriptionId,
+        details_topic: Option<&'a str>,
+    ) -> Result<Route<'a>, RouteError> {
+        let entry = self
+            .routes
+            .get(&subscription)
+            .ok_or(RouteError::UnknownSubscription(subscription))?;
+        if let Some(procedure) = &entry.procedure {
+            return Ok(Route {
+                procedure: Cow::Borrowed(procedure),
+                topic: &entry.topic.topic,
+            });
+        }
+        let topic = details_topic.ok_or_else(|| RouteError::MissingTopic {
+            subscription,
+            pattern: entry.topic.clone(),
+        })?;
+        Ok(Route {
+            procedure: Cow::Owned(self.mapper.marker().procedure_for(topic)),
+            topic,
+        })
+    }
+
+    // ----- internals -------------------------------------------------------
+
+    fn knows(&self, id: RegistrationId) -> bool {
+        self.tracked.contains_key(&id)
+            || self.ignored.contains(&id)
+            || self.gets.contains_key(&id)
+            || self.deleted.contains(id)
+    }
+
+    /// A registration reported by `on_create` or `get`: classify and track it,
+    /// unless it is known already or deleted.
+    fn learn(&mut self, info: RegistrationInfo) {
+        let id = info.id;
+        if !(self.deleted.contains(id)
+            || self.tracked.contains_key(&id)
+            || self.ignored.contains(&id))
+        {
+            self.classify_and_track(info);
+        }
+        // Known now, so no `get` is owed; one still in flight will find it
+        // known when it lands.
+        if self.gets.remove(&id).is_some() {
+            self.check_synced();
+        }
+    }
+
+    fn classify_and_track(&mut self, info: RegistrationInfo) {
+        let id = info.id;
+        let key = match self.mapper.classify(&info.uri, info.match_policy) {
+            Classification::Shared(key) => key,
+            Classification::Ordinary => {
+                self.ignored.insert(id);
+                return;
+            }
+            Classification::FilteredOut => {
+                self.ignored.insert(id);
+                self.note(Note::RegistrationFilteredOut { id, uri: info.uri });
+                return;
+            }
+            Classification::Prefix => {
+                self.ignored.insert(id);
+                self.note(Note::PrefixRegistrationIgnored { id, uri: info.uri });
+                return;
+            }
+        };
+        let topic = self.topics.entry(key.clone()).or_insert_with(|| Topic {
+            registrations: BTreeSet::new(),
+            grace_until: None,
+            subscription: SubState::None,
+        });
+        topic.registrations.insert(id);
+        let resumed = topic.grace_until.take().is_some();
+        self.out.push(Output::Note(Note::RegistrationTracked {
+            id,
+            uri: info.uri.clone(),
+            invoke: info.invoke,
+            topic: key.clone(),
+        }));
+        if resumed {
+            self.note(Note::TopicResumed { topic: key.clone() });
+        }
+        self.tracked.insert(
+            id,
+            Tracked {
+                uri: info.uri,
+                topic: key,
+            },
+        );
+    }
+
+    /// A registration is gone (`on_delete`, or `get` said so).
+    fn forget(&mut self, id: RegistrationId, now: Instant) {
+        self.deleted.insert(id);
+        self.ignored.remove(&id);
+        if self.gets.remove(&id).is_some() {
+            self.check_synced();
+        }
+        let Some(Tracked { uri, topic: key }) = self.tracked.remove(&id) else {
+            return;
+        };
+        self.note(Note::RegistrationUntracked {
+            id,
+            uri,
+            topic: key.clone(),
+        });
+        let Some(topic) = self.topics.get_mut(&key) else {
+            return;
+        };
+        topic.registrations.remove(&id);
+        if !topic.registrations.is_empty() {
+            return;
+        }
+        topic.grace_until = Some(now + self.grace);
+        let holds_subscription = matches!(
+            topic.subscription,
+            SubState::Subscribing | SubState::Subscribed(_)
+        );
+        if holds_subscription && !self.grace.is_zero() {
+            let grace = self.grace;
+            self.note(Note::GraceStarted { topic: key, grace });
+        }
+    }
+
+    /// Forgets a subscription that no longer exists on the router; returns its
+    /// topic if it was one of ours.
+    fn drop_subscription(&mut self, subscription: SubscriptionId) -> Option<TopicKey> {
+        let entry = self.routes.remove(&subscription)?;
+        if let Some(topic) = self.topics.get_mut(&entry.topic)
+            && matches!(
+                topic.subscription,
+                SubState::Subscribed(s) | SubState::Unsubscribing(s) if s == subscription
+            )
+        {
+            topic.subscription = SubState::None;
+        }
+        Some(entry.topic)
+    }
+
+    fn check_synced(&mut self) {
+        if self.sync == SyncState::Fetching && !self.gets.values().any(|g| g.initial) {
+            self.sync = SyncState::Synced;
+            let registrations = self.tracked.len();
+            self.note(Note::Synced { registrations });
+        }
+    }
+
+    fn note(&mut self, note: Note) {
+        self.out.push(Output::Note(note));
+    }
+}
+
+impl Topic {
+    /// Moves the topic's subscription one step towards what is wanted and
+    /// says whether the topic is still worth keeping.
+    fn reconcile(&mut self, key: &TopicKey, now: Instant, out: &mut Vec<Output>) -> bool {
+        if self.grace_until.is_some_and(|until| until <= now) {
+            self.grace_until = None;
+        }
+        let wanted = !self.registrations.is_empty();
+        // In its grace period a topic keeps what it has but starts nothing.
+        let keep = wanted || self.grace_until.is_some();
+        match self.subscription {
+            SubState::None => {
+                if !wanted {
+                    return false;
+                }
+                self.subscription = SubState::Subscribing;
+                out.push(Output::Action(Action::Subscribe(key.clone())));
+            }
+            SubState::Failed { retry_at } => {
+                if !wanted {
+                    return false;
+                }
+                if retry_at <= now {
+                    self.subscription = SubState::Subscribing;
+                    out.push(Output::Action(Action::Subscribe(key.clone())));
+                }
+            }
+            SubState::Subscribed(subscription) => {
+                if !keep {
+                    self.subscription = SubState::Unsubscribing(subscription);
+                    out.push(Output::Action(Action::Unsubscribe {
+                        topic: key.clone(),
+                        subscription,
+                    }));
+                }
+            }
+            // Wait for the completion; the next poll after it moves on.
+            SubState::Subscribing | SubState::Unsubscribing(_) => {}
+        }
+        true
+    }
+}
+
+/// A bounded set of recently seen ids: the oldest is forgotten first.
+#[derive(Debug)]
+struct RecentIds {
+    capacity: usize,
+    order: VecDeque<RegistrationId>,
+    set: HashSet<RegistrationId>,
+}
+
+impl RecentIds {
+    fn new(capacity: usize) -> RecentIds {
+        RecentIds {
+            capacity,
+            order: VecDeque::new(),
+            set: HashSet::new(),
+        }
+    }
+
+    fn contains(&self, id: RegistrationId) -> bool {
+        self.set.contains(&id)
+    }
+
+    fn insert(&mut self, id: RegistrationId) {
+        if !self.set.insert(id) {
+            return;
+        }
+        self.order.push_back(id);
+        if self.order.len() > self.capacity
+            && let Some(oldest) = self.order.pop_front()
+        {
+            self.set.remove(&oldest);
+        }
+    }
+}
