@@ -7,4 +7,5 @@
 //!              session, codec, auth and message types; knows nothing of the app
 //! ```
 
+pub mod config;
 pub mod wamp;
