@@ -78,50 +78,23 @@ impl RedisUrl {
 
 impl fmt::Display for RedisUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&redact_url(&self.0))
+        f.write_str(&redact_value(self.0.as_str()))
     }
 }
 
 impl fmt::Debug for RedisUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "RedisUrl({:?})", redact_url(&self.0))
+        write!(f, "RedisUrl({:?})", redact_value(self.0.as_str()))
     }
-}
-
-/// The URL as text with its password and any `pass`/`password` query
-/// parameter replaced by `***`.
-fn redact_url(url: &Url) -> String {
-    let mut shown = url.clone();
-    if shown.password().is_some() {
-        // Fails only for URLs that cannot have a password (no host); those
-        // have none to hide.
-        let _ = shown.set_password(Some(HIDDEN));
-    }
-    if url.query_pairs().any(|(key, _)| is_password_key(&key)) {
-        let pairs: Vec<(String, String)> = url
-            .query_pairs()
-            .map(|(key, value)| {
-                let value = if is_password_key(&key) {
-                    HIDDEN.to_string()
-                } else {
-                    value.into_owned()
-                };
-                (key.into_owned(), value)
-            })
-            .collect();
-        shown.query_pairs_mut().clear().extend_pairs(pairs);
-    }
-    // `set_password` and `query_pairs_mut` percent-encode `*`.
-    shown.as_str().replace("%2A%2A%2A", HIDDEN)
 }
 
 fn is_password_key(key: &str) -> bool {
     key.eq_ignore_ascii_case("pass") || key.eq_ignore_ascii_case("password")
 }
 
-/// A raw environment value made safe to quote in an error: a password in
-/// `user:password@host` and a `pass=`/`password=` query value become `***`,
-/// even in text that is not a valid URL. The rest is kept as written.
+/// Text made safe to print: a password in `user:password@host` and a
+/// `pass=`/`password=` query value become `***`, even in text that is not a
+/// valid URL (a raw value quoted in an error). The rest is kept as written.
 pub(crate) fn redact_value(text: &str) -> String {
     redact_query_passwords(&redact_userinfo(text))
 }

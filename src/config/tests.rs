@@ -690,12 +690,7 @@ fn help_text_mentions_every_variable_and_its_default() {
     assert!(help.starts_with("subtocall: "), "{help}");
     assert!(help.contains("Usage: subtocall"), "{help}");
     for var in VARS {
-        let default = match var.default {
-            DefaultValue::Unset => "unset",
-            DefaultValue::Value(value) => value,
-            DefaultValue::Depends(how) => how,
-        };
-        let line = format!("  {}  [default: {default}]", var.name);
+        let line = format!("  {}  [default: {}]", var.name, var.default.text());
         assert!(
             help.lines().any(|l| l == line),
             "missing {line:?} in\n{help}"

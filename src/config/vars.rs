@@ -29,6 +29,17 @@ pub(crate) enum DefaultValue {
     Depends(&'static str),
 }
 
+impl DefaultValue {
+    /// How the default reads in `--help` and in the reference.
+    pub fn text(self) -> &'static str {
+        match self {
+            DefaultValue::Unset => "unset",
+            DefaultValue::Value(value) => value,
+            DefaultValue::Depends(how) => how,
+        }
+    }
+}
+
 /// Sections of `--help` and of the reference, in the order they are shown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Group {
@@ -516,12 +527,11 @@ pub fn help_text() -> String {
         out.push_str(group.title());
         out.push_str(":\n");
         for var in VARS.iter().filter(|var| var.group == group) {
-            let default = match var.default {
-                DefaultValue::Unset => "unset".to_string(),
-                DefaultValue::Value(value) => value.to_string(),
-                DefaultValue::Depends(how) => how.to_string(),
-            };
-            out.push_str(&format!("  {}  [default: {default}]\n", var.name));
+            out.push_str(&format!(
+                "  {}  [default: {}]\n",
+                var.name,
+                var.default.text()
+            ));
             let mut text = var.meaning.to_string();
             if !var.old_names.is_empty() {
                 let label = if var.old_names.len() == 1 {
@@ -558,10 +568,8 @@ pub fn markdown_reference() -> String {
                 name.push_str(&format!("<br>old name `{old}`"));
             }
             let default = match var.default {
-                DefaultValue::Unset => "unset".to_string(),
-                DefaultValue::Value("") => "empty".to_string(),
                 DefaultValue::Value(value) => format!("`{value}`"),
-                DefaultValue::Depends(how) => how.to_string(),
+                other => other.text().to_string(),
             };
             let mut meaning = var.meaning.to_string();
             if var.secret {
