@@ -744,3 +744,20 @@ fn from_env_reads_the_process_environment_like_from_vars() {
     let from_vars = Config::from_vars(std::env::vars()).map(|c| format!("{c:?}"));
     assert_eq!(from_env, from_vars);
 }
+
+#[test]
+fn a_value_that_is_not_utf8_is_reported_by_name() {
+    let error = super::read(
+        Vec::new(),
+        vec!["WAMP_URL".to_string(), "SUBTOCALL_TYPO".to_string()],
+    )
+    .expect_err("a known variable that is not UTF-8 is a problem");
+    assert_eq!(error.to_string(), "WAMP_URL: is not valid UTF-8");
+}
+
+#[test]
+fn config_can_be_shared_between_tasks() {
+    fn assert_send_sync<T: Send + Sync + Clone + 'static>() {}
+    assert_send_sync::<Config>();
+    assert_send_sync::<ConfigError>();
+}
