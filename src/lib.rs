@@ -7,6 +7,7 @@
 //!              session, codec, auth and message types; knows nothing of the app
 //! ```
 
+pub mod config;
 pub mod discovery;
 pub mod forward;
 pub mod wamp;

@@ -1,0 +1,845 @@
+//! subtocall's configuration, read once at startup from environment
+//! variables only. `vars` is the table of variables (names, defaults, help);
+//! `parse` turns one value into a typed one; this file reads each variable
+//! into its place in [`Config`], collecting every problem before failing.
+//!
+//! To follow one variable: find its constant in `vars.rs` (e.g.
+//! `CALL_TIMEOUT`), then its use below (`r.required(&CALL_TIMEOUT, …)`).
+
+mod error;
+mod parse;
+mod redacted;
+mod vars;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use regex::Regex;
+use serde::Deserialize;
+use url::Url;
+
+pub use error::{ConfigError, Problem};
+pub use redacted::{RedisUrl, Secret};
+pub use vars::{help_text, markdown_reference};
+
+use parse::{Invalid, Parsed};
+use vars::*;
+
+/// Everything subtocall is configured with, grouped by the part that uses it.
+/// `Debug` never shows a secret.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub wamp: WampConfig,
+    pub discovery: DiscoveryConfig,
+    pub forward: ForwardConfig,
+    pub redis: RedisConfig,
+    pub reconnect: ReconnectConfig,
+    /// On SIGTERM/SIGINT: deadline to finish or dead-letter in-flight work.
+    pub shutdown_timeout: Duration,
+    /// Listen address of /metrics, /healthz and /readyz; `None` = no listener.
+    pub http: Option<SocketAddr>,
+    pub log: LogConfig,
+    /// Not errors, but worth a log line once logging is up.
+    warnings: Vec<String>,
+}
+
+/// How to reach and talk to the router.
+#[derive(Debug, Clone)]
+pub struct WampConfig {
+    /// `ws://` or `wss://`, with a host and without credentials.
+    pub url: Url,
+    pub realm: String,
+    pub auth: Auth,
+    /// Offered first in the WebSocket subprotocol list; both are offered.
+    pub serializer: Serializer,
+    /// TCP + TLS + WebSocket handshake + WAMP join.
+    pub connect_timeout: Duration,
+    pub ping_interval: Duration,
+    /// Dead connection when no frame arrives this long after a ping.
+    pub ping_timeout: Duration,
+    /// Largest WAMP message accepted, in bytes.
+    pub max_message_size: usize,
+    /// Extra PEM CA certificates for `wss://`; the file was readable at startup.
+    pub ca_file: Option<PathBuf>,
+}
+
+/// How subtocall authenticates to the router.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Auth {
+    Anonymous,
+    WampCra { authid: String, secret: Secret },
+    Ticket { authid: String, ticket: Secret },
+}
+
+/// The WAMP serializer subtocall prefers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Serializer {
+    MsgPack,
+    Json,
+}
+
+/// Which registrations are shared-subscription registrations.
+#[derive(Debug, Clone)]
+pub struct DiscoveryConfig {
+    /// Prefix of the last URI component, `SUB_` by default; never contains `.`.
+    pub marker: String,
+    /// A registration URI must match this to be served, when set.
+    pub filter: Option<Regex>,
+    /// How long a topic stays subscribed after its last callee left; may be 0.
+    pub grace_period: Duration,
+}
+
+/// Where events go and how hard subtocall tries.
+#[derive(Debug, Clone)]
+pub struct ForwardConfig {
+    pub mode: Mode,
+    /// Deadline of one forwarding attempt.
+    pub call_timeout: Duration,
+    /// Name of the kwarg that carries the event details, when set.
+    pub details_kwarg: Option<String>,
+    /// Forwarding calls in progress at once, 1..=65536.
+    pub max_in_flight: usize,
+    /// Events waiting for a free in-flight slot, 1..=10_000_000.
+    pub queue_capacity: usize,
+    /// Which event to drop (and dead-letter) when the queue is full.
+    pub overflow: Overflow,
+    pub retry: RetryPolicy,
+}
+
+/// Where each event is forwarded (`USE_REDIS_MQ`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// One CALL to the `SUB_` procedure per event.
+    Wamp,
+    /// One RPUSH of a JSON envelope onto the procedure's Redis list.
+    Redis,
+}
+
+/// What happens to an event that arrives while the queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overflow {
+    DropNewest,
+    DropOldest,
+}
+
+/// The retry budget of one event: whichever limit is reached first ends it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Attempts including the first; 1 = no retry.
+    pub max_attempts: u32,
+    /// An event older than this is not retried any more.
+    pub max_age: Duration,
+    /// First retry delay; capped exponential growth with full jitter.
+    pub initial_backoff: Duration,
+    /// Never less than `initial_backoff`.
+    pub max_backoff: Duration,
+}
+
+/// The Redis server and its keys.
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    /// Used in Redis mode and for dead letters; `Display` hides the password.
+    pub url: RedisUrl,
+    /// Key prefix of the per-procedure lists; may be empty.
+    pub prefix: String,
+    /// Redis list that dead letters are also pushed to, when set.
+    pub dead_letter_key: Option<String>,
+}
+
+/// How subtocall reconnects to the router.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReconnectConfig {
+    pub initial_backoff: Duration,
+    /// Never less than `initial_backoff`.
+    pub max_backoff: Duration,
+    /// Consecutive failed attempts before exiting non-zero; `None` = forever.
+    pub max_failures: Option<NonZeroU32>,
+}
+
+/// What is logged and how.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogConfig {
+    /// An `EnvFilter` directive list, checked to parse.
+    pub filter: String,
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Config {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Config, ConfigError> {
+        let mut vars = Vec::new();
+        let mut not_unicode = Vec::new();
+        for (name, value) in std::env::vars_os() {
+            // A name that is not UTF-8 cannot be one of ours.
+            let Ok(name) = name.into_string() else {
+                continue;
+            };
+            match value.into_string() {
+                Ok(value) => vars.push((name, value)),
+                Err(_) => not_unicode.push(name),
+            }
+        }
+        read(vars, not_unicode)
+    }
+
+    /// Reads the given variables instead of the process environment (tests
+    /// pass a `HashMap`). When a name repeats, the last value wins.
+    pub fn from_vars<I: IntoIterator<Item = (String, String)>>(
+        vars: I,
+    ) -> Result<Config, ConfigError> {
+        read(vars.into_iter().collect(), Vec::new())
+    }
+
+    /// Things worth a warning that do not stop startup, such as an unknown
+    /// `SUBTOCALL_` variable (probably a typo) or an ignored old name.
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+}
+
+/// The variables as set, read with `envy`: one field per name in
+/// `vars::known_names()`, `None` when unset. Not `Debug`: it holds the secret
+/// in the clear.
+#[derive(Deserialize)]
+struct RawVars {
+    wamp_url: Option<String>,
+    crossbar_realm: Option<String>,
+    realm: Option<String>,
+    backend_username: Option<String>,
+    backend_secret: Option<String>,
+    use_redis_mq: Option<String>,
+    redis_url: Option<String>,
+    redis_host: Option<String>,
+    redis_port: Option<String>,
+    rust_log: Option<String>,
+    subtocall_auth_method: Option<String>,
+    subtocall_serializer: Option<String>,
+    subtocall_connect_timeout: Option<String>,
+    subtocall_ping_interval: Option<String>,
+    subtocall_ping_timeout: Option<String>,
+    subtocall_max_message_size: Option<String>,
+    subtocall_ca_file: Option<String>,
+    subtocall_reconnect_initial_backoff: Option<String>,
+    subtocall_reconnect_max_backoff: Option<String>,
+    subtocall_max_connect_failures: Option<String>,
+    subtocall_marker: Option<String>,
+    subtocall_registration_filter: Option<String>,
+    subtocall_grace_period: Option<String>,
+    subtocall_call_timeout: Option<String>,
+    subtocall_details_kwarg: Option<String>,
+    subtocall_max_in_flight: Option<String>,
+    subtocall_queue_capacity: Option<String>,
+    subtocall_overflow: Option<String>,
+    subtocall_retry_max_attempts: Option<String>,
+    subtocall_retry_max_age: Option<String>,
+    subtocall_retry_initial_backoff: Option<String>,
+    subtocall_retry_max_backoff: Option<String>,
+    subtocall_dead_letter_key: Option<String>,
+    subtocall_redis_prefix: Option<String>,
+    subtocall_shutdown_timeout: Option<String>,
+    subtocall_http_addr: Option<String>,
+    subtocall_log: Option<String>,
+    subtocall_log_format: Option<String>,
+}
+
+impl RawVars {
+    /// The value of the variable named exactly `name`, if set.
+    fn get(&self, name: &str) -> Option<&str> {
+        let field = match name {
+            "WAMP_URL" => &self.wamp_url,
+            "CROSSBAR_REALM" => &self.crossbar_realm,
+            "REALM" => &self.realm,
+            "BACKEND_USERNAME" => &self.backend_username,
+            "BACKEND_SECRET" => &self.backend_secret,
+            "USE_REDIS_MQ" => &self.use_redis_mq,
+            "REDIS_URL" => &self.redis_url,
+            "REDIS_HOST" => &self.redis_host,
+            "REDIS_PORT" => &self.redis_port,
+            "RUST_LOG" => &self.rust_log,
+            "SUBTOCALL_AUTH_METHOD" => &self.subtocall_auth_method,
+            "SUBTOCALL_SERIALIZER" => &self.subtocall_serializer,
+            "SUBTOCALL_CONNECT_TIMEOUT" => &self.subtocall_connect_timeout,
+            "SUBTOCALL_PING_INTERVAL" => &self.subtocall_ping_interval,
+            "SUBTOCALL_PING_TIMEOUT" => &self.subtocall_ping_timeout,
+            "SUBTOCALL_MAX_MESSAGE_SIZE" => &self.subtocall_max_message_size,
+            "SUBTOCALL_CA_FILE" => &self.subtocall_ca_file,
+            "SUBTOCALL_RECONNECT_INITIAL_BACKOFF" => &self.subtocall_reconnect_initial_backoff,
+            "SUBTOCALL_RECONNECT_MAX_BACKOFF" => &self.subtocall_reconnect_max_backoff,
+            "SUBTOCALL_MAX_CONNECT_FAILURES" => &self.subtocall_max_connect_failures,
+            "SUBTOCALL_MARKER" => &self.subtocall_marker,
+            "SUBTOCALL_REGISTRATION_FILTER" => &self.subtocall_registration_filter,
+            "SUBTOCALL_GRACE_PERIOD" => &self.subtocall_grace_period,
+            "SUBTOCALL_CALL_TIMEOUT" => &self.subtocall_call_timeout,
+            "SUBTOCALL_DETAILS_KWARG" => &self.subtocall_details_kwarg,
+            "SUBTOCALL_MAX_IN_FLIGHT" => &self.subtocall_max_in_flight,
+            "SUBTOCALL_QUEUE_CAPACITY" => &self.subtocall_queue_capacity,
+            "SUBTOCALL_OVERFLOW" => &self.subtocall_overflow,
+            "SUBTOCALL_RETRY_MAX_ATTEMPTS" => &self.subtocall_retry_max_attempts,
+            "SUBTOCALL_RETRY_MAX_AGE" => &self.subtocall_retry_max_age,
+            "SUBTOCALL_RETRY_INITIAL_BACKOFF" => &self.subtocall_retry_initial_backoff,
+            "SUBTOCALL_RETRY_MAX_BACKOFF" => &self.subtocall_retry_max_backoff,
+            "SUBTOCALL_DEAD_LETTER_KEY" => &self.subtocall_dead_letter_key,
+            "SUBTOCALL_REDIS_PREFIX" => &self.subtocall_redis_prefix,
+            "SUBTOCALL_SHUTDOWN_TIMEOUT" => &self.subtocall_shutdown_timeout,
+            "SUBTOCALL_HTTP_ADDR" => &self.subtocall_http_addr,
+            "SUBTOCALL_LOG" => &self.subtocall_log,
+            "SUBTOCALL_LOG_FORMAT" => &self.subtocall_log_format,
+            _ => return None,
+        };
+        field.as_deref()
+    }
+}
+
+/// Parses every variable, then builds the `Config` only if none was bad.
+fn read(vars: Vec<(String, String)>, not_unicode: Vec<String>) -> Result<Config, ConfigError> {
+    // Exact names only: envy matches field names case-insensitively, but
+    // environment names are case-sensitive (`wamp_url` is not `WAMP_URL`).
+    let ours: BTreeMap<String, String> = vars
+        .iter()
+        .filter(|(name, _)| known_names().any(|known| known == name))
+        .cloned()
+        .collect();
+    let raw: RawVars = match envy::from_iter(ours) {
+        Ok(raw) => raw,
+        // Cannot happen with `Option<String>` fields and unique names; if it
+        // did, the message names no value, so it cannot leak the secret.
+        Err(e) => {
+            return Err(ConfigError::new(vec![Problem {
+                variable: "environment",
+                value: None,
+                message: format!("cannot be read: {e}"),
+            }]));
+        }
+    };
+
+    let mut r = Reader {
+        raw,
+        problems: Vec::new(),
+        warnings: unknown_variable_warnings(
+            vars.iter()
+                .map(|(name, _)| name.as_str())
+                .chain(not_unicode.iter().map(String::as_str)),
+        ),
+    };
+    for name in &not_unicode {
+        if let Some(known) = known_names().find(|known| known == name) {
+            r.report(known, None, "is not valid UTF-8".to_string());
+        }
+    }
+
+    let wamp = wamp(&mut r);
+    let discovery = discovery(&mut r);
+    let forward = forward(&mut r);
+    let redis = redis(&mut r);
+    let reconnect = reconnect(&mut r);
+    let shutdown_timeout = r.required(&SHUTDOWN_TIMEOUT, parse::non_zero_duration);
+    let http = r.required(&HTTP_ADDR, parse::listen_addr);
+    let log = log(&mut r);
+
+    match (
+        wamp,
+        discovery,
+        forward,
+        redis,
+        reconnect,
+        shutdown_timeout,
+        http,
+        log,
+    ) {
+        (
+            Ok(wamp),
+            Ok(discovery),
+            Ok(forward),
+            Ok(redis),
+            Ok(reconnect),
+            Ok(shutdown_timeout),
+            Ok(http),
+            Ok(log),
+        ) if r.problems.is_empty() => Ok(Config {
+            wamp,
+            discovery,
+            forward,
+            redis,
+            reconnect,
+            shutdown_timeout,
+            http,
+            log,
+            warnings: r.warnings,
+        }),
+        _ => Err(ConfigError::new(r.problems)),
+    }
+}
+
+fn wamp(r: &mut Reader) -> Checked<WampConfig> {
+    let url = r.required(&WAMP_URL, parse::websocket_url);
+    let realm = r.required(&CROSSBAR_REALM, parse::word);
+    let auth = auth(r);
+    let serializer = r.required(&SERIALIZER, |text| {
+        parse::choice(
+            text,
+            &[("msgpack", Serializer::MsgPack), ("json", Serializer::Json)],
+        )
+    });
+    let connect_timeout = r.required(&CONNECT_TIMEOUT, parse::non_zero_duration);
+    let ping_interval = r.required(&PING_INTERVAL, parse::non_zero_duration);
+    let ping_timeout = r.required(&PING_TIMEOUT, parse::non_zero_duration);
+    let max_message_size = r.required(&MAX_MESSAGE_SIZE, parse::byte_size);
+    let ca_file = r.optional(&CA_FILE, parse::ca_file);
+
+    if let (Ok(url), Ok(Some(_))) = (&url, &ca_file)
+        && url.scheme() != "wss"
+    {
+        r.warn(format!(
+            "{} has no effect because {} is not wss://",
+            CA_FILE.name, WAMP_URL.name
+        ));
+    }
+    Ok(WampConfig {
+        url: url?,
+        realm: realm?,
+        auth: auth?,
+        serializer: serializer?,
+        connect_timeout: connect_timeout?,
+        ping_interval: ping_interval?,
+        ping_timeout: ping_timeout?,
+        max_message_size: max_message_size?,
+        ca_file: ca_file?,
+    })
+}
+
+/// `BACKEND_USERNAME`, `BACKEND_SECRET` and `SUBTOCALL_AUTH_METHOD` together.
+fn auth(r: &mut Reader) -> Checked<Auth> {
+    #[derive(Clone, Copy)]
+    enum Method {
+        WampCra,
+        Ticket,
+        Anonymous,
+    }
+    let authid = r.optional(&BACKEND_USERNAME, parse::non_empty);
+    let secret = r.optional(&BACKEND_SECRET, parse::secret);
+    let method = r.optional(&AUTH_METHOD, |text| {
+        parse::choice(
+            text,
+            &[
+                ("wampcra", Method::WampCra),
+                ("ticket", Method::Ticket),
+                ("anonymous", Method::Anonymous),
+            ],
+        )
+    });
+    let (authid, secret, method) = (authid?, secret?, method?);
+
+    let method = method.unwrap_or(if authid.is_some() {
+        Method::WampCra
+    } else {
+        Method::Anonymous
+    });
+    let method_name = match method {
+        Method::WampCra => "wampcra",
+        Method::Ticket => "ticket",
+        Method::Anonymous => {
+            if authid.is_some() || secret.is_some() {
+                r.warn(format!(
+                    "{} and {} are ignored: authenticating anonymously",
+                    BACKEND_USERNAME.name, BACKEND_SECRET.name
+                ));
+            }
+            return Ok(Auth::Anonymous);
+        }
+    };
+    let missing = format!("is required when {} is {method_name}", AUTH_METHOD.name);
+    match (authid, secret) {
+        (Some(authid), Some(secret)) => Ok(match method {
+            Method::Ticket => Auth::Ticket {
+                authid,
+                ticket: secret,
+            },
+            _ => Auth::WampCra { authid, secret },
+        }),
+        (authid, secret) => {
+            if authid.is_none() {
+                r.report(BACKEND_USERNAME.name, None, missing.clone());
+            }
+            if secret.is_none() {
+                r.report(BACKEND_SECRET.name, None, missing);
+            }
+            Err(Reported)
+        }
+    }
+}
+
+fn discovery(r: &mut Reader) -> Checked<DiscoveryConfig> {
+    let marker = r.required(&MARKER, parse::marker);
+    let filter = r.optional(&REGISTRATION_FILTER, parse::regex);
+    let grace_period = r.required(&GRACE_PERIOD, parse::duration);
+    Ok(DiscoveryConfig {
+        marker: marker?,
+        filter: filter?,
+        grace_period: grace_period?,
+    })
+}
+
+fn forward(r: &mut Reader) -> Checked<ForwardConfig> {
+    let mode = r.required(&USE_REDIS_MQ, |text| {
+        parse::boolean(text).map(|redis| if redis { Mode::Redis } else { Mode::Wamp })
+    });
+    let call_timeout = r.required(&CALL_TIMEOUT, parse::non_zero_duration);
+    let details_kwarg = r.optional(&DETAILS_KWARG, parse::non_empty);
+    let max_in_flight = r.required(&MAX_IN_FLIGHT, |text| parse::number_in(text, 1, 65_536));
+    let queue_capacity = r.required(&QUEUE_CAPACITY, |text| {
+        parse::number_in(text, 1, 10_000_000)
+    });
+    let overflow = r.required(&OVERFLOW, |text| {
+        parse::choice(
+            text,
+            &[
+                ("drop-newest", Overflow::DropNewest),
+                ("drop-oldest", Overflow::DropOldest),
+            ],
+        )
+    });
+    let max_attempts = r.required(&RETRY_MAX_ATTEMPTS, |text| {
+        parse::number_in(text, 1, 1_000_000)
+    });
+    let max_age = r.required(&RETRY_MAX_AGE, parse::non_zero_duration);
+    let (initial_backoff, max_backoff) = r.backoff_pair(&RETRY_INITIAL_BACKOFF, &RETRY_MAX_BACKOFF);
+    Ok(ForwardConfig {
+        mode: mode?,
+        call_timeout: call_timeout?,
+        details_kwarg: details_kwarg?,
+        max_in_flight: max_in_flight?,
+        queue_capacity: queue_capacity?,
+        overflow: overflow?,
+        retry: RetryPolicy {
+            max_attempts: max_attempts?,
+            max_age: max_age?,
+            initial_backoff: initial_backoff?,
+            max_backoff: max_backoff?,
+        },
+    })
+}
+
+fn redis(r: &mut Reader) -> Checked<RedisConfig> {
+    let url = redis_url(r);
+    let prefix = r.required(&REDIS_PREFIX, parse::any_text);
+    let dead_letter_key = r.optional(&DEAD_LETTER_KEY, parse::non_empty);
+    Ok(RedisConfig {
+        url: url?,
+        prefix: prefix?,
+        dead_letter_key: dead_letter_key?,
+    })
+}
+
+/// `REDIS_URL`, or else the Python SubToCall's `REDIS_HOST` and `REDIS_PORT`.
+fn redis_url(r: &mut Reader) -> Checked<RedisUrl> {
+    let host = r.raw.get(REDIS_HOST).map(str::to_string);
+    let port = r.raw.get(REDIS_PORT).map(str::to_string);
+    if r.raw.get(REDIS_URL.name).is_some() || (host.is_none() && port.is_none()) {
+        for (old, value) in [(REDIS_HOST, &host), (REDIS_PORT, &port)] {
+            if value.is_some() {
+                r.warn(format!(
+                    "{old} is ignored because {} is set",
+                    REDIS_URL.name
+                ));
+            }
+        }
+        return r.required(&REDIS_URL, parse::redis_url);
+    }
+
+    let host = match host {
+        Some(text) => r.check(
+            REDIS_HOST,
+            "a host name or IP address",
+            false,
+            &text,
+            redis_host,
+        ),
+        None => Ok("127.0.0.1".to_string()),
+    };
+    let port = match port {
+        Some(text) => r.check(
+            REDIS_PORT,
+            "a port number from 1 to 65535",
+            false,
+            &text,
+            |text| parse::number_in(text, 1, 65_535),
+        ),
+        None => Ok(6379),
+    };
+    let (host, port) = (host?, port?);
+    // An IPv6 address needs brackets in a URL.
+    let bracketed = if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]")
+    } else {
+        host.clone()
+    };
+    RedisUrl::parse(&format!("redis://{bracketed}:{port}")).map_err(|reason| {
+        r.report(
+            REDIS_HOST,
+            Some(&host),
+            format!("does not make a valid redis:// URL: {reason}"),
+        );
+        Reported
+    })
+}
+
+/// A host for `redis://HOST:PORT`: one word with no URL punctuation in it.
+fn redis_host(text: &str) -> Parsed<String> {
+    let host = parse::word(text)?;
+    if host.contains(['/', '@', '?', '#']) {
+        return Err(Invalid::syntax());
+    }
+    Ok(host)
+}
+
+fn reconnect(r: &mut Reader) -> Checked<ReconnectConfig> {
+    let (initial_backoff, max_backoff) =
+        r.backoff_pair(&RECONNECT_INITIAL_BACKOFF, &RECONNECT_MAX_BACKOFF);
+    let max_failures = r.required(&MAX_CONNECT_FAILURES, |text| {
+        // 0 means "retry forever", which `NonZeroU32::new` maps to `None`.
+        parse::number_in(text, 0, u64::from(u32::MAX)).map(NonZeroU32::new)
+    });
+    Ok(ReconnectConfig {
+        initial_backoff: initial_backoff?,
+        max_backoff: max_backoff?,
+        max_failures: max_failures?,
+    })
+}
+
+/// `SUBTOCALL_LOG`, else `RUST_LOG` (when not empty), else the default.
+fn log(r: &mut Reader) -> Checked<LogConfig> {
+    let rust_log = r.raw.get(RUST_LOG).map(str::to_string);
+    let filter = match rust_log {
+        Some(text) if r.raw.get(LOG.name).is_none() && !text.trim().is_empty() => {
+            r.check(RUST_LOG, LOG.accepts, false, &text, parse::log_filter)
+        }
+        _ => r.required(&LOG, parse::log_filter),
+    };
+    let format = r.required(&LOG_FORMAT, |text| {
+        parse::choice(
+            text,
+            &[("text", LogFormat::Text), ("json", LogFormat::Json)],
+        )
+    });
+    Ok(LogConfig {
+        filter: filter?,
+        format: format?,
+    })
+}
+
+/// The problem with this value has been recorded; the value is unusable.
+struct Reported;
+
+/// A value read from the environment, or the fact that it was bad.
+type Checked<T> = Result<T, Reported>;
+
+/// Reads variables out of `raw`, recording every problem and warning on the
+/// way so one run reports them all.
+struct Reader {
+    raw: RawVars,
+    problems: Vec<Problem>,
+    warnings: Vec<String>,
+}
+
+impl Reader {
+    /// The variable's value, or its default when unset. For variables with
+    /// a `DefaultValue::Value` in the table.
+    fn required<T>(
+        &mut self,
+        var: &'static Var,
+        parse: impl FnOnce(&str) -> Parsed<T>,
+    ) -> Checked<T> {
+        if let Some((name, text)) = self.lookup(var) {
+            return self.check(name, var.accepts, var.secret, &text, parse);
+        }
+        match var.default {
+            DefaultValue::Value(default) => {
+                self.check(var.name, var.accepts, var.secret, default, parse)
+            }
+            DefaultValue::Unset | DefaultValue::Depends(_) => {
+                // A mistake in this module, caught by the tests of defaults.
+                self.report(
+                    var.name,
+                    None,
+                    "has no default; this is a bug in subtocall".to_string(),
+                );
+                Err(Reported)
+            }
+        }
+    }
+
+    /// The variable's value, or `None` when it is unset.
+    fn optional<T>(
+        &mut self,
+        var: &'static Var,
+        parse: impl FnOnce(&str) -> Parsed<T>,
+    ) -> Checked<Option<T>> {
+        match self.lookup(var) {
+            Some((name, text)) => self
+                .check(name, var.accepts, var.secret, &text, parse)
+                .map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// The value under the variable's name, else under the first old name
+    /// that is set, with the name it was found under.
+    fn lookup(&mut self, var: &'static Var) -> Option<(&'static str, String)> {
+        let found = std::iter::once(var.name)
+            .chain(var.old_names.iter().copied())
+            .find_map(|name| Some((name, self.raw.get(name)?.to_string())));
+        if let Some((used, _)) = &found {
+            for old in var.old_names.iter().filter(|old| *old != used) {
+                if self.raw.get(old).is_some() {
+                    self.warn(format!("{old} is ignored because {used} is set"));
+                }
+            }
+        }
+        found
+    }
+
+    /// Parses `text` as the value of `variable`; on failure records a
+    /// problem that says what was expected.
+    fn check<T>(
+        &mut self,
+        variable: &'static str,
+        accepts: &str,
+        secret: bool,
+        text: &str,
+        parse: impl FnOnce(&str) -> Parsed<T>,
+    ) -> Checked<T> {
+        parse(text).map_err(|invalid| {
+            let message = match invalid.reason {
+                None => format!("expected {accepts}"),
+                Some(reason) => format!("{reason}; expected {accepts}"),
+            };
+            let shown = if secret { "***" } else { text };
+            self.report(variable, Some(shown), message);
+            Reported
+        })
+    }
+
+    /// An initial and a maximum backoff, checking that max >= initial. The
+    /// problem is reported on whichever of the two was set (max if both).
+    fn backoff_pair(
+        &mut self,
+        initial: &'static Var,
+        max: &'static Var,
+    ) -> (Checked<Duration>, Checked<Duration>) {
+        let initial_value = self.required(initial, parse::non_zero_duration);
+        let max_value = self.required(max, parse::non_zero_duration);
+        let (Ok(initial_duration), Ok(max_duration)) = (&initial_value, &max_value) else {
+            return (initial_value, max_value);
+        };
+        if max_duration >= initial_duration {
+            return (initial_value, max_value);
+        }
+        match self.raw.get(max.name).map(str::to_string) {
+            Some(text) => self.report(
+                max.name,
+                Some(&text),
+                format!(
+                    "must be at least {} ({})",
+                    initial.name,
+                    humantime::format_duration(*initial_duration)
+                ),
+            ),
+            None => {
+                let text = self.raw.get(initial.name).unwrap_or_default().to_string();
+                self.report(
+                    initial.name,
+                    Some(&text),
+                    format!(
+                        "must be at most {} ({}, its default)",
+                        max.name,
+                        humantime::format_duration(*max_duration)
+                    ),
+                );
+            }
+        }
+        (initial_value, Err(Reported))
+    }
+
+    /// Records a problem; `value` is redacted here, whatever the caller passed.
+    fn report(&mut self, variable: &'static str, value: Option<&str>, message: String) {
+        self.problems.push(Problem {
+            variable,
+            value: value.map(redacted::redact_value),
+            message,
+        });
+    }
+
+    fn warn(&mut self, warning: String) {
+        if !self.warnings.contains(&warning) {
+            self.warnings.push(warning);
+        }
+    }
+}
+
+/// One warning per `SUBTOCALL_*` name (in any case) that subtocall does not
+/// know, with the closest known name when one is close.
+fn unknown_variable_warnings<'a>(names: impl Iterator<Item = &'a str>) -> Vec<String> {
+    let mut unknown: Vec<&str> = names
+        .filter(|name| name.to_ascii_uppercase().starts_with(PREFIX))
+        .filter(|name| !known_names().any(|known| known == *name))
+        .collect();
+    unknown.sort_unstable();
+    unknown.dedup();
+    unknown
+        .into_iter()
+        .map(|name| match closest_known_name(name) {
+            Some(known) => format!("unknown variable {name} is ignored; did you mean {known}?"),
+            None => format!(
+                "unknown variable {name} is ignored; `subtocall --help` lists the known ones"
+            ),
+        })
+        .collect()
+}
+
+/// The known name an unknown `SUBTOCALL_*` name was probably meant to be.
+fn closest_known_name(unknown: &str) -> Option<&'static str> {
+    let upper = unknown.to_ascii_uppercase();
+    let rest = upper.strip_prefix(PREFIX)?;
+    // `SUBTOCALL_REDIS_URL`: a name that never had the prefix.
+    if let Some(name) = known_names().find(|name| *name == rest) {
+        return Some(name);
+    }
+    let (name, distance) = VARS
+        .iter()
+        .filter_map(|var| {
+            Some((
+                var.name,
+                edit_distance(rest, var.name.strip_prefix(PREFIX)?),
+            ))
+        })
+        .min_by_key(|&(_, distance)| distance)?;
+    (distance <= (rest.len() / 3).max(2)).then_some(name)
+}
+
+/// Levenshtein distance: single-character insertions, deletions and
+/// substitutions needed to turn `a` into `b`.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut previous: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut current = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let substitution = previous[j] + usize::from(ca != *cb);
+            current.push(substitution.min(previous[j + 1] + 1).min(current[j] + 1));
+        }
+        previous = current;
+    }
+    previous[b.len()]
+}

@@ -1,0 +1,613 @@
+//! The table of environment variables: one entry per variable with its
+//! default, what it accepts and what it means. It is the single source of
+//! `subtocall --help`, of the reference in `doc/configuration.md` and of the
+//! "expected …" part of validation errors. Pure data and text; no parsing.
+
+/// One environment variable subtocall reads.
+#[derive(Debug)]
+pub(crate) struct Var {
+    pub name: &'static str,
+    /// Names it had in the Python SubToCall, read instead when `name` is unset.
+    pub old_names: &'static [&'static str],
+    pub default: DefaultValue,
+    /// What a valid value looks like; completes "expected …" in errors.
+    pub accepts: &'static str,
+    pub meaning: &'static str,
+    /// Never printed: not in errors, not in `Debug`, not in logs.
+    pub secret: bool,
+    pub group: Group,
+}
+
+/// What applies when a variable is unset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DefaultValue {
+    /// Nothing: the feature is off (or anonymous, for the credentials).
+    Unset,
+    /// This text, parsed exactly as if the variable had been set to it.
+    Value(&'static str),
+    /// Computed from other variables; the text says how.
+    Depends(&'static str),
+}
+
+impl DefaultValue {
+    /// How the default reads in `--help` and in the reference.
+    pub fn text(self) -> &'static str {
+        match self {
+            DefaultValue::Unset => "unset",
+            DefaultValue::Value(value) => value,
+            DefaultValue::Depends(how) => how,
+        }
+    }
+}
+
+/// Sections of `--help` and of the reference, in the order they are shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Group {
+    Router,
+    Reconnect,
+    Discovery,
+    Forwarding,
+    Retry,
+    Redis,
+    Operations,
+}
+
+impl Group {
+    pub const ALL: [Group; 7] = [
+        Group::Router,
+        Group::Reconnect,
+        Group::Discovery,
+        Group::Forwarding,
+        Group::Retry,
+        Group::Redis,
+        Group::Operations,
+    ];
+
+    pub fn title(self) -> &'static str {
+        match self {
+            Group::Router => "Router connection",
+            Group::Reconnect => "Reconnecting",
+            Group::Discovery => "Discovering SUB_ registrations",
+            Group::Forwarding => "Forwarding events",
+            Group::Retry => "Retries and dead letters",
+            Group::Redis => "Redis",
+            Group::Operations => "Operations",
+        }
+    }
+}
+
+// "Accepts" texts shared by several variables.
+const DURATION: &str = "a duration such as 30s or 500ms (a bare number means seconds)";
+const NON_ZERO_DURATION: &str =
+    "a duration above 0 such as 30s or 500ms (a bare number means seconds)";
+
+// Old names, used by the table and by the code that reads them.
+pub(crate) const REALM: &str = "REALM";
+pub(crate) const REDIS_HOST: &str = "REDIS_HOST";
+pub(crate) const REDIS_PORT: &str = "REDIS_PORT";
+/// Not an old name but the conventional fallback of `SUBTOCALL_LOG`.
+pub(crate) const RUST_LOG: &str = "RUST_LOG";
+
+// ---- Router connection ----
+
+pub(crate) const WAMP_URL: Var = Var {
+    name: "WAMP_URL",
+    old_names: &[],
+    default: DefaultValue::Value("ws://127.0.0.1:8080/ws"),
+    accepts: "a ws:// or wss:// URL with a host (credentials go in BACKEND_USERNAME/BACKEND_SECRET, not in the URL)",
+    meaning: "The router's WebSocket endpoint.",
+    secret: false,
+    group: Group::Router,
+};
+
+pub(crate) const CROSSBAR_REALM: Var = Var {
+    name: "CROSSBAR_REALM",
+    old_names: &[REALM],
+    default: DefaultValue::Value("realm1"),
+    accepts: "a realm name (not empty, no spaces)",
+    meaning: "The realm to join. CROSSBAR_REALM wins when both names are set.",
+    secret: false,
+    group: Group::Router,
+};
+
+pub(crate) const BACKEND_USERNAME: Var = Var {
+    name: "BACKEND_USERNAME",
+    old_names: &[],
+    default: DefaultValue::Unset,
+    accepts: "an authid (not empty)",
+    meaning: "The WAMP authid to authenticate as; unset means anonymous.",
+    secret: false,
+    group: Group::Router,
+};
+
+pub(crate) const BACKEND_SECRET: Var = Var {
+    name: "BACKEND_SECRET",
+    old_names: &[],
+    default: DefaultValue::Unset,
+    accepts: "the WAMP-CRA secret or the ticket (not empty)",
+    meaning: "Required when BACKEND_USERNAME is set and the auth method is wampcra or ticket. \
+              Plain and salted (PBKDF2) WAMP-CRA secrets both work.",
+    secret: true,
+    group: Group::Router,
+};
+
+pub(crate) const AUTH_METHOD: Var = Var {
+    name: "SUBTOCALL_AUTH_METHOD",
+    old_names: &[],
+    default: DefaultValue::Depends("wampcra if BACKEND_USERNAME is set, else anonymous"),
+    accepts: "wampcra, ticket or anonymous",
+    meaning: "How to authenticate to the router.",
+    secret: false,
+    group: Group::Router,
+};
+
+pub(crate) const SERIALIZER: Var = Var {
+    name: "SUBTOCALL_SERIALIZER",
+    old_names: &[],
+    default: DefaultValue::Value("msgpack"),
+    accepts: "msgpack or json",
+    meaning: "The serializer offered first in the WebSocket subprotocol list; \
+              both are always offered and the router picks.",
+    secret: false,
+    group: Group::Router,
+};
+
+pub(crate) const CONNECT_TIMEOUT: Var = Var {
+    name: "SUBTOCALL_CONNECT_TIMEOUT",
+    old_names: &[],
+    default: DefaultValue::Value("10s"),
+    accepts: NON_ZERO_DURATION,
+    meaning: "Deadline for one connection attempt: TCP, TLS, WebSocket handshake and WAMP join.",
+    secret: false,
+    group: Group::Router,
+};
+
+pub(crate) const PING_INTERVAL: Var = Var {
+    name: "SUBTOCALL_PING_INTERVAL",
+    old_names: &[],
+    default: DefaultValue::Value("10s"),
+    accepts: NON_ZERO_DURATION,
+    meaning: "How often a WebSocket ping is sent to the router.",
+    secret: false,
+    group: Group::Router,
+};
+
+pub(crate) const PING_TIMEOUT: Var = Var {
+    name: "SUBTOCALL_PING_TIMEOUT",
+    old_names: &[],
+    default: DefaultValue::Value("5s"),
+    accepts: NON_ZERO_DURATION,
+    meaning: "The connection is considered dead when nothing (no pong, no other frame) \
+              arrives within this time after a ping.",
+    secret: false,
+    group: Group::Router,
+};
+
+pub(crate) const MAX_MESSAGE_SIZE: Var = Var {
+    name: "SUBTOCALL_MAX_MESSAGE_SIZE",
+    old_names: &[],
+    default: DefaultValue::Value("16MiB"),
+    accepts: "a size from 1KiB to 1GiB: a number of bytes, or a number with suffix KiB, MiB or GiB such as 512KiB",
+    meaning: "The largest WAMP message accepted from the router.",
+    secret: false,
+    group: Group::Router,
+};
+
+pub(crate) const CA_FILE: Var = Var {
+    name: "SUBTOCALL_CA_FILE",
+    old_names: &[],
+    default: DefaultValue::Unset,
+    accepts: "the path of a readable PEM file with at least one certificate",
+    meaning: "Extra CA certificates for wss://, added to the system and webpki roots. \
+              Checked at startup.",
+    secret: false,
+    group: Group::Router,
+};
+
+// ---- Reconnecting ----
+
+pub(crate) const RECONNECT_INITIAL_BACKOFF: Var = Var {
+    name: "SUBTOCALL_RECONNECT_INITIAL_BACKOFF",
+    old_names: &[],
+    default: DefaultValue::Value("200ms"),
+    accepts: NON_ZERO_DURATION,
+    meaning: "Delay before the first reconnect attempt; later delays grow up to \
+              SUBTOCALL_RECONNECT_MAX_BACKOFF.",
+    secret: false,
+    group: Group::Reconnect,
+};
+
+pub(crate) const RECONNECT_MAX_BACKOFF: Var = Var {
+    name: "SUBTOCALL_RECONNECT_MAX_BACKOFF",
+    old_names: &[],
+    default: DefaultValue::Value("2s"),
+    accepts: NON_ZERO_DURATION,
+    meaning: "Cap of the reconnect delay; at least SUBTOCALL_RECONNECT_INITIAL_BACKOFF.",
+    secret: false,
+    group: Group::Reconnect,
+};
+
+pub(crate) const MAX_CONNECT_FAILURES: Var = Var {
+    name: "SUBTOCALL_MAX_CONNECT_FAILURES",
+    old_names: &[],
+    default: DefaultValue::Value("0"),
+    accepts: "a whole number from 0 to 4294967295",
+    meaning: "Consecutive failed connection attempts after which subtocall exits non-zero; \
+              0 means retry forever.",
+    secret: false,
+    group: Group::Reconnect,
+};
+
+// ---- Discovery ----
+
+pub(crate) const MARKER: Var = Var {
+    name: "SUBTOCALL_MARKER",
+    old_names: &[],
+    default: DefaultValue::Value("SUB_"),
+    accepts: "a prefix that is not empty and has no `.` and no spaces",
+    meaning: "A registration whose last URI component starts with this prefix is a \
+              shared-subscription registration; its topic is the URI without the prefix.",
+    secret: false,
+    group: Group::Discovery,
+};
+
+pub(crate) const REGISTRATION_FILTER: Var = Var {
+    name: "SUBTOCALL_REGISTRATION_FILTER",
+    old_names: &[],
+    default: DefaultValue::Unset,
+    accepts: "a regular expression (Rust regex crate syntax)",
+    meaning: "Only registrations whose URI matches this regex are served; unset serves all.",
+    secret: false,
+    group: Group::Discovery,
+};
+
+pub(crate) const GRACE_PERIOD: Var = Var {
+    name: "SUBTOCALL_GRACE_PERIOD",
+    old_names: &[],
+    default: DefaultValue::Value("60s"),
+    accepts: DURATION,
+    meaning: "How long a topic stays subscribed after the last callee of its registration \
+              left, so a rolling restart of the backends loses nothing; 0 unsubscribes at once.",
+    secret: false,
+    group: Group::Discovery,
+};
+
+// ---- Forwarding ----
+
+pub(crate) const USE_REDIS_MQ: Var = Var {
+    name: "USE_REDIS_MQ",
+    old_names: &[],
+    default: DefaultValue::Value("0"),
+    accepts: "1, true, yes, on, 0, false, no or off (any case)",
+    meaning: "Off: each event becomes one CALL to its SUB_ procedure. \
+              On: each event is RPUSHed as JSON onto a Redis list per procedure.",
+    secret: false,
+    group: Group::Forwarding,
+};
+
+pub(crate) const CALL_TIMEOUT: Var = Var {
+    name: "SUBTOCALL_CALL_TIMEOUT",
+    old_names: &[],
+    default: DefaultValue::Value("30s"),
+    accepts: NON_ZERO_DURATION,
+    meaning: "Deadline of one forwarding attempt (a CALL, or an RPUSH in Redis mode).",
+    secret: false,
+    group: Group::Forwarding,
+};
+
+pub(crate) const DETAILS_KWARG: Var = Var {
+    name: "SUBTOCALL_DETAILS_KWARG",
+    old_names: &[],
+    default: DefaultValue::Unset,
+    accepts: "a keyword argument name (not empty)",
+    meaning: "If set, forwarded calls get a kwarg of this name holding the event details: \
+              topic, publication, publisher, publisher_authid, publisher_authrole.",
+    secret: false,
+    group: Group::Forwarding,
+};
+
+pub(crate) const MAX_IN_FLIGHT: Var = Var {
+    name: "SUBTOCALL_MAX_IN_FLIGHT",
+    old_names: &[],
+    default: DefaultValue::Value("256"),
+    accepts: "a whole number from 1 to 65536",
+    meaning: "How many forwarding calls may be in progress at once.",
+    secret: false,
+    group: Group::Forwarding,
+};
+
+pub(crate) const QUEUE_CAPACITY: Var = Var {
+    name: "SUBTOCALL_QUEUE_CAPACITY",
+    old_names: &[],
+    default: DefaultValue::Value("10000"),
+    accepts: "a whole number from 1 to 10000000",
+    meaning: "How many events may wait for a free in-flight slot.",
+    secret: false,
+    group: Group::Forwarding,
+};
+
+pub(crate) const OVERFLOW: Var = Var {
+    name: "SUBTOCALL_OVERFLOW",
+    old_names: &[],
+    default: DefaultValue::Value("drop-newest"),
+    accepts: "drop-newest or drop-oldest",
+    meaning: "Which event is dropped when the queue is full; the dropped event is dead-lettered.",
+    secret: false,
+    group: Group::Forwarding,
+};
+
+// ---- Retries and dead letters ----
+
+pub(crate) const RETRY_MAX_ATTEMPTS: Var = Var {
+    name: "SUBTOCALL_RETRY_MAX_ATTEMPTS",
+    old_names: &[],
+    default: DefaultValue::Value("50"),
+    accepts: "a whole number from 1 to 1000000",
+    meaning: "Attempts per event including the first; 1 means no retry.",
+    secret: false,
+    group: Group::Retry,
+};
+
+pub(crate) const RETRY_MAX_AGE: Var = Var {
+    name: "SUBTOCALL_RETRY_MAX_AGE",
+    old_names: &[],
+    default: DefaultValue::Value("120s"),
+    accepts: NON_ZERO_DURATION,
+    meaning: "An event older than this is not retried any more.",
+    secret: false,
+    group: Group::Retry,
+};
+
+pub(crate) const RETRY_INITIAL_BACKOFF: Var = Var {
+    name: "SUBTOCALL_RETRY_INITIAL_BACKOFF",
+    old_names: &[],
+    default: DefaultValue::Value("100ms"),
+    accepts: NON_ZERO_DURATION,
+    meaning: "Delay before the first retry; later delays grow exponentially with full jitter.",
+    secret: false,
+    group: Group::Retry,
+};
+
+pub(crate) const RETRY_MAX_BACKOFF: Var = Var {
+    name: "SUBTOCALL_RETRY_MAX_BACKOFF",
+    old_names: &[],
+    default: DefaultValue::Value("5s"),
+    accepts: NON_ZERO_DURATION,
+    meaning: "Cap of the retry delay; at least SUBTOCALL_RETRY_INITIAL_BACKOFF.",
+    secret: false,
+    group: Group::Retry,
+};
+
+pub(crate) const DEAD_LETTER_KEY: Var = Var {
+    name: "SUBTOCALL_DEAD_LETTER_KEY",
+    old_names: &[],
+    default: DefaultValue::Unset,
+    accepts: "a Redis key (not empty)",
+    meaning: "If set, dead letters are also RPUSHed as JSON onto this Redis list (at REDIS_URL), \
+              in either mode. They are always logged.",
+    secret: false,
+    group: Group::Retry,
+};
+
+// ---- Redis ----
+
+pub(crate) const REDIS_URL: Var = Var {
+    name: "REDIS_URL",
+    // Not aliases: together they make a URL, see `config::redis_url`.
+    old_names: &[],
+    default: DefaultValue::Value("redis://127.0.0.1:6379"),
+    accepts: "a redis://, rediss:// or unix:// URL",
+    meaning: "The Redis server, used in Redis mode and for SUBTOCALL_DEAD_LETTER_KEY. \
+              A password in the URL is never printed. Old names: when REDIS_URL is unset, \
+              REDIS_HOST (default 127.0.0.1) and REDIS_PORT (default 6379, 1-65535) \
+              build redis://HOST:PORT.",
+    secret: false,
+    group: Group::Redis,
+};
+
+pub(crate) const REDIS_PREFIX: Var = Var {
+    name: "SUBTOCALL_REDIS_PREFIX",
+    old_names: &[],
+    default: DefaultValue::Value("queue:"),
+    accepts: "any text, may be empty",
+    meaning: "Key prefix of the per-procedure Redis lists: events for com.example.SUB_status \
+              go to queue:com.example.SUB_status.",
+    secret: false,
+    group: Group::Redis,
+};
+
+// ---- Operations ----
+
+pub(crate) const SHUTDOWN_TIMEOUT: Var = Var {
+    name: "SUBTOCALL_SHUTDOWN_TIMEOUT",
+    old_names: &[],
+    default: DefaultValue::Value("10s"),
+    accepts: NON_ZERO_DURATION,
+    meaning: "On SIGTERM or SIGINT: deadline to finish or dead-letter in-flight work.",
+    secret: false,
+    group: Group::Operations,
+};
+
+pub(crate) const HTTP_ADDR: Var = Var {
+    name: "SUBTOCALL_HTTP_ADDR",
+    old_names: &[],
+    default: DefaultValue::Value("0.0.0.0:8910"),
+    accepts: "an IP:port such as 0.0.0.0:8910 or [::]:8910, or off",
+    meaning: "Listen address of /metrics, /healthz and /readyz; off disables the listener.",
+    secret: false,
+    group: Group::Operations,
+};
+
+pub(crate) const LOG: Var = Var {
+    name: "SUBTOCALL_LOG",
+    old_names: &[],
+    default: DefaultValue::Value("info"),
+    accepts: "a log filter in RUST_LOG syntax such as info or info,subtocall=debug",
+    meaning: "Which log lines are written. If unset, RUST_LOG is used; if that is unset too, info.",
+    secret: false,
+    group: Group::Operations,
+};
+
+pub(crate) const LOG_FORMAT: Var = Var {
+    name: "SUBTOCALL_LOG_FORMAT",
+    old_names: &[],
+    default: DefaultValue::Value("text"),
+    accepts: "text or json",
+    meaning: "Log lines as human-readable text or as one JSON object per line.",
+    secret: false,
+    group: Group::Operations,
+};
+
+/// Every variable, in the order `--help` and the reference show them.
+pub(crate) const VARS: &[&Var] = &[
+    &WAMP_URL,
+    &CROSSBAR_REALM,
+    &BACKEND_USERNAME,
+    &BACKEND_SECRET,
+    &AUTH_METHOD,
+    &SERIALIZER,
+    &CONNECT_TIMEOUT,
+    &PING_INTERVAL,
+    &PING_TIMEOUT,
+    &MAX_MESSAGE_SIZE,
+    &CA_FILE,
+    &RECONNECT_INITIAL_BACKOFF,
+    &RECONNECT_MAX_BACKOFF,
+    &MAX_CONNECT_FAILURES,
+    &MARKER,
+    &REGISTRATION_FILTER,
+    &GRACE_PERIOD,
+    &USE_REDIS_MQ,
+    &CALL_TIMEOUT,
+    &DETAILS_KWARG,
+    &MAX_IN_FLIGHT,
+    &QUEUE_CAPACITY,
+    &OVERFLOW,
+    &RETRY_MAX_ATTEMPTS,
+    &RETRY_MAX_AGE,
+    &RETRY_INITIAL_BACKOFF,
+    &RETRY_MAX_BACKOFF,
+    &DEAD_LETTER_KEY,
+    &REDIS_URL,
+    &REDIS_PREFIX,
+    &SHUTDOWN_TIMEOUT,
+    &HTTP_ADDR,
+    &LOG,
+    &LOG_FORMAT,
+];
+
+/// The prefix of every variable that is new in subtocall. Unknown names with
+/// this prefix are reported as warnings (they are most likely typos).
+pub(crate) const PREFIX: &str = "SUBTOCALL_";
+
+/// Every name subtocall reads: the table's names, their old names, the
+/// parts of the old Redis address and RUST_LOG.
+pub(crate) fn known_names() -> impl Iterator<Item = &'static str> {
+    VARS.iter()
+        .flat_map(|var| std::iter::once(var.name).chain(var.old_names.iter().copied()))
+        .chain([REDIS_HOST, REDIS_PORT, RUST_LOG])
+}
+
+/// Shown above the variables in `--help` and in the reference.
+const INTRO: &str = "subtocall is configured only through environment variables. \
+A bad value stops startup with exit code 2 and one line per problem, all problems at once. \
+Durations are written like 30s, 500ms, 2m or \"1h 5m\" (a bare number means seconds) \
+and may be at most 30 days. Names the Python SubToCall used (WAMP_URL, CROSSBAR_REALM or REALM, \
+BACKEND_USERNAME, BACKEND_SECRET, USE_REDIS_MQ, REDIS_URL or REDIS_HOST/REDIS_PORT) mean \
+what they meant there; everything new starts with SUBTOCALL_.";
+
+/// What `subtocall --help` prints.
+pub fn help_text() -> String {
+    let mut out = String::new();
+    out.push_str("subtocall: shared subscriptions for WAMP routers such as Crossbar.io\n\n");
+    out.push_str("Usage: subtocall [--help]\n\n");
+    wrap_into(&mut out, INTRO, "", 79);
+    for group in Group::ALL {
+        out.push('\n');
+        out.push_str(group.title());
+        out.push_str(":\n");
+        for var in VARS.iter().filter(|var| var.group == group) {
+            out.push_str(&format!(
+                "  {}  [default: {}]\n",
+                var.name,
+                var.default.text()
+            ));
+            let mut text = var.meaning.to_string();
+            if !var.old_names.is_empty() {
+                let label = if var.old_names.len() == 1 {
+                    "Old name"
+                } else {
+                    "Old names"
+                };
+                text.push_str(&format!(" {label}: {}.", var.old_names.join(", ")));
+            }
+            if var.secret {
+                text.push_str(" Never printed.");
+            }
+            text.push_str(&format!(" Accepts {}.", var.accepts));
+            wrap_into(&mut out, &text, "      ", 79);
+        }
+    }
+    out
+}
+
+/// The reference tables of `doc/configuration.md`, one per group; the file
+/// holds this text between `<!-- BEGIN GENERATED -->` and `<!-- END GENERATED -->`.
+pub fn markdown_reference() -> String {
+    let mut out = String::new();
+    for group in Group::ALL {
+        if !out.is_empty() {
+            out.push('\n');
+        }
+        out.push_str(&format!("### {}\n\n", group.title()));
+        out.push_str("| variable | default | accepts | meaning |\n");
+        out.push_str("|---|---|---|---|\n");
+        for var in VARS.iter().filter(|var| var.group == group) {
+            let mut name = format!("`{}`", var.name);
+            for old in var.old_names {
+                name.push_str(&format!("<br>old name `{old}`"));
+            }
+            let default = match var.default {
+                DefaultValue::Value(value) => format!("`{value}`"),
+                other => other.text().to_string(),
+            };
+            let mut meaning = var.meaning.to_string();
+            if var.secret {
+                meaning.push_str(" **Secret: never printed.**");
+            }
+            out.push_str(&format!(
+                "| {name} | {default} | {} | {} |\n",
+                markdown_cell(var.accepts),
+                markdown_cell(&meaning)
+            ));
+        }
+    }
+    out
+}
+
+/// Table cells cannot hold a `|`.
+fn markdown_cell(text: &str) -> String {
+    text.replace('|', "\\|")
+}
+
+/// Appends `text` word-wrapped to `width` columns, each line starting with `indent`.
+fn wrap_into(out: &mut String, text: &str, indent: &str, width: usize) {
+    let mut line = String::new();
+    for word in text.split_whitespace() {
+        if !line.is_empty() && indent.len() + line.len() + 1 + word.len() > width {
+            out.push_str(indent);
+            out.push_str(&line);
+            out.push('\n');
+            line.clear();
+        }
+        if !line.is_empty() {
+            line.push(' ');
+        }
+        line.push_str(word);
+    }
+    if !line.is_empty() {
+        out.push_str(indent);
+        out.push_str(&line);
+        out.push('\n');
+    }
+}
