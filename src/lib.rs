@@ -10,4 +10,5 @@
 pub mod config;
 pub mod discovery;
 pub mod forward;
+pub mod metrics;
 pub mod wamp;
