@@ -7,8 +7,10 @@
 //!              session, codec, auth and message types; knows nothing of the app
 //! ```
 
+pub mod app;
 pub mod config;
 pub mod discovery;
 pub mod forward;
 pub mod metrics;
+pub mod sink;
 pub mod wamp;

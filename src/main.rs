@@ -1,1 +1,122 @@
-fn main() {}
+//! The `subtocall` binary: reads the configuration from the environment,
+//! sets up logging, runs the sidecar until SIGTERM/SIGINT (then drains), and
+//! turns the outcome into an exit code: 0 after a clean shutdown, 1 when the
+//! sidecar cannot work (rejected credentials, missing permissions, too many
+//! failed connection attempts), 2 for invalid configuration.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use subtocall::config::{self, Config, LogFormat};
+use subtocall::metrics::Metrics;
+use tokio_util::sync::CancellationToken;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        None => {}
+        Some("-h" | "--help" | "help") => {
+            print!("{}", config::help_text());
+            return ExitCode::SUCCESS;
+        }
+        Some("-V" | "--version" | "version") => {
+            println!("subtocall {}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
+        Some(other) => {
+            eprintln!(
+                "subtocall: unknown argument {other:?}\nUsage: subtocall [--help | --version]; \
+                 the configuration comes from environment variables (see --help)."
+            );
+            return ExitCode::from(2);
+        }
+    }
+
+    let config = match Config::from_env() {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("subtocall: invalid configuration:\n{e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_tracing(&config);
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
+    }
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run(config))
+}
+
+async fn run(config: Config) -> ExitCode {
+    let config = Arc::new(config);
+    let metrics = Arc::new(Metrics::new());
+    let shutdown = CancellationToken::new();
+    tokio::spawn(watch_signals(shutdown.clone()));
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        url = %config.wamp.url,
+        realm = %config.wamp.realm,
+        mode = ?config.forward.mode,
+        "subtocall starting"
+    );
+    match subtocall::app::run(config, metrics, shutdown).await {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// First SIGTERM/SIGINT: drain and stop. A second one: stop at once.
+async fn watch_signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop subtocall with SIGKILL");
+        return;
+    };
+    let name = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    tracing::info!(signal = name, "shutting down");
+    shutdown.cancel();
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+    tracing::warn!("second signal: exiting without draining");
+    std::process::exit(130);
+}
+
+fn init_tracing(config: &Config) {
+    use tracing_subscriber::EnvFilter;
+    // The filter was validated with the configuration; fall back to info
+    // rather than fail if it somehow does not parse here.
+    let filter = EnvFilter::try_new(&config.log.filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
+        LogFormat::Text => builder.with_ansi(false).init(),
+    }
+}

@@ -520,7 +520,7 @@ what they meant there; everything new starts with SUBTOCALL_.";
 pub fn help_text() -> String {
     let mut out = String::new();
     out.push_str("subtocall: shared subscriptions for WAMP routers such as Crossbar.io\n\n");
-    out.push_str("Usage: subtocall [--help]\n\n");
+    out.push_str("Usage: subtocall [--help | --version]\n\n");
     wrap_into(&mut out, INTRO, "", 79);
     for group in Group::ALL {
         out.push('\n');

@@ -609,6 +609,11 @@ impl Discovery {
         self.routes.len()
     }
 
+    /// Every subscription we hold at the router (to unsubscribe on shutdown).
+    pub fn subscriptions(&self) -> impl Iterator<Item = SubscriptionId> + '_ {
+        self.routes.keys().copied()
+    }
+
     /// The topic and match policy of one of our subscriptions. EVENTs carry
     /// only the subscription id, and exact ones no topic at all.
     pub fn topic_for_subscription(
