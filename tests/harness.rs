@@ -282,7 +282,11 @@ async fn redis_fixture_answers_stops_and_restarts_on_the_same_port() {
         .command(&["RPUSH", "events", r#"{"seq":1,"b":"\u0000AQ=="}"#])
         .await;
     assert_eq!(pushed, Reply::Integer(1));
-    assert_eq!(redis.llen("events").await, 1);
+    let length = eventually(WAIT, "one element in the list", || async {
+        Some(redis.llen("events").await).filter(|&n| n == 1)
+    })
+    .await;
+    assert_eq!(length, 1);
     assert_eq!(
         redis.lrange_json("events").await,
         vec![json!({"seq": 1, "b": "\u{0}AQ=="})]

@@ -106,8 +106,8 @@ async def main(args):
             try:
                 registration = await session.register(make_handler(uri), uri, options=options)
             except Exception as exc:  # noqa: BLE001 - reported, then the peer exits
-                peerlib.emit({"register_error": uri, "error": str(exc)})
-                peerlib.log(f"cannot register {uri}: {exc}")
+                peerlib.emit({"register_error": uri, "error": peerlib.describe(exc)})
+                peerlib.log(f"cannot register {uri}: {peerlib.describe(exc)}")
                 return False
             registrations.append(registration)
             ids[uri] = registration.id

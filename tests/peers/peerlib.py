@@ -76,6 +76,15 @@ def from_wamp_json(value):
     return value
 
 
+def describe(exc):
+    """A short text for an exception; WAMP errors as "<uri>: <first arg>"."""
+    uri = getattr(exc, "error", None)
+    if isinstance(uri, str):
+        detail = exc.args[0] if getattr(exc, "args", None) else ""
+        return f"{uri}: {detail}" if detail else uri
+    return repr(exc)
+
+
 def emit(obj):
     """Prints one JSON line on stdout and flushes it."""
     sys.stdout.write(json.dumps(to_wamp_json(obj), default=repr) + "\n")

@@ -62,8 +62,8 @@ async def main(args):
                     args.topic, *event_args, options=options, **event_kwargs
                 )
             except Exception as exc:  # noqa: BLE001 - reported, then the peer exits
-                peerlib.emit({"publish_error": i, "error": str(exc)})
-                peerlib.log(f"publish {i} to {args.topic} failed: {exc}")
+                peerlib.emit({"publish_error": i, "error": peerlib.describe(exc)})
+                peerlib.log(f"publish {i} to {args.topic} failed: {peerlib.describe(exc)}")
                 await peerlib.leave(session, ended)
                 return EXIT_PUBLISH_FAILED
             if not args.quiet:

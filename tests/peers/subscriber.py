@@ -42,8 +42,8 @@ async def main(args):
                 on_event, args.topic, options=SubscribeOptions(match=args.match, details=True)
             )
         except Exception as exc:  # noqa: BLE001 - reported, then the peer exits
-            peerlib.emit({"subscribe_error": args.topic, "error": str(exc)})
-            peerlib.log(f"cannot subscribe to {args.topic}: {exc}")
+            peerlib.emit({"subscribe_error": args.topic, "error": peerlib.describe(exc)})
+            peerlib.log(f"cannot subscribe to {args.topic}: {peerlib.describe(exc)}")
             await peerlib.leave(session, ended)
             return peerlib.EXIT_JOIN_FAILED
         peerlib.emit({"ready": True, "subscription": subscription.id})

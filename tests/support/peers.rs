@@ -20,7 +20,7 @@ use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::crossbar::Crossbar;
+use super::crossbar::{BACKEND_USER, Crossbar};
 use super::{python, repo_root, send_signal, tail};
 
 /// How long a peer gets to connect, join and print its ready line.
@@ -459,7 +459,8 @@ async fn read_stderr(mut stderr: impl AsyncRead + Unpin, buffer: Arc<Mutex<Strin
 // backend.py
 
 /// How to start a [`Backend`]. `BackendOptions::new(&crossbar, &["com.example.echo"])`
-/// fills in the connection; change the other fields with struct update syntax.
+/// connects as the WAMP-CRA user `backend` (anonymous `public` may not register); change
+/// the other fields with struct update syntax.
 #[derive(Clone, Debug)]
 pub struct BackendOptions {
     pub connection: Connection,
@@ -479,7 +480,10 @@ pub struct BackendOptions {
 impl BackendOptions {
     pub fn new(crossbar: &Crossbar, procedures: &[&str]) -> Self {
         Self {
-            connection: Connection::to(crossbar),
+            connection: Connection {
+                auth: user(BACKEND_USER),
+                ..Connection::to(crossbar)
+            },
             name: "backend".to_owned(),
             procedures: procedures.iter().map(|p| (*p).to_owned()).collect(),
             invoke: Invoke::Single,
