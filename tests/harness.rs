@@ -249,7 +249,10 @@ async fn backend_peer_rejects_dies_and_reregisters_on_command() {
         second.lines_with("call")[0]["error"],
         json!("com.example.error.rejected")
     );
-    assert_eq!(backend.invocations()[1]["errored"], json!(true));
+    assert_eq!(
+        backend.wait_for_invocations(2, WAIT).await[1]["errored"],
+        json!(true)
+    );
 
     let registration = backend.registration_id(procedure);
     backend.unregister().await;
@@ -268,7 +271,7 @@ async fn backend_peer_rejects_dies_and_reregisters_on_command() {
         "a callee dying mid-call must fail the call: {error}"
     );
     assert_eq!(backend.wait_exit(WAIT).await.code(), Some(3));
-    assert_eq!(backend.invocations().len(), 3);
+    assert_eq!(backend.wait_for_invocations(3, WAIT).await.len(), 3);
 }
 
 #[tokio::test]

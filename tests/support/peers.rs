@@ -580,7 +580,8 @@ impl Backend {
             .unwrap_or_else(|| panic!("{} did not register {procedure}", self.process.label))
     }
 
-    /// Invocation lines so far.
+    /// Invocation lines collected so far. Lines are read by a background task, so a line
+    /// the peer just printed may not be here yet: use [`Self::wait_for_invocations`].
     pub fn invocations(&self) -> Vec<Value> {
         self.process.lines_matching(is_invocation)
     }
@@ -818,7 +819,7 @@ impl Subscriber {
         }
     }
 
-    /// Event lines so far.
+    /// Event lines collected so far (read in the background: see [`Self::wait_for_events`]).
     pub fn events(&self) -> Vec<Value> {
         self.process.lines_matching(is_event)
     }
