@@ -1,0 +1,153 @@
+"""Test peer: an autobahn-python callee that registers procedures and reports each invocation.
+
+stdout (one JSON object per line):
+  {"ready": true, "name": NAME, "session": ID, "registrations": {URI: ID}}   all registered
+  {"name": NAME, "call": K, "procedure": URI, "args": [...], "kwargs": {...},
+   "caller": ID|null, "caller_authid": STR|null, "caller_authrole": STR|null,
+   "registration": ID, "at": UNIX_TIME}                                      per invocation
+  {"unregistered": true, "name": NAME}                                       after `unregister`
+  {"register_error": URI, "error": STR}                                      then exit 2
+Every invocation returns the positional results [NAME, args[0]] (or [NAME] without args).
+
+stdin commands, one per line: `unregister`, `register`, `quit`. stdin EOF is ignored, so
+a test may spawn the backend without a stdin pipe. SIGTERM leaves cleanly and exits 0.
+
+Exit codes: 0 clean quit/SIGTERM, 2 connect/join/register failure, 3 --die-on-call,
+4 watchdog, 5 the router closed the session.
+"""
+
+import asyncio
+import os
+import sys
+import threading
+import time
+
+import peerlib
+from autobahn.wamp.exception import ApplicationError
+from autobahn.wamp.types import CallResult, RegisterOptions
+
+EXIT_DIED_ON_CALL = 3
+
+
+def parse_args():
+    parser = peerlib.new_parser(__doc__.splitlines()[0])
+    parser.add_argument("--name", default="backend")
+    parser.add_argument("--procedure", action="append", required=True, help="repeatable")
+    parser.add_argument(
+        "--invoke", choices=["single", "roundrobin", "random", "first", "last"], default="single"
+    )
+    parser.add_argument("--match", choices=["exact", "prefix", "wildcard"], default="exact")
+    parser.add_argument("--delay-ms", type=int, default=0, help="sleep before answering")
+    parser.add_argument(
+        "--die-on-call", type=int, help="on the K-th invocation: print it, then os._exit(3)"
+    )
+    parser.add_argument(
+        "--error-on-call",
+        type=int,
+        help="answer the K-th invocation with com.example.error.rejected",
+    )
+    return peerlib.parse_args(parser)
+
+
+def start_stdin_reader(loop, queue):
+    def read():
+        for line in sys.stdin:
+            loop.call_soon_threadsafe(queue.put_nowait, line.strip())
+        peerlib.log("stdin closed (ignored)")
+
+    threading.Thread(target=read, name="stdin", daemon=True).start()
+
+
+async def main(args):
+    session, ended = await peerlib.connect(args)
+    calls = 0
+    registrations = []
+
+    def make_handler(uri):
+        async def handler(*call_args, details, **call_kwargs):
+            nonlocal calls
+            calls += 1
+            k = calls
+            line = {
+                "name": args.name,
+                "call": k,
+                "procedure": details.procedure or uri,
+                "args": list(call_args),
+                "kwargs": call_kwargs,
+                "caller": details.caller,
+                "caller_authid": details.caller_authid,
+                "caller_authrole": details.caller_authrole,
+                "registration": details.registration.id if details.registration else None,
+                "at": time.time(),
+            }
+            if k == args.die_on_call:
+                peerlib.emit(line)
+                peerlib.log(f"dying on call {k} without answering (--die-on-call)")
+                os._exit(EXIT_DIED_ON_CALL)
+            if k == args.error_on_call:
+                line["errored"] = True
+                peerlib.emit(line)
+                raise ApplicationError(
+                    "com.example.error.rejected", f"{args.name} rejects call {k}"
+                )
+            peerlib.emit(line)
+            if args.delay_ms:
+                await asyncio.sleep(args.delay_ms / 1000.0)
+            if call_args:
+                return CallResult(args.name, call_args[0])
+            return CallResult(args.name)
+
+        return handler
+
+    async def register_all():
+        options = RegisterOptions(match=args.match, invoke=args.invoke, details=True)
+        ids = {}
+        for uri in args.procedure:
+            try:
+                registration = await session.register(make_handler(uri), uri, options=options)
+            except Exception as exc:  # noqa: BLE001 - reported, then the peer exits
+                peerlib.emit({"register_error": uri, "error": peerlib.describe(exc)})
+                peerlib.log(f"cannot register {uri}: {peerlib.describe(exc)}")
+                return False
+            registrations.append(registration)
+            ids[uri] = registration.id
+        peerlib.emit(
+            {"ready": True, "name": args.name, "session": session._session_id, "registrations": ids}
+        )
+        return True
+
+    try:
+        if not await register_all():
+            await peerlib.leave(session, ended)
+            return peerlib.EXIT_JOIN_FAILED
+        commands = asyncio.Queue()
+        start_stdin_reader(asyncio.get_running_loop(), commands)
+        while True:
+            next_command = asyncio.ensure_future(commands.get())
+            done, _ = await asyncio.wait({next_command, ended}, return_when=asyncio.FIRST_COMPLETED)
+            if ended in done:
+                next_command.cancel()
+                peerlib.log(f"session ended by the router: {ended.result()}")
+                return peerlib.EXIT_CONNECTION_LOST
+            command = next_command.result()
+            if command == "unregister":
+                while registrations:
+                    await registrations.pop().unregister()
+                peerlib.emit({"unregistered": True, "name": args.name})
+            elif command == "register":
+                if not await register_all():
+                    await peerlib.leave(session, ended)
+                    return peerlib.EXIT_JOIN_FAILED
+            elif command == "quit":
+                await peerlib.leave(session, ended)
+                return 0
+            elif command:
+                peerlib.log(f"unknown stdin command {command!r} (ignored)")
+    except asyncio.CancelledError:
+        await peerlib.leave(session, ended)
+        return 0
+
+
+if __name__ == "__main__":
+    arguments = parse_args()
+    peerlib.run(main, arguments)
