@@ -850,6 +850,14 @@ impl SocketTask {
                 self.protocol_error(format!("message too large: {e}"));
                 return;
             }
+            // The peer vanished without a close handshake: a lost
+            // connection, not a broken protocol.
+            Some(Err(tungstenite::Error::Protocol(
+                e @ tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
+            ))) => {
+                self.close = Some(CloseReason::ConnectionLost(e.to_string()));
+                return;
+            }
             Some(Err(tungstenite::Error::Protocol(e))) => {
                 self.close = Some(CloseReason::Protocol(format!("WebSocket: {e}")));
                 return;
