@@ -9,6 +9,7 @@
 #![allow(dead_code)]
 
 pub mod crossbar;
+pub mod fake_router;
 pub mod peers;
 pub mod redis;
 pub mod resp;
