@@ -13,6 +13,7 @@ pub mod fake_router;
 pub mod peers;
 pub mod redis;
 pub mod resp;
+pub mod sidecar;
 
 use std::fs::{self, File};
 use std::future::Future;

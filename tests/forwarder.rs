@@ -1,0 +1,374 @@
+//! The product end to end: the `subtocall` binary beside a real Crossbar,
+//! autobahn-python backends and publishers, and a real Redis. Each test says
+//! in its name what it proves.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use support::crossbar::{BACKEND_USER, SALTED_USER};
+use support::peers::{Connection, Invoke, Match, publisher_blob, user, wamp_bytes};
+use support::resp::Reply;
+use support::sidecar::Sidecar;
+use support::*;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn backend(
+    crossbar: &Crossbar,
+    name: &str,
+    procedures: &[&str],
+    serializer: Serializer,
+) -> BackendOptions {
+    BackendOptions {
+        connection: Connection {
+            serializer,
+            ..BackendOptions::new(crossbar, &[]).connection
+        },
+        name: name.into(),
+        invoke: Invoke::RoundRobin,
+        ..BackendOptions::new(crossbar, procedures)
+    }
+}
+
+/// Waits until the backends together have `n` invocations; returns them all.
+async fn invocations(backends: &[&Backend], n: usize) -> Vec<Value> {
+    eventually(
+        WAIT,
+        &format!("{n} invocations across the backends"),
+        || async {
+            let all: Vec<Value> = backends.iter().flat_map(|b| b.invocations()).collect();
+            (all.len() >= n).then_some(all)
+        },
+    )
+    .await
+}
+
+/// The `seq` of each invocation (kwargs.seq), sorted.
+fn seqs(invocations: &[Value]) -> Vec<u64> {
+    let mut seqs: Vec<u64> = invocations
+        .iter()
+        .map(|i| i["kwargs"]["seq"].as_u64().expect("seq"))
+        .collect();
+    seqs.sort_unstable();
+    seqs
+}
+
+async fn two_backends_share_events_exactly_once(sidecar_serializer: &str, peers: Serializer) {
+    let crossbar = Crossbar::start().await;
+    let a = Backend::spawn(backend(&crossbar, "A", &["com.example.SUB_status"], peers)).await;
+    let b = Backend::spawn(backend(&crossbar, "B", &["com.example.SUB_status"], peers)).await;
+    let sidecar = Sidecar::start_for(&crossbar, &[("SUBTOCALL_SERIALIZER", sidecar_serializer)]);
+    sidecar.wait_subscribed("com.example.status", WAIT).await;
+    assert!(
+        sidecar
+            .log()
+            .contains(&format!("serializer=wamp.2.{sidecar_serializer}")),
+        "sidecar negotiated {sidecar_serializer}"
+    );
+
+    let published = Publisher::run(PublisherOptions {
+        quiet: true,
+        ..PublisherOptions::new(&crossbar, "com.example.status", 500)
+    })
+    .await;
+    published.assert_success();
+
+    let all = invocations(&[&a, &b], 500).await;
+    assert_eq!(
+        seqs(&all),
+        (0..500).collect::<Vec<_>>(),
+        "each event exactly once"
+    );
+    for inv in &all {
+        let i = inv["kwargs"]["seq"].as_u64().unwrap();
+        assert_eq!(inv["procedure"], "com.example.SUB_status");
+        assert_eq!(
+            inv["args"],
+            json!([i, "hello", {"nested": [1, 2.5, null, true]}])
+        );
+        assert_eq!(inv["kwargs"], json!({"seq": i, "key": "value"}));
+    }
+    let (na, nb) = (a.invocations().len(), b.invocations().len());
+    assert!(na > 0 && nb > 0, "both backends get a share: A={na} B={nb}");
+    // Nothing more trickles in afterwards (no duplicates).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(a.invocations().len() + b.invocations().len(), 500);
+}
+
+#[tokio::test]
+async fn two_roundrobin_backends_share_500_events_exactly_once_over_json() {
+    two_backends_share_events_exactly_once("json", Serializer::Msgpack).await;
+}
+
+#[tokio::test]
+async fn two_roundrobin_backends_share_500_events_exactly_once_over_msgpack() {
+    two_backends_share_events_exactly_once("msgpack", Serializer::Json).await;
+}
+
+#[tokio::test]
+async fn salted_cra_sidecar_forwards_bytes_in_args_and_kwargs_unchanged() {
+    let crossbar = Crossbar::start().await;
+    let a = Backend::spawn(backend(
+        &crossbar,
+        "A",
+        &["com.example.SUB_bin"],
+        Serializer::Json,
+    ))
+    .await;
+    let sidecar = Sidecar::start_for(
+        &crossbar,
+        &[
+            ("BACKEND_USERNAME", SALTED_USER.0),
+            ("BACKEND_SECRET", SALTED_USER.1),
+            ("SUBTOCALL_SERIALIZER", "msgpack"),
+        ],
+    );
+    sidecar.wait_subscribed("com.example.bin", WAIT).await;
+    assert!(
+        sidecar.log().contains("authid=\"salted\""),
+        "joined as the salted user"
+    );
+    Publisher::run(PublisherOptions {
+        with_bytes: true,
+        connection: Connection {
+            serializer: Serializer::Msgpack,
+            ..Connection::to(&crossbar)
+        },
+        ..PublisherOptions::new(&crossbar, "com.example.bin", 20)
+    })
+    .await
+    .assert_success();
+    let all = invocations(&[&a], 20).await;
+    for inv in all {
+        let i = inv["kwargs"]["seq"].as_u64().unwrap() as u32;
+        let blob = wamp_bytes(&publisher_blob(i));
+        assert_eq!(inv["args"][3], blob, "bytes in args");
+        assert_eq!(inv["kwargs"]["blob"], blob, "bytes in kwargs");
+    }
+}
+
+#[tokio::test]
+async fn wildcard_registration_forwards_each_concrete_topic_to_its_concrete_procedure() {
+    let crossbar = Crossbar::start().await;
+    let a = Backend::spawn(BackendOptions {
+        match_: Match::Wildcard,
+        ..backend(&crossbar, "A", &["com.example..SUB_ev"], Serializer::Json)
+    })
+    .await;
+    let sidecar = Sidecar::start_for(&crossbar, &[]);
+    sidecar.wait_subscribed("com.example..ev", WAIT).await;
+    for topic in ["com.example.a.ev", "com.example.b.ev"] {
+        Publisher::run(PublisherOptions::new(&crossbar, topic, 3))
+            .await
+            .assert_success();
+    }
+    let all = invocations(&[&a], 6).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(a.invocations().len(), 6, "each event once");
+    let mut procedures: Vec<(String, u64)> = all
+        .iter()
+        .map(|i| {
+            (
+                i["procedure"].as_str().unwrap().to_owned(),
+                i["kwargs"]["seq"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    procedures.sort();
+    let expected: Vec<(String, u64)> = ["com.example.a.SUB_ev", "com.example.b.SUB_ev"]
+        .iter()
+        .flat_map(|p| (0..3).map(move |i| (p.to_string(), i)))
+        .collect();
+    assert_eq!(procedures, expected);
+}
+
+#[tokio::test]
+async fn late_registration_is_picked_up_and_a_backend_swap_within_grace_loses_nothing() {
+    let crossbar = Crossbar::start().await;
+    let sidecar = Sidecar::start_for(&crossbar, &[("SUBTOCALL_GRACE_PERIOD", "30s")]);
+    sidecar
+        .wait_for_log(
+            "registration discovery complete: 0 SUB_ registrations",
+            WAIT,
+        )
+        .await;
+
+    // Registered after the sidecar started; the plain com.example.swap
+    // procedure (no SUB_ marker) must never be called by the sidecar.
+    let mut a = Backend::spawn(backend(
+        &crossbar,
+        "A",
+        &["com.example.SUB_swap", "com.example.swap"],
+        Serializer::Json,
+    ))
+    .await;
+    sidecar.wait_subscribed("com.example.swap", WAIT).await;
+    Publisher::run(PublisherOptions {
+        payload: None,
+        ..PublisherOptions::new(&crossbar, "com.example.swap", 5)
+    })
+    .await
+    .assert_success();
+    invocations(&[&a], 5).await;
+
+    // The last callee leaves: the subscription stays for the grace period.
+    a.quit().await;
+    sidecar
+        .wait_for_log("last registration for topic com.example.swap is gone", WAIT)
+        .await;
+    // Published while no backend exists at all: the sidecar keeps retrying.
+    let gap = Publisher::run(PublisherOptions {
+        payload: Some(json!({"args": ["during the gap"], "kwargs": {"seq": 100}})),
+        ..PublisherOptions::new(&crossbar, "com.example.swap", 1)
+    })
+    .await;
+    gap.assert_success();
+    sidecar
+        .wait_for_log("delivery failed, will retry", WAIT)
+        .await;
+
+    let b = Backend::spawn(backend(
+        &crossbar,
+        "B",
+        &["com.example.SUB_swap"],
+        Serializer::Json,
+    ))
+    .await;
+    let got = invocations(&[&b], 1).await;
+    assert_eq!(got[0]["args"], json!(["during the gap"]));
+    let log = sidecar.log();
+    assert!(
+        log.contains("topic com.example.swap has a registration again within the grace period"),
+        "the subscription was resumed"
+    );
+    assert!(
+        !log.contains("unsubscribed from com.example.swap"),
+        "the subscription was kept, not torn down and rebuilt"
+    );
+    let plain_calls: Vec<Value> = a
+        .invocations()
+        .into_iter()
+        .filter(|i| i["procedure"] == "com.example.swap")
+        .collect();
+    assert!(
+        plain_calls.is_empty(),
+        "non-SUB_ procedure was called: {plain_calls:?}"
+    );
+}
+
+#[tokio::test]
+async fn redis_mode_pushes_300_envelopes_in_order_that_a_redis_client_can_blpop() {
+    let crossbar = Crossbar::start().await;
+    let redis = Redis::start().await;
+    // In Redis mode a backend announces interest by registering, as usual,
+    // and consumes the list.
+    let _announce = Backend::spawn(backend(
+        &crossbar,
+        "A",
+        &["com.example.SUB_q"],
+        Serializer::Json,
+    ))
+    .await;
+    let sidecar = Sidecar::start_for(
+        &crossbar,
+        &[("USE_REDIS_MQ", "1"), ("REDIS_URL", &redis.url())],
+    );
+    sidecar.wait_subscribed("com.example.q", WAIT).await;
+    let published = Publisher::run(PublisherOptions::new(&crossbar, "com.example.q", 300)).await;
+    published.assert_success();
+    let publications: Vec<u64> = published
+        .lines_with("publication")
+        .iter()
+        .map(|l| l["publication"].as_u64().unwrap())
+        .collect();
+
+    let key = "queue:com.example.SUB_q";
+    eventually(WAIT, "300 envelopes in Redis", || async {
+        (redis.llen(key).await == 300).then_some(())
+    })
+    .await;
+    let envelopes = redis.lrange_json(key).await;
+    for (i, env) in envelopes.iter().enumerate() {
+        assert_eq!(env["procedure"], "com.example.SUB_q");
+        assert_eq!(env["topic"], "com.example.q");
+        assert_eq!(
+            env["args"],
+            json!([i, "hello", {"nested": [1, 2.5, null, true]}]),
+            "in order"
+        );
+        assert_eq!(env["kwargs"], json!({"seq": i, "key": "value"}));
+        assert_eq!(env["publication"].as_u64(), Some(publications[i]));
+        assert!(env["received_at"].as_str().unwrap().ends_with('Z'));
+        assert!(
+            env.get("publisher").is_some(),
+            "publisher field present (null when undisclosed)"
+        );
+    }
+    let popped = redis.command(&["BLPOP", key, "1"]).await;
+    let Reply::Array(Some(items)) = popped else {
+        panic!("BLPOP answered {popped:?}")
+    };
+    let [Reply::Bulk(Some(list)), Reply::Bulk(Some(first))] = &items[..] else {
+        panic!("BLPOP answered {items:?}")
+    };
+    assert_eq!(list.as_slice(), key.as_bytes());
+    let first: Value = serde_json::from_slice(first).unwrap();
+    assert_eq!(first["kwargs"]["seq"], 0, "BLPOP takes the oldest first");
+    assert!(
+        _announce.invocations().is_empty(),
+        "Redis mode makes no calls"
+    );
+}
+
+#[tokio::test]
+async fn details_kwarg_tells_the_backend_topic_publication_and_disclosed_publisher() {
+    let crossbar = Crossbar::start().await;
+    let a = Backend::spawn(backend(
+        &crossbar,
+        "A",
+        &["com.example.SUB_who"],
+        Serializer::Json,
+    ))
+    .await;
+    let sidecar = Sidecar::start_for(&crossbar, &[("SUBTOCALL_DETAILS_KWARG", "_details")]);
+    sidecar.wait_subscribed("com.example.who", WAIT).await;
+    // The backend role has disclose.publisher = true in the test router config.
+    let published = Publisher::run(PublisherOptions {
+        connection: Connection {
+            auth: user(BACKEND_USER),
+            ..Connection::to(&crossbar)
+        },
+        ..PublisherOptions::new(&crossbar, "com.example.who", 1)
+    })
+    .await;
+    published.assert_success();
+    let publication = published.lines_with("publication")[0]["publication"]
+        .as_u64()
+        .unwrap();
+    let inv = &invocations(&[&a], 1).await[0];
+    let details = &inv["kwargs"]["_details"];
+    assert_eq!(details["topic"], "com.example.who");
+    assert_eq!(details["publication"].as_u64(), Some(publication));
+    assert!(details["publisher"].as_u64().is_some(), "{details}");
+    assert_eq!(details["publisher_authid"], "backend");
+    assert_eq!(details["publisher_authrole"], "backend");
+    assert_eq!(
+        inv["kwargs"]["seq"], 0,
+        "the event's own kwargs are untouched"
+    );
+
+    // Without the setting, nothing is added.
+    let mut env: BTreeMap<String, String> = sidecar.env().clone();
+    env.remove("SUBTOCALL_DETAILS_KWARG");
+    drop(sidecar);
+    let plain = Sidecar::start(env);
+    plain.wait_subscribed("com.example.who", WAIT).await;
+    Publisher::run(PublisherOptions::new(&crossbar, "com.example.who", 1))
+        .await
+        .assert_success();
+    let all = invocations(&[&a], 2).await;
+    assert!(all[1]["kwargs"].get("_details").is_none(), "{}", all[1]);
+}

@@ -1,0 +1,188 @@
+//! The `subtocall` binary as a child process, configured only through its
+//! environment (a clean one: nothing leaks in from the test's own), with its
+//! log captured to a file and its metrics/health listener on a free port.
+//! Dropping the guard kills it; a guard dropped during a panic prints the
+//! tail of its log.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+use tokio::process::{Child, Command};
+
+use super::crossbar::{BACKEND_USER, Crossbar};
+use super::free_port;
+
+const POLL: Duration = Duration::from_millis(25);
+
+/// A running `subtocall` process.
+pub struct Sidecar {
+    child: Option<Child>,
+    dir: TempDir,
+    log_path: PathBuf,
+    http_port: u16,
+    env: BTreeMap<String, String>,
+}
+
+/// The environment for a sidecar joined to `crossbar` as the `backend` user,
+/// with fast reconnects, debug logs, and its HTTP listener on a free port.
+pub fn sidecar_env(crossbar: &Crossbar) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::new();
+    env.insert("WAMP_URL".into(), crossbar.url());
+    env.insert("CROSSBAR_REALM".into(), crossbar.realm().into());
+    env.insert("BACKEND_USERNAME".into(), BACKEND_USER.0.into());
+    env.insert("BACKEND_SECRET".into(), BACKEND_USER.1.into());
+    env.insert("SUBTOCALL_LOG".into(), "info,subtocall=debug".into());
+    env.insert("SUBTOCALL_RECONNECT_INITIAL_BACKOFF".into(), "100ms".into());
+    env.insert("SUBTOCALL_RECONNECT_MAX_BACKOFF".into(), "500ms".into());
+    if let Some(ca) = crossbar.ca_file_opt() {
+        env.insert("SUBTOCALL_CA_FILE".into(), ca.display().to_string());
+    }
+    env
+}
+
+impl Sidecar {
+    /// Starts the binary with exactly `env` (plus PATH and a free
+    /// `SUBTOCALL_HTTP_ADDR` unless `env` sets one).
+    pub fn start(env: BTreeMap<String, String>) -> Sidecar {
+        let dir = tempfile::Builder::new()
+            .prefix("subtocall-sidecar-")
+            .tempdir()
+            .expect("temp dir");
+        let log_path = dir.path().join("subtocall.log");
+        let http_port = free_port();
+        let mut env = env;
+        env.entry("SUBTOCALL_HTTP_ADDR".into())
+            .or_insert_with(|| format!("127.0.0.1:{http_port}"));
+        let log = File::create(&log_path).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_subtocall"))
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .envs(&env)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log fd"))
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn subtocall");
+        Sidecar {
+            child: Some(child),
+            dir,
+            log_path,
+            http_port,
+            env,
+        }
+    }
+
+    /// Starts with [`sidecar_env`] plus `extra`.
+    pub fn start_for(crossbar: &Crossbar, extra: &[(&str, &str)]) -> Sidecar {
+        let mut env = sidecar_env(crossbar);
+        for (k, v) in extra {
+            env.insert((*k).into(), (*v).into());
+        }
+        Sidecar::start(env)
+    }
+
+    pub fn env(&self) -> &BTreeMap<String, String> {
+        &self.env
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
+    }
+
+    pub fn http_port(&self) -> u16 {
+        self.http_port
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Waits until the log contains `needle`; panics with the log after `timeout`.
+    pub async fn wait_for_log(&self, needle: &str, timeout: Duration) {
+        self.wait_for_log_count(needle, 1, timeout).await;
+    }
+
+    /// Waits until the log contains `needle` at least `n` times.
+    pub async fn wait_for_log_count(&self, needle: &str, n: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let log = self.log();
+            if log.matches(needle).count() >= n {
+                return;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "subtocall log has {needle:?} fewer than {n} times after {timeout:?}:\n{log}"
+                );
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Waits until the sidecar subscribed to `topic` (so events published
+    /// from now on reach it).
+    pub async fn wait_subscribed(&self, topic: &str, timeout: Duration) {
+        // "subscribed to com.example.t (subscription 1)", or "... (wildcard) (...".
+        self.wait_for_log(&format!("subscribed to {topic} ("), timeout)
+            .await;
+    }
+
+    /// Sends SIGTERM and waits for the exit (up to `timeout`).
+    pub async fn terminate(&mut self, timeout: Duration) -> ExitStatus {
+        self.signal(libc::SIGTERM);
+        self.wait_exit(timeout).await
+    }
+
+    pub fn signal(&self, signal: i32) {
+        if let Some(pid) = self.pid() {
+            // SAFETY: kill(2) on our own child's pid; no memory is involved.
+            unsafe {
+                libc::kill(pid as i32, signal);
+            }
+        }
+    }
+
+    /// Waits for the process to exit; panics with the log after `timeout`.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let child = self.child.as_mut().expect("sidecar running");
+        match tokio::time::timeout(timeout, child.wait()).await {
+            Ok(status) => {
+                self.child = None;
+                status.expect("wait")
+            }
+            Err(_) => panic!(
+                "subtocall did not exit within {timeout:?}; log:\n{}",
+                self.log()
+            ),
+        }
+    }
+
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.start_kill();
+        }
+        if std::thread::panicking() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(150).collect();
+            eprintln!(
+                "--- last 150 lines of the subtocall log ({}) ---",
+                self.log_path.display()
+            );
+            for line in tail.into_iter().rev() {
+                eprintln!("{line}");
+            }
+            eprintln!("--- end of subtocall log ---");
+        }
+    }
+}
