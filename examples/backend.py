@@ -35,6 +35,7 @@ def main():
     p.add_argument("--secret", default="secret123")
     args = p.parse_args()
     txaio.start_logging(level="warn")
+    txaio.set_global_log_level("warn")
 
     component = Component(
         transports=[{"url": args.url, "serializers": ["msgpack", "json"],

@@ -22,6 +22,7 @@ def main():
     p.add_argument("--interval", type=float, default=0.2, help="seconds between events")
     args = p.parse_args()
     txaio.start_logging(level="warn")
+    txaio.set_global_log_level("warn")
 
     component = Component(
         transports=[{"url": args.url, "serializers": ["json"], "max_retries": 0}],

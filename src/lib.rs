@@ -11,6 +11,7 @@ pub mod app;
 pub mod config;
 pub mod discovery;
 pub mod forward;
+pub mod http;
 pub mod metrics;
 pub mod sink;
 pub mod wamp;

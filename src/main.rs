@@ -63,6 +63,25 @@ async fn run(config: Config) -> ExitCode {
     let metrics = Arc::new(Metrics::new());
     let shutdown = CancellationToken::new();
     tokio::spawn(watch_signals(shutdown.clone()));
+    // The listener stops after the app has drained, so /metrics and /readyz
+    // answer (not ready) during the drain.
+    let http_stop = CancellationToken::new();
+    if let Some(addr) = config.http {
+        match subtocall::http::bind(addr).await {
+            Ok(listener) => {
+                tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+                tokio::spawn(subtocall::http::serve(
+                    listener,
+                    metrics.clone(),
+                    http_stop.clone(),
+                ));
+            }
+            Err(e) => {
+                tracing::error!(%addr, error = %e, "cannot listen for /metrics (set SUBTOCALL_HTTP_ADDR, or off)");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         url = %config.wamp.url,
@@ -70,7 +89,9 @@ async fn run(config: Config) -> ExitCode {
         mode = ?config.forward.mode,
         "subtocall starting"
     );
-    match subtocall::app::run(config, metrics, shutdown).await {
+    let result = subtocall::app::run(config, metrics, shutdown).await;
+    http_stop.cancel();
+    match result {
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");
