@@ -34,8 +34,8 @@ def main():
     p.add_argument("--authid", default="backend")
     p.add_argument("--secret", default="secret123")
     args = p.parse_args()
-    txaio.start_logging(level="warn")
-    txaio.set_global_log_level("warn")
+    txaio.start_logging(level="error")
+    txaio.set_global_log_level("error")
 
     component = Component(
         transports=[{"url": args.url, "serializers": ["msgpack", "json"],

@@ -21,8 +21,8 @@ def main():
     p.add_argument("--count", type=int, default=10)
     p.add_argument("--interval", type=float, default=0.2, help="seconds between events")
     args = p.parse_args()
-    txaio.start_logging(level="warn")
-    txaio.set_global_log_level("warn")
+    txaio.start_logging(level="error")
+    txaio.set_global_log_level("error")
 
     component = Component(
         transports=[{"url": args.url, "serializers": ["json"], "max_retries": 0}],
