@@ -145,12 +145,31 @@ impl Delivery {
     }
 
     fn finish(&mut self, job: Job<SharedEvent>, attempt: Attempt, now: Instant, jitter: f64) {
+        // Only failures need these, for the log line; taken before the job
+        // moves into the queue.
+        let failure = match &attempt {
+            Attempt::Failed { error, .. } => Some((
+                error.clone(),
+                job.item.procedure.clone(),
+                job.item.publication,
+            )),
+            Attempt::Delivered => None,
+        };
         let attempts = job.attempts;
         match self.queue.finish(job, attempt, now, jitter) {
             Finished::Delivered(job) => self.delivered(&job, now),
             Finished::Retrying { at } => {
                 self.metrics.events_retried.inc();
-                tracing::debug!(attempts, retry_in = ?at.saturating_duration_since(now), "delivery failed, will retry");
+                if let Some((error, procedure, publication)) = failure {
+                    tracing::debug!(
+                        %procedure,
+                        %publication,
+                        attempts,
+                        %error,
+                        retry_in = ?at.saturating_duration_since(now),
+                        "delivery failed, will retry"
+                    );
+                }
                 if self.final_attempts {
                     self.give_up_waiting();
                 }

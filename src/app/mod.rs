@@ -30,7 +30,7 @@ use crate::discovery::meta;
 use crate::discovery::{self, Action, Discovery, GetOutcome, Marker, Note};
 use crate::forward::dedup::{DEFAULT_CAPACITY, Dedup};
 use crate::forward::envelope::SharedEvent;
-use crate::forward::queue::{DeliveryQueue, OverflowPolicy};
+use crate::forward::queue::{DeliveryQueue, GiveUp, OverflowPolicy};
 use crate::forward::retry::{Backoff, RetryPolicy};
 use crate::metrics::Metrics;
 use crate::sink::redis::{self as redis_sink, RedisSink};
@@ -67,12 +67,43 @@ pub enum Fatal {
     Setup(String),
 }
 
-/// Counts reported when the sidecar stops.
+/// Counts reported when the sidecar stops. Every accepted event is either
+/// forwarded or dead-lettered by then: `accepted() == forwarded + dead_lettered`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Summary {
+    /// EVENTs received on forwarding subscriptions.
     pub received: u64,
+    /// Skipped: the same publication was already accepted.
+    pub duplicates: u64,
+    /// Skipped: no procedure to route them to.
+    pub unroutable: u64,
     pub forwarded: u64,
     pub dead_lettered: u64,
+}
+
+impl Summary {
+    fn from_metrics(m: &Metrics) -> Summary {
+        Summary {
+            received: m.events_received.get(),
+            duplicates: m.events_duplicate.get(),
+            unroutable: m.unroutable(false).get() + m.unroutable(true).get(),
+            forwarded: m.events_forwarded.get(),
+            dead_lettered: [
+                GiveUp::Overflow,
+                GiveUp::Rejected,
+                GiveUp::Exhausted,
+                GiveUp::Shutdown,
+            ]
+            .into_iter()
+            .map(|g| m.dead_lettered(g).get())
+            .sum(),
+        }
+    }
+
+    /// Events taken on for delivery.
+    pub fn accepted(&self) -> u64 {
+        self.received - self.duplicates - self.unroutable
+    }
 }
 
 /// Runs the sidecar until `shutdown` is cancelled (then drains) or a fatal
@@ -85,24 +116,14 @@ pub async fn run(
     let mut app = App::new(&config, metrics.clone())?;
     let result = app.run(&shutdown).await;
     app.finish().await;
-    let summary = Summary {
-        received: metrics.events_received.get(),
-        forwarded: metrics.events_forwarded.get(),
-        dead_lettered: [
-            crate::forward::queue::GiveUp::Overflow,
-            crate::forward::queue::GiveUp::Rejected,
-            crate::forward::queue::GiveUp::Exhausted,
-            crate::forward::queue::GiveUp::Shutdown,
-        ]
-        .iter()
-        .map(|g| metrics.dead_lettered(*g).get())
-        .sum(),
-    };
+    let summary = Summary::from_metrics(&metrics);
     tracing::info!(
         received = summary.received,
+        duplicates = summary.duplicates,
+        unroutable = summary.unroutable,
+        accepted = summary.accepted(),
         forwarded = summary.forwarded,
         dead_lettered = summary.dead_lettered,
-        duplicates = metrics.events_duplicate.get(),
         "subtocall stopped"
     );
     result.map(|()| summary)

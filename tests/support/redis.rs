@@ -27,6 +27,8 @@ const DEFAULT_REDIS_SERVER: &str = "redis-server";
 pub struct Redis {
     dir: TempDir,
     port: u16,
+    /// Append-only file with fsync on every write, so data survives a restart.
+    persistent: bool,
     child: Option<Child>,
     log_path: PathBuf,
 }
@@ -34,6 +36,17 @@ pub struct Redis {
 impl Redis {
     /// Starts redis-server on a free port and waits until it answers PING (10 s cap).
     pub async fn start() -> Self {
+        Self::start_with(false).await
+    }
+
+    /// Like [`Redis::start`], but with an append-only file fsynced on every
+    /// write: what was pushed before [`Redis::stop`] is there after
+    /// [`Redis::start_again`].
+    pub async fn start_persistent() -> Self {
+        Self::start_with(true).await
+    }
+
+    async fn start_with(persistent: bool) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("subtocall-redis-")
             .tempdir()
@@ -42,6 +55,7 @@ impl Redis {
         let mut redis = Self {
             dir,
             port: 0,
+            persistent,
             child: None,
             log_path,
         };
@@ -88,7 +102,7 @@ impl Redis {
     }
 
     /// Starts the server again on the same port (stopping it first if it runs). Data is
-    /// not kept: there is no persistence.
+    /// kept only when started with [`Redis::start_persistent`].
     pub async fn start_again(&mut self) {
         self.stop().await;
         if let Err(failure) = self.spawn_and_wait().await {
@@ -142,7 +156,8 @@ impl Redis {
             .args(["--port", &self.port.to_string()])
             .args(["--bind", "127.0.0.1"])
             .args(["--save", ""])
-            .args(["--appendonly", "no"])
+            .args(["--appendonly", if self.persistent { "yes" } else { "no" }])
+            .args(["--appendfsync", "always"])
             .args(["--daemonize", "no"])
             .arg("--dir")
             .arg(self.dir.path())

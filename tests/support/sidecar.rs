@@ -162,6 +162,60 @@ impl Sidecar {
         }
     }
 
+    /// `GET path` on the sidecar's HTTP listener: `(status, body)`, or
+    /// `None` if nothing answers.
+    pub async fn http_get(&self, path: &str) -> Option<(u16, String)> {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let fetch = async {
+            let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.http_port))
+                .await
+                .ok()?;
+            let request =
+                format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+            stream.write_all(request.as_bytes()).await.ok()?;
+            let mut response = Vec::new();
+            stream.read_to_end(&mut response).await.ok()?;
+            let text = String::from_utf8_lossy(&response).into_owned();
+            let status = text.split_whitespace().nth(1)?.parse().ok()?;
+            let body = text
+                .split_once("\r\n\r\n")
+                .map(|(_, b)| b.to_owned())
+                .unwrap_or_default();
+            Some((status, body))
+        };
+        tokio::time::timeout(Duration::from_secs(5), fetch)
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// The value of one sample in `/metrics`, e.g.
+    /// `subtocall_events_dead_lettered_total{reason="overflow"}`; 0 if absent.
+    pub async fn metric(&self, sample: &str) -> f64 {
+        let (status, body) = self.http_get("/metrics").await.expect("/metrics answers");
+        assert_eq!(status, 200, "{body}");
+        body.lines()
+            .find_map(|line| {
+                let (name, value) = line.rsplit_once(' ')?;
+                (name == sample).then(|| value.parse().ok()).flatten()
+            })
+            .unwrap_or(0.0)
+    }
+
+    /// Whether `/readyz` answers 200.
+    pub async fn is_ready(&self) -> bool {
+        matches!(self.http_get("/readyz").await, Some((200, _)))
+    }
+
+    /// Peak resident memory of the process, from /proc (kB).
+    pub fn peak_rss_kb(&self) -> Option<u64> {
+        let status = fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    }
+
     pub fn dir(&self) -> &std::path::Path {
         self.dir.path()
     }
