@@ -2,7 +2,9 @@
 //! sets up logging, runs the sidecar until SIGTERM/SIGINT (then drains), and
 //! turns the outcome into an exit code: 0 after a clean shutdown, 1 when the
 //! sidecar cannot work (rejected credentials, missing permissions, too many
-//! failed connection attempts), 2 for invalid configuration.
+//! failed connection attempts), 2 for invalid configuration. `subtocall check`
+//! tries the configuration once and reports; `subtocall healthcheck` asks a
+//! running sidecar's /healthz (for container health checks).
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -13,8 +15,11 @@ use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut command = Command::Run;
     match args.first().map(String::as_str) {
         None => {}
+        Some("check") => command = Command::Check,
+        Some("healthcheck") => command = Command::HealthCheck,
         Some("-h" | "--help" | "help") => {
             print!("{}", config::help_text());
             return ExitCode::SUCCESS;
@@ -25,7 +30,8 @@ fn main() -> ExitCode {
         }
         Some(other) => {
             eprintln!(
-                "subtocall: unknown argument {other:?}\nUsage: subtocall [--help | --version]; \
+                "subtocall: unknown argument {other:?}\n\
+                 Usage: subtocall [check | healthcheck | --help | --version]; \
                  the configuration comes from environment variables (see --help)."
             );
             return ExitCode::from(2);
@@ -39,6 +45,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if command == Command::HealthCheck {
+        return healthcheck(&config);
+    }
     init_tracing(&config);
     for warning in config.warnings() {
         tracing::warn!("{warning}");
@@ -55,7 +64,76 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(run(config))
+    match command {
+        Command::Check => runtime.block_on(check(config)),
+        _ => runtime.block_on(run(config)),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Command {
+    /// The sidecar.
+    Run,
+    /// `subtocall check`: try the configuration once and report.
+    Check,
+    /// `subtocall healthcheck`: ask a running sidecar's /healthz (for
+    /// container HEALTHCHECKs in images without curl).
+    HealthCheck,
+}
+
+async fn check(config: Config) -> ExitCode {
+    let report = subtocall::check::run(&config).await;
+    print!("{report}");
+    if report.passed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// GET /healthz on the configured listener (a wildcard address is asked on
+/// loopback). Exit 0 when it answers 200.
+fn healthcheck(config: &Config) -> ExitCode {
+    use std::io::{Read, Write};
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
+    use std::time::Duration;
+
+    let Some(mut addr) = config.http else {
+        eprintln!("subtocall healthcheck: SUBTOCALL_HTTP_ADDR is off; nothing to ask");
+        return ExitCode::FAILURE;
+    };
+    if addr.ip().is_unspecified() {
+        let loopback = match addr.ip() {
+            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        };
+        addr = SocketAddr::new(loopback, addr.port());
+    }
+    let timeout = Duration::from_secs(3);
+    let answer = (|| -> std::io::Result<String> {
+        let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        Ok(response)
+    })();
+    match answer {
+        Ok(response) if response.starts_with("HTTP/1.1 200") => ExitCode::SUCCESS,
+        Ok(response) => {
+            eprintln!(
+                "subtocall healthcheck: {addr} answered {:?}",
+                response.lines().next().unwrap_or("")
+            );
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("subtocall healthcheck: {addr}: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 async fn run(config: Config) -> ExitCode {

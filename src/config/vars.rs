@@ -520,7 +520,14 @@ what they meant there; everything new starts with SUBTOCALL_.";
 pub fn help_text() -> String {
     let mut out = String::new();
     out.push_str("subtocall: shared subscriptions for WAMP routers such as Crossbar.io\n\n");
-    out.push_str("Usage: subtocall [--help | --version]\n\n");
+    out.push_str("Usage: subtocall [check | healthcheck | --help | --version]\n\n");
+    out.push_str(
+        "  (no command)  run the sidecar until SIGTERM/SIGINT, then drain and exit 0\n  \
+         check         connect once with this configuration, list the SUB_\n                \
+         registrations it would serve, check permissions (and Redis);\n                \
+         exit 0 only if all is well\n  \
+         healthcheck   ask a running sidecar's /healthz (for container health checks)\n\n",
+    );
     wrap_into(&mut out, INTRO, "", 79);
     for group in Group::ALL {
         out.push('\n');
