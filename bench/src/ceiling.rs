@@ -30,7 +30,6 @@ pub struct CeilingRun {
     pub peer_cpu_ns: f64,
     pub idle_rss_kb: u64,
     pub peak_rss_kb: u64,
-    pub events: u64,
     /// Redis mode: redis-server's CPU per event.
     pub redis_cpu_ns: f64,
 }
@@ -157,7 +156,6 @@ pub fn run_once(
         peer_cpu_ns: (p1 - p0) as f64 / (events.max(1)) as f64,
         idle_rss_kb,
         peak_rss_kb,
-        events,
         redis_cpu_ns: (r1 - r0) as f64 / (events.max(1)) as f64,
     })
 }
