@@ -35,6 +35,7 @@ use crate::forward::retry::{Backoff, RetryPolicy};
 use crate::metrics::Metrics;
 use crate::sink::redis::{self as redis_sink, RedisSink};
 use crate::wamp::auth::Credentials;
+use crate::wamp::id::IdHashing;
 use crate::wamp::{
     Client, ClientConfig, ConnectError, Event, Incoming, IncomingRx, RequestError, Serializer,
     SubscriptionId,
@@ -144,7 +145,7 @@ struct Up {
     client: Client,
     incoming: IncomingRx,
     /// Our subscriptions to the registration meta topics.
-    meta: HashMap<SubscriptionId, &'static str>,
+    meta: HashMap<SubscriptionId, &'static str, IdHashing>,
     /// Meta subscriptions not yet confirmed; the list call waits for all.
     meta_pending: usize,
     /// `Client::dropped_incoming` already counted in the metrics.
@@ -385,7 +386,7 @@ impl App {
         self.link = Link::Up(Box::new(Up {
             client,
             incoming,
-            meta: HashMap::new(),
+            meta: HashMap::default(),
             meta_pending: meta::META_TOPICS.len(),
             dropped_seen: 0,
         }));

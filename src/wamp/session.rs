@@ -12,7 +12,7 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::time::Instant;
 
 use super::auth::{AuthError, Credentials};
-use super::id::{PublicationId, RegistrationId, RequestId, SessionId, SubscriptionId};
+use super::id::{IdHashing, PublicationId, RegistrationId, RequestId, SessionId, SubscriptionId};
 use super::message::{Event, Invocation, Message, Payload, code};
 use super::value::{Dict, Value};
 
@@ -242,7 +242,7 @@ pub struct Session<T> {
     /// Whether the router's dealer supports CANCEL (checked in WELCOME).
     call_canceling: bool,
     next_request: RequestId,
-    pending: HashMap<RequestId, Pending<T>>,
+    pending: HashMap<RequestId, Pending<T>, IdHashing>,
     /// Deadlines of pending requests, earliest first.
     deadlines: BTreeSet<(Instant, RequestId)>,
     outputs: VecDeque<Output<T>>,
@@ -257,7 +257,7 @@ impl<T> Session<T> {
             info: None,
             call_canceling: false,
             next_request: RequestId(1),
-            pending: HashMap::new(),
+            pending: HashMap::default(),
             deadlines: BTreeSet::new(),
             outputs: VecDeque::new(),
             stats: SessionStats::default(),
@@ -391,16 +391,19 @@ impl<T> Session<T> {
     /// [`RequestError::Timeout`] and, if the router supports it, cancelled.
     pub fn call(
         &mut self,
-        procedure: &str,
+        procedure: impl Into<String>,
         options: Dict,
         payload: Payload,
         token: T,
         deadline: Option<Instant>,
     ) {
+        // Taking the String (not &str) saves a copy per call: the client
+        // hands over the one it already owns.
+        let procedure = procedure.into();
         self.request(Kind::Call, token, deadline, |request| Message::Call {
             request,
             options,
-            procedure: procedure.to_owned(),
+            procedure,
             payload,
         });
     }
