@@ -79,6 +79,7 @@ pub fn run_once(
         window: WINDOW,
         limit: None,
         external_completions: external.clone(),
+        rate: None,
     })?;
     let mut env = sidecar_env(&peer, serializer);
     let key = format!("queue:{}", crate::peer::PROCEDURE);
@@ -107,7 +108,11 @@ pub fn run_once(
         Some(done) => done.load(Ordering::Relaxed),
         None => peer.stats.answered.load(Ordering::Relaxed),
     };
-    let redis_cpu = || redis.map(|r| crate::procfs::cpu_ns(r.proc.pid())).unwrap_or(0);
+    let redis_cpu = || {
+        redis
+            .map(|r| crate::procfs::cpu_ns(r.proc.pid()))
+            .unwrap_or(0)
+    };
 
     peer.stats.go.store(true, Ordering::Relaxed);
     std::thread::sleep(ctx.warmup);
@@ -203,6 +208,7 @@ pub fn callgrind_total(ctx: &Ctx, serializer: Serializer, events: u64) -> Result
         window: WINDOW,
         limit: Some(events),
         external_completions: None,
+        rate: None,
     })?;
     let out: PathBuf = ctx
         .work
@@ -237,4 +243,45 @@ pub fn callgrind_total(ctx: &Ctx, serializer: Serializer, events: u64) -> Result
         })
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .context("no totals in callgrind output")
+}
+
+/// subtocall's CPU per event at a fixed, moderate rate from the loopback
+/// peer: the cost of an event that arrives alone (no batching), without the
+/// router in the picture.
+pub fn paced_once(ctx: &Ctx, serializer: Serializer, rate: f64, secs: f64) -> Result<f64> {
+    let peer = Peer::start(PeerConfig {
+        serializer,
+        window: WINDOW,
+        limit: None,
+        external_completions: None,
+        rate: Some(rate),
+    })?;
+    let mut sidecar = Sidecar::start(SidecarSpec {
+        binary: &ctx.subtocall,
+        env: sidecar_env(&peer, serializer),
+        callgrind_out: None,
+        log: ctx.work.join("subtocall-paced.log"),
+    })?;
+    wait_subscribed(&peer, &mut sidecar, Duration::from_secs(15))?;
+    peer.stats.go.store(true, Ordering::Relaxed);
+    std::thread::sleep(Duration::from_millis(300));
+    let count = || peer.stats.answered.load(Ordering::Relaxed);
+    let s0 = Sample {
+        at: Instant::now(),
+        cpu_ns: sidecar.cpu_ns(),
+        count: count(),
+    };
+    std::thread::sleep(Duration::from_secs_f64(secs));
+    let s1 = Sample {
+        at: Instant::now(),
+        cpu_ns: sidecar.cpu_ns(),
+        count: count(),
+    };
+    peer.stats.stop.store(true, Ordering::Relaxed);
+    if let Some(e) = peer.error() {
+        bail!("loopback peer: {e}");
+    }
+    sidecar.check_nothing_lost()?;
+    sidecar.proc.stop(Duration::from_secs(10));
+    Ok(s1.cpu_per_event_ns(&s0))
 }

@@ -135,6 +135,9 @@ fn run() -> Result<()> {
         repeats: ctx.repeats,
         ceiling_msgpack: Vec::new(),
         ceiling_json: Vec::new(),
+        paced_msgpack: Vec::new(),
+        paced_json: Vec::new(),
+        rate: ctx.rate,
         callgrind: Vec::new(),
         router: None,
         redis: Vec::new(),
@@ -164,6 +167,27 @@ fn run() -> Result<()> {
                 match ser {
                     Serializer::MsgPack => results.ceiling_msgpack.push(r),
                     Serializer::Json => results.ceiling_json.push(r),
+                }
+            }
+        }
+    }
+    if wants("paced") {
+        log(&format!(
+            "part 1c: CPU per event at {:.0} events/s from the loopback peer",
+            ctx.rate
+        ));
+        for i in 0..ctx.latency_repeats {
+            for ser in [Serializer::MsgPack, Serializer::Json] {
+                let cpu = ceiling::paced_once(&ctx, ser, ctx.rate, ctx.paced.as_secs_f64() / 2.0)?;
+                log(&format!(
+                    "  {:>7} #{}: subtocall {:.1} us/ev",
+                    ceiling::serializer_env(ser),
+                    i + 1,
+                    cpu / 1e3
+                ));
+                match ser {
+                    Serializer::MsgPack => results.paced_msgpack.push(cpu),
+                    Serializer::Json => results.paced_json.push(cpu),
                 }
             }
         }
@@ -221,7 +245,10 @@ fn run() -> Result<()> {
         if let Some(rr) = &results.router {
             report::latency_chart(rr, &img.join("bench-latency.png"))?;
         }
-        report::throughput_chart(&throughput_bars(&results), &img.join("bench-throughput.png"))?;
+        report::throughput_chart(
+            &throughput_bars(&results),
+            &img.join("bench-throughput.png"),
+        )?;
         report::write_doc(&doc, &section)?;
         log(&format!(
             "wrote {} and {}/bench-*.png in {:.0} s",
@@ -333,7 +360,15 @@ fn git_commit(repo: &std::path::Path) -> String {
     let dirty = Command::new("git")
         .arg("-C")
         .arg(repo)
-        .args(["status", "--porcelain", "--untracked-files=no", "--", "src", "Cargo.toml", "Cargo.lock"])
+        .args([
+            "status",
+            "--porcelain",
+            "--untracked-files=no",
+            "--",
+            "src",
+            "Cargo.toml",
+            "Cargo.lock",
+        ])
         .output()
         .ok()
         .is_some_and(|o| !o.stdout.is_empty());

@@ -24,8 +24,7 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, anyhow, bail};
 use subtocall::wamp::message::Event;
 use subtocall::wamp::{
-    Dict, Message, Payload, PublicationId, RequestId, Serializer, SessionId, SubscriptionId,
-    Value,
+    Dict, Message, Payload, PublicationId, RequestId, Serializer, SessionId, SubscriptionId, Value,
 };
 use tokio::io::Interest;
 use tokio::net::{TcpListener, TcpStream};
@@ -69,6 +68,8 @@ pub struct PeerConfig {
     /// Redis mode: completions are counted outside the peer (the length of
     /// the Redis list) instead of by CALLs.
     pub external_completions: Option<Arc<AtomicU64>>,
+    /// Send at this many events per second instead of as fast as possible.
+    pub rate: Option<f64>,
 }
 
 /// Counters shared with the harness.
@@ -190,6 +191,8 @@ struct Conn {
     id_at: usize,
     expected_payload: Payload,
     next_subscription: u64,
+    /// When pushing started (paced mode).
+    started: Option<std::time::Instant>,
 }
 
 impl Conn {
@@ -208,6 +211,7 @@ impl Conn {
             id_at: 0,
             expected_payload: event_payload(),
             next_subscription: 1000,
+            started: None,
         }
     }
 
@@ -236,8 +240,8 @@ impl Conn {
                 Interest::READABLE
             };
             // Waiting for the go signal, or for Redis to catch up: poll.
-            let _ = tokio::time::timeout(Duration::from_millis(1), self.stream.ready(interest))
-                .await;
+            let _ =
+                tokio::time::timeout(Duration::from_millis(1), self.stream.ready(interest)).await;
         }
     }
 
@@ -318,7 +322,11 @@ impl Conn {
             None => s.answered.load(Ordering::Relaxed),
         };
         let mut sent = s.sent.load(Ordering::Relaxed);
-        let limit = self.config.limit.unwrap_or(u64::MAX);
+        let mut limit = self.config.limit.unwrap_or(u64::MAX);
+        if let Some(rate) = self.config.rate {
+            let started = *self.started.get_or_insert_with(std::time::Instant::now);
+            limit = limit.min((started.elapsed().as_secs_f64() * rate) as u64 + 1);
+        }
         let before = sent;
         while sent < limit
             && sent - completed.min(sent) < self.config.window

@@ -107,6 +107,10 @@ pub struct Results {
     pub repeats: usize,
     pub ceiling_msgpack: Vec<CeilingRun>,
     pub ceiling_json: Vec<CeilingRun>,
+    /// CPU ns per event at `rate` from the loopback peer.
+    pub paced_msgpack: Vec<f64>,
+    pub paced_json: Vec<f64>,
+    pub rate: f64,
     /// (serializer, small count, large count, instructions per event)
     pub callgrind: Vec<(String, u64, u64, f64)>,
     pub router: Option<RouterResults>,
@@ -207,6 +211,16 @@ pub fn markdown(r: &Results) -> String {
         cpu_mp.show(us),
         cpu_js.show(us)
     );
+    if !r.paced_msgpack.is_empty() {
+        let _ = writeln!(
+            md,
+            "| subtocall CPU per event at {:.0} events/s ({} runs) | {} | {} | — |",
+            r.rate,
+            r.paced_msgpack.len(),
+            Spread::of(r.paced_msgpack.iter().copied()).show(us),
+            Spread::of(r.paced_json.iter().copied()).show(us)
+        );
+    }
     let instr = |ser: &str| {
         r.callgrind
             .iter()
@@ -273,11 +287,7 @@ pub fn markdown(r: &Results) -> String {
     ));
     targets.push((
         "RSS ≤ 30 MB at the ceiling".into(),
-        format!(
-            "{} / {}",
-            mb(peak_mp.max),
-            mb(peak_js.max)
-        ),
+        format!("{} / {}", mb(peak_mp.max), mb(peak_js.max)),
         peak_mp.max.max(peak_js.max) <= 30.0 * 1024.0,
     ));
     targets.push((
@@ -309,9 +319,8 @@ pub fn markdown(r: &Results) -> String {
             r.router_measure_s,
             rr.saturated.values().next().map(Vec::len).unwrap_or(0)
         );
-        let direct_call_rate = router_spread(rr.saturated.get(&RoutePath::DirectCall), |x| {
-            x.events_per_s
-        });
+        let direct_call_rate =
+            router_spread(rr.saturated.get(&RoutePath::DirectCall), |x| x.events_per_s);
         let _ = writeln!(
             md,
             "| path | events/s | ÷ direct call | Crossbar CPU per event | subtocall CPU per event | subtocall ÷ Crossbar |"
@@ -332,7 +341,11 @@ pub fn markdown(r: &Results) -> String {
                 pct(rate.median / direct_call_rate.median),
                 cb.show(us),
                 if sidecar { sc.show(us) } else { "—".into() },
-                if sidecar { ratio.show(pct) } else { "—".into() },
+                if sidecar {
+                    ratio.show(pct)
+                } else {
+                    "—".into()
+                },
             );
         }
         let _ = writeln!(
@@ -374,7 +387,11 @@ pub fn markdown(r: &Results) -> String {
                 },
                 cb.show(us),
                 if sidecar { sc.show(us) } else { "—".into() },
-                if sidecar { ratio.show(pct) } else { "—".into() },
+                if sidecar {
+                    ratio.show(pct)
+                } else {
+                    "—".into()
+                },
             );
         }
         let side = pooled(rr.paced.get(&RoutePath::Sidecar));
@@ -387,15 +404,11 @@ pub fn markdown(r: &Results) -> String {
         let ratio_sat = router_spread(rr.saturated.get(&RoutePath::Sidecar), |x| {
             x.sidecar_cpu_ns / x.crossbar_cpu_ns
         });
-        let side_rate = router_spread(rr.saturated.get(&RoutePath::Sidecar), |x| {
-            x.events_per_s
-        });
+        let side_rate = router_spread(rr.saturated.get(&RoutePath::Sidecar), |x| x.events_per_s);
         let sub_rate = router_spread(rr.saturated.get(&RoutePath::DirectSubscribe), |x| {
             x.events_per_s
         });
-        let cb_side = router_spread(rr.saturated.get(&RoutePath::Sidecar), |x| {
-            x.crossbar_cpu_ns
-        });
+        let cb_side = router_spread(rr.saturated.get(&RoutePath::Sidecar), |x| x.crossbar_cpu_ns);
         let cb_call = router_spread(rr.saturated.get(&RoutePath::DirectCall), |x| {
             x.crossbar_cpu_ns
         });
@@ -514,7 +527,10 @@ pub fn markdown(r: &Results) -> String {
         ));
     }
 
-    let _ = writeln!(md, "![Events per second on each path](img/bench-throughput.png)\n");
+    let _ = writeln!(
+        md,
+        "![Events per second on each path](img/bench-throughput.png)\n"
+    );
     let _ = writeln!(md, "### Targets\n");
     let _ = writeln!(md, "| target | measured | |");
     let _ = writeln!(md, "|---|---|---|");
@@ -530,7 +546,12 @@ pub fn write_doc(path: &Path, section: &str) -> Result<()> {
     let old = std::fs::read_to_string(path).unwrap_or_default();
     let new = match (old.find(BEGIN), old.find(END)) {
         (Some(b), Some(e)) if e > b => {
-            format!("{}{}{}", &old[..b], section.trim_end(), &old[e + END.len()..])
+            format!(
+                "{}{}{}",
+                &old[..b],
+                section.trim_end(),
+                &old[e + END.len()..]
+            )
         }
         _ => format!("# Benchmarks\n\n{section}"),
     };
@@ -631,15 +652,11 @@ pub fn latency_chart(rr: &RouterResults, out: &Path) -> Result<()> {
 /// Events per second of every path measured, on a log scale.
 pub fn throughput_chart(bars: &[(String, f64)], out: &Path) -> Result<()> {
     load_font()?;
-    let root = BitMapBackend::new(out, (900, 60 + 42 * bars.len() as u32 + 60))
-        .into_drawing_area();
+    let root = BitMapBackend::new(out, (900, 60 + 42 * bars.len() as u32 + 60)).into_drawing_area();
     root.fill(&WHITE).map_err(plot_err)?;
     let n = bars.len() as i32;
     let mut chart = ChartBuilder::on(&root)
-        .caption(
-            "Events per second (median), log scale",
-            ("sans-serif", 20),
-        )
+        .caption("Events per second (median), log scale", ("sans-serif", 20))
         .margin(15)
         .x_label_area_size(40)
         .y_label_area_size(330)

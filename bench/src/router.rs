@@ -177,7 +177,10 @@ async fn start_backend(url: &str, rec: Arc<Recorder>) -> Result<Client> {
 /// awaited here (the backend's receipt is what counts).
 async fn send(client: &Client, path: Path, seq: u64, errors: &Arc<AtomicU64>) {
     let result = match path {
-        Path::Sidecar => client.publish(TOPIC, payload(seq), Dict::new()).await.map(drop),
+        Path::Sidecar => client
+            .publish(TOPIC, payload(seq), Dict::new())
+            .await
+            .map(drop),
         Path::DirectSubscribe => client
             .publish(PLAIN_TOPIC, payload(seq), Dict::new())
             .await
@@ -245,7 +248,9 @@ impl Bench {
     async fn saturate(&self, ctx: &Ctx, path: Path) -> Result<RouterRun> {
         // A multiple of the fanout, so that completions divide exactly.
         let base = self.completed(path);
-        self.rec.received.store(base * path.fanout(), Ordering::Relaxed);
+        self.rec
+            .received
+            .store(base * path.fanout(), Ordering::Relaxed);
         let issued = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let mut tasks = Vec::new();
@@ -282,7 +287,8 @@ impl Bench {
         for t in tasks {
             let _ = t.await;
         }
-        self.drain(path, issued.load(Ordering::Relaxed), base).await?;
+        self.drain(path, issued.load(Ordering::Relaxed), base)
+            .await?;
         let events = (c1 - c0).max(1) as f64;
         Ok(RouterRun {
             events_per_s: (c1 - c0) as f64 / t1.duration_since(t0).as_secs_f64(),
@@ -295,7 +301,9 @@ impl Bench {
     /// A fixed rate, open loop: latency and CPU per event at that rate.
     async fn paced(&self, ctx: &Ctx, path: Path) -> Result<RouterRun> {
         let base = self.completed(path);
-        self.rec.received.store(base * path.fanout(), Ordering::Relaxed);
+        self.rec
+            .received
+            .store(base * path.fanout(), Ordering::Relaxed);
         if let Ok(mut s) = self.rec.samples.lock() {
             s.clear();
         }
