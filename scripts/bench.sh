@@ -35,7 +35,9 @@ echo "bench: Crossbar virtualenv (scripts/setup-crossbar.sh)" >&2
 VENV="$(bash scripts/setup-crossbar.sh </dev/null)"
 
 echo "bench: building subtocall and the benchmark in release mode" >&2
-cargo build --release --quiet -p subtocall --bin subtocall -p subtocall-bench </dev/null
+# Two commands: `--bin subtocall` would otherwise select only that binary.
+cargo build --release --quiet -p subtocall --bin subtocall </dev/null
+cargo build --release --quiet -p subtocall-bench </dev/null
 TARGET="$(cargo metadata --format-version 1 --no-deps </dev/null \
   | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')"
 

@@ -652,37 +652,41 @@ pub fn latency_chart(rr: &RouterResults, out: &Path) -> Result<()> {
 /// Events per second of every path measured, on a log scale.
 pub fn throughput_chart(bars: &[(String, f64)], out: &Path) -> Result<()> {
     load_font()?;
-    let root = BitMapBackend::new(out, (900, 60 + 42 * bars.len() as u32 + 60)).into_drawing_area();
+    let height = 90 + 44 * bars.len() as u32;
+    let root = BitMapBackend::new(out, (900, height)).into_drawing_area();
     root.fill(&WHITE).map_err(plot_err)?;
-    let n = bars.len() as i32;
+    let n = bars.len() as f64;
     let mut chart = ChartBuilder::on(&root)
         .caption("Events per second (median), log scale", ("sans-serif", 20))
         .margin(15)
         .x_label_area_size(40)
-        .y_label_area_size(330)
-        .build_cartesian_2d((100f64..2_000_000f64).log_scale(), (0..n).into_segmented())
+        .y_label_area_size(260)
+        .build_cartesian_2d((100f64..3_000_000f64).log_scale(), 0f64..n)
         .map_err(plot_err)?;
     let labels: Vec<String> = bars.iter().map(|b| b.0.clone()).collect();
     chart
         .configure_mesh()
         .disable_y_mesh()
         .x_desc("events/s")
-        .y_label_formatter(&|v: &SegmentValue<i32>| match v {
-            SegmentValue::CenterOf(i) => labels.get(*i as usize).cloned().unwrap_or_default(),
-            _ => String::new(),
+        .x_label_formatter(&|v: &f64| thousands(*v))
+        // One label at the middle of each bar.
+        .y_labels(bars.len() * 2 + 1)
+        .y_label_formatter(&|v: &f64| {
+            let i = (v - 0.5).round();
+            if (v - 0.5 - i).abs() < 1e-6 && i >= 0.0 {
+                labels.get(i as usize).cloned().unwrap_or_default()
+            } else {
+                String::new()
+            }
         })
-        .y_labels(bars.len())
         .label_style(("sans-serif", 14))
         .draw()
         .map_err(plot_err)?;
     chart
         .draw_series(bars.iter().enumerate().map(|(i, (_, v))| {
-            let i = i as i32;
+            let y = i as f64;
             Rectangle::new(
-                [
-                    (100.0, SegmentValue::Exact(i)),
-                    (v.max(100.0), SegmentValue::Exact(i + 1)),
-                ],
+                [(100.0, y + 0.18), (v.max(100.0), y + 0.82)],
                 BLUE.mix(0.6).filled(),
             )
         }))
@@ -691,7 +695,7 @@ pub fn throughput_chart(bars: &[(String, f64)], out: &Path) -> Result<()> {
         .draw_series(bars.iter().enumerate().map(|(i, (_, v))| {
             Text::new(
                 thousands(*v),
-                (v.max(100.0) * 1.05, SegmentValue::CenterOf(i as i32)),
+                (v.max(100.0) * 1.08, i as f64 + 0.62),
                 ("sans-serif", 14),
             )
         }))
