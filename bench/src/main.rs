@@ -142,6 +142,7 @@ fn run() -> Result<()> {
         router: None,
         redis: Vec::new(),
         redis_benchmark: Vec::new(),
+        redis_floor_ns: None,
         envelope_bytes: envelope_bytes(),
         measure_s: ctx.measure.as_secs_f64(),
         router_warmup_s: ctx.router_warmup.as_secs_f64(),
@@ -234,6 +235,13 @@ fn run() -> Result<()> {
             ));
             results.redis_benchmark.push(b);
         }
+        let floor = redis_wakeup_floor(&server, ctx.rate, ctx.paced.as_secs_f64() / 4.0)?;
+        log(&format!(
+            "  redis-server at {:.0} PINGs/s, one at a time: {:.1} us of CPU per request",
+            ctx.rate,
+            floor / 1e3
+        ));
+        results.redis_floor_ns = Some(floor);
     }
 
     results.duration_s = started.elapsed().as_secs_f64();
@@ -345,6 +353,34 @@ fn redis_benchmark(server: &procs::RedisServer, size: usize) -> Result<(f64, f64
     let mut c = resp::Conn::connect(server.port)?;
     c.command(&["DEL", "mylist"])?;
     Ok((rps, (cpu1 - cpu0) as f64 / n as f64))
+}
+
+/// What it costs any event loop on this machine to wake up for one small
+/// request and answer it: redis-server's CPU per PING when PINGs come one at
+/// a time at `rate`/s. A floor for the per-event cost at a moderate rate,
+/// where every event arrives alone.
+fn redis_wakeup_floor(server: &procs::RedisServer, rate: f64, secs: f64) -> Result<f64> {
+    let mut c = resp::Conn::connect(server.port)?;
+    // redis-server's own timers (serverCron) run whether or not requests
+    // come: measured idle over as long, and taken off.
+    let idle0 = procfs::cpu_ns(server.proc.pid());
+    std::thread::sleep(Duration::from_secs_f64(secs));
+    let idle = procfs::cpu_ns(server.proc.pid()) - idle0;
+    let n = (rate * secs) as u32;
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let start = Instant::now();
+    let cpu0 = procfs::cpu_ns(server.proc.pid());
+    for i in 0..n {
+        let due = start + interval * i;
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        c.command(&["PING"])?;
+    }
+    let cpu1 = procfs::cpu_ns(server.proc.pid());
+    let elapsed = start.elapsed().as_secs_f64();
+    let busy = (cpu1 - cpu0) as f64 - idle as f64 * elapsed / secs;
+    Ok(busy.max(0.0) / f64::from(n.max(1)))
 }
 
 fn git_commit(repo: &std::path::Path) -> String {
