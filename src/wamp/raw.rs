@@ -169,13 +169,17 @@ pub fn encode_call(
         // Not the layout we splice into (cannot happen with our encoder):
         // take the long way rather than guess.
         _ => {
-            let Message::Call {
+            if let Message::Call {
                 options, procedure, ..
             } = head
-            else {
-                unreachable!("head is the CALL built above")
-            };
-            return transcode(options, procedure);
+            {
+                return transcode(options, procedure);
+            }
+            return Err(EncodeError {
+                message: "CALL",
+                serializer: "payload",
+                detail: "unexpected CALL layout".into(),
+            });
         }
     }
     Ok(out)
