@@ -221,13 +221,19 @@ pub struct RedisServer {
 
 impl RedisServer {
     pub fn start(dir: &Path) -> Result<RedisServer> {
+        Self::start_with(dir, "redis", &[])
+    }
+
+    /// With extra command-line options; `name` keeps logs apart.
+    pub fn start_with(dir: &Path, name: &str, extra: &[&str]) -> Result<RedisServer> {
         let port = free_port()?;
         let mut cmd = Command::new("redis-server");
         cmd.args(["--port", &port.to_string()])
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(extra)
             .arg("--dir")
             .arg(dir);
-        let proc = Proc::spawn("redis-server", cmd, dir.join("redis.log"))?;
+        let proc = Proc::spawn("redis-server", cmd, dir.join(format!("{name}.log")))?;
         let mut server = RedisServer { proc, port };
         let started = Instant::now();
         loop {

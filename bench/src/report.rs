@@ -117,7 +117,7 @@ pub struct Results {
     pub redis: Vec<CeilingRun>,
     pub redis_benchmark: Vec<(f64, f64)>,
     /// redis-server's CPU per PING at the moderate rate, one at a time.
-    pub redis_floor_ns: Option<f64>,
+    pub redis_floor_ns: Vec<f64>,
     pub envelope_bytes: usize,
     /// Length of the measuring window of the ceiling and Redis runs.
     pub measure_s: f64,
@@ -522,17 +522,20 @@ pub fn markdown(r: &Results) -> String {
             "| ratio | {} of redis-benchmark | | | |\n",
             pct(rate.median / bench_rate.median)
         );
-        if let Some(floor) = r.redis_floor_ns {
+        if !r.redis_floor_ns.is_empty() {
+            let floor = Spread::of(r.redis_floor_ns.iter().copied());
             let _ = writeln!(
                 md,
-                "**The cost of a wake-up on this machine**: redis-server, answering PINGs \
-                 that arrive one at a time at {:.0}/s, spends {} of CPU per request: one \
+                "**The cost of a wake-up on this machine**: a separate redis-server \
+                 (`--hz 1`, its idle housekeeping measured and taken off), answering PINGs \
+                 that arrive one at a time at {:.0}/s, spends {} of CPU per request ({} runs): one \
                  wake-up, one read, one write, in a C event loop. At a moderate rate every \
                  event wakes subtocall twice (the EVENT, then the RESULT) and makes it write \
                  once, so about twice that is the floor of its CPU per event at such rates \
                  on this machine, whatever the code does in between.\n",
                 r.rate,
-                us(floor)
+                floor.show(us),
+                r.redis_floor_ns.len()
             );
         }
         targets.push((
