@@ -94,6 +94,15 @@ fn pct(x: f64) -> String {
     format!("{:.1}%", x * 100.0)
 }
 
+/// "1 run", "5 runs".
+fn runs(n: usize) -> String {
+    if n == 1 {
+        "1 run".into()
+    } else {
+        format!("{n} runs")
+    }
+}
+
 fn verdict(ok: bool) -> &'static str {
     if ok { "**met**" } else { "**missed**" }
 }
@@ -166,10 +175,15 @@ pub fn markdown(r: &Results) -> String {
         md,
         "Machine: {} cores ({}), {:.0} GiB RAM, Linux {}, load average at start {}. \
          Every figure is the median of the runs, with min–max in parentheses; \
-         {} runs each unless said otherwise. CPU time is user+system of all the \
+         {} each unless said otherwise. CPU time is user+system of all the \
          process's threads (`/proc/<pid>/task/*/schedstat`) divided by the events \
          forwarded in the same window.\n",
-        m.cores, m.model, m.mem_gib, m.kernel, m.load, r.repeats
+        m.cores,
+        m.model,
+        m.mem_gib,
+        m.kernel,
+        m.load,
+        runs(r.repeats)
     );
     let mut targets: Vec<(String, String, bool)> = Vec::new();
 
@@ -216,9 +230,9 @@ pub fn markdown(r: &Results) -> String {
     if !r.paced_msgpack.is_empty() {
         let _ = writeln!(
             md,
-            "| subtocall CPU per event at {:.0} events/s ({} runs) | {} | {} | — |",
+            "| subtocall CPU per event at {:.0} events/s ({}) | {} | {} | — |",
             r.rate,
-            r.paced_msgpack.len(),
+            runs(r.paced_msgpack.len()),
             Spread::of(r.paced_msgpack.iter().copied()).show(us),
             Spread::of(r.paced_json.iter().copied()).show(us)
         );
@@ -314,12 +328,12 @@ pub fn markdown(r: &Results) -> String {
              - **subtocall**: the publishers publish to `bench.ev`; subtocall calls \
              `bench.SUB_ev` for each event.\n\n\
              **Maximum sustained rate**: a closed loop with at most {} events between \
-             publish and backend, {:.0} s warm-up and a {:.0}-s window, {} runs per path. \
+             publish and backend, {:.0} s warm-up and a {:.0}-s window, {} per path. \
              Crossbar's CPU is its controller plus its router worker.\n",
             crate::router::WINDOW,
             r.router_warmup_s,
             r.router_measure_s,
-            rr.saturated.values().next().map(Vec::len).unwrap_or(0)
+            runs(rr.saturated.values().next().map(Vec::len).unwrap_or(0))
         );
         let direct_call_rate =
             router_spread(rr.saturated.get(&RoutePath::DirectCall), |x| x.events_per_s);
@@ -353,13 +367,13 @@ pub fn markdown(r: &Results) -> String {
         let _ = writeln!(
             md,
             "\n**Latency and CPU at a moderate rate**: {:.0} events/s for {:.0} s \
-             (two publishers taking turns), {} runs per path. Latency is from just before \
+             (two publishers taking turns), {} per path. Latency is from just before \
              the publisher hands the event to its client to the backend's receipt \
              (CLOCK_MONOTONIC stamps in the payload); percentiles are over all runs' \
              samples pooled, with the per-run spread in parentheses.\n",
             rr.rate,
             rr.paced_secs,
-            rr.paced.values().next().map(Vec::len).unwrap_or(0)
+            runs(rr.paced.values().next().map(Vec::len).unwrap_or(0))
         );
         let _ = writeln!(
             md,
@@ -528,14 +542,14 @@ pub fn markdown(r: &Results) -> String {
                 md,
                 "**The cost of a wake-up on this machine**: a separate redis-server \
                  (`--hz 1`, its idle housekeeping measured and taken off), answering PINGs \
-                 that arrive one at a time at {:.0}/s, spends {} of CPU per request ({} runs): one \
+                 that arrive one at a time at {:.0}/s, spends {} of CPU per request ({}): one \
                  wake-up, one read, one write, in a C event loop. At a moderate rate every \
                  event wakes subtocall twice (the EVENT, then the RESULT) and makes it write \
                  once, so about twice that is the floor of its CPU per event at such rates \
                  on this machine, whatever the code does in between.\n",
                 r.rate,
                 floor.show(us),
-                r.redis_floor_ns.len()
+                runs(r.redis_floor_ns.len())
             );
         }
         targets.push((
