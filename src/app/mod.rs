@@ -35,9 +35,10 @@ use crate::forward::retry::{Backoff, RetryPolicy};
 use crate::metrics::Metrics;
 use crate::sink::redis::{self as redis_sink, RedisSink};
 use crate::wamp::auth::Credentials;
+use crate::wamp::id::IdHashing;
 use crate::wamp::{
-    Client, ClientConfig, ConnectError, Event, Incoming, IncomingRx, RequestError, Serializer,
-    SubscriptionId,
+    Client, ClientConfig, ConnectError, Dict, Event, Incoming, IncomingRx, PublicationId,
+    RequestError, Serializer, SubscriptionId,
 };
 
 /// How many incoming messages one loop turn takes before doing other work.
@@ -144,7 +145,7 @@ struct Up {
     client: Client,
     incoming: IncomingRx,
     /// Our subscriptions to the registration meta topics.
-    meta: HashMap<SubscriptionId, &'static str>,
+    meta: HashMap<SubscriptionId, &'static str, IdHashing>,
     /// Meta subscriptions not yet confirmed; the list call waits for all.
     meta_pending: usize,
     /// `Client::dropped_incoming` already counted in the metrics.
@@ -385,7 +386,7 @@ impl App {
         self.link = Link::Up(Box::new(Up {
             client,
             incoming,
-            meta: HashMap::new(),
+            meta: HashMap::default(),
             meta_pending: meta::META_TOPICS.len(),
             dropped_seen: 0,
         }));
@@ -450,6 +451,26 @@ impl App {
         let Link::Up(up) = &mut self.link else { return };
         let now = Instant::now().into_std();
         match incoming {
+            Incoming::RawEvent(event) => {
+                if let Some(topic) = up.meta.get(&event.subscription) {
+                    match event.payload.decode() {
+                        Ok(payload) => match meta::parse_meta_event(topic, &payload.args) {
+                            Ok(meta_event) => self.discovery.on_meta_event(meta_event, now),
+                            Err(e) => {
+                                tracing::warn!(topic, error = %e, "ignoring malformed meta event")
+                            }
+                        },
+                        Err(e) => {
+                            tracing::warn!(topic, error = %e, "ignoring malformed meta event")
+                        }
+                    }
+                } else if let Some((procedure, topic)) =
+                    self.accept(event.subscription, event.publication, &event.details)
+                {
+                    let shared = SharedEvent::from_raw(procedure, topic, event, SystemTime::now());
+                    self.delivery.accept(shared, Instant::now().into_std());
+                }
+            }
             Incoming::Event(event) => {
                 if let Some(topic) = up.meta.get(&event.subscription) {
                     match meta::parse_meta_event(topic, &event.payload.args) {
@@ -484,27 +505,39 @@ impl App {
     }
 
     fn on_event(&mut self, event: Event) {
-        self.metrics.events_received.inc();
-        let route = match self
-            .discovery
-            .route(event.subscription, event.details.get_str("topic"))
+        if let Some((procedure, topic)) =
+            self.accept(event.subscription, event.publication, &event.details)
         {
+            let shared = SharedEvent::new(procedure, topic, event, SystemTime::now());
+            self.delivery.accept(shared, Instant::now().into_std());
+        }
+    }
+
+    /// Routes an EVENT of a forwarding subscription and de-duplicates it:
+    /// the procedure and concrete topic when it is to be forwarded.
+    fn accept(
+        &mut self,
+        subscription: SubscriptionId,
+        publication: PublicationId,
+        details: &Dict,
+    ) -> Option<(String, String)> {
+        self.metrics.events_received.inc();
+        let route = match self.discovery.route(subscription, details.get_str("topic")) {
             Ok(route) => (route.procedure.into_owned(), route.topic.to_owned()),
             Err(e) => {
                 let missing_topic = matches!(e, discovery::RouteError::MissingTopic { .. });
                 self.metrics.unroutable(missing_topic).inc();
-                tracing::debug!(error = %e, publication = %event.publication, "event not routable");
-                return;
+                tracing::debug!(error = %e, %publication, "event not routable");
+                return None;
             }
         };
         // An event matching several of our subscriptions is forwarded once.
-        if !self.dedup.first_time(event.publication) {
+        if !self.dedup.first_time(publication) {
             self.metrics.events_duplicate.inc();
-            return;
+            return None;
         }
-        tracing::debug!(procedure = %route.0, publication = %event.publication, "event accepted");
-        let shared = SharedEvent::new(route.0, route.1, event, SystemTime::now());
-        self.delivery.accept(shared, Instant::now().into_std());
+        tracing::debug!(procedure = %route.0, %publication, "event accepted");
+        Some(route)
     }
 
     fn on_rpc(&mut self, done: RpcDone) -> Result<(), Fatal> {
@@ -697,5 +730,10 @@ pub fn client_config(config: &Config) -> ClientConfig {
     c.ping_timeout = w.ping_timeout;
     c.max_message_size = w.max_message_size;
     c.ca_file = w.ca_file.clone();
+    // Events are forwarded without decoding their payload where nothing
+    // needs to look inside it: a CALL with the args and kwargs as received.
+    // Redis envelopes and the details kwarg need it decoded.
+    c.raw_event_payloads =
+        config.forward.mode == config::Mode::Wamp && config.forward.details_kwarg.is_none();
     c
 }

@@ -12,6 +12,7 @@
 use std::collections::{HashSet, VecDeque};
 
 use crate::wamp::PublicationId;
+use crate::wamp::id::IdHashing;
 
 /// A sensible window: large enough to span any burst of interleaved events,
 /// small enough to be ~100 kB.
@@ -25,7 +26,7 @@ pub struct Dedup {
     /// Arrival order, for eviction.
     order: VecDeque<PublicationId>,
     /// The same ids, for lookup.
-    seen: HashSet<PublicationId>,
+    seen: HashSet<PublicationId, IdHashing>,
 }
 
 impl Dedup {
@@ -34,7 +35,7 @@ impl Dedup {
         Dedup {
             capacity,
             order: VecDeque::with_capacity(capacity),
-            seen: HashSet::with_capacity(capacity),
+            seen: HashSet::with_capacity_and_hasher(capacity, IdHashing::default()),
         }
     }
 

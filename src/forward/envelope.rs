@@ -5,8 +5,29 @@
 
 use std::time::SystemTime;
 
-use crate::wamp::codec::Serializer;
-use crate::wamp::{Dict, Event, Payload, PublicationId, Value};
+use std::borrow::Cow;
+
+use crate::wamp::codec::{DecodeError, Serializer};
+use crate::wamp::{Dict, Event, Payload, PublicationId, RawEvent, RawPayload, Value};
+
+/// An event's args and kwargs: decoded, or kept as received so that they
+/// are passed on without being decoded (see `wamp::raw`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum EventPayload {
+    Decoded(Payload),
+    Raw(RawPayload),
+}
+
+impl EventPayload {
+    /// The payload decoded. A raw payload was validated when it was
+    /// received, so decoding it again does not fail in practice.
+    pub fn decoded(&self) -> Result<Cow<'_, Payload>, DecodeError> {
+        match self {
+            EventPayload::Decoded(p) => Ok(Cow::Borrowed(p)),
+            EventPayload::Raw(raw) => raw.decode().map(Cow::Owned),
+        }
+    }
+}
 
 /// An event accepted for forwarding.
 #[derive(Debug, Clone, PartialEq)]
@@ -21,7 +42,7 @@ pub struct SharedEvent {
     pub publisher: Option<u64>,
     pub publisher_authid: Option<String>,
     pub publisher_authrole: Option<String>,
-    pub payload: Payload,
+    pub payload: EventPayload,
     pub received_at: SystemTime,
 }
 
@@ -32,15 +53,49 @@ impl SharedEvent {
         event: Event,
         received_at: SystemTime,
     ) -> SharedEvent {
-        let details = &event.details;
+        Self::with_payload(
+            procedure,
+            topic,
+            event.publication,
+            &event.details,
+            EventPayload::Decoded(event.payload),
+            received_at,
+        )
+    }
+
+    /// An event whose payload stays as received.
+    pub fn from_raw(
+        procedure: String,
+        topic: String,
+        event: RawEvent,
+        received_at: SystemTime,
+    ) -> SharedEvent {
+        Self::with_payload(
+            procedure,
+            topic,
+            event.publication,
+            &event.details,
+            EventPayload::Raw(event.payload),
+            received_at,
+        )
+    }
+
+    fn with_payload(
+        procedure: String,
+        topic: String,
+        publication: PublicationId,
+        details: &Dict,
+        payload: EventPayload,
+        received_at: SystemTime,
+    ) -> SharedEvent {
         SharedEvent {
             procedure,
             topic,
-            publication: event.publication,
+            publication,
             publisher: details.get_u64("publisher"),
             publisher_authid: details.get_str("publisher_authid").map(str::to_owned),
             publisher_authrole: details.get_str("publisher_authrole").map(str::to_owned),
-            payload: event.payload,
+            payload,
             received_at,
         }
     }
@@ -66,30 +121,44 @@ impl SharedEvent {
     /// The payload of the forwarded CALL: the event's args and kwargs
     /// untouched, plus the details under `details_kwarg` when configured. A
     /// kwarg of that name sent by the publisher is kept (never overwritten).
-    pub fn call_payload(&self, details_kwarg: Option<&str>) -> Payload {
-        let mut payload = self.payload.clone();
+    pub fn call_payload(&self, details_kwarg: Option<&str>) -> Result<Payload, DecodeError> {
+        let mut payload = self.payload.decoded()?.into_owned();
         if let Some(key) = details_kwarg
             && payload.kwargs.get(key).is_none()
         {
             payload.kwargs.insert(key, self.details());
         }
-        payload
+        Ok(payload)
     }
 
     /// The envelope pushed to Redis, as a dict (see [`SharedEvent::envelope_json`]).
     pub fn envelope(&self) -> Dict {
         let opt_u64 = |v: Option<u64>| v.map(Value::UInt).unwrap_or(Value::Null);
         let opt_str = |v: &Option<String>| v.as_deref().map(Value::from).unwrap_or(Value::Null);
-        Dict::with_capacity(9)
+        // A raw payload that no longer decodes cannot happen (it was checked
+        // on arrival); if it did, the record says so instead of inventing args.
+        let (args, kwargs, error) = match self.payload.decoded() {
+            Ok(p) => (
+                Value::List(p.args.clone()),
+                Value::Dict(p.kwargs.clone()),
+                None,
+            ),
+            Err(e) => (Value::Null, Value::Null, Some(e.to_string())),
+        };
+        let mut envelope = Dict::with_capacity(9)
             .with("procedure", self.procedure.as_str())
             .with("topic", self.topic.as_str())
-            .with("args", Value::List(self.payload.args.clone()))
-            .with("kwargs", Value::Dict(self.payload.kwargs.clone()))
+            .with("args", args)
+            .with("kwargs", kwargs)
             .with("publication", self.publication.0)
             .with("publisher", opt_u64(self.publisher))
             .with("publisher_authid", opt_str(&self.publisher_authid))
             .with("publisher_authrole", opt_str(&self.publisher_authrole))
-            .with("received_at", rfc3339(self.received_at))
+            .with("received_at", rfc3339(self.received_at));
+        if let Some(e) = error {
+            envelope.insert("payload_error", e);
+        }
+        envelope
     }
 
     /// The envelope as JSON text; bytes use WAMP's JSON convention
@@ -187,8 +256,15 @@ mod tests {
     #[test]
     fn details_kwarg_is_added_only_when_configured_and_never_overwrites() {
         let ev = shared(Dict::new().with("publisher_authid", "backend"));
-        assert_eq!(ev.call_payload(None), ev.payload, "untouched by default");
-        let with = ev.call_payload(Some("_details"));
+        let EventPayload::Decoded(payload) = &ev.payload else {
+            panic!()
+        };
+        assert_eq!(
+            &ev.call_payload(None).unwrap(),
+            payload,
+            "untouched by default"
+        );
+        let with = ev.call_payload(Some("_details")).unwrap();
         let details = with
             .kwargs
             .get("_details")
@@ -197,8 +273,8 @@ mod tests {
         assert_eq!(details.get_str("topic"), Some("com.example.status"));
         assert_eq!(details.get_u64("publication"), Some(6358646022012579));
         assert_eq!(details.get_str("publisher_authid"), Some("backend"));
-        assert_eq!(with.args, ev.payload.args);
-        let kept = ev.call_payload(Some("seq"));
+        assert_eq!(with.args, payload.args);
+        let kept = ev.call_payload(Some("seq")).unwrap();
         assert_eq!(
             kept.kwargs.get_u64("seq"),
             Some(0),
@@ -221,5 +297,29 @@ mod tests {
         assert_eq!(json["last_error"], "wamp.error.no_such_procedure");
         assert_eq!(json["dead_lettered_at"], "1970-01-01T00:00:00.000Z");
         assert_eq!(json["procedure"], "com.example.SUB_status");
+    }
+
+    #[test]
+    fn a_raw_payload_makes_the_same_envelope_and_call_payload_as_a_decoded_one() {
+        use crate::wamp::raw;
+        use crate::wamp::{Message, SubscriptionId};
+        let details = Dict::new().with("publisher_authid", "backend");
+        let decoded = shared(details.clone());
+        for ser in Serializer::ALL {
+            let frame = ser.encode(&Message::Event(event(details.clone()))).unwrap();
+            let raw_event = raw::decode_event(ser, &frame).unwrap();
+            assert_eq!(raw_event.subscription, SubscriptionId(1));
+            let raw = SharedEvent::from_raw(
+                decoded.procedure.clone(),
+                decoded.topic.clone(),
+                raw_event,
+                decoded.received_at,
+            );
+            assert_eq!(raw.envelope_json(), decoded.envelope_json(), "{ser}");
+            assert_eq!(
+                raw.call_payload(Some("_details")).unwrap(),
+                decoded.call_payload(Some("_details")).unwrap()
+            );
+        }
     }
 }

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::forward::envelope::SharedEvent;
+use crate::forward::envelope::{EventPayload, SharedEvent};
 use crate::forward::queue::Attempt;
 use crate::forward::retry::{RetryAction, classify_wamp_error};
 use crate::wamp::{Client, Dict, RequestError};
@@ -15,10 +15,30 @@ pub async fn deliver(
     details_kwarg: Option<&str>,
     timeout: Duration,
 ) -> Attempt {
-    let payload = event.call_payload(details_kwarg);
-    let result = client
-        .call(&event.procedure, payload, Dict::new(), Some(timeout))
-        .await;
+    let procedure = &event.procedure;
+    let result = match (&event.payload, details_kwarg) {
+        // The hot path: the payload goes out as it came in, undecoded.
+        (EventPayload::Raw(raw), None) => {
+            client
+                .call_raw(procedure, raw.clone(), Dict::new(), Some(timeout))
+                .await
+        }
+        _ => match event.call_payload(details_kwarg) {
+            Ok(payload) => {
+                client
+                    .call(procedure, payload, Dict::new(), Some(timeout))
+                    .await
+            }
+            // Cannot happen for a payload checked on arrival; final rather
+            // than retried forever if it somehow does.
+            Err(e) => {
+                return Attempt::Failed {
+                    action: RetryAction::Final,
+                    error: format!("event payload cannot be decoded: {e}"),
+                };
+            }
+        },
+    };
     outcome(result.map(drop))
 }
 

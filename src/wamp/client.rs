@@ -31,6 +31,7 @@ use super::auth::Credentials;
 use super::codec::{DecodeError, Serializer};
 use super::id::{PublicationId, RegistrationId, RequestId, SubscriptionId};
 use super::message::{Event, Invocation, Message, Payload};
+use super::raw::{self, RawEvent, RawPayload};
 use super::session::{
     Output, Reply, RequestError, Session, SessionConfig, SessionError, SessionInfo, Success,
 };
@@ -43,6 +44,9 @@ type ReplyTx = oneshot::Sender<Reply>;
 /// How many ready frames or commands one loop turn takes before writing, so
 /// that a burst is written with one flush instead of one syscall per message.
 const BATCH: usize = 64;
+
+/// The WebSocket read buffer (see `connect_and_join`).
+const READ_BUFFER: usize = 16 * 1024;
 
 /// Connection settings. [`ClientConfig::new`] fills in the defaults.
 #[derive(Debug, Clone)]
@@ -71,6 +75,10 @@ pub struct ClientConfig {
     pub command_capacity: usize,
     /// HELLO.Details.agent.
     pub agent: String,
+    /// Deliver EVENTs as [`Incoming::RawEvent`], their payload kept as
+    /// received (for a forwarder, which passes it on with
+    /// [`Client::call_raw`]), instead of decoded [`Incoming::Event`]s.
+    pub raw_event_payloads: bool,
 }
 
 impl ClientConfig {
@@ -89,6 +97,7 @@ impl ClientConfig {
             incoming_capacity: 4096,
             command_capacity: 1024,
             agent: concat!("subtocall/", env!("CARGO_PKG_VERSION")).to_owned(),
+            raw_event_payloads: false,
         }
     }
 }
@@ -163,6 +172,8 @@ pub enum CloseReason {
 #[derive(Debug)]
 pub enum Incoming {
     Event(Event),
+    /// An EVENT with its payload undecoded (`raw_event_payloads`).
+    RawEvent(RawEvent),
     Invocation(Invocation),
     Interrupt {
         request: RequestId,
@@ -200,6 +211,11 @@ enum Request {
         procedure: String,
         options: Dict,
         payload: Payload,
+    },
+    CallRaw {
+        procedure: String,
+        options: Dict,
+        payload: RawPayload,
     },
     Register {
         procedure: String,
@@ -364,6 +380,26 @@ impl Client {
         }
     }
 
+    /// [`Client::call`] with a payload received in an EVENT, sent on as it
+    /// arrived (transcoded if this session's serializer differs).
+    pub async fn call_raw(
+        &self,
+        procedure: &str,
+        payload: RawPayload,
+        options: Dict,
+        timeout: Option<Duration>,
+    ) -> Result<CallResult, RequestError> {
+        let request = Request::CallRaw {
+            procedure: procedure.to_owned(),
+            options,
+            payload,
+        };
+        match self.request(request, timeout).await? {
+            Success::Result { details, payload } => Ok(CallResult { details, payload }),
+            other => Err(unexpected(other)),
+        }
+    }
+
     pub async fn register(
         &self,
         procedure: &str,
@@ -492,6 +528,11 @@ async fn connect_and_join(
         HeaderValue::from_str(&offered).map_err(|e| invalid(e.to_string()))?,
     );
     let ws_config = WebSocketConfig::default()
+        // tungstenite zero-fills this much buffer before every read (128 KiB
+        // by default): ~4 µs per read, more than a whole event costs us.
+        // 16 KiB still takes a hundred events per read under load; larger
+        // messages grow the buffer as needed.
+        .read_buffer_size(READ_BUFFER)
         .max_message_size(Some(config.max_message_size))
         .max_frame_size(Some(config.max_message_size));
     let (mut ws, response) =
@@ -571,8 +612,12 @@ fn encode_frame(
     serializer: Serializer,
     msg: &Message,
 ) -> Result<WsMessage, super::codec::EncodeError> {
-    let bytes = serializer.encode(msg)?;
-    Ok(if serializer.is_text() {
+    Ok(ws_message(serializer, serializer.encode(msg)?))
+}
+
+/// An encoded message as a WebSocket frame: text for JSON, binary otherwise.
+fn ws_message(serializer: Serializer, bytes: Vec<u8>) -> WsMessage {
+    if serializer.is_text() {
         match String::from_utf8(bytes) {
             Ok(text) => WsMessage::Text(text.into()),
             // serde_json only writes UTF-8; keep the frame rather than panic.
@@ -580,7 +625,7 @@ fn encode_frame(
         }
     } else {
         WsMessage::Binary(bytes.into())
-    })
+    }
 }
 
 fn start(
@@ -612,6 +657,7 @@ fn start(
         shared: shared.clone(),
         ping_interval: config.ping_interval,
         ping_timeout: config.ping_timeout,
+        raw_events: config.raw_event_payloads,
         unflushed: false,
         close: None,
     };
@@ -640,6 +686,8 @@ struct SocketTask {
     shared: Arc<Shared>,
     ping_interval: Duration,
     ping_timeout: Duration,
+    /// Decode EVENTs without their payload (see `raw`).
+    raw_events: bool,
     /// Frames were fed to the sink (or a pong queued) since the last flush.
     unflushed: bool,
     /// Set when the session has ended; the loop stops.
@@ -743,8 +791,21 @@ impl SocketTask {
     async fn write_outputs(&mut self) -> Result<(), CloseReason> {
         while let Some(output) = self.session.poll_output() {
             match output {
-                Output::Send(msg) => {
-                    let frame = match encode_frame(self.serializer, &msg) {
+                Output::Send(_) | Output::SendRawCall { .. } => {
+                    let encoded = match output {
+                        Output::SendRawCall {
+                            request,
+                            options,
+                            procedure,
+                            payload,
+                        } => {
+                            raw::encode_call(self.serializer, request, options, procedure, &payload)
+                                .map(|bytes| ws_message(self.serializer, bytes))
+                        }
+                        Output::Send(msg) => encode_frame(self.serializer, &msg),
+                        _ => continue,
+                    };
+                    let frame = match encoded {
                         Ok(frame) => frame,
                         Err(e) => {
                             // Only values a serializer cannot represent get
@@ -785,7 +846,7 @@ impl SocketTask {
     /// Delivers outputs without writing (used once the socket is gone).
     fn deliver_outputs(&mut self) {
         while let Some(output) = self.session.poll_output() {
-            if !matches!(output, Output::Send(_)) {
+            if !matches!(output, Output::Send(_) | Output::SendRawCall { .. }) {
                 self.deliver(output);
             }
         }
@@ -798,6 +859,7 @@ impl SocketTask {
                 let _ = token.send(reply);
             }
             Output::Event(event) => self.hand_over(Incoming::Event(event)),
+            Output::RawEvent(event) => self.hand_over(Incoming::RawEvent(event)),
             Output::Invocation(inv) => self.hand_over(Incoming::Invocation(inv)),
             Output::Interrupt { request, options } => {
                 self.hand_over(Incoming::Interrupt { request, options })
@@ -807,7 +869,7 @@ impl SocketTask {
                 self.hand_over(Incoming::Revoked { kind, details })
             }
             Output::Closed { reason } => self.close = Some(CloseReason::Goodbye(reason)),
-            Output::Joined(_) | Output::Send(_) => {}
+            Output::Joined(_) | Output::Send(_) | Output::SendRawCall { .. } => {}
         }
     }
 
@@ -871,6 +933,14 @@ impl SocketTask {
                 return;
             }
         };
+        if self.raw_events
+            && let Some(event) = raw::decode_event(self.serializer, &data)
+        {
+            if let Err(e) = self.session.handle_raw_event(event) {
+                self.on_session_error(e);
+            }
+            return;
+        }
         match self.serializer.decode(&data) {
             Ok(msg) => self.on_message(msg),
             Err(e @ (DecodeError::Malformed { .. } | DecodeError::Message(_))) => {
@@ -881,15 +951,19 @@ impl SocketTask {
 
     fn on_message(&mut self, msg: Message) {
         if let Err(e) = self.session.handle_message(msg) {
-            self.close = Some(match &e {
-                SessionError::Aborted { reason, .. } => CloseReason::Aborted {
-                    reason: reason.clone(),
-                },
-                _ => CloseReason::Protocol(e.to_string()),
-            });
-            if let Some(abort) = e.abort_message() {
-                self.queue_abort(abort);
-            }
+            self.on_session_error(e);
+        }
+    }
+
+    fn on_session_error(&mut self, e: SessionError) {
+        self.close = Some(match &e {
+            SessionError::Aborted { reason, .. } => CloseReason::Aborted {
+                reason: reason.clone(),
+            },
+            _ => CloseReason::Protocol(e.to_string()),
+        });
+        if let Some(abort) = e.abort_message() {
+            self.queue_abort(abort);
         }
     }
 
@@ -934,7 +1008,12 @@ impl SocketTask {
                         procedure,
                         options,
                         payload,
-                    } => s.call(&procedure, options, payload, reply, deadline),
+                    } => s.call(procedure, options, payload, reply, deadline),
+                    Request::CallRaw {
+                        procedure,
+                        options,
+                        payload,
+                    } => s.call_raw(procedure, options, payload, reply, deadline),
                     Request::Register { procedure, options } => {
                         s.register(&procedure, options, reply, deadline)
                     }

@@ -54,6 +54,37 @@ impl RequestId {
     }
 }
 
+/// A hasher for maps and sets keyed by WAMP ids, which sit on the per-event
+/// path (pending requests, recent publications, meta subscriptions). The
+/// std default, SipHash, is built to resist hash flooding and costs ~20 ns
+/// a lookup; an id needs only one multiplication (Fibonacci hashing, so that
+/// sequential request ids still spread over the table's high bits). Flooding
+/// is not a concern here: these maps are bounded (in-flight requests, a
+/// 4096-id window), and a router able to choose colliding ids can simply
+/// flood us with events instead.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (self.0 ^ v).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Not used by the id newtypes (they hash one u64); correct anyway.
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+}
+
+/// `BuildHasher` for [`IdHasher`]: `HashMap<RequestId, V, IdHashing>`.
+pub type IdHashing = std::hash::BuildHasherDefault<IdHasher>;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,6 +7,7 @@ pub mod client;
 pub mod codec;
 pub mod id;
 pub mod message;
+pub mod raw;
 pub mod session;
 pub mod tls;
 pub mod value;
@@ -17,5 +18,6 @@ pub use client::{
 pub use codec::Serializer;
 pub use id::{PublicationId, RegistrationId, RequestId, SessionId, SubscriptionId};
 pub use message::{Event, Invocation, Message, Payload};
+pub use raw::{RawEvent, RawPayload};
 pub use session::{RequestError, SessionInfo, WampError};
 pub use value::{Dict, Value};

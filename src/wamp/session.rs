@@ -12,8 +12,9 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::time::Instant;
 
 use super::auth::{AuthError, Credentials};
-use super::id::{PublicationId, RegistrationId, RequestId, SessionId, SubscriptionId};
+use super::id::{IdHashing, PublicationId, RegistrationId, RequestId, SessionId, SubscriptionId};
 use super::message::{Event, Invocation, Message, Payload, code};
+use super::raw::{RawEvent, RawPayload};
 use super::value::{Dict, Value};
 
 /// What the session needs to know to join.
@@ -105,6 +106,13 @@ pub type Reply = Result<Success, RequestError>;
 pub enum Output<T> {
     /// Write this message to the router.
     Send(Message),
+    /// Write this CALL, whose payload is kept as received (see `raw`).
+    SendRawCall {
+        request: RequestId,
+        options: Dict,
+        procedure: String,
+        payload: RawPayload,
+    },
     /// WELCOME arrived: the session is established.
     Joined(SessionInfo),
     /// A request is resolved.
@@ -113,6 +121,8 @@ pub enum Output<T> {
         reply: Reply,
     },
     Event(Event),
+    /// An EVENT fed through [`Session::handle_raw_event`].
+    RawEvent(RawEvent),
     Invocation(Invocation),
     /// The router asks us to cancel an invocation we are handling.
     Interrupt {
@@ -197,6 +207,19 @@ enum State {
     Closed,
 }
 
+impl State {
+    /// For "unexpected X while ..." errors.
+    fn describe(self) -> &'static str {
+        match self {
+            State::Idle => "not joined",
+            State::Joining => "waiting for WELCOME or CHALLENGE",
+            State::Authenticating => "waiting for WELCOME",
+            State::Closed => "closed",
+            State::Established | State::Leaving => "established",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Subscribe,
@@ -242,7 +265,7 @@ pub struct Session<T> {
     /// Whether the router's dealer supports CANCEL (checked in WELCOME).
     call_canceling: bool,
     next_request: RequestId,
-    pending: HashMap<RequestId, Pending<T>>,
+    pending: HashMap<RequestId, Pending<T>, IdHashing>,
     /// Deadlines of pending requests, earliest first.
     deadlines: BTreeSet<(Instant, RequestId)>,
     outputs: VecDeque<Output<T>>,
@@ -257,7 +280,7 @@ impl<T> Session<T> {
             info: None,
             call_canceling: false,
             next_request: RequestId(1),
-            pending: HashMap::new(),
+            pending: HashMap::default(),
             deadlines: BTreeSet::new(),
             outputs: VecDeque::new(),
             stats: SessionStats::default(),
@@ -391,18 +414,44 @@ impl<T> Session<T> {
     /// [`RequestError::Timeout`] and, if the router supports it, cancelled.
     pub fn call(
         &mut self,
-        procedure: &str,
+        procedure: impl Into<String>,
         options: Dict,
         payload: Payload,
         token: T,
         deadline: Option<Instant>,
     ) {
+        // Taking the String (not &str) saves a copy per call: the client
+        // hands over the one it already owns.
+        let procedure = procedure.into();
         self.request(Kind::Call, token, deadline, |request| Message::Call {
             request,
             options,
-            procedure: procedure.to_owned(),
+            procedure,
             payload,
         });
+    }
+
+    /// [`Session::call`] with a payload that is sent on as received.
+    pub fn call_raw(
+        &mut self,
+        procedure: impl Into<String>,
+        options: Dict,
+        payload: RawPayload,
+        token: T,
+        deadline: Option<Instant>,
+    ) {
+        if !self.is_established() {
+            self.reply(token, Err(RequestError::NotJoined));
+            return;
+        }
+        let request = self.take_request_id();
+        self.outputs.push_back(Output::SendRawCall {
+            request,
+            options,
+            procedure: procedure.into(),
+            payload,
+        });
+        self.track(request, Kind::Call, token, deadline);
     }
 
     pub fn register(
@@ -616,14 +665,27 @@ impl<T> Session<T> {
             (state, msg) => Err(SessionError::Protocol(format!(
                 "unexpected {} while {}",
                 msg.name(),
-                match state {
-                    State::Idle => "not joined",
-                    State::Joining => "waiting for WELCOME or CHALLENGE",
-                    State::Authenticating => "waiting for WELCOME",
-                    State::Closed => "closed",
-                    State::Established | State::Leaving => "established",
-                }
+                state.describe()
             ))),
+        }
+    }
+
+    /// Feeds an EVENT whose payload was kept undecoded (see `raw`); it comes
+    /// out as [`Output::RawEvent`], in order with everything else. Accepted
+    /// exactly where [`Session::handle_message`] accepts an EVENT.
+    pub fn handle_raw_event(&mut self, event: RawEvent) -> Result<(), SessionError> {
+        match self.state {
+            State::Established | State::Leaving => {
+                self.outputs.push_back(Output::RawEvent(event));
+                Ok(())
+            }
+            state => {
+                self.state = State::Closed;
+                Err(SessionError::Protocol(format!(
+                    "unexpected EVENT while {}",
+                    state.describe()
+                )))
+            }
         }
     }
 

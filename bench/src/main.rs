@@ -1,0 +1,426 @@
+//! The benchmark command (run it through `scripts/bench.sh`): what subtocall
+//! costs per event beside the limit (a loopback peer playing the router),
+//! beside the real Crossbar router (with two baselines on the same router,
+//! in the same run), and in Redis mode (beside `redis-benchmark`). Writes
+//! the results into `doc/benchmarks.md` between its GENERATED markers and
+//! draws the charts into `doc/img/`.
+//!
+//! Benchmarks are not tests: nothing here asserts a timing. A run fails only
+//! when something is broken (an event lost, a payload changed, a process
+//! that died).
+
+mod ceiling;
+mod crossbar;
+mod peer;
+mod procfs;
+mod procs;
+mod report;
+mod resp;
+mod router;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context as _, Result, bail};
+use subtocall::wamp::Serializer;
+
+/// What every part needs.
+pub struct Ctx {
+    pub subtocall: PathBuf,
+    pub venv: Option<PathBuf>,
+    pub work: PathBuf,
+    pub warmup: Duration,
+    pub measure: Duration,
+    pub repeats: usize,
+    pub latency_repeats: usize,
+    pub router_warmup: Duration,
+    pub router_measure: Duration,
+    pub rate: f64,
+    pub paced: Duration,
+}
+
+const USAGE: &str = "\
+Usage: subtocall-bench --subtocall PATH [options]   (normally run by scripts/bench.sh)
+
+  --subtocall PATH      the release subtocall binary to measure
+  --repo DIR            repository root (default: current directory)
+  --venv DIR            the Crossbar virtualenv (default: scripts/setup-crossbar.sh)
+  --only LIST           comma-separated parts: ceiling,callgrind,crossbar,redis
+  --repeats N           runs per figure (default 5)
+  --latency-repeats N   runs per path at the moderate rate (default 3)
+  --rate N              the moderate rate through Crossbar, events/s (default 500)
+  --quick               fewer and shorter runs, to try the command out
+  --no-write            print the report instead of writing doc/benchmarks.md
+";
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("bench: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
+    let started = Instant::now();
+    let mut args = std::env::args().skip(1);
+    let mut subtocall = None;
+    let mut venv = None;
+    let mut repo = std::env::current_dir()?;
+    let mut only: Option<String> = None;
+    let mut write = true;
+    let mut ctx = Ctx {
+        subtocall: PathBuf::new(),
+        venv: None,
+        work: PathBuf::new(),
+        warmup: Duration::from_millis(500),
+        measure: Duration::from_secs(2),
+        repeats: 5,
+        latency_repeats: 3,
+        router_warmup: Duration::from_secs(1),
+        router_measure: Duration::from_secs(4),
+        rate: 500.0,
+        paced: Duration::from_secs(10),
+    };
+    while let Some(a) = args.next() {
+        let mut value = |name: &str| args.next().with_context(|| format!("{name} needs a value"));
+        match a.as_str() {
+            "--subtocall" => subtocall = Some(PathBuf::from(value("--subtocall")?)),
+            "--venv" => venv = Some(PathBuf::from(value("--venv")?)),
+            "--repo" => repo = PathBuf::from(value("--repo")?),
+            "--only" => only = Some(value("--only")?),
+            "--repeats" => ctx.repeats = value("--repeats")?.parse()?,
+            "--latency-repeats" => ctx.latency_repeats = value("--latency-repeats")?.parse()?,
+            "--rate" => ctx.rate = value("--rate")?.parse()?,
+            "--quick" => {
+                ctx.repeats = 2;
+                ctx.latency_repeats = 1;
+                ctx.measure = Duration::from_secs(1);
+                ctx.router_measure = Duration::from_secs(2);
+                ctx.paced = Duration::from_secs(4);
+            }
+            "--no-write" => write = false,
+            "-h" | "--help" => {
+                print!("{USAGE}");
+                return Ok(());
+            }
+            other => bail!("unknown argument {other:?}\n{USAGE}"),
+        }
+    }
+    ctx.subtocall = subtocall.context("--subtocall PATH is required")?;
+    if !ctx.subtocall.is_file() {
+        bail!("{} is not a file", ctx.subtocall.display());
+    }
+    let wants = |p: &str| only.as_deref().is_none_or(|o| o.split(',').any(|x| x == p));
+    ctx.work = std::env::temp_dir().join(format!("subtocall-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&ctx.work)?;
+    if wants("crossbar") {
+        ctx.venv = Some(crossbar::find_venv(venv.as_deref(), &repo)?);
+    }
+    let machine = procfs::machine();
+    log(&format!(
+        "machine: {} cores, {}, Linux {}, load {}; work dir {}",
+        machine.cores,
+        machine.model,
+        machine.kernel,
+        machine.load,
+        ctx.work.display()
+    ));
+
+    let mut results = report::Results {
+        machine,
+        date: date_utc(),
+        commit: git_commit(&repo),
+        duration_s: 0.0,
+        repeats: ctx.repeats,
+        ceiling_msgpack: Vec::new(),
+        ceiling_json: Vec::new(),
+        paced_msgpack: Vec::new(),
+        paced_json: Vec::new(),
+        rate: ctx.rate,
+        callgrind: Vec::new(),
+        router: None,
+        redis: Vec::new(),
+        redis_benchmark: Vec::new(),
+        redis_floor_ns: Vec::new(),
+        envelope_bytes: envelope_bytes(),
+        measure_s: ctx.measure.as_secs_f64(),
+        router_warmup_s: ctx.router_warmup.as_secs_f64(),
+        router_measure_s: ctx.router_measure.as_secs_f64(),
+    };
+
+    if wants("ceiling") {
+        log("part 1: sidecar ceiling against the loopback peer");
+        // Serializers alternate, so that a disturbance spreads over both.
+        for i in 0..ctx.repeats {
+            for ser in [Serializer::MsgPack, Serializer::Json] {
+                let r = ceiling::run_once(&ctx, ser, None)?;
+                log(&format!(
+                    "  {:>7} #{}: {:>7.0} ev/s, subtocall {:.2} us/ev, peer {:.2} us/ev, RSS idle {} kB peak {} kB",
+                    ceiling::serializer_env(ser),
+                    i + 1,
+                    r.events_per_s,
+                    r.sidecar_cpu_ns / 1e3,
+                    r.peer_cpu_ns / 1e3,
+                    r.idle_rss_kb,
+                    r.peak_rss_kb
+                ));
+                match ser {
+                    Serializer::MsgPack => results.ceiling_msgpack.push(r),
+                    Serializer::Json => results.ceiling_json.push(r),
+                }
+            }
+        }
+    }
+    if wants("paced") {
+        log(&format!(
+            "part 1c: CPU per event at {:.0} events/s from the loopback peer",
+            ctx.rate
+        ));
+        for i in 0..ctx.latency_repeats {
+            for ser in [Serializer::MsgPack, Serializer::Json] {
+                let cpu = ceiling::paced_once(&ctx, ser, ctx.rate, ctx.paced.as_secs_f64() / 2.0)?;
+                log(&format!(
+                    "  {:>7} #{}: subtocall {:.1} us/ev",
+                    ceiling::serializer_env(ser),
+                    i + 1,
+                    cpu / 1e3
+                ));
+                match ser {
+                    Serializer::MsgPack => results.paced_msgpack.push(cpu),
+                    Serializer::Json => results.paced_json.push(cpu),
+                }
+            }
+        }
+    }
+    if wants("callgrind") {
+        log("part 1b: instructions per event (valgrind --tool=callgrind)");
+        let (small, large) = (5_000, 25_000);
+        for ser in [Serializer::MsgPack, Serializer::Json] {
+            let a = ceiling::callgrind_total(&ctx, ser, small)?;
+            let b = ceiling::callgrind_total(&ctx, ser, large)?;
+            let per = b.saturating_sub(a) as f64 / (large - small) as f64;
+            log(&format!(
+                "  {:>7}: {a} instructions for {small} events, {b} for {large}: {per:.0} per event",
+                ceiling::serializer_env(ser)
+            ));
+            results
+                .callgrind
+                .push((ceiling::serializer_env(ser).into(), small, large, per));
+        }
+    }
+    if wants("crossbar") {
+        log("part 2: through the real Crossbar");
+        results.router = Some(router::run(&ctx, &log)?);
+    }
+    if wants("redis") {
+        log("part 3: Redis mode");
+        let server = procs::RedisServer::start(&ctx.work)?;
+        for i in 0..ctx.repeats {
+            let r = ceiling::run_once(&ctx, Serializer::MsgPack, Some(&server))?;
+            log(&format!(
+                "  subtocall #{}: {:>7.0} ev/s, subtocall {:.2} us/ev, redis-server {:.2} us/ev",
+                i + 1,
+                r.events_per_s,
+                r.sidecar_cpu_ns / 1e3,
+                r.redis_cpu_ns / 1e3
+            ));
+            results.redis.push(r);
+            let b = redis_benchmark(&server, results.envelope_bytes)?;
+            log(&format!(
+                "  redis-benchmark #{}: {:>7.0} RPUSH/s, redis-server {:.2} us/op",
+                i + 1,
+                b.0,
+                b.1 / 1e3
+            ));
+            results.redis_benchmark.push(b);
+        }
+        drop(server);
+        // A separate instance whose housekeeping runs once a second instead
+        // of ten times (`--hz 1`), so that it hardly blurs the figure.
+        let quiet = procs::RedisServer::start_with(&ctx.work, "redis-floor", &["--hz", "1"])?;
+        for i in 0..ctx.latency_repeats {
+            let floor = redis_wakeup_floor(&quiet, ctx.rate, ctx.paced.as_secs_f64() / 4.0)?;
+            log(&format!(
+                "  redis-server at {:.0} PINGs/s, one at a time #{}: {:.1} us of CPU per request",
+                ctx.rate,
+                i + 1,
+                floor / 1e3
+            ));
+            results.redis_floor_ns.push(floor);
+        }
+    }
+
+    results.duration_s = started.elapsed().as_secs_f64();
+    let section = report::markdown(&results);
+    if write {
+        let doc = repo.join("doc/benchmarks.md");
+        let img = repo.join("doc/img");
+        std::fs::create_dir_all(&img)?;
+        if let Some(rr) = &results.router {
+            report::latency_chart(rr, &img.join("bench-latency.png"))?;
+        }
+        report::throughput_chart(
+            &throughput_bars(&results),
+            &img.join("bench-throughput.png"),
+        )?;
+        report::write_doc(&doc, &section)?;
+        log(&format!(
+            "wrote {} and {}/bench-*.png in {:.0} s",
+            doc.display(),
+            img.display(),
+            results.duration_s
+        ));
+    } else {
+        println!("{section}");
+    }
+    let _ = std::fs::remove_dir_all(&ctx.work);
+    Ok(())
+}
+
+fn log(line: &str) {
+    eprintln!("bench: {line}");
+}
+
+fn throughput_bars(r: &report::Results) -> Vec<(String, f64)> {
+    let median = |v: Vec<f64>| report::Spread::of(v).median;
+    let mut bars = Vec::new();
+    if !r.ceiling_msgpack.is_empty() {
+        bars.push((
+            "subtocall ceiling, MessagePack".into(),
+            median(r.ceiling_msgpack.iter().map(|c| c.events_per_s).collect()),
+        ));
+        bars.push((
+            "subtocall ceiling, JSON".into(),
+            median(r.ceiling_json.iter().map(|c| c.events_per_s).collect()),
+        ));
+    }
+    if !r.redis.is_empty() {
+        bars.push((
+            "subtocall → Redis".into(),
+            median(r.redis.iter().map(|c| c.events_per_s).collect()),
+        ));
+        bars.push((
+            "redis-benchmark RPUSH -P 512".into(),
+            median(r.redis_benchmark.iter().map(|c| c.0).collect()),
+        ));
+    }
+    if let Some(rr) = &r.router {
+        for path in router::Path::ALL {
+            let v = rr
+                .saturated
+                .get(&path)
+                .map(|runs| runs.iter().map(|x| x.events_per_s).collect())
+                .unwrap_or_default();
+            bars.push((format!("Crossbar: {}", path.short()), median(v)));
+        }
+    }
+    bars
+}
+
+/// The size of the Redis envelope of the benchmark's event.
+fn envelope_bytes() -> usize {
+    use subtocall::forward::envelope::SharedEvent;
+    use subtocall::wamp::{Dict, Event, PublicationId, SubscriptionId};
+    let event = Event {
+        subscription: SubscriptionId(1),
+        publication: PublicationId(1 << 52),
+        details: Dict::new(),
+        payload: peer::event_payload(),
+    };
+    SharedEvent::new(
+        peer::PROCEDURE.into(),
+        peer::TOPIC.into(),
+        event,
+        SystemTime::now(),
+    )
+    .envelope_json()
+    .len()
+}
+
+/// `redis-benchmark` RPUSH, pipelined like subtocall's pushes: (ops/s,
+/// redis-server CPU ns per op).
+fn redis_benchmark(server: &procs::RedisServer, size: usize) -> Result<(f64, f64)> {
+    let n: u64 = 500_000;
+    let cpu0 = procfs::cpu_ns(server.proc.pid());
+    let out = Command::new("redis-benchmark")
+        .args(["-h", "127.0.0.1", "-p", &server.port.to_string()])
+        .args(["-c", "1", "-P", "512", "-t", "rpush", "-q", "--csv"])
+        .args(["-n", &n.to_string(), "-d", &size.to_string()])
+        .output()
+        .context("run redis-benchmark")?;
+    let cpu1 = procfs::cpu_ns(server.proc.pid());
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rps = text
+        .lines()
+        .find(|l| l.starts_with("\"RPUSH\""))
+        .and_then(|l| l.split(',').nth(1))
+        .and_then(|v| v.trim_matches('"').parse::<f64>().ok())
+        .with_context(|| format!("no RPUSH line in redis-benchmark's output: {text}"))?;
+    let mut c = resp::Conn::connect(server.port)?;
+    c.command(&["DEL", "mylist"])?;
+    Ok((rps, (cpu1 - cpu0) as f64 / n as f64))
+}
+
+/// What it costs any event loop on this machine to wake up for one small
+/// request and answer it: redis-server's CPU per PING when PINGs come one at
+/// a time at `rate`/s. A floor for the per-event cost at a moderate rate,
+/// where every event arrives alone.
+fn redis_wakeup_floor(server: &procs::RedisServer, rate: f64, secs: f64) -> Result<f64> {
+    let mut c = resp::Conn::connect(server.port)?;
+    // redis-server's own timers (serverCron) run whether or not requests
+    // come: measured idle over as long, and taken off.
+    let idle0 = procfs::cpu_ns(server.proc.pid());
+    std::thread::sleep(Duration::from_secs_f64(secs));
+    let idle = procfs::cpu_ns(server.proc.pid()) - idle0;
+    let n = (rate * secs) as u32;
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let start = Instant::now();
+    let cpu0 = procfs::cpu_ns(server.proc.pid());
+    for i in 0..n {
+        let due = start + interval * i;
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        c.command(&["PING"])?;
+    }
+    let cpu1 = procfs::cpu_ns(server.proc.pid());
+    let elapsed = start.elapsed().as_secs_f64();
+    let busy = (cpu1 - cpu0) as f64 - idle as f64 * elapsed / secs;
+    Ok(busy.max(0.0) / f64::from(n.max(1)))
+}
+
+fn git_commit(repo: &std::path::Path) -> String {
+    let rev = Command::new("git")
+        .arg("-C")
+        .arg(repo)
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_else(|| "unknown".into());
+    let dirty = Command::new("git")
+        .arg("-C")
+        .arg(repo)
+        .args([
+            "status",
+            "--porcelain",
+            "--untracked-files=no",
+            "--",
+            "src",
+            "Cargo.toml",
+            "Cargo.lock",
+        ])
+        .output()
+        .ok()
+        .is_some_and(|o| !o.stdout.is_empty());
+    if dirty { format!("{rev}+changes") } else { rev }
+}
+
+/// Now, UTC, to the minute.
+fn date_utc() -> String {
+    let t = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+    // 2026-11-22T10:21:58Z -> 2026-11-22 10:21 UTC
+    format!("{} {} UTC", &t[..10], &t[11..16])
+}

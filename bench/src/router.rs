@@ -1,0 +1,453 @@
+//! Part 2, through the real Crossbar: publishers -> Crossbar -> subtocall ->
+//! Crossbar -> two roundrobin backends, beside two baselines on the same
+//! router in the same run: the backends subscribing to the topic directly
+//! (plain pub/sub: each of them receives every event), and the publishers
+//! calling the SUB_ procedure directly (the router's own cost of the work
+//! subtocall asks of it). Publishers and backends are Rust clients (this
+//! crate's own WAMP client) in this process, so that they cost little.
+//!
+//! For each path: the maximum sustained rate (a closed loop: at most
+//! `WINDOW` events between publish and backend), latency from publish to
+//! backend at a fixed moderate rate (each event carries its send time,
+//! CLOCK_MONOTONIC in ns, as its first argument), and the CPU time Crossbar
+//! (controller + router worker) and subtocall spent per event.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+use subtocall::wamp::{Client, ClientConfig, Dict, Incoming, Payload, Serializer, Value};
+use tokio::sync::Notify;
+
+use crate::Ctx;
+use crate::crossbar::{Crossbar, SIDECAR_USER};
+use crate::procs::{Sidecar, SidecarSpec};
+
+const PROCEDURE: &str = "bench.SUB_ev";
+const TOPIC: &str = "bench.ev";
+const PLAIN_TOPIC: &str = "bench.plain";
+/// Events between publish and backend at most, in the saturation runs.
+pub const WINDOW: u64 = 200;
+const PUBLISHERS: usize = 2;
+const BACKENDS: usize = 2;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Path {
+    /// Backends subscribe to the topic; each receives every event.
+    DirectSubscribe,
+    /// Publishers call the SUB_ procedure; roundrobin picks a backend.
+    DirectCall,
+    /// Publishers publish; subtocall calls the SUB_ procedure.
+    Sidecar,
+}
+
+impl Path {
+    pub const ALL: [Path; 3] = [Path::DirectSubscribe, Path::DirectCall, Path::Sidecar];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Path::DirectSubscribe => "baseline: backends subscribe directly",
+            Path::DirectCall => "baseline: publishers call SUB_ directly",
+            Path::Sidecar => "through subtocall",
+        }
+    }
+
+    pub fn short(self) -> &'static str {
+        match self {
+            Path::DirectSubscribe => "direct subscribe",
+            Path::DirectCall => "direct call",
+            Path::Sidecar => "subtocall",
+        }
+    }
+
+    /// Receptions per published event.
+    fn fanout(self) -> u64 {
+        match self {
+            Path::DirectSubscribe => BACKENDS as u64,
+            _ => 1,
+        }
+    }
+}
+
+/// One measurement of one path.
+#[derive(Debug, Clone, Default)]
+pub struct RouterRun {
+    pub events_per_s: f64,
+    pub crossbar_cpu_ns: f64,
+    pub sidecar_cpu_ns: f64,
+    /// Publish -> backend, ns (paced runs only).
+    pub latencies: Vec<u64>,
+}
+
+/// Everything part 2 measured.
+#[derive(Debug, Default)]
+pub struct RouterResults {
+    pub saturated: BTreeMap<Path, Vec<RouterRun>>,
+    pub paced: BTreeMap<Path, Vec<RouterRun>>,
+    pub rate: f64,
+    pub paced_secs: f64,
+    pub sidecar_peak_rss_kb: u64,
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the stamp every event carries.
+pub fn now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe {
+        libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts);
+    }
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn payload(seq: u64) -> Payload {
+    Payload::new(
+        vec![
+            Value::UInt(now_ns()),
+            Value::UInt(seq),
+            "status".into(),
+            Value::Dict(
+                Dict::new()
+                    .with("id", 42u64)
+                    .with("ok", true)
+                    .with("load", 0.25),
+            ),
+        ],
+        Dict::new().with("source", "bench"),
+    )
+}
+
+/// What the backends saw.
+#[derive(Default)]
+struct Recorder {
+    received: AtomicU64,
+    recording: AtomicBool,
+    samples: Mutex<Vec<u64>>,
+    progress: Notify,
+}
+
+impl Recorder {
+    fn on_receive(&self, payload: &Payload) {
+        let now = now_ns();
+        self.received.fetch_add(1, Ordering::Relaxed);
+        if self.recording.load(Ordering::Relaxed)
+            && let Some(sent) = payload.args.first().and_then(Value::as_u64)
+            && let Ok(mut s) = self.samples.lock()
+        {
+            s.push(now.saturating_sub(sent));
+        }
+        self.progress.notify_one();
+    }
+}
+
+fn client_config(url: &str) -> ClientConfig {
+    let mut c = ClientConfig::new(url, "realm1");
+    c.serializers = vec![Serializer::MsgPack];
+    c
+}
+
+async fn start_backend(url: &str, rec: Arc<Recorder>) -> Result<Client> {
+    let (client, mut incoming) = Client::connect(client_config(url)).await?;
+    client
+        .register(PROCEDURE, Dict::new().with("invoke", "roundrobin"))
+        .await
+        .context("register the SUB_ procedure")?;
+    client.subscribe(PLAIN_TOPIC, Dict::new()).await?;
+    let c = client.clone();
+    tokio::spawn(async move {
+        while let Some(inc) = incoming.recv().await {
+            match inc {
+                Incoming::Invocation(inv) => {
+                    rec.on_receive(&inv.payload);
+                    let _ = c.yield_result(inv.request, Payload::default()).await;
+                }
+                Incoming::Event(ev) => rec.on_receive(&ev.payload),
+                _ => {}
+            }
+        }
+    });
+    Ok(client)
+}
+
+/// Sends one event along `path`. Calls run concurrently: their result is not
+/// awaited here (the backend's receipt is what counts).
+async fn send(client: &Client, path: Path, seq: u64, errors: &Arc<AtomicU64>) {
+    let result = match path {
+        Path::Sidecar => client
+            .publish(TOPIC, payload(seq), Dict::new())
+            .await
+            .map(drop),
+        Path::DirectSubscribe => client
+            .publish(PLAIN_TOPIC, payload(seq), Dict::new())
+            .await
+            .map(drop),
+        Path::DirectCall => {
+            let c = client.clone();
+            let errors = errors.clone();
+            tokio::spawn(async move {
+                if c.call(PROCEDURE, payload(seq), Dict::new(), None)
+                    .await
+                    .is_err()
+                {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+            Ok(())
+        }
+    };
+    if result.is_err() {
+        errors.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+struct Bench {
+    crossbar: Crossbar,
+    sidecar: Sidecar,
+    publishers: Vec<Client>,
+    _backends: Vec<Client>,
+    rec: Arc<Recorder>,
+    errors: Arc<AtomicU64>,
+    seq: AtomicU64,
+}
+
+impl Bench {
+    fn completed(&self, path: Path) -> u64 {
+        self.rec.received.load(Ordering::Relaxed) / path.fanout()
+    }
+
+    fn sample(&self, path: Path) -> (Instant, u64, u64, u64) {
+        (
+            Instant::now(),
+            self.completed(path),
+            self.crossbar.cpu_ns(),
+            self.sidecar.cpu_ns(),
+        )
+    }
+
+    /// Waits until every event sent has reached a backend.
+    async fn drain(&self, path: Path, issued: u64, base: u64) -> Result<()> {
+        let started = Instant::now();
+        while self.completed(path) - base < issued {
+            if started.elapsed() > Duration::from_secs(60) {
+                bail!(
+                    "{}: only {} of {issued} events reached a backend",
+                    path.short(),
+                    self.completed(path) - base
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok(())
+    }
+
+    /// The closed loop: as fast as the path goes with `WINDOW` in flight.
+    async fn saturate(&self, ctx: &Ctx, path: Path) -> Result<RouterRun> {
+        // A multiple of the fanout, so that completions divide exactly.
+        let base = self.completed(path);
+        self.rec
+            .received
+            .store(base * path.fanout(), Ordering::Relaxed);
+        let issued = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut tasks = Vec::new();
+        for p in &self.publishers {
+            let (p, issued, stop, rec, errors) = (
+                p.clone(),
+                issued.clone(),
+                stop.clone(),
+                self.rec.clone(),
+                self.errors.clone(),
+            );
+            let seq0 = self.seq.fetch_add(1 << 32, Ordering::Relaxed);
+            tasks.push(tokio::spawn(async move {
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let done = rec.received.load(Ordering::Relaxed) / path.fanout() - base;
+                    if issued.load(Ordering::Relaxed) - done >= WINDOW {
+                        let _ =
+                            tokio::time::timeout(Duration::from_millis(5), rec.progress.notified())
+                                .await;
+                        continue;
+                    }
+                    issued.fetch_add(1, Ordering::Relaxed);
+                    send(&p, path, seq0 + n, &errors).await;
+                    n += 1;
+                }
+            }));
+        }
+        tokio::time::sleep(ctx.router_warmup).await;
+        let (t0, c0, x0, s0) = self.sample(path);
+        tokio::time::sleep(ctx.router_measure).await;
+        let (t1, c1, x1, s1) = self.sample(path);
+        stop.store(true, Ordering::Relaxed);
+        for t in tasks {
+            let _ = t.await;
+        }
+        self.drain(path, issued.load(Ordering::Relaxed), base)
+            .await?;
+        let events = (c1 - c0).max(1) as f64;
+        Ok(RouterRun {
+            events_per_s: (c1 - c0) as f64 / t1.duration_since(t0).as_secs_f64(),
+            crossbar_cpu_ns: (x1 - x0) as f64 / events,
+            sidecar_cpu_ns: (s1 - s0) as f64 / events,
+            latencies: Vec::new(),
+        })
+    }
+
+    /// A fixed rate, open loop: latency and CPU per event at that rate.
+    async fn paced(&self, ctx: &Ctx, path: Path) -> Result<RouterRun> {
+        let base = self.completed(path);
+        self.rec
+            .received
+            .store(base * path.fanout(), Ordering::Relaxed);
+        if let Ok(mut s) = self.rec.samples.lock() {
+            s.clear();
+        }
+        let total = (ctx.rate * ctx.paced.as_secs_f64()) as u64;
+        let per_publisher = total / self.publishers.len() as u64;
+        let interval = Duration::from_secs_f64(self.publishers.len() as f64 / ctx.rate);
+        self.rec.recording.store(true, Ordering::Relaxed);
+        let (t0, c0, x0, s0) = self.sample(path);
+        let start = tokio::time::Instant::now();
+        let mut tasks = Vec::new();
+        for (i, p) in self.publishers.iter().enumerate() {
+            let (p, errors) = (p.clone(), self.errors.clone());
+            let seq0 = self.seq.fetch_add(1 << 32, Ordering::Relaxed);
+            // Publishers take turns: together they send evenly at `rate`.
+            let offset = interval / self.publishers.len() as u32 * i as u32;
+            tasks.push(tokio::spawn(async move {
+                for n in 0..per_publisher {
+                    tokio::time::sleep_until(start + offset + interval * n as u32).await;
+                    send(&p, path, seq0 + n, &errors).await;
+                }
+            }));
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+        let issued = per_publisher * self.publishers.len() as u64;
+        self.drain(path, issued, base).await?;
+        let (t1, c1, x1, s1) = self.sample(path);
+        self.rec.recording.store(false, Ordering::Relaxed);
+        let latencies = self
+            .rec
+            .samples
+            .lock()
+            .map(|mut s| std::mem::take(&mut *s))
+            .unwrap_or_default();
+        let events = (c1 - c0).max(1) as f64;
+        Ok(RouterRun {
+            events_per_s: (c1 - c0) as f64 / t1.duration_since(t0).as_secs_f64(),
+            crossbar_cpu_ns: (x1 - x0) as f64 / events,
+            sidecar_cpu_ns: (s1 - s0) as f64 / events,
+            latencies,
+        })
+    }
+}
+
+pub fn run(ctx: &Ctx, log: &dyn Fn(&str)) -> Result<RouterResults> {
+    let venv = ctx.venv.as_deref().context("no Crossbar virtualenv")?;
+    let crossbar = Crossbar::start(venv, &ctx.work)?;
+    log(&format!("crossbar is up on {}", crossbar.url()));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let url = crossbar.url();
+        let rec = Arc::new(Recorder::default());
+        let mut backends = Vec::new();
+        for _ in 0..BACKENDS {
+            backends.push(start_backend(&url, rec.clone()).await?);
+        }
+        let mut env = BTreeMap::new();
+        env.insert("WAMP_URL".to_owned(), url.clone());
+        env.insert("CROSSBAR_REALM".into(), "realm1".into());
+        env.insert("BACKEND_USERNAME".into(), SIDECAR_USER.0.into());
+        env.insert("BACKEND_SECRET".into(), SIDECAR_USER.1.into());
+        env.insert("SUBTOCALL_SERIALIZER".into(), "msgpack".into());
+        let mut sidecar = Sidecar::start(SidecarSpec {
+            binary: &ctx.subtocall,
+            env,
+            callgrind_out: None,
+            log: ctx.work.join("subtocall-crossbar.log"),
+        })?;
+        let started = Instant::now();
+        loop {
+            sidecar.proc.check_alive()?;
+            if let Ok(m) = sidecar.metrics()
+                && m.get("subtocall_ready").copied() == Some(1.0)
+                && m.get("subtocall_subscriptions_active").copied() == Some(1.0)
+            {
+                break;
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                bail!("subtocall did not subscribe to {TOPIC} within 30 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let mut publishers = Vec::new();
+        for _ in 0..PUBLISHERS {
+            publishers.push(Client::connect(client_config(&url)).await?.0);
+        }
+        let bench = Bench {
+            crossbar,
+            sidecar,
+            publishers,
+            _backends: backends,
+            rec,
+            errors: Arc::new(AtomicU64::new(0)),
+            seq: AtomicU64::new(0),
+        };
+        let mut results = RouterResults {
+            rate: ctx.rate,
+            paced_secs: ctx.paced.as_secs_f64(),
+            ..RouterResults::default()
+        };
+        // Paths alternate within each repetition, so that a disturbance on
+        // the shared machine spreads over all of them.
+        for rep in 0..ctx.repeats {
+            for path in Path::ALL {
+                let r = bench.saturate(ctx, path).await?;
+                log(&format!(
+                    "  saturate {:>16} #{}: {:>6.0} ev/s, crossbar {:>6.1} us/ev, subtocall {:>5.1} us/ev",
+                    path.short(),
+                    rep + 1,
+                    r.events_per_s,
+                    r.crossbar_cpu_ns / 1e3,
+                    r.sidecar_cpu_ns / 1e3
+                ));
+                results.saturated.entry(path).or_default().push(r);
+            }
+        }
+        for rep in 0..ctx.latency_repeats {
+            for path in Path::ALL {
+                let r = bench.paced(ctx, path).await?;
+                let mut l = r.latencies.clone();
+                l.sort_unstable();
+                log(&format!(
+                    "  {:>4.0}/s   {:>16} #{}: p50 {:>6.2} ms, p99 {:>6.2} ms, crossbar {:>6.1} us/ev, subtocall {:>5.1} us/ev",
+                    ctx.rate,
+                    path.short(),
+                    rep + 1,
+                    crate::report::percentile(&l, 50.0) / 1e6,
+                    crate::report::percentile(&l, 99.0) / 1e6,
+                    r.crossbar_cpu_ns / 1e3,
+                    r.sidecar_cpu_ns / 1e3
+                ));
+                results.paced.entry(path).or_default().push(r);
+            }
+        }
+        let errors = bench.errors.load(Ordering::Relaxed);
+        if errors > 0 {
+            bail!("{errors} publishes or calls failed");
+        }
+        bench.sidecar.check_nothing_lost()?;
+        results.sidecar_peak_rss_kb = bench.sidecar.peak_rss_kb();
+        Ok(results)
+    })
+}
