@@ -53,8 +53,11 @@ fn main() -> ExitCode {
         tracing::warn!("{warning}");
     }
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread: subtocall serves one socket, and every event crosses the
+    // socket task and the app task twice; on one thread those hand-offs are
+    // not cross-thread wake-ups. Measured (doc/benchmarks.md): half the CPU
+    // per event at moderate rates, and still twice the target at the ceiling.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

@@ -363,6 +363,8 @@ async fn details_kwarg_tells_the_backend_topic_publication_and_disclosed_publish
     // Without the setting, nothing is added.
     let mut env: BTreeMap<String, String> = sidecar.env().clone();
     env.remove("SUBTOCALL_DETAILS_KWARG");
+    // A fresh port: the killed sidecar may not have released its own yet.
+    env.remove("SUBTOCALL_HTTP_ADDR");
     drop(sidecar);
     let plain = Sidecar::start(env);
     plain.wait_subscribed("com.example.who", WAIT).await;

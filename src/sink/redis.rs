@@ -1,7 +1,7 @@
 //! Redis mode: RPUSH each event's JSON envelope onto `<prefix><procedure>`,
 //! many events per round trip (a pipeline), through redis-rs's reconnecting
-//! `ConnectionManager`. Also stores dead letters when a dead-letter list is
-//! configured.
+//! `ConnectionManager`; each batch is one MULTI/EXEC transaction. Also stores
+//! dead letters when a dead-letter list is configured.
 
 use std::future::Future;
 use std::time::Duration;
@@ -65,7 +65,12 @@ impl RedisSink {
     ) -> impl Future<Output = BatchResult> + Send + 'static {
         let mut conn = self.conn.clone();
         let mut pipe = redis::pipe();
-        pipe.ignore_errors();
+        // MULTI/EXEC: Redis applies the whole batch or none of it, so a
+        // connection lost mid-batch cannot leave half of it pushed and the
+        // retry cannot duplicate that half. (A batch whose EXEC ran but
+        // whose reply was lost is still pushed twice: at-least-once.)
+        // Per-command errors such as WRONGTYPE still come back one by one.
+        pipe.atomic().ignore_errors();
         for (procedure, envelope) in &items {
             pipe.cmd("RPUSH")
                 .arg(self.key(procedure))

@@ -9,7 +9,8 @@ stdout (one JSON object per line):
   {"register_error": URI, "error": STR}                                      then exit 2
 Every invocation returns the positional results [NAME, args[0]] (or [NAME] without args).
 
-stdin commands, one per line: `unregister`, `register`, `quit`. stdin EOF is ignored, so
+stdin commands, one per line: `unregister`, `register`, `quit`, `drain` (unregister,
+finish the calls in flight, leave). stdin EOF is ignored, so
 a test may spawn the backend without a stdin pipe. SIGTERM leaves cleanly and exits 0.
 
 Exit codes: 0 clean quit/SIGTERM, 2 connect/join/register failure, 3 --die-on-call,
@@ -61,10 +62,19 @@ def start_stdin_reader(loop, queue):
 async def main(args):
     session, ended = await peerlib.connect(args)
     calls = 0
+    in_flight = 0
     registrations = []
 
     def make_handler(uri):
         async def handler(*call_args, details, **call_kwargs):
+            nonlocal in_flight
+            in_flight += 1
+            try:
+                return await handle(*call_args, details=details, **call_kwargs)
+            finally:
+                in_flight -= 1
+
+        async def handle(*call_args, details, **call_kwargs):
             nonlocal calls
             calls += 1
             k = calls
@@ -139,6 +149,18 @@ async def main(args):
                     await peerlib.leave(session, ended)
                     return peerlib.EXIT_JOIN_FAILED
             elif command == "quit":
+                await peerlib.leave(session, ended)
+                return 0
+            elif command == "drain":
+                # A graceful rolling restart: stop taking calls, finish the
+                # ones in flight, then leave.
+                while registrations:
+                    await registrations.pop().unregister()
+                for _ in range(1000):
+                    if in_flight == 0:
+                        break
+                    await asyncio.sleep(0.01)
+                peerlib.emit({"drained": True, "name": args.name, "in_flight": in_flight})
                 await peerlib.leave(session, ended)
                 return 0
             elif command:

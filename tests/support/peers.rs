@@ -623,6 +623,13 @@ impl Backend {
         self.process.wait_exit(EXIT_GRACE).await
     }
 
+    /// A graceful rolling-restart exit: unregisters, finishes the calls in
+    /// flight, then leaves.
+    pub async fn drain(&mut self) -> ExitStatus {
+        self.process.send("drain").await;
+        self.process.wait_exit(EXIT_GRACE).await
+    }
+
     fn count(&self, predicate: impl Fn(&Value) -> bool) -> usize {
         self.process.lines_matching(predicate).len()
     }

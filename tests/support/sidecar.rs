@@ -94,6 +94,18 @@ impl Sidecar {
         self.child.as_ref().and_then(Child::id)
     }
 
+    /// Whether the process has exited (it is a zombie until waited for).
+    pub fn has_exited(&self) -> bool {
+        let Some(pid) = self.pid() else { return true };
+        match fs::read_to_string(format!("/proc/{pid}/stat")) {
+            // The state follows the parenthesised command name.
+            Ok(stat) => stat
+                .rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+            Err(_) => true,
+        }
+    }
+
     pub fn http_port(&self) -> u16 {
         self.http_port
     }
@@ -111,9 +123,15 @@ impl Sidecar {
     pub async fn wait_for_log_count(&self, needle: &str, n: usize, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         loop {
+            // Exit is checked before the log is read, so that a process that
+            // wrote the line and then exited is not reported as failing.
+            let exited = self.has_exited();
             let log = self.log();
             if log.matches(needle).count() >= n {
                 return;
+            }
+            if exited {
+                panic!("subtocall exited before its log had {needle:?} {n} times:\n{log}");
             }
             if Instant::now() >= deadline {
                 panic!(
