@@ -619,11 +619,16 @@ pub fn latency_chart(rr: &RouterResults, out: &Path) -> Result<()> {
         .iter()
         .map(|&p| (p, pooled(rr.paced.get(&p))))
         .collect();
+    // A log-scale axis shows the body (tenths of a millisecond) and the tail
+    // (a stall on a shared machine can take tens) in one picture; a linear
+    // one lets a single stall squash every curve against the left edge.
+    let xmin = 0.05;
     let xmax = series
         .iter()
-        .map(|(_, v)| percentile(v, 99.9) / 1e6)
+        .filter_map(|(_, v)| v.last())
+        .map(|max| *max as f64 / 1e6)
         .fold(1.0, f64::max)
-        * 1.1;
+        * 1.2;
     let mut chart = ChartBuilder::on(&root)
         .caption(
             format!(
@@ -635,11 +640,11 @@ pub fn latency_chart(rr: &RouterResults, out: &Path) -> Result<()> {
         .margin(15)
         .x_label_area_size(45)
         .y_label_area_size(55)
-        .build_cartesian_2d(0f64..xmax, 0f64..100f64)
+        .build_cartesian_2d((xmin..xmax).log_scale(), 0f64..100f64)
         .map_err(plot_err)?;
     chart
         .configure_mesh()
-        .x_desc("latency (ms)")
+        .x_desc("latency (ms, log scale)")
         .y_desc("% of events")
         .label_style(("sans-serif", 14))
         .draw()
@@ -654,7 +659,12 @@ pub fn latency_chart(rr: &RouterResults, out: &Path) -> Result<()> {
         let points: Vec<(f64, f64)> = (0..n)
             .step_by(step)
             .chain(std::iter::once(n - 1))
-            .map(|i| (lat[i] as f64 / 1e6, (i + 1) as f64 * 100.0 / n as f64))
+            .map(|i| {
+                (
+                    (lat[i] as f64 / 1e6).max(xmin),
+                    (i + 1) as f64 * 100.0 / n as f64,
+                )
+            })
             .collect();
         chart
             .draw_series(LineSeries::new(points, color.stroke_width(2)))
