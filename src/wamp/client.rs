@@ -374,10 +374,7 @@ impl Client {
             options,
             payload,
         };
-        match self.request(request, timeout).await? {
-            Success::Result { details, payload } => Ok(CallResult { details, payload }),
-            other => Err(unexpected(other)),
-        }
+        self.call_request(request, timeout).await
     }
 
     /// [`Client::call`] with a payload received in an EVENT, sent on as it
@@ -394,6 +391,14 @@ impl Client {
             options,
             payload,
         };
+        self.call_request(request, timeout).await
+    }
+
+    async fn call_request(
+        &self,
+        request: Request,
+        timeout: Option<Duration>,
+    ) -> Result<CallResult, RequestError> {
         match self.request(request, timeout).await? {
             Success::Result { details, payload } => Ok(CallResult { details, payload }),
             other => Err(unexpected(other)),
