@@ -26,7 +26,8 @@ const REDIS_BATCH: usize = 512;
 pub enum Sink {
     Wamp {
         call_timeout: Duration,
-        details_kwarg: Option<String>,
+        /// Shared, so starting a call does not copy it.
+        details_kwarg: Option<Arc<str>>,
     },
     Redis(RedisSink),
 }
@@ -66,11 +67,6 @@ impl Delivery {
             metrics,
             final_attempts: false,
         }
-    }
-
-    /// Whether events need the router session to be delivered.
-    pub fn needs_router(&self) -> bool {
-        matches!(self.sink, Sink::Wamp { .. })
     }
 
     /// Accepts an event; dead-letters whatever overflow pushes out.

@@ -38,7 +38,7 @@ use crate::wamp::auth::Credentials;
 use crate::wamp::id::IdHashing;
 use crate::wamp::{
     Client, ClientConfig, ConnectError, Dict, Event, Incoming, IncomingRx, PublicationId,
-    RequestError, Serializer, SubscriptionId,
+    RequestError, Serializer, SubscriptionId, Value,
 };
 
 /// How many incoming messages one loop turn takes before doing other work.
@@ -214,7 +214,7 @@ impl App {
             (config::Mode::Redis, Some(redis)) => Sink::Redis(redis.clone()),
             _ => Sink::Wamp {
                 call_timeout: f.call_timeout,
-                details_kwarg: f.details_kwarg.clone(),
+                details_kwarg: f.details_kwarg.as_deref().map(Arc::from),
             },
         };
         let (dead_letter_tx, dead_letter_task) = match (&config.redis.dead_letter_key, redis) {
@@ -452,14 +452,9 @@ impl App {
         let now = Instant::now().into_std();
         match incoming {
             Incoming::RawEvent(event) => {
-                if let Some(topic) = up.meta.get(&event.subscription) {
+                if let Some(&topic) = up.meta.get(&event.subscription) {
                     match event.payload.decode() {
-                        Ok(payload) => match meta::parse_meta_event(topic, &payload.args) {
-                            Ok(meta_event) => self.discovery.on_meta_event(meta_event, now),
-                            Err(e) => {
-                                tracing::warn!(topic, error = %e, "ignoring malformed meta event")
-                            }
-                        },
+                        Ok(payload) => self.on_meta_event(topic, &payload.args, now),
                         Err(e) => {
                             tracing::warn!(topic, error = %e, "ignoring malformed meta event")
                         }
@@ -472,13 +467,8 @@ impl App {
                 }
             }
             Incoming::Event(event) => {
-                if let Some(topic) = up.meta.get(&event.subscription) {
-                    match meta::parse_meta_event(topic, &event.payload.args) {
-                        Ok(meta_event) => self.discovery.on_meta_event(meta_event, now),
-                        Err(e) => {
-                            tracing::warn!(topic, error = %e, "ignoring malformed meta event")
-                        }
-                    }
+                if let Some(&topic) = up.meta.get(&event.subscription) {
+                    self.on_meta_event(topic, &event.payload.args, now);
                 } else {
                     self.on_event(event);
                 }
@@ -490,8 +480,7 @@ impl App {
                         // Without meta events discovery would go stale:
                         // start over with a new session.
                         tracing::warn!("router revoked a meta subscription; rejoining");
-                        let client = up.client.clone();
-                        tokio::spawn(async move { client.close().await });
+                        rejoin(&up.client);
                     }
                     Some(id) => self.discovery.on_unsubscribed(id),
                     None => tracing::warn!(kind, "router revoked a {kind} we do not hold"),
@@ -501,6 +490,13 @@ impl App {
                 tracing::warn!(registration = %inv.registration, "unexpected INVOCATION: subtocall registers nothing");
             }
             Incoming::Interrupt { .. } => {}
+        }
+    }
+
+    fn on_meta_event(&mut self, topic: &'static str, args: &[Value], now: std::time::Instant) {
+        match meta::parse_meta_event(topic, args) {
+            Ok(meta_event) => self.discovery.on_meta_event(meta_event, now),
+            Err(e) => tracing::warn!(topic, error = %e, "ignoring malformed meta event"),
         }
     }
 
@@ -572,8 +568,7 @@ impl App {
             RpcDone::MetaSubscribed(_, Err(e)) | RpcDone::Listed(Err(e)) => {
                 // Timeout or lost connection during the bootstrap: start over.
                 tracing::warn!(error = %e, "discovery bootstrap failed; rejoining");
-                let client = up.client.clone();
-                tokio::spawn(async move { client.close().await });
+                rejoin(&up.client);
             }
             RpcDone::Listed(Ok(result)) => match meta::parse_list_result(&result.payload.args) {
                 Ok(list) => {
@@ -582,8 +577,7 @@ impl App {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "malformed wamp.registration.list result; rejoining");
-                    let client = up.client.clone();
-                    tokio::spawn(async move { client.close().await });
+                    rejoin(&up.client);
                 }
             },
             RpcDone::Got(id, result) => {
@@ -681,6 +675,12 @@ async fn next_link_event(link: &mut Link) -> LinkEvent {
         Link::Up(up) => LinkEvent::Incoming(up.incoming.recv().await),
         Link::Stopped => std::future::pending().await,
     }
+}
+
+/// Drops the session so that the link reconnects and discovery starts over.
+fn rejoin(client: &Client) {
+    let client = client.clone();
+    tokio::spawn(async move { client.close().await });
 }
 
 fn execute(client: &Client, action: Action) -> Rpc {
