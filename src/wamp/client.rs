@@ -795,35 +795,31 @@ impl SocketTask {
     /// Hands non-send outputs over, writes the sends, flushes once.
     async fn write_outputs(&mut self) -> Result<(), CloseReason> {
         while let Some(output) = self.session.poll_output() {
-            match output {
-                Output::Send(_) | Output::SendRawCall { .. } => {
-                    let encoded = match output {
-                        Output::SendRawCall {
-                            request,
-                            options,
-                            procedure,
-                            payload,
-                        } => {
-                            raw::encode_call(self.serializer, request, options, procedure, &payload)
-                                .map(|bytes| ws_message(self.serializer, bytes))
-                        }
-                        Output::Send(msg) => encode_frame(self.serializer, &msg),
-                        _ => continue,
-                    };
-                    let frame = match encoded {
-                        Ok(frame) => frame,
-                        Err(e) => {
-                            // Only values a serializer cannot represent get
-                            // here; the request it belonged to times out.
-                            tracing::error!(error = %e, "dropping a message that cannot be encoded");
-                            continue;
-                        }
-                    };
-                    self.write(WsWrite::Feed(frame)).await?;
-                    self.unflushed = true;
+            let encoded = match output {
+                Output::Send(msg) => encode_frame(self.serializer, &msg),
+                Output::SendRawCall {
+                    request,
+                    options,
+                    procedure,
+                    payload,
+                } => raw::encode_call(self.serializer, request, options, procedure, &payload)
+                    .map(|bytes| ws_message(self.serializer, bytes)),
+                other => {
+                    self.deliver(other);
+                    continue;
                 }
-                other => self.deliver(other),
-            }
+            };
+            let frame = match encoded {
+                Ok(frame) => frame,
+                Err(e) => {
+                    // Only values a serializer cannot represent get here;
+                    // the request it belonged to times out.
+                    tracing::error!(error = %e, "dropping a message that cannot be encoded");
+                    continue;
+                }
+            };
+            self.write(WsWrite::Feed(frame)).await?;
+            self.unflushed = true;
         }
         if self.unflushed {
             self.unflushed = false;
@@ -850,10 +846,9 @@ impl SocketTask {
 
     /// Delivers outputs without writing (used once the socket is gone).
     fn deliver_outputs(&mut self) {
+        // `deliver` ignores what would have been written.
         while let Some(output) = self.session.poll_output() {
-            if !matches!(output, Output::Send(_) | Output::SendRawCall { .. }) {
-                self.deliver(output);
-            }
+            self.deliver(output);
         }
     }
 

@@ -440,18 +440,12 @@ impl<T> Session<T> {
         token: T,
         deadline: Option<Instant>,
     ) {
-        if !self.is_established() {
-            self.reply(token, Err(RequestError::NotJoined));
-            return;
-        }
-        let request = self.take_request_id();
-        self.outputs.push_back(Output::SendRawCall {
+        self.request_output(Kind::Call, token, deadline, |request| Output::SendRawCall {
             request,
             options,
             procedure: procedure.into(),
             payload,
         });
-        self.track(request, Kind::Call, token, deadline);
     }
 
     pub fn register(
@@ -515,12 +509,26 @@ impl<T> Session<T> {
         deadline: Option<Instant>,
         build: impl FnOnce(RequestId) -> Message,
     ) {
+        self.request_output(kind, token, deadline, |request| {
+            Output::Send(build(request))
+        });
+    }
+
+    /// [`Session::request`] for requests whose output is not a plain
+    /// message (a CALL with a payload kept as received).
+    fn request_output(
+        &mut self,
+        kind: Kind,
+        token: T,
+        deadline: Option<Instant>,
+        build: impl FnOnce(RequestId) -> Output<T>,
+    ) {
         if !self.is_established() {
             self.reply(token, Err(RequestError::NotJoined));
             return;
         }
         let request = self.take_request_id();
-        self.send(build(request));
+        self.outputs.push_back(build(request));
         self.track(request, kind, token, deadline);
     }
 
