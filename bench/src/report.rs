@@ -143,6 +143,20 @@ fn router_spread(runs: Option<&Vec<RouterRun>>, f: impl Fn(&RouterRun) -> f64) -
     Spread::of(runs.into_iter().flatten().map(f))
 }
 
+/// The CPU columns of a router table: Crossbar's CPU per event, subtocall's,
+/// and their ratio; the last two only for the path that has a subtocall.
+fn cpu_columns(path: RoutePath, runs: Option<&Vec<RouterRun>>) -> [String; 3] {
+    let crossbar = router_spread(runs, |x| x.crossbar_cpu_ns).show(us);
+    if path != RoutePath::Sidecar {
+        return [crossbar, "—".into(), "—".into()];
+    }
+    [
+        crossbar,
+        router_spread(runs, |x| x.sidecar_cpu_ns).show(us),
+        router_spread(runs, |x| x.sidecar_cpu_ns / x.crossbar_cpu_ns).show(pct),
+    ]
+}
+
 fn pooled(runs: Option<&Vec<RouterRun>>) -> Vec<u64> {
     let mut all: Vec<u64> = runs
         .into_iter()
@@ -345,23 +359,13 @@ pub fn markdown(r: &Results) -> String {
         for path in RoutePath::ALL {
             let runs = rr.saturated.get(&path);
             let rate = router_spread(runs, |x| x.events_per_s);
-            let cb = router_spread(runs, |x| x.crossbar_cpu_ns);
-            let sc = router_spread(runs, |x| x.sidecar_cpu_ns);
-            let ratio = router_spread(runs, |x| x.sidecar_cpu_ns / x.crossbar_cpu_ns);
-            let sidecar = path == RoutePath::Sidecar;
+            let [cb, sc, ratio] = cpu_columns(path, runs);
             let _ = writeln!(
                 md,
-                "| {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {cb} | {sc} | {ratio} |",
                 path.label(),
                 rate.show(thousands),
                 pct(rate.median / direct_call_rate.median),
-                cb.show(us),
-                if sidecar { sc.show(us) } else { "—".into() },
-                if sidecar {
-                    ratio.show(pct)
-                } else {
-                    "—".into()
-                },
             );
         }
         let _ = writeln!(
@@ -383,13 +387,10 @@ pub fn markdown(r: &Results) -> String {
         for path in RoutePath::ALL {
             let runs = rr.paced.get(&path);
             let all = pooled(runs);
-            let cb = router_spread(runs, |x| x.crossbar_cpu_ns);
-            let sc = router_spread(runs, |x| x.sidecar_cpu_ns);
-            let ratio = router_spread(runs, |x| x.sidecar_cpu_ns / x.crossbar_cpu_ns);
-            let sidecar = path == RoutePath::Sidecar;
+            let [cb, sc, ratio] = cpu_columns(path, runs);
             let _ = writeln!(
                 md,
-                "| {} | {} ({}) | {} ({}) | {} | {} | {} |",
+                "| {} | {} ({}) | {} ({}) | {cb} | {sc} | {ratio} |",
                 path.label(),
                 ms(percentile(&all, 50.0)),
                 {
@@ -400,13 +401,6 @@ pub fn markdown(r: &Results) -> String {
                 {
                     let s = per_run_percentile(runs, 99.0);
                     format!("{}–{}", ms(s.min), ms(s.max))
-                },
-                cb.show(us),
-                if sidecar { sc.show(us) } else { "—".into() },
-                if sidecar {
-                    ratio.show(pct)
-                } else {
-                    "—".into()
                 },
             );
         }
