@@ -17,7 +17,7 @@ use tempfile::TempDir;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 
-use super::{free_port, port_is_closed, tail, terminate, terminate_blocking, venv, wait_until};
+use super::{free_port, stop_server, tail, terminate, terminate_blocking, venv};
 
 /// The realm every fixture serves.
 pub const REALM: &str = "realm1";
@@ -180,14 +180,8 @@ impl Crossbar {
         let Some(mut child) = self.child.take() else {
             return;
         };
-        let status = terminate(&mut child, STOP_GRACE).await;
+        let status = stop_server(&mut child, self.port, STOP_GRACE, "crossbar").await;
         self.append_log_marker(&format!("stopped by the fixture ({status})"));
-        let port = self.port;
-        let closed = wait_until(STOP_GRACE, || port_is_closed(port)).await;
-        assert!(
-            closed,
-            "crossbar exited ({status}) but port {port} still accepts connections"
-        );
     }
 
     /// Starts the router again on the same port and cbdir (stopping it first if it runs)

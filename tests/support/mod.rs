@@ -156,6 +156,23 @@ where
     }
 }
 
+/// Stops a server child (SIGTERM, `grace`, SIGKILL) and waits (`grace` cap)
+/// until its port refuses connections; panics naming `what` if it does not.
+pub(crate) async fn stop_server(
+    child: &mut std::process::Child,
+    port: u16,
+    grace: Duration,
+    what: &str,
+) -> std::process::ExitStatus {
+    let status = terminate(child, grace).await;
+    let closed = wait_until(grace, || port_is_closed(port)).await;
+    assert!(
+        closed,
+        "{what} exited ({status}) but port {port} still accepts connections"
+    );
+    status
+}
+
 /// True when nothing accepts TCP connections on 127.0.0.1:`port`.
 pub async fn port_is_closed(port: u16) -> bool {
     tokio::net::TcpStream::connect(("127.0.0.1", port))

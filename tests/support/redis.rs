@@ -12,7 +12,7 @@ use serde_json::Value;
 use tempfile::TempDir;
 
 use super::resp::{self, Reply};
-use super::{free_port, port_is_closed, tail, terminate, terminate_blocking, wait_until};
+use super::{free_port, stop_server, tail, terminate, terminate_blocking};
 
 /// How long redis-server gets to answer PING after spawn.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -92,13 +92,7 @@ impl Redis {
         let Some(mut child) = self.child.take() else {
             return;
         };
-        let status = terminate(&mut child, STOP_GRACE).await;
-        let port = self.port;
-        let closed = wait_until(STOP_GRACE, || port_is_closed(port)).await;
-        assert!(
-            closed,
-            "redis-server exited ({status}) but port {port} still accepts connections"
-        );
+        stop_server(&mut child, self.port, STOP_GRACE, "redis-server").await;
     }
 
     /// Starts the server again on the same port (stopping it first if it runs). Data is
