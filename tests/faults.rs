@@ -26,6 +26,22 @@ fn backend(crossbar: &Crossbar, name: &str, procedure: &str) -> BackendOptions {
     }
 }
 
+/// Two roundrobin backends, A and B, that take `delay_ms` per call.
+async fn two_slow_backends(
+    crossbar: &Crossbar,
+    procedure: &str,
+    delay_ms: u64,
+) -> (Backend, Backend) {
+    let slow = |name| BackendOptions {
+        delay_ms,
+        ..backend(crossbar, name, procedure)
+    };
+    (
+        Backend::spawn(slow("A")).await,
+        Backend::spawn(slow("B")).await,
+    )
+}
+
 /// Every `kwargs.seq` the backends saw, with how often.
 fn seq_counts(backends: &[&Backend]) -> BTreeMap<u64, usize> {
     let mut counts = BTreeMap::new();
@@ -287,16 +303,7 @@ async fn overload_keeps_memory_bounded_and_dead_letters_the_overflow() {
     let crossbar = Crossbar::start().await;
     let redis = Redis::start().await;
     let procedure = "com.example.SUB_slow";
-    let a = Backend::spawn(BackendOptions {
-        delay_ms: 100,
-        ..backend(&crossbar, "A", procedure)
-    })
-    .await;
-    let b = Backend::spawn(BackendOptions {
-        delay_ms: 100,
-        ..backend(&crossbar, "B", procedure)
-    })
-    .await;
+    let (a, b) = two_slow_backends(&crossbar, procedure, 100).await;
     let sidecar = Sidecar::start_for(
         &crossbar,
         &[
@@ -513,16 +520,7 @@ async fn sigterm_under_load_exits_0_in_time_with_every_accepted_event_delivered_
     let procedure = "com.example.SUB_term";
     // Backends too slow to empty the queue before the drain deadline, so
     // both ends of the promise are exercised: delivered and dead-lettered.
-    let a = Backend::spawn(BackendOptions {
-        delay_ms: 400,
-        ..backend(&crossbar, "A", procedure)
-    })
-    .await;
-    let b = Backend::spawn(BackendOptions {
-        delay_ms: 400,
-        ..backend(&crossbar, "B", procedure)
-    })
-    .await;
+    let (a, b) = two_slow_backends(&crossbar, procedure, 400).await;
     let mut sidecar = Sidecar::start_for(
         &crossbar,
         &[
