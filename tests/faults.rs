@@ -98,16 +98,18 @@ async fn rolling_restart_of_every_backend_under_load_loses_no_event() {
         ..PublisherOptions::new(&crossbar, "com.example.roll", 1000)
     });
     // The restart schedule runs while the 1,000 events (2 s) are published.
-    // A and the last pair leave gracefully (unregister, finish what is in
-    // flight, leave), as a rolling restart should; B's first exit is abrupt,
-    // so calls in flight to it are cancelled by the router and redelivered.
+    // Every backend leaves the way a rolling restart should: unregister,
+    // finish what is in flight, leave. (A backend killed with calls in
+    // flight is `callee_dying_mid_call_…`; how many calls such a backend
+    // holds depends on how starved it is, not on subtocall, so it is not
+    // measured here against a duplicate budget.)
     let mut retired = Vec::new();
     tokio::time::sleep(Duration::from_millis(300)).await;
     a.drain().await;
     retired.push(a);
     a = Backend::spawn(backend(&crossbar, "A2", procedure)).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    b.quit().await;
+    b.drain().await;
     retired.push(b);
     b = Backend::spawn(backend(&crossbar, "B2", procedure)).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -126,10 +128,12 @@ async fn rolling_restart_of_every_backend_under_load_loses_no_event() {
     let deliveries: usize = counts.values().sum();
     let duplicates = deliveries - counts.len();
     println!(
-        "rolling restart: 1000 events, {} distinct delivered, {duplicates} duplicate deliveries ({:.2}%), retries {}",
+        "rolling restart: 1000 events, {} distinct delivered, {duplicates} duplicate deliveries ({:.2}%), \
+         retries {} ({} after a cancelled call)",
         counts.len(),
         duplicates as f64 / 10.0,
-        sidecar.metric("subtocall_events_retried_total").await
+        sidecar.metric("subtocall_events_retried_total").await,
+        sidecar.log().matches("error=wamp.error.canceled").count()
     );
     assert_eq!(counts.len(), 1000, "zero events lost");
     assert!(duplicates < 10, "duplicates below 1%: {duplicates}");
