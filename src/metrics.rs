@@ -11,7 +11,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
-use crate::forward::queue::GiveUp;
+use crate::forward::GiveUp;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Reason {
@@ -37,8 +37,6 @@ pub struct Metrics {
     dead_lettered: [Counter; 4],
     unroutable_unknown_subscription: Counter,
     unroutable_missing_topic: Counter,
-    /// Events the socket task could not hand to the forwarder (it was behind).
-    pub events_dropped_consumer_behind: Counter,
     pub calls_in_flight: Gauge,
     pub queue_depth: Gauge,
     /// Seconds from receiving an event to its acknowledgement.
@@ -55,13 +53,6 @@ pub struct Metrics {
     /// 1 when joined, discovery complete, and not draining.
     pub ready: Gauge,
 }
-
-const GIVE_UPS: [GiveUp; 4] = [
-    GiveUp::Overflow,
-    GiveUp::Rejected,
-    GiveUp::Exhausted,
-    GiveUp::Shutdown,
-];
 
 impl Metrics {
     pub fn new() -> Metrics {
@@ -96,7 +87,7 @@ impl Metrics {
             "Events given up and dead-lettered, by reason (overflow, rejected, exhausted, shutdown)",
             dead_lettered_family.clone(),
         );
-        let dead_lettered = GIVE_UPS.map(|g| {
+        let dead_lettered = GiveUp::ALL.map(|g| {
             dead_lettered_family
                 .get_or_create(&Reason { reason: g.as_str() })
                 .clone()
@@ -116,18 +107,6 @@ impl Metrics {
         let unroutable_missing_topic = unroutable
             .get_or_create(&Reason {
                 reason: "missing_topic",
-            })
-            .clone();
-
-        let dropped = Family::<Reason, Counter>::default();
-        r.register(
-            "events_dropped",
-            "EVENTs dropped before being accepted, by reason",
-            dropped.clone(),
-        );
-        let events_dropped_consumer_behind = dropped
-            .get_or_create(&Reason {
-                reason: "consumer_behind",
             })
             .clone();
 
@@ -203,7 +182,6 @@ impl Metrics {
             dead_lettered,
             unroutable_unknown_subscription,
             unroutable_missing_topic,
-            events_dropped_consumer_behind,
             calls_in_flight,
             queue_depth,
             forward_latency,
@@ -221,7 +199,7 @@ impl Metrics {
     }
 
     pub fn dead_lettered(&self, why: GiveUp) -> &Counter {
-        let at = GIVE_UPS.iter().position(|g| *g == why).unwrap_or(0);
+        let at = GiveUp::ALL.iter().position(|g| *g == why).unwrap_or(0);
         &self.dead_lettered[at]
     }
 

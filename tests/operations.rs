@@ -181,7 +181,6 @@ async fn metrics_health_and_readiness_report_a_working_sidecar() {
     for name in [
         "subtocall_events_retried_total",
         "subtocall_events_duplicate_total",
-        "subtocall_events_dropped_total",
         "subtocall_router_reconnects_total",
         "subtocall_router_connect_failures_total",
         "subtocall_redis_pushes_total",

@@ -1,20 +1,22 @@
-//! The sidecar: keeps a WAMP session with the router (reconnecting with
-//! capped, jittered backoff), rebuilds discovery from nothing on every join,
-//! turns EVENTs into deliveries, and drains on shutdown.
+//! The event loop: one task owns the router connection (socket and sans-IO
+//! session) and the sidecar's state, and `select!`s over the shutdown
+//! signal, the link to the router (connecting, reading, waiting to
+//! reconnect), the sink's pending reports, and the earliest timer. Between
+//! waits it hands every session output to [`Sidecar`] in the order the
+//! router sent it, lets it do what needs no waiting, and writes.
 //!
-//! One task owns all of this state and `select!`s over: the shutdown signal,
-//! the link to the router (connecting, incoming messages, waiting to
-//! reconnect), discovery requests, finished deliveries, and the earliest
-//! timer. Delivery lives across sessions, so events queued or in flight when
-//! the router goes away are retried on the next session (or, in Redis mode,
-//! keep flowing while the router is away).
+//! There is no channel between the socket and the state, so nothing the
+//! router sends can be dropped for lack of room: overload is the forwarding
+//! core's job (its bounded queue dead-letters the overflow, counted). The
+//! socket keeps being read whatever the backends do: their answers come in
+//! on it. The forwarding core lives across sessions, so events waiting when
+//! the router goes away are delivered on the next session (or, in Redis
+//! mode, keep flowing meanwhile).
 
-pub mod delivery;
-mod rpc;
+mod sidecar;
 
-use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use futures_util::stream::{FuturesUnordered, StreamExt as _};
@@ -23,28 +25,20 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep_until, timeout};
 use tokio_util::sync::CancellationToken;
 
-use self::delivery::{Delivery, Sink};
-use self::rpc::{Rpc, RpcDone};
+use self::sidecar::PendingReport;
+pub use self::sidecar::{Core, Sidecar, Token};
 use crate::config::{self, Config};
-use crate::discovery::meta;
-use crate::discovery::{self, Action, Discovery, GetOutcome, Marker, Note};
-use crate::forward::dedup::{DEFAULT_CAPACITY, Dedup};
-use crate::forward::envelope::SharedEvent;
-use crate::forward::queue::{DeliveryQueue, GiveUp, OverflowPolicy};
+use crate::discovery::{Discovery, Marker};
 use crate::forward::retry::{Backoff, RetryPolicy};
+use crate::forward::{Forwarder, GiveUp, MemoryQueue, OverflowPolicy, Settings};
 use crate::metrics::Metrics;
+use crate::sink::Sink;
 use crate::sink::redis::{self as redis_sink, RedisSink};
+use crate::sink::wamp::WampSink;
 use crate::wamp::auth::Credentials;
-use crate::wamp::id::IdHashing;
-use crate::wamp::{
-    Client, ClientConfig, ConnectError, Dict, Event, Incoming, IncomingRx, PublicationId,
-    RequestError, Serializer, SubscriptionId, Value,
-};
+use crate::wamp::{ClientConfig, CloseReason, ConnectError, Connection, Serializer};
 
-/// How many incoming messages one loop turn takes before doing other work.
-const INCOMING_BATCH: usize = 256;
-/// After the shutdown deadline: how long GOODBYE and the last in-flight
-/// answers may take.
+/// After the drain: how long GOODBYE may take.
 const FINAL_GRACE: Duration = Duration::from_secs(3);
 
 /// Why the sidecar stops with a non-zero exit code.
@@ -89,15 +83,7 @@ impl Summary {
             duplicates: m.events_duplicate.get(),
             unroutable: m.unroutable(false).get() + m.unroutable(true).get(),
             forwarded: m.events_forwarded.get(),
-            dead_lettered: [
-                GiveUp::Overflow,
-                GiveUp::Rejected,
-                GiveUp::Exhausted,
-                GiveUp::Shutdown,
-            ]
-            .into_iter()
-            .map(|g| m.dead_lettered(g).get())
-            .sum(),
+            dead_lettered: GiveUp::ALL.iter().map(|g| m.dead_lettered(*g).get()).sum(),
         }
     }
 
@@ -135,27 +121,17 @@ enum Link {
     Waiting {
         until: Instant,
     },
-    Connecting(BoxFuture<'static, Result<(Client, IncomingRx), ConnectError>>),
-    Up(Box<Up>),
+    Connecting(BoxFuture<'static, Result<Box<Connection<Token>>, ConnectError>>),
+    Up(Box<Connection<Token>>),
     /// Draining: no new session.
     Stopped,
 }
 
-struct Up {
-    client: Client,
-    incoming: IncomingRx,
-    /// Our subscriptions to the registration meta topics.
-    meta: HashMap<SubscriptionId, &'static str, IdHashing>,
-    /// Meta subscriptions not yet confirmed; the list call waits for all.
-    meta_pending: usize,
-    /// `Client::dropped_incoming` already counted in the metrics.
-    dropped_seen: u64,
-}
-
 enum LinkEvent {
     RetryDue,
-    Connected(Result<(Client, IncomingRx), ConnectError>),
-    Incoming(Option<Incoming>),
+    Connected(Result<Box<Connection<Token>>, ConnectError>),
+    /// The connection read something or a timer of its own fired.
+    Io,
 }
 
 struct App {
@@ -163,12 +139,14 @@ struct App {
     reconnect: Backoff,
     max_connect_failures: Option<u32>,
     shutdown_timeout: Duration,
-    discovery: Discovery,
-    dedup: Dedup,
-    delivery: Delivery,
+    sidecar: Sidecar,
     link: Link,
-    rpcs: FuturesUnordered<Rpc>,
+    /// Reports that sink futures (Redis pushes) will bring.
+    reports: FuturesUnordered<PendingReport>,
     metrics: Arc<Metrics>,
+    /// Consecutive failures to reach a healthy session: failed connects and
+    /// sessions that ended before discovery completed. Reset only by a
+    /// session that became ready.
     connect_failures: u32,
     sessions: u64,
     drain_deadline: Option<Instant>,
@@ -185,38 +163,45 @@ impl App {
             config.discovery.grace_period,
         );
         let f = &config.forward;
-        let retry = RetryPolicy {
-            max_attempts: f.retry.max_attempts,
-            max_age: f.retry.max_age,
-            backoff: Backoff {
-                initial: f.retry.initial_backoff,
-                max: f.retry.max_backoff,
-            },
-        };
-        let overflow = match f.overflow {
-            config::Overflow::DropNewest => OverflowPolicy::DropNewest,
-            config::Overflow::DropOldest => OverflowPolicy::DropOldest,
-        };
-        let queue = DeliveryQueue::new(f.queue_capacity, f.max_in_flight, overflow, retry);
-
-        let redis_url = config.redis.url.expose();
         let redis_timeout = Duration::from_secs(5);
         let needs_redis = f.mode == config::Mode::Redis || config.redis.dead_letter_key.is_some();
         let redis = if needs_redis {
             Some(
-                RedisSink::new(redis_url, &config.redis.prefix, redis_timeout)
-                    .map_err(|e| Fatal::Setup(format!("Redis: {e}")))?,
+                RedisSink::new(
+                    config.redis.url.expose(),
+                    &config.redis.prefix,
+                    redis_timeout,
+                )
+                .map_err(|e| Fatal::Setup(format!("Redis: {e}")))?,
             )
         } else {
             None
         };
-        let sink = match (&f.mode, &redis) {
-            (config::Mode::Redis, Some(redis)) => Sink::Redis(redis.clone()),
-            _ => Sink::Wamp {
+        let sink: Box<dyn Sink<Token> + Send> = match (&f.mode, &redis) {
+            (config::Mode::Redis, Some(redis)) => Box::new(redis.clone()),
+            _ => Box::new(WampSink {
                 call_timeout: f.call_timeout,
                 details_kwarg: f.details_kwarg.as_deref().map(Arc::from),
+            }),
+        };
+        let settings = Settings {
+            capacity: f.queue_capacity,
+            overflow: match f.overflow {
+                config::Overflow::DropNewest => OverflowPolicy::DropNewest,
+                config::Overflow::DropOldest => OverflowPolicy::DropOldest,
+            },
+            max_in_flight: f.max_in_flight,
+            dispatch: sink.dispatch(),
+            retry: RetryPolicy {
+                max_attempts: f.retry.max_attempts,
+                max_age: f.retry.max_age,
+                backoff: Backoff {
+                    initial: f.retry.initial_backoff,
+                    max: f.retry.max_backoff,
+                },
             },
         };
+        let core = Forwarder::new(MemoryQueue::new(), settings, rand::random());
         let (dead_letter_tx, dead_letter_task) = match (&config.redis.dead_letter_key, redis) {
             (Some(key), Some(redis)) => {
                 let (tx, rx) = mpsc::channel(4096);
@@ -230,21 +215,27 @@ impl App {
             }
             _ => (None, None),
         };
-        let delivery = Delivery::new(queue, sink, dead_letter_tx, metrics.clone());
-
+        let client_config = client_config(config);
+        let sidecar = Sidecar::new(
+            discovery,
+            core,
+            sink,
+            metrics.clone(),
+            dead_letter_tx,
+            client_config.request_timeout,
+            std::time::Instant::now(),
+        );
         Ok(App {
-            client_config: client_config(config),
+            client_config,
             reconnect: Backoff {
                 initial: config.reconnect.initial_backoff,
                 max: config.reconnect.max_backoff,
             },
             max_connect_failures: config.reconnect.max_failures.map(|n| n.get()),
             shutdown_timeout: config.shutdown_timeout,
-            discovery,
-            dedup: Dedup::new(DEFAULT_CAPACITY),
-            delivery,
+            sidecar,
             link: Link::Stopped,
-            rpcs: FuturesUnordered::new(),
+            reports: FuturesUnordered::new(),
             metrics,
             connect_failures: 0,
             sessions: 0,
@@ -257,139 +248,105 @@ impl App {
         self.link = Link::Connecting(self.connect());
         loop {
             let now = Instant::now();
-            self.pump(now);
-            if let Some(deadline) = self.drain_deadline {
-                if self.delivery.is_idle() {
+            self.pump(now)?;
+            if let Link::Up(conn) = &mut self.link {
+                conn.flush().await;
+                if let Some(reason) = conn.close_reason() {
+                    let reason = reason.clone();
+                    self.on_session_end(reason)?;
+                    continue;
+                }
+            }
+            if self.drain_deadline.is_some() {
+                let core = self.sidecar.core();
+                if core.is_stopped() {
+                    tracing::warn!("shutdown deadline reached before everything was delivered");
+                    return Ok(());
+                }
+                if core.is_idle() {
                     tracing::info!("drained: every accepted event is delivered or dead-lettered");
                     return Ok(());
                 }
-                if now >= deadline {
-                    tracing::warn!(
-                        waiting = self.delivery.waiting(),
-                        in_flight = self.delivery.in_flight(),
-                        "shutdown deadline reached before everything was delivered"
-                    );
-                    return Ok(());
-                }
             }
-            let wake = self.next_wake();
+            let wake = self.sidecar.next_wake().map(Instant::from_std);
             // Every branch is cancel-safe: the link future is polled by
-            // reference and stays in `self.link`; `FuturesUnordered::next` and
-            // `Receiver::recv` lose nothing when another branch wins; the
-            // timer is recomputed on every turn.
+            // reference and stays in `self.link` (and `Connection::wait` is
+            // cancel-safe); `FuturesUnordered::next` loses nothing when
+            // another branch wins; the timer is recomputed on every turn.
             tokio::select! {
                 _ = shutdown.cancelled(), if self.drain_deadline.is_none() => self.begin_drain(now),
                 event = next_link_event(&mut self.link) => self.on_link_event(event)?,
-                Some(done) = self.rpcs.next(), if !self.rpcs.is_empty() => self.on_rpc(done)?,
-                Some(completion) = self.delivery.next_completion(), if self.delivery.has_in_flight() => {
-                    self.delivery.complete(completion, Instant::now().into_std());
+                Some((id, report)) = self.reports.next(), if !self.reports.is_empty() => {
+                    self.sidecar.on_report(id, report, Instant::now().into_std());
                 }
-                _ = sleep_until(wake.unwrap_or(now + Duration::from_secs(3600))), if wake.is_some() => {}
+                _ = sleep_until(wake.unwrap_or(now)), if wake.is_some() => {}
             }
         }
     }
 
-    fn connect(&self) -> BoxFuture<'static, Result<(Client, IncomingRx), ConnectError>> {
-        Box::pin(Client::connect(self.client_config.clone()))
+    fn connect(&self) -> BoxFuture<'static, Result<Box<Connection<Token>>, ConnectError>> {
+        let config = self.client_config.clone();
+        Box::pin(async move { Connection::connect(&config).await.map(Box::new) })
     }
 
-    /// Does everything that needs no waiting: discovery actions, starting
-    /// deliveries, gauges.
-    fn pump(&mut self, now: Instant) {
-        let now_std = now.into_std();
-        if let Link::Up(up) = &mut self.link {
-            let dropped = up.client.dropped_incoming();
-            if dropped > up.dropped_seen {
-                self.metrics
-                    .events_dropped_consumer_behind
-                    .inc_by(dropped - up.dropped_seen);
-                up.dropped_seen = dropped;
-            }
-            if self.drain_deadline.is_none() {
-                for output in self.discovery.poll(now_std) {
-                    match output {
-                        discovery::Output::Action(action) => {
-                            self.rpcs.push(execute(&up.client, action))
-                        }
-                        discovery::Output::Note(note) => log_note(&note),
-                    }
+    /// Hands every session output to the sidecar, in order, and lets it do
+    /// what needs no waiting, until nothing more comes of it.
+    fn pump(&mut self, now: Instant) -> Result<(), Fatal> {
+        let now = now.into_std();
+        match &mut self.link {
+            Link::Up(conn) => loop {
+                self.sidecar.pump(Some(conn.session()), now);
+                let mut any = false;
+                while let Some(output) = conn.poll_output() {
+                    any = true;
+                    self.sidecar
+                        .on_session_output(output, conn.session(), now)?;
                 }
-            }
+                if !any {
+                    break;
+                }
+            },
+            _ => self.sidecar.pump(None, now),
         }
-        let client = match &self.link {
-            Link::Up(up) => Some(&up.client),
-            _ => None,
-        };
-        self.delivery.start(client, now_std);
-        let m = &self.metrics;
-        m.registrations_tracked
-            .set(self.discovery.tracked_registrations() as i64);
-        m.subscriptions_active
-            .set(self.discovery.active_subscriptions() as i64);
-        let ready = matches!(&self.link, Link::Up(up) if up.meta_pending == 0)
-            && self.discovery.is_synced()
-            && self.drain_deadline.is_none();
-        m.ready.set(i64::from(ready));
-    }
-
-    fn next_wake(&self) -> Option<Instant> {
-        let mut wake = self.delivery.next_deadline().map(Instant::from_std);
-        if matches!(self.link, Link::Up(_)) && self.drain_deadline.is_none() {
-            wake = earliest(wake, self.discovery.next_deadline().map(Instant::from_std));
+        if let (Link::Up(conn), Some(why)) = (&mut self.link, self.sidecar.take_rejoin()) {
+            tracing::warn!(reason = %why, "rejoining the router");
+            conn.close(CloseReason::ClosedLocally);
         }
-        earliest(wake, self.drain_deadline)
+        if self.sidecar.was_healthy() {
+            self.connect_failures = 0;
+        }
+        self.reports.extend(self.sidecar.take_started());
+        Ok(())
     }
 
     fn on_link_event(&mut self, event: LinkEvent) -> Result<(), Fatal> {
         match event {
             LinkEvent::RetryDue => self.link = Link::Connecting(self.connect()),
-            LinkEvent::Connected(Ok((client, incoming))) => self.on_joined(client, incoming),
+            LinkEvent::Connected(Ok(conn)) => self.on_joined(conn),
             LinkEvent::Connected(Err(e)) => self.on_connect_failed(e)?,
-            LinkEvent::Incoming(Some(first)) => {
-                self.on_incoming(first);
-                for _ in 1..INCOMING_BATCH {
-                    let Link::Up(up) = &mut self.link else { break };
-                    match up.incoming.try_recv() {
-                        Ok(next) => self.on_incoming(next),
-                        Err(_) => break,
-                    }
-                }
-            }
-            LinkEvent::Incoming(None) => self.on_session_end(),
+            LinkEvent::Io => {}
         }
         Ok(())
     }
 
-    fn on_joined(&mut self, client: Client, incoming: IncomingRx) {
-        self.connect_failures = 0;
+    fn on_joined(&mut self, mut conn: Box<Connection<Token>>) {
         self.sessions += 1;
         if self.sessions > 1 {
             self.metrics.router_reconnects.inc();
         }
         self.metrics.router_connected.set(1);
-        let info = client.session();
+        let info = conn.info();
         tracing::info!(
             session = %info.session,
             realm = %info.realm,
             authid = info.authid.as_deref().unwrap_or(""),
             authrole = info.authrole.as_deref().unwrap_or(""),
-            serializer = %client.serializer(),
+            serializer = %conn.serializer(),
             "joined the router; discovering SUB_ registrations"
         );
-        // State is rebuilt from nothing on every join; answers to requests of
-        // the previous session are dropped with their futures.
-        self.discovery.reset();
-        self.rpcs = FuturesUnordered::new();
-        for topic in meta::META_TOPICS {
-            self.rpcs.push(rpc::meta_subscribe(&client, topic));
-        }
-        self.link = Link::Up(Box::new(Up {
-            client,
-            incoming,
-            meta: HashMap::default(),
-            meta_pending: meta::META_TOPICS.len(),
-            dropped_seen: 0,
-        }));
+        let now = Instant::now().into_std();
+        self.sidecar.on_joined(conn.session(), now);
+        self.link = Link::Up(conn);
     }
 
     fn on_connect_failed(&mut self, error: ConnectError) -> Result<(), Fatal> {
@@ -397,21 +354,27 @@ impl App {
         if error.is_terminal() {
             return Err(Fatal::Connect(error));
         }
+        self.schedule_reconnect(error.to_string(), "cannot connect to the router")
+    }
+
+    /// Counts a failure to reach a healthy session and waits before the next
+    /// attempt, or gives up after `SUBTOCALL_MAX_CONNECT_FAILURES`.
+    fn schedule_reconnect(&mut self, error: String, message: &'static str) -> Result<(), Fatal> {
         self.connect_failures += 1;
         if let Some(max) = self.max_connect_failures
             && self.connect_failures >= max
         {
             return Err(Fatal::TooManyFailures {
                 attempts: self.connect_failures,
-                last: error.to_string(),
+                last: error,
             });
         }
         let delay = self.reconnect.delay(self.connect_failures, rand::random());
         tracing::warn!(
             attempt = self.connect_failures,
-            error = %error,
+            %error,
             retry_in = ?delay,
-            "cannot connect to the router"
+            "{message}"
         );
         self.link = Link::Waiting {
             until: Instant::now() + delay,
@@ -419,249 +382,90 @@ impl App {
         Ok(())
     }
 
-    fn on_session_end(&mut self) {
-        let reason = match &self.link {
-            Link::Up(up) => up.client.close_reason().map(|r| r.to_string()),
-            _ => None,
-        };
-        self.metrics.router_connected.set(0);
-        self.rpcs = FuturesUnordered::new();
-        if self.drain_deadline.is_some() {
-            tracing::info!(
-                reason = reason.as_deref().unwrap_or("unknown"),
-                "router session ended while draining"
-            );
-            self.link = Link::Stopped;
-            return;
-        }
-        let delay = self.reconnect.delay(1, rand::random());
-        tracing::warn!(
-            reason = reason.as_deref().unwrap_or("unknown"),
-            retry_in = ?delay,
-            queued = self.delivery.waiting(),
-            in_flight = self.delivery.in_flight(),
-            "router session ended; reconnecting"
-        );
-        self.link = Link::Waiting {
-            until: Instant::now() + delay,
-        };
-    }
-
-    fn on_incoming(&mut self, incoming: Incoming) {
-        let Link::Up(up) = &mut self.link else { return };
-        let now = Instant::now().into_std();
-        match incoming {
-            Incoming::RawEvent(event) => {
-                if let Some(&topic) = up.meta.get(&event.subscription) {
-                    match event.payload.decode() {
-                        Ok(payload) => self.on_meta_event(topic, &payload.args, now),
-                        Err(e) => {
-                            tracing::warn!(topic, error = %e, "ignoring malformed meta event")
-                        }
-                    }
-                } else if let Some((procedure, topic)) =
-                    self.accept(event.subscription, event.publication, &event.details)
-                {
-                    let shared = SharedEvent::from_raw(procedure, topic, event, SystemTime::now());
-                    self.delivery.accept(shared, Instant::now().into_std());
-                }
-            }
-            Incoming::Event(event) => {
-                if let Some(&topic) = up.meta.get(&event.subscription) {
-                    self.on_meta_event(topic, &event.payload.args, now);
-                } else {
-                    self.on_event(event);
-                }
-            }
-            Incoming::Revoked { kind, details } => {
-                let id = details.get_u64("subscription").map(SubscriptionId);
-                match id {
-                    Some(id) if up.meta.contains_key(&id) => {
-                        // Without meta events discovery would go stale:
-                        // start over with a new session.
-                        tracing::warn!("router revoked a meta subscription; rejoining");
-                        rejoin(&up.client);
-                    }
-                    Some(id) => self.discovery.on_unsubscribed(id),
-                    None => tracing::warn!(kind, "router revoked a {kind} we do not hold"),
-                }
-            }
-            Incoming::Invocation(inv) => {
-                tracing::warn!(registration = %inv.registration, "unexpected INVOCATION: subtocall registers nothing");
-            }
-            Incoming::Interrupt { .. } => {}
-        }
-    }
-
-    fn on_meta_event(&mut self, topic: &'static str, args: &[Value], now: std::time::Instant) {
-        match meta::parse_meta_event(topic, args) {
-            Ok(meta_event) => self.discovery.on_meta_event(meta_event, now),
-            Err(e) => tracing::warn!(topic, error = %e, "ignoring malformed meta event"),
-        }
-    }
-
-    fn on_event(&mut self, event: Event) {
-        if let Some((procedure, topic)) =
-            self.accept(event.subscription, event.publication, &event.details)
-        {
-            let shared = SharedEvent::new(procedure, topic, event, SystemTime::now());
-            self.delivery.accept(shared, Instant::now().into_std());
-        }
-    }
-
-    /// Routes an EVENT of a forwarding subscription and de-duplicates it:
-    /// the procedure and concrete topic when it is to be forwarded.
-    fn accept(
-        &mut self,
-        subscription: SubscriptionId,
-        publication: PublicationId,
-        details: &Dict,
-    ) -> Option<(String, String)> {
-        self.metrics.events_received.inc();
-        let route = match self.discovery.route(subscription, details.get_str("topic")) {
-            Ok(route) => (route.procedure.into_owned(), route.topic.to_owned()),
-            Err(e) => {
-                let missing_topic = matches!(e, discovery::RouteError::MissingTopic { .. });
-                self.metrics.unroutable(missing_topic).inc();
-                tracing::debug!(error = %e, %publication, "event not routable");
-                return None;
-            }
-        };
-        // An event matching several of our subscriptions is forwarded once.
-        if !self.dedup.first_time(publication) {
-            self.metrics.events_duplicate.inc();
-            return None;
-        }
-        tracing::debug!(procedure = %route.0, %publication, "event accepted");
-        Some(route)
-    }
-
-    fn on_rpc(&mut self, done: RpcDone) -> Result<(), Fatal> {
-        let now = Instant::now().into_std();
-        let Link::Up(up) = &mut self.link else {
+    /// The session ended: answer what it left pending, then reconnect
+    /// (unless draining). A session that never became ready counts as a
+    /// failed attempt, so a router that breaks right after WELCOME meets
+    /// the growing backoff and the failure limit.
+    fn on_session_end(&mut self, reason: CloseReason) -> Result<(), Fatal> {
+        let Link::Up(mut conn) = std::mem::replace(&mut self.link, Link::Stopped) else {
             return Ok(());
         };
-        match done {
-            RpcDone::MetaSubscribed(topic, Ok(id)) => {
-                up.meta.insert(id, topic);
-                up.meta_pending -= 1;
-                if up.meta_pending == 0 {
-                    // Listing only after every meta subscription is in place
-                    // means nothing registered meanwhile can be missed.
-                    self.rpcs.push(rpc::list(&up.client));
-                }
-            }
-            RpcDone::MetaSubscribed(topic, Err(RequestError::Wamp(e))) => {
-                return Err(Fatal::MetaApi {
-                    what: format!("SUBSCRIBE to {topic}"),
-                    error: e.to_string(),
-                    permission: "'subscribe' on wamp.registration.* (e.g. a 'wamp.' prefix rule)",
-                });
-            }
-            RpcDone::Listed(Err(RequestError::Wamp(e))) => {
-                return Err(Fatal::MetaApi {
-                    what: format!("CALL to {}", meta::LIST),
-                    error: e.to_string(),
-                    permission: "'call' on wamp.registration.* (e.g. a 'wamp.' prefix rule)",
-                });
-            }
-            RpcDone::MetaSubscribed(_, Err(e)) | RpcDone::Listed(Err(e)) => {
-                // Timeout or lost connection during the bootstrap: start over.
-                tracing::warn!(error = %e, "discovery bootstrap failed; rejoining");
-                rejoin(&up.client);
-            }
-            RpcDone::Listed(Ok(result)) => match meta::parse_list_result(&result.payload.args) {
-                Ok(list) => {
-                    tracing::info!(registrations = list.ids().count(), "registrations listed");
-                    self.discovery.on_list_result(list.ids());
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "malformed wamp.registration.list result; rejoining");
-                    rejoin(&up.client);
-                }
-            },
-            RpcDone::Got(id, result) => {
-                let outcome = match result {
-                    Ok(r) => match meta::parse_get_result(&r.payload.args) {
-                        Ok(info) => GetOutcome::Found(info),
-                        Err(e) => GetOutcome::Failed(e.to_string()),
-                    },
-                    Err(RequestError::Wamp(e)) if e.error == meta::NO_SUCH_REGISTRATION => {
-                        GetOutcome::NoSuchRegistration
-                    }
-                    Err(e) => GetOutcome::Failed(e.to_string()),
-                };
-                self.discovery.on_get_result(id, outcome, now);
-            }
-            RpcDone::Subscribed(key, Ok(id)) => self.discovery.on_subscribed(&key, id),
-            RpcDone::Subscribed(key, Err(e)) => {
-                self.discovery.on_subscribe_failed(&key, e.to_string(), now)
-            }
-            RpcDone::Unsubscribed(id, Ok(())) => self.discovery.on_unsubscribed(id),
-            RpcDone::Unsubscribed(id, Err(e)) => {
-                self.discovery.on_unsubscribe_failed(id, e.to_string())
-            }
+        let now = Instant::now().into_std();
+        conn.session().abandon();
+        while let Some(output) = conn.poll_output() {
+            self.sidecar
+                .on_session_output(output, conn.session(), now)?;
         }
-        Ok(())
+        let healthy = self.sidecar.was_healthy();
+        self.sidecar.on_session_end(now);
+        self.metrics.router_connected.set(0);
+        // Closing politely may take a moment; the loop does not wait for it.
+        tokio::spawn(async move { conn.shut().await });
+        if self.drain_deadline.is_some() {
+            tracing::info!(%reason, "router session ended while draining");
+            return Ok(());
+        }
+        if healthy {
+            let delay = self.reconnect.delay(1, rand::random());
+            tracing::warn!(
+                %reason,
+                retry_in = ?delay,
+                queued = self.sidecar.core().waiting(),
+                in_flight = self.sidecar.core().in_flight(),
+                "router session ended; reconnecting"
+            );
+            self.link = Link::Waiting {
+                until: Instant::now() + delay,
+            };
+            return Ok(());
+        }
+        self.schedule_reconnect(
+            reason.to_string(),
+            "router session ended before discovery completed; reconnecting",
+        )
     }
 
     fn begin_drain(&mut self, now: Instant) {
         let deadline = now + self.shutdown_timeout;
         self.drain_deadline = Some(deadline);
         self.metrics.ready.set(0);
-        tracing::info!(
-            waiting = self.delivery.waiting(),
-            in_flight = self.delivery.in_flight(),
-            deadline_in = ?self.shutdown_timeout,
-            "shutdown requested: no new subscriptions, draining accepted events"
-        );
-        match &self.link {
-            Link::Up(up) => {
-                // Stop the router sending us more; events already on their
-                // way are still accepted and delivered.
-                for id in self.discovery.subscriptions() {
-                    self.rpcs.push(rpc::unsubscribe(&up.client, id));
-                }
-            }
-            Link::Waiting { .. } | Link::Connecting(_) => self.link = Link::Stopped,
-            Link::Stopped => {}
+        let session = match &mut self.link {
+            Link::Up(conn) => Some(conn.session()),
+            _ => None,
+        };
+        self.sidecar
+            .begin_drain(session, deadline.into_std(), now.into_std());
+        if !matches!(self.link, Link::Up(_)) {
+            self.link = Link::Stopped;
         }
     }
 
-    /// After the run loop: whatever could not be delivered is dead-lettered,
-    /// GOODBYE is said, the last answers are collected (bounded).
+    /// After the run loop: whatever is unfinished is dead-lettered, GOODBYE
+    /// is said (bounded), the dead-letter store is flushed.
     async fn finish(&mut self) {
-        if self.delivery.waiting() > 0 {
-            self.delivery.give_up_waiting();
-        }
-        let link = std::mem::replace(&mut self.link, Link::Stopped);
-        let leave = async {
-            if let Link::Up(up) = link {
-                up.client.leave(FINAL_GRACE).await;
-            }
-        };
-        let delivery = &mut self.delivery;
-        let collect = async {
-            while delivery.has_in_flight() {
-                if let Some(completion) = delivery.next_completion().await {
-                    delivery.complete(completion, Instant::now().into_std());
+        self.sidecar.stop(Instant::now().into_std());
+        if let Link::Up(conn) = &mut self.link {
+            conn.session().leave("wamp.close.normal");
+            let goodbye = async {
+                while conn.close_reason().is_none() {
+                    while conn.poll_output().is_some() {}
+                    conn.flush().await;
+                    if conn.close_reason().is_some() {
+                        break;
+                    }
+                    conn.wait().await;
                 }
-            }
-        };
-        // GOODBYE makes in-flight calls resolve (answered, or connection lost
-        // and then dead-lettered, since no more retries happen now).
-        let _ = timeout(FINAL_GRACE * 2, async { tokio::join!(leave, collect) }).await;
-        if self.delivery.has_in_flight() {
-            tracing::error!(
-                in_flight = self.delivery.in_flight(),
-                "deliveries still unanswered at exit: their outcome is unknown"
-            );
+            };
+            let _ = timeout(FINAL_GRACE, goodbye).await;
+            conn.shut().await;
         }
-        self.delivery.close_dead_letter_store();
+        self.link = Link::Stopped;
+        self.sidecar.close_dead_letter_store();
         if let Some(task) = self.dead_letter_task.take() {
             let _ = timeout(FINAL_GRACE, task).await;
         }
         self.metrics.router_connected.set(0);
+        self.metrics.ready.set(0);
     }
 }
 
@@ -672,37 +476,11 @@ async fn next_link_event(link: &mut Link) -> LinkEvent {
             LinkEvent::RetryDue
         }
         Link::Connecting(connecting) => LinkEvent::Connected(connecting.await),
-        Link::Up(up) => LinkEvent::Incoming(up.incoming.recv().await),
+        Link::Up(conn) => {
+            conn.wait().await;
+            LinkEvent::Io
+        }
         Link::Stopped => std::future::pending().await,
-    }
-}
-
-/// Drops the session so that the link reconnects and discovery starts over.
-fn rejoin(client: &Client) {
-    let client = client.clone();
-    tokio::spawn(async move { client.close().await });
-}
-
-fn execute(client: &Client, action: Action) -> Rpc {
-    match action {
-        Action::Subscribe(key) => rpc::subscribe(client, key),
-        Action::Unsubscribe { subscription, .. } => rpc::unsubscribe(client, subscription),
-        Action::GetRegistration(id) => rpc::get(client, id),
-    }
-}
-
-fn log_note(note: &Note) {
-    match note.level() {
-        discovery::Level::Debug => tracing::debug!("{note}"),
-        discovery::Level::Info => tracing::info!("{note}"),
-        discovery::Level::Warn => tracing::warn!("{note}"),
-    }
-}
-
-fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
-    match (a, b) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
     }
 }
 
@@ -730,10 +508,9 @@ pub fn client_config(config: &Config) -> ClientConfig {
     c.ping_timeout = w.ping_timeout;
     c.max_message_size = w.max_message_size;
     c.ca_file = w.ca_file.clone();
-    // Events are forwarded without decoding their payload where nothing
-    // needs to look inside it: a CALL with the args and kwargs as received.
-    // Redis envelopes and the details kwarg need it decoded.
-    c.raw_event_payloads =
-        config.forward.mode == config::Mode::Wamp && config.forward.details_kwarg.is_none();
+    // EVENT payloads are kept as received: forwarded undecoded in a CALL,
+    // or decoded once when the event is accepted (Redis envelope, details
+    // kwarg).
+    c.raw_event_payloads = true;
     c
 }

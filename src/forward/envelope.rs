@@ -1,7 +1,8 @@
 //! An event bound for exactly one consumer ([`SharedEvent`]), and the shapes
 //! it takes on the way out: the payload of the forwarded CALL (optionally with
 //! a details kwarg), the JSON envelope pushed to Redis, and the dead-letter
-//! record. Pure.
+//! record. The shape a sink sends is built once, when the event is accepted
+//! ([`Outgoing`]), not at every attempt. Pure.
 
 use std::time::SystemTime;
 
@@ -29,6 +30,22 @@ impl EventPayload {
     }
 }
 
+/// What a sink sends for an event, built once when it is accepted.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub enum Outgoing {
+    /// The event's payload as it is (a CALL with the args and kwargs as
+    /// received, undecoded when they are raw).
+    #[default]
+    AsReceived,
+    /// A CALL payload: the event's with the details kwarg added.
+    Call(Payload),
+    /// The JSON envelope pushed to Redis.
+    Envelope(Vec<u8>),
+    /// The event cannot be put in the sink's form (cannot happen for a
+    /// payload validated on arrival); its delivery fails as final.
+    Broken(String),
+}
+
 /// An event accepted for forwarding.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SharedEvent {
@@ -44,6 +61,8 @@ pub struct SharedEvent {
     pub publisher_authrole: Option<String>,
     pub payload: EventPayload,
     pub received_at: SystemTime,
+    /// What the sink sends (see [`Outgoing`]).
+    pub outgoing: Outgoing,
 }
 
 impl SharedEvent {
@@ -97,6 +116,7 @@ impl SharedEvent {
             publisher_authrole: details.get_str("publisher_authrole").map(str::to_owned),
             payload,
             received_at,
+            outgoing: Outgoing::AsReceived,
         }
     }
 

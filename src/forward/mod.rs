@@ -1,7 +1,20 @@
-//! Getting accepted events to their destination: de-duplication, the
-//! bounded queue and the retry policy. Pure; the sinks do the delivering.
+//! Getting accepted events to their destination. [`core`] is the sans-IO
+//! forwarding core (queue, in-flight bound, retry policy, what outcomes
+//! mean); [`queue`] is the seam where accepted events wait; [`outcome`]
+//! classifies what the sinks report; [`retry`] is the backoff arithmetic;
+//! [`dedup`] forwards a publication once; [`envelope`] is the event and its
+//! outgoing shapes. Pure throughout: the event loop and the sinks do the IO.
 
+pub mod core;
 pub mod dedup;
 pub mod envelope;
+pub mod outcome;
 pub mod queue;
 pub mod retry;
+
+#[cfg(test)]
+mod tests;
+
+pub use self::core::{Counts, DeliveryId, Dispatch, Forwarder, Output, OverflowPolicy, Settings};
+pub use self::outcome::{Failure, GiveUp, Outcome, RetryAction};
+pub use self::queue::{Job, MemoryQueue, Queue};

@@ -1,48 +1,10 @@
-//! Retry policy, kept apart from the loop that applies it: which failures are
-//! worth another attempt (classification), how long to wait before it
-//! (capped exponential backoff with full jitter), and when to give up
-//! (attempts and age). Pure: randomness and time are arguments.
+//! Retry policy, kept apart from the loop that applies it (the forwarding
+//! core) and from the classification of failures (`outcome`): how long to
+//! wait before another attempt (capped exponential backoff with full jitter)
+//! and when to give up (attempts and age). Pure: randomness and time are
+//! arguments.
 
 use std::time::{Duration, Instant};
-
-/// What to do after a failed delivery attempt.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RetryAction {
-    /// The failure is transient (no callee right now, a callee died, a
-    /// timeout, a lost connection): try again later.
-    Retry,
-    /// The backend answered and said no: another attempt would get the same
-    /// answer. Counted and logged, not retried.
-    Final,
-}
-
-/// WAMP error URIs that mean "not delivered, try again" rather than "the
-/// backend rejected it".
-const RETRYABLE_WAMP_ERRORS: &[&str] = &[
-    // No callee registered right now: backends restarting.
-    "wamp.error.no_such_procedure",
-    // Also what Crossbar answers while a registration is being torn down.
-    "wamp.error.no_such_registration",
-    // The callee's session went away mid-call.
-    "wamp.error.canceled",
-    // Router- or callee-side call timeout.
-    "wamp.error.timeout",
-    // A callee at its concurrency limit.
-    "crossbar.error.max_concurrency_reached",
-    // The callee is shutting down (autobahn, on leave).
-    "wamp.close.system_shutdown",
-    "wamp.error.unavailable",
-    "wamp.error.no_available_callee",
-];
-
-/// Classifies a WAMP ERROR returned for a forwarded CALL.
-pub fn classify_wamp_error(uri: &str) -> RetryAction {
-    if RETRYABLE_WAMP_ERRORS.contains(&uri) {
-        RetryAction::Retry
-    } else {
-        RetryAction::Final
-    }
-}
 
 /// Capped exponential backoff: the n-th wait (n from 1) is drawn uniformly
 /// from `[0, min(max, initial * 2^(n-1))]` ("full jitter"), so that many
@@ -180,25 +142,5 @@ mod tests {
         assert!(now - t0 >= Duration::from_secs(60), "{:?}", now - t0);
         // ... and the worst-case gap between attempts stays at the 5 s cap.
         assert!(policy.backoff.ceiling(attempts) <= Duration::from_secs(5));
-    }
-
-    #[test]
-    fn transient_wamp_errors_are_retried_and_application_errors_are_final() {
-        for uri in [
-            "wamp.error.no_such_procedure",
-            "wamp.error.canceled",
-            "wamp.error.timeout",
-            "crossbar.error.max_concurrency_reached",
-        ] {
-            assert_eq!(classify_wamp_error(uri), RetryAction::Retry, "{uri}");
-        }
-        for uri in [
-            "com.example.error.rejected",
-            "wamp.error.invalid_argument",
-            "wamp.error.not_authorized",
-            "wamp.error.runtime_error",
-        ] {
-            assert_eq!(classify_wamp_error(uri), RetryAction::Final, "{uri}");
-        }
     }
 }

@@ -1,6 +1,56 @@
-//! Where accepted events go: a CALL through the router (`wamp`) or an RPUSH
-//! onto a Redis list (`redis`). Each sink turns one delivery attempt into an
-//! outcome the delivery queue understands; neither retries on its own.
+//! Where an accepted event goes: a CALL through the router ([`wamp`]) or an
+//! RPUSH onto a Redis list ([`redis`]). A sink builds an event's outgoing
+//! form once, when the event is accepted, starts deliveries, and reports
+//! typed outcomes ([`Report`]); it decides nothing: retries, give-ups and
+//! what an error means belong to the forwarding core. A new destination is
+//! one more implementation of [`Sink`].
 
 pub mod redis;
 pub mod wamp;
+
+use std::time::Instant;
+
+use futures_util::future::BoxFuture;
+
+use crate::forward::envelope::{Outgoing, SharedEvent};
+use crate::forward::{DeliveryId, Dispatch, Job, Outcome};
+use crate::wamp::session::Session;
+
+/// How a delivery ended, as the sink saw it.
+#[derive(Debug)]
+pub enum Report {
+    /// One outcome for every event of the delivery.
+    All(Outcome),
+    /// One outcome per event, in order.
+    Each(Vec<Outcome>),
+}
+
+/// Where a started delivery's outcome will come from.
+pub enum Started {
+    /// The router's reply to the session request tagged with the delivery.
+    OnSession,
+    /// This future.
+    Pending(BoxFuture<'static, Report>),
+    /// It is already known.
+    Done(Report),
+}
+
+/// A destination. `T` is the tag the event loop puts on session requests;
+/// a sink that calls through the router tags its calls with the delivery.
+pub trait Sink<T> {
+    /// What this sink sends for `event`, built once at accept time.
+    fn prepare(&self, event: &SharedEvent) -> Outgoing;
+    /// How the forwarding core should group events into deliveries.
+    fn dispatch(&self) -> Dispatch;
+    /// Whether deliveries go through the router session (and wait for one).
+    fn needs_session(&self) -> bool;
+    /// Starts delivering `jobs`, in order; `session` is the router session
+    /// while joined.
+    fn start(
+        &mut self,
+        id: DeliveryId,
+        jobs: &[Job<SharedEvent>],
+        session: Option<&mut Session<T>>,
+        now: Instant,
+    ) -> Started;
+}

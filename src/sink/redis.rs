@@ -1,37 +1,29 @@
-//! Redis mode: RPUSH each event's JSON envelope onto `<prefix><procedure>`,
-//! many events per round trip (a pipeline), through redis-rs's reconnecting
-//! `ConnectionManager`; each batch is one MULTI/EXEC transaction. Also stores
-//! dead letters when a dead-letter list is configured.
+//! Redis mode: RPUSH each event's JSON envelope (built when the event was
+//! accepted) onto `<prefix><procedure>`, many events per round trip, through
+//! redis-rs's reconnecting `ConnectionManager`; each batch is one MULTI/EXEC
+//! transaction. Also stores dead letters when a dead-letter list is
+//! configured.
 
-use std::future::Future;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::mpsc;
 
+use super::{Report, Sink, Started};
+use crate::forward::envelope::{Outgoing, SharedEvent};
+use crate::forward::{DeliveryId, Dispatch, Failure, Job};
 use crate::metrics::Metrics;
+use crate::wamp::session::Session;
 
-/// Server error codes that mean "try again later", not "this push is wrong".
-const TRANSIENT_CODES: &[&str] = &["LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN", "CLUSTERDOWN"];
+/// How many events one Redis pipeline carries at most.
+const PIPELINE: usize = 512;
 
 /// A cheap-clone handle for pushing to Redis.
 #[derive(Clone)]
 pub struct RedisSink {
     conn: ConnectionManager,
     prefix: String,
-}
-
-/// How a pipelined batch went.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum BatchResult {
-    /// Every envelope was pushed.
-    Pushed,
-    /// The pipeline ran; some commands failed. One entry per envelope, in
-    /// order: `Ok`, or the error and whether it is worth retrying.
-    Partial(Vec<Result<(), (String, bool)>>),
-    /// Nothing is known to have been pushed (connection refused, lost,
-    /// timed out): retry the whole batch.
-    Failed(String),
 }
 
 impl RedisSink {
@@ -42,7 +34,7 @@ impl RedisSink {
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout))
             .set_response_timeout(Some(timeout))
-            // Our own retry loop does the backing off; the manager should
+            // The forwarding core does the backing off; the manager should
             // just try once per use.
             .set_number_of_retries(1);
         let conn =
@@ -57,13 +49,29 @@ impl RedisSink {
     pub fn key(&self, procedure: &str) -> String {
         format!("{}{procedure}", self.prefix)
     }
+}
 
-    /// Pushes `(procedure, envelope)` pairs in order, in one pipeline.
-    pub fn push_batch(
-        &self,
-        items: Vec<(String, Vec<u8>)>,
-    ) -> impl Future<Output = BatchResult> + Send + 'static {
-        let mut conn = self.conn.clone();
+impl<T> Sink<T> for RedisSink {
+    fn prepare(&self, event: &SharedEvent) -> Outgoing {
+        Outgoing::Envelope(event.envelope_json())
+    }
+
+    fn dispatch(&self) -> Dispatch {
+        // One pipeline at a time keeps each list in order.
+        Dispatch::Pipeline { max: PIPELINE }
+    }
+
+    fn needs_session(&self) -> bool {
+        false
+    }
+
+    fn start(
+        &mut self,
+        _id: DeliveryId,
+        jobs: &[Job<SharedEvent>],
+        _session: Option<&mut Session<T>>,
+        _now: Instant,
+    ) -> Started {
         let mut pipe = redis::pipe();
         // MULTI/EXEC: Redis applies the whole batch or none of it, so a
         // connection lost mid-batch cannot leave half of it pushed and the
@@ -71,35 +79,32 @@ impl RedisSink {
         // whose reply was lost is still pushed twice: at-least-once.)
         // Per-command errors such as WRONGTYPE still come back one by one.
         pipe.atomic().ignore_errors();
-        for (procedure, envelope) in &items {
+        for job in jobs {
+            let event = &job.item;
+            let envelope = match &event.outgoing {
+                Outgoing::Envelope(bytes) => bytes.as_slice(),
+                _ => &[],
+            };
             pipe.cmd("RPUSH")
-                .arg(self.key(procedure))
-                .arg(envelope.as_slice());
+                .arg(self.key(&event.procedure))
+                .arg(envelope);
         }
-        async move {
+        let mut conn = self.conn.clone();
+        Started::Pending(Box::pin(async move {
             match pipe
                 .query_async::<Vec<redis::RedisResult<i64>>>(&mut conn)
                 .await
             {
-                Err(e) => BatchResult::Failed(e.to_string()),
-                Ok(results) if results.iter().all(Result::is_ok) => BatchResult::Pushed,
-                Ok(results) => BatchResult::Partial(
+                Err(e) => Report::All(Err(Failure::Redis(e))),
+                Ok(results) if results.iter().all(Result::is_ok) => Report::All(Ok(())),
+                Ok(results) => Report::Each(
                     results
                         .into_iter()
-                        .map(|r| {
-                            r.map(drop).map_err(|e| {
-                                let transient =
-                                    e.code().is_some_and(|c| TRANSIENT_CODES.contains(&c))
-                                        || e.is_io_error()
-                                        || e.is_timeout()
-                                        || e.is_connection_dropped();
-                                (e.to_string(), transient)
-                            })
-                        })
+                        .map(|r| r.map(drop).map_err(Failure::Redis))
                         .collect(),
                 ),
             }
-        }
+        }))
     }
 }
 
@@ -109,7 +114,7 @@ pub async fn store_dead_letters(
     sink: RedisSink,
     key: String,
     mut records: mpsc::Receiver<Vec<u8>>,
-    metrics: std::sync::Arc<Metrics>,
+    metrics: Arc<Metrics>,
 ) {
     let mut batch = Vec::new();
     while records.recv_many(&mut batch, 256).await > 0 {

@@ -1,110 +1,76 @@
-//! WAMP mode: one CALL per event to its SUB_ procedure; the router's shared
-//! registration picks the backend, the RESULT is the acknowledgement.
+//! WAMP mode: one CALL per event to its SUB_ procedure, made on the event
+//! loop's own session; the router's shared registration picks the backend,
+//! and the RESULT (or ERROR) comes back as the session's reply to the request
+//! tagged with the delivery.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use crate::forward::envelope::{EventPayload, SharedEvent};
-use crate::forward::queue::Attempt;
-use crate::forward::retry::{RetryAction, classify_wamp_error};
-use crate::wamp::{Client, Dict, RequestError};
+use super::{Report, Sink, Started};
+use crate::forward::envelope::{EventPayload, Outgoing, SharedEvent};
+use crate::forward::{DeliveryId, Dispatch, Failure, Job};
+use crate::wamp::session::Session;
+use crate::wamp::{Dict, RequestError};
 
-/// Makes one delivery attempt.
-pub async fn deliver(
-    client: &Client,
-    event: &SharedEvent,
-    details_kwarg: Option<&str>,
-    timeout: Duration,
-) -> Attempt {
-    let procedure = &event.procedure;
-    let result = match (&event.payload, details_kwarg) {
-        // The hot path: the payload goes out as it came in, undecoded.
-        (EventPayload::Raw(raw), None) => {
-            client
-                .call_raw(procedure, raw.clone(), Dict::new(), Some(timeout))
-                .await
-        }
-        _ => match event.call_payload(details_kwarg) {
-            Ok(payload) => {
-                client
-                    .call(procedure, payload, Dict::new(), Some(timeout))
-                    .await
-            }
-            // Cannot happen for a payload checked on arrival; final rather
-            // than retried forever if it somehow does.
-            Err(e) => {
-                return Attempt::Failed {
-                    action: RetryAction::Final,
-                    error: format!("event payload cannot be decoded: {e}"),
-                };
-            }
-        },
-    };
-    outcome(result.map(drop))
+pub struct WampSink {
+    pub call_timeout: Duration,
+    /// The kwarg that carries the event's details, if configured.
+    pub details_kwarg: Option<Arc<str>>,
 }
 
-/// Classifies a call's outcome: only an application error from the backend
-/// is final; everything that says "not delivered (yet)" is retried.
-pub fn outcome(result: Result<(), RequestError>) -> Attempt {
-    match result {
-        Ok(()) => Attempt::Delivered,
-        Err(RequestError::Wamp(e)) => Attempt::Failed {
-            action: classify_wamp_error(&e.error),
-            error: e.to_string(),
-        },
-        Err(
-            e @ (RequestError::Timeout | RequestError::ConnectionLost | RequestError::NotJoined),
-        ) => Attempt::Failed {
-            action: RetryAction::Retry,
-            error: e.to_string(),
-        },
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::wamp::{Payload, WampError};
-
-    fn wamp_error(uri: &str) -> RequestError {
-        RequestError::Wamp(WampError {
-            error: uri.into(),
-            details: Dict::new(),
-            payload: Payload::default(),
-        })
-    }
-
-    #[test]
-    fn lost_connections_and_timeouts_are_retried() {
-        for e in [
-            RequestError::Timeout,
-            RequestError::ConnectionLost,
-            RequestError::NotJoined,
-        ] {
-            assert!(matches!(
-                outcome(Err(e)),
-                Attempt::Failed {
-                    action: RetryAction::Retry,
-                    ..
-                }
-            ));
+impl<T: From<DeliveryId>> Sink<T> for WampSink {
+    fn prepare(&self, event: &SharedEvent) -> Outgoing {
+        match (&self.details_kwarg, &event.payload) {
+            // The hot path: the payload goes out as it came in, undecoded.
+            (None, _) => Outgoing::AsReceived,
+            (Some(kwarg), _) => match event.call_payload(Some(kwarg)) {
+                Ok(payload) => Outgoing::Call(payload),
+                Err(e) => Outgoing::Broken(e.to_string()),
+            },
         }
     }
 
-    #[test]
-    fn backend_application_errors_are_final_and_keep_the_uri() {
-        let Attempt::Failed { action, error } =
-            outcome(Err(wamp_error("com.example.error.rejected")))
-        else {
-            panic!()
+    fn dispatch(&self) -> Dispatch {
+        Dispatch::Each
+    }
+
+    fn needs_session(&self) -> bool {
+        true
+    }
+
+    fn start(
+        &mut self,
+        id: DeliveryId,
+        jobs: &[Job<SharedEvent>],
+        session: Option<&mut Session<T>>,
+        now: Instant,
+    ) -> Started {
+        let (Some(session), [job]) = (session, jobs) else {
+            // The core opens a call sink only while joined, one event a call.
+            let not_joined = Failure::Call(RequestError::NotJoined);
+            return Started::Done(Report::All(Err(not_joined)));
         };
-        assert_eq!(action, RetryAction::Final);
-        assert!(error.contains("com.example.error.rejected"));
-        assert!(matches!(
-            outcome(Err(wamp_error("wamp.error.no_such_procedure"))),
-            Attempt::Failed {
-                action: RetryAction::Retry,
-                ..
+        let event = &job.item;
+        let deadline = Some(now + self.call_timeout);
+        let procedure = event.procedure.as_str();
+        match (&event.outgoing, &event.payload) {
+            (Outgoing::AsReceived, EventPayload::Raw(raw)) => {
+                session.call_raw(procedure, Dict::new(), raw.clone(), id.into(), deadline)
             }
-        ));
+            (Outgoing::AsReceived, EventPayload::Decoded(payload)) => {
+                session.call(procedure, Dict::new(), payload.clone(), id.into(), deadline)
+            }
+            (Outgoing::Call(payload), _) => {
+                session.call(procedure, Dict::new(), payload.clone(), id.into(), deadline)
+            }
+            (Outgoing::Broken(e), _) => {
+                return Started::Done(Report::All(Err(Failure::Encode(e.clone()))));
+            }
+            (Outgoing::Envelope(_), _) => {
+                let e = "a Redis envelope cannot be called".to_owned();
+                return Started::Done(Report::All(Err(Failure::Encode(e))));
+            }
+        }
+        Started::OnSession
     }
 }

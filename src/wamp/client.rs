@@ -1,4 +1,5 @@
-//! The async WAMP client: one task owns the WebSocket and the [`Session`];
+//! A handle-based WAMP client for tools and tests (`subtocall check`, the
+//! benchmark, the integration tests): one task drives a [`Connection`];
 //! cheap-clone [`Client`] handles send it commands over a bounded channel, and
 //! events and invocations come out of a bounded [`Incoming`] channel that the
 //! socket task never waits on (it counts what it cannot hand over). Replies to
@@ -10,163 +11,27 @@
 //! closes, and [`Client::closed`] tells why. Reconnecting is the caller's job
 //! (the app rebuilds its state from scratch on every join anyway).
 
-use std::path::PathBuf;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use futures_util::{FutureExt as _, SinkExt as _, StreamExt as _};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
-use tokio::time::{Instant, Sleep, sleep_until, timeout};
-use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
-use tokio_tungstenite::tungstenite::http::HeaderValue;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::tungstenite::{self, Message as WsMessage};
-use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
+use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 
-use super::auth::Credentials;
-use super::codec::{DecodeError, Serializer};
+use super::codec::Serializer;
+use super::connection::{ClientConfig, CloseReason, ConnectError, Connection};
 use super::id::{PublicationId, RegistrationId, RequestId, SubscriptionId};
-use super::message::{Event, Invocation, Message, Payload};
-use super::raw::{self, RawEvent, RawPayload};
-use super::session::{
-    Output, Reply, RequestError, Session, SessionConfig, SessionError, SessionInfo, Success,
-};
-use super::tls::{self, TlsError};
+use super::message::{Event, Invocation, Payload};
+use super::raw::{RawEvent, RawPayload};
+use super::session::{Output, Reply, RequestError, SessionInfo, Success};
 use super::value::Dict;
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 type ReplyTx = oneshot::Sender<Reply>;
 
 /// How many ready frames or commands one loop turn takes before writing, so
 /// that a burst is written with one flush instead of one syscall per message.
 const BATCH: usize = 64;
-
-/// The WebSocket read buffer (see `connect_and_join`).
-const READ_BUFFER: usize = 16 * 1024;
-
-/// Connection settings. [`ClientConfig::new`] fills in the defaults.
-#[derive(Debug, Clone)]
-pub struct ClientConfig {
-    /// `ws://` or `wss://` URL of the router's WebSocket transport.
-    pub url: String,
-    pub realm: String,
-    pub credentials: Credentials,
-    /// Offered in this order as WebSocket subprotocols; the router picks.
-    pub serializers: Vec<Serializer>,
-    /// TCP + TLS + WebSocket handshake + WAMP join.
-    pub connect_timeout: Duration,
-    /// Deadline for requests made without an explicit timeout.
-    pub request_timeout: Duration,
-    /// How often to send a WebSocket ping.
-    pub ping_interval: Duration,
-    /// The connection is dead when nothing arrives this long after a ping.
-    pub ping_timeout: Duration,
-    /// Largest incoming message; larger is a protocol error.
-    pub max_message_size: usize,
-    /// Extra CA certificates (PEM) trusted for `wss://`.
-    pub ca_file: Option<PathBuf>,
-    /// Capacity of the incoming event/invocation channel.
-    pub incoming_capacity: usize,
-    /// Capacity of the command channel from handles to the socket task.
-    pub command_capacity: usize,
-    /// HELLO.Details.agent.
-    pub agent: String,
-    /// Deliver EVENTs as [`Incoming::RawEvent`], their payload kept as
-    /// received (for a forwarder, which passes it on with
-    /// [`Client::call_raw`]), instead of decoded [`Incoming::Event`]s.
-    pub raw_event_payloads: bool,
-}
-
-impl ClientConfig {
-    pub fn new(url: impl Into<String>, realm: impl Into<String>) -> ClientConfig {
-        ClientConfig {
-            url: url.into(),
-            realm: realm.into(),
-            credentials: Credentials::Anonymous,
-            serializers: Serializer::ALL.to_vec(),
-            connect_timeout: Duration::from_secs(10),
-            request_timeout: Duration::from_secs(30),
-            ping_interval: Duration::from_secs(10),
-            ping_timeout: Duration::from_secs(5),
-            max_message_size: 16 * 1024 * 1024,
-            ca_file: None,
-            incoming_capacity: 4096,
-            command_capacity: 1024,
-            agent: concat!("subtocall/", env!("CARGO_PKG_VERSION")).to_owned(),
-            raw_event_payloads: false,
-        }
-    }
-}
-
-/// Why [`Client::connect`] failed, classified by what the caller should do.
-#[derive(Debug, thiserror::Error)]
-pub enum ConnectError {
-    /// The URL is not a usable `ws://`/`wss://` URL. Fatal: fix the config.
-    #[error("invalid router URL {url:?}: {detail}")]
-    InvalidUrl { url: String, detail: String },
-    /// TLS could not be configured. Fatal: fix the config.
-    #[error(transparent)]
-    Tls(#[from] TlsError),
-    /// TCP, TLS or WebSocket handshake failed. Retry later.
-    #[error("cannot connect to {url}: {detail}")]
-    Transport { url: String, detail: String },
-    /// The router accepted none of our serializers. Fatal.
-    #[error("router accepted none of the offered serializers ({offered})")]
-    NoSerializer { offered: String },
-    /// The WAMP join failed: ABORT (e.g. bad credentials), or a protocol
-    /// error. [`ConnectError::is_terminal`] tells whether to retry.
-    #[error(transparent)]
-    Join(#[from] SessionError),
-    /// The connection closed before WELCOME. Retry later.
-    #[error("connection closed during the WAMP join: {0}")]
-    ClosedDuringJoin(String),
-    /// Nothing completed within the connect timeout. Retry later.
-    #[error("no WAMP session within {0:?}")]
-    Timeout(Duration),
-}
-
-impl ConnectError {
-    /// Whether retrying with the same configuration can possibly succeed.
-    pub fn is_terminal(&self) -> bool {
-        match self {
-            ConnectError::InvalidUrl { .. }
-            | ConnectError::Tls(_)
-            | ConnectError::NoSerializer { .. } => true,
-            ConnectError::Join(e) => e.is_terminal(),
-            ConnectError::Transport { .. }
-            | ConnectError::ClosedDuringJoin(_)
-            | ConnectError::Timeout(_) => false,
-        }
-    }
-}
-
-/// Why an established session ended.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum CloseReason {
-    /// GOODBYE: ours acknowledged, or the router's.
-    #[error("session closed with {0}")]
-    Goodbye(String),
-    /// The router sent ABORT.
-    #[error("router aborted the session: {reason}")]
-    Aborted { reason: String },
-    /// The router broke the protocol (malformed or oversized message,
-    /// unexpected message type); we sent ABORT and closed.
-    #[error("protocol error: {0}")]
-    Protocol(String),
-    /// The transport failed or was closed.
-    #[error("connection lost: {0}")]
-    ConnectionLost(String),
-    /// No frame arrived within the ping timeout after a ping.
-    #[error("no answer to a WebSocket ping within {0:?}")]
-    PingTimeout(Duration),
-    /// [`Client::close`] was called, or every handle was dropped.
-    #[error("closed by the client")]
-    ClosedLocally,
-}
 
 /// What the router pushes to us without being asked.
 #[derive(Debug)]
@@ -280,12 +145,8 @@ impl Client {
     /// Connects, joins the realm, and starts the socket task. Returns the
     /// handle and the channel of incoming events and invocations.
     pub async fn connect(config: ClientConfig) -> Result<(Client, IncomingRx), ConnectError> {
-        let limit = config.connect_timeout;
-        match timeout(limit, connect_and_join(&config)).await {
-            Ok(Ok((ws, session, serializer))) => Ok(start(config, ws, session, serializer)),
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(ConnectError::Timeout(limit)),
-        }
+        let conn = Connection::connect(&config).await?;
+        Ok(start(config, conn))
     }
 
     /// What WELCOME said about this session.
@@ -501,153 +362,12 @@ fn unexpected(success: Success) -> RequestError {
     })
 }
 
-// ---------------------------------------------------------------- connecting
-
-async fn connect_and_join(
-    config: &ClientConfig,
-) -> Result<(Ws, Session<ReplyTx>, Serializer), ConnectError> {
-    let invalid = |detail: String| ConnectError::InvalidUrl {
-        url: config.url.clone(),
-        detail,
-    };
-    let mut request = config
-        .url
-        .as_str()
-        .into_client_request()
-        .map_err(|e| invalid(e.to_string()))?;
-    let tls = match request.uri().scheme_str() {
-        Some("wss") => Some(Connector::Rustls(tls::client_config(
-            config.ca_file.as_deref(),
-        )?)),
-        Some("ws") => None,
-        other => return Err(invalid(format!("scheme {other:?} is not ws or wss"))),
-    };
-    let offered = config
-        .serializers
-        .iter()
-        .map(|s| s.subprotocol())
-        .collect::<Vec<_>>()
-        .join(", ");
-    request.headers_mut().insert(
-        "Sec-WebSocket-Protocol",
-        HeaderValue::from_str(&offered).map_err(|e| invalid(e.to_string()))?,
-    );
-    let ws_config = WebSocketConfig::default()
-        // tungstenite zero-fills this much buffer before every read (128 KiB
-        // by default): ~4 µs per read, more than a whole event costs us.
-        // 16 KiB still takes a hundred events per read under load; larger
-        // messages grow the buffer as needed.
-        .read_buffer_size(READ_BUFFER)
-        .max_message_size(Some(config.max_message_size))
-        .max_frame_size(Some(config.max_message_size));
-    let (mut ws, response) =
-        tokio_tungstenite::connect_async_tls_with_config(request, Some(ws_config), true, tls)
-            .await
-            .map_err(|e| ConnectError::Transport {
-                url: config.url.clone(),
-                detail: e.to_string(),
-            })?;
-    let serializer = response
-        .headers()
-        .get("Sec-WebSocket-Protocol")
-        .and_then(|v| v.to_str().ok())
-        .and_then(Serializer::from_subprotocol)
-        .filter(|s| config.serializers.contains(s))
-        .ok_or(ConnectError::NoSerializer { offered })?;
-
-    let mut session = Session::new(SessionConfig {
-        realm: config.realm.clone(),
-        credentials: config.credentials.clone(),
-        agent: config.agent.clone(),
-    });
-    session.join();
-    loop {
-        while let Some(output) = session.poll_output() {
-            match output {
-                Output::Send(msg) => write(&mut ws, serializer, &msg)
-                    .await
-                    .map_err(ConnectError::ClosedDuringJoin)?,
-                Output::Joined(_) => {
-                    ws.flush()
-                        .await
-                        .map_err(|e| ConnectError::ClosedDuringJoin(e.to_string()))?;
-                    return Ok((ws, session, serializer));
-                }
-                // Nothing else can come before WELCOME: no request exists yet.
-                _ => {}
-            }
-        }
-        ws.flush()
-            .await
-            .map_err(|e| ConnectError::ClosedDuringJoin(e.to_string()))?;
-        let frame = match ws.next().await {
-            Some(Ok(frame)) => frame,
-            Some(Err(e)) => return Err(ConnectError::ClosedDuringJoin(e.to_string())),
-            None => return Err(ConnectError::ClosedDuringJoin("EOF".into())),
-        };
-        let data = match frame {
-            WsMessage::Text(t) => t.into(),
-            WsMessage::Binary(b) => b,
-            WsMessage::Close(f) => {
-                return Err(ConnectError::ClosedDuringJoin(format!("close frame {f:?}")));
-            }
-            _ => continue,
-        };
-        let result = serializer
-            .decode(&data)
-            .map_err(|e| SessionError::Protocol(e.to_string()))
-            .and_then(|msg| session.handle_message(msg));
-        if let Err(e) = result {
-            if let Some(abort) = e.abort_message() {
-                let _ = write(&mut ws, serializer, &abort).await;
-            }
-            // The router leaves the socket open after ABORT: close it ourselves.
-            let _ = timeout(Duration::from_secs(1), ws.close(None)).await;
-            return Err(ConnectError::Join(e));
-        }
-    }
-}
-
-async fn write(ws: &mut Ws, serializer: Serializer, msg: &Message) -> Result<(), String> {
-    let frame = encode_frame(serializer, msg).map_err(|e| e.to_string())?;
-    ws.feed(frame).await.map_err(|e| e.to_string())
-}
-
-fn encode_frame(
-    serializer: Serializer,
-    msg: &Message,
-) -> Result<WsMessage, super::codec::EncodeError> {
-    Ok(ws_message(serializer, serializer.encode(msg)?))
-}
-
-/// An encoded message as a WebSocket frame: text for JSON, binary otherwise.
-fn ws_message(serializer: Serializer, bytes: Vec<u8>) -> WsMessage {
-    if serializer.is_text() {
-        match String::from_utf8(bytes) {
-            Ok(text) => WsMessage::Text(text.into()),
-            // serde_json only writes UTF-8; keep the frame rather than panic.
-            Err(e) => WsMessage::Binary(e.into_bytes().into()),
-        }
-    } else {
-        WsMessage::Binary(bytes.into())
-    }
-}
-
-fn start(
-    config: ClientConfig,
-    ws: Ws,
-    session: Session<ReplyTx>,
-    serializer: Serializer,
-) -> (Client, IncomingRx) {
+fn start(config: ClientConfig, conn: Connection<ReplyTx>) -> (Client, IncomingRx) {
     let (command_tx, command_rx) = mpsc::channel(config.command_capacity.max(1));
     let (incoming_tx, incoming_rx) = mpsc::channel(config.incoming_capacity.max(1));
-    let info = session
-        .info()
-        .cloned()
-        .unwrap_or_else(|| unreachable!("start() is only called after WELCOME"));
     let shared = Arc::new(Shared {
-        info,
-        serializer,
+        info: conn.info().clone(),
+        serializer: conn.serializer(),
         request_timeout: config.request_timeout,
         close_reason: OnceLock::new(),
         closed: CancellationToken::new(),
@@ -655,16 +375,9 @@ fn start(
         dropped_incoming: AtomicU64::new(0),
     });
     let task = SocketTask {
-        ws,
-        session,
-        serializer,
+        conn,
         incoming: incoming_tx,
         shared: shared.clone(),
-        ping_interval: config.ping_interval,
-        ping_timeout: config.ping_timeout,
-        raw_events: config.raw_event_payloads,
-        unflushed: false,
-        close: None,
     };
     tokio::spawn(task.run(command_rx));
     (
@@ -678,25 +391,11 @@ fn start(
 
 // ---------------------------------------------------------------- the socket task
 
-enum WsWrite {
-    Feed(WsMessage),
-    Flush,
-}
-
+/// Drives the [`Connection`] for the handles: commands in, outputs out.
 struct SocketTask {
-    ws: Ws,
-    session: Session<ReplyTx>,
-    serializer: Serializer,
+    conn: Connection<ReplyTx>,
     incoming: mpsc::Sender<Incoming>,
     shared: Arc<Shared>,
-    ping_interval: Duration,
-    ping_timeout: Duration,
-    /// Decode EVENTs without their payload (see `raw`).
-    raw_events: bool,
-    /// Frames were fed to the sink (or a pong queued) since the last flush.
-    unflushed: bool,
-    /// Set when the session has ended; the loop stops.
-    close: Option<CloseReason>,
 }
 
 impl SocketTask {
@@ -704,8 +403,10 @@ impl SocketTask {
         let reason = self.run_loop(&mut commands).await;
         tracing::debug!(session = %self.shared.info.session, %reason, "WAMP session ended");
         // Resolve everything still pending, and everything still queued.
-        self.session.abandon();
-        self.deliver_outputs();
+        self.conn.shut().await;
+        while let Some(output) = self.conn.poll_output() {
+            self.deliver(output);
+        }
         commands.close();
         while let Ok(command) = commands.try_recv() {
             if let Command::Request { reply, .. } = command {
@@ -714,50 +415,22 @@ impl SocketTask {
         }
         let _ = self.shared.close_reason.set(reason);
         self.shared.closed.cancel();
-        let _ = timeout(Duration::from_secs(1), self.ws.close(None)).await;
     }
 
     async fn run_loop(&mut self, commands: &mut mpsc::Receiver<Command>) -> CloseReason {
-        let mut ping_at = Instant::now() + self.ping_interval;
-        let mut pong_deadline: Option<Instant> = None;
-        // One timer for request deadlines, re-armed only when the earliest
-        // deadline changes (creating a timer per loop turn costs at high rates).
-        let mut deadline_timer: Pin<Box<Sleep>> = Box::pin(sleep_until(Instant::now()));
-        let mut armed: Option<Instant> = None;
         loop {
-            if let Err(reason) = self.write_outputs().await {
-                return reason;
+            while let Some(output) = self.conn.poll_output() {
+                self.deliver(output);
             }
-            if let Some(reason) = self.close.take() {
-                return reason;
+            self.conn.flush().await;
+            if let Some(reason) = self.conn.close_reason() {
+                return reason.clone();
             }
-            let next_deadline = self.session.next_deadline().map(Instant::from_std);
-            if next_deadline != armed {
-                if let Some(at) = next_deadline {
-                    deadline_timer.as_mut().reset(at);
-                }
-                armed = next_deadline;
-            }
-            let pong_wait = pong_deadline.unwrap_or_else(|| Instant::now() + self.ping_timeout);
-            // Every branch is cancel-safe: `StreamExt::next` and `Receiver::recv`
-            // lose nothing when another branch wins, and the timers are plain
-            // deadlines that are re-evaluated on the next turn.
+            // Every branch is cancel-safe: `Connection::wait` is, and
+            // `Receiver::recv` loses nothing when another branch wins.
             tokio::select! {
                 _ = self.shared.kill.cancelled() => return CloseReason::ClosedLocally,
-                frame = self.ws.next() => {
-                    pong_deadline = None;
-                    self.on_frame(frame);
-                    // Take whatever else is already buffered before writing.
-                    for _ in 1..BATCH {
-                        if self.close.is_some() {
-                            break;
-                        }
-                        match self.ws.next().now_or_never() {
-                            Some(frame) => self.on_frame(frame),
-                            None => break,
-                        }
-                    }
-                }
+                _ = self.conn.wait() => {}
                 command = commands.recv() => match command {
                     Some(command) => {
                         self.on_command(command);
@@ -769,86 +442,9 @@ impl SocketTask {
                         }
                     }
                     // Every handle is gone: nobody can use the session any more.
-                    None => self.session.leave("wamp.close.normal"),
+                    None => self.conn.session().leave("wamp.close.normal"),
                 },
-                _ = deadline_timer.as_mut(), if armed.is_some() => {
-                    self.session.handle_timeouts(Instant::now().into_std());
-                    armed = None;
-                }
-                _ = sleep_until(ping_at) => {
-                    ping_at = Instant::now() + self.ping_interval;
-                    if pong_deadline.is_none() {
-                        pong_deadline = Some(Instant::now() + self.ping_timeout);
-                    }
-                    if let Err(reason) = self.write(WsWrite::Feed(WsMessage::Ping(Default::default()))).await {
-                        return reason;
-                    }
-                    self.unflushed = true;
-                }
-                _ = sleep_until(pong_wait), if pong_deadline.is_some() => {
-                    return CloseReason::PingTimeout(self.ping_timeout);
-                }
             }
-        }
-    }
-
-    /// Hands non-send outputs over, writes the sends, flushes once.
-    async fn write_outputs(&mut self) -> Result<(), CloseReason> {
-        while let Some(output) = self.session.poll_output() {
-            let encoded = match output {
-                Output::Send(msg) => encode_frame(self.serializer, &msg),
-                Output::SendRawCall {
-                    request,
-                    options,
-                    procedure,
-                    payload,
-                } => raw::encode_call(self.serializer, request, options, procedure, &payload)
-                    .map(|bytes| ws_message(self.serializer, bytes)),
-                other => {
-                    self.deliver(other);
-                    continue;
-                }
-            };
-            let frame = match encoded {
-                Ok(frame) => frame,
-                Err(e) => {
-                    // Only values a serializer cannot represent get here;
-                    // the request it belonged to times out.
-                    tracing::error!(error = %e, "dropping a message that cannot be encoded");
-                    continue;
-                }
-            };
-            self.write(WsWrite::Feed(frame)).await?;
-            self.unflushed = true;
-        }
-        if self.unflushed {
-            self.unflushed = false;
-            self.write(WsWrite::Flush).await?;
-        }
-        Ok(())
-    }
-
-    /// Writes with a deadline: a router that stops reading must not wedge us.
-    async fn write(&mut self, op: WsWrite) -> Result<(), CloseReason> {
-        let limit = self.ping_interval + self.ping_timeout;
-        let result = match op {
-            WsWrite::Feed(frame) => timeout(limit, self.ws.feed(frame)).await,
-            WsWrite::Flush => timeout(limit, self.ws.flush()).await,
-        };
-        match result {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(CloseReason::ConnectionLost(e.to_string())),
-            Err(_) => Err(CloseReason::ConnectionLost(format!(
-                "router took none of our data for {limit:?}"
-            ))),
-        }
-    }
-
-    /// Delivers outputs without writing (used once the socket is gone).
-    fn deliver_outputs(&mut self) {
-        // `deliver` ignores what would have been written.
-        while let Some(output) = self.session.poll_output() {
-            self.deliver(output);
         }
     }
 
@@ -868,13 +464,17 @@ impl SocketTask {
                 tracing::warn!(kind, ?details, "router revoked a {kind}");
                 self.hand_over(Incoming::Revoked { kind, details })
             }
-            Output::Closed { reason } => self.close = Some(CloseReason::Goodbye(reason)),
-            Output::Joined(_) | Output::Send(_) | Output::SendRawCall { .. } => {}
+            Output::Joined(_)
+            | Output::Send(_)
+            | Output::SendRawCall { .. }
+            | Output::Closed { .. } => {}
         }
     }
 
     /// Never waits: a full channel means the consumer is behind, and the
-    /// socket must keep reading (our own call results come in on it).
+    /// socket must keep reading (our own call results come in on it). This
+    /// handle-based client is for tools and tests; the sidecar drives its
+    /// [`Connection`] itself and takes everything.
     fn hand_over(&mut self, incoming: Incoming) {
         if let Err(e) = self.incoming.try_send(incoming) {
             let n = self.shared.dropped_incoming.fetch_add(1, Ordering::Relaxed) + 1;
@@ -890,102 +490,8 @@ impl SocketTask {
         }
     }
 
-    fn on_frame(&mut self, frame: Option<Result<WsMessage, tungstenite::Error>>) {
-        let data = match frame {
-            Some(Ok(WsMessage::Text(text))) => text.into(),
-            Some(Ok(WsMessage::Binary(bytes))) => bytes,
-            Some(Ok(WsMessage::Ping(_))) => {
-                // tungstenite queued the pong; it goes out with the next flush.
-                self.unflushed = true;
-                return;
-            }
-            Some(Ok(WsMessage::Pong(_) | WsMessage::Frame(_))) => return,
-            Some(Ok(WsMessage::Close(frame))) => {
-                let detail = match frame {
-                    Some(f) => format!("router closed the WebSocket ({} {})", f.code, f.reason),
-                    None => "router closed the WebSocket".into(),
-                };
-                self.close = Some(CloseReason::ConnectionLost(detail));
-                return;
-            }
-            Some(Err(tungstenite::Error::Capacity(e))) => {
-                self.protocol_error(format!("message too large: {e}"));
-                return;
-            }
-            // The peer vanished without a close handshake: a lost
-            // connection, not a broken protocol.
-            Some(Err(tungstenite::Error::Protocol(
-                e @ tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
-            ))) => {
-                self.close = Some(CloseReason::ConnectionLost(e.to_string()));
-                return;
-            }
-            Some(Err(tungstenite::Error::Protocol(e))) => {
-                self.close = Some(CloseReason::Protocol(format!("WebSocket: {e}")));
-                return;
-            }
-            Some(Err(e)) => {
-                self.close = Some(CloseReason::ConnectionLost(e.to_string()));
-                return;
-            }
-            None => {
-                self.close = Some(CloseReason::ConnectionLost("connection closed".into()));
-                return;
-            }
-        };
-        if self.raw_events
-            && let Some(event) = raw::decode_event(self.serializer, &data)
-        {
-            if let Err(e) = self.session.handle_raw_event(event) {
-                self.on_session_error(e);
-            }
-            return;
-        }
-        match self.serializer.decode(&data) {
-            Ok(msg) => self.on_message(msg),
-            Err(e @ (DecodeError::Malformed { .. } | DecodeError::Message(_))) => {
-                self.protocol_error(e.to_string())
-            }
-        }
-    }
-
-    fn on_message(&mut self, msg: Message) {
-        if let Err(e) = self.session.handle_message(msg) {
-            self.on_session_error(e);
-        }
-    }
-
-    fn on_session_error(&mut self, e: SessionError) {
-        self.close = Some(match &e {
-            SessionError::Aborted { reason, .. } => CloseReason::Aborted {
-                reason: reason.clone(),
-            },
-            _ => CloseReason::Protocol(e.to_string()),
-        });
-        if let Some(abort) = e.abort_message() {
-            self.queue_abort(abort);
-        }
-    }
-
-    /// The router sent something unusable: tell it with ABORT, then close.
-    fn protocol_error(&mut self, detail: String) {
-        let abort = SessionError::Protocol(detail.clone()).abort_message();
-        self.close = Some(CloseReason::Protocol(detail));
-        if let Some(abort) = abort {
-            self.queue_abort(abort);
-        }
-    }
-
-    fn queue_abort(&mut self, abort: Message) {
-        if let Ok(frame) = encode_frame(self.serializer, &abort) {
-            // Best effort, never blocks: the connection is being dropped.
-            if self.ws.feed(frame).now_or_never().is_some() {
-                self.unflushed = true;
-            }
-        }
-    }
-
     fn on_command(&mut self, command: Command) {
+        let s = self.conn.session();
         match command {
             Command::Request {
                 request,
@@ -993,7 +499,6 @@ impl SocketTask {
                 deadline,
             } => {
                 let deadline = Some(deadline.into_std());
-                let s = &mut self.session;
                 match request {
                     Request::Subscribe { topic, options } => {
                         s.subscribe(&topic, options, reply, deadline)
@@ -1020,13 +525,13 @@ impl SocketTask {
                     Request::Unregister(id) => s.unregister(id, reply, deadline),
                 }
             }
-            Command::Yield { request, payload } => self.session.yield_result(request, payload),
+            Command::Yield { request, payload } => s.yield_result(request, payload),
             Command::YieldError {
                 request,
                 error,
                 payload,
-            } => self.session.yield_error(request, &error, payload),
-            Command::Leave { reason } => self.session.leave(&reason),
+            } => s.yield_error(request, &error, payload),
+            Command::Leave { reason } => s.leave(&reason),
         }
     }
 }

@@ -1,10 +1,12 @@
-//! A WAMP v2 client: pure protocol (`message`, `codec`, `auth`, `session`)
-//! with one async piece on top (`client`). Nothing here knows about
+//! A WAMP v2 client: pure protocol (`message`, `codec`, `auth`, `session`),
+//! the socket half of an event loop on top (`connection`), and a
+//! handle-based client driving one (`client`). Nothing here knows about
 //! shared subscriptions.
 
 pub mod auth;
 pub mod client;
 pub mod codec;
+pub mod connection;
 pub mod id;
 pub mod message;
 pub mod raw;
@@ -12,10 +14,9 @@ pub mod session;
 pub mod tls;
 pub mod value;
 
-pub use client::{
-    CallResult, Client, ClientConfig, CloseReason, ConnectError, Incoming, IncomingRx,
-};
+pub use client::{CallResult, Client, Incoming, IncomingRx};
 pub use codec::Serializer;
+pub use connection::{ClientConfig, CloseReason, ConnectError, Connection};
 pub use id::{PublicationId, RegistrationId, RequestId, SessionId, SubscriptionId};
 pub use message::{Event, Invocation, Message, Payload};
 pub use raw::{RawEvent, RawPayload};

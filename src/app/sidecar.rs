@@ -1,0 +1,598 @@
+//! The sidecar's state and everything it does that needs no waiting:
+//! discovery (registrations -> subscriptions), routing and de-duplicating
+//! EVENTs, the forwarding core, starting deliveries through the sink, dead
+//! letters, metrics and readiness. Synchronous: the event loop (`super`)
+//! feeds it the session's outputs in the order the router caused them and
+//! the sink's reports, and gives it the session to make requests on. That
+//! order is what makes an EVENT that follows its SUBSCRIBED routable.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use futures_util::future::BoxFuture;
+use tokio::sync::mpsc;
+
+use super::Fatal;
+use crate::discovery::meta;
+use crate::discovery::topic::MatchPolicy;
+use crate::discovery::{self, Action, Discovery, GetOutcome, Note, TopicKey};
+use crate::forward::dedup::{DEFAULT_CAPACITY, Dedup};
+use crate::forward::envelope::SharedEvent;
+use crate::forward::{DeliveryId, Forwarder, GiveUp, Job, MemoryQueue, Output};
+use crate::metrics::Metrics;
+use crate::sink::{Report, Sink, Started};
+use crate::wamp::id::IdHashing;
+use crate::wamp::session::{Output as SessionOutput, Session, Success};
+use crate::wamp::{
+    Dict, Payload, PublicationId, RegistrationId, RequestError, SubscriptionId, Value,
+};
+
+/// The forwarding core as the sidecar uses it.
+pub type Core = Forwarder<SharedEvent, MemoryQueue<SharedEvent>>;
+
+/// What a session request was for; its reply comes back with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Token {
+    MetaSubscribe(&'static str),
+    List,
+    Get(RegistrationId),
+    Subscribe(TopicKey),
+    Unsubscribe(SubscriptionId),
+    Deliver(DeliveryId),
+}
+
+impl From<DeliveryId> for Token {
+    fn from(id: DeliveryId) -> Token {
+        Token::Deliver(id)
+    }
+}
+
+/// A delivery whose outcome a future will report (Redis pushes).
+pub type PendingReport = BoxFuture<'static, (DeliveryId, Report)>;
+
+pub struct Sidecar {
+    discovery: Discovery,
+    dedup: Dedup,
+    core: Core,
+    sink: Box<dyn Sink<Token> + Send>,
+    metrics: Arc<Metrics>,
+    /// Dead-letter records for the Redis store task, if one is configured.
+    dead_letter_store: Option<mpsc::Sender<Vec<u8>>>,
+    /// Deadline given to discovery's requests.
+    request_timeout: std::time::Duration,
+    /// Deliveries started whose report a future will bring; the loop takes them.
+    started: Vec<PendingReport>,
+    /// This session's subscriptions to the registration meta topics.
+    meta: HashMap<SubscriptionId, &'static str, IdHashing>,
+    /// Meta subscriptions not yet confirmed; the list call waits for all.
+    meta_pending: usize,
+    joined: bool,
+    /// This session reached readiness once: it counts as healthy.
+    healthy: bool,
+    draining: bool,
+    /// Set when the session must be dropped and joined anew.
+    rejoin: Option<String>,
+}
+
+impl Sidecar {
+    pub fn new(
+        discovery: Discovery,
+        core: Core,
+        sink: Box<dyn Sink<Token> + Send>,
+        metrics: Arc<Metrics>,
+        dead_letter_store: Option<mpsc::Sender<Vec<u8>>>,
+        request_timeout: std::time::Duration,
+        now: Instant,
+    ) -> Sidecar {
+        let mut core = core;
+        // A sink that needs no session takes deliveries from the start.
+        core.set_open(!sink.needs_session(), now);
+        Sidecar {
+            discovery,
+            dedup: Dedup::new(DEFAULT_CAPACITY),
+            core,
+            sink,
+            metrics,
+            dead_letter_store,
+            request_timeout,
+            started: Vec::new(),
+            meta: HashMap::default(),
+            meta_pending: 0,
+            joined: false,
+            healthy: false,
+            draining: false,
+            rejoin: None,
+        }
+    }
+
+    // ------------------------------------------------------------ the session
+
+    /// A new session: discovery starts from nothing, meta topics first.
+    pub fn on_joined(&mut self, session: &mut Session<Token>, now: Instant) {
+        self.discovery.reset();
+        self.meta.clear();
+        self.meta_pending = meta::META_TOPICS.len();
+        self.joined = true;
+        self.healthy = false;
+        self.rejoin = None;
+        let deadline = Some(now + self.request_timeout);
+        for topic in meta::META_TOPICS {
+            session.subscribe(topic, Dict::new(), Token::MetaSubscribe(topic), deadline);
+        }
+        if self.sink.needs_session() {
+            self.core.set_open(true, now);
+        }
+    }
+
+    /// The session is gone (its pending requests were answered already).
+    pub fn on_session_end(&mut self, now: Instant) {
+        self.joined = false;
+        self.meta.clear();
+        self.meta_pending = 0;
+        if self.sink.needs_session() {
+            self.core.set_open(false, now);
+            if self.draining {
+                // No new session comes while draining: nothing can deliver.
+                self.core.shutdown(now, now);
+            }
+        }
+    }
+
+    /// Whether the session reached readiness (discovery complete) once.
+    pub fn was_healthy(&self) -> bool {
+        self.healthy
+    }
+
+    /// Why the session must be dropped and joined anew, once.
+    pub fn take_rejoin(&mut self) -> Option<String> {
+        self.rejoin.take()
+    }
+
+    /// Joined, discovery complete, not draining.
+    pub fn is_ready(&self) -> bool {
+        self.joined && self.meta_pending == 0 && self.discovery.is_synced() && !self.draining
+    }
+
+    /// One output of the session, in order.
+    pub fn on_session_output(
+        &mut self,
+        output: SessionOutput<Token>,
+        session: &mut Session<Token>,
+        now: Instant,
+    ) -> Result<(), Fatal> {
+        match output {
+            SessionOutput::Reply { token, reply } => self.on_reply(token, reply, session, now)?,
+            SessionOutput::RawEvent(event) => {
+                if let Some(&topic) = self.meta.get(&event.subscription) {
+                    match event.payload.decode() {
+                        Ok(payload) => self.on_meta_event(topic, &payload.args, now),
+                        Err(e) => {
+                            tracing::warn!(topic, error = %e, "ignoring malformed meta event")
+                        }
+                    }
+                } else if let Some((procedure, topic)) =
+                    self.route(event.subscription, event.publication, &event.details)
+                {
+                    let shared = SharedEvent::from_raw(procedure, topic, event, SystemTime::now());
+                    self.accept(shared, now);
+                }
+            }
+            SessionOutput::Event(event) => {
+                if let Some(&topic) = self.meta.get(&event.subscription) {
+                    self.on_meta_event(topic, &event.payload.args, now);
+                } else if let Some((procedure, topic)) =
+                    self.route(event.subscription, event.publication, &event.details)
+                {
+                    let shared = SharedEvent::new(procedure, topic, event, SystemTime::now());
+                    self.accept(shared, now);
+                }
+            }
+            SessionOutput::Revoked { kind, details } => {
+                tracing::warn!(kind, ?details, "router revoked a {kind}");
+                match details.get_u64("subscription").map(SubscriptionId) {
+                    Some(id) if self.meta.contains_key(&id) => {
+                        // Without meta events discovery would go stale.
+                        self.rejoin = Some("the router revoked a meta subscription".into());
+                    }
+                    Some(id) => self.discovery.on_unsubscribed(id),
+                    None => tracing::warn!(kind, "router revoked a {kind} we do not hold"),
+                }
+            }
+            SessionOutput::Invocation(inv) => {
+                tracing::warn!(registration = %inv.registration, "unexpected INVOCATION: subtocall registers nothing");
+            }
+            SessionOutput::Interrupt { .. }
+            | SessionOutput::Joined(_)
+            | SessionOutput::Send(_)
+            | SessionOutput::SendRawCall { .. }
+            | SessionOutput::Closed { .. } => {}
+        }
+        Ok(())
+    }
+
+    fn on_reply(
+        &mut self,
+        token: Token,
+        reply: Result<Success, RequestError>,
+        session: &mut Session<Token>,
+        now: Instant,
+    ) -> Result<(), Fatal> {
+        match (token, reply) {
+            (Token::Deliver(id), reply) => {
+                let outcome = reply.map(drop).map_err(crate::forward::Failure::Call);
+                self.on_report(id, Report::All(outcome), now);
+            }
+            // A previous session's discovery answer (answered "connection
+            // lost" when it ended): the new session starts from nothing.
+            (_, Err(RequestError::ConnectionLost)) if !self.joined => {}
+            (Token::MetaSubscribe(topic), Ok(Success::Subscribed(id))) => {
+                self.meta.insert(id, topic);
+                self.meta_pending -= 1;
+                if self.meta_pending == 0 {
+                    // Listing only after every meta subscription is in place
+                    // means nothing registered meanwhile can be missed.
+                    let deadline = Some(now + self.request_timeout);
+                    session.call(
+                        meta::LIST,
+                        Dict::new(),
+                        Payload::default(),
+                        Token::List,
+                        deadline,
+                    );
+                }
+            }
+            (Token::MetaSubscribe(topic), Err(RequestError::Wamp(e))) => {
+                return Err(Fatal::MetaApi {
+                    what: format!("SUBSCRIBE to {topic}"),
+                    error: e.to_string(),
+                    permission: "'subscribe' on wamp.registration.* (e.g. a 'wamp.' prefix rule)",
+                });
+            }
+            (Token::List, Err(RequestError::Wamp(e))) => {
+                return Err(Fatal::MetaApi {
+                    what: format!("CALL to {}", meta::LIST),
+                    error: e.to_string(),
+                    permission: "'call' on wamp.registration.* (e.g. a 'wamp.' prefix rule)",
+                });
+            }
+            (Token::MetaSubscribe(_) | Token::List, Err(e)) => {
+                // Timeout or lost connection during the bootstrap: start over.
+                self.rejoin = Some(format!("discovery bootstrap failed: {e}"));
+            }
+            (Token::List, Ok(Success::Result { payload, .. })) => {
+                match meta::parse_list_result(&payload.args) {
+                    Ok(list) => {
+                        tracing::info!(registrations = list.ids().count(), "registrations listed");
+                        self.discovery.on_list_result(list.ids());
+                    }
+                    Err(e) => {
+                        self.rejoin = Some(format!("malformed wamp.registration.list result: {e}"))
+                    }
+                }
+            }
+            (Token::Get(id), result) => {
+                let outcome = match result {
+                    Ok(Success::Result { payload, .. }) => {
+                        match meta::parse_get_result(&payload.args) {
+                            Ok(info) => GetOutcome::Found(info),
+                            Err(e) => GetOutcome::Failed(e.to_string()),
+                        }
+                    }
+                    Ok(other) => GetOutcome::Failed(format!("unexpected reply {other:?}")),
+                    Err(RequestError::Wamp(e)) if e.error == meta::NO_SUCH_REGISTRATION => {
+                        GetOutcome::NoSuchRegistration
+                    }
+                    Err(e) => GetOutcome::Failed(e.to_string()),
+                };
+                self.discovery.on_get_result(id, outcome, now);
+            }
+            (Token::Subscribe(key), Ok(Success::Subscribed(id))) => {
+                self.discovery.on_subscribed(&key, id)
+            }
+            (Token::Subscribe(key), result) => {
+                let error = match result {
+                    Err(e) => e.to_string(),
+                    Ok(other) => format!("unexpected reply {other:?}"),
+                };
+                self.discovery.on_subscribe_failed(&key, error, now)
+            }
+            (Token::Unsubscribe(id), Ok(_)) => self.discovery.on_unsubscribed(id),
+            (Token::Unsubscribe(id), Err(e)) => {
+                self.discovery.on_unsubscribe_failed(id, e.to_string())
+            }
+            (token @ (Token::MetaSubscribe(_) | Token::List), Ok(other)) => {
+                self.rejoin = Some(format!("unexpected reply to {token:?}: {other:?}"));
+            }
+        }
+        Ok(())
+    }
+
+    fn on_meta_event(&mut self, topic: &'static str, args: &[Value], now: Instant) {
+        match meta::parse_meta_event(topic, args) {
+            Ok(meta_event) => self.discovery.on_meta_event(meta_event, now),
+            Err(e) => tracing::warn!(topic, error = %e, "ignoring malformed meta event"),
+        }
+    }
+
+    /// Routes an EVENT of a forwarding subscription and de-duplicates it:
+    /// the procedure and concrete topic when it is to be forwarded.
+    fn route(
+        &mut self,
+        subscription: SubscriptionId,
+        publication: PublicationId,
+        details: &Dict,
+    ) -> Option<(String, String)> {
+        self.metrics.events_received.inc();
+        let route = match self.discovery.route(subscription, details.get_str("topic")) {
+            Ok(route) => (route.procedure.into_owned(), route.topic.to_owned()),
+            Err(e) => {
+                let missing_topic = matches!(e, discovery::RouteError::MissingTopic { .. });
+                self.metrics.unroutable(missing_topic).inc();
+                tracing::debug!(error = %e, %publication, "event not routable");
+                return None;
+            }
+        };
+        // An event matching several of our subscriptions is forwarded once.
+        if !self.dedup.first_time(publication) {
+            self.metrics.events_duplicate.inc();
+            return None;
+        }
+        tracing::debug!(procedure = %route.0, %publication, "event accepted");
+        Some(route)
+    }
+
+    fn accept(&mut self, mut event: SharedEvent, now: Instant) {
+        event.outgoing = self.sink.prepare(&event);
+        self.core.accept(event, now);
+    }
+
+    // ------------------------------------------------------------ deliveries
+
+    /// A delivery's outcome, from the session or a sink's future.
+    pub fn on_report(&mut self, id: DeliveryId, report: Report, now: Instant) {
+        if let Some(jobs) = self.core.delivery(id) {
+            log_failures(jobs, &report);
+            if !self.sink.needs_session() {
+                self.count_redis_errors(jobs.len(), &report);
+            }
+        }
+        let known = match report {
+            Report::All(outcome) => self.core.on_outcome(id, outcome, now),
+            Report::Each(outcomes) => self.core.on_outcomes(id, outcomes, now),
+        };
+        if !known {
+            tracing::debug!(delivery = %id, "outcome of a delivery already given up (shutdown deadline)");
+        }
+    }
+
+    fn count_redis_errors(&self, events: usize, report: &Report) {
+        match report {
+            Report::All(Ok(())) => {}
+            Report::All(Err(error)) => {
+                self.metrics.redis_errors.inc();
+                tracing::warn!(events, %error, "Redis push failed; the batch waits and is retried in order");
+            }
+            Report::Each(outcomes) => {
+                let failed = outcomes.iter().filter(|o| o.is_err()).count();
+                self.metrics.redis_errors.inc_by(failed as u64);
+            }
+        }
+    }
+
+    /// Deliveries started whose outcome a future will report.
+    pub fn take_started(&mut self) -> std::vec::Drain<'_, PendingReport> {
+        self.started.drain(..)
+    }
+
+    /// Does everything that needs no waiting: discovery's requests (while
+    /// joined and not draining), the forwarding core's outputs, gauges.
+    pub fn pump(&mut self, mut session: Option<&mut Session<Token>>, now: Instant) {
+        if let Some(session) = session.as_deref_mut()
+            && self.joined
+            && !self.draining
+        {
+            for output in self.discovery.poll(now) {
+                match output {
+                    discovery::Output::Action(action) => self.execute(action, session, now),
+                    discovery::Output::Note(note) => log_note(&note),
+                }
+            }
+        }
+        self.core.on_tick(now);
+        while let Some(output) = self.core.poll() {
+            match output {
+                Output::Deliver(id) => self.start(id, session.as_deref_mut(), now),
+                Output::Ack(job) => self.delivered(&job, now),
+                Output::DeadLetter(job, why) => self.dead_letter(&job, why),
+                Output::Retrying { .. } => {
+                    self.metrics.events_retried.inc();
+                }
+            }
+        }
+        if self.is_ready() {
+            self.healthy = true;
+        }
+        let m = &self.metrics;
+        m.registrations_tracked
+            .set(self.discovery.tracked_registrations() as i64);
+        m.subscriptions_active
+            .set(self.discovery.active_subscriptions() as i64);
+        m.ready.set(i64::from(self.is_ready()));
+        m.queue_depth.set(self.core.waiting() as i64);
+        m.calls_in_flight.set(self.core.in_flight() as i64);
+    }
+
+    fn execute(&mut self, action: Action, session: &mut Session<Token>, now: Instant) {
+        let deadline = Some(now + self.request_timeout);
+        match action {
+            Action::Subscribe(key) => {
+                let options = match key.policy {
+                    MatchPolicy::Wildcard => Dict::new().with("match", "wildcard"),
+                    // Prefix topics are never subscribed (discovery ignores
+                    // prefix registrations); exact needs no option.
+                    MatchPolicy::Prefix => Dict::new().with("match", "prefix"),
+                    MatchPolicy::Exact => Dict::new(),
+                };
+                let topic = key.topic.clone();
+                session.subscribe(&topic, options, Token::Subscribe(key), deadline);
+            }
+            Action::Unsubscribe { subscription, .. } => {
+                session.unsubscribe(subscription, Token::Unsubscribe(subscription), deadline)
+            }
+            Action::GetRegistration(id) => {
+                let args = Payload::new(vec![Value::UInt(id.0)], Dict::new());
+                session.call(meta::GET, Dict::new(), args, Token::Get(id), deadline);
+            }
+        }
+    }
+
+    fn start(&mut self, id: DeliveryId, session: Option<&mut Session<Token>>, now: Instant) {
+        let Some(jobs) = self.core.delivery(id) else {
+            return;
+        };
+        match self.sink.start(id, jobs, session, now) {
+            Started::OnSession => {}
+            Started::Pending(report) => self
+                .started
+                .push(Box::pin(async move { (id, report.await) })),
+            Started::Done(report) => self.on_report(id, report, now),
+        }
+    }
+
+    fn delivered(&self, job: &Job<SharedEvent>, now: Instant) {
+        self.metrics.events_forwarded.inc();
+        if !self.sink.needs_session() {
+            self.metrics.redis_pushes.inc();
+        }
+        self.metrics
+            .forward_latency
+            .observe(now.saturating_duration_since(job.received).as_secs_f64());
+        tracing::debug!(
+            procedure = %job.item.procedure,
+            publication = %job.item.publication,
+            attempts = job.attempts,
+            "event delivered"
+        );
+    }
+
+    fn dead_letter(&self, job: &Job<SharedEvent>, why: GiveUp) {
+        self.metrics.dead_lettered(why).inc();
+        let ev = &job.item;
+        tracing::error!(
+            target: "subtocall::dead_letter",
+            reason = why.as_str(),
+            procedure = %ev.procedure,
+            topic = %ev.topic,
+            publication = %ev.publication,
+            attempts = job.attempts,
+            last_error = job.last_error.as_deref().unwrap_or(""),
+            "event dead-lettered"
+        );
+        if let Some(store) = &self.dead_letter_store {
+            let record = ev.dead_letter_json(
+                why.as_str(),
+                job.attempts,
+                job.last_error.as_deref(),
+                SystemTime::now(),
+            );
+            if store.try_send(record).is_err() {
+                self.metrics.dead_letter_store_errors.inc();
+                tracing::warn!(publication = %ev.publication, "dead-letter store is behind; record only logged");
+            }
+        }
+    }
+
+    // ------------------------------------------------------------ shutdown
+
+    /// Stops discovery, unsubscribes (events already on their way are still
+    /// delivered), and gives the core until `deadline`.
+    pub fn begin_drain(
+        &mut self,
+        session: Option<&mut Session<Token>>,
+        deadline: Instant,
+        now: Instant,
+    ) {
+        tracing::info!(
+            waiting = self.core.waiting(),
+            in_flight = self.core.in_flight(),
+            deadline_in = ?deadline.saturating_duration_since(now),
+            "shutdown requested: no new subscriptions, draining accepted events"
+        );
+        self.draining = true;
+        self.core.shutdown(deadline, now);
+        match session {
+            Some(session) if self.joined => {
+                let subscriptions: Vec<_> = self.discovery.subscriptions().collect();
+                for id in subscriptions {
+                    let at = Some(now + self.request_timeout);
+                    session.unsubscribe(id, Token::Unsubscribe(id), at);
+                }
+            }
+            // Nothing can deliver through a session that is not there.
+            _ if self.sink.needs_session() => self.core.shutdown(now, now),
+            _ => {}
+        }
+    }
+
+    /// Ends the drain now: everything unfinished is dead-lettered.
+    pub fn stop(&mut self, now: Instant) {
+        self.draining = true;
+        self.core.shutdown(now, now);
+        self.pump(None, now);
+    }
+
+    pub fn core(&self) -> &Core {
+        &self.core
+    }
+
+    /// Earliest time something is due: a retry, the drain deadline, a
+    /// discovery timer (while joined).
+    pub fn next_wake(&self) -> Option<Instant> {
+        let core = self.core.next_wake();
+        let discovery = if self.joined && !self.draining {
+            self.discovery.next_deadline()
+        } else {
+            None
+        };
+        match (core, discovery) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Closes the dead-letter store channel so its task can finish.
+    pub fn close_dead_letter_store(&mut self) {
+        self.dead_letter_store = None;
+    }
+}
+
+fn log_failures(jobs: &[Job<SharedEvent>], report: &Report) {
+    let failures: Box<dyn Iterator<Item = (&Job<SharedEvent>, &crate::forward::Failure)>> =
+        match report {
+            Report::All(Ok(())) => return,
+            Report::All(Err(f)) => Box::new(jobs.iter().map(move |j| (j, f))),
+            Report::Each(outcomes) => Box::new(
+                jobs.iter()
+                    .zip(outcomes)
+                    .filter_map(|(j, o)| o.as_ref().err().map(|f| (j, f))),
+            ),
+        };
+    for (job, error) in failures {
+        tracing::debug!(
+            procedure = %job.item.procedure,
+            publication = %job.item.publication,
+            attempts = job.attempts,
+            %error,
+            "delivery attempt failed"
+        );
+    }
+}
+
+fn log_note(note: &Note) {
+    match note.level() {
+        discovery::Level::Debug => tracing::debug!("{note}"),
+        discovery::Level::Info => tracing::info!("{note}"),
+        discovery::Level::Warn => tracing::warn!("{note}"),
+    }
+}

@@ -1,0 +1,443 @@
+//! The forwarding core: a sans-IO state machine between "an EVENT was
+//! accepted" and "a sink delivered it". It alone owns the queue, the
+//! in-flight bound, the retry policy and what each outcome means. Inputs are
+//! methods ([`Forwarder::accept`], [`Forwarder::on_outcome`],
+//! [`Forwarder::on_tick`], [`Forwarder::shutdown`]); the driver pulls what to
+//! do with [`Forwarder::poll`] (deliver, dead-letter, acknowledge) and asks
+//! [`Forwarder::next_wake`] when to call `on_tick` again. No IO, no clock,
+//! no global randomness: time is an argument and jitter comes from a seeded
+//! generator.
+//!
+//! Every accepted event is resolved exactly once, by an `Ack` or a
+//! `DeadLetter`: `accepted == forwarded + dead_lettered + waiting + in_flight`
+//! holds after every call.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Instant;
+
+use super::outcome::{GiveUp, Outcome, RetryAction, classify};
+use super::queue::{Job, Queue};
+use super::retry::RetryPolicy;
+
+/// What to do with a new event when `capacity` events are already waiting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OverflowPolicy {
+    /// Refuse the new event (it is dead-lettered).
+    DropNewest,
+    /// Make room by giving up the oldest event still waiting for its first
+    /// attempt (it is dead-lettered); if every waiting event is a retry, the
+    /// new event is refused instead.
+    DropOldest,
+}
+
+/// How events are grouped into deliveries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dispatch {
+    /// One event per delivery, up to the in-flight limit at once, each
+    /// retried on its own (a CALL per event).
+    Each,
+    /// Up to `max` events per delivery, in order, one delivery at a time; a
+    /// delivery that fails as a whole goes back to the head of the line and
+    /// nothing passes it (Redis lists, whose order is kept).
+    Pipeline { max: usize },
+}
+
+/// The core's limits and policies.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Settings {
+    /// Events that may wait (first attempt or retry).
+    pub capacity: usize,
+    pub overflow: OverflowPolicy,
+    /// Events in flight at once.
+    pub max_in_flight: usize,
+    pub dispatch: Dispatch,
+    pub retry: RetryPolicy,
+}
+
+/// Names one delivery (one attempt at one event, or at a pipeline batch) so
+/// that its outcome finds its way back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DeliveryId(pub u64);
+
+impl std::fmt::Display for DeliveryId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// What the driver must do, in order.
+#[derive(Debug, PartialEq)]
+pub enum Output<T> {
+    /// Start delivering the events of this delivery (see
+    /// [`Forwarder::delivery`]) and report with [`Forwarder::on_outcome`].
+    Deliver(DeliveryId),
+    /// Delivered: count it, acknowledge it where the queue needs that.
+    Ack(Job<T>),
+    /// Given up: log it, count it, store the record.
+    DeadLetter(Job<T>, GiveUp),
+    /// An attempt failed and the event will be tried again at `at`.
+    Retrying { at: Instant },
+}
+
+/// Running totals, each changed only by the core.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub accepted: u64,
+    pub forwarded: u64,
+    pub dead_lettered: u64,
+    pub retried: u64,
+    /// Outcomes reported for deliveries that were already resolved (at the
+    /// shutdown deadline): ignored.
+    pub late_outcomes: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Running,
+    /// Delivering what was accepted until `deadline`.
+    Draining {
+        deadline: Instant,
+    },
+    /// The deadline passed: everything unfinished was dead-lettered.
+    Stopped,
+}
+
+/// The forwarding core over a queue `Q` of items `T`.
+#[derive(Debug)]
+pub struct Forwarder<T, Q> {
+    queue: Q,
+    settings: Settings,
+    in_flight: HashMap<DeliveryId, Vec<Job<T>>>,
+    in_flight_events: usize,
+    next_id: u64,
+    outputs: VecDeque<Output<T>>,
+    /// Whether the sink can take deliveries now (WAMP: joined).
+    open: bool,
+    state: State,
+    counts: Counts,
+    rng: u64,
+}
+
+impl<T, Q: Queue<T>> Forwarder<T, Q> {
+    /// A core over `queue`; `seed` makes the backoff jitter reproducible.
+    pub fn new(queue: Q, settings: Settings, seed: u64) -> Forwarder<T, Q> {
+        let settings = Settings {
+            capacity: settings.capacity.max(1),
+            max_in_flight: settings.max_in_flight.max(1),
+            dispatch: match settings.dispatch {
+                Dispatch::Pipeline { max } => Dispatch::Pipeline { max: max.max(1) },
+                each => each,
+            },
+            ..settings
+        };
+        Forwarder {
+            queue,
+            settings,
+            in_flight: HashMap::new(),
+            in_flight_events: 0,
+            next_id: 0,
+            outputs: VecDeque::new(),
+            open: false,
+            state: State::Running,
+            counts: Counts::default(),
+            // xorshift must not start at zero.
+            rng: seed | 1,
+        }
+    }
+
+    // ------------------------------------------------------------ inputs
+
+    /// Takes on a new event. Overflow dead-letters (the new event, or with
+    /// [`OverflowPolicy::DropOldest`] the oldest waiting one).
+    pub fn accept(&mut self, item: T, now: Instant) {
+        self.counts.accepted += 1;
+        let job = Job::new(item, now);
+        if self.state == State::Stopped {
+            return self.give_up(job, GiveUp::Shutdown);
+        }
+        if self.queue.waiting() >= self.settings.capacity {
+            let evicted = match self.settings.overflow {
+                OverflowPolicy::DropOldest => self.queue.evict_oldest_new(),
+                OverflowPolicy::DropNewest => None,
+            };
+            match evicted {
+                Some(oldest) => {
+                    self.give_up(oldest, GiveUp::Overflow);
+                    self.queue.enqueue(job);
+                }
+                None => self.give_up(job, GiveUp::Overflow),
+            }
+        } else {
+            self.queue.enqueue(job);
+        }
+        self.dispatch(now);
+    }
+
+    /// Whether the sink can take deliveries now. Events wait while it cannot.
+    pub fn set_open(&mut self, open: bool, now: Instant) {
+        self.open = open;
+        self.dispatch(now);
+    }
+
+    /// How a delivery ended: one outcome for all its events. Returns false
+    /// for a delivery already resolved (by the shutdown deadline).
+    pub fn on_outcome(&mut self, id: DeliveryId, outcome: Outcome, now: Instant) -> bool {
+        let Some(jobs) = self.take_delivery(id) else {
+            return false;
+        };
+        match outcome {
+            Ok(()) => jobs.into_iter().for_each(|job| self.ack(job)),
+            Err(failure) => {
+                let action = classify(&failure);
+                let error = failure.to_string();
+                match self.settings.dispatch {
+                    Dispatch::Pipeline { .. } if action == RetryAction::Retry => {
+                        self.retry_in_order(jobs, &error, now)
+                    }
+                    _ => {
+                        for job in jobs {
+                            self.failed(job, action, error.clone(), now);
+                        }
+                    }
+                }
+            }
+        }
+        self.dispatch(now);
+        true
+    }
+
+    /// How a delivery ended, event by event (a pipeline whose commands
+    /// succeeded or failed one by one). Missing outcomes count as lost
+    /// connections.
+    pub fn on_outcomes(&mut self, id: DeliveryId, outcomes: Vec<Outcome>, now: Instant) -> bool {
+        let Some(jobs) = self.take_delivery(id) else {
+            return false;
+        };
+        let mut outcomes = outcomes.into_iter();
+        for job in jobs {
+            match outcomes.next() {
+                Some(Ok(())) => self.ack(job),
+                Some(Err(failure)) => {
+                    self.failed(job, classify(&failure), failure.to_string(), now)
+                }
+                None => self.failed(job, RetryAction::Retry, "no outcome reported".into(), now),
+            }
+        }
+        self.dispatch(now);
+        true
+    }
+
+    /// Time passed: start due retries; at the shutdown deadline, dead-letter
+    /// everything unfinished.
+    pub fn on_tick(&mut self, now: Instant) {
+        if let State::Draining { deadline } = self.state
+            && now >= deadline
+        {
+            self.stop();
+        }
+        self.dispatch(now);
+    }
+
+    /// Begins the drain: what is accepted keeps being delivered until
+    /// `deadline`; then [`Forwarder::on_tick`] dead-letters the rest.
+    pub fn shutdown(&mut self, deadline: Instant, now: Instant) {
+        if self.state == State::Running {
+            self.state = State::Draining { deadline };
+        }
+        self.on_tick(now);
+    }
+
+    // ------------------------------------------------------------ outputs
+
+    /// The next thing to do.
+    pub fn poll(&mut self) -> Option<Output<T>> {
+        self.outputs.pop_front()
+    }
+
+    /// The events of a delivery in flight, in order.
+    pub fn delivery(&self, id: DeliveryId) -> Option<&[Job<T>]> {
+        self.in_flight.get(&id).map(Vec::as_slice)
+    }
+
+    /// When `on_tick` has something to do: a retry due (if it could start)
+    /// or the shutdown deadline.
+    pub fn next_wake(&self) -> Option<Instant> {
+        let due = if self.open && self.in_flight_events < self.settings.max_in_flight {
+            self.queue.next_due()
+        } else {
+            None
+        };
+        let deadline = match self.state {
+            State::Draining { deadline } => Some(deadline),
+            _ => None,
+        };
+        match (due, deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    pub fn counts(&self) -> Counts {
+        self.counts
+    }
+
+    pub fn waiting(&self) -> usize {
+        self.queue.waiting()
+    }
+
+    /// Events in flight (not deliveries).
+    pub fn in_flight(&self) -> usize {
+        self.in_flight_events
+    }
+
+    /// Nothing waiting, nothing in flight, nothing left to poll.
+    pub fn is_idle(&self) -> bool {
+        self.queue.waiting() == 0 && self.in_flight_events == 0 && self.outputs.is_empty()
+    }
+
+    /// Whether the shutdown deadline has passed.
+    pub fn is_stopped(&self) -> bool {
+        self.state == State::Stopped
+    }
+
+    // ------------------------------------------------------------ inside
+
+    fn dispatch(&mut self, now: Instant) {
+        if !self.open || self.state == State::Stopped {
+            return;
+        }
+        let batch_max = match self.settings.dispatch {
+            Dispatch::Each => 1,
+            // One delivery at a time keeps a pipeline's order.
+            Dispatch::Pipeline { .. } if !self.in_flight.is_empty() => return,
+            Dispatch::Pipeline { max } => max,
+        };
+        while self.in_flight_events < self.settings.max_in_flight {
+            let room = (self.settings.max_in_flight - self.in_flight_events).min(batch_max);
+            let mut jobs = Vec::with_capacity(room);
+            while jobs.len() < room {
+                match self.queue.take_ready(now) {
+                    Some(mut job) => {
+                        job.attempts += 1;
+                        jobs.push(job);
+                    }
+                    None => break,
+                }
+            }
+            if jobs.is_empty() {
+                return;
+            }
+            self.next_id += 1;
+            let id = DeliveryId(self.next_id);
+            self.in_flight_events += jobs.len();
+            self.in_flight.insert(id, jobs);
+            self.outputs.push_back(Output::Deliver(id));
+            if matches!(self.settings.dispatch, Dispatch::Pipeline { .. }) {
+                return;
+            }
+        }
+    }
+
+    fn take_delivery(&mut self, id: DeliveryId) -> Option<Vec<Job<T>>> {
+        match self.in_flight.remove(&id) {
+            Some(jobs) => {
+                self.in_flight_events -= jobs.len();
+                Some(jobs)
+            }
+            None => {
+                self.counts.late_outcomes += 1;
+                None
+            }
+        }
+    }
+
+    fn ack(&mut self, job: Job<T>) {
+        self.queue.ack(&job);
+        self.counts.forwarded += 1;
+        self.outputs.push_back(Output::Ack(job));
+    }
+
+    fn give_up(&mut self, job: Job<T>, why: GiveUp) {
+        self.queue.dead_letter(&job);
+        self.counts.dead_lettered += 1;
+        self.outputs.push_back(Output::DeadLetter(job, why));
+    }
+
+    /// One event's attempt failed: retry it within its budget, or give up.
+    fn failed(&mut self, mut job: Job<T>, action: RetryAction, error: String, now: Instant) {
+        job.last_error = Some(error);
+        if action == RetryAction::Final {
+            return self.give_up(job, GiveUp::Rejected);
+        }
+        let jitter = self.jitter();
+        match self
+            .settings
+            .retry
+            .next_attempt(job.attempts, job.received, now, jitter)
+        {
+            Some(at) => {
+                self.counts.retried += 1;
+                self.queue.give_back(job, at);
+                self.outputs.push_back(Output::Retrying { at });
+            }
+            None => self.give_up(job, GiveUp::Exhausted),
+        }
+    }
+
+    /// A pipeline failed as a whole: back to the head of the line, in order,
+    /// paused for one backoff drawn from the batch's history.
+    fn retry_in_order(&mut self, jobs: Vec<Job<T>>, error: &str, now: Instant) {
+        let attempts = jobs.iter().map(|j| j.attempts).max().unwrap_or(0);
+        let oldest = jobs.iter().map(|j| j.received).min().unwrap_or(now);
+        let jitter = self.jitter();
+        let mut keep = Vec::with_capacity(jobs.len());
+        for mut job in jobs {
+            job.last_error = Some(error.to_owned());
+            let within_budget = self
+                .settings
+                .retry
+                .next_attempt(job.attempts, job.received, now, jitter)
+                .is_some();
+            if within_budget {
+                keep.push(job);
+            } else {
+                self.give_up(job, GiveUp::Exhausted);
+            }
+        }
+        if keep.is_empty() {
+            return;
+        }
+        let at = self
+            .settings
+            .retry
+            .next_attempt(attempts, oldest, now, jitter)
+            .unwrap_or(now);
+        self.counts.retried += keep.len() as u64;
+        self.queue.give_back_front(keep, at);
+        self.outputs.push_back(Output::Retrying { at });
+    }
+
+    /// The deadline passed: everything waiting or in flight is given up.
+    fn stop(&mut self) {
+        self.state = State::Stopped;
+        for job in self.queue.drain() {
+            self.give_up(job, GiveUp::Shutdown);
+        }
+        let mut in_flight: Vec<_> = self.in_flight.drain().collect();
+        in_flight.sort_by_key(|(id, _)| *id);
+        self.in_flight_events = 0;
+        for job in in_flight.into_iter().flat_map(|(_, jobs)| jobs) {
+            self.give_up(job, GiveUp::Shutdown);
+        }
+    }
+
+    /// A jitter draw in `[0, 1)` (xorshift64*).
+    fn jitter(&mut self) -> f64 {
+        let mut x = self.rng;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.rng = x;
+        (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
+    }
+}

@@ -1,0 +1,525 @@
+//! The forwarding core driven like the event loop drives it: unit tests of
+//! each rule, and a model-based property test over random sequences of
+//! accepts, outcomes, time, sink availability and shutdown.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use super::retry::{Backoff, RetryPolicy};
+use super::*;
+use crate::wamp::{Dict, Payload, RequestError, WampError};
+
+const S: Duration = Duration::from_secs(1);
+
+fn settings(capacity: usize, max_in_flight: usize, dispatch: Dispatch) -> Settings {
+    Settings {
+        capacity,
+        overflow: OverflowPolicy::DropNewest,
+        max_in_flight,
+        dispatch,
+        retry: RetryPolicy {
+            max_attempts: 3,
+            max_age: 100 * S,
+            backoff: Backoff {
+                initial: S,
+                max: 4 * S,
+            },
+        },
+    }
+}
+
+fn core(s: Settings) -> Forwarder<u32, MemoryQueue<u32>> {
+    let mut f = Forwarder::new(MemoryQueue::new(), s, 7);
+    f.set_open(true, Instant::now());
+    f
+}
+
+fn outputs<T, Q: Queue<T>>(f: &mut Forwarder<T, Q>) -> Vec<Output<T>> {
+    std::iter::from_fn(|| f.poll()).collect()
+}
+
+fn delivered_ids(out: &[Output<u32>]) -> Vec<DeliveryId> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::Deliver(id) => Some(*id),
+            _ => None,
+        })
+        .collect()
+}
+
+fn wamp(uri: &str) -> Outcome {
+    Err(Failure::Call(RequestError::Wamp(WampError {
+        error: uri.into(),
+        details: Dict::new(),
+        payload: Payload::default(),
+    })))
+}
+
+fn lost() -> Outcome {
+    Err(Failure::Call(RequestError::ConnectionLost))
+}
+
+#[test]
+fn events_start_in_order_up_to_the_in_flight_limit() {
+    let t0 = Instant::now();
+    let mut f = core(settings(10, 2, Dispatch::Each));
+    for i in 0..3 {
+        f.accept(i, t0);
+    }
+    let ids = delivered_ids(&outputs(&mut f));
+    assert_eq!(ids.len(), 2, "two in flight");
+    assert_eq!(f.delivery(ids[0]).unwrap()[0].item, 0);
+    assert_eq!(f.delivery(ids[1]).unwrap()[0].item, 1);
+    assert!(f.on_outcome(ids[1], Ok(()), t0));
+    let out = outputs(&mut f);
+    assert!(matches!(&out[0], Output::Ack(job) if job.item == 1 && job.attempts == 1));
+    let third = delivered_ids(&out);
+    assert_eq!(f.delivery(third[0]).unwrap()[0].item, 2);
+}
+
+#[test]
+fn nothing_starts_while_the_sink_is_closed() {
+    let t0 = Instant::now();
+    let mut f: Forwarder<u32, _> =
+        Forwarder::new(MemoryQueue::new(), settings(10, 2, Dispatch::Each), 1);
+    f.accept(1, t0);
+    assert!(outputs(&mut f).is_empty());
+    assert_eq!(f.waiting(), 1);
+    f.set_open(true, t0);
+    assert_eq!(delivered_ids(&outputs(&mut f)).len(), 1);
+}
+
+#[test]
+fn full_queue_dead_letters_the_newest_or_the_oldest_new_event() {
+    let t0 = Instant::now();
+    let mut f: Forwarder<u32, _> =
+        Forwarder::new(MemoryQueue::new(), settings(2, 1, Dispatch::Each), 1);
+    for i in 1..=3 {
+        f.accept(i, t0);
+    }
+    assert!(
+        matches!(&outputs(&mut f)[..], [Output::DeadLetter(j, GiveUp::Overflow)] if j.item == 3)
+    );
+    let mut s = settings(2, 1, Dispatch::Each);
+    s.overflow = OverflowPolicy::DropOldest;
+    let mut f: Forwarder<u32, _> = Forwarder::new(MemoryQueue::new(), s, 1);
+    for i in 1..=3 {
+        f.accept(i, t0);
+    }
+    assert!(
+        matches!(&outputs(&mut f)[..], [Output::DeadLetter(j, GiveUp::Overflow)] if j.item == 1)
+    );
+    assert_eq!(f.waiting(), 2);
+}
+
+#[test]
+fn retryable_failure_waits_its_backoff_then_goes_before_newer_events() {
+    let t0 = Instant::now();
+    let mut f = core(settings(10, 1, Dispatch::Each));
+    f.accept(1, t0);
+    let id = delivered_ids(&outputs(&mut f))[0];
+    f.accept(2, t0);
+    f.on_outcome(id, wamp("wamp.error.no_such_procedure"), t0);
+    let out = outputs(&mut f);
+    let Output::Retrying { at } = out[0] else {
+        panic!("{out:?}")
+    };
+    assert!(at <= t0 + S, "first retry within the initial backoff");
+    // Event 2 went meanwhile; the retry is due after it.
+    let two = delivered_ids(&out)[0];
+    assert_eq!(f.delivery(two).unwrap()[0].item, 2);
+    f.on_outcome(two, Ok(()), t0);
+    f.accept(3, t0);
+    let three = delivered_ids(&outputs(&mut f))[0];
+    assert_eq!(f.next_wake(), None, "the slot is taken by event 3");
+    f.on_outcome(three, Ok(()), t0);
+    outputs(&mut f);
+    assert_eq!(f.next_wake(), Some(at));
+    f.on_tick(at);
+    let retry = delivered_ids(&outputs(&mut f))[0];
+    let job = &f.delivery(retry).unwrap()[0];
+    assert_eq!((job.item, job.attempts), (1, 2));
+    assert!(
+        job.last_error
+            .as_deref()
+            .unwrap()
+            .contains("no_such_procedure")
+    );
+}
+
+#[test]
+fn a_final_error_is_dead_lettered_as_rejected_and_a_spent_budget_as_exhausted() {
+    let t0 = Instant::now();
+    let mut f = core(settings(10, 1, Dispatch::Each));
+    f.accept(1, t0);
+    let id = delivered_ids(&outputs(&mut f))[0];
+    f.on_outcome(id, wamp("com.example.error.rejected"), t0);
+    assert!(
+        matches!(&outputs(&mut f)[..], [Output::DeadLetter(j, GiveUp::Rejected)]
+        if j.last_error.as_deref().unwrap().contains("com.example.error.rejected"))
+    );
+
+    f.accept(2, t0);
+    let mut now = t0;
+    for attempt in 1..=3 {
+        let id = delivered_ids(&outputs(&mut f))[0];
+        assert_eq!(f.delivery(id).unwrap()[0].attempts, attempt);
+        f.on_outcome(id, lost(), now);
+        now += 5 * S;
+        f.on_tick(now);
+    }
+    let out = outputs(&mut f);
+    assert!(
+        matches!(&out[..], [Output::DeadLetter(j, GiveUp::Exhausted)] if j.attempts == 3),
+        "{out:?}"
+    );
+    assert!(f.is_idle());
+}
+
+#[test]
+fn a_failed_pipeline_goes_back_to_the_head_in_order_and_pauses_the_line() {
+    let t0 = Instant::now();
+    let mut f: Forwarder<u32, _> = Forwarder::new(
+        MemoryQueue::new(),
+        settings(10, 100, Dispatch::Pipeline { max: 3 }),
+        1,
+    );
+    for i in 1..=4 {
+        f.accept(i, t0);
+    }
+    f.set_open(true, t0);
+    let ids = delivered_ids(&outputs(&mut f));
+    assert_eq!(ids.len(), 1, "one pipeline at a time");
+    let items: Vec<u32> = f.delivery(ids[0]).unwrap().iter().map(|j| j.item).collect();
+    assert_eq!(items, [1, 2, 3]);
+    f.on_outcome(ids[0], lost(), t0);
+    let out = outputs(&mut f);
+    let [Output::Retrying { at }] = out[..] else {
+        panic!("{out:?}")
+    };
+    assert_eq!(f.in_flight(), 0);
+    f.on_tick(at);
+    let again = delivered_ids(&outputs(&mut f))[0];
+    let jobs = f.delivery(again).unwrap();
+    assert_eq!(jobs.iter().map(|j| j.item).collect::<Vec<_>>(), [1, 2, 3]);
+    assert_eq!(jobs[0].attempts, 2);
+}
+
+#[test]
+fn pipeline_commands_that_fail_one_by_one_are_resolved_one_by_one() {
+    let t0 = Instant::now();
+    let mut f: Forwarder<u32, _> = Forwarder::new(
+        MemoryQueue::new(),
+        settings(10, 100, Dispatch::Pipeline { max: 3 }),
+        1,
+    );
+    for i in 1..=3 {
+        f.accept(i, t0);
+    }
+    f.set_open(true, t0);
+    let id = delivered_ids(&outputs(&mut f))[0];
+    let wrongtype = redis::RedisError::from((
+        redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError),
+        "WRONGTYPE",
+    ));
+    f.on_outcomes(id, vec![Ok(()), Err(Failure::Redis(wrongtype))], t0);
+    let out = outputs(&mut f);
+    assert!(matches!(&out[0], Output::Ack(j) if j.item == 1));
+    assert!(matches!(&out[1], Output::DeadLetter(j, GiveUp::Rejected) if j.item == 2));
+    assert!(
+        matches!(&out[2], Output::Retrying { .. }),
+        "a missing outcome is retried"
+    );
+}
+
+#[test]
+fn at_the_shutdown_deadline_every_unfinished_event_is_dead_lettered_once() {
+    // The defect this guards: a call in flight at the deadline was neither
+    // forwarded nor dead-lettered.
+    let t0 = Instant::now();
+    let mut f = core(settings(10, 1, Dispatch::Each));
+    f.accept(1, t0);
+    f.accept(2, t0);
+    let id = delivered_ids(&outputs(&mut f))[0];
+    f.shutdown(t0 + 10 * S, t0);
+    assert_eq!(f.next_wake(), Some(t0 + 10 * S));
+    f.on_tick(t0 + 10 * S);
+    let out = outputs(&mut f);
+    let items: BTreeSet<u32> = out
+        .iter()
+        .map(|o| match o {
+            Output::DeadLetter(j, GiveUp::Shutdown) => j.item,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(items, BTreeSet::from([1, 2]));
+    assert!(f.is_idle() && f.is_stopped());
+    assert!(
+        !f.on_outcome(id, Ok(()), t0 + 11 * S),
+        "a late answer is ignored"
+    );
+    let c = f.counts();
+    assert_eq!(
+        (c.accepted, c.forwarded, c.dead_lettered, c.late_outcomes),
+        (2, 0, 2, 1)
+    );
+}
+
+mod model {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Accept,
+        /// Finish the n-th delivery in flight with this outcome.
+        Finish(usize, Kind),
+        /// Finish the n-th delivery in flight event by event.
+        FinishEach(usize, Vec<Kind>),
+        Advance(u64),
+        Open(bool),
+        Shutdown(u64),
+    }
+
+    #[derive(Debug, Clone, Copy)]
+    enum Kind {
+        Ok,
+        Transient,
+        Final,
+    }
+
+    impl Kind {
+        fn outcome(self) -> Outcome {
+            match self {
+                Kind::Ok => Ok(()),
+                Kind::Transient => lost(),
+                Kind::Final => wamp("com.example.error.no"),
+            }
+        }
+    }
+
+    fn kind() -> impl Strategy<Value = Kind> {
+        prop_oneof![3 => Just(Kind::Ok), 2 => Just(Kind::Transient), 1 => Just(Kind::Final)]
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            6 => Just(Op::Accept),
+            6 => (0..8usize, kind()).prop_map(|(n, k)| Op::Finish(n, k)),
+            1 => (0..8usize, prop::collection::vec(kind(), 0..4)).prop_map(|(n, k)| Op::FinishEach(n, k)),
+            3 => (0..3000u64).prop_map(Op::Advance),
+            1 => any::<bool>().prop_map(Op::Open),
+            1 => (0..20_000u64).prop_map(Op::Shutdown),
+        ]
+    }
+
+    fn dispatch() -> impl Strategy<Value = Dispatch> {
+        prop_oneof![
+            Just(Dispatch::Each),
+            (1..5usize).prop_map(|max| Dispatch::Pipeline { max })
+        ]
+    }
+
+    /// The driver's side: what it was told to deliver, and what became of
+    /// each accepted event.
+    struct World {
+        f: Forwarder<u32, MemoryQueue<u32>>,
+        now: Instant,
+        next_item: u32,
+        max_in_flight: usize,
+        pipeline: bool,
+        /// Deliveries in flight and their items.
+        flying: BTreeMap<DeliveryId, Vec<u32>>,
+        /// Each accepted item's resolution: true once acked or dead-lettered.
+        resolved: BTreeMap<u32, bool>,
+        /// Items of an ordered pipeline, in the order they were delivered.
+        delivered_order: Vec<u32>,
+    }
+
+    impl World {
+        fn drain(&mut self) -> Result<(), TestCaseError> {
+            while let Some(out) = self.f.poll() {
+                match out {
+                    Output::Deliver(id) => {
+                        let items: Vec<u32> = self
+                            .f
+                            .delivery(id)
+                            .unwrap()
+                            .iter()
+                            .map(|j| j.item)
+                            .collect();
+                        prop_assert!(!items.is_empty());
+                        for item in &items {
+                            prop_assert!(
+                                !self.resolved[item],
+                                "resolved item {item} delivered again"
+                            );
+                            prop_assert!(
+                                self.flying.values().all(|v| !v.contains(item)),
+                                "item {item} twice in flight"
+                            );
+                        }
+                        self.flying.insert(id, items);
+                    }
+                    Output::Ack(job) | Output::DeadLetter(job, _) => {
+                        let was = self.resolved.insert(job.item, true);
+                        prop_assert_eq!(
+                            was,
+                            Some(false),
+                            "item {} resolved twice or never accepted",
+                            job.item
+                        );
+                        if self.pipeline {
+                            self.delivered_order.push(job.item);
+                        }
+                    }
+                    Output::Retrying { at } => prop_assert!(at >= self.now),
+                }
+            }
+            Ok(())
+        }
+
+        fn check(&self) -> Result<(), TestCaseError> {
+            let c = self.f.counts();
+            let (waiting, in_flight) = (self.f.waiting() as u64, self.f.in_flight() as u64);
+            prop_assert_eq!(
+                c.accepted,
+                c.forwarded + c.dead_lettered + waiting + in_flight
+            );
+            prop_assert!(
+                self.f.in_flight() <= self.max_in_flight,
+                "in-flight bound exceeded"
+            );
+            let flying: usize = self.flying.values().map(Vec::len).sum();
+            prop_assert_eq!(flying, self.f.in_flight());
+            let unresolved = self.resolved.values().filter(|r| !**r).count() as u64;
+            prop_assert_eq!(unresolved, waiting + in_flight);
+            Ok(())
+        }
+
+        fn apply(&mut self, op: Op) -> Result<(), TestCaseError> {
+            match op {
+                Op::Accept => {
+                    self.next_item += 1;
+                    self.resolved.insert(self.next_item, false);
+                    self.f.accept(self.next_item, self.now);
+                }
+                Op::Finish(n, kind) => {
+                    if let Some(id) = self
+                        .flying
+                        .keys()
+                        .nth(n % self.flying.len().max(1))
+                        .copied()
+                    {
+                        self.flying.remove(&id);
+                        prop_assert!(self.f.on_outcome(id, kind.outcome(), self.now));
+                    }
+                }
+                Op::FinishEach(n, kinds) => {
+                    if let Some(id) = self
+                        .flying
+                        .keys()
+                        .nth(n % self.flying.len().max(1))
+                        .copied()
+                    {
+                        self.flying.remove(&id);
+                        let outcomes = kinds.iter().map(|k| k.outcome()).collect();
+                        prop_assert!(self.f.on_outcomes(id, outcomes, self.now));
+                    }
+                }
+                Op::Advance(ms) => {
+                    self.now += Duration::from_millis(ms);
+                    self.f.on_tick(self.now);
+                }
+                Op::Open(open) => self.f.set_open(open, self.now),
+                Op::Shutdown(ms) => {
+                    let deadline = self.now + Duration::from_millis(ms);
+                    self.f.shutdown(deadline, self.now);
+                }
+            }
+            self.drain()?;
+            // A deadline that passed must have stopped everything.
+            if self.f.is_stopped() {
+                // Outcomes of deliveries resolved by the deadline are late.
+                self.flying.clear();
+            }
+            self.check()
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+        #[test]
+        fn every_accepted_event_is_resolved_exactly_once_within_the_bounds(
+            ops in prop::collection::vec(op(), 0..120),
+            capacity in 1..8usize,
+            max_in_flight in 1..5usize,
+            dispatch in dispatch(),
+            drop_oldest in any::<bool>(),
+        ) {
+            let mut s = settings(capacity, max_in_flight, dispatch);
+            if drop_oldest {
+                s.overflow = OverflowPolicy::DropOldest;
+            }
+            let mut w = World {
+                f: Forwarder::new(MemoryQueue::new(), s, 42),
+                now: Instant::now(),
+                next_item: 0,
+                max_in_flight,
+                pipeline: matches!(dispatch, Dispatch::Pipeline { .. }),
+                flying: BTreeMap::new(),
+                resolved: BTreeMap::new(),
+                delivered_order: Vec::new(),
+            };
+            for op in ops {
+                w.apply(op)?;
+            }
+            // Drain: shut down and let the deadline pass with the backends
+            // silent. Nothing is left waiting or in flight, and every
+            // accepted event was resolved exactly once.
+            // (An earlier random shutdown may have set a later deadline, at
+            // most 20 s ahead.)
+            w.apply(Op::Shutdown(5_000))?;
+            w.apply(Op::Advance(25_000))?;
+            prop_assert!(w.f.is_idle());
+            prop_assert!(w.resolved.values().all(|r| *r));
+            let c = w.f.counts();
+            prop_assert_eq!(c.accepted, c.forwarded + c.dead_lettered);
+        }
+
+        #[test]
+        fn with_answering_backends_a_drain_ends_before_its_deadline(
+            accepted in 0..50u32,
+            max_in_flight in 1..5usize,
+            dispatch in dispatch(),
+        ) {
+            let mut w = World {
+                f: Forwarder::new(MemoryQueue::new(), settings(100, max_in_flight, dispatch), 3),
+                now: Instant::now(),
+                next_item: 0,
+                max_in_flight,
+                pipeline: matches!(dispatch, Dispatch::Pipeline { .. }),
+                flying: BTreeMap::new(),
+                resolved: BTreeMap::new(),
+                delivered_order: Vec::new(),
+            };
+            w.apply(Op::Open(true))?;
+            for _ in 0..accepted {
+                w.apply(Op::Accept)?;
+            }
+            w.apply(Op::Shutdown(60_000))?;
+            while !w.flying.is_empty() {
+                w.apply(Op::Finish(0, Kind::Ok))?;
+            }
+            prop_assert!(w.f.is_idle());
+            prop_assert!(!w.f.is_stopped());
+            prop_assert_eq!(w.f.counts().forwarded, u64::from(accepted));
+            if matches!(dispatch, Dispatch::Pipeline { .. }) {
+                let in_order: Vec<u32> = (1..=accepted).collect();
+                prop_assert_eq!(&w.delivered_order, &in_order);
+            }
+        }
+    }
+}

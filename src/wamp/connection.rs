@@ -1,0 +1,592 @@
+//! One WebSocket connection to the router carrying one WAMP session: the
+//! socket half of an event loop. [`Connection::connect`] connects and joins;
+//! then the owner drives it from its own loop: [`Connection::wait`] (a
+//! cancel-safe `select!` branch) reads whatever the router sent into the
+//! sans-IO [`Session`] and keeps the liveness timers, [`Connection::poll_output`]
+//! hands over the session's outputs in the order the router caused them
+//! (encoding what is to be sent), and [`Connection::flush`] writes. Nothing
+//! the router sends is ever dropped here: the owner takes every output.
+//!
+//! Both the sidecar's event loop (`app`) and the handle-based [`super::Client`]
+//! drive their session through this.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::time::Duration;
+
+use futures_util::{FutureExt as _, SinkExt as _, StreamExt as _};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep, sleep_until, timeout};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::{self, Message as WsMessage};
+use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
+
+use super::auth::Credentials;
+use super::codec::{DecodeError, Serializer};
+use super::message::Message;
+use super::raw;
+use super::session::{Output, Session, SessionConfig, SessionError, SessionInfo};
+use super::tls::{self, TlsError};
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// How many buffered frames one [`Connection::wait`] takes at most, so that
+/// a burst is handled (and answered with one flush) without starving the
+/// owner's other work.
+const BATCH: usize = 64;
+
+/// The WebSocket read buffer (see `connect_and_join`).
+const READ_BUFFER: usize = 16 * 1024;
+
+/// Connection settings. [`ClientConfig::new`] fills in the defaults.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// `ws://` or `wss://` URL of the router's WebSocket transport.
+    pub url: String,
+    pub realm: String,
+    pub credentials: Credentials,
+    /// Offered in this order as WebSocket subprotocols; the router picks.
+    pub serializers: Vec<Serializer>,
+    /// TCP + TLS + WebSocket handshake + WAMP join.
+    pub connect_timeout: Duration,
+    /// Deadline for requests made without an explicit timeout.
+    pub request_timeout: Duration,
+    /// How often to send a WebSocket ping.
+    pub ping_interval: Duration,
+    /// The connection is dead when nothing arrives this long after a ping.
+    pub ping_timeout: Duration,
+    /// Largest incoming message; larger is a protocol error.
+    pub max_message_size: usize,
+    /// Extra CA certificates (PEM) trusted for `wss://`.
+    pub ca_file: Option<PathBuf>,
+    /// Capacity of the incoming event/invocation channel.
+    pub incoming_capacity: usize,
+    /// Capacity of the command channel from handles to the socket task.
+    pub command_capacity: usize,
+    /// HELLO.Details.agent.
+    pub agent: String,
+    /// Hand EVENTs over as [`Output::RawEvent`]s, their payload kept as
+    /// received (for a forwarder, which passes it on in a CALL without
+    /// decoding it), instead of decoded [`Output::Event`]s.
+    pub raw_event_payloads: bool,
+}
+
+impl ClientConfig {
+    pub fn new(url: impl Into<String>, realm: impl Into<String>) -> ClientConfig {
+        ClientConfig {
+            url: url.into(),
+            realm: realm.into(),
+            credentials: Credentials::Anonymous,
+            serializers: Serializer::ALL.to_vec(),
+            connect_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+            ping_interval: Duration::from_secs(10),
+            ping_timeout: Duration::from_secs(5),
+            max_message_size: 16 * 1024 * 1024,
+            ca_file: None,
+            incoming_capacity: 4096,
+            command_capacity: 1024,
+            agent: concat!("subtocall/", env!("CARGO_PKG_VERSION")).to_owned(),
+            raw_event_payloads: false,
+        }
+    }
+}
+
+/// Why [`Client::connect`] failed, classified by what the caller should do.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The URL is not a usable `ws://`/`wss://` URL. Fatal: fix the config.
+    #[error("invalid router URL {url:?}: {detail}")]
+    InvalidUrl { url: String, detail: String },
+    /// TLS could not be configured. Fatal: fix the config.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// TCP, TLS or WebSocket handshake failed. Retry later.
+    #[error("cannot connect to {url}: {detail}")]
+    Transport { url: String, detail: String },
+    /// The router accepted none of our serializers. Fatal.
+    #[error("router accepted none of the offered serializers ({offered})")]
+    NoSerializer { offered: String },
+    /// The WAMP join failed: ABORT (e.g. bad credentials), or a protocol
+    /// error. [`ConnectError::is_terminal`] tells whether to retry.
+    #[error(transparent)]
+    Join(#[from] SessionError),
+    /// The connection closed before WELCOME. Retry later.
+    #[error("connection closed during the WAMP join: {0}")]
+    ClosedDuringJoin(String),
+    /// Nothing completed within the connect timeout. Retry later.
+    #[error("no WAMP session within {0:?}")]
+    Timeout(Duration),
+}
+
+impl ConnectError {
+    /// Whether retrying with the same configuration can possibly succeed.
+    pub fn is_terminal(&self) -> bool {
+        match self {
+            ConnectError::InvalidUrl { .. }
+            | ConnectError::Tls(_)
+            | ConnectError::NoSerializer { .. } => true,
+            ConnectError::Join(e) => e.is_terminal(),
+            ConnectError::Transport { .. }
+            | ConnectError::ClosedDuringJoin(_)
+            | ConnectError::Timeout(_) => false,
+        }
+    }
+}
+
+/// Why an established session ended.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum CloseReason {
+    /// GOODBYE: ours acknowledged, or the router's.
+    #[error("session closed with {0}")]
+    Goodbye(String),
+    /// The router sent ABORT.
+    #[error("router aborted the session: {reason}")]
+    Aborted { reason: String },
+    /// The router broke the protocol (malformed or oversized message,
+    /// unexpected message type); we sent ABORT and closed.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// The transport failed or was closed.
+    #[error("connection lost: {0}")]
+    ConnectionLost(String),
+    /// No frame arrived within the ping timeout after a ping.
+    #[error("no answer to a WebSocket ping within {0:?}")]
+    PingTimeout(Duration),
+    /// [`Client::close`] was called, or every handle was dropped.
+    #[error("closed by the client")]
+    ClosedLocally,
+}
+
+/// One joined session on its socket. See the module documentation.
+pub struct Connection<T> {
+    ws: Ws,
+    session: Session<T>,
+    serializer: Serializer,
+    info: SessionInfo,
+    /// Decode EVENTs without their payload (see `raw`).
+    raw_events: bool,
+    ping_interval: Duration,
+    ping_timeout: Duration,
+    /// When the next ping goes out.
+    ping_timer: Pin<Box<Sleep>>,
+    /// Set while a ping waits for any frame in return.
+    pong_deadline: Option<Instant>,
+    /// The session's earliest request deadline, as armed in `deadline_timer`
+    /// (re-armed only when it changes: a timer per turn costs at high rates).
+    deadline_timer: Pin<Box<Sleep>>,
+    armed: Option<Instant>,
+    /// Encoded frames not yet written.
+    writes: VecDeque<WsMessage>,
+    /// Frames were fed to the socket (or a pong queued) since the last flush.
+    unflushed: bool,
+    /// Set when the session has ended; the owner stops driving it.
+    close: Option<CloseReason>,
+}
+
+impl<T> Connection<T> {
+    /// Connects, joins the realm, and returns the established session.
+    pub async fn connect(config: &ClientConfig) -> Result<Connection<T>, ConnectError> {
+        let limit = config.connect_timeout;
+        let (ws, session, serializer) = match timeout(limit, connect_and_join(config)).await {
+            Ok(joined) => joined?,
+            Err(_) => return Err(ConnectError::Timeout(limit)),
+        };
+        let Some(info) = session.info().cloned() else {
+            // connect_and_join returns only after WELCOME.
+            return Err(ConnectError::ClosedDuringJoin("no WELCOME".into()));
+        };
+        let now = Instant::now();
+        Ok(Connection {
+            ws,
+            session,
+            serializer,
+            info,
+            raw_events: config.raw_event_payloads,
+            ping_interval: config.ping_interval,
+            ping_timeout: config.ping_timeout,
+            ping_timer: Box::pin(sleep_until(now + config.ping_interval)),
+            pong_deadline: None,
+            deadline_timer: Box::pin(sleep_until(now)),
+            armed: None,
+            writes: VecDeque::new(),
+            unflushed: false,
+            close: None,
+        })
+    }
+
+    /// What WELCOME said about this session.
+    pub fn info(&self) -> &SessionInfo {
+        &self.info
+    }
+
+    /// The serializer the router picked.
+    pub fn serializer(&self) -> Serializer {
+        self.serializer
+    }
+
+    /// The session, to make requests on (they go out with the next flush).
+    pub fn session(&mut self) -> &mut Session<T> {
+        &mut self.session
+    }
+
+    /// Why the session ended, once it has: the owner stops and drops it.
+    pub fn close_reason(&self) -> Option<&CloseReason> {
+        self.close.as_ref()
+    }
+
+    /// Ends the session from our side without GOODBYE (e.g. to rejoin).
+    pub fn close(&mut self, reason: CloseReason) {
+        self.close.get_or_insert(reason);
+    }
+
+    /// Waits until the router sent something (read into the session, up to
+    /// a burst), a ping is due, a request deadline passed, or the router
+    /// went silent. Cancel-safe: `StreamExt::next` loses nothing when
+    /// another branch wins, and the timers are plain deadlines kept in
+    /// `self`. Returns at once if the session has ended.
+    pub async fn wait(&mut self) {
+        if self.close.is_some() {
+            return;
+        }
+        let next_deadline = self.session.next_deadline().map(Instant::from_std);
+        if next_deadline != self.armed {
+            if let Some(at) = next_deadline {
+                self.deadline_timer.as_mut().reset(at);
+            }
+            self.armed = next_deadline;
+        }
+        let pong_wait = self
+            .pong_deadline
+            .unwrap_or_else(|| Instant::now() + self.ping_timeout);
+        tokio::select! {
+            frame = self.ws.next() => {
+                self.pong_deadline = None;
+                self.on_frame(frame);
+                // Take whatever else is already buffered.
+                for _ in 1..BATCH {
+                    if self.close.is_some() {
+                        break;
+                    }
+                    match self.ws.next().now_or_never() {
+                        Some(frame) => self.on_frame(frame),
+                        None => break,
+                    }
+                }
+            }
+            _ = self.deadline_timer.as_mut(), if self.armed.is_some() => {
+                self.session.handle_timeouts(Instant::now().into_std());
+                self.armed = None;
+            }
+            _ = self.ping_timer.as_mut() => {
+                let now = Instant::now();
+                self.ping_timer.as_mut().reset(now + self.ping_interval);
+                self.pong_deadline.get_or_insert(now + self.ping_timeout);
+                self.writes.push_back(WsMessage::Ping(Default::default()));
+            }
+            _ = sleep_until(pong_wait), if self.pong_deadline.is_some() => {
+                self.close(CloseReason::PingTimeout(self.ping_timeout));
+            }
+        }
+    }
+
+    /// The session's next output that is not a message to send, in order.
+    /// Messages to send are encoded on the way and go out with the next
+    /// [`Connection::flush`]. A GOODBYE ends the connection instead of being
+    /// returned.
+    pub fn poll_output(&mut self) -> Option<Output<T>> {
+        loop {
+            let output = self.session.poll_output()?;
+            let encoded = match output {
+                Output::Send(msg) => encode_frame(self.serializer, &msg),
+                Output::SendRawCall {
+                    request,
+                    options,
+                    procedure,
+                    payload,
+                } => raw::encode_call(self.serializer, request, options, procedure, &payload)
+                    .map(|bytes| ws_message(self.serializer, bytes)),
+                Output::Closed { reason } => {
+                    self.close(CloseReason::Goodbye(reason));
+                    continue;
+                }
+                other => return Some(other),
+            };
+            match encoded {
+                Ok(frame) => self.writes.push_back(frame),
+                // Only values a serializer cannot represent get here; the
+                // request it belonged to times out.
+                Err(e) => tracing::error!(error = %e, "dropping a message that cannot be encoded"),
+            }
+        }
+    }
+
+    /// Whether frames wait to be written.
+    pub fn has_writes(&self) -> bool {
+        !self.writes.is_empty() || self.unflushed
+    }
+
+    /// Writes what is queued and flushes once, with a deadline: a router that
+    /// stops reading must not wedge the owner. A failure ends the session.
+    pub async fn flush(&mut self) {
+        if self.close.is_some() && !matches!(self.close, Some(CloseReason::Goodbye(_))) {
+            // Best effort only: whatever was queued (an ABORT) goes with the close.
+            self.writes.clear();
+            return;
+        }
+        let limit = self.ping_interval + self.ping_timeout;
+        let write = async {
+            while let Some(frame) = self.writes.pop_front() {
+                self.ws.feed(frame).await?;
+                self.unflushed = true;
+            }
+            if self.unflushed {
+                self.unflushed = false;
+                self.ws.flush().await?;
+            }
+            Ok::<(), tungstenite::Error>(())
+        };
+        match timeout(limit, write).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => self.close(CloseReason::ConnectionLost(e.to_string())),
+            Err(_) => self.close(CloseReason::ConnectionLost(format!(
+                "router took none of our data for {limit:?}"
+            ))),
+        }
+    }
+
+    /// Resolves every request still pending (connection lost) so that the
+    /// owner sees each answered once, then closes the socket (bounded).
+    pub async fn shut(&mut self) {
+        self.session.abandon();
+        let _ = timeout(Duration::from_secs(1), self.ws.close(None)).await;
+    }
+
+    fn on_frame(&mut self, frame: Option<Result<WsMessage, tungstenite::Error>>) {
+        let data = match frame {
+            Some(Ok(WsMessage::Text(text))) => text.into(),
+            Some(Ok(WsMessage::Binary(bytes))) => bytes,
+            Some(Ok(WsMessage::Ping(_))) => {
+                // tungstenite queued the pong; it goes out with the next flush.
+                self.unflushed = true;
+                return;
+            }
+            Some(Ok(WsMessage::Pong(_) | WsMessage::Frame(_))) => return,
+            Some(Ok(WsMessage::Close(frame))) => {
+                let detail = match frame {
+                    Some(f) => format!("router closed the WebSocket ({} {})", f.code, f.reason),
+                    None => "router closed the WebSocket".into(),
+                };
+                self.close(CloseReason::ConnectionLost(detail));
+                return;
+            }
+            Some(Err(tungstenite::Error::Capacity(e))) => {
+                self.protocol_error(format!("message too large: {e}"));
+                return;
+            }
+            // The peer vanished without a close handshake: a lost
+            // connection, not a broken protocol.
+            Some(Err(tungstenite::Error::Protocol(
+                e @ tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
+            ))) => {
+                self.close(CloseReason::ConnectionLost(e.to_string()));
+                return;
+            }
+            Some(Err(tungstenite::Error::Protocol(e))) => {
+                self.close(CloseReason::Protocol(format!("WebSocket: {e}")));
+                return;
+            }
+            Some(Err(e)) => {
+                self.close(CloseReason::ConnectionLost(e.to_string()));
+                return;
+            }
+            None => {
+                self.close(CloseReason::ConnectionLost("connection closed".into()));
+                return;
+            }
+        };
+        if self.raw_events
+            && let Some(event) = raw::decode_event(self.serializer, &data)
+        {
+            if let Err(e) = self.session.handle_raw_event(event) {
+                self.on_session_error(e);
+            }
+            return;
+        }
+        match self.serializer.decode(&data) {
+            Ok(msg) => {
+                if let Err(e) = self.session.handle_message(msg) {
+                    self.on_session_error(e);
+                }
+            }
+            Err(e @ (DecodeError::Malformed { .. } | DecodeError::Message(_))) => {
+                self.protocol_error(e.to_string())
+            }
+        }
+    }
+
+    fn on_session_error(&mut self, e: SessionError) {
+        self.close(match &e {
+            SessionError::Aborted { reason, .. } => CloseReason::Aborted {
+                reason: reason.clone(),
+            },
+            _ => CloseReason::Protocol(e.to_string()),
+        });
+        if let Some(abort) = e.abort_message() {
+            self.queue_abort(abort);
+        }
+    }
+
+    /// The router sent something unusable: tell it with ABORT, then close.
+    fn protocol_error(&mut self, detail: String) {
+        let abort = SessionError::Protocol(detail.clone()).abort_message();
+        self.close(CloseReason::Protocol(detail));
+        if let Some(abort) = abort {
+            self.queue_abort(abort);
+        }
+    }
+
+    fn queue_abort(&mut self, abort: Message) {
+        if let Ok(frame) = encode_frame(self.serializer, &abort) {
+            // Best effort, never blocks: the connection is being dropped.
+            if self.ws.feed(frame).now_or_never().is_some() {
+                let _ = self.ws.flush().now_or_never();
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------- connecting
+
+async fn connect_and_join<T>(
+    config: &ClientConfig,
+) -> Result<(Ws, Session<T>, Serializer), ConnectError> {
+    let invalid = |detail: String| ConnectError::InvalidUrl {
+        url: config.url.clone(),
+        detail,
+    };
+    let mut request = config
+        .url
+        .as_str()
+        .into_client_request()
+        .map_err(|e| invalid(e.to_string()))?;
+    let tls = match request.uri().scheme_str() {
+        Some("wss") => Some(Connector::Rustls(tls::client_config(
+            config.ca_file.as_deref(),
+        )?)),
+        Some("ws") => None,
+        other => return Err(invalid(format!("scheme {other:?} is not ws or wss"))),
+    };
+    let offered = config
+        .serializers
+        .iter()
+        .map(|s| s.subprotocol())
+        .collect::<Vec<_>>()
+        .join(", ");
+    request.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        HeaderValue::from_str(&offered).map_err(|e| invalid(e.to_string()))?,
+    );
+    let ws_config = WebSocketConfig::default()
+        // tungstenite zero-fills this much buffer before every read (128 KiB
+        // by default): ~4 µs per read, more than a whole event costs us.
+        // 16 KiB still takes a hundred events per read under load; larger
+        // messages grow the buffer as needed.
+        .read_buffer_size(READ_BUFFER)
+        .max_message_size(Some(config.max_message_size))
+        .max_frame_size(Some(config.max_message_size));
+    let (mut ws, response) =
+        tokio_tungstenite::connect_async_tls_with_config(request, Some(ws_config), true, tls)
+            .await
+            .map_err(|e| ConnectError::Transport {
+                url: config.url.clone(),
+                detail: e.to_string(),
+            })?;
+    let serializer = response
+        .headers()
+        .get("Sec-WebSocket-Protocol")
+        .and_then(|v| v.to_str().ok())
+        .and_then(Serializer::from_subprotocol)
+        .filter(|s| config.serializers.contains(s))
+        .ok_or(ConnectError::NoSerializer { offered })?;
+
+    let mut session = Session::new(SessionConfig {
+        realm: config.realm.clone(),
+        credentials: config.credentials.clone(),
+        agent: config.agent.clone(),
+    });
+    session.join();
+    loop {
+        while let Some(output) = session.poll_output() {
+            match output {
+                Output::Send(msg) => write(&mut ws, serializer, &msg)
+                    .await
+                    .map_err(ConnectError::ClosedDuringJoin)?,
+                Output::Joined(_) => {
+                    ws.flush()
+                        .await
+                        .map_err(|e| ConnectError::ClosedDuringJoin(e.to_string()))?;
+                    return Ok((ws, session, serializer));
+                }
+                // Nothing else can come before WELCOME: no request exists yet.
+                _ => {}
+            }
+        }
+        ws.flush()
+            .await
+            .map_err(|e| ConnectError::ClosedDuringJoin(e.to_string()))?;
+        let frame = match ws.next().await {
+            Some(Ok(frame)) => frame,
+            Some(Err(e)) => return Err(ConnectError::ClosedDuringJoin(e.to_string())),
+            None => return Err(ConnectError::ClosedDuringJoin("EOF".into())),
+        };
+        let data = match frame {
+            WsMessage::Text(t) => t.into(),
+            WsMessage::Binary(b) => b,
+            WsMessage::Close(f) => {
+                return Err(ConnectError::ClosedDuringJoin(format!("close frame {f:?}")));
+            }
+            _ => continue,
+        };
+        let result = serializer
+            .decode(&data)
+            .map_err(|e| SessionError::Protocol(e.to_string()))
+            .and_then(|msg| session.handle_message(msg));
+        if let Err(e) = result {
+            if let Some(abort) = e.abort_message() {
+                let _ = write(&mut ws, serializer, &abort).await;
+            }
+            // The router leaves the socket open after ABORT: close it ourselves.
+            let _ = timeout(Duration::from_secs(1), ws.close(None)).await;
+            return Err(ConnectError::Join(e));
+        }
+    }
+}
+
+async fn write(ws: &mut Ws, serializer: Serializer, msg: &Message) -> Result<(), String> {
+    let frame = encode_frame(serializer, msg).map_err(|e| e.to_string())?;
+    ws.feed(frame).await.map_err(|e| e.to_string())
+}
+
+fn encode_frame(
+    serializer: Serializer,
+    msg: &Message,
+) -> Result<WsMessage, super::codec::EncodeError> {
+    Ok(ws_message(serializer, serializer.encode(msg)?))
+}
+
+/// An encoded message as a WebSocket frame: text for JSON, binary otherwise.
+fn ws_message(serializer: Serializer, bytes: Vec<u8>) -> WsMessage {
+    if serializer.is_text() {
+        match String::from_utf8(bytes) {
+            Ok(text) => WsMessage::Text(text.into()),
+            // serde_json only writes UTF-8; keep the frame rather than panic.
+            Err(e) => WsMessage::Binary(e.into_bytes().into()),
+        }
+    } else {
+        WsMessage::Binary(bytes.into())
+    }
+}
