@@ -59,6 +59,14 @@ impl FakeRouter {
             .expect("listener alive")
     }
 
+    /// The next client connection if one comes within `within`.
+    pub async fn try_next_session(&mut self, within: Duration) -> Option<FakeSession> {
+        tokio::time::timeout(within, self.sessions.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+
     /// The next client connection, after answering its HELLO with WELCOME.
     pub async fn next_joined(&mut self) -> FakeSession {
         let mut session = self.next_session().await;
@@ -106,6 +114,18 @@ impl FakeSession {
             .send(Message::Text(text.to_owned().into()))
             .await
             .expect("send to the client");
+    }
+
+    /// Sends several messages in one write, so that the client reads them
+    /// in one go (e.g. a reply and the event that follows it).
+    pub async fn send_together(&mut self, messages: &[Value]) {
+        for m in messages {
+            self.ws
+                .feed(Message::Text(m.to_string().into()))
+                .await
+                .expect("send to the client");
+        }
+        self.ws.flush().await.expect("send to the client");
     }
 
     pub async fn send_binary(&mut self, bytes: Vec<u8>) {
