@@ -14,6 +14,8 @@
 //! mode, keep flowing meanwhile).
 
 mod sidecar;
+#[cfg(test)]
+mod tests;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -239,11 +239,17 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
     }
 
     /// Begins the drain: what is accepted keeps being delivered until
-    /// `deadline`; then [`Forwarder::on_tick`] dead-letters the rest.
+    /// `deadline`; then [`Forwarder::on_tick`] dead-letters the rest. Called
+    /// again while draining, the earlier deadline holds.
     pub fn shutdown(&mut self, deadline: Instant, now: Instant) {
-        if self.state == State::Running {
-            self.state = State::Draining { deadline };
-        }
+        self.state = match self.state {
+            State::Running => State::Draining { deadline },
+            // A drain that must end sooner (nothing left to deliver through).
+            State::Draining { deadline: d } => State::Draining {
+                deadline: d.min(deadline),
+            },
+            State::Stopped => State::Stopped,
+        };
         self.on_tick(now);
     }
 

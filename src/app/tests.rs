@@ -1,0 +1,241 @@
+//! The sidecar's state driven as the event loop drives it, without IO: a
+//! real sans-IO [`Session`] fed the router's messages, the sidecar fed the
+//! session's outputs in order, and what would be written collected as JSON.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value as Json, json};
+
+use super::*;
+use crate::discovery::{Discovery, Marker};
+use crate::forward::retry::{Backoff, RetryPolicy};
+use crate::forward::{Dispatch, Forwarder, MemoryQueue, OverflowPolicy, Settings};
+use crate::sink::wamp::WampSink;
+use crate::wamp::auth::Credentials;
+use crate::wamp::session::{Output as SessionOutput, Session, SessionConfig};
+
+const S: Duration = Duration::from_secs(1);
+const WELCOME: &str = r#"[2,1273811465337858,{"realm":"realm1","authid":"backend","authrole":"backend","roles":{"dealer":{"features":{"call_canceling":true}},"broker":{}}}]"#;
+
+struct Rig {
+    sidecar: Sidecar,
+    session: Session<Token>,
+    metrics: Arc<Metrics>,
+    now: Instant,
+    /// What would have been written to the router, oldest first.
+    sent: Vec<Json>,
+}
+
+impl Rig {
+    fn new() -> Rig {
+        let now = Instant::now();
+        let metrics = Arc::new(Metrics::new());
+        let discovery = Discovery::new(Marker::new("SUB_".to_owned()).unwrap(), None, 10 * S);
+        let settings = Settings {
+            capacity: 10,
+            overflow: OverflowPolicy::DropNewest,
+            max_in_flight: 2,
+            dispatch: Dispatch::Each,
+            retry: RetryPolicy {
+                max_attempts: 3,
+                max_age: 60 * S,
+                backoff: Backoff { initial: S, max: S },
+            },
+        };
+        let core = Forwarder::new(MemoryQueue::new(), settings, 1);
+        let sink = Box::new(WampSink {
+            call_timeout: 10 * S,
+            details_kwarg: None,
+        });
+        let sidecar = Sidecar::new(discovery, core, sink, metrics.clone(), None, 5 * S, now);
+        let mut session = Session::new(SessionConfig {
+            realm: "realm1".into(),
+            credentials: Credentials::Anonymous,
+            agent: "test".into(),
+        });
+        session.join();
+        session.handle_message(decode(WELCOME)).unwrap();
+        let mut rig = Rig {
+            sidecar,
+            session,
+            metrics,
+            now,
+            sent: Vec::new(),
+        };
+        rig.run().unwrap();
+        rig.sent.clear();
+        rig.sidecar.on_joined(&mut rig.session, now);
+        rig.run().unwrap();
+        rig
+    }
+
+    /// What the event loop does between two waits.
+    fn run(&mut self) -> Result<(), Fatal> {
+        loop {
+            self.sidecar.pump(Some(&mut self.session), self.now);
+            let mut any = false;
+            while let Some(output) = self.session.poll_output() {
+                any = true;
+                match output {
+                    SessionOutput::Send(msg) => {
+                        let bytes = Serializer::Json.encode(&msg).unwrap();
+                        self.sent.push(serde_json::from_slice(&bytes).unwrap());
+                    }
+                    other => self
+                        .sidecar
+                        .on_session_output(other, &mut self.session, self.now)?,
+                }
+            }
+            if !any {
+                return Ok(());
+            }
+        }
+    }
+
+    /// The router sends `message`.
+    fn router(&mut self, message: Json) -> Result<(), Fatal> {
+        self.session
+            .handle_message(decode(&message.to_string()))
+            .unwrap();
+        self.run()
+    }
+
+    /// Takes what was sent since the last call.
+    fn take_sent(&mut self) -> Vec<Json> {
+        std::mem::take(&mut self.sent)
+    }
+
+    /// Plays the router through discovery of one exact SUB_ registration
+    /// and confirms the subscription to its topic with id 777.
+    fn discover(&mut self) {
+        let subscribes = self.take_sent();
+        for (n, s) in subscribes.iter().enumerate() {
+            self.router(json!([33, s[1], 100 + n])).unwrap();
+        }
+        let list = self.take_sent().remove(0);
+        self.router(json!([50, list[1], {}, [{"exact": [42]}]]))
+            .unwrap();
+        let get = self.take_sent().remove(0);
+        let info = json!({"id": 42, "created": "x", "uri": "com.example.SUB_t", "match": "exact", "invoke": "roundrobin"});
+        self.router(json!([50, get[1], {}, [info]])).unwrap();
+        let subscribe = self.take_sent().remove(0);
+        assert_eq!(subscribe[3], "com.example.t");
+        self.router(json!([33, subscribe[1], 777])).unwrap();
+    }
+}
+
+fn decode(frame: &str) -> crate::wamp::Message {
+    Serializer::Json.decode(frame.as_bytes()).unwrap()
+}
+
+fn kinds(sent: &[Json]) -> Vec<u64> {
+    sent.iter().map(|m| m[0].as_u64().unwrap()).collect()
+}
+
+#[test]
+fn discovery_subscribes_to_every_meta_topic_before_it_lists() {
+    let mut rig = Rig::new();
+    let subscribes = rig.take_sent();
+    let topics: Vec<&str> = subscribes.iter().map(|m| m[3].as_str().unwrap()).collect();
+    assert_eq!(topics, crate::discovery::meta::META_TOPICS);
+    for s in &subscribes[..3] {
+        rig.router(json!([33, s[1], 1])).unwrap();
+    }
+    assert!(
+        rig.take_sent().is_empty(),
+        "no list before every meta subscription is confirmed"
+    );
+    assert!(!rig.sidecar.is_ready());
+    rig.router(json!([33, subscribes[3][1], 2])).unwrap();
+    let list = rig.take_sent();
+    assert_eq!(
+        (list[0][0].as_u64(), list[0][3].as_str()),
+        (Some(48), Some("wamp.registration.list"))
+    );
+}
+
+#[test]
+fn readiness_needs_the_whole_bootstrap_and_makes_the_session_healthy() {
+    let mut rig = Rig::new();
+    assert!(!rig.sidecar.was_healthy());
+    rig.discover();
+    assert!(rig.sidecar.is_ready());
+    assert!(rig.sidecar.was_healthy());
+    assert_eq!(rig.metrics.ready.get(), 1);
+}
+
+#[test]
+fn an_event_right_after_its_subscribed_is_called_on_the_procedure() {
+    let mut rig = Rig::new();
+    rig.discover();
+    rig.router(json!([36, 777, 5, {}, ["hello"]])).unwrap();
+    let call = rig.take_sent().remove(0);
+    assert_eq!(call[0], 48);
+    assert_eq!(call[3], "com.example.SUB_t");
+    assert_eq!(call[4], json!(["hello"]));
+    rig.router(json!([50, call[1], {}])).unwrap();
+    assert_eq!(rig.metrics.events_forwarded.get(), 1);
+    assert_eq!(rig.sidecar.core().counts().forwarded, 1);
+}
+
+#[test]
+fn a_refused_meta_subscription_is_fatal_and_names_the_permission() {
+    let mut rig = Rig::new();
+    let first = rig.take_sent().remove(0);
+    let refused = rig.router(json!([8, 32, first[1], {}, "wamp.error.not_authorized"]));
+    let Err(Fatal::MetaApi { permission, .. }) = refused else {
+        panic!("{refused:?}")
+    };
+    assert!(permission.contains("subscribe"));
+}
+
+#[test]
+fn a_revoked_meta_subscription_asks_for_a_rejoin_and_a_topic_one_does_not() {
+    let mut rig = Rig::new();
+    rig.discover();
+    rig.router(json!([35, 0, {"subscription": 777, "reason": "wamp.close.revoked"}]))
+        .unwrap();
+    assert_eq!(rig.sidecar.take_rejoin(), None);
+    rig.router(json!([35, 0, {"subscription": 100, "reason": "wamp.close.revoked"}]))
+        .unwrap();
+    assert!(rig.sidecar.take_rejoin().is_some());
+}
+
+#[test]
+fn drain_unsubscribes_and_a_session_lost_while_draining_gives_up_what_waits() {
+    let mut rig = Rig::new();
+    rig.discover();
+    for publication in 1..=3 {
+        rig.router(json!([36, 777, publication, {}, []])).unwrap();
+    }
+    assert_eq!(
+        kinds(&rig.take_sent()),
+        [48, 48],
+        "two calls in flight, one waits"
+    );
+    rig.sidecar
+        .begin_drain(Some(&mut rig.session), rig.now + 30 * S, rig.now);
+    rig.run().unwrap();
+    assert_eq!(kinds(&rig.take_sent()), [34], "unsubscribed from the topic");
+    assert!(!rig.sidecar.is_ready());
+    // The router goes away: the calls in flight are answered "connection
+    // lost", and with no session to come, everything is given up now.
+    rig.sidecar.on_session_end(rig.now);
+    rig.session.abandon();
+    while let Some(output) = rig.session.poll_output() {
+        rig.sidecar
+            .on_session_output(output, &mut rig.session, rig.now)
+            .unwrap();
+    }
+    rig.sidecar.pump(None, rig.now);
+    let counts = rig.sidecar.core().counts();
+    assert_eq!((counts.accepted, counts.dead_lettered), (3, 3));
+    assert!(rig.sidecar.core().is_idle());
+    assert_eq!(
+        rig.metrics
+            .dead_lettered(crate::forward::GiveUp::Shutdown)
+            .get(),
+        3
+    );
+}
