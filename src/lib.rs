@@ -2,9 +2,12 @@
 //!
 //! ```text
 //!  main.rs     config + tracing + signals; runs the app until shutdown
-//!  app         discovery (registrations -> subscriptions) and forwarding
-//!  wamp        client (the one task that owns the socket) over a sans-IO
-//!              session, codec, auth and message types; knows nothing of the app
+//!  app         the event loop: owns the router connection and the state
+//!  discovery   registrations -> subscriptions (sans-IO)
+//!  forward     the forwarding core: queue, in-flight bound, retries (sans-IO)
+//!  sink        where events go (WAMP call, Redis list); typed outcomes
+//!  wamp        connection (the socket half of a loop) over a sans-IO session,
+//!              codec, auth and message types; knows nothing of the app
 //! ```
 
 pub mod app;
