@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The benchmark command (doc/benchmarks.md): what subtocall costs per event,
-# beside the limit and beside the real router. Builds in release mode, then runs
+# beside the limit, beside the real router and beside the build it replaced.
+# Builds in release mode the current checkout and a baseline commit (below),
+# then runs
 #
 #   1. the sidecar ceiling: subtocall against a loopback WAMP peer, MessagePack
 #      and JSON (events/s, CPU per event, RSS), plus instructions per event
@@ -10,17 +12,48 @@
 #      router (backends subscribing directly; publishers calling SUB_ directly);
 #   3. Redis mode against a private redis-server, beside redis-benchmark;
 #
-# and rewrites the generated section of doc/benchmarks.md and doc/img/bench-*.png.
-# About 6 minutes on a 2-core machine once built (a fresh clone also builds
-# and, once, creates the Crossbar virtualenv).
+# the baseline build alternating with the current one for the ceiling, the
+# CPU per event at 500 events/s (loopback peer and Crossbar) and RSS, and
+# rewrites the generated section of doc/benchmarks.md and doc/img/bench-*.png.
+# About 7 minutes on a 2-core machine once built (a fresh clone also builds
+# both, a few minutes each, and creates the Crossbar virtualenv once).
 #
-#   scripts/bench.sh [--quick] [--only ceiling,callgrind,crossbar,redis] [--no-write] ...
+#   scripts/bench.sh [--quick] [--only ceiling,callgrind,paced,crossbar,redis] [--no-write]
+#                    [--baseline REV] ...
+#
+# The baseline: --baseline REV, else $SUBTOCALL_BENCH_BASELINE, else
+# BASELINE_DEFAULT below; `none` measures the current checkout alone. It is
+# extracted with `git archive` into target/bench-baseline/src and built there
+# with its own Cargo.lock into target/bench-baseline/target, both kept between
+# runs (extracted again only when the commit changes). The benchmark itself is
+# always the current checkout's: only the subtocall binary differs.
 #
 # Needs: a Rust toolchain, python3.11 (for Crossbar), redis-server and
 # redis-benchmark, valgrind, and the DejaVu fonts (Debian: fonts-dejavu-core).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
+
+# The last commit before the single event loop and the sans-IO forwarding
+# core (4fe93d9): what the redesign is measured against.
+BASELINE_DEFAULT=068ae7d
+BASELINE="${SUBTOCALL_BENCH_BASELINE:-$BASELINE_DEFAULT}"
+args=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --baseline)
+      [ $# -ge 2 ] || { echo "bench: --baseline needs a commit (or none)" >&2; exit 1; }
+      BASELINE="$2"
+      shift 2
+      ;;
+    --baseline=*) BASELINE="${1#--baseline=}"; shift ;;
+    -h | --help)
+      sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"
+      exit 0
+      ;;
+    *) args+=("$1"); shift ;;
+  esac
+done
 
 missing=()
 for tool in redis-server redis-benchmark valgrind; do
@@ -31,15 +64,48 @@ if [ ${#missing[@]} -gt 0 ]; then
   exit 1
 fi
 
+baseline_sha=""
+if [ "$BASELINE" != none ]; then
+  # Resolved before anything is built, so that a typo fails at once.
+  if ! baseline_sha="$(git rev-parse --verify --quiet "$BASELINE^{commit}")"; then
+    echo "bench: baseline $BASELINE is not a commit of this repository" >&2
+    exit 1
+  fi
+fi
+
 echo "bench: Crossbar virtualenv (scripts/setup-crossbar.sh)" >&2
 VENV="$(bash scripts/setup-crossbar.sh </dev/null)"
+
+TARGET="$(cargo metadata --format-version 1 --no-deps </dev/null \
+  | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')"
 
 echo "bench: building subtocall and the benchmark in release mode" >&2
 # Two commands: `--bin subtocall` would otherwise select only that binary.
 cargo build --release --quiet -p subtocall --bin subtocall </dev/null
 cargo build --release --quiet -p subtocall-bench </dev/null
-TARGET="$(cargo metadata --format-version 1 --no-deps </dev/null \
-  | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')"
+
+baseline_args=()
+if [ -n "$baseline_sha" ]; then
+  short="$(git rev-parse --short "$baseline_sha")"
+  dir="$TARGET/bench-baseline"
+  src="$dir/src"
+  started=$SECONDS
+  if [ "$(cat "$src/.bench-commit" 2>/dev/null || true)" != "$baseline_sha" ]; then
+    echo "bench: extracting the baseline $short into $src" >&2
+    rm -rf "$src"
+    mkdir -p "$src"
+    # -m: the files get the time of extraction, not the commit's, so that
+    # cargo never takes a different commit's sources for already built.
+    git archive "$baseline_sha" | tar -x -m -C "$src"
+    echo "$baseline_sha" >"$src/.bench-commit"
+  fi
+  echo "bench: building the baseline $short in release mode (into $dir/target)" >&2
+  CARGO_TARGET_DIR="$dir/target" cargo build --release --quiet --locked \
+    --manifest-path "$src/Cargo.toml" -p subtocall --bin subtocall </dev/null
+  echo "bench: baseline $short ready in $((SECONDS - started)) s" >&2
+  baseline_args=(--baseline-subtocall "$dir/target/release/subtocall" --baseline-commit "$short")
+fi
 
 exec "$TARGET/release/subtocall-bench" \
-  --subtocall "$TARGET/release/subtocall" --venv "$VENV" --repo "$ROOT" "$@"
+  --subtocall "$TARGET/release/subtocall" --venv "$VENV" --repo "$ROOT" \
+  ${baseline_args[@]+"${baseline_args[@]}"} ${args[@]+"${args[@]}"}

@@ -34,9 +34,11 @@ pub struct Metrics {
     pub events_forwarded: Counter,
     /// Delivery attempts scheduled again after a retryable failure.
     pub events_retried: Counter,
-    dead_lettered: [Counter; 4],
+    dead_lettered: [Counter; 5],
     unroutable_unknown_subscription: Counter,
     unroutable_missing_topic: Counter,
+    /// EVENTs over SUBTOCALL_MAX_MESSAGE_SIZE, refused before acceptance.
+    pub events_refused_too_large: Counter,
     pub calls_in_flight: Gauge,
     pub queue_depth: Gauge,
     /// Seconds from receiving an event to its acknowledgement.
@@ -84,7 +86,7 @@ impl Metrics {
         let dead_lettered_family = Family::<Reason, Counter>::default();
         r.register(
             "events_dead_lettered",
-            "Events given up and dead-lettered, by reason (overflow, rejected, exhausted, shutdown)",
+            "Events given up and dead-lettered, by reason (overflow, rejected, exhausted, shutdown, too_large)",
             dead_lettered_family.clone(),
         );
         let dead_lettered = GiveUp::ALL.map(|g| {
@@ -107,6 +109,18 @@ impl Metrics {
         let unroutable_missing_topic = unroutable
             .get_or_create(&Reason {
                 reason: "missing_topic",
+            })
+            .clone();
+
+        let refused = Family::<Reason, Counter>::default();
+        r.register(
+            "events_refused",
+            "EVENTs refused before acceptance, by reason (too_large: over SUBTOCALL_MAX_MESSAGE_SIZE)",
+            refused.clone(),
+        );
+        let events_refused_too_large = refused
+            .get_or_create(&Reason {
+                reason: "too_large",
             })
             .clone();
 
@@ -182,6 +196,7 @@ impl Metrics {
             dead_lettered,
             unroutable_unknown_subscription,
             unroutable_missing_topic,
+            events_refused_too_large,
             calls_in_flight,
             queue_depth,
             forward_latency,

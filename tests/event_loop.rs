@@ -168,3 +168,62 @@ async fn at_the_shutdown_deadline_calls_in_flight_are_dead_lettered_too() {
         "{records:?}"
     );
 }
+
+#[tokio::test]
+async fn a_router_closing_with_1009_after_a_call_dead_letters_that_event_as_too_large() {
+    // Crossbar closes the WebSocket (1009) on a message over its limit;
+    // retrying the call would close every new session too.
+    let mut router = FakeRouter::start().await;
+    let sidecar = Sidecar::start(env(&router, &[]));
+    let mut session = router.next_joined().await;
+    bootstrap(&mut session, &[event(1)]).await;
+    assert_eq!(expect(&mut session, 48).await[3], PROCEDURE);
+    session.close_with(1009, "message too big").await;
+    // The sidecar comes back, and the next event goes through.
+    let mut session = router.next_joined().await;
+    bootstrap(&mut session, &[event(2)]).await;
+    let call = expect(&mut session, 48).await;
+    assert_eq!(call[4], json!([2]), "event 1 is not retried: {call}");
+    session.send_json(json!([50, call[1], {}])).await;
+    let too_large = "subtocall_events_dead_lettered_total{reason=\"too_large\"}";
+    assert!(
+        wait_until(WAIT, || async { sidecar.metric(too_large).await == 1.0 }).await,
+        "{}",
+        sidecar.log()
+    );
+    assert_eq!(
+        sidecar.metric("subtocall_events_forwarded_total").await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn an_event_over_the_message_size_is_refused_and_counted_and_the_session_goes_on() {
+    let mut router = FakeRouter::start().await;
+    let sidecar = Sidecar::start(env(&router, &[("SUBTOCALL_MAX_MESSAGE_SIZE", "1KiB")]));
+    let mut session = router.next_joined().await;
+    let big = json!([36, SUBSCRIPTION, 1, {}, ["x".repeat(1500)]]);
+    bootstrap(&mut session, &[big, event(2)]).await;
+    let call = expect(&mut session, 48).await;
+    assert_eq!(
+        call[4],
+        json!([2]),
+        "the next event is forwarded on the same session"
+    );
+    session.send_json(json!([50, call[1], {}])).await;
+    let refused = "subtocall_events_refused_total{reason=\"too_large\"}";
+    assert!(wait_until(WAIT, || async { sidecar.metric(refused).await == 1.0 }).await);
+    assert_eq!(
+        sidecar.metric("subtocall_router_reconnects_total").await,
+        0.0
+    );
+    // Far over the limit, the message is refused unread and the session ends.
+    let huge = json!([36, SUBSCRIPTION, 3, {}, ["x".repeat(3000)]]);
+    session.send_json(huge).await;
+    assert!(
+        session.recv_until_closed().await.iter().any(|m| m[0] == 3),
+        "ABORT"
+    );
+    assert!(wait_until(WAIT, || async { sidecar.metric(refused).await == 2.0 }).await);
+    let _ = router.next_joined().await;
+}

@@ -304,6 +304,9 @@ impl App {
                     self.sidecar
                         .on_session_output(output, conn.session(), now)?;
                 }
+                while let Some(refused) = conn.poll_refused() {
+                    self.sidecar.on_refused(refused);
+                }
                 if !any {
                     break;
                 }
@@ -393,13 +396,18 @@ impl App {
             return Ok(());
         };
         let now = Instant::now().into_std();
+        let healthy = self.sidecar.was_healthy();
+        // First the sidecar learns the session is gone (no more deliveries
+        // start on it), then it takes the answers to what it left pending.
+        self.sidecar.on_session_end(now);
         conn.session().abandon();
         while let Some(output) = conn.poll_output() {
             self.sidecar
                 .on_session_output(output, conn.session(), now)?;
         }
-        let healthy = self.sidecar.was_healthy();
-        self.sidecar.on_session_end(now);
+        while let Some(refused) = conn.poll_refused() {
+            self.sidecar.on_refused(refused);
+        }
         self.metrics.router_connected.set(0);
         // Closing politely may take a moment; the loop does not wait for it.
         tokio::spawn(async move { conn.shut().await });
@@ -509,6 +517,7 @@ pub fn client_config(config: &Config) -> ClientConfig {
     c.ping_interval = w.ping_interval;
     c.ping_timeout = w.ping_timeout;
     c.max_message_size = w.max_message_size;
+    c.max_call_size = w.max_call_size;
     c.ca_file = w.ca_file.clone();
     // EVENT payloads are kept as received: forwarded undecoded in a CALL,
     // or decoded once when the event is accepted (Redis envelope, details

@@ -22,6 +22,7 @@ use crate::forward::envelope::SharedEvent;
 use crate::forward::{DeliveryId, Forwarder, GiveUp, Job, MemoryQueue, Output};
 use crate::metrics::Metrics;
 use crate::sink::{Report, Sink, Started};
+use crate::wamp::connection::Refused;
 use crate::wamp::id::IdHashing;
 use crate::wamp::session::{Output as SessionOutput, Session, Success};
 use crate::wamp::{
@@ -345,6 +346,35 @@ impl Sidecar {
     fn accept(&mut self, mut event: SharedEvent, now: Instant) {
         event.outgoing = self.sink.prepare(&event);
         self.core.accept(event, now);
+    }
+
+    /// An EVENT over SUBTOCALL_MAX_MESSAGE_SIZE that the connection did not
+    /// take: counted, and logged with what could be read of it.
+    pub fn on_refused(&mut self, refused: Refused) {
+        self.metrics.events_refused_too_large.inc();
+        let Refused { size, limit, event } = refused;
+        match event {
+            Some((subscription, publication, details_topic)) => {
+                let topic = details_topic.or_else(|| {
+                    self.discovery
+                        .topic_for_subscription(subscription)
+                        .map(|(t, _)| t.to_owned())
+                });
+                tracing::warn!(
+                    topic = topic.as_deref().unwrap_or("unknown"),
+                    %subscription,
+                    %publication,
+                    size,
+                    limit,
+                    "EVENT over SUBTOCALL_MAX_MESSAGE_SIZE refused, not forwarded"
+                );
+            }
+            None => tracing::warn!(
+                size,
+                limit,
+                "message over twice SUBTOCALL_MAX_MESSAGE_SIZE refused unread; the session ends"
+            ),
+        }
     }
 
     // ------------------------------------------------------------ deliveries

@@ -65,6 +65,8 @@ pub struct WampConfig {
     pub ping_timeout: Duration,
     /// Largest WAMP message accepted, in bytes.
     pub max_message_size: usize,
+    /// Largest message sent to the router (a forwarded CALL).
+    pub max_call_size: usize,
     /// Extra PEM CA certificates for `wss://`; the file was readable at startup.
     pub ca_file: Option<PathBuf>,
 }
@@ -230,6 +232,7 @@ struct RawVars {
     subtocall_ping_interval: Option<String>,
     subtocall_ping_timeout: Option<String>,
     subtocall_max_message_size: Option<String>,
+    subtocall_max_call_size: Option<String>,
     subtocall_ca_file: Option<String>,
     subtocall_reconnect_initial_backoff: Option<String>,
     subtocall_reconnect_max_backoff: Option<String>,
@@ -274,6 +277,7 @@ impl RawVars {
             "SUBTOCALL_PING_INTERVAL" => &self.subtocall_ping_interval,
             "SUBTOCALL_PING_TIMEOUT" => &self.subtocall_ping_timeout,
             "SUBTOCALL_MAX_MESSAGE_SIZE" => &self.subtocall_max_message_size,
+            "SUBTOCALL_MAX_CALL_SIZE" => &self.subtocall_max_call_size,
             "SUBTOCALL_CA_FILE" => &self.subtocall_ca_file,
             "SUBTOCALL_RECONNECT_INITIAL_BACKOFF" => &self.subtocall_reconnect_initial_backoff,
             "SUBTOCALL_RECONNECT_MAX_BACKOFF" => &self.subtocall_reconnect_max_backoff,
@@ -396,6 +400,7 @@ fn wamp(r: &mut Reader) -> Checked<WampConfig> {
     let ping_interval = r.required(&PING_INTERVAL, parse::non_zero_duration);
     let ping_timeout = r.required(&PING_TIMEOUT, parse::non_zero_duration);
     let max_message_size = r.required(&MAX_MESSAGE_SIZE, parse::byte_size);
+    let max_call_size = r.required(&MAX_CALL_SIZE, parse::byte_size);
     let ca_file = r.optional(&CA_FILE, parse::ca_file);
 
     if let (Ok(url), Ok(Some(_))) = (&url, &ca_file)
@@ -415,6 +420,7 @@ fn wamp(r: &mut Reader) -> Checked<WampConfig> {
         ping_interval: ping_interval?,
         ping_timeout: ping_timeout?,
         max_message_size: max_message_size?,
+        max_call_size: max_call_size?,
         ca_file: ca_file?,
     })
 }

@@ -188,7 +188,17 @@ pub(crate) const MAX_MESSAGE_SIZE: Var = Var {
     old_names: &[],
     default: DefaultValue::Value("16MiB"),
     accepts: "a size from 1KiB to 1GiB: a number of bytes, or a number with suffix KiB, MiB or GiB such as 512KiB",
-    meaning: "The largest WAMP message accepted from the router.",
+    meaning: "The largest WAMP message accepted from the router. A larger EVENT (up to twice this size) is refused and counted (subtocall_events_refused_total{reason=\"too_large\"}) with its topic, publication and size logged, and the session goes on; anything larger ends the session. Keep it at least the router's own limit (Crossbar: 16 MiB).",
+    secret: false,
+    group: Group::Router,
+};
+
+pub(crate) const MAX_CALL_SIZE: Var = Var {
+    name: "SUBTOCALL_MAX_CALL_SIZE",
+    old_names: &[],
+    default: DefaultValue::Value("16MiB"),
+    accepts: "a size from 1KiB to 1GiB: a number of bytes, or a number with suffix KiB, MiB or GiB such as 512KiB",
+    meaning: "The largest message subtocall sends the router: a forwarded CALL that would be larger is not sent but dead-lettered with reason too_large. Set it to the router's limit (Crossbar's default is 16 MiB), so that no call makes the router close the connection.",
     secret: false,
     group: Group::Router,
 };
@@ -232,8 +242,10 @@ pub(crate) const MAX_CONNECT_FAILURES: Var = Var {
     old_names: &[],
     default: DefaultValue::Value("0"),
     accepts: "a whole number from 0 to 4294967295",
-    meaning: "Consecutive failed connection attempts after which subtocall exits non-zero; \
-              0 means retry forever.",
+    meaning: "Consecutive failures to reach a working session after which subtocall exits \
+              non-zero; 0 means retry forever. A failed connection attempt counts, and so does a \
+              session that ends before discovery completed (a router that breaks the protocol \
+              right after the join); a session that completed discovery resets the count.",
     secret: false,
     group: Group::Reconnect,
 };
@@ -470,6 +482,7 @@ pub(crate) const VARS: &[&Var] = &[
     &PING_INTERVAL,
     &PING_TIMEOUT,
     &MAX_MESSAGE_SIZE,
+    &MAX_CALL_SIZE,
     &CA_FILE,
     &RECONNECT_INITIAL_BACKOFF,
     &RECONNECT_MAX_BACKOFF,

@@ -15,7 +15,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
 
-use super::outcome::{GiveUp, Outcome, RetryAction, classify};
+use super::outcome::{Failure, GiveUp, Outcome, RetryAction, classify, final_reason};
 use super::queue::{Job, Queue};
 use super::retry::RetryPolicy;
 
@@ -187,28 +187,23 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
         };
         match outcome {
             Ok(()) => jobs.into_iter().for_each(|job| self.ack(job)),
-            Err(failure) => {
-                let action = classify(&failure);
-                let error = failure.to_string();
-                match self.settings.dispatch {
-                    Dispatch::Pipeline { .. } if action == RetryAction::Retry => {
-                        self.retry_in_order(jobs, &error, now)
-                    }
-                    _ => {
-                        for job in jobs {
-                            self.failed(job, action, error.clone(), now);
-                        }
+            Err(failure) => match self.settings.dispatch {
+                Dispatch::Pipeline { .. } if classify(&failure) == RetryAction::Retry => {
+                    self.retry_in_order(jobs, &failure.to_string(), now)
+                }
+                _ => {
+                    for job in jobs {
+                        self.failed(job, &failure, now);
                     }
                 }
-            }
+            },
         }
         self.dispatch(now);
         true
     }
 
     /// How a delivery ended, event by event (a pipeline whose commands
-    /// succeeded or failed one by one). Missing outcomes count as lost
-    /// connections.
+    /// succeeded or failed one by one). A missing outcome is retried.
     pub fn on_outcomes(&mut self, id: DeliveryId, outcomes: Vec<Outcome>, now: Instant) -> bool {
         let Some(jobs) = self.take_delivery(id) else {
             return false;
@@ -217,10 +212,8 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
         for job in jobs {
             match outcomes.next() {
                 Some(Ok(())) => self.ack(job),
-                Some(Err(failure)) => {
-                    self.failed(job, classify(&failure), failure.to_string(), now)
-                }
-                None => self.failed(job, RetryAction::Retry, "no outcome reported".into(), now),
+                Some(Err(failure)) => self.failed(job, &failure, now),
+                None => self.failed(job, &Failure::Missing, now),
             }
         }
         self.dispatch(now);
@@ -370,10 +363,10 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
     }
 
     /// One event's attempt failed: retry it within its budget, or give up.
-    fn failed(&mut self, mut job: Job<T>, action: RetryAction, error: String, now: Instant) {
-        job.last_error = Some(error);
-        if action == RetryAction::Final {
-            return self.give_up(job, GiveUp::Rejected);
+    fn failed(&mut self, mut job: Job<T>, failure: &Failure, now: Instant) {
+        job.last_error = Some(failure.to_string());
+        if classify(failure) == RetryAction::Final {
+            return self.give_up(job, final_reason(failure));
         }
         let jitter = self.jitter();
         match self

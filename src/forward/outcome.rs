@@ -21,6 +21,9 @@ pub enum Failure {
     /// The event could not be put into the sink's form. Cannot happen for a
     /// payload validated on arrival; final rather than retried forever.
     Encode(String),
+    /// The sink reported no outcome for this event (a pipeline answered
+    /// short): not known to be delivered, so retried.
+    Missing,
 }
 
 impl fmt::Display for Failure {
@@ -29,6 +32,7 @@ impl fmt::Display for Failure {
             Failure::Call(e) => e.fmt(f),
             Failure::Redis(e) => write!(f, "Redis: {e}"),
             Failure::Encode(e) => write!(f, "cannot encode the event: {e}"),
+            Failure::Missing => f.write_str("no outcome reported"),
         }
     }
 }
@@ -85,6 +89,8 @@ pub fn classify(failure: &Failure) -> RetryAction {
         Failure::Call(
             RequestError::Timeout | RequestError::ConnectionLost | RequestError::NotJoined,
         ) => RetryAction::Retry,
+        // The same message would be too large again.
+        Failure::Call(RequestError::TooLarge { .. }) => RetryAction::Final,
         Failure::Redis(e) => {
             let transient = e.code().is_some_and(|c| TRANSIENT_REDIS_CODES.contains(&c))
                 || e.is_io_error()
@@ -98,6 +104,15 @@ pub fn classify(failure: &Failure) -> RetryAction {
             }
         }
         Failure::Encode(_) => RetryAction::Final,
+        Failure::Missing => RetryAction::Retry,
+    }
+}
+
+/// Why a failure that is final gives the event up.
+pub fn final_reason(failure: &Failure) -> GiveUp {
+    match failure {
+        Failure::Call(RequestError::TooLarge { .. }) => GiveUp::TooLarge,
+        _ => GiveUp::Rejected,
     }
 }
 
@@ -112,14 +127,18 @@ pub enum GiveUp {
     Exhausted,
     /// The shutdown deadline came before it was delivered.
     Shutdown,
+    /// Its message is larger than the router takes (never sent, or the
+    /// router closed the connection over it).
+    TooLarge,
 }
 
 impl GiveUp {
-    pub const ALL: [GiveUp; 4] = [
+    pub const ALL: [GiveUp; 5] = [
         GiveUp::Overflow,
         GiveUp::Rejected,
         GiveUp::Exhausted,
         GiveUp::Shutdown,
+        GiveUp::TooLarge,
     ];
 
     /// Metric label and log field.
@@ -129,6 +148,7 @@ impl GiveUp {
             GiveUp::Rejected => "rejected",
             GiveUp::Exhausted => "exhausted",
             GiveUp::Shutdown => "shutdown",
+            GiveUp::TooLarge => "too_large",
         }
     }
 }
@@ -175,6 +195,20 @@ mod tests {
         ] {
             assert_eq!(classify(&Failure::Call(e)), RetryAction::Retry);
         }
+    }
+
+    #[test]
+    fn a_call_too_large_for_the_router_is_final_with_its_own_reason() {
+        let failure = Failure::Call(RequestError::TooLarge {
+            size: 20,
+            limit: Some(10),
+        });
+        assert_eq!(classify(&failure), RetryAction::Final);
+        assert_eq!(final_reason(&failure), GiveUp::TooLarge);
+        assert_eq!(
+            final_reason(&wamp_error("com.example.no")),
+            GiveUp::Rejected
+        );
     }
 
     #[test]

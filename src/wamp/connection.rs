@@ -21,14 +21,16 @@ use tokio::time::{Instant, Sleep, sleep_until, timeout};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{self, Message as WsMessage};
 use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 
 use super::auth::Credentials;
 use super::codec::{DecodeError, Serializer};
+use super::id::{PublicationId, RequestId, SubscriptionId};
 use super::message::Message;
 use super::raw;
-use super::session::{Output, Session, SessionConfig, SessionError, SessionInfo};
+use super::session::{Output, RequestError, Session, SessionConfig, SessionError, SessionInfo};
 use super::tls::{self, TlsError};
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -40,6 +42,27 @@ const BATCH: usize = 64;
 
 /// The WebSocket read buffer (see `connect_and_join`).
 const READ_BUFFER: usize = 16 * 1024;
+
+/// What the socket reads at most in one message: twice the configured
+/// limit, so that an EVENT over the limit can still be read, refused and
+/// reported (topic, publication, size) without ending the session, while a
+/// far larger frame is refused before it is buffered.
+fn read_ceiling(max_message_size: usize) -> usize {
+    max_message_size.saturating_mul(2)
+}
+
+/// An EVENT the router sent that was over `SUBTOCALL_MAX_MESSAGE_SIZE` and
+/// was not taken: what could be read of it, for the owner to count and log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refused {
+    /// The message's size in bytes.
+    pub size: usize,
+    pub limit: usize,
+    /// The EVENT's subscription, publication and `Details.topic` (pattern
+    /// subscriptions only), when it could be read; `None` when the message
+    /// was too large to be read at all (the session then ends).
+    pub event: Option<(SubscriptionId, PublicationId, Option<String>)>,
+}
 
 /// Connection settings. [`ClientConfig::new`] fills in the defaults.
 #[derive(Debug, Clone)]
@@ -58,8 +81,13 @@ pub struct ClientConfig {
     pub ping_interval: Duration,
     /// The connection is dead when nothing arrives this long after a ping.
     pub ping_timeout: Duration,
-    /// Largest incoming message; larger is a protocol error.
+    /// Largest incoming message. A larger EVENT, up to twice this size, is
+    /// refused (see [`Refused`]) and the session goes on; anything larger
+    /// ends the session as a protocol error.
     pub max_message_size: usize,
+    /// Largest outgoing request (CALL, PUBLISH): a larger one is not sent
+    /// but answered [`RequestError::TooLarge`] at once.
+    pub max_call_size: usize,
     /// Extra CA certificates (PEM) trusted for `wss://`.
     pub ca_file: Option<PathBuf>,
     /// Capacity of the incoming event/invocation channel.
@@ -86,6 +114,7 @@ impl ClientConfig {
             ping_interval: Duration::from_secs(10),
             ping_timeout: Duration::from_secs(5),
             max_message_size: 16 * 1024 * 1024,
+            max_call_size: 16 * 1024 * 1024,
             ca_file: None,
             incoming_capacity: 4096,
             command_capacity: 1024,
@@ -181,6 +210,15 @@ pub struct Connection<T> {
     armed: Option<Instant>,
     /// Encoded frames not yet written.
     writes: VecDeque<WsMessage>,
+    max_message_size: usize,
+    max_call_size: usize,
+    /// The largest request written in the last flush, blamed when the
+    /// router closes the connection over a message too big (1009).
+    largest_written: Option<(RequestId, usize)>,
+    /// Requests queued in `writes`, with their size, for `largest_written`.
+    queued_requests: Vec<(RequestId, usize)>,
+    /// Oversized EVENTs not taken, for the owner.
+    refused: VecDeque<Refused>,
     /// Frames were fed to the socket (or a pong queued) since the last flush.
     unflushed: bool,
     /// Set when the session has ended; the owner stops driving it.
@@ -213,6 +251,11 @@ impl<T> Connection<T> {
             deadline_timer: Box::pin(sleep_until(now)),
             armed: None,
             writes: VecDeque::new(),
+            max_message_size: config.max_message_size,
+            max_call_size: config.max_call_size,
+            largest_written: None,
+            queued_requests: Vec::new(),
+            refused: VecDeque::new(),
             unflushed: false,
             close: None,
         })
@@ -300,27 +343,45 @@ impl<T> Connection<T> {
     pub fn poll_output(&mut self) -> Option<Output<T>> {
         loop {
             let output = self.session.poll_output()?;
-            let encoded = match output {
-                Output::Send(msg) => encode_frame(self.serializer, &msg),
+            let (encoded, request) = match output {
+                Output::Send(msg) => (encode_frame(self.serializer, &msg), sized_request(&msg)),
                 Output::SendRawCall {
                     request,
                     options,
                     procedure,
                     payload,
-                } => raw::encode_call(self.serializer, request, options, procedure, &payload)
-                    .map(|bytes| ws_message(self.serializer, bytes)),
+                } => (
+                    raw::encode_call(self.serializer, request, options, procedure, &payload)
+                        .map(|bytes| ws_message(self.serializer, bytes)),
+                    Some(request),
+                ),
                 Output::Closed { reason } => {
                     self.close(CloseReason::Goodbye(reason));
                     continue;
                 }
                 other => return Some(other),
             };
-            match encoded {
-                Ok(frame) => self.writes.push_back(frame),
+            let frame = match encoded {
+                Ok(frame) => frame,
                 // Only values a serializer cannot represent get here; the
                 // request it belonged to times out.
-                Err(e) => tracing::error!(error = %e, "dropping a message that cannot be encoded"),
+                Err(e) => {
+                    tracing::error!(error = %e, "dropping a message that cannot be encoded");
+                    continue;
+                }
+            };
+            if let Some(request) = request {
+                let size = frame.len();
+                if size > self.max_call_size {
+                    // The router would close the connection over it.
+                    let limit = Some(self.max_call_size);
+                    self.session
+                        .fail(request, RequestError::TooLarge { size, limit });
+                    continue;
+                }
+                self.queued_requests.push((request, size));
             }
+            self.writes.push_back(frame);
         }
     }
 
@@ -338,6 +399,7 @@ impl<T> Connection<T> {
             return;
         }
         let limit = self.ping_interval + self.ping_timeout;
+        self.largest_written = self.queued_requests.drain(..).max_by_key(|(_, size)| *size);
         let write = async {
             while let Some(frame) = self.writes.pop_front() {
                 self.ws.feed(frame).await?;
@@ -376,6 +438,15 @@ impl<T> Connection<T> {
             }
             Some(Ok(WsMessage::Pong(_) | WsMessage::Frame(_))) => return,
             Some(Ok(WsMessage::Close(frame))) => {
+                if let Some(f) = &frame
+                    && f.code == CloseCode::Size
+                    && let Some((request, size)) = self.largest_written.take()
+                {
+                    // Our last message was too big for the router: that
+                    // request's fault, not a connection to retry it on.
+                    let error = RequestError::TooLarge { size, limit: None };
+                    self.session.fail(request, error);
+                }
                 let detail = match frame {
                     Some(f) => format!("router closed the WebSocket ({} {})", f.code, f.reason),
                     None => "router closed the WebSocket".into(),
@@ -384,6 +455,15 @@ impl<T> Connection<T> {
                 return;
             }
             Some(Err(tungstenite::Error::Capacity(e))) => {
+                let size = match e {
+                    tungstenite::error::CapacityError::MessageTooLong { size, .. } => size,
+                    _ => 0,
+                };
+                self.refused.push_back(Refused {
+                    size,
+                    limit: self.max_message_size,
+                    event: None,
+                });
                 self.protocol_error(format!("message too large: {e}"));
                 return;
             }
@@ -408,6 +488,9 @@ impl<T> Connection<T> {
                 return;
             }
         };
+        if data.len() > self.max_message_size {
+            return self.refuse(&data);
+        }
         if self.raw_events
             && let Some(event) = raw::decode_event(self.serializer, &data)
         {
@@ -426,6 +509,38 @@ impl<T> Connection<T> {
                 self.protocol_error(e.to_string())
             }
         }
+    }
+
+    /// A message over the limit: an EVENT is refused and reported, and the
+    /// session goes on; anything else ends it.
+    fn refuse(&mut self, data: &[u8]) {
+        let size = data.len();
+        let limit = self.max_message_size;
+        match raw::decode_event(self.serializer, data) {
+            Some(event) => {
+                let topic = event.details.get_str("topic").map(str::to_owned);
+                self.refused.push_back(Refused {
+                    size,
+                    limit,
+                    event: Some((event.subscription, event.publication, topic)),
+                });
+            }
+            None => {
+                self.refused.push_back(Refused {
+                    size,
+                    limit,
+                    event: None,
+                });
+                self.protocol_error(format!(
+                    "message too large: {size} bytes, the limit is {limit}"
+                ));
+            }
+        }
+    }
+
+    /// The next oversized EVENT not taken (see [`Refused`]).
+    pub fn poll_refused(&mut self) -> Option<Refused> {
+        self.refused.pop_front()
     }
 
     fn on_session_error(&mut self, e: SessionError) {
@@ -496,8 +611,8 @@ async fn connect_and_join<T>(
         // 16 KiB still takes a hundred events per read under load; larger
         // messages grow the buffer as needed.
         .read_buffer_size(READ_BUFFER)
-        .max_message_size(Some(config.max_message_size))
-        .max_frame_size(Some(config.max_message_size));
+        .max_message_size(Some(read_ceiling(config.max_message_size)))
+        .max_frame_size(Some(read_ceiling(config.max_message_size)));
     let (mut ws, response) =
         tokio_tungstenite::connect_async_tls_with_config(request, Some(ws_config), true, tls)
             .await
@@ -576,6 +691,15 @@ fn encode_frame(
     msg: &Message,
 ) -> Result<WsMessage, super::codec::EncodeError> {
     Ok(ws_message(serializer, serializer.encode(msg)?))
+}
+
+/// The request id of a message whose size the router limits (it carries a
+/// payload we send): CALL and PUBLISH.
+fn sized_request(msg: &Message) -> Option<RequestId> {
+    match msg {
+        Message::Call { request, .. } | Message::Publish { request, .. } => Some(*request),
+        _ => None,
+    }
 }
 
 /// An encoded message as a WebSocket frame: text for JSON, binary otherwise.

@@ -96,6 +96,11 @@ pub enum RequestError {
     /// The session was not established when the request was made.
     #[error("not joined to a realm")]
     NotJoined,
+    /// The request's message is larger than the router takes: it was not
+    /// sent (`limit` known), or the router closed the connection over it
+    /// (1009, `limit` unknown).
+    #[error("message of {size} bytes is over the router's limit{}", .limit.map(|l| format!(" of {l} bytes")).unwrap_or_default())]
+    TooLarge { size: usize, limit: Option<usize> },
 }
 
 /// Every reply is one of these, delivered exactly once per request.
@@ -530,6 +535,18 @@ impl<T> Session<T> {
         let request = self.take_request_id();
         self.outputs.push_back(build(request));
         self.track(request, kind, token, deadline);
+    }
+
+    /// Resolves a pending request with `error` without a word from the
+    /// router: its message could not be sent, or cost the connection.
+    /// Nothing happens for a request no longer pending.
+    pub fn fail(&mut self, request: RequestId, error: RequestError) {
+        if let Some(p) = self.pending.remove(&request) {
+            if let Some(at) = p.deadline {
+                self.deadlines.remove(&(at, request));
+            }
+            self.reply(p.token, Err(error));
+        }
     }
 
     fn take_request_id(&mut self) -> RequestId {

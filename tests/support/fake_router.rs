@@ -14,6 +14,8 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -150,6 +152,15 @@ impl FakeSession {
                 Ok(_) => continue,
             }
         }
+    }
+
+    /// Closes the WebSocket with `code` (e.g. 1009, message too big).
+    pub async fn close_with(&mut self, code: u16, reason: &str) {
+        let frame = CloseFrame {
+            code: CloseCode::from(code),
+            reason: reason.to_owned().into(),
+        };
+        let _ = self.ws.close(Some(frame)).await;
     }
 
     /// Reads until the client closes, returning every WAMP message it sent.
