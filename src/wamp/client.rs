@@ -593,10 +593,13 @@ async fn connect_and_join(
             }
             _ => continue,
         };
-        let result = serializer
-            .decode(&data)
-            .map_err(|e| SessionError::Protocol(e.to_string()))
-            .and_then(|msg| session.handle_message(msg));
+        let result = match serializer.decode(&data) {
+            Ok(msg) => {
+                derive_key_off_the_event_loop(&config.credentials, &msg).await;
+                session.handle_message(msg)
+            }
+            Err(e) => Err(SessionError::Protocol(e.to_string())),
+        };
         if let Err(e) = result {
             if let Some(abort) = e.abort_message() {
                 let _ = write(&mut ws, serializer, &abort).await;
@@ -605,6 +608,19 @@ async fn connect_and_join(
             let _ = timeout(Duration::from_secs(1), ws.close(None)).await;
             return Err(ConnectError::Join(e));
         }
+    }
+}
+
+/// Before a salted WAMP-CRA CHALLENGE is answered: derives its key on tokio's
+/// blocking pool, because PBKDF2 may take a second and this runtime has one
+/// thread. The session's answer then finds the key cached (`auth`).
+async fn derive_key_off_the_event_loop(credentials: &Credentials, msg: &Message) {
+    if let Message::Challenge { authmethod, extra } = msg
+        && let Some(derivation) = credentials.derivation(authmethod, extra)
+    {
+        // Fails only if the runtime is shutting down; the session would then
+        // derive the key itself.
+        let _ = tokio::task::spawn_blocking(move || derivation.run()).await;
     }
 }
 
