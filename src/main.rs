@@ -154,6 +154,7 @@ async fn run(config: Config) -> ExitCode {
                 tokio::spawn(subtocall::http::serve(
                     listener,
                     metrics.clone(),
+                    subtocall::http::Limits::default(),
                     http_stop.clone(),
                 ));
             }
