@@ -94,6 +94,27 @@ async fn idle_and_half_sent_connections_cannot_starve_healthz_or_the_router_link
     drop(held);
 }
 
+#[tokio::test]
+async fn with_port_0_the_log_names_the_port_actually_bound() {
+    let sidecar = sidecar_without_router(&[("SUBTOCALL_HTTP_ADDR", "127.0.0.1:0")]);
+    let needle = "serving /metrics, /healthz and /readyz";
+    sidecar.wait_for_log(needle, WAIT).await;
+    let log = sidecar.log();
+    let line = log
+        .lines()
+        .find(|line| line.contains(needle))
+        .expect("the line waited for");
+    let addr: SocketAddr = line
+        .split("addr=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|text| text.parse().ok())
+        .unwrap_or_else(|| panic!("no addr=IP:PORT in {line:?}"));
+    assert_ne!(addr.port(), 0, "{line}");
+    let healthz = http_get(addr, "/healthz").await;
+    assert_eq!(healthz.map(|r| r.0), Some(200), "{line}");
+}
+
 // ---- the listener alone, with short limits
 
 /// `http::serve` on a free port of 127.0.0.1, stopped when dropped.
