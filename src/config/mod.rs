@@ -22,10 +22,9 @@ use std::time::Duration;
 
 use regex::Regex;
 use serde::Deserialize;
-use url::Url;
 
 pub use error::{ConfigError, Problem};
-pub use redacted::{RedisUrl, Secret};
+pub use redacted::{RedisUrl, Secret, WampUrl};
 pub use vars::{help_text, markdown_reference};
 
 use parse::{Invalid, Parsed};
@@ -52,8 +51,9 @@ pub struct Config {
 /// How to reach and talk to the router.
 #[derive(Debug, Clone)]
 pub struct WampConfig {
-    /// `ws://` or `wss://`, with a host and without credentials.
-    pub url: Url,
+    /// `ws://` or `wss://`, with a host and without user name or password;
+    /// `Display` hides its query values.
+    pub url: WampUrl,
     pub realm: String,
     pub auth: Auth,
     /// Offered first in the WebSocket subprotocol list; both are offered.
@@ -407,7 +407,7 @@ fn wamp(r: &mut Reader) -> Checked<WampConfig> {
         ));
     }
     Ok(WampConfig {
-        url: url?,
+        url: WampUrl::new(url?),
         realm: realm?,
         auth: auth?,
         serializer: serializer?,

@@ -451,6 +451,32 @@ fn a_redis_url_password_is_hidden_in_debug_display_and_errors() {
 }
 
 #[test]
+fn query_values_of_the_wamp_url_are_hidden_in_debug_display_and_errors() {
+    let url = "wss://router.example.com/ws?token=hunter4&tenant=acme";
+    let config = config(&[("WAMP_URL", url)]);
+    assert_eq!(
+        config.wamp.url.as_str(),
+        url,
+        "the whole URL to connect with"
+    );
+    assert_eq!(
+        config.wamp.url.to_string(),
+        "wss://router.example.com/ws?token=***&tenant=***"
+    );
+    for shown in [format!("{config:?}"), format!("{:?}", config.wamp.url)] {
+        assert!(!shown.contains("hunter4"), "{shown}");
+        assert!(shown.contains("?token=***"), "{shown}");
+    }
+
+    let problem = problem(
+        &[("WAMP_URL", "http://router/ws?token=hunter4")],
+        "WAMP_URL",
+    );
+    assert_eq!(problem.value.as_deref(), Some("http://router/ws?token=***"));
+    assert!(!problem.to_string().contains("hunter4"), "{problem}");
+}
+
+#[test]
 fn an_invalid_regex_is_reported_with_the_regex_error() {
     let problem = problem(
         &[("SUBTOCALL_REGISTRATION_FILTER", "com.(example")],

@@ -2,7 +2,8 @@
 //! for anonymous, ticket and WAMP-CRA (plain and salted). No IO and no tokio:
 //! a salted key that is expensive to derive is handed out as a [`Derivation`]
 //! for the caller to run off its event loop, and kept in a small process-wide
-//! cache so that reconnecting does not derive it again.
+//! cache so that reconnecting does not derive it again. Also how to print a
+//! router URL that carries a credential in its query (`?token=…`).
 
 use std::fmt;
 use std::sync::{Mutex, PoisonError};
@@ -263,6 +264,31 @@ fn param(extra: &Dict, key: &'static str, default: u32, limit: u32) -> Result<u3
     }
 }
 
+/// `url` with `***` for the value of every query parameter `hide` picks by
+/// its key (a router may take a ticket or token there); the fragment is
+/// treated the same way, and a parameter without `=` is hidden whole when
+/// `hide` picks it. Works on the text, so a value that is not a valid URL is
+/// redacted too; the rest is kept as written.
+pub fn redact_query(url: &str, hide: impl Fn(&str) -> bool) -> String {
+    let Some((base, rest)) = url.split_once('?') else {
+        return url.to_owned();
+    };
+    let redact = |part: &str| {
+        part.split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((key, _)) if hide(key) => format!("{key}=***"),
+                None if !pair.is_empty() && hide(pair) => "***".to_owned(),
+                _ => pair.to_owned(),
+            })
+            .collect::<Vec<_>>()
+            .join("&")
+    };
+    match rest.split_once('#') {
+        Some((query, fragment)) => format!("{base}?{}#{}", redact(query), redact(fragment)),
+        None => format!("{base}?{}", redact(rest)),
+    }
+}
+
 /// WAMP-CRA signature: base64(HMAC-SHA256(key, challenge)), the challenge
 /// signed byte for byte as received (never re-serialised).
 pub fn sign(key: &[u8], challenge: &str) -> String {
@@ -453,6 +479,28 @@ mod tests {
         assert!(
             creds.derivation("wampcra", &salted("first")).is_some(),
             "the oldest key was evicted"
+        );
+    }
+
+    #[test]
+    fn query_values_are_hidden_by_key_and_the_rest_is_kept() {
+        let all = |_: &str| true;
+        assert_eq!(
+            redact_query("wss://r/ws?token=abc&x=1", all),
+            "wss://r/ws?token=***&x=***"
+        );
+        assert_eq!(redact_query("ws://r/ws", all), "ws://r/ws");
+        assert_eq!(redact_query("ws://r/ws?", all), "ws://r/ws?");
+        assert_eq!(redact_query("ws://r/ws?bare", all), "ws://r/ws?***");
+        assert_eq!(
+            redact_query("ws://r/ws?t=a=b#k=v", all),
+            "ws://r/ws?t=***#k=***"
+        );
+        assert_eq!(redact_query("not a url?t=1", all), "not a url?t=***");
+        let passwords = |key: &str| key == "pass";
+        assert_eq!(
+            redact_query("unix:///s.sock?db=1&pass=pw#x", passwords),
+            "unix:///s.sock?db=1&pass=***#x"
         );
     }
 

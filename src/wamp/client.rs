@@ -27,7 +27,7 @@ use tokio_tungstenite::tungstenite::{self, Message as WsMessage};
 use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 
-use super::auth::Credentials;
+use super::auth::{Credentials, redact_query};
 use super::codec::{DecodeError, Serializer};
 use super::id::{PublicationId, RegistrationId, RequestId, SubscriptionId};
 use super::message::{Event, Invocation, Message, Payload};
@@ -506,8 +506,10 @@ fn unexpected(success: Success) -> RequestError {
 async fn connect_and_join(
     config: &ClientConfig,
 ) -> Result<(Ws, Session<ReplyTx>, Serializer), ConnectError> {
+    // As errors show it: a query value may be a credential (`?token=…`).
+    let shown_url = redact_query(&config.url, |_| true);
     let invalid = |detail: String| ConnectError::InvalidUrl {
-        url: config.url.clone(),
+        url: shown_url.clone(),
         detail,
     };
     let mut request = config
@@ -544,7 +546,7 @@ async fn connect_and_join(
         tokio_tungstenite::connect_async_tls_with_config(request, Some(ws_config), true, tls)
             .await
             .map_err(|e| ConnectError::Transport {
-                url: config.url.clone(),
+                url: shown_url.clone(),
                 detail: e.to_string(),
             })?;
     let serializer = response
