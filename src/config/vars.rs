@@ -3,6 +3,8 @@
 //! `subtocall --help`, of the reference in `doc/configuration.md` and of the
 //! "expected …" part of validation errors. Pure data and text; no parsing.
 
+use std::time::Duration;
+
 /// One environment variable subtocall reads.
 #[derive(Debug)]
 pub(crate) struct Var {
@@ -78,8 +80,18 @@ impl Group {
 
 // "Accepts" texts shared by several variables.
 const DURATION: &str = "a duration such as 30s or 500ms (a bare number means seconds)";
-const NON_ZERO_DURATION: &str =
-    "a duration above 0 such as 30s or 500ms (a bare number means seconds)";
+const AT_LEAST_100MS: &str =
+    "a duration of at least 100ms such as 30s or 500ms (a bare number means seconds)";
+const AT_LEAST_10MS: &str =
+    "a duration of at least 10ms such as 30s or 500ms (a bare number means seconds)";
+
+// Lower bounds of the durations where a tiny value does harm: a ping or
+// reconnect loop, calls and joins that cannot succeed, a drain that cannot
+// drain. The "accepts" text of each such variable names its bound.
+/// Timeouts, intervals, the retry budget and the reconnect delay's cap.
+pub(crate) const MIN_100MS: Duration = Duration::from_millis(100);
+/// The first delay of both backoffs, and the retry delay's cap.
+pub(crate) const MIN_10MS: Duration = Duration::from_millis(10);
 
 // Old names, used by the table and by the code that reads them.
 pub(crate) const REALM: &str = "REALM";
@@ -156,7 +168,7 @@ pub(crate) const CONNECT_TIMEOUT: Var = Var {
     name: "SUBTOCALL_CONNECT_TIMEOUT",
     old_names: &[],
     default: DefaultValue::Value("10s"),
-    accepts: NON_ZERO_DURATION,
+    accepts: AT_LEAST_100MS,
     meaning: "Deadline for one connection attempt: TCP, TLS, WebSocket handshake and WAMP join.",
     secret: false,
     group: Group::Router,
@@ -166,7 +178,7 @@ pub(crate) const PING_INTERVAL: Var = Var {
     name: "SUBTOCALL_PING_INTERVAL",
     old_names: &[],
     default: DefaultValue::Value("10s"),
-    accepts: NON_ZERO_DURATION,
+    accepts: AT_LEAST_100MS,
     meaning: "How often a WebSocket ping is sent to the router.",
     secret: false,
     group: Group::Router,
@@ -176,7 +188,7 @@ pub(crate) const PING_TIMEOUT: Var = Var {
     name: "SUBTOCALL_PING_TIMEOUT",
     old_names: &[],
     default: DefaultValue::Value("5s"),
-    accepts: NON_ZERO_DURATION,
+    accepts: AT_LEAST_100MS,
     meaning: "The connection is considered dead when nothing (no pong, no other frame) \
               arrives within this time after a ping.",
     secret: false,
@@ -210,7 +222,7 @@ pub(crate) const RECONNECT_INITIAL_BACKOFF: Var = Var {
     name: "SUBTOCALL_RECONNECT_INITIAL_BACKOFF",
     old_names: &[],
     default: DefaultValue::Value("200ms"),
-    accepts: NON_ZERO_DURATION,
+    accepts: AT_LEAST_10MS,
     meaning: "Delay before the first reconnect attempt; later delays grow up to \
               SUBTOCALL_RECONNECT_MAX_BACKOFF.",
     secret: false,
@@ -221,7 +233,7 @@ pub(crate) const RECONNECT_MAX_BACKOFF: Var = Var {
     name: "SUBTOCALL_RECONNECT_MAX_BACKOFF",
     old_names: &[],
     default: DefaultValue::Value("2s"),
-    accepts: NON_ZERO_DURATION,
+    accepts: AT_LEAST_100MS,
     meaning: "Cap of the reconnect delay; at least SUBTOCALL_RECONNECT_INITIAL_BACKOFF.",
     secret: false,
     group: Group::Reconnect,
@@ -289,7 +301,7 @@ pub(crate) const CALL_TIMEOUT: Var = Var {
     name: "SUBTOCALL_CALL_TIMEOUT",
     old_names: &[],
     default: DefaultValue::Value("30s"),
-    accepts: NON_ZERO_DURATION,
+    accepts: AT_LEAST_100MS,
     meaning: "Deadline of one forwarding attempt (a CALL, or an RPUSH in Redis mode).",
     secret: false,
     group: Group::Forwarding,
@@ -352,7 +364,7 @@ pub(crate) const RETRY_MAX_AGE: Var = Var {
     name: "SUBTOCALL_RETRY_MAX_AGE",
     old_names: &[],
     default: DefaultValue::Value("120s"),
-    accepts: NON_ZERO_DURATION,
+    accepts: AT_LEAST_100MS,
     meaning: "An event older than this is not retried any more.",
     secret: false,
     group: Group::Retry,
@@ -362,7 +374,7 @@ pub(crate) const RETRY_INITIAL_BACKOFF: Var = Var {
     name: "SUBTOCALL_RETRY_INITIAL_BACKOFF",
     old_names: &[],
     default: DefaultValue::Value("100ms"),
-    accepts: NON_ZERO_DURATION,
+    accepts: AT_LEAST_10MS,
     meaning: "Delay before the first retry; later delays grow exponentially with full jitter.",
     secret: false,
     group: Group::Retry,
@@ -372,7 +384,7 @@ pub(crate) const RETRY_MAX_BACKOFF: Var = Var {
     name: "SUBTOCALL_RETRY_MAX_BACKOFF",
     old_names: &[],
     default: DefaultValue::Value("5s"),
-    accepts: NON_ZERO_DURATION,
+    accepts: AT_LEAST_10MS,
     meaning: "Cap of the retry delay; at least SUBTOCALL_RETRY_INITIAL_BACKOFF.",
     secret: false,
     group: Group::Retry,
@@ -422,7 +434,7 @@ pub(crate) const SHUTDOWN_TIMEOUT: Var = Var {
     name: "SUBTOCALL_SHUTDOWN_TIMEOUT",
     old_names: &[],
     default: DefaultValue::Value("10s"),
-    accepts: NON_ZERO_DURATION,
+    accepts: AT_LEAST_100MS,
     meaning: "On SIGTERM or SIGINT: deadline to finish or dead-letter in-flight work.",
     secret: false,
     group: Group::Operations,
