@@ -318,6 +318,12 @@ fn relative_links_in_the_readme_and_docs_point_to_existing_files_and_headings() 
 
 // ---- configuration variables ------------------------------------------------
 
+/// Variables the docs may name before they exist here, because another branch
+/// adds them; doc/operations.md marks each row "pending merge". At the merge
+/// that adds one, `pending_variables_do_not_exist_yet` fails until it is taken
+/// off this list (and its row checked and unmarked).
+const PENDING_VARIABLES: &[&str] = &["SUBTOCALL_MAX_CALL_SIZE"];
+
 /// Every variable name in the reference table (names and old names), with its
 /// default as the table shows it (`unset` or a computed default as text).
 fn config_variables() -> BTreeMap<String, String> {
@@ -345,6 +351,9 @@ fn every_subtocall_variable_named_in_the_docs_exists() {
         }
         let text = fs::read_to_string(&file).unwrap();
         for m in mention.find_iter(&text) {
+            if PENDING_VARIABLES.contains(&m.as_str()) {
+                continue;
+            }
             assert!(
                 vars.contains_key(m.as_str()),
                 "{} names {}, which is not a configuration variable",
@@ -352,6 +361,69 @@ fn every_subtocall_variable_named_in_the_docs_exists() {
                 m.as_str()
             );
         }
+    }
+}
+
+#[test]
+fn pending_variables_do_not_exist_yet() {
+    let vars = config_variables();
+    for name in PENDING_VARIABLES {
+        assert!(
+            !vars.contains_key(*name),
+            "{name} exists now: take it off PENDING_VARIABLES in tests/docs.rs and check \
+             (then unmark) its \"pending merge\" row in doc/operations.md"
+        );
+    }
+}
+
+/// The value cell of the row of doc/operations.md's limits table whose first
+/// cell contains `limit`.
+fn documented_limit(limit: &str) -> String {
+    let doc = read("doc/operations.md");
+    let section = doc
+        .split_once("\n## Limits\n")
+        .and_then(|(_, rest)| rest.split("\n## ").next())
+        .expect("doc/operations.md has a Limits section");
+    section
+        .lines()
+        .filter_map(|line| {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            (cells.len() > 3 && cells[1].contains(limit)).then(|| cells[2].to_owned())
+        })
+        .next()
+        .unwrap_or_else(|| panic!("no row for {limit:?} in the limits table"))
+}
+
+/// 1000000 as 1,000,000.
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, digit) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(digit);
+    }
+    out
+}
+
+#[test]
+fn the_limits_table_gives_the_fixed_limits_of_the_code() {
+    use subtocall::http::Limits;
+    use subtocall::wamp::auth::{MAX_ITERATIONS, MAX_KEYLEN};
+    let http = Limits::default();
+    let secs = |d: Duration| format!("{} s", d.as_secs());
+    for (limit, value) in [
+        ("HTTP request head", secs(http.request_head_timeout)),
+        ("HTTP connection age", secs(http.max_connection_age)),
+        (
+            "HTTP connections open at once",
+            http.max_connections.to_string(),
+        ),
+        ("PBKDF2 iterations", thousands(u64::from(MAX_ITERATIONS))),
+        ("derived key length", format!("{MAX_KEYLEN} bytes")),
+    ] {
+        assert_eq!(documented_limit(limit), value, "the {limit:?} row");
     }
 }
 

@@ -138,7 +138,8 @@ pub(crate) const BACKEND_SECRET: Var = Var {
     default: DefaultValue::Unset,
     accepts: "the WAMP-CRA secret or the ticket (not empty)",
     meaning: "Required when BACKEND_USERNAME is set and the auth method is wampcra or ticket. \
-              Plain and salted (PBKDF2) WAMP-CRA secrets both work.",
+              Plain and salted (PBKDF2) WAMP-CRA secrets both work; a router whose salted \
+              challenge asks for more than 1,000,000 PBKDF2 iterations is refused.",
     secret: true,
     group: Group::Router,
 };
