@@ -150,10 +150,13 @@ async fn run(config: Config) -> ExitCode {
     if let Some(addr) = config.http {
         match subtocall::http::bind(addr).await {
             Ok(listener) => {
-                tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+                // With port 0, the port the system chose.
+                let bound = listener.local_addr().unwrap_or(addr);
+                tracing::info!(addr = %bound, "serving /metrics, /healthz and /readyz");
                 tokio::spawn(subtocall::http::serve(
                     listener,
                     metrics.clone(),
+                    subtocall::http::Limits::default(),
                     http_stop.clone(),
                 ));
             }

@@ -355,6 +355,57 @@ fn every_subtocall_variable_named_in_the_docs_exists() {
     }
 }
 
+/// The value cell of the row of doc/operations.md's limits table whose first
+/// cell contains `limit`.
+fn documented_limit(limit: &str) -> String {
+    let doc = read("doc/operations.md");
+    let section = doc
+        .split_once("\n## Limits\n")
+        .and_then(|(_, rest)| rest.split("\n## ").next())
+        .expect("doc/operations.md has a Limits section");
+    section
+        .lines()
+        .filter_map(|line| {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            (cells.len() > 3 && cells[1].contains(limit)).then(|| cells[2].to_owned())
+        })
+        .next()
+        .unwrap_or_else(|| panic!("no row for {limit:?} in the limits table"))
+}
+
+/// 1000000 as 1,000,000.
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, digit) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(digit);
+    }
+    out
+}
+
+#[test]
+fn the_limits_table_gives_the_fixed_limits_of_the_code() {
+    use subtocall::http::Limits;
+    use subtocall::wamp::auth::{MAX_ITERATIONS, MAX_KEYLEN};
+    let http = Limits::default();
+    let secs = |d: Duration| format!("{} s", d.as_secs());
+    for (limit, value) in [
+        ("HTTP request head", secs(http.request_head_timeout)),
+        ("HTTP connection age", secs(http.max_connection_age)),
+        (
+            "HTTP connections open at once",
+            http.max_connections.to_string(),
+        ),
+        ("PBKDF2 iterations", thousands(u64::from(MAX_ITERATIONS))),
+        ("derived key length", format!("{MAX_KEYLEN} bytes")),
+    ] {
+        assert_eq!(documented_limit(limit), value, "the {limit:?} row");
+    }
+}
+
 #[test]
 fn defaults_quoted_in_the_docs_are_the_configured_defaults() {
     let vars = config_variables();

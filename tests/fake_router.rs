@@ -1,17 +1,21 @@
 //! Our client against a scripted fake router, for the faults a real Crossbar
 //! cannot be made to produce: malformed frames, unknown message types, wrong
 //! field types, oversized messages, a router that goes silent or never
-//! welcomes. Each must end the session with a typed error, never a panic.
+//! welcomes, a salted WAMP-CRA challenge that asks for too much work. Each
+//! must end the session with a typed error, never a panic or a stall.
 
 mod support;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
+use subtocall::wamp::auth::{Credentials, derive_key, sign};
 use subtocall::wamp::{
     Client, ClientConfig, CloseReason, ConnectError, Dict, Payload, RequestError, Serializer,
 };
-use support::fake_router::FakeRouter;
+use support::fake_router::{FakeRouter, FakeSession};
 
 fn config(router: &FakeRouter) -> ClientConfig {
     let mut c = ClientConfig::new(router.url(), "realm1");
@@ -193,4 +197,125 @@ async fn request_ids_are_sequential_from_one_in_every_session() {
         assert_eq!(call.await.unwrap().unwrap().payload.args[0], "ok".into());
         client.close().await;
     }
+}
+
+// ---- salted WAMP-CRA: the key derivation a router asks for
+
+/// A captured Crossbar challenge string (signed byte for byte).
+const SALTED_CHALLENGE: &str = r#"{"authid": "salted", "authrole": "backend", "authmethod": "wampcra", "authprovider": "static", "session": 8629904171912300, "nonce": "KkUn1VQTiw5/jAlzxZCupZo7fPXYnIFe4EyYE/UgQEzfEt4eCV9wOc5FrS1q7nvh", "timestamp": "2026-11-22T10:22:05.202Z"}"#;
+
+fn salted_config(router: &FakeRouter, secret: &str) -> ClientConfig {
+    let mut c = config(router);
+    c.credentials = Credentials::WampCra {
+        authid: "salted".into(),
+        secret: secret.into(),
+    };
+    c
+}
+
+/// Reads HELLO, sends a salted WAMP-CRA CHALLENGE asking for `iterations`
+/// PBKDF2 rounds, and returns the client's answer (AUTHENTICATE or ABORT).
+async fn salted_challenge(session: &mut FakeSession, iterations: u64) -> serde_json::Value {
+    let hello = session.recv().await.expect("HELLO");
+    assert_eq!(hello[0], 1, "{hello}");
+    session
+        .send_json(json!([4, "wampcra", {
+            "challenge": SALTED_CHALLENGE,
+            "salt": "salt123",
+            "iterations": iterations,
+            "keylen": 32,
+        }]))
+        .await;
+    session.recv().await.expect("AUTHENTICATE or ABORT")
+}
+
+/// The longest time, so far, that the runtime this is spawned on (one
+/// thread, as in subtocall) could not run a task that wants to wake every 5 ms.
+fn longest_stall() -> Arc<AtomicU64> {
+    let longest_us = Arc::new(AtomicU64::new(0));
+    let record = longest_us.clone();
+    tokio::spawn(async move {
+        loop {
+            let asleep = Instant::now();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            let late = asleep.elapsed().saturating_sub(Duration::from_millis(5));
+            record.fetch_max(late.as_micros() as u64, Ordering::Relaxed);
+        }
+    });
+    longest_us
+}
+
+/// Far above Crossbar's default of 1000 and below subtocall's limit, and
+/// slow enough here (a debug build) to stall the runtime for a noticeable time.
+const MANY_ITERATIONS: u64 = 50_000;
+
+#[tokio::test]
+async fn salted_wampcra_key_is_derived_off_the_event_loop_and_reused_on_reconnect() {
+    let mut router = FakeRouter::start().await;
+    let secret = "derive-me-off-the-loop";
+    let mut config = salted_config(&router, secret);
+    config.connect_timeout = Duration::from_secs(60);
+    let stall = longest_stall();
+
+    let mut joins = Vec::new();
+    let mut signatures = Vec::new();
+    for _ in 0..2 {
+        let started = Instant::now();
+        let connecting = tokio::spawn(Client::connect(config.clone()));
+        let mut session = router.next_session().await;
+        let answer = salted_challenge(&mut session, MANY_ITERATIONS).await;
+        assert_eq!(answer[0], 5, "AUTHENTICATE: {answer}");
+        signatures.push(answer[1].as_str().expect("signature").to_owned());
+        session.send_json(json!([2, 4242, {"realm": "realm1", "authrole": "backend", "roles": {"broker": {}, "dealer": {}}}])).await;
+        let (client, _incoming) = connecting.await.unwrap().expect("joins");
+        joins.push(started.elapsed());
+        client.close().await;
+    }
+    let stall = Duration::from_micros(stall.load(Ordering::Relaxed));
+
+    // Checked after the measurement: deriving here blocks this runtime too.
+    let key = derive_key(secret, "salt123", MANY_ITERATIONS as u32, 32);
+    let expected = sign(key.as_bytes(), SALTED_CHALLENGE);
+    assert_eq!(signatures, [expected.clone(), expected]);
+    assert!(
+        joins[0] >= Duration::from_millis(200),
+        "the first join took {:?}: too fast to show whether the derivation blocks",
+        joins[0]
+    );
+    assert!(
+        stall * 4 < joins[0],
+        "the runtime stalled for {stall:?} during a join of {:?}: the key was derived on the event loop",
+        joins[0]
+    );
+    assert!(
+        joins[1] * 4 < joins[0],
+        "the reconnect took {:?} after a first join of {:?}: the derived key was not reused",
+        joins[1],
+        joins[0]
+    );
+}
+
+#[tokio::test]
+async fn a_challenge_asking_for_more_iterations_than_any_honest_router_is_refused_at_once() {
+    let mut router = FakeRouter::start().await;
+    let mut config = salted_config(&router, "never-derived");
+    config.connect_timeout = Duration::from_secs(60);
+    let started = Instant::now();
+    let connecting = tokio::spawn(Client::connect(config));
+    let mut session = router.next_session().await;
+    let answer = salted_challenge(&mut session, 1_000_001).await;
+    assert_eq!(answer[0], 3, "ABORT, not AUTHENTICATE: {answer}");
+    assert_eq!(answer[2], "wamp.error.authentication_failed", "{answer}");
+    let err = connecting.await.unwrap().unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "refused only after {:?}",
+        started.elapsed()
+    );
+    assert!(err.is_terminal(), "{err}");
+    let shown = err.to_string();
+    assert!(
+        shown.contains("1000001") && shown.contains("1000000"),
+        "the error names what was asked and the limit: {shown}"
+    );
 }

@@ -1,7 +1,8 @@
 //! What operators rely on, against the real router: `/metrics`, `/healthz`
 //! and `/readyz` (including readiness while unreachable and while draining),
 //! JSON logs, `subtocall check` with a good and an under-privileged role and
-//! with Redis up or down, and `subtocall healthcheck`.
+//! with Redis up or down, `subtocall healthcheck`, and a token in the router
+//! URL that is never logged.
 
 mod support;
 
@@ -211,6 +212,26 @@ async fn readyz_is_503_while_the_router_is_unreachable_but_healthz_is_200() {
             .await
             >= 1.0
     );
+}
+
+#[tokio::test]
+async fn a_token_in_the_wamp_url_query_is_never_logged() {
+    let token = "t0ken-Quokka-4242";
+    let mut env = BTreeMap::new();
+    env.insert(
+        "WAMP_URL".to_owned(),
+        format!("ws://127.0.0.1:{}/ws?ticket={token}&x=1", free_port()),
+    );
+    env.insert("SUBTOCALL_LOG".to_owned(), "trace".to_owned());
+    let sidecar = Sidecar::start(env);
+    // The startup line and a connection error, both of which print the URL.
+    sidecar.wait_for_log("subtocall starting", WAIT).await;
+    sidecar
+        .wait_for_log("cannot connect to the router", WAIT)
+        .await;
+    let log = sidecar.log();
+    assert!(!log.contains(token), "{log}");
+    assert!(log.contains("/ws?ticket=***&x=***"), "{log}");
 }
 
 #[tokio::test]

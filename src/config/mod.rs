@@ -22,10 +22,9 @@ use std::time::Duration;
 
 use regex::Regex;
 use serde::Deserialize;
-use url::Url;
 
 pub use error::{ConfigError, Problem};
-pub use redacted::{RedisUrl, Secret};
+pub use redacted::{RedisUrl, Secret, WampUrl};
 pub use vars::{help_text, markdown_reference};
 
 use parse::{Invalid, Parsed};
@@ -52,8 +51,9 @@ pub struct Config {
 /// How to reach and talk to the router.
 #[derive(Debug, Clone)]
 pub struct WampConfig {
-    /// `ws://` or `wss://`, with a host and without credentials.
-    pub url: Url,
+    /// `ws://` or `wss://`, with a host and without user name or password;
+    /// `Display` hides its query values.
+    pub url: WampUrl,
     pub realm: String,
     pub auth: Auth,
     /// Offered first in the WebSocket subprotocol list; both are offered.
@@ -348,7 +348,9 @@ fn read(vars: Vec<(String, String)>, not_unicode: Vec<String>) -> Result<Config,
     let forward = forward(&mut r);
     let redis = redis(&mut r);
     let reconnect = reconnect(&mut r);
-    let shutdown_timeout = r.required(&SHUTDOWN_TIMEOUT, parse::non_zero_duration);
+    let shutdown_timeout = r.required(&SHUTDOWN_TIMEOUT, |text| {
+        parse::duration_at_least(text, MIN_100MS)
+    });
     let http = r.required(&HTTP_ADDR, parse::listen_addr);
     let log = log(&mut r);
 
@@ -396,9 +398,15 @@ fn wamp(r: &mut Reader) -> Checked<WampConfig> {
             &[("msgpack", Serializer::MsgPack), ("json", Serializer::Json)],
         )
     });
-    let connect_timeout = r.required(&CONNECT_TIMEOUT, parse::non_zero_duration);
-    let ping_interval = r.required(&PING_INTERVAL, parse::non_zero_duration);
-    let ping_timeout = r.required(&PING_TIMEOUT, parse::non_zero_duration);
+    let connect_timeout = r.required(&CONNECT_TIMEOUT, |text| {
+        parse::duration_at_least(text, MIN_100MS)
+    });
+    let ping_interval = r.required(&PING_INTERVAL, |text| {
+        parse::duration_at_least(text, MIN_100MS)
+    });
+    let ping_timeout = r.required(&PING_TIMEOUT, |text| {
+        parse::duration_at_least(text, MIN_100MS)
+    });
     let max_message_size = r.required(&MAX_MESSAGE_SIZE, parse::byte_size);
     let max_call_size = r.required(&MAX_CALL_SIZE, parse::byte_size);
     let ca_file = r.optional(&CA_FILE, parse::ca_file);
@@ -412,7 +420,7 @@ fn wamp(r: &mut Reader) -> Checked<WampConfig> {
         ));
     }
     Ok(WampConfig {
-        url: url?,
+        url: WampUrl::new(url?),
         realm: realm?,
         auth: auth?,
         serializer: serializer?,
@@ -501,7 +509,9 @@ fn forward(r: &mut Reader) -> Checked<ForwardConfig> {
     let mode = r.required(&USE_REDIS_MQ, |text| {
         parse::boolean(text).map(|redis| if redis { Mode::Redis } else { Mode::Wamp })
     });
-    let call_timeout = r.required(&CALL_TIMEOUT, parse::non_zero_duration);
+    let call_timeout = r.required(&CALL_TIMEOUT, |text| {
+        parse::duration_at_least(text, MIN_100MS)
+    });
     let details_kwarg = r.optional(&DETAILS_KWARG, parse::non_empty);
     let max_in_flight = r.required(&MAX_IN_FLIGHT, |text| parse::number_in(text, 1, 65_536));
     let queue_capacity = r.required(&QUEUE_CAPACITY, |text| {
@@ -519,8 +529,13 @@ fn forward(r: &mut Reader) -> Checked<ForwardConfig> {
     let max_attempts = r.required(&RETRY_MAX_ATTEMPTS, |text| {
         parse::number_in(text, 1, 1_000_000)
     });
-    let max_age = r.required(&RETRY_MAX_AGE, parse::non_zero_duration);
-    let (initial_backoff, max_backoff) = r.backoff_pair(&RETRY_INITIAL_BACKOFF, &RETRY_MAX_BACKOFF);
+    let max_age = r.required(&RETRY_MAX_AGE, |text| {
+        parse::duration_at_least(text, MIN_100MS)
+    });
+    let (initial_backoff, max_backoff) = r.backoff_pair(
+        (&RETRY_INITIAL_BACKOFF, MIN_10MS),
+        (&RETRY_MAX_BACKOFF, MIN_10MS),
+    );
     Ok(ForwardConfig {
         mode: mode?,
         call_timeout: call_timeout?,
@@ -611,8 +626,10 @@ fn redis_host(text: &str) -> Parsed<String> {
 }
 
 fn reconnect(r: &mut Reader) -> Checked<ReconnectConfig> {
-    let (initial_backoff, max_backoff) =
-        r.backoff_pair(&RECONNECT_INITIAL_BACKOFF, &RECONNECT_MAX_BACKOFF);
+    let (initial_backoff, max_backoff) = r.backoff_pair(
+        (&RECONNECT_INITIAL_BACKOFF, MIN_10MS),
+        (&RECONNECT_MAX_BACKOFF, MIN_100MS),
+    );
     let max_failures = r.required(&MAX_CONNECT_FAILURES, |text| {
         // 0 means "retry forever", which `NonZeroU32::new` maps to `None`.
         parse::number_in(text, 0, u64::from(u32::MAX)).map(NonZeroU32::new)
@@ -737,15 +754,17 @@ impl Reader {
         })
     }
 
-    /// An initial and a maximum backoff, checking that max >= initial. The
-    /// problem is reported on whichever of the two was set (max if both).
+    /// An initial and a maximum backoff, each with its lower bound, checking
+    /// that max >= initial. The problem is reported on whichever of the two
+    /// was set (max if both).
     fn backoff_pair(
         &mut self,
-        initial: &'static Var,
-        max: &'static Var,
+        (initial, initial_min): (&'static Var, Duration),
+        (max, max_min): (&'static Var, Duration),
     ) -> (Checked<Duration>, Checked<Duration>) {
-        let initial_value = self.required(initial, parse::non_zero_duration);
-        let max_value = self.required(max, parse::non_zero_duration);
+        let initial_value =
+            self.required(initial, |text| parse::duration_at_least(text, initial_min));
+        let max_value = self.required(max, |text| parse::duration_at_least(text, max_min));
         let (Ok(initial_duration), Ok(max_duration)) = (&initial_value, &max_value) else {
             return (initial_value, max_value);
         };

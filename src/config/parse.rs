@@ -54,11 +54,15 @@ pub(crate) fn duration(text: &str) -> Parsed<Duration> {
     Ok(parsed)
 }
 
-/// A duration where 0 makes no sense (timeouts, backoffs, intervals).
-pub(crate) fn non_zero_duration(text: &str) -> Parsed<Duration> {
+/// A duration of at least `min` (timeouts, intervals, backoffs: below some
+/// bound they do harm); the error names the bound.
+pub(crate) fn duration_at_least(text: &str, min: Duration) -> Parsed<Duration> {
     let parsed = duration(text)?;
-    if parsed.is_zero() {
-        return Err(Invalid::because("must not be 0"));
+    if parsed < min {
+        return Err(Invalid::because(format!(
+            "is below the minimum of {}",
+            humantime::format_duration(min)
+        )));
     }
     Ok(parsed)
 }
@@ -267,7 +271,14 @@ mod tests {
         assert_eq!(duration("1.5"), Err(Invalid::syntax()));
         assert!(duration("31days").is_err());
         assert!(duration("99999999999999999999999").is_err());
-        assert!(non_zero_duration("0ms").is_err());
+        assert_eq!(
+            duration_at_least("99ms", Duration::from_millis(100)),
+            Err(Invalid::because("is below the minimum of 100ms"))
+        );
+        assert_eq!(
+            duration_at_least("100ms", Duration::from_millis(100)),
+            Ok(Duration::from_millis(100))
+        );
     }
 
     #[test]

@@ -1,10 +1,14 @@
-//! Values that must never be printed: a `Secret`, and a `RedisUrl` whose
-//! password is hidden whenever it is formatted. Also the redaction applied to
-//! every raw value quoted in a configuration error.
+//! Values that must never be printed: a `Secret`, a `RedisUrl` whose
+//! password and a `WampUrl` whose query values are hidden whenever they are
+//! formatted. Also the redaction applied to every raw value quoted in a
+//! configuration error.
 
 use std::fmt;
+use std::ops::Deref;
 
 use url::Url;
+
+use crate::wamp::auth::redact_query;
 
 /// What is shown instead of a secret.
 const HIDDEN: &str = "***";
@@ -78,13 +82,46 @@ impl RedisUrl {
 
 impl fmt::Display for RedisUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&redact_value(self.0.as_str()))
+        f.write_str(&redact_redis_url(self.0.as_str()))
     }
 }
 
 impl fmt::Debug for RedisUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "RedisUrl({:?})", redact_value(self.0.as_str()))
+        write!(f, "RedisUrl({:?})", redact_redis_url(self.0.as_str()))
+    }
+}
+
+/// The router's validated `ws://` or `wss://` URL (no user name or password:
+/// those are refused). `Display` and `Debug` hide every query value, where a
+/// router may take a ticket or token (`?token=…`). It derefs to the [`Url`]
+/// for the code that connects: `as_str()` is the whole URL.
+#[derive(Clone, PartialEq, Eq)]
+pub struct WampUrl(Url);
+
+impl WampUrl {
+    pub(crate) fn new(url: Url) -> WampUrl {
+        WampUrl(url)
+    }
+}
+
+impl Deref for WampUrl {
+    type Target = Url;
+
+    fn deref(&self) -> &Url {
+        &self.0
+    }
+}
+
+impl fmt::Display for WampUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&redact_query(self.0.as_str(), |_| true))
+    }
+}
+
+impl fmt::Debug for WampUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "WampUrl({:?})", redact_query(self.0.as_str(), |_| true))
     }
 }
 
@@ -92,11 +129,23 @@ fn is_password_key(key: &str) -> bool {
     key.eq_ignore_ascii_case("pass") || key.eq_ignore_ascii_case("password")
 }
 
-/// Text made safe to print: a password in `user:password@host` and a
-/// `pass=`/`password=` query value become `***`, even in text that is not a
-/// valid URL (a raw value quoted in an error). The rest is kept as written.
+/// Text made safe to print in an error, even when it is not a valid URL: a
+/// password in `user:password@host` becomes `***`, and so does every query
+/// value of text with a scheme (`ws://…?token=…`), or else a `pass=` or
+/// `password=` query value. The rest is kept as written.
 pub(crate) fn redact_value(text: &str) -> String {
-    redact_query_passwords(&redact_userinfo(text))
+    let text = redact_userinfo(text);
+    if text.contains("://") {
+        redact_query(&text, |_| true)
+    } else {
+        redact_query(&text, is_password_key)
+    }
+}
+
+/// A Redis URL as shown: its password and `pass`/`password` query values
+/// hidden, other parameters (`db=1`) kept.
+fn redact_redis_url(text: &str) -> String {
+    redact_query(&redact_userinfo(text), is_password_key)
 }
 
 /// Hides what lies between the first `:` of the user info and the last `@`
@@ -117,29 +166,6 @@ fn redact_userinfo(text: &str) -> String {
     }
 }
 
-/// Hides the values of `pass` and `password` query parameters.
-fn redact_query_passwords(text: &str) -> String {
-    let Some((base, query)) = text.split_once('?') else {
-        return text.to_string();
-    };
-    let (query, fragment) = match query.split_once('#') {
-        Some((query, fragment)) => (query, Some(fragment)),
-        None => (query, None),
-    };
-    let query = query
-        .split('&')
-        .map(|pair| match pair.split_once('=') {
-            Some((key, _)) if is_password_key(key) => format!("{key}={HIDDEN}"),
-            _ => pair.to_string(),
-        })
-        .collect::<Vec<_>>()
-        .join("&");
-    match fragment {
-        Some(fragment) => format!("{base}?{query}#{fragment}"),
-        None => format!("{base}?{query}"),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,6 +181,14 @@ mod tests {
         assert_eq!(redact_value("user@host:80"), "user@host:80");
         assert_eq!(
             redact_value("unix:///redis.sock?db=1&pass=pw#x"),
+            "unix:///redis.sock?db=***&pass=***#***"
+        );
+        assert_eq!(
+            redact_value("redis//h?db=1&pass=pw"),
+            "redis//h?db=1&pass=***"
+        );
+        assert_eq!(
+            redact_redis_url("unix:///redis.sock?db=1&pass=pw#x"),
             "unix:///redis.sock?db=1&pass=***#x"
         );
     }

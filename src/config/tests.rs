@@ -346,7 +346,7 @@ fn bad_values_are_all_reported_at_once_by_name() {
     assert_eq!(text.lines().count(), 8, "{text}");
     assert!(
         text.lines().any(|line| line
-            == r#"SUBTOCALL_CALL_TIMEOUT="abc": expected a duration above 0 such as 30s or 500ms (a bare number means seconds)"#),
+            == r#"SUBTOCALL_CALL_TIMEOUT="abc": expected a duration of at least 100ms such as 30s or 500ms (a bare number means seconds)"#),
         "{text}"
     );
     assert!(
@@ -451,6 +451,32 @@ fn a_redis_url_password_is_hidden_in_debug_display_and_errors() {
 }
 
 #[test]
+fn query_values_of_the_wamp_url_are_hidden_in_debug_display_and_errors() {
+    let url = "wss://router.example.com/ws?token=hunter4&tenant=acme";
+    let config = config(&[("WAMP_URL", url)]);
+    assert_eq!(
+        config.wamp.url.as_str(),
+        url,
+        "the whole URL to connect with"
+    );
+    assert_eq!(
+        config.wamp.url.to_string(),
+        "wss://router.example.com/ws?token=***&tenant=***"
+    );
+    for shown in [format!("{config:?}"), format!("{:?}", config.wamp.url)] {
+        assert!(!shown.contains("hunter4"), "{shown}");
+        assert!(shown.contains("?token=***"), "{shown}");
+    }
+
+    let problem = problem(
+        &[("WAMP_URL", "http://router/ws?token=hunter4")],
+        "WAMP_URL",
+    );
+    assert_eq!(problem.value.as_deref(), Some("http://router/ws?token=***"));
+    assert!(!problem.to_string().contains("hunter4"), "{problem}");
+}
+
+#[test]
 fn an_invalid_regex_is_reported_with_the_regex_error() {
     let problem = problem(
         &[("SUBTOCALL_REGISTRATION_FILTER", "com.(example")],
@@ -465,13 +491,13 @@ fn an_invalid_regex_is_reported_with_the_regex_error() {
 #[test]
 fn bad_durations_sizes_and_addresses_are_rejected() {
     let cases = [
-        ("SUBTOCALL_CALL_TIMEOUT", "0s", "must not be 0"),
+        ("SUBTOCALL_CALL_TIMEOUT", "0s", "below the minimum of 100ms"),
         (
             "SUBTOCALL_CONNECT_TIMEOUT",
             "ten seconds",
-            "expected a duration above 0",
+            "expected a duration of at least 100ms",
         ),
-        ("SUBTOCALL_PING_INTERVAL", "0", "must not be 0"),
+        ("SUBTOCALL_PING_INTERVAL", "0", "below the minimum of 100ms"),
         ("SUBTOCALL_PING_TIMEOUT", "-5s", "expected a duration"),
         ("SUBTOCALL_SHUTDOWN_TIMEOUT", "1y", "too long"),
         (
@@ -479,7 +505,7 @@ fn bad_durations_sizes_and_addresses_are_rejected() {
             "1,5m",
             "expected a duration such as",
         ),
-        ("SUBTOCALL_RETRY_MAX_AGE", "0", "must not be 0"),
+        ("SUBTOCALL_RETRY_MAX_AGE", "0", "below the minimum of 100ms"),
         ("SUBTOCALL_MAX_MESSAGE_SIZE", "16MB", "expected a size"),
         ("SUBTOCALL_MAX_MESSAGE_SIZE", "100", "out of range"),
         ("SUBTOCALL_MAX_MESSAGE_SIZE", "2GiB", "out of range"),
@@ -520,6 +546,50 @@ fn bad_durations_sizes_and_addresses_are_rejected() {
             "{variable}={value:?} gave {problem}, expected {expected:?}"
         );
     }
+}
+
+#[test]
+fn durations_below_their_lower_bound_are_rejected_naming_the_bound() {
+    // Below these a setting does harm: a ping or reconnect loop, calls and
+    // joins that cannot succeed, a drain that cannot drain.
+    let bounds = [
+        ("SUBTOCALL_CONNECT_TIMEOUT", "100ms"),
+        ("SUBTOCALL_PING_INTERVAL", "100ms"),
+        ("SUBTOCALL_PING_TIMEOUT", "100ms"),
+        ("SUBTOCALL_RECONNECT_INITIAL_BACKOFF", "10ms"),
+        ("SUBTOCALL_RECONNECT_MAX_BACKOFF", "100ms"),
+        ("SUBTOCALL_CALL_TIMEOUT", "100ms"),
+        ("SUBTOCALL_RETRY_MAX_AGE", "100ms"),
+        ("SUBTOCALL_RETRY_INITIAL_BACKOFF", "10ms"),
+        ("SUBTOCALL_RETRY_MAX_BACKOFF", "10ms"),
+        ("SUBTOCALL_SHUTDOWN_TIMEOUT", "100ms"),
+    ];
+    for (variable, minimum) in bounds {
+        for too_small in ["1ns", "0", "9ms"] {
+            let problem = problem(&[(variable, too_small)], variable);
+            let expected = format!(
+                "is below the minimum of {minimum}; expected a duration of at least {minimum} "
+            );
+            assert!(
+                problem.message.starts_with(&expected),
+                "{variable}={too_small:?} gave {problem}"
+            );
+        }
+        // The bound itself is fine (with the initial backoffs at theirs, so
+        // that a maximum may be that low).
+        config(&[
+            ("SUBTOCALL_RECONNECT_INITIAL_BACKOFF", "10ms"),
+            ("SUBTOCALL_RETRY_INITIAL_BACKOFF", "10ms"),
+            (variable, minimum),
+        ]);
+    }
+    // Zero stays allowed where it means something.
+    assert_eq!(
+        config(&[("SUBTOCALL_GRACE_PERIOD", "0")])
+            .discovery
+            .grace_period,
+        Duration::ZERO
+    );
 }
 
 #[test]

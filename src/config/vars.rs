@@ -3,6 +3,8 @@
 //! `subtocall --help`, of the reference in `doc/configuration.md` and of the
 //! "expected …" part of validation errors. Pure data and text; no parsing.
 
+use std::time::Duration;
+
 /// One environment variable subtocall reads.
 #[derive(Debug)]
 pub(crate) struct Var {
@@ -78,8 +80,18 @@ impl Group {
 
 // "Accepts" texts shared by several variables.
 const DURATION: &str = "a duration such as 30s or 500ms (a bare number means seconds)";
-const NON_ZERO_DURATION: &str =
-    "a duration above 0 such as 30s or 500ms (a bare number means seconds)";
+const AT_LEAST_100MS: &str =
+    "a duration of at least 100ms such as 30s or 500ms (a bare number means seconds)";
+const AT_LEAST_10MS: &str =
+    "a duration of at least 10ms such as 30s or 500ms (a bare number means seconds)";
+
+// Lower bounds of the durations where a tiny value does harm: a ping or
+// reconnect loop, calls and joins that cannot succeed, a drain that cannot
+// drain. The "accepts" text of each such variable names its bound.
+/// Timeouts, intervals, the retry budget and the reconnect delay's cap.
+pub(crate) const MIN_100MS: Duration = Duration::from_millis(100);
+/// The first delay of both backoffs, and the retry delay's cap.
+pub(crate) const MIN_10MS: Duration = Duration::from_millis(10);
 
 // Old names, used by the table and by the code that reads them.
 pub(crate) const REALM: &str = "REALM";
@@ -126,7 +138,8 @@ pub(crate) const BACKEND_SECRET: Var = Var {
     default: DefaultValue::Unset,
     accepts: "the WAMP-CRA secret or the ticket (not empty)",
     meaning: "Required when BACKEND_USERNAME is set and the auth method is wampcra or ticket. \
-              Plain and salted (PBKDF2) WAMP-CRA secrets both work.",
+              Plain and salted (PBKDF2) WAMP-CRA secrets both work; a router whose salted \
+              challenge asks for more than 1,000,000 PBKDF2 iterations is refused.",
     secret: true,
     group: Group::Router,
 };
@@ -156,7 +169,7 @@ pub(crate) const CONNECT_TIMEOUT: Var = Var {
     name: "SUBTOCALL_CONNECT_TIMEOUT",
     old_names: &[],
     default: DefaultValue::Value("10s"),
-    accepts: NON_ZERO_DURATION,
+    accepts: AT_LEAST_100MS,
     meaning: "Deadline for one connection attempt: TCP, TLS, WebSocket handshake and WAMP join.",
     secret: false,
     group: Group::Router,
@@ -166,7 +179,7 @@ pub(crate) const PING_INTERVAL: Var = Var {
     name: "SUBTOCALL_PING_INTERVAL",
     old_names: &[],
     default: DefaultValue::Value("10s"),
-    accepts: NON_ZERO_DURATION,
+    accepts: AT_LEAST_100MS,
     meaning: "How often a WebSocket ping is sent to the router.",
     secret: false,
     group: Group::Router,
@@ -176,7 +189,7 @@ pub(crate) const PING_TIMEOUT: Var = Var {
     name: "SUBTOCALL_PING_TIMEOUT",
     old_names: &[],
     default: DefaultValue::Value("5s"),
-    accepts: NON_ZERO_DURATION,
+    accepts: AT_LEAST_100MS,
     meaning: "The connection is considered dead when nothing (no pong, no other frame) \
               arrives within this time after a ping.",
     secret: false,
@@ -220,7 +233,7 @@ pub(crate) const RECONNECT_INITIAL_BACKOFF: Var = Var {
     name: "SUBTOCALL_RECONNECT_INITIAL_BACKOFF",
     old_names: &[],
     default: DefaultValue::Value("200ms"),
-    accepts: NON_ZERO_DURATION,
+    accepts: AT_LEAST_10MS,
     meaning: "Delay before the first reconnect attempt; later delays grow up to \
               SUBTOCALL_RECONNECT_MAX_BACKOFF.",
     secret: false,
@@ -231,7 +244,7 @@ pub(crate) const RECONNECT_MAX_BACKOFF: Var = Var {
     name: "SUBTOCALL_RECONNECT_MAX_BACKOFF",
     old_names: &[],
     default: DefaultValue::Value("2s"),
-    accepts: NON_ZERO_DURATION,
+    accepts: AT_LEAST_100MS,
     meaning: "Cap of the reconnect delay; at least SUBTOCALL_RECONNECT_INITIAL_BACKOFF.",
     secret: false,
     group: Group::Reconnect,
@@ -301,7 +314,7 @@ pub(crate) const CALL_TIMEOUT: Var = Var {
     name: "SUBTOCALL_CALL_TIMEOUT",
     old_names: &[],
     default: DefaultValue::Value("30s"),
-    accepts: NON_ZERO_DURATION,
+    accepts: AT_LEAST_100MS,
     meaning: "Deadline of one forwarding attempt (a CALL, or an RPUSH in Redis mode).",
     secret: false,
     group: Group::Forwarding,
@@ -364,7 +377,7 @@ pub(crate) const RETRY_MAX_AGE: Var = Var {
     name: "SUBTOCALL_RETRY_MAX_AGE",
     old_names: &[],
     default: DefaultValue::Value("120s"),
-    accepts: NON_ZERO_DURATION,
+    accepts: AT_LEAST_100MS,
     meaning: "An event older than this is not retried any more.",
     secret: false,
     group: Group::Retry,
@@ -374,7 +387,7 @@ pub(crate) const RETRY_INITIAL_BACKOFF: Var = Var {
     name: "SUBTOCALL_RETRY_INITIAL_BACKOFF",
     old_names: &[],
     default: DefaultValue::Value("100ms"),
-    accepts: NON_ZERO_DURATION,
+    accepts: AT_LEAST_10MS,
     meaning: "Delay before the first retry; later delays grow exponentially with full jitter.",
     secret: false,
     group: Group::Retry,
@@ -384,7 +397,7 @@ pub(crate) const RETRY_MAX_BACKOFF: Var = Var {
     name: "SUBTOCALL_RETRY_MAX_BACKOFF",
     old_names: &[],
     default: DefaultValue::Value("5s"),
-    accepts: NON_ZERO_DURATION,
+    accepts: AT_LEAST_10MS,
     meaning: "Cap of the retry delay; at least SUBTOCALL_RETRY_INITIAL_BACKOFF.",
     secret: false,
     group: Group::Retry,
@@ -434,7 +447,7 @@ pub(crate) const SHUTDOWN_TIMEOUT: Var = Var {
     name: "SUBTOCALL_SHUTDOWN_TIMEOUT",
     old_names: &[],
     default: DefaultValue::Value("10s"),
-    accepts: NON_ZERO_DURATION,
+    accepts: AT_LEAST_100MS,
     meaning: "On SIGTERM or SIGINT: deadline to finish or dead-letter in-flight work.",
     secret: false,
     group: Group::Operations,

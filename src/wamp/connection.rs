@@ -25,7 +25,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{self, Message as WsMessage};
 use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 
-use super::auth::Credentials;
+use super::auth::{Credentials, redact_query};
 use super::codec::{DecodeError, Serializer};
 use super::id::{PublicationId, RequestId, SubscriptionId};
 use super::message::Message;
@@ -579,8 +579,10 @@ impl<T> Connection<T> {
 async fn connect_and_join<T>(
     config: &ClientConfig,
 ) -> Result<(Ws, Session<T>, Serializer), ConnectError> {
+    // As errors show it: a query value may be a credential (`?token=…`).
+    let shown_url = redact_query(&config.url, |_| true);
     let invalid = |detail: String| ConnectError::InvalidUrl {
-        url: config.url.clone(),
+        url: shown_url.clone(),
         detail,
     };
     let mut request = config
@@ -617,7 +619,7 @@ async fn connect_and_join<T>(
         tokio_tungstenite::connect_async_tls_with_config(request, Some(ws_config), true, tls)
             .await
             .map_err(|e| ConnectError::Transport {
-                url: config.url.clone(),
+                url: shown_url.clone(),
                 detail: e.to_string(),
             })?;
     let serializer = response
@@ -666,10 +668,13 @@ async fn connect_and_join<T>(
             }
             _ => continue,
         };
-        let result = serializer
-            .decode(&data)
-            .map_err(|e| SessionError::Protocol(e.to_string()))
-            .and_then(|msg| session.handle_message(msg));
+        let result = match serializer.decode(&data) {
+            Ok(msg) => {
+                derive_key_off_the_event_loop(&config.credentials, &msg).await;
+                session.handle_message(msg)
+            }
+            Err(e) => Err(SessionError::Protocol(e.to_string())),
+        };
         if let Err(e) = result {
             if let Some(abort) = e.abort_message() {
                 let _ = write(&mut ws, serializer, &abort).await;
@@ -678,6 +683,19 @@ async fn connect_and_join<T>(
             let _ = timeout(Duration::from_secs(1), ws.close(None)).await;
             return Err(ConnectError::Join(e));
         }
+    }
+}
+
+/// Before a salted WAMP-CRA CHALLENGE is answered: derives its key on tokio's
+/// blocking pool, because PBKDF2 may take a second and this runtime has one
+/// thread. The session's answer then finds the key cached (`auth`).
+async fn derive_key_off_the_event_loop(credentials: &Credentials, msg: &Message) {
+    if let Message::Challenge { authmethod, extra } = msg
+        && let Some(derivation) = credentials.derivation(authmethod, extra)
+    {
+        // Fails only if the runtime is shutting down; the session would then
+        // derive the key itself.
+        let _ = tokio::task::spawn_blocking(move || derivation.run()).await;
     }
 }
 

@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -106,6 +107,20 @@ impl Sidecar {
         }
     }
 
+    /// Lowers the process's open-file limit (soft and hard) to `n`, as a
+    /// container's `ulimit -n` would.
+    pub fn limit_open_files(&self, n: u64) {
+        let pid = self.pid().expect("sidecar running") as libc::pid_t;
+        let limit = libc::rlimit {
+            rlim_cur: n,
+            rlim_max: n,
+        };
+        // SAFETY: prlimit(2) on our own child, reading only `limit`, which
+        // lives across the call; no old limit is written back.
+        let rc = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, &limit, std::ptr::null_mut()) };
+        assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    }
+
     pub fn http_port(&self) -> u16 {
         self.http_port
     }
@@ -183,28 +198,7 @@ impl Sidecar {
     /// `GET path` on the sidecar's HTTP listener: `(status, body)`, or
     /// `None` if nothing answers.
     pub async fn http_get(&self, path: &str) -> Option<(u16, String)> {
-        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-        let fetch = async {
-            let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.http_port))
-                .await
-                .ok()?;
-            let request =
-                format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
-            stream.write_all(request.as_bytes()).await.ok()?;
-            let mut response = Vec::new();
-            stream.read_to_end(&mut response).await.ok()?;
-            let text = String::from_utf8_lossy(&response).into_owned();
-            let status = text.split_whitespace().nth(1)?.parse().ok()?;
-            let body = text
-                .split_once("\r\n\r\n")
-                .map(|(_, b)| b.to_owned())
-                .unwrap_or_default();
-            Some((status, body))
-        };
-        tokio::time::timeout(Duration::from_secs(5), fetch)
-            .await
-            .ok()
-            .flatten()
+        http_get(SocketAddr::from(([127, 0, 0, 1], self.http_port)), path).await
     }
 
     /// The value of one sample in `/metrics`, e.g.
@@ -257,4 +251,28 @@ impl Drop for Sidecar {
             eprintln!("--- end of subtocall log ---");
         }
     }
+}
+
+/// `GET path` at `addr` with `Connection: close`: `(status, body)`, or `None`
+/// if nothing answers within 5 s.
+pub async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let fetch = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await.ok()?;
+        let text = String::from_utf8_lossy(&response).into_owned();
+        let status = text.split_whitespace().nth(1)?.parse().ok()?;
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        Some((status, body))
+    };
+    tokio::time::timeout(Duration::from_secs(5), fetch)
+        .await
+        .ok()
+        .flatten()
 }
