@@ -6,11 +6,13 @@ stdout (one JSON object per line):
    "caller": ID|null, "caller_authid": STR|null, "caller_authrole": STR|null,
    "registration": ID, "at": UNIX_TIME}                                      per invocation
   {"unregistered": true, "name": NAME}                                       after `unregister`
+  {"synced": true, "name": NAME}                                             after `sync`
   {"register_error": URI, "error": STR}                                      then exit 2
 Every invocation returns the positional results [NAME, args[0]] (or [NAME] without args).
 
 stdin commands, one per line: `unregister`, `register`, `quit`, `drain` (unregister,
-finish the calls in flight, leave). stdin EOF is ignored, so
+finish the calls in flight, leave), `sync` (print the synced line: every line printed
+before it has been read by the test once it sees that line). stdin EOF is ignored, so
 a test may spawn the backend without a stdin pipe. SIGTERM leaves cleanly and exits 0.
 
 Exit codes: 0 clean quit/SIGTERM, 2 connect/join/register failure, 3 --die-on-call,
@@ -148,6 +150,8 @@ async def main(args):
                 if not await register_all():
                     await peerlib.leave(session, ended)
                     return peerlib.EXIT_JOIN_FAILED
+            elif command == "sync":
+                peerlib.emit({"synced": True, "name": args.name})
             elif command == "quit":
                 await peerlib.leave(session, ended)
                 return 0
