@@ -86,11 +86,14 @@ fn stop_summary(log: &str) -> BTreeMap<String, u64> {
 #[tokio::test]
 async fn rolling_restart_of_every_backend_under_load_loses_no_event() {
     let crossbar = Crossbar::start().await;
+    let router = RouterMeta::join(&crossbar).await;
     let procedure = "com.example.SUB_roll";
     let mut a = Backend::spawn(backend(&crossbar, "A1", procedure)).await;
     let mut b = Backend::spawn(backend(&crossbar, "B1", procedure)).await;
     let sidecar = Sidecar::start_for(&crossbar, &[]);
-    sidecar.wait_subscribed("com.example.roll", WAIT).await;
+    sidecar
+        .wait_subscribed(&router, "com.example.roll", WAIT)
+        .await;
 
     let publisher = Publisher::spawn(PublisherOptions {
         rate: 500.0,
@@ -148,6 +151,7 @@ async fn rolling_restart_of_every_backend_under_load_loses_no_event() {
 #[tokio::test]
 async fn callee_dying_mid_call_has_its_event_delivered_to_the_other_backend() {
     let crossbar = Crossbar::start().await;
+    let router = RouterMeta::join(&crossbar).await;
     let procedure = "com.example.SUB_die";
     let mut dies = Backend::spawn(BackendOptions {
         die_on_call: Some(1),
@@ -156,7 +160,9 @@ async fn callee_dying_mid_call_has_its_event_delivered_to_the_other_backend() {
     .await;
     let survives = Backend::spawn(backend(&crossbar, "survives", procedure)).await;
     let sidecar = Sidecar::start_for(&crossbar, &[]);
-    sidecar.wait_subscribed("com.example.die", WAIT).await;
+    sidecar
+        .wait_subscribed(&router, "com.example.die", WAIT)
+        .await;
     Publisher::run(PublisherOptions::new(&crossbar, "com.example.die", 4))
         .await
         .assert_success();
@@ -181,6 +187,7 @@ async fn callee_dying_mid_call_has_its_event_delivered_to_the_other_backend() {
 #[tokio::test]
 async fn router_restart_is_survived_and_forwarding_resumes() {
     let mut crossbar = Crossbar::start().await;
+    let router = RouterMeta::join(&crossbar).await;
     // Default reconnect backoff (200 ms .. 2 s): the figure below is what
     // users get out of the box.
     let mut env = sidecar_env(&crossbar);
@@ -189,7 +196,7 @@ async fn router_restart_is_survived_and_forwarding_resumes() {
     let sidecar = Sidecar::start(env);
     let topic = "com.example.restart";
     let first = Backend::spawn(backend(&crossbar, "before", "com.example.SUB_restart")).await;
-    sidecar.wait_subscribed(topic, WAIT).await;
+    sidecar.wait_subscribed(&router, topic, WAIT).await;
     Publisher::run(PublisherOptions::new(&crossbar, topic, 5))
         .await
         .assert_success();
@@ -239,13 +246,16 @@ async fn router_restart_is_survived_and_forwarding_resumes() {
 #[tokio::test]
 async fn redis_restart_in_redis_mode_loses_none_of_500_events_and_keeps_order() {
     let crossbar = Crossbar::start().await;
+    let router = RouterMeta::join(&crossbar).await;
     let mut redis = Redis::start_persistent().await;
     let _announce = Backend::spawn(backend(&crossbar, "announce", "com.example.SUB_rq")).await;
     let sidecar = Sidecar::start_for(
         &crossbar,
         &[("USE_REDIS_MQ", "1"), ("REDIS_URL", &redis.url())],
     );
-    sidecar.wait_subscribed("com.example.rq", WAIT).await;
+    sidecar
+        .wait_subscribed(&router, "com.example.rq", WAIT)
+        .await;
 
     let key = "queue:com.example.SUB_rq";
     let publisher = Publisher::spawn(PublisherOptions {
@@ -305,6 +315,7 @@ async fn redis_restart_in_redis_mode_loses_none_of_500_events_and_keeps_order() 
 #[tokio::test]
 async fn overload_keeps_memory_bounded_and_dead_letters_the_overflow() {
     let crossbar = Crossbar::start().await;
+    let router = RouterMeta::join(&crossbar).await;
     let redis = Redis::start().await;
     let procedure = "com.example.SUB_slow";
     let (a, b) = two_slow_backends(&crossbar, procedure, 100).await;
@@ -317,7 +328,9 @@ async fn overload_keeps_memory_bounded_and_dead_letters_the_overflow() {
             ("REDIS_URL", &redis.url()),
         ],
     );
-    sidecar.wait_subscribed("com.example.slow", WAIT).await;
+    sidecar
+        .wait_subscribed(&router, "com.example.slow", WAIT)
+        .await;
     Publisher::run(PublisherOptions {
         quiet: true,
         ..PublisherOptions::new(&crossbar, "com.example.slow", 2000)
@@ -521,6 +534,7 @@ async fn invalid_values_exit_2_naming_every_variable_and_hiding_the_secret() {
 #[tokio::test]
 async fn sigterm_under_load_exits_0_in_time_with_every_accepted_event_delivered_or_dead_lettered() {
     let crossbar = Crossbar::start().await;
+    let router = RouterMeta::join(&crossbar).await;
     let procedure = "com.example.SUB_term";
     // Backends too slow to empty the queue before the drain deadline, so
     // both ends of the promise are exercised: delivered and dead-lettered.
@@ -532,7 +546,9 @@ async fn sigterm_under_load_exits_0_in_time_with_every_accepted_event_delivered_
             ("SUBTOCALL_MAX_IN_FLIGHT", "4"),
         ],
     );
-    sidecar.wait_subscribed("com.example.term", WAIT).await;
+    sidecar
+        .wait_subscribed(&router, "com.example.term", WAIT)
+        .await;
     let publisher = Publisher::spawn(PublisherOptions {
         quiet: true,
         connection: Connection::to(&crossbar),

@@ -144,9 +144,12 @@ async fn check_with_invalid_configuration_exits_2_like_the_sidecar() {
 #[tokio::test]
 async fn metrics_health_and_readiness_report_a_working_sidecar() {
     let crossbar = Crossbar::start().await;
+    let router = RouterMeta::join(&crossbar).await;
     let backend = Backend::spawn(backend(&crossbar, "com.example.SUB_m")).await;
     let sidecar = Sidecar::start_for(&crossbar, &[]);
-    sidecar.wait_subscribed("com.example.m", WAIT).await;
+    sidecar
+        .wait_subscribed(&router, "com.example.m", WAIT)
+        .await;
     assert_eq!(sidecar.http_get("/healthz").await.map(|r| r.0), Some(200));
     eventually(WAIT, "ready", || async {
         sidecar.is_ready().await.then_some(())
@@ -217,13 +220,16 @@ async fn readyz_is_503_while_the_router_is_unreachable_but_healthz_is_200() {
 #[tokio::test]
 async fn readyz_turns_503_while_draining() {
     let crossbar = Crossbar::start().await;
+    let router = RouterMeta::join(&crossbar).await;
     let slow = Backend::spawn(BackendOptions {
         delay_ms: 3000,
         ..backend(&crossbar, "com.example.SUB_drain")
     })
     .await;
     let mut sidecar = Sidecar::start_for(&crossbar, &[("SUBTOCALL_SHUTDOWN_TIMEOUT", "10s")]);
-    sidecar.wait_subscribed("com.example.drain", WAIT).await;
+    sidecar
+        .wait_subscribed(&router, "com.example.drain", WAIT)
+        .await;
     Publisher::run(PublisherOptions::new(&crossbar, "com.example.drain", 1))
         .await
         .assert_success();
