@@ -59,8 +59,8 @@ fn seqs(invocations: &[Value]) -> Vec<u64> {
 async fn two_backends_share_events_exactly_once(sidecar_serializer: &str, peers: Serializer) {
     let crossbar = Crossbar::start().await;
     let router = RouterMeta::join(&crossbar).await;
-    let a = Backend::spawn(backend(&crossbar, "A", &["com.example.SUB_status"], peers)).await;
-    let b = Backend::spawn(backend(&crossbar, "B", &["com.example.SUB_status"], peers)).await;
+    let mut a = Backend::spawn(backend(&crossbar, "A", &["com.example.SUB_status"], peers)).await;
+    let mut b = Backend::spawn(backend(&crossbar, "B", &["com.example.SUB_status"], peers)).await;
     let sidecar = Sidecar::start_for(&crossbar, &[("SUBTOCALL_SERIALIZER", sidecar_serializer)]);
     sidecar
         .wait_subscribed(&router, "com.example.status", WAIT)
@@ -96,8 +96,12 @@ async fn two_backends_share_events_exactly_once(sidecar_serializer: &str, peers:
     }
     let (na, nb) = (a.invocations().len(), b.invocations().len());
     assert!(na > 0 && nb > 0, "both backends get a share: A={na} B={nb}");
-    // Nothing more trickles in afterwards (no duplicates).
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Nothing more trickles in afterwards (no duplicates): once the sidecar
+    // has finished every event it calls no backend again, and the barrier
+    // collects every invocation the backends printed before that.
+    sidecar.wait_idle(500, WAIT).await;
+    a.sync().await;
+    b.sync().await;
     assert_eq!(a.invocations().len() + b.invocations().len(), 500);
 }
 
@@ -160,7 +164,7 @@ async fn salted_cra_sidecar_forwards_bytes_in_args_and_kwargs_unchanged() {
 async fn wildcard_registration_forwards_each_concrete_topic_to_its_concrete_procedure() {
     let crossbar = Crossbar::start().await;
     let router = RouterMeta::join(&crossbar).await;
-    let a = Backend::spawn(BackendOptions {
+    let mut a = Backend::spawn(BackendOptions {
         match_: Match::Wildcard,
         ..backend(&crossbar, "A", &["com.example..SUB_ev"], Serializer::Json)
     })
@@ -175,7 +179,8 @@ async fn wildcard_registration_forwards_each_concrete_topic_to_its_concrete_proc
             .assert_success();
     }
     let all = invocations(&[&a], 6).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    sidecar.wait_idle(6, WAIT).await;
+    a.sync().await;
     assert_eq!(a.invocations().len(), 6, "each event once");
     let mut procedures: Vec<(String, u64)> = all
         .iter()
@@ -199,12 +204,9 @@ async fn late_registration_is_picked_up_and_a_backend_swap_within_grace_loses_no
     let crossbar = Crossbar::start().await;
     let router = RouterMeta::join(&crossbar).await;
     let sidecar = Sidecar::start_for(&crossbar, &[("SUBTOCALL_GRACE_PERIOD", "30s")]);
-    sidecar
-        .wait_for_log(
-            "registration discovery complete: 0 SUB_ registrations",
-            WAIT,
-        )
-        .await;
+    // Ready: joined, and the (empty) list of registrations is known.
+    sidecar.wait_ready(WAIT).await;
+    assert_eq!(sidecar.metric("subtocall_registrations_tracked").await, 0.0);
 
     // Registered after the sidecar started; the plain com.example.swap
     // procedure (no SUB_ marker) must never be called by the sidecar.
@@ -229,9 +231,15 @@ async fn late_registration_is_picked_up_and_a_backend_swap_within_grace_loses_no
     // The last callee leaves: the subscription stays for the grace period.
     a.quit().await;
     sidecar
-        .wait_for_log("last registration for topic com.example.swap is gone", WAIT)
+        .wait_metric("subtocall_registrations_tracked", |n| n == 0.0, WAIT)
         .await;
+    assert_eq!(
+        router.subscribers("com.example.swap").await.len(),
+        1,
+        "the subscription stays for the grace period"
+    );
     // Published while no backend exists at all: the sidecar keeps retrying.
+    let retried = sidecar.metric("subtocall_events_retried_total").await;
     let gap = Publisher::run(PublisherOptions {
         payload: Some(json!({"args": ["during the gap"], "kwargs": {"seq": 100}})),
         ..PublisherOptions::new(&crossbar, "com.example.swap", 1)
@@ -239,7 +247,7 @@ async fn late_registration_is_picked_up_and_a_backend_swap_within_grace_loses_no
     .await;
     gap.assert_success();
     sidecar
-        .wait_for_log("delivery failed, will retry", WAIT)
+        .wait_metric("subtocall_events_retried_total", |n| n > retried, WAIT)
         .await;
 
     let b = Backend::spawn(backend(
