@@ -70,6 +70,13 @@ async fn all_delivered(backends: &[&Backend], n: u64) -> BTreeMap<u64, usize> {
     .await
 }
 
+/// Whether a publisher has printed its final line (published everything).
+fn is_done(publisher: &Publisher) -> bool {
+    !publisher
+        .lines_matching(|line| line["done"] == json!(true))
+        .is_empty()
+}
+
 /// The key=value fields of the sidecar's last "subtocall stopped" line.
 fn stop_summary(log: &str) -> BTreeMap<String, u64> {
     let line = log
@@ -100,8 +107,9 @@ async fn rolling_restart_of_every_backend_under_load_loses_no_event() {
         quiet: true,
         ..PublisherOptions::new(&crossbar, "com.example.roll", 1000)
     });
-    // The restart schedule runs while the 1,000 events (2 s) are published.
-    // Every backend leaves the way a rolling restart should: unregister,
+    // The restart schedule runs while the 1,000 events (2 s) are published;
+    // its sleeps are that schedule's clock, not waits for a state. Every
+    // backend leaves the way a rolling restart should: unregister,
     // finish what is in flight, leave. (A backend killed with calls in
     // flight is `callee_dying_mid_call_…`; how many calls such a backend
     // holds depends on how starved it is, not on subtocall, so it is not
@@ -120,8 +128,23 @@ async fn rolling_restart_of_every_backend_under_load_loses_no_event() {
     b.drain().await;
     retired.push(a);
     retired.push(b);
-    // No backend at all for a second.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // No backend at all while a second's worth of events (500) arrives, or
+    // until the publisher is done if that comes first.
+    let received = "subtocall_events_received_total";
+    let gap_start = sidecar.metric(received).await;
+    sidecar
+        .wait_for(
+            "a second's worth of events without a backend",
+            WAIT,
+            || async {
+                is_done(&publisher)
+                    || sidecar
+                        .try_metric(received)
+                        .await
+                        .is_some_and(|n| n >= gap_start + 500.0)
+            },
+        )
+        .await;
     let c = Backend::spawn(backend(&crossbar, "C", procedure)).await;
     publisher.finish().await.assert_success();
 
@@ -203,18 +226,20 @@ async fn router_restart_is_survived_and_forwarding_resumes() {
     all_delivered(&[&first], 5).await;
     assert!(sidecar.is_ready().await);
 
+    let failures = "subtocall_router_connect_failures_total";
+    let failed_before = sidecar.metric(failures).await;
     crossbar.stop().await;
     sidecar
-        .wait_for_log("router session ended; reconnecting", WAIT)
+        .wait_metric("subtocall_router_connected", |v| v == 0.0, WAIT)
         .await;
     assert!(
         !sidecar.is_ready().await,
         "not ready while the router is away"
     );
     assert_eq!(sidecar.metric("subtocall_router_connected").await, 0.0);
-    // Let it fail a few connection attempts against the closed port.
+    // Let it fail a connection attempt against the closed port.
     sidecar
-        .wait_for_log("cannot connect to the router", WAIT)
+        .wait_metric(failures, |n| n > failed_before, WAIT)
         .await;
 
     crossbar.start_again().await;
@@ -267,9 +292,27 @@ async fn redis_restart_in_redis_mode_loses_none_of_500_events_and_keeps_order() 
         (redis.llen(key).await > 50).then_some(())
     })
     .await;
+    let errors_before = sidecar.metric("subtocall_redis_errors_total").await;
     redis.stop().await;
-    sidecar.wait_for_log("Redis push failed", WAIT).await;
-    tokio::time::sleep(Duration::from_secs(1)).await; // Redis stays down for a second.
+    sidecar
+        .wait_metric("subtocall_redis_errors_total", |n| n > errors_before, WAIT)
+        .await;
+    // Redis stays down while a second's worth of events (200) waits for it,
+    // or until the publisher is done if that comes first.
+    sidecar
+        .wait_for(
+            "a second's worth of events waiting for Redis",
+            WAIT,
+            || async {
+                let waiting = async {
+                    let queued = sidecar.try_metric("subtocall_queue_depth").await?;
+                    let in_flight = sidecar.try_metric("subtocall_calls_in_flight").await?;
+                    Some(queued + in_flight)
+                };
+                is_done(&publisher) || waiting.await.is_some_and(|n| n >= 200.0)
+            },
+        )
+        .await;
     redis.start_again().await;
     publisher.finish().await.assert_success();
 
@@ -406,8 +449,8 @@ async fn broken_routers_are_logged_and_reconnected_never_a_panic() {
         ),
         ("no answer to a WebSocket ping", Value::Null),
     ];
-    for (expected, frame) in &faults {
-        let mut session = router.next_joined().await;
+    let mut session = router.next_joined().await;
+    for (_, frame) in &faults {
         // A silent session must stay open (unread) until the sidecar notices.
         let _silent = match frame {
             Value::Null => Some(session.go_silent()),
@@ -420,10 +463,11 @@ async fn broken_routers_are_logged_and_reconnected_never_a_panic() {
                 None
             }
         };
-        sidecar.wait_for_log(expected, WAIT).await;
+        // The sidecar dropped the broken session when it connects again
+        // (while a silent one is still open).
+        session = router.next_joined().await;
     }
-    // And it comes back once more for a well-behaved session.
-    let mut session = router.next_joined().await;
+    // And the last time it came back, the session is well-behaved.
     let first = session.recv().await.expect("a request");
     assert_eq!(first[0], 32, "starts discovery by subscribing: {first}");
     let log = sidecar.log();
@@ -435,6 +479,10 @@ async fn broken_routers_are_logged_and_reconnected_never_a_panic() {
     assert!(!log.contains("panicked"), "{log}");
     assert!(sidecar.pid().is_some());
     assert_eq!(sidecar.terminate(WAIT).await.code(), Some(0));
+    let log = sidecar.log();
+    for (expected, _) in &faults {
+        assert!(log.contains(expected), "{expected:?} not logged:\n{log}");
+    }
 }
 
 #[tokio::test]
