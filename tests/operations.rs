@@ -205,7 +205,11 @@ async fn readyz_is_503_while_the_router_is_unreachable_but_healthz_is_200() {
     );
     let sidecar = Sidecar::start(env);
     sidecar
-        .wait_for_log("cannot connect to the router", WAIT)
+        .wait_metric(
+            "subtocall_router_connect_failures_total",
+            |n| n >= 1.0,
+            WAIT,
+        )
         .await;
     assert_eq!(sidecar.http_get("/healthz").await.map(|r| r.0), Some(200));
     assert_eq!(sidecar.http_get("/readyz").await.map(|r| r.0), Some(503));
@@ -236,7 +240,12 @@ async fn readyz_turns_503_while_draining() {
     slow.wait_for_invocations(1, WAIT).await;
     assert!(sidecar.is_ready().await);
     sidecar.signal(libc::SIGTERM);
-    sidecar.wait_for_log("draining", WAIT).await;
+    // Draining: the in-flight call takes 3 s, so the process is still alive.
+    sidecar
+        .wait_for("/readyz to answer 503 while draining", WAIT, || async {
+            matches!(sidecar.http_get("/readyz").await, Some((503, _)))
+        })
+        .await;
     assert_eq!(
         sidecar.http_get("/readyz").await.map(|r| r.0),
         Some(503),
@@ -257,10 +266,11 @@ async fn readyz_turns_503_while_draining() {
 #[tokio::test]
 async fn json_logs_are_one_json_object_per_line() {
     let crossbar = Crossbar::start().await;
+    let router = RouterMeta::join(&crossbar).await;
     let _backend = Backend::spawn(backend(&crossbar, "com.example.SUB_j")).await;
     let mut sidecar = Sidecar::start_for(&crossbar, &[("SUBTOCALL_LOG_FORMAT", "json")]);
     sidecar
-        .wait_for_log("\"message\":\"subscribed to com.example.j", WAIT)
+        .wait_subscribed(&router, "com.example.j", WAIT)
         .await;
     sidecar.terminate(WAIT).await;
     let log = sidecar.log();
@@ -286,7 +296,11 @@ async fn json_logs_are_one_json_object_per_line() {
 async fn healthcheck_subcommand_asks_the_running_sidecar() {
     let crossbar = Crossbar::start().await;
     let sidecar = Sidecar::start_for(&crossbar, &[]);
-    sidecar.wait_for_log("serving /metrics", WAIT).await;
+    sidecar
+        .wait_for("/healthz to answer 200", WAIT, || async {
+            matches!(sidecar.http_get("/healthz").await, Some((200, _)))
+        })
+        .await;
     let mut env = BTreeMap::new();
     // A wildcard address is asked on loopback, as inside a container.
     env.insert(
