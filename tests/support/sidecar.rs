@@ -117,34 +117,6 @@ impl Sidecar {
         fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
-    /// Waits until the log contains `needle`; panics with the log after `timeout`.
-    pub async fn wait_for_log(&self, needle: &str, timeout: Duration) {
-        self.wait_for_log_count(needle, 1, timeout).await;
-    }
-
-    /// Waits until the log contains `needle` at least `n` times.
-    pub async fn wait_for_log_count(&self, needle: &str, n: usize, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            // Exit is checked before the log is read, so that a process that
-            // wrote the line and then exited is not reported as failing.
-            let exited = self.has_exited();
-            let log = self.log();
-            if log.matches(needle).count() >= n {
-                return;
-            }
-            if exited {
-                panic!("subtocall exited before its log had {needle:?} {n} times:\n{log}");
-            }
-            if Instant::now() >= deadline {
-                panic!(
-                    "subtocall log has {needle:?} fewer than {n} times after {timeout:?}:\n{log}"
-                );
-            }
-            tokio::time::sleep(POLL).await;
-        }
-    }
-
     /// Polls `condition` until it holds. Panics naming `what`, with the whole log, when
     /// `timeout` passes or the process exits first. Wait on behaviour (HTTP answers,
     /// metrics, what the router sees), never on log wording.
