@@ -64,19 +64,17 @@ def start_stdin_reader(loop, queue):
 async def main(args):
     session, ended = await peerlib.connect(args)
     calls = 0
-    in_flight = 0
     registrations = []
+
+    def unanswered():
+        # Invocations received and not yet answered. Autobahn sends the YIELD
+        # in a callback that runs after the handler has returned, so counting
+        # running handlers is not enough: leaving between the two makes the
+        # router cancel the call, and the caller call again (a duplicate).
+        return len(session._invocations)
 
     def make_handler(uri):
         async def handler(*call_args, details, **call_kwargs):
-            nonlocal in_flight
-            in_flight += 1
-            try:
-                return await handle(*call_args, details=details, **call_kwargs)
-            finally:
-                in_flight -= 1
-
-        async def handle(*call_args, details, **call_kwargs):
             nonlocal calls
             calls += 1
             k = calls
@@ -156,15 +154,15 @@ async def main(args):
                 await peerlib.leave(session, ended)
                 return 0
             elif command == "drain":
-                # A graceful rolling restart: stop taking calls, finish the
+                # A graceful rolling restart: stop taking calls, answer the
                 # ones in flight, then leave.
                 while registrations:
                     await registrations.pop().unregister()
                 for _ in range(1000):
-                    if in_flight == 0:
+                    if unanswered() == 0:
                         break
                     await asyncio.sleep(0.01)
-                peerlib.emit({"drained": True, "name": args.name, "in_flight": in_flight})
+                peerlib.emit({"drained": True, "name": args.name, "in_flight": unanswered()})
                 await peerlib.leave(session, ended)
                 return 0
             elif command:
