@@ -108,12 +108,12 @@ async fn rolling_restart_of_every_backend_under_load_loses_no_event() {
         ..PublisherOptions::new(&crossbar, "com.example.roll", 1000)
     });
     // The restart schedule runs while the 1,000 events (2 s) are published;
-    // its sleeps are that schedule's clock, not waits for a state. Every
-    // backend leaves the way a rolling restart should: unregister,
-    // finish what is in flight, leave. (A backend killed with calls in
-    // flight is `callee_dying_mid_call_…`; how many calls such a backend
-    // holds depends on how starved it is, not on subtocall, so it is not
-    // measured here against a duplicate budget.)
+    // its sleeps are that schedule's clock, not waits for a state (no
+    // assertion depends on them). Every backend leaves the way a rolling
+    // restart should: unregister, answer what is in flight, leave. (A
+    // backend killed with calls in flight is `callee_dying_mid_call_…`; how
+    // many calls such a backend holds depends on how starved it is, not on
+    // subtocall, so it is not measured here against a duplicate budget.)
     let mut retired = Vec::new();
     tokio::time::sleep(Duration::from_millis(300)).await;
     a.drain().await;
@@ -128,23 +128,9 @@ async fn rolling_restart_of_every_backend_under_load_loses_no_event() {
     b.drain().await;
     retired.push(a);
     retired.push(b);
-    // No backend at all while a second's worth of events (500) arrives, or
-    // until the publisher is done if that comes first.
-    let received = "subtocall_events_received_total";
-    let gap_start = sidecar.metric(received).await;
-    sidecar
-        .wait_for(
-            "a second's worth of events without a backend",
-            WAIT,
-            || async {
-                is_done(&publisher)
-                    || sidecar
-                        .try_metric(received)
-                        .await
-                        .is_some_and(|n| n >= gap_start + 500.0)
-            },
-        )
-        .await;
+    // No backend at all for a second: the outage the scenario promises
+    // (README, doc/operations.md), a length rather than a wait for a state.
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let c = Backend::spawn(backend(&crossbar, "C", procedure)).await;
     publisher.finish().await.assert_success();
 
