@@ -58,10 +58,13 @@ fn seqs(invocations: &[Value]) -> Vec<u64> {
 
 async fn two_backends_share_events_exactly_once(sidecar_serializer: &str, peers: Serializer) {
     let crossbar = Crossbar::start().await;
-    let a = Backend::spawn(backend(&crossbar, "A", &["com.example.SUB_status"], peers)).await;
-    let b = Backend::spawn(backend(&crossbar, "B", &["com.example.SUB_status"], peers)).await;
+    let router = RouterMeta::join(&crossbar).await;
+    let mut a = Backend::spawn(backend(&crossbar, "A", &["com.example.SUB_status"], peers)).await;
+    let mut b = Backend::spawn(backend(&crossbar, "B", &["com.example.SUB_status"], peers)).await;
     let sidecar = Sidecar::start_for(&crossbar, &[("SUBTOCALL_SERIALIZER", sidecar_serializer)]);
-    sidecar.wait_subscribed("com.example.status", WAIT).await;
+    sidecar
+        .wait_subscribed(&router, "com.example.status", WAIT)
+        .await;
     assert!(
         sidecar
             .log()
@@ -93,8 +96,12 @@ async fn two_backends_share_events_exactly_once(sidecar_serializer: &str, peers:
     }
     let (na, nb) = (a.invocations().len(), b.invocations().len());
     assert!(na > 0 && nb > 0, "both backends get a share: A={na} B={nb}");
-    // Nothing more trickles in afterwards (no duplicates).
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Nothing more trickles in afterwards (no duplicates): once the sidecar
+    // has finished every event it calls no backend again, and the barrier
+    // collects every invocation the backends printed before that.
+    sidecar.wait_idle(500, WAIT).await;
+    a.sync().await;
+    b.sync().await;
     assert_eq!(a.invocations().len() + b.invocations().len(), 500);
 }
 
@@ -111,6 +118,7 @@ async fn two_roundrobin_backends_share_500_events_exactly_once_over_msgpack() {
 #[tokio::test]
 async fn salted_cra_sidecar_forwards_bytes_in_args_and_kwargs_unchanged() {
     let crossbar = Crossbar::start().await;
+    let router = RouterMeta::join(&crossbar).await;
     let a = Backend::spawn(backend(
         &crossbar,
         "A",
@@ -126,7 +134,9 @@ async fn salted_cra_sidecar_forwards_bytes_in_args_and_kwargs_unchanged() {
             ("SUBTOCALL_SERIALIZER", "msgpack"),
         ],
     );
-    sidecar.wait_subscribed("com.example.bin", WAIT).await;
+    sidecar
+        .wait_subscribed(&router, "com.example.bin", WAIT)
+        .await;
     assert!(
         sidecar.log().contains("authid=\"salted\""),
         "joined as the salted user"
@@ -153,20 +163,24 @@ async fn salted_cra_sidecar_forwards_bytes_in_args_and_kwargs_unchanged() {
 #[tokio::test]
 async fn wildcard_registration_forwards_each_concrete_topic_to_its_concrete_procedure() {
     let crossbar = Crossbar::start().await;
-    let a = Backend::spawn(BackendOptions {
+    let router = RouterMeta::join(&crossbar).await;
+    let mut a = Backend::spawn(BackendOptions {
         match_: Match::Wildcard,
         ..backend(&crossbar, "A", &["com.example..SUB_ev"], Serializer::Json)
     })
     .await;
     let sidecar = Sidecar::start_for(&crossbar, &[]);
-    sidecar.wait_subscribed("com.example..ev", WAIT).await;
+    sidecar
+        .wait_subscribed(&router, "com.example..ev", WAIT)
+        .await;
     for topic in ["com.example.a.ev", "com.example.b.ev"] {
         Publisher::run(PublisherOptions::new(&crossbar, topic, 3))
             .await
             .assert_success();
     }
     let all = invocations(&[&a], 6).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    sidecar.wait_idle(6, WAIT).await;
+    a.sync().await;
     assert_eq!(a.invocations().len(), 6, "each event once");
     let mut procedures: Vec<(String, u64)> = all
         .iter()
@@ -188,13 +202,11 @@ async fn wildcard_registration_forwards_each_concrete_topic_to_its_concrete_proc
 #[tokio::test]
 async fn late_registration_is_picked_up_and_a_backend_swap_within_grace_loses_nothing() {
     let crossbar = Crossbar::start().await;
+    let router = RouterMeta::join(&crossbar).await;
     let sidecar = Sidecar::start_for(&crossbar, &[("SUBTOCALL_GRACE_PERIOD", "30s")]);
-    sidecar
-        .wait_for_log(
-            "registration discovery complete: 0 SUB_ registrations",
-            WAIT,
-        )
-        .await;
+    // Ready: joined, and the (empty) list of registrations is known.
+    sidecar.wait_ready(WAIT).await;
+    assert_eq!(sidecar.metric("subtocall_registrations_tracked").await, 0.0);
 
     // Registered after the sidecar started; the plain com.example.swap
     // procedure (no SUB_ marker) must never be called by the sidecar.
@@ -205,7 +217,9 @@ async fn late_registration_is_picked_up_and_a_backend_swap_within_grace_loses_no
         Serializer::Json,
     ))
     .await;
-    sidecar.wait_subscribed("com.example.swap", WAIT).await;
+    sidecar
+        .wait_subscribed(&router, "com.example.swap", WAIT)
+        .await;
     Publisher::run(PublisherOptions {
         payload: None,
         ..PublisherOptions::new(&crossbar, "com.example.swap", 5)
@@ -217,9 +231,15 @@ async fn late_registration_is_picked_up_and_a_backend_swap_within_grace_loses_no
     // The last callee leaves: the subscription stays for the grace period.
     a.quit().await;
     sidecar
-        .wait_for_log("last registration for topic com.example.swap is gone", WAIT)
+        .wait_metric("subtocall_registrations_tracked", |n| n == 0.0, WAIT)
         .await;
+    assert_eq!(
+        router.subscribers("com.example.swap").await.len(),
+        1,
+        "the subscription stays for the grace period"
+    );
     // Published while no backend exists at all: the sidecar keeps retrying.
+    let retried = sidecar.metric("subtocall_events_retried_total").await;
     let gap = Publisher::run(PublisherOptions {
         payload: Some(json!({"args": ["during the gap"], "kwargs": {"seq": 100}})),
         ..PublisherOptions::new(&crossbar, "com.example.swap", 1)
@@ -227,7 +247,7 @@ async fn late_registration_is_picked_up_and_a_backend_swap_within_grace_loses_no
     .await;
     gap.assert_success();
     sidecar
-        .wait_for_log("delivery failed, will retry", WAIT)
+        .wait_metric("subtocall_events_retried_total", |n| n > retried, WAIT)
         .await;
 
     let b = Backend::spawn(backend(
@@ -262,6 +282,7 @@ async fn late_registration_is_picked_up_and_a_backend_swap_within_grace_loses_no
 #[tokio::test]
 async fn redis_mode_pushes_300_envelopes_in_order_that_a_redis_client_can_blpop() {
     let crossbar = Crossbar::start().await;
+    let router = RouterMeta::join(&crossbar).await;
     let redis = Redis::start().await;
     // In Redis mode a backend announces interest by registering, as usual,
     // and consumes the list.
@@ -276,7 +297,9 @@ async fn redis_mode_pushes_300_envelopes_in_order_that_a_redis_client_can_blpop(
         &crossbar,
         &[("USE_REDIS_MQ", "1"), ("REDIS_URL", &redis.url())],
     );
-    sidecar.wait_subscribed("com.example.q", WAIT).await;
+    sidecar
+        .wait_subscribed(&router, "com.example.q", WAIT)
+        .await;
     let published = Publisher::run(PublisherOptions::new(&crossbar, "com.example.q", 300)).await;
     published.assert_success();
     let publications: Vec<u64> = published
@@ -326,6 +349,7 @@ async fn redis_mode_pushes_300_envelopes_in_order_that_a_redis_client_can_blpop(
 #[tokio::test]
 async fn details_kwarg_tells_the_backend_topic_publication_and_disclosed_publisher() {
     let crossbar = Crossbar::start().await;
+    let router = RouterMeta::join(&crossbar).await;
     let a = Backend::spawn(backend(
         &crossbar,
         "A",
@@ -334,7 +358,9 @@ async fn details_kwarg_tells_the_backend_topic_publication_and_disclosed_publish
     ))
     .await;
     let sidecar = Sidecar::start_for(&crossbar, &[("SUBTOCALL_DETAILS_KWARG", "_details")]);
-    sidecar.wait_subscribed("com.example.who", WAIT).await;
+    sidecar
+        .wait_subscribed(&router, "com.example.who", WAIT)
+        .await;
     // The backend role has disclose.publisher = true in the test router config.
     let published = Publisher::run(PublisherOptions {
         connection: Connection {
@@ -365,9 +391,17 @@ async fn details_kwarg_tells_the_backend_topic_publication_and_disclosed_publish
     env.remove("SUBTOCALL_DETAILS_KWARG");
     // A fresh port: the killed sidecar may not have released its own yet.
     env.remove("SUBTOCALL_HTTP_ADDR");
+    let killed = router.subscribers("com.example.who").await;
     drop(sidecar);
     let plain = Sidecar::start(env);
-    plain.wait_subscribed("com.example.who", WAIT).await;
+    // The router drops the killed sidecar's subscription when it notices the
+    // connection is gone: wait for a subscriber that is not the killed one.
+    plain
+        .wait_for("the new sidecar to subscribe", WAIT, || async {
+            let subscribers = router.subscribers("com.example.who").await;
+            !subscribers.is_empty() && subscribers.iter().all(|s| !killed.contains(s))
+        })
+        .await;
     Publisher::run(PublisherOptions::new(&crossbar, "com.example.who", 1))
         .await
         .assert_success();

@@ -1,7 +1,8 @@
 //! Smoke tests of the integration-test harness itself (`tests/support`, `tests/peers`):
 //! the Crossbar and Redis fixtures start, stop and restart on their port, the autobahn
 //! peers exchange calls and events with bytes intact, WAMP-CRA (plain and salted) and
-//! roles work as configured, and TLS serves wss:// with the generated certificate.
+//! roles work as configured, the meta-API session sees subscribers, and TLS serves
+//! wss:// with the generated certificate.
 
 mod support;
 
@@ -9,7 +10,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use support::crossbar::{BACKEND_USER, LIMITED_USER, SALTED_USER, write_router_config};
-use support::peers::{Connection, Invoke, publisher_blob, user};
+use support::peers::{Connection, Invoke, Match, publisher_blob, user};
 use support::resp::{self, Reply};
 use support::*;
 
@@ -272,6 +273,38 @@ async fn backend_peer_rejects_dies_and_reregisters_on_command() {
     );
     assert_eq!(backend.wait_exit(WAIT).await.code(), Some(3));
     assert_eq!(backend.wait_for_invocations(3, WAIT).await.len(), 3);
+}
+
+#[tokio::test]
+async fn router_meta_session_sees_exact_and_wildcard_subscribers_come_and_go() {
+    let crossbar = Crossbar::start().await;
+    let router = RouterMeta::join(&crossbar).await;
+    assert!(router.subscribers("com.example.watched").await.is_empty());
+    let mut exact =
+        Subscriber::spawn(SubscriberOptions::new(&crossbar, "com.example.watched")).await;
+    let wildcard = Subscriber::spawn(SubscriberOptions {
+        match_: Match::Wildcard,
+        ..SubscriberOptions::new(&crossbar, "com.example..watched")
+    })
+    .await;
+    assert_eq!(router.subscribers("com.example.watched").await.len(), 1);
+    assert_eq!(router.subscribers("com.example..watched").await.len(), 1);
+    assert_eq!(
+        router.call("wamp.no_such.procedure", json!([])).await,
+        Err("wamp.error.no_such_procedure".to_owned())
+    );
+
+    exact.terminate().await;
+    eventually(WAIT, "the exact subscription gone", || async {
+        router
+            .subscribers("com.example.watched")
+            .await
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+    assert_eq!(router.subscribers("com.example..watched").await.len(), 1);
+    drop(wildcard);
 }
 
 #[tokio::test]

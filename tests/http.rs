@@ -50,9 +50,8 @@ async fn idle_and_half_sent_connections_cannot_starve_healthz_or_the_router_link
     // What the probe of issue 10 did: an open-file limit of 128, then 200
     // connections that never finish a request.
     let sidecar = sidecar_without_router(&[]);
-    sidecar
-        .wait_for_log("cannot connect to the router", WAIT)
-        .await;
+    let failures = "subtocall_router_connect_failures_total";
+    sidecar.wait_metric(failures, |n| n >= 1.0, WAIT).await;
     sidecar.limit_open_files(128);
 
     let mut held = Vec::new();
@@ -79,12 +78,9 @@ async fn idle_and_half_sent_connections_cannot_starve_healthz_or_the_router_link
 
     // The router link can still open a socket: the next attempts fail
     // because nothing listens, not because the process has no file left.
-    let failures = sidecar
-        .log()
-        .matches("cannot connect to the router")
-        .count();
+    let before = sidecar.metric(failures).await;
     sidecar
-        .wait_for_log_count("cannot connect to the router", failures + 3, WAIT)
+        .wait_metric(failures, |n| n >= before + 3.0, WAIT)
         .await;
     let log = sidecar.log();
     assert!(
@@ -98,7 +94,13 @@ async fn idle_and_half_sent_connections_cannot_starve_healthz_or_the_router_link
 async fn with_port_0_the_log_names_the_port_actually_bound() {
     let sidecar = sidecar_without_router(&[("SUBTOCALL_HTTP_ADDR", "127.0.0.1:0")]);
     let needle = "serving /metrics, /healthz and /readyz";
-    sidecar.wait_for_log(needle, WAIT).await;
+    // The log line is the feature under test: with port 0 nothing else
+    // says where the listener is.
+    sidecar
+        .wait_for("the startup line naming the port", WAIT, || async {
+            sidecar.log().contains(needle)
+        })
+        .await;
     let log = sidecar.log();
     let line = log
         .lines()

@@ -145,9 +145,12 @@ async fn check_with_invalid_configuration_exits_2_like_the_sidecar() {
 #[tokio::test]
 async fn metrics_health_and_readiness_report_a_working_sidecar() {
     let crossbar = Crossbar::start().await;
+    let router = RouterMeta::join(&crossbar).await;
     let backend = Backend::spawn(backend(&crossbar, "com.example.SUB_m")).await;
     let sidecar = Sidecar::start_for(&crossbar, &[]);
-    sidecar.wait_subscribed("com.example.m", WAIT).await;
+    sidecar
+        .wait_subscribed(&router, "com.example.m", WAIT)
+        .await;
     assert_eq!(sidecar.http_get("/healthz").await.map(|r| r.0), Some(200));
     eventually(WAIT, "ready", || async {
         sidecar.is_ready().await.then_some(())
@@ -202,7 +205,11 @@ async fn readyz_is_503_while_the_router_is_unreachable_but_healthz_is_200() {
     );
     let sidecar = Sidecar::start(env);
     sidecar
-        .wait_for_log("cannot connect to the router", WAIT)
+        .wait_metric(
+            "subtocall_router_connect_failures_total",
+            |n| n >= 1.0,
+            WAIT,
+        )
         .await;
     assert_eq!(sidecar.http_get("/healthz").await.map(|r| r.0), Some(200));
     assert_eq!(sidecar.http_get("/readyz").await.map(|r| r.0), Some(503));
@@ -225,9 +232,12 @@ async fn a_token_in_the_wamp_url_query_is_never_logged() {
     env.insert("SUBTOCALL_LOG".to_owned(), "trace".to_owned());
     let sidecar = Sidecar::start(env);
     // The startup line and a connection error, both of which print the URL.
-    sidecar.wait_for_log("subtocall starting", WAIT).await;
     sidecar
-        .wait_for_log("cannot connect to the router", WAIT)
+        .wait_metric(
+            "subtocall_router_connect_failures_total",
+            |n| n >= 1.0,
+            WAIT,
+        )
         .await;
     let log = sidecar.log();
     assert!(!log.contains(token), "{log}");
@@ -237,20 +247,28 @@ async fn a_token_in_the_wamp_url_query_is_never_logged() {
 #[tokio::test]
 async fn readyz_turns_503_while_draining() {
     let crossbar = Crossbar::start().await;
+    let router = RouterMeta::join(&crossbar).await;
     let slow = Backend::spawn(BackendOptions {
         delay_ms: 3000,
         ..backend(&crossbar, "com.example.SUB_drain")
     })
     .await;
     let mut sidecar = Sidecar::start_for(&crossbar, &[("SUBTOCALL_SHUTDOWN_TIMEOUT", "10s")]);
-    sidecar.wait_subscribed("com.example.drain", WAIT).await;
+    sidecar
+        .wait_subscribed(&router, "com.example.drain", WAIT)
+        .await;
     Publisher::run(PublisherOptions::new(&crossbar, "com.example.drain", 1))
         .await
         .assert_success();
     slow.wait_for_invocations(1, WAIT).await;
     assert!(sidecar.is_ready().await);
     sidecar.signal(libc::SIGTERM);
-    sidecar.wait_for_log("draining", WAIT).await;
+    // Draining: the in-flight call takes 3 s, so the process is still alive.
+    sidecar
+        .wait_for("/readyz to answer 503 while draining", WAIT, || async {
+            matches!(sidecar.http_get("/readyz").await, Some((503, _)))
+        })
+        .await;
     assert_eq!(
         sidecar.http_get("/readyz").await.map(|r| r.0),
         Some(503),
@@ -271,10 +289,11 @@ async fn readyz_turns_503_while_draining() {
 #[tokio::test]
 async fn json_logs_are_one_json_object_per_line() {
     let crossbar = Crossbar::start().await;
+    let router = RouterMeta::join(&crossbar).await;
     let _backend = Backend::spawn(backend(&crossbar, "com.example.SUB_j")).await;
     let mut sidecar = Sidecar::start_for(&crossbar, &[("SUBTOCALL_LOG_FORMAT", "json")]);
     sidecar
-        .wait_for_log("\"message\":\"subscribed to com.example.j", WAIT)
+        .wait_subscribed(&router, "com.example.j", WAIT)
         .await;
     sidecar.terminate(WAIT).await;
     let log = sidecar.log();
@@ -300,7 +319,11 @@ async fn json_logs_are_one_json_object_per_line() {
 async fn healthcheck_subcommand_asks_the_running_sidecar() {
     let crossbar = Crossbar::start().await;
     let sidecar = Sidecar::start_for(&crossbar, &[]);
-    sidecar.wait_for_log("serving /metrics", WAIT).await;
+    sidecar
+        .wait_for("/healthz to answer 200", WAIT, || async {
+            matches!(sidecar.http_get("/healthz").await, Some((200, _)))
+        })
+        .await;
     let mut env = BTreeMap::new();
     // A wildcard address is asked on loopback, as inside a container.
     env.insert(

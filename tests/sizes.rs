@@ -8,6 +8,7 @@ mod support;
 use std::time::Duration;
 
 use serde_json::json;
+use support::peers::RouterMeta;
 use support::sidecar::Sidecar;
 use support::*;
 
@@ -18,7 +19,10 @@ async fn a_call_over_the_size_limit_is_dead_lettered_unsent_and_the_session_goes
     let crossbar = Crossbar::start().await;
     let backend = Backend::spawn(BackendOptions::new(&crossbar, &["com.example.SUB_big"])).await;
     let sidecar = Sidecar::start_for(&crossbar, &[("SUBTOCALL_MAX_CALL_SIZE", "1KiB")]);
-    sidecar.wait_subscribed("com.example.big", WAIT).await;
+    let router = RouterMeta::join(&crossbar).await;
+    sidecar
+        .wait_subscribed(&router, "com.example.big", WAIT)
+        .await;
 
     Publisher::run(PublisherOptions {
         payload: Some(json!({"args": ["x".repeat(2000)], "kwargs": {}})),

@@ -6,11 +6,13 @@ stdout (one JSON object per line):
    "caller": ID|null, "caller_authid": STR|null, "caller_authrole": STR|null,
    "registration": ID, "at": UNIX_TIME}                                      per invocation
   {"unregistered": true, "name": NAME}                                       after `unregister`
+  {"synced": true, "name": NAME}                                             after `sync`
   {"register_error": URI, "error": STR}                                      then exit 2
 Every invocation returns the positional results [NAME, args[0]] (or [NAME] without args).
 
 stdin commands, one per line: `unregister`, `register`, `quit`, `drain` (unregister,
-finish the calls in flight, leave). stdin EOF is ignored, so
+finish the calls in flight, leave), `sync` (print the synced line: every line printed
+before it has been read by the test once it sees that line). stdin EOF is ignored, so
 a test may spawn the backend without a stdin pipe. SIGTERM leaves cleanly and exits 0.
 
 Exit codes: 0 clean quit/SIGTERM, 2 connect/join/register failure, 3 --die-on-call,
@@ -62,19 +64,17 @@ def start_stdin_reader(loop, queue):
 async def main(args):
     session, ended = await peerlib.connect(args)
     calls = 0
-    in_flight = 0
     registrations = []
+
+    def unanswered():
+        # Invocations received and not yet answered. Autobahn sends the YIELD
+        # in a callback that runs after the handler has returned, so counting
+        # running handlers is not enough: leaving between the two makes the
+        # router cancel the call, and the caller call again (a duplicate).
+        return len(session._invocations)
 
     def make_handler(uri):
         async def handler(*call_args, details, **call_kwargs):
-            nonlocal in_flight
-            in_flight += 1
-            try:
-                return await handle(*call_args, details=details, **call_kwargs)
-            finally:
-                in_flight -= 1
-
-        async def handle(*call_args, details, **call_kwargs):
             nonlocal calls
             calls += 1
             k = calls
@@ -148,19 +148,21 @@ async def main(args):
                 if not await register_all():
                     await peerlib.leave(session, ended)
                     return peerlib.EXIT_JOIN_FAILED
+            elif command == "sync":
+                peerlib.emit({"synced": True, "name": args.name})
             elif command == "quit":
                 await peerlib.leave(session, ended)
                 return 0
             elif command == "drain":
-                # A graceful rolling restart: stop taking calls, finish the
+                # A graceful rolling restart: stop taking calls, answer the
                 # ones in flight, then leave.
                 while registrations:
                     await registrations.pop().unregister()
                 for _ in range(1000):
-                    if in_flight == 0:
+                    if unanswered() == 0:
                         break
                     await asyncio.sleep(0.01)
-                peerlib.emit({"drained": True, "name": args.name, "in_flight": in_flight})
+                peerlib.emit({"drained": True, "name": args.name, "in_flight": unanswered()})
                 await peerlib.leave(session, ended)
                 return 0
             elif command:

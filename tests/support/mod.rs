@@ -30,7 +30,7 @@ pub use crossbar::{Crossbar, CrossbarOptions, crossbar_check};
 #[allow(unused_imports)]
 pub use peers::{
     Backend, BackendOptions, Caller, CallerOptions, PeerOutput, Publisher, PublisherOptions,
-    Serializer, Subscriber, SubscriberOptions, wamp_bytes,
+    RouterMeta, Serializer, Subscriber, SubscriberOptions, wamp_bytes,
 };
 #[allow(unused_imports)]
 pub use redis::Redis;

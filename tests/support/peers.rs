@@ -630,6 +630,20 @@ impl Backend {
         self.process.wait_exit(EXIT_GRACE).await
     }
 
+    /// A barrier: returns once every line the backend printed before it read this
+    /// command has been collected, so [`Self::invocations`] misses none of them.
+    pub async fn sync(&mut self) {
+        let before = self.count(|line| line["synced"] == json!(true));
+        self.process.send("sync").await;
+        self.process
+            .wait_for_lines(
+                |line| line["synced"] == json!(true),
+                before + 1,
+                READY_TIMEOUT,
+            )
+            .await;
+    }
+
     fn count(&self, predicate: impl Fn(&Value) -> bool) -> usize {
         self.process.lines_matching(predicate).len()
     }
@@ -915,5 +929,101 @@ impl Caller {
         PeerProcess::spawn("caller.py", label, options.args(), false)
             .finish(options.timeout)
             .await
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// meta.py
+
+/// A session on the router's meta API (`tests/peers/meta.py`, joined as the `backend`
+/// user), so that tests wait on what the router sees instead of on what a process logs.
+pub struct RouterMeta {
+    /// Behind an async lock so that `&self` methods can be polled from `eventually`
+    /// closures; the peer answers one call at a time anyway.
+    session: tokio::sync::Mutex<MetaSession>,
+}
+
+struct MetaSession {
+    process: PeerProcess,
+    next_id: u64,
+}
+
+impl RouterMeta {
+    /// Joins `crossbar` and waits (30 s) until the session is ready; panics otherwise.
+    pub async fn join(crossbar: &Crossbar) -> Self {
+        let connection = Connection {
+            auth: user(BACKEND_USER),
+            // It lives as long as the test, not as long as one exchange.
+            max_seconds: 300,
+            ..Connection::to(crossbar)
+        };
+        let process = PeerProcess::spawn(
+            "meta.py",
+            "router meta session".to_owned(),
+            connection.args(),
+            true,
+        );
+        process
+            .wait_for_line(|line| line["ready"] == json!(true), READY_TIMEOUT)
+            .await;
+        Self {
+            session: tokio::sync::Mutex::new(MetaSession {
+                process,
+                next_id: 1,
+            }),
+        }
+    }
+
+    /// Calls `procedure` with the positional `args` (a JSON array): its positional
+    /// results, or the URI of the WAMP error it answered with.
+    pub async fn call(&self, procedure: &str, args: Value) -> Result<Vec<Value>, String> {
+        let mut session = self.session.lock().await;
+        let id = session.next_id;
+        session.next_id += 1;
+        let request = json!({"id": id, "procedure": procedure, "args": args});
+        session.process.send(&request.to_string()).await;
+        let answer = session
+            .process
+            .wait_for_line(|line| line["id"] == json!(id), READY_TIMEOUT)
+            .await;
+        match (&answer["result"], &answer["error"]) {
+            (Value::Array(results), _) => Ok(results.clone()),
+            (_, Value::String(error)) => Err(error.clone()),
+            _ => panic!("meta.py answered {procedure} with {answer}"),
+        }
+    }
+
+    /// The sessions subscribed to `topic`, looked up with the match policy its form
+    /// implies: wildcard when a component is empty (`com.example..ev`), else exact.
+    pub async fn subscribers(&self, topic: &str) -> Vec<u64> {
+        let policy = if topic.split('.').any(str::is_empty) {
+            Match::Wildcard
+        } else {
+            Match::Exact
+        };
+        let lookup = self
+            .call(
+                "wamp.subscription.lookup",
+                json!([topic, {"match": policy.as_str()}]),
+            )
+            .await
+            .unwrap_or_else(|error| panic!("wamp.subscription.lookup {topic}: {error}"));
+        // `null` when nobody subscribes.
+        let Some(subscription) = lookup.first().and_then(Value::as_u64) else {
+            return Vec::new();
+        };
+        match self
+            .call("wamp.subscription.list_subscribers", json!([subscription]))
+            .await
+        {
+            Ok(results) => results
+                .first()
+                .and_then(Value::as_array)
+                .map(|ids| ids.iter().filter_map(Value::as_u64).collect())
+                .unwrap_or_default(),
+            // The last subscriber left between the two calls.
+            Err(error) if error == "wamp.error.no_such_subscription" => Vec::new(),
+            Err(error) => panic!("wamp.subscription.list_subscribers {subscription}: {error}"),
+        }
     }
 }

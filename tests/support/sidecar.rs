@@ -4,8 +4,10 @@
 //! Dropping the guard kills it; a guard dropped during a panic prints the
 //! tail of its log.
 
+use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::fs::{self, File};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
@@ -16,6 +18,7 @@ use tokio::process::{Child, Command};
 
 use super::crossbar::{BACKEND_USER, Crossbar};
 use super::free_port;
+use super::peers::RouterMeta;
 
 const POLL: Duration = Duration::from_millis(25);
 
@@ -129,40 +132,100 @@ impl Sidecar {
         fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
-    /// Waits until the log contains `needle`; panics with the log after `timeout`.
-    pub async fn wait_for_log(&self, needle: &str, timeout: Duration) {
-        self.wait_for_log_count(needle, 1, timeout).await;
-    }
-
-    /// Waits until the log contains `needle` at least `n` times.
-    pub async fn wait_for_log_count(&self, needle: &str, n: usize, timeout: Duration) {
+    /// Polls `condition` until it holds. Panics naming `what`, with the whole log, when
+    /// `timeout` passes or the process exits first. Wait on behaviour (HTTP answers,
+    /// metrics, what the router sees), never on log wording.
+    pub async fn wait_for<F, Fut>(&self, what: &str, timeout: Duration, mut condition: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = bool>,
+    {
         let deadline = Instant::now() + timeout;
         loop {
-            // Exit is checked before the log is read, so that a process that
-            // wrote the line and then exited is not reported as failing.
+            // Exit is checked before the condition, so that a process that got there
+            // and then exited is not reported as failing.
             let exited = self.has_exited();
-            let log = self.log();
-            if log.matches(needle).count() >= n {
+            if condition().await {
                 return;
             }
             if exited {
-                panic!("subtocall exited before its log had {needle:?} {n} times:\n{log}");
+                panic!(
+                    "subtocall exited while waiting for {what}; log:\n{}",
+                    self.log()
+                );
             }
             if Instant::now() >= deadline {
                 panic!(
-                    "subtocall log has {needle:?} fewer than {n} times after {timeout:?}:\n{log}"
+                    "timed out after {timeout:?} waiting for {what}; subtocall log:\n{}",
+                    self.log()
                 );
             }
             tokio::time::sleep(POLL).await;
         }
     }
 
-    /// Waits until the sidecar subscribed to `topic` (so events published
-    /// from now on reach it).
-    pub async fn wait_subscribed(&self, topic: &str, timeout: Duration) {
-        // "subscribed to com.example.t (subscription 1)", or "... (wildcard) (...".
-        self.wait_for_log(&format!("subscribed to {topic} ("), timeout)
+    /// Waits until the `/metrics` sample (see [`Self::metric`]) satisfies `condition`.
+    pub async fn wait_metric(
+        &self,
+        sample: &str,
+        condition: impl Fn(f64) -> bool,
+        timeout: Duration,
+    ) {
+        let condition = &condition;
+        self.wait_for(&format!("a value of {sample}"), timeout, || async move {
+            self.try_metric(sample).await.is_some_and(condition)
+        })
+        .await;
+    }
+
+    /// Waits until `/readyz` answers 200.
+    pub async fn wait_ready(&self, timeout: Duration) {
+        self.wait_for("/readyz to answer 200", timeout, || self.is_ready())
             .await;
+    }
+
+    /// Waits until the router shows a subscriber on `topic` (a wildcard pattern such as
+    /// `com.example..ev` is looked up as one), so events published from now on reach
+    /// the sidecar. Nothing else subscribes to the tests' SUB_ topics, so the
+    /// subscriber is this sidecar; a test that replaces a sidecar waits for the old
+    /// one's subscription to go first.
+    pub async fn wait_subscribed(&self, router: &RouterMeta, topic: &str, timeout: Duration) {
+        let what = format!("the router to show a subscriber on {topic}");
+        self.wait_for(&what, timeout, || async move {
+            !router.subscribers(topic).await.is_empty()
+        })
+        .await;
+    }
+
+    /// Waits until the sidecar has received `events` events and finished every one:
+    /// each delivered or dead-lettered, none in flight and none waiting for a retry.
+    /// From then on it makes no delivery attempt until another event arrives, so a
+    /// duplicate delivery cannot turn up after this returns.
+    pub async fn wait_idle(&self, events: u64, timeout: Duration) -> Idle {
+        let last = Cell::new(None);
+        let last = &last;
+        let what = format!("{events} events received and each delivered or dead-lettered");
+        self.wait_for(&what, timeout, || async move {
+            let Some(body) = self.metrics_text().await else {
+                return false;
+            };
+            let value = |sample: &str| sample_value(&body, sample).unwrap_or(0.0);
+            let received = value("subtocall_events_received_total");
+            let skipped = value("subtocall_events_duplicate_total")
+                + family_sum(&body, "subtocall_events_unroutable_total");
+            let now = Idle {
+                forwarded: value("subtocall_events_forwarded_total"),
+                dead_lettered: family_sum(&body, "subtocall_events_dead_lettered_total"),
+            };
+            let done = received == events as f64
+                && now.forwarded + now.dead_lettered == received - skipped
+                && value("subtocall_calls_in_flight") == 0.0
+                && value("subtocall_queue_depth") == 0.0;
+            last.set(Some(now));
+            done
+        })
+        .await;
+        last.get().expect("wait_for returned, so the condition ran")
     }
 
     /// Sends SIGTERM and waits for the exit (up to `timeout`).
@@ -203,15 +266,24 @@ impl Sidecar {
 
     /// The value of one sample in `/metrics`, e.g.
     /// `subtocall_events_dead_lettered_total{reason="overflow"}`; 0 if absent.
+    /// Panics when `/metrics` does not answer: for assertions, not for waits.
     pub async fn metric(&self, sample: &str) -> f64 {
-        let (status, body) = self.http_get("/metrics").await.expect("/metrics answers");
-        assert_eq!(status, 200, "{body}");
-        body.lines()
-            .find_map(|line| {
-                let (name, value) = line.rsplit_once(' ')?;
-                (name == sample).then(|| value.parse().ok()).flatten()
-            })
-            .unwrap_or(0.0)
+        let body = self.metrics_text().await.expect("/metrics answers 200");
+        sample_value(&body, sample).unwrap_or(0.0)
+    }
+
+    /// Like [`Self::metric`], but `None` while `/metrics` does not answer 200.
+    pub async fn try_metric(&self, sample: &str) -> Option<f64> {
+        let body = self.metrics_text().await?;
+        Some(sample_value(&body, sample).unwrap_or(0.0))
+    }
+
+    /// The `/metrics` text, or `None` unless it answers 200.
+    async fn metrics_text(&self) -> Option<String> {
+        match self.http_get("/metrics").await? {
+            (200, body) => Some(body),
+            _ => None,
+        }
     }
 
     /// Whether `/readyz` answers 200.
@@ -231,6 +303,35 @@ impl Sidecar {
     pub fn dir(&self) -> &std::path::Path {
         self.dir.path()
     }
+}
+
+/// What the counters say once the sidecar is idle (see [`Sidecar::wait_idle`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Idle {
+    pub forwarded: f64,
+    /// Every reason together.
+    pub dead_lettered: f64,
+}
+
+/// The value of the sample named exactly `sample` (labels included) in a metrics text.
+fn sample_value(body: &str, sample: &str) -> Option<f64> {
+    body.lines().find_map(|line| {
+        let (name, value) = line.rsplit_once(' ')?;
+        (name == sample).then(|| value.parse().ok()).flatten()
+    })
+}
+
+/// The sum of every sample of `family` (`family` itself or `family{...}`).
+fn family_sum(body: &str, family: &str) -> f64 {
+    body.lines()
+        .filter_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            let labels = name.strip_prefix(family)?;
+            (labels.is_empty() || labels.starts_with('{'))
+                .then(|| value.parse::<f64>().ok())
+                .flatten()
+        })
+        .sum()
 }
 
 impl Drop for Sidecar {
