@@ -13,6 +13,7 @@
 //! the router goes away are delivered on the next session (or, in Redis
 //! mode, keep flowing meanwhile).
 
+mod dead_letter_log;
 mod sidecar;
 #[cfg(test)]
 mod tests;

@@ -14,6 +14,7 @@ use futures_util::future::BoxFuture;
 use tokio::sync::mpsc;
 
 use super::Fatal;
+use super::dead_letter_log::{DeadLetterLog, LINES_PER_WINDOW, Summary};
 use crate::discovery::meta;
 use crate::discovery::topic::MatchPolicy;
 use crate::discovery::{self, Action, Discovery, GetOutcome, Note, TopicKey};
@@ -74,6 +75,8 @@ pub struct Sidecar {
     draining: bool,
     /// Set when the session must be dropped and joined anew.
     rejoin: Option<String>,
+    /// Which dead letters get a line of their own.
+    dead_letter_log: DeadLetterLog,
 }
 
 impl Sidecar {
@@ -104,6 +107,7 @@ impl Sidecar {
             healthy: false,
             draining: false,
             rejoin: None,
+            dead_letter_log: DeadLetterLog::default(),
         }
     }
 
@@ -434,11 +438,14 @@ impl Sidecar {
             match output {
                 Output::Deliver(id) => self.start(id, session.as_deref_mut(), now),
                 Output::Ack(job) => self.delivered(&job, now),
-                Output::DeadLetter(job, why) => self.dead_letter(&job, why),
+                Output::DeadLetter(job, why) => self.dead_letter(&job, why, now),
                 Output::Retrying { .. } => {
                     self.metrics.events_retried.inc();
                 }
             }
+        }
+        if let Some(summary) = self.dead_letter_log.flush(now) {
+            log_summary(&summary);
         }
         if self.is_ready() {
             self.healthy = true;
@@ -506,10 +513,11 @@ impl Sidecar {
         );
     }
 
-    fn dead_letter(&self, job: &Job<SharedEvent>, why: GiveUp) {
+    fn dead_letter(&mut self, job: &Job<SharedEvent>, why: GiveUp, now: Instant) {
         self.metrics.dead_lettered(why).inc();
         let ev = &job.item;
-        tracing::error!(
+        if self.dead_letter_log.admit(now, why.as_str(), &ev.procedure) {
+            tracing::error!(
             target: "subtocall::dead_letter",
             reason = why.as_str(),
             procedure = %ev.procedure,
@@ -518,7 +526,8 @@ impl Sidecar {
             attempts = job.attempts,
             last_error = job.last_error.as_deref().unwrap_or(""),
             "event dead-lettered"
-        );
+            );
+        }
         if let Some(store) = &self.dead_letter_store {
             let record = ev.dead_letter_json(
                 why.as_str(),
@@ -565,11 +574,15 @@ impl Sidecar {
         }
     }
 
-    /// Ends the drain now: everything unfinished is dead-lettered.
+    /// Ends the drain now: everything unfinished is dead-lettered, and the
+    /// last dead-letter summary is logged.
     pub fn stop(&mut self, now: Instant) {
         self.draining = true;
         self.core.shutdown(now, now);
         self.pump(None, now);
+        if let Some(summary) = self.dead_letter_log.take_summary() {
+            log_summary(&summary);
+        }
     }
 
     pub fn core(&self) -> &Core {
@@ -577,18 +590,21 @@ impl Sidecar {
     }
 
     /// Earliest time something is due: a retry, the drain deadline, a
-    /// discovery timer (while joined).
+    /// discovery timer (while joined), a dead-letter summary.
     pub fn next_wake(&self) -> Option<Instant> {
-        let core = self.core.next_wake();
         let discovery = if self.joined && !self.draining {
             self.discovery.next_deadline()
         } else {
             None
         };
-        match (core, discovery) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [
+            self.core.next_wake(),
+            discovery,
+            self.dead_letter_log.next_flush(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Closes the dead-letter store channel so its task can finish.
@@ -617,6 +633,15 @@ fn log_failures(jobs: &[Job<SharedEvent>], report: &Report) {
             "delivery attempt failed"
         );
     }
+}
+
+fn log_summary(summary: &Summary) {
+    tracing::error!(
+        target: "subtocall::dead_letter",
+        events = summary.events,
+        by = %summary.by,
+        "dead letters summarised (more than {LINES_PER_WINDOW} in a second; the metrics count each)"
+    );
 }
 
 fn log_note(note: &Note) {

@@ -228,6 +228,27 @@ impl Sidecar {
         last.get().expect("wait_for returned, so the condition ran")
     }
 
+    /// Dead letters the log accounts for: one line each at low rates, and
+    /// above that the `events=N` of each summary line.
+    pub fn dead_letters_logged(&self) -> u64 {
+        self.log()
+            .lines()
+            .map(|line| {
+                if line.contains("event dead-lettered") {
+                    1
+                } else if line.contains("dead letters summarised") {
+                    line.split("events=")
+                        .nth(1)
+                        .and_then(|rest| rest.split_whitespace().next())
+                        .and_then(|n| n.parse().ok())
+                        .expect("a summary line has events=N")
+                } else {
+                    0
+                }
+            })
+            .sum()
+    }
+
     /// Sends SIGTERM and waits for the exit (up to `timeout`).
     pub async fn terminate(&mut self, timeout: Duration) -> ExitStatus {
         self.signal(libc::SIGTERM);
