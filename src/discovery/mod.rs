@@ -390,6 +390,37 @@ impl Discovery {
         self.mapper.marker()
     }
 
+    /// Entries held for registrations, topics and subscriptions (not the
+    /// bounded memory of recently deleted ids): zero once everything is gone.
+    pub fn footprint(&self) -> usize {
+        self.tracked.len()
+            + self.ignored.len()
+            + self.gets.len()
+            + self.topics.len()
+            + self.routes.len()
+            + self.out.len()
+    }
+
+    /// Allocated room of the maps that grow with registrations, in entries.
+    pub fn capacity(&self) -> usize {
+        self.tracked.capacity() + self.ignored.capacity() + self.routes.capacity()
+    }
+
+    /// Gives back the room of maps that a churn of registrations left mostly
+    /// empty, so a burst of thousands of registrations does not pin memory.
+    fn shrink(&mut self) {
+        fn shrink_map<K: std::hash::Hash + Eq, V>(map: &mut HashMap<K, V>) {
+            if map.capacity() > 64 && map.len() < map.capacity() / 4 {
+                map.shrink_to(map.len() * 2);
+            }
+        }
+        shrink_map(&mut self.tracked);
+        shrink_map(&mut self.routes);
+        if self.ignored.capacity() > 64 && self.ignored.len() < self.ignored.capacity() / 4 {
+            self.ignored.shrink_to(self.ignored.len() * 2);
+        }
+    }
+
     /// Forgets everything but the configuration. Call on every (re)join: the
     /// new session has no subscriptions, and registrations may have changed
     /// while we were away. Completions from the old session must not be fed
@@ -732,8 +763,10 @@ impl Discovery {
             self.check_synced();
         }
         let Some(Tracked { uri, topic: key }) = self.tracked.remove(&id) else {
+            self.shrink();
             return;
         };
+        self.shrink();
         self.note(Note::RegistrationUntracked {
             id,
             uri,
@@ -761,6 +794,7 @@ impl Discovery {
     /// topic if it was one of ours.
     fn drop_subscription(&mut self, subscription: SubscriptionId) -> Option<TopicKey> {
         let entry = self.routes.remove(&subscription)?;
+        self.shrink();
         if let Some(topic) = self.topics.get_mut(&entry.topic)
             && matches!(
                 topic.subscription,

@@ -1132,3 +1132,48 @@ mod churn {
         }
     }
 }
+
+#[test]
+fn a_churn_of_thousands_of_registrations_leaves_nothing_behind() {
+    // The probe: 2,000 registrations up and down, three times.
+    let t0 = Instant::now();
+    let mut d = discovery(GRACE);
+    let mut now = t0;
+    for round in 0..3u64 {
+        let ids = (1..=2000u64).map(|i| round * 10_000 + i);
+        for id in ids.clone() {
+            d.on_meta_event(created(id, &format!("com.example.t{id}.SUB_x")), now);
+        }
+        for (n, action) in actions(&d.poll(now)).into_iter().enumerate() {
+            let Action::Subscribe(key) = action else {
+                panic!("{action:?}")
+            };
+            d.on_subscribed(&key, sub(round * 100_000 + n as u64));
+        }
+        assert_eq!(d.active_subscriptions(), 2000);
+        let peak = d.capacity();
+        for id in ids {
+            d.on_meta_event(deleted(id), now);
+        }
+        now += GRACE;
+        for action in actions(&d.poll(now)) {
+            let Action::Unsubscribe { subscription, .. } = action else {
+                panic!("{action:?}")
+            };
+            d.on_unsubscribed(subscription);
+        }
+        d.poll(now);
+        assert_eq!(d.tracked_registrations(), 0);
+        assert_eq!(d.active_subscriptions(), 0);
+        assert_eq!(
+            d.footprint(),
+            0,
+            "round {round}: nothing kept per registration"
+        );
+        assert!(
+            d.capacity() < peak / 4,
+            "round {round}: room given back ({} of {peak})",
+            d.capacity()
+        );
+    }
+}
