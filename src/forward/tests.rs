@@ -28,9 +28,27 @@ fn settings(capacity: usize, max_in_flight: usize, dispatch: Dispatch) -> Settin
     }
 }
 
+/// A core whose sink is not open yet: what is accepted waits.
+fn closed(s: Settings) -> Forwarder<u32, MemoryQueue<u32>> {
+    Forwarder::new(MemoryQueue::new(), s, 7)
+}
+
 fn core(s: Settings) -> Forwarder<u32, MemoryQueue<u32>> {
-    let mut f = Forwarder::new(MemoryQueue::new(), s, 7);
+    let mut f = closed(s);
     f.set_open(true, Instant::now());
+    f
+}
+
+/// A pipeline core that accepted `items` while closed, then opened.
+fn pipeline_with(
+    items: std::ops::RangeInclusive<u32>,
+    t0: Instant,
+) -> Forwarder<u32, MemoryQueue<u32>> {
+    let mut f = closed(settings(10, 100, Dispatch::Pipeline { max: 3 }));
+    for i in items {
+        f.accept(i, t0);
+    }
+    f.set_open(true, t0);
     f
 }
 
@@ -80,8 +98,7 @@ fn events_start_in_order_up_to_the_in_flight_limit() {
 #[test]
 fn nothing_starts_while_the_sink_is_closed() {
     let t0 = Instant::now();
-    let mut f: Forwarder<u32, _> =
-        Forwarder::new(MemoryQueue::new(), settings(10, 2, Dispatch::Each), 1);
+    let mut f = closed(settings(10, 2, Dispatch::Each));
     f.accept(1, t0);
     assert!(outputs(&mut f).is_empty());
     assert_eq!(f.waiting(), 1);
@@ -92,8 +109,7 @@ fn nothing_starts_while_the_sink_is_closed() {
 #[test]
 fn full_queue_dead_letters_the_newest_or_the_oldest_new_event() {
     let t0 = Instant::now();
-    let mut f: Forwarder<u32, _> =
-        Forwarder::new(MemoryQueue::new(), settings(2, 1, Dispatch::Each), 1);
+    let mut f = closed(settings(2, 1, Dispatch::Each));
     for i in 1..=3 {
         f.accept(i, t0);
     }
@@ -102,7 +118,7 @@ fn full_queue_dead_letters_the_newest_or_the_oldest_new_event() {
     );
     let mut s = settings(2, 1, Dispatch::Each);
     s.overflow = OverflowPolicy::DropOldest;
-    let mut f: Forwarder<u32, _> = Forwarder::new(MemoryQueue::new(), s, 1);
+    let mut f = closed(s);
     for i in 1..=3 {
         f.accept(i, t0);
     }
@@ -179,15 +195,7 @@ fn a_final_error_is_dead_lettered_as_rejected_and_a_spent_budget_as_exhausted() 
 #[test]
 fn a_failed_pipeline_goes_back_to_the_head_in_order_and_pauses_the_line() {
     let t0 = Instant::now();
-    let mut f: Forwarder<u32, _> = Forwarder::new(
-        MemoryQueue::new(),
-        settings(10, 100, Dispatch::Pipeline { max: 3 }),
-        1,
-    );
-    for i in 1..=4 {
-        f.accept(i, t0);
-    }
-    f.set_open(true, t0);
+    let mut f = pipeline_with(1..=4, t0);
     let ids = delivered_ids(&outputs(&mut f));
     assert_eq!(ids.len(), 1, "one pipeline at a time");
     let items: Vec<u32> = f.delivery(ids[0]).unwrap().iter().map(|j| j.item).collect();
@@ -208,15 +216,7 @@ fn a_failed_pipeline_goes_back_to_the_head_in_order_and_pauses_the_line() {
 #[test]
 fn pipeline_commands_that_fail_one_by_one_are_resolved_one_by_one() {
     let t0 = Instant::now();
-    let mut f: Forwarder<u32, _> = Forwarder::new(
-        MemoryQueue::new(),
-        settings(10, 100, Dispatch::Pipeline { max: 3 }),
-        1,
-    );
-    for i in 1..=3 {
-        f.accept(i, t0);
-    }
-    f.set_open(true, t0);
+    let mut f = pipeline_with(1..=3, t0);
     let id = delivered_ids(&outputs(&mut f))[0];
     let wrongtype = redis::RedisError::from((
         redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError),
@@ -338,6 +338,19 @@ mod model {
     }
 
     impl World {
+        fn new(s: Settings) -> World {
+            World {
+                f: Forwarder::new(MemoryQueue::new(), s, 42),
+                now: Instant::now(),
+                next_item: 0,
+                max_in_flight: s.max_in_flight,
+                pipeline: matches!(s.dispatch, Dispatch::Pipeline { .. }),
+                flying: BTreeMap::new(),
+                resolved: BTreeMap::new(),
+                delivered_order: Vec::new(),
+            }
+        }
+
         fn drain(&mut self) -> Result<(), TestCaseError> {
             while let Some(out) = self.f.poll() {
                 match out {
@@ -463,16 +476,7 @@ mod model {
             if drop_oldest {
                 s.overflow = OverflowPolicy::DropOldest;
             }
-            let mut w = World {
-                f: Forwarder::new(MemoryQueue::new(), s, 42),
-                now: Instant::now(),
-                next_item: 0,
-                max_in_flight,
-                pipeline: matches!(dispatch, Dispatch::Pipeline { .. }),
-                flying: BTreeMap::new(),
-                resolved: BTreeMap::new(),
-                delivered_order: Vec::new(),
-            };
+            let mut w = World::new(s);
             for op in ops {
                 w.apply(op)?;
             }
@@ -495,16 +499,7 @@ mod model {
             max_in_flight in 1..5usize,
             dispatch in dispatch(),
         ) {
-            let mut w = World {
-                f: Forwarder::new(MemoryQueue::new(), settings(100, max_in_flight, dispatch), 3),
-                now: Instant::now(),
-                next_item: 0,
-                max_in_flight,
-                pipeline: matches!(dispatch, Dispatch::Pipeline { .. }),
-                flying: BTreeMap::new(),
-                resolved: BTreeMap::new(),
-                delivered_order: Vec::new(),
-            };
+            let mut w = World::new(settings(100, max_in_flight, dispatch));
             w.apply(Op::Open(true))?;
             for _ in 0..accepted {
                 w.apply(Op::Accept)?;

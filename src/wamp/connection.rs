@@ -398,8 +398,13 @@ impl<T> Connection<T> {
             self.writes.clear();
             return;
         }
+        if !self.has_writes() {
+            return;
+        }
+        if !self.queued_requests.is_empty() {
+            self.largest_written = self.queued_requests.drain(..).max_by_key(|(_, size)| *size);
+        }
         let limit = self.ping_interval + self.ping_timeout;
-        self.largest_written = self.queued_requests.drain(..).max_by_key(|(_, size)| *size);
         let write = async {
             while let Some(frame) = self.writes.pop_front() {
                 self.ws.feed(frame).await?;
