@@ -150,6 +150,13 @@ proptest! {
         checks::raw_event(&bytes);
     }
 
+}
+
+proptest! {
+    // Each case checks up to eight frames (both serializers, each edit): a
+    // few thousand frames in all, some seconds in a debug build.
+    #![proptest_config(ProptestConfig::with_cases(1024))]
+
     #[test]
     fn generated_events_pass_both_checks_whole_and_mutated(
         payload in payload(),
