@@ -4,7 +4,8 @@
 //! sidecar cannot work (rejected credentials, missing permissions, too many
 //! failed connection attempts), 2 for invalid configuration. `subtocall check`
 //! tries the configuration once and reports; `subtocall healthcheck` asks a
-//! running sidecar's /healthz (for container health checks).
+//! running sidecar's /healthz (for container health checks). Every command
+//! answers `--help` (or `-h`) with its usage, before any configuration is read.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -15,28 +16,21 @@ use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let mut command = Command::Run;
-    match args.first().map(String::as_str) {
-        None => {}
-        Some("check") => command = Command::Check,
-        Some("healthcheck") => command = Command::HealthCheck,
-        Some("-h" | "--help" | "help") => {
-            print!("{}", config::help_text());
+    let command = match parse_args(&args) {
+        Ok(Invocation::Run(command)) => command,
+        Ok(Invocation::Print(text)) => {
+            print!("{text}");
             return ExitCode::SUCCESS;
         }
-        Some("-V" | "--version" | "version") => {
-            println!("subtocall {}", env!("CARGO_PKG_VERSION"));
-            return ExitCode::SUCCESS;
-        }
-        Some(other) => {
+        Err(problem) => {
             eprintln!(
-                "subtocall: unknown argument {other:?}\n\
+                "subtocall: {problem}\n\
                  Usage: subtocall [check | healthcheck | --help | --version]; \
                  the configuration comes from environment variables (see --help)."
             );
             return ExitCode::from(2);
         }
-    }
+    };
 
     let config = match Config::from_env() {
         Ok(config) => config,
@@ -82,6 +76,94 @@ enum Command {
     /// `subtocall healthcheck`: ask a running sidecar's /healthz (for
     /// container HEALTHCHECKs in images without curl).
     HealthCheck,
+}
+
+/// What the command line asks for.
+#[derive(Debug, PartialEq, Eq)]
+enum Invocation {
+    /// Read the configuration and run this.
+    Run(Command),
+    /// Print this and exit 0: the help, one command's usage, the version.
+    Print(String),
+}
+
+/// The commands that take a name on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Named {
+    Check,
+    HealthCheck,
+    Help,
+    Version,
+}
+
+impl Named {
+    fn from_arg(arg: &str) -> Option<Named> {
+        match arg {
+            "check" => Some(Named::Check),
+            "healthcheck" => Some(Named::HealthCheck),
+            "help" | "-h" | "--help" => Some(Named::Help),
+            "version" | "-V" | "--version" => Some(Named::Version),
+            _ => None,
+        }
+    }
+
+    /// What `subtocall COMMAND --help` prints.
+    fn usage(self) -> String {
+        match self {
+            Named::Check => "Usage: subtocall check\n\n\
+                 Connects once with the configuration from the environment (the\n\
+                 variables `subtocall --help` lists), lists the SUB_ registrations it\n\
+                 would serve and the topic each maps to, tries every permission the\n\
+                 sidecar needs (naming the rule to add when one is missing) and pings\n\
+                 Redis when Redis is used.\n\n\
+                 Exit code: 0 when everything would work, 1 when something would not,\n\
+                 2 for invalid configuration.\n"
+                .to_owned(),
+            Named::HealthCheck => "Usage: subtocall healthcheck\n\n\
+                 Asks a running sidecar's /healthz at SUBTOCALL_HTTP_ADDR (a wildcard\n\
+                 address is asked on loopback), for container health checks in images\n\
+                 without curl.\n\n\
+                 Exit code: 0 when it answers 200, 1 when it does not or cannot be\n\
+                 reached (or SUBTOCALL_HTTP_ADDR is off), 2 for invalid configuration.\n"
+                .to_owned(),
+            Named::Help => config::help_text(),
+            Named::Version => "Usage: subtocall --version   (or -V, or version)\n\n\
+                 Prints the version.\n"
+                .to_owned(),
+        }
+    }
+}
+
+/// Reads the command line: a command, optionally `--help` (or `-h`) after
+/// it, or `help COMMAND`; nothing else takes arguments. `Err` is the problem
+/// to report before exiting 2.
+fn parse_args(args: &[String]) -> Result<Invocation, String> {
+    let Some(first) = args.first() else {
+        return Ok(Invocation::Run(Command::Run));
+    };
+    let named = Named::from_arg(first).ok_or_else(|| format!("unknown argument {first:?}"))?;
+    let rest = &args[1..];
+    if rest
+        .iter()
+        .any(|arg| matches!(arg.as_str(), "-h" | "--help"))
+    {
+        return Ok(Invocation::Print(named.usage()));
+    }
+    match (named, rest) {
+        (Named::Check, []) => Ok(Invocation::Run(Command::Check)),
+        (Named::HealthCheck, []) => Ok(Invocation::Run(Command::HealthCheck)),
+        (Named::Help, []) => Ok(Invocation::Print(named.usage())),
+        (Named::Help, [topic]) => match Named::from_arg(topic) {
+            Some(about) => Ok(Invocation::Print(about.usage())),
+            None => Err(format!("no help for {topic:?}: not a command")),
+        },
+        (Named::Help, [_, extra, ..]) => Err(format!("help takes one command, not also {extra:?}")),
+        (Named::Version, []) => Ok(Invocation::Print(format!(
+            "subtocall {}\n",
+            env!("CARGO_PKG_VERSION")
+        ))),
+        (_, [extra, ..]) => Err(format!("{first} takes no argument {extra:?}")),
+    }
 }
 
 async fn check(config: Config) -> ExitCode {
@@ -223,5 +305,84 @@ fn init_tracing(config: &Config) {
             .with_current_span(false)
             .init(),
         LogFormat::Text => builder.with_ansi(false).init(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Invocation, String> {
+        let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        parse_args(&args)
+    }
+
+    fn printed(args: &[&str]) -> String {
+        match parse(args) {
+            Ok(Invocation::Print(text)) => text,
+            other => panic!("{args:?} gives {other:?}, not text to print"),
+        }
+    }
+
+    #[test]
+    fn a_command_alone_runs_it() {
+        assert_eq!(parse(&[]), Ok(Invocation::Run(Command::Run)));
+        assert_eq!(parse(&["check"]), Ok(Invocation::Run(Command::Check)));
+        assert_eq!(
+            parse(&["healthcheck"]),
+            Ok(Invocation::Run(Command::HealthCheck))
+        );
+    }
+
+    #[test]
+    fn every_command_answers_help_with_its_usage_instead_of_running() {
+        for help in ["--help", "-h"] {
+            for (command, usage) in [
+                ("check", "Usage: subtocall check\n"),
+                ("healthcheck", "Usage: subtocall healthcheck\n"),
+                ("version", "Usage: subtocall --version"),
+                ("--version", "Usage: subtocall --version"),
+                ("-V", "Usage: subtocall --version"),
+                ("help", "SUBTOCALL_HTTP_ADDR"),
+                ("--help", "SUBTOCALL_HTTP_ADDR"),
+            ] {
+                let text = printed(&[command, help]);
+                assert!(
+                    text.starts_with(usage) || text.contains(usage),
+                    "{command} {help}: {text}"
+                );
+            }
+        }
+        assert!(printed(&["help", "check"]).starts_with("Usage: subtocall check\n"));
+        assert!(printed(&["--help", "healthcheck"]).starts_with("Usage: subtocall healthcheck\n"));
+        // --help wins over anything else after the command.
+        assert!(printed(&["check", "--bogus", "-h"]).starts_with("Usage: subtocall check\n"));
+    }
+
+    #[test]
+    fn arguments_no_command_takes_are_errors() {
+        assert!(parse(&["serve"]).unwrap_err().contains("\"serve\""));
+        assert!(parse(&["check", "now"]).unwrap_err().contains("\"now\""));
+        assert!(parse(&["version", "2"]).is_err());
+        assert!(
+            parse(&["help", "serve"])
+                .unwrap_err()
+                .contains("not a command")
+        );
+        assert!(
+            parse(&["help", "check", "now"])
+                .unwrap_err()
+                .contains("\"now\"")
+        );
+    }
+
+    #[test]
+    fn version_prints_the_crate_version() {
+        for arg in ["version", "--version", "-V"] {
+            assert_eq!(
+                printed(&[arg]),
+                format!("subtocall {}\n", env!("CARGO_PKG_VERSION"))
+            );
+        }
     }
 }

@@ -1,8 +1,8 @@
 //! What operators rely on, against the real router: `/metrics`, `/healthz`
 //! and `/readyz` (including readiness while unreachable and while draining),
 //! JSON logs, `subtocall check` with a good and an under-privileged role and
-//! with Redis up or down, `subtocall healthcheck`, and a token in the router
-//! URL that is never logged.
+//! with Redis up or down, `subtocall healthcheck`, `--help` for every
+//! command, and a token in the router URL that is never logged.
 
 mod support;
 
@@ -140,6 +140,34 @@ async fn check_with_invalid_configuration_exits_2_like_the_sidecar() {
     let output = subtocall(&["check"], &env).await;
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("SUBTOCALL_GRACE_PERIOD"));
+}
+
+#[tokio::test]
+async fn every_command_answers_help_with_its_usage_and_exit_0_without_reading_the_configuration() {
+    // An invalid configuration would exit 2, and a real `check` would try
+    // to reach a router: help must do neither.
+    let mut env = BTreeMap::new();
+    env.insert("SUBTOCALL_GRACE_PERIOD".to_owned(), "forever".to_owned());
+    for help in ["--help", "-h"] {
+        for (args, usage) in [
+            (vec!["check", help], "Usage: subtocall check\n"),
+            (vec!["healthcheck", help], "Usage: subtocall healthcheck\n"),
+            (vec!["version", help], "Usage: subtocall --version"),
+            (vec!["help", "check"], "Usage: subtocall check\n"),
+            (vec![help], "Usage: subtocall [check | healthcheck"),
+        ] {
+            let output = subtocall(&args, &env).await;
+            assert_eq!(output.status.code(), Some(0), "{args:?}: {output:?}");
+            assert!(
+                stdout(&output).contains(usage),
+                "{args:?} prints {}",
+                stdout(&output)
+            );
+        }
+    }
+    let extra = subtocall(&["check", "now"], &env).await;
+    assert_eq!(extra.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&extra.stderr).contains("\"now\""));
 }
 
 #[tokio::test]

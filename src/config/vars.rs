@@ -552,7 +552,8 @@ pub fn help_text() -> String {
          check         connect once with this configuration, list the SUB_\n                \
          registrations it would serve, check permissions (and Redis);\n                \
          exit 0 only if all is well\n  \
-         healthcheck   ask a running sidecar's /healthz (for container health checks)\n\n",
+         healthcheck   ask a running sidecar's /healthz (for container health checks)\n\n\
+         `subtocall COMMAND --help` shows one command's usage and exit codes.\n\n",
     );
     wrap_into(&mut out, INTRO, "", 79);
     for group in Group::ALL {

@@ -1,0 +1,180 @@
+//! The checks the fuzz targets run on one input: the decoders that take
+//! router input must not panic, and what they accept must survive being
+//! encoded again. `tests/fuzz.rs` includes this file as a module, so stable
+//! CI runs every saved input in `fuzz/regressions/` and a bounded generated
+//! run through exactly these assertions. A violated check panics, which is
+//! what the fuzzer reports. May call only `subtocall::wamp`.
+
+use subtocall::wamp::codec::{Serializer, json_string_to_bytes};
+use subtocall::wamp::message::{Element, Message, Payload};
+use subtocall::wamp::raw::{decode_event, encode_call};
+use subtocall::wamp::{Dict, RequestId, Value};
+
+/// `frame` through [`Serializer::decode`] of both serializers. Whatever
+/// decodes is encoded in each serializer and decoded again: in its own it
+/// must come back as the same message, in the other as the same values up
+/// to what that format cannot tell apart ([`reads_back_as`]).
+pub fn codec(frame: &[u8]) {
+    for from in Serializer::ALL {
+        let Ok(msg) = from.decode(frame) else {
+            continue;
+        };
+        let original = elements(&msg);
+        for to in Serializer::ALL {
+            let encoded = to
+                .encode(&msg)
+                .unwrap_or_else(|e| panic!("{from} {msg:?} does not encode as {to}: {e}"));
+            let back = match to.decode_value(&encoded) {
+                Ok(Value::List(list)) => list,
+                other => panic!("{from} {msg:?} encoded as {to} reads back as {other:?}"),
+            };
+            assert!(
+                list_reads_back_as(&back, &original, from, to),
+                "{from} {msg:?} through {to} reads back as {back:?}"
+            );
+            if from == to {
+                let again = to
+                    .decode(&encoded)
+                    .unwrap_or_else(|e| panic!("{msg:?} re-encoded as {to} is not a message: {e}"));
+                assert!(
+                    list_reads_back_as(&elements(&again), &original, from, to),
+                    "{msg:?} re-encoded as {to} decodes as {again:?}"
+                );
+            }
+        }
+    }
+}
+
+/// `frame` through the EVENT pass-through ([`decode_event`]) of both
+/// serializers. A frame it accepts must be an EVENT the full decoder accepts
+/// with the same ids, details and payload, and the payload forwarded with
+/// [`encode_call`] in each serializer (spliced in its own, transcoded in
+/// the other) must make a CALL that decodes to that payload.
+pub fn raw_event(frame: &[u8]) {
+    for from in Serializer::ALL {
+        let full = from.decode(frame);
+        let Some(raw) = decode_event(from, frame) else {
+            continue;
+        };
+        let Ok(Message::Event(event)) = full else {
+            panic!("the {from} pass-through accepted a frame the full decoder gives {full:?}");
+        };
+        assert_eq!(raw.subscription, event.subscription, "{from}");
+        assert_eq!(raw.publication, event.publication, "{from}");
+        assert!(
+            dict_reads_back_as(&raw.details, &event.details, from, from),
+            "{from} details {:?}, the full decoder's {:?}",
+            raw.details,
+            event.details
+        );
+        assert_eq!(raw.payload.serializer(), from);
+        let payload = raw
+            .payload
+            .decode()
+            .unwrap_or_else(|e| panic!("an accepted {from} payload does not decode: {e}"));
+        assert!(
+            payload_reads_back_as(&payload, &event.payload, from, from),
+            "{from} payload {payload:?}, the full decoder's {:?}",
+            event.payload
+        );
+        let options = Dict::new().with("timeout", 5000u64);
+        let procedure = "com.example.SUB_fuzz";
+        for to in Serializer::ALL {
+            let call = encode_call(
+                to,
+                RequestId(7),
+                options.clone(),
+                procedure.into(),
+                &raw.payload,
+            )
+            .unwrap_or_else(|e| panic!("a {from} payload does not make a {to} CALL: {e}"));
+            let decoded = to
+                .decode(&call)
+                .unwrap_or_else(|e| panic!("the {to} CALL for a {from} payload: {e}"));
+            let Message::Call {
+                request: RequestId(7),
+                options: got_options,
+                procedure: got_procedure,
+                payload: got,
+            } = decoded
+            else {
+                panic!("the {to} CALL for a {from} payload decodes as {decoded:?}");
+            };
+            assert_eq!(got_options, options, "{from} -> {to}");
+            assert_eq!(got_procedure, procedure, "{from} -> {to}");
+            assert!(
+                payload_reads_back_as(&got, &event.payload, from, to),
+                "{from} -> {to}: the CALL carries {got:?}, not {:?}",
+                event.payload
+            );
+        }
+    }
+}
+
+/// A message's wire elements as values (what [`Message::from_list`] reads).
+fn elements(msg: &Message) -> Vec<Value> {
+    let mut out = Vec::new();
+    let _ = msg.for_each_element(|el| {
+        out.push(match el {
+            Element::UInt(v) => Value::UInt(v),
+            Element::Str(s) => Value::Str(s.to_owned()),
+            Element::Dict(d) => Value::Dict(d.clone()),
+            Element::List(l) => Value::List(l.to_vec()),
+        });
+        Ok::<(), ()>(())
+    });
+    out
+}
+
+/// Whether `got`, read back from `to`, is what `original`, decoded from
+/// `from`, should read back as. The same serializer keeps everything, with
+/// floats compared by their bits (a NaN is the same NaN, `-0.0` is not
+/// `0.0`). JSON to MessagePack loses nothing. MessagePack to JSON loses two
+/// distinctions JSON cannot make: a string that reads as WAMP's binary
+/// convention (`\0` followed by base64) comes back as those bytes, and a NaN
+/// or infinite float is written as `null` (serde_json's choice).
+pub fn reads_back_as(got: &Value, original: &Value, from: Serializer, to: Serializer) -> bool {
+    let to_json = from == Serializer::MsgPack && to == Serializer::Json;
+    match original {
+        Value::Float(f) if to_json && !f.is_finite() => got.is_null(),
+        Value::Float(f) => matches!(got, Value::Float(g) if g.to_bits() == f.to_bits()),
+        Value::Str(s) if to_json => match json_string_to_bytes(s) {
+            Some(bytes) => matches!(got, Value::Bytes(b) if *b == bytes),
+            None => got == original,
+        },
+        Value::List(list) => {
+            matches!(got, Value::List(g) if list_reads_back_as(g, list, from, to))
+        }
+        Value::Dict(dict) => {
+            matches!(got, Value::Dict(g) if dict_reads_back_as(g, dict, from, to))
+        }
+        _ => got == original,
+    }
+}
+
+fn list_reads_back_as(got: &[Value], original: &[Value], from: Serializer, to: Serializer) -> bool {
+    got.len() == original.len()
+        && got
+            .iter()
+            .zip(original)
+            .all(|(g, o)| reads_back_as(g, o, from, to))
+}
+
+/// Keys in order, duplicates included (the decoders keep both).
+fn dict_reads_back_as(got: &Dict, original: &Dict, from: Serializer, to: Serializer) -> bool {
+    got.len() == original.len()
+        && got
+            .iter()
+            .zip(original.iter())
+            .all(|((gk, gv), (ok, ov))| gk == ok && reads_back_as(gv, ov, from, to))
+}
+
+fn payload_reads_back_as(
+    got: &Payload,
+    original: &Payload,
+    from: Serializer,
+    to: Serializer,
+) -> bool {
+    list_reads_back_as(&got.args, &original.args, from, to)
+        && dict_reads_back_as(&got.kwargs, &original.kwargs, from, to)
+}
