@@ -12,9 +12,9 @@
 #      router (backends subscribing directly; publishers calling SUB_ directly);
 #   3. Redis mode against a private redis-server, beside redis-benchmark;
 #
-# the baseline build alternating with the current one for the ceiling, the
-# CPU per event at 500 events/s (loopback peer and Crossbar) and RSS, and
-# rewrites the generated section of doc/benchmarks.md and doc/img/bench-*.png.
+# the baseline build alternating with the current one for the ceiling,
+# instructions and CPU per event, the CPU per event at 500 events/s (loopback
+# peer and Crossbar) and RSS, and rewrites the generated section of doc/benchmarks.md and doc/img/bench-*.png.
 # About 7 minutes on a 2-core machine once built (a fresh clone also builds
 # both, a few minutes each, and creates the Crossbar virtualenv once).
 #
@@ -22,7 +22,8 @@
 #                    [--baseline REV] ...
 #
 # The baseline: --baseline REV, else $SUBTOCALL_BENCH_BASELINE, else
-# BASELINE_DEFAULT below; `none` measures the current checkout alone. It is
+# BASELINE_DEFAULT in this script (068ae7d, the commit before the event-loop
+# redesign); `none` measures the current checkout alone. It is
 # extracted with `git archive` into target/bench-baseline/src and built there
 # with its own Cargo.lock into target/bench-baseline/target, both kept between
 # runs (extracted again only when the commit changes). The benchmark itself is

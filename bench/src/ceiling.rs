@@ -5,7 +5,7 @@
 //! under callgrind, instructions per event over fixed event counts.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -67,9 +67,11 @@ fn wait_subscribed(peer: &Peer, sidecar: &mut Sidecar, limit: Duration) -> Resul
     Ok(())
 }
 
-/// One timed run in WAMP mode (`redis: None`) or Redis mode.
+/// One timed run of the subtocall `binary` in WAMP mode (`redis: None`) or
+/// Redis mode.
 pub fn run_once(
     ctx: &Ctx,
+    binary: &Path,
     serializer: Serializer,
     redis: Option<&RedisServer>,
 ) -> Result<CeilingRun> {
@@ -89,7 +91,7 @@ pub fn run_once(
         crate::resp::Conn::connect(r.port)?.command(&["DEL", &key])?;
     }
     let mut sidecar = Sidecar::start(SidecarSpec {
-        binary: &ctx.subtocall,
+        binary,
         env,
         callgrind_out: None,
         log: ctx.work.join("subtocall-ceiling.log"),
@@ -200,9 +202,14 @@ impl Drop for LlenPoller {
     }
 }
 
-/// Instructions executed by subtocall for `events` events, start to exit,
-/// counted by callgrind.
-pub fn callgrind_total(ctx: &Ctx, serializer: Serializer, events: u64) -> Result<u64> {
+/// Instructions executed by the subtocall `binary` for `events` events, start
+/// to exit, counted by callgrind.
+pub fn callgrind_total(
+    ctx: &Ctx,
+    binary: &Path,
+    serializer: Serializer,
+    events: u64,
+) -> Result<u64> {
     let peer = Peer::start(PeerConfig {
         serializer,
         window: WINDOW,
@@ -214,7 +221,7 @@ pub fn callgrind_total(ctx: &Ctx, serializer: Serializer, events: u64) -> Result
         .work
         .join(format!("callgrind.{}.{events}", serializer_env(serializer)));
     let mut sidecar = Sidecar::start(SidecarSpec {
-        binary: &ctx.subtocall,
+        binary,
         env: sidecar_env(&peer, serializer),
         callgrind_out: Some(out.clone()),
         log: ctx.work.join("subtocall-callgrind.log"),
@@ -245,10 +252,16 @@ pub fn callgrind_total(ctx: &Ctx, serializer: Serializer, events: u64) -> Result
         .context("no totals in callgrind output")
 }
 
-/// subtocall's CPU per event at a fixed, moderate rate from the loopback
-/// peer: the cost of an event that arrives alone (no batching), without the
-/// router in the picture.
-pub fn paced_once(ctx: &Ctx, serializer: Serializer, rate: f64, secs: f64) -> Result<f64> {
+/// The CPU per event of the subtocall `binary` at a fixed, moderate rate from
+/// the loopback peer: the cost of an event that arrives alone (no batching),
+/// without the router in the picture.
+pub fn paced_once(
+    ctx: &Ctx,
+    binary: &Path,
+    serializer: Serializer,
+    rate: f64,
+    secs: f64,
+) -> Result<f64> {
     let peer = Peer::start(PeerConfig {
         serializer,
         window: WINDOW,
@@ -257,7 +270,7 @@ pub fn paced_once(ctx: &Ctx, serializer: Serializer, rate: f64, secs: f64) -> Re
         rate: Some(rate),
     })?;
     let mut sidecar = Sidecar::start(SidecarSpec {
-        binary: &ctx.subtocall,
+        binary,
         env: sidecar_env(&peer, serializer),
         callgrind_out: None,
         log: ctx.work.join("subtocall-paced.log"),

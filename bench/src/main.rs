@@ -1,7 +1,9 @@
 //! The benchmark command (run it through `scripts/bench.sh`): what subtocall
 //! costs per event beside the limit (a loopback peer playing the router),
 //! beside the real Crossbar router (with two baselines on the same router,
-//! in the same run), and in Redis mode (beside `redis-benchmark`). Writes
+//! in the same run), and in Redis mode (beside `redis-benchmark`); given a
+//! second build (`--baseline-subtocall`, the commit before a change), it
+//! measures that build beside the current one, alternating with it. Writes
 //! the results into `doc/benchmarks.md` between its GENERATED markers and
 //! draws the charts into `doc/img/`.
 //!
@@ -27,7 +29,10 @@ use subtocall::wamp::Serializer;
 
 /// What every part needs.
 pub struct Ctx {
+    /// The subtocall binary of the current checkout.
     pub subtocall: PathBuf,
+    /// The baseline build measured beside it, if any.
+    pub baseline: Option<PathBuf>,
     pub venv: Option<PathBuf>,
     pub work: PathBuf,
     pub warmup: Duration,
@@ -40,13 +45,53 @@ pub struct Ctx {
     pub paced: Duration,
 }
 
+/// Which subtocall binary a measurement is of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Build {
+    /// Built from the current checkout.
+    Current,
+    /// Built from the baseline commit (`--baseline-subtocall`).
+    Baseline,
+}
+
+impl Build {
+    pub fn label(self) -> &'static str {
+        match self {
+            Build::Current => "current",
+            Build::Baseline => "baseline",
+        }
+    }
+}
+
+impl Ctx {
+    /// The builds to measure in repetition `i`: the current one alone, or
+    /// both, in an order that flips from one repetition to the next, so that
+    /// neither always runs first.
+    pub fn builds(&self, i: usize) -> Vec<(Build, &std::path::Path)> {
+        let mut builds = vec![(Build::Current, self.subtocall.as_path())];
+        if let Some(b) = &self.baseline {
+            builds.insert(0, (Build::Baseline, b.as_path()));
+        }
+        if i % 2 == 1 {
+            builds.reverse();
+        }
+        builds
+    }
+}
+
 const USAGE: &str = "\
 Usage: subtocall-bench --subtocall PATH [options]   (normally run by scripts/bench.sh)
 
   --subtocall PATH      the release subtocall binary to measure
+  --baseline-subtocall PATH
+                        a second build to measure beside it, alternating with
+                        it (ceiling, instructions and CPU per event, CPU per
+                        event at the moderate rate through the loopback peer
+                        and Crossbar, RSS); the other parts measure --subtocall only
+  --baseline-commit REV the commit the baseline build was made from (for the report)
   --repo DIR            repository root (default: current directory)
   --venv DIR            the Crossbar virtualenv (default: scripts/setup-crossbar.sh)
-  --only LIST           comma-separated parts: ceiling,callgrind,crossbar,redis
+  --only LIST           comma-separated parts: ceiling,paced,callgrind,crossbar,redis
   --repeats N           runs per figure (default 5)
   --latency-repeats N   runs per path at the moderate rate (default 3)
   --rate N              the moderate rate through Crossbar, events/s (default 500)
@@ -65,12 +110,14 @@ fn run() -> Result<()> {
     let started = Instant::now();
     let mut args = std::env::args().skip(1);
     let mut subtocall = None;
+    let mut baseline_commit = None;
     let mut venv = None;
     let mut repo = std::env::current_dir()?;
     let mut only: Option<String> = None;
     let mut write = true;
     let mut ctx = Ctx {
         subtocall: PathBuf::new(),
+        baseline: None,
         venv: None,
         work: PathBuf::new(),
         warmup: Duration::from_millis(500),
@@ -86,6 +133,10 @@ fn run() -> Result<()> {
         let mut value = |name: &str| args.next().with_context(|| format!("{name} needs a value"));
         match a.as_str() {
             "--subtocall" => subtocall = Some(PathBuf::from(value("--subtocall")?)),
+            "--baseline-subtocall" => {
+                ctx.baseline = Some(PathBuf::from(value("--baseline-subtocall")?));
+            }
+            "--baseline-commit" => baseline_commit = Some(value("--baseline-commit")?),
             "--venv" => venv = Some(PathBuf::from(value("--venv")?)),
             "--repo" => repo = PathBuf::from(value("--repo")?),
             "--only" => only = Some(value("--only")?),
@@ -108,8 +159,10 @@ fn run() -> Result<()> {
         }
     }
     ctx.subtocall = subtocall.context("--subtocall PATH is required")?;
-    if !ctx.subtocall.is_file() {
-        bail!("{} is not a file", ctx.subtocall.display());
+    for binary in std::iter::once(&ctx.subtocall).chain(&ctx.baseline) {
+        if !binary.is_file() {
+            bail!("{} is not a file", binary.display());
+        }
     }
     let wants = |p: &str| only.as_deref().is_none_or(|o| o.split(',').any(|x| x == p));
     ctx.work = std::env::temp_dir().join(format!("subtocall-bench-{}", std::process::id()));
@@ -130,15 +183,14 @@ fn run() -> Result<()> {
     let mut results = report::Results {
         machine,
         date: date_utc(),
-        commit: git_commit(&repo),
         duration_s: 0.0,
         repeats: ctx.repeats,
-        ceiling_msgpack: Vec::new(),
-        ceiling_json: Vec::new(),
-        paced_msgpack: Vec::new(),
-        paced_json: Vec::new(),
+        current: report::BuildRuns::new(git_commit(&repo)),
+        baseline: ctx
+            .baseline
+            .as_ref()
+            .map(|_| report::BuildRuns::new(baseline_commit.unwrap_or_else(|| "baseline".into()))),
         rate: ctx.rate,
-        callgrind: Vec::new(),
         router: None,
         redis: Vec::new(),
         redis_benchmark: Vec::new(),
@@ -151,23 +203,24 @@ fn run() -> Result<()> {
 
     if wants("ceiling") {
         log("part 1: sidecar ceiling against the loopback peer");
-        // Serializers alternate, so that a disturbance spreads over both.
+        // Serializers alternate, and so do the builds, so that a disturbance
+        // spreads over all of them.
         for i in 0..ctx.repeats {
             for ser in [Serializer::MsgPack, Serializer::Json] {
-                let r = ceiling::run_once(&ctx, ser, None)?;
-                log(&format!(
-                    "  {:>7} #{}: {:>7.0} ev/s, subtocall {:.2} us/ev, peer {:.2} us/ev, RSS idle {} kB peak {} kB",
-                    ceiling::serializer_env(ser),
-                    i + 1,
-                    r.events_per_s,
-                    r.sidecar_cpu_ns / 1e3,
-                    r.peer_cpu_ns / 1e3,
-                    r.idle_rss_kb,
-                    r.peak_rss_kb
-                ));
-                match ser {
-                    Serializer::MsgPack => results.ceiling_msgpack.push(r),
-                    Serializer::Json => results.ceiling_json.push(r),
+                for (build, binary) in ctx.builds(i) {
+                    let r = ceiling::run_once(&ctx, binary, ser, None)?;
+                    log(&format!(
+                        "  {:>8} {:>7} #{}: {:>7.0} ev/s, subtocall {:.2} us/ev, peer {:.2} us/ev, RSS idle {} kB peak {} kB",
+                        build.label(),
+                        ceiling::serializer_env(ser),
+                        i + 1,
+                        r.events_per_s,
+                        r.sidecar_cpu_ns / 1e3,
+                        r.peer_cpu_ns / 1e3,
+                        r.idle_rss_kb,
+                        r.peak_rss_kb
+                    ));
+                    results.runs_mut(build).ceiling_mut(ser).push(r);
                 }
             }
         }
@@ -179,16 +232,22 @@ fn run() -> Result<()> {
         ));
         for i in 0..ctx.latency_repeats {
             for ser in [Serializer::MsgPack, Serializer::Json] {
-                let cpu = ceiling::paced_once(&ctx, ser, ctx.rate, ctx.paced.as_secs_f64() / 2.0)?;
-                log(&format!(
-                    "  {:>7} #{}: subtocall {:.1} us/ev",
-                    ceiling::serializer_env(ser),
-                    i + 1,
-                    cpu / 1e3
-                ));
-                match ser {
-                    Serializer::MsgPack => results.paced_msgpack.push(cpu),
-                    Serializer::Json => results.paced_json.push(cpu),
+                for (build, binary) in ctx.builds(i) {
+                    let cpu = ceiling::paced_once(
+                        &ctx,
+                        binary,
+                        ser,
+                        ctx.rate,
+                        ctx.paced.as_secs_f64() / 2.0,
+                    )?;
+                    log(&format!(
+                        "  {:>8} {:>7} #{}: subtocall {:.1} us/ev",
+                        build.label(),
+                        ceiling::serializer_env(ser),
+                        i + 1,
+                        cpu / 1e3
+                    ));
+                    results.runs_mut(build).paced_mut(ser).push(cpu);
                 }
             }
         }
@@ -197,16 +256,22 @@ fn run() -> Result<()> {
         log("part 1b: instructions per event (valgrind --tool=callgrind)");
         let (small, large) = (5_000, 25_000);
         for ser in [Serializer::MsgPack, Serializer::Json] {
-            let a = ceiling::callgrind_total(&ctx, ser, small)?;
-            let b = ceiling::callgrind_total(&ctx, ser, large)?;
-            let per = b.saturating_sub(a) as f64 / (large - small) as f64;
-            log(&format!(
-                "  {:>7}: {a} instructions for {small} events, {b} for {large}: {per:.0} per event",
-                ceiling::serializer_env(ser)
-            ));
-            results
-                .callgrind
-                .push((ceiling::serializer_env(ser).into(), small, large, per));
+            for (build, binary) in ctx.builds(0) {
+                let a = ceiling::callgrind_total(&ctx, binary, ser, small)?;
+                let b = ceiling::callgrind_total(&ctx, binary, ser, large)?;
+                let per = b.saturating_sub(a) as f64 / (large - small) as f64;
+                log(&format!(
+                    "  {:>8} {:>7}: {a} instructions for {small} events, {b} for {large}: {per:.0} per event",
+                    build.label(),
+                    ceiling::serializer_env(ser)
+                ));
+                results.runs_mut(build).callgrind.push((
+                    ceiling::serializer_env(ser).into(),
+                    small,
+                    large,
+                    per,
+                ));
+            }
         }
     }
     if wants("crossbar") {
@@ -217,7 +282,7 @@ fn run() -> Result<()> {
         log("part 3: Redis mode");
         let server = procs::RedisServer::start(&ctx.work)?;
         for i in 0..ctx.repeats {
-            let r = ceiling::run_once(&ctx, Serializer::MsgPack, Some(&server))?;
+            let r = ceiling::run_once(&ctx, &ctx.subtocall, Serializer::MsgPack, Some(&server))?;
             log(&format!(
                 "  subtocall #{}: {:>7.0} ev/s, subtocall {:.2} us/ev, redis-server {:.2} us/ev",
                 i + 1,
@@ -285,14 +350,26 @@ fn log(line: &str) {
 fn throughput_bars(r: &report::Results) -> Vec<(String, f64)> {
     let median = |v: Vec<f64>| report::Spread::of(v).median;
     let mut bars = Vec::new();
-    if !r.ceiling_msgpack.is_empty() {
+    if !r.current.ceiling_msgpack.is_empty() {
         bars.push((
             "subtocall ceiling, MessagePack".into(),
-            median(r.ceiling_msgpack.iter().map(|c| c.events_per_s).collect()),
+            median(
+                r.current
+                    .ceiling_msgpack
+                    .iter()
+                    .map(|c| c.events_per_s)
+                    .collect(),
+            ),
         ));
         bars.push((
             "subtocall ceiling, JSON".into(),
-            median(r.ceiling_json.iter().map(|c| c.events_per_s).collect()),
+            median(
+                r.current
+                    .ceiling_json
+                    .iter()
+                    .map(|c| c.events_per_s)
+                    .collect(),
+            ),
         ));
     }
     if !r.redis.is_empty() {

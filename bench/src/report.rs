@@ -8,6 +8,9 @@ use std::path::Path;
 use anyhow::{Context as _, Result};
 use plotters::prelude::*;
 
+use subtocall::wamp::Serializer;
+
+use crate::Build;
 use crate::ceiling::CeilingRun;
 use crate::procfs::Machine;
 use crate::router::{Path as RoutePath, RouterResults, RouterRun};
@@ -94,6 +97,11 @@ fn pct(x: f64) -> String {
     format!("{:.1}%", x * 100.0)
 }
 
+/// A ratio: "0.97×".
+fn times(x: f64) -> String {
+    format!("{x:.2}×")
+}
+
 /// "1 run", "5 runs".
 fn runs(n: usize) -> String {
     if n == 1 {
@@ -107,21 +115,66 @@ fn verdict(ok: bool) -> &'static str {
     if ok { "**met**" } else { "**missed**" }
 }
 
-/// Everything one run of the command measured.
-pub struct Results {
-    pub machine: Machine,
-    pub date: String,
+/// What part 1 measured of one subtocall build.
+pub struct BuildRuns {
+    /// The commit it was built from (`+changes` for a modified checkout).
     pub commit: String,
-    pub duration_s: f64,
-    pub repeats: usize,
     pub ceiling_msgpack: Vec<CeilingRun>,
     pub ceiling_json: Vec<CeilingRun>,
     /// CPU ns per event at `rate` from the loopback peer.
     pub paced_msgpack: Vec<f64>,
     pub paced_json: Vec<f64>,
-    pub rate: f64,
     /// (serializer, small count, large count, instructions per event)
     pub callgrind: Vec<(String, u64, u64, f64)>,
+}
+
+impl BuildRuns {
+    pub fn new(commit: String) -> BuildRuns {
+        BuildRuns {
+            commit,
+            ceiling_msgpack: Vec::new(),
+            ceiling_json: Vec::new(),
+            paced_msgpack: Vec::new(),
+            paced_json: Vec::new(),
+            callgrind: Vec::new(),
+        }
+    }
+
+    pub fn ceiling_mut(&mut self, serializer: Serializer) -> &mut Vec<CeilingRun> {
+        match serializer {
+            Serializer::MsgPack => &mut self.ceiling_msgpack,
+            Serializer::Json => &mut self.ceiling_json,
+        }
+    }
+
+    pub fn paced_mut(&mut self, serializer: Serializer) -> &mut Vec<f64> {
+        match serializer {
+            Serializer::MsgPack => &mut self.paced_msgpack,
+            Serializer::Json => &mut self.paced_json,
+        }
+    }
+
+    /// Instructions per event under callgrind, if measured.
+    fn instructions(&self, serializer: &str) -> Option<f64> {
+        self.callgrind
+            .iter()
+            .find(|c| c.0 == serializer)
+            .map(|c| c.3)
+    }
+}
+
+/// Everything one run of the command measured.
+pub struct Results {
+    pub machine: Machine,
+    pub date: String,
+    pub duration_s: f64,
+    pub repeats: usize,
+    /// The build of the current checkout: every part measures it.
+    pub current: BuildRuns,
+    /// The baseline build, measured beside it in part 1 (and at the moderate
+    /// rate through Crossbar, in `router`).
+    pub baseline: Option<BuildRuns>,
+    pub rate: f64,
     pub router: Option<RouterResults>,
     pub redis: Vec<CeilingRun>,
     pub redis_benchmark: Vec<(f64, f64)>,
@@ -133,6 +186,28 @@ pub struct Results {
     /// Warm-up and window of the saturation runs through Crossbar.
     pub router_warmup_s: f64,
     pub router_measure_s: f64,
+}
+
+impl Results {
+    /// Where the measurements of `build` go.
+    pub fn runs_mut(&mut self, build: Build) -> &mut BuildRuns {
+        match build {
+            Build::Current => &mut self.current,
+            Build::Baseline => self
+                .baseline
+                .get_or_insert_with(|| BuildRuns::new("baseline".into())),
+        }
+    }
+
+    /// The machine's wake-up floor of the CPU per event at the moderate
+    /// rate: twice redis-server's CPU per PING (part 3), for the two
+    /// wake-ups and the write every lone event costs subtocall.
+    fn wakeup_floor_ns(&self) -> Option<f64> {
+        if self.redis_floor_ns.is_empty() {
+            return None;
+        }
+        Some(2.0 * Spread::of(self.redis_floor_ns.iter().copied()).median)
+    }
 }
 
 fn spread_of(runs: &[CeilingRun], f: impl Fn(&CeilingRun) -> f64) -> Spread {
@@ -175,15 +250,298 @@ fn per_run_percentile(runs: Option<&Vec<RouterRun>>, p: f64) -> Spread {
     }))
 }
 
+/// One row of the baseline table: a measurement of both builds, side by
+/// side, with current ÷ baseline of the medians (`—` where either is missing).
+fn compare_row(
+    md: &mut String,
+    what: &str,
+    serializer: &str,
+    base: Spread,
+    cur: Spread,
+    f: fn(f64) -> String,
+) {
+    let show = |s: Spread| {
+        if s.median.is_nan() {
+            "not measured".to_owned()
+        } else if s.min == s.max {
+            f(s.median)
+        } else {
+            s.show(f)
+        }
+    };
+    let ratio = cur.median / base.median;
+    let _ = writeln!(
+        md,
+        "| {what} | {serializer} | {} | {} | {} |",
+        show(base),
+        show(cur),
+        if ratio.is_finite() {
+            times(ratio)
+        } else {
+            "—".into()
+        }
+    );
+}
+
+/// A row of ratios to the wake-up floor: one figure per build, no ratio of
+/// ratios.
+fn floor_row(md: &mut String, serializer: &str, base: Spread, cur: Spread, floor: Option<f64>) {
+    let show = |s: Spread| match floor {
+        Some(f) if !s.median.is_nan() => times(s.median / f),
+        _ => "not measured".to_owned(),
+    };
+    let _ = writeln!(
+        md,
+        "| … ÷ the wake-up floor | {serializer} | {} | {} | |",
+        show(base),
+        show(cur)
+    );
+}
+
+/// The baseline build beside the current one: every measurement both were
+/// put through, the baseline's column next to the current one's.
+fn baseline_section(
+    md: &mut String,
+    r: &Results,
+    base: &BuildRuns,
+    targets: &mut Vec<(String, String, bool)>,
+) {
+    let cur = &r.current;
+    let _ = writeln!(
+        md,
+        "### Baseline build `{}` beside the current `{}`\n",
+        base.commit, cur.commit
+    );
+    let _ = writeln!(
+        md,
+        "`scripts/bench.sh` builds the baseline commit (`--baseline REV` or \
+         `SUBTOCALL_BENCH_BASELINE=REV` picks another, `none` skips it) from `git archive` \
+         with its own `Cargo.lock`, into `target/bench-baseline/`, beside the current \
+         checkout. The benchmark, the loopback peer and the Crossbar clients are the \
+         current checkout's for both: only the subtocall binary differs. Against the \
+         loopback peer the two builds alternate within every repetition (same settings \
+         as section 1); through Crossbar both stay joined to the same router for the \
+         whole of section 2, each serving its own SUB_ procedure \
+         (`SUBTOCALL_REGISTRATION_FILTER`), and at the moderate rate the baseline's \
+         path runs next to the current one's, after it and before it in turn. Medians with min–max; the last \
+         column is current ÷ baseline of the medians (below 1.00× is better for CPU, \
+         memory and latency, above 1.00× for events/s).\n"
+    );
+    let _ = writeln!(
+        md,
+        "| | | baseline `{}` | current `{}` | current ÷ baseline |",
+        base.commit, cur.commit
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|");
+    let ceiling = |b: &BuildRuns, ser: Serializer, f: fn(&CeilingRun) -> f64| match ser {
+        Serializer::MsgPack => spread_of(&b.ceiling_msgpack, f),
+        Serializer::Json => spread_of(&b.ceiling_json, f),
+    };
+    let sers = [
+        (Serializer::MsgPack, "MessagePack"),
+        (Serializer::Json, "JSON"),
+    ];
+    for (ser, name) in sers {
+        compare_row(
+            md,
+            "ceiling (loopback peer), events/s",
+            name,
+            ceiling(base, ser, |c| c.events_per_s),
+            ceiling(cur, ser, |c| c.events_per_s),
+            thousands,
+        );
+    }
+    for (ser, name) in sers {
+        compare_row(
+            md,
+            "CPU per event at the ceiling",
+            name,
+            ceiling(base, ser, |c| c.sidecar_cpu_ns),
+            ceiling(cur, ser, |c| c.sidecar_cpu_ns),
+            us,
+        );
+    }
+    for (ser, name) in [("msgpack", "MessagePack"), ("json", "JSON")] {
+        let one = |b: &BuildRuns| Spread::of(b.instructions(ser));
+        if base.instructions(ser).is_some() || cur.instructions(ser).is_some() {
+            compare_row(
+                md,
+                "instructions per event (callgrind)",
+                name,
+                one(base),
+                one(cur),
+                thousands,
+            );
+        }
+    }
+    let floor = r.wakeup_floor_ns();
+    if !cur.paced_msgpack.is_empty() {
+        let what = format!(
+            "CPU per event at {:.0} events/s, loopback peer ({})",
+            r.rate,
+            runs(cur.paced_msgpack.len())
+        );
+        for (b, c, name) in [
+            (&base.paced_msgpack, &cur.paced_msgpack, "MessagePack"),
+            (&base.paced_json, &cur.paced_json, "JSON"),
+        ] {
+            let (b, c) = (Spread::of(b.iter().copied()), Spread::of(c.iter().copied()));
+            compare_row(md, &what, name, b, c, us);
+            floor_row(md, name, b, c, floor);
+        }
+    }
+    let paced = r.router.as_ref().map(|rr| {
+        (
+            rr.paced.get(&RoutePath::BaselineSidecar),
+            rr.paced.get(&RoutePath::Sidecar),
+        )
+    });
+    if let Some((b_runs, c_runs)) = paced {
+        let b = router_spread(b_runs, |x| x.sidecar_cpu_ns);
+        let c = router_spread(c_runs, |x| x.sidecar_cpu_ns);
+        let what = format!(
+            "CPU per event at {:.0} events/s through Crossbar ({})",
+            r.rate,
+            runs(c_runs.map(Vec::len).unwrap_or(0))
+        );
+        compare_row(md, &what, "MessagePack", b, c, us);
+        floor_row(md, "MessagePack", b, c, floor);
+        compare_row(
+            md,
+            "… ÷ Crossbar's CPU per event on the same path",
+            "MessagePack",
+            router_spread(b_runs, |x| x.sidecar_cpu_ns / x.crossbar_cpu_ns),
+            router_spread(c_runs, |x| x.sidecar_cpu_ns / x.crossbar_cpu_ns),
+            pct,
+        );
+        for p in [50.0, 99.0] {
+            let pooled_p = |runs| {
+                let all = pooled(runs);
+                Spread::of((!all.is_empty()).then(|| percentile(&all, p)))
+            };
+            compare_row(
+                md,
+                &format!(
+                    "publish → backend p{p:.0} at {:.0} events/s (pooled)",
+                    r.rate
+                ),
+                "MessagePack",
+                pooled_p(b_runs),
+                pooled_p(c_runs),
+                ms,
+            );
+        }
+    }
+    for (ser, name) in sers {
+        compare_row(
+            md,
+            "peak RSS at the ceiling (VmHWM)",
+            name,
+            ceiling(base, ser, |c| c.peak_rss_kb as f64),
+            ceiling(cur, ser, |c| c.peak_rss_kb as f64),
+            mb,
+        );
+    }
+    let idle = |b: &BuildRuns| {
+        Spread::of(
+            b.ceiling_msgpack
+                .iter()
+                .chain(&b.ceiling_json)
+                .map(|c| c.idle_rss_kb as f64),
+        )
+    };
+    compare_row(
+        md,
+        "idle RSS (joined, one subscription)",
+        "both",
+        idle(base),
+        idle(cur),
+        mb,
+    );
+    if let Some(rr) = &r.router {
+        compare_row(
+            md,
+            "peak RSS over the whole Crossbar part",
+            "MessagePack",
+            Spread::of(rr.baseline_peak_rss_kb.map(|kb| kb as f64)),
+            Spread::of([rr.sidecar_peak_rss_kb as f64]),
+            mb,
+        );
+    }
+    match floor {
+        Some(f) => {
+            let _ = writeln!(
+                md,
+                "\nThe wake-up floor is {}: twice what a redis-server on this machine \
+                 spends per PING when PINGs come one at a time at {:.0}/s (section 3), for \
+                 the two wake-ups and the write that every lone event costs subtocall.\n",
+                us(f),
+                r.rate
+            );
+        }
+        None => {
+            let _ = writeln!(
+                md,
+                "\nThe wake-up floor was not measured in this run (it is part of section 3).\n"
+            );
+        }
+    }
+
+    // Within noise: the current median inside the baseline's range or better.
+    for (ser, name) in sers {
+        let (b, c) = (
+            ceiling(base, ser, |c| c.events_per_s),
+            ceiling(cur, ser, |c| c.events_per_s),
+        );
+        if !b.median.is_nan() && !c.median.is_nan() {
+            targets.push((
+                format!(
+                    "Ceiling no lower than the baseline's, {name} (current median ≥ the \
+                     baseline's slowest run)"
+                ),
+                format!(
+                    "{} ({} of the baseline's median)",
+                    thousands(c.median),
+                    times(c.median / b.median)
+                ),
+                c.median >= b.min,
+            ));
+        }
+        let (b, c) = (
+            ceiling(base, ser, |c| c.sidecar_cpu_ns),
+            ceiling(cur, ser, |c| c.sidecar_cpu_ns),
+        );
+        if !b.median.is_nan() && !c.median.is_nan() {
+            targets.push((
+                format!(
+                    "CPU per event at the ceiling no higher than the baseline's, {name} \
+                     (current median ≤ the baseline's costliest run)"
+                ),
+                format!(
+                    "{} ({} of the baseline's median)",
+                    us(c.median),
+                    times(c.median / b.median)
+                ),
+                c.median <= b.max,
+            ));
+        }
+    }
+}
+
 /// The generated Markdown section.
 pub fn markdown(r: &Results) -> String {
     let mut md = String::new();
     let m = &r.machine;
     let _ = writeln!(md, "{BEGIN}\n");
+    let beside = r
+        .baseline
+        .as_ref()
+        .map(|b| format!(" beside the baseline build of commit `{}`", b.commit))
+        .unwrap_or_default();
     let _ = writeln!(
         md,
-        "Measured on {} by `scripts/bench.sh` (commit `{}`, {:.0} s in all).\n",
-        r.date, r.commit, r.duration_s
+        "Measured on {} by `scripts/bench.sh` (commit `{}`{beside}, {:.0} s in all).\n",
+        r.date, r.current.commit, r.duration_s
     );
     let _ = writeln!(
         md,
@@ -200,8 +558,12 @@ pub fn markdown(r: &Results) -> String {
         runs(r.repeats)
     );
     let mut targets: Vec<(String, String, bool)> = Vec::new();
+    if let Some(base) = &r.baseline {
+        baseline_section(&mut md, r, base, &mut targets);
+    }
 
     // ---- 1. ceiling
+    let cur = &r.current;
     let _ = writeln!(md, "### 1. Sidecar ceiling (loopback peer)\n");
     let _ = writeln!(
         md,
@@ -215,20 +577,20 @@ pub fn markdown(r: &Results) -> String {
     );
     let _ = writeln!(md, "| | MessagePack | JSON | target |");
     let _ = writeln!(md, "|---|---|---|---|");
-    let rate_mp = spread_of(&r.ceiling_msgpack, |c| c.events_per_s);
-    let rate_js = spread_of(&r.ceiling_json, |c| c.events_per_s);
-    let cpu_mp = spread_of(&r.ceiling_msgpack, |c| c.sidecar_cpu_ns);
-    let cpu_js = spread_of(&r.ceiling_json, |c| c.sidecar_cpu_ns);
-    let peak_mp = spread_of(&r.ceiling_msgpack, |c| c.peak_rss_kb as f64);
-    let peak_js = spread_of(&r.ceiling_json, |c| c.peak_rss_kb as f64);
+    let rate_mp = spread_of(&cur.ceiling_msgpack, |c| c.events_per_s);
+    let rate_js = spread_of(&cur.ceiling_json, |c| c.events_per_s);
+    let cpu_mp = spread_of(&cur.ceiling_msgpack, |c| c.sidecar_cpu_ns);
+    let cpu_js = spread_of(&cur.ceiling_json, |c| c.sidecar_cpu_ns);
+    let peak_mp = spread_of(&cur.ceiling_msgpack, |c| c.peak_rss_kb as f64);
+    let peak_js = spread_of(&cur.ceiling_json, |c| c.peak_rss_kb as f64);
     let idle = Spread::of(
-        r.ceiling_msgpack
+        cur.ceiling_msgpack
             .iter()
-            .chain(&r.ceiling_json)
+            .chain(&cur.ceiling_json)
             .map(|c| c.idle_rss_kb as f64),
     );
-    let peer_mp = spread_of(&r.ceiling_msgpack, |c| c.peer_cpu_ns);
-    let peer_js = spread_of(&r.ceiling_json, |c| c.peer_cpu_ns);
+    let peer_mp = spread_of(&cur.ceiling_msgpack, |c| c.peer_cpu_ns);
+    let peer_js = spread_of(&cur.ceiling_json, |c| c.peer_cpu_ns);
     let _ = writeln!(
         md,
         "| events/s forwarded | {} | {} | ≥ 150,000 / ≥ 100,000 |",
@@ -241,21 +603,19 @@ pub fn markdown(r: &Results) -> String {
         cpu_mp.show(us),
         cpu_js.show(us)
     );
-    if !r.paced_msgpack.is_empty() {
+    if !cur.paced_msgpack.is_empty() {
         let _ = writeln!(
             md,
             "| subtocall CPU per event at {:.0} events/s ({}) | {} | {} | — |",
             r.rate,
-            runs(r.paced_msgpack.len()),
-            Spread::of(r.paced_msgpack.iter().copied()).show(us),
-            Spread::of(r.paced_json.iter().copied()).show(us)
+            runs(cur.paced_msgpack.len()),
+            Spread::of(cur.paced_msgpack.iter().copied()).show(us),
+            Spread::of(cur.paced_json.iter().copied()).show(us)
         );
     }
     let instr = |ser: &str| {
-        r.callgrind
-            .iter()
-            .find(|c| c.0 == ser)
-            .map(|c| thousands(c.3))
+        cur.instructions(ser)
+            .map(thousands)
             .unwrap_or_else(|| "not measured".into())
     };
     let _ = writeln!(
@@ -281,7 +641,7 @@ pub fn markdown(r: &Results) -> String {
         peer_mp.show(us),
         peer_js.show(us)
     );
-    if let Some((_, a, b, _)) = r.callgrind.first() {
+    if let Some((_, a, b, _)) = cur.callgrind.first() {
         let _ = writeln!(
             md,
             "Instructions per event: `valgrind --tool=callgrind` counts every instruction \
@@ -550,6 +910,24 @@ pub fn markdown(r: &Results) -> String {
             "Redis mode ≥ 100,000 events/s".into(),
             rate.show(thousands),
             rate.median >= 100_000.0,
+        ));
+    }
+
+    if let (Some(floor), Some(rr)) = (r.wakeup_floor_ns(), &r.router) {
+        let ratio = |p| router_spread(rr.paced.get(&p), |x| x.sidecar_cpu_ns).median / floor;
+        let c = ratio(RoutePath::Sidecar);
+        let b = ratio(RoutePath::BaselineSidecar);
+        let mut measured = times(c);
+        if b.is_finite() {
+            measured.push_str(&format!(" (baseline build: {})", times(b)));
+        }
+        targets.push((
+            format!(
+                "subtocall CPU per event at {:.0}/s through Crossbar ≤ 1.25× the wake-up floor",
+                r.rate
+            ),
+            measured,
+            c <= 1.25,
         ));
     }
 

@@ -11,6 +11,11 @@
 //! backend at a fixed moderate rate (each event carries its send time,
 //! CLOCK_MONOTONIC in ns, as its first argument), and the CPU time Crossbar
 //! (controller + router worker) and subtocall spent per event.
+//!
+//! With a baseline build, a second subtocall (that build) is joined to the
+//! same router the whole time, serving its own SUB_ procedure (each sidecar
+//! has a `SUBTOCALL_REGISTRATION_FILTER` for its own), and its path takes its
+//! turn among the others at the moderate rate.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -27,6 +32,9 @@ use crate::procs::{Sidecar, SidecarSpec};
 
 const PROCEDURE: &str = "bench.SUB_ev";
 const TOPIC: &str = "bench.ev";
+/// What the baseline build serves, so that both sidecars can stay joined.
+const BASELINE_PROCEDURE: &str = "bench.SUB_before";
+const BASELINE_TOPIC: &str = "bench.before";
 const PLAIN_TOPIC: &str = "bench.plain";
 /// Events between publish and backend at most, in the saturation runs.
 pub const WINDOW: u64 = 200;
@@ -41,9 +49,14 @@ pub enum Path {
     DirectCall,
     /// Publishers publish; subtocall calls the SUB_ procedure.
     Sidecar,
+    /// As `Sidecar`, through the baseline build (its own topic and SUB_
+    /// procedure). Not in `ALL`: measured only at the moderate rate, and
+    /// only when there is a baseline build.
+    BaselineSidecar,
 }
 
 impl Path {
+    /// The paths of the router tables.
     pub const ALL: [Path; 3] = [Path::DirectSubscribe, Path::DirectCall, Path::Sidecar];
 
     pub fn label(self) -> &'static str {
@@ -51,6 +64,7 @@ impl Path {
             Path::DirectSubscribe => "baseline: backends subscribe directly",
             Path::DirectCall => "baseline: publishers call SUB_ directly",
             Path::Sidecar => "through subtocall",
+            Path::BaselineSidecar => "through the baseline build of subtocall",
         }
     }
 
@@ -59,6 +73,7 @@ impl Path {
             Path::DirectSubscribe => "direct subscribe",
             Path::DirectCall => "direct call",
             Path::Sidecar => "subtocall",
+            Path::BaselineSidecar => "baseline build",
         }
     }
 
@@ -89,6 +104,8 @@ pub struct RouterResults {
     pub rate: f64,
     pub paced_secs: f64,
     pub sidecar_peak_rss_kb: u64,
+    /// The baseline build's, when there is one.
+    pub baseline_peak_rss_kb: Option<u64>,
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the stamp every event carries.
@@ -152,10 +169,12 @@ fn client_config(url: &str) -> ClientConfig {
 
 async fn start_backend(url: &str, rec: Arc<Recorder>) -> Result<Client> {
     let (client, mut incoming) = Client::connect(client_config(url)).await?;
-    client
-        .register(PROCEDURE, Dict::new().with("invoke", "roundrobin"))
-        .await
-        .context("register the SUB_ procedure")?;
+    for procedure in [PROCEDURE, BASELINE_PROCEDURE] {
+        client
+            .register(procedure, Dict::new().with("invoke", "roundrobin"))
+            .await
+            .with_context(|| format!("register {procedure}"))?;
+    }
     client.subscribe(PLAIN_TOPIC, Dict::new()).await?;
     let c = client.clone();
     tokio::spawn(async move {
@@ -179,6 +198,10 @@ async fn send(client: &Client, path: Path, seq: u64, errors: &Arc<AtomicU64>) {
     let result = match path {
         Path::Sidecar => client
             .publish(TOPIC, payload(seq), Dict::new())
+            .await
+            .map(drop),
+        Path::BaselineSidecar => client
+            .publish(BASELINE_TOPIC, payload(seq), Dict::new())
             .await
             .map(drop),
         Path::DirectSubscribe => client
@@ -207,6 +230,8 @@ async fn send(client: &Client, path: Path, seq: u64, errors: &Arc<AtomicU64>) {
 struct Bench {
     crossbar: Crossbar,
     sidecar: Sidecar,
+    /// The baseline build, serving `BASELINE_PROCEDURE`.
+    baseline: Option<Sidecar>,
     publishers: Vec<Client>,
     _backends: Vec<Client>,
     rec: Arc<Recorder>,
@@ -219,12 +244,21 @@ impl Bench {
         self.rec.received.load(Ordering::Relaxed) / path.fanout()
     }
 
+    /// The sidecar on `path`: the baseline build on its own path, else the
+    /// current one (idle on the paths without a sidecar).
+    fn sidecar(&self, path: Path) -> &Sidecar {
+        match (path, &self.baseline) {
+            (Path::BaselineSidecar, Some(b)) => b,
+            _ => &self.sidecar,
+        }
+    }
+
     fn sample(&self, path: Path) -> (Instant, u64, u64, u64) {
         (
             Instant::now(),
             self.completed(path),
             self.crossbar.cpu_ns(),
-            self.sidecar.cpu_ns(),
+            self.sidecar(path).cpu_ns(),
         )
     }
 
@@ -364,31 +398,20 @@ pub fn run(ctx: &Ctx, log: &dyn Fn(&str)) -> Result<RouterResults> {
         for _ in 0..BACKENDS {
             backends.push(start_backend(&url, rec.clone()).await?);
         }
-        let mut env = BTreeMap::new();
-        env.insert("WAMP_URL".to_owned(), url.clone());
-        env.insert("CROSSBAR_REALM".into(), "realm1".into());
-        env.insert("BACKEND_USERNAME".into(), SIDECAR_USER.0.into());
-        env.insert("BACKEND_SECRET".into(), SIDECAR_USER.1.into());
-        env.insert("SUBTOCALL_SERIALIZER".into(), "msgpack".into());
-        let mut sidecar = Sidecar::start(SidecarSpec {
-            binary: &ctx.subtocall,
-            env,
-            callgrind_out: None,
-            log: ctx.work.join("subtocall-crossbar.log"),
-        })?;
-        let started = Instant::now();
-        loop {
-            sidecar.proc.check_alive()?;
-            if let Ok(m) = sidecar.metrics()
-                && m.get("subtocall_ready").copied() == Some(1.0)
-                && m.get("subtocall_subscriptions_active").copied() == Some(1.0)
-            {
-                break;
-            }
-            if started.elapsed() > Duration::from_secs(30) {
-                bail!("subtocall did not subscribe to {TOPIC} within 30 s");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut sidecar = start_sidecar(ctx, &ctx.subtocall, &url, PROCEDURE, "crossbar")?;
+        let mut baseline = match &ctx.baseline {
+            Some(binary) => Some(start_sidecar(
+                ctx,
+                binary,
+                &url,
+                BASELINE_PROCEDURE,
+                "crossbar-baseline",
+            )?),
+            None => None,
+        };
+        wait_subscribed(&mut sidecar, TOPIC).await?;
+        if let Some(b) = baseline.as_mut() {
+            wait_subscribed(b, BASELINE_TOPIC).await?;
         }
         let mut publishers = Vec::new();
         for _ in 0..PUBLISHERS {
@@ -397,6 +420,7 @@ pub fn run(ctx: &Ctx, log: &dyn Fn(&str)) -> Result<RouterResults> {
         let bench = Bench {
             crossbar,
             sidecar,
+            baseline,
             publishers,
             _backends: backends,
             rec,
@@ -425,7 +449,14 @@ pub fn run(ctx: &Ctx, log: &dyn Fn(&str)) -> Result<RouterResults> {
             }
         }
         for rep in 0..ctx.latency_repeats {
-            for path in Path::ALL {
+            let mut paths = Path::ALL.to_vec();
+            if bench.baseline.is_some() {
+                // Next to the current build's path: after it, then before
+                // it, so that neither build always runs first.
+                let at = paths.len() - rep % 2;
+                paths.insert(at, Path::BaselineSidecar);
+            }
+            for path in paths {
                 let r = bench.paced(ctx, path).await?;
                 let mut l = r.latencies.clone();
                 l.sort_unstable();
@@ -448,6 +479,54 @@ pub fn run(ctx: &Ctx, log: &dyn Fn(&str)) -> Result<RouterResults> {
         }
         bench.sidecar.check_nothing_lost()?;
         results.sidecar_peak_rss_kb = bench.sidecar.peak_rss_kb();
+        if let Some(b) = &bench.baseline {
+            b.check_nothing_lost()?;
+            results.baseline_peak_rss_kb = Some(b.peak_rss_kb());
+        }
         Ok(results)
     })
+}
+
+/// A sidecar joined to the benchmark's router that serves `procedure` only.
+fn start_sidecar(
+    ctx: &Ctx,
+    binary: &std::path::Path,
+    url: &str,
+    procedure: &str,
+    log: &str,
+) -> Result<Sidecar> {
+    let mut env = BTreeMap::new();
+    env.insert("WAMP_URL".to_owned(), url.to_owned());
+    env.insert("CROSSBAR_REALM".into(), "realm1".into());
+    env.insert("BACKEND_USERNAME".into(), SIDECAR_USER.0.into());
+    env.insert("BACKEND_SECRET".into(), SIDECAR_USER.1.into());
+    env.insert("SUBTOCALL_SERIALIZER".into(), "msgpack".into());
+    env.insert(
+        "SUBTOCALL_REGISTRATION_FILTER".into(),
+        format!("^{}$", procedure.replace('.', "\\.")),
+    );
+    Sidecar::start(SidecarSpec {
+        binary,
+        env,
+        callgrind_out: None,
+        log: ctx.work.join(format!("subtocall-{log}.log")),
+    })
+}
+
+/// Waits until `sidecar` is ready and subscribed to its one topic.
+async fn wait_subscribed(sidecar: &mut Sidecar, topic: &str) -> Result<()> {
+    let started = Instant::now();
+    loop {
+        sidecar.proc.check_alive()?;
+        if let Ok(m) = sidecar.metrics()
+            && m.get("subtocall_ready").copied() == Some(1.0)
+            && m.get("subtocall_subscriptions_active").copied() == Some(1.0)
+        {
+            return Ok(());
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            bail!("subtocall did not subscribe to {topic} within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
