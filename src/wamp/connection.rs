@@ -204,8 +204,8 @@ pub struct Connection<T> {
     ping_timer: Pin<Box<Sleep>>,
     /// Set while a ping waits for any frame in return.
     pong_deadline: Option<Instant>,
-    /// The session's earliest request deadline, as armed in `deadline_timer`
-    /// (re-armed only when it changes: a timer per turn costs at high rates).
+    /// Fires no later than the session's earliest request deadline (see
+    /// `wait`); `armed` is when, if it is armed.
     deadline_timer: Pin<Box<Sleep>>,
     armed: Option<Instant>,
     /// Encoded frames not yet written.
@@ -295,12 +295,15 @@ impl<T> Connection<T> {
         if self.close.is_some() {
             return;
         }
-        let next_deadline = self.session.next_deadline().map(Instant::from_std);
-        if next_deadline != self.armed {
-            if let Some(at) = next_deadline {
-                self.deadline_timer.as_mut().reset(at);
-            }
-            self.armed = next_deadline;
+        // The timer only has to fire no later than the earliest deadline:
+        // armed earlier, it fires early and is armed again. So it is reset
+        // only when a deadline comes before it, not for every request (at
+        // a call per event, that was a timer update per event).
+        if let Some(at) = self.session.next_deadline().map(Instant::from_std)
+            && self.armed.is_none_or(|armed| at < armed)
+        {
+            self.deadline_timer.as_mut().reset(at);
+            self.armed = Some(at);
         }
         let pong_wait = self
             .pong_deadline
