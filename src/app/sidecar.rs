@@ -130,7 +130,9 @@ impl Sidecar {
         }
     }
 
-    /// The session is gone (its pending requests were answered already).
+    /// The session is gone: no delivery starts on it any more. The loop
+    /// then hands over its pending requests, answered "connection lost"
+    /// (discovery's are ignored, deliveries are retried).
     pub fn on_session_end(&mut self, now: Instant) {
         self.joined = false;
         self.meta.clear();
