@@ -18,9 +18,10 @@ use crate::peer::{Peer, PeerConfig};
 use crate::procfs::Sample;
 use crate::procs::{RedisServer, Sidecar, SidecarSpec};
 
-/// Events outstanding at most: well below subtocall's incoming channel
-/// (4096), so nothing is ever dropped, and far above its in-flight limit
-/// (256), so it always has work queued.
+/// Events outstanding at most: well below subtocall's queue capacity
+/// (10,000; and the baseline build's incoming channel of 4096), so nothing
+/// is ever dead-lettered, and far above its in-flight limit (256), so it
+/// always has work queued.
 pub const WINDOW: u64 = 2048;
 
 #[derive(Debug, Clone, Default)]

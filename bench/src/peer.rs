@@ -14,7 +14,7 @@
 //!
 //! Flow control: at most `window` events are outstanding (sent but not yet
 //! answered by a CALL, or in Redis mode not yet seen in the Redis list), so
-//! subtocall's incoming channel and queue never overflow: every event sent is
+//! subtocall's queue never overflows: every event sent is
 //! forwarded, and the rate measured is the rate subtocall sustains.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
