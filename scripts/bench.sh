@@ -21,7 +21,7 @@
 #   scripts/bench.sh [--quick] [--only ceiling,callgrind,paced,crossbar,redis] [--no-write]
 #                    [--baseline REV] ...
 #
-# The baseline: --baseline REV, else $SUBTOCALL_BENCH_BASELINE, else
+# The baseline: --baseline REV, else $BENCH_BASELINE, else
 # BASELINE_DEFAULT in this script (068ae7d, the commit before the event-loop
 # redesign); `none` measures the current checkout alone. It is
 # extracted with `git archive` into target/bench-baseline/src and built there
@@ -38,7 +38,7 @@ cd "$ROOT"
 # The last commit before the single event loop and the sans-IO forwarding
 # core (4fe93d9): what the redesign is measured against.
 BASELINE_DEFAULT=068ae7d
-BASELINE="${SUBTOCALL_BENCH_BASELINE:-$BASELINE_DEFAULT}"
+BASELINE="${BENCH_BASELINE:-$BASELINE_DEFAULT}"
 args=()
 while [ $# -gt 0 ]; do
   case "$1" in

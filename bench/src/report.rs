@@ -315,7 +315,7 @@ fn baseline_section(
     let _ = writeln!(
         md,
         "`scripts/bench.sh` builds the baseline commit (`--baseline REV` or \
-         `SUBTOCALL_BENCH_BASELINE=REV` picks another, `none` skips it) from `git archive` \
+         `BENCH_BASELINE=REV` picks another, `none` skips it) from `git archive` \
          with its own `Cargo.lock`, into `target/bench-baseline/`, beside the current \
          checkout. The benchmark, the loopback peer and the Crossbar clients are the \
          current checkout's for both: only the subtocall binary differs. Against the \

@@ -65,7 +65,7 @@ pub struct Refused {
 }
 
 /// Connection settings. [`ClientConfig::new`] fills in the defaults.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ClientConfig {
     /// `ws://` or `wss://` URL of the router's WebSocket transport.
     pub url: String,
@@ -100,6 +100,28 @@ pub struct ClientConfig {
     /// received (for a forwarder, which passes it on in a CALL without
     /// decoding it), instead of decoded [`Output::Event`]s.
     pub raw_event_payloads: bool,
+}
+
+/// The URL's query values may be credentials (`?token=…`): hidden, like
+/// the secrets (whose own Debug hides them).
+impl std::fmt::Debug for ClientConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientConfig")
+            .field("url", &redact_query(&self.url, |_| true))
+            .field("realm", &self.realm)
+            .field("credentials", &self.credentials)
+            .field("serializers", &self.serializers)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("request_timeout", &self.request_timeout)
+            .field("ping_interval", &self.ping_interval)
+            .field("ping_timeout", &self.ping_timeout)
+            .field("max_message_size", &self.max_message_size)
+            .field("max_call_size", &self.max_call_size)
+            .field("ca_file", &self.ca_file)
+            .field("agent", &self.agent)
+            .field("raw_event_payloads", &self.raw_event_payloads)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ClientConfig {
@@ -738,5 +760,29 @@ fn ws_message(serializer: Serializer, bytes: Vec<u8>) -> WsMessage {
         }
     } else {
         WsMessage::Binary(bytes.into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_hides_query_values_of_the_url_and_the_secret() {
+        let mut config = ClientConfig::new("ws://r:8080/ws?token=s3cr3t-Quokka", "realm1");
+        config.credentials = Credentials::Ticket {
+            authid: "svc".into(),
+            ticket: "t1cket-Wombat".into(),
+        };
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("s3cr3t-Quokka"), "{shown}");
+        assert!(!shown.contains("t1cket-Wombat"), "{shown}");
+        assert!(shown.contains("ws://r:8080/ws?token="), "{shown}");
+    }
+
+    #[test]
+    fn the_read_ceiling_is_twice_the_limit_without_overflow() {
+        assert_eq!(read_ceiling(1024), 2048);
+        assert_eq!(read_ceiling(usize::MAX), usize::MAX);
     }
 }
