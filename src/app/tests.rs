@@ -239,3 +239,29 @@ fn drain_unsubscribes_and_a_session_lost_while_draining_gives_up_what_waits() {
         3
     );
 }
+
+#[test]
+fn under_overload_meta_events_still_get_through() {
+    // Nothing between the socket and the state can fill up: a full queue
+    // dead-letters events (counted), and the next meta event is handled.
+    let mut rig = Rig::new();
+    rig.discover();
+    for publication in 1..=200 {
+        rig.router(json!([36, 777, publication, {}, []])).unwrap();
+    }
+    let overflow = rig
+        .metrics
+        .dead_lettered(crate::forward::GiveUp::Overflow)
+        .get();
+    assert_eq!(overflow, 200 - 2 - 10, "two in flight, ten waiting");
+    rig.take_sent();
+    let info = json!({"id": 43, "created": "x", "uri": "com.example.SUB_u",
+                      "match": "exact", "invoke": "roundrobin"});
+    // Subscription 100 is the first meta topic, on_create.
+    rig.router(json!([36, 100, 9999, {}, [7, info]])).unwrap();
+    let sent = rig.take_sent();
+    assert!(
+        sent.iter().any(|m| m[0] == 32 && m[3] == "com.example.u"),
+        "the new registration's topic is subscribed: {sent:?}"
+    );
+}
