@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use support::fake_router::{FakeRouter, FakeSession};
 use support::redis::Redis;
-use support::sidecar::Sidecar;
+use support::sidecar::{Sidecar, fake_router_env};
 use support::wait_until;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -22,25 +22,7 @@ const PROCEDURE: &str = "com.example.SUB_t";
 const SUBSCRIPTION: u64 = 777;
 
 fn env(router: &FakeRouter, extra: &[(&str, &str)]) -> BTreeMap<String, String> {
-    let mut env = BTreeMap::new();
-    env.insert("WAMP_URL".to_owned(), router.url());
-    env.insert("SUBTOCALL_SERIALIZER".to_owned(), "json".to_owned());
-    env.insert(
-        "SUBTOCALL_LOG".to_owned(),
-        "info,subtocall=debug".to_owned(),
-    );
-    env.insert(
-        "SUBTOCALL_RECONNECT_INITIAL_BACKOFF".to_owned(),
-        "50ms".to_owned(),
-    );
-    env.insert(
-        "SUBTOCALL_RECONNECT_MAX_BACKOFF".to_owned(),
-        "100ms".to_owned(),
-    );
-    for (k, v) in extra {
-        env.insert((*k).to_owned(), (*v).to_owned());
-    }
-    env
+    fake_router_env(&router.url(), extra)
 }
 
 /// The next message of `kind` from the sidecar.

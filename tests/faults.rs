@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use support::crossbar::LIMITED_USER;
 use support::fake_router::FakeRouter;
 use support::peers::{Connection, Invoke};
-use support::sidecar::{Sidecar, sidecar_env};
+use support::sidecar::{Sidecar, fake_router_env, sidecar_env};
 use support::*;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -420,19 +420,13 @@ async fn overload_keeps_memory_bounded_and_dead_letters_the_overflow() {
 #[tokio::test]
 async fn broken_routers_are_logged_and_reconnected_never_a_panic() {
     let mut router = FakeRouter::start().await;
-    let mut env = BTreeMap::new();
-    env.insert("WAMP_URL".to_owned(), router.url());
-    env.insert("SUBTOCALL_SERIALIZER".to_owned(), "json".to_owned());
-    env.insert("SUBTOCALL_MAX_MESSAGE_SIZE".to_owned(), "1KiB".to_owned());
-    env.insert("SUBTOCALL_PING_INTERVAL".to_owned(), "200ms".to_owned());
-    env.insert("SUBTOCALL_PING_TIMEOUT".to_owned(), "300ms".to_owned());
-    env.insert(
-        "SUBTOCALL_RECONNECT_INITIAL_BACKOFF".to_owned(),
-        "50ms".to_owned(),
-    );
-    env.insert(
-        "SUBTOCALL_RECONNECT_MAX_BACKOFF".to_owned(),
-        "100ms".to_owned(),
+    let env = fake_router_env(
+        &router.url(),
+        &[
+            ("SUBTOCALL_MAX_MESSAGE_SIZE", "1KiB"),
+            ("SUBTOCALL_PING_INTERVAL", "200ms"),
+            ("SUBTOCALL_PING_TIMEOUT", "300ms"),
+        ],
     );
     let mut sidecar = Sidecar::start(env);
 

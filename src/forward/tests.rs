@@ -411,6 +411,13 @@ mod model {
             Ok(())
         }
 
+        /// Takes the n-th delivery in flight (modulo), whose outcome comes now.
+        fn land(&mut self, n: usize) -> Option<DeliveryId> {
+            let id = *self.flying.keys().nth(n % self.flying.len().max(1))?;
+            self.flying.remove(&id);
+            Some(id)
+        }
+
         fn apply(&mut self, op: Op) -> Result<(), TestCaseError> {
             match op {
                 Op::Accept => {
@@ -419,24 +426,12 @@ mod model {
                     self.f.accept(self.next_item, self.now);
                 }
                 Op::Finish(n, kind) => {
-                    if let Some(id) = self
-                        .flying
-                        .keys()
-                        .nth(n % self.flying.len().max(1))
-                        .copied()
-                    {
-                        self.flying.remove(&id);
+                    if let Some(id) = self.land(n) {
                         prop_assert!(self.f.on_outcome(id, kind.outcome(), self.now));
                     }
                 }
                 Op::FinishEach(n, kinds) => {
-                    if let Some(id) = self
-                        .flying
-                        .keys()
-                        .nth(n % self.flying.len().max(1))
-                        .copied()
-                    {
-                        self.flying.remove(&id);
+                    if let Some(id) = self.land(n) {
                         let outcomes = kinds.iter().map(|k| k.outcome()).collect();
                         prop_assert!(self.f.on_outcomes(id, outcomes, self.now));
                     }

@@ -48,6 +48,21 @@ pub fn sidecar_env(crossbar: &Crossbar) -> BTreeMap<String, String> {
     env
 }
 
+/// The environment for a sidecar joined to a scripted router at `url`
+/// (JSON, fast reconnects, debug logs), plus `extra`.
+pub fn fake_router_env(url: &str, extra: &[(&str, &str)]) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::new();
+    env.insert("WAMP_URL".into(), url.into());
+    env.insert("SUBTOCALL_SERIALIZER".into(), "json".into());
+    env.insert("SUBTOCALL_LOG".into(), "info,subtocall=debug".into());
+    env.insert("SUBTOCALL_RECONNECT_INITIAL_BACKOFF".into(), "50ms".into());
+    env.insert("SUBTOCALL_RECONNECT_MAX_BACKOFF".into(), "100ms".into());
+    for (k, v) in extra {
+        env.insert((*k).into(), (*v).into());
+    }
+    env
+}
+
 impl Sidecar {
     /// Starts the binary with exactly `env` (plus PATH and a free
     /// `SUBTOCALL_HTTP_ADDR` unless `env` sets one).
