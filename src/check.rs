@@ -10,14 +10,18 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::app::client_config;
-use crate::config::{Config, Mode};
+use crate::config::{Config, Mode, RedisUrl};
 use crate::discovery::Marker;
 use crate::discovery::meta::{self, RegistrationInfo};
 use crate::discovery::topic::{Classification, Mapper, MatchPolicy};
 use crate::wamp::{Client, Dict, Payload, RegistrationId, RequestError, Value};
 
-/// How long Redis gets to answer PING.
+/// How long Redis gets to answer PING and INFO.
 const REDIS_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The oldest Redis (major, minor) `check` accepts: the Redis Streams queue
+/// uses no command newer than 7.0. Every Valkey (7.2 and later) qualifies.
+const MIN_REDIS: (u32, u32) = (7, 0);
 
 /// The outcome of one check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -270,7 +274,7 @@ async fn check_registrations(
 
 async fn check_redis(config: &Config, report: &mut Report) {
     let url = &config.redis.url;
-    let ping = async {
+    let ask = async {
         let client = redis::Client::open(url.expose()).map_err(|e| e.to_string())?;
         let mut conn = client
             .get_multiplexed_async_connection()
@@ -279,15 +283,89 @@ async fn check_redis(config: &Config, report: &mut Report) {
         redis::cmd("PING")
             .query_async::<String>(&mut conn)
             .await
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?;
+        // It answers: whatever happens now is about its version.
+        let version = match redis::cmd("INFO")
+            .arg("server")
+            .query_async::<String>(&mut conn)
+            .await
+        {
+            Ok(info) => parse_server_version(&info),
+            Err(e) => Err(format!("INFO server failed: {e}")),
+        };
+        Ok::<_, String>(version)
     };
-    match tokio::time::timeout(REDIS_TIMEOUT, ping).await {
-        Ok(Ok(_)) => report.ok(format!("Redis at {url} answers PING")),
+    match tokio::time::timeout(REDIS_TIMEOUT, ask).await {
+        Ok(Ok(version)) => report.lines.push(version_line(url, version)),
         Ok(Err(e)) => report.fail(format!("Redis at {url}: {e}")),
         Err(_) => report.fail(format!(
             "Redis at {url}: no answer within {REDIS_TIMEOUT:?}"
         )),
     }
+}
+
+/// The server that answered, as its `INFO server` section names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ServerVersion {
+    /// "Redis" or "Valkey".
+    name: &'static str,
+    /// The version as the server reports it, e.g. "7.0.15".
+    version: String,
+    /// Its (major, minor), compared with [`MIN_REDIS`].
+    major_minor: (u32, u32),
+}
+
+/// Reads the server and its version from the text of `INFO server`. Redis
+/// reports `redis_version`; Valkey reports `server_name:valkey` and, since
+/// 7.2.5, its own `valkey_version`, while its `redis_version` stays the Redis
+/// it is compatible with (7.2.4). `Err` says why the version cannot be told.
+fn parse_server_version(info: &str) -> Result<ServerVersion, String> {
+    let field = |name: &str| {
+        info.lines().find_map(|line| {
+            let (key, value) = line.trim().split_once(':')?;
+            (key == name).then_some(value.trim())
+        })
+    };
+    let valkey_version = field("valkey_version");
+    let is_valkey = field("server_name") == Some("valkey") || valkey_version.is_some();
+    let name = if is_valkey { "Valkey" } else { "Redis" };
+    let key = match valkey_version {
+        Some(_) => "valkey_version",
+        None => "redis_version",
+    };
+    let version = field(key).ok_or_else(|| format!("INFO server has no {key}"))?;
+    let mut numbers = version.split('.').map(str::parse::<u32>);
+    match (numbers.next(), numbers.next()) {
+        (Some(Ok(major)), Some(Ok(minor))) => Ok(ServerVersion {
+            name,
+            version: version.to_owned(),
+            major_minor: (major, minor),
+        }),
+        _ => Err(format!("INFO server says {key}:{version:?}")),
+    }
+}
+
+/// The report line for the server at `url` once it answered PING: ok with
+/// its version when it is new enough; otherwise a failure naming what was
+/// found (or why the version cannot be told) and the minimum.
+fn version_line(url: &RedisUrl, version: Result<ServerVersion, String>) -> Line {
+    let (major, minor) = MIN_REDIS;
+    let needs = format!("subtocall needs Redis {major}.{minor} or newer, or Valkey");
+    let (status, text) = match version {
+        Ok(v) if v.major_minor >= MIN_REDIS => (
+            Status::Ok,
+            format!("{} {} at {url} answers PING", v.name, v.version),
+        ),
+        Ok(v) => (
+            Status::Fail,
+            format!("{} {} at {url} is too old: {needs}", v.name, v.version),
+        ),
+        Err(why) => (
+            Status::Fail,
+            format!("Redis at {url} answers PING but its version cannot be told ({why}): {needs}"),
+        ),
+    };
+    Line { status, text }
 }
 
 /// What to tell the operator when a request was refused.
@@ -338,5 +416,119 @@ mod tests {
         assert!(!r.passed());
         assert!(r.to_string().contains("1 problem(s)"));
         assert!(r.to_string().contains("[ FAIL ] c"));
+    }
+
+    /// The start of `INFO server` from Redis 7.0.15, as on this machine.
+    const REDIS_7_0: &str = "# Server\r\nredis_version:7.0.15\r\nredis_git_sha1:00000000\r\n\
+                             redis_mode:standalone\r\nos:Linux 6.8.0 x86_64\r\n";
+    /// The same from a Valkey 8 (its `redis_version` is the compatible Redis).
+    const VALKEY_8: &str = "# Server\r\nredis_version:7.2.4\r\nserver_name:valkey\r\n\
+                            valkey_version:8.0.1\r\nredis_git_sha1:00000000\r\n";
+
+    fn line_for(url: &str, info: &str) -> Line {
+        let url = RedisUrl::parse(url).expect("a valid URL");
+        version_line(&url, parse_server_version(info))
+    }
+
+    #[test]
+    fn redis_7_0_passes_and_its_version_is_reported() {
+        let line = line_for("redis://127.0.0.1:6379", REDIS_7_0);
+        assert_eq!(line.status, Status::Ok);
+        assert_eq!(
+            line.text,
+            "Redis 7.0.15 at redis://127.0.0.1:6379 answers PING"
+        );
+    }
+
+    #[test]
+    fn redis_6_2_is_refused_naming_the_version_found_and_the_minimum() {
+        let info = REDIS_7_0.replace("7.0.15", "6.2.14");
+        let line = line_for("redis://127.0.0.1:6379", &info);
+        assert_eq!(line.status, Status::Fail);
+        assert_eq!(
+            line.text,
+            "Redis 6.2.14 at redis://127.0.0.1:6379 is too old: \
+             subtocall needs Redis 7.0 or newer, or Valkey"
+        );
+    }
+
+    #[test]
+    fn newer_and_unstable_builds_pass() {
+        let info = REDIS_7_0.replace("7.0.15", "8.0.0");
+        assert_eq!(line_for("redis://h", &info).status, Status::Ok);
+        assert_eq!(
+            parse_server_version(&REDIS_7_0.replace("7.0.15", "255.255.255"))
+                .map(|v| v.major_minor),
+            Ok((255, 255)),
+            "an unstable build"
+        );
+    }
+
+    #[test]
+    fn valkey_is_named_with_its_own_version_and_passes() {
+        let line = line_for("redis://valkey:6379", VALKEY_8);
+        assert_eq!(line.status, Status::Ok);
+        assert_eq!(
+            line.text,
+            "Valkey 8.0.1 at redis://valkey:6379 answers PING"
+        );
+        // Valkey 7.2.4 named itself but had no valkey_version yet.
+        let early = VALKEY_8.replace("valkey_version:8.0.1\r\n", "");
+        assert_eq!(
+            line_for("redis://valkey:6379", &early).text,
+            "Valkey 7.2.4 at redis://valkey:6379 answers PING"
+        );
+    }
+
+    #[test]
+    fn a_missing_or_garbled_version_fails_as_cannot_tell() {
+        for (info, why) in [
+            ("", "(INFO server has no redis_version)"),
+            (
+                "# Server\r\nos:Linux\r\n",
+                "(INFO server has no redis_version)",
+            ),
+            (
+                "redis_version:seven\r\n",
+                r#"(INFO server says redis_version:"seven")"#,
+            ),
+            (
+                "redis_version:7\r\n",
+                r#"(INFO server says redis_version:"7")"#,
+            ),
+            (
+                "redis_version:\r\n",
+                r#"(INFO server says redis_version:"")"#,
+            ),
+            ("\u{0}\u{ff}:::\n:", "(INFO server has no redis_version)"),
+            (
+                "server_name:valkey\nvalkey_version:x.y",
+                r#"(INFO server says valkey_version:"x.y")"#,
+            ),
+        ] {
+            let line = line_for("redis://127.0.0.1:6379", info);
+            assert_eq!(line.status, Status::Fail, "{info:?}");
+            assert_eq!(
+                line.text,
+                format!(
+                    "Redis at redis://127.0.0.1:6379 answers PING but its version cannot be told \
+                     {why}: subtocall needs Redis 7.0 or newer, or Valkey"
+                ),
+                "{info:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_password_in_the_redis_url_is_not_in_the_version_line() {
+        for info in [REDIS_7_0, "redis_version:6.0.0", "garbage"] {
+            let line = line_for("redis://user:hunter2@redis:6379/0", info);
+            assert!(!line.text.contains("hunter2"), "{}", line.text);
+            assert!(
+                line.text.contains("redis://user:***@redis:6379/0"),
+                "{}",
+                line.text
+            );
+        }
     }
 }

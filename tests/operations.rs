@@ -1,8 +1,9 @@
 //! What operators rely on, against the real router: `/metrics`, `/healthz`
 //! and `/readyz` (including readiness while unreachable and while draining),
 //! JSON logs, `subtocall check` with a good and an under-privileged role and
-//! with Redis up or down, `subtocall healthcheck`, `--help` for every
-//! command, and a token in the router URL that is never logged.
+//! with Redis up (its version reported) or down, `subtocall healthcheck`,
+//! `--help` for every command, and a token in the router URL that is never
+//! logged.
 
 mod support;
 
@@ -130,7 +131,39 @@ async fn check_in_redis_mode_requires_redis() {
     env.insert("REDIS_URL".into(), redis.url());
     let up = subtocall(&["check"], &env).await;
     assert_eq!(up.status.code(), Some(0), "{}", stdout(&up));
-    assert!(stdout(&up).contains("answers PING"), "{}", stdout(&up));
+    // The server's own word for its name and version (the refusal of an
+    // older one is a unit test in src/check.rs).
+    let line = format!(
+        "[  ok  ] {} at {} answers PING",
+        redis_server_version(),
+        redis.url()
+    );
+    assert!(
+        stdout(&up).contains(&line),
+        "missing {line:?} in:\n{}",
+        stdout(&up)
+    );
+}
+
+/// "Redis 7.0.15" from `redis-server --version` ("Redis server v=7.0.15
+/// sha=…"; Valkey's says "Valkey server v=…"), for the binary the test
+/// fixture starts.
+fn redis_server_version() -> String {
+    let binary =
+        std::env::var("SUBTOCALL_REDIS_SERVER").unwrap_or_else(|_| "redis-server".to_owned());
+    let output = std::process::Command::new(&binary)
+        .arg("--version")
+        .output()
+        .unwrap_or_else(|e| panic!("{binary} --version: {e}"));
+    let text = String::from_utf8_lossy(&output.stdout);
+    let name = text.split_whitespace().next();
+    let version = text
+        .split_whitespace()
+        .find_map(|word| word.strip_prefix("v="));
+    match (name, version) {
+        (Some(name), Some(version)) => format!("{name} {version}"),
+        _ => panic!("no name and v= in {text:?}"),
+    }
 }
 
 #[tokio::test]
