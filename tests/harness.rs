@@ -1,16 +1,19 @@
 //! Smoke tests of the integration-test harness itself (`tests/support`, `tests/peers`):
-//! the Crossbar and Redis fixtures start, stop and restart on their port, the autobahn
+//! the Crossbar and Redis fixtures start, stop and restart on their port, the three-master
+//! Redis Cluster fixture spreads hash-tagged keys over its masters, the autobahn
 //! peers exchange calls and events with bytes intact, WAMP-CRA (plain and salted) and
 //! roles work as configured, the meta-API session sees subscribers, and TLS serves
 //! wss:// with the generated certificate.
 
 mod support;
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde_json::{Value, json};
 use support::crossbar::{BACKEND_USER, LIMITED_USER, SALTED_USER, write_router_config};
 use support::peers::{Connection, Invoke, Match, publisher_blob, user};
+use support::redis::RedisCluster;
 use support::resp::{self, Reply};
 use support::*;
 
@@ -340,6 +343,92 @@ async fn redis_fixture_answers_stops_and_restarts_on_the_same_port() {
         0,
         "no persistence across restarts"
     );
+}
+
+#[tokio::test]
+async fn redis_cluster_fixture_spreads_hash_tagged_keys_over_three_masters() {
+    let cluster = RedisCluster::start().await;
+    let ports = cluster.ports();
+    assert_eq!(ports.len(), 3);
+    assert!(!ports.contains(&6379), "never the shared redis");
+    assert_eq!(cluster.url(), format!("redis://127.0.0.1:{}", ports[0]));
+
+    // CLUSTER SLOTS: the 16384 slots, each exactly once, over the three masters.
+    let mut masters = cluster.slot_masters().await;
+    masters.sort_by_key(|(range, _)| *range.start());
+    let mut next_slot = 0;
+    for (range, port) in &masters {
+        assert_eq!(
+            *range.start(),
+            next_slot,
+            "a gap or an overlap: {masters:?}"
+        );
+        assert!(ports.contains(port), "{port} is not one of {ports:?}");
+        next_slot = range.end() + 1;
+    }
+    assert_eq!(next_slot, 16384, "slots: {masters:?}");
+    let mut master_ports: Vec<u16> = masters.iter().map(|&(_, port)| port).collect();
+    master_ports.sort_unstable();
+    let mut sorted_ports = ports.clone();
+    sorted_ports.sort_unstable();
+    assert_eq!(master_ports, sorted_ports, "one range per master");
+
+    // Keys tagged per procedure, as issue 11 plans them: a procedure's keys share its
+    // slot; different procedures spread over the masters. Each key is written through
+    // the node that holds it, and every other node answers it with MOVED to that node.
+    let mut keys_per_port: BTreeMap<u16, i64> = BTreeMap::new();
+    for procedure in [
+        "com.example.a",
+        "com.example.b",
+        "com.example.c",
+        "com.example.d",
+    ] {
+        let stream = format!("subtocall:{{{procedure}}}:stream");
+        let claims = format!("subtocall:{{{procedure}}}:claims");
+        let owner = cluster.node_for_key(&stream).await;
+        assert_eq!(
+            cluster.node_for_key(&claims).await.port(),
+            owner.port(),
+            "one hash tag, one slot"
+        );
+        for key in [&stream, &claims] {
+            let written = owner.command(&["SET", key, procedure]).await;
+            assert_eq!(written, Reply::Simple("OK".to_owned()), "SET {key}");
+        }
+        let slot = owner
+            .command(&["CLUSTER", "KEYSLOT", &stream])
+            .await
+            .integer();
+        for other in cluster.nodes().iter().filter(|n| n.port() != owner.port()) {
+            assert_eq!(
+                other.command(&["GET", &stream]).await,
+                Reply::Error(format!("MOVED {slot} 127.0.0.1:{}", owner.port())),
+                "node {} must redirect {stream}",
+                other.port()
+            );
+        }
+        *keys_per_port.entry(owner.port()).or_default() += 2;
+    }
+    // CRC16 and redis-cli's even split are deterministic: these four tags hit all three.
+    assert_eq!(
+        keys_per_port.len(),
+        3,
+        "keys per master port: {keys_per_port:?}"
+    );
+    for node in cluster.nodes() {
+        let expected = keys_per_port.get(&node.port()).copied().unwrap_or(0);
+        assert_eq!(node.command(&["DBSIZE"]).await.integer(), expected);
+    }
+
+    // Dropping the fixture stops every node: client and cluster bus ports close.
+    drop(cluster);
+    for port in ports {
+        assert!(port_is_closed(port).await, "port {port} still open");
+        assert!(
+            port_is_closed(port + 10_000).await,
+            "bus port of {port} still open"
+        );
+    }
 }
 
 #[tokio::test]

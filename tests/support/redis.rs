@@ -1,9 +1,12 @@
-//! A private `redis-server` for integration tests, on a free port of 127.0.0.1.
+//! A private `redis-server` for integration tests, on a free port of 127.0.0.1, and a
+//! three-master Redis Cluster built from such servers with `redis-cli --cluster create`.
 //!
 //! Never the shared server on 6379: each fixture runs its own process with no persistence
 //! (`--save "" --appendonly no`) in its own temp dir, and is killed on drop.
 
 use std::fs;
+use std::net::TcpListener;
+use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -12,7 +15,7 @@ use serde_json::Value;
 use tempfile::TempDir;
 
 use super::resp::{self, Reply};
-use super::{free_port, stop_server, tail, terminate, terminate_blocking};
+use super::{eventually, free_port, stop_server, tail, terminate, terminate_blocking};
 
 /// How long redis-server gets to answer PING after spawn.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -22,6 +25,25 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 const PORT_ATTEMPTS: usize = 3;
 /// `redis-server` binary; `SUBTOCALL_REDIS_SERVER` overrides it.
 const DEFAULT_REDIS_SERVER: &str = "redis-server";
+/// Masters in a [`RedisCluster`]: the fewest `redis-cli --cluster create` accepts.
+const CLUSTER_MASTERS: usize = 3;
+/// A cluster node also listens on its port + 10000, the cluster bus.
+const CLUSTER_BUS_OFFSET: u16 = 10_000;
+/// Draws of [`free_port`] tried for a port whose cluster bus port is free too.
+const CLUSTER_PORT_DRAWS: usize = 100;
+/// `cluster-node-timeout` while the cluster forms, in ms. A node pings every peer at least
+/// every half node timeout, so the nodes learn each other's slots within a few hundred ms.
+/// At the default a node pings one random peer a second, and `redis-cli --cluster create`
+/// (which polls once a second until all nodes agree) took 1 to 5 s instead of 1 s.
+const CLUSTER_FORMING_NODE_TIMEOUT_MS: &str = "500";
+/// `cluster-node-timeout` once the cluster is up, in ms: Redis's default, so a test machine
+/// busy for a second does not get a node marked failing (and the cluster down).
+const CLUSTER_NODE_TIMEOUT_MS: &str = "15000";
+/// How long `redis-cli --cluster create` may take; it needs about 1 s (a 1 s sleep of its
+/// own after the MEETs).
+const CLUSTER_CREATE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long every node gets to report `cluster_state:ok` after `redis-cli` returns.
+const CLUSTER_READY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A running redis-server. Stops it on drop.
 pub struct Redis {
@@ -29,6 +51,10 @@ pub struct Redis {
     port: u16,
     /// Append-only file with fsync on every write, so data survives a restart.
     persistent: bool,
+    /// A node of a [`RedisCluster`]: `--cluster-enabled yes`, its `nodes.conf` in `dir`,
+    /// a short node timeout until [`RedisCluster::start`] restores the default, and its
+    /// port chosen so that port + 10000 (the cluster bus) is free too.
+    cluster_node: bool,
     child: Option<Child>,
     log_path: PathBuf,
 }
@@ -36,17 +62,17 @@ pub struct Redis {
 impl Redis {
     /// Starts redis-server on a free port and waits until it answers PING (10 s cap).
     pub async fn start() -> Self {
-        Self::start_with(false).await
+        Self::start_with(false, false).await
     }
 
     /// Like [`Redis::start`], but with an append-only file fsynced on every
     /// write: what was pushed before [`Redis::stop`] is there after
     /// [`Redis::start_again`].
     pub async fn start_persistent() -> Self {
-        Self::start_with(true).await
+        Self::start_with(true, false).await
     }
 
-    async fn start_with(persistent: bool) -> Self {
+    async fn start_with(persistent: bool, cluster_node: bool) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("subtocall-redis-")
             .tempdir()
@@ -56,11 +82,16 @@ impl Redis {
             dir,
             port: 0,
             persistent,
+            cluster_node,
             child: None,
             log_path,
         };
         for attempt in 1..=PORT_ATTEMPTS {
-            redis.port = free_port();
+            redis.port = if cluster_node {
+                free_cluster_port()
+            } else {
+                free_port()
+            };
             match redis.spawn_and_wait().await {
                 Ok(()) => return redis,
                 Err(failure) if attempt < PORT_ATTEMPTS && redis.log().contains("in use") => {
@@ -146,7 +177,15 @@ impl Redis {
     async fn spawn_and_wait(&mut self) -> Result<(), String> {
         let binary = std::env::var("SUBTOCALL_REDIS_SERVER")
             .unwrap_or_else(|_| DEFAULT_REDIS_SERVER.to_owned());
-        let child = Command::new(&binary)
+        let mut command = Command::new(&binary);
+        if self.cluster_node {
+            command
+                .args(["--cluster-enabled", "yes"])
+                .arg("--cluster-config-file")
+                .arg(self.dir.path().join("nodes.conf"))
+                .args(["--cluster-node-timeout", CLUSTER_FORMING_NODE_TIMEOUT_MS]);
+        }
+        let child = command
             .args(["--port", &self.port.to_string()])
             .args(["--bind", "127.0.0.1"])
             .args(["--save", ""])
@@ -203,5 +242,174 @@ impl Drop for Redis {
                 tail(&self.log(), 50)
             );
         }
+    }
+}
+
+/// A port that [`free_port`] found free and whose cluster bus port (+10000) is free too.
+///
+/// Both may be taken before redis-server binds them; [`Redis::start_with`] then retries.
+fn free_cluster_port() -> u16 {
+    for _ in 0..CLUSTER_PORT_DRAWS {
+        let port = free_port();
+        let Some(bus) = port.checked_add(CLUSTER_BUS_OFFSET) else {
+            continue;
+        };
+        if TcpListener::bind(("127.0.0.1", bus)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port whose port + {CLUSTER_BUS_OFFSET} is free in {CLUSTER_PORT_DRAWS} draws");
+}
+
+/// The `redis-cli` next to the `redis-server` that `SUBTOCALL_REDIS_SERVER` names, else the
+/// one on `PATH`.
+fn redis_cli() -> PathBuf {
+    std::env::var_os("SUBTOCALL_REDIS_SERVER")
+        .map(PathBuf::from)
+        .and_then(|server| server.parent().map(|dir| dir.join("redis-cli")))
+        .filter(|cli| cli.is_file())
+        .unwrap_or_else(|| PathBuf::from("redis-cli"))
+}
+
+/// A three-master Redis Cluster (no replicas) on free ports of 127.0.0.1, each node a
+/// [`Redis`] in its own temp dir. Dropping it stops every node.
+pub struct RedisCluster {
+    /// In the order given to `redis-cli --cluster create`, which gives the first the lowest
+    /// slots; the first is the seed of [`RedisCluster::url`].
+    nodes: Vec<Redis>,
+}
+
+impl RedisCluster {
+    /// Starts three cluster-enabled servers, joins them with
+    /// `redis-cli --cluster create ... --cluster-replicas 0 --cluster-yes`, and waits until
+    /// every node says `cluster_state:ok`: about 2 s, because a master reports `ok` no
+    /// sooner than 2 s after its slots changed (Redis's `CLUSTER_WRITABLE_DELAY`).
+    pub async fn start() -> Self {
+        let mut nodes = Vec::with_capacity(CLUSTER_MASTERS);
+        // One after the other: a node's port and bus port are bound before the next draws
+        // its own, so no two nodes can pick the same. (A node takes ~50 ms to answer PING.)
+        for _ in 0..CLUSTER_MASTERS {
+            nodes.push(Redis::start_with(false, true).await);
+        }
+        let cluster = Self { nodes };
+        cluster.create().await;
+        eventually(
+            CLUSTER_READY_TIMEOUT,
+            "cluster_state:ok on every cluster node",
+            || async {
+                for node in &cluster.nodes {
+                    match resp::command(node.port, &["CLUSTER", "INFO"]).await {
+                        Ok(Reply::Bulk(Some(info)))
+                            if String::from_utf8_lossy(&info)
+                                .lines()
+                                .any(|line| line.trim() == "cluster_state:ok") => {}
+                        _ => return None,
+                    }
+                }
+                Some(())
+            },
+        )
+        .await;
+        // Formed: back to the default node timeout (see CLUSTER_NODE_TIMEOUT_MS).
+        for node in &cluster.nodes {
+            let reply = node
+                .command(&[
+                    "CONFIG",
+                    "SET",
+                    "cluster-node-timeout",
+                    CLUSTER_NODE_TIMEOUT_MS,
+                ])
+                .await;
+            assert_eq!(reply, Reply::Simple("OK".to_owned()), "port {}", node.port);
+        }
+        cluster
+    }
+
+    async fn create(&self) {
+        let cli = redis_cli();
+        let mut command = tokio::process::Command::new(&cli);
+        command.args(["--cluster", "create"]);
+        for node in &self.nodes {
+            command.arg(format!("127.0.0.1:{}", node.port));
+        }
+        command
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdin(Stdio::null())
+            // The timeout drops the `output()` future, and with it kills redis-cli.
+            .kill_on_drop(true);
+        let output = tokio::time::timeout(CLUSTER_CREATE_TIMEOUT, command.output())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "{} --cluster create took over {CLUSTER_CREATE_TIMEOUT:?}",
+                    cli.display()
+                )
+            })
+            .unwrap_or_else(|e| panic!("run {} --cluster create: {e}", cli.display()));
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success() && stdout.contains("All 16384 slots covered"),
+            "{} --cluster create failed ({}):\n{stdout}\n{}",
+            cli.display(),
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    /// The seed node's URL, `redis://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        self.nodes[0].url()
+    }
+
+    /// The nodes' client ports (each node's cluster bus is its port + 10000).
+    pub fn ports(&self) -> Vec<u16> {
+        self.nodes.iter().map(Redis::port).collect()
+    }
+
+    /// Every node, to send commands to one of them directly.
+    pub fn nodes(&self) -> &[Redis] {
+        &self.nodes
+    }
+
+    /// Who serves which slots, from the seed's `CLUSTER SLOTS`: each slot range with the
+    /// port of its master.
+    pub async fn slot_masters(&self) -> Vec<(RangeInclusive<u16>, u16)> {
+        let reply = self.nodes[0].command(&["CLUSTER", "SLOTS"]).await;
+        let Reply::Array(Some(ranges)) = &reply else {
+            panic!("CLUSTER SLOTS: expected an array, got {reply:?}");
+        };
+        let number = |reply: &Reply| {
+            u16::try_from(reply.integer())
+                .unwrap_or_else(|_| panic!("CLUSTER SLOTS: {reply:?} is no slot or port"))
+        };
+        ranges
+            .iter()
+            .map(|range| match range {
+                // [start, end, [master ip, master port, id, ...], replicas...]
+                Reply::Array(Some(fields)) if fields.len() >= 3 => match &fields[2] {
+                    Reply::Array(Some(master)) if master.len() >= 2 => {
+                        (number(&fields[0])..=number(&fields[1]), number(&master[1]))
+                    }
+                    other => panic!("CLUSTER SLOTS: a master that is {other:?}"),
+                },
+                other => panic!("CLUSTER SLOTS: a range that is {other:?}"),
+            })
+            .collect()
+    }
+
+    /// The node whose master holds `key`'s slot (`CLUSTER KEYSLOT` and `CLUSTER SLOTS`).
+    pub async fn node_for_key(&self, key: &str) -> &Redis {
+        let slot = self.nodes[0].command(&["CLUSTER", "KEYSLOT", key]).await;
+        let slot = u16::try_from(slot.integer()).expect("a slot is below 16384");
+        let masters = self.slot_masters().await;
+        let port = masters
+            .iter()
+            .find(|(range, _)| range.contains(&slot))
+            .map(|&(_, port)| port)
+            .unwrap_or_else(|| panic!("slot {slot} of {key:?} has no master: {masters:?}"));
+        self.nodes
+            .iter()
+            .find(|node| node.port == port)
+            .unwrap_or_else(|| panic!("slot {slot} is on port {port}, not one of our nodes"))
     }
 }
