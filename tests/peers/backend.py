@@ -21,8 +21,6 @@ Exit codes: 0 clean quit/SIGTERM, 2 connect/join/register failure, 3 --die-on-ca
 
 import asyncio
 import os
-import sys
-import threading
 import time
 
 import peerlib
@@ -50,15 +48,6 @@ def parse_args():
         help="answer the K-th invocation with com.example.error.rejected",
     )
     return peerlib.parse_args(parser)
-
-
-def start_stdin_reader(loop, queue):
-    def read():
-        for line in sys.stdin:
-            loop.call_soon_threadsafe(queue.put_nowait, line.strip())
-        peerlib.log("stdin closed (ignored)")
-
-    threading.Thread(target=read, name="stdin", daemon=True).start()
 
 
 async def main(args):
@@ -131,7 +120,7 @@ async def main(args):
             await peerlib.leave(session, ended)
             return peerlib.EXIT_JOIN_FAILED
         commands = asyncio.Queue()
-        start_stdin_reader(asyncio.get_running_loop(), commands)
+        peerlib.start_stdin_reader(asyncio.get_running_loop(), commands)
         while True:
             next_command = asyncio.ensure_future(commands.get())
             done, _ = await asyncio.wait({next_command, ended}, return_when=asyncio.FIRST_COMPLETED)

@@ -13,8 +13,6 @@ SIGTERM leaves cleanly and exits 0; the process exits 5 when the router ends the
 
 import asyncio
 import json
-import sys
-import threading
 
 import peerlib
 from autobahn.wamp.exception import ApplicationError
@@ -24,15 +22,6 @@ from autobahn.wamp.types import CallResult
 def parse_args():
     parser = peerlib.new_parser(__doc__.splitlines()[0])
     return peerlib.parse_args(parser)
-
-
-def start_stdin_reader(loop, queue):
-    def read():
-        for line in sys.stdin:
-            loop.call_soon_threadsafe(queue.put_nowait, line.strip())
-        peerlib.log("stdin closed (ignored)")
-
-    threading.Thread(target=read, name="stdin", daemon=True).start()
 
 
 async def call(session, request):
@@ -52,7 +41,7 @@ async def main(args):
     try:
         peerlib.emit({"ready": True, "session": session._session_id})
         requests = asyncio.Queue()
-        start_stdin_reader(asyncio.get_running_loop(), requests)
+        peerlib.start_stdin_reader(asyncio.get_running_loop(), requests)
         while True:
             next_request = asyncio.ensure_future(requests.get())
             done, _ = await asyncio.wait({next_request, ended}, return_when=asyncio.FIRST_COMPLETED)

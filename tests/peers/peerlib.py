@@ -260,6 +260,17 @@ async def leave(session, ended):
         log(f"leave: {exc!r}")
 
 
+def start_stdin_reader(loop, queue):
+    """Puts each stdin line (stripped) on the asyncio `queue`, from a thread."""
+
+    def read():
+        for line in sys.stdin:
+            loop.call_soon_threadsafe(queue.put_nowait, line.strip())
+        log("stdin closed (ignored)")
+
+    threading.Thread(target=read, name="stdin", daemon=True).start()
+
+
 def run(main, args):
     """Runs `main(args)` (a coroutine function returning an exit code) under the watchdogs."""
     _start_watchdogs(args.max_seconds)
