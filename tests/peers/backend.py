@@ -119,16 +119,7 @@ async def main(args):
         if not await register_all():
             await peerlib.leave(session, ended)
             return peerlib.EXIT_JOIN_FAILED
-        commands = asyncio.Queue()
-        peerlib.start_stdin_reader(asyncio.get_running_loop(), commands)
-        while True:
-            next_command = asyncio.ensure_future(commands.get())
-            done, _ = await asyncio.wait({next_command, ended}, return_when=asyncio.FIRST_COMPLETED)
-            if ended in done:
-                next_command.cancel()
-                peerlib.log(f"session ended by the router: {ended.result()}")
-                return peerlib.EXIT_CONNECTION_LOST
-            command = next_command.result()
+        async for command in peerlib.stdin_lines(ended):
             if command == "unregister":
                 while registrations:
                     await registrations.pop().unregister()
@@ -156,6 +147,7 @@ async def main(args):
                 return 0
             elif command:
                 peerlib.log(f"unknown stdin command {command!r} (ignored)")
+        return peerlib.EXIT_CONNECTION_LOST
     except asyncio.CancelledError:
         await peerlib.leave(session, ended)
         return 0

@@ -40,18 +40,10 @@ async def main(args):
     session, ended = await peerlib.connect(args)
     try:
         peerlib.emit({"ready": True, "session": session._session_id})
-        requests = asyncio.Queue()
-        peerlib.start_stdin_reader(asyncio.get_running_loop(), requests)
-        while True:
-            next_request = asyncio.ensure_future(requests.get())
-            done, _ = await asyncio.wait({next_request, ended}, return_when=asyncio.FIRST_COMPLETED)
-            if ended in done:
-                next_request.cancel()
-                peerlib.log(f"session ended by the router: {ended.result()}")
-                return peerlib.EXIT_CONNECTION_LOST
-            line = next_request.result()
+        async for line in peerlib.stdin_lines(ended):
             if line:
                 peerlib.emit(await call(session, json.loads(line)))
+        return peerlib.EXIT_CONNECTION_LOST
     except asyncio.CancelledError:
         await peerlib.leave(session, ended)
         return 0

@@ -260,15 +260,27 @@ async def leave(session, ended):
         log(f"leave: {exc!r}")
 
 
-def start_stdin_reader(loop, queue):
-    """Puts each stdin line (stripped) on the asyncio `queue`, from a thread."""
+async def stdin_lines(ended):
+    """Yields each line read from stdin (stripped) until the router ends the
+    session (the `ended` future of `connect`); then logs why and stops. The
+    caller returns EXIT_CONNECTION_LOST after the loop."""
+    lines = asyncio.Queue()
+    loop = asyncio.get_running_loop()
 
     def read():
         for line in sys.stdin:
-            loop.call_soon_threadsafe(queue.put_nowait, line.strip())
+            loop.call_soon_threadsafe(lines.put_nowait, line.strip())
         log("stdin closed (ignored)")
 
     threading.Thread(target=read, name="stdin", daemon=True).start()
+    while True:
+        next_line = asyncio.ensure_future(lines.get())
+        done, _ = await asyncio.wait({next_line, ended}, return_when=asyncio.FIRST_COMPLETED)
+        if ended in done:
+            next_line.cancel()
+            log(f"session ended by the router: {ended.result()}")
+            return
+        yield next_line.result()
 
 
 def run(main, args):
