@@ -4,6 +4,7 @@
 //! transaction. Also stores dead letters when a dead-letter list is
 //! configured.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -81,13 +82,15 @@ impl<T> Sink<T> for RedisSink {
         pipe.atomic().ignore_errors();
         for job in jobs {
             let event = &job.item;
+            // Built once at accept time (`prepare`); an event accepted
+            // otherwise still gets its envelope, never an empty push.
             let envelope = match &event.outgoing {
-                Outgoing::Envelope(bytes) => bytes.as_slice(),
-                _ => &[],
+                Outgoing::Envelope(bytes) => Cow::Borrowed(bytes.as_slice()),
+                _ => Cow::Owned(event.envelope_json()),
             };
             pipe.cmd("RPUSH")
                 .arg(self.key(&event.procedure))
-                .arg(envelope);
+                .arg(envelope.as_ref());
         }
         let mut conn = self.conn.clone();
         Started::Pending(Box::pin(async move {
