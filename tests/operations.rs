@@ -274,12 +274,6 @@ async fn readyz_is_503_while_the_router_is_unreachable_but_healthz_is_200() {
         .await;
     assert_eq!(sidecar.http_get("/healthz").await.map(|r| r.0), Some(200));
     assert_eq!(sidecar.http_get("/readyz").await.map(|r| r.0), Some(503));
-    assert!(
-        sidecar
-            .metric("subtocall_router_connect_failures_total")
-            .await
-            >= 1.0
-    );
 }
 
 #[tokio::test]
