@@ -18,4 +18,5 @@ pub mod forward;
 pub mod http;
 pub mod metrics;
 pub mod sink;
+pub mod streams;
 pub mod wamp;

@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use subtocall::config::{self, Config, LogFormat};
 use subtocall::metrics::Metrics;
+use subtocall::streams::dead_letters;
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
@@ -25,7 +26,7 @@ fn main() -> ExitCode {
         Err(problem) => {
             eprintln!(
                 "subtocall: {problem}\n\
-                 Usage: subtocall [check | healthcheck | --help | --version]; \
+                 Usage: subtocall [check | healthcheck | dead-letters list|redrive | --help | --version]; \
                  the configuration comes from environment variables (see --help)."
             );
             return ExitCode::from(2);
@@ -41,6 +42,9 @@ fn main() -> ExitCode {
     };
     if command == Command::HealthCheck {
         return healthcheck(&config);
+    }
+    if let Command::DeadLetters(request) = &command {
+        return dead_letters(&config, request);
     }
     init_tracing(&config);
     for warning in config.warnings() {
@@ -67,7 +71,7 @@ fn main() -> ExitCode {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Command {
     /// The sidecar.
     Run,
@@ -76,6 +80,8 @@ enum Command {
     /// `subtocall healthcheck`: ask a running sidecar's /healthz (for
     /// container HEALTHCHECKs in images without curl).
     HealthCheck,
+    /// `subtocall dead-letters list|redrive`: the Redis queue's dead letters.
+    DeadLetters(dead_letters::Request),
 }
 
 /// What the command line asks for.
@@ -92,6 +98,7 @@ enum Invocation {
 enum Named {
     Check,
     HealthCheck,
+    DeadLetters,
     Help,
     Version,
 }
@@ -101,6 +108,7 @@ impl Named {
         match arg {
             "check" => Some(Named::Check),
             "healthcheck" => Some(Named::HealthCheck),
+            "dead-letters" => Some(Named::DeadLetters),
             "help" | "-h" | "--help" => Some(Named::Help),
             "version" | "-V" | "--version" => Some(Named::Version),
             _ => None,
@@ -126,6 +134,21 @@ impl Named {
                  Exit code: 0 when it answers 200, 1 when it does not or cannot be\n\
                  reached (or SUBTOCALL_HTTP_ADDR is off), 2 for invalid configuration.\n"
                 .to_owned(),
+            Named::DeadLetters => {
+                "Usage: subtocall dead-letters list|redrive [--procedure P] [--limit N]\n\n\
+                 With SUBTOCALL_QUEUE=redis, dead letters are kept in a stream per\n\
+                 procedure ({QUEUE_NAME:P}:dead at REDIS_URL).\n\
+                 list      prints them, oldest first, one JSON object per line: id,\n\
+                 \x20         procedure, reason, attempts, last_error, dead_lettered_at, event.\n\
+                 redrive   puts them back into their queue, to be delivered like new\n\
+                 \x20         events (with a fresh retry budget), and prints `redriven N`.\n\
+                 --procedure P   only this procedure's (default: every procedure).\n\
+                 --limit N       at most N dead letters (default: all).\n\n\
+                 Reads REDIS_URL, SUBTOCALL_QUEUE_NAME and SUBTOCALL_REDIS_CLUSTER.\n\
+                 Exit code: 0 on success, 1 when Redis cannot be used, 2 for invalid\n\
+                 configuration or arguments.\n"
+                    .to_owned()
+            }
             Named::Help => config::help_text(),
             Named::Version => "Usage: subtocall --version   (or -V, or version)\n\n\
                  Prints the version.\n"
@@ -152,6 +175,7 @@ fn parse_args(args: &[String]) -> Result<Invocation, String> {
     match (named, rest) {
         (Named::Check, []) => Ok(Invocation::Run(Command::Check)),
         (Named::HealthCheck, []) => Ok(Invocation::Run(Command::HealthCheck)),
+        (Named::DeadLetters, rest) => dead_letters_args(rest).map(Invocation::Run),
         (Named::Help, []) => Ok(Invocation::Print(named.usage())),
         (Named::Help, [topic]) => match Named::from_arg(topic) {
             Some(about) => Ok(Invocation::Print(about.usage())),
@@ -163,6 +187,63 @@ fn parse_args(args: &[String]) -> Result<Invocation, String> {
             env!("CARGO_PKG_VERSION")
         ))),
         (_, [extra, ..]) => Err(format!("{first} takes no argument {extra:?}")),
+    }
+}
+
+/// `dead-letters list|redrive [--procedure P] [--limit N]`.
+fn dead_letters_args(args: &[String]) -> Result<Command, String> {
+    let (action, mut rest) = match args.split_first() {
+        Some((a, rest)) if a == "list" => (dead_letters::Action::List, rest),
+        Some((a, rest)) if a == "redrive" => (dead_letters::Action::Redrive, rest),
+        Some((a, _)) => {
+            return Err(format!(
+                "dead-letters: unknown action {a:?} (list or redrive)"
+            ));
+        }
+        None => return Err("dead-letters needs an action: list or redrive".to_owned()),
+    };
+    let mut request = dead_letters::Request {
+        action,
+        procedure: None,
+        limit: None,
+    };
+    while let Some((flag, after)) = rest.split_first() {
+        let Some((value, after)) = after.split_first() else {
+            return Err(format!("dead-letters: {flag} needs a value"));
+        };
+        match flag.as_str() {
+            "--procedure" if !value.is_empty() => request.procedure = Some(value.clone()),
+            "--limit" => {
+                let n: usize = value.parse().map_err(|_| {
+                    format!("dead-letters: --limit {value:?} is not a whole number")
+                })?;
+                request.limit = Some(n);
+            }
+            _ => return Err(format!("dead-letters: unknown option {flag:?} {value:?}")),
+        }
+        rest = after;
+    }
+    Ok(Command::DeadLetters(request))
+}
+
+fn dead_letters(config: &Config, request: &dead_letters::Request) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("subtocall dead-letters: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut out = std::io::stdout().lock();
+    match runtime.block_on(dead_letters::run(config, request, &mut out)) {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("subtocall dead-letters: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -54,6 +54,18 @@ pub struct Metrics {
     pub dead_letter_store_errors: Counter,
     /// 1 when joined, discovery complete, and not draining.
     pub ready: Gauge,
+    /// Redis queue: events this instance put into a stream.
+    pub queue_admitted: Counter,
+    /// Redis queue: events offered that another instance had already admitted.
+    pub queue_admitted_elsewhere: Counter,
+    /// Redis queue: entries taken over from another consumer.
+    pub queue_taken_over: Counter,
+    /// Redis queue: entries left in the stream at shutdown, for the others.
+    pub queue_released: Counter,
+    /// Redis queue: entries that could not be read back as events.
+    pub queue_malformed: Counter,
+    /// 1 while Redis answers (Redis queue), else 0.
+    pub redis_up: Gauge,
 }
 
 impl Metrics {
@@ -187,8 +199,45 @@ impl Metrics {
             "1 when joined, discovery is complete and not draining",
         );
 
+        let queue_admitted = counter(
+            r,
+            "queue_admitted",
+            "Events this instance put into the Redis queue (SUBTOCALL_QUEUE=redis)",
+        );
+        let queue_admitted_elsewhere = counter(
+            r,
+            "queue_admitted_elsewhere",
+            "Events offered to the Redis queue that another instance had already admitted",
+        );
+        let queue_taken_over = counter(
+            r,
+            "queue_taken_over",
+            "Queue entries taken over from an instance that stopped answering",
+        );
+        let queue_released = counter(
+            r,
+            "queue_released",
+            "Queue entries left to the other instances at shutdown",
+        );
+        let queue_malformed = counter(
+            r,
+            "queue_malformed",
+            "Queue entries that were not events (moved to the dead-letter stream)",
+        );
+        let redis_up = gauge(
+            r,
+            "redis_up",
+            "1 while the Redis queue answers (SUBTOCALL_QUEUE=redis), else 0",
+        );
+
         Metrics {
             registry,
+            queue_admitted,
+            queue_admitted_elsewhere,
+            queue_taken_over,
+            queue_released,
+            queue_malformed,
+            redis_up,
             events_received,
             events_duplicate,
             events_forwarded,

@@ -14,6 +14,7 @@
 //! mode, keep flowing meanwhile).
 
 mod dead_letter_log;
+mod queue_stage;
 mod sidecar;
 #[cfg(test)]
 mod tests;
@@ -28,16 +29,21 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep_until, timeout};
 use tokio_util::sync::CancellationToken;
 
+use self::queue_stage::QueueStage;
 use self::sidecar::PendingReport;
 pub use self::sidecar::{Core, Sidecar, Token};
 use crate::config::{self, Config};
 use crate::discovery::{Discovery, Marker};
 use crate::forward::retry::{Backoff, RetryPolicy};
-use crate::forward::{Forwarder, GiveUp, MemoryQueue, OverflowPolicy, Settings};
+use crate::forward::{Dispatch, Forwarder, GiveUp, MemoryQueue, OverflowPolicy, Settings};
 use crate::metrics::Metrics;
 use crate::sink::Sink;
 use crate::sink::redis::{self as redis_sink, RedisSink};
 use crate::sink::wamp::WampSink;
+use crate::streams::admit::{self, AdmitSink};
+use crate::streams::commit::Committer;
+use crate::streams::reader::{FromReaders, Readers};
+use crate::streams::{Keys, Target};
 use crate::wamp::auth::Credentials;
 use crate::wamp::{ClientConfig, CloseReason, ConnectError, Connection, Serializer};
 
@@ -154,6 +160,17 @@ struct App {
     sessions: u64,
     drain_deadline: Option<Instant>,
     dead_letter_task: Option<JoinHandle<()>>,
+    /// The Redis queue's tasks, when there is one.
+    streams: Option<StreamTasks>,
+}
+
+/// The tasks behind the Redis queue.
+struct StreamTasks {
+    /// What the readers hand over; `None` once they all stopped.
+    from_readers: Option<mpsc::UnboundedReceiver<FromReaders>>,
+    stop: CancellationToken,
+    readers: JoinHandle<()>,
+    committer: JoinHandle<()>,
 }
 
 impl App {
@@ -204,7 +221,35 @@ impl App {
                 },
             },
         };
-        let core = Forwarder::new(MemoryQueue::new(), settings, rand::random());
+        let now = std::time::Instant::now();
+        let (core, sink, queue, streams) = match config.queue.kind {
+            config::QueueKind::Memory => (
+                Forwarder::new(MemoryQueue::new(), settings, rand::random()),
+                sink,
+                None,
+                None,
+            ),
+            config::QueueKind::Redis => {
+                let (admit, queue, tasks) = start_streams(config, settings, sink, &metrics, now)?;
+                let admit_settings = Settings {
+                    max_in_flight: admit::BATCH,
+                    dispatch: Dispatch::Pipeline { max: admit::BATCH },
+                    // Events wait for Redis as long as there is room for them.
+                    retry: RetryPolicy {
+                        max_attempts: u32::MAX,
+                        max_age: Duration::MAX,
+                        backoff: Backoff {
+                            initial: Duration::from_millis(100),
+                            max: Duration::from_secs(2),
+                        },
+                    },
+                    ..settings
+                };
+                let core = Forwarder::new(MemoryQueue::new(), admit_settings, rand::random());
+                let admit: Box<dyn Sink<Token> + Send> = Box::new(admit);
+                (core, admit, Some(queue), Some(tasks))
+            }
+        };
         let (dead_letter_tx, dead_letter_task) = match (&config.redis.dead_letter_key, redis) {
             (Some(key), Some(redis)) => {
                 let (tx, rx) = mpsc::channel(4096);
@@ -226,8 +271,12 @@ impl App {
             metrics.clone(),
             dead_letter_tx,
             client_config.request_timeout,
-            std::time::Instant::now(),
+            now,
         );
+        let sidecar = match queue {
+            Some(queue) => sidecar.with_queue(queue, now),
+            None => sidecar,
+        };
         Ok(App {
             client_config,
             reconnect: Backoff {
@@ -244,6 +293,7 @@ impl App {
             sessions: 0,
             drain_deadline: None,
             dead_letter_task,
+            streams,
         })
     }
 
@@ -261,12 +311,15 @@ impl App {
                 }
             }
             if self.drain_deadline.is_some() {
-                let core = self.sidecar.core();
-                if core.is_stopped() {
+                if self.sidecar.is_stopped() {
                     tracing::warn!("shutdown deadline reached before everything was delivered");
                     return Ok(());
                 }
-                if core.is_idle() {
+                let readers_done = self
+                    .streams
+                    .as_ref()
+                    .is_none_or(|s| s.from_readers.is_none());
+                if self.sidecar.is_idle() && readers_done {
                     tracing::info!("drained: every accepted event is delivered or dead-lettered");
                     return Ok(());
                 }
@@ -282,6 +335,14 @@ impl App {
                 Some((id, report)) = self.reports.next(), if !self.reports.is_empty() => {
                     self.sidecar.on_report(id, report, Instant::now().into_std());
                 }
+                message = next_from_readers(&mut self.streams) => match message {
+                    Some(message) => self.sidecar.on_readers(message, Instant::now().into_std()),
+                    None => {
+                        if let Some(s) = &mut self.streams {
+                            s.from_readers = None;
+                        }
+                    }
+                },
                 _ = sleep_until(wake.unwrap_or(now)), if wake.is_some() => {}
             }
         }
@@ -421,8 +482,8 @@ impl App {
             tracing::warn!(
                 %reason,
                 retry_in = ?delay,
-                queued = self.sidecar.core().waiting(),
-                in_flight = self.sidecar.core().in_flight(),
+                queued = self.sidecar.held().0,
+                in_flight = self.sidecar.held().1,
                 "router session ended; reconnecting"
             );
             self.link = Link::Waiting {
@@ -439,6 +500,10 @@ impl App {
     fn begin_drain(&mut self, now: Instant) {
         let deadline = now + self.shutdown_timeout;
         self.drain_deadline = Some(deadline);
+        if let Some(s) = &self.streams {
+            // No new entries; what is held is delivered or released.
+            s.stop.cancel();
+        }
         self.metrics.ready.set(0);
         let session = match &mut self.link {
             Link::Up(conn) => Some(conn.session()),
@@ -475,9 +540,111 @@ impl App {
         if let Some(task) = self.dead_letter_task.take() {
             let _ = timeout(FINAL_GRACE, task).await;
         }
+        if let Some(s) = self.streams.take() {
+            s.stop.cancel();
+            // Acknowledgements and releases must reach Redis before we go.
+            if timeout(FINAL_GRACE, s.committer).await.is_err() {
+                tracing::warn!(
+                    "the last Redis queue updates did not finish; those entries are delivered again after a takeover"
+                );
+            }
+            s.readers.abort();
+        }
         self.metrics.router_connected.set(0);
         self.metrics.ready.set(0);
     }
+}
+
+async fn next_from_readers(streams: &mut Option<StreamTasks>) -> Option<FromReaders> {
+    match streams.as_mut().and_then(|s| s.from_readers.as_mut()) {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Starts the Redis queue's committer and readers; returns the admission
+/// sink and the delivery stage (over `sink`, the real destination).
+fn start_streams(
+    config: &Config,
+    settings: Settings,
+    sink: Box<dyn Sink<Token> + Send>,
+    metrics: &Arc<Metrics>,
+    now: std::time::Instant,
+) -> Result<(AdmitSink, QueueStage, StreamTasks), Fatal> {
+    let q = &config.queue;
+    let target = Target::new(config.redis.url.expose(), config.redis.cluster)
+        .map_err(|e| Fatal::Setup(format!("Redis: {e}")))?;
+    let shared = target
+        .shared()
+        .map_err(|e| Fatal::Setup(format!("Redis: {e}")))?;
+    let keys = Arc::new(Keys::new(&q.name));
+    let consumer = consumer_name();
+    tracing::info!(queue = %q.name, %consumer, cluster = config.redis.cluster, "using the Redis queue");
+    // The local window: entries held here (waiting or in flight) at most.
+    let window = match sink.dispatch() {
+        Dispatch::Each => (2 * settings.max_in_flight).max(64),
+        Dispatch::Pipeline { max } => 2 * max,
+    };
+    let credits = Arc::new(tokio::sync::Semaphore::new(window));
+    let (commit_tx, commit_rx) = mpsc::unbounded_channel();
+    let committer = tokio::spawn(
+        Committer {
+            conn: shared.clone(),
+            keys: keys.clone(),
+            consumer: consumer.clone(),
+            claim_idle: q.claim_idle,
+            metrics: metrics.clone(),
+        }
+        .run(commit_rx),
+    );
+    let (new_tx, new_rx) = mpsc::unbounded_channel();
+    let (out_tx, out_rx) = mpsc::unbounded_channel();
+    let stop = CancellationToken::new();
+    let readers = tokio::spawn(
+        Readers {
+            target,
+            shared: shared.clone(),
+            keys: keys.clone(),
+            consumer,
+            claim_idle: q.claim_idle,
+            credits: credits.clone(),
+            out: out_tx,
+            stop: stop.clone(),
+        }
+        .run(new_rx),
+    );
+    let admit = AdmitSink::new(shared, keys, q.dedup_window, new_tx, metrics.clone());
+    let deliver = Settings {
+        // Never reached: the readers hold no more than the window.
+        capacity: 2 * window,
+        ..settings
+    };
+    let core = Forwarder::new(MemoryQueue::new(), deliver, rand::random())
+        .with_ids_from(queue_stage::IDS_FROM);
+    let stage = QueueStage::new(core, sink, commit_tx, credits, q.claim_idle, now);
+    let tasks = StreamTasks {
+        from_readers: Some(out_rx),
+        stop,
+        readers,
+        committer,
+    };
+    Ok((admit, stage, tasks))
+}
+
+/// This process's consumer name in the group: host, pid and a random part,
+/// so that a restarted instance is a new consumer.
+fn consumer_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "subtocall".to_owned());
+    format!(
+        "{host}-{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    )
 }
 
 async fn next_link_event(link: &mut Link) -> LinkEvent {

@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 
 use super::Fatal;
 use super::dead_letter_log::{DeadLetterLog, LINES_PER_WINDOW, Summary};
+use super::queue_stage::QueueStage;
 use crate::discovery::meta;
 use crate::discovery::topic::MatchPolicy;
 use crate::discovery::{self, Action, Discovery, GetOutcome, Note, TopicKey};
@@ -23,6 +24,8 @@ use crate::forward::envelope::SharedEvent;
 use crate::forward::{DeliveryId, Forwarder, GiveUp, Job, MemoryQueue, Output};
 use crate::metrics::Metrics;
 use crate::sink::{Report, Sink, Started};
+use crate::streams::commit::Commit;
+use crate::streams::reader::{Entry, FromReaders};
 use crate::wamp::connection::Refused;
 use crate::wamp::id::IdHashing;
 use crate::wamp::session::{Output as SessionOutput, Session, Success};
@@ -77,6 +80,11 @@ pub struct Sidecar {
     rejoin: Option<String>,
     /// Which dead letters get a line of their own.
     dead_letter_log: DeadLetterLog,
+    /// With the Redis queue: `core` and `sink` admit events to the streams,
+    /// and this stage delivers what the readers hand over.
+    queue: Option<QueueStage>,
+    /// Whether Redis answers (Redis queue only).
+    redis_up: bool,
 }
 
 impl Sidecar {
@@ -108,7 +116,21 @@ impl Sidecar {
             draining: false,
             rejoin: None,
             dead_letter_log: DeadLetterLog::default(),
+            redis_up: true,
+            queue: None,
         }
+    }
+
+    /// Uses the Redis queue: the sidecar's own core and sink admit events
+    /// to the streams, and `queue` delivers what the readers hand over.
+    pub fn with_queue(mut self, mut queue: QueueStage, now: Instant) -> Sidecar {
+        let open = !queue.sink.needs_session();
+        queue.core.set_open(open, now);
+        self.queue = Some(queue);
+        // Not ready until Redis has answered once.
+        self.redis_up = false;
+        self.metrics.redis_up.set(0);
+        self
     }
 
     // ------------------------------------------------------------ the session
@@ -128,6 +150,11 @@ impl Sidecar {
         if self.sink.needs_session() {
             self.core.set_open(true, now);
         }
+        if let Some(q) = &mut self.queue
+            && q.sink.needs_session()
+        {
+            q.core.set_open(true, now);
+        }
     }
 
     /// The session is gone: no delivery starts on it any more. The loop
@@ -144,6 +171,15 @@ impl Sidecar {
                 self.core.shutdown(now, now);
             }
         }
+        if let Some(q) = &mut self.queue
+            && q.sink.needs_session()
+        {
+            q.core.set_open(false, now);
+            if self.draining {
+                // Released to the other instances at once.
+                q.core.shutdown(now, now);
+            }
+        }
     }
 
     /// Whether the session reached readiness (discovery complete) once.
@@ -156,9 +192,13 @@ impl Sidecar {
         self.rejoin.take()
     }
 
-    /// Joined, discovery complete, not draining.
+    /// Joined, discovery complete, Redis answering (Redis queue), not draining.
     pub fn is_ready(&self) -> bool {
-        self.joined && self.meta_pending == 0 && self.discovery.is_synced() && !self.draining
+        self.joined
+            && self.meta_pending == 0
+            && self.discovery.is_synced()
+            && !self.draining
+            && self.redis_up
     }
 
     /// One output of the session, in order.
@@ -387,6 +427,24 @@ impl Sidecar {
 
     /// A delivery's outcome, from the session or a sink's future.
     pub fn on_report(&mut self, id: DeliveryId, report: Report, now: Instant) {
+        if QueueStage::is_delivery(id)
+            && let Some(q) = &mut self.queue
+        {
+            return on_queue_report(q, &self.metrics, id, report, now);
+        }
+        if self.queue.is_some() {
+            // The admission stage: its outcome says whether Redis answers.
+            match &report {
+                Report::All(Ok(())) => self.set_redis_up(true),
+                Report::All(Err(error)) => {
+                    if self.redis_up {
+                        tracing::warn!(%error, "cannot admit events to the Redis queue; they wait in memory and are retried");
+                    }
+                    self.set_redis_up(false);
+                }
+                Report::Each(_) => {}
+            }
+        }
         if let Some(jobs) = self.core.delivery(id) {
             log_failures(jobs, &report);
             if !self.sink.needs_session() {
@@ -399,6 +457,67 @@ impl Sidecar {
         };
         if !known {
             tracing::debug!(delivery = %id, "outcome of a delivery already given up (shutdown deadline)");
+        }
+    }
+
+    fn set_redis_up(&mut self, up: bool) {
+        if up && !self.redis_up {
+            tracing::info!("the Redis queue answers again");
+        }
+        self.redis_up = up;
+        self.metrics.redis_up.set(i64::from(up));
+    }
+
+    /// What the stream readers report.
+    pub fn on_readers(&mut self, message: FromReaders, now: Instant) {
+        match message {
+            FromReaders::RedisUp(up) => self.set_redis_up(up),
+            FromReaders::Entries(entries) => {
+                for entry in entries {
+                    self.on_entry(entry, now);
+                }
+            }
+        }
+    }
+
+    fn on_entry(&mut self, entry: Entry, now: Instant) {
+        let Some(q) = &mut self.queue else {
+            return;
+        };
+        if entry.taken_over {
+            self.metrics.queue_taken_over.inc();
+        }
+        let event = match &entry.event {
+            Some(json) => SharedEvent::from_envelope(json),
+            None => Err("the entry has no event field".to_owned()),
+        };
+        match event {
+            Ok(event) => {
+                let job = q.job(&entry, event, now);
+                q.core.accept_job(job, now);
+            }
+            Err(why) => {
+                self.metrics.queue_malformed.inc();
+                tracing::error!(
+                    target: "subtocall::dead_letter",
+                    procedure = %entry.procedure,
+                    entry = %entry.id,
+                    error = %why,
+                    "queue entry is not an event; moved to the dead-letter stream"
+                );
+                q.commit(Commit::DeadLetter {
+                    procedure: entry.procedure.clone(),
+                    id: Some(entry.id.clone()),
+                    fields: vec![
+                        ("reason", b"malformed".to_vec()),
+                        ("attempts", entry.deliveries.to_string().into_bytes()),
+                        ("last_error", why.into_bytes()),
+                        ("dead_lettered_at", rfc3339_now().into_bytes()),
+                        ("event", entry.event.clone().unwrap_or_default()),
+                    ],
+                });
+                q.return_credit();
+            }
         }
     }
 
@@ -439,13 +558,18 @@ impl Sidecar {
         while let Some(output) = self.core.poll() {
             match output {
                 Output::Deliver(id) => self.start(id, session.as_deref_mut(), now),
+                Output::Ack(job) if self.queue.is_some() => {
+                    tracing::trace!(publication = %job.item.publication, "event offered to the Redis queue");
+                }
                 Output::Ack(job) => self.delivered(&job, now),
                 Output::DeadLetter(job, why) => self.dead_letter(&job, why, now),
+                Output::Retrying { .. } if self.queue.is_some() => {}
                 Output::Retrying { .. } => {
                     self.metrics.events_retried.inc();
                 }
             }
         }
+        self.pump_queue(session, now);
         if let Some(summary) = self.dead_letter_log.flush(now) {
             log_summary(&summary);
         }
@@ -458,8 +582,87 @@ impl Sidecar {
         m.subscriptions_active
             .set(self.discovery.active_subscriptions() as i64);
         m.ready.set(i64::from(self.is_ready()));
-        m.queue_depth.set(self.core.waiting() as i64);
-        m.calls_in_flight.set(self.core.in_flight() as i64);
+        match &self.queue {
+            Some(q) => {
+                m.queue_depth
+                    .set((self.core.waiting() + q.core.waiting()) as i64);
+                m.calls_in_flight.set(q.core.in_flight() as i64);
+            }
+            None => {
+                m.queue_depth.set(self.core.waiting() as i64);
+                m.calls_in_flight.set(self.core.in_flight() as i64);
+            }
+        }
+    }
+
+    /// The delivery stage's outputs (Redis queue).
+    fn pump_queue(&mut self, mut session: Option<&mut Session<Token>>, now: Instant) {
+        let Some(q) = &mut self.queue else {
+            return;
+        };
+        q.core.on_tick(now);
+        q.refresh(now);
+        let mut released: HashMap<Arc<str>, Vec<String>> = HashMap::new();
+        while let Some(output) = self.queue.as_mut().and_then(|q| q.core.poll()) {
+            match output {
+                Output::Deliver(id) => {
+                    let q = self.queue.as_mut().expect("queue stage");
+                    let Some(jobs) = q.core.delivery(id) else {
+                        continue;
+                    };
+                    match q.sink.start(id, jobs, session.as_deref_mut(), now) {
+                        Started::OnSession => {}
+                        Started::Pending(report) => self
+                            .started
+                            .push(Box::pin(async move { (id, report.await) })),
+                        Started::Done(report) => self.on_report(id, report, now),
+                    }
+                }
+                Output::Ack(job) => {
+                    self.delivered(&job, now);
+                    let q = self.queue.as_mut().expect("queue stage");
+                    if let Some(entry) = &job.item.entry {
+                        q.commit(Commit::Ack {
+                            procedure: entry.procedure.clone(),
+                            id: entry.id.clone(),
+                        });
+                        q.let_go(entry);
+                    }
+                }
+                Output::DeadLetter(job, crate::forward::GiveUp::Shutdown) => {
+                    // Not given up: left in the stream for the other instances.
+                    let q = self.queue.as_mut().expect("queue stage");
+                    if let Some(entry) = &job.item.entry {
+                        self.metrics.queue_released.inc();
+                        released
+                            .entry(entry.procedure.clone())
+                            .or_default()
+                            .push(entry.id.clone());
+                        q.let_go(entry);
+                    }
+                }
+                Output::DeadLetter(job, why) => {
+                    self.dead_letter(&job, why, now);
+                    if let Some(entry) = &job.item.entry {
+                        self.queue.as_mut().expect("queue stage").let_go(entry);
+                    }
+                }
+                Output::Retrying { .. } => {
+                    self.metrics.events_retried.inc();
+                }
+            }
+        }
+        let q = self.queue.as_mut().expect("queue stage");
+        if !released.is_empty() {
+            let n: usize = released.values().map(Vec::len).sum();
+            tracing::info!(
+                entries = n,
+                "left unfinished entries in the Redis queue for the other instances"
+            );
+        }
+        for (procedure, ids) in released {
+            q.commit(Commit::Release { procedure, ids });
+        }
     }
 
     fn execute(&mut self, action: Action, session: &mut Session<Token>, now: Instant) {
@@ -530,6 +733,28 @@ impl Sidecar {
             "event dead-lettered"
             );
         }
+        if let Some(q) = &self.queue {
+            // Into the procedure's dead-letter stream (and out of its queue
+            // stream, when it came from there).
+            q.commit(Commit::DeadLetter {
+                procedure: ev
+                    .entry
+                    .as_ref()
+                    .map(|e| e.procedure.clone())
+                    .unwrap_or_else(|| Arc::from(ev.procedure.as_str())),
+                id: ev.entry.as_ref().map(|e| e.id.clone()),
+                fields: vec![
+                    ("reason", why.as_str().as_bytes().to_vec()),
+                    ("attempts", job.attempts.to_string().into_bytes()),
+                    (
+                        "last_error",
+                        job.last_error.clone().unwrap_or_default().into_bytes(),
+                    ),
+                    ("dead_lettered_at", rfc3339_now().into_bytes()),
+                    ("event", ev.envelope_json()),
+                ],
+            });
+        }
         if let Some(store) = &self.dead_letter_store {
             let record = ev.dead_letter_json(
                 why.as_str(),
@@ -562,6 +787,12 @@ impl Sidecar {
         );
         self.draining = true;
         self.core.shutdown(deadline, now);
+        if let Some(q) = &mut self.queue {
+            q.core.shutdown(deadline, now);
+            if q.sink.needs_session() && !(session.is_some() && self.joined) {
+                q.core.shutdown(now, now);
+            }
+        }
         match session {
             Some(session) if self.joined => {
                 let subscriptions: Vec<_> = self.discovery.subscriptions().collect();
@@ -581,6 +812,9 @@ impl Sidecar {
     pub fn stop(&mut self, now: Instant) {
         self.draining = true;
         self.core.shutdown(now, now);
+        if let Some(q) = &mut self.queue {
+            q.core.shutdown(now, now);
+        }
         self.pump(None, now);
         if let Some(summary) = self.dead_letter_log.take_summary() {
             log_summary(&summary);
@@ -591,6 +825,25 @@ impl Sidecar {
         &self.core
     }
 
+    /// Nothing waiting or in flight in either stage.
+    pub fn is_idle(&self) -> bool {
+        self.core.is_idle() && self.queue.as_ref().is_none_or(|q| q.core.is_idle())
+    }
+
+    /// The shutdown deadline passed.
+    pub fn is_stopped(&self) -> bool {
+        self.core.is_stopped() && self.queue.as_ref().is_none_or(|q| q.core.is_stopped())
+    }
+
+    /// Events waiting and in flight, both stages together.
+    pub fn held(&self) -> (usize, usize) {
+        let (w, f) = (self.core.waiting(), self.core.in_flight());
+        match &self.queue {
+            Some(q) => (w + q.core.waiting(), f + q.core.in_flight()),
+            None => (w, f),
+        }
+    }
+
     /// Earliest time something is due: a retry, the drain deadline, a
     /// discovery timer (while joined), a dead-letter summary.
     pub fn next_wake(&self) -> Option<Instant> {
@@ -599,8 +852,14 @@ impl Sidecar {
         } else {
             None
         };
+        let (queue_wake, refresh) = match &self.queue {
+            Some(q) => (q.core.next_wake(), q.next_refresh()),
+            None => (None, None),
+        };
         [
             self.core.next_wake(),
+            queue_wake,
+            refresh,
             discovery,
             self.dead_letter_log.next_flush(),
         ]
@@ -612,7 +871,59 @@ impl Sidecar {
     /// Closes the dead-letter store channel so its task can finish.
     pub fn close_dead_letter_store(&mut self) {
         self.dead_letter_store = None;
+        if let Some(q) = &mut self.queue {
+            q.close();
+        }
     }
+}
+
+/// A delivery of the queue stage ended: failed attempts are counted on
+/// their entries (so the count survives a takeover), then the core decides.
+fn on_queue_report(
+    q: &mut QueueStage,
+    metrics: &Metrics,
+    id: DeliveryId,
+    report: Report,
+    now: Instant,
+) {
+    if let Some(jobs) = q.core.delivery(id) {
+        log_failures(jobs, &report);
+        if !q.sink.needs_session() {
+            match &report {
+                Report::All(Err(_)) => {
+                    metrics.redis_errors.inc();
+                }
+                Report::Each(o) => {
+                    let n = o.iter().filter(|o| o.is_err()).count();
+                    metrics.redis_errors.inc_by(n as u64);
+                }
+                Report::All(Ok(())) => {}
+            }
+        }
+        let failed: Vec<bool> = match &report {
+            Report::All(o) => vec![o.is_err(); jobs.len()],
+            Report::Each(o) => o.iter().map(Result::is_err).collect(),
+        };
+        for (job, failed) in jobs.iter().zip(failed) {
+            if let (true, Some(entry)) = (failed, &job.item.entry) {
+                q.commit(Commit::Failed {
+                    procedure: entry.procedure.clone(),
+                    id: entry.id.clone(),
+                });
+            }
+        }
+    }
+    let known = match report {
+        Report::All(outcome) => q.core.on_outcome(id, outcome, now),
+        Report::Each(outcomes) => q.core.on_outcomes(id, outcomes, now),
+    };
+    if !known {
+        tracing::debug!(delivery = %id, "outcome of a delivery already released (shutdown deadline)");
+    }
+}
+
+fn rfc3339_now() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
 }
 
 fn log_failures(jobs: &[Job<SharedEvent>], report: &Report) {

@@ -38,6 +38,7 @@ pub struct Config {
     pub discovery: DiscoveryConfig,
     pub forward: ForwardConfig,
     pub redis: RedisConfig,
+    pub queue: QueueConfig,
     pub reconnect: ReconnectConfig,
     /// On SIGTERM/SIGINT: deadline to finish or dead-letter in-flight work.
     pub shutdown_timeout: Duration,
@@ -152,6 +153,26 @@ pub struct RedisConfig {
     pub prefix: String,
     /// Redis list that dead letters are also pushed to, when set.
     pub dead_letter_key: Option<String>,
+    /// `url` is a seed node of a Redis Cluster.
+    pub cluster: bool,
+}
+
+/// Where accepted events wait (`SUBTOCALL_QUEUE` and its settings).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueConfig {
+    pub kind: QueueKind,
+    /// Key namespace and consumer-group name.
+    pub name: String,
+    /// A pending entry idle this long is taken over by another instance.
+    pub claim_idle: Duration,
+    /// How long an admitted publication id is remembered.
+    pub dedup_window: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueKind {
+    Memory,
+    Redis,
 }
 
 /// How subtocall reconnects to the router.
@@ -251,6 +272,11 @@ struct RawVars {
     subtocall_retry_max_backoff: Option<String>,
     subtocall_dead_letter_key: Option<String>,
     subtocall_redis_prefix: Option<String>,
+    subtocall_queue: Option<String>,
+    subtocall_queue_name: Option<String>,
+    subtocall_claim_idle: Option<String>,
+    subtocall_dedup_window: Option<String>,
+    subtocall_redis_cluster: Option<String>,
     subtocall_shutdown_timeout: Option<String>,
     subtocall_http_addr: Option<String>,
     subtocall_log: Option<String>,
@@ -296,6 +322,11 @@ impl RawVars {
             "SUBTOCALL_RETRY_MAX_BACKOFF" => &self.subtocall_retry_max_backoff,
             "SUBTOCALL_DEAD_LETTER_KEY" => &self.subtocall_dead_letter_key,
             "SUBTOCALL_REDIS_PREFIX" => &self.subtocall_redis_prefix,
+            "SUBTOCALL_QUEUE" => &self.subtocall_queue,
+            "SUBTOCALL_QUEUE_NAME" => &self.subtocall_queue_name,
+            "SUBTOCALL_CLAIM_IDLE" => &self.subtocall_claim_idle,
+            "SUBTOCALL_DEDUP_WINDOW" => &self.subtocall_dedup_window,
+            "SUBTOCALL_REDIS_CLUSTER" => &self.subtocall_redis_cluster,
             "SUBTOCALL_SHUTDOWN_TIMEOUT" => &self.subtocall_shutdown_timeout,
             "SUBTOCALL_HTTP_ADDR" => &self.subtocall_http_addr,
             "SUBTOCALL_LOG" => &self.subtocall_log,
@@ -347,6 +378,7 @@ fn read(vars: Vec<(String, String)>, not_unicode: Vec<String>) -> Result<Config,
     let discovery = discovery(&mut r);
     let forward = forward(&mut r);
     let redis = redis(&mut r);
+    let queue = queue(&mut r);
     let reconnect = reconnect(&mut r);
     let shutdown_timeout = r.required(&SHUTDOWN_TIMEOUT, |text| {
         parse::duration_at_least(text, MIN_100MS)
@@ -359,6 +391,7 @@ fn read(vars: Vec<(String, String)>, not_unicode: Vec<String>) -> Result<Config,
         discovery,
         forward,
         redis,
+        queue,
         reconnect,
         shutdown_timeout,
         http,
@@ -369,6 +402,7 @@ fn read(vars: Vec<(String, String)>, not_unicode: Vec<String>) -> Result<Config,
             Ok(discovery),
             Ok(forward),
             Ok(redis),
+            Ok(queue),
             Ok(reconnect),
             Ok(shutdown_timeout),
             Ok(http),
@@ -378,6 +412,7 @@ fn read(vars: Vec<(String, String)>, not_unicode: Vec<String>) -> Result<Config,
             discovery,
             forward,
             redis,
+            queue,
             reconnect,
             shutdown_timeout,
             http,
@@ -556,10 +591,34 @@ fn redis(r: &mut Reader) -> Checked<RedisConfig> {
     let url = redis_url(r);
     let prefix = r.required(&REDIS_PREFIX, parse::any_text);
     let dead_letter_key = r.optional(&DEAD_LETTER_KEY, parse::non_empty);
+    let cluster = r.required(&REDIS_CLUSTER, parse::boolean);
     Ok(RedisConfig {
         url: url?,
         prefix: prefix?,
         dead_letter_key: dead_letter_key?,
+        cluster: cluster?,
+    })
+}
+
+fn queue(r: &mut Reader) -> Checked<QueueConfig> {
+    let kind = r.required(&QUEUE, |text| {
+        parse::choice(
+            text,
+            &[("memory", QueueKind::Memory), ("redis", QueueKind::Redis)],
+        )
+    });
+    let name = r.required(&QUEUE_NAME, parse::queue_name);
+    let claim_idle = r.required(&CLAIM_IDLE, |text| {
+        parse::duration_at_least(text, MIN_100MS)
+    });
+    let dedup_window = r.required(&DEDUP_WINDOW, |text| {
+        parse::duration_at_least(text, Duration::from_secs(1))
+    });
+    Ok(QueueConfig {
+        kind: kind?,
+        name: name?,
+        claim_idle: claim_idle?,
+        dedup_window: dedup_window?,
     })
 }
 

@@ -137,6 +137,23 @@ pub(crate) fn non_empty(text: &str) -> Parsed<String> {
     Ok(text.to_string())
 }
 
+/// A queue name: the namespace of the queue's Redis keys and the consumer
+/// group's name. No braces (they would break the per-procedure hash tags),
+/// no spaces.
+pub(crate) fn queue_name(text: &str) -> Parsed<String> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Err(Invalid::because("is empty"));
+    }
+    match text
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':')))
+    {
+        Some(c) => Err(Invalid::because(format!("contains {c:?}"))),
+        None => Ok(text.to_string()),
+    }
+}
+
 /// Any text, even empty.
 pub(crate) fn any_text(text: &str) -> Parsed<String> {
     Ok(text.to_string())

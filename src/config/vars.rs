@@ -50,17 +50,19 @@ pub(crate) enum Group {
     Discovery,
     Forwarding,
     Retry,
+    Queue,
     Redis,
     Operations,
 }
 
 impl Group {
-    pub const ALL: [Group; 7] = [
+    pub const ALL: [Group; 8] = [
         Group::Router,
         Group::Reconnect,
         Group::Discovery,
         Group::Forwarding,
         Group::Retry,
+        Group::Queue,
         Group::Redis,
         Group::Operations,
     ];
@@ -72,6 +74,7 @@ impl Group {
             Group::Discovery => "Discovering SUB_ registrations",
             Group::Forwarding => "Forwarding events",
             Group::Retry => "Retries and dead letters",
+            Group::Queue => "The queue (several instances)",
             Group::Redis => "Redis",
             Group::Operations => "Operations",
         }
@@ -414,6 +417,56 @@ pub(crate) const DEAD_LETTER_KEY: Var = Var {
     group: Group::Retry,
 };
 
+// ---- The queue ----
+
+pub(crate) const QUEUE: Var = Var {
+    name: "SUBTOCALL_QUEUE",
+    old_names: &[],
+    default: DefaultValue::Value("memory"),
+    accepts: "memory or redis",
+    meaning: "Where accepted events wait until they are delivered. memory: in the process \
+              (lost if it crashes; run one instance only). redis: in Redis Streams at REDIS_URL, \
+              shared by every instance with the same SUBTOCALL_QUEUE_NAME; each event is \
+              delivered by one of them, and an instance's crash or upgrade loses nothing.",
+    secret: false,
+    group: Group::Queue,
+};
+
+pub(crate) const QUEUE_NAME: Var = Var {
+    name: "SUBTOCALL_QUEUE_NAME",
+    old_names: &[],
+    default: DefaultValue::Value("subtocall"),
+    accepts: "letters, digits, '.', '_', '-' or ':' (not empty)",
+    meaning: "With SUBTOCALL_QUEUE=redis: the namespace of every key and the consumer group's \
+              name. Instances sharing the Redis and this name share the work.",
+    secret: false,
+    group: Group::Queue,
+};
+
+pub(crate) const CLAIM_IDLE: Var = Var {
+    name: "SUBTOCALL_CLAIM_IDLE",
+    old_names: &[],
+    default: DefaultValue::Value("30s"),
+    accepts: AT_LEAST_100MS,
+    meaning: "With SUBTOCALL_QUEUE=redis: an event held this long by an instance that stopped \
+              answering is taken over by another. Live instances refresh what they hold, so \
+              long calls are not taken from them.",
+    secret: false,
+    group: Group::Queue,
+};
+
+pub(crate) const DEDUP_WINDOW: Var = Var {
+    name: "SUBTOCALL_DEDUP_WINDOW",
+    old_names: &[],
+    default: DefaultValue::Value("5m"),
+    accepts: "a duration of at least 1s such as 5m (a bare number means seconds)",
+    meaning: "With SUBTOCALL_QUEUE=redis: how long an admitted event's publication id is \
+              remembered, so that the other instances offering the same event are refused. \
+              Costs one small Redis key per event for this long.",
+    secret: false,
+    group: Group::Queue,
+};
+
 // ---- Redis ----
 
 pub(crate) const REDIS_URL: Var = Var {
@@ -426,6 +479,17 @@ pub(crate) const REDIS_URL: Var = Var {
               A password in the URL is never printed. Old names: when REDIS_URL is unset, \
               REDIS_HOST (default 127.0.0.1) and REDIS_PORT (default 6379, 1-65535) \
               build redis://HOST:PORT.",
+    secret: false,
+    group: Group::Redis,
+};
+
+pub(crate) const REDIS_CLUSTER: Var = Var {
+    name: "SUBTOCALL_REDIS_CLUSTER",
+    old_names: &[],
+    default: DefaultValue::Value("0"),
+    accepts: "1, true, yes, on, 0, false, no or off (any case)",
+    meaning: "On: REDIS_URL is one node of a Redis Cluster (the others are discovered). \
+              The queue's keys are hash-tagged per procedure, so procedures spread over the masters.",
     secret: false,
     group: Group::Redis,
 };
@@ -514,7 +578,12 @@ pub(crate) const VARS: &[&Var] = &[
     &RETRY_INITIAL_BACKOFF,
     &RETRY_MAX_BACKOFF,
     &DEAD_LETTER_KEY,
+    &QUEUE,
+    &QUEUE_NAME,
+    &CLAIM_IDLE,
+    &DEDUP_WINDOW,
     &REDIS_URL,
+    &REDIS_CLUSTER,
     &REDIS_PREFIX,
     &SHUTDOWN_TIMEOUT,
     &HTTP_ADDR,

@@ -119,6 +119,13 @@ pub struct Forwarder<T, Q> {
 }
 
 impl<T, Q: Queue<T>> Forwarder<T, Q> {
+    /// Makes this core's delivery ids start above `base`, so that two cores
+    /// driven by one loop never hand out the same id.
+    pub fn with_ids_from(mut self, base: u64) -> Self {
+        self.next_id = base;
+        self
+    }
+
     /// A core over `queue`; `seed` makes the backoff jitter reproducible.
     pub fn new(queue: Q, settings: Settings, seed: u64) -> Forwarder<T, Q> {
         let settings = Settings {
@@ -150,8 +157,15 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
     /// Takes on a new event. Overflow dead-letters (the new event, or with
     /// [`OverflowPolicy::DropOldest`] the oldest waiting one).
     pub fn accept(&mut self, item: T, now: Instant) {
+        self.accept_job(Job::new(item, now), now);
+    }
+
+    /// Takes on an event that has a history already: received earlier and
+    /// perhaps attempted before (an entry read back from a shared queue,
+    /// possibly taken over from another instance). Its retry budget counts
+    /// from `job.received` and `job.attempts`.
+    pub fn accept_job(&mut self, job: Job<T>, now: Instant) {
         self.counts.accepted += 1;
-        let job = Job::new(item, now);
         if self.state == State::Stopped {
             return self.give_up(job, GiveUp::Shutdown);
         }

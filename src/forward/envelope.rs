@@ -63,6 +63,18 @@ pub struct SharedEvent {
     pub received_at: SystemTime,
     /// What the sink sends (see [`Outgoing`]).
     pub outgoing: Outgoing,
+    /// Where it waits in the Redis queue, when it was read back from there.
+    pub entry: Option<Entry>,
+}
+
+/// A Redis queue entry: its stream (by procedure), its id, and how often it
+/// was handed out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub procedure: std::sync::Arc<str>,
+    pub id: String,
+    /// The stream's delivery count when this instance got the entry.
+    pub deliveries: u64,
 }
 
 impl SharedEvent {
@@ -117,7 +129,56 @@ impl SharedEvent {
             payload,
             received_at,
             outgoing: Outgoing::AsReceived,
+            entry: None,
         }
+    }
+
+    /// An event read back from its JSON envelope (the Redis queue stores
+    /// events that way): the inverse of [`SharedEvent::envelope_json`].
+    pub fn from_envelope(json: &[u8]) -> Result<SharedEvent, String> {
+        let value = Serializer::Json
+            .decode_value(json)
+            .map_err(|e| format!("not a JSON envelope: {e}"))?;
+        let Value::Dict(mut d) = value else {
+            return Err("the envelope is not a JSON object".into());
+        };
+        let text = |d: &Dict, key: &str| {
+            d.get_str(key)
+                .map(str::to_owned)
+                .ok_or_else(|| format!("the envelope has no {key}"))
+        };
+        let procedure = text(&d, "procedure")?;
+        let topic = text(&d, "topic")?;
+        let publication = d
+            .get_u64("publication")
+            .map(PublicationId)
+            .ok_or("the envelope has no publication")?;
+        let received_at = d
+            .get_str("received_at")
+            .and_then(|t| humantime::parse_rfc3339(t).ok())
+            .unwrap_or_else(SystemTime::now);
+        let args = match d.remove("args") {
+            Some(Value::List(args)) => args,
+            Some(Value::Null) | None => Vec::new(),
+            Some(_) => return Err("the envelope's args are not a list".into()),
+        };
+        let kwargs = match d.remove("kwargs") {
+            Some(Value::Dict(kwargs)) => kwargs,
+            Some(Value::Null) | None => Dict::new(),
+            Some(_) => return Err("the envelope's kwargs are not an object".into()),
+        };
+        Ok(SharedEvent {
+            procedure,
+            topic,
+            publication,
+            publisher: d.get_u64("publisher"),
+            publisher_authid: d.get_str("publisher_authid").map(str::to_owned),
+            publisher_authrole: d.get_str("publisher_authrole").map(str::to_owned),
+            payload: EventPayload::Decoded(Payload::new(args, kwargs)),
+            received_at,
+            outgoing: Outgoing::AsReceived,
+            entry: None,
+        })
     }
 
     /// The event's details as a dict: topic, publication and whatever the
@@ -263,6 +324,23 @@ mod tests {
                 "received_at": "2026-11-18T11:06:40.123Z",
             })
         );
+    }
+
+    #[test]
+    fn an_envelope_reads_back_as_the_same_event() {
+        let ev = shared(
+            Dict::new()
+                .with("publisher", 5546838114206924u64)
+                .with("publisher_authid", "backend"),
+        );
+        let back = SharedEvent::from_envelope(&ev.envelope_json()).unwrap();
+        assert_eq!(back.envelope_json(), ev.envelope_json());
+        assert_eq!(
+            back.call_payload(None).unwrap(),
+            ev.call_payload(None).unwrap()
+        );
+        assert!(SharedEvent::from_envelope(b"[1]").is_err());
+        assert!(SharedEvent::from_envelope(br#"{"procedure":"p"}"#).is_err());
     }
 
     #[test]

@@ -69,8 +69,15 @@ const RETRYABLE_WAMP_ERRORS: &[&str] = &[
 
 /// Redis server error codes that mean "try again later", not "this command
 /// is wrong".
-const TRANSIENT_REDIS_CODES: &[&str] =
-    &["LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN", "CLUSTERDOWN"];
+const TRANSIENT_REDIS_CODES: &[&str] = &[
+    "LOADING",
+    "BUSY",
+    "TRYAGAIN",
+    "MASTERDOWN",
+    "CLUSTERDOWN",
+    "OOM",
+    "READONLY",
+];
 
 /// Classifies a WAMP ERROR returned for a forwarded CALL.
 pub fn classify_wamp_error(uri: &str) -> RetryAction {

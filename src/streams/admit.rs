@@ -1,0 +1,191 @@
+//! Admission: the sink of the first stage in Redis-queue mode. Every
+//! instance offers every event it receives; one Lua script per procedure and
+//! batch appends each event to the procedure's stream unless its
+//! publication's claim key exists, then sets the claim key (with a TTL of
+//! `SUBTOCALL_DEDUP_WINDOW`). The check, the append and the claim are one
+//! atomic step on the server, so each event enters the stream once however
+//! many instances offer it, and an append that fails leaves no claim behind.
+//!
+//! Offering again is harmless (the claim refuses it), so a batch that failed
+//! half-way is simply retried whole.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
+use redis::Value;
+use tokio::sync::mpsc;
+
+use super::{Keys, Shared};
+use crate::forward::envelope::{Outgoing, SharedEvent};
+use crate::forward::{DeliveryId, Dispatch, Failure, Job};
+use crate::metrics::Metrics;
+use crate::sink::{Report, Sink, Started};
+use crate::wamp::session::Session;
+
+/// How many events one admission batch carries at most.
+pub const BATCH: usize = 512;
+
+/// KEYS[1] is the stream, KEYS[2..] the claim keys; ARGV[1] the claim TTL in
+/// milliseconds, ARGV[2..] the envelopes. Returns, per event, its new entry
+/// id, or 0 when it was admitted before.
+const ADMIT: &str = r"
+local out = {}
+for i = 2, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 0 then
+    out[i - 1] = redis.call('XADD', KEYS[1], '*', 'event', ARGV[i])
+    redis.call('SET', KEYS[i], '1', 'PX', ARGV[1])
+  else
+    out[i - 1] = 0
+  end
+end
+return out
+";
+
+/// The admission sink.
+pub struct AdmitSink {
+    conn: Shared,
+    keys: Arc<Keys>,
+    window_ms: u64,
+    /// Procedures already in the registry set (added once per process).
+    registered: Arc<Mutex<HashSet<String>>>,
+    /// Tells this instance's readers about a procedure they may not know.
+    new_procedures: mpsc::UnboundedSender<String>,
+    metrics: Arc<Metrics>,
+}
+
+impl AdmitSink {
+    pub fn new(
+        conn: Shared,
+        keys: Arc<Keys>,
+        window: Duration,
+        new_procedures: mpsc::UnboundedSender<String>,
+        metrics: Arc<Metrics>,
+    ) -> AdmitSink {
+        AdmitSink {
+            conn,
+            keys,
+            window_ms: window.as_millis().max(1) as u64,
+            registered: Arc::default(),
+            new_procedures,
+            metrics,
+        }
+    }
+}
+
+impl<T> Sink<T> for AdmitSink {
+    fn prepare(&self, event: &SharedEvent) -> Outgoing {
+        Outgoing::Envelope(event.envelope_json())
+    }
+
+    fn dispatch(&self) -> Dispatch {
+        // In order, so that each stream keeps the order events came in.
+        Dispatch::Pipeline { max: BATCH }
+    }
+
+    fn needs_session(&self) -> bool {
+        false
+    }
+
+    fn start(
+        &mut self,
+        _id: DeliveryId,
+        jobs: &[Job<SharedEvent>],
+        _session: Option<&mut Session<T>>,
+        _now: Instant,
+    ) -> Started {
+        // One script call per procedure (its keys share a hash slot), in
+        // the order of each procedure's first event.
+        let mut groups: Vec<(&str, redis::Cmd, usize)> = Vec::new();
+        for job in jobs {
+            let ev = &job.item;
+            let at = match groups.iter().position(|(p, _, _)| *p == ev.procedure) {
+                Some(at) => at,
+                None => {
+                    let mut cmd = redis::cmd("EVAL");
+                    cmd.arg(ADMIT);
+                    groups.push((&ev.procedure, cmd, 0));
+                    groups.len() - 1
+                }
+            };
+            groups[at].2 += 1;
+        }
+        let mut calls = Vec::with_capacity(groups.len());
+        let mut new = Vec::new();
+        for (procedure, mut cmd, n) in groups {
+            let events: Vec<&SharedEvent> = jobs
+                .iter()
+                .map(|j| &j.item)
+                .filter(|e| e.procedure == procedure)
+                .collect();
+            cmd.arg(n + 1).arg(self.keys.stream(procedure));
+            for ev in &events {
+                cmd.arg(self.keys.seen(procedure, ev.publication.0));
+            }
+            cmd.arg(self.window_ms);
+            for ev in &events {
+                match &ev.outgoing {
+                    Outgoing::Envelope(bytes) => cmd.arg(bytes.as_slice()),
+                    _ => cmd.arg(ev.envelope_json()),
+                };
+            }
+            if !self
+                .registered
+                .lock()
+                .expect("not poisoned")
+                .contains(procedure)
+            {
+                new.push(procedure.to_owned());
+            }
+            calls.push(cmd);
+        }
+        let conn = self.conn.clone();
+        let keys = self.keys.clone();
+        let registered = self.registered.clone();
+        let notify = self.new_procedures.clone();
+        let metrics = self.metrics.clone();
+        Started::Pending(Box::pin(async move {
+            let mut c = match conn.get().await {
+                Ok(c) => c,
+                Err(e) => return Report::All(Err(Failure::Redis(e))),
+            };
+            // The registry first: a stream nobody knows about would not be read.
+            for procedure in new {
+                let added = redis::cmd("SADD")
+                    .arg(keys.procedures())
+                    .arg(&procedure)
+                    .query_async::<i64>(&mut c)
+                    .await;
+                if let Err(e) = added {
+                    return Report::All(Err(Failure::Redis(e)));
+                }
+                let _ = notify.send(procedure.clone());
+                registered.lock().expect("not poisoned").insert(procedure);
+            }
+            let replies = join_all(calls.iter().map(|cmd| {
+                let mut c = c.clone();
+                async move { cmd.query_async::<Vec<Value>>(&mut c).await }
+            }))
+            .await;
+            let (mut admitted, mut elsewhere) = (0, 0);
+            for reply in replies {
+                match reply {
+                    Ok(ids) => {
+                        for id in ids {
+                            match id {
+                                Value::Int(0) => elsewhere += 1,
+                                _ => admitted += 1,
+                            }
+                        }
+                    }
+                    // Offering again is harmless: retry the whole batch.
+                    Err(e) => return Report::All(Err(Failure::Redis(e))),
+                }
+            }
+            metrics.queue_admitted.inc_by(admitted);
+            metrics.queue_admitted_elsewhere.inc_by(elsewhere);
+            Report::All(Ok(()))
+        }))
+    }
+}

@@ -1,0 +1,191 @@
+//! `subtocall dead-letters list|redrive [--procedure P] [--limit N]`: the
+//! dead-letter streams of the Redis queue, read and put back into the queue
+//! (like an SQS redrive). A redriven event is a new entry with a fresh
+//! retry budget; it keeps its envelope (publication, received_at).
+
+use std::io::Write;
+
+use redis::Value;
+
+use super::{Conn, Keys, Target, text};
+use crate::config::Config;
+
+/// KEYS[1] the dead-letter stream, KEYS[2] the queue stream; ARGV[1] the
+/// dead-letter entry id, ARGV[2] the envelope. Moves one event back.
+const REDRIVE: &str = r"
+redis.call('XADD', KEYS[2], '*', 'event', ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[1])
+return 1
+";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    List,
+    Redrive,
+}
+
+/// What was asked on the command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub action: Action,
+    pub procedure: Option<String>,
+    pub limit: Option<usize>,
+}
+
+/// One dead letter as stored.
+struct DeadLetter {
+    procedure: String,
+    id: String,
+    fields: Vec<(String, Vec<u8>)>,
+}
+
+impl DeadLetter {
+    fn field(&self, name: &str) -> Option<&[u8]> {
+        self.fields
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_slice())
+    }
+
+    fn text(&self, name: &str) -> String {
+        String::from_utf8_lossy(self.field(name).unwrap_or_default()).into_owned()
+    }
+
+    fn json(&self) -> serde_json::Value {
+        let event = self.field("event").unwrap_or_default();
+        serde_json::json!({
+            "id": self.id,
+            "procedure": self.procedure,
+            "reason": self.text("reason"),
+            "attempts": self.text("attempts").parse::<u64>().unwrap_or(0),
+            "last_error": self.text("last_error"),
+            "dead_lettered_at": self.text("dead_lettered_at"),
+            "event": serde_json::from_slice::<serde_json::Value>(event)
+                .unwrap_or_else(|_| String::from_utf8_lossy(event).into_owned().into()),
+        })
+    }
+}
+
+/// Runs the request against the queue `config` names, writing its output
+/// to `out`. Returns how many dead letters it listed or redrove.
+pub async fn run(
+    config: &Config,
+    request: &Request,
+    out: &mut impl Write,
+) -> Result<usize, String> {
+    let target = Target::new(config.redis.url.expose(), config.redis.cluster)?;
+    let mut conn = target
+        .shared()?
+        .get()
+        .await
+        .map_err(|e| format!("cannot reach Redis: {e}"))?;
+    let keys = Keys::new(&config.queue.name);
+    let procedures = match &request.procedure {
+        Some(p) => vec![p.clone()],
+        None => {
+            let mut all: Vec<String> = redis::cmd("SMEMBERS")
+                .arg(keys.procedures())
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| format!("cannot read {}: {e}", keys.procedures()))?;
+            all.sort();
+            all
+        }
+    };
+    let mut done = 0;
+    let mut skipped = 0;
+    for procedure in procedures {
+        let room = request.limit.map_or(usize::MAX, |l| l.saturating_sub(done));
+        if room == 0 {
+            break;
+        }
+        let letters = read(&mut conn, &keys, &procedure, room).await?;
+        for letter in letters {
+            match request.action {
+                Action::List => {
+                    writeln!(out, "{}", letter.json()).map_err(|e| e.to_string())?;
+                }
+                Action::Redrive => {
+                    let Some(event) = letter.field("event").filter(|e| !e.is_empty()) else {
+                        skipped += 1;
+                        continue;
+                    };
+                    redis::cmd("EVAL")
+                        .arg(REDRIVE)
+                        .arg(2)
+                        .arg(keys.dead(&procedure))
+                        .arg(keys.stream(&procedure))
+                        .arg(&letter.id)
+                        .arg(event)
+                        .query_async::<i64>(&mut conn)
+                        .await
+                        .map_err(|e| format!("cannot redrive {} of {procedure}: {e}", letter.id))?;
+                }
+            }
+            done += 1;
+        }
+        if request.action == Action::Redrive {
+            // So that every instance reads the stream, even one never used.
+            redis::cmd("SADD")
+                .arg(keys.procedures())
+                .arg(&procedure)
+                .query_async::<i64>(&mut conn)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+    }
+    if request.action == Action::Redrive {
+        writeln!(out, "redriven {}", done - skipped).map_err(|e| e.to_string())?;
+        if skipped > 0 {
+            eprintln!(
+                "subtocall dead-letters: {skipped} dead letters hold no event (malformed entries) and stay where they are"
+            );
+        }
+    }
+    Ok(done - skipped)
+}
+
+/// Up to `limit` dead letters of `procedure`, oldest first.
+async fn read(
+    conn: &mut Conn,
+    keys: &Keys,
+    procedure: &str,
+    limit: usize,
+) -> Result<Vec<DeadLetter>, String> {
+    let mut cmd = redis::cmd("XRANGE");
+    cmd.arg(keys.dead(procedure)).arg("-").arg("+");
+    if limit != usize::MAX {
+        cmd.arg("COUNT").arg(limit);
+    }
+    let reply: Value = cmd
+        .query_async(conn)
+        .await
+        .map_err(|e| format!("cannot read {}: {e}", keys.dead(procedure)))?;
+    let Value::Array(entries) = reply else {
+        return Ok(Vec::new());
+    };
+    Ok(entries
+        .iter()
+        .filter_map(|entry| {
+            let Value::Array(pair) = entry else {
+                return None;
+            };
+            let id = pair.first().and_then(text)?;
+            let Some(Value::Array(raw)) = pair.get(1) else {
+                return None;
+            };
+            let fields = raw
+                .chunks(2)
+                .filter_map(|kv| match kv {
+                    [k, Value::BulkString(v)] => Some((text(k)?, v.clone())),
+                    _ => None,
+                })
+                .collect();
+            Some(DeadLetter {
+                procedure: procedure.to_owned(),
+                id,
+                fields,
+            })
+        })
+        .collect())
+}

@@ -1,0 +1,271 @@
+//! The Redis queue (`SUBTOCALL_QUEUE=redis`): accepted events wait in Redis
+//! Streams shared by every instance with the same queue name, so that an
+//! instance's crash or upgrade loses nothing and two instances deliver each
+//! event once.
+//!
+//! - [`admit`]: every instance offers every EVENT; one Lua script per batch
+//!   checks the publication's claim key and appends to the procedure's
+//!   stream only if nobody admitted it yet (the claim and the append are one
+//!   server-side step, so a crash cannot leave one without the other).
+//! - [`reader`]: each instance reads the streams as one consumer group
+//!   (XREADGROUP, on a connection of its own per stream, since it blocks),
+//!   up to a local window, and takes over what a silent instance left
+//!   pending (XAUTOCLAIM after `SUBTOCALL_CLAIM_IDLE`).
+//! - [`commit`]: acknowledgements (XACK + XDEL), dead letters (to the
+//!   procedure's dead-letter stream, atomically), failed-attempt counts and
+//!   idle-time refreshes, batched.
+//! - [`dead_letters`]: `subtocall dead-letters list|redrive`.
+//!
+//! Every key of one procedure shares a hash slot (`{ns:procedure}`), so the
+//! scripts work on a Redis Cluster and procedures spread over its masters.
+
+pub mod admit;
+pub mod commit;
+pub mod dead_letters;
+pub mod reader;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::{
+    ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection,
+};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::{AsyncConnectionConfig, Cmd, Pipeline, RedisFuture, RedisResult, Value};
+use tokio::sync::Mutex;
+
+/// Deadline of one ordinary Redis command (not a blocking read).
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The queue's key names, for one queue name (`SUBTOCALL_QUEUE_NAME`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Keys {
+    name: String,
+}
+
+impl Keys {
+    pub fn new(name: &str) -> Keys {
+        Keys {
+            name: name.to_owned(),
+        }
+    }
+
+    /// The consumer group every instance reads in.
+    pub fn group(&self) -> &str {
+        &self.name
+    }
+
+    /// The stream of events waiting for `procedure`.
+    pub fn stream(&self, procedure: &str) -> String {
+        format!("{{{}:{procedure}}}:stream", self.name)
+    }
+
+    /// The dead-letter stream of `procedure`.
+    pub fn dead(&self, procedure: &str) -> String {
+        format!("{{{}:{procedure}}}:dead", self.name)
+    }
+
+    /// The claim key of one publication for `procedure`.
+    pub fn seen(&self, procedure: &str, publication: u64) -> String {
+        format!("{{{}:{procedure}}}:seen:{publication}", self.name)
+    }
+
+    /// The set of every procedure that has a stream.
+    pub fn procedures(&self) -> String {
+        format!("{}:procedures", self.name)
+    }
+}
+
+/// Where the Redis is: one server, or a seed node of a cluster.
+#[derive(Clone)]
+pub struct Target {
+    url: String,
+    cluster: bool,
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL may hold a password.
+        f.debug_struct("Target")
+            .field("cluster", &self.cluster)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Target {
+    pub fn new(url: &str, cluster: bool) -> Result<Target, String> {
+        // Checks the URL now rather than at the first use.
+        redis::Client::open(url).map_err(|e| e.to_string())?;
+        Ok(Target {
+            url: url.to_owned(),
+            cluster,
+        })
+    }
+
+    pub fn is_cluster(&self) -> bool {
+        self.cluster
+    }
+
+    /// A handle on a shared, reconnecting connection for ordinary commands;
+    /// it connects on first use, so Redis may be down at startup.
+    pub fn shared(&self) -> Result<Shared, String> {
+        let inner = if self.cluster {
+            SharedInner::Cluster {
+                client: Box::new(self.cluster_client(COMMAND_TIMEOUT)?),
+                conn: Arc::new(Mutex::new(None)),
+            }
+        } else {
+            let client = redis::Client::open(self.url.as_str()).map_err(|e| e.to_string())?;
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(COMMAND_TIMEOUT))
+                .set_response_timeout(Some(COMMAND_TIMEOUT))
+                .set_number_of_retries(1);
+            SharedInner::Single(
+                ConnectionManager::new_lazy_with_config(client, config)
+                    .map_err(|e| e.to_string())?,
+            )
+        };
+        Ok(Shared { inner })
+    }
+
+    /// A connection of its own, for blocking reads: `response_timeout`
+    /// must exceed the longest BLOCK used on it.
+    pub async fn dedicated(&self, response_timeout: Duration) -> RedisResult<Conn> {
+        if self.cluster {
+            let client = self
+                .cluster_client(response_timeout)
+                .map_err(|e| redis::RedisError::from((redis::ErrorKind::Client, "cluster", e)))?;
+            Ok(Conn::Cluster(client.get_async_connection().await?))
+        } else {
+            let client = redis::Client::open(self.url.as_str())?;
+            let config = AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(COMMAND_TIMEOUT))
+                .set_response_timeout(Some(response_timeout));
+            Ok(Conn::Single(
+                client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await?,
+            ))
+        }
+    }
+
+    fn cluster_client(&self, response_timeout: Duration) -> Result<ClusterClient, String> {
+        ClusterClient::builder(vec![self.url.as_str()])
+            .connection_timeout(COMMAND_TIMEOUT)
+            .response_timeout(response_timeout)
+            .retries(2)
+            .build()
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// A cheap-clone handle on the shared connection.
+#[derive(Clone)]
+pub struct Shared {
+    inner: SharedInner,
+}
+
+#[derive(Clone)]
+enum SharedInner {
+    Single(ConnectionManager),
+    Cluster {
+        client: Box<ClusterClient>,
+        conn: Arc<Mutex<Option<ClusterConnection>>>,
+    },
+}
+
+impl Shared {
+    /// The connection, connecting first if there is none yet.
+    pub async fn get(&self) -> RedisResult<Conn> {
+        match &self.inner {
+            SharedInner::Single(manager) => Ok(Conn::Managed(manager.clone())),
+            SharedInner::Cluster { client, conn } => {
+                let mut slot = conn.lock().await;
+                if let Some(c) = slot.as_ref() {
+                    return Ok(Conn::Cluster(c.clone()));
+                }
+                let c = client.get_async_connection().await?;
+                *slot = Some(c.clone());
+                Ok(Conn::Cluster(c))
+            }
+        }
+    }
+}
+
+/// One connection of any kind.
+#[derive(Clone)]
+pub enum Conn {
+    Single(MultiplexedConnection),
+    Managed(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Managed(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Managed(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Managed(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// The milliseconds part of a stream entry id (`<ms>-<seq>`): when it was added.
+pub fn entry_millis(id: &str) -> Option<u64> {
+    id.split_once('-').map_or(id, |(ms, _)| ms).parse().ok()
+}
+
+/// Text of a Redis bulk or simple string value.
+pub(crate) fn text(value: &Value) -> Option<String> {
+    match value {
+        Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+        Value::SimpleString(s) => Some(s.clone()),
+        Value::VerbatimString { text, .. } => Some(text.clone()),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_key_of_a_procedure_shares_one_hash_tag() {
+        let k = Keys::new("subtocall");
+        let tag = "{subtocall:com.example.SUB_a}";
+        assert_eq!(k.stream("com.example.SUB_a"), format!("{tag}:stream"));
+        assert_eq!(k.dead("com.example.SUB_a"), format!("{tag}:dead"));
+        assert_eq!(k.seen("com.example.SUB_a", 7), format!("{tag}:seen:7"));
+        assert_eq!(k.group(), "subtocall");
+        assert_eq!(k.procedures(), "subtocall:procedures");
+    }
+
+    #[test]
+    fn entry_ids_tell_when_they_were_added() {
+        assert_eq!(entry_millis("1700000000123-4"), Some(1_700_000_000_123));
+        assert_eq!(entry_millis("5"), Some(5));
+        assert_eq!(entry_millis("x-1"), None);
+    }
+}
