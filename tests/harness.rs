@@ -2,12 +2,14 @@
 //! the Crossbar and Redis fixtures start, stop and restart on their port, the three-master
 //! Redis Cluster fixture spreads hash-tagged keys over its masters, the autobahn
 //! peers exchange calls and events with bytes intact, WAMP-CRA (plain and salted) and
-//! roles work as configured, the meta-API session sees subscribers, and TLS serves
-//! wss:// with the generated certificate.
+//! roles work as configured, the backend peer rejects or serialises calls on demand, a
+//! killed sidecar restarts on its port, the meta-API session sees subscribers, and TLS
+//! serves wss:// with the generated certificate.
 
 mod support;
 
 use std::collections::BTreeMap;
+use std::os::unix::process::ExitStatusExt as _;
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -15,6 +17,7 @@ use support::crossbar::{BACKEND_USER, LIMITED_USER, SALTED_USER, write_router_co
 use support::peers::{Connection, Invoke, Match, publisher_blob, user};
 use support::redis::RedisCluster;
 use support::resp::{self, Reply};
+use support::sidecar::Sidecar;
 use support::*;
 
 /// Generous cap for anything that should take well under a second.
@@ -276,6 +279,85 @@ async fn backend_peer_rejects_dies_and_reregisters_on_command() {
     );
     assert_eq!(backend.wait_exit(WAIT).await.code(), Some(3));
     assert_eq!(backend.wait_for_invocations(3, WAIT).await.len(), 3);
+}
+
+#[tokio::test]
+async fn backend_peer_rejects_every_call_while_told_to_and_can_take_one_call_at_a_time() {
+    let crossbar = Crossbar::start().await;
+    let procedure = "com.example.serial";
+    let mut backend = Backend::spawn(BackendOptions {
+        connection: connection(&crossbar, Serializer::Json, BACKEND_USER),
+        delay_ms: 100,
+        concurrency: Some(1),
+        ..BackendOptions::new(&crossbar, &[procedure])
+    })
+    .await;
+    let calls = |count| Caller::run(CallerOptions::new(&crossbar, procedure, count));
+
+    backend.reject_calls(true).await;
+    let rejected = calls(2).await;
+    for answer in rejected.lines_with("call") {
+        assert_eq!(
+            answer["error"],
+            json!("com.example.error.rejected"),
+            "{answer}"
+        );
+    }
+    backend.reject_calls(false).await;
+    let answered = calls(3).await;
+    for answer in answered.lines_with("call") {
+        assert_eq!(answer["args"][0], json!("backend"), "{answer}");
+    }
+
+    let invocations = backend.wait_for_invocations(5, WAIT).await;
+    let errored: Vec<bool> = invocations
+        .iter()
+        .map(|i| i["errored"] == json!(true))
+        .collect();
+    assert_eq!(errored, [true, true, false, false, false]);
+    // Made concurrently, handled one after the other: each starts once the
+    // one before has slept its 100 ms.
+    let starts: Vec<f64> = invocations[2..]
+        .iter()
+        .map(|i| i["at"].as_f64().expect("at"))
+        .collect();
+    for pair in starts.windows(2) {
+        assert!(pair[1] - pair[0] >= 0.09, "overlapping calls: {starts:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_killed_sidecar_restarts_with_its_environment_and_http_port() {
+    let crossbar = Crossbar::start().await;
+    let router = RouterMeta::join(&crossbar).await;
+    let backend = Backend::spawn(BackendOptions::new(&crossbar, &["com.example.SUB_again"])).await;
+    let topic = "com.example.again";
+    let mut sidecar = Sidecar::start_for(&crossbar, &[]);
+    sidecar.wait_subscribed(&router, topic, WAIT).await;
+    let (port, pid) = (sidecar.http_port(), sidecar.pid());
+
+    let status = sidecar.kill().await;
+    assert_eq!(status.signal(), Some(libc::SIGKILL));
+    assert!(sidecar.has_exited());
+    eventually(WAIT, "the killed sidecar's subscription gone", || async {
+        router.subscribers(topic).await.is_empty().then_some(())
+    })
+    .await;
+
+    sidecar.restart();
+    assert_ne!(sidecar.pid(), pid);
+    sidecar.wait_subscribed(&router, topic, WAIT).await;
+    assert_eq!(sidecar.http_port(), port);
+    assert_eq!(sidecar.http_get("/healthz").await.map(|r| r.0), Some(200));
+    Publisher::run(PublisherOptions::new(&crossbar, topic, 1))
+        .await
+        .assert_success();
+    backend.wait_for_invocations(1, WAIT).await;
+    assert_eq!(
+        sidecar.log().matches("restarted by the test").count(),
+        1,
+        "one log file for both runs"
+    );
 }
 
 #[tokio::test]

@@ -7,13 +7,19 @@ stdout (one JSON object per line):
    "registration": ID, "at": UNIX_TIME}                                      per invocation
   {"unregistered": true, "name": NAME}                                       after `unregister`
   {"synced": true, "name": NAME}                                             after `sync`
+  {"rejecting": true|false, "name": NAME}                                    after `reject`, `accept`
   {"register_error": URI, "error": STR}                                      then exit 2
-Every invocation returns the positional results [NAME, args[0]] (or [NAME] without args).
+Every invocation returns the positional results [NAME, args[0]] (or [NAME] without args);
+a rejected one (see `reject`, --error-on-call) answers com.example.error.rejected and its
+line has "errored": true. With --concurrency N at most N invocations are handled at once;
+the others wait, and an invocation's line is printed when its handling starts.
 
 stdin commands, one per line: `unregister`, `register`, `quit`, `drain` (unregister,
 finish the calls in flight, leave), `sync` (print the synced line: every line printed
-before it has been read by the test once it sees that line). stdin EOF is ignored, so
-a test may spawn the backend without a stdin pipe. SIGTERM leaves cleanly and exits 0.
+before it has been read by the test once it sees that line), `reject` (answer every
+invocation from now on with com.example.error.rejected) and `accept` (answer normally
+again). stdin EOF is ignored, so a test may spawn the backend without a stdin pipe.
+SIGTERM leaves cleanly and exits 0.
 
 Exit codes: 0 clean quit/SIGTERM, 2 connect/join/register failure, 3 --die-on-call,
 4 watchdog, 5 the router closed the session.
@@ -47,6 +53,9 @@ def parse_args():
         type=int,
         help="answer the K-th invocation with com.example.error.rejected",
     )
+    parser.add_argument(
+        "--concurrency", type=int, default=0, help="handle at most N invocations at once (0: any)"
+    )
     return peerlib.parse_args(parser)
 
 
@@ -54,6 +63,8 @@ async def main(args):
     session, ended = await peerlib.connect(args)
     calls = 0
     registrations = []
+    rejecting = False
+    slots = asyncio.Semaphore(args.concurrency) if args.concurrency > 0 else None
 
     def unanswered():
         # Invocations received and not yet answered. Autobahn sends the YIELD
@@ -64,6 +75,12 @@ async def main(args):
 
     def make_handler(uri):
         async def handler(*call_args, details, **call_kwargs):
+            if slots is None:
+                return await handle(call_args, details, call_kwargs)
+            async with slots:
+                return await handle(call_args, details, call_kwargs)
+
+        async def handle(call_args, details, call_kwargs):
             nonlocal calls
             calls += 1
             k = calls
@@ -83,7 +100,7 @@ async def main(args):
                 peerlib.emit(line)
                 peerlib.log(f"dying on call {k} without answering (--die-on-call)")
                 os._exit(EXIT_DIED_ON_CALL)
-            if k == args.error_on_call:
+            if rejecting or k == args.error_on_call:
                 line["errored"] = True
                 peerlib.emit(line)
                 raise ApplicationError(
@@ -128,6 +145,9 @@ async def main(args):
                 if not await register_all():
                     await peerlib.leave(session, ended)
                     return peerlib.EXIT_JOIN_FAILED
+            elif command in ("reject", "accept"):
+                rejecting = command == "reject"
+                peerlib.emit({"rejecting": rejecting, "name": args.name})
             elif command == "sync":
                 peerlib.emit({"synced": True, "name": args.name})
             elif command == "quit":

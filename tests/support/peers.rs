@@ -475,6 +475,9 @@ pub struct BackendOptions {
     pub die_on_call: Option<u32>,
     /// Answer the K-th invocation with the error `com.example.error.rejected`.
     pub error_on_call: Option<u32>,
+    /// Handle at most this many invocations at once; the others wait their turn (and
+    /// their invocation lines are printed when their turn comes).
+    pub concurrency: Option<u32>,
 }
 
 impl BackendOptions {
@@ -491,6 +494,7 @@ impl BackendOptions {
             delay_ms: 0,
             die_on_call: None,
             error_on_call: None,
+            concurrency: None,
         }
     }
 
@@ -513,6 +517,9 @@ impl BackendOptions {
         }
         if let Some(k) = self.error_on_call {
             args.extend(["--error-on-call".into(), k.to_string().into()]);
+        }
+        if let Some(n) = self.concurrency {
+            args.extend(["--concurrency".into(), n.to_string().into()]);
         }
         args
     }
@@ -628,6 +635,19 @@ impl Backend {
     pub async fn drain(&mut self) -> ExitStatus {
         self.process.send("drain").await;
         self.process.wait_exit(EXIT_GRACE).await
+    }
+
+    /// From now on answers every invocation with the error `com.example.error.rejected`
+    /// (`rejecting`) or normally again; returns once the backend confirmed the switch.
+    pub async fn reject_calls(&mut self, rejecting: bool) {
+        let confirmed = move |line: &Value| line["rejecting"] == json!(rejecting);
+        let before = self.count(confirmed);
+        self.process
+            .send(if rejecting { "reject" } else { "accept" })
+            .await;
+        self.process
+            .wait_for_lines(confirmed, before + 1, READY_TIMEOUT)
+            .await;
     }
 
     /// A barrier: returns once every line the backend printed before it read this

@@ -1,13 +1,15 @@
 //! The `subtocall` binary as a child process, configured only through its
 //! environment (a clean one: nothing leaks in from the test's own), with its
 //! log captured to a file and its metrics/health listener on a free port.
-//! Dropping the guard kills it; a guard dropped during a panic prints the
-//! tail of its log.
+//! A test can crash it (`kill`) or stop it and start it again (`restart`)
+//! as the same guard. Dropping the guard kills it; a guard dropped during a
+//! panic prints the tail of its log.
 
 use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::future::Future;
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
@@ -77,18 +79,8 @@ impl Sidecar {
         env.entry("SUBTOCALL_HTTP_ADDR".into())
             .or_insert_with(|| format!("127.0.0.1:{http_port}"));
         let log = File::create(&log_path).expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_subtocall"))
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .envs(&env)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log fd"))
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn subtocall");
         Sidecar {
-            child: Some(child),
+            child: Some(spawn(&env, log)),
             dir,
             log_path,
             http_port,
@@ -264,6 +256,29 @@ impl Sidecar {
             .sum()
     }
 
+    /// SIGKILL (a crash: no shutdown of any kind) and waits until the process is gone.
+    pub async fn kill(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("sidecar running");
+        child.kill().await.expect("SIGKILL subtocall");
+        child.wait().await.expect("wait for a SIGKILLed subtocall")
+    }
+
+    /// Starts the binary again, with the same environment (so the same HTTP port)
+    /// and its log appended to the same file, after [`Self::kill`],
+    /// [`Self::terminate`] or [`Self::wait_exit`]. Its metrics start from zero.
+    pub fn restart(&mut self) {
+        assert!(
+            self.child.is_none(),
+            "restart: the previous subtocall process was not stopped and reaped"
+        );
+        let mut log = fs::OpenOptions::new()
+            .append(true)
+            .open(&self.log_path)
+            .expect("open the log to append");
+        writeln!(log, "--- restarted by the test ---").expect("write the log");
+        self.child = Some(spawn(&self.env, log));
+    }
+
     /// Sends SIGTERM and waits for the exit (up to `timeout`).
     pub async fn terminate(&mut self, timeout: Duration) -> ExitStatus {
         self.signal(libc::SIGTERM);
@@ -339,6 +354,20 @@ impl Sidecar {
     pub fn dir(&self) -> &std::path::Path {
         self.dir.path()
     }
+}
+
+/// Spawns the binary with exactly `env` (plus PATH), its stdout and stderr into `log`.
+fn spawn(env: &BTreeMap<String, String>, log: File) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_subtocall"))
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .envs(env)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log fd"))
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn subtocall")
 }
 
 /// What the counters say once the sidecar is idle (see [`Sidecar::wait_idle`]).
