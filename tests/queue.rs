@@ -134,17 +134,22 @@ async fn all_delivered(backends: &[&Backend], expected: &BTreeSet<(String, u64)>
 /// on no instance delivers one of its events again, so what the backends
 /// have seen after a `sync` is final.
 async fn wait_drained(node: &Redis, key: &str) {
+    wait_drained_in(node, key, GROUP).await
+}
+
+/// [`wait_drained`] for the queue (and consumer group) named `group`.
+async fn wait_drained_in(node: &Redis, key: &str, group: &str) {
     eventually(
         WAIT,
-        &format!("{key} empty, nothing pending in group {GROUP}"),
+        &format!("{key} empty, nothing pending in group {group}"),
         || async {
             let length = node.command(&["XLEN", key]).await.integer();
             // [count, smallest id, greatest id, [[consumer, count], ...]]
-            let pending = match node.command(&["XPENDING", key, GROUP]).await {
+            let pending = match node.command(&["XPENDING", key, group]).await {
                 Reply::Array(Some(summary)) => summary[0].integer(),
                 // NOGROUP: no instance has created its group yet.
                 Reply::Error(_) => return None,
-                other => panic!("XPENDING {key} {GROUP}: {other:?}"),
+                other => panic!("XPENDING {key} {group}: {other:?}"),
             };
             (length == 0 && pending == 0).then_some(())
         },
@@ -614,7 +619,7 @@ async fn events_dead_lettered_while_a_backend_rejects_them_are_delivered_after_r
 
     all_delivered(&[&callee], &expected).await;
     for procedure in procedures {
-        wait_drained(&redis, &stream_key(namespace, procedure)).await;
+        wait_drained_in(&redis, &stream_key(namespace, procedure), namespace).await;
         let key = dead_key(namespace, procedure);
         assert_eq!(redis.command(&["XLEN", &key]).await.integer(), 0, "{key}");
     }

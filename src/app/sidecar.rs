@@ -462,7 +462,7 @@ impl Sidecar {
 
     fn set_redis_up(&mut self, up: bool) {
         if up && !self.redis_up {
-            tracing::info!("the Redis queue answers again");
+            tracing::info!("the Redis queue answers");
         }
         self.redis_up = up;
         self.metrics.redis_up.set(i64::from(up));

@@ -8,7 +8,8 @@
 //!
 //! A supervisor starts a reader for every procedure in the registry set,
 //! for one that this instance's admission just registered, and for new ones
-//! other instances registered (it re-reads the set every few seconds).
+//! other instances registered (it re-reads the set every second, which also
+//! tells the event loop whether Redis answers).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -25,8 +26,9 @@ use super::{Conn, Keys, Shared, Target, text};
 /// Longest XREADGROUP BLOCK; a reader looks at its stop signal and its
 /// takeover timer at least this often.
 const BLOCK: Duration = Duration::from_millis(1000);
-/// How often the supervisor re-reads the registry set.
-const REGISTRY_EVERY: Duration = Duration::from_secs(2);
+/// How often the supervisor re-reads the registry set (which also tells
+/// whether Redis answers, while no event flows).
+const REGISTRY_EVERY: Duration = Duration::from_secs(1);
 /// Entries read at once at most.
 const READ_MAX: usize = 256;
 
@@ -78,9 +80,13 @@ impl Readers {
                 _ = sleep_until(next_scan) => {
                     next_scan = Instant::now() + REGISTRY_EVERY;
                     match this.registry().await {
-                        Ok(all) => found.extend(all),
+                        Ok(all) => {
+                            found.extend(all);
+                            let _ = this.out.send(FromReaders::RedisUp(true));
+                        }
                         Err(e) => {
                             tracing::debug!(error = %e, "cannot read the queue's procedure set");
+                            let _ = this.out.send(FromReaders::RedisUp(false));
                         }
                     }
                 }
