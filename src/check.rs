@@ -10,7 +10,7 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::app::client_config;
-use crate::config::{Config, Mode, RedisUrl};
+use crate::config::{Config, Mode, QueueKind, RedisUrl};
 use crate::discovery::Marker;
 use crate::discovery::meta::{self, RegistrationInfo};
 use crate::discovery::topic::{Classification, Mapper, MatchPolicy};
@@ -106,10 +106,22 @@ pub async fn run(config: &Config) -> Report {
         Mode::Wamp => "WAMP (one CALL per event)",
         Mode::Redis => "Redis (one RPUSH per event)",
     };
-    report.ok(format!("configuration is valid; mode: {mode}"));
+    let queue = match config.queue.kind {
+        QueueKind::Memory => "memory (one instance)".to_owned(),
+        QueueKind::Redis => format!(
+            "Redis Streams, queue name {} (instances with this name share the work)",
+            config.queue.name
+        ),
+    };
+    report.ok(format!(
+        "configuration is valid; mode: {mode}; queue: {queue}"
+    ));
 
     check_router(config, &mut report).await;
-    if config.forward.mode == Mode::Redis || config.redis.dead_letter_key.is_some() {
+    if config.forward.mode == Mode::Redis
+        || config.redis.dead_letter_key.is_some()
+        || config.queue.kind == QueueKind::Redis
+    {
         check_redis(config, &mut report).await;
     }
     report

@@ -561,7 +561,10 @@ impl Sidecar {
                 Output::Ack(job) if self.queue.is_some() => {
                     tracing::trace!(publication = %job.item.publication, "event offered to the Redis queue");
                 }
-                Output::Ack(job) => self.delivered(&job, now),
+                Output::Ack(job) => {
+                    let pushed = !self.sink.needs_session();
+                    self.delivered(&job, pushed, now);
+                }
                 Output::DeadLetter(job, why) => self.dead_letter(&job, why, now),
                 Output::Retrying { .. } if self.queue.is_some() => {}
                 Output::Retrying { .. } => {
@@ -619,7 +622,8 @@ impl Sidecar {
                     }
                 }
                 Output::Ack(job) => {
-                    self.delivered(&job, now);
+                    let pushed = self.queue.as_ref().is_some_and(|q| !q.sink.needs_session());
+                    self.delivered(&job, pushed, now);
                     let q = self.queue.as_mut().expect("queue stage");
                     if let Some(entry) = &job.item.entry {
                         q.commit(Commit::Ack {
@@ -702,9 +706,10 @@ impl Sidecar {
         }
     }
 
-    fn delivered(&self, job: &Job<SharedEvent>, now: Instant) {
+    /// `pushed`: delivered by an RPUSH (Redis mode), not a CALL.
+    fn delivered(&self, job: &Job<SharedEvent>, pushed: bool, now: Instant) {
         self.metrics.events_forwarded.inc();
-        if !self.sink.needs_session() {
+        if pushed {
             self.metrics.redis_pushes.inc();
         }
         self.metrics

@@ -273,6 +273,9 @@ mod model {
     #[derive(Debug, Clone)]
     enum Op {
         Accept,
+        /// Accept an event with a history (a queue entry taken over from
+        /// another instance): received this many ms ago, attempted before.
+        AcceptTaken(u64, u32),
         /// Finish the n-th delivery in flight with this outcome.
         Finish(usize, Kind),
         /// Finish the n-th delivery in flight event by event.
@@ -306,6 +309,7 @@ mod model {
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
             6 => Just(Op::Accept),
+            2 => (0..200_000u64, 0..8u32).prop_map(|(ago, n)| Op::AcceptTaken(ago, n)),
             6 => (0..8usize, kind()).prop_map(|(n, k)| Op::Finish(n, k)),
             1 => (0..8usize, prop::collection::vec(kind(), 0..4)).prop_map(|(n, k)| Op::FinishEach(n, k)),
             3 => (0..3000u64).prop_map(Op::Advance),
@@ -424,6 +428,21 @@ mod model {
                     self.next_item += 1;
                     self.resolved.insert(self.next_item, false);
                     self.f.accept(self.next_item, self.now);
+                }
+                Op::AcceptTaken(ago, attempts) => {
+                    self.next_item += 1;
+                    self.resolved.insert(self.next_item, false);
+                    let received = self
+                        .now
+                        .checked_sub(Duration::from_millis(ago))
+                        .unwrap_or(self.now);
+                    let job = Job {
+                        item: self.next_item,
+                        received,
+                        attempts,
+                        last_error: None,
+                    };
+                    self.f.accept_job(job, self.now);
                 }
                 Op::Finish(n, kind) => {
                     if let Some(id) = self.land(n) {

@@ -31,6 +31,9 @@ const BLOCK: Duration = Duration::from_millis(1000);
 const REGISTRY_EVERY: Duration = Duration::from_secs(1);
 /// Entries read at once at most.
 const READ_MAX: usize = 256;
+/// A consumer with nothing pending, silent this long (or ten times the claim
+/// idle time, if longer), belonged to an instance that is gone.
+const GONE_AFTER: Duration = Duration::from_secs(300);
 
 /// An entry read from a stream.
 #[derive(Debug, Clone, PartialEq)]
@@ -236,9 +239,43 @@ impl Readers {
             }
             match next {
                 Some(n) if n != "0-0" && !self.stop.is_cancelled() => cursor = n,
-                _ => return Ok(()),
+                _ => break,
             }
         }
+        self.forget_gone_consumers(c, stream).await
+    }
+
+    /// Removes from the group the consumers of instances that are gone:
+    /// nothing pending and silent for long (a live reader touches the group
+    /// every second). Keeps `XINFO CONSUMERS` short over many restarts.
+    async fn forget_gone_consumers(&self, c: &mut Conn, stream: &str) -> redis::RedisResult<()> {
+        let gone_after = (self.claim_idle * 10).max(GONE_AFTER);
+        let reply: Value = redis::cmd("XINFO")
+            .arg("CONSUMERS")
+            .arg(stream)
+            .arg(self.keys.group())
+            .query_async(&mut *c)
+            .await?;
+        let Value::Array(consumers) = reply else {
+            return Ok(());
+        };
+        for consumer in consumers {
+            let info = consumer_info(&consumer);
+            let (Some(name), Some(0), Some(idle)) = (info.0, info.1, info.2) else {
+                continue;
+            };
+            if name != self.consumer && idle > gone_after.as_millis() as i64 {
+                redis::cmd("XGROUP")
+                    .arg("DELCONSUMER")
+                    .arg(stream)
+                    .arg(self.keys.group())
+                    .arg(&name)
+                    .query_async::<i64>(&mut *c)
+                    .await?;
+                tracing::debug!(consumer = %name, stream, "removed a gone consumer from the group");
+            }
+        }
+        Ok(())
     }
 
     async fn delivery_counts(
@@ -271,6 +308,32 @@ impl Readers {
         }
         Ok(counts)
     }
+}
+
+/// Name, pending count and idle milliseconds of one `XINFO CONSUMERS` row
+/// (a flat field/value array in RESP2, a map in RESP3).
+fn consumer_info(row: &Value) -> (Option<String>, Option<i64>, Option<i64>) {
+    let pairs: Vec<(&Value, &Value)> = match row {
+        Value::Array(flat) => flat
+            .chunks(2)
+            .filter_map(|kv| match kv {
+                [k, v] => Some((k, v)),
+                _ => None,
+            })
+            .collect(),
+        Value::Map(map) => map.iter().map(|(k, v)| (k, v)).collect(),
+        _ => Vec::new(),
+    };
+    let mut info = (None, None, None);
+    for (k, v) in pairs {
+        match (text(k).as_deref(), v) {
+            (Some("name"), v) => info.0 = text(v),
+            (Some("pending"), Value::Int(n)) => info.1 = Some(*n),
+            (Some("idle"), Value::Int(n)) => info.2 = Some(*n),
+            _ => {}
+        }
+    }
+    info
 }
 
 async fn create_group(c: &mut Conn, stream: &str, group: &str) -> redis::RedisResult<()> {
@@ -398,5 +461,23 @@ mod tests {
         assert_eq!(entries.len(), 1, "a deleted entry is skipped");
         assert!(entries[0].taken_over);
         assert_eq!(parse_read(&Value::Nil, &p), Vec::new());
+    }
+
+    #[test]
+    fn consumer_rows_give_name_pending_and_idle() {
+        let row = Value::Array(vec![
+            bulk("name"),
+            bulk("host-1-ab"),
+            bulk("pending"),
+            Value::Int(0),
+            bulk("idle"),
+            Value::Int(900_000),
+            bulk("inactive"),
+            Value::Int(900_000),
+        ]);
+        assert_eq!(
+            consumer_info(&row),
+            (Some("host-1-ab".to_owned()), Some(0), Some(900_000))
+        );
     }
 }
