@@ -343,6 +343,24 @@ mod tests {
         assert!(SharedEvent::from_envelope(br#"{"procedure":"p"}"#).is_err());
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+        /// The Redis queue stores events as envelopes: whatever the args
+        /// and kwargs, the event read back makes the same CALL payload.
+        #[test]
+        fn any_payload_survives_the_queue(
+            args in proptest::collection::vec(crate::wamp::codec::tests::properties::value(), 0..4),
+            kwargs in proptest::collection::vec(("[a-z_]{1,8}", crate::wamp::codec::tests::properties::value()), 0..4),
+        ) {
+            let mut ev = shared(Dict::new());
+            ev.payload = EventPayload::Decoded(Payload::new(args, kwargs.into_iter().collect()));
+            let back = SharedEvent::from_envelope(&ev.envelope_json()).unwrap();
+            proptest::prop_assert_eq!(back.call_payload(None).unwrap(), ev.call_payload(None).unwrap());
+            proptest::prop_assert_eq!(back.envelope_json(), ev.envelope_json());
+        }
+    }
+
     #[test]
     fn undisclosed_publisher_is_null_in_the_envelope() {
         let json: serde_json::Value =

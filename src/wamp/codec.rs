@@ -422,7 +422,7 @@ impl<'de> Visitor<'de> for KeySeed {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::wamp::id::*;
     use crate::wamp::message::{Event, Payload};
@@ -590,12 +590,14 @@ mod tests {
         assert!(Serializer::MsgPack.decode(&deep).is_err());
     }
 
-    mod properties {
+    pub(crate) mod properties {
         use proptest::prelude::*;
 
         use super::*;
 
-        fn value() -> impl Strategy<Value = Value> {
+        /// Any value that survives a JSON round trip (no NaN, no string
+        /// starting with NUL).
+        pub(crate) fn value() -> impl Strategy<Value = Value> {
             let leaf = prop_oneof![
                 Just(Value::Null),
                 any::<bool>().prop_map(Value::Bool),
