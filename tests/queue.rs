@@ -3,8 +3,9 @@
 //! it. Proven by breaking things on purpose: an instance SIGKILLed and
 //! another upgraded under load, a crash with hundreds of events waiting,
 //! Redis restarted mid-stream, a backend rejecting events until they are
-//! re-driven from the dead-letter stream, a three-master Redis Cluster, and
-//! two instances pushing to Redis lists. Real Crossbar, real redis-server
+//! re-driven from the dead-letter stream, a three-master Redis Cluster,
+//! two instances pushing to Redis lists, and calls far longer than the claim
+//! idle time that must not be taken over from a live instance. Real Crossbar, real redis-server
 //! (private, on free ports), autobahn peers.
 
 mod support;
@@ -754,4 +755,50 @@ async fn two_instances_in_redis_mode_push_each_event_once() {
         pushed_1 > 0.0 && pushed_2 > 0.0,
         "both instances push: {pushed_1} and {pushed_2}"
     );
+}
+
+/// A live instance keeps what it holds: calls that take several times
+/// `SUBTOCALL_CLAIM_IDLE` are not taken over by the other instance (their
+/// idle time is refreshed), so none is made twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_calls_of_a_live_instance_are_not_taken_over() {
+    let crossbar = Crossbar::start().await;
+    let router = RouterMeta::join(&crossbar).await;
+    let redis = Redis::start().await;
+    let procedure = "com.example.SUB_long";
+    let topic = topic_of(procedure);
+    // Each call takes 2.5 s: five claim-idle periods of 500 ms.
+    let slow = Backend::spawn(BackendOptions {
+        delay_ms: 2_500,
+        ..backend(&crossbar, "slow", &[procedure])
+    })
+    .await;
+    let env = queue_env(
+        &crossbar,
+        &redis.url(),
+        &[("SUBTOCALL_CLAIM_IDLE", "500ms")],
+    );
+    let first = Sidecar::start(env.clone());
+    let second = Sidecar::start(env);
+    wait_subscribers(&second, &router, &topic, 2).await;
+
+    Publisher::run(PublisherOptions {
+        rate: 50.0,
+        quiet: true,
+        ..PublisherOptions::new(&crossbar, &topic, 10)
+    })
+    .await
+    .assert_success();
+    all_delivered(&[&slow], &published(&[procedure], 10)).await;
+    wait_drained(&redis, &stream_key(GROUP, procedure)).await;
+
+    let seen = deliveries(&[&slow]);
+    assert_eq!(duplicates(&seen), 0, "no call made twice: {seen:?}");
+    for sidecar in [&first, &second] {
+        assert_eq!(
+            sidecar.metric("subtocall_queue_taken_over_total").await,
+            0.0,
+            "nothing taken over from a live instance"
+        );
+    }
 }
