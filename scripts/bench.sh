@@ -11,15 +11,26 @@
 #      Crossbar -> two roundrobin backends, beside two baselines on the same
 #      router (backends subscribing directly; publishers calling SUB_ directly);
 #   3. Redis mode against a private redis-server, beside redis-benchmark;
+#   4. the Redis queue (SUBTOCALL_QUEUE=redis) beside the memory queue, same
+#      build, same run: against the loopback peer with one instance and with
+#      two sharing a private redis-server (events/s, subtocall's and
+#      redis-server's CPU per event, exactly-once check, instructions per
+#      event under callgrind), and at 500 events/s through Crossbar (a path
+#      of part 2: the p99 the Redis queue adds);
 #
 # the baseline build alternating with the current one for the ceiling,
 # instructions and CPU per event, the CPU per event at 500 events/s (loopback
 # peer and Crossbar) and RSS, and rewrites the generated section of doc/benchmarks.md and doc/img/bench-*.png.
-# About 7 minutes on a 2-core machine once built (a fresh clone also builds
-# both, a few minutes each, and creates the Crossbar virtualenv once).
+# About 9 to 10 minutes on a 2-core machine once built (a fresh clone also
+# builds both, a few minutes each, and creates the Crossbar virtualenv once);
+# `--only queue` about 3 minutes (it starts its own Crossbar for the two
+# queues' paths), `--quick --only queue` about 1.5.
 #
-#   scripts/bench.sh [--quick] [--only ceiling,callgrind,paced,crossbar,redis] [--no-write]
-#                    [--baseline REV] ...
+#   scripts/bench.sh [--quick] [--only ceiling,callgrind,paced,crossbar,redis,queue]
+#                    [--no-write] [--baseline REV] ...
+#
+# --no-write prints the section instead of writing it: a run of some parts
+# only rewrites the generated section with those parts alone.
 #
 # The baseline: --baseline REV, else $BENCH_BASELINE, else
 # BASELINE_DEFAULT in this script (068ae7d, the commit before the event-loop

@@ -42,7 +42,7 @@ pub fn serializer_env(serializer: Serializer) -> &'static str {
     }
 }
 
-fn sidecar_env(peer: &Peer, serializer: Serializer) -> BTreeMap<String, String> {
+pub fn sidecar_env(peer: &Peer, serializer: Serializer) -> BTreeMap<String, String> {
     let mut env = BTreeMap::new();
     env.insert("WAMP_URL".into(), peer.url());
     env.insert("CROSSBAR_REALM".into(), "realm1".into());
@@ -53,7 +53,7 @@ fn sidecar_env(peer: &Peer, serializer: Serializer) -> BTreeMap<String, String> 
     env
 }
 
-fn wait_subscribed(peer: &Peer, sidecar: &mut Sidecar, limit: Duration) -> Result<()> {
+pub fn wait_subscribed(peer: &Peer, sidecar: &mut Sidecar, limit: Duration) -> Result<()> {
     let started = Instant::now();
     while !peer.stats.subscribed.load(Ordering::Relaxed) {
         sidecar.proc.check_alive()?;
@@ -204,12 +204,14 @@ impl Drop for LlenPoller {
 }
 
 /// Instructions executed by the subtocall `binary` for `events` events, start
-/// to exit, counted by callgrind.
+/// to exit, counted by callgrind; `extra` variables for subtocall (part 4:
+/// the queue).
 pub fn callgrind_total(
     ctx: &Ctx,
     binary: &Path,
     serializer: Serializer,
     events: u64,
+    extra: &[(&str, String)],
 ) -> Result<u64> {
     let peer = Peer::start(PeerConfig {
         serializer,
@@ -218,12 +220,16 @@ pub fn callgrind_total(
         external_completions: None,
         rate: None,
     })?;
-    let out: PathBuf = ctx
-        .work
-        .join(format!("callgrind.{}.{events}", serializer_env(serializer)));
+    let out: PathBuf = ctx.work.join(format!(
+        "callgrind.{}.{events}.{}",
+        serializer_env(serializer),
+        extra.len()
+    ));
+    let mut env = sidecar_env(&peer, serializer);
+    env.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), v.clone())));
     let mut sidecar = Sidecar::start(SidecarSpec {
         binary,
-        env: sidecar_env(&peer, serializer),
+        env,
         callgrind_out: Some(out.clone()),
         log: ctx.work.join("subtocall-callgrind.log"),
     })?;

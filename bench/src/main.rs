@@ -1,11 +1,12 @@
 //! The benchmark command (run it through `scripts/bench.sh`): what subtocall
 //! costs per event beside the limit (a loopback peer playing the router),
 //! beside the real Crossbar router (with two baselines on the same router,
-//! in the same run), and in Redis mode (beside `redis-benchmark`); given a
-//! second build (`--baseline-subtocall`, the commit before a change), it
-//! measures that build beside the current one, alternating with it. Writes
-//! the results into `doc/benchmarks.md` between its GENERATED markers and
-//! draws the charts into `doc/img/`.
+//! in the same run), in Redis mode (beside `redis-benchmark`), and on the
+//! Redis queue (`SUBTOCALL_QUEUE=redis`, one and two instances) beside the
+//! memory queue; given a second build (`--baseline-subtocall`, the commit
+//! before a change), it measures that build beside the current one,
+//! alternating with it. Writes the results into `doc/benchmarks.md`
+//! between its GENERATED markers and draws the charts into `doc/img/`.
 //!
 //! Benchmarks are not tests: nothing here asserts a timing. A run fails only
 //! when something is broken (an event lost, a payload changed, a process
@@ -16,6 +17,7 @@ mod crossbar;
 mod peer;
 mod procfs;
 mod procs;
+mod queue;
 mod report;
 mod resp;
 mod router;
@@ -91,7 +93,9 @@ Usage: subtocall-bench --subtocall PATH [options]   (normally run by scripts/ben
   --baseline-commit REV the commit the baseline build was made from (for the report)
   --repo DIR            repository root (default: current directory)
   --venv DIR            the Crossbar virtualenv (default: scripts/setup-crossbar.sh)
-  --only LIST           comma-separated parts: ceiling,paced,callgrind,crossbar,redis
+  --only LIST           comma-separated parts: ceiling,paced,callgrind,crossbar,redis,queue
+                        (queue: the Redis queue beside the memory queue, against the
+                        loopback peer and at the moderate rate through Crossbar)
   --repeats N           runs per figure (default 5)
   --latency-repeats N   runs per path at the moderate rate (default 3)
   --rate N              the moderate rate through Crossbar, events/s (default 500)
@@ -167,7 +171,7 @@ fn run() -> Result<()> {
     let wants = |p: &str| only.as_deref().is_none_or(|o| o.split(',').any(|x| x == p));
     ctx.work = std::env::temp_dir().join(format!("subtocall-bench-{}", std::process::id()));
     std::fs::create_dir_all(&ctx.work)?;
-    if wants("crossbar") {
+    if wants("crossbar") || wants("queue") {
         ctx.venv = Some(crossbar::find_venv(venv.as_deref(), &repo)?);
     }
     let machine = procfs::machine();
@@ -192,6 +196,9 @@ fn run() -> Result<()> {
             .map(|_| report::BuildRuns::new(baseline_commit.unwrap_or_else(|| "baseline".into()))),
         rate: ctx.rate,
         router: None,
+        queue: Vec::new(),
+        queue_instructions: Vec::new(),
+        queue_router: None,
         redis: Vec::new(),
         redis_benchmark: Vec::new(),
         redis_floor_ns: Vec::new(),
@@ -257,8 +264,8 @@ fn run() -> Result<()> {
         let (small, large) = (5_000, 25_000);
         for ser in [Serializer::MsgPack, Serializer::Json] {
             for (build, binary) in ctx.builds(0) {
-                let a = ceiling::callgrind_total(&ctx, binary, ser, small)?;
-                let b = ceiling::callgrind_total(&ctx, binary, ser, large)?;
+                let a = ceiling::callgrind_total(&ctx, binary, ser, small, &[])?;
+                let b = ceiling::callgrind_total(&ctx, binary, ser, large, &[])?;
                 let per = b.saturating_sub(a) as f64 / (large - small) as f64;
                 log(&format!(
                     "  {:>8} {:>7}: {a} instructions for {small} events, {b} for {large}: {per:.0} per event",
@@ -274,9 +281,23 @@ fn run() -> Result<()> {
             }
         }
     }
+    // Part 4's redis-server, also serving the Redis-queue path of part 2.
+    let queue_redis = if wants("queue") {
+        Some(procs::RedisServer::start_with(
+            &ctx.work,
+            "redis-queue",
+            &[],
+        )?)
+    } else {
+        None
+    };
     if wants("crossbar") {
         log("part 2: through the real Crossbar");
-        results.router = Some(router::run(&ctx, &log)?);
+        let plan = router::Plan {
+            full: true,
+            redis: queue_redis.as_ref(),
+        };
+        results.router = Some(router::run(&ctx, &plan, &log)?);
     }
     if wants("redis") {
         log("part 3: Redis mode");
@@ -315,6 +336,57 @@ fn run() -> Result<()> {
             results.redis_floor_ns.push(floor);
         }
     }
+
+    if let Some(server) = &queue_redis {
+        log("part 4: the Redis queue beside the memory queue, loopback peer");
+        for i in 0..ctx.repeats {
+            let mut cases = queue::CASES.to_vec();
+            if i % 2 == 1 {
+                cases.reverse();
+            }
+            for (q, instances) in cases {
+                let r = queue::run_once(&ctx, &ctx.subtocall, q, instances, Some(server))?;
+                let share: Vec<String> = r
+                    .delivered_share
+                    .iter()
+                    .map(|s| format!("{:.0}%", s * 100.0))
+                    .collect();
+                log(&format!(
+                    "  {:>6} x{instances} #{}: {:>7.0} ev/s, subtocall {:.2} us/ev, redis-server {:.2} us/ev, peer {:.2} us/ev, delivered {}",
+                    q.env(),
+                    i + 1,
+                    r.events_per_s,
+                    r.sidecar_cpu_ns / 1e3,
+                    r.redis_cpu_ns / 1e3,
+                    r.peer_cpu_ns / 1e3,
+                    share.join(" + ")
+                ));
+                results.queue.push((q, instances, r));
+            }
+        }
+        log("part 4: instructions per event, one instance (valgrind --tool=callgrind)");
+        for q in [queue::Queue::Memory, queue::Queue::Redis] {
+            let per =
+                queue::instructions(&ctx, &ctx.subtocall, q, server, queue::CALLGRIND_EVENTS)?;
+            log(&format!(
+                "  {:>6}: {per:.0} instructions per event",
+                q.env()
+            ));
+            results.queue_instructions.push((q, per));
+        }
+        if !wants("crossbar") {
+            log(&format!(
+                "part 4b: through the real Crossbar at {:.0} events/s, memory and Redis queue",
+                ctx.rate
+            ));
+            let plan = router::Plan {
+                full: false,
+                redis: Some(server),
+            };
+            results.queue_router = Some(router::run(&ctx, &plan, &log)?);
+        }
+    }
+    drop(queue_redis);
 
     results.duration_s = started.elapsed().as_secs_f64();
     let section = report::markdown(&results);
@@ -381,6 +453,22 @@ fn throughput_bars(r: &report::Results) -> Vec<(String, f64)> {
             "redis-benchmark RPUSH -P 512".into(),
             median(r.redis_benchmark.iter().map(|c| c.0).collect()),
         ));
+    }
+    for (q, instances) in queue::CASES {
+        let v: Vec<f64> = r
+            .queue
+            .iter()
+            .filter(|(a, b, _)| (*a, *b) == (q, instances))
+            .map(|(_, _, run)| run.events_per_s)
+            .collect();
+        if !v.is_empty() && q == queue::Queue::Redis {
+            let who = if instances == 1 {
+                "one instance".to_owned()
+            } else {
+                format!("{instances} instances")
+            };
+            bars.push((format!("subtocall, Redis queue, {who}"), median(v)));
+        }
     }
     if let Some(rr) = &r.router {
         for path in router::Path::ALL {

@@ -16,6 +16,14 @@
 //! answered by a CALL, or in Redis mode not yet seen in the Redis list), so
 //! subtocall's queue never overflows: every event sent is
 //! forwarded, and the rate measured is the rate subtocall sustains.
+//!
+//! A group of peers ([`Peer::start_group`], one per instance of a Redis-queue
+//! group) plays one router with several subscribers: every member sends the
+//! same publication ids, no member runs more than [`LOCKSTEP`] events ahead
+//! of the slowest, the window counts the CALLs answered by any member (each
+//! event is delivered by one instance, through its own session), and each
+//! member also keeps within `window` of what its own subscriber has taken in
+//! ([`PeerStats::subscriber_done`]).
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -39,6 +47,10 @@ const EVENT_SUBSCRIPTION: u64 = 7777;
 const FIRST_PUBLICATION: u64 = 1 << 52;
 /// Stop filling the output buffer beyond this many unwritten bytes.
 const OUT_HIGH_WATER: usize = 256 * 1024;
+/// In a group, how far a member may run ahead of the slowest one: as a
+/// router, which sends each EVENT to every subscriber, not one instance
+/// racing through the ids while the other falls behind.
+pub const LOCKSTEP: u64 = 256;
 
 /// What an EVENT carries: a small, realistic status update.
 pub fn event_payload() -> Payload {
@@ -90,6 +102,12 @@ pub struct PeerStats {
     pub payload_checked: AtomicBool,
     /// The peer thread's id, for its CPU time.
     pub tid: AtomicU32,
+    /// In a group: how many events this peer's subscriber has dealt with,
+    /// as the harness reads them from it (a Redis-queue instance: admitted,
+    /// or found admitted by another). The peer sends at most `window` beyond
+    /// this: each instance must take in every event, and one that falls
+    /// behind would otherwise overflow its buffer while the others carry on.
+    pub subscriber_done: AtomicU64,
     pub error: Mutex<Option<String>>,
 }
 
@@ -101,47 +119,24 @@ pub struct Peer {
 
 impl Peer {
     pub fn start(config: PeerConfig) -> Result<Peer> {
-        let std_listener =
-            std::net::TcpListener::bind("127.0.0.1:0").context("bind the loopback peer")?;
-        std_listener.set_nonblocking(true)?;
-        let port = std_listener.local_addr()?.port();
-        let stats = Arc::new(PeerStats::default());
-        let thread_stats = stats.clone();
-        std::thread::Builder::new()
-            .name("loopback-peer".into())
-            .spawn(move || {
-                // SAFETY: gettid has no preconditions.
-                let tid = unsafe { libc::gettid() };
-                thread_stats.tid.store(tid as u32, Ordering::Relaxed);
-                let runtime = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        set_error(&thread_stats, format!("runtime: {e}"));
-                        return;
-                    }
-                };
-                runtime.block_on(async move {
-                    let listener = match TcpListener::from_std(std_listener) {
-                        Ok(l) => l,
-                        Err(e) => return set_error(&thread_stats, format!("listener: {e}")),
-                    };
-                    loop {
-                        let Ok((stream, _)) = listener.accept().await else {
-                            continue;
-                        };
-                        let _ = stream.set_nodelay(true);
-                        let conn = Conn::new(stream, config.clone(), thread_stats.clone());
-                        if let Err(e) = conn.run().await {
-                            set_error(&thread_stats, e.to_string());
-                        }
-                    }
-                });
-            })
-            .context("spawn the loopback peer thread")?;
-        Ok(Peer { port, stats })
+        let mut group = Peer::start_group(config, 1)?;
+        group.pop().context("a group of one has one peer")
+    }
+
+    /// `n` peers fed the same publication ids, each on a listener of its own
+    /// for one subscriber; the window is over the CALLs answered by any of
+    /// them (see the module's comment).
+    pub fn start_group(config: PeerConfig, n: usize) -> Result<Vec<Peer>> {
+        let group: Arc<[Arc<PeerStats>]> = (0..n).map(|_| Arc::new(PeerStats::default())).collect();
+        let mut peers = Vec::with_capacity(n);
+        for stats in group.iter() {
+            let port = spawn(config.clone(), stats.clone(), group.clone())?;
+            peers.push(Peer {
+                port,
+                stats: stats.clone(),
+            });
+        }
+        Ok(peers)
     }
 
     pub fn url(&self) -> String {
@@ -162,6 +157,59 @@ impl Peer {
     }
 }
 
+/// One peer's listener and thread; returns its port.
+fn spawn(config: PeerConfig, stats: Arc<PeerStats>, group: Arc<[Arc<PeerStats>]>) -> Result<u16> {
+    let std_listener =
+        std::net::TcpListener::bind("127.0.0.1:0").context("bind the loopback peer")?;
+    std_listener.set_nonblocking(true)?;
+    let port = std_listener.local_addr()?.port();
+    let thread_stats = stats;
+    std::thread::Builder::new()
+        .name("loopback-peer".into())
+        .spawn(move || {
+            // SAFETY: gettid has no preconditions.
+            let tid = unsafe { libc::gettid() };
+            thread_stats.tid.store(tid as u32, Ordering::Relaxed);
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    set_error(&thread_stats, format!("runtime: {e}"));
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                let listener = match TcpListener::from_std(std_listener) {
+                    Ok(l) => l,
+                    Err(e) => return set_error(&thread_stats, format!("listener: {e}")),
+                };
+                loop {
+                    let Ok((stream, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    let _ = stream.set_nodelay(true);
+                    let conn =
+                        Conn::new(stream, config.clone(), thread_stats.clone(), group.clone());
+                    if let Err(e) = conn.run().await {
+                        set_error(&thread_stats, e.to_string());
+                    }
+                }
+            });
+        })
+        .context("spawn the loopback peer thread")?;
+    Ok(port)
+}
+
+/// CALLs answered by the peers of a group together.
+pub fn answered(group: &[Arc<PeerStats>]) -> u64 {
+    group
+        .iter()
+        .map(|p| p.answered.load(Ordering::Relaxed))
+        .sum()
+}
+
 fn set_error(stats: &PeerStats, e: String) {
     if let Ok(mut slot) = stats.error.lock() {
         slot.get_or_insert(e);
@@ -179,6 +227,8 @@ struct Conn {
     stream: TcpStream,
     config: PeerConfig,
     stats: Arc<PeerStats>,
+    /// Every peer of the group, this one included (a group of one alone).
+    group: Arc<[Arc<PeerStats>]>,
     serializer: Serializer,
     inbuf: Vec<u8>,
     out: Vec<u8>,
@@ -196,12 +246,18 @@ struct Conn {
 }
 
 impl Conn {
-    fn new(stream: TcpStream, config: PeerConfig, stats: Arc<PeerStats>) -> Conn {
+    fn new(
+        stream: TcpStream,
+        config: PeerConfig,
+        stats: Arc<PeerStats>,
+        group: Arc<[Arc<PeerStats>]>,
+    ) -> Conn {
         Conn {
             stream,
             serializer: config.serializer,
             config,
             stats,
+            group,
             inbuf: Vec::with_capacity(256 * 1024),
             out: Vec::with_capacity(OUT_HIGH_WATER * 2),
             out_pos: 0,
@@ -319,10 +375,20 @@ impl Conn {
         }
         let completed = match &self.config.external_completions {
             Some(c) => c.load(Ordering::Relaxed),
-            None => s.answered.load(Ordering::Relaxed),
+            None => answered(&self.group),
         };
         let mut sent = s.sent.load(Ordering::Relaxed);
         let mut limit = self.config.limit.unwrap_or(u64::MAX);
+        if self.group.len() > 1 {
+            let slowest = self
+                .group
+                .iter()
+                .map(|p| p.sent.load(Ordering::Relaxed))
+                .min();
+            limit = limit
+                .min(slowest.unwrap_or(0) + LOCKSTEP)
+                .min(s.subscriber_done.load(Ordering::Relaxed) + self.config.window);
+        }
         if let Some(rate) = self.config.rate {
             let started = *self.started.get_or_insert_with(std::time::Instant::now);
             limit = limit.min((started.elapsed().as_secs_f64() * rate) as u64 + 1);

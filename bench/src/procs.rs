@@ -179,20 +179,7 @@ impl Sidecar {
 
     /// `/metrics` as `(sample, value)` pairs.
     pub fn metrics(&self) -> Result<BTreeMap<String, f64>> {
-        use std::io::{Read as _, Write as _};
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.http_port))?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
-        let mut body = String::new();
-        s.read_to_string(&mut body)?;
-        Ok(body
-            .lines()
-            .filter(|l| !l.starts_with('#'))
-            .filter_map(|l| {
-                let (k, v) = l.rsplit_once(' ')?;
-                Some((k.to_owned(), v.parse().ok()?))
-            })
-            .collect())
+        metrics_at(self.http_port)
     }
 
     /// Fails unless every event was forwarded: none dropped for a slow
@@ -212,6 +199,25 @@ impl Sidecar {
         }
         Ok(get("subtocall_events_forwarded_total"))
     }
+}
+
+/// The `/metrics` of the subtocall listening on `port`, as `(sample, value)`
+/// pairs.
+pub fn metrics_at(port: u16) -> Result<BTreeMap<String, f64>> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)?;
+    Ok(body
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_owned(), v.parse().ok()?))
+        })
+        .collect())
 }
 
 /// A private redis-server without persistence.

@@ -15,7 +15,10 @@
 //! With a baseline build, a second subtocall (that build) is joined to the
 //! same router the whole time, serving its own SUB_ procedure (each sidecar
 //! has a `SUBTOCALL_REGISTRATION_FILTER` for its own), and its path takes its
-//! turn among the others at the moderate rate.
+//! turn among the others at the moderate rate. With the Redis queue (part 4),
+//! likewise a third: the current build with `SUBTOCALL_QUEUE=redis` on a
+//! private redis-server. `--only queue` runs only those two paths at the
+//! moderate rate ([`Plan::full`] false).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -28,13 +31,16 @@ use tokio::sync::Notify;
 
 use crate::Ctx;
 use crate::crossbar::{Crossbar, SIDECAR_USER};
-use crate::procs::{Sidecar, SidecarSpec};
+use crate::procs::{RedisServer, Sidecar, SidecarSpec};
 
 const PROCEDURE: &str = "bench.SUB_ev";
 const TOPIC: &str = "bench.ev";
 /// What the baseline build serves, so that both sidecars can stay joined.
 const BASELINE_PROCEDURE: &str = "bench.SUB_before";
 const BASELINE_TOPIC: &str = "bench.before";
+/// What the sidecar on the Redis queue serves.
+const QUEUED_PROCEDURE: &str = "bench.SUB_queued";
+const QUEUED_TOPIC: &str = "bench.queued";
 const PLAIN_TOPIC: &str = "bench.plain";
 /// Events between publish and backend at most, in the saturation runs.
 pub const WINDOW: u64 = 200;
@@ -53,6 +59,10 @@ pub enum Path {
     /// procedure). Not in `ALL`: measured only at the moderate rate, and
     /// only when there is a baseline build.
     BaselineSidecar,
+    /// As `Sidecar`, the current build with `SUBTOCALL_QUEUE=redis` (its own
+    /// topic and SUB_ procedure). Not in `ALL`: measured only at the
+    /// moderate rate, and only with part 4.
+    RedisQueue,
 }
 
 impl Path {
@@ -65,6 +75,7 @@ impl Path {
             Path::DirectCall => "baseline: publishers call SUB_ directly",
             Path::Sidecar => "through subtocall",
             Path::BaselineSidecar => "through the baseline build of subtocall",
+            Path::RedisQueue => "through subtocall, `SUBTOCALL_QUEUE=redis`",
         }
     }
 
@@ -74,6 +85,7 @@ impl Path {
             Path::DirectCall => "direct call",
             Path::Sidecar => "subtocall",
             Path::BaselineSidecar => "baseline build",
+            Path::RedisQueue => "subtocall, Redis queue",
         }
     }
 
@@ -92,6 +104,8 @@ pub struct RouterRun {
     pub events_per_s: f64,
     pub crossbar_cpu_ns: f64,
     pub sidecar_cpu_ns: f64,
+    /// redis-server's, on the Redis-queue path (else 0).
+    pub redis_cpu_ns: f64,
     /// Publish -> backend, ns (paced runs only).
     pub latencies: Vec<u64>,
 }
@@ -106,6 +120,17 @@ pub struct RouterResults {
     pub sidecar_peak_rss_kb: u64,
     /// The baseline build's, when there is one.
     pub baseline_peak_rss_kb: Option<u64>,
+    /// The Redis-queue sidecar's, when there is one.
+    pub queued_peak_rss_kb: Option<u64>,
+}
+
+/// What to run through Crossbar.
+pub struct Plan<'a> {
+    /// Part 2 in full: every path, saturated and at the moderate rate. Else
+    /// only the two queues' paths at the moderate rate.
+    pub full: bool,
+    /// The server of the Redis-queue path, if it is measured.
+    pub redis: Option<&'a RedisServer>,
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the stamp every event carries.
@@ -169,7 +194,7 @@ fn client_config(url: &str) -> ClientConfig {
 
 async fn start_backend(url: &str, rec: Arc<Recorder>) -> Result<Client> {
     let (client, mut incoming) = Client::connect(client_config(url)).await?;
-    for procedure in [PROCEDURE, BASELINE_PROCEDURE] {
+    for procedure in [PROCEDURE, BASELINE_PROCEDURE, QUEUED_PROCEDURE] {
         client
             .register(procedure, Dict::new().with("invoke", "roundrobin"))
             .await
@@ -204,6 +229,10 @@ async fn send(client: &Client, path: Path, seq: u64, errors: &Arc<AtomicU64>) {
             .publish(BASELINE_TOPIC, payload(seq), Dict::new())
             .await
             .map(drop),
+        Path::RedisQueue => client
+            .publish(QUEUED_TOPIC, payload(seq), Dict::new())
+            .await
+            .map(drop),
         Path::DirectSubscribe => client
             .publish(PLAIN_TOPIC, payload(seq), Dict::new())
             .await
@@ -232,6 +261,9 @@ struct Bench {
     sidecar: Sidecar,
     /// The baseline build, serving `BASELINE_PROCEDURE`.
     baseline: Option<Sidecar>,
+    /// The current build on the Redis queue, serving `QUEUED_PROCEDURE`,
+    /// and its redis-server's pid.
+    queued: Option<(Sidecar, u32)>,
     publishers: Vec<Client>,
     _backends: Vec<Client>,
     rec: Arc<Recorder>,
@@ -244,21 +276,28 @@ impl Bench {
         self.rec.received.load(Ordering::Relaxed) / path.fanout()
     }
 
-    /// The sidecar on `path`: the baseline build on its own path, else the
-    /// current one (idle on the paths without a sidecar).
+    /// The sidecar on `path`: the baseline build or the Redis-queue one on
+    /// their own paths, else the current one (idle on the paths without a
+    /// sidecar).
     fn sidecar(&self, path: Path) -> &Sidecar {
-        match (path, &self.baseline) {
-            (Path::BaselineSidecar, Some(b)) => b,
+        match (path, &self.baseline, &self.queued) {
+            (Path::BaselineSidecar, Some(b), _) => b,
+            (Path::RedisQueue, _, Some((q, _))) => q,
             _ => &self.sidecar,
         }
     }
 
-    fn sample(&self, path: Path) -> (Instant, u64, u64, u64) {
+    fn sample(&self, path: Path) -> (Instant, u64, u64, u64, u64) {
+        let redis = match (path, &self.queued) {
+            (Path::RedisQueue, Some((_, pid))) => crate::procfs::cpu_ns(*pid),
+            _ => 0,
+        };
         (
             Instant::now(),
             self.completed(path),
             self.crossbar.cpu_ns(),
             self.sidecar(path).cpu_ns(),
+            redis,
         )
     }
 
@@ -314,9 +353,9 @@ impl Bench {
             }));
         }
         tokio::time::sleep(ctx.router_warmup).await;
-        let (t0, c0, x0, s0) = self.sample(path);
+        let (t0, c0, x0, s0, r0) = self.sample(path);
         tokio::time::sleep(ctx.router_measure).await;
-        let (t1, c1, x1, s1) = self.sample(path);
+        let (t1, c1, x1, s1, r1) = self.sample(path);
         stop.store(true, Ordering::Relaxed);
         for t in tasks {
             let _ = t.await;
@@ -328,12 +367,14 @@ impl Bench {
             events_per_s: (c1 - c0) as f64 / t1.duration_since(t0).as_secs_f64(),
             crossbar_cpu_ns: (x1 - x0) as f64 / events,
             sidecar_cpu_ns: (s1 - s0) as f64 / events,
+            redis_cpu_ns: (r1 - r0) as f64 / events,
             latencies: Vec::new(),
         })
     }
 
-    /// A fixed rate, open loop: latency and CPU per event at that rate.
-    async fn paced(&self, ctx: &Ctx, path: Path) -> Result<RouterRun> {
+    /// A fixed rate, open loop, for `secs`: latency and CPU per event at
+    /// that rate.
+    async fn paced(&self, ctx: &Ctx, path: Path, secs: Duration) -> Result<RouterRun> {
         let base = self.completed(path);
         self.rec
             .received
@@ -341,11 +382,11 @@ impl Bench {
         if let Ok(mut s) = self.rec.samples.lock() {
             s.clear();
         }
-        let total = (ctx.rate * ctx.paced.as_secs_f64()) as u64;
+        let total = (ctx.rate * secs.as_secs_f64()) as u64;
         let per_publisher = total / self.publishers.len() as u64;
         let interval = Duration::from_secs_f64(self.publishers.len() as f64 / ctx.rate);
         self.rec.recording.store(true, Ordering::Relaxed);
-        let (t0, c0, x0, s0) = self.sample(path);
+        let (t0, c0, x0, s0, r0) = self.sample(path);
         let start = tokio::time::Instant::now();
         let mut tasks = Vec::new();
         for (i, p) in self.publishers.iter().enumerate() {
@@ -365,7 +406,7 @@ impl Bench {
         }
         let issued = per_publisher * self.publishers.len() as u64;
         self.drain(path, issued, base).await?;
-        let (t1, c1, x1, s1) = self.sample(path);
+        let (t1, c1, x1, s1, r1) = self.sample(path);
         self.rec.recording.store(false, Ordering::Relaxed);
         let latencies = self
             .rec
@@ -378,12 +419,13 @@ impl Bench {
             events_per_s: (c1 - c0) as f64 / t1.duration_since(t0).as_secs_f64(),
             crossbar_cpu_ns: (x1 - x0) as f64 / events,
             sidecar_cpu_ns: (s1 - s0) as f64 / events,
+            redis_cpu_ns: (r1 - r0) as f64 / events,
             latencies,
         })
     }
 }
 
-pub fn run(ctx: &Ctx, log: &dyn Fn(&str)) -> Result<RouterResults> {
+pub fn run(ctx: &Ctx, plan: &Plan<'_>, log: &dyn Fn(&str)) -> Result<RouterResults> {
     let venv = ctx.venv.as_deref().context("no Crossbar virtualenv")?;
     let crossbar = Crossbar::start(venv, &ctx.work)?;
     log(&format!("crossbar is up on {}", crossbar.url()));
@@ -398,20 +440,44 @@ pub fn run(ctx: &Ctx, log: &dyn Fn(&str)) -> Result<RouterResults> {
         for _ in 0..BACKENDS {
             backends.push(start_backend(&url, rec.clone()).await?);
         }
-        let mut sidecar = start_sidecar(ctx, &ctx.subtocall, &url, PROCEDURE, "crossbar")?;
-        let mut baseline = match &ctx.baseline {
-            Some(binary) => Some(start_sidecar(
+        let mut sidecar = start_sidecar(ctx, &ctx.subtocall, &url, PROCEDURE, "crossbar", &[])?;
+        let mut baseline = match (&ctx.baseline, plan.full) {
+            (Some(binary), true) => Some(start_sidecar(
                 ctx,
                 binary,
                 &url,
                 BASELINE_PROCEDURE,
                 "crossbar-baseline",
+                &[],
             )?),
+            _ => None,
+        };
+        let mut queued = match plan.redis {
+            Some(r) => {
+                // A fresh queue: no stream or group left by part 4.
+                crate::resp::Conn::connect(r.port)?.command(&["FLUSHALL"])?;
+                let env = [
+                    ("SUBTOCALL_QUEUE", "redis".to_owned()),
+                    ("REDIS_URL", r.url()),
+                ];
+                let s = start_sidecar(
+                    ctx,
+                    &ctx.subtocall,
+                    &url,
+                    QUEUED_PROCEDURE,
+                    "crossbar-queued",
+                    &env,
+                )?;
+                Some((s, r.proc.pid()))
+            }
             None => None,
         };
         wait_subscribed(&mut sidecar, TOPIC).await?;
         if let Some(b) = baseline.as_mut() {
             wait_subscribed(b, BASELINE_TOPIC).await?;
+        }
+        if let Some((q, _)) = queued.as_mut() {
+            wait_subscribed(q, QUEUED_TOPIC).await?;
         }
         let mut publishers = Vec::new();
         for _ in 0..PUBLISHERS {
@@ -421,6 +487,7 @@ pub fn run(ctx: &Ctx, log: &dyn Fn(&str)) -> Result<RouterResults> {
             crossbar,
             sidecar,
             baseline,
+            queued,
             publishers,
             _backends: backends,
             rec,
@@ -434,7 +501,16 @@ pub fn run(ctx: &Ctx, log: &dyn Fn(&str)) -> Result<RouterResults> {
         };
         // Paths alternate within each repetition, so that a disturbance on
         // the shared machine spreads over all of them.
-        for rep in 0..ctx.repeats {
+        let saturated = if plan.full { ctx.repeats } else { 0 };
+        if !plan.full {
+            // No saturation runs to warm the router up first: a short paced
+            // run of each path, not recorded.
+            let queued = bench.queued.is_some().then_some(Path::RedisQueue);
+            for path in std::iter::once(Path::Sidecar).chain(queued) {
+                bench.paced(ctx, path, Duration::from_secs(2)).await?;
+            }
+        }
+        for rep in 0..saturated {
             for path in Path::ALL {
                 let r = bench.saturate(ctx, path).await?;
                 log(&format!(
@@ -449,19 +525,37 @@ pub fn run(ctx: &Ctx, log: &dyn Fn(&str)) -> Result<RouterResults> {
             }
         }
         for rep in 0..ctx.latency_repeats {
-            let mut paths = Path::ALL.to_vec();
+            // The current build's path between the baseline build's and the
+            // Redis queue's, next to each: after one and before the other,
+            // then the other way round, so that none always runs first.
+            let mut around = Vec::new();
             if bench.baseline.is_some() {
-                // Next to the current build's path: after it, then before
-                // it, so that neither build always runs first.
-                let at = paths.len() - rep % 2;
-                paths.insert(at, Path::BaselineSidecar);
+                around.push(Path::BaselineSidecar);
             }
+            around.push(Path::Sidecar);
+            if bench.queued.is_some() {
+                around.push(Path::RedisQueue);
+            }
+            if rep % 2 == 1 {
+                around.reverse();
+            }
+            let mut paths = if plan.full {
+                vec![Path::DirectSubscribe, Path::DirectCall]
+            } else {
+                Vec::new()
+            };
+            paths.extend(around);
             for path in paths {
-                let r = bench.paced(ctx, path).await?;
+                let r = bench.paced(ctx, path, ctx.paced).await?;
                 let mut l = r.latencies.clone();
                 l.sort_unstable();
+                let redis = if path == Path::RedisQueue {
+                    format!(", redis-server {:.1} us/ev", r.redis_cpu_ns / 1e3)
+                } else {
+                    String::new()
+                };
                 log(&format!(
-                    "  {:>4.0}/s   {:>16} #{}: p50 {:>6.2} ms, p99 {:>6.2} ms, crossbar {:>6.1} us/ev, subtocall {:>5.1} us/ev",
+                    "  {:>4.0}/s   {:>22} #{}: p50 {:>6.2} ms, p99 {:>6.2} ms, crossbar {:>6.1} us/ev, subtocall {:>5.1} us/ev{redis}",
                     ctx.rate,
                     path.short(),
                     rep + 1,
@@ -483,19 +577,28 @@ pub fn run(ctx: &Ctx, log: &dyn Fn(&str)) -> Result<RouterResults> {
             b.check_nothing_lost()?;
             results.baseline_peak_rss_kb = Some(b.peak_rss_kb());
         }
+        if let Some((q, _)) = &bench.queued {
+            q.check_nothing_lost()?;
+            results.queued_peak_rss_kb = Some(q.peak_rss_kb());
+        }
         Ok(results)
     })
 }
 
-/// A sidecar joined to the benchmark's router that serves `procedure` only.
+/// A sidecar joined to the benchmark's router that serves `procedure` only,
+/// with `extra` variables.
 fn start_sidecar(
     ctx: &Ctx,
     binary: &std::path::Path,
     url: &str,
     procedure: &str,
     log: &str,
+    extra: &[(&str, String)],
 ) -> Result<Sidecar> {
-    let mut env = BTreeMap::new();
+    let mut env: BTreeMap<String, String> = extra
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), v.clone()))
+        .collect();
     env.insert("WAMP_URL".to_owned(), url.to_owned());
     env.insert("CROSSBAR_REALM".into(), "realm1".into());
     env.insert("BACKEND_USERNAME".into(), SIDECAR_USER.0.into());

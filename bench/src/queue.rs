@@ -1,0 +1,299 @@
+//! Part 4, the Redis queue (`SUBTOCALL_QUEUE=redis`) beside the memory queue,
+//! same build, same run: the ceiling against the loopback peer with one
+//! instance and with two (each on a session of its own, fed the same
+//! publication ids by a group of peers, sharing one private redis-server),
+//! subtocall's CPU per event (summed over the instances), redis-server's, and
+//! a check that every event was delivered exactly once. The Crossbar half
+//! (latency at the moderate rate) is a path of part 2 (`router.rs`).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use subtocall::wamp::Serializer;
+
+use crate::Ctx;
+use crate::ceiling::{WINDOW, sidecar_env, wait_subscribed};
+use crate::peer::{Peer, PeerConfig, PeerStats, answered};
+use crate::procs::{RedisServer, Sidecar, SidecarSpec, metrics_at};
+
+/// Where accepted events wait (`SUBTOCALL_QUEUE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Queue {
+    Memory,
+    Redis,
+}
+
+impl Queue {
+    pub fn env(self) -> &'static str {
+        match self {
+            Queue::Memory => "memory",
+            Queue::Redis => "redis",
+        }
+    }
+}
+
+/// The configurations measured, in this order within a repetition (reversed
+/// every other one): the memory queue (one instance: it cannot share work),
+/// the Redis queue with one instance and with two.
+pub const CASES: [(Queue, usize); 3] = [(Queue::Memory, 1), (Queue::Redis, 1), (Queue::Redis, 2)];
+
+/// The event counts of the two callgrind runs per queue.
+pub const CALLGRIND_EVENTS: (u64, u64) = (5_000, 25_000);
+
+/// The consumer group's name in the benchmark.
+const QUEUE_NAME: &str = "bench";
+
+/// One timed run of one case.
+#[derive(Debug, Clone, Default)]
+pub struct QueueRun {
+    /// Events delivered per second, all instances together (each once).
+    pub events_per_s: f64,
+    /// subtocall's CPU per event delivered, summed over the instances.
+    pub sidecar_cpu_ns: f64,
+    /// redis-server's CPU per event delivered (0 for the memory queue).
+    pub redis_cpu_ns: f64,
+    /// The peers' own CPU per event, together.
+    pub peer_cpu_ns: f64,
+    /// The largest peak RSS (VmHWM) among the instances.
+    pub peak_rss_kb: u64,
+    /// The share of the events each instance delivered, over the whole run.
+    pub delivered_share: Vec<f64>,
+}
+
+/// Runs the subtocall `binary` with `instances` instances on `queue`
+/// (`redis`: the server the Redis queue uses; emptied first).
+pub fn run_once(
+    ctx: &Ctx,
+    binary: &Path,
+    queue: Queue,
+    instances: usize,
+    redis: Option<&RedisServer>,
+) -> Result<QueueRun> {
+    let redis = match (queue, redis) {
+        (Queue::Redis, Some(r)) => {
+            // No stream, claim key or group left from the previous run (their
+            // publication ids are the same).
+            crate::resp::Conn::connect(r.port)?.command(&["FLUSHALL"])?;
+            Some(r)
+        }
+        (Queue::Redis, None) => bail!("the Redis queue needs a redis-server"),
+        (Queue::Memory, _) => None,
+    };
+    let serializer = Serializer::MsgPack;
+    let peers = Peer::start_group(
+        PeerConfig {
+            serializer,
+            window: WINDOW,
+            limit: None,
+            external_completions: None,
+            rate: None,
+        },
+        instances,
+    )?;
+    let mut sidecars = Vec::with_capacity(instances);
+    for (i, peer) in peers.iter().enumerate() {
+        let mut env: BTreeMap<String, String> = sidecar_env(peer, serializer);
+        env.insert("SUBTOCALL_QUEUE".into(), queue.env().into());
+        if let Some(r) = redis {
+            env.insert("REDIS_URL".into(), r.url());
+            env.insert("SUBTOCALL_QUEUE_NAME".into(), QUEUE_NAME.into());
+        }
+        sidecars.push(Sidecar::start(SidecarSpec {
+            binary,
+            env,
+            callgrind_out: None,
+            log: ctx.work.join(format!("subtocall-queue-{}.log", i + 1)),
+        })?);
+    }
+    for (peer, sidecar) in peers.iter().zip(&mut sidecars) {
+        wait_subscribed(peer, sidecar, Duration::from_secs(15))?;
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    // Two instances: each peer keeps within the window of what its own
+    // instance has taken in.
+    let intake = (instances > 1).then(|| {
+        IntakePoller::start(
+            sidecars
+                .iter()
+                .zip(&peers)
+                .map(|(s, p)| (s.http_port, p.stats.clone()))
+                .collect(),
+        )
+    });
+
+    let stats: Vec<_> = peers.iter().map(|p| p.stats.clone()).collect();
+    let sample = || {
+        (
+            Instant::now(),
+            answered(&stats),
+            sidecars.iter().map(Sidecar::cpu_ns).sum::<u64>(),
+            redis.map_or(0, |r| crate::procfs::cpu_ns(r.proc.pid())),
+            peers.iter().map(Peer::cpu_ns).sum::<u64>(),
+        )
+    };
+    for p in &peers {
+        p.stats.go.store(true, Ordering::Relaxed);
+    }
+    std::thread::sleep(ctx.warmup);
+    let (t0, c0, s0, r0, p0) = sample();
+    std::thread::sleep(ctx.measure);
+    let (t1, c1, s1, r1, p1) = sample();
+    let peak_rss_kb = sidecars.iter().map(Sidecar::peak_rss_kb).max();
+    for p in &peers {
+        p.stats.stop.store(true, Ordering::Relaxed);
+    }
+    for p in &peers {
+        if let Some(e) = p.error() {
+            bail!("loopback peer: {e}");
+        }
+    }
+    // The group sent ids 0..max; the memory queue's one instance its own.
+    let unique = peers
+        .iter()
+        .map(|p| p.stats.sent.load(Ordering::Relaxed))
+        .max()
+        .unwrap_or(0);
+    let started = Instant::now();
+    while answered(&stats) < unique {
+        if started.elapsed() > Duration::from_secs(10) {
+            bail!("only {} of {unique} events arrived", answered(&stats));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(intake);
+    let delivered = exactly_once(&sidecars, queue, unique)?;
+    if answered(&stats) != unique {
+        bail!(
+            "{} CALLs for {unique} events: some were delivered twice",
+            answered(&stats)
+        );
+    }
+    if !peers
+        .iter()
+        .any(|p| p.stats.payload_checked.load(Ordering::Relaxed))
+    {
+        bail!("no forwarded CALL was checked against the published payload");
+    }
+    for s in &mut sidecars {
+        s.check_nothing_lost()?;
+        s.proc.stop(Duration::from_secs(10));
+    }
+    let events = (c1 - c0).max(1) as f64;
+    Ok(QueueRun {
+        events_per_s: (c1 - c0) as f64 / t1.duration_since(t0).as_secs_f64(),
+        sidecar_cpu_ns: (s1 - s0) as f64 / events,
+        redis_cpu_ns: (r1 - r0) as f64 / events,
+        peer_cpu_ns: (p1 - p0) as f64 / events,
+        peak_rss_kb: peak_rss_kb.unwrap_or(0),
+        delivered_share: delivered
+            .iter()
+            .map(|&d| d / unique.max(1) as f64)
+            .collect(),
+    })
+}
+
+/// Reads what each instance has taken in (admitted, or found admitted by
+/// another) from its metrics every few milliseconds into its peer's
+/// [`PeerStats::subscriber_done`], until dropped. Costs each instance about
+/// 200 small HTTP requests a second.
+struct IntakePoller {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl IntakePoller {
+    fn start(instances: Vec<(u16, Arc<PeerStats>)>) -> IntakePoller {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                for (port, stats) in &instances {
+                    if let Ok(m) = metrics_at(*port) {
+                        let get = |k: &str| m.get(k).copied().unwrap_or(0.0);
+                        let done = get("subtocall_queue_admitted_total")
+                            + get("subtocall_queue_admitted_elsewhere_total");
+                        stats.subscriber_done.store(done as u64, Ordering::Relaxed);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        IntakePoller {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for IntakePoller {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Waits until the instances together report `unique` events delivered
+/// (`subtocall_events_forwarded_total`) and, on the Redis queue, admitted
+/// (`subtocall_queue_admitted_total`): each event entered the stream once
+/// and was delivered once. Returns what each instance delivered.
+fn exactly_once(sidecars: &[Sidecar], queue: Queue, unique: u64) -> Result<Vec<f64>> {
+    let started = Instant::now();
+    loop {
+        let mut forwarded = Vec::with_capacity(sidecars.len());
+        let mut admitted = 0.0;
+        for s in sidecars {
+            let m = s.metrics()?;
+            let get = |k: &str| m.get(k).copied().unwrap_or(0.0);
+            forwarded.push(get("subtocall_events_forwarded_total"));
+            admitted += get("subtocall_queue_admitted_total");
+        }
+        let delivered: f64 = forwarded.iter().sum();
+        let unique = unique as f64;
+        if delivered > unique || (queue == Queue::Redis && admitted > unique) {
+            bail!(
+                "{delivered} deliveries and {admitted} admissions for {unique} events: \
+                 not exactly once"
+            );
+        }
+        if delivered == unique && (queue == Queue::Memory || admitted == unique) {
+            return Ok(forwarded);
+        }
+        if started.elapsed() > Duration::from_secs(5) {
+            bail!(
+                "{delivered} deliveries and {admitted} admissions for {unique} events \
+                 after 5 s"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Instructions per event of one instance on `queue` (MessagePack), counted
+/// by callgrind: a run of `small` events and one of `large`, the difference
+/// divided by theirs, so that start-up, discovery and shutdown cancel out.
+pub fn instructions(
+    ctx: &Ctx,
+    binary: &Path,
+    queue: Queue,
+    redis: &RedisServer,
+    (small, large): (u64, u64),
+) -> Result<f64> {
+    let mut extra = vec![("SUBTOCALL_QUEUE", queue.env().to_owned())];
+    if queue == Queue::Redis {
+        extra.push(("REDIS_URL", redis.url()));
+        extra.push(("SUBTOCALL_QUEUE_NAME", QUEUE_NAME.to_owned()));
+    }
+    let total = |events| {
+        crate::resp::Conn::connect(redis.port)?.command(&["FLUSHALL"])?;
+        crate::ceiling::callgrind_total(ctx, binary, Serializer::MsgPack, events, &extra)
+    };
+    let a = total(small)?;
+    let b = total(large)?;
+    Ok(b.saturating_sub(a) as f64 / (large - small) as f64)
+}
