@@ -462,10 +462,10 @@ fn throughput_bars(r: &report::Results) -> Vec<(String, f64)> {
             .map(|(_, _, run)| run.events_per_s)
             .collect();
         if !v.is_empty() && q == queue::Queue::Redis {
-            let who = if instances == 1 {
-                "one instance".to_owned()
-            } else {
-                format!("{instances} instances")
+            let who = match instances {
+                1 => "one instance".to_owned(),
+                2 => "two instances".to_owned(),
+                n => format!("{n} instances"),
             };
             bars.push((format!("subtocall, Redis queue, {who}"), median(v)));
         }
