@@ -21,10 +21,10 @@
 # the baseline build alternating with the current one for the ceiling,
 # instructions and CPU per event, the CPU per event at 500 events/s (loopback
 # peer and Crossbar) and RSS, and rewrites the generated section of doc/benchmarks.md and doc/img/bench-*.png.
-# About 9 to 10 minutes on a 2-core machine once built (a fresh clone also
-# builds both, a few minutes each, and creates the Crossbar virtualenv once);
-# `--only queue` about 3 minutes (it starts its own Crossbar for the two
-# queues' paths), `--quick --only queue` about 1.5.
+# About 8.5 minutes on a 2-core machine once built (507 s at 72650eb; a
+# fresh clone also builds both, a few minutes each, and creates the Crossbar
+# virtualenv once); `--quick --only queue` about 75 s (`--only queue` starts
+# a Crossbar of its own for the two queues' paths).
 #
 #   scripts/bench.sh [--quick] [--only ceiling,callgrind,paced,crossbar,redis,queue]
 #                    [--no-write] [--baseline REV] ...
