@@ -593,6 +593,7 @@ fn start_streams(
             keys: keys.clone(),
             consumer: consumer.clone(),
             claim_idle: q.claim_idle,
+            dedup_window: q.dedup_window,
             metrics: metrics.clone(),
         }
         .run(commit_rx),

@@ -24,7 +24,7 @@ use crate::forward::envelope::SharedEvent;
 use crate::forward::{DeliveryId, Forwarder, GiveUp, Job, MemoryQueue, Output};
 use crate::metrics::Metrics;
 use crate::sink::{Report, Sink, Started};
-use crate::streams::commit::Commit;
+use crate::streams::commit::{Commit, DeadFrom};
 use crate::streams::reader::{Entry, FromReaders};
 use crate::wamp::connection::Refused;
 use crate::wamp::id::IdHashing;
@@ -480,17 +480,31 @@ impl Sidecar {
         }
     }
 
-    fn on_entry(&mut self, entry: Entry, now: Instant) {
+    fn on_entry(&mut self, mut entry: Entry, now: Instant) {
         let Some(q) = &mut self.queue else {
             return;
         };
         if entry.taken_over {
             self.metrics.queue_taken_over.inc();
         }
-        let event = match &entry.event {
-            Some(json) => SharedEvent::from_envelope(json),
-            None => Err("the entry has no event field".to_owned()),
+        // What a malformed entry held, as text, for its dead-letter record.
+        let shown = |fields: &[(Vec<u8>, Vec<u8>)]| -> Vec<u8> {
+            let text: serde_json::Map<String, serde_json::Value> = fields
+                .iter()
+                .map(|(k, v)| {
+                    let k = String::from_utf8_lossy(k).into_owned();
+                    (k, String::from_utf8_lossy(v).into_owned().into())
+                })
+                .collect();
+            serde_json::Value::Object(text).to_string().into_bytes()
         };
+        let fields = std::mem::take(&mut entry.fields);
+        let raw = if crate::streams::entry::looks_like_an_event(&fields) {
+            Vec::new()
+        } else {
+            shown(&fields)
+        };
+        let event = crate::streams::entry::read(&entry.procedure, fields);
         match event {
             Ok(event) => {
                 let job = q.job(&entry, event, now);
@@ -507,13 +521,13 @@ impl Sidecar {
                 );
                 q.commit(Commit::DeadLetter {
                     procedure: entry.procedure.clone(),
-                    id: Some(entry.id.clone()),
+                    from: DeadFrom::Entry(entry.id.clone()),
                     fields: vec![
                         ("reason", b"malformed".to_vec()),
                         ("attempts", entry.deliveries.to_string().into_bytes()),
                         ("last_error", why.into_bytes()),
                         ("dead_lettered_at", rfc3339_now().into_bytes()),
-                        ("event", entry.event.clone().unwrap_or_default()),
+                        ("event", raw),
                     ],
                 });
                 q.return_credit();
@@ -747,7 +761,12 @@ impl Sidecar {
                     .as_ref()
                     .map(|e| e.procedure.clone())
                     .unwrap_or_else(|| Arc::from(ev.procedure.as_str())),
-                id: ev.entry.as_ref().map(|e| e.id.clone()),
+                from: match &ev.entry {
+                    Some(e) => DeadFrom::Entry(e.id.clone()),
+                    None => DeadFrom::Unadmitted {
+                        publication: ev.publication.0,
+                    },
+                },
                 fields: vec![
                     ("reason", why.as_str().as_bytes().to_vec()),
                     ("attempts", job.attempts.to_string().into_bytes()),

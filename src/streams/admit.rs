@@ -14,10 +14,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
-use redis::Value;
 use tokio::sync::mpsc;
 
-use super::{Keys, Shared};
+use super::{Keys, Shared, entry};
 use crate::forward::envelope::{Outgoing, SharedEvent};
 use crate::forward::{DeliveryId, Dispatch, Failure, Job};
 use crate::metrics::Metrics;
@@ -27,20 +26,29 @@ use crate::wamp::session::Session;
 /// How many events one admission batch carries at most.
 pub const BATCH: usize = 512;
 
-/// KEYS[1] is the stream, KEYS[2..] the claim keys; ARGV[1] the claim TTL in
-/// milliseconds, ARGV[2..] the envelopes. Returns, per event, its new entry
-/// id, or 0 when it was admitted before.
+/// KEYS[1] is the stream, KEYS[2..] the claim keys; ARGV[1] the claim TTL
+/// in milliseconds, then per event the number of its field/value arguments
+/// and those arguments. Claims each publication (SET NX) and appends it only
+/// if the claim is new; an append that fails gives its claim back, so the
+/// batch can be retried. Returns {admitted, admitted before}.
 const ADMIT: &str = r"
-local out = {}
+local at = 2
+local added, before = 0, 0
 for i = 2, #KEYS do
-  if redis.call('EXISTS', KEYS[i]) == 0 then
-    out[i - 1] = redis.call('XADD', KEYS[1], '*', 'event', ARGV[i])
-    redis.call('SET', KEYS[i], '1', 'PX', ARGV[1])
+  local n = tonumber(ARGV[at])
+  if redis.call('SET', KEYS[i], '1', 'NX', 'PX', ARGV[1]) then
+    local id = redis.pcall('XADD', KEYS[1], '*', unpack(ARGV, at + 1, at + n))
+    if type(id) == 'table' and id.err then
+      redis.call('DEL', KEYS[i])
+      return id
+    end
+    added = added + 1
   else
-    out[i - 1] = 0
+    before = before + 1
   end
+  at = at + n + 1
 end
-return out
+return {added, before}
 ";
 
 /// The admission sink.
@@ -75,8 +83,9 @@ impl AdmitSink {
 }
 
 impl<T> Sink<T> for AdmitSink {
-    fn prepare(&self, event: &SharedEvent) -> Outgoing {
-        Outgoing::Envelope(event.envelope_json())
+    fn prepare(&self, _event: &SharedEvent) -> Outgoing {
+        // The entry is made of the payload as received: nothing to build.
+        Outgoing::AsReceived
     }
 
     fn dispatch(&self) -> Dispatch {
@@ -125,10 +134,11 @@ impl<T> Sink<T> for AdmitSink {
             }
             cmd.arg(self.window_ms);
             for ev in &events {
-                match &ev.outgoing {
-                    Outgoing::Envelope(bytes) => cmd.arg(bytes.as_slice()),
-                    _ => cmd.arg(ev.envelope_json()),
-                };
+                let fields = entry::fields(ev);
+                cmd.arg(fields.len() * 2);
+                for (name, value) in &fields {
+                    cmd.arg(*name).arg(value.as_slice());
+                }
             }
             if !self
                 .registered
@@ -165,19 +175,15 @@ impl<T> Sink<T> for AdmitSink {
             }
             let replies = join_all(calls.iter().map(|cmd| {
                 let mut c = c.clone();
-                async move { cmd.query_async::<Vec<Value>>(&mut c).await }
+                async move { cmd.query_async::<(u64, u64)>(&mut c).await }
             }))
             .await;
             let (mut admitted, mut elsewhere) = (0, 0);
             for reply in replies {
                 match reply {
-                    Ok(ids) => {
-                        for id in ids {
-                            match id {
-                                Value::Int(0) => elsewhere += 1,
-                                _ => admitted += 1,
-                            }
-                        }
+                    Ok((added, before)) => {
+                        admitted += added;
+                        elsewhere += before;
                     }
                     // Offering again is harmless: retry the whole batch.
                     Err(e) => return Report::All(Err(Failure::Redis(e))),

@@ -21,17 +21,26 @@ use super::{Keys, Shared};
 use crate::metrics::Metrics;
 
 /// KEYS[1] the stream, KEYS[2] the dead-letter stream; ARGV[1] the group,
-/// ARGV[2] the entry id (may be empty: nothing to acknowledge), ARGV[3..]
-/// field/value pairs of the dead-letter entry.
+/// ARGV[2] the entry id, ARGV[3..] field/value pairs of the dead-letter
+/// entry. Moves one entry to the dead-letter stream.
 const DEAD_LETTER: &str = r"
-local fields = {}
-for i = 3, #ARGV do fields[#fields + 1] = ARGV[i] end
-redis.call('XADD', KEYS[2], '*', unpack(fields))
-if ARGV[2] ~= '' then
-  redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-  redis.call('XDEL', KEYS[1], ARGV[2])
-end
+redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3))
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[2])
 return 1
+";
+
+/// KEYS[1] the publication's claim key, KEYS[2] the dead-letter stream;
+/// ARGV[1] the claim TTL in milliseconds, ARGV[2..] the dead-letter entry's
+/// field/value pairs. For an event this instance could not admit: it is
+/// stored as a dead letter only if no other instance admitted it, and then
+/// claimed, so that none admits it later (it is in exactly one place).
+const DEAD_LETTER_UNADMITTED: &str = r"
+if redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then
+  redis.call('XADD', KEYS[2], '*', unpack(ARGV, 2))
+  return 1
+end
+return 0
 ";
 
 /// One thing to tell the streams.
@@ -40,10 +49,11 @@ pub enum Commit {
     /// Delivered.
     Ack { procedure: Arc<str>, id: String },
     /// Given up: store the record in the dead-letter stream and forget the
-    /// entry (if it came from the stream).
+    /// entry. An event that never entered the stream (`Unadmitted`) is
+    /// stored only if no other instance admitted it.
     DeadLetter {
         procedure: Arc<str>,
-        id: Option<String>,
+        from: DeadFrom,
         fields: Vec<(&'static str, Vec<u8>)>,
     },
     /// An attempt failed: count it as a delivery.
@@ -58,6 +68,15 @@ pub enum Commit {
         procedure: Arc<str>,
         ids: Vec<String>,
     },
+}
+
+/// Where a dead letter was.
+#[derive(Debug, Clone)]
+pub enum DeadFrom {
+    /// The stream entry with this id.
+    Entry(String),
+    /// Not admitted by this instance: the publication's claim decides.
+    Unadmitted { publication: u64 },
 }
 
 impl Commit {
@@ -78,6 +97,7 @@ pub struct Committer {
     pub keys: Arc<Keys>,
     pub consumer: String,
     pub claim_idle: Duration,
+    pub dedup_window: Duration,
     pub metrics: Arc<Metrics>,
 }
 
@@ -183,15 +203,24 @@ impl Committer {
                 .ignore();
         }
         for c in commits {
-            if let Commit::DeadLetter { id, fields, .. } = c {
-                let cmd = pipe
-                    .cmd("EVAL")
-                    .arg(DEAD_LETTER)
-                    .arg(2)
-                    .arg(&stream)
-                    .arg(self.keys.dead(procedure))
-                    .arg(group)
-                    .arg(id.as_deref().unwrap_or(""));
+            if let Commit::DeadLetter { from, fields, .. } = c {
+                let cmd = match from {
+                    DeadFrom::Entry(id) => pipe
+                        .cmd("EVAL")
+                        .arg(DEAD_LETTER)
+                        .arg(2)
+                        .arg(&stream)
+                        .arg(self.keys.dead(procedure))
+                        .arg(group)
+                        .arg(id),
+                    DeadFrom::Unadmitted { publication } => pipe
+                        .cmd("EVAL")
+                        .arg(DEAD_LETTER_UNADMITTED)
+                        .arg(2)
+                        .arg(self.keys.seen(procedure, *publication))
+                        .arg(self.keys.dead(procedure))
+                        .arg(self.dedup_window.as_millis().max(1) as u64),
+                };
                 for (name, value) in fields {
                     cmd.arg(*name).arg(value.as_slice());
                 }

@@ -22,6 +22,7 @@
 pub mod admit;
 pub mod commit;
 pub mod dead_letters;
+pub mod entry;
 pub mod reader;
 
 use std::sync::Arc;

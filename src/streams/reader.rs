@@ -42,8 +42,8 @@ pub struct Entry {
     pub id: String,
     /// The stream's delivery count, this hand-out included.
     pub deliveries: u64,
-    /// The `event` field (the JSON envelope), if it had one.
-    pub event: Option<Vec<u8>>,
+    /// Its field/value pairs (see `streams::entry`).
+    pub fields: Vec<(Vec<u8>, Vec<u8>)>,
     /// Taken over from another consumer.
     pub taken_over: bool,
 }
@@ -162,7 +162,7 @@ impl Readers {
                     .arg(">")
                     .query_async(c)
                     .await?;
-                let entries = parse_read(&read, &procedure);
+                let entries = parse_read(read, &procedure);
                 self.hand_over(entries).await;
                 Ok::<(), redis::RedisError>(())
             };
@@ -228,7 +228,7 @@ impl Readers {
                 .arg(room)
                 .query_async(c)
                 .await?;
-            let (next, mut entries) = parse_autoclaim(&reply, procedure);
+            let (next, mut entries) = parse_autoclaim(reply, procedure);
             if !entries.is_empty() {
                 let counts = self.delivery_counts(c, stream, &entries).await?;
                 for e in &mut entries {
@@ -352,17 +352,17 @@ async fn create_group(c: &mut Conn, stream: &str, group: &str) -> redis::RedisRe
 }
 
 /// Entries of an XREADGROUP reply (`[[stream, [[id, [f, v, ...]], ...]]]`,
-/// RESP2, or a map in RESP3).
-fn parse_read(reply: &Value, procedure: &Arc<str>) -> Vec<Entry> {
-    let streams: Vec<&Value> = match reply {
+/// RESP2, or a map in RESP3), taken apart without copying the values.
+fn parse_read(reply: Value, procedure: &Arc<str>) -> Vec<Entry> {
+    let streams: Vec<Value> = match reply {
         Value::Array(streams) => streams
-            .iter()
+            .into_iter()
             .filter_map(|s| match s {
-                Value::Array(pair) => pair.get(1),
+                Value::Array(pair) => pair.into_iter().nth(1),
                 _ => None,
             })
             .collect(),
-        Value::Map(pairs) => pairs.iter().map(|(_, v)| v).collect(),
+        Value::Map(pairs) => pairs.into_iter().map(|(_, v)| v).collect(),
         _ => Vec::new(),
     };
     streams
@@ -373,40 +373,50 @@ fn parse_read(reply: &Value, procedure: &Arc<str>) -> Vec<Entry> {
 
 /// The cursor and the entries of an XAUTOCLAIM reply; deleted entries
 /// (nil fields) are skipped (Redis drops them from the pending list).
-fn parse_autoclaim(reply: &Value, procedure: &Arc<str>) -> (Option<String>, Vec<Entry>) {
+fn parse_autoclaim(reply: Value, procedure: &Arc<str>) -> (Option<String>, Vec<Entry>) {
     match reply {
         Value::Array(parts) if parts.len() >= 2 => {
-            (text(&parts[0]), parse_entries(&parts[1], procedure, true))
+            let mut parts = parts.into_iter();
+            let cursor = parts.next().as_ref().and_then(text);
+            let entries = parts
+                .next()
+                .map(|e| parse_entries(e, procedure, true))
+                .unwrap_or_default();
+            (cursor, entries)
         }
         _ => (None, Vec::new()),
     }
 }
 
-fn parse_entries(entries: &Value, procedure: &Arc<str>, taken_over: bool) -> Vec<Entry> {
+fn parse_entries(entries: Value, procedure: &Arc<str>, taken_over: bool) -> Vec<Entry> {
     let Value::Array(entries) = entries else {
         return Vec::new();
     };
     entries
-        .iter()
+        .into_iter()
         .filter_map(|entry| {
             let Value::Array(pair) = entry else {
                 return None;
             };
-            let id = pair.first().and_then(text)?;
-            let fields = match pair.get(1) {
-                Some(Value::Array(fields)) => fields.as_slice(),
+            let mut pair = pair.into_iter();
+            let id = pair.next().as_ref().and_then(text)?;
+            let fields = match pair.next() {
+                Some(Value::Array(fields)) => fields,
                 // Deleted meanwhile.
                 _ => return None,
             };
-            let event = fields.chunks(2).find_map(|kv| match kv {
-                [k, Value::BulkString(v)] if text(k).as_deref() == Some("event") => Some(v.clone()),
-                _ => None,
-            });
+            let mut pairs = Vec::with_capacity(fields.len() / 2);
+            let mut it = fields.into_iter();
+            while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                if let (Value::BulkString(k), Value::BulkString(v)) = (k, v) {
+                    pairs.push((k, v));
+                }
+            }
             Some(Entry {
                 procedure: procedure.clone(),
                 id,
                 deliveries: 1,
-                event,
+                fields: pairs,
                 taken_over,
             })
         })
@@ -437,13 +447,14 @@ mod tests {
                 ]),
             ]),
         ])]);
-        let entries = parse_read(&read, &p);
+        let entries = parse_read(read, &p);
         assert_eq!(entries.len(), 2);
         assert_eq!(entries[0].id, "1-0");
-        assert_eq!(entries[0].event.as_deref(), Some(&b"{}"[..]));
+        assert_eq!(entries[0].fields, vec![(b"event".to_vec(), b"{}".to_vec())]);
         assert_eq!(
-            entries[1].event, None,
-            "a malformed entry is still handed over"
+            entries[1].fields,
+            vec![(b"other".to_vec(), b"x".to_vec())],
+            "handed over as it is"
         );
         let claimed = Value::Array(vec![
             bulk("0-0"),
@@ -456,11 +467,11 @@ mod tests {
             ]),
             Value::Array(vec![]),
         ]);
-        let (cursor, entries) = parse_autoclaim(&claimed, &p);
+        let (cursor, entries) = parse_autoclaim(claimed, &p);
         assert_eq!(cursor.as_deref(), Some("0-0"));
         assert_eq!(entries.len(), 1, "a deleted entry is skipped");
         assert!(entries[0].taken_over);
-        assert_eq!(parse_read(&Value::Nil, &p), Vec::new());
+        assert_eq!(parse_read(Value::Nil, &p), Vec::new());
     }
 
     #[test]

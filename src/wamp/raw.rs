@@ -87,6 +87,97 @@ impl RawPayload {
     }
 }
 
+impl RawPayload {
+    /// The wire bytes and where args and kwargs are in them, to be stored
+    /// and put back together with [`RawPayload::from_parts`].
+    pub fn parts(&self) -> (&[u8], Option<Range<usize>>, Option<Range<usize>>) {
+        (&self.bytes, self.args.clone(), self.kwargs.clone())
+    }
+
+    /// A payload from stored parts (see [`RawPayload::parts`]), checked
+    /// without decoding it: the ranges must be in order and in bounds, args
+    /// a well-formed list and kwargs a well-formed dict, nothing else in
+    /// `bytes` but the JSON separator. Stored bytes are spliced into CALLs,
+    /// so nothing malformed may pass.
+    pub fn from_parts(
+        serializer: Serializer,
+        bytes: Bytes,
+        args: Option<Range<usize>>,
+        kwargs: Option<Range<usize>>,
+    ) -> Result<RawPayload, String> {
+        if kwargs.is_some() && args.is_none() {
+            return Err("kwargs without args".into());
+        }
+        let end = kwargs.as_ref().or(args.as_ref()).map_or(0, |r| r.end);
+        let gap = match serializer {
+            Serializer::Json => 1,
+            Serializer::MsgPack => 0,
+        };
+        let laid_out = match (&args, &kwargs) {
+            (None, _) => bytes.is_empty(),
+            (Some(a), None) => a.start == 0 && a.start <= a.end,
+            (Some(a), Some(k)) => {
+                a.start == 0
+                    && a.start <= a.end
+                    && k.start <= k.end
+                    && k.start == a.end + gap
+                    && (gap == 0 || bytes.get(a.end) == Some(&b','))
+            }
+        };
+        if !laid_out || end != bytes.len() {
+            return Err("payload parts are not laid out as expected".into());
+        }
+        let well_formed = |range: &Range<usize>, list: bool| -> bool {
+            let part = &bytes[range.clone()];
+            match serializer {
+                Serializer::MsgPack => {
+                    let mut r = Reader { buf: part, pos: 0 };
+                    (if list { r.is_array() } else { r.is_map() })
+                        && r.skip(0).is_some()
+                        && r.pos == part.len()
+                }
+                Serializer::Json => {
+                    let open = if list { b'[' } else { b'{' };
+                    part.first() == Some(&open)
+                        && serde_json::from_slice::<serde::de::IgnoredAny>(part).is_ok()
+                }
+            }
+        };
+        if args.as_ref().is_some_and(|r| !well_formed(r, true)) {
+            return Err("stored args are not a well-formed list".into());
+        }
+        if kwargs.as_ref().is_some_and(|r| !well_formed(r, false)) {
+            return Err("stored kwargs are not a well-formed dict".into());
+        }
+        Ok(RawPayload {
+            serializer,
+            bytes,
+            args,
+            kwargs,
+        })
+    }
+
+    /// A decoded payload in raw form (MessagePack), to be stored.
+    pub fn from_payload(payload: &Payload) -> RawPayload {
+        let ser = Serializer::MsgPack;
+        let mut bytes = ser.encode_value(&Value::List(payload.args.clone()));
+        let args = 0..bytes.len();
+        let kwargs = if payload.kwargs.is_empty() {
+            None
+        } else {
+            let at = bytes.len();
+            bytes.extend(ser.encode_value(&Value::Dict(payload.kwargs.clone())));
+            Some(at..bytes.len())
+        };
+        RawPayload {
+            serializer: ser,
+            bytes: Bytes::from(bytes),
+            args: Some(args),
+            kwargs,
+        }
+    }
+}
+
 fn not_a(serializer: Serializer, what: &str, got: &Value) -> DecodeError {
     DecodeError::Malformed {
         serializer: match serializer {
