@@ -411,7 +411,12 @@ fn run() -> Result<()> {
     } else {
         println!("{section}");
     }
-    let _ = std::fs::remove_dir_all(&ctx.work);
+    // BENCH_KEEP_WORK=1 keeps the logs and callgrind outputs for a closer look.
+    if std::env::var_os("BENCH_KEEP_WORK").is_some() {
+        log(&format!("kept {}", ctx.work.display()));
+    } else {
+        let _ = std::fs::remove_dir_all(&ctx.work);
+    }
     Ok(())
 }
 

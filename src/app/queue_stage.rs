@@ -4,7 +4,7 @@
 //! streams (acknowledge, dead-letter, count a failed attempt, refresh, release)
 //! goes to the committer task as [`Commit`]s. Synchronous, like the sidecar.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -28,9 +28,9 @@ pub struct QueueStage {
     commits: Option<mpsc::UnboundedSender<Commit>>,
     /// The readers' window: one credit per entry held here.
     credits: Arc<Semaphore>,
-    /// Entries held (waiting or in flight), per procedure: refreshed so that
-    /// no other instance takes them over.
-    held: HashMap<Arc<str>, HashSet<String>>,
+    /// Entries held (waiting or in flight), per procedure, by id (its two
+    /// numbers): refreshed so that no other instance takes them over.
+    held: HashMap<Arc<str>, BTreeSet<(u64, u64)>>,
     refresh_every: Duration,
     next_refresh: Instant,
 }
@@ -86,10 +86,12 @@ impl QueueStage {
             id: entry.id.clone(),
             deliveries: entry.deliveries,
         });
-        self.held
-            .entry(entry.procedure.clone())
-            .or_default()
-            .insert(entry.id.clone());
+        if let Some(id) = id_numbers(&entry.id) {
+            self.held
+                .entry(entry.procedure.clone())
+                .or_default()
+                .insert(id);
+        }
         Job {
             item: event,
             received: now.checked_sub(age).unwrap_or(now),
@@ -101,8 +103,9 @@ impl QueueStage {
     /// The entry is done with here (acknowledged, dead-lettered, released):
     /// its credit goes back to the readers.
     pub fn let_go(&mut self, entry: &EntryRef) {
-        if let Some(ids) = self.held.get_mut(&entry.procedure) {
-            ids.remove(&entry.id);
+        if let (Some(ids), Some(id)) = (self.held.get_mut(&entry.procedure), id_numbers(&entry.id))
+        {
+            ids.remove(&id);
         }
         self.credits.add_permits(1);
     }
@@ -122,7 +125,7 @@ impl QueueStage {
             if !ids.is_empty() {
                 self.commit(Commit::Refresh {
                     procedure: procedure.clone(),
-                    ids: ids.iter().cloned().collect(),
+                    ids: ids.iter().map(|(ms, seq)| format!("{ms}-{seq}")).collect(),
                 });
             }
         }
@@ -134,4 +137,10 @@ impl QueueStage {
             .any(|ids| !ids.is_empty())
             .then_some(self.next_refresh)
     }
+}
+
+/// A stream entry id `<ms>-<seq>` as its two numbers.
+fn id_numbers(id: &str) -> Option<(u64, u64)> {
+    let (ms, seq) = id.split_once('-')?;
+    Some((ms.parse().ok()?, seq.parse().ok()?))
 }

@@ -27,17 +27,15 @@ use crate::wamp::session::Session;
 pub const BATCH: usize = 512;
 
 /// KEYS[1] is the stream, KEYS[2..] the claim keys; ARGV[1] the claim TTL
-/// in milliseconds, then per event the number of its field/value arguments
-/// and those arguments. Claims each publication (SET NX) and appends it only
-/// if the claim is new; an append that fails gives its claim back, so the
-/// batch can be retried. Returns {admitted, admitted before}.
+/// in milliseconds, ARGV[2..] the stored events (`streams::entry`). Claims
+/// each publication (SET NX) and appends it only if the claim is new; an
+/// append that fails gives its claim back, so the batch can be retried.
+/// Returns {admitted, admitted before}.
 const ADMIT: &str = r"
-local at = 2
 local added, before = 0, 0
 for i = 2, #KEYS do
-  local n = tonumber(ARGV[at])
   if redis.call('SET', KEYS[i], '1', 'NX', 'PX', ARGV[1]) then
-    local id = redis.pcall('XADD', KEYS[1], '*', unpack(ARGV, at + 1, at + n))
+    local id = redis.pcall('XADD', KEYS[1], '*', 'e', ARGV[i])
     if type(id) == 'table' and id.err then
       redis.call('DEL', KEYS[i])
       return id
@@ -46,7 +44,6 @@ for i = 2, #KEYS do
   else
     before = before + 1
   end
-  at = at + n + 1
 end
 return {added, before}
 ";
@@ -134,11 +131,7 @@ impl<T> Sink<T> for AdmitSink {
             }
             cmd.arg(self.window_ms);
             for ev in &events {
-                let fields = entry::fields(ev);
-                cmd.arg(fields.len() * 2);
-                for (name, value) in &fields {
-                    cmd.arg(*name).arg(value.as_slice());
-                }
+                cmd.arg(entry::encode(ev));
             }
             if !self
                 .registered

@@ -5,10 +5,23 @@
 //! session speaks the other serializer). Entries with an `event` field (a
 //! JSON envelope, as `dead-letters redrive` writes) are read too.
 //!
-//! Fields: `publication`, `topic`, `at` (received, ms since the epoch),
-//! `ser` (`json` or `msgpack`), `payload` (the bytes), `args` and `kwargs`
-//! (`start-end` within `payload`, absent when the event has none), and
-//! `publisher`, `publisher_authid`, `publisher_authrole` when disclosed.
+//! One field, `e`, holds the whole event in a small binary layout (one
+//! field rather than one per attribute: each field is a string Redis and
+//! both ends must handle, and that was most of the cost per event). All
+//! integers little-endian:
+//!
+//! | bytes | what |
+//! |---|---|
+//! | 1 | format version, 1 |
+//! | 1 | serializer of the payload: 0 JSON, 1 MessagePack |
+//! | 8 | publication id |
+//! | 8 | received, milliseconds since the Unix epoch |
+//! | 8 | publisher session id, `u64::MAX` when not disclosed |
+//! | 4 + 4 | args end, kwargs start within the payload (`u32::MAX`: none) |
+//! | 2 + n | topic (UTF-8) |
+//! | 2 + n | publisher authid, length `u16::MAX` when not disclosed |
+//! | 2 + n | publisher authrole, likewise |
+//! | rest | the payload's wire bytes |
 
 use std::ops::Range;
 use std::time::{Duration, UNIX_EPOCH};
@@ -19,9 +32,14 @@ use crate::forward::envelope::{EventPayload, SharedEvent};
 use crate::wamp::raw::RawPayload;
 use crate::wamp::{PublicationId, Serializer};
 
-/// The entry's fields for `event`, in order, for an XADD (or the arguments
-/// of the admission script).
-pub fn fields(event: &SharedEvent) -> Vec<(&'static str, Vec<u8>)> {
+/// The stream field that holds an event.
+pub const FIELD: &str = "e";
+const VERSION: u8 = 1;
+const NONE32: u32 = u32::MAX;
+const NONE16: u16 = u16::MAX;
+
+/// The stored form of `event` (the value of [`FIELD`]).
+pub fn encode(event: &SharedEvent) -> Vec<u8> {
     let owned;
     let raw = match &event.payload {
         EventPayload::Raw(raw) => raw,
@@ -36,82 +54,55 @@ pub fn fields(event: &SharedEvent) -> Vec<(&'static str, Vec<u8>)> {
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
         .as_millis() as u64;
-    let ser: &[u8] = match raw.serializer() {
-        Serializer::Json => b"json",
-        Serializer::MsgPack => b"msgpack",
+    let mut out = Vec::with_capacity(40 + event.topic.len() + bytes.len());
+    out.push(VERSION);
+    out.push(match raw.serializer() {
+        Serializer::Json => 0,
+        Serializer::MsgPack => 1,
+    });
+    out.extend_from_slice(&event.publication.0.to_le_bytes());
+    out.extend_from_slice(&at.to_le_bytes());
+    out.extend_from_slice(&event.publisher.unwrap_or(u64::MAX).to_le_bytes());
+    let end = |r: Option<Range<usize>>, start: bool| {
+        r.map_or(NONE32, |r| if start { r.start } else { r.end } as u32)
     };
-    let mut f = Vec::with_capacity(10);
-    f.push(("publication", event.publication.0.to_string().into_bytes()));
-    f.push(("topic", event.topic.as_bytes().to_vec()));
-    f.push(("at", at.to_string().into_bytes()));
-    f.push(("ser", ser.to_vec()));
-    f.push(("payload", bytes.to_vec()));
-    if let Some(r) = args {
-        f.push(("args", format!("{}-{}", r.start, r.end).into_bytes()));
-    }
-    if let Some(r) = kwargs {
-        f.push(("kwargs", format!("{}-{}", r.start, r.end).into_bytes()));
-    }
-    if let Some(p) = event.publisher {
-        f.push(("publisher", p.to_string().into_bytes()));
-    }
-    if let Some(a) = &event.publisher_authid {
-        f.push(("publisher_authid", a.as_bytes().to_vec()));
-    }
-    if let Some(r) = &event.publisher_authrole {
-        f.push(("publisher_authrole", r.as_bytes().to_vec()));
-    }
-    f
+    out.extend_from_slice(&end(args, false).to_le_bytes());
+    out.extend_from_slice(&end(kwargs, true).to_le_bytes());
+    put_str(&mut out, Some(&event.topic));
+    put_str(&mut out, event.publisher_authid.as_deref());
+    put_str(&mut out, event.publisher_authrole.as_deref());
+    out.extend_from_slice(bytes);
+    out
 }
 
-/// The event stored in an entry of `procedure`'s stream.
-pub fn read(procedure: &str, fields: Vec<(Vec<u8>, Vec<u8>)>) -> Result<SharedEvent, String> {
-    let mut f = Fields(fields);
-    if let Some(json) = f.take("event") {
-        return SharedEvent::from_envelope(&json);
+/// A string with its length; `None` (and anything longer than a length can
+/// say, which a router does not send) as the `NONE16` length.
+fn put_str(out: &mut Vec<u8>, s: Option<&str>) {
+    match s {
+        Some(s) if s.len() < usize::from(NONE16) => {
+            out.extend_from_slice(&(s.len() as u16).to_le_bytes());
+            out.extend_from_slice(s.as_bytes());
+        }
+        _ => out.extend_from_slice(&NONE16.to_le_bytes()),
     }
-    let text = |v: Vec<u8>| String::from_utf8(v).map_err(|_| "a field is not UTF-8".to_owned());
-    let number = |name: &str, v: Option<Vec<u8>>| -> Result<u64, String> {
-        v.and_then(|v| std::str::from_utf8(&v).ok()?.parse().ok())
-            .ok_or_else(|| format!("the entry has no valid {name}"))
-    };
-    let range = |name: &str, v: Option<Vec<u8>>| -> Result<Option<Range<usize>>, String> {
-        let Some(v) = v else { return Ok(None) };
-        std::str::from_utf8(&v)
-            .ok()
-            .and_then(|s| s.split_once('-'))
-            .and_then(|(a, b)| Some(a.parse().ok()?..b.parse().ok()?))
-            .map(Some)
-            .ok_or_else(|| format!("the entry's {name} is not start-end"))
-    };
-    let publication = PublicationId(number("publication", f.take("publication"))?);
-    let topic = text(f.take("topic").ok_or("the entry has no topic")?)?;
-    let at = number("at", f.take("at"))?;
-    let serializer = match f.take("ser").as_deref() {
-        Some(b"json") => Serializer::Json,
-        Some(b"msgpack") => Serializer::MsgPack,
-        _ => return Err("the entry has no valid ser".into()),
-    };
-    let payload = Bytes::from(f.take("payload").ok_or("the entry has no payload")?);
-    let args = range("args", f.take("args"))?;
-    let kwargs = range("kwargs", f.take("kwargs"))?;
-    let raw = RawPayload::from_parts(serializer, payload, args, kwargs)?;
-    let publisher = match f.take("publisher") {
-        Some(v) => Some(number("publisher", Some(v))?),
-        None => None,
-    };
-    Ok(SharedEvent {
-        procedure: procedure.to_owned(),
-        topic,
-        publication,
-        publisher,
-        publisher_authid: f.take("publisher_authid").map(text).transpose()?,
-        publisher_authrole: f.take("publisher_authrole").map(text).transpose()?,
-        payload: EventPayload::Raw(raw),
-        received_at: UNIX_EPOCH + Duration::from_millis(at),
-        outgoing: Default::default(),
-        entry: None,
-    })
+}
+
+/// The event stored in an entry of `procedure`'s stream, from its fields.
+pub fn read(procedure: &str, fields: Vec<(Vec<u8>, Vec<u8>)>) -> Result<SharedEvent, String> {
+    let mut e = None;
+    let mut envelope = None;
+    for (k, v) in fields {
+        match k.as_slice() {
+            b"e" => e = Some(v),
+            b"event" => envelope = Some(v),
+            _ => {}
+        }
+    }
+    match (e, envelope) {
+        (Some(e), _) => decode(procedure, e),
+        (None, Some(json)) => SharedEvent::from_envelope(&json),
+        (None, None) => Err("the entry holds no event".into()),
+    }
 }
 
 /// Whether an entry has the fields of an event (in either form); one that
@@ -119,15 +110,95 @@ pub fn read(procedure: &str, fields: Vec<(Vec<u8>, Vec<u8>)>) -> Result<SharedEv
 pub fn looks_like_an_event(fields: &[(Vec<u8>, Vec<u8>)]) -> bool {
     fields
         .iter()
-        .any(|(k, _)| k.as_slice() == b"event" || k.as_slice() == b"payload")
+        .any(|(k, _)| k.as_slice() == b"e" || k.as_slice() == b"event")
 }
 
-struct Fields(Vec<(Vec<u8>, Vec<u8>)>);
+/// The inverse of [`encode`].
+pub fn decode(procedure: &str, e: Vec<u8>) -> Result<SharedEvent, String> {
+    let mut r = Cursor { buf: &e, pos: 0 };
+    let short = || "the stored event is cut short".to_owned();
+    if r.u8().ok_or_else(short)? != VERSION {
+        return Err("the stored event has an unknown format version".into());
+    }
+    let serializer = match r.u8().ok_or_else(short)? {
+        0 => Serializer::Json,
+        1 => Serializer::MsgPack,
+        _ => return Err("the stored event names an unknown serializer".into()),
+    };
+    let publication = PublicationId(r.u64().ok_or_else(short)?);
+    let at = r.u64().ok_or_else(short)?;
+    let publisher = Some(r.u64().ok_or_else(short)?).filter(|p| *p != u64::MAX);
+    let args_end = r.u32().ok_or_else(short)?;
+    let kwargs_at = r.u32().ok_or_else(short)?;
+    let topic = r
+        .str()
+        .ok_or_else(short)??
+        .ok_or("the stored event has no topic")?;
+    let authid = r.str().ok_or_else(short)??;
+    let authrole = r.str().ok_or_else(short)??;
+    let start = r.pos;
+    let len = e.len() - start;
+    let args = (args_end != NONE32).then_some(0..args_end as usize);
+    let kwargs = (kwargs_at != NONE32).then_some(kwargs_at as usize..len);
+    let payload = Bytes::from(e).slice(start..);
+    let raw = RawPayload::from_parts(serializer, payload, args, kwargs)?;
+    Ok(SharedEvent {
+        procedure: procedure.to_owned(),
+        topic,
+        publication,
+        publisher,
+        publisher_authid: authid,
+        publisher_authrole: authrole,
+        payload: EventPayload::Raw(raw),
+        received_at: UNIX_EPOCH + Duration::from_millis(at),
+        outgoing: Default::default(),
+        entry: None,
+    })
+}
 
-impl Fields {
-    fn take(&mut self, name: &str) -> Option<Vec<u8>> {
-        let at = self.0.iter().position(|(k, _)| k == name.as_bytes())?;
-        Some(std::mem::take(&mut self.0[at].1))
+struct Cursor<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl Cursor<'_> {
+    fn take(&mut self, n: usize) -> Option<&[u8]> {
+        let bytes = self.buf.get(self.pos..self.pos.checked_add(n)?)?;
+        self.pos += n;
+        Some(bytes)
+    }
+
+    fn u8(&mut self) -> Option<u8> {
+        self.take(1).map(|b| b[0])
+    }
+
+    fn u16(&mut self) -> Option<u16> {
+        self.take(2).map(|b| u16::from_le_bytes([b[0], b[1]]))
+    }
+
+    fn u32(&mut self) -> Option<u32> {
+        self.take(4)
+            .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
+    }
+
+    fn u64(&mut self) -> Option<u64> {
+        self.take(8)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+    }
+
+    /// A length-prefixed string: `None` when cut short, `Some(Err)` when
+    /// not UTF-8, `Some(Ok(None))` when absent.
+    fn str(&mut self) -> Option<Result<Option<String>, String>> {
+        let len = self.u16()?;
+        if len == NONE16 {
+            return Some(Ok(None));
+        }
+        let bytes = self.take(usize::from(len))?;
+        Some(
+            std::str::from_utf8(bytes)
+                .map(|s| Some(s.to_owned()))
+                .map_err(|_| "a stored string is not UTF-8".to_owned()),
+        )
     }
 }
 
@@ -137,10 +208,7 @@ mod tests {
     use crate::wamp::{Dict, Message, Payload, SubscriptionId, Value, raw};
 
     fn fields_of(ev: &SharedEvent) -> Vec<(Vec<u8>, Vec<u8>)> {
-        fields(ev)
-            .into_iter()
-            .map(|(k, v)| (k.as_bytes().to_vec(), v))
-            .collect()
+        vec![(FIELD.as_bytes().to_vec(), encode(ev))]
     }
 
     fn event_payload() -> Payload {
@@ -196,36 +264,63 @@ mod tests {
 
     #[test]
     fn malformed_entries_are_refused_not_spliced() {
-        let good = |payload: &[u8], args: &str, kwargs: Option<&str>, ser: &str| {
-            let mut f = vec![
-                (b"publication".to_vec(), b"1".to_vec()),
-                (b"topic".to_vec(), b"t".to_vec()),
-                (b"at".to_vec(), b"0".to_vec()),
-                (b"ser".to_vec(), ser.as_bytes().to_vec()),
-                (b"payload".to_vec(), payload.to_vec()),
-                (b"args".to_vec(), args.as_bytes().to_vec()),
-            ];
-            if let Some(k) = kwargs {
-                f.push((b"kwargs".to_vec(), k.as_bytes().to_vec()));
-            }
-            read("p", f)
+        let stored = |ser: Serializer,
+                      payload: &[u8],
+                      args: Option<Range<usize>>,
+                      kwargs_at: Option<usize>| {
+            let mut e = vec![VERSION, u8::from(ser == Serializer::MsgPack)];
+            e.extend_from_slice(&1u64.to_le_bytes());
+            e.extend_from_slice(&0u64.to_le_bytes());
+            e.extend_from_slice(&u64::MAX.to_le_bytes());
+            e.extend_from_slice(&args.map_or(NONE32, |r| r.end as u32).to_le_bytes());
+            e.extend_from_slice(&kwargs_at.map_or(NONE32, |k| k as u32).to_le_bytes());
+            put_str(&mut e, Some("t"));
+            put_str(&mut e, None);
+            put_str(&mut e, None);
+            e.extend_from_slice(payload);
+            decode("p", e)
         };
-        assert!(good(b"[1,2]", "0-5", None, "json").is_ok());
-        assert!(good(br#"[1],{"a":1}"#, "0-3", Some("4-11"), "json").is_ok());
-        assert!(good(b"[1,2", "0-4", None, "json").is_err(), "truncated");
-        assert!(good(b"{}", "0-2", None, "json").is_err(), "args not a list");
+        let json = Serializer::Json;
+        assert!(stored(json, b"[1,2]", Some(0..5), None).is_ok());
+        assert!(stored(json, br#"[1],{"a":1}"#, Some(0..3), Some(4)).is_ok());
         assert!(
-            good(b"[1]x", "0-3", None, "json").is_err(),
-            "trailing bytes"
-        );
-        assert!(good(b"[1]", "0-9", None, "json").is_err(), "out of bounds");
-        assert!(good(b"[1]", "2-1", None, "json").is_err(), "backwards");
-        assert!(good(&[0x91, 0x01], "0-2", None, "msgpack").is_ok());
-        assert!(
-            good(&[0x92, 0x01], "0-2", None, "msgpack").is_err(),
+            stored(json, b"[1,2", Some(0..4), None).is_err(),
             "truncated"
         );
-        assert!(good(&[0x91, 0x01], "0-2", None, "cbor").is_err());
+        assert!(
+            stored(json, b"{}", Some(0..2), None).is_err(),
+            "args not a list"
+        );
+        assert!(
+            stored(json, b"[1]x", Some(0..3), None).is_err(),
+            "trailing bytes"
+        );
+        assert!(
+            stored(json, b"[1]", Some(0..9), None).is_err(),
+            "out of bounds"
+        );
+        assert!(
+            stored(json, b"[1],[2]", Some(0..3), Some(4)).is_err(),
+            "kwargs not a dict"
+        );
+        let mp = Serializer::MsgPack;
+        assert!(stored(mp, &[0x91, 0x01], Some(0..2), None).is_ok());
+        assert!(
+            stored(mp, &[0x92, 0x01], Some(0..2), None).is_err(),
+            "truncated"
+        );
+        let ok = encode(
+            &SharedEvent::from_envelope(
+                br#"{"procedure":"p","topic":"t","publication":1,"args":[1],"kwargs":{}}"#,
+            )
+            .unwrap(),
+        );
+        for cut in 0..ok.len() {
+            assert!(decode("p", ok[..cut].to_vec()).is_err(), "cut at {cut}");
+        }
+        let mut bad_version = ok.clone();
+        bad_version[0] = 9;
+        assert!(decode("p", bad_version).is_err());
         assert!(read("p", vec![]).is_err());
     }
 }
