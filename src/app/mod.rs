@@ -609,6 +609,7 @@ fn start_streams(
             consumer,
             claim_idle: q.claim_idle,
             credits: credits.clone(),
+            read_chunk: (window / 4).clamp(1, 64) as u32,
             out: out_tx,
             stop: stop.clone(),
         }

@@ -64,6 +64,8 @@ pub struct Readers {
     pub consumer: String,
     pub claim_idle: Duration,
     pub credits: Arc<Semaphore>,
+    /// Room in the window a read waits for (a quarter of the window).
+    pub read_chunk: u32,
     pub out: mpsc::UnboundedSender<FromReaders>,
     pub stop: CancellationToken,
 }
@@ -138,10 +140,12 @@ impl Readers {
                     self.take_over(c, &procedure, &stream).await?;
                     next_claim = Instant::now() + self.claim_idle / 2;
                 }
-                // Wait for room in the window.
+                // Wait for room in the window: a chunk of it, so that a full
+                // window is topped up in a few reads rather than one per
+                // acknowledgement.
                 let room = tokio::select! {
                     _ = self.stop.cancelled() => return Ok(()),
-                    permit = self.credits.acquire() => match permit {
+                    permit = self.credits.acquire_many(self.read_chunk) => match permit {
                         Ok(p) => { drop(p); self.credits.available_permits().clamp(1, READ_MAX) }
                         Err(_) => return Ok(()),
                     },
