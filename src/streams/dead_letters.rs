@@ -9,11 +9,13 @@ use redis::Value;
 
 use super::{Conn, Keys, Target, text};
 use crate::config::Config;
+use crate::forward::envelope::SharedEvent;
 
 /// KEYS[1] the dead-letter stream, KEYS[2] the queue stream; ARGV[1] the
-/// dead-letter entry id, ARGV[2] the envelope. Moves one event back.
+/// dead-letter entry id, ARGV[2] the stored event (`streams::entry`). Moves
+/// one event back.
 const REDRIVE: &str = r"
-redis.call('XADD', KEYS[2], '*', 'event', ARGV[2])
+redis.call('XADD', KEYS[2], '*', 'e', ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[1])
 return 1
 ";
@@ -106,17 +108,21 @@ pub async fn run(
                     writeln!(out, "{}", letter.json()).map_err(|e| e.to_string())?;
                 }
                 Action::Redrive => {
-                    let Some(event) = letter.field("event").filter(|e| !e.is_empty()) else {
+                    let Some(event) = letter
+                        .field("event")
+                        .and_then(|json| SharedEvent::from_envelope(json).ok())
+                    else {
                         skipped += 1;
                         continue;
                     };
+                    let event = super::entry::encode(&event);
                     redis::cmd("EVAL")
                         .arg(REDRIVE)
                         .arg(2)
                         .arg(keys.dead(&procedure))
                         .arg(keys.stream(&procedure))
                         .arg(&letter.id)
-                        .arg(event)
+                        .arg(&event)
                         .query_async::<i64>(&mut conn)
                         .await
                         .map_err(|e| format!("cannot redrive {} of {procedure}: {e}", letter.id))?;
