@@ -4,7 +4,7 @@
 //! streams (acknowledge, dead-letter, count a failed attempt, refresh, release)
 //! goes to the committer task as [`Commit`]s. Synchronous, like the sidecar.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -16,7 +16,6 @@ use crate::forward::envelope::{Entry as EntryRef, SharedEvent};
 use crate::forward::{DeliveryId, Job};
 use crate::sink::Sink;
 use crate::streams::commit::Commit;
-use crate::streams::entry_millis;
 use crate::streams::reader::Entry;
 
 /// Delivery ids of this stage start here, apart from the admission core's.
@@ -30,7 +29,8 @@ pub struct QueueStage {
     credits: Arc<Semaphore>,
     /// Entries held (waiting or in flight), per procedure, by id (its two
     /// numbers): refreshed so that no other instance takes them over.
-    held: HashMap<Arc<str>, BTreeSet<(u64, u64)>>,
+    // A BTreeMap: a few procedures, compared faster than hashed.
+    held: BTreeMap<Arc<str>, BTreeSet<(u64, u64)>>,
     refresh_every: Duration,
     next_refresh: Instant,
 }
@@ -50,7 +50,7 @@ impl QueueStage {
             sink,
             commits: Some(commits),
             credits,
-            held: HashMap::new(),
+            held: BTreeMap::new(),
             refresh_every,
             next_refresh: now + refresh_every,
         }
@@ -74,8 +74,9 @@ impl QueueStage {
     /// An entry read back: a job with its history (received when it was
     /// added to the stream; attempted once per earlier hand-out).
     pub fn job(&mut self, entry: &Entry, mut event: SharedEvent, now: Instant) -> Job<SharedEvent> {
-        let age = entry_millis(&entry.id)
-            .map(|ms| {
+        let key = id_numbers(&entry.id);
+        let age = key
+            .map(|(ms, _)| {
                 let added = SystemTime::UNIX_EPOCH + Duration::from_millis(ms);
                 SystemTime::now().duration_since(added).unwrap_or_default()
             })
@@ -86,11 +87,16 @@ impl QueueStage {
             id: entry.id.clone(),
             deliveries: entry.deliveries,
         });
-        if let Some(id) = id_numbers(&entry.id) {
-            self.held
-                .entry(entry.procedure.clone())
-                .or_default()
-                .insert(id);
+        if let Some(key) = key {
+            match self.held.get_mut(&*entry.procedure) {
+                Some(ids) => {
+                    ids.insert(key);
+                }
+                None => {
+                    self.held
+                        .insert(entry.procedure.clone(), BTreeSet::from([key]));
+                }
+            }
         }
         Job {
             item: event,

@@ -10,6 +10,7 @@
 //! half-way is simply retried whole.
 
 use std::collections::HashSet;
+use std::io::Write as _;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -126,12 +127,24 @@ impl<T> Sink<T> for AdmitSink {
                 .filter(|e| e.procedure == procedure)
                 .collect();
             cmd.arg(n + 1).arg(self.keys.stream(procedure));
+            // One buffer for every key and event: `arg` copies it.
+            let seen = self.keys.seen(procedure, 0);
+            let prefix = seen
+                .strip_suffix('0')
+                .expect("seen key ends with the id")
+                .as_bytes();
+            let mut scratch: Vec<u8> = Vec::with_capacity(256);
             for ev in &events {
-                cmd.arg(self.keys.seen(procedure, ev.publication.0));
+                scratch.clear();
+                scratch.extend_from_slice(prefix);
+                let _ = write!(scratch, "{}", ev.publication.0);
+                cmd.arg(scratch.as_slice());
             }
             cmd.arg(self.window_ms);
             for ev in &events {
-                cmd.arg(entry::encode(ev));
+                scratch.clear();
+                entry::encode_into(ev, &mut scratch);
+                cmd.arg(scratch.as_slice());
             }
             if !self
                 .registered

@@ -40,6 +40,13 @@ const NONE16: u16 = u16::MAX;
 
 /// The stored form of `event` (the value of [`FIELD`]).
 pub fn encode(event: &SharedEvent) -> Vec<u8> {
+    let mut out = Vec::new();
+    encode_into(event, &mut out);
+    out
+}
+
+/// [`encode`] appended to `out` (a buffer used again and again).
+pub fn encode_into(event: &SharedEvent, out: &mut Vec<u8>) {
     let owned;
     let raw = match &event.payload {
         EventPayload::Raw(raw) => raw,
@@ -54,7 +61,7 @@ pub fn encode(event: &SharedEvent) -> Vec<u8> {
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
         .as_millis() as u64;
-    let mut out = Vec::with_capacity(40 + event.topic.len() + bytes.len());
+    out.reserve(40 + event.topic.len() + bytes.len());
     out.push(VERSION);
     out.push(match raw.serializer() {
         Serializer::Json => 0,
@@ -68,11 +75,10 @@ pub fn encode(event: &SharedEvent) -> Vec<u8> {
     };
     out.extend_from_slice(&end(args, false).to_le_bytes());
     out.extend_from_slice(&end(kwargs, true).to_le_bytes());
-    put_str(&mut out, Some(&event.topic));
-    put_str(&mut out, event.publisher_authid.as_deref());
-    put_str(&mut out, event.publisher_authrole.as_deref());
+    put_str(out, Some(&event.topic));
+    put_str(out, event.publisher_authid.as_deref());
+    put_str(out, event.publisher_authrole.as_deref());
     out.extend_from_slice(bytes);
-    out
 }
 
 /// A string with its length; `None` (and anything longer than a length can
