@@ -448,7 +448,7 @@ impl Sidecar {
         if let Some(jobs) = self.core.delivery(id) {
             log_failures(jobs, &report);
             if !self.sink.needs_session() {
-                self.count_redis_errors(jobs.len(), &report);
+                count_redis_errors(&self.metrics, jobs.len(), &report);
             }
         }
         let known = match report {
@@ -535,20 +535,6 @@ impl Sidecar {
         }
     }
 
-    fn count_redis_errors(&self, events: usize, report: &Report) {
-        match report {
-            Report::All(Ok(())) => {}
-            Report::All(Err(error)) => {
-                self.metrics.redis_errors.inc();
-                tracing::warn!(events, %error, "Redis push failed; the batch waits and is retried in order");
-            }
-            Report::Each(outcomes) => {
-                let failed = outcomes.iter().filter(|o| o.is_err()).count();
-                self.metrics.redis_errors.inc_by(failed as u64);
-            }
-        }
-    }
-
     /// Deliveries started whose outcome a future will report.
     pub fn take_started(&mut self) -> std::vec::Drain<'_, PendingReport> {
         self.started.drain(..)
@@ -622,19 +608,7 @@ impl Sidecar {
         let mut released: HashMap<Arc<str>, Vec<String>> = HashMap::new();
         while let Some(output) = self.queue.as_mut().and_then(|q| q.core.poll()) {
             match output {
-                Output::Deliver(id) => {
-                    let q = self.queue.as_mut().expect("queue stage");
-                    let Some(jobs) = q.core.delivery(id) else {
-                        continue;
-                    };
-                    match q.sink.start(id, jobs, session.as_deref_mut(), now) {
-                        Started::OnSession => {}
-                        Started::Pending(report) => self
-                            .started
-                            .push(Box::pin(async move { (id, report.await) })),
-                        Started::Done(report) => self.on_report(id, report, now),
-                    }
-                }
+                Output::Deliver(id) => self.start(id, session.as_deref_mut(), now),
                 Output::Ack(job) => {
                     let pushed = self.queue.as_ref().is_some_and(|q| !q.sink.needs_session());
                     self.delivered(&job, pushed, now);
@@ -707,11 +681,16 @@ impl Sidecar {
         }
     }
 
+    /// Starts a delivery of either stage (the queue stage's ids are its own).
     fn start(&mut self, id: DeliveryId, session: Option<&mut Session<Token>>, now: Instant) {
-        let Some(jobs) = self.core.delivery(id) else {
+        let (core, sink) = match &mut self.queue {
+            Some(q) if QueueStage::is_delivery(id) => (&q.core, &mut q.sink),
+            _ => (&self.core, &mut self.sink),
+        };
+        let Some(jobs) = core.delivery(id) else {
             return;
         };
-        match self.sink.start(id, jobs, session, now) {
+        match sink.start(id, jobs, session, now) {
             Started::OnSession => {}
             Started::Pending(report) => self
                 .started
@@ -913,16 +892,7 @@ fn on_queue_report(
     if let Some(jobs) = q.core.delivery(id) {
         log_failures(jobs, &report);
         if !q.sink.needs_session() {
-            match &report {
-                Report::All(Err(_)) => {
-                    metrics.redis_errors.inc();
-                }
-                Report::Each(o) => {
-                    let n = o.iter().filter(|o| o.is_err()).count();
-                    metrics.redis_errors.inc_by(n as u64);
-                }
-                Report::All(Ok(())) => {}
-            }
+            count_redis_errors(metrics, jobs.len(), &report);
         }
         let failed: Vec<bool> = match &report {
             Report::All(o) => vec![o.is_err(); jobs.len()],
@@ -943,6 +913,21 @@ fn on_queue_report(
     };
     if !known {
         tracing::debug!(delivery = %id, "outcome of a delivery already released (shutdown deadline)");
+    }
+}
+
+/// Counts the failed Redis pushes of a delivery (Redis mode).
+fn count_redis_errors(metrics: &Metrics, events: usize, report: &Report) {
+    match report {
+        Report::All(Ok(())) => {}
+        Report::All(Err(error)) => {
+            metrics.redis_errors.inc();
+            tracing::warn!(events, %error, "Redis push failed; the batch waits and is retried in order");
+        }
+        Report::Each(outcomes) => {
+            let failed = outcomes.iter().filter(|o| o.is_err()).count();
+            metrics.redis_errors.inc_by(failed as u64);
+        }
     }
 }
 
