@@ -16,6 +16,7 @@ use crate::forward::envelope::{Entry as EntryRef, SharedEvent};
 use crate::forward::{DeliveryId, Job};
 use crate::sink::Sink;
 use crate::streams::commit::Commit;
+use crate::streams::entry_id_numbers;
 use crate::streams::reader::Entry;
 
 /// Delivery ids of this stage start here, apart from the admission core's.
@@ -74,7 +75,7 @@ impl QueueStage {
     /// An entry read back: a job with its history (received when it was
     /// added to the stream; attempted once per earlier hand-out).
     pub fn job(&mut self, entry: &Entry, mut event: SharedEvent, now: Instant) -> Job<SharedEvent> {
-        let key = id_numbers(&entry.id);
+        let key = entry_id_numbers(&entry.id);
         let age = key
             .map(|(ms, _)| {
                 let added = SystemTime::UNIX_EPOCH + Duration::from_millis(ms);
@@ -109,8 +110,10 @@ impl QueueStage {
     /// The entry is done with here (acknowledged, dead-lettered, released):
     /// its credit goes back to the readers.
     pub fn let_go(&mut self, entry: &EntryRef) {
-        if let (Some(ids), Some(id)) = (self.held.get_mut(&entry.procedure), id_numbers(&entry.id))
-        {
+        if let (Some(ids), Some(id)) = (
+            self.held.get_mut(&entry.procedure),
+            entry_id_numbers(&entry.id),
+        ) {
             ids.remove(&id);
         }
         self.credits.add_permits(1);
@@ -143,10 +146,4 @@ impl QueueStage {
             .any(|ids| !ids.is_empty())
             .then_some(self.next_refresh)
     }
-}
-
-/// A stream entry id `<ms>-<seq>` as its two numbers.
-fn id_numbers(id: &str) -> Option<(u64, u64)> {
-    let (ms, seq) = id.split_once('-')?;
-    Some((ms.parse().ok()?, seq.parse().ok()?))
 }

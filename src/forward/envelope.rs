@@ -167,18 +167,15 @@ impl SharedEvent {
             Some(Value::Null) | None => Dict::new(),
             Some(_) => return Err("the envelope's kwargs are not an object".into()),
         };
-        Ok(SharedEvent {
+        // The envelope names the publisher as EVENT details do.
+        Ok(Self::with_payload(
             procedure,
             topic,
             publication,
-            publisher: d.get_u64("publisher"),
-            publisher_authid: d.get_str("publisher_authid").map(str::to_owned),
-            publisher_authrole: d.get_str("publisher_authrole").map(str::to_owned),
-            payload: EventPayload::Decoded(Payload::new(args, kwargs)),
+            &d,
+            EventPayload::Decoded(Payload::new(args, kwargs)),
             received_at,
-            outgoing: Outgoing::AsReceived,
-            entry: None,
-        })
+        ))
     }
 
     /// The event's details as a dict: topic, publication and whatever the

@@ -233,9 +233,11 @@ impl ConnectionLike for Conn {
     }
 }
 
-/// The milliseconds part of a stream entry id (`<ms>-<seq>`): when it was added.
-pub fn entry_millis(id: &str) -> Option<u64> {
-    id.split_once('-').map_or(id, |(ms, _)| ms).parse().ok()
+/// A stream entry id `<ms>-<seq>` as its two numbers; the first is when
+/// the entry was added, in milliseconds since the Unix epoch.
+pub fn entry_id_numbers(id: &str) -> Option<(u64, u64)> {
+    let (ms, seq) = id.split_once('-')?;
+    Some((ms.parse().ok()?, seq.parse().ok()?))
 }
 
 /// Text of a Redis bulk or simple string value.
@@ -265,8 +267,15 @@ mod tests {
 
     #[test]
     fn entry_ids_tell_when_they_were_added() {
-        assert_eq!(entry_millis("1700000000123-4"), Some(1_700_000_000_123));
-        assert_eq!(entry_millis("5"), Some(5));
-        assert_eq!(entry_millis("x-1"), None);
+        assert_eq!(
+            entry_id_numbers("1700000000123-4"),
+            Some((1_700_000_000_123, 4))
+        );
+        assert_eq!(
+            entry_id_numbers("5"),
+            None,
+            "Redis always writes both parts"
+        );
+        assert_eq!(entry_id_numbers("x-1"), None);
     }
 }
