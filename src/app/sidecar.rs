@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
+use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use tokio::sync::mpsc;
 
@@ -488,7 +489,7 @@ impl Sidecar {
             self.metrics.queue_taken_over.inc();
         }
         // What a malformed entry held, as text, for its dead-letter record.
-        let shown = |fields: &[(Vec<u8>, Vec<u8>)]| -> Vec<u8> {
+        let shown = |fields: &[(Bytes, Bytes)]| -> Vec<u8> {
             let text: serde_json::Map<String, serde_json::Value> = fields
                 .iter()
                 .map(|(k, v)| {

@@ -94,11 +94,11 @@ fn put_str(out: &mut Vec<u8>, s: Option<&str>) {
 }
 
 /// The event stored in an entry of `procedure`'s stream, from its fields.
-pub fn read(procedure: &str, fields: Vec<(Vec<u8>, Vec<u8>)>) -> Result<SharedEvent, String> {
+pub fn read(procedure: &str, fields: Vec<(Bytes, Bytes)>) -> Result<SharedEvent, String> {
     let mut e = None;
     let mut envelope = None;
     for (k, v) in fields {
-        match k.as_slice() {
+        match &k[..] {
             b"e" => e = Some(v),
             b"event" => envelope = Some(v),
             _ => {}
@@ -113,14 +113,14 @@ pub fn read(procedure: &str, fields: Vec<(Vec<u8>, Vec<u8>)>) -> Result<SharedEv
 
 /// Whether an entry has the fields of an event (in either form); one that
 /// does not is shown as it is in its dead-letter record.
-pub fn looks_like_an_event(fields: &[(Vec<u8>, Vec<u8>)]) -> bool {
+pub fn looks_like_an_event(fields: &[(Bytes, Bytes)]) -> bool {
     fields
         .iter()
-        .any(|(k, _)| k.as_slice() == b"e" || k.as_slice() == b"event")
+        .any(|(k, _)| &k[..] == b"e" || &k[..] == b"event")
 }
 
 /// The inverse of [`encode`].
-pub fn decode(procedure: &str, e: Vec<u8>) -> Result<SharedEvent, String> {
+pub fn decode(procedure: &str, e: Bytes) -> Result<SharedEvent, String> {
     let mut r = Cursor { buf: &e, pos: 0 };
     let short = || "the stored event is cut short".to_owned();
     if r.u8().ok_or_else(short)? != VERSION {
@@ -146,7 +146,7 @@ pub fn decode(procedure: &str, e: Vec<u8>) -> Result<SharedEvent, String> {
     let len = e.len() - start;
     let args = (args_end != NONE32).then_some(0..args_end as usize);
     let kwargs = (kwargs_at != NONE32).then_some(kwargs_at as usize..len);
-    let payload = Bytes::from(e).slice(start..);
+    let payload = e.slice(start..);
     let raw = RawPayload::from_parts(serializer, payload, args, kwargs)?;
     Ok(SharedEvent {
         procedure: procedure.to_owned(),
@@ -213,8 +213,11 @@ mod tests {
     use super::*;
     use crate::wamp::{Dict, Message, Payload, SubscriptionId, Value, raw};
 
-    fn fields_of(ev: &SharedEvent) -> Vec<(Vec<u8>, Vec<u8>)> {
-        vec![(FIELD.as_bytes().to_vec(), encode(ev))]
+    fn fields_of(ev: &SharedEvent) -> Vec<(Bytes, Bytes)> {
+        vec![(
+            Bytes::from_static(FIELD.as_bytes()),
+            Bytes::from(encode(ev)),
+        )]
     }
 
     fn event_payload() -> Payload {
@@ -284,7 +287,7 @@ mod tests {
             put_str(&mut e, None);
             put_str(&mut e, None);
             e.extend_from_slice(payload);
-            decode("p", e)
+            decode("p", Bytes::from(e))
         };
         let json = Serializer::Json;
         assert!(stored(json, b"[1,2]", Some(0..5), None).is_ok());
@@ -322,11 +325,14 @@ mod tests {
             .unwrap(),
         );
         for cut in 0..ok.len() {
-            assert!(decode("p", ok[..cut].to_vec()).is_err(), "cut at {cut}");
+            assert!(
+                decode("p", Bytes::copy_from_slice(&ok[..cut])).is_err(),
+                "cut at {cut}"
+            );
         }
         let mut bad_version = ok.clone();
         bad_version[0] = 9;
-        assert!(decode("p", bad_version).is_err());
+        assert!(decode("p", Bytes::from(bad_version)).is_err());
         assert!(read("p", vec![]).is_err());
     }
 }

@@ -24,16 +24,15 @@ pub mod commit;
 pub mod dead_letters;
 pub mod entry;
 pub mod reader;
+pub mod resp;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::{
-    ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection,
-};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
-use redis::{AsyncConnectionConfig, Cmd, Pipeline, RedisFuture, RedisResult, Value};
+use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
 use tokio::sync::Mutex;
 
 /// Deadline of one ordinary Redis command (not a blocking read).
@@ -83,6 +82,8 @@ impl Keys {
 pub struct Target {
     url: String,
     cluster: bool,
+    /// The same, for the readers' own connections.
+    endpoint: resp::Endpoint,
 }
 
 impl std::fmt::Debug for Target {
@@ -101,7 +102,13 @@ impl Target {
         Ok(Target {
             url: url.to_owned(),
             cluster,
+            endpoint: resp::Endpoint::from_url(url).map_err(|e| e.to_string())?,
         })
+    }
+
+    /// Where a reader connects (on a cluster: the seed, for its login).
+    pub fn endpoint(&self) -> &resp::Endpoint {
+        &self.endpoint
     }
 
     pub fn is_cluster(&self) -> bool {
@@ -128,27 +135,6 @@ impl Target {
             )
         };
         Ok(Shared { inner })
-    }
-
-    /// A connection of its own, for blocking reads: `response_timeout`
-    /// must exceed the longest BLOCK used on it.
-    pub async fn dedicated(&self, response_timeout: Duration) -> RedisResult<Conn> {
-        if self.cluster {
-            let client = self
-                .cluster_client(response_timeout)
-                .map_err(|e| redis::RedisError::from((redis::ErrorKind::Client, "cluster", e)))?;
-            Ok(Conn::Cluster(client.get_async_connection().await?))
-        } else {
-            let client = redis::Client::open(self.url.as_str())?;
-            let config = AsyncConnectionConfig::new()
-                .set_connection_timeout(Some(COMMAND_TIMEOUT))
-                .set_response_timeout(Some(response_timeout));
-            Ok(Conn::Single(
-                client
-                    .get_multiplexed_async_connection_with_config(&config)
-                    .await?,
-            ))
-        }
     }
 
     fn cluster_client(&self, response_timeout: Duration) -> Result<ClusterClient, String> {
@@ -197,7 +183,6 @@ impl Shared {
 /// One connection of any kind.
 #[derive(Clone)]
 pub enum Conn {
-    Single(MultiplexedConnection),
     Managed(ConnectionManager),
     Cluster(ClusterConnection),
 }
@@ -205,7 +190,6 @@ pub enum Conn {
 impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
-            Conn::Single(c) => c.req_packed_command(cmd),
             Conn::Managed(c) => c.req_packed_command(cmd),
             Conn::Cluster(c) => c.req_packed_command(cmd),
         }
@@ -218,7 +202,6 @@ impl ConnectionLike for Conn {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
-            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
             Conn::Managed(c) => c.req_packed_commands(pipeline, offset, count),
             Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
         }
@@ -226,7 +209,6 @@ impl ConnectionLike for Conn {
 
     fn get_db(&self) -> i64 {
         match self {
-            Conn::Single(c) => c.get_db(),
             Conn::Managed(c) => c.get_db(),
             Conn::Cluster(c) => c.get_db(),
         }

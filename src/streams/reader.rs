@@ -15,13 +15,15 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use redis::Value;
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep, sleep_until};
 use tokio_util::sync::CancellationToken;
 
-use super::{Conn, Keys, Shared, Target, text};
+use super::resp::{self, RawConn, Reply};
+use super::{COMMAND_TIMEOUT, Keys, Shared, Target, text};
 
 /// Longest XREADGROUP BLOCK; a reader looks at its stop signal and its
 /// takeover timer at least this often.
@@ -42,8 +44,8 @@ pub struct Entry {
     pub id: String,
     /// The stream's delivery count, this hand-out included.
     pub deliveries: u64,
-    /// Its field/value pairs (see `streams::entry`).
-    pub fields: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Its field/value pairs (see `streams::entry`), slices of the reply.
+    pub fields: Vec<(Bytes, Bytes)>,
     /// Taken over from another consumer.
     pub taken_over: bool,
 }
@@ -118,19 +120,18 @@ impl Readers {
     /// One stream's reader, until `stop`.
     async fn read(&self, procedure: Arc<str>) {
         let stream = self.keys.stream(&procedure);
-        let mut conn: Option<Conn> = None;
+        let mut conn: Option<RawConn> = None;
+        // On a cluster: the node a `MOVED` named, tried before a lookup.
+        let mut redirect: Option<(String, u16)> = None;
         let mut group_ready = false;
         let mut next_claim = Instant::now();
         let mut failures = 0u32;
+        let mut moves = 0u32;
         while !self.stop.is_cancelled() {
             let step = async {
                 let c = match &mut conn {
                     Some(c) => c,
-                    None => conn.insert(
-                        self.target
-                            .dedicated(BLOCK * 2 + super::COMMAND_TIMEOUT)
-                            .await?,
-                    ),
+                    None => conn.insert(self.connect(&stream, redirect.take()).await?),
                 };
                 if !group_ready {
                     create_group(c, &stream, self.keys.group()).await?;
@@ -153,22 +154,29 @@ impl Readers {
                 let block = BLOCK
                     .min(next_claim.saturating_duration_since(Instant::now()))
                     .max(Duration::from_millis(1));
-                let read: Value = redis::cmd("XREADGROUP")
-                    .arg("GROUP")
-                    .arg(self.keys.group())
-                    .arg(&self.consumer)
-                    .arg("COUNT")
-                    .arg(room)
-                    .arg("BLOCK")
-                    .arg(block.as_millis() as u64)
-                    .arg("STREAMS")
-                    .arg(&stream)
-                    .arg(">")
-                    .query_async(c)
+                let count = room.to_string();
+                let block_ms = block.as_millis().to_string();
+                let read = c
+                    .command(
+                        &[
+                            b"XREADGROUP",
+                            b"GROUP",
+                            self.keys.group().as_bytes(),
+                            self.consumer.as_bytes(),
+                            b"COUNT",
+                            count.as_bytes(),
+                            b"BLOCK",
+                            block_ms.as_bytes(),
+                            b"STREAMS",
+                            stream.as_bytes(),
+                            b">",
+                        ],
+                        block + COMMAND_TIMEOUT,
+                    )
                     .await?;
                 let entries = parse_read(read, &procedure);
                 self.hand_over(entries).await;
-                Ok::<(), redis::RedisError>(())
+                Ok::<(), resp::Error>(())
             };
             match step.await {
                 Ok(()) => {
@@ -177,15 +185,26 @@ impl Readers {
                         let _ = self.out.send(FromReaders::RedisUp(true));
                     }
                     failures = 0;
+                    moves = 0;
                 }
                 Err(e) => {
-                    failures += 1;
                     if e.code() == Some("NOGROUP") {
                         // The stream or group vanished (a Redis without persistence restarted).
                         group_ready = false;
                     } else {
                         conn = None;
                     }
+                    if let Some(node) = e.moved_to() {
+                        // The slot moved to another master: follow at once,
+                        // unless the nodes keep sending us round.
+                        tracing::info!(%procedure, node = %format!("{}:{}", node.0, node.1), "the queue stream's slot moved; following");
+                        redirect = Some(node);
+                        moves += 1;
+                        if moves <= 3 {
+                            continue;
+                        }
+                    }
+                    failures += 1;
                     let _ = self.out.send(FromReaders::RedisUp(false));
                     if failures == 1 || failures.is_multiple_of(20) {
                         tracing::warn!(%procedure, error = %e, "cannot read the queue stream; retrying");
@@ -198,6 +217,67 @@ impl Readers {
                 }
             }
         }
+    }
+
+    /// A connection to the node holding `stream`: the server itself, or on a
+    /// cluster the node a redirection named, else the master of the
+    /// stream's slot as the cluster says (asked through the shared
+    /// connection, which knows every node).
+    async fn connect(
+        &self,
+        stream: &str,
+        redirect: Option<(String, u16)>,
+    ) -> Result<RawConn, resp::Error> {
+        let endpoint = self.target.endpoint();
+        let cluster = self.target.is_cluster();
+        let endpoint = match (cluster, redirect) {
+            (false, _) => endpoint.clone(),
+            (true, Some((host, port))) => endpoint.at(&host, port),
+            (true, None) => {
+                let (host, port) = self.master_of(stream).await?;
+                // A node that does not know its own address says "" or "?".
+                let host = match host.as_str() {
+                    "" | "?" => endpoint.host().unwrap_or("127.0.0.1").to_owned(),
+                    _ => host,
+                };
+                endpoint.at(&host, port)
+            }
+        };
+        RawConn::connect(&endpoint, cluster, COMMAND_TIMEOUT).await
+    }
+
+    /// The address of the master serving `key`'s slot (`CLUSTER SLOTS`).
+    async fn master_of(&self, key: &str) -> Result<(String, u16), resp::Error> {
+        let lookup = |e: String| resp::Error::Cluster(e);
+        let mut c = self.shared.get().await.map_err(|e| lookup(e.to_string()))?;
+        let slots: Value = redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query_async(&mut c)
+            .await
+            .map_err(|e| lookup(e.to_string()))?;
+        let slot = i64::from(resp::slot(key.as_bytes()));
+        let Value::Array(ranges) = slots else {
+            return Err(lookup("CLUSTER SLOTS gave no ranges".into()));
+        };
+        ranges
+            .iter()
+            .find_map(|range| match range {
+                Value::Array(r) => match (r.first(), r.get(1), r.get(2)) {
+                    (Some(Value::Int(from)), Some(Value::Int(to)), Some(Value::Array(node)))
+                        if (*from..=*to).contains(&slot) =>
+                    {
+                        match (node.first().and_then(text), node.get(1)) {
+                            (Some(host), Some(Value::Int(port))) => {
+                                Some((host, u16::try_from(*port).ok()?))
+                            }
+                            _ => None,
+                        }
+                    }
+                    _ => None,
+                },
+                _ => None,
+            })
+            .ok_or_else(|| lookup(format!("no node serves slot {slot}")))
     }
 
     /// Entries to the event loop, each taking one credit.
@@ -215,22 +295,32 @@ impl Readers {
     /// Takes over what another consumer left idle for `claim_idle`.
     async fn take_over(
         &self,
-        c: &mut Conn,
+        c: &mut RawConn,
         procedure: &Arc<str>,
         stream: &str,
-    ) -> redis::RedisResult<()> {
+    ) -> Result<(), resp::Error> {
+        let idle = self.claim_idle.as_millis().to_string();
         let mut cursor = "0-0".to_owned();
         loop {
-            let room = self.credits.available_permits().clamp(1, READ_MAX);
-            let reply: Value = redis::cmd("XAUTOCLAIM")
-                .arg(stream)
-                .arg(self.keys.group())
-                .arg(&self.consumer)
-                .arg(self.claim_idle.as_millis() as u64)
-                .arg(&cursor)
-                .arg("COUNT")
-                .arg(room)
-                .query_async(c)
+            let room = self
+                .credits
+                .available_permits()
+                .clamp(1, READ_MAX)
+                .to_string();
+            let reply = c
+                .command(
+                    &[
+                        b"XAUTOCLAIM",
+                        stream.as_bytes(),
+                        self.keys.group().as_bytes(),
+                        self.consumer.as_bytes(),
+                        idle.as_bytes(),
+                        cursor.as_bytes(),
+                        b"COUNT",
+                        room.as_bytes(),
+                    ],
+                    COMMAND_TIMEOUT,
+                )
                 .await?;
             let (next, mut entries) = parse_autoclaim(reply, procedure);
             if !entries.is_empty() {
@@ -252,15 +342,20 @@ impl Readers {
     /// Removes from the group the consumers of instances that are gone:
     /// nothing pending and silent for long (a live reader touches the group
     /// every second). Keeps `XINFO CONSUMERS` short over many restarts.
-    async fn forget_gone_consumers(&self, c: &mut Conn, stream: &str) -> redis::RedisResult<()> {
+    async fn forget_gone_consumers(
+        &self,
+        c: &mut RawConn,
+        stream: &str,
+    ) -> Result<(), resp::Error> {
         let gone_after = (self.claim_idle * 10).max(GONE_AFTER);
-        let reply: Value = redis::cmd("XINFO")
-            .arg("CONSUMERS")
-            .arg(stream)
-            .arg(self.keys.group())
-            .query_async(&mut *c)
+        let group = self.keys.group().as_bytes();
+        let reply = c
+            .command(
+                &[b"XINFO", b"CONSUMERS", stream.as_bytes(), group],
+                COMMAND_TIMEOUT,
+            )
             .await?;
-        let Value::Array(consumers) = reply else {
+        let Reply::Array(consumers) = reply else {
             return Ok(());
         };
         for consumer in consumers {
@@ -269,13 +364,17 @@ impl Readers {
                 continue;
             };
             if name != self.consumer && idle > gone_after.as_millis() as i64 {
-                redis::cmd("XGROUP")
-                    .arg("DELCONSUMER")
-                    .arg(stream)
-                    .arg(self.keys.group())
-                    .arg(&name)
-                    .query_async::<i64>(&mut *c)
-                    .await?;
+                c.command(
+                    &[
+                        b"XGROUP",
+                        b"DELCONSUMER",
+                        stream.as_bytes(),
+                        group,
+                        name.as_bytes(),
+                    ],
+                    COMMAND_TIMEOUT,
+                )
+                .await?;
                 tracing::debug!(consumer = %name, stream, "removed a gone consumer from the group");
             }
         }
@@ -284,29 +383,36 @@ impl Readers {
 
     async fn delivery_counts(
         &self,
-        c: &mut Conn,
+        c: &mut RawConn,
         stream: &str,
         entries: &[Entry],
-    ) -> redis::RedisResult<HashMap<String, u64>> {
+    ) -> Result<HashMap<String, u64>, resp::Error> {
         let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
             return Ok(HashMap::new());
         };
-        let reply: Value = redis::cmd("XPENDING")
-            .arg(stream)
-            .arg(self.keys.group())
-            .arg(&first.id)
-            .arg(&last.id)
-            .arg(entries.len() * 2 + 16)
-            .arg(&self.consumer)
-            .query_async(c)
+        let count = (entries.len() * 2 + 16).to_string();
+        let reply = c
+            .command(
+                &[
+                    b"XPENDING",
+                    stream.as_bytes(),
+                    self.keys.group().as_bytes(),
+                    first.id.as_bytes(),
+                    last.id.as_bytes(),
+                    count.as_bytes(),
+                    self.consumer.as_bytes(),
+                ],
+                COMMAND_TIMEOUT,
+            )
             .await?;
         let mut counts = HashMap::new();
-        if let Value::Array(rows) = reply {
+        if let Reply::Array(rows) = reply {
             for row in rows {
-                if let Value::Array(f) = row
-                    && let (Some(id), Some(Value::Int(n))) = (f.first().and_then(text), f.get(3))
+                if let Reply::Array(f) = row
+                    && let (Some(id), Some(Reply::Int(n))) =
+                        (f.first().and_then(Reply::text), f.get(3))
                 {
-                    counts.insert(id, *n as u64);
+                    counts.insert(id.to_owned(), *n as u64);
                 }
             }
         }
@@ -315,39 +421,36 @@ impl Readers {
 }
 
 /// Name, pending count and idle milliseconds of one `XINFO CONSUMERS` row
-/// (a flat field/value array in RESP2, a map in RESP3).
-fn consumer_info(row: &Value) -> (Option<String>, Option<i64>, Option<i64>) {
-    let pairs: Vec<(&Value, &Value)> = match row {
-        Value::Array(flat) => flat
-            .chunks(2)
-            .filter_map(|kv| match kv {
-                [k, v] => Some((k, v)),
-                _ => None,
-            })
-            .collect(),
-        Value::Map(map) => map.iter().map(|(k, v)| (k, v)).collect(),
-        _ => Vec::new(),
-    };
+/// (a flat field/value array).
+fn consumer_info(row: &Reply) -> (Option<String>, Option<i64>, Option<i64>) {
     let mut info = (None, None, None);
-    for (k, v) in pairs {
-        match (text(k).as_deref(), v) {
-            (Some("name"), v) => info.0 = text(v),
-            (Some("pending"), Value::Int(n)) => info.1 = Some(*n),
-            (Some("idle"), Value::Int(n)) => info.2 = Some(*n),
+    let Reply::Array(flat) = row else {
+        return info;
+    };
+    for kv in flat.chunks(2) {
+        match kv {
+            [k, Reply::Int(n)] if k.text() == Some("pending") => info.1 = Some(*n),
+            [k, Reply::Int(n)] if k.text() == Some("idle") => info.2 = Some(*n),
+            [k, v] if k.text() == Some("name") => info.0 = v.text().map(str::to_owned),
             _ => {}
         }
     }
     info
 }
 
-async fn create_group(c: &mut Conn, stream: &str, group: &str) -> redis::RedisResult<()> {
-    let created: redis::RedisResult<Value> = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(stream)
-        .arg(group)
-        .arg("0")
-        .arg("MKSTREAM")
-        .query_async(c)
+async fn create_group(c: &mut RawConn, stream: &str, group: &str) -> Result<(), resp::Error> {
+    let created = c
+        .command(
+            &[
+                b"XGROUP",
+                b"CREATE",
+                stream.as_bytes(),
+                group.as_bytes(),
+                b"0",
+                b"MKSTREAM",
+            ],
+            COMMAND_TIMEOUT,
+        )
         .await;
     match created {
         Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
@@ -356,32 +459,28 @@ async fn create_group(c: &mut Conn, stream: &str, group: &str) -> redis::RedisRe
 }
 
 /// Entries of an XREADGROUP reply (`[[stream, [[id, [f, v, ...]], ...]]]`,
-/// RESP2, or a map in RESP3), taken apart without copying the values.
-fn parse_read(reply: Value, procedure: &Arc<str>) -> Vec<Entry> {
-    let streams: Vec<Value> = match reply {
-        Value::Array(streams) => streams
-            .into_iter()
-            .filter_map(|s| match s {
-                Value::Array(pair) => pair.into_iter().nth(1),
-                _ => None,
-            })
-            .collect(),
-        Value::Map(pairs) => pairs.into_iter().map(|(_, v)| v).collect(),
-        _ => Vec::new(),
+/// or nil when the block ran out).
+fn parse_read(reply: Reply, procedure: &Arc<str>) -> Vec<Entry> {
+    let Reply::Array(streams) = reply else {
+        return Vec::new();
     };
     streams
         .into_iter()
+        .filter_map(|s| match s {
+            Reply::Array(pair) => pair.into_iter().nth(1),
+            _ => None,
+        })
         .flat_map(|entries| parse_entries(entries, procedure, false))
         .collect()
 }
 
 /// The cursor and the entries of an XAUTOCLAIM reply; deleted entries
 /// (nil fields) are skipped (Redis drops them from the pending list).
-fn parse_autoclaim(reply: Value, procedure: &Arc<str>) -> (Option<String>, Vec<Entry>) {
+fn parse_autoclaim(reply: Reply, procedure: &Arc<str>) -> (Option<String>, Vec<Entry>) {
     match reply {
-        Value::Array(parts) if parts.len() >= 2 => {
+        Reply::Array(parts) if parts.len() >= 2 => {
             let mut parts = parts.into_iter();
-            let cursor = parts.next().as_ref().and_then(text);
+            let cursor = parts.next().and_then(|c| c.text().map(str::to_owned));
             let entries = parts
                 .next()
                 .map(|e| parse_entries(e, procedure, true))
@@ -392,27 +491,27 @@ fn parse_autoclaim(reply: Value, procedure: &Arc<str>) -> (Option<String>, Vec<E
     }
 }
 
-fn parse_entries(entries: Value, procedure: &Arc<str>, taken_over: bool) -> Vec<Entry> {
-    let Value::Array(entries) = entries else {
+fn parse_entries(entries: Reply, procedure: &Arc<str>, taken_over: bool) -> Vec<Entry> {
+    let Reply::Array(entries) = entries else {
         return Vec::new();
     };
     entries
         .into_iter()
         .filter_map(|entry| {
-            let Value::Array(pair) = entry else {
+            let Reply::Array(pair) = entry else {
                 return None;
             };
             let mut pair = pair.into_iter();
-            let id = pair.next().as_ref().and_then(text)?;
+            let id = pair.next()?.text()?.to_owned();
             let fields = match pair.next() {
-                Some(Value::Array(fields)) => fields,
+                Some(Reply::Array(fields)) => fields,
                 // Deleted meanwhile.
                 _ => return None,
             };
             let mut pairs = Vec::with_capacity(fields.len() / 2);
             let mut it = fields.into_iter();
             while let (Some(k), Some(v)) = (it.next(), it.next()) {
-                if let (Value::BulkString(k), Value::BulkString(v)) = (k, v) {
+                if let (Reply::Bulk(k), Reply::Bulk(v)) = (k, v) {
                     pairs.push((k, v));
                 }
             }
@@ -431,64 +530,71 @@ fn parse_entries(entries: Value, procedure: &Arc<str>, taken_over: bool) -> Vec<
 mod tests {
     use super::*;
 
-    fn bulk(s: &str) -> Value {
-        Value::BulkString(s.as_bytes().to_vec())
+    fn bulk(s: &str) -> Reply {
+        Reply::Bulk(Bytes::copy_from_slice(s.as_bytes()))
+    }
+
+    fn pair(k: &str, v: &str) -> (Bytes, Bytes) {
+        (
+            Bytes::copy_from_slice(k.as_bytes()),
+            Bytes::copy_from_slice(v.as_bytes()),
+        )
     }
 
     #[test]
     fn reads_and_takeovers_parse_into_entries() {
         let p: Arc<str> = Arc::from("p");
-        let read = Value::Array(vec![Value::Array(vec![
+        let read = Reply::Array(vec![Reply::Array(vec![
             bulk("{q:p}:stream"),
-            Value::Array(vec![
-                Value::Array(vec![
+            Reply::Array(vec![
+                Reply::Array(vec![
                     bulk("1-0"),
-                    Value::Array(vec![bulk("event"), bulk("{}")]),
+                    Reply::Array(vec![bulk("event"), bulk("{}")]),
                 ]),
-                Value::Array(vec![
+                Reply::Array(vec![
                     bulk("2-0"),
-                    Value::Array(vec![bulk("other"), bulk("x")]),
+                    Reply::Array(vec![bulk("other"), bulk("x")]),
                 ]),
             ]),
         ])]);
         let entries = parse_read(read, &p);
         assert_eq!(entries.len(), 2);
         assert_eq!(entries[0].id, "1-0");
-        assert_eq!(entries[0].fields, vec![(b"event".to_vec(), b"{}".to_vec())]);
+        assert_eq!(entries[0].fields, vec![pair("event", "{}")]);
         assert_eq!(
             entries[1].fields,
-            vec![(b"other".to_vec(), b"x".to_vec())],
+            vec![pair("other", "x")],
             "handed over as it is"
         );
-        let claimed = Value::Array(vec![
+        let claimed = Reply::Array(vec![
             bulk("0-0"),
-            Value::Array(vec![
-                Value::Array(vec![
+            Reply::Array(vec![
+                Reply::Array(vec![
                     bulk("3-0"),
-                    Value::Array(vec![bulk("event"), bulk("{}")]),
+                    Reply::Array(vec![bulk("event"), bulk("{}")]),
                 ]),
-                Value::Array(vec![bulk("4-0"), Value::Nil]),
+                Reply::Array(vec![bulk("4-0"), Reply::Nil]),
             ]),
-            Value::Array(vec![]),
+            Reply::Array(vec![]),
         ]);
         let (cursor, entries) = parse_autoclaim(claimed, &p);
         assert_eq!(cursor.as_deref(), Some("0-0"));
         assert_eq!(entries.len(), 1, "a deleted entry is skipped");
         assert!(entries[0].taken_over);
-        assert_eq!(parse_read(Value::Nil, &p), Vec::new());
+        assert_eq!(parse_read(Reply::Nil, &p), Vec::new());
     }
 
     #[test]
     fn consumer_rows_give_name_pending_and_idle() {
-        let row = Value::Array(vec![
+        let row = Reply::Array(vec![
             bulk("name"),
             bulk("host-1-ab"),
             bulk("pending"),
-            Value::Int(0),
+            Reply::Int(0),
             bulk("idle"),
-            Value::Int(900_000),
+            Reply::Int(900_000),
             bulk("inactive"),
-            Value::Int(900_000),
+            Reply::Int(900_000),
         ]);
         assert_eq!(
             consumer_info(&row),
