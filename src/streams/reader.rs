@@ -22,7 +22,7 @@ use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep, sleep_until};
 use tokio_util::sync::CancellationToken;
 
-use super::resp::{self, RawConn, Reply};
+use super::resp::{self, Cursor, RawConn, Reply};
 use super::{COMMAND_TIMEOUT, Keys, Shared, Target, text};
 
 /// Longest XREADGROUP BLOCK; a reader looks at its stop signal and its
@@ -157,7 +157,7 @@ impl Readers {
                 let count = room.to_string();
                 let block_ms = block.as_millis().to_string();
                 let read = c
-                    .command(
+                    .frame(
                         &[
                             b"XREADGROUP",
                             b"GROUP",
@@ -174,7 +174,7 @@ impl Readers {
                         block + COMMAND_TIMEOUT,
                     )
                     .await?;
-                let entries = parse_read(read, &procedure);
+                let entries = parse_read(&read, &procedure);
                 self.hand_over(entries).await;
                 Ok::<(), resp::Error>(())
             };
@@ -308,7 +308,7 @@ impl Readers {
                 .clamp(1, READ_MAX)
                 .to_string();
             let reply = c
-                .command(
+                .frame(
                     &[
                         b"XAUTOCLAIM",
                         stream.as_bytes(),
@@ -322,7 +322,7 @@ impl Readers {
                     COMMAND_TIMEOUT,
                 )
                 .await?;
-            let (next, mut entries) = parse_autoclaim(reply, procedure);
+            let (next, mut entries) = parse_autoclaim(&reply, procedure);
             if !entries.is_empty() {
                 let counts = self.delivery_counts(c, stream, &entries).await?;
                 for e in &mut entries {
@@ -460,70 +460,65 @@ async fn create_group(c: &mut RawConn, stream: &str, group: &str) -> Result<(), 
 
 /// Entries of an XREADGROUP reply (`[[stream, [[id, [f, v, ...]], ...]]]`,
 /// or nil when the block ran out).
-fn parse_read(reply: Reply, procedure: &Arc<str>) -> Vec<Entry> {
-    let Reply::Array(streams) = reply else {
-        return Vec::new();
-    };
-    streams
-        .into_iter()
-        .filter_map(|s| match s {
-            Reply::Array(pair) => pair.into_iter().nth(1),
-            _ => None,
-        })
-        .flat_map(|entries| parse_entries(entries, procedure, false))
-        .collect()
-}
-
-/// The cursor and the entries of an XAUTOCLAIM reply; deleted entries
-/// (nil fields) are skipped (Redis drops them from the pending list).
-fn parse_autoclaim(reply: Reply, procedure: &Arc<str>) -> (Option<String>, Vec<Entry>) {
-    match reply {
-        Reply::Array(parts) if parts.len() >= 2 => {
-            let mut parts = parts.into_iter();
-            let cursor = parts.next().and_then(|c| c.text().map(str::to_owned));
-            let entries = parts
-                .next()
-                .map(|e| parse_entries(e, procedure, true))
-                .unwrap_or_default();
-            (cursor, entries)
+fn parse_read(reply: &Bytes, procedure: &Arc<str>) -> Vec<Entry> {
+    let mut c = Cursor::new(reply);
+    let mut entries = Vec::new();
+    for _ in 0..c.array().unwrap_or(0) {
+        if c.array() == Some(2) {
+            c.skip();
+            parse_entries(&mut c, procedure, false, &mut entries);
         }
-        _ => (None, Vec::new()),
     }
+    entries
 }
 
-fn parse_entries(entries: Reply, procedure: &Arc<str>, taken_over: bool) -> Vec<Entry> {
-    let Reply::Array(entries) = entries else {
-        return Vec::new();
-    };
-    entries
-        .into_iter()
-        .filter_map(|entry| {
-            let Reply::Array(pair) = entry else {
-                return None;
-            };
-            let mut pair = pair.into_iter();
-            let id = pair.next()?.text()?.to_owned();
-            let fields = match pair.next() {
-                Some(Reply::Array(fields)) => fields,
-                // Deleted meanwhile.
-                _ => return None,
-            };
-            let mut pairs = Vec::with_capacity(fields.len() / 2);
-            let mut it = fields.into_iter();
-            while let (Some(k), Some(v)) = (it.next(), it.next()) {
-                if let (Reply::Bulk(k), Reply::Bulk(v)) = (k, v) {
-                    pairs.push((k, v));
-                }
+/// The cursor and the entries of an XAUTOCLAIM reply (`[cursor, entries,
+/// deleted ids]`); deleted entries (nil fields) are skipped (Redis drops
+/// them from the pending list).
+fn parse_autoclaim(reply: &Bytes, procedure: &Arc<str>) -> (Option<String>, Vec<Entry>) {
+    let mut c = Cursor::new(reply);
+    let mut entries = Vec::new();
+    if c.array().unwrap_or(0) < 2 {
+        return (None, entries);
+    }
+    let cursor = c
+        .bulk()
+        .and_then(|b| std::str::from_utf8(&b).ok().map(str::to_owned));
+    parse_entries(&mut c, procedure, true, &mut entries);
+    (cursor, entries)
+}
+
+/// An array of `[id, [field, value, ...]]` entries, into `out`.
+fn parse_entries(c: &mut Cursor, procedure: &Arc<str>, taken_over: bool, out: &mut Vec<Entry>) {
+    let n = c.array().unwrap_or(0);
+    out.reserve(n);
+    for _ in 0..n {
+        if c.array() != Some(2) {
+            continue;
+        }
+        let id = c.bulk();
+        // Nil fields: deleted meanwhile.
+        let fields = c.array().unwrap_or(0);
+        let mut pairs = Vec::with_capacity(fields / 2);
+        for _ in 0..fields / 2 {
+            if let (Some(k), Some(v)) = (c.bulk(), c.bulk()) {
+                pairs.push((k, v));
             }
-            Some(Entry {
-                procedure: procedure.clone(),
-                id,
-                deliveries: 1,
-                fields: pairs,
-                taken_over,
-            })
-        })
-        .collect()
+        }
+        let Some(id) = id.and_then(|b| std::str::from_utf8(&b).ok().map(str::to_owned)) else {
+            continue;
+        };
+        if fields == 0 {
+            continue;
+        }
+        out.push(Entry {
+            procedure: procedure.clone(),
+            id,
+            deliveries: 1,
+            fields: pairs,
+            taken_over,
+        });
+    }
 }
 
 #[cfg(test)]
@@ -532,6 +527,12 @@ mod tests {
 
     fn bulk(s: &str) -> Reply {
         Reply::Bulk(Bytes::copy_from_slice(s.as_bytes()))
+    }
+
+    fn frame(reply: &Reply) -> Bytes {
+        let mut out = Vec::new();
+        resp::write(reply, &mut out);
+        Bytes::from(out)
     }
 
     fn pair(k: &str, v: &str) -> (Bytes, Bytes) {
@@ -557,7 +558,7 @@ mod tests {
                 ]),
             ]),
         ])]);
-        let entries = parse_read(read, &p);
+        let entries = parse_read(&frame(&read), &p);
         assert_eq!(entries.len(), 2);
         assert_eq!(entries[0].id, "1-0");
         assert_eq!(entries[0].fields, vec![pair("event", "{}")]);
@@ -577,11 +578,11 @@ mod tests {
             ]),
             Reply::Array(vec![]),
         ]);
-        let (cursor, entries) = parse_autoclaim(claimed, &p);
+        let (cursor, entries) = parse_autoclaim(&frame(&claimed), &p);
         assert_eq!(cursor.as_deref(), Some("0-0"));
         assert_eq!(entries.len(), 1, "a deleted entry is skipped");
         assert!(entries[0].taken_over);
-        assert_eq!(parse_read(Reply::Nil, &p), Vec::new());
+        assert_eq!(parse_read(&frame(&Reply::Nil), &p), Vec::new());
     }
 
     #[test]

@@ -276,6 +276,13 @@ impl RawConn {
     /// reply is an [`Error::Server`]; after any error the connection should
     /// be dropped (a late reply would answer the next command).
     pub async fn command(&mut self, args: &[&[u8]], timeout: Duration) -> Result<Reply, Error> {
+        let frame = self.frame(args, timeout).await?;
+        Ok(build(&frame, &mut 0))
+    }
+
+    /// Like [`RawConn::command`], but the reply stays as it came, to be
+    /// walked with a [`Cursor`] (no tree is built).
+    pub async fn frame(&mut self, args: &[&[u8]], timeout: Duration) -> Result<Bytes, Error> {
         self.output.clear();
         encode(&mut self.output, args);
         tokio::time::timeout(timeout, async {
@@ -283,10 +290,13 @@ impl RawConn {
             loop {
                 if let Some(len) = scan(&self.input, &mut 0, 0)? {
                     let frame = self.input.split_to(len).freeze();
-                    return match build(&frame, &mut 0) {
-                        Reply::Error(message) => Err(Error::Server(message)),
-                        reply => Ok(reply),
-                    };
+                    if frame.first() == Some(&b'-') {
+                        let Reply::Error(message) = build(&frame, &mut 0) else {
+                            unreachable!("an error reply")
+                        };
+                        return Err(Error::Server(message));
+                    }
+                    return Ok(frame);
                 }
                 if self.input.capacity() - self.input.len() < 16 * 1024 {
                     self.input.reserve(64 * 1024);
@@ -371,20 +381,91 @@ fn build(frame: &Bytes, pos: &mut usize) -> Reply {
     let line = line(frame, *pos + 1).expect("scanned");
     let header = frame.slice(*pos + 1..line);
     *pos = line + 2;
-    let n = || number(&header).expect("scanned");
     match kind {
-        b'+' => Reply::Status(header),
-        b'-' => Reply::Error(String::from_utf8_lossy(&header).into_owned()),
-        b':' => Reply::Int(n()),
-        b'$' if n() < 0 => Reply::Nil,
+        b'+' => return Reply::Status(header),
+        b'-' => return Reply::Error(String::from_utf8_lossy(&header).into_owned()),
+        _ => {}
+    }
+    let n = number(&header).expect("scanned");
+    match kind {
+        b':' => Reply::Int(n),
+        _ if n < 0 => Reply::Nil,
         b'$' => {
-            let end = *pos + n() as usize;
+            let end = *pos + n as usize;
             let bulk = frame.slice(*pos..end);
             *pos = end + 2;
             Reply::Bulk(bulk)
         }
-        b'*' if n() < 0 => Reply::Nil,
-        _ => Reply::Array((0..n()).map(|_| build(frame, pos)).collect()),
+        _ => Reply::Array((0..n).map(|_| build(frame, pos)).collect()),
+    }
+}
+
+/// A walk through a complete reply (as [`RawConn::frame`] gives it), one
+/// element at a time. Each step says what it expected; `None` is a nil or
+/// an element of another type (skipped over either way).
+pub struct Cursor<'a> {
+    frame: &'a Bytes,
+    pos: usize,
+}
+
+impl<'a> Cursor<'a> {
+    pub fn new(frame: &'a Bytes) -> Cursor<'a> {
+        Cursor { frame, pos: 0 }
+    }
+
+    /// The header of the next element: its type and number.
+    fn header(&mut self) -> Option<(u8, i64)> {
+        let kind = *self.frame.get(self.pos)?;
+        let end = line(self.frame, self.pos + 1)?;
+        let n = match kind {
+            b'$' | b'*' | b':' => number(&self.frame[self.pos + 1..end]).ok()?,
+            _ => 0,
+        };
+        self.pos = end + 2;
+        Some((kind, n))
+    }
+
+    /// The length of an array, whose elements follow.
+    pub fn array(&mut self) -> Option<usize> {
+        let start = self.pos;
+        match self.header()? {
+            (b'*', n) if n >= 0 => Some(n as usize),
+            _ => {
+                self.pos = start;
+                self.skip();
+                None
+            }
+        }
+    }
+
+    /// A bulk string, as a slice of the frame.
+    pub fn bulk(&mut self) -> Option<Bytes> {
+        let start = self.pos;
+        match self.header()? {
+            (b'$', n) if n >= 0 => {
+                let at = self.pos;
+                self.pos += n as usize + 2;
+                Some(self.frame.slice(at..at + n as usize))
+            }
+            _ => {
+                self.pos = start;
+                self.skip();
+                None
+            }
+        }
+    }
+
+    /// Steps over the next element, whatever it is.
+    pub fn skip(&mut self) {
+        match self.header() {
+            Some((b'$', n)) if n >= 0 => self.pos += n as usize + 2,
+            Some((b'*', n)) => {
+                for _ in 0..n.max(0) {
+                    self.skip();
+                }
+            }
+            _ => {}
+        }
     }
 }
 
@@ -395,11 +476,33 @@ fn line(buf: &[u8], from: usize) -> Option<usize> {
     (rest.get(cr + 1) == Some(&b'\n')).then_some(from + cr)
 }
 
+/// A decimal integer, as RESP writes lengths and integers.
 fn number(text: &[u8]) -> Result<i64, Error> {
-    std::str::from_utf8(text)
-        .ok()
-        .and_then(|t| t.parse().ok())
-        .ok_or(Error::Protocol("a length or integer is not a number"))
+    let bad = Error::Protocol("a length or integer is not a number");
+    let (negative, digits) = match text {
+        [b'-', rest @ ..] => (true, rest),
+        _ => (false, text),
+    };
+    if digits.is_empty() {
+        return Err(bad);
+    }
+    let mut n: i64 = 0;
+    for &d in digits {
+        if !d.is_ascii_digit() {
+            return Err(bad);
+        }
+        // Accumulated negatively so that i64::MIN fits.
+        n = n
+            .checked_mul(10)
+            .and_then(|n| n.checked_sub(i64::from(d - b'0')))
+            .ok_or(Error::Protocol("an integer out of range"))?;
+    }
+    if negative {
+        Ok(n)
+    } else {
+        n.checked_neg()
+            .ok_or(Error::Protocol("an integer out of range"))
+    }
 }
 
 fn length(n: i64) -> Result<usize, Error> {
@@ -435,35 +538,36 @@ pub fn slot(key: &[u8]) -> u16 {
     crc % 16384
 }
 
+/// A reply as Redis writes it.
+#[cfg(test)]
+pub(crate) fn write(reply: &Reply, out: &mut Vec<u8>) {
+    match reply {
+        Reply::Nil => out.extend_from_slice(b"$-1\r\n"),
+        Reply::Int(n) => out.extend_from_slice(format!(":{n}\r\n").as_bytes()),
+        Reply::Status(s) => {
+            out.push(b'+');
+            out.extend_from_slice(s);
+            out.extend_from_slice(b"\r\n");
+        }
+        Reply::Error(s) => out.extend_from_slice(format!("-{s}\r\n").as_bytes()),
+        Reply::Bulk(b) => {
+            out.extend_from_slice(format!("${}\r\n", b.len()).as_bytes());
+            out.extend_from_slice(b);
+            out.extend_from_slice(b"\r\n");
+        }
+        Reply::Array(items) => {
+            out.extend_from_slice(format!("*{}\r\n", items.len()).as_bytes());
+            for item in items {
+                write(item, out);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
-
-    /// A reply as Redis writes it.
-    fn write(reply: &Reply, out: &mut Vec<u8>) {
-        match reply {
-            Reply::Nil => out.extend_from_slice(b"$-1\r\n"),
-            Reply::Int(n) => out.extend_from_slice(format!(":{n}\r\n").as_bytes()),
-            Reply::Status(s) => {
-                out.push(b'+');
-                out.extend_from_slice(s);
-                out.extend_from_slice(b"\r\n");
-            }
-            Reply::Error(s) => out.extend_from_slice(format!("-{s}\r\n").as_bytes()),
-            Reply::Bulk(b) => {
-                out.extend_from_slice(format!("${}\r\n", b.len()).as_bytes());
-                out.extend_from_slice(b);
-                out.extend_from_slice(b"\r\n");
-            }
-            Reply::Array(items) => {
-                out.extend_from_slice(format!("*{}\r\n", items.len()).as_bytes());
-                for item in items {
-                    write(item, out);
-                }
-            }
-        }
-    }
 
     fn parse_all(buf: &[u8]) -> Result<Option<(Reply, usize)>, Error> {
         Ok(scan(buf, &mut 0, 0)?.map(|len| {
@@ -526,6 +630,41 @@ mod tests {
                 "{:?}",
                 String::from_utf8_lossy(bad)
             );
+        }
+    }
+
+    #[test]
+    fn a_cursor_walks_a_reply_in_place() {
+        let reply = Reply::Array(vec![
+            Reply::Bulk(Bytes::from_static(b"1-0")),
+            Reply::Array(vec![Reply::Int(5), Reply::Nil]),
+            Reply::Nil,
+            Reply::Bulk(Bytes::from_static(b"last")),
+        ]);
+        let mut bytes = Vec::new();
+        write(&reply, &mut bytes);
+        let frame = Bytes::from(bytes);
+        let mut c = Cursor::new(&frame);
+        assert_eq!(c.array(), Some(4));
+        assert_eq!(c.bulk().as_deref(), Some(&b"1-0"[..]));
+        assert_eq!(
+            c.bulk(),
+            None,
+            "an array where a string was expected is skipped"
+        );
+        assert_eq!(c.array(), None, "nil");
+        assert_eq!(c.bulk().as_deref(), Some(&b"last"[..]));
+        assert_eq!(c.bulk(), None, "the end");
+    }
+
+    #[test]
+    fn numbers_are_decimal_integers() {
+        assert_eq!(number(b"0").unwrap(), 0);
+        assert_eq!(number(b"-1").unwrap(), -1);
+        assert_eq!(number(b"9223372036854775807").unwrap(), i64::MAX);
+        assert_eq!(number(b"-9223372036854775808").unwrap(), i64::MIN);
+        for bad in [&b""[..], b"-", b"+1", b"1x", b" 1", b"9223372036854775808"] {
+            assert!(number(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
         }
     }
 
