@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use crate::app::client_config;
 use crate::config::{Config, Mode, QueueKind, RedisUrl};
-use crate::discovery::Marker;
 use crate::discovery::meta::{self, RegistrationInfo};
 use crate::discovery::topic::{Classification, Mapper, MatchPolicy};
+use crate::discovery::{GroupName, Marker};
 use crate::wamp::{Client, Dict, Payload, RegistrationId, RequestError, Value};
 
 /// How long Redis gets to answer PING and INFO.
@@ -222,7 +222,9 @@ async fn check_registrations(
     registrations: &[RegistrationInfo],
     report: &mut Report,
 ) {
-    let marker = match Marker::new(config.discovery.marker.clone()) {
+    let marker = Marker::new(config.discovery.marker.clone())
+        .and_then(|m| m.with_separator(config.discovery.group_separator.clone()));
+    let marker = match marker {
         Ok(m) => m,
         Err(e) => {
             report.fail(format!("marker: {e}"));
@@ -233,7 +235,7 @@ async fn check_registrations(
     let mut served = 0;
     for reg in registrations {
         match mapper.classify(&reg.uri, reg.match_policy) {
-            Classification::Shared(key) => {
+            Classification::Shared(key, group) => {
                 served += 1;
                 let pattern = match key.policy {
                     MatchPolicy::Wildcard => " (wildcard)",
@@ -247,8 +249,11 @@ async fn check_registrations(
                     Ok(id) => {
                         let _ = client.unsubscribe(id).await;
                         report.ok(format!(
-                            "serves {} (invoke {}) <- topic {}{pattern}",
-                            reg.uri, reg.invoke, key.topic
+                            "serves {} (invoke {}) <- topic {}{pattern}, {}",
+                            reg.uri,
+                            reg.invoke,
+                            key.topic,
+                            GroupName(&group)
                         ));
                     }
                     Err(e) => {

@@ -45,6 +45,8 @@ pub struct Metrics {
     pub forward_latency: Histogram,
     pub registrations_tracked: Gauge,
     pub subscriptions_active: Gauge,
+    /// Consumer groups served, over every topic (the default group counts).
+    pub groups: Gauge,
     pub router_connected: Gauge,
     pub router_reconnects: Counter,
     pub router_connect_failures: Counter,
@@ -77,7 +79,7 @@ impl Metrics {
         let events_received = counter(
             r,
             "events_received",
-            "EVENTs received on forwarding subscriptions",
+            "EVENTs received on forwarding subscriptions, once per consumer group reading the topic",
         );
         let events_duplicate = counter(
             r,
@@ -161,6 +163,11 @@ impl Metrics {
             r,
             "subscriptions_active",
             "Topic subscriptions held at the router",
+        );
+        let groups = gauge(
+            r,
+            "groups",
+            "Consumer groups served, over every topic (a topic's default group counts as one)",
         );
         let router_connected = gauge(
             r,
@@ -251,6 +258,7 @@ impl Metrics {
             forward_latency,
             registrations_tracked,
             subscriptions_active,
+            groups,
             router_connected,
             router_reconnects,
             router_connect_failures,

@@ -200,6 +200,95 @@ async fn wildcard_registration_forwards_each_concrete_topic_to_its_concrete_proc
 }
 
 #[tokio::test]
+async fn two_groups_each_get_every_event_once_over_one_subscription_and_one_leaving_spares_the_other()
+ {
+    let crossbar = Crossbar::start().await;
+    let router = RouterMeta::join(&crossbar).await;
+    let default_group = "com.example.SUB_orders";
+    let audit = "com.example.SUB_orders__audit";
+    let json = Serializer::Json;
+    let mut a1 = Backend::spawn(backend(&crossbar, "A1", &[default_group], json)).await;
+    let mut a2 = Backend::spawn(backend(&crossbar, "A2", &[default_group], json)).await;
+    let mut b1 = Backend::spawn(backend(&crossbar, "B1", &[audit], json)).await;
+    let mut b2 = Backend::spawn(backend(&crossbar, "B2", &[audit], json)).await;
+    let sidecar = Sidecar::start_for(&crossbar, &[("SUBTOCALL_GRACE_PERIOD", "1s")]);
+    sidecar
+        .wait_metric("subtocall_groups", |n| n == 2.0, WAIT)
+        .await;
+    sidecar
+        .wait_subscribed(&router, "com.example.orders", WAIT)
+        .await;
+    assert_eq!(
+        router.subscribers("com.example.orders").await.len(),
+        1,
+        "one subscription for both groups"
+    );
+    assert_eq!(sidecar.metric("subtocall_subscriptions_active").await, 1.0);
+
+    Publisher::run(PublisherOptions {
+        quiet: true,
+        ..PublisherOptions::new(&crossbar, "com.example.orders", 300)
+    })
+    .await
+    .assert_success();
+    let defaults = invocations(&[&a1, &a2], 300).await;
+    let audits = invocations(&[&b1, &b2], 300).await;
+    for (group, procedure, got) in [
+        ("default", default_group, &defaults),
+        ("audit", audit, &audits),
+    ] {
+        assert_eq!(
+            seqs(got),
+            (0..300).collect::<Vec<_>>(),
+            "the {group} group gets each event once"
+        );
+        assert!(got.iter().all(|i| i["procedure"] == procedure));
+    }
+    for (name, b) in [("A1", &a1), ("A2", &a2), ("B1", &b1), ("B2", &b2)] {
+        assert!(
+            !b.invocations().is_empty(),
+            "{name} gets a share of its group's events"
+        );
+    }
+    // Counted once per group: 300 EVENTs, 600 deliveries.
+    let idle = sidecar.wait_idle(600, WAIT).await;
+    assert_eq!(idle.forwarded, 600.0);
+    for b in [&mut a1, &mut a2, &mut b1, &mut b2] {
+        b.sync().await;
+    }
+    assert_eq!(a1.invocations().len() + a2.invocations().len(), 300);
+    assert_eq!(b1.invocations().len() + b2.invocations().len(), 300);
+
+    // The audit group goes: after its grace period it leaves, and the
+    // default group carries on over the same subscription.
+    b1.quit().await;
+    b2.quit().await;
+    sidecar
+        .wait_metric("subtocall_groups", |n| n == 1.0, WAIT)
+        .await;
+    assert_eq!(
+        router.subscribers("com.example.orders").await.len(),
+        1,
+        "the subscription stays for the default group"
+    );
+    assert_eq!(sidecar.metric("subtocall_subscriptions_active").await, 1.0);
+    Publisher::run(PublisherOptions {
+        quiet: true,
+        ..PublisherOptions::new(&crossbar, "com.example.orders", 100)
+    })
+    .await
+    .assert_success();
+    invocations(&[&a1, &a2], 400).await;
+    let idle = sidecar.wait_idle(700, WAIT).await;
+    assert_eq!(idle.forwarded, 700.0);
+    assert_eq!(
+        idle.dead_lettered, 0.0,
+        "nothing was sent to the gone group"
+    );
+    assert_eq!(b1.invocations().len() + b2.invocations().len(), 300);
+}
+
+#[tokio::test]
 async fn late_registration_is_picked_up_and_a_backend_swap_within_grace_loses_nothing() {
     let crossbar = Crossbar::start().await;
     let router = RouterMeta::join(&crossbar).await;
@@ -261,7 +350,9 @@ async fn late_registration_is_picked_up_and_a_backend_swap_within_grace_loses_no
     assert_eq!(got[0]["args"], json!(["during the gap"]));
     let log = sidecar.log();
     assert!(
-        log.contains("topic com.example.swap has a registration again within the grace period"),
+        log.contains(
+            "the default group of topic com.example.swap has a registration again within the grace period"
+        ),
         "the subscription was resumed"
     );
     assert!(

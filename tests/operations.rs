@@ -48,6 +48,7 @@ fn backend(crossbar: &Crossbar, procedure: &str) -> BackendOptions {
 async fn check_lists_what_it_would_serve_and_passes_with_a_good_role() {
     let crossbar = Crossbar::start().await;
     let _exact = Backend::spawn(backend(&crossbar, "com.example.SUB_status")).await;
+    let _audit = Backend::spawn(backend(&crossbar, "com.example.SUB_status__audit")).await;
     let _wild = Backend::spawn(BackendOptions {
         match_: Match::Wildcard,
         ..backend(&crossbar, "com.example..SUB_ev")
@@ -67,7 +68,8 @@ async fn check_lists_what_it_would_serve_and_passes_with_a_good_role() {
         "[  ok  ] joined realm realm1",
         "[  ok  ] may subscribe to the wamp.registration.on_* meta events",
         "[  ok  ] may call wamp.registration.list",
-        "[  ok  ] serves com.example.SUB_status (invoke roundrobin) <- topic com.example.status",
+        "[  ok  ] serves com.example.SUB_status (invoke roundrobin) <- topic com.example.status, default group",
+        "[  ok  ] serves com.example.SUB_status__audit (invoke roundrobin) <- topic com.example.status, group audit",
         "[  ok  ] serves com.example..SUB_ev (invoke roundrobin) <- topic com.example..ev (wildcard)",
         "[ warn ] ignores com.example.pfx.SUB_p: a prefix registration",
         "subtocall would work with this configuration.",

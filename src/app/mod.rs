@@ -176,6 +176,7 @@ struct StreamTasks {
 impl App {
     fn new(config: &Config, metrics: Arc<Metrics>) -> Result<App, Fatal> {
         let marker = Marker::new(config.discovery.marker.clone())
+            .and_then(|m| m.with_separator(config.discovery.group_separator.clone()))
             .map_err(|e| Fatal::Setup(e.to_string()))?;
         let discovery = Discovery::new(
             marker,

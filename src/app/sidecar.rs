@@ -219,21 +219,28 @@ impl Sidecar {
                             tracing::warn!(topic, error = %e, "ignoring malformed meta event")
                         }
                     }
-                } else if let Some((procedure, topic)) =
+                } else if let Some((procedures, topic)) =
                     self.route(event.subscription, event.publication, &event.details)
                 {
-                    let shared = SharedEvent::from_raw(procedure, topic, event, SystemTime::now());
-                    self.accept(shared, now);
+                    let received = SystemTime::now();
+                    for_each_group(event, procedures, |procedure, event| {
+                        let shared =
+                            SharedEvent::from_raw(procedure, topic.clone(), event, received);
+                        self.accept(shared, now);
+                    });
                 }
             }
             SessionOutput::Event(event) => {
                 if let Some(&topic) = self.meta.get(&event.subscription) {
                     self.on_meta_event(topic, &event.payload.args, now);
-                } else if let Some((procedure, topic)) =
+                } else if let Some((procedures, topic)) =
                     self.route(event.subscription, event.publication, &event.details)
                 {
-                    let shared = SharedEvent::new(procedure, topic, event, SystemTime::now());
-                    self.accept(shared, now);
+                    let received = SystemTime::now();
+                    for_each_group(event, procedures, |procedure, event| {
+                        let shared = SharedEvent::new(procedure, topic.clone(), event, received);
+                        self.accept(shared, now);
+                    });
                 }
             }
             SessionOutput::Revoked { kind, details } => {
@@ -370,24 +377,43 @@ impl Sidecar {
         subscription: SubscriptionId,
         publication: PublicationId,
         details: &Dict,
-    ) -> Option<(String, String)> {
-        self.metrics.events_received.inc();
+    ) -> Option<(Vec<String>, String)> {
+        // One event received per group reading the topic (at least one),
+        // so that every one received is accounted for once.
         let route = match self.discovery.route(subscription, details.get_str("topic")) {
-            Ok(route) => (route.procedure.into_owned(), route.topic.to_owned()),
+            Ok(route) if route.procedures.is_empty() => {
+                // Every group left; the UNSUBSCRIBE is on its way.
+                self.metrics.events_received.inc();
+                self.metrics.unroutable(false).inc();
+                tracing::debug!(%subscription, %publication, "event for a topic no group reads any more");
+                return None;
+            }
+            Ok(route) => {
+                self.metrics
+                    .events_received
+                    .inc_by(route.procedures.len() as u64);
+                route
+            }
             Err(e) => {
+                self.metrics.events_received.inc();
                 let missing_topic = matches!(e, discovery::RouteError::MissingTopic { .. });
                 self.metrics.unroutable(missing_topic).inc();
                 tracing::debug!(error = %e, %publication, "event not routable");
                 return None;
             }
         };
-        // An event matching several of our subscriptions is forwarded once.
-        if !self.dedup.first_time(publication) {
-            self.metrics.events_duplicate.inc();
-            return None;
+        // An event matching several of our subscriptions is forwarded once
+        // to each group.
+        let mut procedures = Vec::with_capacity(route.procedures.len());
+        for procedure in route.procedures {
+            if self.dedup.first_time_for(publication, &procedure) {
+                tracing::debug!(%procedure, %publication, "event accepted");
+                procedures.push(procedure.into_owned());
+            } else {
+                self.metrics.events_duplicate.inc();
+            }
         }
-        tracing::debug!(procedure = %route.0, %publication, "event accepted");
-        Some(route)
+        (!procedures.is_empty()).then(|| (procedures, route.topic.to_owned()))
     }
 
     fn accept(&mut self, mut event: SharedEvent, now: Instant) {
@@ -583,6 +609,7 @@ impl Sidecar {
         let m = &self.metrics;
         m.registrations_tracked
             .set(self.discovery.tracked_registrations() as i64);
+        m.groups.set(self.discovery.group_count() as i64);
         m.subscriptions_active
             .set(self.discovery.active_subscriptions() as i64);
         m.ready.set(i64::from(self.is_ready()));
@@ -973,4 +1000,18 @@ fn log_note(note: &Note) {
         discovery::Level::Info => tracing::info!("{note}"),
         discovery::Level::Warn => tracing::warn!("{note}"),
     }
+}
+
+/// `event` for each of `procedures` (one per group): copies for all but the
+/// last, which takes the event itself, so that one group, the usual case,
+/// copies nothing.
+fn for_each_group<E: Clone>(event: E, procedures: Vec<String>, mut f: impl FnMut(String, E)) {
+    let mut procedures = procedures.into_iter();
+    let Some(last) = procedures.next_back() else {
+        return;
+    };
+    for procedure in procedures {
+        f(procedure, event.clone());
+    }
+    f(last, event);
 }

@@ -92,6 +92,9 @@ pub enum Serializer {
 pub struct DiscoveryConfig {
     /// Prefix of the last URI component, `SUB_` by default; never contains `.`.
     pub marker: String,
+    /// Before a consumer group's name at the end of the last URI component,
+    /// `__` by default; never contains `.`.
+    pub group_separator: String,
     /// A registration URI must match this to be served, when set.
     pub filter: Option<Regex>,
     /// How long a topic stays subscribed after its last callee left; may be 0.
@@ -259,6 +262,7 @@ struct RawVars {
     subtocall_reconnect_max_backoff: Option<String>,
     subtocall_max_connect_failures: Option<String>,
     subtocall_marker: Option<String>,
+    subtocall_group_separator: Option<String>,
     subtocall_registration_filter: Option<String>,
     subtocall_grace_period: Option<String>,
     subtocall_call_timeout: Option<String>,
@@ -309,6 +313,7 @@ impl RawVars {
             "SUBTOCALL_RECONNECT_MAX_BACKOFF" => &self.subtocall_reconnect_max_backoff,
             "SUBTOCALL_MAX_CONNECT_FAILURES" => &self.subtocall_max_connect_failures,
             "SUBTOCALL_MARKER" => &self.subtocall_marker,
+            "SUBTOCALL_GROUP_SEPARATOR" => &self.subtocall_group_separator,
             "SUBTOCALL_REGISTRATION_FILTER" => &self.subtocall_registration_filter,
             "SUBTOCALL_GRACE_PERIOD" => &self.subtocall_grace_period,
             "SUBTOCALL_CALL_TIMEOUT" => &self.subtocall_call_timeout,
@@ -531,10 +536,12 @@ fn auth(r: &mut Reader) -> Checked<Auth> {
 
 fn discovery(r: &mut Reader) -> Checked<DiscoveryConfig> {
     let marker = r.required(&MARKER, parse::marker);
+    let group_separator = r.required(&GROUP_SEPARATOR, parse::marker);
     let filter = r.optional(&REGISTRATION_FILTER, parse::regex);
     let grace_period = r.required(&GRACE_PERIOD, parse::duration);
     Ok(DiscoveryConfig {
         marker: marker?,
+        group_separator: group_separator?,
         filter: filter?,
         grace_period: grace_period?,
     })

@@ -279,6 +279,19 @@ pub(crate) const MARKER: Var = Var {
     group: Group::Discovery,
 };
 
+pub(crate) const GROUP_SEPARATOR: Var = Var {
+    name: "SUBTOCALL_GROUP_SEPARATOR",
+    old_names: &[],
+    default: DefaultValue::Value("__"),
+    accepts: "a string that is not empty and has no `.` and no spaces",
+    meaning: "Separates a consumer group's name at the end of a registration's last URI \
+              component: `com.example.SUB_status__audit` is the group `audit` of the topic \
+              `com.example.status`, `com.example.SUB_status` its default group. Each group gets \
+              every event once.",
+    secret: false,
+    group: Group::Discovery,
+};
+
 pub(crate) const REGISTRATION_FILTER: Var = Var {
     name: "SUBTOCALL_REGISTRATION_FILTER",
     old_names: &[],
@@ -565,6 +578,7 @@ pub(crate) const VARS: &[&Var] = &[
     &RECONNECT_MAX_BACKOFF,
     &MAX_CONNECT_FAILURES,
     &MARKER,
+    &GROUP_SEPARATOR,
     &REGISTRATION_FILTER,
     &GRACE_PERIOD,
     &USE_REDIS_MQ,

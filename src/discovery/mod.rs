@@ -44,7 +44,7 @@ pub use meta::{
     MetaError, MetaEvent, RegistrationInfo, RegistrationList, parse_get_result, parse_list_result,
     parse_meta_event,
 };
-pub use topic::{Classification, Mapper, Marker, MarkerError, MatchPolicy, TopicKey};
+pub use topic::{Classification, Group, Mapper, Marker, MarkerError, MatchPolicy, TopicKey};
 
 /// How long to wait before retrying a refused SUBSCRIBE or a failed
 /// `wamp.registration.get`, unless set with [`Discovery::with_retry_delay`].
@@ -82,6 +82,7 @@ pub enum Note {
         uri: String,
         invoke: String,
         topic: TopicKey,
+        group: Group,
     },
     RegistrationUntracked {
         id: RegistrationId,
@@ -92,12 +93,20 @@ pub enum Note {
     PrefixRegistrationIgnored { id: RegistrationId, uri: String },
     /// A SUB_ registration excluded by the include filter.
     RegistrationFilteredOut { id: RegistrationId, uri: String },
-    /// The topic's last registration left; its subscription is kept for
-    /// `grace` in case a backend comes back (rolling restart).
-    GraceStarted { topic: TopicKey, grace: Duration },
-    /// A registration came back within the grace period: the subscription
-    /// simply continues.
-    TopicResumed { topic: TopicKey },
+    /// A group's last registration left; the group keeps getting events
+    /// (and the topic its subscription) for `grace`, in case a backend comes
+    /// back (rolling restart).
+    GraceStarted {
+        topic: TopicKey,
+        group: Group,
+        grace: Duration,
+    },
+    /// A registration came back within the grace period: the group simply
+    /// continues.
+    TopicResumed { topic: TopicKey, group: Group },
+    /// A group's grace period ended: it gets no more events. The topic's
+    /// subscription stays while another group reads it.
+    GroupLeft { topic: TopicKey, group: Group },
     Subscribed {
         topic: TopicKey,
         subscription: SubscriptionId,
@@ -125,6 +134,18 @@ pub enum Note {
     },
     /// The initial list and every `get` it needed are answered: ready.
     Synced { registrations: usize },
+}
+
+/// A group as log lines name it: "default group" or "group audit".
+pub struct GroupName<'a>(pub &'a Group);
+
+impl fmt::Display for GroupName<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            None => f.write_str("default group"),
+            Some(g) => write!(f, "group {g}"),
+        }
+    }
 }
 
 /// How loud a [`Note`] should be logged.
@@ -156,9 +177,11 @@ impl fmt::Display for Note {
                 uri,
                 invoke,
                 topic,
+                group,
             } => write!(
                 f,
-                "tracking SUB_ registration {uri} (id {id}, invoke {invoke}) for topic {topic}"
+                "tracking SUB_ registration {uri} (id {id}, invoke {invoke}) for topic {topic}, {}",
+                GroupName(group)
             ),
             Note::RegistrationUntracked { id, uri, topic } => write!(
                 f,
@@ -173,13 +196,24 @@ impl fmt::Display for Note {
                 f,
                 "ignoring SUB_ registration {uri} (id {id}): excluded by the filter"
             ),
-            Note::GraceStarted { topic, grace } => write!(
+            Note::GraceStarted {
+                topic,
+                group,
+                grace,
+            } => write!(
                 f,
-                "last registration for topic {topic} is gone; keeping the subscription for {grace:?}"
+                "last registration of the {} of topic {topic} is gone; it keeps getting events for {grace:?}",
+                GroupName(group)
             ),
-            Note::TopicResumed { topic } => write!(
+            Note::TopicResumed { topic, group } => write!(
                 f,
-                "topic {topic} has a registration again within the grace period; subscription kept"
+                "the {} of topic {topic} has a registration again within the grace period; nothing missed",
+                GroupName(group)
+            ),
+            Note::GroupLeft { topic, group } => write!(
+                f,
+                "the {} of topic {topic} left after its grace period; the other groups go on",
+                GroupName(group)
             ),
             Note::Subscribed {
                 topic,
@@ -241,12 +275,14 @@ pub enum GetOutcome {
     Failed(String),
 }
 
-/// Where one EVENT goes.
+/// Where one EVENT goes: one procedure per group reading its topic.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route<'a> {
-    /// The procedure to CALL: borrowed for exact subscriptions, derived from
-    /// the event's concrete topic for wildcard ones.
-    pub procedure: Cow<'a, str>,
+    /// The procedures to CALL, one per group: borrowed for exact
+    /// subscriptions, derived from the event's concrete topic for wildcard
+    /// ones. Empty when every group has left (the subscription is being
+    /// given up).
+    pub procedures: Vec<Cow<'a, str>>,
     /// The event's concrete topic.
     pub topic: &'a str,
 }
@@ -291,6 +327,8 @@ pub struct Discovery {
     topics: BTreeMap<TopicKey, Topic>,
     /// Subscriptions that exist on the router, for routing EVENTs.
     routes: HashMap<SubscriptionId, RouteEntry>,
+    /// Groups over every topic, as of the last `poll`.
+    group_count: usize,
     sync: SyncState,
     /// Notes gathered by the inputs, handed out (with actions) by `poll`.
     out: Vec<Output>,
@@ -300,6 +338,7 @@ pub struct Discovery {
 struct Tracked {
     uri: String,
     topic: TopicKey,
+    group: Group,
 }
 
 #[derive(Debug)]
@@ -319,13 +358,31 @@ enum GetState {
 
 #[derive(Debug)]
 struct Topic {
-    /// The tracked registrations mapping here. A set, not a count, so that a
+    /// The groups reading the topic, each with its registrations. A group
+    /// whose registrations are all gone stays for the grace period, then
+    /// leaves; the subscription stays while any group does.
+    groups: BTreeMap<Group, Members>,
+    subscription: SubState,
+}
+
+#[derive(Debug)]
+struct Members {
+    /// The tracked registrations of the group. A set, not a count, so that a
     /// registration reported twice can never be counted twice.
     registrations: BTreeSet<RegistrationId>,
-    /// Set when the last registration leaves: keep the subscription until
-    /// then. Invariant: only ever set while `registrations` is empty.
+    /// Set when the last registration leaves: the group stays until then.
+    /// Invariant: only ever set while `registrations` is empty.
     grace_until: Option<Instant>,
-    subscription: SubState,
+    /// For an exact topic, the group's procedure, computed once rather than
+    /// per event. `None` for patterns: it depends on each event's topic.
+    procedure: Option<String>,
+}
+
+impl Topic {
+    /// Whether some group has a registration.
+    fn wanted(&self) -> bool {
+        self.groups.values().any(|m| !m.registrations.is_empty())
+    }
 }
 
 /// Where the topic's subscription on the router stands.
@@ -347,9 +404,6 @@ enum SubState {
 #[derive(Debug)]
 struct RouteEntry {
     topic: TopicKey,
-    /// For exact subscriptions, the procedure, computed once rather than per
-    /// event. `None` for patterns: it depends on each event's topic.
-    procedure: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -375,6 +429,7 @@ impl Discovery {
             deleted: RecentIds::new(RECENTLY_DELETED_CAPACITY),
             topics: BTreeMap::new(),
             routes: HashMap::new(),
+            group_count: 0,
             sync: SyncState::AwaitingList,
             out: Vec::new(),
         }
@@ -432,6 +487,7 @@ impl Discovery {
         self.deleted = RecentIds::new(RECENTLY_DELETED_CAPACITY);
         self.topics.clear();
         self.routes.clear();
+        self.group_count = 0;
         self.sync = SyncState::AwaitingList;
         self.out.clear();
     }
@@ -521,17 +577,8 @@ impl Discovery {
             return;
         }
         topic.subscription = SubState::Subscribed(subscription);
-        let procedure = match key.policy {
-            MatchPolicy::Exact => Some(self.mapper.marker().procedure_for(&key.topic)),
-            MatchPolicy::Prefix | MatchPolicy::Wildcard => None,
-        };
-        self.routes.insert(
-            subscription,
-            RouteEntry {
-                topic: key.clone(),
-                procedure,
-            },
-        );
+        self.routes
+            .insert(subscription, RouteEntry { topic: key.clone() });
         self.out.push(Output::Note(Note::Subscribed {
             topic: key.clone(),
             subscription,
@@ -602,8 +649,13 @@ impl Discovery {
             }
         }
         let out = &mut self.out;
-        self.topics
-            .retain(|key, topic| topic.reconcile(key, now, out));
+        let mut groups = 0;
+        self.topics.retain(|key, topic| {
+            let keep = topic.reconcile(key, now, out);
+            groups += if keep { topic.groups.len() } else { 0 };
+            keep
+        });
+        self.group_count = groups;
         std::mem::take(&mut self.out)
     }
 
@@ -615,8 +667,8 @@ impl Discovery {
             GetState::Due | GetState::InFlight => None,
         });
         let topics = self.topics.values().filter_map(|t| match t.subscription {
-            SubState::Failed { retry_at } if !t.registrations.is_empty() => Some(retry_at),
-            _ => t.grace_until,
+            SubState::Failed { retry_at } if t.wanted() => Some(retry_at),
+            _ => t.groups.values().filter_map(|m| m.grace_until).min(),
         });
         gets.chain(topics).min()
     }
@@ -669,9 +721,13 @@ impl Discovery {
             .routes
             .get(&subscription)
             .ok_or(RouteError::UnknownSubscription(subscription))?;
-        if let Some(procedure) = &entry.procedure {
+        let groups = self.topics.get(&entry.topic).map(|t| &t.groups);
+        let groups = groups.into_iter().flatten();
+        if entry.topic.policy == MatchPolicy::Exact {
             return Ok(Route {
-                procedure: Cow::Borrowed(procedure),
+                procedures: groups
+                    .filter_map(|(_, m)| m.procedure.as_deref().map(Cow::Borrowed))
+                    .collect(),
                 topic: &entry.topic.topic,
             });
         }
@@ -679,10 +735,26 @@ impl Discovery {
             subscription,
             pattern: entry.topic.clone(),
         })?;
+        let marker = self.mapper.marker();
         Ok(Route {
-            procedure: Cow::Owned(self.mapper.marker().procedure_for(topic)),
+            procedures: groups
+                .map(|(group, _)| Cow::Owned(marker.procedure_for(topic, group.as_deref())))
+                .collect(),
             topic,
         })
+    }
+
+    /// How many groups read our topics, as of the last [`Discovery::poll`]
+    /// (a metric; the default group of a topic counts as one).
+    pub fn group_count(&self) -> usize {
+        self.group_count
+    }
+
+    /// The groups reading each topic we want or hold.
+    pub fn groups(&self) -> impl Iterator<Item = (&TopicKey, &Group)> + '_ {
+        self.topics
+            .iter()
+            .flat_map(|(key, t)| t.groups.keys().map(move |g| (key, g)))
     }
 
     // ----- internals -------------------------------------------------------
@@ -713,8 +785,8 @@ impl Discovery {
 
     fn classify_and_track(&mut self, info: RegistrationInfo) {
         let id = info.id;
-        let key = match self.mapper.classify(&info.uri, info.match_policy) {
-            Classification::Shared(key) => key,
+        let (key, group) = match self.mapper.classify(&info.uri, info.match_policy) {
+            Classification::Shared(key, group) => (key, group),
             Classification::Ordinary => {
                 self.ignored.insert(id);
                 return;
@@ -731,26 +803,40 @@ impl Discovery {
             }
         };
         let topic = self.topics.entry(key.clone()).or_insert_with(|| Topic {
-            registrations: BTreeSet::new(),
-            grace_until: None,
+            groups: BTreeMap::new(),
             subscription: SubState::None,
         });
-        topic.registrations.insert(id);
-        let resumed = topic.grace_until.take().is_some();
+        let marker = self.mapper.marker();
+        let members = topic
+            .groups
+            .entry(group.clone())
+            .or_insert_with(|| Members {
+                registrations: BTreeSet::new(),
+                grace_until: None,
+                procedure: (key.policy == MatchPolicy::Exact)
+                    .then(|| marker.procedure_for(&key.topic, group.as_deref())),
+            });
+        members.registrations.insert(id);
+        let resumed = members.grace_until.take().is_some();
         self.out.push(Output::Note(Note::RegistrationTracked {
             id,
             uri: info.uri.clone(),
             invoke: info.invoke,
             topic: key.clone(),
+            group: group.clone(),
         }));
         if resumed {
-            self.note(Note::TopicResumed { topic: key.clone() });
+            self.note(Note::TopicResumed {
+                topic: key.clone(),
+                group: group.clone(),
+            });
         }
         self.tracked.insert(
             id,
             Tracked {
                 uri: info.uri,
                 topic: key,
+                group,
             },
         );
     }
@@ -762,7 +848,12 @@ impl Discovery {
         if self.gets.remove(&id).is_some() {
             self.check_synced();
         }
-        let Some(Tracked { uri, topic: key }) = self.tracked.remove(&id) else {
+        let Some(Tracked {
+            uri,
+            topic: key,
+            group,
+        }) = self.tracked.remove(&id)
+        else {
             self.shrink();
             return;
         };
@@ -775,18 +866,25 @@ impl Discovery {
         let Some(topic) = self.topics.get_mut(&key) else {
             return;
         };
-        topic.registrations.remove(&id);
-        if !topic.registrations.is_empty() {
+        let Some(members) = topic.groups.get_mut(&group) else {
+            return;
+        };
+        members.registrations.remove(&id);
+        if !members.registrations.is_empty() {
             return;
         }
-        topic.grace_until = Some(now + self.grace);
+        members.grace_until = Some(now + self.grace);
         let holds_subscription = matches!(
             topic.subscription,
             SubState::Subscribing | SubState::Subscribed(_)
         );
         if holds_subscription && !self.grace.is_zero() {
             let grace = self.grace;
-            self.note(Note::GraceStarted { topic: key, grace });
+            self.note(Note::GraceStarted {
+                topic: key,
+                group,
+                grace,
+            });
         }
     }
 
@@ -823,12 +921,32 @@ impl Topic {
     /// Moves the topic's subscription one step towards what is wanted and
     /// says whether the topic is still worth keeping.
     fn reconcile(&mut self, key: &TopicKey, now: Instant, out: &mut Vec<Output>) -> bool {
-        if self.grace_until.is_some_and(|until| until <= now) {
-            self.grace_until = None;
+        // Groups whose grace period ended leave; the others are untouched.
+        let mut left = Vec::new();
+        self.groups.retain(|group, m| {
+            if m.grace_until.is_some_and(|until| until <= now) {
+                m.grace_until = None;
+            }
+            let stays = !m.registrations.is_empty() || m.grace_until.is_some();
+            if !stays {
+                left.push(group.clone());
+            }
+            stays
+        });
+        // Said only while other groups remain: the last one leaving is the
+        // unsubscribe.
+        if !self.groups.is_empty() && matches!(self.subscription, SubState::Subscribed(_)) {
+            for group in left {
+                out.push(Output::Note(Note::GroupLeft {
+                    topic: key.clone(),
+                    group,
+                }));
+            }
         }
-        let wanted = !self.registrations.is_empty();
-        // In its grace period a topic keeps what it has but starts nothing.
-        let keep = wanted || self.grace_until.is_some();
+        let wanted = self.wanted();
+        // A topic whose groups are all in their grace period keeps what it
+        // has but starts nothing.
+        let keep = !self.groups.is_empty();
         match self.subscription {
             SubState::None => {
                 if !wanted {

@@ -126,6 +126,7 @@ fn sub_registration_created_subscribes_its_topic_and_is_noted() {
                 uri: "com.example.SUB_status".into(),
                 invoke: "roundrobin".into(),
                 topic: exact("com.example.status"),
+                group: None,
             }),
             Output::Action(subscribe(exact("com.example.status"))),
         ]
@@ -441,6 +442,7 @@ fn topic_survives_when_registration_returns_within_grace() {
     assert_eq!(actions(&out), []);
     assert!(notes(&out).contains(&Note::GraceStarted {
         topic: exact("com.example.status"),
+        group: None,
         grace: GRACE
     }));
     assert_eq!(d.next_deadline(), Some(t0 + GRACE));
@@ -450,7 +452,8 @@ fn topic_survives_when_registration_returns_within_grace() {
     let out = d.poll(t1);
     assert_eq!(actions(&out), []);
     assert!(notes(&out).contains(&Note::TopicResumed {
-        topic: exact("com.example.status")
+        topic: exact("com.example.status"),
+        group: None,
     }));
     assert_eq!(d.next_deadline(), None);
     assert_eq!(actions(&d.poll(t0 + GRACE * 5)), []);
@@ -695,9 +698,9 @@ fn exact_event_routes_to_the_registration_procedure() {
     let t0 = Instant::now();
     let d = subscribed_status(GRACE, t0);
     let route = d.route(sub(100), None).unwrap();
-    assert_eq!(route.procedure, "com.example.SUB_status");
+    assert_eq!(route.procedures, ["com.example.SUB_status"]);
     assert_eq!(route.topic, "com.example.status");
-    assert!(matches!(route.procedure, Cow::Borrowed(_)));
+    assert!(matches!(route.procedures[0], Cow::Borrowed(_)));
     assert_eq!(
         d.topic_for_subscription(sub(100)),
         Some(("com.example.status", MatchPolicy::Exact))
@@ -715,7 +718,7 @@ fn wildcard_event_maps_to_concrete_procedure() {
     d.poll(t0);
     d.on_subscribed(&wildcard("com..status"), sub(200));
     let route = d.route(sub(200), Some("com.device7.status")).unwrap();
-    assert_eq!(route.procedure, "com.device7.SUB_status");
+    assert_eq!(route.procedures, ["com.device7.SUB_status"]);
     assert_eq!(route.topic, "com.device7.status");
     assert_eq!(
         d.topic_for_subscription(sub(200)),
@@ -764,8 +767,103 @@ fn events_for_a_topic_in_its_grace_period_are_still_routed() {
     d.on_meta_event(deleted(1), t0);
     d.poll(t0);
     assert_eq!(
-        d.route(sub(100), None).map(|r| r.procedure.into_owned()),
-        Ok("com.example.SUB_status".to_owned())
+        d.route(sub(100), None).map(|r| r.procedures),
+        Ok(vec![Cow::Borrowed("com.example.SUB_status")])
+    );
+}
+
+// ----- consumer groups -------------------------------------------------------
+
+#[test]
+fn groups_of_one_topic_share_one_subscription_and_each_get_every_event() {
+    let t0 = Instant::now();
+    let mut d = subscribed_status(GRACE, t0);
+    d.on_meta_event(created(2, "com.example.SUB_status__audit"), t0);
+    let out = d.poll(t0);
+    assert_eq!(
+        actions(&out),
+        [],
+        "one subscription per topic, however many groups"
+    );
+    assert!(notes(&out).contains(&Note::RegistrationTracked {
+        id: reg(2),
+        uri: "com.example.SUB_status__audit".into(),
+        invoke: "roundrobin".into(),
+        topic: exact("com.example.status"),
+        group: Some("audit".into()),
+    }));
+    let route = d.route(sub(100), None).unwrap();
+    assert_eq!(
+        route.procedures,
+        ["com.example.SUB_status", "com.example.SUB_status__audit"]
+    );
+    assert_eq!(d.group_count(), 2);
+    assert_eq!(
+        d.groups()
+            .map(|(k, g)| (k.topic.clone(), g.clone()))
+            .collect::<Vec<_>>(),
+        [
+            ("com.example.status".to_owned(), None),
+            ("com.example.status".to_owned(), Some("audit".to_owned()))
+        ]
+    );
+}
+
+#[test]
+fn a_group_leaves_after_its_grace_without_touching_the_others() {
+    let t0 = Instant::now();
+    let mut d = subscribed_status(GRACE, t0);
+    d.on_meta_event(created(2, "com.example.SUB_status__audit"), t0);
+    d.poll(t0);
+    d.on_meta_event(deleted(2), t0);
+    let out = d.poll(t0);
+    assert!(notes(&out).contains(&Note::GraceStarted {
+        topic: exact("com.example.status"),
+        group: Some("audit".into()),
+        grace: GRACE
+    }));
+    // In its grace period the group still gets events.
+    assert_eq!(d.route(sub(100), None).unwrap().procedures.len(), 2);
+    assert_eq!(d.next_deadline(), Some(t0 + GRACE));
+    let out = d.poll(t0 + GRACE);
+    assert_eq!(
+        actions(&out),
+        [],
+        "the default group keeps the subscription"
+    );
+    assert_eq!(
+        notes(&out),
+        [Note::GroupLeft {
+            topic: exact("com.example.status"),
+            group: Some("audit".into())
+        }]
+    );
+    assert_eq!(
+        d.route(sub(100), None).unwrap().procedures,
+        ["com.example.SUB_status"]
+    );
+    assert_eq!(d.group_count(), 1);
+    assert_eq!(d.next_deadline(), None);
+}
+
+#[test]
+fn wildcard_groups_map_each_event_to_each_group_procedure() {
+    let t0 = Instant::now();
+    let mut d = discovery(GRACE);
+    d.on_meta_event(
+        created_with(1, "com..SUB_status__audit", MatchPolicy::Wildcard),
+        t0,
+    );
+    d.on_meta_event(
+        created_with(2, "com..SUB_status", MatchPolicy::Wildcard),
+        t0,
+    );
+    assert_eq!(actions(&d.poll(t0)), [subscribe(wildcard("com..status"))]);
+    d.on_subscribed(&wildcard("com..status"), sub(200));
+    let route = d.route(sub(200), Some("com.d7.status")).unwrap();
+    assert_eq!(
+        route.procedures,
+        ["com.d7.SUB_status", "com.d7.SUB_status__audit"]
     );
 }
 
@@ -776,10 +874,11 @@ fn notes_read_as_log_lines() {
         uri: "a.SUB_b".into(),
         invoke: "roundrobin".into(),
         topic: exact("a.b"),
+        group: None,
     };
     assert_eq!(
         n.to_string(),
-        "tracking SUB_ registration a.SUB_b (id 5, invoke roundrobin) for topic a.b"
+        "tracking SUB_ registration a.SUB_b (id 5, invoke roundrobin) for topic a.b, default group"
     );
     assert_eq!(n.level(), Level::Info);
 }
@@ -799,9 +898,12 @@ mod churn {
     const RETRY: Duration = Duration::from_secs(15);
 
     /// The registrations backends may make: SUB_ exact and wildcard ones, two
-    /// mapping to the same topic string, a SUB_ prefix one and an ordinary one.
-    const URIS: [(&str, MatchPolicy); 6] = [
+    /// mapping to the same topic string, a second group of an exact and of a
+    /// wildcard topic, a SUB_ prefix one and an ordinary one.
+    const URIS: [(&str, MatchPolicy); 8] = [
         ("a.SUB_x", MatchPolicy::Exact),
+        ("a.SUB_x__g", MatchPolicy::Exact),
+        ("a..SUB_x__g", MatchPolicy::Wildcard),
         ("b.SUB_x", MatchPolicy::Exact),
         ("a..SUB_x", MatchPolicy::Wildcard),
         ("a..SUB_x", MatchPolicy::Exact),
@@ -1033,7 +1135,22 @@ mod churn {
             self.live
                 .values()
                 .filter_map(|u| match mapper.classify(URIS[*u].0, URIS[*u].1) {
-                    Classification::Shared(key) => Some(key),
+                    Classification::Shared(key, _) => Some(key),
+                    _ => None,
+                })
+                .collect()
+        }
+
+        /// The procedures an event on `concrete` (matching `key`) should go
+        /// to: one per group with a live registration for `key`.
+        fn wanted_procedures(&self, key: &TopicKey, concrete: &str) -> BTreeSet<String> {
+            let mapper = Mapper::new(Marker::default(), None);
+            self.live
+                .values()
+                .filter_map(|u| match mapper.classify(URIS[*u].0, URIS[*u].1) {
+                    Classification::Shared(k, group) if &k == key => {
+                        Some(Marker::default().procedure_for(concrete, group.as_deref()))
+                    }
                     _ => None,
                 })
                 .collect()
@@ -1046,7 +1163,7 @@ mod churn {
                 .filter(|u| {
                     matches!(
                         mapper.classify(URIS[**u].0, URIS[**u].1),
-                        Classification::Shared(_)
+                        Classification::Shared(..)
                     )
                 })
                 .count()
@@ -1117,6 +1234,22 @@ mod churn {
             prop_assert_eq!(w.d.tracked_registrations(), w.shared_live());
             let subscribed: BTreeSet<TopicKey> = w.subs.keys().cloned().collect();
             prop_assert_eq!(subscribed, w.wanted_topics());
+            // Each event goes to exactly the groups with a live registration.
+            for (key, id) in &w.subs {
+                let concrete = match key.policy {
+                    MatchPolicy::Wildcard => key.topic.replace("..", ".q."),
+                    _ => key.topic.clone(),
+                };
+                let routed: BTreeSet<String> = w
+                    .d
+                    .route(*id, Some(&concrete))
+                    .unwrap()
+                    .procedures
+                    .into_iter()
+                    .map(Cow::into_owned)
+                    .collect();
+                prop_assert_eq!(routed, w.wanted_procedures(key, &concrete));
+            }
             // Once every registration is gone and the grace has passed,
             // every subscription is gone too.
             let ids: Vec<u64> = w.live.keys().copied().collect();

@@ -7,6 +7,14 @@
 //! removed from that component, `com.example.SUB_status` → `com.example.status`.
 //! Forwarding goes the other way: an event's concrete topic gets the marker put
 //! back on its last component to name the procedure to call.
+//!
+//! Consumer groups: the last component may end in a group after the group
+//! separator (default `__`): `com.example.SUB_status__audit` is the group
+//! `audit` of the topic `com.example.status`, and `com.example.SUB_status` its
+//! default group. Each group gets every event once. The group is what follows
+//! the *last* separator, when both it and what precedes it are non-empty
+//! (`SUB_a__b__c` is the group `c` of the topic `a__b`; `SUB_status__` has no
+//! group: its topic is `status__`).
 
 use std::fmt;
 use std::str::FromStr;
@@ -66,15 +74,27 @@ pub enum MarkerError {
     /// dot, so such a marker would silently match nothing.
     #[error("the SUB_ marker {0:?} must not contain '.'")]
     ContainsDot(String),
+    #[error("the group separator must not be empty")]
+    EmptySeparator,
+    #[error("the group separator {0:?} must not contain '.'")]
+    SeparatorContainsDot(String),
 }
 
+/// A consumer group: `None` is the default group (no suffix).
+pub type Group = Option<String>;
+
 /// The prefix that marks a registration's last URI component as a shared
-/// subscription, `SUB_` unless configured otherwise.
+/// subscription, `SUB_` unless configured otherwise, and the separator of a
+/// consumer group's name at its end, `__` unless configured otherwise.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Marker(String);
+pub struct Marker {
+    marker: String,
+    separator: String,
+}
 
 impl Marker {
     pub const DEFAULT: &'static str = "SUB_";
+    pub const DEFAULT_SEPARATOR: &'static str = "__";
 
     pub fn new(marker: impl Into<String>) -> Result<Marker, MarkerError> {
         let marker = marker.into();
@@ -83,12 +103,31 @@ impl Marker {
         } else if marker.contains('.') {
             Err(MarkerError::ContainsDot(marker))
         } else {
-            Ok(Marker(marker))
+            Ok(Marker {
+                marker,
+                separator: Marker::DEFAULT_SEPARATOR.to_owned(),
+            })
+        }
+    }
+
+    /// The same marker with another group separator.
+    pub fn with_separator(self, separator: impl Into<String>) -> Result<Marker, MarkerError> {
+        let separator = separator.into();
+        if separator.is_empty() {
+            Err(MarkerError::EmptySeparator)
+        } else if separator.contains('.') {
+            Err(MarkerError::SeparatorContainsDot(separator))
+        } else {
+            Ok(Marker { separator, ..self })
         }
     }
 
     pub fn as_str(&self) -> &str {
-        &self.0
+        &self.marker
+    }
+
+    pub fn separator(&self) -> &str {
+        &self.separator
     }
 
     /// The topic a registration URI stands for, or `None` when the URI is not
@@ -98,46 +137,67 @@ impl Marker {
     /// `com.example.SUB_status` → `com.example.status`, and for a wildcard
     /// pattern `com..SUB_status` → `com..status`. A marker in an earlier
     /// component does not count (`com.SUB_x.status` is an ordinary procedure).
+    ///
+    /// The group suffix, if any, is not part of the topic
+    /// (`com.example.SUB_status__audit` → `com.example.status`).
     pub fn topic_for(&self, registration_uri: &str) -> Option<String> {
+        self.parse(registration_uri).map(|(topic, _)| topic)
+    }
+
+    /// The topic a registration URI stands for and the group it reads in.
+    pub fn parse(&self, registration_uri: &str) -> Option<(String, Group)> {
         let (head, last) = split_last(registration_uri);
-        let rest = last.strip_prefix(self.0.as_str())?;
+        let rest = last.strip_prefix(self.marker.as_str())?;
         if rest.is_empty() {
             return None;
         }
-        let mut topic = String::with_capacity(registration_uri.len() - self.0.len());
+        let (rest, group) = match rest.rsplit_once(self.separator.as_str()) {
+            Some((name, group)) if !name.is_empty() && !group.is_empty() => {
+                (name, Some(group.to_owned()))
+            }
+            _ => (rest, None),
+        };
+        let mut topic = String::with_capacity(registration_uri.len());
         if let Some(head) = head {
             topic.push_str(head);
             topic.push('.');
         }
         topic.push_str(rest);
-        Some(topic)
+        Some((topic, group))
     }
 
-    /// The procedure an event on the concrete `topic` is forwarded to: the
-    /// marker put back on the last component, `com.x.status` → `com.x.SUB_status`.
-    /// The inverse of [`Marker::topic_for`].
-    pub fn procedure_for(&self, topic: &str) -> String {
+    /// The procedure an event on the concrete `topic` is forwarded to for
+    /// `group`: the marker put back on the last component, and the group's
+    /// suffix after it, `com.x.status` → `com.x.SUB_status` (default group)
+    /// or `com.x.SUB_status__audit`. The inverse of [`Marker::parse`].
+    pub fn procedure_for(&self, topic: &str, group: Option<&str>) -> String {
         let (head, last) = split_last(topic);
-        let mut procedure = String::with_capacity(topic.len() + self.0.len());
+        let mut procedure = String::with_capacity(
+            topic.len() + self.marker.len() + group.map_or(0, |g| g.len() + self.separator.len()),
+        );
         if let Some(head) = head {
             procedure.push_str(head);
             procedure.push('.');
         }
-        procedure.push_str(&self.0);
+        procedure.push_str(&self.marker);
         procedure.push_str(last);
+        if let Some(group) = group {
+            procedure.push_str(&self.separator);
+            procedure.push_str(group);
+        }
         procedure
     }
 }
 
 impl Default for Marker {
     fn default() -> Marker {
-        Marker(Marker::DEFAULT.to_owned())
+        Marker::new(Marker::DEFAULT).expect("a valid marker")
     }
 }
 
 impl fmt::Display for Marker {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.marker)
     }
 }
 
@@ -169,8 +229,8 @@ impl fmt::Display for TopicKey {
 /// What a registration means to us.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Classification {
-    /// A SUB_ registration: subscribe to this topic.
-    Shared(TopicKey),
+    /// A SUB_ registration: subscribe to this topic, for this group.
+    Shared(TopicKey, Group),
     /// Not a SUB_ registration; ignored silently (most procedures are these).
     Ordinary,
     /// A SUB_-looking URI that the include filter rejects.
@@ -200,7 +260,7 @@ impl Mapper {
     }
 
     pub fn classify(&self, uri: &str, policy: MatchPolicy) -> Classification {
-        let Some(topic) = self.marker.topic_for(uri) else {
+        let Some((topic, group)) = self.marker.parse(uri) else {
             return Classification::Ordinary;
         };
         // The filter comes before the prefix check: a registration the
@@ -210,7 +270,7 @@ impl Mapper {
         }
         match policy {
             MatchPolicy::Prefix => Classification::Prefix,
-            policy => Classification::Shared(TopicKey { topic, policy }),
+            policy => Classification::Shared(TopicKey { topic, policy }, group),
         }
     }
 }
@@ -293,13 +353,13 @@ mod tests {
     #[test]
     fn uri_without_dots_is_its_own_last_component() {
         assert_eq!(sub().topic_for("SUB_status").as_deref(), Some("status"));
-        assert_eq!(sub().procedure_for("status"), "SUB_status");
+        assert_eq!(sub().procedure_for("status", None), "SUB_status");
     }
 
     #[test]
     fn marker_is_stripped_once() {
         assert_eq!(sub().topic_for("a.SUB_SUB_x").as_deref(), Some("a.SUB_x"));
-        assert_eq!(sub().procedure_for("a.SUB_x"), "a.SUB_SUB_x");
+        assert_eq!(sub().procedure_for("a.SUB_x", None), "a.SUB_SUB_x");
     }
 
     #[test]
@@ -309,13 +369,13 @@ mod tests {
             Some("com.größe.änderung")
         );
         assert_eq!(
-            sub().procedure_for("com.größe.änderung"),
+            sub().procedure_for("com.größe.änderung", None),
             "com.größe.SUB_änderung"
         );
         let m = Marker::new("ü_").unwrap();
         assert_eq!(m.topic_for("a.ü_ß").as_deref(), Some("a.ß"));
         assert_eq!(m.topic_for("a.ü_"), None);
-        assert_eq!(m.procedure_for("a.ß"), "a.ü_ß");
+        assert_eq!(m.procedure_for("a.ß", None), "a.ü_ß");
     }
 
     #[test]
@@ -323,20 +383,23 @@ mod tests {
         let m = Marker::new("shared-").unwrap();
         assert_eq!(m.topic_for("a.b.shared-c").as_deref(), Some("a.b.c"));
         assert_eq!(m.topic_for("a.b.SUB_c"), None);
-        assert_eq!(m.procedure_for("a.b.c"), "a.b.shared-c");
+        assert_eq!(m.procedure_for("a.b.c", None), "a.b.shared-c");
     }
 
     #[test]
     fn concrete_topic_maps_back_to_the_procedure() {
-        assert_eq!(sub().procedure_for("com.x.status"), "com.x.SUB_status");
-        assert_eq!(sub().procedure_for("com.x."), "com.x.SUB_");
+        assert_eq!(
+            sub().procedure_for("com.x.status", None),
+            "com.x.SUB_status"
+        );
+        assert_eq!(sub().procedure_for("com.x.", None), "com.x.SUB_");
     }
 
     #[test]
     fn mapping_round_trips_for_sub_registrations() {
         for uri in ["com.example.SUB_status", "a..SUB_b", "SUB_x", "é.SUB_ñ"] {
             let topic = sub().topic_for(uri).unwrap();
-            assert_eq!(sub().procedure_for(&topic), uri);
+            assert_eq!(sub().procedure_for(&topic, None), uri);
         }
     }
 
@@ -345,17 +408,23 @@ mod tests {
         let mapper = Mapper::new(sub(), None);
         assert_eq!(
             mapper.classify("com.a.SUB_x", MatchPolicy::Exact),
-            Classification::Shared(TopicKey {
-                topic: "com.a.x".into(),
-                policy: MatchPolicy::Exact
-            })
+            Classification::Shared(
+                TopicKey {
+                    topic: "com.a.x".into(),
+                    policy: MatchPolicy::Exact
+                },
+                None
+            )
         );
         assert_eq!(
             mapper.classify("com..SUB_x", MatchPolicy::Wildcard),
-            Classification::Shared(TopicKey {
-                topic: "com..x".into(),
-                policy: MatchPolicy::Wildcard
-            })
+            Classification::Shared(
+                TopicKey {
+                    topic: "com..x".into(),
+                    policy: MatchPolicy::Wildcard
+                },
+                None
+            )
         );
         assert_eq!(
             mapper.classify("com.a.SUB_x", MatchPolicy::Prefix),
@@ -377,7 +446,7 @@ mod tests {
         let mapper = Mapper::new(sub(), Some(filter));
         assert!(matches!(
             mapper.classify("com.example.SUB_x", MatchPolicy::Exact),
-            Classification::Shared(_)
+            Classification::Shared(..)
         ));
         assert_eq!(
             mapper.classify("org.other.SUB_x", MatchPolicy::Exact),
@@ -391,6 +460,74 @@ mod tests {
         assert_eq!(
             mapper.classify("org.other.plain", MatchPolicy::Exact),
             Classification::Ordinary
+        );
+    }
+
+    #[test]
+    fn a_group_suffix_names_the_group_of_the_same_topic() {
+        assert_eq!(
+            sub().parse("com.example.SUB_status__audit"),
+            Some(("com.example.status".into(), Some("audit".into())))
+        );
+        assert_eq!(
+            sub().parse("com.example.SUB_status"),
+            Some(("com.example.status".into(), None))
+        );
+        assert_eq!(
+            sub().parse("com..SUB_status__audit"),
+            Some(("com..status".into(), Some("audit".into())))
+        );
+        // The last separator counts; both sides must be non-empty.
+        assert_eq!(
+            sub().parse("a.SUB_x__y__z"),
+            Some(("a.x__y".into(), Some("z".into())))
+        );
+        assert_eq!(sub().parse("a.SUB_x__"), Some(("a.x__".into(), None)));
+        assert_eq!(sub().parse("a.SUB___g"), Some(("a.__g".into(), None)));
+        // A separator in an earlier component is part of the topic.
+        assert_eq!(sub().parse("a__b.SUB_x"), Some(("a__b.x".into(), None)));
+        assert_eq!(
+            sub().procedure_for("com.x.status", Some("audit")),
+            "com.x.SUB_status__audit"
+        );
+        for uri in [
+            "com.example.SUB_status__audit",
+            "a..SUB_b__g",
+            "SUB_x__y__z",
+        ] {
+            let (topic, group) = sub().parse(uri).unwrap();
+            assert_eq!(sub().procedure_for(&topic, group.as_deref()), uri);
+        }
+    }
+
+    #[test]
+    fn a_custom_separator_is_used_both_ways_and_checked() {
+        let m = sub().with_separator("-g-").unwrap();
+        assert_eq!(
+            m.parse("a.SUB_x-g-audit"),
+            Some(("a.x".into(), Some("audit".into())))
+        );
+        assert_eq!(m.parse("a.SUB_x__audit"), Some(("a.x__audit".into(), None)));
+        assert_eq!(m.procedure_for("a.x", Some("audit")), "a.SUB_x-g-audit");
+        assert_eq!(sub().with_separator(""), Err(MarkerError::EmptySeparator));
+        assert_eq!(
+            sub().with_separator("a.b"),
+            Err(MarkerError::SeparatorContainsDot("a.b".into()))
+        );
+    }
+
+    #[test]
+    fn classify_gives_the_group() {
+        let mapper = Mapper::new(sub(), None);
+        assert_eq!(
+            mapper.classify("com.a.SUB_x__audit", MatchPolicy::Exact),
+            Classification::Shared(
+                TopicKey {
+                    topic: "com.a.x".into(),
+                    policy: MatchPolicy::Exact
+                },
+                Some("audit".into())
+            )
         );
     }
 

@@ -58,6 +58,17 @@ impl Dedup {
         true
     }
 
+    /// [`Dedup::first_time`] for one consumer group (named by its
+    /// procedure): the same publication is new once per group. The group's
+    /// name is hashed into the id, so ids of different groups differ; two
+    /// different pairs colliding is as unlikely as two random ids.
+    pub fn first_time_for(&mut self, id: PublicationId, procedure: &str) -> bool {
+        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+        // Fixed keys: the same procedure always mixes in the same value.
+        let mix = BuildHasherDefault::<DefaultHasher>::default().hash_one(procedure);
+        self.first_time(PublicationId(id.0 ^ mix))
+    }
+
     /// How many ids are remembered right now.
     pub fn len(&self) -> usize {
         self.order.len()
