@@ -47,6 +47,10 @@ pub struct Metrics {
     pub subscriptions_active: Gauge,
     /// Consumer groups served, over every topic (the default group counts).
     pub groups: Gauge,
+    /// Events delivered unordered because they lacked the ordering key.
+    pub events_unordered: Counter,
+    /// Ordering keys whose head was dead-lettered while later events waited.
+    pub order_released: Counter,
     pub router_connected: Gauge,
     pub router_reconnects: Counter,
     pub router_connect_failures: Counter,
@@ -164,6 +168,16 @@ impl Metrics {
             "subscriptions_active",
             "Topic subscriptions held at the router",
         );
+        let events_unordered = counter(
+            r,
+            "events_unordered",
+            "Events without their SUBTOCALL_ORDER_BY key, delivered unordered",
+        );
+        let order_released = counter(
+            r,
+            "order_released",
+            "Ordering keys released by a dead letter: the next event of the key went ahead without it",
+        );
         let groups = gauge(
             r,
             "groups",
@@ -259,6 +273,8 @@ impl Metrics {
             registrations_tracked,
             subscriptions_active,
             groups,
+            events_unordered,
+            order_released,
             router_connected,
             router_reconnects,
             router_connect_failures,

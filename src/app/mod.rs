@@ -273,7 +273,8 @@ impl App {
             dead_letter_tx,
             client_config.request_timeout,
             now,
-        );
+        )
+        .with_order_by(f.order_by.clone());
         let sidecar = match queue {
             Some(queue) => sidecar.with_queue(queue, now),
             None => sidecar,

@@ -99,12 +99,9 @@ impl QueueStage {
                 }
             }
         }
-        Job {
-            item: event,
-            received: now.checked_sub(age).unwrap_or(now),
-            attempts: entry.deliveries.saturating_sub(1).min(u64::from(u32::MAX)) as u32,
-            last_error: None,
-        }
+        let mut job = Job::new(event, now.checked_sub(age).unwrap_or(now));
+        job.attempts = entry.deliveries.saturating_sub(1).min(u64::from(u32::MAX)) as u32;
+        job
     }
 
     /// The entry is done with here (acknowledged, dead-lettered, released):

@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 use super::Fatal;
 use super::dead_letter_log::{DeadLetterLog, LINES_PER_WINDOW, Summary};
 use super::queue_stage::QueueStage;
+use crate::config::OrderBy;
 use crate::discovery::meta;
 use crate::discovery::topic::MatchPolicy;
 use crate::discovery::{self, Action, Discovery, GetOutcome, Note, TopicKey};
@@ -86,6 +87,10 @@ pub struct Sidecar {
     queue: Option<QueueStage>,
     /// Whether Redis answers (Redis queue only).
     redis_up: bool,
+    /// Per-key ordering (`SUBTOCALL_ORDER_BY`).
+    order_by: OrderBy,
+    /// The core's count of keys released by a dead letter, as last seen.
+    keys_released_seen: u64,
 }
 
 impl Sidecar {
@@ -119,7 +124,15 @@ impl Sidecar {
             dead_letter_log: DeadLetterLog::default(),
             redis_up: true,
             queue: None,
+            order_by: OrderBy::None,
+            keys_released_seen: 0,
         }
+    }
+
+    /// Delivers events with the same key one at a time, in order.
+    pub fn with_order_by(mut self, order_by: OrderBy) -> Sidecar {
+        self.order_by = order_by;
+        self
     }
 
     /// Uses the Redis queue: the sidecar's own core and sink admit events
@@ -418,7 +431,41 @@ impl Sidecar {
 
     fn accept(&mut self, mut event: SharedEvent, now: Instant) {
         event.outgoing = self.sink.prepare(&event);
-        self.core.accept(event, now);
+        let key = self.order_key(&event);
+        self.core
+            .accept_job(Job::new(event, now).with_key(key), now);
+    }
+
+    /// Per-key ordering: the event's key (its procedure's and the key's
+    /// value hashed together), or `None` to go unordered.
+    fn order_key(&self, event: &SharedEvent) -> Option<u64> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::hash::DefaultHasher::new();
+        event.procedure.hash(&mut h);
+        let found = match &self.order_by {
+            OrderBy::None => return None,
+            OrderBy::Topic => {
+                event.topic.hash(&mut h);
+                true
+            }
+            OrderBy::Kwarg(name) => event
+                .payload
+                .decoded()
+                .ok()
+                .is_some_and(|p| p.kwargs.get(name).map(|v| hash_key(v, &mut h)).is_some()),
+            OrderBy::Arg(n) => event
+                .payload
+                .decoded()
+                .ok()
+                .is_some_and(|p| p.args.get(*n).map(|v| hash_key(v, &mut h)).is_some()),
+        };
+        if found {
+            Some(h.finish())
+        } else {
+            self.metrics.events_unordered.inc();
+            tracing::debug!(procedure = %event.procedure, publication = %event.publication, "event without its ordering key; delivered unordered");
+            None
+        }
     }
 
     /// An EVENT over SUBTOCALL_MAX_MESSAGE_SIZE that the connection did not
@@ -600,6 +647,17 @@ impl Sidecar {
             }
         }
         self.pump_queue(session, now);
+        let released = self.core.counts().keys_released_by_dead_letter;
+        if released > self.keys_released_seen {
+            self.metrics
+                .order_released
+                .inc_by(released - self.keys_released_seen);
+            self.keys_released_seen = released;
+            tracing::info!(
+                keys = released,
+                "a dead-lettered event released its ordering key: the next event of the key went ahead"
+            );
+        }
         if let Some(summary) = self.dead_letter_log.flush(now) {
             log_summary(&summary);
         }
@@ -1014,4 +1072,21 @@ fn for_each_group<E: Clone>(event: E, procedures: Vec<String>, mut f: impl FnMut
         f(procedure, event.clone());
     }
     f(last, event);
+}
+
+/// Feeds an ordering key's value to `h`: equal values, equal hashes (a
+/// string and the same bytes differ; so do 1 and 1.0).
+fn hash_key(value: &Value, h: &mut impl std::hash::Hasher) {
+    use std::hash::Hash;
+    match value {
+        Value::Null => 0u8.hash(h),
+        Value::Bool(b) => (1u8, b).hash(h),
+        Value::Int(n) => (2u8, n).hash(h),
+        Value::UInt(n) => (3u8, n).hash(h),
+        Value::Float(f) => (4u8, f.to_bits()).hash(h),
+        Value::Str(s) => (5u8, s).hash(h),
+        Value::Bytes(b) => (6u8, b).hash(h),
+        // Rare as keys: their debug form is canonical enough.
+        other => (7u8, format!("{other:?}")).hash(h),
+    }
 }

@@ -116,6 +116,21 @@ pub struct ForwardConfig {
     /// Which event to drop (and dead-letter) when the queue is full.
     pub overflow: Overflow,
     pub retry: RetryPolicy,
+    /// Per-key ordering (`SUBTOCALL_ORDER_BY`).
+    pub order_by: OrderBy,
+}
+
+/// What makes events of one procedure one ordered line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OrderBy {
+    /// No order: events go in parallel up to the in-flight limit.
+    None,
+    /// The event's concrete topic.
+    Topic,
+    /// The value of this keyword argument.
+    Kwarg(String),
+    /// The value of the positional argument at this index.
+    Arg(usize),
 }
 
 /// Where each event is forwarded (`USE_REDIS_MQ`).
@@ -267,6 +282,7 @@ struct RawVars {
     subtocall_grace_period: Option<String>,
     subtocall_call_timeout: Option<String>,
     subtocall_details_kwarg: Option<String>,
+    subtocall_order_by: Option<String>,
     subtocall_max_in_flight: Option<String>,
     subtocall_queue_capacity: Option<String>,
     subtocall_overflow: Option<String>,
@@ -318,6 +334,7 @@ impl RawVars {
             "SUBTOCALL_GRACE_PERIOD" => &self.subtocall_grace_period,
             "SUBTOCALL_CALL_TIMEOUT" => &self.subtocall_call_timeout,
             "SUBTOCALL_DETAILS_KWARG" => &self.subtocall_details_kwarg,
+            "SUBTOCALL_ORDER_BY" => &self.subtocall_order_by,
             "SUBTOCALL_MAX_IN_FLIGHT" => &self.subtocall_max_in_flight,
             "SUBTOCALL_QUEUE_CAPACITY" => &self.subtocall_queue_capacity,
             "SUBTOCALL_OVERFLOW" => &self.subtocall_overflow,
@@ -384,6 +401,20 @@ fn read(vars: Vec<(String, String)>, not_unicode: Vec<String>) -> Result<Config,
     let forward = forward(&mut r);
     let redis = redis(&mut r);
     let queue = queue(&mut r);
+    if let (Ok(f), Ok(q)) = (&forward, &queue)
+        && f.order_by != OrderBy::None
+        && q.kind == QueueKind::Redis
+    {
+        // Across instances the order needs partitions owned by one instance
+        // at a time; until then, refuse rather than promise it.
+        r.report(
+            ORDER_BY.name,
+            None,
+            "per-key ordering is not available with SUBTOCALL_QUEUE=redis yet; \
+             use SUBTOCALL_QUEUE=memory or SUBTOCALL_ORDER_BY=none"
+                .into(),
+        );
+    }
     let reconnect = reconnect(&mut r);
     let shutdown_timeout = r.required(&SHUTDOWN_TIMEOUT, |text| {
         parse::duration_at_least(text, MIN_100MS)
@@ -555,6 +586,7 @@ fn forward(r: &mut Reader) -> Checked<ForwardConfig> {
         parse::duration_at_least(text, MIN_100MS)
     });
     let details_kwarg = r.optional(&DETAILS_KWARG, parse::non_empty);
+    let order_by = r.required(&ORDER_BY, parse::order_by);
     let max_in_flight = r.required(&MAX_IN_FLIGHT, |text| parse::number_in(text, 1, 65_536));
     let queue_capacity = r.required(&QUEUE_CAPACITY, |text| {
         parse::number_in(text, 1, 10_000_000)
@@ -591,6 +623,7 @@ fn forward(r: &mut Reader) -> Checked<ForwardConfig> {
             initial_backoff: initial_backoff?,
             max_backoff: max_backoff?,
         },
+        order_by: order_by?,
     })
 }
 

@@ -214,6 +214,22 @@ pub(crate) fn regex(text: &str) -> Parsed<Regex> {
     })
 }
 
+/// `none`, `topic`, `kwarg:NAME` or `arg:N`.
+pub(crate) fn order_by(text: &str) -> Parsed<crate::config::OrderBy> {
+    use crate::config::OrderBy;
+    let text = text.trim();
+    match text.split_once(':') {
+        None if text == "none" => Ok(OrderBy::None),
+        None if text == "topic" => Ok(OrderBy::Topic),
+        Some(("kwarg", name)) if !name.is_empty() => Ok(OrderBy::Kwarg(name.to_owned())),
+        Some(("arg", n)) => n
+            .parse()
+            .map(OrderBy::Arg)
+            .map_err(|_| Invalid::because("arg:N needs N a whole number from 0")),
+        _ => Err(Invalid::syntax()),
+    }
+}
+
 /// `off` (any case) for "no listener", else an `IP:port`.
 pub(crate) fn listen_addr(text: &str) -> Parsed<Option<SocketAddr>> {
     let text = text.trim();
@@ -351,6 +367,21 @@ mod tests {
         assert!(redis_url("redis://").is_err());
         assert!(redis_url("http://redis").is_err());
         assert!(redis_url("localhost:6379").is_err());
+    }
+
+    #[test]
+    fn order_by_names_none_the_topic_a_kwarg_or_an_arg() {
+        use crate::config::OrderBy;
+        assert_eq!(order_by("none"), Ok(OrderBy::None));
+        assert_eq!(order_by(" topic "), Ok(OrderBy::Topic));
+        assert_eq!(
+            order_by("kwarg:client"),
+            Ok(OrderBy::Kwarg("client".into()))
+        );
+        assert_eq!(order_by("arg:0"), Ok(OrderBy::Arg(0)));
+        for bad in ["", "kwarg:", "arg:x", "arg:-1", "key", "Topic"] {
+            assert!(order_by(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -831,3 +831,41 @@ fn config_can_be_shared_between_tasks() {
     assert_send_sync::<Config>();
     assert_send_sync::<ConfigError>();
 }
+
+#[test]
+fn ordering_is_read_and_refused_with_the_redis_queue_for_now() {
+    assert_eq!(config(&[]).forward.order_by, OrderBy::None);
+    assert_eq!(
+        config(&[("SUBTOCALL_ORDER_BY", "kwarg:client")])
+            .forward
+            .order_by,
+        OrderBy::Kwarg("client".into())
+    );
+    problem(&[("SUBTOCALL_ORDER_BY", "client")], "SUBTOCALL_ORDER_BY");
+    let refused = problem(
+        &[
+            ("SUBTOCALL_ORDER_BY", "topic"),
+            ("SUBTOCALL_QUEUE", "redis"),
+        ],
+        "SUBTOCALL_ORDER_BY",
+    );
+    assert!(
+        refused.message.contains("SUBTOCALL_QUEUE=redis"),
+        "{refused:?}"
+    );
+}
+
+#[test]
+fn the_group_separator_is_a_word_without_dots() {
+    assert_eq!(config(&[]).discovery.group_separator, "__");
+    assert_eq!(
+        config(&[("SUBTOCALL_GROUP_SEPARATOR", "--")])
+            .discovery
+            .group_separator,
+        "--"
+    );
+    problem(
+        &[("SUBTOCALL_GROUP_SEPARATOR", "a.b")],
+        "SUBTOCALL_GROUP_SEPARATOR",
+    );
+}

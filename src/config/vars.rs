@@ -347,6 +347,21 @@ pub(crate) const DETAILS_KWARG: Var = Var {
     group: Group::Forwarding,
 };
 
+pub(crate) const ORDER_BY: Var = Var {
+    name: "SUBTOCALL_ORDER_BY",
+    old_names: &[],
+    default: DefaultValue::Value("none"),
+    accepts: "`none`, `topic`, `kwarg:NAME` or `arg:N` (N from 0)",
+    meaning: "Per-key ordering: events of one procedure with the same key (the event's \
+              concrete topic, the kwarg NAME, or the N-th positional argument) are delivered \
+              one at a time, in the order received; the next is not called before the \
+              previous one's RESULT or dead letter. Different keys go in parallel up to \
+              SUBTOCALL_MAX_IN_FLIGHT. An event without the key is delivered unordered and \
+              counted. Not yet available with SUBTOCALL_QUEUE=redis.",
+    secret: false,
+    group: Group::Forwarding,
+};
+
 pub(crate) const MAX_IN_FLIGHT: Var = Var {
     name: "SUBTOCALL_MAX_IN_FLIGHT",
     old_names: &[],
@@ -584,6 +599,7 @@ pub(crate) const VARS: &[&Var] = &[
     &USE_REDIS_MQ,
     &CALL_TIMEOUT,
     &DETAILS_KWARG,
+    &ORDER_BY,
     &MAX_IN_FLIGHT,
     &QUEUE_CAPACITY,
     &OVERFLOW,

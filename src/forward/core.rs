@@ -11,7 +11,16 @@
 //! Every accepted event is resolved exactly once, by an `Ack` or a
 //! `DeadLetter`: `accepted == forwarded + dead_lettered + waiting + in_flight`
 //! holds after every call.
+//!
+//! Per-key order (jobs with a [`Job::key`], one delivery per event): the
+//! first event of a key taken from the queue becomes the key's head; later
+//! events of the key wait in the key's line, in the order accepted, until the
+//! head is acknowledged or dead-lettered. A head that fails keeps its place:
+//! its retry is the only event of its key that may go. Different keys go in
+//! parallel up to the in-flight limit. Pipelines keep the order of
+//! everything anyway and ignore keys.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
 
@@ -89,6 +98,17 @@ pub struct Counts {
     /// Outcomes reported for deliveries that were already resolved (at the
     /// shutdown deadline): ignored.
     pub late_outcomes: u64,
+    /// Keys whose head was dead-lettered while later events of the key
+    /// waited: the next one went ahead without it.
+    pub keys_released_by_dead_letter: u64,
+}
+
+/// One ordering key's events: the head (in flight, or waiting for its retry)
+/// and the later ones, in the order accepted.
+#[derive(Debug)]
+struct Line<T> {
+    head: u64,
+    waiting: VecDeque<Job<T>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,6 +131,14 @@ pub struct Forwarder<T, Q> {
     in_flight_events: usize,
     next_id: u64,
     outputs: VecDeque<Output<T>>,
+    /// Per-key order: each key with an event out, by key.
+    lines: HashMap<u64, Line<T>>,
+    /// Events waiting in the lines (behind their key's head).
+    in_lines: usize,
+    /// Heads whose predecessor was resolved: they go before the queue.
+    released: VecDeque<Job<T>>,
+    /// The acceptance order, for [`Job::seq`].
+    next_seq: u64,
     /// Whether the sink can take deliveries now (WAMP: joined).
     open: bool,
     state: State,
@@ -144,6 +172,10 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
             in_flight_events: 0,
             next_id: 0,
             outputs: VecDeque::new(),
+            lines: HashMap::new(),
+            in_lines: 0,
+            released: VecDeque::new(),
+            next_seq: 0,
             open: false,
             state: State::Running,
             counts: Counts::default(),
@@ -164,12 +196,18 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
     /// perhaps attempted before (an entry read back from a shared queue,
     /// possibly taken over from another instance). Its retry budget counts
     /// from `job.received` and `job.attempts`.
-    pub fn accept_job(&mut self, job: Job<T>, now: Instant) {
+    pub fn accept_job(&mut self, mut job: Job<T>, now: Instant) {
         self.counts.accepted += 1;
+        self.next_seq += 1;
+        job.seq = self.next_seq;
+        if matches!(self.settings.dispatch, Dispatch::Pipeline { .. }) {
+            // A pipeline keeps the order of everything.
+            job.key = None;
+        }
         if self.state == State::Stopped {
             return self.give_up(job, GiveUp::Shutdown);
         }
-        if self.queue.waiting() >= self.settings.capacity {
+        if self.waiting() >= self.settings.capacity {
             let evicted = match self.settings.overflow {
                 OverflowPolicy::DropOldest => self.queue.evict_oldest_new(),
                 OverflowPolicy::DropNewest => None,
@@ -294,8 +332,9 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
         self.counts
     }
 
+    /// Events waiting for an attempt: in the queue, and in the keys' lines.
     pub fn waiting(&self) -> usize {
-        self.queue.waiting()
+        self.queue.waiting() + self.in_lines + self.released.len()
     }
 
     /// Events in flight (not deliveries).
@@ -305,7 +344,7 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
 
     /// Nothing waiting, nothing in flight, nothing left to poll.
     pub fn is_idle(&self) -> bool {
-        self.queue.waiting() == 0 && self.in_flight_events == 0 && self.outputs.is_empty()
+        self.waiting() == 0 && self.in_flight_events == 0 && self.outputs.is_empty()
     }
 
     /// Whether the shutdown deadline has passed.
@@ -329,10 +368,16 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
             let room = (self.settings.max_in_flight - self.in_flight_events).min(batch_max);
             let mut jobs = Vec::with_capacity(room);
             while jobs.len() < room {
-                match self.queue.take_ready(now) {
-                    Some(mut job) => {
-                        job.attempts += 1;
-                        jobs.push(job);
+                let next = match self.released.pop_front() {
+                    Some(job) => Some(job),
+                    None => self.queue.take_ready(now),
+                };
+                match next {
+                    Some(job) => {
+                        if let Some(mut job) = self.in_order(job) {
+                            job.attempts += 1;
+                            jobs.push(job);
+                        }
                     }
                     None => break,
                 }
@@ -347,6 +392,57 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
             self.outputs.push_back(Output::Deliver(id));
             if matches!(self.settings.dispatch, Dispatch::Pipeline { .. }) {
                 return;
+            }
+        }
+    }
+
+    /// A job taken to be delivered: itself if it may go now (no key, the
+    /// first of its key, or its key's head back for a retry), else `None`,
+    /// having joined its key's line.
+    fn in_order(&mut self, job: Job<T>) -> Option<Job<T>> {
+        let Some(key) = job.key else {
+            return Some(job);
+        };
+        match self.lines.entry(key) {
+            Entry::Vacant(e) => {
+                e.insert(Line {
+                    head: job.seq,
+                    waiting: VecDeque::new(),
+                });
+                Some(job)
+            }
+            Entry::Occupied(e) if e.get().head == job.seq => Some(job),
+            Entry::Occupied(mut e) => {
+                e.get_mut().waiting.push_back(job);
+                self.in_lines += 1;
+                None
+            }
+        }
+    }
+
+    /// `job` was resolved: if it was its key's head, the next of the key
+    /// goes ahead (or the key is free).
+    fn next_in_line(&mut self, job: &Job<T>, dead_lettered: bool) {
+        let Some(key) = job.key else {
+            return;
+        };
+        let Entry::Occupied(mut line) = self.lines.entry(key) else {
+            return;
+        };
+        if line.get().head != job.seq {
+            return;
+        }
+        match line.get_mut().waiting.pop_front() {
+            Some(next) => {
+                if dead_lettered {
+                    self.counts.keys_released_by_dead_letter += 1;
+                }
+                line.get_mut().head = next.seq;
+                self.in_lines -= 1;
+                self.released.push_back(next);
+            }
+            None => {
+                line.remove();
             }
         }
     }
@@ -366,12 +462,16 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
 
     fn ack(&mut self, job: Job<T>) {
         self.queue.ack(&job);
+        self.next_in_line(&job, false);
         self.counts.forwarded += 1;
         self.outputs.push_back(Output::Ack(job));
     }
 
     fn give_up(&mut self, job: Job<T>, why: GiveUp) {
         self.queue.dead_letter(&job);
+        if self.state != State::Stopped {
+            self.next_in_line(&job, true);
+        }
         self.counts.dead_lettered += 1;
         self.outputs.push_back(Output::DeadLetter(job, why));
     }
@@ -433,7 +533,11 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
     /// The deadline passed: everything waiting or in flight is given up.
     fn stop(&mut self) {
         self.state = State::Stopped;
-        for job in self.queue.drain() {
+        let lines: Vec<Job<T>> = self.released.drain(..).collect();
+        let mut waiting: Vec<_> = self.lines.drain().flat_map(|(_, l)| l.waiting).collect();
+        self.in_lines = 0;
+        waiting.sort_by_key(|j| j.seq);
+        for job in lines.into_iter().chain(waiting).chain(self.queue.drain()) {
             self.give_up(job, GiveUp::Shutdown);
         }
         let mut in_flight: Vec<_> = self.in_flight.drain().collect();

@@ -25,6 +25,13 @@ pub struct Job<T> {
     pub attempts: u32,
     /// The last failure, for the dead-letter record.
     pub last_error: Option<String>,
+    /// The ordering key's hash (`SUBTOCALL_ORDER_BY`): events with the same
+    /// key are delivered one at a time, in the order accepted. `None`:
+    /// unordered.
+    pub key: Option<u64>,
+    /// Set by the forwarding core when it accepts the job: its place in the
+    /// order of acceptance.
+    pub(super) seq: u64,
 }
 
 impl<T> Job<T> {
@@ -34,7 +41,14 @@ impl<T> Job<T> {
             received,
             attempts: 0,
             last_error: None,
+            key: None,
+            seq: 0,
         }
+    }
+
+    /// The same job with an ordering key.
+    pub fn with_key(self, key: Option<u64>) -> Job<T> {
+        Job { key, ..self }
     }
 }
 

@@ -265,6 +265,39 @@ fn at_the_shutdown_deadline_every_unfinished_event_is_dead_lettered_once() {
     );
 }
 
+#[test]
+fn a_key_waits_for_its_head_whose_retry_keeps_its_place_and_a_dead_letter_releases_it() {
+    let t0 = Instant::now();
+    let mut f = core(settings(10, 4, Dispatch::Each));
+    for item in [1, 2, 3] {
+        f.accept_job(Job::new(item, t0).with_key(Some(7)), t0);
+    }
+    f.accept(4, t0);
+    let out = outputs(&mut f);
+    let ids = delivered_ids(&out);
+    let items = |f: &Forwarder<u32, MemoryQueue<u32>>, id| f.delivery(id).unwrap()[0].item;
+    assert_eq!(
+        ids.iter().map(|id| items(&f, *id)).collect::<Vec<_>>(),
+        [1, 4],
+        "one of key 7 at a time; the unkeyed event goes beside it"
+    );
+    assert_eq!(f.waiting(), 2);
+    // The head fails: its retry keeps its place, the key waits.
+    f.on_outcome(ids[0], lost(), t0);
+    let out = outputs(&mut f);
+    assert!(delivered_ids(&out).is_empty(), "{out:?}");
+    let later = t0 + Duration::from_secs(5);
+    f.on_tick(later);
+    let retry = delivered_ids(&outputs(&mut f));
+    assert_eq!(items(&f, retry[0]), 1, "the head again, not the next");
+    // A final error dead-letters the head and releases the key.
+    f.on_outcome(retry[0], wamp("com.example.error.no"), later);
+    let out = outputs(&mut f);
+    assert!(matches!(out[0], Output::DeadLetter(ref j, GiveUp::Rejected) if j.item == 1));
+    assert_eq!(items(&f, delivered_ids(&out)[0]), 2);
+    assert_eq!(f.counts().keys_released_by_dead_letter, 1);
+}
+
 mod model {
     use proptest::prelude::*;
 
@@ -273,6 +306,8 @@ mod model {
     #[derive(Debug, Clone)]
     enum Op {
         Accept,
+        /// Accept an event with this ordering key.
+        AcceptKeyed(u64),
         /// Accept an event with a history (a queue entry taken over from
         /// another instance): received this many ms ago, attempted before.
         AcceptTaken(u64, u32),
@@ -309,6 +344,7 @@ mod model {
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
             6 => Just(Op::Accept),
+            6 => (0..3u64).prop_map(Op::AcceptKeyed),
             2 => (0..200_000u64, 0..8u32).prop_map(|(ago, n)| Op::AcceptTaken(ago, n)),
             6 => (0..8usize, kind()).prop_map(|(n, k)| Op::Finish(n, k)),
             1 => (0..8usize, prop::collection::vec(kind(), 0..4)).prop_map(|(n, k)| Op::FinishEach(n, k)),
@@ -339,6 +375,11 @@ mod model {
         resolved: BTreeMap<u32, bool>,
         /// Items of an ordered pipeline, in the order they were delivered.
         delivered_order: Vec<u32>,
+        /// Each key's items, in the order accepted (one delivery per event).
+        keyed: BTreeMap<u64, Vec<u32>>,
+        /// Per key, whether several of its events were ever in flight at once
+        /// (different keys: parallelism is allowed and expected).
+        keys_at_once: usize,
     }
 
     impl World {
@@ -352,7 +393,20 @@ mod model {
                 flying: BTreeMap::new(),
                 resolved: BTreeMap::new(),
                 delivered_order: Vec::new(),
+                keyed: BTreeMap::new(),
+                keys_at_once: 0,
             }
+        }
+
+        /// The key of an item, if it has one (pipelines ignore keys).
+        fn key_of(&self, item: u32) -> Option<u64> {
+            if self.pipeline {
+                return None;
+            }
+            self.keyed
+                .iter()
+                .find(|(_, items)| items.contains(&item))
+                .map(|(k, _)| *k)
         }
 
         fn drain(&mut self) -> Result<(), TestCaseError> {
@@ -372,12 +426,29 @@ mod model {
                                 !self.resolved[item],
                                 "resolved item {item} delivered again"
                             );
+                            // Per-key order: every earlier event of the key
+                            // is acknowledged or dead-lettered.
+                            if let Some(key) = self.key_of(*item) {
+                                for earlier in self.keyed[&key].iter().take_while(|i| *i != item) {
+                                    prop_assert!(
+                                        self.resolved[earlier],
+                                        "item {item} of key {key} delivered before {earlier} was resolved"
+                                    );
+                                }
+                            }
                             prop_assert!(
                                 self.flying.values().all(|v| !v.contains(item)),
                                 "item {item} twice in flight"
                             );
                         }
                         self.flying.insert(id, items);
+                        let keys_flying: BTreeSet<u64> = self
+                            .flying
+                            .values()
+                            .flatten()
+                            .filter_map(|i| self.key_of(*i))
+                            .collect();
+                        self.keys_at_once = self.keys_at_once.max(keys_flying.len());
                     }
                     Output::Ack(job) | Output::DeadLetter(job, _) => {
                         let was = self.resolved.insert(job.item, true);
@@ -429,6 +500,13 @@ mod model {
                     self.resolved.insert(self.next_item, false);
                     self.f.accept(self.next_item, self.now);
                 }
+                Op::AcceptKeyed(key) => {
+                    self.next_item += 1;
+                    self.resolved.insert(self.next_item, false);
+                    self.keyed.entry(key).or_default().push(self.next_item);
+                    let job = Job::new(self.next_item, self.now).with_key(Some(key));
+                    self.f.accept_job(job, self.now);
+                }
                 Op::AcceptTaken(ago, attempts) => {
                     self.next_item += 1;
                     self.resolved.insert(self.next_item, false);
@@ -437,10 +515,8 @@ mod model {
                         .checked_sub(Duration::from_millis(ago))
                         .unwrap_or(self.now);
                     let job = Job {
-                        item: self.next_item,
-                        received,
                         attempts,
-                        last_error: None,
+                        ..Job::new(self.next_item, received)
                     };
                     self.f.accept_job(job, self.now);
                 }
@@ -507,16 +583,36 @@ mod model {
             prop_assert_eq!(c.accepted, c.forwarded + c.dead_lettered);
         }
 
+        /// Many keys, answering backends: keys go in parallel (never two of
+        /// one key at once, which the order check above would catch).
+        #[test]
+        fn different_keys_are_delivered_in_parallel(max_in_flight in 2..5usize) {
+            let mut w = World::new(settings(100, max_in_flight, Dispatch::Each));
+            w.apply(Op::Open(true))?;
+            for key in 0..max_in_flight as u64 {
+                w.apply(Op::AcceptKeyed(key))?;
+                w.apply(Op::AcceptKeyed(key))?;
+            }
+            prop_assert_eq!(w.f.in_flight(), max_in_flight, "one of each key in flight");
+            prop_assert_eq!(w.keys_at_once, max_in_flight);
+            while !w.flying.is_empty() {
+                w.apply(Op::Finish(0, Kind::Ok))?;
+            }
+            prop_assert!(w.f.is_idle());
+            prop_assert_eq!(w.f.counts().forwarded, 2 * max_in_flight as u64);
+        }
+
         #[test]
         fn with_answering_backends_a_drain_ends_before_its_deadline(
             accepted in 0..50u32,
             max_in_flight in 1..5usize,
             dispatch in dispatch(),
+            keyed in any::<bool>(),
         ) {
             let mut w = World::new(settings(100, max_in_flight, dispatch));
             w.apply(Op::Open(true))?;
-            for _ in 0..accepted {
-                w.apply(Op::Accept)?;
+            for i in 0..accepted {
+                w.apply(if keyed { Op::AcceptKeyed(u64::from(i % 3)) } else { Op::Accept })?;
             }
             w.apply(Op::Shutdown(60_000))?;
             while !w.flying.is_empty() {

@@ -27,6 +27,7 @@ Exit codes: 0 clean quit/SIGTERM, 2 connect/join/register failure, 3 --die-on-ca
 
 import asyncio
 import os
+import random
 import time
 
 import peerlib
@@ -45,6 +46,14 @@ def parse_args():
     )
     parser.add_argument("--match", choices=["exact", "prefix", "wildcard"], default="exact")
     parser.add_argument("--delay-ms", type=int, default=0, help="sleep before answering")
+    parser.add_argument(
+        "--jitter-ms", type=int, default=0, help="and a further random 0..N ms on each call"
+    )
+    parser.add_argument(
+        "--report-answers",
+        action="store_true",
+        help='print {"answered": K, "name", "at"} just before answering call K',
+    )
     parser.add_argument(
         "--die-on-call", type=int, help="on the K-th invocation: print it, then os._exit(3)"
     )
@@ -107,8 +116,11 @@ async def main(args):
                     "com.example.error.rejected", f"{args.name} rejects call {k}"
                 )
             peerlib.emit(line)
-            if args.delay_ms:
-                await asyncio.sleep(args.delay_ms / 1000.0)
+            delay_ms = args.delay_ms + (random.uniform(0, args.jitter_ms) if args.jitter_ms else 0)
+            if delay_ms:
+                await asyncio.sleep(delay_ms / 1000.0)
+            if args.report_answers:
+                peerlib.emit({"answered": k, "name": args.name, "at": time.time()})
             if call_args:
                 return CallResult(args.name, call_args[0])
             return CallResult(args.name)

@@ -26,6 +26,9 @@ def parse_args():
     parser.add_argument("--count", type=int, default=1)
     parser.add_argument("--rate", type=float, default=0.0, help="events per second, 0 = max")
     parser.add_argument("--with-bytes", action="store_true")
+    parser.add_argument(
+        "--keys", type=int, default=0, help='add kwargs "k": i %% N (an ordering key)'
+    )
     parser.add_argument("--payload-json", help='{"args": [...], "kwargs": {...}} for every event')
     parser.add_argument("--quiet", action="store_true", help="print only the summary")
     return peerlib.parse_args(parser)
@@ -37,6 +40,8 @@ def payload(args, i):
         return list(custom.get("args") or []), dict(custom.get("kwargs") or {})
     event_args = [i, "hello", {"nested": [1, 2.5, None, True]}]
     event_kwargs = {"seq": i, "key": "value"}
+    if args.keys:
+        event_kwargs["k"] = i % args.keys
     if args.with_bytes:
         blob = b"\x00\x01\x02\xff" + i.to_bytes(4, "big")
         event_args.append(blob)

@@ -478,6 +478,10 @@ pub struct BackendOptions {
     /// Handle at most this many invocations at once; the others wait their turn (and
     /// their invocation lines are printed when their turn comes).
     pub concurrency: Option<u32>,
+    /// A further random delay of 0..N ms on each call.
+    pub jitter_ms: u64,
+    /// Print `{"answered": K, "name", "at"}` just before answering call K.
+    pub report_answers: bool,
 }
 
 impl BackendOptions {
@@ -495,6 +499,8 @@ impl BackendOptions {
             die_on_call: None,
             error_on_call: None,
             concurrency: None,
+            jitter_ms: 0,
+            report_answers: false,
         }
     }
 
@@ -520,6 +526,12 @@ impl BackendOptions {
         }
         if let Some(n) = self.concurrency {
             args.extend(["--concurrency".into(), n.to_string().into()]);
+        }
+        if self.jitter_ms > 0 {
+            args.extend(["--jitter-ms".into(), self.jitter_ms.to_string().into()]);
+        }
+        if self.report_answers {
+            args.push("--report-answers".into());
         }
         args
     }
@@ -591,6 +603,12 @@ impl Backend {
     /// the peer just printed may not be here yet: use [`Self::wait_for_invocations`].
     pub fn invocations(&self) -> Vec<Value> {
         self.process.lines_matching(is_invocation)
+    }
+
+    /// With `report_answers`: `{"answered": K, "name", "at"}` per call answered.
+    pub fn answers(&self) -> Vec<Value> {
+        self.process
+            .lines_matching(|line| line.get("answered").is_some())
     }
 
     /// Waits until at least `n` invocations arrived and returns them all.
@@ -701,6 +719,8 @@ pub struct PublisherOptions {
     pub with_bytes: bool,
     /// `{"args": [...], "kwargs": {...}}` for every event instead of the numbered payload.
     pub payload: Option<Value>,
+    /// Add kwargs `"k": i % N` to the numbered payload (an ordering key).
+    pub keys: Option<u32>,
     /// Print only the final `{"done": ...}` line.
     pub quiet: bool,
     /// How long [`Publisher::run`] waits for the peer to exit.
@@ -716,6 +736,7 @@ impl PublisherOptions {
             rate: 0.0,
             with_bytes: false,
             payload: None,
+            keys: None,
             quiet: false,
             timeout: Duration::from_secs(60),
         }
@@ -733,6 +754,9 @@ impl PublisherOptions {
         ]);
         if self.with_bytes {
             args.push("--with-bytes".into());
+        }
+        if let Some(n) = self.keys {
+            args.extend(["--keys".into(), n.to_string().into()]);
         }
         if let Some(payload) = &self.payload {
             args.extend(["--payload-json".into(), payload.to_string().into()]);
