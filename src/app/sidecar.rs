@@ -236,9 +236,8 @@ impl Sidecar {
                     self.route(event.subscription, event.publication, &event.details)
                 {
                     let received = SystemTime::now();
-                    for_each_group(event, procedures, |procedure, event| {
-                        let shared =
-                            SharedEvent::from_raw(procedure, topic.clone(), event, received);
+                    for_each_group((event, topic), procedures, |procedure, (event, topic)| {
+                        let shared = SharedEvent::from_raw(procedure, topic, event, received);
                         self.accept(shared, now);
                     });
                 }
@@ -250,8 +249,8 @@ impl Sidecar {
                     self.route(event.subscription, event.publication, &event.details)
                 {
                     let received = SystemTime::now();
-                    for_each_group(event, procedures, |procedure, event| {
-                        let shared = SharedEvent::new(procedure, topic.clone(), event, received);
+                    for_each_group((event, topic), procedures, |procedure, (event, topic)| {
+                        let shared = SharedEvent::new(procedure, topic, event, received);
                         self.accept(shared, now);
                     });
                 }
