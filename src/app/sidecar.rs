@@ -91,6 +91,9 @@ pub struct Sidecar {
     order_by: OrderBy,
     /// The core's count of keys released by a dead letter, as last seen.
     keys_released_seen: u64,
+    /// Where an EVENT's procedures (one per group, with the group's
+    /// de-duplication mix) are gathered; reused.
+    procedures: Vec<(String, u64)>,
 }
 
 impl Sidecar {
@@ -126,6 +129,7 @@ impl Sidecar {
             queue: None,
             order_by: OrderBy::None,
             keys_released_seen: 0,
+            procedures: Vec::new(),
         }
     }
 
@@ -232,27 +236,39 @@ impl Sidecar {
                             tracing::warn!(topic, error = %e, "ignoring malformed meta event")
                         }
                     }
-                } else if let Some((procedures, topic)) =
-                    self.route(event.subscription, event.publication, &event.details)
-                {
-                    let received = SystemTime::now();
-                    for_each_group((event, topic), procedures, |procedure, (event, topic)| {
-                        let shared = SharedEvent::from_raw(procedure, topic, event, received);
-                        self.accept(shared, now);
-                    });
+                } else {
+                    let mut procedures = std::mem::take(&mut self.procedures);
+                    let (subscription, publication) = (event.subscription, event.publication);
+                    if let Some(topic) =
+                        self.route(subscription, publication, &event.details, &mut procedures)
+                    {
+                        let received = SystemTime::now();
+                        let each = procedures.drain(..).map(|(p, _)| p);
+                        for_each_group((event, topic), each, |procedure, (event, topic)| {
+                            let shared = SharedEvent::from_raw(procedure, topic, event, received);
+                            self.accept(shared, now);
+                        });
+                    }
+                    self.procedures = procedures;
                 }
             }
             SessionOutput::Event(event) => {
                 if let Some(&topic) = self.meta.get(&event.subscription) {
                     self.on_meta_event(topic, &event.payload.args, now);
-                } else if let Some((procedures, topic)) =
-                    self.route(event.subscription, event.publication, &event.details)
-                {
-                    let received = SystemTime::now();
-                    for_each_group((event, topic), procedures, |procedure, (event, topic)| {
-                        let shared = SharedEvent::new(procedure, topic, event, received);
-                        self.accept(shared, now);
-                    });
+                } else {
+                    let mut procedures = std::mem::take(&mut self.procedures);
+                    let (subscription, publication) = (event.subscription, event.publication);
+                    if let Some(topic) =
+                        self.route(subscription, publication, &event.details, &mut procedures)
+                    {
+                        let received = SystemTime::now();
+                        let each = procedures.drain(..).map(|(p, _)| p);
+                        for_each_group((event, topic), each, |procedure, (event, topic)| {
+                            let shared = SharedEvent::new(procedure, topic, event, received);
+                            self.accept(shared, now);
+                        });
+                    }
+                    self.procedures = procedures;
                 }
             }
             SessionOutput::Revoked { kind, details } => {
@@ -389,22 +405,25 @@ impl Sidecar {
         subscription: SubscriptionId,
         publication: PublicationId,
         details: &Dict,
-    ) -> Option<(Vec<String>, String)> {
+        procedures: &mut Vec<(String, u64)>,
+    ) -> Option<String> {
         // One event received per group reading the topic (at least one),
         // so that every one received is accounted for once.
-        let route = match self.discovery.route(subscription, details.get_str("topic")) {
-            Ok(route) if route.procedures.is_empty() => {
+        procedures.clear();
+        let routed = self
+            .discovery
+            .route_into(subscription, details.get_str("topic"), procedures);
+        let topic = match routed {
+            Ok(_) if procedures.is_empty() => {
                 // Every group left; the UNSUBSCRIBE is on its way.
                 self.metrics.events_received.inc();
                 self.metrics.unroutable(false).inc();
                 tracing::debug!(%subscription, %publication, "event for a topic no group reads any more");
                 return None;
             }
-            Ok(route) => {
-                self.metrics
-                    .events_received
-                    .inc_by(route.procedures.len() as u64);
-                route
+            Ok(topic) => {
+                self.metrics.events_received.inc_by(procedures.len() as u64);
+                topic
             }
             Err(e) => {
                 self.metrics.events_received.inc();
@@ -416,16 +435,17 @@ impl Sidecar {
         };
         // An event matching several of our subscriptions is forwarded once
         // to each group.
-        let mut procedures = Vec::with_capacity(route.procedures.len());
-        for procedure in route.procedures {
-            if self.dedup.first_time_for(publication, &procedure) {
+        let (dedup, metrics) = (&mut self.dedup, &self.metrics);
+        procedures.retain(|(procedure, group)| {
+            let first = dedup.first_time_for(publication, *group);
+            if first {
                 tracing::debug!(%procedure, %publication, "event accepted");
-                procedures.push(procedure.into_owned());
             } else {
-                self.metrics.events_duplicate.inc();
+                metrics.events_duplicate.inc();
             }
-        }
-        (!procedures.is_empty()).then(|| (procedures, route.topic.to_owned()))
+            first
+        });
+        (!procedures.is_empty()).then(|| topic.to_owned())
     }
 
     fn accept(&mut self, mut event: SharedEvent, now: Instant) {
@@ -439,6 +459,9 @@ impl Sidecar {
     /// value hashed together), or `None` to go unordered.
     fn order_key(&self, event: &SharedEvent) -> Option<u64> {
         use std::hash::{Hash, Hasher};
+        if self.order_by == OrderBy::None {
+            return None;
+        }
         let mut h = std::hash::DefaultHasher::new();
         event.procedure.hash(&mut h);
         let found = match &self.order_by {
@@ -1062,8 +1085,11 @@ fn log_note(note: &Note) {
 /// `event` for each of `procedures` (one per group): copies for all but the
 /// last, which takes the event itself, so that one group, the usual case,
 /// copies nothing.
-fn for_each_group<E: Clone>(event: E, procedures: Vec<String>, mut f: impl FnMut(String, E)) {
-    let mut procedures = procedures.into_iter();
+fn for_each_group<E: Clone>(
+    event: E,
+    mut procedures: impl DoubleEndedIterator<Item = String>,
+    mut f: impl FnMut(String, E),
+) {
     let Some(last) = procedures.next_back() else {
         return;
     };

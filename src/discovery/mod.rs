@@ -31,13 +31,13 @@ pub mod topic;
 #[cfg(test)]
 mod tests;
 
-use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::time::{Duration, Instant};
 
 use regex::Regex;
 
+use crate::forward::dedup::group_mix;
 use crate::wamp::{RegistrationId, SubscriptionId};
 
 pub use meta::{
@@ -278,11 +278,11 @@ pub enum GetOutcome {
 /// Where one EVENT goes: one procedure per group reading its topic.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route<'a> {
-    /// The procedures to CALL, one per group: borrowed for exact
+    /// The procedures to CALL, one per group: computed once for exact
     /// subscriptions, derived from the event's concrete topic for wildcard
     /// ones. Empty when every group has left (the subscription is being
     /// given up).
-    pub procedures: Vec<Cow<'a, str>>,
+    pub procedures: Vec<String>,
     /// The event's concrete topic.
     pub topic: &'a str,
 }
@@ -376,6 +376,8 @@ struct Members {
     /// For an exact topic, the group's procedure, computed once rather than
     /// per event. `None` for patterns: it depends on each event's topic.
     procedure: Option<String>,
+    /// The group's [`group_mix`], for de-duplication per group.
+    mix: u64,
 }
 
 impl Topic {
@@ -717,31 +719,47 @@ impl Discovery {
         subscription: SubscriptionId,
         details_topic: Option<&'a str>,
     ) -> Result<Route<'a>, RouteError> {
+        let mut procedures = Vec::new();
+        let topic = self.route_into(subscription, details_topic, &mut procedures)?;
+        Ok(Route {
+            procedures: procedures.into_iter().map(|(p, _)| p).collect(),
+            topic,
+        })
+    }
+
+    /// [`Discovery::route`] without allocating a list per event: pushes the
+    /// procedures, each with its group's [`group_mix`], onto `procedures` (a
+    /// buffer the caller reuses) and returns the event's concrete topic.
+    pub fn route_into<'a>(
+        &'a self,
+        subscription: SubscriptionId,
+        details_topic: Option<&'a str>,
+        procedures: &mut Vec<(String, u64)>,
+    ) -> Result<&'a str, RouteError> {
         let entry = self
             .routes
             .get(&subscription)
             .ok_or(RouteError::UnknownSubscription(subscription))?;
-        let groups = self.topics.get(&entry.topic).map(|t| &t.groups);
-        let groups = groups.into_iter().flatten();
+        let Some(groups) = self.topics.get(&entry.topic).map(|t| &t.groups) else {
+            return Ok(&entry.topic.topic);
+        };
         if entry.topic.policy == MatchPolicy::Exact {
-            return Ok(Route {
-                procedures: groups
-                    .filter_map(|(_, m)| m.procedure.as_deref().map(Cow::Borrowed))
-                    .collect(),
-                topic: &entry.topic.topic,
-            });
+            for m in groups.values() {
+                if let Some(p) = &m.procedure {
+                    procedures.push((p.clone(), m.mix));
+                }
+            }
+            return Ok(&entry.topic.topic);
         }
         let topic = details_topic.ok_or_else(|| RouteError::MissingTopic {
             subscription,
             pattern: entry.topic.clone(),
         })?;
         let marker = self.mapper.marker();
-        Ok(Route {
-            procedures: groups
-                .map(|(group, _)| Cow::Owned(marker.procedure_for(topic, group.as_deref())))
-                .collect(),
-            topic,
-        })
+        for (group, m) in groups {
+            procedures.push((marker.procedure_for(topic, group.as_deref()), m.mix));
+        }
+        Ok(topic)
     }
 
     /// How many groups read our topics, as of the last [`Discovery::poll`]
@@ -815,6 +833,7 @@ impl Discovery {
                 grace_until: None,
                 procedure: (key.policy == MatchPolicy::Exact)
                     .then(|| marker.procedure_for(&key.topic, group.as_deref())),
+                mix: group_mix(group.as_deref()),
             });
         members.registrations.insert(id);
         let resumed = members.grace_until.take().is_some();

@@ -58,15 +58,14 @@ impl Dedup {
         true
     }
 
-    /// [`Dedup::first_time`] for one consumer group (named by its
-    /// procedure): the same publication is new once per group. The group's
-    /// name is hashed into the id, so ids of different groups differ; two
-    /// different pairs colliding is as unlikely as two random ids.
-    pub fn first_time_for(&mut self, id: PublicationId, procedure: &str) -> bool {
-        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
-        // Fixed keys: the same procedure always mixes in the same value.
-        let mix = BuildHasherDefault::<DefaultHasher>::default().hash_one(procedure);
-        self.first_time(PublicationId(id.0 ^ mix))
+    /// [`Dedup::first_time`] for one consumer group: the same publication
+    /// is new once per group. `group` is [`group_mix`] of the group's name
+    /// (0 for the default group), mixed into the id, so ids of different
+    /// groups differ; two different pairs colliding is as unlikely as two
+    /// random ids. (One publication has one concrete topic, so its
+    /// procedures differ by their group alone.)
+    pub fn first_time_for(&mut self, id: PublicationId, group: u64) -> bool {
+        self.first_time(PublicationId(id.0 ^ group))
     }
 
     /// How many ids are remembered right now.
@@ -77,6 +76,16 @@ impl Dedup {
     pub fn is_empty(&self) -> bool {
         self.order.is_empty()
     }
+}
+
+/// What a group's name mixes into publication ids (see
+/// [`Dedup::first_time_for`]): 0 for the default group, else its FNV-1a hash.
+pub fn group_mix(group: Option<&str>) -> u64 {
+    group.map_or(0, |g| {
+        g.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+        })
+    })
 }
 
 impl Default for Dedup {
@@ -147,5 +156,17 @@ mod tests {
         assert!(d.first_time(p(1)));
         assert!(d.first_time(p(1)));
         assert!(d.is_empty());
+    }
+
+    #[test]
+    fn each_group_gets_a_publication_once() {
+        let mut d = Dedup::new(16);
+        let (default, audit) = (group_mix(None), group_mix(Some("audit")));
+        assert_ne!(default, audit);
+        assert!(d.first_time_for(p(7), default));
+        assert!(d.first_time_for(p(7), audit));
+        assert!(!d.first_time_for(p(7), default));
+        assert!(!d.first_time_for(p(7), audit));
+        assert!(d.first_time_for(p(8), default));
     }
 }
