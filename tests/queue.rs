@@ -807,3 +807,51 @@ async fn long_calls_of_a_live_instance_are_not_taken_over() {
         );
     }
 }
+
+#[tokio::test]
+async fn two_groups_on_the_redis_queue_each_get_every_event_once_from_two_instances() {
+    let crossbar = Crossbar::start().await;
+    let router = RouterMeta::join(&crossbar).await;
+    let redis = Redis::start().await;
+    let default_group = "com.example.SUB_grouped";
+    let audit = "com.example.SUB_grouped__audit";
+    let topic = topic_of(default_group);
+    let mut a = Backend::spawn(backend(&crossbar, "A", &[default_group])).await;
+    let mut b = Backend::spawn(backend(&crossbar, "B", &[audit])).await;
+    let env = queue_env(&crossbar, &redis.url(), &[]);
+    let first = Sidecar::start(env.clone());
+    let second = Sidecar::start(env);
+    for sidecar in [&first, &second] {
+        sidecar
+            .wait_metric("subtocall_groups", |n| n == 2.0, WAIT)
+            .await;
+    }
+    // One subscription per instance for both groups.
+    wait_subscribers(&second, &router, &topic, 2).await;
+
+    Publisher::run(PublisherOptions {
+        rate: 400.0,
+        quiet: true,
+        ..PublisherOptions::new(&crossbar, &topic, 400)
+    })
+    .await
+    .assert_success();
+    let expected: BTreeSet<(String, u64)> = published(&[default_group, audit], 400);
+    all_delivered(&[&a, &b], &expected).await;
+    // Each group is its own stream, drained by both instances.
+    for procedure in [default_group, audit] {
+        wait_drained(&redis, &stream_key(GROUP, procedure)).await;
+    }
+    a.sync().await;
+    b.sync().await;
+    let all = deliveries(&[&a, &b]);
+    assert_eq!(
+        all.keys().cloned().collect::<BTreeSet<_>>(),
+        expected,
+        "both groups get every event"
+    );
+    assert_eq!(duplicates(&all), 0, "each group gets each event once");
+    let admitted = first.metric("subtocall_queue_admitted_total").await
+        + second.metric("subtocall_queue_admitted_total").await;
+    assert_eq!(admitted, 800.0, "admitted once per group");
+}
