@@ -75,6 +75,7 @@ pub fn run_once(
     binary: &Path,
     serializer: Serializer,
     redis: Option<&RedisServer>,
+    keys: Option<u64>,
 ) -> Result<CeilingRun> {
     let external = redis.map(|_| Arc::new(AtomicU64::new(0)));
     let peer = Peer::start(PeerConfig {
@@ -83,8 +84,12 @@ pub fn run_once(
         limit: None,
         external_completions: external.clone(),
         rate: None,
+        keys,
     })?;
     let mut env = sidecar_env(&peer, serializer);
+    if keys.is_some() {
+        env.insert("SUBTOCALL_ORDER_BY".into(), "kwarg:seq".into());
+    }
     let key = format!("queue:{}", crate::peer::PROCEDURE);
     if let Some(r) = redis {
         env.insert("USE_REDIS_MQ".into(), "1".into());
@@ -219,6 +224,7 @@ pub fn callgrind_total(
         limit: Some(events),
         external_completions: None,
         rate: None,
+        keys: None,
     })?;
     let out: PathBuf = ctx.work.join(format!(
         "callgrind.{}.{events}.{}",
@@ -275,6 +281,7 @@ pub fn paced_once(
         limit: None,
         external_completions: None,
         rate: Some(rate),
+        keys: None,
     })?;
     let mut sidecar = Sidecar::start(SidecarSpec {
         binary,

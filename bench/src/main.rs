@@ -95,7 +95,10 @@ Usage: subtocall-bench --subtocall PATH [options]   (normally run by scripts/ben
   --venv DIR            the Crossbar virtualenv (default: scripts/setup-crossbar.sh)
   --only LIST           comma-separated parts: ceiling,paced,callgrind,crossbar,redis,queue
                         (queue: the Redis queue beside the memory queue, against the
-                        loopback peer and at the moderate rate through Crossbar)
+                        loopback peer and at the moderate rate through Crossbar);
+                        also `ordering`, only when named: the ceiling with
+                        SUBTOCALL_ORDER_BY and 1, 100 and 10,000 keys, printed
+                        to the log, not written to the report
   --repeats N           runs per figure (default 5)
   --latency-repeats N   runs per path at the moderate rate (default 3)
   --rate N              the moderate rate through Crossbar, events/s (default 500)
@@ -215,7 +218,7 @@ fn run() -> Result<()> {
         for i in 0..ctx.repeats {
             for ser in [Serializer::MsgPack, Serializer::Json] {
                 for (build, binary) in ctx.builds(i) {
-                    let r = ceiling::run_once(&ctx, binary, ser, None)?;
+                    let r = ceiling::run_once(&ctx, binary, ser, None, None)?;
                     log(&format!(
                         "  {:>8} {:>7} #{}: {:>7.0} ev/s, subtocall {:.2} us/ev, peer {:.2} us/ev, RSS idle {} kB peak {} kB",
                         build.label(),
@@ -229,6 +232,26 @@ fn run() -> Result<()> {
                     ));
                     results.runs_mut(build).ceiling_mut(ser).push(r);
                 }
+            }
+        }
+    }
+    if only
+        .as_deref()
+        .is_some_and(|o| o.split(',').any(|x| x == "ordering"))
+    {
+        // Not yet part of the generated report: printed for doc/benchmarks.md.
+        log("part 5: per-key ordering (SUBTOCALL_ORDER_BY=kwarg:seq) against the loopback peer");
+        for i in 0..ctx.repeats {
+            for keys in [None, Some(1), Some(100), Some(10_000)] {
+                let r = ceiling::run_once(&ctx, &ctx.subtocall, Serializer::MsgPack, None, keys)?;
+                log(&format!(
+                    "  keys {:>6} #{}: {:>7.0} ev/s, subtocall {:.2} us/ev, peak RSS {} kB",
+                    keys.map_or("none".to_owned(), |k| k.to_string()),
+                    i + 1,
+                    r.events_per_s,
+                    r.sidecar_cpu_ns / 1e3,
+                    r.peak_rss_kb
+                ));
             }
         }
     }
@@ -303,7 +326,13 @@ fn run() -> Result<()> {
         log("part 3: Redis mode");
         let server = procs::RedisServer::start(&ctx.work)?;
         for i in 0..ctx.repeats {
-            let r = ceiling::run_once(&ctx, &ctx.subtocall, Serializer::MsgPack, Some(&server))?;
+            let r = ceiling::run_once(
+                &ctx,
+                &ctx.subtocall,
+                Serializer::MsgPack,
+                Some(&server),
+                None,
+            )?;
             log(&format!(
                 "  subtocall #{}: {:>7.0} ev/s, subtocall {:.2} us/ev, redis-server {:.2} us/ev",
                 i + 1,

@@ -52,8 +52,17 @@ const OUT_HIGH_WATER: usize = 256 * 1024;
 /// racing through the ids while the other falls behind.
 pub const LOCKSTEP: u64 = 256;
 
+/// With [`PeerConfig::keys`], kwargs `seq` runs from here (16 digits, so
+/// that the JSON template is patched in place like the publication id).
+const FIRST_KEY: u64 = 1 << 53;
+
 /// What an EVENT carries: a small, realistic status update.
 pub fn event_payload() -> Payload {
+    payload_with_seq(7)
+}
+
+/// [`event_payload`] with kwargs `seq` set to `seq`.
+fn payload_with_seq(seq: u64) -> Payload {
     Payload::new(
         vec![
             "status".into(),
@@ -66,7 +75,7 @@ pub fn event_payload() -> Payload {
                     .with("tags", vec![Value::from("a"), Value::from("b")]),
             ),
         ],
-        Dict::new().with("source", "bench").with("seq", 7u64),
+        Dict::new().with("source", "bench").with("seq", seq),
     )
 }
 
@@ -82,6 +91,9 @@ pub struct PeerConfig {
     pub external_completions: Option<Arc<AtomicU64>>,
     /// Send at this many events per second instead of as fast as possible.
     pub rate: Option<f64>,
+    /// Give event i the kwarg `seq` = FIRST_KEY + i % N: N ordering keys
+    /// (`SUBTOCALL_ORDER_BY=kwarg:seq`).
+    pub keys: Option<u64>,
 }
 
 /// Counters shared with the harness.
@@ -237,6 +249,8 @@ struct Conn {
     closing: bool,
     /// The whole EVENT frame, publication id included.
     event_frame: Vec<u8>,
+    /// Where the ordering key's bytes start in `event_frame`, with keys.
+    key_at: Option<usize>,
     /// Where the publication id's bytes start in `event_frame`.
     id_at: usize,
     expected_payload: Payload,
@@ -252,6 +266,10 @@ impl Conn {
         stats: Arc<PeerStats>,
         group: Arc<[Arc<PeerStats>]>,
     ) -> Conn {
+        let expected_payload = match config.keys {
+            Some(_) => payload_with_seq(FIRST_KEY),
+            None => event_payload(),
+        };
         Conn {
             stream,
             serializer: config.serializer,
@@ -264,8 +282,9 @@ impl Conn {
             pumping: false,
             closing: false,
             event_frame: Vec::new(),
+            key_at: None,
             id_at: 0,
-            expected_payload: event_payload(),
+            expected_payload,
             next_subscription: 1000,
             started: None,
         }
@@ -346,9 +365,28 @@ impl Conn {
             subscription: SubscriptionId(EVENT_SUBSCRIPTION),
             publication: PublicationId(FIRST_PUBLICATION),
             details: Dict::new(),
-            payload: event_payload(),
+            payload: match self.config.keys {
+                Some(_) => payload_with_seq(FIRST_KEY),
+                None => event_payload(),
+            },
         });
         let body = self.serializer.encode(&event)?;
+        let slot_of = |value: u64| -> Result<usize> {
+            let marker: Vec<u8> = match self.serializer {
+                Serializer::MsgPack => {
+                    let mut m = vec![0xcf];
+                    m.extend_from_slice(&value.to_be_bytes());
+                    m
+                }
+                Serializer::Json => value.to_string().into_bytes(),
+            };
+            let at = find(&body, &marker).ok_or_else(|| anyhow!("{value} not in template"))?;
+            Ok(at + usize::from(self.serializer == Serializer::MsgPack))
+        };
+        let key_at = match self.config.keys {
+            Some(_) => Some(slot_of(FIRST_KEY)?),
+            None => None,
+        };
         let marker: Vec<u8> = match self.serializer {
             Serializer::MsgPack => {
                 let mut m = vec![0xcf];
@@ -362,6 +400,7 @@ impl Conn {
         frame_header(&mut frame, self.serializer, body.len());
         let skip = usize::from(self.serializer == Serializer::MsgPack);
         self.id_at = frame.len() + at + skip;
+        self.key_at = key_at.map(|k| frame.len() + k);
         frame.extend_from_slice(&body);
         self.event_frame = frame;
         Ok(())
@@ -405,6 +444,14 @@ impl Conn {
             match self.serializer {
                 Serializer::MsgPack => slot[..8].copy_from_slice(&id.to_be_bytes()),
                 Serializer::Json => write_digits16(&mut slot[..16], id),
+            }
+            if let (Some(at), Some(keys)) = (self.key_at, self.config.keys) {
+                let key = FIRST_KEY + sent % keys.max(1);
+                let slot = &mut self.out[base + at..];
+                match self.serializer {
+                    Serializer::MsgPack => slot[..8].copy_from_slice(&key.to_be_bytes()),
+                    Serializer::Json => write_digits16(&mut slot[..16], key),
+                }
             }
             sent += 1;
         }

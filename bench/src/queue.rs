@@ -91,6 +91,7 @@ pub fn run_once(
             limit: None,
             external_completions: None,
             rate: None,
+            keys: None,
         },
         instances,
     )?;
