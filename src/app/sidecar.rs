@@ -32,7 +32,8 @@ use crate::wamp::connection::Refused;
 use crate::wamp::id::IdHashing;
 use crate::wamp::session::{Output as SessionOutput, Session, Success};
 use crate::wamp::{
-    Dict, Payload, PublicationId, RegistrationId, RequestError, SubscriptionId, Value,
+    Dict, Event, Payload, PublicationId, RawEvent, RegistrationId, RequestError, SubscriptionId,
+    Value,
 };
 
 /// The forwarding core as the sidecar uses it.
@@ -237,38 +238,14 @@ impl Sidecar {
                         }
                     }
                 } else {
-                    let mut procedures = std::mem::take(&mut self.procedures);
-                    let (subscription, publication) = (event.subscription, event.publication);
-                    if let Some(topic) =
-                        self.route(subscription, publication, &event.details, &mut procedures)
-                    {
-                        let received = SystemTime::now();
-                        let each = procedures.drain(..).map(|(p, _)| p);
-                        for_each_group((event, topic), each, |procedure, (event, topic)| {
-                            let shared = SharedEvent::from_raw(procedure, topic, event, received);
-                            self.accept(shared, now);
-                        });
-                    }
-                    self.procedures = procedures;
+                    self.on_event(event, now);
                 }
             }
             SessionOutput::Event(event) => {
                 if let Some(&topic) = self.meta.get(&event.subscription) {
                     self.on_meta_event(topic, &event.payload.args, now);
                 } else {
-                    let mut procedures = std::mem::take(&mut self.procedures);
-                    let (subscription, publication) = (event.subscription, event.publication);
-                    if let Some(topic) =
-                        self.route(subscription, publication, &event.details, &mut procedures)
-                    {
-                        let received = SystemTime::now();
-                        let each = procedures.drain(..).map(|(p, _)| p);
-                        for_each_group((event, topic), each, |procedure, (event, topic)| {
-                            let shared = SharedEvent::new(procedure, topic, event, received);
-                            self.accept(shared, now);
-                        });
-                    }
-                    self.procedures = procedures;
+                    self.on_event(event, now);
                 }
             }
             SessionOutput::Revoked { kind, details } => {
@@ -446,6 +423,22 @@ impl Sidecar {
             first
         });
         (!procedures.is_empty()).then(|| topic.to_owned())
+    }
+
+    /// An EVENT on one of our forwarding subscriptions: accepted once for
+    /// each group that reads its topic.
+    fn on_event<E: EventIn>(&mut self, event: E, now: Instant) {
+        let mut procedures = std::mem::take(&mut self.procedures);
+        let (subscription, publication, details) = event.head();
+        if let Some(topic) = self.route(subscription, publication, details, &mut procedures) {
+            let received = SystemTime::now();
+            let each = procedures.drain(..).map(|(p, _)| p);
+            for_each_group((event, topic), each, |procedure, (event, topic)| {
+                let shared = event.into_shared(procedure, topic, received);
+                self.accept(shared, now);
+            });
+        }
+        self.procedures = procedures;
     }
 
     fn accept(&mut self, mut event: SharedEvent, now: Instant) {
@@ -1079,6 +1072,33 @@ fn log_note(note: &Note) {
         discovery::Level::Debug => tracing::debug!("{note}"),
         discovery::Level::Info => tracing::info!("{note}"),
         discovery::Level::Warn => tracing::warn!("{note}"),
+    }
+}
+
+/// An EVENT as it comes from the session: raw (the usual pass-through) or
+/// decoded.
+trait EventIn: Clone {
+    fn head(&self) -> (SubscriptionId, PublicationId, &Dict);
+    fn into_shared(self, procedure: String, topic: String, received: SystemTime) -> SharedEvent;
+}
+
+impl EventIn for RawEvent {
+    fn head(&self) -> (SubscriptionId, PublicationId, &Dict) {
+        (self.subscription, self.publication, &self.details)
+    }
+
+    fn into_shared(self, procedure: String, topic: String, received: SystemTime) -> SharedEvent {
+        SharedEvent::from_raw(procedure, topic, self, received)
+    }
+}
+
+impl EventIn for Event {
+    fn head(&self) -> (SubscriptionId, PublicationId, &Dict) {
+        (self.subscription, self.publication, &self.details)
+    }
+
+    fn into_shared(self, procedure: String, topic: String, received: SystemTime) -> SharedEvent {
+        SharedEvent::new(procedure, topic, self, received)
     }
 }
 
