@@ -387,19 +387,10 @@ impl Conn {
             Some(_) => Some(slot_of(FIRST_KEY)?),
             None => None,
         };
-        let marker: Vec<u8> = match self.serializer {
-            Serializer::MsgPack => {
-                let mut m = vec![0xcf];
-                m.extend_from_slice(&FIRST_PUBLICATION.to_be_bytes());
-                m
-            }
-            Serializer::Json => FIRST_PUBLICATION.to_string().into_bytes(),
-        };
-        let at = find(&body, &marker).ok_or_else(|| anyhow!("publication id not in template"))?;
+        let id_at = slot_of(FIRST_PUBLICATION)?;
         let mut frame = Vec::new();
         frame_header(&mut frame, self.serializer, body.len());
-        let skip = usize::from(self.serializer == Serializer::MsgPack);
-        self.id_at = frame.len() + at + skip;
+        self.id_at = frame.len() + id_at;
         self.key_at = key_at.map(|k| frame.len() + k);
         frame.extend_from_slice(&body);
         self.event_frame = frame;
@@ -440,18 +431,10 @@ impl Conn {
             let base = self.out.len();
             self.out.extend_from_slice(&self.event_frame);
             let id = FIRST_PUBLICATION + sent;
-            let slot = &mut self.out[base + self.id_at..];
-            match self.serializer {
-                Serializer::MsgPack => slot[..8].copy_from_slice(&id.to_be_bytes()),
-                Serializer::Json => write_digits16(&mut slot[..16], id),
-            }
+            write_slot(self.serializer, &mut self.out[base + self.id_at..], id);
             if let (Some(at), Some(keys)) = (self.key_at, self.config.keys) {
                 let key = FIRST_KEY + sent % keys.max(1);
-                let slot = &mut self.out[base + at..];
-                match self.serializer {
-                    Serializer::MsgPack => slot[..8].copy_from_slice(&key.to_be_bytes()),
-                    Serializer::Json => write_digits16(&mut slot[..16], key),
-                }
+                write_slot(self.serializer, &mut self.out[base + at..], key);
             }
             sent += 1;
         }
@@ -772,6 +755,15 @@ fn frame_header(out: &mut Vec<u8>, serializer: Serializer, len: usize) {
 }
 
 /// Writes `v` (which has exactly 16 digits) as ASCII into `slot`.
+/// Writes `v` over a template's number at the start of `slot`: 8 bytes of a
+/// MessagePack `uint64`, or 16 JSON digits.
+fn write_slot(serializer: Serializer, slot: &mut [u8], v: u64) {
+    match serializer {
+        Serializer::MsgPack => slot[..8].copy_from_slice(&v.to_be_bytes()),
+        Serializer::Json => write_digits16(&mut slot[..16], v),
+    }
+}
+
 fn write_digits16(slot: &mut [u8], mut v: u64) {
     for b in slot.iter_mut().rev() {
         *b = b'0' + (v % 10) as u8;
