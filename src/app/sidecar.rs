@@ -452,35 +452,27 @@ impl Sidecar {
     /// value hashed together), or `None` to go unordered.
     fn order_key(&self, event: &SharedEvent) -> Option<u64> {
         use std::hash::{Hash, Hasher};
-        if self.order_by == OrderBy::None {
-            return None;
-        }
         let mut h = std::hash::DefaultHasher::new();
-        event.procedure.hash(&mut h);
-        let found = match &self.order_by {
+        match &self.order_by {
             OrderBy::None => return None,
-            OrderBy::Topic => {
-                event.topic.hash(&mut h);
-                true
+            OrderBy::Topic => event.topic.hash(&mut h),
+            OrderBy::Kwarg(_) | OrderBy::Arg(_) => {
+                let payload = event.payload.decoded().ok();
+                let value = payload.as_deref().and_then(|p| match &self.order_by {
+                    OrderBy::Kwarg(name) => p.kwargs.get(name),
+                    OrderBy::Arg(n) => p.args.get(*n),
+                    OrderBy::None | OrderBy::Topic => None,
+                });
+                let Some(value) = value else {
+                    self.metrics.events_unordered.inc();
+                    tracing::debug!(procedure = %event.procedure, publication = %event.publication, "event without its ordering key; delivered unordered");
+                    return None;
+                };
+                hash_key(value, &mut h);
             }
-            OrderBy::Kwarg(name) => event
-                .payload
-                .decoded()
-                .ok()
-                .is_some_and(|p| p.kwargs.get(name).map(|v| hash_key(v, &mut h)).is_some()),
-            OrderBy::Arg(n) => event
-                .payload
-                .decoded()
-                .ok()
-                .is_some_and(|p| p.args.get(*n).map(|v| hash_key(v, &mut h)).is_some()),
-        };
-        if found {
-            Some(h.finish())
-        } else {
-            self.metrics.events_unordered.inc();
-            tracing::debug!(procedure = %event.procedure, publication = %event.publication, "event without its ordering key; delivered unordered");
-            None
         }
+        event.procedure.hash(&mut h);
+        Some(h.finish())
     }
 
     /// An EVENT over SUBTOCALL_MAX_MESSAGE_SIZE that the connection did not

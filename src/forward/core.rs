@@ -368,11 +368,11 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
             let room = (self.settings.max_in_flight - self.in_flight_events).min(batch_max);
             let mut jobs = Vec::with_capacity(room);
             while jobs.len() < room {
-                let next = match self.released.pop_front() {
-                    Some(job) => Some(job),
-                    None => self.queue.take_ready(now),
-                };
-                match next {
+                match self
+                    .released
+                    .pop_front()
+                    .or_else(|| self.queue.take_ready(now))
+                {
                     Some(job) => {
                         if let Some(mut job) = self.in_order(job) {
                             job.attempts += 1;
@@ -533,11 +533,15 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
     /// The deadline passed: everything waiting or in flight is given up.
     fn stop(&mut self) {
         self.state = State::Stopped;
-        let lines: Vec<Job<T>> = self.released.drain(..).collect();
+        let released: Vec<Job<T>> = self.released.drain(..).collect();
         let mut waiting: Vec<_> = self.lines.drain().flat_map(|(_, l)| l.waiting).collect();
         self.in_lines = 0;
         waiting.sort_by_key(|j| j.seq);
-        for job in lines.into_iter().chain(waiting).chain(self.queue.drain()) {
+        for job in released
+            .into_iter()
+            .chain(waiting)
+            .chain(self.queue.drain())
+        {
             self.give_up(job, GiveUp::Shutdown);
         }
         let mut in_flight: Vec<_> = self.in_flight.drain().collect();
