@@ -218,18 +218,9 @@ impl ConnectionLike for Conn {
 /// A stream entry id `<ms>-<seq>` as its two numbers; the first is when
 /// the entry was added, in milliseconds since the Unix epoch.
 pub fn entry_id_numbers(id: &str) -> Option<(u64, u64)> {
-    // By hand: this runs twice per event delivered.
-    fn digits(text: &[u8]) -> Option<u64> {
-        if text.is_empty() {
-            return None;
-        }
-        text.iter().try_fold(0u64, |n, &d| {
-            d.is_ascii_digit()
-                .then(|| n.checked_mul(10)?.checked_add(u64::from(d - b'0')))?
-        })
-    }
+    // By hand (`resp::digits`): this runs twice per event delivered.
     let (ms, seq) = id.split_once('-')?;
-    Some((digits(ms.as_bytes())?, digits(seq.as_bytes())?))
+    Some((resp::digits(ms.as_bytes())?, resp::digits(seq.as_bytes())?))
 }
 
 /// Text of a Redis bulk or simple string value.

@@ -478,31 +478,30 @@ fn line(buf: &[u8], from: usize) -> Option<usize> {
 
 /// A decimal integer, as RESP writes lengths and integers.
 fn number(text: &[u8]) -> Result<i64, Error> {
-    let bad = Error::Protocol("a length or integer is not a number");
-    let (negative, digits) = match text {
+    let (negative, text) = match text {
         [b'-', rest @ ..] => (true, rest),
         _ => (false, text),
     };
-    if digits.is_empty() {
-        return Err(bad);
+    let magnitude = digits(text);
+    let n = match magnitude {
+        Some(m) if negative => 0i64.checked_sub_unsigned(m),
+        Some(m) => i64::try_from(m).ok(),
+        None => None,
+    };
+    n.ok_or(Error::Protocol(
+        "a length or integer is not a number in range",
+    ))
+}
+
+/// An unsigned decimal number: digits only, at least one, within `u64`.
+pub fn digits(text: &[u8]) -> Option<u64> {
+    if text.is_empty() {
+        return None;
     }
-    let mut n: i64 = 0;
-    for &d in digits {
-        if !d.is_ascii_digit() {
-            return Err(bad);
-        }
-        // Accumulated negatively so that i64::MIN fits.
-        n = n
-            .checked_mul(10)
-            .and_then(|n| n.checked_sub(i64::from(d - b'0')))
-            .ok_or(Error::Protocol("an integer out of range"))?;
-    }
-    if negative {
-        Ok(n)
-    } else {
-        n.checked_neg()
-            .ok_or(Error::Protocol("an integer out of range"))
-    }
+    text.iter().try_fold(0u64, |n, &d| {
+        d.is_ascii_digit()
+            .then(|| n.checked_mul(10)?.checked_add(u64::from(d - b'0')))?
+    })
 }
 
 fn length(n: i64) -> Result<usize, Error> {
