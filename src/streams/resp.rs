@@ -11,6 +11,7 @@
 //! connects to the master of its stream's slot and follows `MOVED`.
 
 use std::fmt;
+use std::ops::Range;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -277,7 +278,7 @@ impl RawConn {
     /// be dropped (a late reply would answer the next command).
     pub async fn command(&mut self, args: &[&[u8]], timeout: Duration) -> Result<Reply, Error> {
         let frame = self.frame(args, timeout).await?;
-        Ok(build(&frame, &mut 0))
+        Ok(Cursor::new(&frame).reply())
     }
 
     /// Like [`RawConn::command`], but the reply stays as it came, to be
@@ -291,7 +292,7 @@ impl RawConn {
                 if let Some(len) = scan(&self.input, &mut 0, 0)? {
                     let frame = self.input.split_to(len).freeze();
                     if frame.first() == Some(&b'-') {
-                        let Reply::Error(message) = build(&frame, &mut 0) else {
+                        let Reply::Error(message) = Cursor::new(&frame).reply() else {
                             unreachable!("an error reply")
                         };
                         return Err(Error::Server(message));
@@ -375,31 +376,6 @@ fn scan(buf: &[u8], pos: &mut usize, depth: usize) -> Result<Option<usize>, Erro
     Ok(Some(*pos))
 }
 
-/// The reply at `pos` of a frame [`scan`] found complete.
-fn build(frame: &Bytes, pos: &mut usize) -> Reply {
-    let kind = frame[*pos];
-    let line = line(frame, *pos + 1).expect("scanned");
-    let header = frame.slice(*pos + 1..line);
-    *pos = line + 2;
-    match kind {
-        b'+' => return Reply::Status(header),
-        b'-' => return Reply::Error(String::from_utf8_lossy(&header).into_owned()),
-        _ => {}
-    }
-    let n = number(&header).expect("scanned");
-    match kind {
-        b':' => Reply::Int(n),
-        _ if n < 0 => Reply::Nil,
-        b'$' => {
-            let end = *pos + n as usize;
-            let bulk = frame.slice(*pos..end);
-            *pos = end + 2;
-            Reply::Bulk(bulk)
-        }
-        _ => Reply::Array((0..n).map(|_| build(frame, pos)).collect()),
-    }
-}
-
 /// A walk through a complete reply (as [`RawConn::frame`] gives it), one
 /// element at a time. Each step says what it expected; `None` is a nil or
 /// an element of another type (skipped over either way).
@@ -413,23 +389,42 @@ impl<'a> Cursor<'a> {
         Cursor { frame, pos: 0 }
     }
 
-    /// The header of the next element: its type and number.
-    fn header(&mut self) -> Option<(u8, i64)> {
+    /// The header of the next element: its type, its number (0 for a
+    /// simple string or an error) and where its line is.
+    fn header(&mut self) -> Option<(u8, i64, Range<usize>)> {
         let kind = *self.frame.get(self.pos)?;
-        let end = line(self.frame, self.pos + 1)?;
+        let text = self.pos + 1..line(self.frame, self.pos + 1)?;
         let n = match kind {
-            b'$' | b'*' | b':' => number(&self.frame[self.pos + 1..end]).ok()?,
+            b'$' | b'*' | b':' => number(&self.frame[text.clone()]).ok()?,
             _ => 0,
         };
-        self.pos = end + 2;
-        Some((kind, n))
+        self.pos = text.end + 2;
+        Some((kind, n, text))
+    }
+
+    /// The next element, whole (a nil past the end).
+    pub fn reply(&mut self) -> Reply {
+        let start = self.pos;
+        match self.header() {
+            Some((b'+', _, text)) => Reply::Status(self.frame.slice(text)),
+            Some((b'-', _, text)) => {
+                Reply::Error(String::from_utf8_lossy(&self.frame[text]).into_owned())
+            }
+            Some((b':', n, _)) => Reply::Int(n),
+            Some((b'*', n, _)) if n >= 0 => Reply::Array((0..n).map(|_| self.reply()).collect()),
+            Some((b'$', n, _)) if n >= 0 => {
+                self.pos = start;
+                self.bulk().map_or(Reply::Nil, Reply::Bulk)
+            }
+            _ => Reply::Nil,
+        }
     }
 
     /// The length of an array, whose elements follow.
     pub fn array(&mut self) -> Option<usize> {
         let start = self.pos;
         match self.header()? {
-            (b'*', n) if n >= 0 => Some(n as usize),
+            (b'*', n, _) if n >= 0 => Some(n as usize),
             _ => {
                 self.pos = start;
                 self.skip();
@@ -442,7 +437,7 @@ impl<'a> Cursor<'a> {
     pub fn bulk(&mut self) -> Option<Bytes> {
         let start = self.pos;
         match self.header()? {
-            (b'$', n) if n >= 0 => {
+            (b'$', n, _) if n >= 0 => {
                 let at = self.pos;
                 self.pos += n as usize + 2;
                 Some(self.frame.slice(at..at + n as usize))
@@ -458,8 +453,8 @@ impl<'a> Cursor<'a> {
     /// Steps over the next element, whatever it is.
     pub fn skip(&mut self) {
         match self.header() {
-            Some((b'$', n)) if n >= 0 => self.pos += n as usize + 2,
-            Some((b'*', n)) => {
+            Some((b'$', n, _)) if n >= 0 => self.pos += n as usize + 2,
+            Some((b'*', n, _)) => {
                 for _ in 0..n.max(0) {
                     self.skip();
                 }
@@ -571,7 +566,7 @@ mod tests {
     fn parse_all(buf: &[u8]) -> Result<Option<(Reply, usize)>, Error> {
         Ok(scan(buf, &mut 0, 0)?.map(|len| {
             let frame = Bytes::copy_from_slice(&buf[..len]);
-            (build(&frame, &mut 0), len)
+            (Cursor::new(&frame).reply(), len)
         }))
     }
 
