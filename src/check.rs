@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use crate::app::client_config;
 use crate::config::{Config, Mode, QueueKind, RedisUrl};
+use crate::discovery::GroupName;
 use crate::discovery::meta::{self, RegistrationInfo};
 use crate::discovery::topic::{Classification, Mapper, MatchPolicy};
-use crate::discovery::{GroupName, Marker};
 use crate::wamp::{Client, Dict, Payload, RegistrationId, RequestError, Value};
 
 /// How long Redis gets to answer PING and INFO.
@@ -222,9 +222,7 @@ async fn check_registrations(
     registrations: &[RegistrationInfo],
     report: &mut Report,
 ) {
-    let marker = Marker::new(config.discovery.marker.clone())
-        .and_then(|m| m.with_separator(config.discovery.group_separator.clone()));
-    let marker = match marker {
+    let marker = match config.discovery.marker() {
         Ok(m) => m,
         Err(e) => {
             report.fail(format!("marker: {e}"));

@@ -33,7 +33,7 @@ use self::queue_stage::QueueStage;
 use self::sidecar::PendingReport;
 pub use self::sidecar::{Core, Sidecar, Token};
 use crate::config::{self, Config};
-use crate::discovery::{Discovery, Marker};
+use crate::discovery::Discovery;
 use crate::forward::retry::{Backoff, RetryPolicy};
 use crate::forward::{Dispatch, Forwarder, GiveUp, MemoryQueue, OverflowPolicy, Settings};
 use crate::metrics::Metrics;
@@ -175,8 +175,9 @@ struct StreamTasks {
 
 impl App {
     fn new(config: &Config, metrics: Arc<Metrics>) -> Result<App, Fatal> {
-        let marker = Marker::new(config.discovery.marker.clone())
-            .and_then(|m| m.with_separator(config.discovery.group_separator.clone()))
+        let marker = config
+            .discovery
+            .marker()
             .map_err(|e| Fatal::Setup(e.to_string()))?;
         let discovery = Discovery::new(
             marker,

@@ -101,6 +101,14 @@ pub struct DiscoveryConfig {
     pub grace_period: Duration,
 }
 
+impl DiscoveryConfig {
+    /// The marker with its group separator, as discovery and `check` use it.
+    pub fn marker(&self) -> Result<crate::discovery::Marker, crate::discovery::MarkerError> {
+        crate::discovery::Marker::new(self.marker.clone())
+            .and_then(|m| m.with_separator(self.group_separator.clone()))
+    }
+}
+
 /// Where events go and how hard subtocall tries.
 #[derive(Debug, Clone)]
 pub struct ForwardConfig {
