@@ -222,6 +222,7 @@ impl App {
                     max: f.retry.max_backoff,
                 },
             },
+            batching: f.batching,
         };
         let now = std::time::Instant::now();
         let (core, sink, queue, streams) = match config.queue.kind {

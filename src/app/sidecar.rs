@@ -20,10 +20,10 @@ use super::queue_stage::QueueStage;
 use crate::config::OrderBy;
 use crate::discovery::meta;
 use crate::discovery::topic::MatchPolicy;
-use crate::discovery::{self, Action, Discovery, GetOutcome, Note, TopicKey};
+use crate::discovery::{self, Action, Destination, Discovery, GetOutcome, Note, TopicKey};
 use crate::forward::dedup::{DEFAULT_CAPACITY, Dedup};
 use crate::forward::envelope::SharedEvent;
-use crate::forward::{DeliveryId, Forwarder, GiveUp, Job, MemoryQueue, Output};
+use crate::forward::{Batched, DeliveryId, Forwarder, GiveUp, Job, MemoryQueue, Output};
 use crate::metrics::Metrics;
 use crate::sink::{Report, Sink, Started};
 use crate::streams::commit::{Commit, DeadFrom};
@@ -92,9 +92,8 @@ pub struct Sidecar {
     order_by: OrderBy,
     /// The core's count of keys released by a dead letter, as last seen.
     keys_released_seen: u64,
-    /// Where an EVENT's procedures (one per group, with the group's
-    /// de-duplication mix) are gathered; reused.
-    procedures: Vec<(String, u64)>,
+    /// Where an EVENT's destinations (one per group) are gathered; reused.
+    procedures: Vec<Destination>,
 }
 
 impl Sidecar {
@@ -382,7 +381,7 @@ impl Sidecar {
         subscription: SubscriptionId,
         publication: PublicationId,
         details: &Dict,
-        procedures: &mut Vec<(String, u64)>,
+        procedures: &mut Vec<Destination>,
     ) -> Option<String> {
         // One event received per group reading the topic (at least one),
         // so that every one received is accounted for once.
@@ -413,10 +412,10 @@ impl Sidecar {
         // An event matching several of our subscriptions is forwarded once
         // to each group.
         let (dedup, metrics) = (&mut self.dedup, &self.metrics);
-        procedures.retain(|(procedure, group)| {
-            let first = dedup.first_time_for(publication, *group);
+        procedures.retain(|d| {
+            let first = dedup.first_time_for(publication, d.mix);
             if first {
-                tracing::debug!(%procedure, %publication, "event accepted");
+                tracing::debug!(procedure = %d.procedure, %publication, "event accepted");
             } else {
                 metrics.events_duplicate.inc();
             }
@@ -432,47 +431,19 @@ impl Sidecar {
         let (subscription, publication, details) = event.head();
         if let Some(topic) = self.route(subscription, publication, details, &mut procedures) {
             let received = SystemTime::now();
-            let each = procedures.drain(..).map(|(p, _)| p);
-            for_each_group((event, topic), each, |procedure, (event, topic)| {
-                let shared = event.into_shared(procedure, topic, received);
-                self.accept(shared, now);
+            let each = procedures.drain(..);
+            for_each_group((event, topic), each, |d, (event, topic)| {
+                let shared = event.into_shared(d.procedure, topic, received);
+                self.accept(shared, d.batch, now);
             });
         }
         self.procedures = procedures;
     }
 
-    fn accept(&mut self, mut event: SharedEvent, now: Instant) {
+    fn accept(&mut self, mut event: SharedEvent, batch: bool, now: Instant) {
         event.outgoing = self.sink.prepare(&event);
-        let key = self.order_key(&event);
-        self.core
-            .accept_job(Job::new(event, now).with_key(key), now);
-    }
-
-    /// Per-key ordering: the event's key (its procedure's and the key's
-    /// value hashed together), or `None` to go unordered.
-    fn order_key(&self, event: &SharedEvent) -> Option<u64> {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::hash::DefaultHasher::new();
-        match &self.order_by {
-            OrderBy::None => return None,
-            OrderBy::Topic => event.topic.hash(&mut h),
-            OrderBy::Kwarg(_) | OrderBy::Arg(_) => {
-                let payload = event.payload.decoded().ok();
-                let value = payload.as_deref().and_then(|p| match &self.order_by {
-                    OrderBy::Kwarg(name) => p.kwargs.get(name),
-                    OrderBy::Arg(n) => p.args.get(*n),
-                    OrderBy::None | OrderBy::Topic => None,
-                });
-                let Some(value) = value else {
-                    self.metrics.events_unordered.inc();
-                    tracing::debug!(procedure = %event.procedure, publication = %event.publication, "event without its ordering key; delivered unordered");
-                    return None;
-                };
-                hash_key(value, &mut h);
-            }
-        }
-        event.procedure.hash(&mut h);
-        Some(h.finish())
+        let job = shaped(&self.order_by, &self.metrics, Job::new(event, now), batch);
+        self.core.accept_job(job, now);
     }
 
     /// An EVENT over SUBTOCALL_MAX_MESSAGE_SIZE that the connection did not
@@ -588,7 +559,9 @@ impl Sidecar {
         let event = crate::streams::entry::read(&entry.procedure, fields);
         match event {
             Ok(event) => {
+                let batch = self.discovery.marker().is_batch(&event.procedure);
                 let job = q.job(&entry, event, now);
+                let job = shaped(&self.order_by, &self.metrics, job, batch);
                 q.core.accept_job(job, now);
             }
             Err(why) => {
@@ -1094,13 +1067,64 @@ impl EventIn for Event {
     }
 }
 
+/// Per-key ordering: the event's key (its procedure's and the key's
+/// value hashed together), or `None` to go unordered.
+fn order_key(order_by: &OrderBy, metrics: &Metrics, event: &SharedEvent) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    match order_by {
+        OrderBy::None => return None,
+        OrderBy::Topic => event.topic.hash(&mut h),
+        OrderBy::Kwarg(_) | OrderBy::Arg(_) => {
+            let payload = event.payload.decoded().ok();
+            let value = payload.as_deref().and_then(|p| match order_by {
+                OrderBy::Kwarg(name) => p.kwargs.get(name),
+                OrderBy::Arg(n) => p.args.get(*n),
+                OrderBy::None | OrderBy::Topic => None,
+            });
+            let Some(value) = value else {
+                metrics.events_unordered.inc();
+                tracing::debug!(procedure = %event.procedure, publication = %event.publication, "event without its ordering key; delivered unordered");
+                return None;
+            };
+            hash_key(value, &mut h);
+        }
+    }
+    event.procedure.hash(&mut h);
+    Some(h.finish())
+}
+
+/// `job` with its ordering key and, for a batch procedure's event, its
+/// batch line (the procedure's) and size.
+fn shaped(
+    order_by: &OrderBy,
+    metrics: &Metrics,
+    job: Job<SharedEvent>,
+    batch: bool,
+) -> Job<SharedEvent> {
+    let key = order_key(order_by, metrics, &job.item);
+    let batch = batch.then(|| Batched {
+        line: line_of(&job.item.procedure),
+        bytes: job.item.batch_size(),
+    });
+    job.with_key(key).with_batch(batch)
+}
+
+/// A batch procedure's line in the forwarding core.
+fn line_of(procedure: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    procedure.hash(&mut h);
+    h.finish()
+}
+
 /// `event` for each of `procedures` (one per group): copies for all but the
 /// last, which takes the event itself, so that one group, the usual case,
 /// copies nothing.
-fn for_each_group<E: Clone>(
+fn for_each_group<E: Clone, D>(
     event: E,
-    mut procedures: impl DoubleEndedIterator<Item = String>,
-    mut f: impl FnMut(String, E),
+    mut procedures: impl DoubleEndedIterator<Item = D>,
+    mut f: impl FnMut(D, E),
 ) {
     let Some(last) = procedures.next_back() else {
         return;

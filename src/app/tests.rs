@@ -42,6 +42,7 @@ impl Rig {
                 max_age: 60 * S,
                 backoff: Backoff { initial: S, max: S },
             },
+            batching: Default::default(),
         };
         let core = Forwarder::new(MemoryQueue::new(), settings, 1);
         let sink = Box::new(WampSink {

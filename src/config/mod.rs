@@ -95,6 +95,10 @@ pub struct DiscoveryConfig {
     /// Before a consumer group's name at the end of the last URI component,
     /// `__` by default; never contains `.`.
     pub group_separator: String,
+    /// Prefix of the last URI component of a batch registration,
+    /// `SUBBATCH_` by default; never contains `.`, never a prefix of
+    /// `marker`.
+    pub batch_marker: String,
     /// A registration URI must match this to be served, when set.
     pub filter: Option<Regex>,
     /// How long a topic stays subscribed after its last callee left; may be 0.
@@ -106,6 +110,7 @@ impl DiscoveryConfig {
     pub fn marker(&self) -> Result<crate::discovery::Marker, crate::discovery::MarkerError> {
         crate::discovery::Marker::new(self.marker.clone())
             .and_then(|m| m.with_separator(self.group_separator.clone()))
+            .and_then(|m| m.with_batch_marker(self.batch_marker.clone()))
     }
 }
 
@@ -126,6 +131,8 @@ pub struct ForwardConfig {
     pub retry: RetryPolicy,
     /// Per-key ordering (`SUBTOCALL_ORDER_BY`).
     pub order_by: OrderBy,
+    /// How batch procedures' events are grouped into calls.
+    pub batching: crate::forward::Batching,
 }
 
 /// What makes events of one procedure one ordered line.
@@ -286,6 +293,11 @@ struct RawVars {
     subtocall_max_connect_failures: Option<String>,
     subtocall_marker: Option<String>,
     subtocall_group_separator: Option<String>,
+    subtocall_batch_marker: Option<String>,
+    subtocall_batch_max_events: Option<String>,
+    subtocall_batch_max_bytes: Option<String>,
+    subtocall_batch_in_flight: Option<String>,
+    subtocall_batch_linger: Option<String>,
     subtocall_registration_filter: Option<String>,
     subtocall_grace_period: Option<String>,
     subtocall_call_timeout: Option<String>,
@@ -338,6 +350,11 @@ impl RawVars {
             "SUBTOCALL_MAX_CONNECT_FAILURES" => &self.subtocall_max_connect_failures,
             "SUBTOCALL_MARKER" => &self.subtocall_marker,
             "SUBTOCALL_GROUP_SEPARATOR" => &self.subtocall_group_separator,
+            "SUBTOCALL_BATCH_MARKER" => &self.subtocall_batch_marker,
+            "SUBTOCALL_BATCH_MAX_EVENTS" => &self.subtocall_batch_max_events,
+            "SUBTOCALL_BATCH_MAX_BYTES" => &self.subtocall_batch_max_bytes,
+            "SUBTOCALL_BATCH_IN_FLIGHT" => &self.subtocall_batch_in_flight,
+            "SUBTOCALL_BATCH_LINGER" => &self.subtocall_batch_linger,
             "SUBTOCALL_REGISTRATION_FILTER" => &self.subtocall_registration_filter,
             "SUBTOCALL_GRACE_PERIOD" => &self.subtocall_grace_period,
             "SUBTOCALL_CALL_TIMEOUT" => &self.subtocall_call_timeout,
@@ -576,11 +593,21 @@ fn auth(r: &mut Reader) -> Checked<Auth> {
 fn discovery(r: &mut Reader) -> Checked<DiscoveryConfig> {
     let marker = r.required(&MARKER, parse::marker);
     let group_separator = r.required(&GROUP_SEPARATOR, parse::marker);
+    let batch_marker = r.required(&BATCH_MARKER, parse::marker);
+    let batch_marker = match (&marker, batch_marker) {
+        (Ok(m), Ok(b)) if m.starts_with(&b) => {
+            let why = format!("is {m:?}'s own start (SUBTOCALL_MARKER): the two must differ");
+            r.report(BATCH_MARKER.name, Some(&b), why);
+            Err(Reported)
+        }
+        (_, b) => b,
+    };
     let filter = r.optional(&REGISTRATION_FILTER, parse::regex);
     let grace_period = r.required(&GRACE_PERIOD, parse::duration);
     Ok(DiscoveryConfig {
         marker: marker?,
         group_separator: group_separator?,
+        batch_marker: batch_marker?,
         filter: filter?,
         grace_period: grace_period?,
     })
@@ -596,6 +623,10 @@ fn forward(r: &mut Reader) -> Checked<ForwardConfig> {
     let details_kwarg = r.optional(&DETAILS_KWARG, parse::non_empty);
     let order_by = r.required(&ORDER_BY, parse::order_by);
     let max_in_flight = r.required(&MAX_IN_FLIGHT, |text| parse::number_in(text, 1, 65_536));
+    let batch_max_events = r.required(&BATCH_MAX_EVENTS, |text| parse::number_in(text, 1, 100_000));
+    let batch_max_bytes = r.required(&BATCH_MAX_BYTES, parse::byte_size);
+    let batch_in_flight = r.required(&BATCH_IN_FLIGHT, |text| parse::number_in(text, 1, 1024));
+    let batch_linger = r.required(&BATCH_LINGER, parse::duration);
     let queue_capacity = r.required(&QUEUE_CAPACITY, |text| {
         parse::number_in(text, 1, 10_000_000)
     });
@@ -632,6 +663,12 @@ fn forward(r: &mut Reader) -> Checked<ForwardConfig> {
             max_backoff: max_backoff?,
         },
         order_by: order_by?,
+        batching: crate::forward::Batching {
+            max_events: batch_max_events?,
+            max_bytes: batch_max_bytes?,
+            in_flight: batch_in_flight?,
+            linger: batch_linger?,
+        },
     })
 }
 

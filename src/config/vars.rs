@@ -292,6 +292,21 @@ pub(crate) const GROUP_SEPARATOR: Var = Var {
     group: Group::Discovery,
 };
 
+pub(crate) const BATCH_MARKER: Var = Var {
+    name: "SUBTOCALL_BATCH_MARKER",
+    old_names: &[],
+    default: DefaultValue::Value("SUBBATCH_"),
+    accepts: "a prefix that is not empty and has no `.` and no spaces, other than \
+              SUBTOCALL_MARKER and not a prefix of it",
+    meaning: "A registration whose last URI component starts with this prefix is served in \
+              batches: `com.example.SUBBATCH_status` gets the events of `com.example.status` \
+              many to a call, each positional argument one event (a dict with `args`, \
+              `kwargs`, `topic` and `publication`). Groups apply as with SUBTOCALL_MARKER. \
+              With USE_REDIS_MQ, events are pushed one by one.",
+    secret: false,
+    group: Group::Discovery,
+};
+
 pub(crate) const REGISTRATION_FILTER: Var = Var {
     name: "SUBTOCALL_REGISTRATION_FILTER",
     old_names: &[],
@@ -358,6 +373,52 @@ pub(crate) const ORDER_BY: Var = Var {
               previous one's RESULT or dead letter. Different keys go in parallel up to \
               SUBTOCALL_MAX_IN_FLIGHT. An event without the key is delivered unordered and \
               counted. Not yet available with SUBTOCALL_QUEUE=redis.",
+    secret: false,
+    group: Group::Forwarding,
+};
+
+pub(crate) const BATCH_MAX_EVENTS: Var = Var {
+    name: "SUBTOCALL_BATCH_MAX_EVENTS",
+    old_names: &[],
+    default: DefaultValue::Value("100"),
+    accepts: "a whole number from 1 to 100000",
+    meaning: "The most events one batch call carries.",
+    secret: false,
+    group: Group::Forwarding,
+};
+
+pub(crate) const BATCH_MAX_BYTES: Var = Var {
+    name: "SUBTOCALL_BATCH_MAX_BYTES",
+    old_names: &[],
+    default: DefaultValue::Value("1MiB"),
+    accepts: "a size from 1KiB to 1GiB: a number of bytes, or a number with suffix KiB, MiB or GiB",
+    meaning: "The most payload bytes (the events' arguments, topics and ids as received) one \
+              batch call carries; an event larger than this goes alone. Keep it well below \
+              SUBTOCALL_MAX_CALL_SIZE: a batch call larger than that is dead-lettered whole.",
+    secret: false,
+    group: Group::Forwarding,
+};
+
+pub(crate) const BATCH_IN_FLIGHT: Var = Var {
+    name: "SUBTOCALL_BATCH_IN_FLIGHT",
+    old_names: &[],
+    default: DefaultValue::Value("2"),
+    accepts: "a whole number from 1 to 1024",
+    meaning: "Batch calls of one procedure in progress at once (outside \
+              SUBTOCALL_MAX_IN_FLIGHT). While they run, events gather; the next call takes \
+              what is waiting.",
+    secret: false,
+    group: Group::Forwarding,
+};
+
+pub(crate) const BATCH_LINGER: Var = Var {
+    name: "SUBTOCALL_BATCH_LINGER",
+    old_names: &[],
+    default: DefaultValue::Value("0"),
+    accepts: DURATION,
+    meaning: "How long a batch call that is not full waits for more events before it goes; \
+              0 sends what is waiting as soon as a call may start. A linger makes batches \
+              larger at low rates, at the cost of that much latency.",
     secret: false,
     group: Group::Forwarding,
 };
@@ -594,12 +655,17 @@ pub(crate) const VARS: &[&Var] = &[
     &MAX_CONNECT_FAILURES,
     &MARKER,
     &GROUP_SEPARATOR,
+    &BATCH_MARKER,
     &REGISTRATION_FILTER,
     &GRACE_PERIOD,
     &USE_REDIS_MQ,
     &CALL_TIMEOUT,
     &DETAILS_KWARG,
     &ORDER_BY,
+    &BATCH_MAX_EVENTS,
+    &BATCH_MAX_BYTES,
+    &BATCH_IN_FLIGHT,
+    &BATCH_LINGER,
     &MAX_IN_FLIGHT,
     &QUEUE_CAPACITY,
     &OVERFLOW,

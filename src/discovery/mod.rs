@@ -136,14 +136,16 @@ pub enum Note {
     Synced { registrations: usize },
 }
 
-/// A group as log lines name it: "default group" or "group audit".
+/// A group as log lines name it: "default group" or "group audit", and
+/// "default batch group" or "batch group audit".
 pub struct GroupName<'a>(pub &'a Group);
 
 impl fmt::Display for GroupName<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.0 {
-            None => f.write_str("default group"),
-            Some(g) => write!(f, "group {g}"),
+        let batch = if self.0.batch { "batch " } else { "" };
+        match &self.0.name {
+            None => write!(f, "default {batch}group"),
+            Some(g) => write!(f, "{batch}group {g}"),
         }
     }
 }
@@ -285,6 +287,17 @@ pub struct Route<'a> {
     pub procedures: Vec<String>,
     /// The event's concrete topic.
     pub topic: &'a str,
+}
+
+/// One group's share of an EVENT (see [`Discovery::route_into`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Destination {
+    /// The procedure to CALL (or the Redis list to push to).
+    pub procedure: String,
+    /// The group's [`group_mix`], for de-duplication per group.
+    pub mix: u64,
+    /// Whether the group is served in batches.
+    pub batch: bool,
 }
 
 /// Why an EVENT cannot be routed. Both mean: drop the event and count it.
@@ -722,19 +735,19 @@ impl Discovery {
         let mut procedures = Vec::new();
         let topic = self.route_into(subscription, details_topic, &mut procedures)?;
         Ok(Route {
-            procedures: procedures.into_iter().map(|(p, _)| p).collect(),
+            procedures: procedures.into_iter().map(|d| d.procedure).collect(),
             topic,
         })
     }
 
     /// [`Discovery::route`] without allocating a list per event: pushes the
-    /// procedures, each with its group's [`group_mix`], onto `procedures` (a
-    /// buffer the caller reuses) and returns the event's concrete topic.
+    /// groups' destinations onto `procedures` (a buffer the caller reuses)
+    /// and returns the event's concrete topic.
     pub fn route_into<'a>(
         &'a self,
         subscription: SubscriptionId,
         details_topic: Option<&'a str>,
-        procedures: &mut Vec<(String, u64)>,
+        procedures: &mut Vec<Destination>,
     ) -> Result<&'a str, RouteError> {
         let entry = self
             .routes
@@ -744,9 +757,13 @@ impl Discovery {
             return Ok(&entry.topic.topic);
         };
         if entry.topic.policy == MatchPolicy::Exact {
-            for m in groups.values() {
+            for (group, m) in groups {
                 if let Some(p) = &m.procedure {
-                    procedures.push((p.clone(), m.mix));
+                    procedures.push(Destination {
+                        procedure: p.clone(),
+                        mix: m.mix,
+                        batch: group.batch,
+                    });
                 }
             }
             return Ok(&entry.topic.topic);
@@ -757,7 +774,11 @@ impl Discovery {
         })?;
         let marker = self.mapper.marker();
         for (group, m) in groups {
-            procedures.push((marker.procedure_for(topic, group.as_deref()), m.mix));
+            procedures.push(Destination {
+                procedure: marker.procedure_for(topic, group),
+                mix: m.mix,
+                batch: group.batch,
+            });
         }
         Ok(topic)
     }
@@ -832,8 +853,8 @@ impl Discovery {
                 registrations: BTreeSet::new(),
                 grace_until: None,
                 procedure: (key.policy == MatchPolicy::Exact)
-                    .then(|| marker.procedure_for(&key.topic, group.as_deref())),
-                mix: group_mix(group.as_deref()),
+                    .then(|| marker.procedure_for(&key.topic, &group)),
+                mix: group_mix(group.name.as_deref(), group.batch),
             });
         members.registrations.insert(id);
         let resumed = members.grace_until.take().is_some();

@@ -126,7 +126,7 @@ fn sub_registration_created_subscribes_its_topic_and_is_noted() {
                 uri: "com.example.SUB_status".into(),
                 invoke: "roundrobin".into(),
                 topic: exact("com.example.status"),
-                group: None,
+                group: Group::default(),
             }),
             Output::Action(subscribe(exact("com.example.status"))),
         ]
@@ -442,7 +442,7 @@ fn topic_survives_when_registration_returns_within_grace() {
     assert_eq!(actions(&out), []);
     assert!(notes(&out).contains(&Note::GraceStarted {
         topic: exact("com.example.status"),
-        group: None,
+        group: Group::default(),
         grace: GRACE
     }));
     assert_eq!(d.next_deadline(), Some(t0 + GRACE));
@@ -453,7 +453,7 @@ fn topic_survives_when_registration_returns_within_grace() {
     assert_eq!(actions(&out), []);
     assert!(notes(&out).contains(&Note::TopicResumed {
         topic: exact("com.example.status"),
-        group: None,
+        group: Group::default(),
     }));
     assert_eq!(d.next_deadline(), None);
     assert_eq!(actions(&d.poll(t0 + GRACE * 5)), []);
@@ -789,7 +789,7 @@ fn groups_of_one_topic_share_one_subscription_and_each_get_every_event() {
         uri: "com.example.SUB_status__audit".into(),
         invoke: "roundrobin".into(),
         topic: exact("com.example.status"),
-        group: Some("audit".into()),
+        group: Group::named("audit"),
     }));
     let route = d.route(sub(100), None).unwrap();
     assert_eq!(
@@ -802,8 +802,8 @@ fn groups_of_one_topic_share_one_subscription_and_each_get_every_event() {
             .map(|(k, g)| (k.topic.clone(), g.clone()))
             .collect::<Vec<_>>(),
         [
-            ("com.example.status".to_owned(), None),
-            ("com.example.status".to_owned(), Some("audit".to_owned()))
+            ("com.example.status".to_owned(), Group::default()),
+            ("com.example.status".to_owned(), Group::named("audit"))
         ]
     );
 }
@@ -818,7 +818,7 @@ fn a_group_leaves_after_its_grace_without_touching_the_others() {
     let out = d.poll(t0);
     assert!(notes(&out).contains(&Note::GraceStarted {
         topic: exact("com.example.status"),
-        group: Some("audit".into()),
+        group: Group::named("audit"),
         grace: GRACE
     }));
     // In its grace period the group still gets events.
@@ -834,7 +834,7 @@ fn a_group_leaves_after_its_grace_without_touching_the_others() {
         notes(&out),
         [Note::GroupLeft {
             topic: exact("com.example.status"),
-            group: Some("audit".into())
+            group: Group::named("audit")
         }]
     );
     assert_eq!(
@@ -873,7 +873,7 @@ fn notes_read_as_log_lines() {
         uri: "a.SUB_b".into(),
         invoke: "roundrobin".into(),
         topic: exact("a.b"),
-        group: None,
+        group: Group::default(),
     };
     assert_eq!(
         n.to_string(),
@@ -1148,7 +1148,7 @@ mod churn {
                 .values()
                 .filter_map(|u| match mapper.classify(URIS[*u].0, URIS[*u].1) {
                     Classification::Shared(k, group) if &k == key => {
-                        Some(Marker::default().procedure_for(concrete, group.as_deref()))
+                        Some(Marker::default().procedure_for(concrete, &group))
                     }
                     _ => None,
                 })

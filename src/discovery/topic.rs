@@ -78,10 +78,37 @@ pub enum MarkerError {
     EmptySeparator,
     #[error("the group separator {0:?} must not contain '.'")]
     SeparatorContainsDot(String),
+    #[error("the batch marker {0:?} must not be empty, contain '.' or start the SUB_ marker")]
+    BadBatchMarker(String),
 }
 
-/// A consumer group: `None` is the default group (no suffix).
-pub type Group = Option<String>;
+/// A consumer group of a topic: its name (`None` is the default group, no
+/// suffix) and whether it is served in batches (its registrations carry the
+/// batch marker). `SUB_status` and `SUBBATCH_status` are two groups: each
+/// gets every event.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Group {
+    pub name: Option<String>,
+    pub batch: bool,
+}
+
+impl Group {
+    /// The group `name`, one call per event.
+    pub fn named(name: &str) -> Group {
+        Group {
+            name: Some(name.to_owned()),
+            batch: false,
+        }
+    }
+
+    /// The same group served in batches.
+    pub fn batched(self) -> Group {
+        Group {
+            batch: true,
+            ..self
+        }
+    }
+}
 
 /// The prefix that marks a registration's last URI component as a shared
 /// subscription, `SUB_` unless configured otherwise, and the separator of a
@@ -90,11 +117,14 @@ pub type Group = Option<String>;
 pub struct Marker {
     marker: String,
     separator: String,
+    /// The prefix of a batch registration's last component.
+    batch: String,
 }
 
 impl Marker {
     pub const DEFAULT: &'static str = "SUB_";
     pub const DEFAULT_SEPARATOR: &'static str = "__";
+    pub const DEFAULT_BATCH: &'static str = "SUBBATCH_";
 
     pub fn new(marker: impl Into<String>) -> Result<Marker, MarkerError> {
         let marker = marker.into();
@@ -106,6 +136,7 @@ impl Marker {
             Ok(Marker {
                 marker,
                 separator: Marker::DEFAULT_SEPARATOR.to_owned(),
+                batch: Marker::DEFAULT_BATCH.to_owned(),
             })
         }
     }
@@ -122,8 +153,29 @@ impl Marker {
         }
     }
 
+    /// The same marker with another batch marker. It must not be a prefix
+    /// of the marker (`SUB_x` would read as a batch registration).
+    pub fn with_batch_marker(self, batch: impl Into<String>) -> Result<Marker, MarkerError> {
+        let batch = batch.into();
+        if batch.is_empty() || batch.contains('.') || self.marker.starts_with(&batch) {
+            Err(MarkerError::BadBatchMarker(batch))
+        } else {
+            Ok(Marker { batch, ..self })
+        }
+    }
+
     pub fn as_str(&self) -> &str {
         &self.marker
+    }
+
+    pub fn batch_marker(&self) -> &str {
+        &self.batch
+    }
+
+    /// Whether `procedure` is a batch registration's (its last component
+    /// starts with the batch marker), without parsing it whole.
+    pub fn is_batch(&self, procedure: &str) -> bool {
+        split_last(procedure).1.starts_with(self.batch.as_str())
     }
 
     pub fn separator(&self) -> &str {
@@ -147,16 +199,21 @@ impl Marker {
     /// The topic a registration URI stands for and the group it reads in.
     pub fn parse(&self, registration_uri: &str) -> Option<(String, Group)> {
         let (head, last) = split_last(registration_uri);
-        let rest = last.strip_prefix(self.marker.as_str())?;
+        // The batch marker first: the SUB_ marker may be a prefix of it.
+        let (rest, batch) = match last.strip_prefix(self.batch.as_str()) {
+            Some(rest) => (rest, true),
+            None => (last.strip_prefix(self.marker.as_str())?, false),
+        };
         if rest.is_empty() {
             return None;
         }
-        let (rest, group) = match rest.rsplit_once(self.separator.as_str()) {
+        let (rest, name) = match rest.rsplit_once(self.separator.as_str()) {
             Some((name, group)) if !name.is_empty() && !group.is_empty() => {
                 (name, Some(group.to_owned()))
             }
             _ => (rest, None),
         };
+        let group = Group { name, batch };
         let mut topic = String::with_capacity(registration_uri.len());
         if let Some(head) = head {
             topic.push_str(head);
@@ -167,23 +224,30 @@ impl Marker {
     }
 
     /// The procedure an event on the concrete `topic` is forwarded to for
-    /// `group`: the marker put back on the last component, and the group's
-    /// suffix after it, `com.x.status` → `com.x.SUB_status` (default group)
-    /// or `com.x.SUB_status__audit`. The inverse of [`Marker::parse`].
-    pub fn procedure_for(&self, topic: &str, group: Option<&str>) -> String {
+    /// `group`: the marker (or batch marker) put back on the last component,
+    /// and the group's suffix after it, `com.x.status` → `com.x.SUB_status`
+    /// (default group), `com.x.SUB_status__audit` or
+    /// `com.x.SUBBATCH_status`. The inverse of [`Marker::parse`].
+    pub fn procedure_for(&self, topic: &str, group: &Group) -> String {
         let (head, last) = split_last(topic);
+        let marker = if group.batch {
+            &self.batch
+        } else {
+            &self.marker
+        };
+        let name = group.name.as_deref();
         let mut procedure = String::with_capacity(
-            topic.len() + self.marker.len() + group.map_or(0, |g| g.len() + self.separator.len()),
+            topic.len() + marker.len() + name.map_or(0, |g| g.len() + self.separator.len()),
         );
         if let Some(head) = head {
             procedure.push_str(head);
             procedure.push('.');
         }
-        procedure.push_str(&self.marker);
+        procedure.push_str(marker);
         procedure.push_str(last);
-        if let Some(group) = group {
+        if let Some(name) = name {
             procedure.push_str(&self.separator);
-            procedure.push_str(group);
+            procedure.push_str(name);
         }
         procedure
     }
@@ -353,13 +417,19 @@ mod tests {
     #[test]
     fn uri_without_dots_is_its_own_last_component() {
         assert_eq!(sub().topic_for("SUB_status").as_deref(), Some("status"));
-        assert_eq!(sub().procedure_for("status", None), "SUB_status");
+        assert_eq!(
+            sub().procedure_for("status", &Group::default()),
+            "SUB_status"
+        );
     }
 
     #[test]
     fn marker_is_stripped_once() {
         assert_eq!(sub().topic_for("a.SUB_SUB_x").as_deref(), Some("a.SUB_x"));
-        assert_eq!(sub().procedure_for("a.SUB_x", None), "a.SUB_SUB_x");
+        assert_eq!(
+            sub().procedure_for("a.SUB_x", &Group::default()),
+            "a.SUB_SUB_x"
+        );
     }
 
     #[test]
@@ -369,13 +439,13 @@ mod tests {
             Some("com.größe.änderung")
         );
         assert_eq!(
-            sub().procedure_for("com.größe.änderung", None),
+            sub().procedure_for("com.größe.änderung", &Group::default()),
             "com.größe.SUB_änderung"
         );
         let m = Marker::new("ü_").unwrap();
         assert_eq!(m.topic_for("a.ü_ß").as_deref(), Some("a.ß"));
         assert_eq!(m.topic_for("a.ü_"), None);
-        assert_eq!(m.procedure_for("a.ß", None), "a.ü_ß");
+        assert_eq!(m.procedure_for("a.ß", &Group::default()), "a.ü_ß");
     }
 
     #[test]
@@ -383,23 +453,26 @@ mod tests {
         let m = Marker::new("shared-").unwrap();
         assert_eq!(m.topic_for("a.b.shared-c").as_deref(), Some("a.b.c"));
         assert_eq!(m.topic_for("a.b.SUB_c"), None);
-        assert_eq!(m.procedure_for("a.b.c", None), "a.b.shared-c");
+        assert_eq!(m.procedure_for("a.b.c", &Group::default()), "a.b.shared-c");
     }
 
     #[test]
     fn concrete_topic_maps_back_to_the_procedure() {
         assert_eq!(
-            sub().procedure_for("com.x.status", None),
+            sub().procedure_for("com.x.status", &Group::default()),
             "com.x.SUB_status"
         );
-        assert_eq!(sub().procedure_for("com.x.", None), "com.x.SUB_");
+        assert_eq!(
+            sub().procedure_for("com.x.", &Group::default()),
+            "com.x.SUB_"
+        );
     }
 
     #[test]
     fn mapping_round_trips_for_sub_registrations() {
         for uri in ["com.example.SUB_status", "a..SUB_b", "SUB_x", "é.SUB_ñ"] {
             let topic = sub().topic_for(uri).unwrap();
-            assert_eq!(sub().procedure_for(&topic, None), uri);
+            assert_eq!(sub().procedure_for(&topic, &Group::default()), uri);
         }
     }
 
@@ -413,7 +486,7 @@ mod tests {
                     topic: "com.a.x".into(),
                     policy: MatchPolicy::Exact
                 },
-                None
+                Group::default()
             )
         );
         assert_eq!(
@@ -423,7 +496,7 @@ mod tests {
                     topic: "com..x".into(),
                     policy: MatchPolicy::Wildcard
                 },
-                None
+                Group::default()
             )
         );
         assert_eq!(
@@ -467,27 +540,36 @@ mod tests {
     fn a_group_suffix_names_the_group_of_the_same_topic() {
         assert_eq!(
             sub().parse("com.example.SUB_status__audit"),
-            Some(("com.example.status".into(), Some("audit".into())))
+            Some(("com.example.status".into(), Group::named("audit")))
         );
         assert_eq!(
             sub().parse("com.example.SUB_status"),
-            Some(("com.example.status".into(), None))
+            Some(("com.example.status".into(), Group::default()))
         );
         assert_eq!(
             sub().parse("com..SUB_status__audit"),
-            Some(("com..status".into(), Some("audit".into())))
+            Some(("com..status".into(), Group::named("audit")))
         );
         // The last separator counts; both sides must be non-empty.
         assert_eq!(
             sub().parse("a.SUB_x__y__z"),
-            Some(("a.x__y".into(), Some("z".into())))
+            Some(("a.x__y".into(), Group::named("z")))
         );
-        assert_eq!(sub().parse("a.SUB_x__"), Some(("a.x__".into(), None)));
-        assert_eq!(sub().parse("a.SUB___g"), Some(("a.__g".into(), None)));
-        // A separator in an earlier component is part of the topic.
-        assert_eq!(sub().parse("a__b.SUB_x"), Some(("a__b.x".into(), None)));
         assert_eq!(
-            sub().procedure_for("com.x.status", Some("audit")),
+            sub().parse("a.SUB_x__"),
+            Some(("a.x__".into(), Group::default()))
+        );
+        assert_eq!(
+            sub().parse("a.SUB___g"),
+            Some(("a.__g".into(), Group::default()))
+        );
+        // A separator in an earlier component is part of the topic.
+        assert_eq!(
+            sub().parse("a__b.SUB_x"),
+            Some(("a__b.x".into(), Group::default()))
+        );
+        assert_eq!(
+            sub().procedure_for("com.x.status", &Group::named("audit")),
             "com.x.SUB_status__audit"
         );
         for uri in [
@@ -496,7 +578,7 @@ mod tests {
             "SUB_x__y__z",
         ] {
             let (topic, group) = sub().parse(uri).unwrap();
-            assert_eq!(sub().procedure_for(&topic, group.as_deref()), uri);
+            assert_eq!(sub().procedure_for(&topic, &group), uri);
         }
     }
 
@@ -505,10 +587,16 @@ mod tests {
         let m = sub().with_separator("-g-").unwrap();
         assert_eq!(
             m.parse("a.SUB_x-g-audit"),
-            Some(("a.x".into(), Some("audit".into())))
+            Some(("a.x".into(), Group::named("audit")))
         );
-        assert_eq!(m.parse("a.SUB_x__audit"), Some(("a.x__audit".into(), None)));
-        assert_eq!(m.procedure_for("a.x", Some("audit")), "a.SUB_x-g-audit");
+        assert_eq!(
+            m.parse("a.SUB_x__audit"),
+            Some(("a.x__audit".into(), Group::default()))
+        );
+        assert_eq!(
+            m.procedure_for("a.x", &Group::named("audit")),
+            "a.SUB_x-g-audit"
+        );
         assert_eq!(sub().with_separator(""), Err(MarkerError::EmptySeparator));
         assert_eq!(
             sub().with_separator("a.b"),
@@ -526,7 +614,7 @@ mod tests {
                     topic: "com.a.x".into(),
                     policy: MatchPolicy::Exact
                 },
-                Some("audit".into())
+                Group::named("audit")
             )
         );
     }

@@ -19,11 +19,17 @@
 //! its retry is the only event of its key that may go. Different keys go in
 //! parallel up to the in-flight limit. Pipelines keep the order of
 //! everything anyway and ignore keys.
+//!
+//! Batch calls (jobs with a [`Job::batch`] line) wait in their line's pool
+//! instead of the queue and go out many to a delivery under the line's own
+//! in-flight bound ([`Batching`]), outside the per-event one; a failed batch
+//! is retried or dead-lettered whole (see [`super::batch`]).
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
 
+use super::batch::{Batching, Pools};
 use super::outcome::{Failure, GiveUp, Outcome, RetryAction, classify, final_reason};
 use super::queue::{Job, Queue};
 use super::retry::RetryPolicy;
@@ -61,6 +67,8 @@ pub struct Settings {
     pub max_in_flight: usize,
     pub dispatch: Dispatch,
     pub retry: RetryPolicy,
+    /// How batch procedures' events are grouped (with [`Dispatch::Each`]).
+    pub batching: Batching,
 }
 
 /// Names one delivery (one attempt at one event, or at a pipeline batch) so
@@ -129,6 +137,10 @@ pub struct Forwarder<T, Q> {
     settings: Settings,
     in_flight: HashMap<DeliveryId, Vec<Job<T>>>,
     in_flight_events: usize,
+    /// Events in flight one to a delivery (those the in-flight limit bounds).
+    in_flight_each: usize,
+    /// Batch procedures' events waiting for a call.
+    pools: Pools<T>,
     next_id: u64,
     outputs: VecDeque<Output<T>>,
     /// Per-key order: each key with an event out, by key.
@@ -163,6 +175,11 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
                 Dispatch::Pipeline { max } => Dispatch::Pipeline { max: max.max(1) },
                 each => each,
             },
+            batching: Batching {
+                max_events: settings.batching.max_events.max(1),
+                in_flight: settings.batching.in_flight.max(1),
+                ..settings.batching
+            },
             ..settings
         };
         Forwarder {
@@ -170,6 +187,8 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
             settings,
             in_flight: HashMap::new(),
             in_flight_events: 0,
+            in_flight_each: 0,
+            pools: Pools::default(),
             next_id: 0,
             outputs: VecDeque::new(),
             lines: HashMap::new(),
@@ -201,28 +220,39 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
         self.next_seq += 1;
         job.seq = self.next_seq;
         if matches!(self.settings.dispatch, Dispatch::Pipeline { .. }) {
-            // A pipeline keeps the order of everything.
+            // A pipeline keeps the order of everything, one event at a time.
             job.key = None;
+            job.batch = None;
         }
         if self.state == State::Stopped {
             return self.give_up(job, GiveUp::Shutdown);
         }
         if self.waiting() >= self.settings.capacity {
             let evicted = match self.settings.overflow {
-                OverflowPolicy::DropOldest => self.queue.evict_oldest_new(),
+                OverflowPolicy::DropOldest => self
+                    .queue
+                    .evict_oldest_new()
+                    .or_else(|| self.pools.evict_oldest_new()),
                 OverflowPolicy::DropNewest => None,
             };
             match evicted {
                 Some(oldest) => {
                     self.give_up(oldest, GiveUp::Overflow);
-                    self.queue.enqueue(job);
+                    self.enqueue(job, now);
                 }
                 None => self.give_up(job, GiveUp::Overflow),
             }
         } else {
-            self.queue.enqueue(job);
+            self.enqueue(job, now);
         }
         self.dispatch(now);
+    }
+
+    fn enqueue(&mut self, job: Job<T>, now: Instant) {
+        match job.batch {
+            Some(b) => self.pools.push(b.line, job, now),
+            None => self.queue.enqueue(job),
+        }
     }
 
     /// Whether the sink can take deliveries now. Events wait while it cannot.
@@ -237,6 +267,15 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
         let Some(jobs) = self.take_delivery(id) else {
             return false;
         };
+        if let Some(line) = jobs.first().and_then(|j| j.batch).map(|b| b.line) {
+            self.pools.finished(line);
+            match outcome {
+                Ok(()) => jobs.into_iter().for_each(|job| self.ack(job)),
+                Err(failure) => self.batch_failed(line, jobs, &failure, now),
+            }
+            self.dispatch(now);
+            return true;
+        }
         match outcome {
             Ok(()) => jobs.into_iter().for_each(|job| self.ack(job)),
             Err(failure) => match self.settings.dispatch {
@@ -257,6 +296,20 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
     /// How a delivery ended, event by event (a pipeline whose commands
     /// succeeded or failed one by one). A missing outcome is retried.
     pub fn on_outcomes(&mut self, id: DeliveryId, outcomes: Vec<Outcome>, now: Instant) -> bool {
+        if self
+            .delivery(id)
+            .is_some_and(|jobs| jobs.iter().any(|j| j.batch.is_some()))
+        {
+            // A batch is resolved as a whole: by its first failure, if any.
+            let missing = outcomes.len() < self.delivery(id).map_or(0, <[_]>::len);
+            let first_failure = outcomes.into_iter().find(Result::is_err);
+            let outcome = match (first_failure, missing) {
+                (Some(failure), _) => failure,
+                (None, true) => Err(Failure::Missing),
+                (None, false) => Ok(()),
+            };
+            return self.on_outcome(id, outcome, now);
+        }
         let Some(jobs) = self.take_delivery(id) else {
             return false;
         };
@@ -313,8 +366,14 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
     /// When `on_tick` has something to do: a retry due (if it could start)
     /// or the shutdown deadline.
     pub fn next_wake(&self) -> Option<Instant> {
-        let due = if self.open && self.in_flight_events < self.settings.max_in_flight {
+        let due = if self.open && self.in_flight_each < self.settings.max_in_flight {
             self.queue.next_due()
+        } else {
+            None
+        };
+        let batch = if self.open {
+            self.pools
+                .next_wake(&self.settings.batching, self.draining())
         } else {
             None
         };
@@ -322,10 +381,11 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
             State::Draining { deadline } => Some(deadline),
             _ => None,
         };
-        match (due, deadline) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [due, batch, deadline].into_iter().flatten().min()
+    }
+
+    fn draining(&self) -> bool {
+        matches!(self.state, State::Draining { .. })
     }
 
     pub fn counts(&self) -> Counts {
@@ -334,7 +394,7 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
 
     /// Events waiting for an attempt: in the queue, and in the keys' lines.
     pub fn waiting(&self) -> usize {
-        self.queue.waiting() + self.in_lines + self.released.len()
+        self.queue.waiting() + self.in_lines + self.released.len() + self.pools.waiting()
     }
 
     /// Events in flight (not deliveries).
@@ -358,14 +418,15 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
         if !self.open || self.state == State::Stopped {
             return;
         }
+        self.dispatch_batches(now);
         let batch_max = match self.settings.dispatch {
             Dispatch::Each => 1,
             // One delivery at a time keeps a pipeline's order.
             Dispatch::Pipeline { .. } if !self.in_flight.is_empty() => return,
             Dispatch::Pipeline { max } => max,
         };
-        while self.in_flight_events < self.settings.max_in_flight {
-            let room = (self.settings.max_in_flight - self.in_flight_events).min(batch_max);
+        while self.in_flight_each < self.settings.max_in_flight {
+            let room = (self.settings.max_in_flight - self.in_flight_each).min(batch_max);
             let mut jobs = Vec::with_capacity(room);
             while jobs.len() < room {
                 match self
@@ -385,15 +446,32 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
             if jobs.is_empty() {
                 return;
             }
-            self.next_id += 1;
-            let id = DeliveryId(self.next_id);
-            self.in_flight_events += jobs.len();
-            self.in_flight.insert(id, jobs);
-            self.outputs.push_back(Output::Deliver(id));
+            self.in_flight_each += jobs.len();
+            self.deliver(jobs);
             if matches!(self.settings.dispatch, Dispatch::Pipeline { .. }) {
                 return;
             }
         }
+    }
+
+    /// Batch calls that may start: due retries and gathered events.
+    fn dispatch_batches(&mut self, now: Instant) {
+        if self.pools.waiting() == 0 {
+            return;
+        }
+        let hurry = self.draining();
+        while let Some(mut jobs) = self.pools.take(&self.settings.batching, now, hurry) {
+            jobs.iter_mut().for_each(|j| j.attempts += 1);
+            self.deliver(jobs);
+        }
+    }
+
+    fn deliver(&mut self, jobs: Vec<Job<T>>) {
+        self.next_id += 1;
+        let id = DeliveryId(self.next_id);
+        self.in_flight_events += jobs.len();
+        self.in_flight.insert(id, jobs);
+        self.outputs.push_back(Output::Deliver(id));
     }
 
     /// A job taken to be delivered: itself if it may go now (no key, the
@@ -451,6 +529,9 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
         match self.in_flight.remove(&id) {
             Some(jobs) => {
                 self.in_flight_events -= jobs.len();
+                if jobs.first().is_some_and(|j| j.batch.is_none()) {
+                    self.in_flight_each -= jobs.len();
+                }
                 Some(jobs)
             }
             None => {
@@ -462,7 +543,7 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
 
     fn ack(&mut self, job: Job<T>) {
         self.queue.ack(&job);
-        self.next_in_line(&job, false);
+        self.resolved(&job, false);
         self.counts.forwarded += 1;
         self.outputs.push_back(Output::Ack(job));
     }
@@ -470,7 +551,7 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
     fn give_up(&mut self, job: Job<T>, why: GiveUp) {
         self.queue.dead_letter(&job);
         if self.state != State::Stopped {
-            self.next_in_line(&job, true);
+            self.resolved(&job, true);
         }
         self.counts.dead_lettered += 1;
         self.outputs.push_back(Output::DeadLetter(job, why));
@@ -494,6 +575,48 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
                 self.outputs.push_back(Output::Retrying { at });
             }
             None => self.give_up(job, GiveUp::Exhausted),
+        }
+    }
+
+    /// `job` was acknowledged or dead-lettered: its key (in its line or its
+    /// batch pool) may go on.
+    fn resolved(&mut self, job: &Job<T>, dead_lettered: bool) {
+        match job.batch {
+            Some(b) => self.pools.resolved(b.line, job),
+            None => self.next_in_line(job, dead_lettered),
+        }
+    }
+
+    /// A batch call failed: it is retried whole within the budget of its
+    /// oldest and most attempted event, or dead-lettered whole.
+    fn batch_failed(&mut self, line: u64, jobs: Vec<Job<T>>, failure: &Failure, now: Instant) {
+        let error = failure.to_string();
+        let give_up = |core: &mut Self, jobs: Vec<Job<T>>, why: GiveUp| {
+            for mut job in jobs {
+                job.last_error = Some(error.clone());
+                core.give_up(job, why);
+            }
+        };
+        if classify(failure) == RetryAction::Final {
+            return give_up(self, jobs, final_reason(failure));
+        }
+        let attempts = jobs.iter().map(|j| j.attempts).max().unwrap_or(0);
+        let oldest = jobs.iter().map(|j| j.received).min().unwrap_or(now);
+        let jitter = self.jitter();
+        match self
+            .settings
+            .retry
+            .next_attempt(attempts, oldest, now, jitter)
+        {
+            Some(at) => {
+                let mut jobs = jobs;
+                jobs.iter_mut()
+                    .for_each(|j| j.last_error = Some(error.clone()));
+                self.counts.retried += jobs.len() as u64;
+                self.pools.give_back(line, jobs, at);
+                self.outputs.push_back(Output::Retrying { at });
+            }
+            None => give_up(self, jobs, GiveUp::Exhausted),
         }
     }
 
@@ -537,9 +660,11 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
         let mut waiting: Vec<_> = self.lines.drain().flat_map(|(_, l)| l.waiting).collect();
         self.in_lines = 0;
         waiting.sort_by_key(|j| j.seq);
+        let pooled = self.pools.drain();
         for job in released
             .into_iter()
             .chain(waiting)
+            .chain(pooled)
             .chain(self.queue.drain())
         {
             self.give_up(job, GiveUp::Shutdown);
@@ -547,6 +672,7 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
         let mut in_flight: Vec<_> = self.in_flight.drain().collect();
         in_flight.sort_by_key(|(id, _)| *id);
         self.in_flight_events = 0;
+        self.in_flight_each = 0;
         for job in in_flight.into_iter().flat_map(|(_, jobs)| jobs) {
             self.give_up(job, GiveUp::Shutdown);
         }

@@ -78,14 +78,20 @@ impl Dedup {
     }
 }
 
-/// What a group's name mixes into publication ids (see
-/// [`Dedup::first_time_for`]): 0 for the default group, else its FNV-1a hash.
-pub fn group_mix(group: Option<&str>) -> u64 {
-    group.map_or(0, |g| {
+/// What a group mixes into publication ids (see
+/// [`Dedup::first_time_for`]): 0 for the default group, else its name's
+/// FNV-1a hash, with a constant mixed in for a group served in batches.
+pub fn group_mix(name: Option<&str>, batch: bool) -> u64 {
+    let mix = name.map_or(0, |g| {
         g.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
             (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
         })
-    })
+    });
+    if batch {
+        mix ^ 0x9e37_79b9_7f4a_7c15
+    } else {
+        mix
+    }
 }
 
 impl Default for Dedup {
@@ -161,7 +167,7 @@ mod tests {
     #[test]
     fn each_group_gets_a_publication_once() {
         let mut d = Dedup::new(16);
-        let (default, audit) = (group_mix(None), group_mix(Some("audit")));
+        let (default, audit) = (group_mix(None, false), group_mix(Some("audit"), false));
         assert_ne!(default, audit);
         assert!(d.first_time_for(p(7), default));
         assert!(d.first_time_for(p(7), audit));

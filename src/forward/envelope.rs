@@ -8,6 +8,7 @@ use std::time::SystemTime;
 
 use std::borrow::Cow;
 
+use crate::wamp::batch::Parts;
 use crate::wamp::codec::{DecodeError, Serializer};
 use crate::wamp::{Dict, Event, Payload, PublicationId, RawEvent, RawPayload, Value};
 
@@ -194,6 +195,26 @@ impl SharedEvent {
             d.insert("publisher_authrole", r.as_str());
         }
         d
+    }
+
+    /// The event's size in a batch call: its payload as received and its
+    /// topic, plus what the dict's keys take.
+    pub fn batch_size(&self) -> u32 {
+        let payload = match &self.payload {
+            EventPayload::Raw(raw) => raw.parts().0.len(),
+            // Rare (payloads the pass-through does not take): measured by
+            // encoding them once.
+            EventPayload::Decoded(p) => RawPayload::from_payload(p).parts().0.len(),
+        };
+        u32::try_from(payload + self.topic.len() + 40).unwrap_or(u32::MAX)
+    }
+
+    /// The event's args and kwargs for a batch call.
+    pub fn batch_parts(&self) -> Parts<'_> {
+        match &self.payload {
+            EventPayload::Raw(raw) => Parts::Raw(raw),
+            EventPayload::Decoded(p) => Parts::Decoded(p),
+        }
     }
 
     /// The payload of the forwarded CALL: the event's args and kwargs

@@ -5,6 +5,7 @@
 //! [`dedup`] forwards a publication once; [`envelope`] is the event and its
 //! outgoing shapes. Pure throughout: the event loop and the sinks do the IO.
 
+pub mod batch;
 pub mod core;
 pub mod dedup;
 pub mod envelope;
@@ -15,6 +16,7 @@ pub mod retry;
 #[cfg(test)]
 mod tests;
 
+pub use self::batch::{Batched, Batching};
 pub use self::core::{Counts, DeliveryId, Dispatch, Forwarder, Output, OverflowPolicy, Settings};
 pub use self::outcome::{Failure, GiveUp, Outcome, RetryAction};
 pub use self::queue::{Job, MemoryQueue, Queue};

@@ -15,6 +15,8 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Instant;
 
+use super::batch::Batched;
+
 /// An event on its way to a destination, with its delivery history.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Job<T> {
@@ -29,9 +31,15 @@ pub struct Job<T> {
     /// key are delivered one at a time, in the order accepted. `None`:
     /// unordered.
     pub key: Option<u64>,
+    /// Set for an event of a batch procedure: delivered many to a call (see
+    /// [`super::batch`]).
+    pub batch: Option<Batched>,
     /// Set by the forwarding core when it accepts the job: its place in the
     /// order of acceptance.
     pub(super) seq: u64,
+    /// Set when the job went out in a batch (its key counts as busy in its
+    /// pool until it is resolved).
+    pub(super) batched_out: bool,
 }
 
 impl<T> Job<T> {
@@ -42,13 +50,20 @@ impl<T> Job<T> {
             attempts: 0,
             last_error: None,
             key: None,
+            batch: None,
             seq: 0,
+            batched_out: false,
         }
     }
 
     /// The same job with an ordering key.
     pub fn with_key(self, key: Option<u64>) -> Job<T> {
         Job { key, ..self }
+    }
+
+    /// The same job as an event of a batch procedure, or not.
+    pub fn with_batch(self, batch: Option<Batched>) -> Job<T> {
+        Job { batch, ..self }
     }
 }
 

@@ -25,6 +25,7 @@ fn settings(capacity: usize, max_in_flight: usize, dispatch: Dispatch) -> Settin
                 max: 4 * S,
             },
         },
+        batching: Batching::default(),
     }
 }
 
@@ -308,6 +309,8 @@ mod model {
         Accept,
         /// Accept an event with this ordering key.
         AcceptKeyed(u64),
+        /// Accept an event of batch line `.0` (and key `.1`, if any).
+        AcceptBatched(u64, Option<u64>),
         /// Accept an event with a history (a queue entry taken over from
         /// another instance): received this many ms ago, attempted before.
         AcceptTaken(u64, u32),
@@ -345,6 +348,7 @@ mod model {
         prop_oneof![
             6 => Just(Op::Accept),
             6 => (0..3u64).prop_map(Op::AcceptKeyed),
+            6 => (0..2u64, prop::option::of(0..3u64)).prop_map(|(l, k)| Op::AcceptBatched(l, k)),
             2 => (0..200_000u64, 0..8u32).prop_map(|(ago, n)| Op::AcceptTaken(ago, n)),
             6 => (0..8usize, kind()).prop_map(|(n, k)| Op::Finish(n, k)),
             1 => (0..8usize, prop::collection::vec(kind(), 0..4)).prop_map(|(n, k)| Op::FinishEach(n, k)),
@@ -359,6 +363,21 @@ mod model {
             Just(Dispatch::Each),
             (1..5usize).prop_map(|max| Dispatch::Pipeline { max })
         ]
+    }
+
+    fn batching() -> impl Strategy<Value = Batching> {
+        (
+            1..5usize,
+            1..3usize,
+            prop_oneof![Just(0u64), 1..2000u64],
+            10..45usize,
+        )
+            .prop_map(|(max_events, in_flight, linger, max_bytes)| Batching {
+                max_events,
+                max_bytes,
+                in_flight,
+                linger: Duration::from_millis(linger),
+            })
     }
 
     /// The driver's side: what it was told to deliver, and what became of
@@ -377,6 +396,9 @@ mod model {
         delivered_order: Vec<u32>,
         /// Each key's items, in the order accepted (one delivery per event).
         keyed: BTreeMap<u64, Vec<u32>>,
+        /// Items of batch lines, by item.
+        lines: BTreeMap<u32, u64>,
+        batching: Batching,
         /// Per key, whether several of its events were ever in flight at once
         /// (different keys: parallelism is allowed and expected).
         keys_at_once: usize,
@@ -395,7 +417,17 @@ mod model {
                 delivered_order: Vec::new(),
                 keyed: BTreeMap::new(),
                 keys_at_once: 0,
+                lines: BTreeMap::new(),
+                batching: s.batching,
             }
+        }
+
+        /// The batch line of an item, if it has one (pipelines ignore lines).
+        fn line_of(&self, item: u32) -> Option<u64> {
+            if self.pipeline {
+                return None;
+            }
+            self.lines.get(&item).copied()
         }
 
         /// The key of an item, if it has one (pipelines ignore keys).
@@ -421,20 +453,45 @@ mod model {
                             .map(|j| j.item)
                             .collect();
                         prop_assert!(!items.is_empty());
-                        for item in &items {
+                        let line = self.line_of(items[0]);
+                        if let Some(line) = line {
+                            prop_assert!(
+                                items.iter().all(|i| self.line_of(*i) == Some(line)),
+                                "a batch holds one line's events only"
+                            );
+                            prop_assert!(items.len() <= self.batching.max_events);
+                            let out = self
+                                .flying
+                                .values()
+                                .filter(|v| self.line_of(v[0]) == Some(line))
+                                .count();
+                            prop_assert!(out < self.batching.in_flight, "batch calls in flight");
+                        } else {
+                            prop_assert!(items.iter().all(|i| self.line_of(*i).is_none()));
+                        }
+                        for (at, item) in items.iter().enumerate() {
                             prop_assert!(
                                 !self.resolved[item],
                                 "resolved item {item} delivered again"
                             );
                             // Per-key order: every earlier event of the key
-                            // is acknowledged or dead-lettered.
+                            // is acknowledged or dead-lettered, or ahead of
+                            // it in the same batch; and no other delivery
+                            // of the key is out.
                             if let Some(key) = self.key_of(*item) {
                                 for earlier in self.keyed[&key].iter().take_while(|i| *i != item) {
                                     prop_assert!(
-                                        self.resolved[earlier],
+                                        self.resolved[earlier] || items[..at].contains(earlier),
                                         "item {item} of key {key} delivered before {earlier} was resolved"
                                     );
                                 }
+                                prop_assert!(
+                                    self.flying
+                                        .values()
+                                        .flatten()
+                                        .all(|i| self.key_of(*i) != Some(key)),
+                                    "key {key} in two deliveries at once"
+                                );
                             }
                             prop_assert!(
                                 self.flying.values().all(|v| !v.contains(item)),
@@ -475,10 +532,13 @@ mod model {
                 c.accepted,
                 c.forwarded + c.dead_lettered + waiting + in_flight
             );
-            prop_assert!(
-                self.f.in_flight() <= self.max_in_flight,
-                "in-flight bound exceeded"
-            );
+            let each = self
+                .flying
+                .values()
+                .flatten()
+                .filter(|i| self.line_of(**i).is_none())
+                .count();
+            prop_assert!(each <= self.max_in_flight, "in-flight bound exceeded");
             let flying: usize = self.flying.values().map(Vec::len).sum();
             prop_assert_eq!(flying, self.f.in_flight());
             let unresolved = self.resolved.values().filter(|r| !**r).count() as u64;
@@ -505,6 +565,22 @@ mod model {
                     self.resolved.insert(self.next_item, false);
                     self.keyed.entry(key).or_default().push(self.next_item);
                     let job = Job::new(self.next_item, self.now).with_key(Some(key));
+                    self.f.accept_job(job, self.now);
+                }
+                Op::AcceptBatched(line, key) => {
+                    self.next_item += 1;
+                    self.resolved.insert(self.next_item, false);
+                    self.lines.insert(self.next_item, line);
+                    // Keys of batch lines are their own (the sidecar hashes
+                    // the procedure into the key).
+                    let key = key.map(|k| 100 + 10 * line + k);
+                    if let Some(key) = key {
+                        self.keyed.entry(key).or_default().push(self.next_item);
+                    }
+                    let batched = Batched { line, bytes: 10 };
+                    let job = Job::new(self.next_item, self.now)
+                        .with_key(key)
+                        .with_batch(Some(batched));
                     self.f.accept_job(job, self.now);
                 }
                 Op::AcceptTaken(ago, attempts) => {
@@ -561,8 +637,10 @@ mod model {
             max_in_flight in 1..5usize,
             dispatch in dispatch(),
             drop_oldest in any::<bool>(),
+            batching in batching(),
         ) {
             let mut s = settings(capacity, max_in_flight, dispatch);
+            s.batching = batching;
             if drop_oldest {
                 s.overflow = OverflowPolicy::DropOldest;
             }

@@ -1,7 +1,8 @@
 //! WAMP mode: one CALL per event to its SUB_ procedure, made on the event
 //! loop's own session; the router's shared registration picks the backend,
 //! and the RESULT (or ERROR) comes back as the session's reply to the request
-//! tagged with the delivery.
+//! tagged with the delivery. A batch procedure's delivery is one CALL whose
+//! positional arguments are its events (see [`crate::wamp::batch`]).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -9,8 +10,9 @@ use std::time::{Duration, Instant};
 use super::{Report, Sink, Started};
 use crate::forward::envelope::{EventPayload, Outgoing, SharedEvent};
 use crate::forward::{DeliveryId, Dispatch, Failure, Job};
+use crate::wamp::batch::{BatchWriter, Parts};
 use crate::wamp::session::Session;
-use crate::wamp::{Dict, RequestError};
+use crate::wamp::{Dict, RequestError, Serializer};
 
 pub struct WampSink {
     pub call_timeout: Duration,
@@ -45,13 +47,29 @@ impl<T: From<DeliveryId>> Sink<T> for WampSink {
         session: Option<&mut Session<T>>,
         now: Instant,
     ) -> Started {
-        let (Some(session), [job]) = (session, jobs) else {
-            // The core opens a call sink only while joined, one event a call.
+        // The core opens a call sink only while joined.
+        let Some(session) = session else {
             let not_joined = Failure::Call(RequestError::NotJoined);
             return Started::Done(Report::All(Err(not_joined)));
         };
-        let event = &job.item;
         let deadline = Some(now + self.call_timeout);
+        let job = match jobs {
+            [first, ..] if first.batch.is_some() => {
+                let procedure = first.item.procedure.clone();
+                let payload = self.batch(jobs);
+                session.call_raw(procedure, Dict::new(), payload, id.into(), deadline);
+                return Started::OnSession;
+            }
+            [job] => job,
+            _ => {
+                let e = format!(
+                    "{} events in one call to a procedure without batches",
+                    jobs.len()
+                );
+                return Started::Done(Report::All(Err(Failure::Encode(e))));
+            }
+        };
+        let event = &job.item;
         let procedure = event.procedure.as_str();
         match (&event.outgoing, &event.payload) {
             (Outgoing::AsReceived, EventPayload::Raw(raw)) => {
@@ -72,5 +90,39 @@ impl<T: From<DeliveryId>> Sink<T> for WampSink {
             }
         }
         Started::OnSession
+    }
+}
+
+impl WampSink {
+    /// A batch call's arguments: each event a dict, in order, written in the
+    /// serializer its first event arrived in (the session's), so that the
+    /// events' args and kwargs are copied in undecoded.
+    fn batch(&self, jobs: &[Job<SharedEvent>]) -> crate::wamp::RawPayload {
+        let serializer = jobs
+            .iter()
+            .find_map(|j| match j.item.batch_parts() {
+                Parts::Raw(raw) => Some(raw.serializer()),
+                Parts::Decoded(_) => None,
+            })
+            .unwrap_or(Serializer::MsgPack);
+        let bytes = jobs
+            .iter()
+            .map(|j| j.batch.map_or(0, |b| b.bytes as usize))
+            .sum();
+        let mut writer = BatchWriter::new(serializer, jobs.len(), bytes);
+        for job in jobs {
+            let event = &job.item;
+            let details = self
+                .details_kwarg
+                .as_deref()
+                .map(|kwarg| (kwarg, event.details()));
+            writer.push(
+                event.batch_parts(),
+                &event.topic,
+                event.publication.0,
+                details,
+            );
+        }
+        writer.finish()
     }
 }

@@ -4,6 +4,7 @@
 //! shared subscriptions.
 
 pub mod auth;
+pub mod batch;
 pub mod client;
 pub mod codec;
 pub mod connection;

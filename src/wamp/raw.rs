@@ -157,6 +157,17 @@ impl RawPayload {
         })
     }
 
+    /// Positional arguments only, as written by [`super::batch`] (trusted:
+    /// not checked again).
+    pub(super) fn args_only(serializer: Serializer, bytes: Bytes) -> RawPayload {
+        RawPayload {
+            serializer,
+            args: Some(0..bytes.len()),
+            kwargs: None,
+            bytes,
+        }
+    }
+
     /// A decoded payload in raw form (MessagePack), to be stored.
     pub fn from_payload(payload: &Payload) -> RawPayload {
         let ser = Serializer::MsgPack;
