@@ -34,6 +34,8 @@ pub struct Metrics {
     pub events_forwarded: Counter,
     /// Delivery attempts scheduled again after a retryable failure.
     pub events_retried: Counter,
+    /// Batch calls started (each carries one or more events).
+    pub batch_calls: Counter,
     dead_lettered: [Counter; 5],
     unroutable_unknown_subscription: Counter,
     unroutable_missing_topic: Counter,
@@ -99,6 +101,12 @@ impl Metrics {
             r,
             "events_retried",
             "Delivery attempts rescheduled after a retryable failure",
+        );
+
+        let batch_calls = counter(
+            r,
+            "batch_calls",
+            "Batch calls started (to SUBBATCH_ procedures); events_forwarded counts their events",
         );
 
         let dead_lettered_family = Family::<Reason, Counter>::default();
@@ -263,6 +271,7 @@ impl Metrics {
             events_duplicate,
             events_forwarded,
             events_retried,
+            batch_calls,
             dead_lettered,
             unroutable_unknown_subscription,
             unroutable_missing_topic,

@@ -621,8 +621,8 @@ impl Sidecar {
                 }
                 Output::DeadLetter(job, why) => self.dead_letter(&job, why, now),
                 Output::Retrying { .. } if self.queue.is_some() => {}
-                Output::Retrying { .. } => {
-                    self.metrics.events_retried.inc();
+                Output::Retrying { events, .. } => {
+                    self.metrics.events_retried.inc_by(events as u64);
                 }
             }
         }
@@ -705,8 +705,8 @@ impl Sidecar {
                         self.queue.as_mut().expect("queue stage").let_go(entry);
                     }
                 }
-                Output::Retrying { .. } => {
-                    self.metrics.events_retried.inc();
+                Output::Retrying { events, .. } => {
+                    self.metrics.events_retried.inc_by(events as u64);
                 }
             }
         }
@@ -756,6 +756,9 @@ impl Sidecar {
         let Some(jobs) = core.delivery(id) else {
             return;
         };
+        if jobs.first().is_some_and(|j| j.batch.is_some()) {
+            self.metrics.batch_calls.inc();
+        }
         match sink.start(id, jobs, session, now) {
             Started::OnSession => {}
             Started::Pending(report) => self

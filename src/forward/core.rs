@@ -92,8 +92,8 @@ pub enum Output<T> {
     Ack(Job<T>),
     /// Given up: log it, count it, store the record.
     DeadLetter(Job<T>, GiveUp),
-    /// An attempt failed and the event will be tried again at `at`.
-    Retrying { at: Instant },
+    /// An attempt failed and its `events` will be tried again at `at`.
+    Retrying { at: Instant, events: usize },
 }
 
 /// Running totals, each changed only by the core.
@@ -572,7 +572,7 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
             Some(at) => {
                 self.counts.retried += 1;
                 self.queue.give_back(job, at);
-                self.outputs.push_back(Output::Retrying { at });
+                self.outputs.push_back(Output::Retrying { at, events: 1 });
             }
             None => self.give_up(job, GiveUp::Exhausted),
         }
@@ -612,9 +612,10 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
                 let mut jobs = jobs;
                 jobs.iter_mut()
                     .for_each(|j| j.last_error = Some(error.clone()));
-                self.counts.retried += jobs.len() as u64;
+                let events = jobs.len();
+                self.counts.retried += events as u64;
                 self.pools.give_back(line, jobs, at);
-                self.outputs.push_back(Output::Retrying { at });
+                self.outputs.push_back(Output::Retrying { at, events });
             }
             None => give_up(self, jobs, GiveUp::Exhausted),
         }
@@ -648,9 +649,10 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
             .retry
             .next_attempt(attempts, oldest, now, jitter)
             .unwrap_or(now);
-        self.counts.retried += keep.len() as u64;
+        let events = keep.len();
+        self.counts.retried += events as u64;
         self.queue.give_back_front(keep, at);
-        self.outputs.push_back(Output::Retrying { at });
+        self.outputs.push_back(Output::Retrying { at, events });
     }
 
     /// The deadline passed: everything waiting or in flight is given up.

@@ -138,7 +138,7 @@ fn retryable_failure_waits_its_backoff_then_goes_before_newer_events() {
     f.accept(2, t0);
     f.on_outcome(id, wamp("wamp.error.no_such_procedure"), t0);
     let out = outputs(&mut f);
-    let Output::Retrying { at } = out[0] else {
+    let Output::Retrying { at, .. } = out[0] else {
         panic!("{out:?}")
     };
     assert!(at <= t0 + S, "first retry within the initial backoff");
@@ -203,7 +203,7 @@ fn a_failed_pipeline_goes_back_to_the_head_in_order_and_pauses_the_line() {
     assert_eq!(items, [1, 2, 3]);
     f.on_outcome(ids[0], lost(), t0);
     let out = outputs(&mut f);
-    let [Output::Retrying { at }] = out[..] else {
+    let [Output::Retrying { at, .. }] = out[..] else {
         panic!("{out:?}")
     };
     assert_eq!(f.in_flight(), 0);
@@ -519,7 +519,7 @@ mod model {
                             self.delivered_order.push(job.item);
                         }
                     }
-                    Output::Retrying { at } => prop_assert!(at >= self.now),
+                    Output::Retrying { at, .. } => prop_assert!(at >= self.now),
                 }
             }
             Ok(())
