@@ -2,6 +2,7 @@
 //! (between the GENERATED markers; the hand-written analysis around it is
 //! kept) and draws the charts into `doc/img/`.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
 
@@ -230,7 +231,10 @@ fn router_spread(runs: Option<&Vec<RouterRun>>, f: impl Fn(&RouterRun) -> f64) -
 /// and their ratio; the last two only for the path that has a subtocall.
 fn cpu_columns(path: RoutePath, runs: Option<&Vec<RouterRun>>) -> [String; 3] {
     let crossbar = router_spread(runs, |x| x.crossbar_cpu_ns).show(us);
-    if !matches!(path, RoutePath::Sidecar | RoutePath::RedisQueue) {
+    if !matches!(
+        path,
+        RoutePath::Sidecar | RoutePath::RedisQueue | RoutePath::Batched
+    ) {
         return [crossbar, "—".into(), "—".into()];
     }
     [
@@ -937,6 +941,97 @@ fn ceiling_section(md: &mut String, r: &Results, targets: &mut Vec<(String, Stri
 }
 
 /// The generated Markdown section.
+/// Batch calls against the pub/sub hop and the direct call: what the router
+/// spends per event, and how fast the batch path goes.
+fn batch_paragraph(md: &mut String, rr: &RouterResults, targets: &mut Vec<(String, String, bool)>) {
+    if !rr.saturated.contains_key(&RoutePath::Batched) {
+        return;
+    }
+    let cpu = |runs: &BTreeMap<RoutePath, Vec<RouterRun>>, path| {
+        router_spread(runs.get(&path), |x| x.crossbar_cpu_ns)
+    };
+    let rate = |path| router_spread(rr.saturated.get(&path), |x| x.events_per_s);
+    let (hop_p, bat_p, call_p, side_p) = (
+        cpu(&rr.paced, RoutePath::PubSubHop),
+        cpu(&rr.paced, RoutePath::Batched),
+        cpu(&rr.paced, RoutePath::DirectCall),
+        cpu(&rr.paced, RoutePath::Sidecar),
+    );
+    let (hop_s, bat_s, call_s) = (
+        cpu(&rr.saturated, RoutePath::PubSubHop),
+        cpu(&rr.saturated, RoutePath::Batched),
+        cpu(&rr.saturated, RoutePath::DirectCall),
+    );
+    let (bat_rate, call_rate) = (rate(RoutePath::Batched), rate(RoutePath::DirectCall));
+    let calls = rr
+        .batch_calls_per_event
+        .map_or("—".to_owned(), |c| format!("{:.1}", 1.0 / c));
+    let _ = writeln!(
+        md,
+        "**Batch calls.** A second subtocall (the current build) serves \
+         `bench.SUBBATCH_batched` with `SUBTOCALL_BATCH_LINGER={}` and the other batch \
+         settings at their defaults (at most 100 events and 2 calls in flight), {calls} \
+         events a call on average over the whole part (saturation runs included). \
+         Crossbar's CPU per event on that path: {} at {:.0}/s against {} for the pub/sub \
+         hop alone (one subscriber), {} for a direct call and {} with one call per event; \
+         at saturation {} against {} and {}. Its sustained rate is {} of the direct \
+         call's. The latency it adds at a moderate rate is the linger, by design.\n",
+        crate::router::BATCH_LINGER,
+        us(bat_p.median),
+        rr.rate,
+        us(hop_p.median),
+        us(call_p.median),
+        us(side_p.median),
+        us(bat_s.median),
+        us(hop_s.median),
+        us(call_s.median),
+        pct(bat_rate.median / call_rate.median),
+    );
+    targets.push((
+        format!(
+            "batch path: Crossbar CPU per event ≤ 1.1× the pub/sub hop's at {:.0}/s",
+            rr.rate
+        ),
+        format!(
+            "{} ({} vs {})",
+            times(bat_p.median / hop_p.median),
+            us(bat_p.median),
+            us(hop_p.median)
+        ),
+        bat_p.median <= 1.1 * hop_p.median,
+    ));
+    targets.push((
+        "batch path: Crossbar CPU per event ≤ 1.1× the pub/sub hop's at saturation".into(),
+        format!(
+            "{} ({} vs {})",
+            times(bat_s.median / hop_s.median),
+            us(bat_s.median),
+            us(hop_s.median)
+        ),
+        bat_s.median <= 1.1 * hop_s.median,
+    ));
+    targets.push((
+        "batch path: Crossbar spends no more per event than on a direct call".into(),
+        format!(
+            "{} at {:.0}/s, {} at saturation",
+            times(bat_p.median / call_p.median),
+            rr.rate,
+            times(bat_s.median / call_s.median)
+        ),
+        bat_p.median <= call_p.median && bat_s.median <= call_s.median,
+    ));
+    targets.push((
+        "batch path sustained rate ≥ the direct-call rate".into(),
+        format!(
+            "{} ({} vs {} events/s)",
+            pct(bat_rate.median / call_rate.median),
+            thousands(bat_rate.median),
+            thousands(call_rate.median)
+        ),
+        bat_rate.median >= call_rate.median,
+    ));
+}
+
 pub fn markdown(r: &Results) -> String {
     let mut md = String::new();
     let m = &r.machine;
@@ -982,14 +1077,19 @@ pub fn markdown(r: &Results) -> String {
             md,
             "One Crossbar router (one router worker, MessagePack), two publishers and two \
              backends (Rust clients of this crate, registered `bench.SUB_ev` with \
-             `invoke: roundrobin`), and subtocall, all on this machine. Three paths, \
+             `invoke: roundrobin`), and subtocall, all on this machine. Five paths, \
              alternating within each repetition:\n\n\
              - **direct subscribe** (baseline): the backends subscribe to the topic; each \
              of them receives every event (WAMP pub/sub, what subtocall exists to avoid);\n\
+             - **pub/sub hop** (baseline): one backend subscribes to a topic: the router's \
+             cost of delivering an event to one subscriber, which no forwarder can go \
+             below;\n\
              - **direct call** (baseline): the publishers call `bench.SUB_ev` themselves: \
              the router's own cost of the work subtocall asks of it;\n\
              - **subtocall**: the publishers publish to `bench.ev`; subtocall calls \
-             `bench.SUB_ev` for each event.\n\n\
+             `bench.SUB_ev` for each event;\n\
+             - **subtocall, batches**: the publishers publish to `bench.batched`; a second \
+             subtocall calls `bench.SUBBATCH_batched` with many events a call.\n\n\
              **Maximum sustained rate**: a closed loop with at most {} events between \
              publish and backend, {:.0} s warm-up and a {:.0}-s window, {} per path. \
              Crossbar's CPU is its controller plus its router worker.\n",
@@ -1135,6 +1235,7 @@ pub fn markdown(r: &Results) -> String {
             "subtocall's peak RSS over the whole Crossbar part: {}.\n",
             mb(rr.sidecar_peak_rss_kb as f64)
         );
+        batch_paragraph(&mut md, rr, &mut targets);
     }
 
     // ---- 3. Redis

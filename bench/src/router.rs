@@ -6,6 +6,11 @@
 //! subtocall asks of it). Publishers and backends are Rust clients (this
 //! crate's own WAMP client) in this process, so that they cost little.
 //!
+//! Two more paths measure batch calls: a plain subscriber (one backend
+//! subscribes to a topic: the router's cost of the pub/sub hop alone, which
+//! no forwarder can go below), and a second sidecar (the current build)
+//! serving a `SUBBATCH_` procedure with [`BATCH_LINGER`].
+//!
 //! For each path: the maximum sustained rate (a closed loop: at most
 //! `WINDOW` events between publish and backend), latency from publish to
 //! backend at a fixed moderate rate (each event carries its send time,
@@ -42,6 +47,14 @@ const BASELINE_TOPIC: &str = "bench.before";
 const QUEUED_PROCEDURE: &str = "bench.SUB_queued";
 const QUEUED_TOPIC: &str = "bench.queued";
 const PLAIN_TOPIC: &str = "bench.plain";
+/// What one backend alone subscribes to (the pub/sub hop).
+const HOP_TOPIC: &str = "bench.hop";
+/// What the batching sidecar serves.
+const BATCHED_PROCEDURE: &str = "bench.SUBBATCH_batched";
+const BATCHED_TOPIC: &str = "bench.batched";
+/// The batching sidecar's `SUBTOCALL_BATCH_LINGER`: at the moderate rate,
+/// about this many milliseconds' events go in one call.
+pub const BATCH_LINGER: &str = "20ms";
 /// Events between publish and backend at most, in the saturation runs.
 pub const WINDOW: u64 = 200;
 const PUBLISHERS: usize = 2;
@@ -51,10 +64,15 @@ const BACKENDS: usize = 2;
 pub enum Path {
     /// Backends subscribe to the topic; each receives every event.
     DirectSubscribe,
+    /// One backend subscribes to the topic: the pub/sub hop alone.
+    PubSubHop,
     /// Publishers call the SUB_ procedure; roundrobin picks a backend.
     DirectCall,
     /// Publishers publish; subtocall calls the SUB_ procedure.
     Sidecar,
+    /// Publishers publish; a second subtocall calls a SUBBATCH_ procedure
+    /// with many events a call.
+    Batched,
     /// As `Sidecar`, through the baseline build (its own topic and SUB_
     /// procedure). Not in `ALL`: measured only at the moderate rate, and
     /// only when there is a baseline build.
@@ -67,13 +85,21 @@ pub enum Path {
 
 impl Path {
     /// The paths of the router tables.
-    pub const ALL: [Path; 3] = [Path::DirectSubscribe, Path::DirectCall, Path::Sidecar];
+    pub const ALL: [Path; 5] = [
+        Path::DirectSubscribe,
+        Path::PubSubHop,
+        Path::DirectCall,
+        Path::Sidecar,
+        Path::Batched,
+    ];
 
     pub fn label(self) -> &'static str {
         match self {
             Path::DirectSubscribe => "baseline: backends subscribe directly",
+            Path::PubSubHop => "baseline: one backend subscribes (the pub/sub hop alone)",
             Path::DirectCall => "baseline: publishers call SUB_ directly",
             Path::Sidecar => "through subtocall",
+            Path::Batched => "through subtocall, batch calls (`SUBBATCH_`)",
             Path::BaselineSidecar => "through the baseline build of subtocall",
             Path::RedisQueue => "through subtocall, `SUBTOCALL_QUEUE=redis`",
         }
@@ -82,8 +108,10 @@ impl Path {
     pub fn short(self) -> &'static str {
         match self {
             Path::DirectSubscribe => "direct subscribe",
+            Path::PubSubHop => "pub/sub hop",
             Path::DirectCall => "direct call",
             Path::Sidecar => "subtocall",
+            Path::Batched => "subtocall, batches",
             Path::BaselineSidecar => "baseline build",
             Path::RedisQueue => "subtocall, Redis queue",
         }
@@ -122,6 +150,8 @@ pub struct RouterResults {
     pub baseline_peak_rss_kb: Option<u64>,
     /// The Redis-queue sidecar's, when there is one.
     pub queued_peak_rss_kb: Option<u64>,
+    /// The batching sidecar's calls per event over the whole part.
+    pub batch_calls_per_event: Option<f64>,
 }
 
 /// What to run through Crossbar.
@@ -173,15 +203,37 @@ struct Recorder {
 }
 
 impl Recorder {
+    /// An event, or a batch call's events (each a dict whose `args` start
+    /// with the send time).
     fn on_receive(&self, payload: &Payload) {
         let now = now_ns();
-        self.received.fetch_add(1, Ordering::Relaxed);
+        let batch: Vec<&[Value]> = payload
+            .args
+            .iter()
+            .filter_map(|a| match a {
+                Value::Dict(d) => match d.get("args") {
+                    Some(Value::List(args)) => Some(args.as_slice()),
+                    _ => None,
+                },
+                _ => None,
+            })
+            .collect();
+        let events = if batch.is_empty() {
+            vec![payload.args.as_slice()]
+        } else {
+            batch
+        };
         if self.recording.load(Ordering::Relaxed)
-            && let Some(sent) = payload.args.first().and_then(Value::as_u64)
             && let Ok(mut s) = self.samples.lock()
         {
-            s.push(now.saturating_sub(sent));
+            for args in &events {
+                if let Some(sent) = args.first().and_then(Value::as_u64) {
+                    s.push(now.saturating_sub(sent));
+                }
+            }
         }
+        self.received
+            .fetch_add(events.len() as u64, Ordering::Relaxed);
         self.progress.notify_one();
     }
 }
@@ -192,15 +244,25 @@ fn client_config(url: &str) -> ClientConfig {
     c
 }
 
-async fn start_backend(url: &str, rec: Arc<Recorder>) -> Result<Client> {
+/// A backend; the first one (`hop`) also subscribes to the pub/sub hop's
+/// topic.
+async fn start_backend(url: &str, rec: Arc<Recorder>, hop: bool) -> Result<Client> {
     let (client, mut incoming) = Client::connect(client_config(url)).await?;
-    for procedure in [PROCEDURE, BASELINE_PROCEDURE, QUEUED_PROCEDURE] {
+    for procedure in [
+        PROCEDURE,
+        BASELINE_PROCEDURE,
+        QUEUED_PROCEDURE,
+        BATCHED_PROCEDURE,
+    ] {
         client
             .register(procedure, Dict::new().with("invoke", "roundrobin"))
             .await
             .with_context(|| format!("register {procedure}"))?;
     }
     client.subscribe(PLAIN_TOPIC, Dict::new()).await?;
+    if hop {
+        client.subscribe(HOP_TOPIC, Dict::new()).await?;
+    }
     let c = client.clone();
     tokio::spawn(async move {
         while let Some(inc) = incoming.recv().await {
@@ -237,6 +299,14 @@ async fn send(client: &Client, path: Path, seq: u64, errors: &Arc<AtomicU64>) {
             .publish(PLAIN_TOPIC, payload(seq), Dict::new())
             .await
             .map(drop),
+        Path::PubSubHop => client
+            .publish(HOP_TOPIC, payload(seq), Dict::new())
+            .await
+            .map(drop),
+        Path::Batched => client
+            .publish(BATCHED_TOPIC, payload(seq), Dict::new())
+            .await
+            .map(drop),
         Path::DirectCall => {
             let c = client.clone();
             let errors = errors.clone();
@@ -264,6 +334,8 @@ struct Bench {
     /// The current build on the Redis queue, serving `QUEUED_PROCEDURE`,
     /// and its redis-server's pid.
     queued: Option<(Sidecar, u32)>,
+    /// The current build serving `BATCHED_PROCEDURE` (part 2 in full).
+    batched: Option<Sidecar>,
     publishers: Vec<Client>,
     _backends: Vec<Client>,
     rec: Arc<Recorder>,
@@ -280,9 +352,10 @@ impl Bench {
     /// their own paths, else the current one (idle on the paths without a
     /// sidecar).
     fn sidecar(&self, path: Path) -> &Sidecar {
-        match (path, &self.baseline, &self.queued) {
-            (Path::BaselineSidecar, Some(b), _) => b,
-            (Path::RedisQueue, _, Some((q, _))) => q,
+        match (path, &self.baseline, &self.queued, &self.batched) {
+            (Path::BaselineSidecar, Some(b), _, _) => b,
+            (Path::RedisQueue, _, Some((q, _)), _) => q,
+            (Path::Batched, _, _, Some(b)) => b,
             _ => &self.sidecar,
         }
     }
@@ -437,8 +510,8 @@ pub fn run(ctx: &Ctx, plan: &Plan<'_>, log: &dyn Fn(&str)) -> Result<RouterResul
         let url = crossbar.url();
         let rec = Arc::new(Recorder::default());
         let mut backends = Vec::new();
-        for _ in 0..BACKENDS {
-            backends.push(start_backend(&url, rec.clone()).await?);
+        for i in 0..BACKENDS {
+            backends.push(start_backend(&url, rec.clone(), i == 0).await?);
         }
         let mut sidecar = start_sidecar(ctx, &ctx.subtocall, &url, PROCEDURE, "crossbar", &[])?;
         let mut baseline = match (&ctx.baseline, plan.full) {
@@ -472,7 +545,21 @@ pub fn run(ctx: &Ctx, plan: &Plan<'_>, log: &dyn Fn(&str)) -> Result<RouterResul
             }
             None => None,
         };
+        let mut batched = match plan.full {
+            true => Some(start_sidecar(
+                ctx,
+                &ctx.subtocall,
+                &url,
+                BATCHED_PROCEDURE,
+                "crossbar-batched",
+                &[("SUBTOCALL_BATCH_LINGER", BATCH_LINGER.to_owned())],
+            )?),
+            false => None,
+        };
         wait_subscribed(&mut sidecar, TOPIC).await?;
+        if let Some(b) = batched.as_mut() {
+            wait_subscribed(b, BATCHED_TOPIC).await?;
+        }
         if let Some(b) = baseline.as_mut() {
             wait_subscribed(b, BASELINE_TOPIC).await?;
         }
@@ -488,6 +575,7 @@ pub fn run(ctx: &Ctx, plan: &Plan<'_>, log: &dyn Fn(&str)) -> Result<RouterResul
             sidecar,
             baseline,
             queued,
+            batched,
             publishers,
             _backends: backends,
             rec,
@@ -539,8 +627,14 @@ pub fn run(ctx: &Ctx, plan: &Plan<'_>, log: &dyn Fn(&str)) -> Result<RouterResul
             if rep % 2 == 1 {
                 around.reverse();
             }
+            // The batch path next to the pub/sub hop it is compared with.
             let mut paths = if plan.full {
-                vec![Path::DirectSubscribe, Path::DirectCall]
+                vec![
+                    Path::DirectSubscribe,
+                    Path::PubSubHop,
+                    Path::Batched,
+                    Path::DirectCall,
+                ]
             } else {
                 Vec::new()
             };
@@ -580,6 +674,17 @@ pub fn run(ctx: &Ctx, plan: &Plan<'_>, log: &dyn Fn(&str)) -> Result<RouterResul
         if let Some((q, _)) = &bench.queued {
             q.check_nothing_lost()?;
             results.queued_peak_rss_kb = Some(q.peak_rss_kb());
+        }
+        if let Some(b) = &bench.batched {
+            b.check_nothing_lost()?;
+            results.batch_calls_per_event = b
+                .metrics()
+                .ok()
+                .and_then(|m| {
+                    let calls = m.get("subtocall_batch_calls_total")?;
+                    let events = m.get("subtocall_events_forwarded_total")?;
+                    Some(calls / events)
+                });
         }
         Ok(results)
     })
