@@ -170,3 +170,135 @@ async fn an_event_without_its_key_is_delivered_unordered_and_counted() {
         .collect();
     assert_eq!(seqs, (0..10).collect());
 }
+
+/// The lease holders of `procedure`'s partitions on the Redis queue: the
+/// consumer names (host-pid-random) holding them.
+async fn lease_holders(redis: &Redis, procedure: &str, partitions: u16) -> Vec<String> {
+    let mut holders = Vec::new();
+    for k in 0..partitions {
+        let key = format!("{{subtocall:{procedure}}}:lease:{k}");
+        if let support::resp::Reply::Bulk(Some(v)) = redis.command(&["GET", &key]).await {
+            holders.push(String::from_utf8_lossy(&v).into_owned());
+        }
+    }
+    holders
+}
+
+#[tokio::test]
+async fn on_the_redis_queue_keys_stay_in_order_across_two_instances_while_one_is_killed() {
+    const PARTITIONS: u16 = 8;
+    let crossbar = Crossbar::start().await;
+    let router = RouterMeta::join(&crossbar).await;
+    let redis = Redis::start().await;
+    let procedure = "com.example.SUB_ordered_q";
+    let a = Backend::spawn(backend(&crossbar, "A", procedure)).await;
+    let b = Backend::spawn(backend(&crossbar, "B", procedure)).await;
+    let partitions = PARTITIONS.to_string();
+    let env = [
+        ("SUBTOCALL_ORDER_BY", "kwarg:k"),
+        ("SUBTOCALL_QUEUE", "redis"),
+        ("REDIS_URL", &redis.url()),
+        ("SUBTOCALL_CLAIM_IDLE", "2s"),
+        ("SUBTOCALL_ORDER_PARTITIONS", &partitions),
+    ];
+    let mut one = Sidecar::start_for(&crossbar, &env);
+    let mut two = Sidecar::start_for(&crossbar, &env);
+    eventually(WAIT, "both instances subscribed", || async {
+        let n = router.subscribers("com.example.ordered_q").await.len();
+        (n == 2).then_some(())
+    })
+    .await;
+    one.wait_ready(WAIT).await;
+    two.wait_ready(WAIT).await;
+
+    let publisher = Publisher::spawn(PublisherOptions {
+        quiet: true,
+        rate: 1000.0,
+        keys: Some(KEYS),
+        ..PublisherOptions::new(&crossbar, "com.example.ordered_q", EVENTS)
+    });
+    // Kill the instance that delivers the partitions, mid-stream: the other
+    // takes their leases over when they lapse.
+    eventually(WAIT, "a third of the events delivered", || async {
+        (calls(&[&a, &b]).len() >= EVENTS as usize / 3).then_some(())
+    })
+    .await;
+    let holders = lease_holders(&redis, procedure, PARTITIONS).await;
+    assert_eq!(
+        holders.len(),
+        usize::from(PARTITIONS),
+        "every partition is held"
+    );
+    let holds = |s: &Sidecar| {
+        let pid = format!("-{}-", s.pid().expect("running"));
+        holders.iter().filter(|h| h.contains(&pid)).count()
+    };
+    let (held_by_one, held_by_two) = (holds(&one), holds(&two));
+    let (victim, survivor) = if held_by_one >= held_by_two {
+        (&mut one, &two)
+    } else {
+        (&mut two, &one)
+    };
+    victim.kill().await;
+    publisher.finish().await.assert_success();
+
+    let every: BTreeSet<u64> = (0..u64::from(EVENTS)).collect();
+    eventually(WAIT, "every event at a backend", || async {
+        let seen: BTreeSet<u64> = calls(&[&a, &b]).iter().map(|c| c.seq).collect();
+        (seen == every).then_some(())
+    })
+    .await;
+    eventually(WAIT, "the survivor holds every partition", || async {
+        let pid = format!("-{}-", survivor.pid().expect("running"));
+        let holders = lease_holders(&redis, procedure, PARTITIONS).await;
+        (holders.len() == usize::from(PARTITIONS) && holders.iter().all(|h| h.contains(&pid)))
+            .then_some(())
+    })
+    .await;
+    let all = calls(&[&a, &b]);
+
+    let mut by_key: BTreeMap<u64, Vec<&Call>> = BTreeMap::new();
+    for c in &all {
+        by_key.entry(c.key).or_default().push(c);
+    }
+    assert_eq!(by_key.len(), KEYS as usize);
+    let (mut out_of_order, mut overlapping) = (0, 0);
+    for calls in by_key.values() {
+        // A redelivery after the kill repeats an event already delivered;
+        // an event delivered for the first time comes after every earlier
+        // one of its key.
+        let mut delivered = BTreeSet::new();
+        for c in calls.iter() {
+            if delivered.insert(c.seq) && delivered.range(c.seq..).nth(1).is_some() {
+                out_of_order += 1;
+            }
+        }
+        for pair in calls.windows(2) {
+            if pair[0].answered.is_some_and(|at| pair[1].start < at) {
+                overlapping += 1;
+            }
+        }
+    }
+    let mut edges: Vec<(f64, i32)> = Vec::new();
+    for c in all.iter().filter(|c| c.answered.is_some()) {
+        edges.push((c.start, 1));
+        edges.push((c.answered.unwrap(), -1));
+    }
+    edges.sort_by(|x, y| x.0.total_cmp(&y.0).then(x.1.cmp(&y.1)));
+    let (mut running, mut most) = (0, 0);
+    for (_, step) in edges {
+        running += step;
+        most = most.max(running);
+    }
+    println!(
+        "ordering on the Redis queue: {} calls for {EVENTS} events ({} again after the kill; \
+         the killed instance held {} of {PARTITIONS} partitions), {out_of_order} out of order, \
+         {overlapping} overlapping within a key, up to {most} keys in flight at once",
+        all.len(),
+        all.len() - every.len(),
+        held_by_one.max(held_by_two),
+    );
+    assert_eq!(out_of_order, 0, "no key out of order");
+    assert_eq!(overlapping, 0, "no key with two calls at once");
+    assert!(most >= 4, "keys run in parallel: at most {most} at once");
+}

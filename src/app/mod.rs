@@ -169,6 +169,9 @@ struct StreamTasks {
     /// What the readers hand over; `None` once they all stopped.
     from_readers: Option<mpsc::UnboundedReceiver<FromReaders>>,
     stop: CancellationToken,
+    /// Cancelled after the last commits: the readers give up their
+    /// partitions' leases.
+    release: CancellationToken,
     readers: JoinHandle<()>,
     committer: JoinHandle<()>,
 }
@@ -278,7 +281,9 @@ impl App {
         )
         .with_order_by(f.order_by.clone());
         let sidecar = match queue {
-            Some(queue) => sidecar.with_queue(queue, now),
+            Some(queue) => sidecar
+                .with_queue(queue, now)
+                .with_lanes(partitions(config)),
             None => sidecar,
         };
         Ok(App {
@@ -552,7 +557,11 @@ impl App {
                     "the last Redis queue updates did not finish; those entries are delivered again after a takeover"
                 );
             }
-            s.readers.abort();
+            s.release.cancel();
+            let mut readers = s.readers;
+            if timeout(FINAL_GRACE, &mut readers).await.is_err() {
+                readers.abort();
+            }
         }
         self.metrics.router_connected.set(0);
         self.metrics.ready.set(0);
@@ -605,6 +614,7 @@ fn start_streams(
     let (new_tx, new_rx) = mpsc::unbounded_channel();
     let (out_tx, out_rx) = mpsc::unbounded_channel();
     let stop = CancellationToken::new();
+    let release = CancellationToken::new();
     let readers = tokio::spawn(
         Readers {
             target,
@@ -616,6 +626,8 @@ fn start_streams(
             read_chunk: (window / 4).clamp(1, 64) as u32,
             out: out_tx,
             stop: stop.clone(),
+            partitions: partitions(config),
+            release: release.clone(),
         }
         .run(new_rx),
     );
@@ -631,10 +643,17 @@ fn start_streams(
     let tasks = StreamTasks {
         from_readers: Some(out_rx),
         stop,
+        release,
         readers,
         committer,
     };
     Ok((admit, stage, tasks))
+}
+
+/// Partitions per procedure for keyed events: with per-key ordering on the
+/// Redis queue.
+fn partitions(config: &Config) -> Option<u16> {
+    (config.forward.order_by != config::OrderBy::None).then_some(config.queue.partitions)
 }
 
 /// This process's consumer name in the group: host, pid and a random part,

@@ -94,6 +94,8 @@ pub struct Sidecar {
     keys_released_seen: u64,
     /// Where an EVENT's destinations (one per group) are gathered; reused.
     procedures: Vec<Destination>,
+    /// Partitions per procedure for keyed events (Redis queue, ordering).
+    lanes: Option<u16>,
 }
 
 impl Sidecar {
@@ -130,12 +132,20 @@ impl Sidecar {
             order_by: OrderBy::None,
             keys_released_seen: 0,
             procedures: Vec::new(),
+            lanes: None,
         }
     }
 
     /// Delivers events with the same key one at a time, in order.
     pub fn with_order_by(mut self, order_by: OrderBy) -> Sidecar {
         self.order_by = order_by;
+        self
+    }
+
+    /// With the Redis queue and per-key ordering: admits each keyed event
+    /// to one of `partitions` streams of its procedure, by key.
+    pub fn with_lanes(mut self, partitions: Option<u16>) -> Sidecar {
+        self.lanes = partitions;
         self
     }
 
@@ -442,7 +452,15 @@ impl Sidecar {
 
     fn accept(&mut self, mut event: SharedEvent, batch: bool, now: Instant) {
         event.outgoing = self.sink.prepare(&event);
-        let job = shaped(&self.order_by, &self.metrics, Job::new(event, now), batch);
+        let mut job = shaped(
+            &self.order_by,
+            Some(&self.metrics),
+            Job::new(event, now),
+            batch,
+        );
+        if let (Some(partitions), Some(key)) = (self.lanes, job.key) {
+            job.item.lane = Some((key % u64::from(partitions)) as u16);
+        }
         self.core.accept_job(job, now);
     }
 
@@ -556,12 +574,15 @@ impl Sidecar {
         } else {
             shown(&fields)
         };
-        let event = crate::streams::entry::read(&entry.procedure, fields);
+        // A partition's entries are its procedure's events.
+        let procedure = crate::streams::split_lane(&entry.procedure).0;
+        let event = crate::streams::entry::read(procedure, fields);
         match event {
             Ok(event) => {
                 let batch = self.discovery.marker().is_batch(&event.procedure);
                 let job = q.job(&entry, event, now);
-                let job = shaped(&self.order_by, &self.metrics, job, batch);
+                // Counted unordered when it was admitted, not again.
+                let job = shaped(&self.order_by, None, job, batch);
                 q.core.accept_job(job, now);
             }
             Err(why) => {
@@ -1072,7 +1093,7 @@ impl EventIn for Event {
 
 /// Per-key ordering: the event's key (its procedure's and the key's
 /// value hashed together), or `None` to go unordered.
-fn order_key(order_by: &OrderBy, metrics: &Metrics, event: &SharedEvent) -> Option<u64> {
+fn order_key(order_by: &OrderBy, metrics: Option<&Metrics>, event: &SharedEvent) -> Option<u64> {
     use std::hash::{Hash, Hasher};
     let mut h = std::hash::DefaultHasher::new();
     match order_by {
@@ -1086,8 +1107,10 @@ fn order_key(order_by: &OrderBy, metrics: &Metrics, event: &SharedEvent) -> Opti
                 OrderBy::None | OrderBy::Topic => None,
             });
             let Some(value) = value else {
-                metrics.events_unordered.inc();
-                tracing::debug!(procedure = %event.procedure, publication = %event.publication, "event without its ordering key; delivered unordered");
+                if let Some(metrics) = metrics {
+                    metrics.events_unordered.inc();
+                    tracing::debug!(procedure = %event.procedure, publication = %event.publication, "event without its ordering key; delivered unordered");
+                }
                 return None;
             };
             hash_key(value, &mut h);
@@ -1101,7 +1124,7 @@ fn order_key(order_by: &OrderBy, metrics: &Metrics, event: &SharedEvent) -> Opti
 /// batch line (the procedure's) and size.
 fn shaped(
     order_by: &OrderBy,
-    metrics: &Metrics,
+    metrics: Option<&Metrics>,
     job: Job<SharedEvent>,
     batch: bool,
 ) -> Job<SharedEvent> {

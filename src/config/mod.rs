@@ -200,6 +200,8 @@ pub struct QueueConfig {
     pub claim_idle: Duration,
     /// How long an admitted publication id is remembered.
     pub dedup_window: Duration,
+    /// Partitions per procedure for ordered events.
+    pub partitions: u16,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -315,6 +317,7 @@ struct RawVars {
     subtocall_queue: Option<String>,
     subtocall_queue_name: Option<String>,
     subtocall_claim_idle: Option<String>,
+    subtocall_order_partitions: Option<String>,
     subtocall_dedup_window: Option<String>,
     subtocall_redis_cluster: Option<String>,
     subtocall_shutdown_timeout: Option<String>,
@@ -372,6 +375,7 @@ impl RawVars {
             "SUBTOCALL_QUEUE" => &self.subtocall_queue,
             "SUBTOCALL_QUEUE_NAME" => &self.subtocall_queue_name,
             "SUBTOCALL_CLAIM_IDLE" => &self.subtocall_claim_idle,
+            "SUBTOCALL_ORDER_PARTITIONS" => &self.subtocall_order_partitions,
             "SUBTOCALL_DEDUP_WINDOW" => &self.subtocall_dedup_window,
             "SUBTOCALL_REDIS_CLUSTER" => &self.subtocall_redis_cluster,
             "SUBTOCALL_SHUTDOWN_TIMEOUT" => &self.subtocall_shutdown_timeout,
@@ -426,20 +430,6 @@ fn read(vars: Vec<(String, String)>, not_unicode: Vec<String>) -> Result<Config,
     let forward = forward(&mut r);
     let redis = redis(&mut r);
     let queue = queue(&mut r);
-    if let (Ok(f), Ok(q)) = (&forward, &queue)
-        && f.order_by != OrderBy::None
-        && q.kind == QueueKind::Redis
-    {
-        // Across instances the order needs partitions owned by one instance
-        // at a time; until then, refuse rather than promise it.
-        r.report(
-            ORDER_BY.name,
-            None,
-            "per-key ordering is not available with SUBTOCALL_QUEUE=redis yet; \
-             use SUBTOCALL_QUEUE=memory or SUBTOCALL_ORDER_BY=none"
-                .into(),
-        );
-    }
     let reconnect = reconnect(&mut r);
     let shutdown_timeout = r.required(&SHUTDOWN_TIMEOUT, |text| {
         parse::duration_at_least(text, MIN_100MS)
@@ -699,11 +689,13 @@ fn queue(r: &mut Reader) -> Checked<QueueConfig> {
     let dedup_window = r.required(&DEDUP_WINDOW, |text| {
         parse::duration_at_least(text, Duration::from_secs(1))
     });
+    let partitions = r.required(&ORDER_PARTITIONS, |text| parse::number_in(text, 1, 1024));
     Ok(QueueConfig {
         kind: kind?,
         name: name?,
         claim_idle: claim_idle?,
         dedup_window: dedup_window?,
+        partitions: partitions?,
     })
 }
 

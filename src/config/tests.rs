@@ -833,7 +833,7 @@ fn config_can_be_shared_between_tasks() {
 }
 
 #[test]
-fn ordering_is_read_and_refused_with_the_redis_queue_for_now() {
+fn ordering_is_read_and_partitioned_on_the_redis_queue() {
     assert_eq!(config(&[]).forward.order_by, OrderBy::None);
     assert_eq!(
         config(&[("SUBTOCALL_ORDER_BY", "kwarg:client")])
@@ -842,16 +842,17 @@ fn ordering_is_read_and_refused_with_the_redis_queue_for_now() {
         OrderBy::Kwarg("client".into())
     );
     problem(&[("SUBTOCALL_ORDER_BY", "client")], "SUBTOCALL_ORDER_BY");
-    let refused = problem(
-        &[
-            ("SUBTOCALL_ORDER_BY", "topic"),
-            ("SUBTOCALL_QUEUE", "redis"),
-        ],
-        "SUBTOCALL_ORDER_BY",
-    );
-    assert!(
-        refused.message.contains("SUBTOCALL_QUEUE=redis"),
-        "{refused:?}"
+    let on_redis = config(&[
+        ("SUBTOCALL_ORDER_BY", "topic"),
+        ("SUBTOCALL_QUEUE", "redis"),
+        ("SUBTOCALL_ORDER_PARTITIONS", "4"),
+    ]);
+    assert_eq!(on_redis.forward.order_by, OrderBy::Topic);
+    assert_eq!(on_redis.queue.partitions, 4);
+    assert_eq!(config(&[]).queue.partitions, 16);
+    problem(
+        &[("SUBTOCALL_ORDER_PARTITIONS", "0")],
+        "SUBTOCALL_ORDER_PARTITIONS",
     );
 }
 

@@ -372,7 +372,8 @@ pub(crate) const ORDER_BY: Var = Var {
               one at a time, in the order received; the next is not called before the \
               previous one's RESULT or dead letter. Different keys go in parallel up to \
               SUBTOCALL_MAX_IN_FLIGHT. An event without the key is delivered unordered and \
-              counted. Not yet available with SUBTOCALL_QUEUE=redis.",
+              counted. With SUBTOCALL_QUEUE=redis the order holds across instances \
+              (see SUBTOCALL_ORDER_PARTITIONS).",
     secret: false,
     group: Group::Forwarding,
 };
@@ -544,6 +545,20 @@ pub(crate) const CLAIM_IDLE: Var = Var {
     group: Group::Queue,
 };
 
+pub(crate) const ORDER_PARTITIONS: Var = Var {
+    name: "SUBTOCALL_ORDER_PARTITIONS",
+    old_names: &[],
+    default: DefaultValue::Value("16"),
+    accepts: "a whole number from 1 to 1024",
+    meaning: "With SUBTOCALL_QUEUE=redis and SUBTOCALL_ORDER_BY: each procedure's keyed \
+              events go to one of this many partition streams by key, and each partition is \
+              delivered by one instance at a time, which holds a lease on it (renewed every \
+              third of SUBTOCALL_CLAIM_IDLE; another instance takes the partition over when \
+              it lapses or when its holder stops).",
+    secret: false,
+    group: Group::Queue,
+};
+
 pub(crate) const DEDUP_WINDOW: Var = Var {
     name: "SUBTOCALL_DEDUP_WINDOW",
     old_names: &[],
@@ -677,6 +692,7 @@ pub(crate) const VARS: &[&Var] = &[
     &QUEUE,
     &QUEUE_NAME,
     &CLAIM_IDLE,
+    &ORDER_PARTITIONS,
     &DEDUP_WINDOW,
     &REDIS_URL,
     &REDIS_CLUSTER,

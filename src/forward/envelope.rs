@@ -66,10 +66,13 @@ pub struct SharedEvent {
     pub outgoing: Outgoing,
     /// Where it waits in the Redis queue, when it was read back from there.
     pub entry: Option<Entry>,
+    /// With the Redis queue and per-key ordering: the partition of its
+    /// procedure its key falls in (the stream it is admitted to).
+    pub lane: Option<u16>,
 }
 
-/// A Redis queue entry: its stream (by procedure), its id, and how often it
-/// was handed out.
+/// A Redis queue entry: its stream (by unit: the procedure, or one of its
+/// partitions, `procedure#k`), its id, and how often it was handed out.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
     pub procedure: std::sync::Arc<str>,
@@ -131,6 +134,7 @@ impl SharedEvent {
             received_at,
             outgoing: Outgoing::AsReceived,
             entry: None,
+            lane: None,
         }
     }
 

@@ -49,6 +49,9 @@ end
 return {added, before}
 ";
 
+/// A stream's procedure and partition (see [`super::lane`]).
+type Unit<'a> = (&'a str, Option<u16>);
+
 /// The admission sink.
 pub struct AdmitSink {
     conn: Shared,
@@ -102,17 +105,19 @@ impl<T> Sink<T> for AdmitSink {
         _session: Option<&mut Session<T>>,
         _now: Instant,
     ) -> Started {
-        // One script call per procedure (its keys share a hash slot), in
-        // the order of each procedure's first event.
-        let mut groups: Vec<(&str, redis::Cmd, usize)> = Vec::new();
+        // One script call per stream (a procedure, or one of its
+        // partitions; its keys share a hash slot), in the order of each
+        // stream's first event.
+        let mut groups: Vec<(Unit, redis::Cmd, usize)> = Vec::new();
         for job in jobs {
             let ev = &job.item;
-            let at = match groups.iter().position(|(p, _, _)| *p == ev.procedure) {
+            let unit = (ev.procedure.as_str(), ev.lane);
+            let at = match groups.iter().position(|(u, _, _)| *u == unit) {
                 Some(at) => at,
                 None => {
                     let mut cmd = redis::cmd("EVAL");
                     cmd.arg(ADMIT);
-                    groups.push((&ev.procedure, cmd, 0));
+                    groups.push((unit, cmd, 0));
                     groups.len() - 1
                 }
             };
@@ -120,13 +125,17 @@ impl<T> Sink<T> for AdmitSink {
         }
         let mut calls = Vec::with_capacity(groups.len());
         let mut new = Vec::new();
-        for (procedure, mut cmd, n) in groups {
+        for ((procedure, lane), mut cmd, n) in groups {
             let events: Vec<&SharedEvent> = jobs
                 .iter()
                 .map(|j| &j.item)
-                .filter(|e| e.procedure == procedure)
+                .filter(|e| e.procedure == procedure && e.lane == lane)
                 .collect();
-            cmd.arg(n + 1).arg(self.keys.stream(procedure));
+            let stream = match lane {
+                Some(k) => self.keys.stream(&super::lane(procedure, k)),
+                None => self.keys.stream(procedure),
+            };
+            cmd.arg(n + 1).arg(stream);
             // One buffer for every key and event: `arg` copies it.
             let seen = self.keys.seen(procedure, 0);
             let prefix = seen
@@ -151,6 +160,7 @@ impl<T> Sink<T> for AdmitSink {
                 .lock()
                 .expect("not poisoned")
                 .contains(procedure)
+                && !new.iter().any(|p| p == procedure)
             {
                 new.push(procedure.to_owned());
             }

@@ -159,6 +159,7 @@ pub fn decode(procedure: &str, e: Bytes) -> Result<SharedEvent, String> {
         received_at: UNIX_EPOCH + Duration::from_millis(at),
         outgoing: Default::default(),
         entry: None,
+        lane: None,
     })
 }
 

@@ -56,14 +56,26 @@ impl Keys {
         &self.name
     }
 
-    /// The stream of events waiting for `procedure`.
-    pub fn stream(&self, procedure: &str) -> String {
-        format!("{{{}:{procedure}}}:stream", self.name)
+    /// The stream of events waiting for `unit`: a procedure (its events
+    /// without an ordering key, or every event when there is no ordering),
+    /// or one of its partitions ([`lane`]), `{ns:P}:stream:K`. All share
+    /// the procedure's hash tag.
+    pub fn stream(&self, unit: &str) -> String {
+        match split_lane(unit) {
+            (procedure, None) => format!("{{{}:{procedure}}}:stream", self.name),
+            (procedure, Some(k)) => format!("{{{}:{procedure}}}:stream:{k}", self.name),
+        }
     }
 
-    /// The dead-letter stream of `procedure`.
-    pub fn dead(&self, procedure: &str) -> String {
-        format!("{{{}:{procedure}}}:dead", self.name)
+    /// The lease on partition `k` of `procedure`: who delivers it now.
+    pub fn lease(&self, procedure: &str, k: u16) -> String {
+        format!("{{{}:{procedure}}}:lease:{k}", self.name)
+    }
+
+    /// The dead-letter stream of `unit`'s procedure (one per procedure,
+    /// whatever the partition).
+    pub fn dead(&self, unit: &str) -> String {
+        format!("{{{}:{}}}:dead", self.name, split_lane(unit).0)
     }
 
     /// The claim key of one publication for `procedure`.
@@ -74,6 +86,22 @@ impl Keys {
     /// The set of every procedure that has a stream.
     pub fn procedures(&self) -> String {
         format!("{}:procedures", self.name)
+    }
+}
+
+/// A procedure's partition `k` as a stream unit: `procedure#k`. `#` is not
+/// allowed in WAMP URIs, so the name is unambiguous.
+pub fn lane(procedure: &str, k: u16) -> String {
+    format!("{procedure}#{k}")
+}
+
+/// A stream unit's procedure and partition.
+pub fn split_lane(unit: &str) -> (&str, Option<&str>) {
+    match unit.rsplit_once('#') {
+        Some((procedure, k)) if !k.is_empty() && k.bytes().all(|b| b.is_ascii_digit()) => {
+            (procedure, Some(k))
+        }
+        _ => (unit, None),
     }
 }
 
@@ -246,6 +274,14 @@ mod tests {
         assert_eq!(k.seen("com.example.SUB_a", 7), format!("{tag}:seen:7"));
         assert_eq!(k.group(), "subtocall");
         assert_eq!(k.procedures(), "subtocall:procedures");
+        // A partition's stream and lease share the procedure's tag; its dead
+        // letters go to the procedure's one dead-letter stream.
+        let unit = lane("com.example.SUB_a", 3);
+        assert_eq!(k.stream(&unit), format!("{tag}:stream:3"));
+        assert_eq!(k.dead(&unit), format!("{tag}:dead"));
+        assert_eq!(k.lease("com.example.SUB_a", 3), format!("{tag}:lease:3"));
+        assert_eq!(split_lane(&unit), ("com.example.SUB_a", Some("3")));
+        assert_eq!(split_lane("a#b"), ("a#b", None));
     }
 
     #[test]

@@ -10,6 +10,17 @@
 //! for one that this instance's admission just registered, and for new ones
 //! other instances registered (it re-reads the set every second, which also
 //! tells the event loop whether Redis answers).
+//!
+//! With per-key ordering, a procedure's keyed events are in partition
+//! streams (`procedure#k`), each read by one instance at a time: the one
+//! holding the partition's lease (a key with a TTL of `claim_idle`, renewed
+//! every third of it). An instance takes every free lease it finds; a lease
+//! whose holder died lapses and the next instance to look takes it, claims
+//! every entry still pending in the partition (whoever held them) before it
+//! reads anything new, and so delivers the partition's entries in stream
+//! order. A lease is given up only when its holder has finished (after the
+//! last commits at shutdown), so two instances never deliver one partition
+//! at once unless a holder stalls longer than `claim_idle`.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -70,20 +81,75 @@ pub struct Readers {
     pub read_chunk: u32,
     pub out: mpsc::UnboundedSender<FromReaders>,
     pub stop: CancellationToken,
+    /// Partitions per procedure for keyed events (per-key ordering), if any.
+    pub partitions: Option<u16>,
+    /// Cancelled when this instance has finished with its partitions (its
+    /// last commits made): their leases are given up then.
+    pub release: CancellationToken,
 }
 
+/// KEYS: the leases of one procedure's partitions; ARGV[1] this consumer,
+/// ARGV[2] the TTL in ms, ARGV[3] `1` to take free leases. Renews ours,
+/// takes free ones; per lease: 1 ours still, 2 newly ours, 0 someone else's.
+const LEASES: &str = r"
+local out = {}
+for i = 1, #KEYS do
+  local holder = redis.call('GET', KEYS[i])
+  if holder == ARGV[1] then
+    redis.call('PEXPIRE', KEYS[i], ARGV[2])
+    out[i] = 1
+  elseif not holder and ARGV[3] == '1' then
+    redis.call('SET', KEYS[i], ARGV[1], 'PX', ARGV[2])
+    out[i] = 2
+  else
+    out[i] = 0
+  end
+end
+return out
+";
+
+/// KEYS: leases; ARGV[1] this consumer. Gives up those still ours.
+const RELEASE: &str = r"
+local n = 0
+for i = 1, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[1] then
+    redis.call('DEL', KEYS[i])
+    n = n + 1
+  end
+end
+return n
+";
+
 impl Readers {
-    /// Runs readers until `stop`, starting one per procedure it learns of.
+    /// Runs readers until `stop`, starting one per procedure it learns of
+    /// (and, with partitions, one per partition whose lease it holds, whose
+    /// leases it keeps until `release`).
     pub async fn run(self, mut new_procedures: mpsc::UnboundedReceiver<String>) {
         let this = Arc::new(self);
         let mut running: HashSet<String> = HashSet::new();
         let mut tasks = JoinSet::new();
         let mut next_scan = Instant::now();
+        // Partitions this instance holds, with their readers' stop signals.
+        let mut held: HashMap<String, CancellationToken> = HashMap::new();
+        let lease_every = (this.claim_idle / 3).min(REGISTRY_EVERY);
+        let mut next_lease = Instant::now();
+        let mut stopping = false;
         loop {
             let mut found = Vec::new();
             tokio::select! {
-                _ = this.stop.cancelled() => break,
-                Some(p) = new_procedures.recv() => found.push(p),
+                _ = this.release.cancelled() => break,
+                _ = this.stop.cancelled(), if !stopping => {
+                    if this.partitions.is_none() || held.is_empty() {
+                        break;
+                    }
+                    // Keep the leases while what was read is finished.
+                    stopping = true;
+                }
+                _ = sleep_until(next_lease), if this.partitions.is_some() => {
+                    next_lease = Instant::now() + lease_every;
+                    this.leases(&running, &mut held, &mut tasks, !stopping).await;
+                }
+                Some(p) = new_procedures.recv(), if !stopping => found.push(p),
                 _ = sleep_until(next_scan) => {
                     next_scan = Instant::now() + REGISTRY_EVERY;
                     match this.registry().await {
@@ -102,11 +168,104 @@ impl Readers {
                 if running.insert(procedure.clone()) {
                     tracing::info!(%procedure, "reading the procedure's queue stream");
                     let this = this.clone();
-                    tasks.spawn(async move { this.read(Arc::from(procedure)).await });
+                    let stop = this.stop.clone();
+                    tasks.spawn(async move { this.read(Arc::from(procedure), stop, false).await });
                 }
             }
         }
+        this.give_up_leases(&running, &held).await;
         while tasks.join_next().await.is_some() {}
+    }
+
+    /// Renews the partitions' leases this instance holds and, when `take`,
+    /// takes the free ones, starting a reader for each partition it takes
+    /// and stopping the reader of one it lost.
+    async fn leases(
+        self: &Arc<Self>,
+        procedures: &HashSet<String>,
+        held: &mut HashMap<String, CancellationToken>,
+        tasks: &mut JoinSet<()>,
+        take: bool,
+    ) {
+        let Some(partitions) = self.partitions else {
+            return;
+        };
+        let ttl = self.claim_idle.as_millis().max(1).to_string();
+        for procedure in procedures {
+            let keys: Vec<String> = (0..partitions)
+                .map(|k| self.keys.lease(procedure, k))
+                .collect();
+            let mut cmd = redis::cmd("EVAL");
+            cmd.arg(LEASES).arg(keys.len()).arg(&keys);
+            cmd.arg(&self.consumer)
+                .arg(&ttl)
+                .arg(if take { "1" } else { "0" });
+            let states: Vec<i64> = match self.shared.get().await {
+                Ok(mut c) => match cmd.query_async(&mut c).await {
+                    Ok(states) => states,
+                    Err(e) => {
+                        tracing::debug!(%procedure, error = %e, "cannot renew the partitions' leases");
+                        continue;
+                    }
+                },
+                Err(_) => continue,
+            };
+            for (k, state) in (0..partitions).zip(states) {
+                let unit = super::lane(procedure, k);
+                match (state, held.contains_key(&unit)) {
+                    (1 | 2, false) => {
+                        tracing::info!(partition = %unit, "holding the partition's lease; delivering it");
+                        let stop = self.stop.child_token();
+                        held.insert(unit.clone(), stop.clone());
+                        let this = self.clone();
+                        tasks.spawn(async move { this.read(Arc::from(unit), stop, true).await });
+                    }
+                    (0, true) => {
+                        tracing::warn!(partition = %unit, "lost the partition's lease (not renewed in time); another instance delivers it now");
+                        if let Some(stop) = held.remove(&unit) {
+                            stop.cancel();
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// Gives up the leases this instance holds, so that another instance
+    /// takes the partitions at once.
+    async fn give_up_leases(
+        &self,
+        procedures: &HashSet<String>,
+        held: &HashMap<String, CancellationToken>,
+    ) {
+        let Some(partitions) = self.partitions else {
+            return;
+        };
+        for procedure in procedures {
+            let keys: Vec<String> = (0..partitions)
+                .filter(|k| held.contains_key(&super::lane(procedure, *k)))
+                .map(|k| self.keys.lease(procedure, k))
+                .collect();
+            if keys.is_empty() {
+                continue;
+            }
+            let mut cmd = redis::cmd("EVAL");
+            cmd.arg(RELEASE)
+                .arg(keys.len())
+                .arg(&keys)
+                .arg(&self.consumer);
+            if let Ok(mut c) = self.shared.get().await {
+                match cmd.query_async::<i64>(&mut c).await {
+                    Ok(n) => {
+                        tracing::info!(%procedure, partitions = n, "gave up the partitions' leases")
+                    }
+                    Err(e) => {
+                        tracing::warn!(%procedure, error = %e, "could not give up the partitions' leases; they lapse after SUBTOCALL_CLAIM_IDLE")
+                    }
+                }
+            }
+        }
     }
 
     async fn registry(&self) -> redis::RedisResult<Vec<String>> {
@@ -117,17 +276,21 @@ impl Readers {
             .await
     }
 
-    /// One stream's reader, until `stop`.
-    async fn read(&self, procedure: Arc<str>) {
+    /// One stream's reader, until `stop`. `procedure` is the stream's unit
+    /// (a procedure or one of its partitions). A partition's new holder
+    /// (`claim_all`) first claims every entry pending in it, whoever held
+    /// them, so that it delivers them before anything newer.
+    async fn read(&self, procedure: Arc<str>, stop: CancellationToken, claim_all: bool) {
         let stream = self.keys.stream(&procedure);
         let mut conn: Option<RawConn> = None;
         // On a cluster: the node a `MOVED` named, tried before a lookup.
         let mut redirect: Option<(String, u16)> = None;
         let mut group_ready = false;
+        let mut claimed_all = !claim_all;
         let mut next_claim = Instant::now();
         let mut failures = 0u32;
         let mut moves = 0u32;
-        while !self.stop.is_cancelled() {
+        while !stop.is_cancelled() {
             let step = async {
                 let c = match &mut conn {
                     Some(c) => c,
@@ -137,15 +300,22 @@ impl Readers {
                     create_group(c, &stream, self.keys.group()).await?;
                     group_ready = true;
                 }
+                if !claimed_all {
+                    self.take_over(c, &procedure, &stream, Duration::ZERO)
+                        .await?;
+                    claimed_all = true;
+                    next_claim = Instant::now() + self.claim_idle / 2;
+                }
                 if Instant::now() >= next_claim {
-                    self.take_over(c, &procedure, &stream).await?;
+                    self.take_over(c, &procedure, &stream, self.claim_idle)
+                        .await?;
                     next_claim = Instant::now() + self.claim_idle / 2;
                 }
                 // Wait for room in the window: a chunk of it, so that a full
                 // window is topped up in a few reads rather than one per
                 // acknowledgement.
                 let room = tokio::select! {
-                    _ = self.stop.cancelled() => return Ok(()),
+                    _ = stop.cancelled() => return Ok(()),
                     permit = self.credits.acquire_many(self.read_chunk) => match permit {
                         Ok(p) => { drop(p); self.credits.available_permits().clamp(1, READ_MAX) }
                         Err(_) => return Ok(()),
@@ -211,7 +381,7 @@ impl Readers {
                     }
                     let delay = Duration::from_millis(100 * u64::from(failures.min(20)));
                     tokio::select! {
-                        _ = self.stop.cancelled() => {}
+                        _ = stop.cancelled() => {}
                         _ = sleep(delay) => {}
                     }
                 }
@@ -292,14 +462,16 @@ impl Readers {
         let _ = self.out.send(FromReaders::Entries(entries));
     }
 
-    /// Takes over what another consumer left idle for `claim_idle`.
+    /// Takes over what another consumer left idle for `idle`, in stream
+    /// order.
     async fn take_over(
         &self,
         c: &mut RawConn,
         procedure: &Arc<str>,
         stream: &str,
+        idle: Duration,
     ) -> Result<(), resp::Error> {
-        let idle = self.claim_idle.as_millis().to_string();
+        let idle = idle.as_millis().to_string();
         let mut cursor = "0-0".to_owned();
         loop {
             let room = self
