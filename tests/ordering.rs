@@ -187,6 +187,7 @@ async fn lease_holders(redis: &Redis, procedure: &str, partitions: u16) -> Vec<S
 #[tokio::test]
 async fn on_the_redis_queue_keys_stay_in_order_across_two_instances_while_one_is_killed() {
     const PARTITIONS: u16 = 8;
+    const EVENTS: u32 = 5000;
     let crossbar = Crossbar::start().await;
     let router = RouterMeta::join(&crossbar).await;
     let redis = Redis::start().await;
@@ -202,43 +203,48 @@ async fn on_the_redis_queue_keys_stay_in_order_across_two_instances_while_one_is
         ("SUBTOCALL_ORDER_PARTITIONS", &partitions),
     ];
     let mut one = Sidecar::start_for(&crossbar, &env);
-    let mut two = Sidecar::start_for(&crossbar, &env);
-    eventually(WAIT, "both instances subscribed", || async {
-        let n = router.subscribers("com.example.ordered_q").await.len();
-        (n == 2).then_some(())
-    })
-    .await;
-    one.wait_ready(WAIT).await;
-    two.wait_ready(WAIT).await;
-
+    one.wait_subscribed(&router, "com.example.ordered_q", WAIT)
+        .await;
     let publisher = Publisher::spawn(PublisherOptions {
         quiet: true,
         rate: 1000.0,
         keys: Some(KEYS),
         ..PublisherOptions::new(&crossbar, "com.example.ordered_q", EVENTS)
     });
-    // Kill the instance that delivers the partitions, mid-stream: the other
-    // takes their leases over when they lapse.
-    eventually(WAIT, "a third of the events delivered", || async {
-        (calls(&[&a, &b]).len() >= EVENTS as usize / 3).then_some(())
+    // The first instance takes every partition; a second one joins
+    // mid-stream and gets half of them handed over.
+    eventually(WAIT, "the first instance holds every partition", || async {
+        let holders = lease_holders(&redis, procedure, PARTITIONS).await;
+        (holders.len() == usize::from(PARTITIONS)).then_some(())
     })
     .await;
-    let holders = lease_holders(&redis, procedure, PARTITIONS).await;
-    assert_eq!(
-        holders.len(),
-        usize::from(PARTITIONS),
-        "every partition is held"
-    );
-    let holds = |s: &Sidecar| {
+    let two = Sidecar::start_for(&crossbar, &env);
+    let holds = |s: &Sidecar, holders: &[String]| {
         let pid = format!("-{}-", s.pid().expect("running"));
         holders.iter().filter(|h| h.contains(&pid)).count()
     };
-    let (held_by_one, held_by_two) = (holds(&one), holds(&two));
-    let (victim, survivor) = if held_by_one >= held_by_two {
-        (&mut one, &two)
-    } else {
-        (&mut two, &one)
-    };
+    let half = usize::from(PARTITIONS) / 2;
+    eventually(
+        WAIT,
+        "the partitions shared by the two instances",
+        || async {
+            let holders = lease_holders(&redis, procedure, PARTITIONS).await;
+            (holds(&one, &holders) == half && holds(&two, &holders) == half).then_some(())
+        },
+    )
+    .await;
+    let handed_over_at = calls(&[&a, &b]).len();
+    assert!(
+        handed_over_at < EVENTS as usize * 3 / 4,
+        "the hand-over came mid-stream ({handed_over_at} delivered)"
+    );
+    // Kill one of them mid-stream: the other takes its partitions over when
+    // their leases lapse.
+    eventually(WAIT, "more events delivered", || async {
+        (calls(&[&a, &b]).len() >= handed_over_at + 500).then_some(())
+    })
+    .await;
+    let (victim, survivor) = (&mut one, &two);
     victim.kill().await;
     publisher.finish().await.assert_success();
 
@@ -292,11 +298,11 @@ async fn on_the_redis_queue_keys_stay_in_order_across_two_instances_while_one_is
     }
     println!(
         "ordering on the Redis queue: {} calls for {EVENTS} events ({} again after the kill; \
-         the killed instance held {} of {PARTITIONS} partitions), {out_of_order} out of order, \
-         {overlapping} overlapping within a key, up to {most} keys in flight at once",
+         half of {PARTITIONS} partitions handed to the second instance after {handed_over_at} \
+         events, the first killed later), {out_of_order} out of order, {overlapping} \
+         overlapping within a key, up to {most} keys in flight at once",
         all.len(),
         all.len() - every.len(),
-        held_by_one.max(held_by_two),
     );
     assert_eq!(out_of_order, 0, "no key out of order");
     assert_eq!(overlapping, 0, "no key with two calls at once");

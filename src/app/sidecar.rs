@@ -648,7 +648,11 @@ impl Sidecar {
             }
         }
         self.pump_queue(session, now);
-        let released = self.core.counts().keys_released_by_dead_letter;
+        // The delivering core's: the queue stage's with the Redis queue.
+        let released = match &self.queue {
+            Some(q) => q.core.counts().keys_released_by_dead_letter,
+            None => self.core.counts().keys_released_by_dead_letter,
+        };
         if released > self.keys_released_seen {
             self.metrics
                 .order_released

@@ -83,6 +83,12 @@ impl Keys {
         format!("{{{}:{procedure}}}:seen:{publication}", self.name)
     }
 
+    /// The instances reading the queue (with per-key ordering), scored by
+    /// when each was last seen.
+    pub fn instances(&self) -> String {
+        format!("{}:instances", self.name)
+    }
+
     /// The set of every procedure that has a stream.
     pub fn procedures(&self) -> String {
         format!("{}:procedures", self.name)

@@ -89,17 +89,20 @@ pub struct Readers {
 }
 
 /// KEYS: the leases of one procedure's partitions; ARGV[1] this consumer,
-/// ARGV[2] the TTL in ms, ARGV[3] `1` to take free leases. Renews ours,
-/// takes free ones; per lease: 1 ours still, 2 newly ours, 0 someone else's.
+/// ARGV[2] the TTL in ms, ARGV[3] how many free leases to take at most.
+/// Renews ours, takes free ones; per lease: 1 ours still, 2 newly ours, 0
+/// someone else's (or free).
 const LEASES: &str = r"
 local out = {}
+local want = tonumber(ARGV[3])
 for i = 1, #KEYS do
   local holder = redis.call('GET', KEYS[i])
   if holder == ARGV[1] then
     redis.call('PEXPIRE', KEYS[i], ARGV[2])
     out[i] = 1
-  elseif not holder and ARGV[3] == '1' then
+  elseif not holder and want > 0 then
     redis.call('SET', KEYS[i], ARGV[1], 'PX', ARGV[2])
+    want = want - 1
     out[i] = 2
   else
     out[i] = 0
@@ -107,6 +110,27 @@ for i = 1, #KEYS do
 end
 return out
 ";
+
+/// KEYS[1] the live instances (a sorted set); ARGV[1] this consumer,
+/// ARGV[2] how long an instance counts as live, in ms. Scores this instance
+/// with Redis's clock, forgets the silent ones, returns how many are live.
+const HEARTBEAT: &str = r"
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
+redis.call('PEXPIRE', KEYS[1], 10 * tonumber(ARGV[2]))
+return redis.call('ZCARD', KEYS[1])
+";
+
+/// A partition this instance holds: its reader, and whether it is being
+/// handed over (the reader stopped; the lease goes once nothing is
+/// pending here).
+struct Held {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+    leaving: bool,
+}
 
 /// KEYS: leases; ARGV[1] this consumer. Gives up those still ours.
 const RELEASE: &str = r"
@@ -129,8 +153,8 @@ impl Readers {
         let mut running: HashSet<String> = HashSet::new();
         let mut tasks = JoinSet::new();
         let mut next_scan = Instant::now();
-        // Partitions this instance holds, with their readers' stop signals.
-        let mut held: HashMap<String, CancellationToken> = HashMap::new();
+        // Partitions this instance holds, with their readers.
+        let mut held: HashMap<String, Held> = HashMap::new();
         let lease_every = (this.claim_idle / 3).min(REGISTRY_EVERY);
         let mut next_lease = Instant::now();
         let mut stopping = false;
@@ -147,7 +171,7 @@ impl Readers {
                 }
                 _ = sleep_until(next_lease), if this.partitions.is_some() => {
                     next_lease = Instant::now() + lease_every;
-                    this.leases(&running, &mut held, &mut tasks, !stopping).await;
+                    this.leases(&running, &mut held, !stopping).await;
                 }
                 Some(p) = new_procedures.recv(), if !stopping => found.push(p),
                 _ = sleep_until(next_scan) => {
@@ -173,33 +197,60 @@ impl Readers {
                 }
             }
         }
+        for h in held.values() {
+            h.stop.cancel();
+        }
         this.give_up_leases(&running, &held).await;
         while tasks.join_next().await.is_some() {}
+        for (_, h) in held {
+            let _ = h.task.await;
+        }
     }
 
     /// Renews the partitions' leases this instance holds and, when `take`,
-    /// takes the free ones, starting a reader for each partition it takes
-    /// and stopping the reader of one it lost.
+    /// takes free ones up to its share (the partitions divided among the
+    /// live instances), starting a reader for each partition it takes and
+    /// stopping the reader of one it lost. Above its share it hands
+    /// partitions over: their readers stop, and once nothing of theirs is
+    /// pending here any more, their leases are given up for another
+    /// instance to take.
     async fn leases(
         self: &Arc<Self>,
         procedures: &HashSet<String>,
-        held: &mut HashMap<String, CancellationToken>,
-        tasks: &mut JoinSet<()>,
+        held: &mut HashMap<String, Held>,
         take: bool,
     ) {
         let Some(partitions) = self.partitions else {
             return;
         };
+        let instances = match self.heartbeat().await {
+            Ok(n) => n.max(1),
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot tell the other instances we are here");
+                return;
+            }
+        };
+        let share = usize::from(partitions).div_ceil(instances);
         let ttl = self.claim_idle.as_millis().max(1).to_string();
         for procedure in procedures {
+            let units: Vec<String> = (0..partitions).map(|k| super::lane(procedure, k)).collect();
+            let staying = |held: &HashMap<String, Held>| {
+                units
+                    .iter()
+                    .filter(|u| held.get(*u).is_some_and(|h| !h.leaving))
+                    .count()
+            };
+            let want = if take {
+                share.saturating_sub(staying(held))
+            } else {
+                0
+            };
             let keys: Vec<String> = (0..partitions)
                 .map(|k| self.keys.lease(procedure, k))
                 .collect();
             let mut cmd = redis::cmd("EVAL");
             cmd.arg(LEASES).arg(keys.len()).arg(&keys);
-            cmd.arg(&self.consumer)
-                .arg(&ttl)
-                .arg(if take { "1" } else { "0" });
+            cmd.arg(&self.consumer).arg(&ttl).arg(want);
             let states: Vec<i64> = match self.shared.get().await {
                 Ok(mut c) => match cmd.query_async(&mut c).await {
                     Ok(states) => states,
@@ -210,23 +261,115 @@ impl Readers {
                 },
                 Err(_) => continue,
             };
-            for (k, state) in (0..partitions).zip(states) {
-                let unit = super::lane(procedure, k);
-                match (state, held.contains_key(&unit)) {
+            for (unit, state) in units.iter().zip(states) {
+                match (state, held.contains_key(unit)) {
                     (1 | 2, false) => {
                         tracing::info!(partition = %unit, "holding the partition's lease; delivering it");
                         let stop = self.stop.child_token();
-                        held.insert(unit.clone(), stop.clone());
                         let this = self.clone();
-                        tasks.spawn(async move { this.read(Arc::from(unit), stop, true).await });
+                        let (u, s) = (Arc::from(unit.as_str()), stop.clone());
+                        let task = tokio::spawn(async move { this.read(u, s, true).await });
+                        held.insert(
+                            unit.clone(),
+                            Held {
+                                stop,
+                                task,
+                                leaving: false,
+                            },
+                        );
                     }
                     (0, true) => {
                         tracing::warn!(partition = %unit, "lost the partition's lease (not renewed in time); another instance delivers it now");
-                        if let Some(stop) = held.remove(&unit) {
-                            stop.cancel();
+                        if let Some(h) = held.remove(unit) {
+                            h.stop.cancel();
                         }
                     }
                     _ => {}
+                }
+            }
+            if !take {
+                continue;
+            }
+            // Above the share: hand the last partitions over.
+            let excess = staying(held).saturating_sub(share);
+            let leaving: Vec<&String> = units
+                .iter()
+                .rev()
+                .filter(|u| held.get(*u).is_some_and(|h| !h.leaving))
+                .take(excess)
+                .collect();
+            for unit in leaving {
+                if let Some(h) = held.get_mut(unit) {
+                    tracing::info!(partition = %unit, instances, "handing the partition over to another instance");
+                    h.leaving = true;
+                    h.stop.cancel();
+                }
+            }
+            for unit in &units {
+                let done = held
+                    .get(unit)
+                    .is_some_and(|h| h.leaving && h.task.is_finished());
+                if done && self.nothing_pending(unit).await {
+                    self.give_up(procedure, std::slice::from_ref(unit)).await;
+                    held.remove(unit);
+                }
+            }
+        }
+    }
+
+    /// Says this instance is alive (a sorted set scored by Redis's clock)
+    /// and counts the live instances: those seen within `claim_idle`.
+    async fn heartbeat(&self) -> redis::RedisResult<usize> {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(HEARTBEAT)
+            .arg(1)
+            .arg(self.keys.instances())
+            .arg(&self.consumer)
+            .arg(self.claim_idle.as_millis().max(1) as u64);
+        let mut c = self.shared.get().await?;
+        cmd.query_async(&mut c).await
+    }
+
+    /// Whether this instance has no entry of `unit` pending (every one it
+    /// read is acknowledged, dead-lettered or released in Redis).
+    async fn nothing_pending(&self, unit: &str) -> bool {
+        let Ok(mut c) = self.shared.get().await else {
+            return false;
+        };
+        let pending: redis::RedisResult<Vec<Value>> = redis::cmd("XPENDING")
+            .arg(self.keys.stream(unit))
+            .arg(self.keys.group())
+            .arg("-")
+            .arg("+")
+            .arg(1)
+            .arg(&self.consumer)
+            .query_async(&mut c)
+            .await;
+        pending.is_ok_and(|p| p.is_empty())
+    }
+
+    /// Gives up the leases of `units` of `procedure` if still ours.
+    async fn give_up(&self, procedure: &str, units: &[String]) {
+        let keys: Vec<String> = units
+            .iter()
+            .filter_map(|u| super::split_lane(u).1?.parse::<u16>().ok())
+            .map(|k| self.keys.lease(procedure, k))
+            .collect();
+        if keys.is_empty() {
+            return;
+        }
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(RELEASE)
+            .arg(keys.len())
+            .arg(&keys)
+            .arg(&self.consumer);
+        if let Ok(mut c) = self.shared.get().await {
+            match cmd.query_async::<i64>(&mut c).await {
+                Ok(n) => {
+                    tracing::info!(%procedure, partitions = n, "gave up the partitions' leases")
+                }
+                Err(e) => {
+                    tracing::warn!(%procedure, error = %e, "could not give up the partitions' leases; they lapse after SUBTOCALL_CLAIM_IDLE")
                 }
             }
         }
@@ -234,37 +377,14 @@ impl Readers {
 
     /// Gives up the leases this instance holds, so that another instance
     /// takes the partitions at once.
-    async fn give_up_leases(
-        &self,
-        procedures: &HashSet<String>,
-        held: &HashMap<String, CancellationToken>,
-    ) {
-        let Some(partitions) = self.partitions else {
-            return;
-        };
+    async fn give_up_leases(&self, procedures: &HashSet<String>, held: &HashMap<String, Held>) {
         for procedure in procedures {
-            let keys: Vec<String> = (0..partitions)
-                .filter(|k| held.contains_key(&super::lane(procedure, *k)))
-                .map(|k| self.keys.lease(procedure, k))
+            let units: Vec<String> = held
+                .keys()
+                .filter(|u| super::split_lane(u).0 == procedure)
+                .cloned()
                 .collect();
-            if keys.is_empty() {
-                continue;
-            }
-            let mut cmd = redis::cmd("EVAL");
-            cmd.arg(RELEASE)
-                .arg(keys.len())
-                .arg(&keys)
-                .arg(&self.consumer);
-            if let Ok(mut c) = self.shared.get().await {
-                match cmd.query_async::<i64>(&mut c).await {
-                    Ok(n) => {
-                        tracing::info!(%procedure, partitions = n, "gave up the partitions' leases")
-                    }
-                    Err(e) => {
-                        tracing::warn!(%procedure, error = %e, "could not give up the partitions' leases; they lapse after SUBTOCALL_CLAIM_IDLE")
-                    }
-                }
-            }
+            self.give_up(procedure, &units).await;
         }
     }
 
