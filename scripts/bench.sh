@@ -26,7 +26,7 @@
 # virtualenv once); `--quick --only queue` about 75 s (`--only queue` starts
 # a Crossbar of its own for the two queues' paths).
 #
-#   scripts/bench.sh [--quick] [--only ceiling,callgrind,paced,crossbar,redis,queue]
+#   scripts/bench.sh [--quick] [--only ceiling,callgrind,paced,crossbar,redis,queue,ordering]
 #                    [--no-write] [--baseline REV] ...
 #
 # --no-write prints the section instead of writing it: a run of some parts

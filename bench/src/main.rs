@@ -93,12 +93,11 @@ Usage: subtocall-bench --subtocall PATH [options]   (normally run by scripts/ben
   --baseline-commit REV the commit the baseline build was made from (for the report)
   --repo DIR            repository root (default: current directory)
   --venv DIR            the Crossbar virtualenv (default: scripts/setup-crossbar.sh)
-  --only LIST           comma-separated parts: ceiling,paced,callgrind,crossbar,redis,queue
+  --only LIST           comma-separated parts: ceiling,paced,callgrind,crossbar,redis,queue,ordering
                         (queue: the Redis queue beside the memory queue, against the
-                        loopback peer and at the moderate rate through Crossbar);
-                        also `ordering`, only when named: the ceiling with
-                        SUBTOCALL_ORDER_BY and 1, 100 and 10,000 keys, printed
-                        to the log, not written to the report
+                        loopback peer and at the moderate rate through Crossbar;
+                        ordering: the ceiling with SUBTOCALL_ORDER_BY and 1, 100
+                        and 10,000 keys beside it without)
   --repeats N           runs per figure (default 5)
   --latency-repeats N   runs per path at the moderate rate (default 3)
   --rate N              the moderate rate through Crossbar, events/s (default 500)
@@ -205,6 +204,7 @@ fn run() -> Result<()> {
         redis: Vec::new(),
         redis_benchmark: Vec::new(),
         redis_floor_ns: Vec::new(),
+        ordering: Vec::new(),
         envelope_bytes: envelope_bytes(),
         measure_s: ctx.measure.as_secs_f64(),
         router_warmup_s: ctx.router_warmup.as_secs_f64(),
@@ -235,11 +235,7 @@ fn run() -> Result<()> {
             }
         }
     }
-    if only
-        .as_deref()
-        .is_some_and(|o| o.split(',').any(|x| x == "ordering"))
-    {
-        // Not yet part of the generated report: printed for doc/benchmarks.md.
+    if wants("ordering") {
         log("part 5: per-key ordering (SUBTOCALL_ORDER_BY=kwarg:seq) against the loopback peer");
         for i in 0..ctx.repeats {
             for keys in [None, Some(1), Some(100), Some(10_000)] {
@@ -252,6 +248,7 @@ fn run() -> Result<()> {
                     r.sidecar_cpu_ns / 1e3,
                     r.peak_rss_kb
                 ));
+                results.ordering.push((keys, r));
             }
         }
     }

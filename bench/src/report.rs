@@ -189,6 +189,8 @@ pub struct Results {
     pub redis_benchmark: Vec<(f64, f64)>,
     /// redis-server's CPU per PING at the moderate rate, one at a time.
     pub redis_floor_ns: Vec<f64>,
+    /// Part 5: the ceiling with so many ordering keys (`None`: unordered).
+    pub ordering: Vec<(Option<u64>, CeilingRun)>,
     pub envelope_bytes: usize,
     /// Length of the measuring window of the ceiling and Redis runs.
     pub measure_s: f64,
@@ -1032,6 +1034,56 @@ fn batch_paragraph(md: &mut String, rr: &RouterResults, targets: &mut Vec<(Strin
     ));
 }
 
+/// Part 5: what per-key ordering costs against the loopback peer.
+fn ordering_section(md: &mut String, r: &Results) {
+    if r.ordering.is_empty() {
+        return;
+    }
+    let _ = writeln!(md, "### 5. Per-key ordering\n");
+    let _ = writeln!(
+        md,
+        "The current build against the loopback peer (MessagePack, as in section 1), \
+         unordered and with `SUBTOCALL_ORDER_BY=kwarg:seq`, the peer giving each event one \
+         of 1, 100 or 10,000 keys in turn; the four alternate within each repetition \
+         ({}). The peer answers each call at once, so with one key every event waits \
+         for the previous one's round trip: that row is the price of a single ordered \
+         line, not of the bookkeeping.\n",
+        runs(r.ordering.iter().filter(|(k, _)| k.is_none()).count())
+    );
+    let spread = |keys: Option<u64>, f: &dyn Fn(&CeilingRun) -> f64| {
+        Spread::of(
+            r.ordering
+                .iter()
+                .filter(|(k, _)| *k == keys)
+                .map(|(_, c)| f(c)),
+        )
+    };
+    let unordered = spread(None, &|c| c.events_per_s);
+    let unordered_cpu = spread(None, &|c| c.sidecar_cpu_ns);
+    let _ = writeln!(
+        md,
+        "| keys | events/s | ÷ unordered | subtocall CPU per event | ÷ unordered |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|");
+    for keys in [None, Some(1), Some(100), Some(10_000)] {
+        if !r.ordering.iter().any(|(k, _)| *k == keys) {
+            continue;
+        }
+        let rate = spread(keys, &|c| c.events_per_s);
+        let cpu = spread(keys, &|c| c.sidecar_cpu_ns);
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} |",
+            keys.map_or("unordered".to_owned(), |k| thousands(k as f64)),
+            rate.show(thousands),
+            pct(rate.median / unordered.median),
+            cpu.show(us),
+            times(cpu.median / unordered_cpu.median),
+        );
+    }
+    let _ = writeln!(md);
+}
+
 pub fn markdown(r: &Results) -> String {
     let mut md = String::new();
     let m = &r.machine;
@@ -1308,6 +1360,7 @@ pub fn markdown(r: &Results) -> String {
     }
 
     queue_section(&mut md, r, &mut targets);
+    ordering_section(&mut md, r);
 
     if let (Some(floor), Some(rr)) = (r.wakeup_floor_ns(), &r.router) {
         let ratio = |p| router_spread(rr.paced.get(&p), |x| x.sidecar_cpu_ns).median / floor;
