@@ -315,3 +315,81 @@ async fn in_redis_mode_a_batch_procedures_events_are_pushed_one_by_one() {
     }
     assert_eq!(sidecar.metric("subtocall_batch_calls_total").await, 0.0);
 }
+
+/// The events' seqs of each call a backend got, in call order, with
+/// whether the backend rejected the call.
+fn seqs_of_calls(backend: &Backend) -> Vec<(Vec<u64>, bool)> {
+    backend
+        .invocations()
+        .iter()
+        .map(|inv| {
+            let seqs = inv["args"].as_array().unwrap().iter().map(seq).collect();
+            (seqs, inv["errored"].as_bool() == Some(true))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_batch_is_retried_whole_and_dead_lettered_whole() {
+    let crossbar = Crossbar::start().await;
+    let router = RouterMeta::join(&crossbar).await;
+    // One backend dies holding its second call (the router cancels it: a
+    // retryable failure), the other rejects its second call (an application
+    // error: final).
+    let procedure = "com.example.SUBBATCH_whole";
+    let mut dies = Backend::spawn(BackendOptions {
+        die_on_call: Some(2),
+        ..backend(&crossbar, "dies", procedure, Serializer::Msgpack)
+    })
+    .await;
+    let rejects = Backend::spawn(BackendOptions {
+        error_on_call: Some(2),
+        ..backend(&crossbar, "rejects", procedure, Serializer::Msgpack)
+    })
+    .await;
+    let sidecar = Sidecar::start_for(&crossbar, &[("SUBTOCALL_BATCH_MAX_EVENTS", "10")]);
+    sidecar
+        .wait_subscribed(&router, "com.example.whole", WAIT)
+        .await;
+    Publisher::run(PublisherOptions {
+        quiet: true,
+        ..PublisherOptions::new(&crossbar, "com.example.whole", 300)
+    })
+    .await
+    .assert_success();
+    assert_eq!(
+        dies.wait_exit(WAIT).await.code(),
+        Some(3),
+        "it died on its second call"
+    );
+    let idle = sidecar.wait_idle(300, WAIT).await;
+
+    let lost_with_the_dead = seqs_of_calls(&dies).pop().expect("the call it died on").0;
+    let calls = seqs_of_calls(&rejects);
+    let rejected: Vec<u64> = calls
+        .iter()
+        .filter(|(_, errored)| *errored)
+        .flat_map(|(s, _)| s.clone())
+        .collect();
+    assert!(!rejected.is_empty(), "the second call was rejected");
+    assert!(
+        calls.iter().any(|(s, _)| *s == lost_with_the_dead),
+        "the batch the dead backend held came again whole: {lost_with_the_dead:?}"
+    );
+    assert_eq!(
+        idle.dead_lettered,
+        rejected.len() as f64,
+        "the rejected batch is dead-lettered whole, each event counted"
+    );
+    assert_eq!(
+        sidecar
+            .metric("subtocall_events_dead_lettered_total{reason=\"rejected\"}")
+            .await,
+        rejected.len() as f64
+    );
+    assert_eq!(idle.forwarded, 300.0 - rejected.len() as f64);
+    assert!(
+        sidecar.metric("subtocall_events_retried_total").await >= lost_with_the_dead.len() as f64,
+        "every event of the retried batch counts as retried"
+    );
+}

@@ -605,6 +605,44 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_marker_makes_a_group_of_its_own_and_maps_back() {
+        let batch = Group::default().batched();
+        assert_eq!(
+            sub().parse("com.example.SUBBATCH_status"),
+            Some(("com.example.status".into(), batch.clone()))
+        );
+        assert_eq!(
+            sub().parse("com.example.SUBBATCH_status__audit"),
+            Some(("com.example.status".into(), Group::named("audit").batched()))
+        );
+        assert_ne!(
+            batch,
+            Group::default(),
+            "SUB_status and SUBBATCH_status differ"
+        );
+        for uri in [
+            "com.example.SUBBATCH_status__audit",
+            "a..SUBBATCH_b",
+            "SUBBATCH_x",
+        ] {
+            let (topic, group) = sub().parse(uri).unwrap();
+            assert_eq!(sub().procedure_for(&topic, &group), uri);
+        }
+        assert!(sub().is_batch("com.example.SUBBATCH_status"));
+        assert!(!sub().is_batch("com.example.SUB_status"));
+        assert!(!sub().is_batch("com.SUBBATCH_x.status"));
+        // A marker that is a prefix of the batch marker still works: the
+        // batch marker is tried first.
+        let m = Marker::new("SUB").unwrap();
+        assert_eq!(m.parse("a.SUBBATCH_x").map(|(_, g)| g.batch), Some(true));
+        assert_eq!(m.parse("a.SUBx").map(|(_, g)| g.batch), Some(false));
+        // A batch marker that starts the marker would swallow it.
+        assert!(sub().with_batch_marker("SU").is_err());
+        assert!(sub().with_batch_marker("a.b").is_err());
+        assert!(sub().with_batch_marker("").is_err());
+    }
+
+    #[test]
     fn classify_gives_the_group() {
         let mapper = Mapper::new(sub(), None);
         assert_eq!(
