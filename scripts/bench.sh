@@ -21,7 +21,7 @@
 # the baseline build alternating with the current one for the ceiling,
 # instructions and CPU per event, the CPU per event at 500 events/s (loopback
 # peer and Crossbar) and RSS, and rewrites the generated section of doc/benchmarks.md and doc/img/bench-*.png.
-# About 8.5 minutes on a 2-core machine once built (507 s at 72650eb; a
+# About 11 minutes on a 2-core machine once built (644 s at 0358a4b; a
 # fresh clone also builds both, a few minutes each, and creates the Crossbar
 # virtualenv once); `--quick --only queue` about 75 s (`--only queue` starts
 # a Crossbar of its own for the two queues' paths).
