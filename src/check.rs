@@ -10,7 +10,7 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::app::client_config;
-use crate::config::{Config, Mode, QueueKind, RedisUrl};
+use crate::config::{Config, Mode, QueueKind, RedisTarget, RedisUrl};
 use crate::discovery::GroupName;
 use crate::discovery::meta::{self, RegistrationInfo};
 use crate::discovery::topic::{Classification, Mapper, MatchPolicy};
@@ -104,6 +104,9 @@ pub async fn run(config: &Config) -> Report {
     let mut report = Report::default();
     let mode = match config.forward.mode {
         Mode::Wamp => "WAMP (one CALL per event)",
+        Mode::Redis if config.redis.target == RedisTarget::Stream => {
+            "Redis streams (one XADD per event, read by consumer groups)"
+        }
         Mode::Redis => "Redis (one RPUSH per event)",
     };
     let queue = match config.queue.kind {
@@ -308,15 +311,114 @@ async fn check_redis(config: &Config, report: &mut Report) {
             Ok(info) => parse_server_version(&info),
             Err(e) => Err(format!("INFO server failed: {e}")),
         };
-        Ok::<_, String>(version)
+        let streams =
+            if config.forward.mode == Mode::Redis && config.redis.target == RedisTarget::Stream {
+                stream_lines(config, &mut conn).await
+            } else {
+                Vec::new()
+            };
+        Ok::<_, String>((version, streams))
     };
     match tokio::time::timeout(REDIS_TIMEOUT, ask).await {
-        Ok(Ok(version)) => report.lines.push(version_line(url, version)),
+        Ok(Ok((version, streams))) => {
+            report.lines.push(version_line(url, version));
+            for line in streams {
+                report.ok(line);
+            }
+        }
         Ok(Err(e)) => report.fail(format!("Redis at {url}: {e}")),
         Err(_) => report.fail(format!(
             "Redis at {url}: no answer within {REDIS_TIMEOUT:?}"
         )),
     }
+}
+
+/// One line per stream of the stream target (`<prefix>*`): its backlog and
+/// each consumer group with its consumers, pending entries and lag.
+async fn stream_lines(
+    config: &Config,
+    conn: &mut redis::aio::MultiplexedConnection,
+) -> Vec<String> {
+    let pattern = format!("{}*", config.redis.prefix);
+    let mut streams: Vec<String> = Vec::new();
+    let mut cursor: u64 = 0;
+    loop {
+        let scanned: redis::RedisResult<(u64, Vec<String>)> = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .arg("TYPE")
+            .arg("stream")
+            .query_async(conn)
+            .await;
+        let Ok((next, keys)) = scanned else {
+            return vec!["could not list the streams (SCAN failed)".to_owned()];
+        };
+        streams.extend(keys);
+        if next == 0 || streams.len() >= 1000 {
+            break;
+        }
+        cursor = next;
+    }
+    streams.sort();
+    if streams.is_empty() {
+        return vec![format!(
+            "no stream under {pattern:?} yet (subtocall creates each with its group {:?} on the first event)",
+            config.redis.consumer_group
+        )];
+    }
+    let mut lines = Vec::new();
+    for stream in streams {
+        let len: i64 = redis::cmd("XLEN")
+            .arg(&stream)
+            .query_async(conn)
+            .await
+            .unwrap_or(-1);
+        let groups: redis::RedisResult<Vec<redis::Value>> = redis::cmd("XINFO")
+            .arg("GROUPS")
+            .arg(&stream)
+            .query_async(conn)
+            .await;
+        let groups: Vec<String> = groups
+            .unwrap_or_default()
+            .iter()
+            .map(|g| {
+                let field = |name: &str| -> String {
+                    let redis::Value::Array(kv) = g else {
+                        return "?".into();
+                    };
+                    kv.chunks(2)
+                        .find(|p| matches!(&p[0], redis::Value::BulkString(k) if k == name.as_bytes()))
+                        .and_then(|p| p.get(1))
+                        .map_or("?".into(), |v| match v {
+                            redis::Value::Int(n) => n.to_string(),
+                            redis::Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+                            redis::Value::Nil => "unknown".into(),
+                            _ => "?".into(),
+                        })
+                };
+                format!(
+                    "group {} ({} consumers, {} pending, lag {})",
+                    field("name"),
+                    field("consumers"),
+                    field("pending"),
+                    field("lag")
+                )
+            })
+            .collect();
+        lines.push(format!(
+            "stream {stream}: {len} entries (at most {} unacknowledged); {}",
+            config.redis.max_backlog,
+            if groups.is_empty() {
+                "no consumer group".to_owned()
+            } else {
+                groups.join(", ")
+            }
+        ));
+    }
+    lines
 }
 
 /// The server that answered, as its `INFO server` section names it.

@@ -18,6 +18,12 @@ struct Reason {
     reason: &'static str,
 }
 
+/// A Redis stream of the stream target.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StreamLabel {
+    pub stream: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Version {
     version: &'static str,
@@ -36,7 +42,11 @@ pub struct Metrics {
     pub events_retried: Counter,
     /// Batch calls started (each carries one or more events).
     pub batch_calls: Counter,
-    dead_lettered: [Counter; 5],
+    /// Stream target: entries of each stream not acknowledged by every
+    /// consumer group, and the age of the oldest of them.
+    pub stream_backlog: Family<StreamLabel, Gauge>,
+    pub stream_oldest_unacked: Family<StreamLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    dead_lettered: [Counter; 6],
     unroutable_unknown_subscription: Counter,
     unroutable_missing_topic: Counter,
     /// EVENTs over SUBTOCALL_MAX_MESSAGE_SIZE, refused before acceptance.
@@ -109,10 +119,24 @@ impl Metrics {
             "Batch calls started (to SUBBATCH_ procedures); events_forwarded counts their events",
         );
 
+        let stream_backlog = Family::<StreamLabel, Gauge>::default();
+        r.register(
+            "stream_backlog",
+            "SUBTOCALL_REDIS_TARGET=stream: entries of the stream some consumer group has not acknowledged (as of the last push or the last check, every 5 s)",
+            stream_backlog.clone(),
+        );
+        let stream_oldest_unacked =
+            Family::<StreamLabel, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        r.register(
+            "stream_oldest_unacked_seconds",
+            "SUBTOCALL_REDIS_TARGET=stream: age of the stream's oldest entry some consumer group has not acknowledged (0 when there is none)",
+            stream_oldest_unacked.clone(),
+        );
+
         let dead_lettered_family = Family::<Reason, Counter>::default();
         r.register(
             "events_dead_lettered",
-            "Events given up and dead-lettered, by reason (overflow, rejected, exhausted, shutdown, too_large)",
+            "Events given up and dead-lettered, by reason (overflow, rejected, exhausted, shutdown, too_large, backlog)",
             dead_lettered_family.clone(),
         );
         let dead_lettered = GiveUp::ALL.map(|g| {
@@ -272,6 +296,8 @@ impl Metrics {
             events_forwarded,
             events_retried,
             batch_calls,
+            stream_backlog,
+            stream_oldest_unacked,
             dead_lettered,
             unroutable_unknown_subscription,
             unroutable_missing_topic,

@@ -145,6 +145,40 @@ async fn check_in_redis_mode_requires_redis() {
         "missing {line:?} in:\n{}",
         stdout(&up)
     );
+
+    // The stream target: each stream with its groups, their lag and pending.
+    let stream = "queue:com.example.SUB_checked";
+    redis
+        .command(&["XGROUP", "CREATE", stream, "backends", "0", "MKSTREAM"])
+        .await;
+    for _ in 0..3 {
+        redis.command(&["XADD", stream, "*", "event", "{}"]).await;
+    }
+    redis
+        .command(&[
+            "XREADGROUP",
+            "GROUP",
+            "backends",
+            "w1",
+            "COUNT",
+            "1",
+            "STREAMS",
+            stream,
+            ">",
+        ])
+        .await;
+    env.insert("SUBTOCALL_REDIS_TARGET".into(), "stream".into());
+    let streams = subtocall(&["check"], &env).await;
+    assert_eq!(streams.status.code(), Some(0), "{}", stdout(&streams));
+    let line = format!(
+        "[  ok  ] stream {stream}: 3 entries (at most 100000 unacknowledged); \
+         group backends (1 consumers, 1 pending, lag 2)"
+    );
+    assert!(
+        stdout(&streams).contains(&line),
+        "missing {line:?} in:\n{}",
+        stdout(&streams)
+    );
 }
 
 /// "Redis 7.0.15" from `redis-server --version` ("Redis server v=7.0.15

@@ -68,15 +68,24 @@ pub fn wait_subscribed(peer: &Peer, sidecar: &mut Sidecar, limit: Duration) -> R
     Ok(())
 }
 
+/// What Redis mode pushes onto (`SUBTOCALL_REDIS_TARGET`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    List,
+    Stream,
+}
+
 /// One timed run of the subtocall `binary` in WAMP mode (`redis: None`) or
-/// Redis mode.
+/// Redis mode onto lists or streams.
 pub fn run_once(
     ctx: &Ctx,
     binary: &Path,
     serializer: Serializer,
-    redis: Option<&RedisServer>,
+    redis: Option<(&RedisServer, Target)>,
     keys: Option<u64>,
 ) -> Result<CeilingRun> {
+    let target = redis.map(|(_, t)| t);
+    let redis = redis.map(|(r, _)| r);
     let external = redis.map(|_| Arc::new(AtomicU64::new(0)));
     let peer = Peer::start(PeerConfig {
         serializer,
@@ -94,6 +103,11 @@ pub fn run_once(
     if let Some(r) = redis {
         env.insert("USE_REDIS_MQ".into(), "1".into());
         env.insert("REDIS_URL".into(), r.url());
+        if target == Some(Target::Stream) {
+            env.insert("SUBTOCALL_REDIS_TARGET".into(), "stream".into());
+            // Nothing reads the stream here: no bound on what it holds.
+            env.insert("SUBTOCALL_REDIS_MAX_BACKLOG".into(), "1000000000".into());
+        }
         crate::resp::Conn::connect(r.port)?.command(&["DEL", &key])?;
     }
     let mut sidecar = Sidecar::start(SidecarSpec {
@@ -107,9 +121,15 @@ pub fn run_once(
     std::thread::sleep(Duration::from_millis(300));
     let idle_rss_kb = sidecar.rss_kb();
 
-    // Redis mode: the list's length is the completion count.
+    // Redis mode: the list's (or stream's) length is the completion count.
     let poller = match (redis, &external) {
-        (Some(r), Some(done)) => Some(LlenPoller::start(r.port, key.clone(), done.clone())?),
+        (Some(r), Some(done)) => {
+            let len = match target {
+                Some(Target::Stream) => "XLEN",
+                _ => "LLEN",
+            };
+            Some(LlenPoller::start(r.port, len, key.clone(), done.clone())?)
+        }
         _ => None,
     };
     let count = || match &external {
@@ -173,20 +193,25 @@ pub fn run_once(
     })
 }
 
-/// Polls LLEN every millisecond into `done` until dropped.
+/// Polls LLEN (or XLEN) every millisecond into `done` until dropped.
 struct LlenPoller {
     stop: Arc<std::sync::atomic::AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl LlenPoller {
-    fn start(port: u16, key: String, done: Arc<AtomicU64>) -> Result<LlenPoller> {
+    fn start(
+        port: u16,
+        len: &'static str,
+        key: String,
+        done: Arc<AtomicU64>,
+    ) -> Result<LlenPoller> {
         let mut conn = crate::resp::Conn::connect(port)?;
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::spawn(move || {
             while !flag.load(Ordering::Relaxed) {
-                if let Ok(n) = conn.command(&["LLEN", &key]) {
+                if let Ok(n) = conn.command(&[len, &key]) {
                     done.store(n.max(0) as u64, Ordering::Relaxed);
                 }
                 std::thread::sleep(Duration::from_millis(1));

@@ -204,6 +204,8 @@ fn run() -> Result<()> {
         redis: Vec::new(),
         redis_benchmark: Vec::new(),
         redis_floor_ns: Vec::new(),
+        redis_stream: Vec::new(),
+        redis_benchmark_xadd: Vec::new(),
         ordering: Vec::new(),
         envelope_bytes: envelope_bytes(),
         measure_s: ctx.measure.as_secs_f64(),
@@ -323,22 +325,27 @@ fn run() -> Result<()> {
         log("part 3: Redis mode");
         let server = procs::RedisServer::start(&ctx.work)?;
         for i in 0..ctx.repeats {
-            let r = ceiling::run_once(
-                &ctx,
-                &ctx.subtocall,
-                Serializer::MsgPack,
-                Some(&server),
-                None,
-            )?;
-            log(&format!(
-                "  subtocall #{}: {:>7.0} ev/s, subtocall {:.2} us/ev, redis-server {:.2} us/ev",
-                i + 1,
-                r.events_per_s,
-                r.sidecar_cpu_ns / 1e3,
-                r.redis_cpu_ns / 1e3
-            ));
-            results.redis.push(r);
-            let b = redis_benchmark(&server, results.envelope_bytes)?;
+            for target in [ceiling::Target::List, ceiling::Target::Stream] {
+                let r = ceiling::run_once(
+                    &ctx,
+                    &ctx.subtocall,
+                    Serializer::MsgPack,
+                    Some((&server, target)),
+                    None,
+                )?;
+                log(&format!(
+                    "  subtocall {target:?} #{}: {:>7.0} ev/s, subtocall {:.2} us/ev, redis-server {:.2} us/ev",
+                    i + 1,
+                    r.events_per_s,
+                    r.sidecar_cpu_ns / 1e3,
+                    r.redis_cpu_ns / 1e3
+                ));
+                match target {
+                    ceiling::Target::List => results.redis.push(r),
+                    ceiling::Target::Stream => results.redis_stream.push(r),
+                }
+            }
+            let b = redis_benchmark(&server, results.envelope_bytes, "rpush")?;
             log(&format!(
                 "  redis-benchmark #{}: {:>7.0} RPUSH/s, redis-server {:.2} us/op",
                 i + 1,
@@ -346,6 +353,14 @@ fn run() -> Result<()> {
                 b.1 / 1e3
             ));
             results.redis_benchmark.push(b);
+            let x = redis_benchmark(&server, results.envelope_bytes, "xadd")?;
+            log(&format!(
+                "  redis-benchmark #{}: {:>7.0} XADD/s, redis-server {:.2} us/op",
+                i + 1,
+                x.0,
+                x.1 / 1e3
+            ));
+            results.redis_benchmark_xadd.push(x);
         }
         drop(server);
         // A separate instance whose housekeeping runs once a second instead
@@ -536,25 +551,41 @@ fn envelope_bytes() -> usize {
 
 /// `redis-benchmark` RPUSH, pipelined like subtocall's pushes: (ops/s,
 /// redis-server CPU ns per op).
-fn redis_benchmark(server: &procs::RedisServer, size: usize) -> Result<(f64, f64)> {
+/// `redis-benchmark` pipelining `what` (`rpush`, or `xadd`: XADD of a
+/// value of `size` bytes in one field, as the stream target adds): its
+/// rate and redis-server's CPU per operation.
+fn redis_benchmark(server: &procs::RedisServer, size: usize, what: &str) -> Result<(f64, f64)> {
     let n: u64 = 500_000;
+    let value = "x".repeat(size);
+    let port = server.port.to_string();
+    let mut cmd = Command::new("redis-benchmark");
+    cmd.args(["-h", "127.0.0.1", "-p", &port]).args([
+        "-c",
+        "1",
+        "-P",
+        "512",
+        "-q",
+        "--csv",
+        "-n",
+        &n.to_string(),
+    ]);
+    match what {
+        "xadd" => cmd.args(["XADD", "bench:stream", "*", "event", &value]),
+        _ => cmd.args(["-t", "rpush", "-d", &size.to_string()]),
+    };
     let cpu0 = procfs::cpu_ns(server.proc.pid());
-    let out = Command::new("redis-benchmark")
-        .args(["-h", "127.0.0.1", "-p", &server.port.to_string()])
-        .args(["-c", "1", "-P", "512", "-t", "rpush", "-q", "--csv"])
-        .args(["-n", &n.to_string(), "-d", &size.to_string()])
-        .output()
-        .context("run redis-benchmark")?;
+    let out = cmd.output().context("run redis-benchmark")?;
     let cpu1 = procfs::cpu_ns(server.proc.pid());
     let text = String::from_utf8_lossy(&out.stdout);
     let rps = text
         .lines()
-        .find(|l| l.starts_with("\"RPUSH\""))
-        .and_then(|l| l.split(',').nth(1))
+        .filter(|l| !l.starts_with("\"test\""))
+        .find_map(|l| l.split(',').nth(1))
         .and_then(|v| v.trim_matches('"').parse::<f64>().ok())
-        .with_context(|| format!("no RPUSH line in redis-benchmark's output: {text}"))?;
+        .with_context(|| format!("no {what} line in redis-benchmark's output: {text}"))?;
     let mut c = resp::Conn::connect(server.port)?;
     c.command(&["DEL", "mylist"])?;
+    c.command(&["DEL", "bench:stream"])?;
     Ok((rps, (cpu1 - cpu0) as f64 / n as f64))
 }
 

@@ -187,6 +187,10 @@ pub struct Results {
     pub queue_router: Option<RouterResults>,
     pub redis: Vec<CeilingRun>,
     pub redis_benchmark: Vec<(f64, f64)>,
+    /// Part 3 with `SUBTOCALL_REDIS_TARGET=stream`, and redis-benchmark's
+    /// XADD beside it.
+    pub redis_stream: Vec<CeilingRun>,
+    pub redis_benchmark_xadd: Vec<(f64, f64)>,
     /// redis-server's CPU per PING at the moderate rate, one at a time.
     pub redis_floor_ns: Vec<f64>,
     /// Part 5: the ceiling with so many ordering keys (`None`: unordered).
@@ -1336,6 +1340,67 @@ pub fn markdown(r: &Results) -> String {
             "| ratio | {} of redis-benchmark | | | |\n",
             pct(rate.median / bench_rate.median)
         );
+        if !r.redis_stream.is_empty() {
+            let s_rate = spread_of(&r.redis_stream, |c| c.events_per_s);
+            let s_cpu = spread_of(&r.redis_stream, |c| c.sidecar_cpu_ns);
+            let s_rcpu = spread_of(&r.redis_stream, |c| c.redis_cpu_ns);
+            let s_peak = spread_of(&r.redis_stream, |c| c.peak_rss_kb as f64);
+            let x_rate = Spread::of(r.redis_benchmark_xadd.iter().map(|x| x.0));
+            let x_cpu = Spread::of(r.redis_benchmark_xadd.iter().map(|x| x.1));
+            let _ = writeln!(
+                md,
+                "**The stream target** (`SUBTOCALL_REDIS_TARGET=stream`, the same runs \
+                 alternating with the list target's): each event's envelope XADDed in one \
+                 field to `queue:bench.SUB_ev` by the bounding script (group created, \
+                 acknowledged entries trimmed, backlog checked; nothing reads the stream \
+                 here, so `SUBTOCALL_REDIS_MAX_BACKLOG` is raised out of the way); completion \
+                 is XLEN. Beside it: `redis-benchmark -c 1 -P 512 XADD bench:stream * event \
+                 <{} bytes>`.\n",
+                r.envelope_bytes
+            );
+            let _ = writeln!(
+                md,
+                "| | events/s | subtocall CPU per event | redis-server CPU per event | subtocall peak RSS |"
+            );
+            let _ = writeln!(md, "|---|---|---|---|---|");
+            let _ = writeln!(
+                md,
+                "| subtocall → Redis stream | {} | {} | {} | {} |",
+                s_rate.show(thousands),
+                s_cpu.show(us),
+                s_rcpu.show(us),
+                s_peak.show(mb)
+            );
+            let _ = writeln!(
+                md,
+                "| subtocall → Redis list (above) | {} | {} | {} | {} |",
+                rate.show(thousands),
+                cpu.show(us),
+                rcpu.show(us),
+                peak.show(mb)
+            );
+            let _ = writeln!(
+                md,
+                "| redis-benchmark XADD (pipelined) | {} | — | {} | — |\n",
+                x_rate.show(thousands),
+                x_cpu.show(us)
+            );
+            targets.push((
+                "stream target ≥ 150,000 events/s".into(),
+                s_rate.show(thousands),
+                s_rate.median >= 150_000.0,
+            ));
+            targets.push((
+                "stream target's subtocall CPU per event ≤ 1.5× the list target's".into(),
+                format!(
+                    "{} ({} against {})",
+                    times(s_cpu.median / cpu.median),
+                    us(s_cpu.median),
+                    us(cpu.median)
+                ),
+                s_cpu.median <= 1.5 * cpu.median,
+            ));
+        }
         if !r.redis_floor_ns.is_empty() {
             let floor = Spread::of(r.redis_floor_ns.iter().copied());
             let _ = writeln!(

@@ -39,6 +39,7 @@ use crate::forward::{Dispatch, Forwarder, GiveUp, MemoryQueue, OverflowPolicy, S
 use crate::metrics::Metrics;
 use crate::sink::Sink;
 use crate::sink::redis::{self as redis_sink, RedisSink};
+use crate::sink::stream::StreamSink;
 use crate::sink::wamp::WampSink;
 use crate::streams::admit::{self, AdmitSink};
 use crate::streams::commit::Committer;
@@ -203,6 +204,18 @@ impl App {
             None
         };
         let sink: Box<dyn Sink<Token> + Send> = match (&f.mode, &redis) {
+            (config::Mode::Redis, Some(redis))
+                if config.redis.target == config::RedisTarget::Stream =>
+            {
+                let sink = StreamSink::new(
+                    redis.clone(),
+                    &config.redis.consumer_group,
+                    config.redis.max_backlog,
+                    metrics.clone(),
+                );
+                tokio::spawn(sink.clone().watch());
+                Box::new(sink)
+            }
             (config::Mode::Redis, Some(redis)) => Box::new(redis.clone()),
             _ => Box::new(WampSink {
                 call_timeout: f.call_timeout,

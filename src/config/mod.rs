@@ -188,6 +188,19 @@ pub struct RedisConfig {
     pub dead_letter_key: Option<String>,
     /// `url` is a seed node of a Redis Cluster.
     pub cluster: bool,
+    /// Lists or streams (`SUBTOCALL_REDIS_TARGET`).
+    pub target: RedisTarget,
+    /// The consumer group created on each stream.
+    pub consumer_group: String,
+    /// Unacknowledged entries a stream may hold.
+    pub max_backlog: u64,
+}
+
+/// What Redis mode pushes onto.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedisTarget {
+    List,
+    Stream,
 }
 
 /// Where accepted events wait (`SUBTOCALL_QUEUE` and its settings).
@@ -314,6 +327,9 @@ struct RawVars {
     subtocall_retry_max_backoff: Option<String>,
     subtocall_dead_letter_key: Option<String>,
     subtocall_redis_prefix: Option<String>,
+    subtocall_redis_target: Option<String>,
+    subtocall_redis_consumer_group: Option<String>,
+    subtocall_redis_max_backlog: Option<String>,
     subtocall_queue: Option<String>,
     subtocall_queue_name: Option<String>,
     subtocall_claim_idle: Option<String>,
@@ -372,6 +388,9 @@ impl RawVars {
             "SUBTOCALL_RETRY_MAX_BACKOFF" => &self.subtocall_retry_max_backoff,
             "SUBTOCALL_DEAD_LETTER_KEY" => &self.subtocall_dead_letter_key,
             "SUBTOCALL_REDIS_PREFIX" => &self.subtocall_redis_prefix,
+            "SUBTOCALL_REDIS_TARGET" => &self.subtocall_redis_target,
+            "SUBTOCALL_REDIS_CONSUMER_GROUP" => &self.subtocall_redis_consumer_group,
+            "SUBTOCALL_REDIS_MAX_BACKLOG" => &self.subtocall_redis_max_backlog,
             "SUBTOCALL_QUEUE" => &self.subtocall_queue,
             "SUBTOCALL_QUEUE_NAME" => &self.subtocall_queue_name,
             "SUBTOCALL_CLAIM_IDLE" => &self.subtocall_claim_idle,
@@ -667,11 +686,24 @@ fn redis(r: &mut Reader) -> Checked<RedisConfig> {
     let prefix = r.required(&REDIS_PREFIX, parse::any_text);
     let dead_letter_key = r.optional(&DEAD_LETTER_KEY, parse::non_empty);
     let cluster = r.required(&REDIS_CLUSTER, parse::boolean);
+    let target = r.required(&REDIS_TARGET, |text| {
+        parse::choice(
+            text,
+            &[("list", RedisTarget::List), ("stream", RedisTarget::Stream)],
+        )
+    });
+    let consumer_group = r.required(&REDIS_CONSUMER_GROUP, parse::word);
+    let max_backlog = r.required(&REDIS_MAX_BACKLOG, |text| {
+        parse::number_in(text, 1, 1_000_000_000)
+    });
     Ok(RedisConfig {
         url: url?,
         prefix: prefix?,
         dead_letter_key: dead_letter_key?,
         cluster: cluster?,
+        target: target?,
+        consumer_group: consumer_group?,
+        max_backlog: max_backlog?,
     })
 }
 

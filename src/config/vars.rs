@@ -609,6 +609,45 @@ pub(crate) const REDIS_PREFIX: Var = Var {
     group: Group::Redis,
 };
 
+pub(crate) const REDIS_TARGET: Var = Var {
+    name: "SUBTOCALL_REDIS_TARGET",
+    old_names: &[],
+    default: DefaultValue::Value("list"),
+    accepts: "list or stream",
+    meaning: "With USE_REDIS_MQ: `list` RPUSHes each event's JSON envelope onto the list \
+              <SUBTOCALL_REDIS_PREFIX><procedure>; `stream` XADDs it (field `event`) to the \
+              stream of that name, which backends read with a consumer group and acknowledge \
+              (examples/stream_consumer.py), bounded by SUBTOCALL_REDIS_MAX_BACKLOG.",
+    secret: false,
+    group: Group::Redis,
+};
+
+pub(crate) const REDIS_CONSUMER_GROUP: Var = Var {
+    name: "SUBTOCALL_REDIS_CONSUMER_GROUP",
+    old_names: &[],
+    default: DefaultValue::Value("backends"),
+    accepts: "a word (no spaces)",
+    meaning: "With SUBTOCALL_REDIS_TARGET=stream: the consumer group subtocall creates on each \
+              stream (from its first entry, with MKSTREAM) when it first pushes to it, so \
+              that nothing is missed before the first backend reads. Backends may add groups \
+              of their own; every group counts for the backlog.",
+    secret: false,
+    group: Group::Redis,
+};
+
+pub(crate) const REDIS_MAX_BACKLOG: Var = Var {
+    name: "SUBTOCALL_REDIS_MAX_BACKLOG",
+    old_names: &[],
+    default: DefaultValue::Value("100000"),
+    accepts: "a whole number from 1 to 1000000000",
+    meaning: "With SUBTOCALL_REDIS_TARGET=stream: entries a stream may hold that some consumer \
+              group has not acknowledged. subtocall trims only entries every group has \
+              acknowledged; an event that would go past the bound is not added but \
+              dead-lettered with reason `backlog`.",
+    secret: false,
+    group: Group::Redis,
+};
+
 // ---- Operations ----
 
 pub(crate) const SHUTDOWN_TIMEOUT: Var = Var {
@@ -697,6 +736,9 @@ pub(crate) const VARS: &[&Var] = &[
     &REDIS_URL,
     &REDIS_CLUSTER,
     &REDIS_PREFIX,
+    &REDIS_TARGET,
+    &REDIS_CONSUMER_GROUP,
+    &REDIS_MAX_BACKLOG,
     &SHUTDOWN_TIMEOUT,
     &HTTP_ADDR,
     &LOG,

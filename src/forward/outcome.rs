@@ -24,6 +24,9 @@ pub enum Failure {
     /// The sink reported no outcome for this event (a pipeline answered
     /// short): not known to be delivered, so retried.
     Missing,
+    /// The Redis stream holds its bound of unacknowledged entries: the
+    /// event is not added (final: the readers are behind).
+    Backlog { backlog: u64 },
 }
 
 impl fmt::Display for Failure {
@@ -33,6 +36,10 @@ impl fmt::Display for Failure {
             Failure::Redis(e) => write!(f, "Redis: {e}"),
             Failure::Encode(e) => write!(f, "cannot encode the event: {e}"),
             Failure::Missing => f.write_str("no outcome reported"),
+            Failure::Backlog { backlog } => write!(
+                f,
+                "the stream holds {backlog} unacknowledged entries (SUBTOCALL_REDIS_MAX_BACKLOG)"
+            ),
         }
     }
 }
@@ -110,7 +117,7 @@ pub fn classify(failure: &Failure) -> RetryAction {
                 RetryAction::Final
             }
         }
-        Failure::Encode(_) => RetryAction::Final,
+        Failure::Encode(_) | Failure::Backlog { .. } => RetryAction::Final,
         Failure::Missing => RetryAction::Retry,
     }
 }
@@ -119,6 +126,7 @@ pub fn classify(failure: &Failure) -> RetryAction {
 pub fn final_reason(failure: &Failure) -> GiveUp {
     match failure {
         Failure::Call(RequestError::TooLarge { .. }) => GiveUp::TooLarge,
+        Failure::Backlog { .. } => GiveUp::Backlog,
         _ => GiveUp::Rejected,
     }
 }
@@ -137,15 +145,18 @@ pub enum GiveUp {
     /// Its message is larger than the router takes (never sent, or the
     /// router closed the connection over it).
     TooLarge,
+    /// Its Redis stream holds its bound of unacknowledged entries.
+    Backlog,
 }
 
 impl GiveUp {
-    pub const ALL: [GiveUp; 5] = [
+    pub const ALL: [GiveUp; 6] = [
         GiveUp::Overflow,
         GiveUp::Rejected,
         GiveUp::Exhausted,
         GiveUp::Shutdown,
         GiveUp::TooLarge,
+        GiveUp::Backlog,
     ];
 
     /// Metric label and log field.
@@ -156,6 +167,7 @@ impl GiveUp {
             GiveUp::Exhausted => "exhausted",
             GiveUp::Shutdown => "shutdown",
             GiveUp::TooLarge => "too_large",
+            GiveUp::Backlog => "backlog",
         }
     }
 }

@@ -6,6 +6,7 @@
 //! one more implementation of [`Sink`].
 
 pub mod redis;
+pub mod stream;
 pub mod wamp;
 
 use std::time::Instant;

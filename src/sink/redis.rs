@@ -46,7 +46,12 @@ impl RedisSink {
         })
     }
 
-    /// The list an event for `procedure` goes to.
+    /// A handle on the shared connection.
+    pub fn connection(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    /// The list (or stream) an event for `procedure` goes to.
     pub fn key(&self, procedure: &str) -> String {
         format!("{}{procedure}", self.prefix)
     }

@@ -220,6 +220,16 @@ impl PeerProcess {
     /// the peer takes commands.
     fn spawn(script: &str, label: String, args: Vec<OsString>, with_stdin: bool) -> Self {
         let script_path = repo_root().join("tests/peers").join(script);
+        Self::spawn_path(script_path, label, args, with_stdin)
+    }
+
+    /// [`Self::spawn`] for a script anywhere in the repository.
+    fn spawn_path(
+        script_path: PathBuf,
+        label: String,
+        args: Vec<OsString>,
+        with_stdin: bool,
+    ) -> Self {
         let mut child = Command::new(python())
             .arg("-u")
             .arg(&script_path)
@@ -1069,5 +1079,75 @@ impl RouterMeta {
             Err(error) if error == "wamp.error.no_such_subscription" => Vec::new(),
             Err(error) => panic!("wamp.subscription.list_subscribers {subscription}: {error}"),
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// examples/stream_consumer.py
+
+/// The documented stream consumer (`examples/stream_consumer.py`): one
+/// consumer of a group reading a stream of the stream target.
+pub struct StreamConsumer {
+    process: PeerProcess,
+}
+
+/// How to run a [`StreamConsumer`].
+#[derive(Clone, Debug)]
+pub struct StreamConsumerOptions {
+    pub redis_url: String,
+    pub stream: String,
+    pub consumer: String,
+    pub claim_idle_ms: u64,
+    pub handle_ms: u64,
+    pub max_deliveries: u32,
+}
+
+impl StreamConsumerOptions {
+    pub fn new(redis_url: &str, stream: &str, consumer: &str) -> Self {
+        Self {
+            redis_url: redis_url.to_owned(),
+            stream: stream.to_owned(),
+            consumer: consumer.to_owned(),
+            claim_idle_ms: 1000,
+            handle_ms: 0,
+            max_deliveries: 5,
+        }
+    }
+}
+
+impl StreamConsumer {
+    /// Spawns the consumer and waits (30 s) for its ready line.
+    pub async fn spawn(o: StreamConsumerOptions) -> Self {
+        let args: Vec<OsString> = vec![
+            "--redis-url".into(),
+            o.redis_url.clone().into(),
+            "--stream".into(),
+            o.stream.clone().into(),
+            "--consumer".into(),
+            o.consumer.clone().into(),
+            "--claim-idle-ms".into(),
+            o.claim_idle_ms.to_string().into(),
+            "--handle-ms".into(),
+            o.handle_ms.to_string().into(),
+            "--max-deliveries".into(),
+            o.max_deliveries.to_string().into(),
+        ];
+        let path = repo_root().join("examples/stream_consumer.py");
+        let label = format!("stream consumer {}", o.consumer);
+        let process = PeerProcess::spawn_path(path, label, args, false);
+        process
+            .wait_for_line(|l| l["ready"] == true, Duration::from_secs(30))
+            .await;
+        Self { process }
+    }
+
+    /// The entries handled so far (one line each, with `id`, `deliveries`
+    /// and the envelope's `kwargs`).
+    pub fn handled(&self) -> Vec<Value> {
+        self.process.lines_matching(|l| l.get("id").is_some())
+    }
+
+    pub async fn kill(&mut self) -> ExitStatus {
+        self.process.kill().await
     }
 }

@@ -1,0 +1,273 @@
+//! Redis mode onto streams (`SUBTOCALL_REDIS_TARGET=stream`): each event's
+//! JSON envelope is XADDed, in field `event`, to the stream
+//! `<prefix><procedure>`, which backends read with a consumer group and
+//! acknowledge (`examples/stream_consumer.py`). One script per stream and
+//! batch creates the group if it is missing (from the stream's first entry,
+//! so nothing added before the first backend reads is missed), trims what
+//! every consumer group of the stream has acknowledged, and adds as many
+//! events as `SUBTOCALL_REDIS_MAX_BACKLOG` allows; the others are refused
+//! (dead-lettered with reason `backlog`), never trimmed away unread.
+//!
+//! The backlog is every entry from the oldest one some group has not
+//! acknowledged on (computed from XINFO GROUPS and XPENDING: Redis 7.0 has
+//! no `XTRIM ... ACKED`), so entries acknowledged out of order behind it
+//! still count until it is acknowledged too.
+
+use std::borrow::Cow;
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
+use redis::aio::ConnectionManager;
+
+use super::redis::RedisSink;
+use super::{Report, Sink, Started};
+use crate::forward::envelope::{Outgoing, SharedEvent};
+use crate::forward::{DeliveryId, Dispatch, Failure, Job};
+use crate::metrics::{Metrics, StreamLabel};
+use crate::wamp::session::Session;
+
+/// How many events one batch carries at most.
+const PIPELINE: usize = 512;
+
+/// How often the streams' backlog is measured (and trimmed) while no event
+/// is pushed.
+pub const CHECK_EVERY: Duration = Duration::from_secs(5);
+
+/// KEYS[1] the stream; ARGV[1] the consumer group, ARGV[2] the bound,
+/// ARGV[3..] envelopes. Creates the group if missing, trims what every group
+/// acknowledged, adds envelopes while the backlog is under the bound.
+/// Returns {added, backlog, oldest unacknowledged entry's ms or -1, now ms}.
+const PUSH: &str = r"
+local stream, group, bound = KEYS[1], ARGV[1], tonumber(ARGV[2])
+redis.pcall('XGROUP', 'CREATE', stream, group, '0', 'MKSTREAM')
+local function parse(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  return tonumber(ms), tonumber(seq)
+end
+local floor_ms, floor_seq
+for _, g in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
+  local name, pending, last
+  for i = 1, #g, 2 do
+    local k = g[i]
+    if k == 'name' then name = g[i + 1]
+    elseif k == 'pending' then pending = g[i + 1]
+    elseif k == 'last-delivered-id' then last = g[i + 1] end
+  end
+  local ms, seq
+  if pending > 0 then
+    ms, seq = parse(redis.call('XPENDING', stream, name)[2])
+  else
+    ms, seq = parse(last)
+    seq = seq + 1
+  end
+  if not floor_ms or ms < floor_ms or (ms == floor_ms and seq < floor_seq) then
+    floor_ms, floor_seq = ms, seq
+  end
+end
+if floor_ms then
+  redis.call('XTRIM', stream, 'MINID', string.format('%.0f-%.0f', floor_ms, floor_seq))
+end
+local backlog = redis.call('XLEN', stream)
+local added = 0
+for i = 3, #ARGV do
+  if backlog >= bound then break end
+  redis.call('XADD', stream, '*', 'event', ARGV[i])
+  backlog = backlog + 1
+  added = added + 1
+end
+local oldest = -1
+local first = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)[1]
+if first then oldest = parse(first[1]) end
+local t = redis.call('TIME')
+return {added, backlog, oldest, tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)}
+";
+
+/// The stream target's sink: cheap to clone (the periodic check holds one).
+#[derive(Clone)]
+pub struct StreamSink {
+    redis: RedisSink,
+    group: Arc<str>,
+    max_backlog: u64,
+    /// Every stream pushed to, for the periodic check.
+    streams: Arc<Mutex<BTreeSet<String>>>,
+    metrics: Arc<Metrics>,
+}
+
+/// What one script call said about its stream.
+#[derive(Debug, Clone, Copy)]
+struct Pushed {
+    added: usize,
+    backlog: u64,
+    /// The oldest unacknowledged entry's age, if there is one.
+    oldest: Option<Duration>,
+}
+
+impl StreamSink {
+    pub fn new(redis: RedisSink, group: &str, max_backlog: u64, metrics: Arc<Metrics>) -> Self {
+        StreamSink {
+            redis,
+            group: Arc::from(group),
+            max_backlog,
+            streams: Arc::default(),
+            metrics,
+        }
+    }
+
+    /// Measures (and trims) every stream pushed to, every [`CHECK_EVERY`],
+    /// so that the backlog metrics follow the consumers while no event
+    /// arrives. Runs until the process ends.
+    pub async fn watch(self) {
+        loop {
+            tokio::time::sleep(CHECK_EVERY).await;
+            let streams: Vec<String> = self
+                .streams
+                .lock()
+                .expect("not poisoned")
+                .iter()
+                .cloned()
+                .collect();
+            for stream in streams {
+                let mut conn = self.redis.connection();
+                match push(&mut conn, &stream, &self.group, self.max_backlog, &[]).await {
+                    Ok(p) => self.record(&stream, p),
+                    Err(e) => {
+                        tracing::debug!(stream, error = %e, "cannot measure the stream's backlog")
+                    }
+                }
+            }
+        }
+    }
+
+    fn record(&self, stream: &str, p: Pushed) {
+        let label = StreamLabel {
+            stream: stream.to_owned(),
+        };
+        self.metrics
+            .stream_backlog
+            .get_or_create(&label)
+            .set(p.backlog as i64);
+        self.metrics
+            .stream_oldest_unacked
+            .get_or_create(&label)
+            .set(p.oldest.map_or(0.0, |d| d.as_secs_f64()));
+    }
+}
+
+async fn push(
+    conn: &mut ConnectionManager,
+    stream: &str,
+    group: &str,
+    bound: u64,
+    envelopes: &[Cow<'_, [u8]>],
+) -> redis::RedisResult<Pushed> {
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(PUSH).arg(1).arg(stream).arg(group).arg(bound);
+    for e in envelopes {
+        cmd.arg(e.as_ref());
+    }
+    let (added, backlog, oldest, now): (u64, u64, i64, i64) = cmd.query_async(conn).await?;
+    Ok(Pushed {
+        added: added as usize,
+        backlog,
+        oldest: (oldest >= 0)
+            .then(|| Duration::from_millis(now.saturating_sub(oldest).max(0) as u64)),
+    })
+}
+
+impl<T> Sink<T> for StreamSink {
+    fn prepare(&self, event: &SharedEvent) -> Outgoing {
+        Outgoing::Envelope(event.envelope_json())
+    }
+
+    fn dispatch(&self) -> Dispatch {
+        // One batch at a time keeps each stream in order.
+        Dispatch::Pipeline { max: PIPELINE }
+    }
+
+    fn needs_session(&self) -> bool {
+        false
+    }
+
+    fn start(
+        &mut self,
+        _id: DeliveryId,
+        jobs: &[Job<SharedEvent>],
+        _session: Option<&mut Session<T>>,
+        _now: Instant,
+    ) -> Started {
+        // One script call per stream, its events in order.
+        let mut streams: Vec<(String, Vec<usize>)> = Vec::new();
+        for (i, job) in jobs.iter().enumerate() {
+            let key = self.redis.key(&job.item.procedure);
+            match streams.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, at)) => at.push(i),
+                None => streams.push((key, vec![i])),
+            }
+        }
+        {
+            let mut known = self.streams.lock().expect("not poisoned");
+            for (key, _) in &streams {
+                if !known.contains(key) {
+                    known.insert(key.clone());
+                }
+            }
+        }
+        let envelopes: Vec<Vec<Vec<u8>>> = streams
+            .iter()
+            .map(|(_, at)| {
+                at.iter()
+                    .map(|&i| match &jobs[i].item.outgoing {
+                        Outgoing::Envelope(bytes) => bytes.clone(),
+                        _ => jobs[i].item.envelope_json(),
+                    })
+                    .collect()
+            })
+            .collect();
+        let this = self.clone();
+        let n = jobs.len();
+        Started::Pending(Box::pin(async move {
+            let calls = streams.iter().zip(&envelopes).map(|((key, _), envs)| {
+                let mut conn = this.redis.connection();
+                let this = &this;
+                async move {
+                    let envs: Vec<Cow<'_, [u8]>> =
+                        envs.iter().map(|e| Cow::Borrowed(e.as_slice())).collect();
+                    push(&mut conn, key, &this.group, this.max_backlog, &envs).await
+                }
+            });
+            let replies = join_all(calls).await;
+            let mut outcomes: Vec<Option<crate::forward::Outcome>> = (0..n).map(|_| None).collect();
+            for ((key, at), reply) in streams.iter().zip(replies) {
+                match reply {
+                    Ok(p) => {
+                        this.record(key, p);
+                        for (k, &i) in at.iter().enumerate() {
+                            outcomes[i] = Some(if k < p.added {
+                                Ok(())
+                            } else {
+                                Err(Failure::Backlog { backlog: p.backlog })
+                            });
+                        }
+                    }
+                    // The stream's events are tried again (a script that
+                    // failed half-way, which Redis does not undo, adds
+                    // some twice: at-least-once).
+                    Err(e) => {
+                        for &i in at {
+                            let again = (e.kind(), "stream push failed", e.to_string());
+                            outcomes[i] = Some(Err(Failure::Redis(again.into())));
+                        }
+                    }
+                }
+            }
+            Report::Each(
+                outcomes
+                    .into_iter()
+                    .map(|o| o.unwrap_or(Err(Failure::Missing)))
+                    .collect(),
+            )
+        }))
+    }
+}

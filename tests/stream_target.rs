@@ -1,0 +1,224 @@
+//! Redis mode onto streams (`SUBTOCALL_REDIS_TARGET=stream`), read by the
+//! documented consumer (`examples/stream_consumer.py`): a consumer killed
+//! holding entries loses none of them, the backlog is bounded without
+//! trimming anything unread, and a Redis restart mid-stream loses nothing.
+//! Real Crossbar, real redis-server, real consumers.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use support::peers::{StreamConsumer, StreamConsumerOptions};
+use support::resp::Reply;
+use support::sidecar::Sidecar;
+use support::*;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn stream_env<'a>(redis_url: &'a str, extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+    let mut env = vec![
+        ("USE_REDIS_MQ", "1"),
+        ("SUBTOCALL_REDIS_TARGET", "stream"),
+        ("REDIS_URL", redis_url),
+    ];
+    env.extend_from_slice(extra);
+    env
+}
+
+/// The publisher's seqs each consumer handled, with how often.
+fn handled(consumers: &[&StreamConsumer]) -> BTreeMap<u64, usize> {
+    let mut seen = BTreeMap::new();
+    for c in consumers {
+        for line in c.handled() {
+            let seq = line["kwargs"]["seq"].as_u64().expect("the publisher's seq");
+            *seen.entry(seq).or_default() += 1;
+        }
+    }
+    seen
+}
+
+async fn xlen(redis: &Redis, key: &str) -> i64 {
+    match redis.command(&["XLEN", key]).await {
+        Reply::Integer(n) => n,
+        other => panic!("XLEN {key}: {other:?}"),
+    }
+}
+
+async fn announce(crossbar: &Crossbar, procedure: &str) -> Backend {
+    // In Redis mode a backend announces interest by registering, as usual.
+    Backend::spawn(BackendOptions {
+        name: "announce".into(),
+        ..BackendOptions::new(crossbar, &[procedure])
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_consumer_killed_holding_entries_loses_none_of_1000_events() {
+    let crossbar = Crossbar::start().await;
+    let router = RouterMeta::join(&crossbar).await;
+    let redis = Redis::start().await;
+    let _announce = announce(&crossbar, "com.example.SUB_st").await;
+    let sidecar = Sidecar::start_for(&crossbar, &stream_env(&redis.url(), &[]));
+    sidecar
+        .wait_subscribed(&router, "com.example.st", WAIT)
+        .await;
+    let stream = "queue:com.example.SUB_st";
+    let consumer = |name: &str| StreamConsumerOptions {
+        handle_ms: 5,
+        ..StreamConsumerOptions::new(&redis.url(), stream, name)
+    };
+    let mut a = StreamConsumer::spawn(consumer("a")).await;
+    let b = StreamConsumer::spawn(consumer("b")).await;
+    let publisher = Publisher::spawn(PublisherOptions {
+        quiet: true,
+        rate: 500.0,
+        ..PublisherOptions::new(&crossbar, "com.example.st", 1000)
+    });
+    eventually(WAIT, "a has handled some", || async {
+        (a.handled().len() >= 100).then_some(())
+    })
+    .await;
+    // Killed mid-batch: it holds entries read and not acknowledged.
+    a.kill().await;
+    publisher.finish().await.assert_success();
+    let every: BTreeSet<u64> = (0..1000).collect();
+    let seen = eventually(WAIT, "every event handled", || async {
+        let seen = handled(&[&a, &b]);
+        (seen.keys().copied().collect::<BTreeSet<_>>() == every).then_some(seen)
+    })
+    .await;
+    let claimed = b
+        .handled()
+        .iter()
+        .filter(|l| l["deliveries"].as_u64() > Some(1))
+        .count();
+    let twice = seen.values().filter(|n| **n > 1).count();
+    println!(
+        "stream target: 1,000 events, a killed after {} handled; b claimed {claimed} \
+         entries a held, {twice} handled twice",
+        a.handled().len()
+    );
+    assert!(claimed > 0, "b took over what a held when it died");
+    assert_eq!(
+        sidecar.metric("subtocall_events_forwarded_total").await,
+        1000.0
+    );
+    // Everything acknowledged is trimmed at the next check.
+    eventually(WAIT, "the acknowledged entries trimmed", || async {
+        (xlen(&redis, stream).await == 0).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_backlog_is_bounded_without_trimming_anything_unread() {
+    let crossbar = Crossbar::start().await;
+    let router = RouterMeta::join(&crossbar).await;
+    let redis = Redis::start().await;
+    let _announce = announce(&crossbar, "com.example.SUB_full").await;
+    let sidecar = Sidecar::start_for(
+        &crossbar,
+        &stream_env(&redis.url(), &[("SUBTOCALL_REDIS_MAX_BACKLOG", "200")]),
+    );
+    sidecar
+        .wait_subscribed(&router, "com.example.full", WAIT)
+        .await;
+    let stream = "queue:com.example.SUB_full";
+    Publisher::run(PublisherOptions {
+        quiet: true,
+        ..PublisherOptions::new(&crossbar, "com.example.full", 300)
+    })
+    .await
+    .assert_success();
+    let idle = sidecar.wait_idle(300, WAIT).await;
+    assert_eq!(idle.forwarded, 200.0, "the bound's worth added");
+    assert_eq!(idle.dead_lettered, 100.0, "the rest dead-lettered");
+    assert_eq!(
+        sidecar
+            .metric("subtocall_events_dead_lettered_total{reason=\"backlog\"}")
+            .await,
+        100.0
+    );
+    assert_eq!(xlen(&redis, stream).await, 200, "nothing unread trimmed");
+    assert_eq!(
+        sidecar
+            .metric(&format!("subtocall_stream_backlog{{stream=\"{stream}\"}}"))
+            .await,
+        200.0
+    );
+    assert!(
+        sidecar
+            .metric(&format!(
+                "subtocall_stream_oldest_unacked_seconds{{stream=\"{stream}\"}}"
+            ))
+            .await
+            >= 0.0
+    );
+    // The group was there before any backend read: a consumer starting now
+    // gets the first 200 events, in order.
+    let c = StreamConsumer::spawn(StreamConsumerOptions::new(&redis.url(), stream, "late")).await;
+    let seqs = eventually(WAIT, "the 200 entries handled", || async {
+        let lines = c.handled();
+        (lines.len() >= 200).then(|| {
+            lines
+                .iter()
+                .map(|l| l["kwargs"]["seq"].as_u64().unwrap())
+                .collect::<Vec<_>>()
+        })
+    })
+    .await;
+    assert_eq!(seqs, (0..200).collect::<Vec<_>>());
+    // Once acknowledged, they are trimmed (at the next check, within 5 s)
+    // and the backlog falls to zero.
+    eventually(WAIT, "the acknowledged entries trimmed", || async {
+        (xlen(&redis, stream).await == 0).then_some(())
+    })
+    .await;
+    sidecar
+        .wait_metric(
+            &format!("subtocall_stream_backlog{{stream=\"{stream}\"}}"),
+            |n| n == 0.0,
+            WAIT,
+        )
+        .await;
+}
+
+#[tokio::test]
+async fn a_redis_restart_mid_stream_loses_nothing() {
+    let crossbar = Crossbar::start().await;
+    let router = RouterMeta::join(&crossbar).await;
+    let mut redis = Redis::start_persistent().await;
+    let _announce = announce(&crossbar, "com.example.SUB_rs").await;
+    let sidecar = Sidecar::start_for(&crossbar, &stream_env(&redis.url(), &[]));
+    sidecar
+        .wait_subscribed(&router, "com.example.rs", WAIT)
+        .await;
+    let stream = "queue:com.example.SUB_rs";
+    let consumer =
+        StreamConsumer::spawn(StreamConsumerOptions::new(&redis.url(), stream, "c")).await;
+    let publisher = Publisher::spawn(PublisherOptions {
+        quiet: true,
+        rate: 200.0,
+        ..PublisherOptions::new(&crossbar, "com.example.rs", 600)
+    });
+    eventually(WAIT, "some events handled", || async {
+        (consumer.handled().len() >= 100).then_some(())
+    })
+    .await;
+    redis.stop().await;
+    sidecar
+        .wait_metric("subtocall_redis_errors_total", |n| n > 0.0, WAIT)
+        .await;
+    redis.start_again().await;
+    publisher.finish().await.assert_success();
+    let every: BTreeSet<u64> = (0..600).collect();
+    let seen = eventually(WAIT, "every event handled", || async {
+        let seen = handled(&[&consumer]);
+        (seen.keys().copied().collect::<BTreeSet<_>>() == every).then_some(seen)
+    })
+    .await;
+    let twice = seen.values().filter(|n| **n > 1).count();
+    println!("stream target across a Redis restart: 600 events, {twice} handled twice");
+}
