@@ -240,12 +240,13 @@ impl SharedEvent {
         let opt_str = |v: &Option<String>| v.as_deref().map(Value::from).unwrap_or(Value::Null);
         // A raw payload that no longer decodes cannot happen (it was checked
         // on arrival); if it did, the record says so instead of inventing args.
+        // A raw payload is decoded into a tree of its own: moved, not
+        // cloned again.
         let (args, kwargs, error) = match self.payload.decoded() {
-            Ok(p) => (
-                Value::List(p.args.clone()),
-                Value::Dict(p.kwargs.clone()),
-                None,
-            ),
+            Ok(p) => {
+                let p = p.into_owned();
+                (Value::List(p.args), Value::Dict(p.kwargs), None)
+            }
             Err(e) => (Value::Null, Value::Null, Some(e.to_string())),
         };
         let mut envelope = Dict::with_capacity(9)
