@@ -222,3 +222,58 @@ async fn a_redis_restart_mid_stream_loses_nothing() {
     let twice = seen.values().filter(|n| **n > 1).count();
     println!("stream target across a Redis restart: 600 events, {twice} handled twice");
 }
+
+/// The publisher's seqs in the envelopes a stream holds, in stream order.
+async fn stream_seqs(redis: &Redis, stream: &str) -> Vec<u64> {
+    let Reply::Array(Some(entries)) = redis.command(&["XRANGE", stream, "-", "+"]).await else {
+        panic!("XRANGE {stream}")
+    };
+    entries
+        .iter()
+        .map(|entry| {
+            let Reply::Array(Some(parts)) = entry else {
+                panic!("entry {entry:?}")
+            };
+            let Some(Reply::Array(Some(fields))) = parts.get(1) else {
+                panic!("fields of {entry:?}")
+            };
+            assert!(matches!(&fields[0], Reply::Bulk(Some(f)) if f == b"event"));
+            let Reply::Bulk(Some(json)) = &fields[1] else {
+                panic!("value of {entry:?}")
+            };
+            let envelope: serde_json::Value = serde_json::from_slice(json).expect("JSON");
+            envelope["kwargs"]["seq"].as_u64().expect("kwargs.seq")
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn two_instances_on_the_redis_queue_add_each_event_once() {
+    let crossbar = Crossbar::start().await;
+    let router = RouterMeta::join(&crossbar).await;
+    let redis = Redis::start().await;
+    let _announce = announce(&crossbar, "com.example.SUB_twice").await;
+    let url = redis.url();
+    let env = stream_env(&url, &[("SUBTOCALL_QUEUE", "redis")]);
+    let _first = Sidecar::start_for(&crossbar, &env);
+    let _second = Sidecar::start_for(&crossbar, &env);
+    eventually(WAIT, "both instances subscribed", || async {
+        (router.subscribers("com.example.twice").await.len() == 2).then_some(())
+    })
+    .await;
+    Publisher::run(PublisherOptions {
+        quiet: true,
+        rate: 250.0,
+        ..PublisherOptions::new(&crossbar, "com.example.twice", 500)
+    })
+    .await
+    .assert_success();
+    let stream = "queue:com.example.SUB_twice";
+    let mut seqs = eventually(WAIT, "500 entries in the stream", || async {
+        let seqs = stream_seqs(&redis, stream).await;
+        (seqs.len() >= 500).then_some(seqs)
+    })
+    .await;
+    seqs.sort_unstable();
+    assert_eq!(seqs, (0..500).collect::<Vec<_>>(), "each event added once");
+}
