@@ -126,6 +126,12 @@ async fn the_backlog_is_bounded_without_trimming_anything_unread() {
         .wait_subscribed(&router, "com.example.full", WAIT)
         .await;
     let stream = "queue:com.example.SUB_full";
+    // The stream and its group exist before the first event.
+    eventually(WAIT, "the group created on discovery", || async {
+        let groups = redis.command(&["XINFO", "GROUPS", stream]).await;
+        matches!(groups, Reply::Array(Some(ref g)) if g.len() == 1).then_some(())
+    })
+    .await;
     Publisher::run(PublisherOptions {
         quiet: true,
         ..PublisherOptions::new(&crossbar, "com.example.full", 300)
@@ -276,4 +282,70 @@ async fn two_instances_on_the_redis_queue_add_each_event_once() {
     .await;
     seqs.sort_unstable();
     assert_eq!(seqs, (0..500).collect::<Vec<_>>(), "each event added once");
+}
+
+#[tokio::test]
+async fn with_drop_oldest_the_oldest_entries_nobody_was_handed_make_room() {
+    let crossbar = Crossbar::start().await;
+    let router = RouterMeta::join(&crossbar).await;
+    let redis = Redis::start().await;
+    let _announce = announce(&crossbar, "com.example.SUB_room").await;
+    let sidecar = Sidecar::start_for(
+        &crossbar,
+        &stream_env(
+            &redis.url(),
+            &[
+                ("SUBTOCALL_REDIS_MAX_BACKLOG", "100"),
+                ("SUBTOCALL_OVERFLOW", "drop-oldest"),
+            ],
+        ),
+    );
+    sidecar
+        .wait_subscribed(&router, "com.example.room", WAIT)
+        .await;
+    let stream = "queue:com.example.SUB_room";
+    let publish = |n: u32| {
+        Publisher::run(PublisherOptions {
+            quiet: true,
+            ..PublisherOptions::new(&crossbar, "com.example.room", n)
+        })
+    };
+    publish(100).await.assert_success();
+    sidecar
+        .wait_metric("subtocall_events_forwarded_total", |n| n == 100.0, WAIT)
+        .await;
+    // A backend takes ten and is still working on them.
+    redis
+        .command(&[
+            "XREADGROUP",
+            "GROUP",
+            "backends",
+            "w",
+            "COUNT",
+            "10",
+            "STREAMS",
+            stream,
+            ">",
+        ])
+        .await;
+    publish(50).await.assert_success();
+    sidecar
+        .wait_metric("subtocall_events_forwarded_total", |n| n == 150.0, WAIT)
+        .await;
+    sidecar
+        .wait_metric(
+            "subtocall_events_dead_lettered_total{reason=\"backlog\"}",
+            |n| n == 50.0,
+            WAIT,
+        )
+        .await;
+    // The second publisher numbers from 0 again: its events are the last 50
+    // entries. What is left of the first: the ten handed out, and the 40
+    // newest.
+    let seqs = stream_seqs(&redis, stream).await;
+    let expected: Vec<u64> = (0..10).chain(60..100).chain(0..50).collect();
+    assert_eq!(
+        seqs, expected,
+        "the oldest entries nobody was handed made room"
+    );
 }

@@ -211,6 +211,7 @@ impl App {
                     redis.clone(),
                     &config.redis.consumer_group,
                     config.redis.max_backlog,
+                    f.overflow == config::Overflow::DropOldest,
                     metrics.clone(),
                 );
                 tokio::spawn(sink.clone().watch());

@@ -497,6 +497,7 @@ impl Sidecar {
 
     /// A delivery's outcome, from the session or a sink's future.
     pub fn on_report(&mut self, id: DeliveryId, report: Report, now: Instant) {
+        self.dead_letter_evicted(id, now);
         if QueueStage::is_delivery(id)
             && let Some(q) = &mut self.queue
         {
@@ -625,7 +626,19 @@ impl Sidecar {
             for output in self.discovery.poll(now) {
                 match output {
                     discovery::Output::Action(action) => self.execute(action, session, now),
-                    discovery::Output::Note(note) => log_note(&note),
+                    discovery::Output::Note(note) => {
+                        if let Note::RegistrationTracked { uri, topic, .. } = &note
+                            && topic.policy == MatchPolicy::Exact
+                        {
+                            // The stream target creates the stream and its
+                            // group now, before the first event.
+                            match &self.queue {
+                                Some(q) => q.sink.prepare_procedure(uri),
+                                None => self.sink.prepare_procedure(uri),
+                            }
+                        }
+                        log_note(&note);
+                    }
                 }
             }
         }
@@ -808,6 +821,24 @@ impl Sidecar {
             attempts = job.attempts,
             "event delivered"
         );
+    }
+
+    /// Entries the delivering sink removed from a Redis stream to make room
+    /// (`drop-oldest` at the backlog bound): dead letters.
+    fn dead_letter_evicted(&mut self, id: DeliveryId, now: Instant) {
+        let evicted = match &mut self.queue {
+            Some(q) if QueueStage::is_delivery(id) => q.sink.take_evicted(),
+            _ => self.sink.take_evicted(),
+        };
+        for event in evicted {
+            let mut job = Job::new(event, now);
+            job.last_error = Some(
+                "removed from the stream to make room for newer events \
+                 (SUBTOCALL_REDIS_MAX_BACKLOG, SUBTOCALL_OVERFLOW=drop-oldest)"
+                    .into(),
+            );
+            self.dead_letter(&job, GiveUp::Backlog, now);
+        }
     }
 
     fn dead_letter(&mut self, job: &Job<SharedEvent>, why: GiveUp, now: Instant) {

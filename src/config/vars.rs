@@ -642,8 +642,9 @@ pub(crate) const REDIS_MAX_BACKLOG: Var = Var {
     accepts: "a whole number from 1 to 1000000000",
     meaning: "With SUBTOCALL_REDIS_TARGET=stream: entries a stream may hold that some consumer \
               group has not acknowledged. subtocall trims only entries every group has \
-              acknowledged; an event that would go past the bound is not added but \
-              dead-lettered with reason `backlog`.",
+              acknowledged. At the bound SUBTOCALL_OVERFLOW applies: drop-newest refuses the \
+              new event, drop-oldest removes the oldest entry no group has been handed yet; \
+              either is dead-lettered with reason `backlog`.",
     secret: false,
     group: Group::Redis,
 };

@@ -45,6 +45,17 @@ pub trait Sink<T> {
     fn dispatch(&self) -> Dispatch;
     /// Whether deliveries go through the router session (and wait for one).
     fn needs_session(&self) -> bool;
+    /// Events this sink removed from its destination to make room
+    /// (`SUBTOCALL_OVERFLOW=drop-oldest` at a stream's backlog bound), since
+    /// it was last asked: the driver dead-letters them.
+    fn take_evicted(&mut self) -> Vec<SharedEvent> {
+        Vec::new()
+    }
+
+    /// A procedure discovery found: a sink may prepare its destination
+    /// (the stream target creates the stream and its consumer group).
+    fn prepare_procedure(&self, _procedure: &str) {}
+
     /// Starts delivering `jobs`, in order; `session` is the router session
     /// while joined.
     fn start(

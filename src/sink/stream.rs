@@ -5,8 +5,17 @@
 //! batch creates the group if it is missing (from the stream's first entry,
 //! so nothing added before the first backend reads is missed), trims what
 //! every consumer group of the stream has acknowledged, and adds as many
-//! events as `SUBTOCALL_REDIS_MAX_BACKLOG` allows; the others are refused
-//! (dead-lettered with reason `backlog`), never trimmed away unread.
+//! events as `SUBTOCALL_REDIS_MAX_BACKLOG` allows. At the bound the overflow
+//! policy applies: `drop-newest` refuses the new events, `drop-oldest`
+//! removes the oldest entries no consumer group has been handed yet (never
+//! one a backend may be working on) to make room, and refuses the new
+//! events only when there are none; either way what is given up is
+//! dead-lettered with reason `backlog`, never trimmed away unread.
+//!
+//! The stream and its group are created when discovery first sees an exact
+//! SUB_ registration (a wildcard one's procedures are known only from their
+//! events: at the first push), so a backend may start reading before the
+//! first event.
 //!
 //! The backlog is every entry from the oldest one some group has not
 //! acknowledged on (computed from XINFO GROUPS and XPENDING: Redis 7.0 has
@@ -36,17 +45,21 @@ const PIPELINE: usize = 512;
 pub const CHECK_EVERY: Duration = Duration::from_secs(5);
 
 /// KEYS[1] the stream; ARGV[1] the consumer group, ARGV[2] the bound,
-/// ARGV[3..] envelopes. Creates the group if missing, trims what every group
-/// acknowledged, adds envelopes while the backlog is under the bound.
-/// Returns {added, backlog, oldest unacknowledged entry's ms or -1, now ms}.
+/// ARGV[3] `1` to make room by removing entries no group was handed yet,
+/// ARGV[4..] envelopes. Creates the group if missing, trims what every group
+/// acknowledged, makes room if asked, adds envelopes while the backlog is
+/// under the bound. Returns {added, backlog, oldest unacknowledged entry's
+/// ms or -1, now ms, the removed entries' envelopes...}.
 const PUSH: &str = r"
 local stream, group, bound = KEYS[1], ARGV[1], tonumber(ARGV[2])
+local make_room = ARGV[3] == '1'
 redis.pcall('XGROUP', 'CREATE', stream, group, '0', 'MKSTREAM')
 local function parse(id)
   local ms, seq = string.match(id, '^(%d+)-(%d+)$')
   return tonumber(ms), tonumber(seq)
 end
 local floor_ms, floor_seq
+local handed_ms, handed_seq = 0, 0
 for _, g in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
   local name, pending, last
   for i = 1, #g, 2 do
@@ -55,12 +68,15 @@ for _, g in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
     elseif k == 'pending' then pending = g[i + 1]
     elseif k == 'last-delivered-id' then last = g[i + 1] end
   end
+  local lms, lseq = parse(last)
+  if lms > handed_ms or (lms == handed_ms and lseq > handed_seq) then
+    handed_ms, handed_seq = lms, lseq
+  end
   local ms, seq
   if pending > 0 then
     ms, seq = parse(redis.call('XPENDING', stream, name)[2])
   else
-    ms, seq = parse(last)
-    seq = seq + 1
+    ms, seq = lms, lseq + 1
   end
   if not floor_ms or ms < floor_ms or (ms == floor_ms and seq < floor_seq) then
     floor_ms, floor_seq = ms, seq
@@ -70,8 +86,21 @@ if floor_ms then
   redis.call('XTRIM', stream, 'MINID', string.format('%.0f-%.0f', floor_ms, floor_seq))
 end
 local backlog = redis.call('XLEN', stream)
+local removed = {}
+local over = backlog + (#ARGV - 3) - bound
+if make_room and over > 0 then
+  local after = string.format('(%.0f-%.0f', handed_ms, handed_seq)
+  for _, e in ipairs(redis.call('XRANGE', stream, after, '+', 'COUNT', over)) do
+    redis.call('XDEL', stream, e[1])
+    local f = e[2]
+    for i = 1, #f, 2 do
+      if f[i] == 'event' then table.insert(removed, f[i + 1]) end
+    end
+    backlog = backlog - 1
+  end
+end
 local added = 0
-for i = 3, #ARGV do
+for i = 4, #ARGV do
   if backlog >= bound then break end
   redis.call('XADD', stream, '*', 'event', ARGV[i])
   backlog = backlog + 1
@@ -81,7 +110,9 @@ local oldest = -1
 local first = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)[1]
 if first then oldest = parse(first[1]) end
 local t = redis.call('TIME')
-return {added, backlog, oldest, tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)}
+local out = {added, backlog, oldest, tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)}
+for _, r in ipairs(removed) do table.insert(out, r) end
+return out
 ";
 
 /// The stream target's sink: cheap to clone (the periodic check holds one).
@@ -90,26 +121,40 @@ pub struct StreamSink {
     redis: RedisSink,
     group: Arc<str>,
     max_backlog: u64,
+    /// `SUBTOCALL_OVERFLOW=drop-oldest`: make room at the bound.
+    make_room: bool,
+    /// Envelopes removed to make room, for the driver to dead-letter.
+    evicted: Arc<Mutex<Vec<Vec<u8>>>>,
     /// Every stream pushed to, for the periodic check.
     streams: Arc<Mutex<BTreeSet<String>>>,
     metrics: Arc<Metrics>,
 }
 
 /// What one script call said about its stream.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Pushed {
     added: usize,
     backlog: u64,
     /// The oldest unacknowledged entry's age, if there is one.
     oldest: Option<Duration>,
+    /// Envelopes removed to make room.
+    removed: Vec<Vec<u8>>,
 }
 
 impl StreamSink {
-    pub fn new(redis: RedisSink, group: &str, max_backlog: u64, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        redis: RedisSink,
+        group: &str,
+        max_backlog: u64,
+        make_room: bool,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         StreamSink {
             redis,
             group: Arc::from(group),
             max_backlog,
+            make_room,
+            evicted: Arc::default(),
             streams: Arc::default(),
             metrics,
         }
@@ -130,8 +175,17 @@ impl StreamSink {
                 .collect();
             for stream in streams {
                 let mut conn = self.redis.connection();
-                match push(&mut conn, &stream, &self.group, self.max_backlog, &[]).await {
-                    Ok(p) => self.record(&stream, p),
+                match push(
+                    &mut conn,
+                    &stream,
+                    &self.group,
+                    self.max_backlog,
+                    false,
+                    &[],
+                )
+                .await
+                {
+                    Ok(p) => self.record(&stream, &p),
                     Err(e) => {
                         tracing::debug!(stream, error = %e, "cannot measure the stream's backlog")
                     }
@@ -140,7 +194,7 @@ impl StreamSink {
         }
     }
 
-    fn record(&self, stream: &str, p: Pushed) {
+    fn record(&self, stream: &str, p: &Pushed) {
         let label = StreamLabel {
             stream: stream.to_owned(),
         };
@@ -160,25 +214,89 @@ async fn push(
     stream: &str,
     group: &str,
     bound: u64,
+    make_room: bool,
     envelopes: &[Cow<'_, [u8]>],
 ) -> redis::RedisResult<Pushed> {
     let mut cmd = redis::cmd("EVAL");
     cmd.arg(PUSH).arg(1).arg(stream).arg(group).arg(bound);
+    cmd.arg(if make_room { "1" } else { "0" });
     for e in envelopes {
         cmd.arg(e.as_ref());
     }
-    let (added, backlog, oldest, now): (u64, u64, i64, i64) = cmd.query_async(conn).await?;
+    let reply: Vec<redis::Value> = cmd.query_async(conn).await?;
+    let int = |i: usize| match reply.get(i) {
+        Some(redis::Value::Int(n)) => *n,
+        _ => 0,
+    };
+    let (added, backlog, oldest, now) = (int(0), int(1), int(2), int(3));
+    let removed = reply
+        .iter()
+        .skip(4)
+        .filter_map(|v| match v {
+            redis::Value::BulkString(b) => Some(b.clone()),
+            _ => None,
+        })
+        .collect();
     Ok(Pushed {
-        added: added as usize,
-        backlog,
+        added: added.max(0) as usize,
+        backlog: backlog.max(0) as u64,
         oldest: (oldest >= 0)
             .then(|| Duration::from_millis(now.saturating_sub(oldest).max(0) as u64)),
+        removed,
     })
 }
 
 impl<T> Sink<T> for StreamSink {
     fn prepare(&self, event: &SharedEvent) -> Outgoing {
         Outgoing::Envelope(event.envelope_json())
+    }
+
+    fn take_evicted(&mut self) -> Vec<SharedEvent> {
+        let removed = std::mem::take(&mut *self.evicted.lock().expect("not poisoned"));
+        removed
+            .iter()
+            .filter_map(|json| match SharedEvent::from_envelope(json) {
+                Ok(event) => Some(event),
+                Err(e) => {
+                    tracing::error!(error = %e, "an entry removed from a stream to make room is not an envelope; dropped");
+                    None
+                }
+            })
+            .collect()
+    }
+
+    fn prepare_procedure(&self, procedure: &str) {
+        // A wildcard registration's URI is not a procedure.
+        if procedure.contains("..") || procedure.starts_with('.') || procedure.ends_with('.') {
+            return;
+        }
+        let stream = self.redis.key(procedure);
+        self.streams
+            .lock()
+            .expect("not poisoned")
+            .insert(stream.clone());
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut conn = this.redis.connection();
+            match push(
+                &mut conn,
+                &stream,
+                &this.group,
+                this.max_backlog,
+                false,
+                &[],
+            )
+            .await
+            {
+                Ok(p) => {
+                    tracing::info!(stream, group = %this.group, "stream and consumer group ready");
+                    this.record(&stream, &p);
+                }
+                Err(e) => {
+                    tracing::warn!(stream, error = %e, "cannot create the stream's consumer group yet; it is created with the first event")
+                }
+            }
+        });
     }
 
     fn dispatch(&self) -> Dispatch {
@@ -234,7 +352,15 @@ impl<T> Sink<T> for StreamSink {
                 async move {
                     let envs: Vec<Cow<'_, [u8]>> =
                         envs.iter().map(|e| Cow::Borrowed(e.as_slice())).collect();
-                    push(&mut conn, key, &this.group, this.max_backlog, &envs).await
+                    push(
+                        &mut conn,
+                        key,
+                        &this.group,
+                        this.max_backlog,
+                        this.make_room,
+                        &envs,
+                    )
+                    .await
                 }
             });
             let replies = join_all(calls).await;
@@ -242,7 +368,13 @@ impl<T> Sink<T> for StreamSink {
             for ((key, at), reply) in streams.iter().zip(replies) {
                 match reply {
                     Ok(p) => {
-                        this.record(key, p);
+                        this.record(key, &p);
+                        if !p.removed.is_empty() {
+                            this.evicted
+                                .lock()
+                                .expect("not poisoned")
+                                .extend(p.removed.iter().cloned());
+                        }
                         for (k, &i) in at.iter().enumerate() {
                             outcomes[i] = Some(if k < p.added {
                                 Ok(())
