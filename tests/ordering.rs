@@ -60,6 +60,59 @@ fn calls(backends: &[&Backend]) -> Vec<Call> {
     all
 }
 
+/// What the calls say about per-key order.
+struct Verdict {
+    keys: usize,
+    /// Events delivered for the first time while a later event of their
+    /// key had been delivered already (a retry or a redelivery after a
+    /// takeover repeats an event and does not count).
+    out_of_order: usize,
+    /// Calls of a key that started before the previous call of the key was
+    /// answered (a call that was never answered has no answer to wait for).
+    overlapping: usize,
+    /// The most calls running at once (answered calls only), of distinct
+    /// keys since no key overlaps.
+    most: i32,
+}
+
+fn verdict(all: &[Call]) -> Verdict {
+    let mut by_key: BTreeMap<u64, Vec<&Call>> = BTreeMap::new();
+    for c in all {
+        by_key.entry(c.key).or_default().push(c);
+    }
+    let (mut out_of_order, mut overlapping) = (0, 0);
+    for calls in by_key.values() {
+        let mut delivered = BTreeSet::new();
+        for c in calls {
+            if delivered.insert(c.seq) && delivered.range(c.seq..).nth(1).is_some() {
+                out_of_order += 1;
+            }
+        }
+        for pair in calls.windows(2) {
+            if pair[0].answered.is_some_and(|at| pair[1].start < at) {
+                overlapping += 1;
+            }
+        }
+    }
+    let mut edges: Vec<(f64, i32)> = Vec::new();
+    for c in all.iter().filter(|c| c.answered.is_some()) {
+        edges.push((c.start, 1));
+        edges.push((c.answered.unwrap(), -1));
+    }
+    edges.sort_by(|x, y| x.0.total_cmp(&y.0).then(x.1.cmp(&y.1)));
+    let (mut running, mut most) = (0, 0);
+    for (_, step) in edges {
+        running += step;
+        most = most.max(running);
+    }
+    Verdict {
+        keys: by_key.len(),
+        out_of_order,
+        overlapping,
+        most,
+    }
+}
+
 #[tokio::test]
 async fn events_of_one_key_arrive_one_at_a_time_in_order_while_keys_run_in_parallel() {
     let crossbar = Crossbar::start().await;
@@ -94,39 +147,13 @@ async fn events_of_one_key_arrive_one_at_a_time_in_order_while_keys_run_in_paral
     a.sync().await;
     let all = calls(&[&a, &b]);
 
-    let mut by_key: BTreeMap<u64, Vec<&Call>> = BTreeMap::new();
-    for c in &all {
-        by_key.entry(c.key).or_default().push(c);
-    }
-    assert_eq!(by_key.len(), KEYS as usize);
-    let (mut out_of_order, mut overlapping) = (0, 0);
-    for calls in by_key.values() {
-        for pair in calls.windows(2) {
-            let (earlier, later) = (pair[0], pair[1]);
-            // A retry repeats its seq; the next event never comes first.
-            if later.seq < earlier.seq {
-                out_of_order += 1;
-            }
-            // The next call of a key starts after the previous one's answer
-            // (a call the leaving backend never answered has none).
-            if earlier.answered.is_some_and(|at| later.start < at) {
-                overlapping += 1;
-            }
-        }
-    }
-    // Different keys at once: the most calls of distinct keys running
-    // together (answered calls only).
-    let mut edges: Vec<(f64, i32)> = Vec::new();
-    for c in all.iter().filter(|c| c.answered.is_some()) {
-        edges.push((c.start, 1));
-        edges.push((c.answered.unwrap(), -1));
-    }
-    edges.sort_by(|x, y| x.0.total_cmp(&y.0).then(x.1.cmp(&y.1)));
-    let (mut running, mut most) = (0, 0);
-    for (_, step) in edges {
-        running += step;
-        most = most.max(running);
-    }
+    let Verdict {
+        keys,
+        out_of_order,
+        overlapping,
+        most,
+    } = verdict(&all);
+    assert_eq!(keys, KEYS as usize);
     let retried = all.len() - every.len();
     println!(
         "ordering: {} calls for {EVENTS} events ({retried} retried after B left), \
@@ -263,39 +290,13 @@ async fn on_the_redis_queue_keys_stay_in_order_across_two_instances_while_one_is
     .await;
     let all = calls(&[&a, &b]);
 
-    let mut by_key: BTreeMap<u64, Vec<&Call>> = BTreeMap::new();
-    for c in &all {
-        by_key.entry(c.key).or_default().push(c);
-    }
-    assert_eq!(by_key.len(), KEYS as usize);
-    let (mut out_of_order, mut overlapping) = (0, 0);
-    for calls in by_key.values() {
-        // A redelivery after the kill repeats an event already delivered;
-        // an event delivered for the first time comes after every earlier
-        // one of its key.
-        let mut delivered = BTreeSet::new();
-        for c in calls.iter() {
-            if delivered.insert(c.seq) && delivered.range(c.seq..).nth(1).is_some() {
-                out_of_order += 1;
-            }
-        }
-        for pair in calls.windows(2) {
-            if pair[0].answered.is_some_and(|at| pair[1].start < at) {
-                overlapping += 1;
-            }
-        }
-    }
-    let mut edges: Vec<(f64, i32)> = Vec::new();
-    for c in all.iter().filter(|c| c.answered.is_some()) {
-        edges.push((c.start, 1));
-        edges.push((c.answered.unwrap(), -1));
-    }
-    edges.sort_by(|x, y| x.0.total_cmp(&y.0).then(x.1.cmp(&y.1)));
-    let (mut running, mut most) = (0, 0);
-    for (_, step) in edges {
-        running += step;
-        most = most.max(running);
-    }
+    let Verdict {
+        keys,
+        out_of_order,
+        overlapping,
+        most,
+    } = verdict(&all);
+    assert_eq!(keys, KEYS as usize);
     println!(
         "ordering on the Redis queue: {} calls for {EVENTS} events ({} again after the kill; \
          half of {PARTITIONS} partitions handed to the second instance after {handed_over_at} \

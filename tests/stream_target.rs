@@ -349,3 +349,60 @@ async fn with_drop_oldest_the_oldest_entries_nobody_was_handed_make_room() {
         "the oldest entries nobody was handed made room"
     );
 }
+
+#[tokio::test]
+async fn the_example_consumer_moves_an_entry_delivered_too_often_to_the_dead_letter_stream() {
+    let redis = Redis::start().await;
+    let stream = "queue:com.example.SUB_poison";
+    redis
+        .command(&["XGROUP", "CREATE", stream, "backends", "0", "MKSTREAM"])
+        .await;
+    let Reply::Bulk(Some(id)) = redis
+        .command(&["XADD", stream, "*", "event", r#"{"kwargs": {"seq": 7}}"#])
+        .await
+    else {
+        panic!("XADD gave no id")
+    };
+    let id = String::from_utf8(id).unwrap();
+    // A consumer that keeps dying on it: handed out five times already.
+    redis
+        .command(&[
+            "XREADGROUP",
+            "GROUP",
+            "backends",
+            "ghost",
+            "STREAMS",
+            stream,
+            ">",
+        ])
+        .await;
+    redis
+        .command(&[
+            "XCLAIM",
+            stream,
+            "backends",
+            "ghost",
+            "0",
+            &id,
+            "RETRYCOUNT",
+            "5",
+        ])
+        .await;
+    let consumer = StreamConsumer::spawn(StreamConsumerOptions {
+        claim_idle_ms: 100,
+        max_deliveries: 5,
+        ..StreamConsumerOptions::new(&redis.url(), stream, "c")
+    })
+    .await;
+    // Its sixth delivery is one too many: moved, acknowledged, not handled.
+    let dead = format!("{stream}:dead");
+    eventually(WAIT, "the entry in the dead-letter stream", || async {
+        (xlen(&redis, &dead).await == 1).then_some(())
+    })
+    .await;
+    assert!(consumer.handled().is_empty(), "{:?}", consumer.handled());
+    let Reply::Array(Some(pending)) = redis.command(&["XPENDING", stream, "backends"]).await else {
+        panic!("XPENDING")
+    };
+    assert_eq!(pending.first(), Some(&Reply::Integer(0)), "acknowledged");
+}

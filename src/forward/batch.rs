@@ -318,18 +318,27 @@ mod tests {
         job
     }
 
+    fn batching(
+        max_events: usize,
+        max_bytes: usize,
+        in_flight: usize,
+        linger: Duration,
+    ) -> Batching {
+        Batching {
+            max_events,
+            max_bytes,
+            in_flight,
+            linger,
+        }
+    }
+
     fn items(jobs: &[Job<u32>]) -> Vec<u32> {
         jobs.iter().map(|j| j.item).collect()
     }
 
     #[test]
     fn a_call_takes_what_waits_up_to_the_limits_in_order() {
-        let s = Batching {
-            max_events: 3,
-            max_bytes: 100,
-            in_flight: 1,
-            linger: Duration::ZERO,
-        };
+        let s = batching(3, 100, 1, Duration::ZERO);
         let t0 = Instant::now();
         let mut p = Pools::default();
         for n in 1..=5 {
@@ -347,12 +356,7 @@ mod tests {
 
     #[test]
     fn bytes_bound_a_call_but_a_large_event_goes_alone() {
-        let s = Batching {
-            max_events: 100,
-            max_bytes: 25,
-            in_flight: 9,
-            linger: Duration::ZERO,
-        };
+        let s = batching(100, 25, 9, Duration::ZERO);
         let t0 = Instant::now();
         let mut p = Pools::default();
         p.push(1, job(1, None, 10, 1), t0);
@@ -366,12 +370,7 @@ mod tests {
 
     #[test]
     fn linger_holds_a_call_that_is_not_full() {
-        let s = Batching {
-            max_events: 3,
-            max_bytes: 1000,
-            in_flight: 1,
-            linger: 10 * MS,
-        };
+        let s = batching(3, 1000, 1, 10 * MS);
         let t0 = Instant::now();
         let mut p = Pools::default();
         p.push(1, job(1, None, 1, 1), t0);
@@ -392,12 +391,7 @@ mod tests {
 
     #[test]
     fn a_busy_key_waits_for_its_batch_and_other_keys_pass() {
-        let s = Batching {
-            max_events: 10,
-            max_bytes: 1000,
-            in_flight: 2,
-            linger: Duration::ZERO,
-        };
+        let s = batching(10, 1000, 2, Duration::ZERO);
         let t0 = Instant::now();
         let mut p = Pools::default();
         p.push(1, job(1, Some(7), 1, 1), t0);
@@ -423,12 +417,7 @@ mod tests {
 
     #[test]
     fn a_failed_batch_comes_back_whole_and_keeps_its_keys_busy() {
-        let s = Batching {
-            max_events: 10,
-            max_bytes: 1000,
-            in_flight: 2,
-            linger: Duration::ZERO,
-        };
+        let s = batching(10, 1000, 2, Duration::ZERO);
         let t0 = Instant::now();
         let mut p = Pools::default();
         p.push(1, job(1, Some(7), 1, 1), t0);
