@@ -41,11 +41,7 @@ struct BatchCall {
 fn batch_calls(backends: &[&Backend]) -> Vec<BatchCall> {
     let mut all = Vec::new();
     for b in backends {
-        let answers: BTreeMap<u64, f64> = b
-            .answers()
-            .iter()
-            .map(|a| (a["answered"].as_u64().unwrap(), a["at"].as_f64().unwrap()))
-            .collect();
+        let answers = b.answered_at();
         for inv in b.invocations() {
             assert_eq!(
                 inv["kwargs"],

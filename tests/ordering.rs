@@ -41,11 +41,7 @@ struct Call {
 fn calls(backends: &[&Backend]) -> Vec<Call> {
     let mut all = Vec::new();
     for b in backends {
-        let answers: BTreeMap<u64, f64> = b
-            .answers()
-            .iter()
-            .map(|a| (a["answered"].as_u64().unwrap(), a["at"].as_f64().unwrap()))
-            .collect();
+        let answers = b.answered_at();
         for inv in b.invocations() {
             let k = inv["call"].as_u64().unwrap();
             all.push(Call {

@@ -993,29 +993,21 @@ fn batch_paragraph(md: &mut String, rr: &RouterResults, targets: &mut Vec<(Strin
         us(call_s.median),
         pct(bat_rate.median / call_rate.median),
     );
-    targets.push((
-        format!(
-            "batch path: Crossbar CPU per event ≤ 1.1× the pub/sub hop's at {:.0}/s",
-            rr.rate
-        ),
-        format!(
-            "{} ({} vs {})",
-            times(bat_p.median / hop_p.median),
-            us(bat_p.median),
-            us(hop_p.median)
-        ),
-        bat_p.median <= 1.1 * hop_p.median,
-    ));
-    targets.push((
-        "batch path: Crossbar CPU per event ≤ 1.1× the pub/sub hop's at saturation".into(),
-        format!(
-            "{} ({} vs {})",
-            times(bat_s.median / hop_s.median),
-            us(bat_s.median),
-            us(hop_s.median)
-        ),
-        bat_s.median <= 1.1 * hop_s.median,
-    ));
+    for (when, bat, hop) in [
+        (format!("{:.0}/s", rr.rate), &bat_p, &hop_p),
+        ("saturation".to_owned(), &bat_s, &hop_s),
+    ] {
+        targets.push((
+            format!("batch path: Crossbar CPU per event ≤ 1.1× the pub/sub hop's at {when}"),
+            format!(
+                "{} ({} vs {})",
+                times(bat.median / hop.median),
+                us(bat.median),
+                us(hop.median)
+            ),
+            bat.median <= 1.1 * hop.median,
+        ));
+    }
     targets.push((
         "batch path: Crossbar spends no more per event than on a direct call".into(),
         format!(

@@ -616,6 +616,14 @@ impl Backend {
     }
 
     /// With `report_answers`: `{"answered": K, "name", "at"}` per call answered.
+    /// With `report_answers`: when each call (by its number) was answered.
+    pub fn answered_at(&self) -> std::collections::BTreeMap<u64, f64> {
+        self.answers()
+            .iter()
+            .map(|a| (a["answered"].as_u64().unwrap(), a["at"].as_f64().unwrap()))
+            .collect()
+    }
+
     pub fn answers(&self) -> Vec<Value> {
         self.process
             .lines_matching(|line| line.get("answered").is_some())
