@@ -18,6 +18,23 @@ struct Reason {
     reason: &'static str,
 }
 
+/// A procedure (its group named apart), or `other` beyond the cap.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProcedureLabel {
+    pub procedure: String,
+    pub group: String,
+}
+
+/// A procedure's dead letters by reason.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProcedureReason {
+    pub procedure: String,
+    pub group: String,
+    pub reason: &'static str,
+}
+
+type FloatGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
+
 /// A Redis stream of the stream target.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StreamLabel {
@@ -46,6 +63,17 @@ pub struct Metrics {
     /// consumer group, and the age of the oldest of them.
     pub stream_backlog: Family<StreamLabel, Gauge>,
     pub stream_oldest_unacked: Family<StreamLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// Per procedure (at most SUBTOCALL_METRICS_MAX_PROCEDURES, the rest
+    /// under `other`).
+    pub procedure_received: Family<ProcedureLabel, Counter>,
+    pub procedure_forwarded: Family<ProcedureLabel, Counter>,
+    pub procedure_dead_lettered: Family<ProcedureReason, Counter>,
+    pub procedure_in_flight: Family<ProcedureLabel, Gauge>,
+    pub procedure_waiting: Family<ProcedureLabel, Gauge>,
+    pub procedure_oldest_waiting: Family<ProcedureLabel, FloatGauge>,
+    pub procedure_latency: Family<ProcedureLabel, Histogram>,
+    /// Procedures counted under `other`.
+    pub procedures_other: Gauge,
     dead_lettered: [Counter; 6],
     unroutable_unknown_subscription: Counter,
     unroutable_missing_topic: Counter,
@@ -131,6 +159,56 @@ impl Metrics {
             "stream_oldest_unacked_seconds",
             "SUBTOCALL_REDIS_TARGET=stream: age of the stream's oldest entry some consumer group has not acknowledged (0 when there is none)",
             stream_oldest_unacked.clone(),
+        );
+
+        let procedure_received = Family::<ProcedureLabel, Counter>::default();
+        r.register(
+            "procedure_events_received",
+            "EVENTs received for each procedure (as subtocall_events_received_total)",
+            procedure_received.clone(),
+        );
+        let procedure_forwarded = Family::<ProcedureLabel, Counter>::default();
+        r.register(
+            "procedure_events_forwarded",
+            "Events delivered to each procedure",
+            procedure_forwarded.clone(),
+        );
+        let procedure_dead_lettered = Family::<ProcedureReason, Counter>::default();
+        r.register(
+            "procedure_events_dead_lettered",
+            "Events of each procedure dead-lettered, by reason",
+            procedure_dead_lettered.clone(),
+        );
+        let procedure_in_flight = Family::<ProcedureLabel, Gauge>::default();
+        r.register(
+            "procedure_in_flight",
+            "Events of each procedure being delivered (as of the last refresh, every second)",
+            procedure_in_flight.clone(),
+        );
+        let procedure_waiting = Family::<ProcedureLabel, Gauge>::default();
+        r.register(
+            "procedure_waiting",
+            "Events of each procedure waiting for a delivery attempt (as of the last refresh)",
+            procedure_waiting.clone(),
+        );
+        let procedure_oldest_waiting = Family::<ProcedureLabel, FloatGauge>::default();
+        r.register(
+            "procedure_oldest_waiting_seconds",
+            "How long the oldest waiting event of each procedure has waited since it was received (0 when none waits)",
+            procedure_oldest_waiting.clone(),
+        );
+        let procedure_latency = Family::<ProcedureLabel, Histogram>::new_with_constructor(
+            (|| Histogram::new(exponential_buckets(0.0005, 2.0, 16))) as fn() -> Histogram,
+        );
+        r.register(
+            "procedure_forward_latency_seconds",
+            "Receipt to acknowledgement of each procedure's delivered events",
+            procedure_latency.clone(),
+        );
+        let procedures_other = gauge(
+            r,
+            "metrics_procedures_other",
+            "Procedures beyond SUBTOCALL_METRICS_MAX_PROCEDURES, whose events the procedure metrics count under procedure=\"other\"",
         );
 
         let dead_lettered_family = Family::<Reason, Counter>::default();
@@ -298,6 +376,14 @@ impl Metrics {
             batch_calls,
             stream_backlog,
             stream_oldest_unacked,
+            procedure_received,
+            procedure_forwarded,
+            procedure_dead_lettered,
+            procedure_in_flight,
+            procedure_waiting,
+            procedure_oldest_waiting,
+            procedure_latency,
+            procedures_other,
             dead_lettered,
             unroutable_unknown_subscription,
             unroutable_missing_topic,

@@ -54,6 +54,24 @@ fn exported_families() -> Vec<(String, String)> {
     };
     let _ = metrics.stream_backlog.get_or_create(&stream);
     let _ = metrics.stream_oldest_unacked.get_or_create(&stream);
+    // So are those labelled per procedure once a procedure has an event.
+    let procedure = subtocall::metrics::ProcedureLabel {
+        procedure: "p".into(),
+        group: "default".into(),
+    };
+    let _ = metrics.procedure_received.get_or_create(&procedure);
+    let _ = metrics.procedure_forwarded.get_or_create(&procedure);
+    let _ = metrics.procedure_in_flight.get_or_create(&procedure);
+    let _ = metrics.procedure_waiting.get_or_create(&procedure);
+    let _ = metrics.procedure_oldest_waiting.get_or_create(&procedure);
+    let _ = metrics.procedure_latency.get_or_create(&procedure);
+    let _ = metrics
+        .procedure_dead_lettered
+        .get_or_create(&subtocall::metrics::ProcedureReason {
+            procedure: "p".into(),
+            group: "default".into(),
+            reason: "rejected",
+        });
     let text = metrics.encode();
     let families: Vec<(String, String)> = text
         .lines()

@@ -14,6 +14,7 @@
 //! mode, keep flowing meanwhile).
 
 mod dead_letter_log;
+mod procedure_metrics;
 mod queue_stage;
 mod sidecar;
 #[cfg(test)]
@@ -293,7 +294,8 @@ impl App {
             client_config.request_timeout,
             now,
         )
-        .with_order_by(f.order_by.clone());
+        .with_order_by(f.order_by.clone())
+        .with_procedure_metrics(config.metrics_max_procedures);
         let sidecar = match queue {
             Some(queue) => sidecar
                 .with_queue(queue, now)

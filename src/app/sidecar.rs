@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 
 use super::Fatal;
 use super::dead_letter_log::{DeadLetterLog, LINES_PER_WINDOW, Summary};
+use super::procedure_metrics::ProcedureMetrics;
 use super::queue_stage::QueueStage;
 use crate::config::OrderBy;
 use crate::discovery::meta;
@@ -38,6 +39,9 @@ use crate::wamp::{
 
 /// The forwarding core as the sidecar uses it.
 pub type Core = Forwarder<SharedEvent, MemoryQueue<SharedEvent>>;
+
+/// `SUBTOCALL_METRICS_MAX_PROCEDURES` unless configured.
+const DEFAULT_METRICS_MAX_PROCEDURES: usize = 100;
 
 /// What a session request was for; its reply comes back with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,6 +100,8 @@ pub struct Sidecar {
     procedures: Vec<Destination>,
     /// Partitions per procedure for keyed events (Redis queue, ordering).
     lanes: Option<u16>,
+    /// `subtocall_procedure_*`.
+    per_procedure: ProcedureMetrics,
 }
 
 impl Sidecar {
@@ -109,6 +115,8 @@ impl Sidecar {
         now: Instant,
     ) -> Sidecar {
         let mut core = core;
+        let metrics_for_procedures = metrics.clone();
+        let marker = discovery.marker().clone();
         // A sink that needs no session takes deliveries from the start.
         core.set_open(!sink.needs_session(), now);
         Sidecar {
@@ -133,12 +141,24 @@ impl Sidecar {
             keys_released_seen: 0,
             procedures: Vec::new(),
             lanes: None,
+            per_procedure: ProcedureMetrics::new(
+                metrics_for_procedures,
+                DEFAULT_METRICS_MAX_PROCEDURES,
+                marker,
+            ),
         }
     }
 
     /// Delivers events with the same key one at a time, in order.
     pub fn with_order_by(mut self, order_by: OrderBy) -> Sidecar {
         self.order_by = order_by;
+        self
+    }
+
+    /// Gives at most `max` procedures metrics of their own.
+    pub fn with_procedure_metrics(mut self, max: usize) -> Sidecar {
+        let marker = self.discovery.marker().clone();
+        self.per_procedure = ProcedureMetrics::new(self.metrics.clone(), max, marker);
         self
     }
 
@@ -409,6 +429,9 @@ impl Sidecar {
             }
             Ok(topic) => {
                 self.metrics.events_received.inc_by(procedures.len() as u64);
+                for d in procedures.iter() {
+                    self.per_procedure.received(&d.procedure);
+                }
                 topic
             }
             Err(e) => {
@@ -700,6 +723,18 @@ impl Sidecar {
                 m.calls_in_flight.set(self.core.in_flight() as i64);
             }
         }
+        if self.per_procedure.refresh_due(now) {
+            let mut jobs = Vec::new();
+            self.core.for_each_job(|j, in_flight| {
+                jobs.push((j.item.procedure.as_str(), j.received, in_flight));
+            });
+            if let Some(q) = &self.queue {
+                q.core.for_each_job(|j, in_flight| {
+                    jobs.push((j.item.procedure.as_str(), j.received, in_flight));
+                });
+            }
+            self.per_procedure.refresh(jobs, now);
+        }
     }
 
     /// The delivery stage's outputs (Redis queue).
@@ -807,8 +842,12 @@ impl Sidecar {
     }
 
     /// `pushed`: delivered by an RPUSH (Redis mode), not a CALL.
-    fn delivered(&self, job: &Job<SharedEvent>, pushed: bool, now: Instant) {
+    fn delivered(&mut self, job: &Job<SharedEvent>, pushed: bool, now: Instant) {
         self.metrics.events_forwarded.inc();
+        self.per_procedure.forwarded(
+            &job.item.procedure,
+            now.saturating_duration_since(job.received),
+        );
         if pushed {
             self.metrics.redis_pushes.inc();
         }
@@ -843,6 +882,8 @@ impl Sidecar {
 
     fn dead_letter(&mut self, job: &Job<SharedEvent>, why: GiveUp, now: Instant) {
         self.metrics.dead_lettered(why).inc();
+        self.per_procedure
+            .dead_lettered(&job.item.procedure, why.as_str());
         let ev = &job.item;
         if self.dead_letter_log.admit(now, why.as_str(), &ev.procedure) {
             tracing::error!(

@@ -44,6 +44,8 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// Listen address of /metrics, /healthz and /readyz; `None` = no listener.
     pub http: Option<SocketAddr>,
+    /// Procedures with metrics of their own (`SUBTOCALL_METRICS_MAX_PROCEDURES`).
+    pub metrics_max_procedures: usize,
     pub log: LogConfig,
     /// Not errors, but worth a log line once logging is up.
     warnings: Vec<String>,
@@ -338,6 +340,7 @@ struct RawVars {
     subtocall_redis_cluster: Option<String>,
     subtocall_shutdown_timeout: Option<String>,
     subtocall_http_addr: Option<String>,
+    subtocall_metrics_max_procedures: Option<String>,
     subtocall_log: Option<String>,
     subtocall_log_format: Option<String>,
 }
@@ -399,6 +402,7 @@ impl RawVars {
             "SUBTOCALL_REDIS_CLUSTER" => &self.subtocall_redis_cluster,
             "SUBTOCALL_SHUTDOWN_TIMEOUT" => &self.subtocall_shutdown_timeout,
             "SUBTOCALL_HTTP_ADDR" => &self.subtocall_http_addr,
+            "SUBTOCALL_METRICS_MAX_PROCEDURES" => &self.subtocall_metrics_max_procedures,
             "SUBTOCALL_LOG" => &self.subtocall_log,
             "SUBTOCALL_LOG_FORMAT" => &self.subtocall_log_format,
             _ => return None,
@@ -454,6 +458,9 @@ fn read(vars: Vec<(String, String)>, not_unicode: Vec<String>) -> Result<Config,
         parse::duration_at_least(text, MIN_100MS)
     });
     let http = r.required(&HTTP_ADDR, parse::listen_addr);
+    let metrics_max_procedures = r.required(&METRICS_MAX_PROCEDURES, |text| {
+        parse::number_in(text, 0, 10_000)
+    });
     let log = log(&mut r);
 
     match (
@@ -465,6 +472,7 @@ fn read(vars: Vec<(String, String)>, not_unicode: Vec<String>) -> Result<Config,
         reconnect,
         shutdown_timeout,
         http,
+        metrics_max_procedures,
         log,
     ) {
         (
@@ -476,6 +484,7 @@ fn read(vars: Vec<(String, String)>, not_unicode: Vec<String>) -> Result<Config,
             Ok(reconnect),
             Ok(shutdown_timeout),
             Ok(http),
+            Ok(metrics_max_procedures),
             Ok(log),
         ) if r.problems.is_empty() => Ok(Config {
             wamp,
@@ -486,6 +495,7 @@ fn read(vars: Vec<(String, String)>, not_unicode: Vec<String>) -> Result<Config,
             reconnect,
             shutdown_timeout,
             http,
+            metrics_max_procedures,
             log,
             warnings: r.warnings,
         }),

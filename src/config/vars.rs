@@ -671,6 +671,19 @@ pub(crate) const HTTP_ADDR: Var = Var {
     group: Group::Operations,
 };
 
+pub(crate) const METRICS_MAX_PROCEDURES: Var = Var {
+    name: "SUBTOCALL_METRICS_MAX_PROCEDURES",
+    old_names: &[],
+    default: DefaultValue::Value("100"),
+    accepts: "a whole number from 0 to 10000",
+    meaning: "How many procedures get metrics of their own (the per-procedure metrics, \
+              labelled by procedure and group); the events of further procedures are counted under \
+              procedure=\"other\", and subtocall_metrics_procedures_other says how many \
+              procedures that is. Bounds the metrics' cardinality.",
+    secret: false,
+    group: Group::Operations,
+};
+
 pub(crate) const LOG: Var = Var {
     name: "SUBTOCALL_LOG",
     old_names: &[],
@@ -742,6 +755,7 @@ pub(crate) const VARS: &[&Var] = &[
     &REDIS_MAX_BACKLOG,
     &SHUTDOWN_TIMEOUT,
     &HTTP_ADDR,
+    &METRICS_MAX_PROCEDURES,
     &LOG,
     &LOG_FORMAT,
 ];

@@ -286,6 +286,17 @@ impl<T> Pools<T> {
         Some(job)
     }
 
+    /// Looks at everything waiting (for metrics).
+    pub fn for_each<'a>(&'a self, f: &mut dyn FnMut(&'a Job<T>)) {
+        for pool in self.lines.values() {
+            pool.fresh.iter().for_each(&mut *f);
+            pool.retries
+                .iter()
+                .flat_map(|(_, jobs)| jobs)
+                .for_each(&mut *f);
+        }
+    }
+
     /// Takes out everything waiting (fresh and retries), in acceptance
     /// order, and forgets every line.
     pub fn drain(&mut self) -> Vec<Job<T>> {

@@ -397,6 +397,23 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
         self.queue.waiting() + self.in_lines + self.released.len() + self.pools.waiting()
     }
 
+    /// Looks at every event waiting (`false`) and in flight (`true`), for
+    /// metrics.
+    pub fn for_each_job<'a>(&'a self, mut f: impl FnMut(&'a Job<T>, bool)) {
+        let mut waiting = |job: &'a Job<T>| f(job, false);
+        self.queue.for_each(&mut waiting);
+        self.pools.for_each(&mut waiting);
+        self.released.iter().for_each(&mut waiting);
+        self.lines
+            .values()
+            .flat_map(|l| &l.waiting)
+            .for_each(&mut waiting);
+        self.in_flight
+            .values()
+            .flatten()
+            .for_each(|job| f(job, true));
+    }
+
     /// Events in flight (not deliveries).
     pub fn in_flight(&self) -> usize {
         self.in_flight_events

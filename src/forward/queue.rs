@@ -94,6 +94,8 @@ pub trait Queue<T> {
     fn next_due(&self) -> Option<Instant>;
     /// Takes out everything waiting, oldest first where it matters.
     fn drain(&mut self) -> Vec<Job<T>>;
+    /// Looks at everything waiting (for metrics).
+    fn for_each<'a>(&'a self, f: &mut dyn FnMut(&'a Job<T>));
 }
 
 /// The in-process queue: a FIFO of ready events and a timeline of events
@@ -188,6 +190,11 @@ impl<T> Queue<T> for MemoryQueue<T> {
             (None, Some(b)) if !self.ready.is_empty() => Some(b),
             (None, _) => None,
         }
+    }
+
+    fn for_each<'a>(&'a self, f: &mut dyn FnMut(&'a Job<T>)) {
+        self.ready.iter().for_each(&mut *f);
+        self.backing_off.values().for_each(f);
     }
 
     fn drain(&mut self) -> Vec<Job<T>> {

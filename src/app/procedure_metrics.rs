@@ -1,0 +1,244 @@
+//! Metrics per procedure (`subtocall_procedure_*`), labelled by procedure
+//! and group: received, forwarded, dead-lettered by reason and the
+//! receipt-to-acknowledgement latency as events go, and, refreshed every
+//! second from the forwarding cores, what is in flight, what waits and how
+//! long the oldest has waited. At most `SUBTOCALL_METRICS_MAX_PROCEDURES`
+//! procedures get labels of their own; the events of the others are counted
+//! under `procedure="other"` (and `subtocall_metrics_procedures_other` says
+//! how many procedures that is), so the metrics' cardinality is bounded
+//! whatever the registrations.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
+
+use crate::discovery::Marker;
+use crate::metrics::{Metrics, ProcedureLabel, ProcedureReason};
+
+/// How often in flight, waiting and the oldest waiting age are refreshed.
+const REFRESH_EVERY: Duration = Duration::from_secs(1);
+
+/// The label of events beyond the cap.
+const OTHER: &str = "other";
+
+/// One procedure's handles (or `other`'s).
+#[derive(Clone)]
+struct Handles {
+    label: ProcedureLabel,
+    received: Counter,
+    forwarded: Counter,
+    latency: Histogram,
+}
+
+pub struct ProcedureMetrics {
+    metrics: Arc<Metrics>,
+    max: usize,
+    marker: Marker,
+    /// Every procedure seen, with the handles its events count in.
+    handles: HashMap<String, Handles>,
+    /// Procedures with labels of their own.
+    own: usize,
+    /// Procedures counted under `other`.
+    others: usize,
+    next_refresh: Option<Instant>,
+    /// The labels whose gauges were set at the last refresh.
+    shown: Vec<ProcedureLabel>,
+}
+
+impl ProcedureMetrics {
+    pub fn new(metrics: Arc<Metrics>, max: usize, marker: Marker) -> ProcedureMetrics {
+        ProcedureMetrics {
+            metrics,
+            max,
+            marker,
+            handles: HashMap::new(),
+            own: 0,
+            others: 0,
+            next_refresh: None,
+            shown: Vec::new(),
+        }
+    }
+
+    fn handles(&mut self, procedure: &str) -> &Handles {
+        if !self.handles.contains_key(procedure) {
+            let label = if self.own < self.max {
+                self.own += 1;
+                let group = match self.marker.parse(procedure) {
+                    Some((_, g)) => g.name.unwrap_or_else(|| "default".to_owned()),
+                    None => "default".to_owned(),
+                };
+                ProcedureLabel {
+                    procedure: procedure.to_owned(),
+                    group,
+                }
+            } else {
+                self.others += 1;
+                self.metrics.procedures_other.set(self.others as i64);
+                ProcedureLabel {
+                    procedure: OTHER.to_owned(),
+                    group: OTHER.to_owned(),
+                }
+            };
+            let m = &self.metrics;
+            let handles = Handles {
+                received: m.procedure_received.get_or_create(&label).clone(),
+                forwarded: m.procedure_forwarded.get_or_create(&label).clone(),
+                latency: m.procedure_latency.get_or_create(&label).clone(),
+                label,
+            };
+            self.handles.insert(procedure.to_owned(), handles);
+        }
+        &self.handles[procedure]
+    }
+
+    pub fn received(&mut self, procedure: &str) {
+        self.handles(procedure).received.inc();
+    }
+
+    pub fn forwarded(&mut self, procedure: &str, latency: Duration) {
+        let h = self.handles(procedure);
+        h.forwarded.inc();
+        h.latency.observe(latency.as_secs_f64());
+    }
+
+    pub fn dead_lettered(&mut self, procedure: &str, reason: &'static str) {
+        let label = self.handles(procedure).label.clone();
+        self.metrics
+            .procedure_dead_lettered
+            .get_or_create(&ProcedureReason {
+                procedure: label.procedure,
+                group: label.group,
+                reason,
+            })
+            .inc();
+    }
+
+    /// Whether [`ProcedureMetrics::refresh`] is due.
+    pub fn refresh_due(&self, now: Instant) -> bool {
+        self.next_refresh.is_none_or(|at| now >= at)
+    }
+
+    /// Sets in flight, waiting and the oldest waiting age of every
+    /// procedure from `jobs`: (procedure, received at, in flight).
+    pub fn refresh<'a>(
+        &mut self,
+        jobs: impl IntoIterator<Item = (&'a str, Instant, bool)>,
+        now: Instant,
+    ) {
+        self.next_refresh = Some(now + REFRESH_EVERY);
+        #[derive(Default)]
+        struct Seen {
+            in_flight: i64,
+            waiting: i64,
+            oldest: Option<Instant>,
+        }
+        let mut seen: HashMap<ProcedureLabel, Seen> = HashMap::new();
+        for (procedure, received, in_flight) in jobs {
+            let label = self.handles(procedure).label.clone();
+            let s = seen.entry(label).or_default();
+            if in_flight {
+                s.in_flight += 1;
+            } else {
+                s.waiting += 1;
+                s.oldest = Some(s.oldest.map_or(received, |o| o.min(received)));
+            }
+        }
+        let m = &self.metrics;
+        // Labels shown before and idle now go back to zero.
+        for label in std::mem::take(&mut self.shown) {
+            if !seen.contains_key(&label) {
+                m.procedure_in_flight.get_or_create(&label).set(0);
+                m.procedure_waiting.get_or_create(&label).set(0);
+                m.procedure_oldest_waiting.get_or_create(&label).set(0.0);
+            }
+        }
+        for (label, s) in seen {
+            m.procedure_in_flight.get_or_create(&label).set(s.in_flight);
+            m.procedure_waiting.get_or_create(&label).set(s.waiting);
+            let age = s
+                .oldest
+                .map_or(0.0, |o| now.saturating_duration_since(o).as_secs_f64());
+            m.procedure_oldest_waiting.get_or_create(&label).set(age);
+            self.shown.push(label);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn value(text: &str, sample: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(sample)?.trim().parse().ok())
+    }
+
+    #[test]
+    fn procedures_beyond_the_cap_are_counted_under_other() {
+        let metrics = Arc::new(Metrics::new());
+        let mut p = ProcedureMetrics::new(metrics.clone(), 1, Marker::default());
+        p.received("a.SUB_x__audit");
+        p.received("a.SUB_x__audit");
+        p.received("a.SUB_y");
+        p.received("a.SUB_z");
+        p.dead_lettered("a.SUB_z", "rejected");
+        let t0 = Instant::now();
+        p.refresh(
+            [("a.SUB_x__audit", t0, true), ("a.SUB_y", t0, false)],
+            t0 + Duration::from_secs(2),
+        );
+        let text = metrics.encode();
+        let own = r#"{procedure="a.SUB_x__audit",group="audit"}"#;
+        let other = r#"{procedure="other",group="other"}"#;
+        assert_eq!(
+            value(
+                &text,
+                &format!("subtocall_procedure_events_received_total{own}")
+            ),
+            Some(2.0)
+        );
+        assert_eq!(
+            value(
+                &text,
+                &format!("subtocall_procedure_events_received_total{other}")
+            ),
+            Some(2.0)
+        );
+        assert_eq!(
+            value(&text, "subtocall_metrics_procedures_other"),
+            Some(2.0)
+        );
+        assert_eq!(
+            value(&text, &format!("subtocall_procedure_in_flight{own}")),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(&text, &format!("subtocall_procedure_waiting{other}")),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(
+                &text,
+                &format!("subtocall_procedure_oldest_waiting_seconds{other}")
+            ),
+            Some(2.0)
+        );
+        assert_eq!(
+            value(
+                &text,
+                r#"subtocall_procedure_events_dead_lettered_total{procedure="other",group="other",reason="rejected"}"#
+            ),
+            Some(1.0)
+        );
+        // Nothing left: the gauges go back to zero.
+        p.refresh([], t0 + Duration::from_secs(3));
+        let text = metrics.encode();
+        assert_eq!(
+            value(&text, &format!("subtocall_procedure_waiting{other}")),
+            Some(0.0)
+        );
+    }
+}
