@@ -39,6 +39,9 @@ pub struct ProcedureMetrics {
     marker: Marker,
     /// Every procedure seen, with the handles its events count in.
     handles: HashMap<String, Handles>,
+    /// The procedure looked up last and its handles: events mostly come in
+    /// runs of one procedure, and this spares hashing its name per event.
+    last: Option<(String, Handles)>,
     /// Procedures with labels of their own.
     own: usize,
     /// Procedures counted under `other`.
@@ -55,6 +58,7 @@ impl ProcedureMetrics {
             max,
             marker,
             handles: HashMap::new(),
+            last: None,
             own: 0,
             others: 0,
             next_refresh: None,
@@ -63,6 +67,14 @@ impl ProcedureMetrics {
     }
 
     fn handles(&mut self, procedure: &str) -> &Handles {
+        if self.last.as_ref().is_some_and(|(p, _)| p == procedure) {
+            return &self.last.as_ref().expect("checked").1;
+        }
+        let handles = self.lookup(procedure).clone();
+        &self.last.insert((procedure.to_owned(), handles)).1
+    }
+
+    fn lookup(&mut self, procedure: &str) -> &Handles {
         if !self.handles.contains_key(procedure) {
             let label = if self.own < self.max {
                 self.own += 1;
