@@ -606,44 +606,46 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
 
     /// A batch call failed: it is retried whole within the budget of its
     /// oldest and most attempted event, or dead-lettered whole.
-    fn batch_failed(&mut self, line: u64, jobs: Vec<Job<T>>, failure: &Failure, now: Instant) {
+    fn batch_failed(&mut self, line: u64, mut jobs: Vec<Job<T>>, failure: &Failure, now: Instant) {
         let error = failure.to_string();
-        let give_up = |core: &mut Self, jobs: Vec<Job<T>>, why: GiveUp| {
-            for mut job in jobs {
-                job.last_error = Some(error.clone());
-                core.give_up(job, why);
-            }
+        jobs.iter_mut()
+            .for_each(|j| j.last_error = Some(error.clone()));
+        let why = match classify(failure) {
+            RetryAction::Final => final_reason(failure),
+            RetryAction::Retry => match self.together_backoff(&jobs, now).0 {
+                Some(at) => {
+                    let events = jobs.len();
+                    self.counts.retried += events as u64;
+                    self.pools.give_back(line, jobs, at);
+                    self.outputs.push_back(Output::Retrying { at, events });
+                    return;
+                }
+                None => GiveUp::Exhausted,
+            },
         };
-        if classify(failure) == RetryAction::Final {
-            return give_up(self, jobs, final_reason(failure));
+        for job in jobs {
+            self.give_up(job, why);
         }
+    }
+
+    /// When events retried together (a batch, a pipeline) go again: one
+    /// backoff drawn from the history of their oldest and most attempted,
+    /// `None` past the budget; and the jitter drawn for it.
+    fn together_backoff(&mut self, jobs: &[Job<T>], now: Instant) -> (Option<Instant>, f64) {
         let attempts = jobs.iter().map(|j| j.attempts).max().unwrap_or(0);
         let oldest = jobs.iter().map(|j| j.received).min().unwrap_or(now);
         let jitter = self.jitter();
-        match self
+        let at = self
             .settings
             .retry
-            .next_attempt(attempts, oldest, now, jitter)
-        {
-            Some(at) => {
-                let mut jobs = jobs;
-                jobs.iter_mut()
-                    .for_each(|j| j.last_error = Some(error.clone()));
-                let events = jobs.len();
-                self.counts.retried += events as u64;
-                self.pools.give_back(line, jobs, at);
-                self.outputs.push_back(Output::Retrying { at, events });
-            }
-            None => give_up(self, jobs, GiveUp::Exhausted),
-        }
+            .next_attempt(attempts, oldest, now, jitter);
+        (at, jitter)
     }
 
     /// A pipeline failed as a whole: back to the head of the line, in order,
     /// paused for one backoff drawn from the batch's history.
     fn retry_in_order(&mut self, jobs: Vec<Job<T>>, error: &str, now: Instant) {
-        let attempts = jobs.iter().map(|j| j.attempts).max().unwrap_or(0);
-        let oldest = jobs.iter().map(|j| j.received).min().unwrap_or(now);
-        let jitter = self.jitter();
+        let (together, jitter) = self.together_backoff(&jobs, now);
         let mut keep = Vec::with_capacity(jobs.len());
         for mut job in jobs {
             job.last_error = Some(error.to_owned());
@@ -661,11 +663,7 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
         if keep.is_empty() {
             return;
         }
-        let at = self
-            .settings
-            .retry
-            .next_attempt(attempts, oldest, now, jitter)
-            .unwrap_or(now);
+        let at = together.unwrap_or(now);
         let events = keep.len();
         self.counts.retried += events as u64;
         self.queue.give_back_front(keep, at);
