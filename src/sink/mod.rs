@@ -52,7 +52,7 @@ pub trait Sink<T> {
         Vec::new()
     }
 
-    /// A procedure discovery found: a sink may prepare its destination
+    /// A procedure discovery found (an exact registration's): a sink may prepare its destination
     /// (the stream target creates the stream and its consumer group).
     fn prepare_procedure(&self, _procedure: &str) {}
 

@@ -174,24 +174,39 @@ impl StreamSink {
                 .cloned()
                 .collect();
             for stream in streams {
-                let mut conn = self.redis.connection();
-                match push(
-                    &mut conn,
-                    &stream,
-                    &self.group,
-                    self.max_backlog,
-                    false,
-                    &[],
-                )
-                .await
-                {
-                    Ok(p) => self.record(&stream, &p),
-                    Err(e) => {
-                        tracing::debug!(stream, error = %e, "cannot measure the stream's backlog")
-                    }
+                if let Err(e) = self.measure(&stream).await {
+                    tracing::debug!(stream, error = %e, "cannot measure the stream's backlog");
                 }
             }
         }
+    }
+
+    /// Runs the script without events on `stream` (creating its group if
+    /// missing, trimming what every group acknowledged) and records what it
+    /// says.
+    async fn measure(&self, stream: &str) -> redis::RedisResult<()> {
+        let cmd = self.push_cmd(stream, false, std::iter::empty::<&[u8]>());
+        let pushed = run(&cmd, &mut self.redis.connection()).await?;
+        self.record(stream, &pushed);
+        Ok(())
+    }
+
+    /// The script call adding `envelopes` to `stream`, their bytes copied
+    /// into it once.
+    fn push_cmd<'a>(
+        &self,
+        stream: &str,
+        make_room: bool,
+        envelopes: impl IntoIterator<Item = &'a [u8]>,
+    ) -> redis::Cmd {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(PUSH).arg(1).arg(stream).arg(&*self.group);
+        cmd.arg(self.max_backlog)
+            .arg(if make_room { "1" } else { "0" });
+        for e in envelopes {
+            cmd.arg(e);
+        }
+        cmd
     }
 
     fn record(&self, stream: &str, p: &Pushed) {
@@ -209,20 +224,8 @@ impl StreamSink {
     }
 }
 
-async fn push(
-    conn: &mut ConnectionManager,
-    stream: &str,
-    group: &str,
-    bound: u64,
-    make_room: bool,
-    envelopes: &[Cow<'_, [u8]>],
-) -> redis::RedisResult<Pushed> {
-    let mut cmd = redis::cmd("EVAL");
-    cmd.arg(PUSH).arg(1).arg(stream).arg(group).arg(bound);
-    cmd.arg(if make_room { "1" } else { "0" });
-    for e in envelopes {
-        cmd.arg(e.as_ref());
-    }
+/// Runs a [`PUSH`] call and reads its reply.
+async fn run(cmd: &redis::Cmd, conn: &mut ConnectionManager) -> redis::RedisResult<Pushed> {
     let reply: Vec<redis::Value> = cmd.query_async(conn).await?;
     let int = |i: usize| match reply.get(i) {
         Some(redis::Value::Int(n)) => *n,
@@ -266,10 +269,6 @@ impl<T> Sink<T> for StreamSink {
     }
 
     fn prepare_procedure(&self, procedure: &str) {
-        // A wildcard registration's URI is not a procedure.
-        if procedure.contains("..") || procedure.starts_with('.') || procedure.ends_with('.') {
-            return;
-        }
         let stream = self.redis.key(procedure);
         self.streams
             .lock()
@@ -277,20 +276,9 @@ impl<T> Sink<T> for StreamSink {
             .insert(stream.clone());
         let this = self.clone();
         tokio::spawn(async move {
-            let mut conn = this.redis.connection();
-            match push(
-                &mut conn,
-                &stream,
-                &this.group,
-                this.max_backlog,
-                false,
-                &[],
-            )
-            .await
-            {
-                Ok(p) => {
-                    tracing::info!(stream, group = %this.group, "stream and consumer group ready");
-                    this.record(&stream, &p);
+            match this.measure(&stream).await {
+                Ok(()) => {
+                    tracing::info!(stream, group = %this.group, "stream and consumer group ready")
                 }
                 Err(e) => {
                     tracing::warn!(stream, error = %e, "cannot create the stream's consumer group yet; it is created with the first event")
@@ -332,36 +320,26 @@ impl<T> Sink<T> for StreamSink {
                 }
             }
         }
-        let envelopes: Vec<Vec<Vec<u8>>> = streams
+        // Built now: each envelope is copied into its call once.
+        let cmds: Vec<redis::Cmd> = streams
             .iter()
-            .map(|(_, at)| {
-                at.iter()
-                    .map(|&i| match &jobs[i].item.outgoing {
-                        Outgoing::Envelope(bytes) => bytes.clone(),
-                        _ => jobs[i].item.envelope_json(),
-                    })
-                    .collect()
+            .map(|(key, at)| {
+                let envelopes = at.iter().map(|&i| match &jobs[i].item.outgoing {
+                    // Built once at accept time (`prepare`); an event
+                    // accepted otherwise still gets its envelope.
+                    Outgoing::Envelope(bytes) => Cow::Borrowed(bytes.as_slice()),
+                    _ => Cow::Owned(jobs[i].item.envelope_json()),
+                });
+                let envelopes: Vec<Cow<'_, [u8]>> = envelopes.collect();
+                self.push_cmd(key, self.make_room, envelopes.iter().map(|e| e.as_ref()))
             })
             .collect();
         let this = self.clone();
         let n = jobs.len();
         Started::Pending(Box::pin(async move {
-            let calls = streams.iter().zip(&envelopes).map(|((key, _), envs)| {
+            let calls = cmds.iter().map(|cmd| {
                 let mut conn = this.redis.connection();
-                let this = &this;
-                async move {
-                    let envs: Vec<Cow<'_, [u8]>> =
-                        envs.iter().map(|e| Cow::Borrowed(e.as_slice())).collect();
-                    push(
-                        &mut conn,
-                        key,
-                        &this.group,
-                        this.max_backlog,
-                        this.make_room,
-                        &envs,
-                    )
-                    .await
-                }
+                async move { run(cmd, &mut conn).await }
             });
             let replies = join_all(calls).await;
             let mut outcomes: Vec<Option<crate::forward::Outcome>> = (0..n).map(|_| None).collect();
@@ -369,18 +347,15 @@ impl<T> Sink<T> for StreamSink {
                 match reply {
                     Ok(p) => {
                         this.record(key, &p);
-                        if !p.removed.is_empty() {
-                            this.evicted
-                                .lock()
-                                .expect("not poisoned")
-                                .extend(p.removed.iter().cloned());
-                        }
                         for (k, &i) in at.iter().enumerate() {
                             outcomes[i] = Some(if k < p.added {
                                 Ok(())
                             } else {
                                 Err(Failure::Backlog { backlog: p.backlog })
                             });
+                        }
+                        if !p.removed.is_empty() {
+                            this.evicted.lock().expect("not poisoned").extend(p.removed);
                         }
                     }
                     // The stream's events are tried again (a script that
