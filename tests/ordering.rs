@@ -71,6 +71,13 @@ struct Verdict {
     most: i32,
 }
 
+/// What both ordering tests require of their verdict.
+fn assert_in_order(out_of_order: usize, overlapping: usize, most: i32) {
+    assert_eq!(out_of_order, 0, "no key out of order");
+    assert_eq!(overlapping, 0, "no key with two calls at once");
+    assert!(most >= 4, "keys run in parallel: at most {most} at once");
+}
+
 fn verdict(all: &[Call]) -> Verdict {
     let mut by_key: BTreeMap<u64, Vec<&Call>> = BTreeMap::new();
     for c in all {
@@ -157,9 +164,7 @@ async fn events_of_one_key_arrive_one_at_a_time_in_order_while_keys_run_in_paral
          up to {most} keys in flight at once",
         all.len()
     );
-    assert_eq!(out_of_order, 0, "no key out of order");
-    assert_eq!(overlapping, 0, "no key with two calls at once");
-    assert!(most >= 4, "keys run in parallel: at most {most} at once");
+    assert_in_order(out_of_order, overlapping, most);
     assert_eq!(
         sidecar.metric("subtocall_events_unordered_total").await,
         0.0
@@ -301,7 +306,5 @@ async fn on_the_redis_queue_keys_stay_in_order_across_two_instances_while_one_is
         all.len(),
         all.len() - every.len(),
     );
-    assert_eq!(out_of_order, 0, "no key out of order");
-    assert_eq!(overlapping, 0, "no key with two calls at once");
-    assert!(most >= 4, "keys run in parallel: at most {most} at once");
+    assert_in_order(out_of_order, overlapping, most);
 }
