@@ -1,9 +1,10 @@
 //! The operations listener: `/metrics` (Prometheus text format, rendered by
-//! `prometheus-client`), `/healthz` (the process is alive) and `/readyz`
-//! (joined, discovery complete, not draining). Its own accept loop over
+//! `prometheus-client`), `/healthz` (the process is alive), `/readyz`
+//! (joined, discovery complete, not draining) and `/status` (what the
+//! sidecar is doing, as JSON: see [`crate::status`]). Its own accept loop over
 //! hyper's HTTP/1 connections (not `axum::serve`, which has no timeouts and
 //! no connection limit), so that no client can hold it: see [`Limits`]. May
-//! call only `metrics`.
+//! call only `metrics` and `status`.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -19,11 +20,21 @@ use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::{Instant, sleep, timeout};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
+use crate::status::{self, StatusRequest};
+
+/// What the handlers read.
+#[derive(Clone)]
+struct Ops {
+    metrics: Arc<Metrics>,
+    /// To the event loop, for `/status`; `None` when nothing answers it.
+    status: Option<mpsc::Sender<StatusRequest>>,
+}
 
 /// The Content-Type of the OpenMetrics text format that `prometheus-client`
 /// writes; Prometheus negotiates it.
@@ -72,10 +83,12 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// Serves until `shutdown` is cancelled, then lets each connection finish
-/// its current response (up to `request_head_timeout`).
+/// its current response (up to `request_head_timeout`). `/status` asks the
+/// event loop through `status`.
 pub async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
+    status: Option<mpsc::Sender<StatusRequest>>,
     limits: Limits,
     shutdown: CancellationToken,
 ) {
@@ -83,7 +96,8 @@ pub async fn serve(
         .route("/metrics", get(metrics_text))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .with_state(metrics);
+        .route("/status", get(status_json))
+        .with_state(Ops { metrics, status });
     let mut connections = Connections::new(limits.max_connections);
     loop {
         // Every branch is cancel-safe: `accept` and `join_next` lose nothing
@@ -212,12 +226,43 @@ fn is_connection_error(e: &std::io::Error) -> bool {
     )
 }
 
-async fn metrics_text(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, OPENMETRICS)], metrics.encode())
+async fn metrics_text(State(ops): State<Ops>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, OPENMETRICS)], ops.metrics.encode())
 }
 
-async fn readyz(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
-    if metrics.ready.get() == 1 {
+/// The event loop's answer, completed with what Redis says. 503 when the
+/// loop does not answer (stopping, or stuck: which is worth knowing too).
+async fn status_json(State(ops): State<Ops>) -> axum::response::Response {
+    let unavailable = |why: &str| {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("status unavailable: {why}\n"),
+        )
+            .into_response()
+    };
+    let Some(requests) = ops.status else {
+        return unavailable("this listener serves no sidecar");
+    };
+    let (tx, rx) = oneshot::channel();
+    if requests.try_send(tx).is_err() {
+        return unavailable("the sidecar is stopping or busy");
+    }
+    let (mut answer, probe) = match timeout(status::ANSWER_WITHIN, rx).await {
+        Ok(Ok(answer)) => answer,
+        Ok(Err(_)) => return unavailable("the sidecar is stopping"),
+        Err(_) => return unavailable("the event loop did not answer within 2s"),
+    };
+    if let Some(probe) = probe {
+        probe.fill(&mut answer).await;
+    }
+    match serde_json::to_vec_pretty(&answer) {
+        Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
+        Err(e) => unavailable(&e.to_string()),
+    }
+}
+
+async fn readyz(State(ops): State<Ops>) -> impl IntoResponse {
+    if ops.metrics.ready.get() == 1 {
         (StatusCode::OK, "ready\n")
     } else {
         (

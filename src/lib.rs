@@ -18,5 +18,6 @@ pub mod forward;
 pub mod http;
 pub mod metrics;
 pub mod sink;
+pub mod status;
 pub mod streams;
 pub mod wamp;

@@ -26,13 +26,16 @@ fn main() -> ExitCode {
         Err(problem) => {
             eprintln!(
                 "subtocall: {problem}\n\
-                 Usage: subtocall [check | healthcheck | dead-letters list|redrive | --help | --version]; \
+                 Usage: subtocall [check | healthcheck | status | dead-letters list|redrive | --help | --version]; \
                  the configuration comes from environment variables (see --help)."
             );
             return ExitCode::from(2);
         }
     };
 
+    if let Command::Status { url, json } = &command {
+        return status(url.as_deref(), *json);
+    }
     let config = match Config::from_env() {
         Ok(config) => config,
         Err(e) => {
@@ -82,6 +85,8 @@ enum Command {
     HealthCheck,
     /// `subtocall dead-letters list|redrive`: the Redis queue's dead letters.
     DeadLetters(dead_letters::Request),
+    /// `subtocall status [--url URL] [--json]`: a running sidecar's /status.
+    Status { url: Option<String>, json: bool },
 }
 
 /// What the command line asks for.
@@ -99,6 +104,7 @@ enum Named {
     Check,
     HealthCheck,
     DeadLetters,
+    Status,
     Help,
     Version,
 }
@@ -109,6 +115,7 @@ impl Named {
             "check" => Some(Named::Check),
             "healthcheck" => Some(Named::HealthCheck),
             "dead-letters" => Some(Named::DeadLetters),
+            "status" => Some(Named::Status),
             "help" | "-h" | "--help" => Some(Named::Help),
             "version" | "-V" | "--version" => Some(Named::Version),
             _ => None,
@@ -149,6 +156,17 @@ impl Named {
                  configuration or arguments.\n"
                     .to_owned()
             }
+            Named::Status => "Usage: subtocall status [--url http://HOST:PORT] [--json]\n\n\
+                 Asks a running sidecar's /status and prints what it is doing as\n\
+                 tables: the router link, every mapping (topic, group, procedure,\n\
+                 callees, counts, in flight, waiting, last error), the queue and, with\n\
+                 Redis, the queue's instances and the targets' backlog.\n\
+                 --url URL   the sidecar's listener (default: SUBTOCALL_HTTP_ADDR, a\n\
+                 \x20           wildcard address asked on loopback; else 127.0.0.1:8910).\n\
+                 --json      print the JSON as /status gives it.\n\n\
+                 Exit code: 0 when the sidecar is ready, 1 when it is not ready or\n\
+                 cannot be reached, 2 for invalid arguments.\n"
+                .to_owned(),
             Named::Help => config::help_text(),
             Named::Version => "Usage: subtocall --version   (or -V, or version)\n\n\
                  Prints the version.\n"
@@ -176,6 +194,7 @@ fn parse_args(args: &[String]) -> Result<Invocation, String> {
         (Named::Check, []) => Ok(Invocation::Run(Command::Check)),
         (Named::HealthCheck, []) => Ok(Invocation::Run(Command::HealthCheck)),
         (Named::DeadLetters, rest) => dead_letters_args(rest).map(Invocation::Run),
+        (Named::Status, rest) => status_args(rest).map(Invocation::Run),
         (Named::Help, []) => Ok(Invocation::Print(named.usage())),
         (Named::Help, [topic]) => match Named::from_arg(topic) {
             Some(about) => Ok(Invocation::Print(about.usage())),
@@ -226,6 +245,150 @@ fn dead_letters_args(args: &[String]) -> Result<Command, String> {
     Ok(Command::DeadLetters(request))
 }
 
+/// `status [--url URL] [--json]`.
+fn status_args(args: &[String]) -> Result<Command, String> {
+    let (mut url, mut json) = (None, false);
+    let mut rest = args;
+    while let Some((flag, after)) = rest.split_first() {
+        match flag.as_str() {
+            "--json" => {
+                json = true;
+                rest = after;
+            }
+            "--url" => {
+                let Some((value, after)) = after.split_first() else {
+                    return Err("status: --url needs a value, e.g. http://127.0.0.1:8910".into());
+                };
+                url = Some(value.clone());
+                rest = after;
+            }
+            _ => return Err(format!("status: unknown argument {flag:?}")),
+        }
+    }
+    Ok(Command::Status { url, json })
+}
+
+/// Where `subtocall status` and `healthcheck` ask: `--url`'s host and port,
+/// else SUBTOCALL_HTTP_ADDR (a wildcard address on loopback), else the
+/// default listener on loopback.
+fn listener_addr(
+    url: Option<&str>,
+    http_addr: Option<std::net::SocketAddr>,
+) -> Result<std::net::SocketAddr, String> {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
+    let addr = match url {
+        Some(text) => {
+            let url = url::Url::parse(text).map_err(|e| format!("--url {text:?}: {e}"))?;
+            if url.scheme() != "http" {
+                return Err(format!("--url {text:?}: only http:// is served"));
+            }
+            let host = url
+                .host_str()
+                .ok_or_else(|| format!("--url {text:?} has no host"))?;
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            (host, url.port().unwrap_or(80))
+                .to_socket_addrs()
+                .map_err(|e| format!("--url {text:?}: {e}"))?
+                .next()
+                .ok_or_else(|| format!("--url {text:?}: no address"))?
+        }
+        None => http_addr.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8910))),
+    };
+    if addr.ip().is_unspecified() {
+        let loopback = match addr.ip() {
+            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        };
+        return Ok(SocketAddr::new(loopback, addr.port()));
+    }
+    Ok(addr)
+}
+
+/// GET `path` from the listener at `addr`: the status code and the body.
+fn http_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Error, Read, Write};
+    use std::net::TcpStream;
+    use std::time::Duration;
+    let timeout = Duration::from_secs(5);
+    let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| Error::other("the answer has no end of headers"))?;
+    let code = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| Error::other(format!("not an HTTP answer: {:?}", head.lines().next())))?;
+    let chunked = head
+        .lines()
+        .any(|l| l.to_ascii_lowercase().starts_with("transfer-encoding:") && l.contains("chunked"));
+    if !chunked {
+        return Ok((code, body.to_owned()));
+    }
+    let (mut rest, mut whole) = (body, String::new());
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let size = usize::from_str_radix(size.trim(), 16).map_err(Error::other)?;
+        if size == 0 || after.len() < size {
+            break;
+        }
+        whole.push_str(&after[..size]);
+        rest = after[size..].trim_start_matches("\r\n");
+    }
+    Ok((code, whole))
+}
+
+/// `subtocall status`: the tables (or the JSON); exit 1 when not ready.
+fn status(url: Option<&str>, json: bool) -> ExitCode {
+    // Only the listener's address is read from the environment.
+    let configured = match std::env::var("SUBTOCALL_HTTP_ADDR") {
+        Ok(text) if text != "off" => text.parse().ok(),
+        _ => None,
+    };
+    let addr = match listener_addr(url, configured) {
+        Ok(addr) => addr,
+        Err(problem) => {
+            eprintln!("subtocall status: {problem}");
+            return ExitCode::from(2);
+        }
+    };
+    let body = match http_get(addr, "/status") {
+        Ok((200, body)) => body,
+        Ok((code, body)) => {
+            eprintln!("subtocall status: {addr} answered {code}: {}", body.trim());
+            return ExitCode::FAILURE;
+        }
+        Err(e) => {
+            eprintln!("subtocall status: cannot ask {addr}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let parsed: subtocall::status::Status = match serde_json::from_str(&body) {
+        Ok(status) => status,
+        Err(e) => {
+            eprintln!("subtocall status: {addr} answered something else than /status: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if json {
+        println!("{}", body.trim_end());
+    } else {
+        print!("{}", subtocall::status::render(&parsed));
+    }
+    if parsed.ready {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
 fn dead_letters(config: &Config, request: &dead_letters::Request) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -260,38 +423,23 @@ async fn check(config: Config) -> ExitCode {
 /// GET /healthz on the configured listener (a wildcard address is asked on
 /// loopback). Exit 0 when it answers 200.
 fn healthcheck(config: &Config) -> ExitCode {
-    use std::io::{Read, Write};
-    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
-    use std::time::Duration;
-
-    let Some(mut addr) = config.http else {
+    let Some(addr) = config.http else {
         eprintln!("subtocall healthcheck: SUBTOCALL_HTTP_ADDR is off; nothing to ask");
         return ExitCode::FAILURE;
     };
-    if addr.ip().is_unspecified() {
-        let loopback = match addr.ip() {
-            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
-            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
-        };
-        addr = SocketAddr::new(loopback, addr.port());
-    }
-    let timeout = Duration::from_secs(3);
-    let answer = (|| -> std::io::Result<String> {
-        let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
-        stream.set_read_timeout(Some(timeout))?;
-        stream.set_write_timeout(Some(timeout))?;
-        stream
-            .write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response)?;
-        Ok(response)
-    })();
-    match answer {
-        Ok(response) if response.starts_with("HTTP/1.1 200") => ExitCode::SUCCESS,
-        Ok(response) => {
+    let addr = match listener_addr(None, Some(addr)) {
+        Ok(addr) => addr,
+        Err(problem) => {
+            eprintln!("subtocall healthcheck: {problem}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match http_get(addr, "/healthz") {
+        Ok((200, _)) => ExitCode::SUCCESS,
+        Ok((code, body)) => {
             eprintln!(
-                "subtocall healthcheck: {addr} answered {:?}",
-                response.lines().next().unwrap_or("")
+                "subtocall healthcheck: {addr} answered {code}: {}",
+                body.trim()
             );
             ExitCode::FAILURE
         }
@@ -310,15 +458,18 @@ async fn run(config: Config) -> ExitCode {
     // The listener stops after the app has drained, so /metrics and /readyz
     // answer (not ready) during the drain.
     let http_stop = CancellationToken::new();
+    // A few requests may wait; more are answered 503 at once.
+    let (status_tx, status_rx) = tokio::sync::mpsc::channel(8);
     if let Some(addr) = config.http {
         match subtocall::http::bind(addr).await {
             Ok(listener) => {
                 // With port 0, the port the system chose.
                 let bound = listener.local_addr().unwrap_or(addr);
-                tracing::info!(addr = %bound, "serving /metrics, /healthz and /readyz");
+                tracing::info!(addr = %bound, "serving /metrics, /healthz, /readyz and /status");
                 tokio::spawn(subtocall::http::serve(
                     listener,
                     metrics.clone(),
+                    Some(status_tx),
                     subtocall::http::Limits::default(),
                     http_stop.clone(),
                 ));
@@ -336,7 +487,7 @@ async fn run(config: Config) -> ExitCode {
         mode = ?config.forward.mode,
         "subtocall starting"
     );
-    let result = subtocall::app::run(config, metrics, shutdown).await;
+    let result = subtocall::app::run(config, metrics, shutdown, Some(status_rx)).await;
     http_stop.cancel();
     match result {
         Ok(_) => ExitCode::SUCCESS,

@@ -18,7 +18,9 @@ use serde_json::Value as Json;
 use serde_yaml_ng::Value as Yaml;
 use subtocall::config::markdown_reference;
 use subtocall::discovery::meta;
-use subtocall::metrics::Metrics;
+use support::metrics::{
+    exported_families, exported_label_values, exported_series_names, queried_name,
+};
 
 fn root() -> &'static Path {
     support::repo_root()
@@ -43,89 +45,6 @@ fn markdown_files() -> Vec<PathBuf> {
 }
 
 // ---- metrics --------------------------------------------------------------
-
-/// `(name, type)` of every metric family in the exposition, from its
-/// `# TYPE` line.
-fn exported_families() -> Vec<(String, String)> {
-    let metrics = Metrics::new();
-    // Families labelled per stream are exported once a stream exists.
-    let stream = subtocall::metrics::StreamLabel {
-        stream: "queue:p".into(),
-    };
-    let _ = metrics.stream_backlog.get_or_create(&stream);
-    let _ = metrics.stream_oldest_unacked.get_or_create(&stream);
-    // So are those labelled per procedure once a procedure has an event.
-    let procedure = subtocall::metrics::ProcedureLabel {
-        procedure: "p".into(),
-        group: "default".into(),
-    };
-    let _ = metrics.procedure_received.get_or_create(&procedure);
-    let _ = metrics.procedure_forwarded.get_or_create(&procedure);
-    let _ = metrics.procedure_in_flight.get_or_create(&procedure);
-    let _ = metrics.procedure_waiting.get_or_create(&procedure);
-    let _ = metrics.procedure_oldest_waiting.get_or_create(&procedure);
-    let _ = metrics.procedure_latency.get_or_create(&procedure);
-    let _ = metrics
-        .procedure_dead_lettered
-        .get_or_create(&subtocall::metrics::ProcedureReason {
-            procedure: "p".into(),
-            group: "default".into(),
-            reason: "rejected",
-        });
-    let text = metrics.encode();
-    let families: Vec<(String, String)> = text
-        .lines()
-        .filter_map(|line| line.strip_prefix("# TYPE "))
-        .map(|rest| {
-            let (name, kind) = rest.split_once(' ').expect("# TYPE name type");
-            (name.to_owned(), kind.to_owned())
-        })
-        .collect();
-    assert!(families.len() >= 10, "parsed too few families:\n{text}");
-    families
-}
-
-/// The name an operator queries for a family (counters get `_total`, info
-/// metrics `_info`).
-fn queried_name(name: &str, kind: &str) -> String {
-    match kind {
-        "counter" => format!("{name}_total"),
-        "info" => format!("{name}_info"),
-        _ => name.to_owned(),
-    }
-}
-
-/// Every series name the exposition can contain, including histogram parts.
-fn exported_series_names() -> BTreeSet<String> {
-    let mut names = BTreeSet::new();
-    for (name, kind) in exported_families() {
-        names.insert(queried_name(&name, &kind));
-        if kind == "histogram" {
-            for suffix in ["_bucket", "_sum", "_count"] {
-                names.insert(format!("{name}{suffix}"));
-            }
-        }
-    }
-    names
-}
-
-/// The label values each family is exported with (e.g. `reason` values).
-fn exported_label_values() -> BTreeMap<String, BTreeSet<String>> {
-    // Stream names are not a fixed set of label values: not created here.
-    let text = Metrics::new().encode();
-    let sample = Regex::new(r#"^(subtocall_[a-z0-9_]+)\{(.*)\} "#).unwrap();
-    let label = Regex::new(r#"[a-z_]+="([^"]*)""#).unwrap();
-    let mut values: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    for line in text.lines() {
-        if let Some(c) = sample.captures(line) {
-            let entry = values.entry(c[1].to_owned()).or_default();
-            for l in label.captures_iter(&c[2]) {
-                entry.insert(l[1].to_owned());
-            }
-        }
-    }
-    values
-}
 
 /// Rows of the metrics table in doc/operations.md: name -> (type, labels cell).
 fn documented_metrics() -> BTreeMap<String, (String, String)> {
@@ -555,6 +474,7 @@ fn crossbar_md_lists_exactly_the_meta_api_the_code_uses() {
         .collect();
     used.insert((meta::LIST.to_owned(), "call".to_owned()));
     used.insert((meta::GET.to_owned(), "call".to_owned()));
+    used.insert((meta::COUNT_CALLEES.to_owned(), "call".to_owned()));
     assert_eq!(meta_rows, used, "doc/crossbar.md vs src/discovery/meta.rs");
     assert!(
         documented.iter().any(|(uri, _)| !uri.starts_with("wamp.")),

@@ -93,7 +93,7 @@ async fn idle_and_half_sent_connections_cannot_starve_healthz_or_the_router_link
 #[tokio::test]
 async fn with_port_0_the_log_names_the_port_actually_bound() {
     let sidecar = sidecar_without_router(&[("SUBTOCALL_HTTP_ADDR", "127.0.0.1:0")]);
-    let needle = "serving /metrics, /healthz and /readyz";
+    let needle = "serving /metrics, /healthz, /readyz and /status";
     // The log line is the feature under test: with port 0 nothing else
     // says where the listener is.
     sidecar
@@ -135,6 +135,7 @@ impl Listener {
         tokio::spawn(http::serve(
             listener,
             Arc::new(Metrics::new()),
+            None,
             limits,
             stop.clone(),
         ));

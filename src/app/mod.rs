@@ -42,6 +42,7 @@ use crate::sink::Sink;
 use crate::sink::redis::{self as redis_sink, RedisSink};
 use crate::sink::stream::StreamSink;
 use crate::sink::wamp::WampSink;
+use crate::status::{self, QueueProbe, RedisProbe, Status, StatusRequest, TargetProbe};
 use crate::streams::admit::{self, AdmitSink};
 use crate::streams::commit::Committer;
 use crate::streams::reader::{FromReaders, Readers};
@@ -106,12 +107,16 @@ impl Summary {
 
 /// Runs the sidecar until `shutdown` is cancelled (then drains) or a fatal
 /// error. Returns how many events went where.
+/// `status` brings `/status`'s requests; the loop answers them between
+/// other work.
 pub async fn run(
     config: Arc<Config>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
+    status: Option<mpsc::Receiver<StatusRequest>>,
 ) -> Result<Summary, Fatal> {
     let mut app = App::new(&config, metrics.clone())?;
+    app.status_requests = status;
     let result = app.run(&shutdown).await;
     app.finish().await;
     let summary = Summary::from_metrics(&metrics);
@@ -164,6 +169,26 @@ struct App {
     dead_letter_task: Option<JoinHandle<()>>,
     /// The Redis queue's tasks, when there is one.
     streams: Option<StreamTasks>,
+    /// `/status`'s requests, and what it shows that does not change.
+    status_requests: Option<mpsc::Receiver<StatusRequest>>,
+    shown: Shown,
+    /// When the current session joined.
+    joined_at: Option<(Instant, std::time::SystemTime)>,
+}
+
+/// What `/status` shows that is fixed at startup.
+struct Shown {
+    started: Instant,
+    url: String,
+    realm: String,
+    settings: Vec<status::Setting>,
+    delivery: &'static str,
+    queue_kind: &'static str,
+    capacity: usize,
+    max_in_flight: usize,
+    queue_name: Option<String>,
+    consumer: Option<String>,
+    probe: Option<RedisProbe>,
 }
 
 /// The tasks behind the Redis queue.
@@ -176,6 +201,8 @@ struct StreamTasks {
     release: CancellationToken,
     readers: JoinHandle<()>,
     committer: JoinHandle<()>,
+    /// What `/status` reads of the queue.
+    probe: QueueProbe,
 }
 
 impl App {
@@ -192,6 +219,7 @@ impl App {
         let f = &config.forward;
         let redis_timeout = Duration::from_secs(5);
         let needs_redis = f.mode == config::Mode::Redis || config.redis.dead_letter_key.is_some();
+        let stream_target = config.redis.target == config::RedisTarget::Stream;
         let redis = if needs_redis {
             Some(
                 RedisSink::new(
@@ -241,6 +269,15 @@ impl App {
                 },
             },
             batching: f.batching,
+        };
+        let targets = match (&f.mode, &redis) {
+            (config::Mode::Redis, Some(redis)) => Some(TargetProbe {
+                conn: redis.connection(),
+                prefix: config.redis.prefix.clone(),
+                stream: stream_target,
+                metrics: metrics.clone(),
+            }),
+            _ => None,
         };
         let now = std::time::Instant::now();
         let (core, sink, queue, streams) = match config.queue.kind {
@@ -302,6 +339,30 @@ impl App {
                 .with_lanes(partitions(config)),
             None => sidecar,
         };
+        let queue_probe = streams.as_ref().map(|s: &StreamTasks| s.probe.clone());
+        let shown = Shown {
+            started: Instant::now(),
+            url: config.wamp.url.to_string(),
+            realm: config.wamp.realm.clone(),
+            settings: config.settings().to_vec(),
+            delivery: match (&f.mode, stream_target) {
+                (config::Mode::Wamp, _) => "wamp",
+                (config::Mode::Redis, false) => "redis-list",
+                (config::Mode::Redis, true) => "redis-stream",
+            },
+            queue_kind: match config.queue.kind {
+                config::QueueKind::Memory => "memory",
+                config::QueueKind::Redis => "redis",
+            },
+            capacity: f.queue_capacity,
+            max_in_flight: f.max_in_flight,
+            queue_name: queue_probe.as_ref().map(|_| config.queue.name.clone()),
+            consumer: queue_probe.as_ref().map(|q| q.consumer.clone()),
+            probe: (queue_probe.is_some() || targets.is_some()).then(|| RedisProbe {
+                queue: queue_probe,
+                targets,
+            }),
+        };
         Ok(App {
             client_config,
             reconnect: Backoff {
@@ -319,6 +380,9 @@ impl App {
             drain_deadline: None,
             dead_letter_task,
             streams,
+            status_requests: None,
+            shown,
+            joined_at: None,
         })
     }
 
@@ -368,8 +432,58 @@ impl App {
                         }
                     }
                 },
+                Some(reply) = next_status_request(&mut self.status_requests) => {
+                    let _ = reply.send((self.status(), self.shown.probe.clone()));
+                }
                 _ = sleep_until(wake.unwrap_or(now)), if wake.is_some() => {}
             }
+        }
+    }
+
+    /// `/status`, as far as this loop knows it.
+    fn status(&self) -> Status {
+        let now = Instant::now();
+        let shown = &self.shown;
+        let (session, serializer) = match &self.link {
+            Link::Up(conn) => (
+                Some(conn.info().session.0),
+                Some(conn.serializer().to_string()),
+            ),
+            _ => (None, None),
+        };
+        let joined = self.joined_at.filter(|_| session.is_some());
+        let (waiting, in_flight) = self.sidecar.held();
+        Status {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            ready: self.sidecar.is_ready(),
+            draining: self.drain_deadline.is_some() || self.sidecar.is_draining(),
+            uptime_seconds: status::seconds(now - shown.started),
+            router: status::Router {
+                url: shown.url.clone(),
+                realm: shown.realm.clone(),
+                connected: session.is_some(),
+                session,
+                joined_at: joined.map(|(_, at)| status::rfc3339(at)),
+                joined_seconds: joined.map(|(at, _)| status::seconds(now - at)),
+                serializer,
+                reconnects: self.metrics.router_reconnects.get(),
+                connect_failures: self.connect_failures,
+            },
+            delivery: shown.delivery.to_owned(),
+            queue: status::Queue {
+                kind: shown.queue_kind.to_owned(),
+                waiting: waiting as u64,
+                in_flight: in_flight as u64,
+                capacity: shown.capacity as u64,
+                max_in_flight: shown.max_in_flight as u64,
+                name: shown.queue_name.clone(),
+                consumer: shown.consumer.clone(),
+                redis_up: self.sidecar.redis_up(),
+                ..status::Queue::default()
+            },
+            mappings: self.sidecar.mappings(now.into_std()),
+            redis_targets: Vec::new(),
+            configuration: shown.settings.clone(),
         }
     }
 
@@ -436,6 +550,7 @@ impl App {
             serializer = %conn.serializer(),
             "joined the router; discovering SUB_ registrations"
         );
+        self.joined_at = Some((Instant::now(), std::time::SystemTime::now()));
         let now = Instant::now().into_std();
         self.sidecar.on_joined(conn.session(), now);
         self.link = Link::Up(conn);
@@ -584,6 +699,21 @@ impl App {
     }
 }
 
+async fn next_status_request(
+    requests: &mut Option<mpsc::Receiver<StatusRequest>>,
+) -> Option<StatusRequest> {
+    match requests.as_mut() {
+        Some(rx) => match rx.recv().await {
+            Some(request) => Some(request),
+            None => {
+                *requests = None;
+                std::future::pending().await
+            }
+        },
+        None => std::future::pending().await,
+    }
+}
+
 async fn next_from_readers(streams: &mut Option<StreamTasks>) -> Option<FromReaders> {
     match streams.as_mut().and_then(|s| s.from_readers.as_mut()) {
         Some(rx) => rx.recv().await,
@@ -608,6 +738,12 @@ fn start_streams(
         .map_err(|e| Fatal::Setup(format!("Redis: {e}")))?;
     let keys = Arc::new(Keys::new(&q.name));
     let consumer = consumer_name();
+    let probe = QueueProbe {
+        shared: shared.clone(),
+        keys: keys.clone(),
+        consumer: consumer.clone(),
+        partitions: partitions(config),
+    };
     tracing::info!(queue = %q.name, %consumer, cluster = config.redis.cluster, "using the Redis queue");
     // The local window: entries held here (waiting or in flight) at most.
     let window = match sink.dispatch() {
@@ -662,6 +798,7 @@ fn start_streams(
         release,
         readers,
         committer,
+        probe,
     };
     Ok((admit, stage, tasks))
 }

@@ -8,9 +8,10 @@
 //! how many procedures that is), so the metrics' cardinality is bounded
 //! whatever the registrations.
 
-use std::collections::HashMap;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
@@ -31,6 +32,60 @@ struct Handles {
     received: Counter,
     forwarded: Counter,
     latency: Histogram,
+    /// This procedure's own counts, whatever the cap (for `/status`).
+    tally: Arc<Tally>,
+}
+
+/// One procedure's counts and last error, for `/status`: exact per
+/// procedure, unlike the metrics beyond the cap.
+#[derive(Debug, Default)]
+pub struct Tally {
+    received: AtomicU64,
+    forwarded: AtomicU64,
+    dead_lettered: Mutex<BTreeMap<&'static str, u64>>,
+    last_error: Mutex<Option<(String, SystemTime)>>,
+}
+
+/// What [`ProcedureMetrics::tally`] reads.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Counts {
+    pub received: u64,
+    pub forwarded: u64,
+    pub dead_lettered: BTreeMap<&'static str, u64>,
+    pub last_error: Option<(String, SystemTime)>,
+}
+
+impl Counts {
+    /// Adds `other`'s counts; the later last error wins.
+    pub fn add(&mut self, other: Counts) {
+        self.received += other.received;
+        self.forwarded += other.forwarded;
+        for (reason, n) in other.dead_lettered {
+            *self.dead_lettered.entry(reason).or_default() += n;
+        }
+        if other.last_error.as_ref().map(|e| e.1) > self.last_error.as_ref().map(|e| e.1) {
+            self.last_error = other.last_error;
+        }
+    }
+}
+
+impl Tally {
+    fn read(&self) -> Counts {
+        Counts {
+            received: self.received.load(Ordering::Relaxed),
+            forwarded: self.forwarded.load(Ordering::Relaxed),
+            dead_lettered: self
+                .dead_lettered
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+            last_error: self
+                .last_error
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        }
+    }
 }
 
 pub struct ProcedureMetrics {
@@ -99,6 +154,7 @@ impl ProcedureMetrics {
                 received: m.procedure_received.get_or_create(&label).clone(),
                 forwarded: m.procedure_forwarded.get_or_create(&label).clone(),
                 latency: m.procedure_latency.get_or_create(&label).clone(),
+                tally: Arc::default(),
                 label,
             };
             self.handles.insert(procedure.to_owned(), handles);
@@ -107,17 +163,50 @@ impl ProcedureMetrics {
     }
 
     pub fn received(&mut self, procedure: &str) {
-        self.handles(procedure).received.inc();
+        let h = self.handles(procedure);
+        h.received.inc();
+        h.tally.received.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn forwarded(&mut self, procedure: &str, latency: Duration) {
         let h = self.handles(procedure);
         h.forwarded.inc();
+        h.tally.forwarded.fetch_add(1, Ordering::Relaxed);
         h.latency.observe(latency.as_secs_f64());
     }
 
+    /// A delivery attempt to `procedure` failed with `error`: its last error.
+    pub fn failed(&mut self, procedure: &str, error: String) {
+        let h = self.handles(procedure);
+        *h.tally.last_error.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((error, SystemTime::now()));
+    }
+
+    /// The counts of `procedure` (zero if it never had an event).
+    pub fn tally(&self, procedure: &str) -> Counts {
+        self.handles
+            .get(procedure)
+            .map(|h| h.tally.read())
+            .unwrap_or_default()
+    }
+
+    /// Every procedure that had an event, with its counts.
+    pub fn tallies(&self) -> impl Iterator<Item = (&str, Counts)> + '_ {
+        self.handles
+            .iter()
+            .map(|(p, h)| (p.as_str(), h.tally.read()))
+    }
+
     pub fn dead_lettered(&mut self, procedure: &str, reason: &'static str) {
-        let label = self.handles(procedure).label.clone();
+        let handles = self.handles(procedure);
+        *handles
+            .tally
+            .dead_lettered
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(reason)
+            .or_default() += 1;
+        let label = handles.label.clone();
         self.metrics
             .procedure_dead_lettered
             .get_or_create(&ProcedureReason {

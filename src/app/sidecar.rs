@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 
 use super::Fatal;
 use super::dead_letter_log::{DeadLetterLog, LINES_PER_WINDOW, Summary};
-use super::procedure_metrics::ProcedureMetrics;
+use super::procedure_metrics::{Counts, ProcedureMetrics};
 use super::queue_stage::QueueStage;
 use crate::config::OrderBy;
 use crate::discovery::meta;
@@ -27,6 +27,7 @@ use crate::forward::envelope::SharedEvent;
 use crate::forward::{Batched, DeliveryId, Forwarder, GiveUp, Job, MemoryQueue, Output};
 use crate::metrics::Metrics;
 use crate::sink::{Report, Sink, Started};
+use crate::status;
 use crate::streams::commit::{Commit, DeadFrom};
 use crate::streams::reader::{Entry, FromReaders};
 use crate::wamp::connection::Refused;
@@ -52,6 +53,8 @@ pub enum Token {
     Subscribe(TopicKey),
     Unsubscribe(SubscriptionId),
     Deliver(DeliveryId),
+    /// `wamp.registration.count_callees`, for `/status`.
+    CountCallees(RegistrationId),
 }
 
 impl From<DeliveryId> for Token {
@@ -100,8 +103,12 @@ pub struct Sidecar {
     procedures: Vec<Destination>,
     /// Partitions per procedure for keyed events (Redis queue, ordering).
     lanes: Option<u16>,
-    /// `subtocall_procedure_*`.
+    /// `subtocall_procedure_*`, and each procedure's counts for `/status`.
     per_procedure: ProcedureMetrics,
+    /// Callees of each tracked registration, as the router last counted.
+    callees: HashMap<RegistrationId, u64, IdHashing>,
+    /// The router refused `count_callees` (said once).
+    callees_refused: bool,
 }
 
 impl Sidecar {
@@ -146,6 +153,8 @@ impl Sidecar {
                 DEFAULT_METRICS_MAX_PROCEDURES,
                 marker,
             ),
+            callees: HashMap::default(),
+            callees_refused: false,
         }
     }
 
@@ -186,6 +195,7 @@ impl Sidecar {
     /// A new session: discovery starts from nothing, meta topics first.
     pub fn on_joined(&mut self, session: &mut Session<Token>, now: Instant) {
         self.discovery.reset();
+        self.callees.clear();
         self.meta.clear();
         self.meta_pending = meta::META_TOPICS.len();
         self.joined = true;
@@ -261,7 +271,7 @@ impl Sidecar {
             SessionOutput::RawEvent(event) => {
                 if let Some(&topic) = self.meta.get(&event.subscription) {
                     match event.payload.decode() {
-                        Ok(payload) => self.on_meta_event(topic, &payload.args, now),
+                        Ok(payload) => self.on_meta_event(topic, &payload.args, session, now),
                         Err(e) => {
                             tracing::warn!(topic, error = %e, "ignoring malformed meta event")
                         }
@@ -272,7 +282,7 @@ impl Sidecar {
             }
             SessionOutput::Event(event) => {
                 if let Some(&topic) = self.meta.get(&event.subscription) {
-                    self.on_meta_event(topic, &event.payload.args, now);
+                    self.on_meta_event(topic, &event.payload.args, session, now);
                 } else {
                     self.on_event(event, now);
                 }
@@ -375,6 +385,35 @@ impl Sidecar {
                     Err(e) => GetOutcome::Failed(e.to_string()),
                 };
                 self.discovery.on_get_result(id, outcome, now);
+                self.count_callees(id, session, now);
+            }
+            (Token::CountCallees(id), Ok(Success::Result { payload, .. })) => {
+                match payload.args.first().and_then(Value::as_u64) {
+                    Some(n) if self.discovery.tracks(id) => {
+                        self.callees.insert(id, n);
+                    }
+                    Some(_) => {}
+                    None => tracing::debug!(registration = %id, "unexpected count_callees result"),
+                }
+            }
+            (Token::CountCallees(id), result) => {
+                self.callees.remove(&id);
+                match result {
+                    Err(RequestError::Wamp(e)) if e.error == "wamp.error.not_authorized" => {
+                        if !self.callees_refused {
+                            self.callees_refused = true;
+                            tracing::warn!(
+                                error = %e,
+                                "the router refused {}: /status shows callee counts as unknown \
+                                 (grant 'call' on it to subtocall's role, see doc/crossbar.md)",
+                                meta::COUNT_CALLEES
+                            );
+                        }
+                    }
+                    other => {
+                        tracing::debug!(registration = %id, result = ?other.err(), "callees not counted")
+                    }
+                }
             }
             (Token::Subscribe(key), Ok(Success::Subscribed(id))) => {
                 self.discovery.on_subscribed(&key, id)
@@ -397,11 +436,48 @@ impl Sidecar {
         Ok(())
     }
 
-    fn on_meta_event(&mut self, topic: &'static str, args: &[Value], now: Instant) {
+    fn on_meta_event(
+        &mut self,
+        topic: &'static str,
+        args: &[Value],
+        session: &mut Session<Token>,
+        now: Instant,
+    ) {
         match meta::parse_meta_event(topic, args) {
-            Ok(meta_event) => self.discovery.on_meta_event(meta_event, now),
+            Ok(meta_event) => {
+                let counted = match &meta_event {
+                    meta::MetaEvent::Registered { registration, .. }
+                    | meta::MetaEvent::Unregistered { registration, .. } => Some(*registration),
+                    meta::MetaEvent::Deleted { registration, .. } => {
+                        self.callees.remove(registration);
+                        None
+                    }
+                    meta::MetaEvent::Created { .. } => None,
+                };
+                self.discovery.on_meta_event(meta_event, now);
+                if let Some(id) = counted {
+                    self.count_callees(id, session, now);
+                }
+            }
             Err(e) => tracing::warn!(topic, error = %e, "ignoring malformed meta event"),
         }
+    }
+
+    /// Asks the router how many callees a tracked registration has now
+    /// (after each change: the last answer is the current count).
+    fn count_callees(&mut self, id: RegistrationId, session: &mut Session<Token>, now: Instant) {
+        if !self.discovery.tracks(id) || self.callees_refused {
+            return;
+        }
+        let args = Payload::new(vec![Value::UInt(id.0)], Dict::new());
+        let deadline = Some(now + self.request_timeout);
+        session.call(
+            meta::COUNT_CALLEES,
+            Dict::new(),
+            args,
+            Token::CountCallees(id),
+            deadline,
+        );
     }
 
     /// Routes an EVENT of a forwarding subscription and de-duplicates it:
@@ -524,7 +600,7 @@ impl Sidecar {
         if QueueStage::is_delivery(id)
             && let Some(q) = &mut self.queue
         {
-            return on_queue_report(q, &self.metrics, id, report, now);
+            return on_queue_report(q, &self.metrics, &mut self.per_procedure, id, report, now);
         }
         if self.queue.is_some() {
             // The admission stage: its outcome says whether Redis answers.
@@ -540,7 +616,7 @@ impl Sidecar {
             }
         }
         if let Some(jobs) = self.core.delivery(id) {
-            log_failures(jobs, &report);
+            log_failures(jobs, &report, &mut self.per_procedure);
             if !self.sink.needs_session() {
                 count_redis_errors(&self.metrics, jobs.len(), &report);
             }
@@ -884,6 +960,11 @@ impl Sidecar {
         self.metrics.dead_lettered(why).inc();
         self.per_procedure
             .dead_lettered(&job.item.procedure, why.as_str());
+        let error = match &job.last_error {
+            Some(e) => format!("dead-lettered ({}): {e}", why.as_str()),
+            None => format!("dead-lettered ({})", why.as_str()),
+        };
+        self.per_procedure.failed(&job.item.procedure, error);
         let ev = &job.item;
         if self.dead_letter_log.admit(now, why.as_str(), &ev.procedure) {
             tracing::error!(
@@ -1037,6 +1118,110 @@ impl Sidecar {
         .min()
     }
 
+    /// Every mapping with its counts, for `/status`.
+    pub fn mappings(&self, now: Instant) -> Vec<status::Mapping> {
+        // In flight, waiting, oldest waiting: per procedure, both stages.
+        let mut live: HashMap<&str, (u64, u64, Option<Instant>)> = HashMap::new();
+        let mut jobs: Vec<(&str, Instant, bool)> = Vec::new();
+        self.core.for_each_job(|j, in_flight| {
+            jobs.push((j.item.procedure.as_str(), j.received, in_flight));
+        });
+        if let Some(q) = &self.queue {
+            q.core.for_each_job(|j, in_flight| {
+                jobs.push((j.item.procedure.as_str(), j.received, in_flight));
+            });
+        }
+        for (procedure, received, in_flight) in jobs {
+            let l = live.entry(procedure).or_default();
+            if in_flight {
+                l.0 += 1;
+            } else {
+                l.1 += 1;
+                l.2 = Some(l.2.map_or(received, |o| o.min(received)));
+            }
+        }
+        let wall = SystemTime::now();
+        self.discovery
+            .mappings()
+            .into_iter()
+            .map(|m| {
+                // A pattern's events go to procedures derived from their
+                // topics: those matching the registration's URI.
+                let matches = |name: &str| match (&m.procedure, m.topic.policy) {
+                    (Some(p), MatchPolicy::Wildcard) => wildcard_matches(p, name),
+                    (Some(p), _) => p == name,
+                    (None, _) => false,
+                };
+                let mut counts = Counts::default();
+                let (mut in_flight, mut waiting, mut oldest) = (0, 0, None::<Instant>);
+                if m.topic.policy == MatchPolicy::Exact {
+                    if let Some(p) = &m.procedure {
+                        counts = self.per_procedure.tally(p);
+                    }
+                } else {
+                    for (name, c) in self.per_procedure.tallies() {
+                        if matches(name) {
+                            counts.add(c);
+                        }
+                    }
+                }
+                for (name, l) in &live {
+                    if matches(name) {
+                        in_flight += l.0;
+                        waiting += l.1;
+                        oldest = match (oldest, l.2) {
+                            (Some(a), Some(b)) => Some(a.min(b)),
+                            (a, b) => a.or(b),
+                        };
+                    }
+                }
+                let callees = m
+                    .registrations
+                    .iter()
+                    .map(|id| self.callees.get(id).copied())
+                    .sum::<Option<u64>>();
+                let (last_error, last_error_at) = counts.last_error.unzip();
+                status::Mapping {
+                    topic: m.topic.topic.clone(),
+                    match_policy: m.topic.policy.as_str().to_owned(),
+                    group: m.group.name.clone().unwrap_or_else(|| "default".into()),
+                    procedure: m.procedure.clone(),
+                    batch: m.group.batch,
+                    registrations: m.registrations.iter().map(|r| r.0).collect(),
+                    callees,
+                    subscription: m.subscription.map(|s| s.0),
+                    subscription_state: m.subscription_state.to_owned(),
+                    in_grace: m.in_grace,
+                    received: counts.received,
+                    forwarded: counts.forwarded,
+                    dead_lettered: counts
+                        .dead_lettered
+                        .into_iter()
+                        .map(|(r, n)| (r.to_owned(), n))
+                        .collect(),
+                    in_flight,
+                    waiting,
+                    oldest_waiting_seconds: oldest
+                        .map_or(0.0, |o| status::seconds(now.saturating_duration_since(o))),
+                    last_error,
+                    last_error_at: last_error_at.map(status::rfc3339),
+                    last_error_seconds: last_error_at
+                        .map(|at| status::seconds(wall.duration_since(at).unwrap_or_default())),
+                }
+            })
+            .collect()
+    }
+
+    /// Whether Redis answers (Redis queue; `None` without it).
+    pub fn redis_up(&self) -> Option<bool> {
+        self.queue.as_ref().map(|_| self.redis_up)
+    }
+
+    /// Shutting down.
+    pub fn is_draining(&self) -> bool {
+        self.draining
+    }
+
     /// Closes the dead-letter store channel so its task can finish.
     pub fn close_dead_letter_store(&mut self) {
         self.dead_letter_store = None;
@@ -1051,12 +1236,13 @@ impl Sidecar {
 fn on_queue_report(
     q: &mut QueueStage,
     metrics: &Metrics,
+    per_procedure: &mut ProcedureMetrics,
     id: DeliveryId,
     report: Report,
     now: Instant,
 ) {
     if let Some(jobs) = q.core.delivery(id) {
-        log_failures(jobs, &report);
+        log_failures(jobs, &report, per_procedure);
         if !q.sink.needs_session() {
             count_redis_errors(metrics, jobs.len(), &report);
         }
@@ -1101,7 +1287,22 @@ fn rfc3339_now() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
 }
 
-fn log_failures(jobs: &[Job<SharedEvent>], report: &Report) {
+/// Whether the concrete URI `name` matches the wildcard URI `pattern`
+/// (same number of components; an empty one matches any).
+fn wildcard_matches(pattern: &str, name: &str) -> bool {
+    let (mut p, mut n) = (pattern.split('.'), name.split('.'));
+    loop {
+        match (p.next(), n.next()) {
+            (None, None) => return true,
+            (Some(a), Some(b)) if a.is_empty() || a == b => {}
+            _ => return false,
+        }
+    }
+}
+
+/// Logs each failed attempt (debug) and keeps it as its procedure's last
+/// error.
+fn log_failures(jobs: &[Job<SharedEvent>], report: &Report, per_procedure: &mut ProcedureMetrics) {
     let failures: Box<dyn Iterator<Item = (&Job<SharedEvent>, &crate::forward::Failure)>> =
         match report {
             Report::All(Ok(())) => return,
@@ -1112,7 +1313,12 @@ fn log_failures(jobs: &[Job<SharedEvent>], report: &Report) {
                     .filter_map(|(j, o)| o.as_ref().err().map(|f| (j, f))),
             ),
         };
+    let mut last: Option<(&str, &crate::forward::Failure)> = None;
     for (job, error) in failures {
+        if last.is_none_or(|(p, e)| p != job.item.procedure || !std::ptr::eq(e, error)) {
+            per_procedure.failed(&job.item.procedure, error.to_string());
+            last = Some((&job.item.procedure, error));
+        }
         tracing::debug!(
             procedure = %job.item.procedure,
             publication = %job.item.publication,

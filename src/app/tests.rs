@@ -120,7 +120,14 @@ impl Rig {
         let get = self.take_sent().remove(0);
         let info = json!({"id": 42, "created": "x", "uri": "com.example.SUB_t", "match": "exact", "invoke": "roundrobin"});
         self.router(json!([50, get[1], {}, [info]])).unwrap();
-        let subscribe = self.take_sent().remove(0);
+        // The callee count (for /status) is asked for first; one callee.
+        let mut sent = self.take_sent();
+        assert_eq!(kinds(&sent), [48, 32], "{sent:?}");
+        let subscribe = sent.remove(1);
+        let count = sent.remove(0);
+        assert_eq!(count[3], "wamp.registration.count_callees");
+        assert_eq!(count[4], json!([42]));
+        self.router(json!([50, count[1], {}, [1]])).unwrap();
         assert_eq!(subscribe[3], "com.example.t");
         self.router(json!([33, subscribe[1], 777])).unwrap();
     }

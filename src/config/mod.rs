@@ -42,13 +42,15 @@ pub struct Config {
     pub reconnect: ReconnectConfig,
     /// On SIGTERM/SIGINT: deadline to finish or dead-letter in-flight work.
     pub shutdown_timeout: Duration,
-    /// Listen address of /metrics, /healthz and /readyz; `None` = no listener.
+    /// Listen address of /metrics, /healthz, /readyz and /status; `None` = no listener.
     pub http: Option<SocketAddr>,
     /// Procedures with metrics of their own (`SUBTOCALL_METRICS_MAX_PROCEDURES`).
     pub metrics_max_procedures: usize,
     pub log: LogConfig,
     /// Not errors, but worth a log line once logging is up.
     warnings: Vec<String>,
+    /// Every variable's value in effect, secrets hidden (for `/status`).
+    settings: Vec<crate::status::Setting>,
 }
 
 /// How to reach and talk to the router.
@@ -280,6 +282,37 @@ impl Config {
     pub fn warnings(&self) -> &[String] {
         &self.warnings
     }
+
+    /// Every variable with the value in effect, as `/status` shows it:
+    /// secrets as `***`, URLs without passwords or query values.
+    pub fn settings(&self) -> &[crate::status::Setting] {
+        &self.settings
+    }
+}
+
+/// What [`Config::settings`] holds, from the variables as set.
+fn settings(raw: &RawVars) -> Vec<crate::status::Setting> {
+    VARS.iter()
+        .map(|var| {
+            let set = std::iter::once(var.name)
+                .chain(var.old_names.iter().copied())
+                .find_map(|name| raw.get(name));
+            let value = match set {
+                Some(_) if var.secret => redacted::HIDDEN.to_owned(),
+                Some(text) if var.name == WAMP_URL.name => {
+                    crate::wamp::auth::redact_query(text, |_| true)
+                }
+                Some(text) if var.name == REDIS_URL.name => redacted::redact_redis_url(text),
+                Some(text) => text.to_owned(),
+                None => var.default.text().to_owned(),
+            };
+            crate::status::Setting {
+                name: var.name.to_owned(),
+                value,
+                set: set.is_some(),
+            }
+        })
+        .collect()
 }
 
 /// The variables as set, read with `envy`: one field per name in
@@ -448,6 +481,7 @@ fn read(vars: Vec<(String, String)>, not_unicode: Vec<String>) -> Result<Config,
         }
     }
 
+    let settings = settings(&r.raw);
     let wamp = wamp(&mut r);
     let discovery = discovery(&mut r);
     let forward = forward(&mut r);
@@ -498,6 +532,7 @@ fn read(vars: Vec<(String, String)>, not_unicode: Vec<String>) -> Result<Config,
             metrics_max_procedures,
             log,
             warnings: r.warnings,
+            settings,
         }),
         _ => Err(ConfigError::new(r.problems)),
     }

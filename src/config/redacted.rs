@@ -11,7 +11,7 @@ use url::Url;
 use crate::wamp::auth::redact_query;
 
 /// What is shown instead of a secret.
-const HIDDEN: &str = "***";
+pub(crate) const HIDDEN: &str = "***";
 
 /// A password, secret or ticket. `Debug` and `Display` print `***`; the only
 /// way to the text is [`Secret::expose`], so every use is easy to find.
@@ -144,7 +144,7 @@ pub(crate) fn redact_value(text: &str) -> String {
 
 /// A Redis URL as shown: its password and `pass`/`password` query values
 /// hidden, other parameters (`db=1`) kept.
-fn redact_redis_url(text: &str) -> String {
+pub(crate) fn redact_redis_url(text: &str) -> String {
     redact_query(&redact_userinfo(text), is_password_key)
 }
 

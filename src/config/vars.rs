@@ -666,7 +666,7 @@ pub(crate) const HTTP_ADDR: Var = Var {
     old_names: &[],
     default: DefaultValue::Value("0.0.0.0:8910"),
     accepts: "an IP:port such as 0.0.0.0:8910 or [::]:8910, or off",
-    meaning: "Listen address of /metrics, /healthz and /readyz; off disables the listener.",
+    meaning: "Listen address of /metrics, /healthz, /readyz and /status; off disables the listener.",
     secret: false,
     group: Group::Operations,
 };
@@ -784,13 +784,17 @@ what they meant there; everything new starts with SUBTOCALL_.";
 pub fn help_text() -> String {
     let mut out = String::new();
     out.push_str("subtocall: shared subscriptions for WAMP routers such as Crossbar.io\n\n");
-    out.push_str("Usage: subtocall [check | healthcheck | --help | --version]\n\n");
+    out.push_str(
+        "Usage: subtocall [check | healthcheck | status | dead-letters list|redrive | --help | --version]\n\n",
+    );
     out.push_str(
         "  (no command)  run the sidecar until SIGTERM/SIGINT, then drain and exit 0\n  \
          check         connect once with this configuration, list the SUB_\n                \
          registrations it would serve, check permissions (and Redis);\n                \
          exit 0 only if all is well\n  \
-         healthcheck   ask a running sidecar's /healthz (for container health checks)\n\n\
+         healthcheck   ask a running sidecar's /healthz (for container health checks)\n  \
+         status        what a running sidecar is doing (its /status), as tables\n  \
+         dead-letters  list or redrive the Redis queue's dead letters\n\n\
          `subtocall COMMAND --help` shows one command's usage and exit codes.\n\n",
     );
     wrap_into(&mut out, INTRO, "", 79);

@@ -26,6 +26,9 @@ pub const META_TOPICS: [&str; 4] = [ON_CREATE, ON_REGISTER, ON_UNREGISTER, ON_DE
 pub const LIST: &str = "wamp.registration.list";
 /// Meta procedure: one registration's details, by id.
 pub const GET: &str = "wamp.registration.get";
+/// Meta procedure: how many callees a registration has, by id (for
+/// `/status`; a refusal only leaves the count unknown).
+pub const COUNT_CALLEES: &str = "wamp.registration.count_callees";
 /// The error `get` answers with for an id that no longer exists (pitfall P11:
 /// a normal outcome when a registration is deleted while we ask about it).
 pub const NO_SUCH_REGISTRATION: &str = "wamp.error.no_such_registration";

@@ -300,6 +300,24 @@ pub struct Destination {
     pub batch: bool,
 }
 
+/// One group of one topic, as [`Discovery::mappings`] lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mapping<'a> {
+    pub topic: &'a TopicKey,
+    pub group: &'a Group,
+    /// The procedure called: for a pattern topic, the registration's URI
+    /// (each event's procedure is derived from its topic). `None` for a
+    /// pattern group in its grace period.
+    pub procedure: Option<String>,
+    /// The group's tracked registrations (empty in the grace period).
+    pub registrations: Vec<RegistrationId>,
+    pub subscription: Option<SubscriptionId>,
+    /// `none`, `subscribing`, `subscribed`, `unsubscribing` or `refused`.
+    pub subscription_state: &'static str,
+    /// Its last registration left; it stays for the grace period.
+    pub in_grace: bool,
+}
+
 /// Why an EVENT cannot be routed. Both mean: drop the event and count it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RouteError {
@@ -787,6 +805,45 @@ impl Discovery {
     /// (a metric; the default group of a topic counts as one).
     pub fn group_count(&self) -> usize {
         self.group_count
+    }
+
+    /// Whether the SUB_ registration `id` is tracked.
+    pub fn tracks(&self, id: RegistrationId) -> bool {
+        self.tracked.contains_key(&id)
+    }
+
+    /// Every (topic, group) we serve or still hold, in topic order: what
+    /// `/status` lists.
+    pub fn mappings(&self) -> Vec<Mapping<'_>> {
+        let mut out = Vec::new();
+        for (key, topic) in &self.topics {
+            let (subscription, state) = match topic.subscription {
+                SubState::None => (None, "none"),
+                SubState::Subscribing => (None, "subscribing"),
+                SubState::Subscribed(id) => (Some(id), "subscribed"),
+                SubState::Unsubscribing(id) => (Some(id), "unsubscribing"),
+                SubState::Failed { .. } => (None, "refused"),
+            };
+            for (group, members) in &topic.groups {
+                let registrations: Vec<RegistrationId> =
+                    members.registrations.iter().copied().collect();
+                let procedure = members.procedure.clone().or_else(|| {
+                    registrations
+                        .iter()
+                        .find_map(|id| self.tracked.get(id).map(|t| t.uri.clone()))
+                });
+                out.push(Mapping {
+                    topic: key,
+                    group,
+                    procedure,
+                    registrations,
+                    subscription,
+                    subscription_state: state,
+                    in_grace: members.grace_until.is_some(),
+                });
+            }
+        }
+        out
     }
 
     /// The groups reading each topic we want or hold.

@@ -10,6 +10,7 @@
 
 pub mod crossbar;
 pub mod fake_router;
+pub mod metrics;
 pub mod peers;
 pub mod redis;
 pub mod resp;

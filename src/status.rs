@@ -1,0 +1,769 @@
+//! What the sidecar is doing right now: `GET /status` (JSON) and
+//! `subtocall status` (tables of it). The event loop answers a
+//! [`StatusRequest`] with what it holds (router link, mappings with their
+//! counts, the local queue); what only Redis knows (the instances of the
+//! Redis queue and what each holds, the backlog of the Redis targets) is
+//! then read by [`RedisProbe`] on the listener's side, so the loop never
+//! waits for Redis.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use redis::aio::ConnectionManager;
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+use crate::metrics::{Metrics, StreamLabel};
+use crate::streams::{Keys, Shared};
+
+/// How long `/status` waits for the event loop, and for each Redis read.
+pub const ANSWER_WITHIN: Duration = Duration::from_secs(2);
+
+/// What the listener sends the event loop: where to put the answer.
+pub type StatusRequest = oneshot::Sender<(Status, Option<RedisProbe>)>;
+
+/// The whole answer of `GET /status`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Status {
+    pub version: String,
+    /// What `/readyz` says.
+    pub ready: bool,
+    pub draining: bool,
+    pub uptime_seconds: f64,
+    pub router: Router,
+    /// `wamp` (a CALL per event or batch), `redis-list` or `redis-stream`.
+    pub delivery: String,
+    pub queue: Queue,
+    pub mappings: Vec<Mapping>,
+    /// Redis mode: the list or stream of each procedure, with its backlog.
+    #[serde(default)]
+    pub redis_targets: Vec<RedisTarget>,
+    /// Every variable with the value in effect (`set` false: the default);
+    /// secrets are `***`, URLs without passwords or query values.
+    pub configuration: Vec<Setting>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Router {
+    /// Query values hidden.
+    pub url: String,
+    pub realm: String,
+    pub connected: bool,
+    pub session: Option<u64>,
+    /// RFC 3339, UTC.
+    pub joined_at: Option<String>,
+    pub joined_seconds: Option<f64>,
+    pub serializer: Option<String>,
+    /// Sessions after the first.
+    pub reconnects: u64,
+    /// Failed attempts since the last healthy session.
+    pub connect_failures: u32,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Queue {
+    /// `memory` or `redis`.
+    pub kind: String,
+    /// Events waiting here for an attempt, and being delivered.
+    pub waiting: u64,
+    pub in_flight: u64,
+    pub capacity: u64,
+    pub max_in_flight: u64,
+    /// The Redis queue's name (its consumer group) and this instance's
+    /// consumer name in it.
+    pub name: Option<String>,
+    pub consumer: Option<String>,
+    pub redis_up: Option<bool>,
+    /// The Redis queue's instances, this one included.
+    #[serde(default)]
+    pub instances: Vec<Instance>,
+    /// The Redis queue's streams.
+    #[serde(default)]
+    pub streams: Vec<QueueStream>,
+    /// Why the Redis part is missing, if it is.
+    pub error: Option<String>,
+}
+
+/// One instance of the Redis queue.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Instance {
+    pub consumer: String,
+    /// This process.
+    pub this: bool,
+    /// Seconds since its last heartbeat (per-key ordering only: instances
+    /// without ordering have none).
+    pub heartbeat_seconds: Option<f64>,
+    /// Entries it read and has not finished, over every stream.
+    pub pending: u64,
+    /// Seconds since it last read or was credited an entry, the least over
+    /// the streams.
+    pub idle_seconds: Option<f64>,
+    /// The ordering partitions whose lease it holds (`procedure#k`).
+    #[serde(default)]
+    pub partitions: Vec<String>,
+}
+
+/// One stream of the Redis queue.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct QueueStream {
+    /// The procedure, or its partition `procedure#k`.
+    pub unit: String,
+    pub length: u64,
+    /// Read by an instance, not finished yet.
+    pub pending: u64,
+}
+
+/// One consumer group of one topic.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Mapping {
+    pub topic: String,
+    /// `exact`, `prefix` or `wildcard`.
+    #[serde(rename = "match")]
+    pub match_policy: String,
+    /// `default` for the group without a suffix.
+    pub group: String,
+    pub procedure: Option<String>,
+    pub batch: bool,
+    pub registrations: Vec<u64>,
+    /// Callees over the registrations; `None` when the router would not say.
+    pub callees: Option<u64>,
+    pub subscription: Option<u64>,
+    /// `subscribed`, `subscribing`, `unsubscribing`, `refused` or `none`.
+    pub subscription_state: String,
+    /// The last registration left; the subscription stays for the grace period.
+    pub in_grace: bool,
+    pub received: u64,
+    pub forwarded: u64,
+    /// By reason.
+    pub dead_lettered: BTreeMap<String, u64>,
+    pub in_flight: u64,
+    pub waiting: u64,
+    pub oldest_waiting_seconds: f64,
+    pub last_error: Option<String>,
+    /// RFC 3339, UTC.
+    pub last_error_at: Option<String>,
+    pub last_error_seconds: Option<f64>,
+}
+
+/// One Redis list or stream events are pushed to (Redis mode).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct RedisTarget {
+    pub key: String,
+    /// `list` or `stream`.
+    pub kind: String,
+    /// Entries in it now.
+    pub length: Option<u64>,
+    /// Lists: the length. Streams: from the oldest entry some group has not
+    /// acknowledged (`subtocall_stream_backlog`).
+    pub backlog: Option<u64>,
+    pub oldest_unacked_seconds: Option<f64>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Setting {
+    pub name: String,
+    pub value: String,
+    pub set: bool,
+}
+
+/// Seconds as shown in the JSON: milliseconds are enough.
+pub fn seconds(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1000.0).round() / 1000.0
+}
+
+/// `at` as RFC 3339 in UTC, to the millisecond.
+pub fn rfc3339(at: SystemTime) -> String {
+    humantime::format_rfc3339_millis(at).to_string()
+}
+
+// ------------------------------------------------------------- from Redis
+
+/// Reads what only Redis knows; cheap to clone.
+#[derive(Clone)]
+pub struct RedisProbe {
+    pub queue: Option<QueueProbe>,
+    pub targets: Option<TargetProbe>,
+}
+
+/// The Redis queue.
+#[derive(Clone)]
+pub struct QueueProbe {
+    pub shared: Shared,
+    pub keys: Arc<Keys>,
+    pub consumer: String,
+    /// Per-key ordering's partitions per procedure.
+    pub partitions: Option<u16>,
+}
+
+/// The Redis lists or streams of Redis mode.
+#[derive(Clone)]
+pub struct TargetProbe {
+    pub conn: ConnectionManager,
+    pub prefix: String,
+    pub stream: bool,
+    pub metrics: Arc<Metrics>,
+}
+
+impl RedisProbe {
+    /// Adds the Redis queue's instances and streams and the targets'
+    /// backlogs to `status`; what cannot be read is said in an `error`.
+    pub async fn fill(&self, status: &mut Status) {
+        if let Some(q) = &self.queue {
+            match tokio::time::timeout(ANSWER_WITHIN, q.read()).await {
+                Ok(Ok((instances, streams))) => {
+                    status.queue.instances = instances;
+                    status.queue.streams = streams;
+                }
+                Ok(Err(e)) => status.queue.error = Some(format!("cannot read Redis: {e}")),
+                Err(_) => status.queue.error = Some("Redis did not answer in time".into()),
+            }
+        }
+        if let Some(t) = &self.targets {
+            let mut procedures: Vec<&str> = status
+                .mappings
+                .iter()
+                .filter(|m| m.match_policy == "exact")
+                .filter_map(|m| m.procedure.as_deref())
+                .collect();
+            procedures.sort_unstable();
+            procedures.dedup();
+            let mut targets = Vec::new();
+            for procedure in procedures {
+                targets.push(t.read(procedure).await);
+            }
+            status.redis_targets = targets;
+        }
+    }
+}
+
+impl TargetProbe {
+    async fn read(&self, procedure: &str) -> RedisTarget {
+        let key = format!("{}{procedure}", self.prefix);
+        let command = if self.stream { "XLEN" } else { "LLEN" };
+        let mut conn = self.conn.clone();
+        let length = tokio::time::timeout(
+            ANSWER_WITHIN,
+            redis::cmd(command).arg(&key).query_async::<u64>(&mut conn),
+        )
+        .await;
+        let (length, error) = match length {
+            Ok(Ok(n)) => (Some(n), None),
+            Ok(Err(e)) => (None, Some(e.to_string())),
+            Err(_) => (None, Some("Redis did not answer in time".to_owned())),
+        };
+        let (backlog, oldest) = if self.stream {
+            let label = StreamLabel {
+                stream: key.clone(),
+            };
+            let m = &self.metrics;
+            (
+                Some(m.stream_backlog.get_or_create(&label).get().max(0) as u64),
+                Some(m.stream_oldest_unacked.get_or_create(&label).get()),
+            )
+        } else {
+            (length, None)
+        };
+        RedisTarget {
+            key,
+            kind: if self.stream { "stream" } else { "list" }.to_owned(),
+            length,
+            backlog,
+            oldest_unacked_seconds: oldest,
+            error,
+        }
+    }
+}
+
+/// The rows of an `XINFO` reply, each as a map of its fields.
+fn rows(reply: redis::Value) -> Vec<BTreeMap<String, redis::Value>> {
+    use redis::Value;
+    let text = |v: &Value| match v {
+        Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    };
+    let Value::Array(rows) = reply else {
+        return Vec::new();
+    };
+    rows.into_iter()
+        .filter_map(|row| match row {
+            Value::Array(fields) => Some(
+                fields
+                    .chunks(2)
+                    .filter_map(|kv| Some((text(&kv[0])?, kv.get(1)?.clone())))
+                    .collect(),
+            ),
+            Value::Map(fields) => Some(
+                fields
+                    .into_iter()
+                    .filter_map(|(k, v)| Some((text(&k)?, v)))
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect()
+}
+
+impl QueueProbe {
+    async fn read(&self) -> redis::RedisResult<(Vec<Instance>, Vec<QueueStream>)> {
+        let mut c = self.shared.get().await?;
+        let mut units: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(self.keys.procedures())
+            .query_async(&mut c)
+            .await?;
+        // With ordering, each procedure's partitions have streams too.
+        if let Some(partitions) = self.partitions {
+            let procedures = units.clone();
+            for procedure in &procedures {
+                units.extend((0..partitions).map(|k| crate::streams::lane(procedure, k)));
+            }
+        }
+        units.sort();
+        units.dedup();
+        let mut instances: BTreeMap<String, Instance> = BTreeMap::new();
+        // Heartbeats, scored by Redis's clock in milliseconds.
+        let (now, beats) = if self.partitions.is_some() {
+            let time: (String, String) = redis::cmd("TIME").query_async(&mut c).await?;
+            let now = time.0.parse::<f64>().unwrap_or(0.0) * 1000.0
+                + time.1.parse::<f64>().unwrap_or(0.0) / 1000.0;
+            let beats: Vec<(String, f64)> = redis::cmd("ZRANGE")
+                .arg(self.keys.instances())
+                .arg(0)
+                .arg(-1)
+                .arg("WITHSCORES")
+                .query_async(&mut c)
+                .await?;
+            (now, beats)
+        } else {
+            (0.0, Vec::new())
+        };
+        for (consumer, at) in beats {
+            instances
+                .entry(consumer.clone())
+                .or_default()
+                .heartbeat_seconds =
+                Some(seconds(Duration::from_millis((now - at).max(0.0) as u64)));
+        }
+        let mut streams = Vec::new();
+        let mut procedures: Vec<&str> = Vec::new();
+        for unit in &units {
+            let stream = self.keys.stream(unit);
+            let length: u64 = redis::cmd("XLEN").arg(&stream).query_async(&mut c).await?;
+            let consumers: redis::RedisResult<redis::Value> = redis::cmd("XINFO")
+                .arg("CONSUMERS")
+                .arg(&stream)
+                .arg(self.keys.group())
+                .query_async(&mut c)
+                .await;
+            let mut pending_here = 0;
+            // No stream or group yet: nothing read from it.
+            for consumer in consumers.map(rows).unwrap_or_default() {
+                let text = |k: &str| match consumer.get(k) {
+                    Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+                    Some(redis::Value::SimpleString(s)) => s.clone(),
+                    _ => String::new(),
+                };
+                let number = |k: &str| match consumer.get(k) {
+                    Some(redis::Value::Int(n)) => *n,
+                    _ => 0,
+                };
+                let name = text("name");
+                let pending = number("pending").max(0) as u64;
+                let idle = seconds(Duration::from_millis(number("idle").max(0) as u64));
+                pending_here += pending;
+                let i = instances.entry(name).or_default();
+                i.pending += pending;
+                i.idle_seconds = Some(i.idle_seconds.map_or(idle, |s: f64| s.min(idle)));
+            }
+            streams.push(QueueStream {
+                unit: unit.clone(),
+                length,
+                pending: pending_here,
+            });
+            procedures.push(crate::streams::split_lane(unit).0);
+        }
+        procedures.dedup();
+        if let Some(partitions) = self.partitions {
+            for procedure in procedures {
+                let leases: Vec<String> = (0..partitions)
+                    .map(|k| self.keys.lease(procedure, k))
+                    .collect();
+                let holders: Vec<Option<String>> =
+                    redis::cmd("MGET").arg(&leases).query_async(&mut c).await?;
+                for (k, holder) in holders.into_iter().enumerate() {
+                    if let Some(holder) = holder {
+                        instances
+                            .entry(holder)
+                            .or_default()
+                            .partitions
+                            .push(crate::streams::lane(procedure, k as u16));
+                    }
+                }
+            }
+        }
+        let instances = instances
+            .into_iter()
+            .map(|(consumer, i)| Instance {
+                this: consumer == self.consumer,
+                consumer,
+                ..i
+            })
+            .collect();
+        Ok((instances, streams))
+    }
+}
+
+// ------------------------------------------------------------------ tables
+
+/// `subtocall status`: the answer as tables a person reads at a glance.
+pub fn render(s: &Status) -> String {
+    let mut out = String::new();
+    let state = if s.draining {
+        "DRAINING"
+    } else if s.ready {
+        "READY"
+    } else {
+        "NOT READY"
+    };
+    let r = &s.router;
+    let link = match (r.connected, r.session, r.joined_seconds) {
+        (true, Some(session), Some(since)) => {
+            format!("session {session}, joined {} ago", age(since))
+        }
+        _ => "not connected".to_owned(),
+    };
+    let _ = writeln!(
+        out,
+        "subtocall {}  {state}  up {}\nrouter     {} realm {}: {link}; {} reconnects{}",
+        s.version,
+        age(s.uptime_seconds),
+        r.url,
+        r.realm,
+        r.reconnects,
+        if r.connect_failures > 0 {
+            format!(", {} failed attempts", r.connect_failures)
+        } else {
+            String::new()
+        }
+    );
+    let q = &s.queue;
+    let mut queue = format!(
+        "queue      {} (delivery {}): {} waiting of {}, {} in flight of {}",
+        q.kind, s.delivery, q.waiting, q.capacity, q.in_flight, q.max_in_flight
+    );
+    if let Some(name) = &q.name {
+        let _ = write!(
+            queue,
+            "; Redis queue {name:?}, {}",
+            match q.redis_up {
+                Some(false) => "Redis NOT answering",
+                _ => "Redis up",
+            }
+        );
+    }
+    let _ = writeln!(out, "{queue}");
+
+    out.push_str("\nMAPPINGS\n");
+    let mut rows = vec![row(&[
+        "TOPIC",
+        "MATCH",
+        "GROUP",
+        "PROCEDURE",
+        "CALLEES",
+        "RECEIVED",
+        "FORWARDED",
+        "DEAD",
+        "IN FLIGHT",
+        "WAITING",
+        "OLDEST",
+        "LAST ERROR",
+    ])];
+    for m in &s.mappings {
+        let dead: u64 = m.dead_lettered.values().sum();
+        let last_error = match (&m.last_error, m.last_error_seconds) {
+            (Some(e), Some(ago)) => format!("{} ago: {}", age(ago), shorten(e, 60)),
+            (Some(e), None) => shorten(e, 60),
+            _ => "-".to_owned(),
+        };
+        let mut group = m.group.clone();
+        if m.batch {
+            group.push_str(" (batch)");
+        }
+        let mut procedure = m.procedure.clone().unwrap_or_else(|| "-".into());
+        if m.in_grace {
+            procedure.push_str(" (gone, grace)");
+        }
+        rows.push(vec![
+            m.topic.clone(),
+            m.match_policy.clone(),
+            group,
+            procedure,
+            m.callees.map_or("?".into(), |n| n.to_string()),
+            m.received.to_string(),
+            m.forwarded.to_string(),
+            dead.to_string(),
+            m.in_flight.to_string(),
+            m.waiting.to_string(),
+            if m.waiting > 0 {
+                age(m.oldest_waiting_seconds)
+            } else {
+                "-".into()
+            },
+            last_error,
+        ]);
+    }
+    if s.mappings.is_empty() {
+        out.push_str("(none: no SUB_ registration is known)\n");
+    } else {
+        table(&mut out, &rows);
+    }
+    let dead: Vec<String> = s
+        .mappings
+        .iter()
+        .filter(|m| !m.dead_lettered.is_empty())
+        .map(|m| {
+            let by: Vec<String> = m
+                .dead_lettered
+                .iter()
+                .map(|(reason, n)| format!("{reason} {n}"))
+                .collect();
+            format!(
+                "  {}: {}",
+                m.procedure.as_deref().unwrap_or(&m.topic),
+                by.join(", ")
+            )
+        })
+        .collect();
+    if !dead.is_empty() {
+        out.push_str("dead-lettered by reason:\n");
+        out.push_str(&dead.join("\n"));
+        out.push('\n');
+    }
+
+    if q.name.is_some() {
+        out.push_str("\nINSTANCES\n");
+        if let Some(e) = &q.error {
+            let _ = writeln!(out, "({e})");
+        }
+        let mut rows = vec![row(&[
+            "CONSUMER",
+            "HEARTBEAT",
+            "PENDING",
+            "IDLE",
+            "PARTITIONS",
+        ])];
+        for i in &q.instances {
+            let mut name = i.consumer.clone();
+            if i.this {
+                name.push_str(" (this)");
+            }
+            rows.push(vec![
+                name,
+                i.heartbeat_seconds
+                    .map_or("-".into(), |s| format!("{} ago", age(s))),
+                i.pending.to_string(),
+                i.idle_seconds.map_or("-".into(), age),
+                if i.partitions.is_empty() {
+                    "-".into()
+                } else {
+                    format!("{}: {}", i.partitions.len(), i.partitions.join(" "))
+                },
+            ]);
+        }
+        table(&mut out, &rows);
+        if !q.streams.is_empty() {
+            out.push_str("\nSTREAMS\n");
+            let mut rows = vec![row(&["STREAM", "LENGTH", "PENDING"])];
+            for st in &q.streams {
+                rows.push(vec![
+                    st.unit.clone(),
+                    st.length.to_string(),
+                    st.pending.to_string(),
+                ]);
+            }
+            table(&mut out, &rows);
+        }
+    }
+    if !s.redis_targets.is_empty() {
+        out.push_str("\nREDIS TARGETS\n");
+        let mut rows = vec![row(&["KEY", "KIND", "LENGTH", "BACKLOG", "OLDEST UNACKED"])];
+        for t in &s.redis_targets {
+            let unknown = || t.error.clone().unwrap_or_else(|| "?".into());
+            rows.push(vec![
+                t.key.clone(),
+                t.kind.clone(),
+                t.length.map_or_else(unknown, |n| n.to_string()),
+                t.backlog.map_or("?".into(), |n| n.to_string()),
+                t.oldest_unacked_seconds.map_or("-".into(), age),
+            ]);
+        }
+        table(&mut out, &rows);
+    }
+    out
+}
+
+fn row(cells: &[&str]) -> Vec<String> {
+    cells.iter().map(|c| (*c).to_owned()).collect()
+}
+
+/// Left-aligned columns, two spaces apart, like `kubectl get`.
+fn table(out: &mut String, rows: &[Vec<String>]) {
+    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|cell| cell.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    for r in rows {
+        let mut line = String::new();
+        for (c, cell) in r.iter().enumerate() {
+            if c + 1 == r.len() {
+                line.push_str(cell);
+            } else {
+                let pad = widths[c] - cell.chars().count() + 2;
+                line.push_str(cell);
+                line.extend(std::iter::repeat_n(' ', pad));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+}
+
+/// A duration in seconds as `850ms`, `12s`, `3m20s`, `2h5m`, `3d4h`.
+fn age(seconds: f64) -> String {
+    let s = seconds.max(0.0);
+    if s < 1.0 {
+        return format!("{}ms", (s * 1000.0).round() as u64);
+    }
+    let s = s.round() as u64;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{}s", s / 60, s % 60),
+        3600..86400 => format!("{}h{}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d{}h", s / 86400, s % 86400 / 3600),
+    }
+}
+
+/// At most `max` characters, on one line.
+fn shorten(text: &str, max: usize) -> String {
+    let one_line = text.replace(['\n', '\r'], " ");
+    if one_line.chars().count() <= max {
+        return one_line;
+    }
+    let cut: String = one_line.chars().take(max - 1).collect();
+    format!("{cut}…")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn example() -> Status {
+        Status {
+            version: "1.2.3".into(),
+            ready: true,
+            uptime_seconds: 75.0,
+            router: Router {
+                url: "ws://127.0.0.1:8080/ws".into(),
+                realm: "realm1".into(),
+                connected: true,
+                session: Some(42),
+                joined_seconds: Some(70.0),
+                reconnects: 1,
+                ..Router::default()
+            },
+            delivery: "wamp".into(),
+            queue: Queue {
+                kind: "memory".into(),
+                capacity: 10000,
+                max_in_flight: 100,
+                ..Queue::default()
+            },
+            mappings: vec![
+                Mapping {
+                    topic: "com.example.good".into(),
+                    match_policy: "exact".into(),
+                    group: "default".into(),
+                    procedure: Some("com.example.SUB_good".into()),
+                    callees: Some(2),
+                    received: 20,
+                    forwarded: 20,
+                    ..Mapping::default()
+                },
+                Mapping {
+                    topic: "com.example.bad".into(),
+                    match_policy: "exact".into(),
+                    group: "audit".into(),
+                    procedure: Some("com.example.SUB_bad__audit".into()),
+                    callees: None,
+                    received: 10,
+                    dead_lettered: [("rejected".to_owned(), 10)].into(),
+                    last_error: Some("wamp.error.invalid_argument: no\nthanks".into()),
+                    last_error_seconds: Some(3.2),
+                    ..Mapping::default()
+                },
+            ],
+            ..Status::default()
+        }
+    }
+
+    #[test]
+    fn the_tables_show_each_mapping_on_a_line_of_aligned_columns() {
+        let text = render(&example());
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(
+            lines[0].starts_with("subtocall 1.2.3  READY  up 1m15s"),
+            "{text}"
+        );
+        assert!(
+            lines[1].contains("session 42, joined 1m10s ago; 1 reconnects"),
+            "{text}"
+        );
+        let header = lines.iter().position(|l| l.starts_with("TOPIC")).unwrap();
+        let good = lines[header + 1];
+        let bad = lines[header + 2];
+        assert!(good.starts_with("com.example.good "), "{text}");
+        assert!(bad.contains("com.example.SUB_bad__audit"), "{text}");
+        assert!(
+            bad.ends_with("3s ago: wamp.error.invalid_argument: no thanks"),
+            "{text}"
+        );
+        // Columns line up: PROCEDURE starts at the same place on every row.
+        let at = lines[header].find("PROCEDURE").unwrap();
+        assert_eq!(good.find("com.example.SUB_good"), Some(at), "{text}");
+        assert_eq!(bad.find("com.example.SUB_bad__audit"), Some(at), "{text}");
+        // An unknown callee count is `?`, dead letters are listed by reason.
+        assert!(bad.contains(" ? "), "{text}");
+        assert!(
+            text.contains("com.example.SUB_bad__audit: rejected 10"),
+            "{text}"
+        );
+        assert!(!text.contains("INSTANCES"), "memory queue: {text}");
+    }
+
+    #[test]
+    fn the_json_round_trips() {
+        let status = example();
+        let json = serde_json::to_string(&status).unwrap();
+        assert!(json.contains(r#""match":"exact""#), "{json}");
+        assert_eq!(serde_json::from_str::<Status>(&json).unwrap(), status);
+    }
+
+    #[test]
+    fn ages_read_at_a_glance() {
+        assert_eq!(age(0.25), "250ms");
+        assert_eq!(age(59.4), "59s");
+        assert_eq!(age(200.0), "3m20s");
+        assert_eq!(age(7500.0), "2h5m");
+        assert_eq!(age(3.0 * 86400.0 + 7200.0), "3d2h");
+        assert_eq!(shorten("abcdef", 4), "abc…");
+    }
+}
