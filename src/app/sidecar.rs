@@ -1289,7 +1289,7 @@ fn rfc3339_now() -> String {
 
 /// Whether the concrete URI `name` matches the wildcard URI `pattern`
 /// (same number of components; an empty one matches any).
-fn wildcard_matches(pattern: &str, name: &str) -> bool {
+pub(super) fn wildcard_matches(pattern: &str, name: &str) -> bool {
     let (mut p, mut n) = (pattern.split('.'), name.split('.'));
     loop {
         match (p.next(), n.next()) {

@@ -273,3 +273,60 @@ fn under_overload_meta_events_still_get_through() {
         "the new registration's topic is subscribed: {sent:?}"
     );
 }
+
+#[test]
+fn status_mappings_follow_callees_joining_and_leaving_and_keep_the_last_error() {
+    let mut rig = Rig::new();
+    rig.discover();
+    let mapping = |rig: &Rig| rig.sidecar.mappings(rig.now).remove(0);
+    let m = mapping(&rig);
+    assert_eq!(
+        (
+            m.topic.as_str(),
+            m.procedure.as_deref(),
+            m.registrations.as_slice()
+        ),
+        ("com.example.t", Some("com.example.SUB_t"), &[42][..])
+    );
+    assert_eq!((m.callees, m.subscription), (Some(1), Some(777)));
+    // A second callee: on_register (meta subscription 101) is counted anew.
+    rig.router(json!([36, 101, 1, {}, [9, 42]])).unwrap();
+    let count = rig.take_sent().remove(0);
+    assert_eq!(count[3], "wamp.registration.count_callees");
+    rig.router(json!([50, count[1], {}, [2]])).unwrap();
+    assert_eq!(mapping(&rig).callees, Some(2));
+    // One leaves (on_unregister, 102, null session when its session ends).
+    rig.router(json!([36, 102, 2, {}, [null, 42]])).unwrap();
+    let count = rig.take_sent().remove(0);
+    rig.router(json!([50, count[1], {}, [1]])).unwrap();
+    assert_eq!(mapping(&rig).callees, Some(1));
+    // A refused count leaves it unknown, and nothing more is asked.
+    rig.router(json!([36, 101, 3, {}, [9, 42]])).unwrap();
+    let count = rig.take_sent().remove(0);
+    rig.router(json!([8, 48, count[1], {}, "wamp.error.not_authorized"]))
+        .unwrap();
+    assert_eq!(mapping(&rig).callees, None);
+    rig.router(json!([36, 101, 4, {}, [10, 42]])).unwrap();
+    assert!(rig.take_sent().is_empty());
+
+    // A failed call is the mapping's last error, with its counts.
+    rig.router(json!([36, 777, 5, {}, ["hello"]])).unwrap();
+    let call = rig.take_sent().remove(0);
+    rig.router(json!([8, 48, call[1], {}, "com.example.nope"]))
+        .unwrap();
+    let m = mapping(&rig);
+    assert_eq!((m.received, m.forwarded), (1, 0));
+    assert_eq!(m.dead_lettered.get("rejected"), Some(&1));
+    let error = m.last_error.expect("a last error");
+    assert!(error.contains("com.example.nope"), "{error}");
+    assert!(m.last_error_at.is_some());
+}
+
+#[test]
+fn a_wildcard_registration_matches_the_procedures_derived_from_it() {
+    use super::sidecar::wildcard_matches;
+    assert!(wildcard_matches("com..SUB_s", "com.a.SUB_s"));
+    assert!(!wildcard_matches("com..SUB_s", "com.a.b.SUB_s"));
+    assert!(!wildcard_matches("com..SUB_s", "com.a.SUB_t"));
+    assert!(wildcard_matches("com.x.SUB_s", "com.x.SUB_s"));
+}
