@@ -92,8 +92,10 @@ pub struct Instance {
     pub consumer: String,
     /// This process.
     pub this: bool,
-    /// Seconds since its last heartbeat (per-key ordering only: instances
-    /// without ordering have none).
+    /// Seconds since its last heartbeat (every third of
+    /// `SUBTOCALL_CLAIM_IDLE`, at most every second); `None` for a consumer
+    /// of the group that no longer beats (gone for longer than the claim
+    /// idle time).
     pub heartbeat_seconds: Option<f64>,
     /// Entries it read and has not finished, over every stream.
     pub pending: u64,
@@ -325,21 +327,16 @@ impl QueueProbe {
         units.dedup();
         let mut instances: BTreeMap<String, Instance> = BTreeMap::new();
         // Heartbeats, scored by Redis's clock in milliseconds.
-        let (now, beats) = if self.partitions.is_some() {
-            let time: (String, String) = redis::cmd("TIME").query_async(&mut c).await?;
-            let now = time.0.parse::<f64>().unwrap_or(0.0) * 1000.0
-                + time.1.parse::<f64>().unwrap_or(0.0) / 1000.0;
-            let beats: Vec<(String, f64)> = redis::cmd("ZRANGE")
-                .arg(self.keys.instances())
-                .arg(0)
-                .arg(-1)
-                .arg("WITHSCORES")
-                .query_async(&mut c)
-                .await?;
-            (now, beats)
-        } else {
-            (0.0, Vec::new())
-        };
+        let time: (String, String) = redis::cmd("TIME").query_async(&mut c).await?;
+        let now = time.0.parse::<f64>().unwrap_or(0.0) * 1000.0
+            + time.1.parse::<f64>().unwrap_or(0.0) / 1000.0;
+        let beats: Vec<(String, f64)> = redis::cmd("ZRANGE")
+            .arg(self.keys.instances())
+            .arg(0)
+            .arg(-1)
+            .arg("WITHSCORES")
+            .query_async(&mut c)
+            .await?;
         for (consumer, at) in beats {
             instances
                 .entry(consumer.clone())

@@ -404,3 +404,37 @@ async fn in_redis_mode_status_shows_the_backlog_of_each_list() {
         .unwrap_or_else(|| panic!("{table}"));
     assert!(line.split_whitespace().nth(2) == Some("7"), "{table}");
 }
+
+#[tokio::test]
+async fn on_the_redis_queue_without_ordering_each_instance_still_heartbeats() {
+    let crossbar = Crossbar::start().await;
+    let router = RouterMeta::join(&crossbar).await;
+    let redis = Redis::start().await;
+    let _a = Backend::spawn(backend(&crossbar, "A", "com.example.SUB_plain")).await;
+    let sidecar = Sidecar::start_for(
+        &crossbar,
+        &[("SUBTOCALL_QUEUE", "redis"), ("REDIS_URL", &redis.url())],
+    );
+    sidecar
+        .wait_subscribed(&router, "com.example.plain", WAIT)
+        .await;
+    publish(&crossbar, "com.example.plain", 5).await;
+    sidecar.wait_idle(5, WAIT).await;
+    let s = eventually(WAIT, "this instance heartbeating", || async {
+        let s = status(&sidecar).await;
+        let beating = s["queue"]["instances"].as_array()?.iter().any(|i| {
+            i["this"] == true && i["heartbeat_seconds"].as_f64().is_some_and(|h| h < 10.0)
+        });
+        beating.then_some(s)
+    })
+    .await;
+    let q = &s["queue"];
+    assert_eq!(q["instances"].as_array().unwrap().len(), 1, "{q:#}");
+    assert_eq!(q["instances"][0]["partitions"], serde_json::json!([]));
+    assert_eq!(
+        q["streams"],
+        serde_json::json!([{"unit": "com.example.SUB_plain", "length": 0, "pending": 0}]),
+        "{q:#}"
+    );
+    assert_eq!(mapping(&s, "com.example.SUB_plain")["forwarded"], 5);
+}

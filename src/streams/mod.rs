@@ -83,8 +83,9 @@ impl Keys {
         format!("{{{}:{procedure}}}:seen:{publication}", self.name)
     }
 
-    /// The instances reading the queue (with per-key ordering), scored by
-    /// when each was last seen.
+    /// The instances reading the queue, scored by when each was last seen
+    /// (per-key ordering shares the partitions among them; `/status` lists
+    /// them).
     pub fn instances(&self) -> String {
         format!("{}:instances", self.name)
     }

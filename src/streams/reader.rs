@@ -169,9 +169,14 @@ impl Readers {
                     // Keep the leases while what was read is finished.
                     stopping = true;
                 }
-                _ = sleep_until(next_lease), if this.partitions.is_some() => {
+                _ = sleep_until(next_lease) => {
                     next_lease = Instant::now() + lease_every;
-                    this.leases(&running, &mut held, !stopping).await;
+                    if this.partitions.is_some() {
+                        this.leases(&running, &mut held, !stopping).await;
+                    } else if let Err(e) = this.heartbeat().await {
+                        // Without partitions only `/status` reads it.
+                        tracing::debug!(error = %e, "cannot tell the other instances we are here");
+                    }
                 }
                 Some(p) = new_procedures.recv(), if !stopping => found.push(p),
                 _ = sleep_until(next_scan) => {
