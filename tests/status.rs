@@ -438,3 +438,39 @@ async fn on_the_redis_queue_without_ordering_each_instance_still_heartbeats() {
     );
     assert_eq!(mapping(&s, "com.example.SUB_plain")["forwarded"], 5);
 }
+
+#[tokio::test]
+async fn with_the_stream_target_status_shows_each_streams_backlog() {
+    let crossbar = Crossbar::start().await;
+    let router = RouterMeta::join(&crossbar).await;
+    let redis = Redis::start().await;
+    let procedure = "com.example.SUB_streamed";
+    let _a = Backend::spawn(backend(&crossbar, "A", procedure)).await;
+    let sidecar = Sidecar::start_for(
+        &crossbar,
+        &[
+            ("USE_REDIS_MQ", "1"),
+            ("REDIS_URL", &redis.url()),
+            ("SUBTOCALL_REDIS_TARGET", "stream"),
+        ],
+    );
+    sidecar
+        .wait_subscribed(&router, "com.example.streamed", WAIT)
+        .await;
+    publish(&crossbar, "com.example.streamed", 9).await;
+    sidecar.wait_idle(9, WAIT).await;
+    // Nobody reads the stream: all nine are backlog.
+    let s = status(&sidecar).await;
+    assert_eq!(s["delivery"], "redis-stream");
+    let t = &s["redis_targets"][0];
+    assert_eq!(t["key"], format!("queue:{procedure}"), "{s:#}");
+    assert_eq!(t["kind"], "stream");
+    assert_eq!(t["length"], 9, "{t:#}");
+    assert_eq!(t["backlog"], 9, "{t:#}");
+    assert!(
+        t["oldest_unacked_seconds"]
+            .as_f64()
+            .is_some_and(|a| a >= 0.0),
+        "{t:#}"
+    );
+}
