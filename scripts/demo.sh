@@ -101,4 +101,6 @@ done
 say "Result"
 echo "backend A handled $(handled A) events, backend B handled $(handled B): each of the $EVENTS events exactly once."
 curl -s "http://127.0.0.1:$HTTP_PORT/metrics" 2>/dev/null | grep -E '^subtocall_events_(received|forwarded)_total' || true
+say "What subtocall is doing (subtocall status)"
+"$BIN" status --url "http://127.0.0.1:$HTTP_PORT" || true
 say "Shutting down"
