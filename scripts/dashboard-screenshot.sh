@@ -84,19 +84,7 @@ start_crossbar() {
   "$VENV/bin/crossbar" start --cbdir "$WORK/.crossbar" --loglevel warn --color false \
     >>"$WORK/crossbar.log" 2>&1 &
   CROSSBAR_PID=$!
-  "$PY" - "$URL" <<'PYEOF'
-import sys, time
-from websockets.sync.client import connect
-deadline = time.time() + 30
-while True:
-    try:
-        connect(sys.argv[1], subprotocols=["wamp.2.json"], open_timeout=2).close()
-        break
-    except Exception:
-        if time.time() > deadline:
-            sys.exit("Crossbar did not come up within 30 s; see its log")
-        time.sleep(0.2)
-PYEOF
+  "$PY" scripts/wait_for_router.py "$URL"
 }
 
 say "Starting Crossbar on $URL"

@@ -52,19 +52,7 @@ say "Starting Crossbar on $URL (log: $WORK/crossbar.log)"
 "$VENV/bin/crossbar" start --cbdir "$WORK/.crossbar" --loglevel warn --color false \
   --shutdownafter 900 >"$WORK/crossbar.log" 2>&1 &
 PIDS+=($!)
-"$PY" - "$URL" <<'PYEOF'
-import sys, time
-from websockets.sync.client import connect
-deadline = time.time() + 30
-while True:
-    try:
-        connect(sys.argv[1], subprotocols=["wamp.2.json"], open_timeout=2).close()
-        break
-    except Exception:
-        if time.time() > deadline:
-            sys.exit("Crossbar did not come up within 30 s; see its log")
-        time.sleep(0.2)
-PYEOF
+"$PY" scripts/wait_for_router.py "$URL"
 
 say "Starting subtocall (metrics: http://127.0.0.1:$HTTP_PORT/metrics)"
 WAMP_URL="$URL" CROSSBAR_REALM=realm1 \

@@ -12,19 +12,11 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use support::crossbar::LIMITED_USER;
 use support::fake_router::FakeRouter;
-use support::peers::{Connection, Invoke};
+use support::peers::Connection;
 use support::sidecar::{Sidecar, fake_router_env, sidecar_env};
 use support::*;
 
 const WAIT: Duration = Duration::from_secs(30);
-
-fn backend(crossbar: &Crossbar, name: &str, procedure: &str) -> BackendOptions {
-    BackendOptions {
-        name: name.into(),
-        invoke: Invoke::RoundRobin,
-        ..BackendOptions::new(crossbar, &[procedure])
-    }
-}
 
 /// Two roundrobin backends, A and B, that take `delay_ms` per call.
 async fn two_slow_backends(
@@ -34,7 +26,7 @@ async fn two_slow_backends(
 ) -> (Backend, Backend) {
     let slow = |name| BackendOptions {
         delay_ms,
-        ..backend(crossbar, name, procedure)
+        ..BackendOptions::shared(crossbar, name, procedure)
     };
     (
         Backend::spawn(slow("A")).await,
@@ -95,8 +87,8 @@ async fn rolling_restart_of_every_backend_under_load_loses_no_event() {
     let crossbar = Crossbar::start().await;
     let router = RouterMeta::join(&crossbar).await;
     let procedure = "com.example.SUB_roll";
-    let mut a = Backend::spawn(backend(&crossbar, "A1", procedure)).await;
-    let mut b = Backend::spawn(backend(&crossbar, "B1", procedure)).await;
+    let mut a = Backend::spawn(BackendOptions::shared(&crossbar, "A1", procedure)).await;
+    let mut b = Backend::spawn(BackendOptions::shared(&crossbar, "B1", procedure)).await;
     let sidecar = Sidecar::start_for(&crossbar, &[]);
     sidecar
         .wait_subscribed(&router, "com.example.roll", WAIT)
@@ -118,11 +110,11 @@ async fn rolling_restart_of_every_backend_under_load_loses_no_event() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     a.drain().await;
     retired.push(a);
-    a = Backend::spawn(backend(&crossbar, "A2", procedure)).await;
+    a = Backend::spawn(BackendOptions::shared(&crossbar, "A2", procedure)).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     b.drain().await;
     retired.push(b);
-    b = Backend::spawn(backend(&crossbar, "B2", procedure)).await;
+    b = Backend::spawn(BackendOptions::shared(&crossbar, "B2", procedure)).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     a.drain().await;
     b.drain().await;
@@ -131,7 +123,7 @@ async fn rolling_restart_of_every_backend_under_load_loses_no_event() {
     // No backend at all for a second: the outage the scenario promises
     // (README, doc/operations.md), a length rather than a wait for a state.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let c = Backend::spawn(backend(&crossbar, "C", procedure)).await;
+    let c = Backend::spawn(BackendOptions::shared(&crossbar, "C", procedure)).await;
     publisher.finish().await.assert_success();
 
     let mut all: Vec<&Backend> = retired.iter().collect();
@@ -164,10 +156,10 @@ async fn callee_dying_mid_call_has_its_event_delivered_to_the_other_backend() {
     let procedure = "com.example.SUB_die";
     let mut dies = Backend::spawn(BackendOptions {
         die_on_call: Some(1),
-        ..backend(&crossbar, "dies", procedure)
+        ..BackendOptions::shared(&crossbar, "dies", procedure)
     })
     .await;
-    let survives = Backend::spawn(backend(&crossbar, "survives", procedure)).await;
+    let survives = Backend::spawn(BackendOptions::shared(&crossbar, "survives", procedure)).await;
     let sidecar = Sidecar::start_for(&crossbar, &[]);
     sidecar
         .wait_subscribed(&router, "com.example.die", WAIT)
@@ -204,7 +196,12 @@ async fn router_restart_is_survived_and_forwarding_resumes() {
     env.remove("SUBTOCALL_RECONNECT_MAX_BACKOFF");
     let sidecar = Sidecar::start(env);
     let topic = "com.example.restart";
-    let first = Backend::spawn(backend(&crossbar, "before", "com.example.SUB_restart")).await;
+    let first = Backend::spawn(BackendOptions::shared(
+        &crossbar,
+        "before",
+        "com.example.SUB_restart",
+    ))
+    .await;
     sidecar.wait_subscribed(&router, topic, WAIT).await;
     Publisher::run(PublisherOptions::new(&crossbar, topic, 5))
         .await
@@ -231,7 +228,12 @@ async fn router_restart_is_survived_and_forwarding_resumes() {
     crossbar.start_again().await;
     let router_ready = Instant::now();
     // Peers do not reconnect on their own: a new backend and publisher.
-    let after = Backend::spawn(backend(&crossbar, "after", "com.example.SUB_restart")).await;
+    let after = Backend::spawn(BackendOptions::shared(
+        &crossbar,
+        "after",
+        "com.example.SUB_restart",
+    ))
+    .await;
     let publisher = Publisher::spawn(PublisherOptions {
         rate: 100.0,
         quiet: true,
@@ -259,7 +261,12 @@ async fn redis_restart_in_redis_mode_loses_none_of_500_events_and_keeps_order() 
     let crossbar = Crossbar::start().await;
     let router = RouterMeta::join(&crossbar).await;
     let mut redis = Redis::start_persistent().await;
-    let _announce = Backend::spawn(backend(&crossbar, "announce", "com.example.SUB_rq")).await;
+    let _announce = Backend::spawn(BackendOptions::shared(
+        &crossbar,
+        "announce",
+        "com.example.SUB_rq",
+    ))
+    .await;
     let sidecar = Sidecar::start_for(
         &crossbar,
         &[("USE_REDIS_MQ", "1"), ("REDIS_URL", &redis.url())],

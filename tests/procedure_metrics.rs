@@ -7,7 +7,6 @@ mod support;
 
 use std::time::Duration;
 
-use support::peers::Invoke;
 use support::sidecar::Sidecar;
 use support::*;
 
@@ -17,41 +16,34 @@ fn series(metric: &str, procedure: &str, group: &str) -> String {
     format!("{metric}{{procedure=\"{procedure}\",group=\"{group}\"}}")
 }
 
-fn backend(crossbar: &Crossbar, name: &str, procedure: &str) -> BackendOptions {
-    BackendOptions {
-        name: name.into(),
-        invoke: Invoke::RoundRobin,
-        ..BackendOptions::new(crossbar, &[procedure])
-    }
-}
-
-async fn publish(crossbar: &Crossbar, topic: &str, n: u32) {
-    Publisher::run(PublisherOptions {
-        quiet: true,
-        ..PublisherOptions::new(crossbar, topic, n)
-    })
-    .await
-    .assert_success();
-}
-
 #[tokio::test]
 async fn each_procedure_has_its_own_counts_in_flight_and_waiting() {
     let crossbar = Crossbar::start().await;
     let router = RouterMeta::join(&crossbar).await;
-    let _good = Backend::spawn(backend(&crossbar, "good", "com.example.SUB_good")).await;
-    let mut bad = Backend::spawn(backend(&crossbar, "bad", "com.example.SUB_bad__audit")).await;
+    let _good = Backend::spawn(BackendOptions::shared(
+        &crossbar,
+        "good",
+        "com.example.SUB_good",
+    ))
+    .await;
+    let mut bad = Backend::spawn(BackendOptions::shared(
+        &crossbar,
+        "bad",
+        "com.example.SUB_bad__audit",
+    ))
+    .await;
     bad.reject_calls(true).await;
     let _slow = Backend::spawn(BackendOptions {
         delay_ms: 3000,
-        ..backend(&crossbar, "slow", "com.example.SUB_slow")
+        ..BackendOptions::shared(&crossbar, "slow", "com.example.SUB_slow")
     })
     .await;
     let sidecar = Sidecar::start_for(&crossbar, &[("SUBTOCALL_MAX_IN_FLIGHT", "2")]);
     for topic in ["com.example.good", "com.example.bad", "com.example.slow"] {
         sidecar.wait_subscribed(&router, topic, WAIT).await;
     }
-    publish(&crossbar, "com.example.good", 20).await;
-    publish(&crossbar, "com.example.bad", 10).await;
+    Publisher::publish(&crossbar, "com.example.good", 20).await;
+    Publisher::publish(&crossbar, "com.example.bad", 10).await;
     sidecar.wait_idle(30, WAIT).await;
     let good = |m| series(m, "com.example.SUB_good", "default");
     let bad = |m| series(m, "com.example.SUB_bad__audit", "audit");
@@ -91,7 +83,7 @@ async fn each_procedure_has_its_own_counts_in_flight_and_waiting() {
 
     // Five events for a backend that takes 3 s each, two calls at a time:
     // two in flight, three waiting, the oldest of them for a while.
-    publish(&crossbar, "com.example.slow", 5).await;
+    Publisher::publish(&crossbar, "com.example.slow", 5).await;
     let slow = |m| series(m, "com.example.SUB_slow", "default");
     sidecar
         .wait_for(
@@ -122,9 +114,24 @@ async fn each_procedure_has_its_own_counts_in_flight_and_waiting() {
 async fn procedures_beyond_the_cap_are_counted_under_other() {
     let crossbar = Crossbar::start().await;
     let router = RouterMeta::join(&crossbar).await;
-    let _a = Backend::spawn(backend(&crossbar, "a", "com.example.SUB_first")).await;
-    let _b = Backend::spawn(backend(&crossbar, "b", "com.example.SUB_second")).await;
-    let _c = Backend::spawn(backend(&crossbar, "c", "com.example.SUB_third")).await;
+    let _a = Backend::spawn(BackendOptions::shared(
+        &crossbar,
+        "a",
+        "com.example.SUB_first",
+    ))
+    .await;
+    let _b = Backend::spawn(BackendOptions::shared(
+        &crossbar,
+        "b",
+        "com.example.SUB_second",
+    ))
+    .await;
+    let _c = Backend::spawn(BackendOptions::shared(
+        &crossbar,
+        "c",
+        "com.example.SUB_third",
+    ))
+    .await;
     let sidecar = Sidecar::start_for(&crossbar, &[("SUBTOCALL_METRICS_MAX_PROCEDURES", "1")]);
     for topic in [
         "com.example.first",
@@ -133,10 +140,10 @@ async fn procedures_beyond_the_cap_are_counted_under_other() {
     ] {
         sidecar.wait_subscribed(&router, topic, WAIT).await;
     }
-    publish(&crossbar, "com.example.first", 5).await;
+    Publisher::publish(&crossbar, "com.example.first", 5).await;
     sidecar.wait_idle(5, WAIT).await;
-    publish(&crossbar, "com.example.second", 7).await;
-    publish(&crossbar, "com.example.third", 9).await;
+    Publisher::publish(&crossbar, "com.example.second", 7).await;
+    Publisher::publish(&crossbar, "com.example.third", 9).await;
     sidecar.wait_idle(21, WAIT).await;
     let own = series(
         "subtocall_procedure_events_forwarded_total",

@@ -11,29 +11,11 @@ use std::process::Output;
 use std::time::Duration;
 
 use serde_json::Value;
-use support::peers::Invoke;
 use support::sidecar::{Sidecar, fake_router_env, sidecar_env};
 use support::*;
 
 const WAIT: Duration = Duration::from_secs(60);
 const SECRET: &str = "a-secret-that-must-not-show";
-
-fn backend(crossbar: &Crossbar, name: &str, procedure: &str) -> BackendOptions {
-    BackendOptions {
-        name: name.into(),
-        invoke: Invoke::RoundRobin,
-        ..BackendOptions::new(crossbar, &[procedure])
-    }
-}
-
-async fn publish(crossbar: &Crossbar, topic: &str, n: u32) {
-    Publisher::run(PublisherOptions {
-        quiet: true,
-        ..PublisherOptions::new(crossbar, topic, n)
-    })
-    .await
-    .assert_success();
-}
 
 async fn status(sidecar: &Sidecar) -> Value {
     let (code, body) = sidecar.http_get("/status").await.expect("/status answers");
@@ -101,9 +83,10 @@ async fn status_shows_each_mapping_its_callees_counts_and_last_error() {
     let router = RouterMeta::join(&crossbar).await;
     let good_procedure = "com.example.SUB_good";
     let bad_procedure = "com.example.SUB_bad__audit";
-    let good = Backend::spawn(backend(&crossbar, "good-1", good_procedure)).await;
-    let mut second = Backend::spawn(backend(&crossbar, "good-2", good_procedure)).await;
-    let mut bad = Backend::spawn(backend(&crossbar, "bad", bad_procedure)).await;
+    let good = Backend::spawn(BackendOptions::shared(&crossbar, "good-1", good_procedure)).await;
+    let mut second =
+        Backend::spawn(BackendOptions::shared(&crossbar, "good-2", good_procedure)).await;
+    let mut bad = Backend::spawn(BackendOptions::shared(&crossbar, "bad", bad_procedure)).await;
     bad.reject_calls(true).await;
     let mut env = sidecar_env(&crossbar);
     env.insert("SUBTOCALL_RETRY_MAX_ATTEMPTS".into(), "2".into());
@@ -118,8 +101,8 @@ async fn status_shows_each_mapping_its_callees_counts_and_last_error() {
         sidecar.wait_subscribed(&router, topic, WAIT).await;
     }
     sidecar.wait_ready(WAIT).await;
-    publish(&crossbar, "com.example.good", 20).await;
-    publish(&crossbar, "com.example.bad", 10).await;
+    Publisher::publish(&crossbar, "com.example.good", 20).await;
+    Publisher::publish(&crossbar, "com.example.bad", 10).await;
     sidecar.wait_idle(30, WAIT).await;
 
     let s = status(&sidecar).await;
@@ -273,7 +256,7 @@ async fn on_the_redis_queue_status_shows_each_instance_and_the_partitions_it_hol
     let router = RouterMeta::join(&crossbar).await;
     let redis = Redis::start().await;
     let procedure = "com.example.SUB_held";
-    let _a = Backend::spawn(backend(&crossbar, "A", procedure)).await;
+    let _a = Backend::spawn(BackendOptions::shared(&crossbar, "A", procedure)).await;
     let partitions = PARTITIONS.to_string();
     let env = [
         ("SUBTOCALL_ORDER_BY", "kwarg:k"),
@@ -377,7 +360,7 @@ async fn in_redis_mode_status_shows_the_backlog_of_each_list() {
     let router = RouterMeta::join(&crossbar).await;
     let redis = Redis::start().await;
     let procedure = "com.example.SUB_listed";
-    let _a = Backend::spawn(backend(&crossbar, "A", procedure)).await;
+    let _a = Backend::spawn(BackendOptions::shared(&crossbar, "A", procedure)).await;
     let sidecar = Sidecar::start_for(
         &crossbar,
         &[("USE_REDIS_MQ", "1"), ("REDIS_URL", &redis.url())],
@@ -385,7 +368,7 @@ async fn in_redis_mode_status_shows_the_backlog_of_each_list() {
     sidecar
         .wait_subscribed(&router, "com.example.listed", WAIT)
         .await;
-    publish(&crossbar, "com.example.listed", 7).await;
+    Publisher::publish(&crossbar, "com.example.listed", 7).await;
     sidecar.wait_idle(7, WAIT).await;
     let s = status(&sidecar).await;
     assert_eq!(s["delivery"], "redis-list");
@@ -410,7 +393,12 @@ async fn on_the_redis_queue_without_ordering_each_instance_still_heartbeats() {
     let crossbar = Crossbar::start().await;
     let router = RouterMeta::join(&crossbar).await;
     let redis = Redis::start().await;
-    let _a = Backend::spawn(backend(&crossbar, "A", "com.example.SUB_plain")).await;
+    let _a = Backend::spawn(BackendOptions::shared(
+        &crossbar,
+        "A",
+        "com.example.SUB_plain",
+    ))
+    .await;
     let sidecar = Sidecar::start_for(
         &crossbar,
         &[("SUBTOCALL_QUEUE", "redis"), ("REDIS_URL", &redis.url())],
@@ -418,7 +406,7 @@ async fn on_the_redis_queue_without_ordering_each_instance_still_heartbeats() {
     sidecar
         .wait_subscribed(&router, "com.example.plain", WAIT)
         .await;
-    publish(&crossbar, "com.example.plain", 5).await;
+    Publisher::publish(&crossbar, "com.example.plain", 5).await;
     sidecar.wait_idle(5, WAIT).await;
     let s = eventually(WAIT, "this instance heartbeating", || async {
         let s = status(&sidecar).await;
@@ -445,7 +433,7 @@ async fn with_the_stream_target_status_shows_each_streams_backlog() {
     let router = RouterMeta::join(&crossbar).await;
     let redis = Redis::start().await;
     let procedure = "com.example.SUB_streamed";
-    let _a = Backend::spawn(backend(&crossbar, "A", procedure)).await;
+    let _a = Backend::spawn(BackendOptions::shared(&crossbar, "A", procedure)).await;
     let sidecar = Sidecar::start_for(
         &crossbar,
         &[
@@ -457,7 +445,7 @@ async fn with_the_stream_target_status_shows_each_streams_backlog() {
     sidecar
         .wait_subscribed(&router, "com.example.streamed", WAIT)
         .await;
-    publish(&crossbar, "com.example.streamed", 9).await;
+    Publisher::publish(&crossbar, "com.example.streamed", 9).await;
     sidecar.wait_idle(9, WAIT).await;
     // Nobody reads the stream: all nine are backlog.
     let s = status(&sidecar).await;

@@ -514,6 +514,15 @@ impl BackendOptions {
         }
     }
 
+    /// One of several callees sharing `procedure` in turn (roundrobin).
+    pub fn shared(crossbar: &Crossbar, name: &str, procedure: &str) -> Self {
+        Self {
+            name: name.into(),
+            invoke: Invoke::RoundRobin,
+            ..Self::new(crossbar, &[procedure])
+        }
+    }
+
     fn args(&self) -> Vec<OsString> {
         let mut args = self.connection.args();
         args.extend(["--name".into(), self.name.clone().into()]);
@@ -796,6 +805,17 @@ pub struct Publisher {
 }
 
 impl Publisher {
+    /// Publishes `n` events to `topic` without printing them, and checks
+    /// that it succeeded.
+    pub async fn publish(crossbar: &Crossbar, topic: &str, n: u32) {
+        Publisher::run(PublisherOptions {
+            quiet: true,
+            ..PublisherOptions::new(crossbar, topic, n)
+        })
+        .await
+        .assert_success();
+    }
+
     /// Publishes everything and returns the peer's output (check `status` or call
     /// `assert_success`). Panics if the peer does not exit within `options.timeout`.
     pub async fn run(options: PublisherOptions) -> PeerOutput {
