@@ -107,6 +107,7 @@ impl Summary {
 
 /// Runs the sidecar until `shutdown` is cancelled (then drains) or a fatal
 /// error. Returns how many events went where.
+///
 /// `status` brings `/status`'s requests; the loop answers them between
 /// other work.
 pub async fn run(
