@@ -50,6 +50,10 @@ async fn bootstrap(session: &mut FakeSession, events: &[Value]) {
     let info = json!({"id": 42, "created": "2026-11-29T00:00:00.000Z", "uri": PROCEDURE,
                       "match": "exact", "invoke": "roundrobin"});
     session.send_json(json!([50, get[1], {}, [info]])).await;
+    // The callee count, for /status.
+    let count = expect(session, 48).await;
+    assert_eq!(count[3], "wamp.registration.count_callees");
+    session.send_json(json!([50, count[1], {}, [1]])).await;
     let subscribe = expect(session, 32).await;
     assert_eq!(subscribe[3], TOPIC);
     let mut together = vec![json!([33, subscribe[1], SUBSCRIPTION])];
