@@ -344,20 +344,29 @@ impl QueueProbe {
                 .heartbeat_seconds =
                 Some(seconds(Duration::from_millis((now - at).max(0.0) as u64)));
         }
-        let mut streams = Vec::new();
-        let mut procedures: Vec<&str> = Vec::new();
-        for unit in &units {
+        // Every stream's reads at once: on the one multiplexed connection
+        // they share round trips, so many streams cost about one.
+        let group = self.keys.group();
+        let per_unit = units.iter().map(|unit| {
+            let mut c = c.clone();
             let stream = self.keys.stream(unit);
-            let length: u64 = redis::cmd("XLEN").arg(&stream).query_async(&mut c).await?;
-            let consumers: redis::RedisResult<redis::Value> = redis::cmd("XINFO")
-                .arg("CONSUMERS")
-                .arg(&stream)
-                .arg(self.keys.group())
-                .query_async(&mut c)
-                .await;
+            async move {
+                let length: u64 = redis::cmd("XLEN").arg(&stream).query_async(&mut c).await?;
+                let consumers: redis::RedisResult<redis::Value> = redis::cmd("XINFO")
+                    .arg("CONSUMERS")
+                    .arg(&stream)
+                    .arg(group)
+                    .query_async(&mut c)
+                    .await;
+                // No stream or group yet: nothing read from it.
+                redis::RedisResult::Ok((length, consumers.map(rows).unwrap_or_default()))
+            }
+        });
+        let read = futures_util::future::try_join_all(per_unit).await?;
+        let mut streams = Vec::new();
+        for (unit, (length, consumers)) in units.iter().zip(read) {
             let mut pending_here = 0;
-            // No stream or group yet: nothing read from it.
-            for consumer in consumers.map(rows).unwrap_or_default() {
+            for consumer in consumers {
                 let text = |k: &str| match consumer.get(k) {
                     Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
                     Some(redis::Value::SimpleString(s)) => s.clone(),
@@ -367,11 +376,10 @@ impl QueueProbe {
                     Some(redis::Value::Int(n)) => *n,
                     _ => 0,
                 };
-                let name = text("name");
                 let pending = number("pending").max(0) as u64;
                 let idle = seconds(Duration::from_millis(number("idle").max(0) as u64));
                 pending_here += pending;
-                let i = instances.entry(name).or_default();
+                let i = instances.entry(text("name")).or_default();
                 i.pending += pending;
                 i.idle_seconds = Some(i.idle_seconds.map_or(idle, |s: f64| s.min(idle)));
             }
@@ -380,16 +388,28 @@ impl QueueProbe {
                 length,
                 pending: pending_here,
             });
-            procedures.push(crate::streams::split_lane(unit).0);
         }
-        procedures.dedup();
         if let Some(partitions) = self.partitions {
-            for procedure in procedures {
+            let mut procedures: Vec<&str> = units
+                .iter()
+                .map(|u| crate::streams::split_lane(u).0)
+                .collect();
+            procedures.sort_unstable();
+            procedures.dedup();
+            let per_procedure = procedures.iter().map(|procedure| {
+                let mut c = c.clone();
                 let leases: Vec<String> = (0..partitions)
                     .map(|k| self.keys.lease(procedure, k))
                     .collect();
-                let holders: Vec<Option<String>> =
-                    redis::cmd("MGET").arg(&leases).query_async(&mut c).await?;
+                async move {
+                    redis::cmd("MGET")
+                        .arg(&leases)
+                        .query_async::<Vec<Option<String>>>(&mut c)
+                        .await
+                }
+            });
+            let held = futures_util::future::try_join_all(per_procedure).await?;
+            for (procedure, holders) in procedures.iter().zip(held) {
                 for (k, holder) in holders.into_iter().enumerate() {
                     if let Some(holder) = holder {
                         instances
