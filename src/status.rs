@@ -11,11 +11,11 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 use crate::metrics::{Metrics, StreamLabel};
+use crate::sink::redis::RedisSink;
 use crate::streams::{Keys, Shared};
 
 /// How long `/status` waits for the event loop, and for each Redis read.
@@ -203,8 +203,8 @@ pub struct QueueProbe {
 /// The Redis lists or streams of Redis mode.
 #[derive(Clone)]
 pub struct TargetProbe {
-    pub conn: ConnectionManager,
-    pub prefix: String,
+    /// The sink that pushes there: its connection and key names.
+    pub redis: RedisSink,
     pub stream: bool,
     pub metrics: Arc<Metrics>,
 }
@@ -243,9 +243,9 @@ impl RedisProbe {
 
 impl TargetProbe {
     async fn read(&self, procedure: &str) -> RedisTarget {
-        let key = format!("{}{procedure}", self.prefix);
+        let key = self.redis.key(procedure);
         let command = if self.stream { "XLEN" } else { "LLEN" };
-        let mut conn = self.conn.clone();
+        let mut conn = self.redis.connection();
         let length = tokio::time::timeout(
             ANSWER_WITHIN,
             redis::cmd(command).arg(&key).query_async::<u64>(&mut conn),

@@ -273,8 +273,7 @@ impl App {
         };
         let targets = match (&f.mode, &redis) {
             (config::Mode::Redis, Some(redis)) => Some(TargetProbe {
-                conn: redis.connection(),
-                prefix: config.redis.prefix.clone(),
+                redis: redis.clone(),
                 stream: stream_target,
                 metrics: metrics.clone(),
             }),
