@@ -46,6 +46,40 @@ pub struct Tally {
     last_error: Mutex<Option<(String, SystemTime)>>,
 }
 
+/// What a procedure (or a label) has in flight and waiting, and since when
+/// the oldest waiting event waits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Live {
+    pub in_flight: u64,
+    pub waiting: u64,
+    pub oldest: Option<Instant>,
+}
+
+impl Live {
+    /// Counts one job, received at `received`.
+    pub fn add_job(&mut self, received: Instant, in_flight: bool) {
+        if in_flight {
+            self.in_flight += 1;
+        } else {
+            self.add(Live {
+                in_flight: 0,
+                waiting: 1,
+                oldest: Some(received),
+            });
+        }
+    }
+
+    /// Adds `other`'s jobs.
+    pub fn add(&mut self, other: Live) {
+        self.in_flight += other.in_flight;
+        self.waiting += other.waiting;
+        self.oldest = match (self.oldest, other.oldest) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+    }
+}
+
 /// What [`ProcedureMetrics::tally`] reads.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Counts {
@@ -223,29 +257,13 @@ impl ProcedureMetrics {
     }
 
     /// Sets in flight, waiting and the oldest waiting age of every
-    /// procedure from `jobs`: (procedure, received at, in flight).
-    pub fn refresh<'a>(
-        &mut self,
-        jobs: impl IntoIterator<Item = (&'a str, Instant, bool)>,
-        now: Instant,
-    ) {
+    /// procedure from what each has `live`.
+    pub fn refresh<'a>(&mut self, live: impl IntoIterator<Item = (&'a str, Live)>, now: Instant) {
         self.next_refresh = Some(now + REFRESH_EVERY);
-        #[derive(Default)]
-        struct Seen {
-            in_flight: i64,
-            waiting: i64,
-            oldest: Option<Instant>,
-        }
-        let mut seen: HashMap<ProcedureLabel, Seen> = HashMap::new();
-        for (procedure, received, in_flight) in jobs {
+        let mut seen: HashMap<ProcedureLabel, Live> = HashMap::new();
+        for (procedure, l) in live {
             let label = self.handles(procedure).label.clone();
-            let s = seen.entry(label).or_default();
-            if in_flight {
-                s.in_flight += 1;
-            } else {
-                s.waiting += 1;
-                s.oldest = Some(s.oldest.map_or(received, |o| o.min(received)));
-            }
+            seen.entry(label).or_default().add(l);
         }
         let m = &self.metrics;
         // Labels shown before and idle now go back to zero.
@@ -257,8 +275,12 @@ impl ProcedureMetrics {
             }
         }
         for (label, s) in seen {
-            m.procedure_in_flight.get_or_create(&label).set(s.in_flight);
-            m.procedure_waiting.get_or_create(&label).set(s.waiting);
+            m.procedure_in_flight
+                .get_or_create(&label)
+                .set(s.in_flight as i64);
+            m.procedure_waiting
+                .get_or_create(&label)
+                .set(s.waiting as i64);
             let age = s
                 .oldest
                 .map_or(0.0, |o| now.saturating_duration_since(o).as_secs_f64());
@@ -287,8 +309,12 @@ mod tests {
         p.received("a.SUB_z");
         p.dead_lettered("a.SUB_z", "rejected");
         let t0 = Instant::now();
+        let mut x = Live::default();
+        x.add_job(t0, true);
+        let mut y = Live::default();
+        y.add_job(t0, false);
         p.refresh(
-            [("a.SUB_x__audit", t0, true), ("a.SUB_y", t0, false)],
+            [("a.SUB_x__audit", x), ("a.SUB_y", y)],
             t0 + Duration::from_secs(2),
         );
         let text = metrics.encode();

@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 
 use super::Fatal;
 use super::dead_letter_log::{DeadLetterLog, LINES_PER_WINDOW, Summary};
-use super::procedure_metrics::{Counts, ProcedureMetrics};
+use super::procedure_metrics::{Counts, Live, ProcedureMetrics};
 use super::queue_stage::QueueStage;
 use crate::config::OrderBy;
 use crate::discovery::meta;
@@ -800,16 +800,8 @@ impl Sidecar {
             }
         }
         if self.per_procedure.refresh_due(now) {
-            let mut jobs = Vec::new();
-            self.core.for_each_job(|j, in_flight| {
-                jobs.push((j.item.procedure.as_str(), j.received, in_flight));
-            });
-            if let Some(q) = &self.queue {
-                q.core.for_each_job(|j, in_flight| {
-                    jobs.push((j.item.procedure.as_str(), j.received, in_flight));
-                });
-            }
-            self.per_procedure.refresh(jobs, now);
+            let live = live(&self.core, self.queue.as_ref());
+            self.per_procedure.refresh(live, now);
         }
     }
 
@@ -1120,26 +1112,7 @@ impl Sidecar {
 
     /// Every mapping with its counts, for `/status`.
     pub fn mappings(&self, now: Instant) -> Vec<status::Mapping> {
-        // In flight, waiting, oldest waiting: per procedure, both stages.
-        let mut live: HashMap<&str, (u64, u64, Option<Instant>)> = HashMap::new();
-        let mut jobs: Vec<(&str, Instant, bool)> = Vec::new();
-        self.core.for_each_job(|j, in_flight| {
-            jobs.push((j.item.procedure.as_str(), j.received, in_flight));
-        });
-        if let Some(q) = &self.queue {
-            q.core.for_each_job(|j, in_flight| {
-                jobs.push((j.item.procedure.as_str(), j.received, in_flight));
-            });
-        }
-        for (procedure, received, in_flight) in jobs {
-            let l = live.entry(procedure).or_default();
-            if in_flight {
-                l.0 += 1;
-            } else {
-                l.1 += 1;
-                l.2 = Some(l.2.map_or(received, |o| o.min(received)));
-            }
-        }
+        let live = live(&self.core, self.queue.as_ref());
         let wall = SystemTime::now();
         self.discovery
             .mappings()
@@ -1153,7 +1126,7 @@ impl Sidecar {
                     (None, _) => false,
                 };
                 let mut counts = Counts::default();
-                let (mut in_flight, mut waiting, mut oldest) = (0, 0, None::<Instant>);
+                let mut here = Live::default();
                 if m.topic.policy == MatchPolicy::Exact {
                     if let Some(p) = &m.procedure {
                         counts = self.per_procedure.tally(p);
@@ -1167,12 +1140,7 @@ impl Sidecar {
                 }
                 for (name, l) in &live {
                     if matches(name) {
-                        in_flight += l.0;
-                        waiting += l.1;
-                        oldest = match (oldest, l.2) {
-                            (Some(a), Some(b)) => Some(a.min(b)),
-                            (a, b) => a.or(b),
-                        };
+                        here.add(*l);
                     }
                 }
                 let callees = m
@@ -1199,9 +1167,10 @@ impl Sidecar {
                         .into_iter()
                         .map(|(r, n)| (r.to_owned(), n))
                         .collect(),
-                    in_flight,
-                    waiting,
-                    oldest_waiting_seconds: oldest
+                    in_flight: here.in_flight,
+                    waiting: here.waiting,
+                    oldest_waiting_seconds: here
+                        .oldest
                         .map_or(0.0, |o| status::seconds(now.saturating_duration_since(o))),
                     last_error,
                     last_error_at: last_error_at.map(status::rfc3339),
@@ -1285,6 +1254,21 @@ fn count_redis_errors(metrics: &Metrics, events: usize, report: &Report) {
 
 fn rfc3339_now() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+/// What each procedure has in flight and waiting, over both stages.
+fn live<'a>(core: &'a Core, queue: Option<&'a QueueStage>) -> HashMap<&'a str, Live> {
+    let mut live: HashMap<&str, Live> = HashMap::new();
+    let mut count = |j: &'a Job<SharedEvent>, in_flight: bool| {
+        live.entry(j.item.procedure.as_str())
+            .or_default()
+            .add_job(j.received, in_flight);
+    };
+    core.for_each_job(&mut count);
+    if let Some(q) = queue {
+        q.core.for_each_job(&mut count);
+    }
+    live
 }
 
 /// Whether the concrete URI `name` matches the wildcard URI `pattern`
