@@ -294,9 +294,7 @@ impl Config {
 fn settings(raw: &RawVars) -> Vec<crate::status::Setting> {
     VARS.iter()
         .map(|var| {
-            let set = std::iter::once(var.name)
-                .chain(var.old_names.iter().copied())
-                .find_map(|name| raw.get(name));
+            let set = raw.first_set(var).map(|(_, text)| text);
             let value = match set {
                 Some(_) if var.secret => redacted::HIDDEN.to_owned(),
                 Some(text) if var.name == WAMP_URL.name => {
@@ -379,6 +377,14 @@ struct RawVars {
 }
 
 impl RawVars {
+    /// The variable's value under its name, else under the first of its
+    /// old names that is set, with the name it was found under.
+    fn first_set(&self, var: &'static Var) -> Option<(&'static str, &str)> {
+        std::iter::once(var.name)
+            .chain(var.old_names.iter().copied())
+            .find_map(|name| Some((name, self.get(name)?)))
+    }
+
     /// The value of the variable named exactly `name`, if set.
     fn get(&self, name: &str) -> Option<&str> {
         let field = match name {
@@ -933,9 +939,10 @@ impl Reader {
     /// The value under the variable's name, else under the first old name
     /// that is set, with the name it was found under.
     fn lookup(&mut self, var: &'static Var) -> Option<(&'static str, String)> {
-        let found = std::iter::once(var.name)
-            .chain(var.old_names.iter().copied())
-            .find_map(|name| Some((name, self.raw.get(name)?.to_string())));
+        let found = self
+            .raw
+            .first_set(var)
+            .map(|(name, text)| (name, text.to_string()));
         if let Some((used, _)) = &found {
             for old in var.old_names.iter().filter(|old| *old != used) {
                 if self.raw.get(old).is_some() {
