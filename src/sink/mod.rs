@@ -38,6 +38,20 @@ pub enum Started {
 
 /// A destination. `T` is the tag the event loop puts on session requests;
 /// a sink that calls through the router tags its calls with the delivery.
+/// The positions of `keys` grouped by key: groups in the order each key
+/// first appears, positions in order. How a pipeline's events are split
+/// into one call per stream or list while each keeps its events' order.
+pub fn groups_in_order<K: PartialEq>(keys: impl IntoIterator<Item = K>) -> Vec<(K, Vec<usize>)> {
+    let mut groups: Vec<(K, Vec<usize>)> = Vec::new();
+    for (i, key) in keys.into_iter().enumerate() {
+        match groups.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, at)) => at.push(i),
+            None => groups.push((key, vec![i])),
+        }
+    }
+    groups
+}
+
 pub trait Sink<T> {
     /// What this sink sends for `event`, built once at accept time.
     fn prepare(&self, event: &SharedEvent) -> Outgoing;
@@ -65,4 +79,16 @@ pub trait Sink<T> {
         session: Option<&mut Session<T>>,
         now: Instant,
     ) -> Started;
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn groups_keep_first_appearance_order_and_each_groups_order() {
+        let groups = super::groups_in_order(["b", "a", "b", "c", "a"]);
+        assert_eq!(
+            groups,
+            [("b", vec![0, 2]), ("a", vec![1, 4]), ("c", vec![3])]
+        );
+    }
 }

@@ -304,14 +304,8 @@ impl<T> Sink<T> for StreamSink {
         _now: Instant,
     ) -> Started {
         // One script call per stream, its events in order.
-        let mut streams: Vec<(String, Vec<usize>)> = Vec::new();
-        for (i, job) in jobs.iter().enumerate() {
-            let key = self.redis.key(&job.item.procedure);
-            match streams.iter_mut().find(|(k, _)| *k == key) {
-                Some((_, at)) => at.push(i),
-                None => streams.push((key, vec![i])),
-            }
-        }
+        let streams =
+            super::groups_in_order(jobs.iter().map(|j| self.redis.key(&j.item.procedure)));
         {
             let mut known = self.streams.lock().expect("not poisoned");
             for (key, _) in &streams {

@@ -108,29 +108,17 @@ impl<T> Sink<T> for AdmitSink {
         // One script call per stream (a procedure, or one of its
         // partitions; its keys share a hash slot), in the order of each
         // stream's first event.
-        let mut groups: Vec<(Unit, redis::Cmd, usize)> = Vec::new();
-        for job in jobs {
-            let ev = &job.item;
-            let unit = (ev.procedure.as_str(), ev.lane);
-            let at = match groups.iter().position(|(u, _, _)| *u == unit) {
-                Some(at) => at,
-                None => {
-                    let mut cmd = redis::cmd("EVAL");
-                    cmd.arg(ADMIT);
-                    groups.push((unit, cmd, 0));
-                    groups.len() - 1
-                }
-            };
-            groups[at].2 += 1;
-        }
+        let groups = crate::sink::groups_in_order(
+            jobs.iter()
+                .map(|j| -> Unit<'_> { (j.item.procedure.as_str(), j.item.lane) }),
+        );
         let mut calls = Vec::with_capacity(groups.len());
         let mut new = Vec::new();
-        for ((procedure, lane), mut cmd, n) in groups {
-            let events: Vec<&SharedEvent> = jobs
-                .iter()
-                .map(|j| &j.item)
-                .filter(|e| e.procedure == procedure && e.lane == lane)
-                .collect();
+        for ((procedure, lane), at) in groups {
+            let mut cmd = redis::cmd("EVAL");
+            cmd.arg(ADMIT);
+            let n = at.len();
+            let events: Vec<&SharedEvent> = at.iter().map(|&i| &jobs[i].item).collect();
             let stream = match lane {
                 Some(k) => self.keys.stream(&super::lane(procedure, k)),
                 None => self.keys.stream(procedure),
