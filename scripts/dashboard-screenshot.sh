@@ -72,19 +72,13 @@ PORT="$(free_port)"; HTTP_PORT="$(free_port)"; PROM_PORT="$(free_port)"
 URL="ws://127.0.0.1:$PORT/ws"
 
 mkdir -p "$WORK/.crossbar"
-"$PY" - "$PORT" "$WORK/.crossbar/config.json" <<'PYEOF'
-import json, sys
-config = json.load(open("examples/crossbar/config.json"))
-endpoint = config["workers"][0]["transports"][0]["endpoint"]
-endpoint["interface"], endpoint["port"] = "127.0.0.1", int(sys.argv[1])
-json.dump(config, open(sys.argv[2], "w"), indent=2)
-PYEOF
+"$PY" scripts/local_router.py config "$PORT" "$WORK/.crossbar/config.json"
 
 start_crossbar() {
   "$VENV/bin/crossbar" start --cbdir "$WORK/.crossbar" --loglevel warn --color false \
     >>"$WORK/crossbar.log" 2>&1 &
   CROSSBAR_PID=$!
-  "$PY" scripts/wait_for_router.py "$URL"
+  "$PY" scripts/local_router.py wait "$URL"
 }
 
 say "Starting Crossbar on $URL"

@@ -39,20 +39,14 @@ trap 'exit 130' INT TERM
 PORT="$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 HTTP_PORT="$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 mkdir -p "$WORK/.crossbar"
-"$PY" - "$PORT" "$WORK/.crossbar/config.json" <<'PYEOF'
-import json, sys
-config = json.load(open("examples/crossbar/config.json"))
-endpoint = config["workers"][0]["transports"][0]["endpoint"]
-endpoint["interface"], endpoint["port"] = "127.0.0.1", int(sys.argv[1])
-json.dump(config, open(sys.argv[2], "w"), indent=2)
-PYEOF
+"$PY" scripts/local_router.py config "$PORT" "$WORK/.crossbar/config.json"
 URL="ws://127.0.0.1:$PORT/ws"
 
 say "Starting Crossbar on $URL (log: $WORK/crossbar.log)"
 "$VENV/bin/crossbar" start --cbdir "$WORK/.crossbar" --loglevel warn --color false \
   --shutdownafter 900 >"$WORK/crossbar.log" 2>&1 &
 PIDS+=($!)
-"$PY" scripts/wait_for_router.py "$URL"
+"$PY" scripts/local_router.py wait "$URL"
 
 say "Starting subtocall (metrics: http://127.0.0.1:$HTTP_PORT/metrics)"
 WAMP_URL="$URL" CROSSBAR_REALM=realm1 \
