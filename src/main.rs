@@ -161,11 +161,12 @@ impl Named {
                  tables: the router link, every mapping (topic, group, procedure,\n\
                  callees, counts, in flight, waiting, last error), the queue and, with\n\
                  Redis, the queue's instances and the targets' backlog.\n\
-                 --url URL   the sidecar's listener (default: SUBTOCALL_HTTP_ADDR, a\n\
-                 \x20           wildcard address asked on loopback; else 127.0.0.1:8910).\n\
+                 --url URL   the sidecar's listener (default: SUBTOCALL_HTTP_ADDR, itself\n\
+                 \x20           0.0.0.0:8910 by default; a wildcard address is asked on loopback).\n\
                  --json      print the JSON as /status gives it.\n\n\
                  Exit code: 0 when the sidecar is ready, 1 when it is not ready or\n\
-                 cannot be reached, 2 for invalid arguments.\n"
+                 cannot be reached, 2 for invalid arguments (or, without --url, an\n\
+                 invalid or off SUBTOCALL_HTTP_ADDR).\n"
                 .to_owned(),
             Named::Help => config::help_text(),
             Named::Version => "Usage: subtocall --version   (or -V, or version)\n\n\
@@ -269,8 +270,7 @@ fn status_args(args: &[String]) -> Result<Command, String> {
 }
 
 /// Where `subtocall status` and `healthcheck` ask: `--url`'s host and port,
-/// else SUBTOCALL_HTTP_ADDR (a wildcard address on loopback), else the
-/// default listener on loopback.
+/// else SUBTOCALL_HTTP_ADDR (a wildcard address on loopback).
 fn listener_addr(
     url: Option<&str>,
     http_addr: Option<std::net::SocketAddr>,
@@ -292,7 +292,8 @@ fn listener_addr(
                 .next()
                 .ok_or_else(|| format!("--url {text:?}: no address"))?
         }
-        None => http_addr.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8910))),
+        None => http_addr
+            .ok_or("SUBTOCALL_HTTP_ADDR is off: say where the sidecar listens with --url")?,
     };
     if addr.ip().is_unspecified() {
         let loopback = match addr.ip() {
@@ -348,11 +349,10 @@ fn http_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<(u16, Str
 /// `subtocall status`: the tables (or the JSON); exit 1 when not ready.
 fn status(url: Option<&str>, json: bool) -> ExitCode {
     // Only the listener's address is read from the environment.
-    let configured = match std::env::var("SUBTOCALL_HTTP_ADDR") {
-        Ok(text) if text != "off" => text.parse().ok(),
-        _ => None,
-    };
-    let addr = match listener_addr(url, configured) {
+    let addr = match url
+        .map_or_else(config::http_addr_from_env, |_| Ok(None))
+        .and_then(|configured| listener_addr(url, configured))
+    {
         Ok(addr) => addr,
         Err(problem) => {
             eprintln!("subtocall status: {problem}");

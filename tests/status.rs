@@ -247,6 +247,19 @@ async fn status_exits_1_when_the_sidecar_is_not_ready_or_not_there() {
     );
     let out = subtocall_status(&["--url", "https://127.0.0.1:1"]).await;
     assert_eq!(out.status.code(), Some(2), "{out:?}");
+    // Without --url it asks SUBTOCALL_HTTP_ADDR, parsed as the sidecar does.
+    let off = tokio::process::Command::new(env!("CARGO_BIN_EXE_subtocall"))
+        .arg("status")
+        .env_clear()
+        .env("SUBTOCALL_HTTP_ADDR", "OFF")
+        .output()
+        .await
+        .expect("subtocall status runs");
+    assert_eq!(off.status.code(), Some(2), "{off:?}");
+    assert!(
+        String::from_utf8_lossy(&off.stderr).contains("--url"),
+        "{off:?}"
+    );
 }
 
 #[tokio::test]

@@ -290,6 +290,23 @@ impl Config {
     }
 }
 
+/// `SUBTOCALL_HTTP_ADDR` alone, parsed as the sidecar parses it (for
+/// `subtocall status`, which needs no other variable): `None` when off.
+pub fn http_addr_from_env() -> Result<Option<SocketAddr>, String> {
+    let set = std::env::var(HTTP_ADDR.name).ok();
+    let text = match (&set, HTTP_ADDR.default) {
+        (Some(text), _) => text.as_str(),
+        (None, DefaultValue::Value(default)) => default,
+        (None, _) => "off",
+    };
+    parse::listen_addr(text).map_err(|_| {
+        format!(
+            "{}={text:?}: expected {}",
+            HTTP_ADDR.name, HTTP_ADDR.accepts
+        )
+    })
+}
+
 /// What [`Config::settings`] holds, from the variables as set.
 fn settings(raw: &RawVars) -> Vec<crate::status::Setting> {
     VARS.iter()
