@@ -1297,6 +1297,8 @@ fn log_failures(jobs: &[Job<SharedEvent>], report: &Report, per_procedure: &mut 
                     .filter_map(|(j, o)| o.as_ref().err().map(|f| (j, f))),
             ),
         };
+    // A failed batch or pipeline shares one error: kept once per procedure,
+    // not formatted again for each of its events.
     let mut last: Option<(&str, &crate::forward::Failure)> = None;
     for (job, error) in failures {
         if last.is_none_or(|(p, e)| p != job.item.procedure || !std::ptr::eq(e, error)) {
