@@ -21,6 +21,7 @@
 
 pub mod admit;
 pub mod commit;
+pub mod core;
 pub mod dead_letters;
 pub mod entry;
 pub mod reader;

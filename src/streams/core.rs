@@ -1,0 +1,1842 @@
+//! The Redis queue's core: a sans-IO state machine for what one instance
+//! reads from the shared streams, holds, leases, keeps alive, claims,
+//! acknowledges, dead-letters and releases. Inputs are methods (a command's
+//! reply, an entry delivered or given up, time passing, shutdown); the
+//! driver pulls what to do with [`QueueCore::poll`]: commands to carry to
+//! Redis, entries to hand to the delivery stage, entries to take back from
+//! it. No IO, no clock: time is an argument. The IO half
+//! (`streams::carrier`) turns each [`Command`] into Redis commands and each
+//! answer into a [`Reply`].
+//!
+//! What it promises (the model test in `tests.rs` checks each against a
+//! model of Redis, with pauses, lost replies, crashes and restarts):
+//!
+//! - **One window.** Entries held (read and not yet acknowledged,
+//!   dead-lettered, released or dropped), plus what the commands in flight
+//!   may bring, never exceed [`Settings::window`], over every stream.
+//! - **Fencing by its own clock.** A partition's entries go out only while
+//!   its lease is certainly this instance's: renewed less than the lease
+//!   time minus a margin ago, counted from when the renewal was *sent*.
+//!   Entries of a plain stream go out only while they were read, claimed or
+//!   refreshed (each refresh checks the owner in Redis) less than the claim
+//!   idle time minus the margin ago. Past that, the entries are taken back
+//!   from the delivery stage ([`Output::Withdraw`]) without being
+//!   acknowledged, and a plain stream's own pending entries are read again
+//!   (what is still ours comes back; what another instance took does not).
+//!   Nothing is ever claimed back from another instance: refreshes check
+//!   the owner, and only a partition's lease holder claims its entries.
+//! - **In order.** A partition's entries are handed out in stream order: a
+//!   new holder claims every entry still pending in it (whoever held them)
+//!   before it reads anything new, and a reply that belongs to an earlier
+//!   holding (an epoch ago) is dropped and the claim starts over.
+//! - **Recovery.** Own pending entries are read first: at start (so a
+//!   restarted instance with a stable consumer name takes up its entries at
+//!   once) and after any read whose reply was lost.
+//! - **A delivery cap.** An entry handed out more than
+//!   [`Settings::max_deliveries`] times, takeovers included, is
+//!   dead-lettered ([`Output::Poison`]) instead of delivered.
+//! - **Commits retried.** Acknowledgements, dead letters and releases are
+//!   retried on transient errors (the scripts are idempotent and check the
+//!   owner), then given up with a count: the entry stays pending and is
+//!   delivered again after a takeover, a duplicate, never a loss.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// A stream entry's id, `<ms>-<seq>`, as its two numbers; ordered as Redis
+/// orders them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct EntryId(pub u64, pub u64);
+
+impl EntryId {
+    /// Before every entry (`0-0`).
+    pub const ZERO: EntryId = EntryId(0, 0);
+
+    /// `<ms>-<seq>`, as Redis writes it.
+    pub fn parse(text: &str) -> Option<EntryId> {
+        super::entry_id_numbers(text).map(|(ms, seq)| EntryId(ms, seq))
+    }
+}
+
+impl fmt::Display for EntryId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.0, self.1)
+    }
+}
+
+/// One stream of the queue: a procedure's plain stream (its events without
+/// an ordering key, or all of them without ordering), or one of its
+/// partitions (keyed events, each partition delivered by the holder of its
+/// lease).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Unit {
+    pub procedure: Arc<str>,
+    pub partition: Option<u16>,
+}
+
+impl Unit {
+    pub fn plain(procedure: &Arc<str>) -> Unit {
+        Unit {
+            procedure: procedure.clone(),
+            partition: None,
+        }
+    }
+
+    pub fn partition(procedure: &Arc<str>, k: u16) -> Unit {
+        Unit {
+            procedure: procedure.clone(),
+            partition: Some(k),
+        }
+    }
+}
+
+impl fmt::Display for Unit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.partition {
+            None => f.write_str(&self.procedure),
+            Some(k) => write!(f, "{}#{k}", self.procedure),
+        }
+    }
+}
+
+/// One entry of one unit.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Key {
+    pub unit: Unit,
+    pub id: EntryId,
+}
+
+/// The core's limits.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Entries held at most, over every stream, counting what the commands
+    /// in flight may bring.
+    pub window: usize,
+    /// Entries one read or claim asks for at most.
+    pub read_max: usize,
+    /// How long an entry or a lease stays ours without being renewed (the
+    /// lease's time to live, and the idle time after which another instance
+    /// takes a plain stream's entry over).
+    pub claim_idle: Duration,
+    /// Partitions per procedure for keyed events (per-key ordering).
+    pub partitions: Option<u16>,
+    /// Hand-outs of one entry at most; the next one dead-letters it.
+    pub max_deliveries: u32,
+    /// How new entries are noticed.
+    pub wake: Wake,
+}
+
+/// How new entries are noticed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    /// A read waits up to this long for entries (one Redis server: one
+    /// XREADGROUP waits on every stream at once).
+    Blocking(Duration),
+    /// Reads never wait; [`QueueCore::on_wake`] says which procedure got
+    /// entries (a Redis Cluster, where one command cannot span the
+    /// procedures' slots). Every stream is read at least once per claim
+    /// idle time anyway.
+    Notified,
+}
+
+/// Names a command so that its reply finds its way back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CommandId(pub u64);
+
+/// What to carry to Redis.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    /// The set of procedures that have streams.
+    Procedures,
+    /// Creates each unit's consumer group (and stream) if missing.
+    CreateGroups { units: Vec<Unit> },
+    /// Reads new entries (`>`) of `units`, at most `count` of each, waiting
+    /// up to `block` when there are none.
+    Read {
+        units: Vec<Unit>,
+        count: usize,
+        block: Option<Duration>,
+    },
+    /// Walks `unit`'s pending entries after `cursor`, in order, and takes
+    /// up to `count` of them: this consumer's own (counted as a new
+    /// delivery only when `count_own`), and, when `min_idle` is given,
+    /// other consumers' idle at least that long (claimed: counted). Stops
+    /// after the first one taken that had been handed out before. Entries
+    /// deleted meanwhile are acknowledged away.
+    Take {
+        unit: Unit,
+        cursor: EntryId,
+        count: usize,
+        min_idle: Option<Duration>,
+        count_own: bool,
+    },
+    /// Which of `units` have an entry idle at least `idle` (left by an
+    /// instance that stopped answering); also forgets consumers long gone.
+    Scan { units: Vec<Unit>, idle: Duration },
+    /// One round of keeping alive (one script per Redis node): renew the
+    /// leases in `renew` that are still ours, take up to `want` free ones of
+    /// each procedure in `take` (of the partitions listed), refresh the idle
+    /// time of the entries in `refresh` that are still ours, and say this
+    /// instance is alive (returns how many are).
+    Keepalive {
+        renew: Vec<Unit>,
+        take: Vec<(Arc<str>, Vec<u16>, usize)>,
+        refresh: Vec<(Unit, Vec<EntryId>)>,
+        ttl: Duration,
+    },
+    /// Acknowledges and deletes delivered entries.
+    Ack { keys: Vec<Key> },
+    /// If still ours: acknowledges and deletes the entry and adds the
+    /// record to its procedure's dead-letter stream, in one step.
+    DeadLetter {
+        key: Key,
+        fields: Vec<(&'static str, Vec<u8>)>,
+    },
+    /// An event never admitted (given up before it reached Redis): stored
+    /// as a dead letter unless another instance admitted it.
+    DeadLetterUnadmitted {
+        procedure: Arc<str>,
+        publication: u64,
+        fields: Vec<(&'static str, Vec<u8>)>,
+    },
+    /// If still ours: makes the entries claimable by another instance at
+    /// once.
+    Release { keys: Vec<Key>, idle: Duration },
+    /// Gives up the leases of `units` that are still ours (a handover).
+    GiveUp { units: Vec<Unit> },
+    /// Gives up the leases of `units` that are still ours, and leaves the
+    /// live instances (at shutdown).
+    Leave { units: Vec<Unit> },
+}
+
+/// An entry as a read or claim brought it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Got<T> {
+    pub id: EntryId,
+    /// Hand-outs so far, this one included.
+    pub deliveries: u32,
+    /// Its fields; `None` when it was deleted meanwhile.
+    pub body: Option<T>,
+}
+
+/// What a keepalive round found.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Kept {
+    /// Live instances (this one included).
+    pub instances: usize,
+    /// Of the leases asked to renew: whether each is still ours.
+    pub renewed: Vec<(Unit, bool)>,
+    /// Leases newly ours.
+    pub taken: Vec<Unit>,
+    /// Entries asked to refresh that are no longer ours.
+    pub lost: Vec<Key>,
+}
+
+/// Why a command failed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Failure {
+    /// Worth another try (connection lost, no answer in time, a busy,
+    /// loading, failing-over or redirecting server).
+    Transient(String),
+    /// A stream or its consumer group is missing (a Redis that restarted
+    /// without persistence): create them again.
+    NoGroup(String),
+    /// The command is wrong; trying again would fail again.
+    Final(String),
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Failure::Transient(e) | Failure::NoGroup(e) | Failure::Final(e) => f.write_str(e),
+        }
+    }
+}
+
+/// A command's answer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reply<T> {
+    /// Done (groups created, acknowledged, dead-lettered, released, left).
+    Done,
+    Procedures(Vec<String>),
+    /// Entries read, per unit, in stream order.
+    Read(Vec<(Unit, Vec<Got<T>>)>),
+    /// Entries taken, and where the walk goes on (`0-0`: at the end).
+    Taken {
+        next: EntryId,
+        got: Vec<Got<T>>,
+    },
+    /// Units with an entry idle too long.
+    Stale(Vec<Unit>),
+    Kept(Kept),
+    Failed(Failure),
+}
+
+/// An entry for the delivery stage.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Handed<T> {
+    pub key: Key,
+    /// Hand-outs so far, this one included (earlier ones were attempts).
+    pub deliveries: u32,
+    /// Taken over from another instance (or from this one's past).
+    pub taken_over: bool,
+    pub body: T,
+}
+
+/// Something worth a log line or a count.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Note {
+    /// Entries taken over from instances that stopped answering.
+    TakenOver { unit: Unit, entries: usize },
+    /// A partition's lease became ours.
+    LeaseTaken { unit: Unit },
+    /// A partition's lease is no longer certainly ours: its entries were
+    /// taken back.
+    LeaseLost { unit: Unit },
+    /// Handing a partition over to another instance (above our share).
+    HandingOver { unit: Unit, instances: usize },
+    /// Entries not certainly ours any more (not refreshed in time, or taken
+    /// by another instance): taken back without acknowledgement.
+    Fenced { entries: usize },
+    /// A commit could not be made; its entries stay pending and are
+    /// delivered again after a takeover.
+    CommitGivenUp {
+        what: &'static str,
+        keys: usize,
+        error: String,
+    },
+    /// A command failed (logged at debug; the core retries).
+    CommandFailed { what: &'static str, error: String },
+    /// A procedure's streams are read from now on.
+    Reading { procedure: Arc<str> },
+}
+
+/// What the driver must do, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output<T> {
+    /// Carry this command to Redis; report with [`QueueCore::on_reply`].
+    Send(CommandId, Command),
+    /// Hand these entries to the delivery stage, in order. Report each with
+    /// [`QueueCore::on_delivered`], [`QueueCore::dead_letter`],
+    /// [`QueueCore::release`] or [`QueueCore::on_withdrawn`].
+    Deliver(Vec<Handed<T>>),
+    /// Delivered too often: build its dead-letter record (reason
+    /// `max_deliveries`) and give it to [`QueueCore::dead_letter`].
+    Poison(Handed<T>),
+    /// These entries are no longer certainly ours: take back those still
+    /// waiting in the delivery stage (report them with
+    /// [`QueueCore::on_withdrawn`]); those in flight finish.
+    Withdraw(Vec<Key>),
+    /// Stop waiting in the read in flight: there is something new to read
+    /// (or the core is shutting down).
+    Interrupt,
+    /// Whether Redis answers.
+    RedisUp(bool),
+    Note(Note),
+}
+
+/// How often the procedures set is read again.
+const REGISTRY_EVERY: Duration = Duration::from_secs(5);
+/// A commit is tried this often at most before it is given up.
+const COMMIT_ATTEMPTS: u32 = 8;
+/// First pause before a commit or a failed read is tried again.
+const RETRY_FIRST: Duration = Duration::from_millis(50);
+/// Longest such pause.
+const RETRY_MAX: Duration = Duration::from_secs(2);
+/// Consecutive failed commands after which Redis counts as not answering.
+const DOWN_AFTER: u32 = 2;
+
+/// The lease on a partition, as this instance knows it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Lease {
+    /// Not ours (free, or another instance's).
+    NotOurs,
+    /// Ours until `valid_until` by this instance's clock.
+    Ours { valid_until: Instant, leaving: bool },
+    /// Being given up (nothing of it is held here any more).
+    GivingUp,
+}
+
+/// Where a unit is in its reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Reading new entries.
+    Ready,
+    /// Taking pending entries (own ones, or those left by others) first,
+    /// walking on after `cursor` (see [`Command::Take`]).
+    Take {
+        cursor: EntryId,
+        min_idle: Option<Duration>,
+        count_own: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Group {
+    Unknown,
+    Creating,
+    Ready,
+}
+
+/// An entry held here.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    /// A plain stream's entry is ours until then (partitions: the lease).
+    owned_until: Instant,
+    /// Taken back (fenced): never dispatched again; resolved when the
+    /// delivery stage reports it.
+    revoked: bool,
+}
+
+#[derive(Debug)]
+struct UnitState {
+    group: Group,
+    phase: Phase,
+    /// Partitions only.
+    lease: Lease,
+    /// Bumped whenever the unit's holding changes (a fence, a lease taken):
+    /// replies to commands sent before are dropped.
+    epoch: u32,
+    /// Entries held, by id.
+    held: BTreeMap<EntryId, Held>,
+    /// Commits of its entries in flight (a handover waits for them).
+    commits: u32,
+    /// Notified mode: may have entries not read yet.
+    dirty: bool,
+    /// Its own pending entries were counted as delivered again once since
+    /// this process started (they may be what killed the last one).
+    counted: bool,
+}
+
+impl UnitState {
+    fn new(partition: bool) -> UnitState {
+        UnitState {
+            group: Group::Unknown,
+            phase: if partition {
+                Phase::Ready
+            } else {
+                // Own pending entries first: a restarted instance with a
+                // stable name takes up what it held (a new delivery each).
+                Phase::Take {
+                    cursor: EntryId::ZERO,
+                    min_idle: None,
+                    count_own: true,
+                }
+            },
+            lease: Lease::NotOurs,
+            epoch: 0,
+            held: BTreeMap::new(),
+            commits: 0,
+            dirty: true,
+            counted: !partition,
+        }
+    }
+}
+
+/// A command in flight, for its reply.
+#[derive(Debug)]
+enum Sent {
+    Procedures,
+    CreateGroups(Vec<Unit>),
+    Read {
+        at: Instant,
+        units: Vec<(Unit, u32)>,
+        count: usize,
+    },
+    Take {
+        at: Instant,
+        unit: Unit,
+        epoch: u32,
+        reserved: usize,
+        claims: bool,
+    },
+    Scan,
+    Keepalive {
+        at: Instant,
+        renew: Vec<(Unit, u32)>,
+        refresh: Vec<(Unit, u32, Vec<EntryId>)>,
+    },
+    /// Acknowledgements, dead letters, releases: retried.
+    Commit {
+        command: Command,
+        attempts: u32,
+    },
+    GiveUp(Vec<Unit>),
+    Leave,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Running,
+    /// No new reads; what is held is finished, then the leases are left.
+    Draining,
+    /// The leases are being given up.
+    Leaving,
+    Finished,
+}
+
+/// The Redis queue's core for one instance; `T` is an entry's body (its
+/// fields), carried through untouched.
+#[derive(Debug)]
+pub struct QueueCore<T> {
+    s: Settings,
+    /// Taken off the lease time: a renewal sent at `t` makes a lease (or an
+    /// entry) ours until `t + claim_idle - margin` by our clock.
+    margin: Duration,
+    /// Keepalive period.
+    every: Duration,
+    procedures: BTreeSet<Arc<str>>,
+    units: BTreeMap<Unit, UnitState>,
+    /// Entries held, all units together.
+    held: usize,
+    /// Room promised to the reads and claims in flight.
+    reserved: usize,
+    next_id: u64,
+    sent: HashMap<CommandId, Sent>,
+    outputs: VecDeque<Output<T>>,
+    /// The units of the read of new entries in flight, if one is.
+    reading: Option<BTreeSet<Unit>>,
+    /// Something became readable that the read in flight does not cover.
+    read_set_changed: bool,
+    interrupted: bool,
+    /// A `Take` in flight.
+    side_in_flight: bool,
+    scan_in_flight: bool,
+    keepalive_in_flight: bool,
+    registry_in_flight: bool,
+    groups_in_flight: bool,
+    next_keepalive: Instant,
+    next_scan: Instant,
+    next_registry: Instant,
+    /// Notified mode: every stream is read at least this often.
+    next_sweep: Instant,
+    /// After failed reads, the next waits until then.
+    read_pause_until: Option<Instant>,
+    read_failures: u32,
+    /// Acknowledgements to send with the next tick.
+    acks: Vec<Key>,
+    /// Commits waiting for another try: when, what, tries so far.
+    retries: Vec<(Instant, Command, u32)>,
+    /// Live instances, as the last keepalive counted them.
+    instances: usize,
+    /// Where a read starts among the readable units when not all fit.
+    rotate: usize,
+    /// A taken-over entry out now: the next is claimed once it is resolved.
+    probation: Option<Key>,
+    /// Consecutive failed commands.
+    failures: u32,
+    redis_up: Option<bool>,
+    state: State,
+}
+
+impl<T> QueueCore<T> {
+    pub fn new(settings: Settings, now: Instant) -> QueueCore<T> {
+        let s = Settings {
+            window: settings.window.max(1),
+            read_max: settings.read_max.max(1),
+            max_deliveries: settings.max_deliveries.max(1),
+            ..settings
+        };
+        let margin = s.claim_idle / 4;
+        let every = s.claim_idle / 3;
+        QueueCore {
+            s,
+            margin,
+            every,
+            procedures: BTreeSet::new(),
+            units: BTreeMap::new(),
+            held: 0,
+            reserved: 0,
+            next_id: 0,
+            sent: HashMap::new(),
+            outputs: VecDeque::new(),
+            reading: None,
+            read_set_changed: false,
+            interrupted: false,
+            side_in_flight: false,
+            scan_in_flight: false,
+            keepalive_in_flight: false,
+            registry_in_flight: false,
+            groups_in_flight: false,
+            next_keepalive: now,
+            next_scan: now,
+            next_registry: now,
+            next_sweep: now,
+            read_pause_until: None,
+            read_failures: 0,
+            acks: Vec::new(),
+            retries: Vec::new(),
+            instances: 1,
+            rotate: 0,
+            probation: None,
+            failures: 0,
+            redis_up: None,
+            state: State::Running,
+        }
+    }
+
+    // ------------------------------------------------------------ inputs
+    //
+    // Inputs change state and may queue outputs; commands that fall due are
+    // sent by `on_tick`, which the driver calls after each round of inputs
+    // (so that acknowledgements go out together).
+
+    /// A procedure whose streams this instance reads (admission offered one
+    /// of its events, or the procedures set lists it).
+    pub fn add_procedure(&mut self, procedure: &str, now: Instant) {
+        if self.procedures.contains(procedure) {
+            return;
+        }
+        let procedure: Arc<str> = Arc::from(procedure);
+        self.procedures.insert(procedure.clone());
+        self.units
+            .insert(Unit::plain(&procedure), UnitState::new(false));
+        for k in 0..self.s.partitions.unwrap_or(0) {
+            self.units
+                .insert(Unit::partition(&procedure, k), UnitState::new(true));
+        }
+        self.read_set_changed = true;
+        self.outputs
+            .push_back(Output::Note(Note::Reading { procedure }));
+        if self.s.partitions.is_some() {
+            // Its leases are to be taken.
+            self.next_keepalive = now;
+        }
+    }
+
+    /// Notified mode: `procedure`'s streams got entries.
+    pub fn on_wake(&mut self, procedure: &str, now: Instant) {
+        if !self.procedures.contains(procedure) {
+            self.add_procedure(procedure, now);
+        }
+        for (_, u) in self
+            .units
+            .iter_mut()
+            .filter(|(unit, _)| &*unit.procedure == procedure)
+        {
+            u.dirty = true;
+        }
+    }
+
+    /// Notified mode: notifications may have been missed (the subscription
+    /// was down): every stream is read.
+    pub fn on_wakes_missed(&mut self) {
+        for u in self.units.values_mut() {
+            u.dirty = true;
+        }
+    }
+
+    /// A command's answer.
+    pub fn on_reply(&mut self, id: CommandId, reply: Reply<T>, now: Instant) {
+        let Some(sent) = self.sent.remove(&id) else {
+            return;
+        };
+        match &reply {
+            Reply::Failed(_) => {}
+            _ => self.answered(),
+        }
+        match sent {
+            Sent::Procedures => {
+                self.registry_in_flight = false;
+                match reply {
+                    Reply::Procedures(list) => {
+                        for p in list {
+                            self.add_procedure(&p, now);
+                        }
+                    }
+                    Reply::Failed(f) => self.failed("read the queue's procedures", &f),
+                    _ => {}
+                }
+            }
+            Sent::CreateGroups(units) => {
+                self.groups_in_flight = false;
+                let ok = match &reply {
+                    Reply::Failed(f) => {
+                        self.failed("create the consumer groups", f);
+                        false
+                    }
+                    _ => true,
+                };
+                for unit in units {
+                    if let Some(u) = self.units.get_mut(&unit) {
+                        u.group = if ok { Group::Ready } else { Group::Unknown };
+                    }
+                }
+                self.read_set_changed = true;
+            }
+            Sent::Read { at, units, count } => {
+                self.reading = None;
+                self.interrupted = false;
+                self.reserved -= count * units.len();
+                match reply {
+                    Reply::Read(mut per_unit) => {
+                        self.read_failures = 0;
+                        for (unit, epoch) in units {
+                            let got = per_unit
+                                .iter_mut()
+                                .find(|(u, _)| *u == unit)
+                                .map(|(_, got)| std::mem::take(got))
+                                .unwrap_or_default();
+                            if let Some(u) = self.units.get_mut(&unit) {
+                                // A full answer may leave more behind.
+                                u.dirty = got.len() >= count;
+                            }
+                            self.take_in(&unit, epoch, got, false, at, now);
+                        }
+                    }
+                    Reply::Failed(f) => {
+                        self.read_failed(&f, now);
+                        // What the lost reply brought is pending for us:
+                        // our own pending entries are read before anything
+                        // new.
+                        let no_group = matches!(f, Failure::NoGroup(_));
+                        for (unit, epoch) in units {
+                            self.recover(&unit, epoch, no_group);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            Sent::Take {
+                at,
+                unit,
+                epoch,
+                reserved,
+                claims,
+            } => {
+                self.side_in_flight = false;
+                self.reserved -= reserved;
+                match reply {
+                    Reply::Taken { next, got } => {
+                        self.read_failures = 0;
+                        let taken = self.take_in(&unit, epoch, got, true, at, now);
+                        if taken > 0 && claims {
+                            self.outputs.push_back(Output::Note(Note::TakenOver {
+                                unit: unit.clone(),
+                                entries: taken,
+                            }));
+                        }
+                        self.advance(&unit, epoch, next);
+                    }
+                    Reply::Failed(f) => self.side_failed(&unit, &f, now),
+                    _ => {}
+                }
+            }
+            Sent::Scan => {
+                self.scan_in_flight = false;
+                match reply {
+                    Reply::Stale(units) => {
+                        for unit in units {
+                            self.claim_stale(&unit);
+                        }
+                    }
+                    Reply::Failed(f) => self.failed("look for entries left idle", &f),
+                    _ => {}
+                }
+            }
+            Sent::Keepalive { at, renew, refresh } => {
+                self.keepalive_in_flight = false;
+                match reply {
+                    Reply::Kept(kept) => self.on_kept(at, renew, refresh, kept),
+                    Reply::Failed(f) => self.failed("keep leases and entries alive", &f),
+                    _ => {}
+                }
+            }
+            Sent::Commit { command, attempts } => {
+                self.count_commits(&command, false);
+                if let Reply::Failed(f) = reply {
+                    self.commit_failed(command, attempts, f, now);
+                }
+            }
+            Sent::GiveUp(units) => {
+                if let Reply::Failed(f) = &reply {
+                    self.failed("hand partitions over", f);
+                }
+                // Given up or not, they are no longer read here; an
+                // unanswered one lapses within the lease time.
+                for unit in units {
+                    if let Some(u) = self.units.get_mut(&unit)
+                        && u.lease == Lease::GivingUp
+                    {
+                        u.lease = Lease::NotOurs;
+                        u.epoch += 1;
+                        u.phase = Phase::Ready;
+                    }
+                }
+            }
+            Sent::Leave => {
+                if let Reply::Failed(f) = &reply {
+                    self.failed("give up the leases", f);
+                }
+                for u in self.units.values_mut() {
+                    if u.lease == Lease::GivingUp {
+                        u.lease = Lease::NotOurs;
+                        u.epoch += 1;
+                    }
+                }
+                self.state = State::Finished;
+            }
+        }
+    }
+
+    /// An entry was delivered: it is acknowledged with the next tick.
+    pub fn on_delivered(&mut self, key: &Key) {
+        if self.forget(key) {
+            self.acks.push(key.clone());
+        }
+    }
+
+    /// An entry was given up here: it goes to the dead-letter stream (if it
+    /// is still ours) with this record.
+    pub fn dead_letter(&mut self, key: &Key, fields: Vec<(&'static str, Vec<u8>)>) {
+        if self.forget(key) {
+            self.commit(Command::DeadLetter {
+                key: key.clone(),
+                fields,
+            });
+        }
+    }
+
+    /// An event that never reached the queue was given up: it is stored as
+    /// a dead letter unless another instance admitted it.
+    pub fn dead_letter_unadmitted(
+        &mut self,
+        procedure: &str,
+        publication: u64,
+        fields: Vec<(&'static str, Vec<u8>)>,
+    ) {
+        self.commit(Command::DeadLetterUnadmitted {
+            procedure: Arc::from(procedure),
+            publication,
+            fields,
+        });
+    }
+
+    /// An entry not finished here (the shutdown deadline): left to the other
+    /// instances at once.
+    pub fn release(&mut self, key: &Key) {
+        if self.forget(key) && key.unit.partition.is_none() {
+            // A partition's next holder claims all that is pending anyway.
+            let idle = self.release_idle();
+            self.commit(Command::Release {
+                keys: vec![key.clone()],
+                idle,
+            });
+        }
+    }
+
+    /// Entries the delivery stage gave back after [`Output::Withdraw`], or
+    /// would not dispatch ([`QueueCore::may_dispatch`]): forgotten here,
+    /// not acknowledged.
+    pub fn on_withdrawn(&mut self, keys: &[Key]) {
+        let fenced = keys.iter().filter(|key| self.forget(key)).count();
+        if fenced > 0 {
+            self.outputs
+                .push_back(Output::Note(Note::Fenced { entries: fenced }));
+        }
+    }
+
+    /// Whether an entry may be dispatched now: held, not taken back, and
+    /// certainly still ours.
+    pub fn may_dispatch(&self, key: &Key, now: Instant) -> bool {
+        let Some(u) = self.units.get(&key.unit) else {
+            return false;
+        };
+        match u.held.get(&key.id) {
+            Some(held) if !held.revoked => match key.unit.partition {
+                Some(_) => {
+                    matches!(u.lease, Lease::Ours { valid_until, .. } if now < valid_until)
+                }
+                None => now < held.owned_until,
+            },
+            _ => false,
+        }
+    }
+
+    /// Time passed (and inputs were taken): what is not certainly ours any
+    /// more is taken back; what is due is sent.
+    pub fn on_tick(&mut self, now: Instant) {
+        self.fence(now);
+        if self.state == State::Finished {
+            return;
+        }
+        if !self.keepalive_in_flight && now >= self.next_keepalive {
+            self.keepalive(now);
+        }
+        self.retry_commits(now);
+        if !self.acks.is_empty() {
+            let keys = std::mem::take(&mut self.acks);
+            self.commit(Command::Ack { keys });
+        }
+        match self.state {
+            State::Running => {
+                self.hand_over();
+                if !self.registry_in_flight && now >= self.next_registry {
+                    self.registry_in_flight = true;
+                    self.next_registry = now + REGISTRY_EVERY.min(self.s.claim_idle);
+                    self.send(Command::Procedures, Sent::Procedures);
+                }
+                self.create_groups();
+                if !self.scan_in_flight && now >= self.next_scan {
+                    self.scan(now);
+                }
+                if self.s.wake == Wake::Notified && now >= self.next_sweep {
+                    self.next_sweep = now + self.s.claim_idle;
+                    self.on_wakes_missed();
+                }
+                // After failed reads, the next ones wait a little.
+                if self.read_pause_until.is_some_and(|t| now < t) {
+                    return;
+                }
+                self.read_pause_until = None;
+                self.side_read(now);
+                self.read(now);
+            }
+            State::Draining => {
+                let busy = self.held > 0
+                    || !self.retries.is_empty()
+                    || self.units.values().any(|u| u.commits > 0)
+                    || self.reading.is_some()
+                    || self.side_in_flight;
+                if !busy {
+                    self.leave();
+                }
+            }
+            State::Leaving | State::Finished => {}
+        }
+    }
+
+    /// Begins the drain: nothing new is read; what is held is finished or
+    /// released by the driver; then the leases are given up.
+    pub fn shutdown(&mut self) {
+        if self.state == State::Running {
+            self.state = State::Draining;
+            if self.reading.is_some() {
+                self.outputs.push_back(Output::Interrupt);
+            }
+        }
+    }
+
+    // ------------------------------------------------------------ outputs
+
+    pub fn poll(&mut self) -> Option<Output<T>> {
+        self.outputs.pop_front()
+    }
+
+    /// When [`QueueCore::on_tick`] has something to do.
+    pub fn next_wake(&self) -> Option<Instant> {
+        if self.state == State::Finished {
+            return None;
+        }
+        let mut wake = self.fence_deadline();
+        let mut at = |t: Instant| wake = Some(wake.map_or(t, |w| w.min(t)));
+        if !self.keepalive_in_flight {
+            at(self.next_keepalive);
+        }
+        if self.state == State::Running {
+            if !self.scan_in_flight {
+                at(self.next_scan);
+            }
+            if !self.registry_in_flight {
+                at(self.next_registry);
+            }
+            if self.s.wake == Wake::Notified {
+                at(self.next_sweep);
+            }
+            if let Some(t) = self.read_pause_until {
+                at(t);
+            }
+        }
+        for (t, _, _) in &self.retries {
+            at(*t);
+        }
+        wake
+    }
+
+    /// Entries held (waiting or in flight in the delivery stage).
+    pub fn held(&self) -> usize {
+        self.held
+    }
+
+    /// Entries held plus what the reads and claims in flight may bring:
+    /// never above the window.
+    pub fn committed(&self) -> usize {
+        self.held + self.reserved
+    }
+
+    pub fn window(&self) -> usize {
+        self.s.window
+    }
+
+    /// The partitions whose lease is ours now.
+    pub fn leases(&self) -> impl Iterator<Item = &Unit> {
+        self.units
+            .iter()
+            .filter(|(_, u)| matches!(u.lease, Lease::Ours { .. }))
+            .map(|(unit, _)| unit)
+    }
+
+    /// The drain is over and the leases are given up.
+    pub fn is_finished(&self) -> bool {
+        self.state == State::Finished
+    }
+
+    // ------------------------------------------------------------ inside
+
+    fn send(&mut self, command: Command, sent: Sent) {
+        self.next_id += 1;
+        let id = CommandId(self.next_id);
+        self.sent.insert(id, sent);
+        self.outputs.push_back(Output::Send(id, command));
+    }
+
+    fn commit(&mut self, command: Command) {
+        self.send_commit(command, 0);
+    }
+
+    fn send_commit(&mut self, command: Command, attempts: u32) {
+        self.count_commits(&command, true);
+        self.send(
+            command.clone(),
+            Sent::Commit {
+                command,
+                attempts: attempts + 1,
+            },
+        );
+    }
+
+    /// Counts a commit of each of its units in flight (or done).
+    fn count_commits(&mut self, command: &Command, more: bool) {
+        for key in command_keys(command) {
+            if let Some(u) = self.units.get_mut(&key.unit) {
+                u.commits = if more {
+                    u.commits + 1
+                } else {
+                    u.commits.saturating_sub(1)
+                };
+            }
+        }
+    }
+
+    fn commit_failed(&mut self, command: Command, attempts: u32, f: Failure, now: Instant) {
+        let what = match &command {
+            Command::Ack { .. } => "acknowledge delivered entries",
+            Command::DeadLetter { .. } => "dead-letter an entry",
+            Command::DeadLetterUnadmitted { .. } => "store a dead letter",
+            Command::Release { .. } => "release entries",
+            _ => "update the queue",
+        };
+        self.failed(what, &f);
+        if attempts >= COMMIT_ATTEMPTS || matches!(f, Failure::Final(_)) {
+            self.outputs.push_back(Output::Note(Note::CommitGivenUp {
+                what,
+                keys: command_keys(&command).len(),
+                error: f.to_string(),
+            }));
+            return;
+        }
+        // Counted in flight while it waits: a handover waits for it too.
+        self.count_commits(&command, true);
+        self.retries
+            .push((now + backoff(attempts), command, attempts));
+    }
+
+    /// A command failed: noted, and Redis counts as down after a few.
+    fn failed(&mut self, what: &'static str, f: &Failure) {
+        self.outputs.push_back(Output::Note(Note::CommandFailed {
+            what,
+            error: f.to_string(),
+        }));
+        if matches!(f, Failure::Transient(_)) {
+            self.failures += 1;
+            if self.failures >= DOWN_AFTER && self.redis_up != Some(false) {
+                self.redis_up = Some(false);
+                self.outputs.push_back(Output::RedisUp(false));
+            }
+        }
+    }
+
+    fn answered(&mut self) {
+        self.failures = 0;
+        if self.redis_up != Some(true) {
+            self.redis_up = Some(true);
+            self.outputs.push_back(Output::RedisUp(true));
+        }
+    }
+
+    fn read_failed(&mut self, f: &Failure, now: Instant) {
+        self.failed("read the queue's streams", f);
+        self.read_failures += 1;
+        self.read_pause_until = Some(now + backoff(self.read_failures));
+    }
+
+    fn side_failed(&mut self, unit: &Unit, f: &Failure, now: Instant) {
+        self.read_failed(f, now);
+        if let Some(u) = self.units.get_mut(unit)
+            && matches!(f, Failure::NoGroup(_))
+        {
+            u.group = Group::Unknown;
+        }
+    }
+
+    /// A take of `unit` answered: the walk goes on after `next`, or (at
+    /// the end) the unit reads new entries now, unless its epoch moved on.
+    fn advance(&mut self, unit: &Unit, epoch: u32, next: EntryId) {
+        let Some(u) = self.units.get_mut(unit) else {
+            return;
+        };
+        if u.epoch != epoch {
+            return;
+        }
+        match u.phase {
+            Phase::Take {
+                min_idle,
+                count_own,
+                ..
+            } if next != EntryId::ZERO => {
+                u.phase = Phase::Take {
+                    cursor: next,
+                    min_idle,
+                    count_own,
+                };
+            }
+            _ => {
+                u.phase = Phase::Ready;
+                u.dirty = true;
+                self.read_set_changed = true;
+            }
+        }
+    }
+
+    /// `unit`'s own pending entries are read again before anything new: a
+    /// read's reply was lost, or entries were dropped because they came
+    /// from an earlier holding. A partition's holder claims everything
+    /// pending in it again instead (its own entries included), in order.
+    fn recover(&mut self, unit: &Unit, epoch: u32, no_group: bool) {
+        let Some(u) = self.units.get_mut(unit) else {
+            return;
+        };
+        if no_group {
+            u.group = Group::Unknown;
+        }
+        if u.epoch != epoch {
+            // A later holding already started over.
+            return;
+        }
+        let min_idle = match unit.partition {
+            Some(_) if matches!(u.lease, Lease::Ours { .. }) => Some(Duration::ZERO),
+            Some(_) => return,
+            None => None,
+        };
+        u.epoch += 1;
+        u.phase = Phase::Take {
+            cursor: EntryId::ZERO,
+            min_idle,
+            count_own: !u.counted,
+        };
+        u.counted = true;
+    }
+
+    /// Takes in the entries a read or claim brought for `unit` (sent at
+    /// `at`, in epoch `epoch`): hands out those that may go, dead-letters
+    /// those delivered too often, and drops everything when the unit's
+    /// holding changed meanwhile or is not certainly ours (such entries stay
+    /// pending in Redis and are read or claimed again, in order). Returns
+    /// how many were handed out or dead-lettered.
+    fn take_in(
+        &mut self,
+        unit: &Unit,
+        epoch: u32,
+        got: Vec<Got<T>>,
+        taken_over: bool,
+        at: Instant,
+        now: Instant,
+    ) -> usize {
+        let running = self.state == State::Running;
+        let max = self.s.max_deliveries;
+        let owned_until = at + self.s.claim_idle - self.margin;
+        let release_idle = self.release_idle();
+        let Some(u) = self.units.get_mut(unit) else {
+            return 0;
+        };
+        let valid = match unit.partition {
+            Some(_) => matches!(u.lease, Lease::Ours { valid_until, .. } if now < valid_until),
+            None => now < owned_until,
+        };
+        if u.epoch != epoch || !valid || !running {
+            let dropped: Vec<Key> = got
+                .iter()
+                .filter(|g| g.body.is_some() && !u.held.contains_key(&g.id))
+                .map(|g| Key {
+                    unit: unit.clone(),
+                    id: g.id,
+                })
+                .collect();
+            if dropped.is_empty() {
+                return 0;
+            }
+            if running {
+                let e = u.epoch;
+                self.recover(unit, e, false);
+            } else if unit.partition.is_none() {
+                // Shutting down: left to the other instances at once.
+                self.commit(Command::Release {
+                    keys: dropped,
+                    idle: release_idle,
+                });
+            }
+            return 0;
+        }
+        let mut handed = Vec::new();
+        let mut deleted = Vec::new();
+        let mut poisoned = 0;
+        let mut probation = None;
+        for g in got {
+            if u.held.contains_key(&g.id) {
+                // Already here (in flight since before a recovery read or a
+                // claim): it stays as it is.
+                continue;
+            }
+            let key = Key {
+                unit: unit.clone(),
+                id: g.id,
+            };
+            let Some(body) = g.body else {
+                // Deleted but still pending (an acknowledgement that did
+                // not finish): acknowledged away.
+                deleted.push(key);
+                continue;
+            };
+            u.held.insert(
+                g.id,
+                Held {
+                    owned_until,
+                    revoked: false,
+                },
+            );
+            let h = Handed {
+                key,
+                deliveries: g.deliveries,
+                taken_over: taken_over && g.deliveries > 1,
+                body,
+            };
+            if taken_over && g.deliveries > 1 {
+                probation = Some(h.key.clone());
+            }
+            if g.deliveries > max {
+                poisoned += 1;
+                self.outputs.push_back(Output::Poison(h));
+            } else {
+                handed.push(h);
+            }
+        }
+        let n = handed.len() + poisoned;
+        self.held += n;
+        if probation.is_some() {
+            self.probation = probation;
+        }
+        if !handed.is_empty() {
+            self.outputs.push_back(Output::Deliver(handed));
+        }
+        self.acks.extend(deleted);
+        n
+    }
+
+    /// Forgets a held entry; false if it was not held.
+    fn forget(&mut self, key: &Key) -> bool {
+        let Some(u) = self.units.get_mut(&key.unit) else {
+            return false;
+        };
+        if u.held.remove(&key.id).is_some() {
+            if self.probation.as_ref() == Some(key) {
+                self.probation = None;
+            }
+            self.held -= 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Idle time set on released entries: past any instance's claim
+    /// threshold.
+    fn release_idle(&self) -> Duration {
+        self.s.claim_idle * 2 + Duration::from_secs(1)
+    }
+
+    /// A plain stream has entries idle too long: they are claimed (then
+    /// new entries are read again).
+    fn claim_stale(&mut self, unit: &Unit) {
+        if unit.partition.is_some() {
+            return;
+        }
+        let claim_idle = self.s.claim_idle;
+        if let Some(u) = self.units.get_mut(unit)
+            && u.phase == Phase::Ready
+        {
+            u.phase = Phase::Take {
+                cursor: EntryId::ZERO,
+                min_idle: Some(claim_idle),
+                count_own: false,
+            };
+        }
+    }
+
+    fn on_kept(
+        &mut self,
+        at: Instant,
+        renew: Vec<(Unit, u32)>,
+        refresh: Vec<(Unit, u32, Vec<EntryId>)>,
+        kept: Kept,
+    ) {
+        self.instances = kept.instances.max(1);
+        let valid_until = at + self.s.claim_idle - self.margin;
+        let asked: HashMap<Unit, u32> = renew.into_iter().collect();
+        for (unit, ours) in kept.renewed {
+            let Some(u) = self.units.get_mut(&unit) else {
+                continue;
+            };
+            if asked.get(&unit) != Some(&u.epoch) {
+                continue;
+            }
+            match (ours, u.lease) {
+                (true, Lease::Ours { leaving, .. }) => {
+                    u.lease = Lease::Ours {
+                        valid_until,
+                        leaving,
+                    };
+                }
+                (false, Lease::Ours { .. }) => self.lose_lease(&unit),
+                _ => {}
+            }
+        }
+        let running = self.state == State::Running;
+        for unit in kept.taken {
+            let Some(u) = self.units.get_mut(&unit) else {
+                continue;
+            };
+            u.epoch += 1;
+            u.lease = Lease::Ours {
+                valid_until,
+                // Taken just as we stop: given up with the rest.
+                leaving: !running,
+            };
+            // Everything still pending in it first, whoever held it (our
+            // own from before a restart count as delivered again).
+            u.phase = Phase::Take {
+                cursor: EntryId::ZERO,
+                min_idle: Some(Duration::ZERO),
+                count_own: !u.counted,
+            };
+            u.counted = true;
+            u.dirty = true;
+            self.outputs
+                .push_back(Output::Note(Note::LeaseTaken { unit: unit.clone() }));
+        }
+        let lost: BTreeSet<Key> = kept.lost.into_iter().collect();
+        let mut withdraw = Vec::new();
+        for (unit, epoch, ids) in refresh {
+            let Some(u) = self.units.get_mut(&unit) else {
+                continue;
+            };
+            if u.epoch != epoch {
+                continue;
+            }
+            for id in ids {
+                let Some(held) = u.held.get_mut(&id) else {
+                    continue;
+                };
+                if held.revoked {
+                    continue;
+                }
+                let key = Key {
+                    unit: unit.clone(),
+                    id,
+                };
+                if lost.contains(&key) {
+                    held.revoked = true;
+                    withdraw.push(key);
+                } else {
+                    held.owned_until = valid_until;
+                }
+            }
+        }
+        if !withdraw.is_empty() {
+            self.outputs.push_back(Output::Withdraw(withdraw));
+        }
+        self.balance();
+    }
+
+    /// Above our share of a procedure's partitions (another instance
+    /// joined): the last ones are handed over.
+    fn balance(&mut self) {
+        let Some(partitions) = self.s.partitions else {
+            return;
+        };
+        if self.state != State::Running {
+            return;
+        }
+        let share = usize::from(partitions).div_ceil(self.instances);
+        let procedures: Vec<Arc<str>> = self.procedures.iter().cloned().collect();
+        for p in procedures {
+            let staying: Vec<Unit> = (0..partitions)
+                .map(|k| Unit::partition(&p, k))
+                .filter(|unit| {
+                    self.units
+                        .get(unit)
+                        .is_some_and(|u| matches!(u.lease, Lease::Ours { leaving: false, .. }))
+                })
+                .collect();
+            let excess = staying.len().saturating_sub(share);
+            for unit in staying.iter().rev().take(excess) {
+                if let Some(u) = self.units.get_mut(unit)
+                    && let Lease::Ours { valid_until, .. } = u.lease
+                {
+                    u.lease = Lease::Ours {
+                        valid_until,
+                        leaving: true,
+                    };
+                    self.outputs.push_back(Output::Note(Note::HandingOver {
+                        unit: unit.clone(),
+                        instances: self.instances,
+                    }));
+                }
+            }
+        }
+    }
+
+    /// Partitions being handed over with nothing of them left here are
+    /// given up.
+    fn hand_over(&mut self) {
+        let reading = &self.reading;
+        let done: Vec<Unit> = self
+            .units
+            .iter()
+            .filter(|(unit, u)| {
+                matches!(u.lease, Lease::Ours { leaving: true, .. })
+                    && u.held.is_empty()
+                    && u.commits == 0
+                    && reading.as_ref().is_none_or(|r| !r.contains(*unit))
+            })
+            .map(|(unit, _)| unit.clone())
+            .collect();
+        if done.is_empty() || self.side_in_flight {
+            return;
+        }
+        for unit in &done {
+            if let Some(u) = self.units.get_mut(unit) {
+                u.lease = Lease::GivingUp;
+            }
+        }
+        self.send(
+            Command::GiveUp {
+                units: done.clone(),
+            },
+            Sent::GiveUp(done),
+        );
+    }
+
+    /// A partition is not (certainly) ours any more: its entries are taken
+    /// back.
+    fn lose_lease(&mut self, unit: &Unit) {
+        let Some(u) = self.units.get_mut(unit) else {
+            return;
+        };
+        u.lease = Lease::NotOurs;
+        u.epoch += 1;
+        u.phase = Phase::Ready;
+        let mut keys = Vec::new();
+        for (id, held) in u.held.iter_mut() {
+            if !held.revoked {
+                held.revoked = true;
+                keys.push(Key {
+                    unit: unit.clone(),
+                    id: *id,
+                });
+            }
+        }
+        self.outputs
+            .push_back(Output::Note(Note::LeaseLost { unit: unit.clone() }));
+        if !keys.is_empty() {
+            self.outputs.push_back(Output::Withdraw(keys));
+        }
+    }
+
+    /// The earliest time something held stops being certainly ours.
+    fn fence_deadline(&self) -> Option<Instant> {
+        self.units
+            .iter()
+            .filter_map(|(unit, u)| match (unit.partition, u.lease) {
+                (Some(_), Lease::Ours { valid_until, .. }) => Some(valid_until),
+                (Some(_), _) => None,
+                (None, _) => u
+                    .held
+                    .values()
+                    .filter(|h| !h.revoked)
+                    .map(|h| h.owned_until)
+                    .min(),
+            })
+            .min()
+    }
+
+    /// Takes back what is not certainly ours any more.
+    fn fence(&mut self, now: Instant) {
+        if self.fence_deadline().is_none_or(|t| now < t) {
+            return;
+        }
+        let lapsed: Vec<Unit> = self
+            .units
+            .iter()
+            .filter(|(unit, u)| {
+                unit.partition.is_some()
+                    && matches!(u.lease, Lease::Ours { valid_until, .. } if now >= valid_until)
+            })
+            .map(|(unit, _)| unit.clone())
+            .collect();
+        for unit in lapsed {
+            self.lose_lease(&unit);
+        }
+        let mut withdraw = Vec::new();
+        let mut recover = Vec::new();
+        for (unit, u) in self.units.iter_mut() {
+            if unit.partition.is_some() {
+                continue;
+            }
+            let before = withdraw.len();
+            for (id, held) in u.held.iter_mut() {
+                if !held.revoked && now >= held.owned_until {
+                    held.revoked = true;
+                    withdraw.push(Key {
+                        unit: unit.clone(),
+                        id: *id,
+                    });
+                }
+            }
+            if withdraw.len() > before {
+                recover.push((unit.clone(), u.epoch));
+            }
+        }
+        if !withdraw.is_empty() {
+            self.outputs.push_back(Output::Withdraw(withdraw));
+        }
+        // What is still ours comes back with a read of our own pending
+        // entries (sent after the delivery stage gave the others up).
+        for (unit, epoch) in recover {
+            self.recover(&unit, epoch, false);
+        }
+    }
+
+    fn room(&self) -> usize {
+        self.s.window.saturating_sub(self.held + self.reserved)
+    }
+
+    fn keepalive(&mut self, now: Instant) {
+        self.next_keepalive = now + self.every;
+        let running = self.state == State::Running;
+        let mut renew = Vec::new();
+        let mut take = Vec::new();
+        if let Some(partitions) = self.s.partitions {
+            let share = usize::from(partitions).div_ceil(self.instances);
+            for p in &self.procedures {
+                let mut staying = 0;
+                let mut free = Vec::new();
+                for k in 0..partitions {
+                    let unit = Unit::partition(p, k);
+                    let Some(u) = self.units.get(&unit) else {
+                        continue;
+                    };
+                    match u.lease {
+                        Lease::Ours { leaving, .. } => {
+                            staying += usize::from(!leaving);
+                            renew.push((unit, u.epoch));
+                        }
+                        Lease::NotOurs if u.group == Group::Ready => free.push(k),
+                        _ => {}
+                    }
+                }
+                let want = share.saturating_sub(staying);
+                if running && want > 0 && !free.is_empty() {
+                    take.push((p.clone(), free, want));
+                }
+            }
+        }
+        let refresh: Vec<(Unit, u32, Vec<EntryId>)> = self
+            .units
+            .iter()
+            .filter(|(unit, _)| unit.partition.is_none())
+            .filter_map(|(unit, u)| {
+                let ids: Vec<EntryId> = u
+                    .held
+                    .iter()
+                    .filter(|(_, h)| !h.revoked)
+                    .map(|(id, _)| *id)
+                    .collect();
+                (!ids.is_empty()).then(|| (unit.clone(), u.epoch, ids))
+            })
+            .collect();
+        let command = Command::Keepalive {
+            renew: renew.iter().map(|(u, _)| u.clone()).collect(),
+            take,
+            refresh: refresh
+                .iter()
+                .map(|(u, _, ids)| (u.clone(), ids.clone()))
+                .collect(),
+            ttl: self.s.claim_idle,
+        };
+        self.keepalive_in_flight = true;
+        self.send(
+            command,
+            Sent::Keepalive {
+                at: now,
+                renew,
+                refresh,
+            },
+        );
+    }
+
+    fn retry_commits(&mut self, now: Instant) {
+        if self.retries.iter().all(|(at, _, _)| *at > now) {
+            return;
+        }
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.retries)
+            .into_iter()
+            .partition(|(at, _, _)| *at <= now);
+        self.retries = later;
+        for (_, command, attempts) in due {
+            self.count_commits(&command, false);
+            self.send_commit(command, attempts);
+        }
+    }
+
+    fn create_groups(&mut self) {
+        if self.groups_in_flight {
+            return;
+        }
+        let units: Vec<Unit> = self
+            .units
+            .iter()
+            .filter(|(_, u)| u.group == Group::Unknown)
+            .map(|(unit, _)| unit.clone())
+            .collect();
+        if units.is_empty() {
+            return;
+        }
+        for unit in &units {
+            if let Some(u) = self.units.get_mut(unit) {
+                u.group = Group::Creating;
+            }
+        }
+        self.groups_in_flight = true;
+        self.send(
+            Command::CreateGroups {
+                units: units.clone(),
+            },
+            Sent::CreateGroups(units),
+        );
+    }
+
+    /// Recovery reads and claims, before the units' new entries are read.
+    ///
+    /// They take one entry at a time, and the next only once the last is
+    /// resolved: an entry taken over has been handed out before, and if it
+    /// is what killed its last holder, no other taken-over entry should be
+    /// out with it (every entry an instance held when it died counts one
+    /// more delivery when it is taken over, and would reach the delivery cap
+    /// along with the poison).
+    fn side_read(&mut self, now: Instant) {
+        if self.side_in_flight || self.probation.is_some() {
+            return;
+        }
+        let room = self.room().min(self.s.read_max);
+        if room == 0 {
+            return;
+        }
+        let next = self.units.iter().find_map(|(unit, u)| {
+            let Phase::Take {
+                cursor,
+                min_idle,
+                count_own,
+            } = u.phase
+            else {
+                return None;
+            };
+            if u.group != Group::Ready {
+                return None;
+            }
+            // A partition is taken from only by its holder.
+            let holding = matches!(
+                u.lease,
+                Lease::Ours { valid_until, leaving: false } if now < valid_until
+            );
+            if unit.partition.is_some() && !holding {
+                return None;
+            }
+            Some((unit.clone(), u.epoch, cursor, min_idle, count_own))
+        });
+        let Some((unit, epoch, cursor, min_idle, count_own)) = next else {
+            return;
+        };
+        self.side_in_flight = true;
+        self.reserved += room;
+        self.send(
+            Command::Take {
+                unit: unit.clone(),
+                cursor,
+                count: room,
+                min_idle,
+                count_own,
+            },
+            Sent::Take {
+                at: now,
+                unit,
+                epoch,
+                reserved: room,
+                claims: min_idle.is_some_and(|idle| idle > Duration::ZERO),
+            },
+        );
+    }
+
+    fn scan(&mut self, now: Instant) {
+        self.next_scan = now + self.s.claim_idle / 2;
+        let units: Vec<Unit> = self
+            .units
+            .iter()
+            .filter(|(_, u)| u.group == Group::Ready)
+            .map(|(unit, _)| unit.clone())
+            .collect();
+        if units.is_empty() {
+            return;
+        }
+        self.scan_in_flight = true;
+        self.send(
+            Command::Scan {
+                units,
+                idle: self.s.claim_idle,
+            },
+            Sent::Scan,
+        );
+    }
+
+    /// The units whose new entries may be read now.
+    fn readable(&self, now: Instant) -> Vec<(Unit, u32)> {
+        let wait = match self.s.wake {
+            Wake::Blocking(block) => block,
+            Wake::Notified => Duration::ZERO,
+        };
+        // A partition is read only while its lease outlasts the wait.
+        let needs = now + wait;
+        let notified = self.s.wake == Wake::Notified;
+        self.units
+            .iter()
+            .filter(|(unit, u)| {
+                u.group == Group::Ready
+                    && u.phase == Phase::Ready
+                    && (!notified || u.dirty)
+                    && match unit.partition {
+                        None => true,
+                        Some(_) => matches!(
+                            u.lease,
+                            Lease::Ours { valid_until, leaving: false } if needs < valid_until
+                        ),
+                    }
+            })
+            .map(|(unit, u)| (unit.clone(), u.epoch))
+            .collect()
+    }
+
+    /// The next read of new entries, if there is room and none in flight.
+    fn read(&mut self, now: Instant) {
+        if let Some(reading) = &self.reading {
+            // A blocked read is cut short when something it does not
+            // cover became readable.
+            if self.read_set_changed
+                && !self.interrupted
+                && self
+                    .readable(now)
+                    .iter()
+                    .any(|(unit, _)| !reading.contains(unit))
+            {
+                self.interrupted = true;
+                self.outputs.push_back(Output::Interrupt);
+            }
+            self.read_set_changed = false;
+            return;
+        }
+        self.read_set_changed = false;
+        let room = self.room();
+        if room == 0 {
+            return;
+        }
+        let readable = self.readable(now);
+        if readable.is_empty() {
+            return;
+        }
+        let n = readable.len();
+        let (units, count): (Vec<(Unit, u32)>, usize) = if room >= n {
+            (readable, (room / n).min(self.s.read_max))
+        } else {
+            // Not every stream fits: `room` of them, one entry each, in turn.
+            let start = self.rotate % n;
+            self.rotate = self.rotate.wrapping_add(room);
+            let units = readable
+                .into_iter()
+                .cycle()
+                .skip(start)
+                .take(room)
+                .collect();
+            (units, 1)
+        };
+        self.reserved += count * units.len();
+        self.reading = Some(units.iter().map(|(u, _)| u.clone()).collect());
+        let block = match self.s.wake {
+            Wake::Blocking(block) => Some(block),
+            Wake::Notified => None,
+        };
+        self.send(
+            Command::Read {
+                units: units.iter().map(|(u, _)| u.clone()).collect(),
+                count,
+                block,
+            },
+            Sent::Read {
+                at: now,
+                units,
+                count,
+            },
+        );
+    }
+
+    /// Gives up every lease and leaves the live instances (after the
+    /// drain).
+    fn leave(&mut self) {
+        let mut units = Vec::new();
+        for (unit, u) in self.units.iter_mut() {
+            if matches!(u.lease, Lease::Ours { .. }) {
+                u.lease = Lease::GivingUp;
+                units.push(unit.clone());
+            }
+        }
+        self.state = State::Leaving;
+        self.send(Command::Leave { units }, Sent::Leave);
+    }
+}
+
+/// The entries a commit is about.
+fn command_keys(command: &Command) -> &[Key] {
+    match command {
+        Command::Ack { keys } | Command::Release { keys, .. } => keys,
+        Command::DeadLetter { key, .. } => std::slice::from_ref(key),
+        _ => &[],
+    }
+}
+
+/// The pause before try `n + 1` (`n` >= 1).
+fn backoff(n: u32) -> Duration {
+    let doublings = n.saturating_sub(1).min(10);
+    (RETRY_FIRST * (1u32 << doublings)).min(RETRY_MAX)
+}
+
+#[cfg(test)]
+mod tests;

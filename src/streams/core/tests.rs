@@ -1,0 +1,1044 @@
+//! The queue core against a model of Redis: several instances, each a core
+//! with a delivery stage that keeps a key's calls one at a time and in
+//! order, driven through random interleavings of admissions, network
+//! delays, lost replies, cut links, pauses (SIGSTOP), crashes and restarts
+//! (with a stable or a new consumer name) and events that crash whoever
+//! delivers them. The model executes each command as Redis does (streams,
+//! consumer groups and their pending lists, blocking reads served when
+//! entries arrive, leases that expire), at a time of its own.
+//!
+//! Invariants: no two calls of one key overlap at the backend, across
+//! instances; the first calls of a key's events follow their admission
+//! order; no instance holds more than its window; and once the faults stop,
+//! every admitted event is acknowledged or dead-lettered (delivered too
+//! often, or rejected) and nothing is left pending.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+
+use proptest::prelude::*;
+
+use super::*;
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+const CLAIM_IDLE_MS: u64 = 2_000;
+const BLOCK_MS: u64 = 300;
+/// Longest call: well inside the lease margin (a quarter of the claim idle
+/// time), the assumption fencing by the clock rests on.
+const CALL_MAX_MS: u64 = 120;
+/// Longest one-way network delay.
+const NET_MAX_MS: u64 = 15;
+const MAX_DELIVERIES: u32 = 3;
+const PROCEDURES: [&str; 2] = ["p.SUB_a", "p.SUB_b"];
+const PARTITIONS: u16 = 3;
+const KEYS: u32 = 5;
+
+/// An event as the model stores it.
+#[derive(Debug, Clone, PartialEq)]
+struct Ev {
+    seq: u64,
+    /// The ordering key (`None`: unordered, in the plain stream).
+    key: Option<u32>,
+    /// Delivering it crashes the instance.
+    poison: bool,
+    /// The backend rejects it (a final error: dead-lettered).
+    rejected: bool,
+}
+
+#[derive(Debug, Clone)]
+struct Pending {
+    consumer: String,
+    at: Instant,
+    count: u32,
+}
+
+#[derive(Debug, Default)]
+struct Stream {
+    entries: BTreeMap<EntryId, Ev>,
+    group: bool,
+    last: EntryId,
+    pel: BTreeMap<EntryId, Pending>,
+}
+
+/// A blocking read waiting for entries.
+#[derive(Debug)]
+struct Parked {
+    inst: usize,
+    incarnation: u32,
+    id: CommandId,
+    consumer: String,
+    units: Vec<Unit>,
+    count: usize,
+    until: Instant,
+}
+
+#[derive(Debug, Default)]
+struct Redis {
+    streams: BTreeMap<Unit, Stream>,
+    leases: BTreeMap<Unit, (String, Instant)>,
+    live: BTreeMap<String, Instant>,
+    dead: BTreeMap<u64, u32>,
+    procedures: BTreeSet<String>,
+    parked: Vec<Parked>,
+    next_ms: u64,
+}
+
+impl Redis {
+    fn stream(&mut self, unit: &Unit) -> &mut Stream {
+        self.streams.entry(unit.clone()).or_default()
+    }
+
+    fn add(&mut self, unit: &Unit, ev: Ev) {
+        self.next_ms += 1;
+        let id = EntryId(self.next_ms, 0);
+        self.procedures.insert(unit.procedure.to_string());
+        self.stream(unit).entries.insert(id, ev);
+    }
+
+    fn lease_holder(&self, unit: &Unit, now: Instant) -> Option<&str> {
+        self.leases
+            .get(unit)
+            .filter(|(_, until)| now < *until)
+            .map(|(h, _)| h.as_str())
+    }
+
+    /// XREADGROUP `>` of one stream.
+    fn read_new(
+        &mut self,
+        unit: &Unit,
+        consumer: &str,
+        count: usize,
+        now: Instant,
+    ) -> Vec<Got<Ev>> {
+        let s = self.stream(unit);
+        let ids: Vec<EntryId> = s
+            .entries
+            .range((
+                std::ops::Bound::Excluded(s.last),
+                std::ops::Bound::Unbounded,
+            ))
+            .take(count)
+            .map(|(id, _)| *id)
+            .collect();
+        let mut got = Vec::new();
+        for id in ids {
+            s.last = id;
+            s.pel.insert(
+                id,
+                Pending {
+                    consumer: consumer.to_owned(),
+                    at: now,
+                    count: 1,
+                },
+            );
+            got.push(Got {
+                id,
+                deliveries: 1,
+                body: s.entries.get(&id).cloned(),
+            });
+        }
+        got
+    }
+
+    fn execute(&mut self, consumer: &str, command: &Command, now: Instant) -> Option<Reply<Ev>> {
+        Some(match command {
+            Command::Procedures => Reply::Procedures(self.procedures.iter().cloned().collect()),
+            Command::CreateGroups { units } => {
+                for unit in units {
+                    self.stream(unit).group = true;
+                }
+                Reply::Done
+            }
+            Command::Read { units, count, .. } => {
+                if units.iter().any(|u| !self.stream(u).group) {
+                    return Some(Reply::Failed(Failure::NoGroup("NOGROUP".into())));
+                }
+                let per: Vec<(Unit, Vec<Got<Ev>>)> = units
+                    .iter()
+                    .map(|u| (u.clone(), self.read_new(u, consumer, *count, now)))
+                    .filter(|(_, got)| !got.is_empty())
+                    .collect();
+                if per.is_empty() {
+                    // Parked by the caller.
+                    return None;
+                }
+                Reply::Read(per)
+            }
+            Command::Take {
+                unit,
+                cursor,
+                count,
+                min_idle,
+                count_own,
+            } => {
+                let s = self.stream(unit);
+                if !s.group {
+                    return Some(Reply::Failed(Failure::NoGroup("NOGROUP".into())));
+                }
+                let ids: Vec<EntryId> = s
+                    .pel
+                    .range((
+                        std::ops::Bound::Excluded(*cursor),
+                        std::ops::Bound::Unbounded,
+                    ))
+                    .map(|(id, _)| *id)
+                    .collect();
+                let mut got = Vec::new();
+                let mut next = EntryId::ZERO;
+                for (n, id) in ids.iter().enumerate() {
+                    if n >= 10 {
+                        // The script looks at so many at a time.
+                        next = ids[n - 1];
+                        break;
+                    }
+                    let p = s.pel.get_mut(id).expect("listed");
+                    let mine = p.consumer == consumer;
+                    let idle = now.saturating_duration_since(p.at);
+                    if !mine && min_idle.is_none_or(|m| idle < m) {
+                        continue;
+                    }
+                    let Some(body) = s.entries.get(id).cloned() else {
+                        s.pel.remove(id);
+                        continue;
+                    };
+                    if !mine || *count_own {
+                        p.count += 1;
+                    }
+                    p.consumer = consumer.to_owned();
+                    p.at = now;
+                    got.push(Got {
+                        id: *id,
+                        deliveries: p.count,
+                        body: Some(body),
+                    });
+                    if got.len() >= *count || p.count > 1 {
+                        next = *id;
+                        break;
+                    }
+                }
+                Reply::Taken { next, got }
+            }
+            Command::Scan { units, idle } => Reply::Stale(
+                units
+                    .iter()
+                    .filter(|u| u.partition.is_none())
+                    .filter(|u| {
+                        self.streams.get(*u).is_some_and(|s| {
+                            s.pel
+                                .values()
+                                .any(|p| now.saturating_duration_since(p.at) >= *idle)
+                        })
+                    })
+                    .cloned()
+                    .collect(),
+            ),
+            Command::Keepalive {
+                renew,
+                take,
+                refresh,
+                ttl,
+            } => {
+                self.live.insert(consumer.to_owned(), now);
+                let ttl = *ttl;
+                self.live
+                    .retain(|_, at| now.saturating_duration_since(*at) < ttl);
+                let mut kept = Kept {
+                    instances: self.live.len(),
+                    ..Kept::default()
+                };
+                for unit in renew {
+                    let ours = self.lease_holder(unit, now) == Some(consumer);
+                    if ours {
+                        self.leases
+                            .insert(unit.clone(), (consumer.to_owned(), now + ttl));
+                    }
+                    kept.renewed.push((unit.clone(), ours));
+                }
+                for (procedure, ks, want) in take {
+                    let mut want = *want;
+                    for k in ks {
+                        let unit = Unit::partition(procedure, *k);
+                        if want > 0 && self.lease_holder(&unit, now).is_none() {
+                            self.leases
+                                .insert(unit.clone(), (consumer.to_owned(), now + ttl));
+                            kept.taken.push(unit);
+                            want -= 1;
+                        }
+                    }
+                }
+                for (unit, ids) in refresh {
+                    let s = self.stream(unit);
+                    for id in ids {
+                        match s.pel.get_mut(id) {
+                            Some(p) if p.consumer == consumer => p.at = now,
+                            _ => kept.lost.push(Key {
+                                unit: unit.clone(),
+                                id: *id,
+                            }),
+                        }
+                    }
+                }
+                Reply::Kept(kept)
+            }
+            Command::Ack { keys } => {
+                for key in keys {
+                    let s = self.stream(&key.unit);
+                    s.pel.remove(&key.id);
+                    s.entries.remove(&key.id);
+                }
+                Reply::Done
+            }
+            Command::DeadLetter { key, .. } => {
+                let s = self.stream(&key.unit);
+                if s.pel.get(&key.id).is_some_and(|p| p.consumer == consumer) {
+                    s.pel.remove(&key.id);
+                    if let Some(ev) = s.entries.remove(&key.id) {
+                        *self.dead.entry(ev.seq).or_default() += 1;
+                    }
+                }
+                Reply::Done
+            }
+            Command::DeadLetterUnadmitted { .. } => Reply::Done,
+            Command::Release { keys, idle } => {
+                for key in keys {
+                    let s = self.stream(&key.unit);
+                    if let Some(p) = s.pel.get_mut(&key.id)
+                        && p.consumer == consumer
+                    {
+                        p.at = now.checked_sub(*idle).unwrap_or(p.at);
+                    }
+                }
+                Reply::Done
+            }
+            Command::GiveUp { units } | Command::Leave { units } => {
+                for unit in units {
+                    if self.lease_holder(unit, now) == Some(consumer) {
+                        self.leases.remove(unit);
+                    }
+                }
+                if matches!(command, Command::Leave { .. }) {
+                    self.live.remove(consumer);
+                }
+                Reply::Done
+            }
+        })
+    }
+}
+
+/// A call at the backend.
+#[derive(Debug, Clone)]
+struct Call {
+    seq: u64,
+    key: u32,
+    start: Instant,
+    end: Instant,
+}
+
+/// One instance: a core and its delivery stage.
+struct Inst {
+    name: String,
+    core: QueueCore<Ev>,
+    incarnation: u32,
+    alive: bool,
+    paused: bool,
+    /// Messages that arrived while paused.
+    inbox: Vec<Msg>,
+    /// Handed out, not dispatched yet, in order.
+    waiting: Vec<Handed<Ev>>,
+    /// Dispatched: key -> its event.
+    in_flight: BTreeMap<Key, Ev>,
+    /// Commands cut off from Redis until then.
+    cut_until: Option<Instant>,
+    /// Lose the replies of the next this many commands.
+    lose_replies: u32,
+}
+
+#[derive(Debug)]
+enum Msg {
+    Reply(CommandId, Reply<Ev>),
+    CallDone(Key, Ev),
+}
+
+#[derive(Debug)]
+enum What {
+    /// A command reaches Redis.
+    Execute {
+        inst: usize,
+        incarnation: u32,
+        id: CommandId,
+        consumer: String,
+        command: Command,
+        lose_reply: bool,
+    },
+    /// Something reaches an instance.
+    Deliver {
+        inst: usize,
+        incarnation: u32,
+        msg: Msg,
+    },
+    /// A parked read's wait ran out.
+    Unpark,
+    Admit(Unit, Ev),
+    Fault(Fault),
+}
+
+#[derive(Debug, Clone)]
+enum Fault {
+    Pause(usize, u64),
+    Resume(usize),
+    Crash(usize),
+    Restart(usize, bool),
+    Cut(usize, u64),
+    LoseReplies(usize, u32),
+}
+
+struct World {
+    t0: Instant,
+    now: Instant,
+    rng: u64,
+    redis: Redis,
+    insts: Vec<Inst>,
+    events: BinaryHeap<Reverse<(Instant, u64)>>,
+    payloads: BTreeMap<u64, What>,
+    next_event: u64,
+    calls: Vec<Call>,
+    admitted: Vec<Ev>,
+    settings: Settings,
+    max_in_flight: usize,
+    restarts: u32,
+}
+
+impl World {
+    fn new(seed: u64, instances: usize, wake: Wake, window: usize) -> World {
+        let t0 = Instant::now();
+        let settings = Settings {
+            window,
+            read_max: 4,
+            claim_idle: ms(CLAIM_IDLE_MS),
+            partitions: Some(PARTITIONS),
+            max_deliveries: MAX_DELIVERIES,
+            wake,
+        };
+        let insts = (0..instances)
+            .map(|i| Inst {
+                name: format!("i{i}"),
+                core: QueueCore::new(settings.clone(), t0),
+                incarnation: 0,
+                alive: true,
+                paused: false,
+                inbox: Vec::new(),
+                waiting: Vec::new(),
+                in_flight: BTreeMap::new(),
+                cut_until: None,
+                lose_replies: 0,
+            })
+            .collect();
+        World {
+            t0,
+            now: t0,
+            rng: seed | 1,
+            redis: Redis::default(),
+            insts,
+            events: BinaryHeap::new(),
+            payloads: BTreeMap::new(),
+            next_event: 0,
+            calls: Vec::new(),
+            admitted: Vec::new(),
+            settings,
+            max_in_flight: 3,
+            restarts: 0,
+        }
+    }
+
+    fn rand(&mut self, n: u64) -> u64 {
+        let mut x = self.rng;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.rng = x;
+        x % n.max(1)
+    }
+
+    fn at(&mut self, at: Instant, what: What) {
+        self.next_event += 1;
+        self.events.push(Reverse((at, self.next_event)));
+        self.payloads.insert(self.next_event, what);
+    }
+
+    fn net(&mut self) -> Duration {
+        ms(self.rand(NET_MAX_MS + 1))
+    }
+
+    /// Runs until `until`, checking the window after every step.
+    fn run(&mut self, until: Instant) -> Result<(), TestCaseError> {
+        let mut spins = 0;
+        let mut last = self.now;
+        loop {
+            if self.now == last {
+                spins += 1;
+                prop_assert!(
+                    spins < 10_000,
+                    "no progress at {:?}: wakes {:?}",
+                    self.now - self.t0,
+                    self.insts
+                        .iter()
+                        .map(|i| (
+                            i.alive,
+                            i.paused,
+                            i.core
+                                .next_wake()
+                                .map(|w| w.saturating_duration_since(self.t0))
+                        ))
+                        .collect::<Vec<_>>()
+                );
+            } else {
+                spins = 0;
+                last = self.now;
+            }
+            let wake = self
+                .insts
+                .iter()
+                .filter(|i| i.alive && !i.paused)
+                .filter_map(|i| i.core.next_wake())
+                .min();
+            let event = self.events.peek().map(|Reverse((t, _))| *t);
+            let next = [wake, event].into_iter().flatten().min();
+            let Some(next) = next.filter(|t| *t <= until) else {
+                self.now = until;
+                return Ok(());
+            };
+            self.now = self.now.max(next);
+            while let Some(Reverse((t, n))) = self.events.peek().copied() {
+                if t > self.now {
+                    break;
+                }
+                self.events.pop();
+                let what = self.payloads.remove(&n).expect("scheduled");
+                self.handle(what);
+            }
+            for i in 0..self.insts.len() {
+                self.step(i)?;
+            }
+        }
+    }
+
+    fn handle(&mut self, what: What) {
+        let now = self.now;
+        match what {
+            What::Execute {
+                inst,
+                incarnation,
+                id,
+                consumer,
+                command,
+                lose_reply,
+            } => {
+                let reply = match self.redis.execute(&consumer, &command, now) {
+                    Some(reply) => reply,
+                    None => {
+                        let Command::Read {
+                            units,
+                            count,
+                            block,
+                            ..
+                        } = command
+                        else {
+                            unreachable!("only reads park")
+                        };
+                        let until = now + block.unwrap_or_default();
+                        if block.is_some() {
+                            self.redis.parked.push(Parked {
+                                inst,
+                                incarnation,
+                                id,
+                                consumer,
+                                units,
+                                count,
+                                until,
+                            });
+                            self.at(until, What::Unpark);
+                            return;
+                        }
+                        Reply::Read(Vec::new())
+                    }
+                };
+                let reply = if lose_reply {
+                    Reply::Failed(Failure::Transient("reply lost".into()))
+                } else {
+                    reply
+                };
+                let at = now + self.net();
+                self.at(
+                    at,
+                    What::Deliver {
+                        inst,
+                        incarnation,
+                        msg: Msg::Reply(id, reply),
+                    },
+                );
+            }
+            What::Deliver {
+                inst,
+                incarnation,
+                msg,
+            } => {
+                let i = &mut self.insts[inst];
+                if i.alive && i.incarnation == incarnation {
+                    i.inbox.push(msg);
+                }
+            }
+            What::Unpark => self.serve_parked(),
+            What::Admit(unit, ev) => {
+                self.redis.add(&unit, ev.clone());
+                self.admitted.push(ev);
+                if self.settings.wake == Wake::Notified {
+                    let procedure = unit.procedure.clone();
+                    for inst in &mut self.insts {
+                        if inst.alive && !inst.paused {
+                            inst.core.on_wake(&procedure, now);
+                        }
+                    }
+                }
+                self.serve_parked();
+            }
+            What::Fault(fault) => self.fault(fault),
+        }
+    }
+
+    /// Serves the parked reads that can be (entries arrived) or whose wait
+    /// ran out, in the order they parked.
+    fn serve_parked(&mut self) {
+        let now = self.now;
+        let parked = std::mem::take(&mut self.redis.parked);
+        for p in parked {
+            let mut per = Vec::new();
+            for unit in &p.units {
+                let got = self.redis.read_new(unit, &p.consumer, p.count, now);
+                if !got.is_empty() {
+                    per.push((unit.clone(), got));
+                }
+            }
+            if per.is_empty() && now < p.until {
+                self.redis.parked.push(p);
+                continue;
+            }
+            let at = now + self.net();
+            self.at(
+                at,
+                What::Deliver {
+                    inst: p.inst,
+                    incarnation: p.incarnation,
+                    msg: Msg::Reply(p.id, Reply::Read(per)),
+                },
+            );
+        }
+    }
+
+    fn fault(&mut self, fault: Fault) {
+        let now = self.now;
+        match fault {
+            Fault::Pause(i, n) => {
+                if self.insts[i].alive && !self.insts[i].paused {
+                    self.insts[i].paused = true;
+                    self.at(now + ms(n), What::Fault(Fault::Resume(i)));
+                }
+            }
+            Fault::Resume(i) => self.insts[i].paused = false,
+            Fault::Crash(i) => self.crash(i),
+            Fault::Restart(i, same_name) => {
+                self.crash(i);
+                self.restarts += 1;
+                let inst = &mut self.insts[i];
+                inst.alive = true;
+                inst.paused = false;
+                if !same_name {
+                    inst.name = format!("i{i}r{}", self.restarts);
+                }
+                inst.core = QueueCore::new(self.settings.clone(), now);
+            }
+            Fault::Cut(i, n) => self.insts[i].cut_until = Some(now + ms(n)),
+            Fault::LoseReplies(i, n) => self.insts[i].lose_replies += n,
+        }
+    }
+
+    fn crash(&mut self, i: usize) {
+        let inst = &mut self.insts[i];
+        inst.alive = false;
+        inst.incarnation += 1;
+        inst.inbox.clear();
+        inst.waiting.clear();
+        // Its calls go on at the backend; their answers go nowhere.
+        inst.in_flight.clear();
+        // Its connections close: its blocked read goes.
+        self.redis.parked.retain(|p| p.inst != i);
+    }
+
+    /// Lets instance `i` take what arrived, tick, and act on what its core
+    /// says, until it has nothing more to do.
+    fn step(&mut self, i: usize) -> Result<(), TestCaseError> {
+        if !self.insts[i].alive || self.insts[i].paused {
+            return Ok(());
+        }
+        let now = self.now;
+        let inbox = std::mem::take(&mut self.insts[i].inbox);
+        for msg in inbox {
+            match msg {
+                Msg::Reply(id, reply) => self.insts[i].core.on_reply(id, reply, now),
+                Msg::CallDone(key, ev) => {
+                    let inst = &mut self.insts[i];
+                    if inst.in_flight.remove(&key).is_some() {
+                        if ev.rejected {
+                            inst.core
+                                .dead_letter(&key, vec![("reason", b"rejected".to_vec())]);
+                        } else {
+                            inst.core.on_delivered(&key);
+                        }
+                    }
+                }
+            }
+        }
+        loop {
+            self.insts[i].core.on_tick(now);
+            let mut any = false;
+            while let Some(output) = self.insts[i].core.poll() {
+                any = true;
+                self.output(i, output);
+                if !self.insts[i].alive {
+                    return Ok(());
+                }
+            }
+            any |= self.dispatch(i)?;
+            if !self.insts[i].alive {
+                return Ok(());
+            }
+            let core = &self.insts[i].core;
+            prop_assert!(
+                core.committed() <= core.window(),
+                "{} holds {} (with reads in flight) over its window of {}",
+                self.insts[i].name,
+                core.committed(),
+                core.window()
+            );
+            if !any {
+                return Ok(());
+            }
+        }
+    }
+
+    fn output(&mut self, i: usize, output: Output<Ev>) {
+        let now = self.now;
+        match output {
+            Output::Send(id, command) => {
+                let lose_reply = self.insts[i].lose_replies > 0;
+                let cut = self.insts[i].cut_until.is_some_and(|t| now < t);
+                let incarnation = self.insts[i].incarnation;
+                if cut {
+                    // Never reaches Redis: the command times out.
+                    let at = now + ms(50);
+                    self.at(
+                        at,
+                        What::Deliver {
+                            inst: i,
+                            incarnation,
+                            msg: Msg::Reply(
+                                id,
+                                Reply::Failed(Failure::Transient("cut off".into())),
+                            ),
+                        },
+                    );
+                    return;
+                }
+                if lose_reply {
+                    self.insts[i].lose_replies -= 1;
+                }
+                let at = now + self.net();
+                let consumer = self.insts[i].name.clone();
+                self.at(
+                    at,
+                    What::Execute {
+                        inst: i,
+                        incarnation,
+                        id,
+                        consumer,
+                        command,
+                        lose_reply,
+                    },
+                );
+            }
+            Output::Deliver(handed) => self.insts[i].waiting.extend(handed),
+            Output::Poison(h) => {
+                prop_assume_ok(h.deliveries > MAX_DELIVERIES);
+                self.insts[i]
+                    .core
+                    .dead_letter(&h.key, vec![("reason", b"max_deliveries".to_vec())]);
+            }
+            Output::Withdraw(keys) => {
+                let keys: BTreeSet<Key> = keys.into_iter().collect();
+                let inst = &mut self.insts[i];
+                let mut back = Vec::new();
+                inst.waiting.retain(|h| {
+                    let take = keys.contains(&h.key);
+                    if take {
+                        back.push(h.key.clone());
+                    }
+                    !take
+                });
+                inst.core.on_withdrawn(&back);
+            }
+            Output::Interrupt => {
+                // The blocked read returns empty at once.
+                let parked = std::mem::take(&mut self.redis.parked);
+                for p in parked {
+                    if p.inst == i {
+                        let at = now + self.net();
+                        self.at(
+                            at,
+                            What::Deliver {
+                                inst: p.inst,
+                                incarnation: p.incarnation,
+                                msg: Msg::Reply(p.id, Reply::Read(Vec::new())),
+                            },
+                        );
+                    } else {
+                        self.redis.parked.push(p);
+                    }
+                }
+            }
+            Output::RedisUp(_) | Output::Note(_) => {}
+        }
+    }
+
+    /// The delivery stage: starts calls in order, a key's one at a time (a
+    /// key's later events never pass an earlier one), up to the in-flight
+    /// limit; asks the core before each.
+    fn dispatch(&mut self, i: usize) -> Result<bool, TestCaseError> {
+        let now = self.now;
+        let mut any = false;
+        let mut blocked: BTreeSet<u32> = self.insts[i]
+            .in_flight
+            .values()
+            .filter_map(|ev| ev.key)
+            .collect();
+        let mut at = 0;
+        while at < self.insts[i].waiting.len() {
+            if self.insts[i].in_flight.len() >= self.max_in_flight {
+                break;
+            }
+            let ev = self.insts[i].waiting[at].body.clone();
+            if let Some(k) = ev.key
+                && !blocked.insert(k)
+            {
+                at += 1;
+                continue;
+            }
+            let h = self.insts[i].waiting.remove(at);
+            any = true;
+            if !self.insts[i].core.may_dispatch(&h.key, now) {
+                self.insts[i]
+                    .core
+                    .on_withdrawn(std::slice::from_ref(&h.key));
+                continue;
+            }
+            let dur = ms(1 + self.rand(CALL_MAX_MS));
+            if let Some(key) = ev.key {
+                self.calls.push(Call {
+                    seq: ev.seq,
+                    key,
+                    start: now,
+                    end: now + dur,
+                });
+            } else {
+                self.calls.push(Call {
+                    seq: ev.seq,
+                    key: u32::MAX,
+                    start: now,
+                    end: now,
+                });
+            }
+            if ev.poison {
+                // It kills the instance; its supervisor starts it again.
+                self.crash(i);
+                let same_name = self.rand(2) == 0;
+                self.at(now + ms(500), What::Fault(Fault::Restart(i, same_name)));
+                return Ok(true);
+            }
+            let incarnation = self.insts[i].incarnation;
+            self.insts[i].in_flight.insert(h.key.clone(), ev.clone());
+            self.at(
+                now + dur,
+                What::Deliver {
+                    inst: i,
+                    incarnation,
+                    msg: Msg::CallDone(h.key, ev),
+                },
+            );
+        }
+        Ok(any)
+    }
+
+    fn check_calls(&self) -> Result<(), TestCaseError> {
+        let mut by_key: BTreeMap<u32, Vec<&Call>> = BTreeMap::new();
+        for c in self.calls.iter().filter(|c| c.key != u32::MAX) {
+            by_key.entry(c.key).or_default().push(c);
+        }
+        for (key, mut calls) in by_key {
+            calls.sort_by_key(|c| (c.start, c.end));
+            for w in calls.windows(2) {
+                prop_assert!(
+                    w[1].start >= w[0].end,
+                    "key {key}: event {} called at {:?} while event {} ran until {:?}",
+                    w[1].seq,
+                    w[1].start - self.t0,
+                    w[0].seq,
+                    w[0].end - self.t0
+                );
+            }
+            let mut seen = BTreeSet::new();
+            let mut last = 0;
+            for c in calls {
+                if seen.insert(c.seq) {
+                    prop_assert!(
+                        c.seq > last,
+                        "key {key}: event {} first called after event {}",
+                        c.seq,
+                        last
+                    );
+                    last = c.seq;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn check_resolved(&self) -> Result<(), TestCaseError> {
+        for (unit, s) in &self.redis.streams {
+            prop_assert!(
+                s.entries.is_empty() && s.pel.is_empty(),
+                "{unit}: {} entries left, {} pending: {:?}",
+                s.entries.len(),
+                s.pel.len(),
+                s.pel
+            );
+        }
+        let called: BTreeSet<u64> = self.calls.iter().map(|c| c.seq).collect();
+        for ev in &self.admitted {
+            let dead = self.redis.dead.contains_key(&ev.seq);
+            if ev.poison {
+                prop_assert!(dead, "poison event {} dead-lettered", ev.seq);
+            } else if ev.rejected {
+                prop_assert!(dead, "rejected event {} dead-lettered", ev.seq);
+            } else {
+                prop_assert!(!dead, "event {} dead-lettered", ev.seq);
+                prop_assert!(called.contains(&ev.seq), "event {} delivered", ev.seq);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `prop_assert!` for places that cannot return a result.
+fn prop_assume_ok(condition: bool) {
+    assert!(condition, "a poisoned entry was delivered too often");
+}
+
+#[derive(Debug, Clone)]
+struct Plan {
+    seed: u64,
+    instances: usize,
+    events: Vec<(u64, u8, bool, bool)>,
+    faults: Vec<(u64, Fault)>,
+    notified: bool,
+    window: usize,
+}
+
+fn fault(instances: usize) -> impl Strategy<Value = Fault> {
+    let i = 0..instances;
+    prop_oneof![
+        (i.clone(), 500..8_000u64).prop_map(|(i, ms)| Fault::Pause(i, ms)),
+        i.clone().prop_map(Fault::Crash),
+        (i.clone(), any::<bool>()).prop_map(|(i, same)| Fault::Restart(i, same)),
+        (i.clone(), 200..6_000u64).prop_map(|(i, ms)| Fault::Cut(i, ms)),
+        (i, 1..4u32).prop_map(|(i, n)| Fault::LoseReplies(i, n)),
+    ]
+}
+
+fn plan() -> impl Strategy<Value = Plan> {
+    (2..4usize).prop_flat_map(|instances| {
+        (
+            any::<u64>(),
+            prop::collection::vec(
+                (
+                    0..15_000u64,
+                    0..=KEYS as u8,
+                    prop::bool::weighted(0.03),
+                    prop::bool::weighted(0.03),
+                ),
+                1..60,
+            ),
+            prop::collection::vec((0..15_000u64, fault(instances)), 0..6),
+            any::<bool>(),
+            3..12usize,
+        )
+            .prop_map(move |(seed, events, faults, notified, window)| Plan {
+                seed,
+                instances,
+                events,
+                faults,
+                notified,
+                window,
+            })
+    })
+}
+
+fn run(plan: &Plan) -> Result<World, TestCaseError> {
+    let wake = if plan.notified {
+        Wake::Notified
+    } else {
+        Wake::Blocking(ms(BLOCK_MS))
+    };
+    let mut w = World::new(plan.seed, plan.instances, wake, plan.window);
+    let t0 = w.t0;
+    // Numbered in admission order (what "in order" means).
+    let mut events = plan.events.clone();
+    events.sort_by_key(|e| e.0);
+    for (n, (at, key, poison, rejected)) in events.iter().enumerate() {
+        let procedure: Arc<str> = Arc::from(PROCEDURES[n % PROCEDURES.len()]);
+        let key = (u32::from(*key) < KEYS).then_some(u32::from(*key));
+        let unit = match key {
+            Some(k) => Unit::partition(&procedure, (k % u32::from(PARTITIONS)) as u16),
+            None => Unit::plain(&procedure),
+        };
+        let ev = Ev {
+            seq: n as u64 + 1,
+            key: key.map(|k| k + 100 * (n % PROCEDURES.len()) as u32),
+            poison: *poison,
+            rejected: *rejected && !*poison,
+        };
+        w.at(t0 + ms(*at), What::Admit(unit, ev));
+    }
+    for (at, f) in &plan.faults {
+        w.at(t0 + ms(*at), What::Fault(f.clone()));
+    }
+    // Instances that crashed come back when the faults are over.
+    w.run(t0 + ms(25_000))?;
+    for i in 0..w.insts.len() {
+        if !w.insts[i].alive {
+            w.fault(Fault::Restart(i, false));
+        }
+    }
+    w.run(t0 + ms(120_000))?;
+    w.check_calls()?;
+    w.check_resolved()?;
+    Ok(w)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn keys_never_overlap_stay_in_order_and_every_event_is_resolved(plan in plan()) {
+        run(&plan)?;
+    }
+}
