@@ -684,13 +684,6 @@ impl World {
         let now = self.now;
         let inbox = std::mem::take(&mut self.insts[i].inbox);
         for msg in inbox {
-            // The delivery stage goes on as soon as an answer frees a key,
-            // before the core's clock is looked at (as the event loop does
-            // when a RESULT comes in right after a pause).
-            self.dispatch(i)?;
-            if !self.insts[i].alive {
-                return Ok(());
-            }
             match msg {
                 Msg::Reply(id, reply) => self.insts[i].core.on_reply(id, reply, now),
                 Msg::CallDone(key, ev) => {
@@ -704,6 +697,13 @@ impl World {
                         }
                     }
                 }
+            }
+            // The delivery stage goes on as soon as an answer frees a key,
+            // before the core's clock is looked at (as the event loop does
+            // when a RESULT comes in right after a pause).
+            self.dispatch(i)?;
+            if !self.insts[i].alive {
+                return Ok(());
             }
         }
         loop {
