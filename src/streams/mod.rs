@@ -20,6 +20,7 @@
 //! scripts work on a Redis Cluster and procedures spread over its masters.
 
 pub mod admit;
+pub mod carrier;
 pub mod commit;
 pub mod core;
 pub mod dead_letters;
@@ -94,6 +95,25 @@ impl Keys {
     /// The set of every procedure that has a stream.
     pub fn procedures(&self) -> String {
         format!("{}:procedures", self.name)
+    }
+
+    /// The stream of a unit.
+    pub fn stream_of(&self, unit: &core::Unit) -> String {
+        match unit.partition {
+            None => format!("{{{}:{}}}:stream", self.name, unit.procedure),
+            Some(k) => format!("{{{}:{}}}:stream:{k}", self.name, unit.procedure),
+        }
+    }
+
+    /// The lease of a partition unit (`None` for a plain stream).
+    pub fn lease_of(&self, unit: &core::Unit) -> Option<String> {
+        unit.partition.map(|k| self.lease(&unit.procedure, k))
+    }
+
+    /// The channel on which admission says a procedure got entries (Redis
+    /// Cluster, where no read can wait on every stream at once).
+    pub fn wake(&self) -> String {
+        format!("{}:wake", self.name)
     }
 }
 

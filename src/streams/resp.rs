@@ -288,27 +288,48 @@ impl RawConn {
         encode(&mut self.output, args);
         tokio::time::timeout(timeout, async {
             self.io.write_all(&self.output).await?;
-            loop {
-                if let Some(len) = scan(&self.input, &mut 0, 0)? {
-                    let frame = self.input.split_to(len).freeze();
-                    if frame.first() == Some(&b'-') {
-                        let Reply::Error(message) = Cursor::new(&frame).reply() else {
-                            unreachable!("an error reply")
-                        };
-                        return Err(Error::Server(message));
-                    }
-                    return Ok(frame);
-                }
-                if self.input.capacity() - self.input.len() < 16 * 1024 {
-                    self.input.reserve(64 * 1024);
-                }
-                if self.io.read_buf(&mut self.input).await? == 0 {
-                    return Err(Error::Io(std::io::ErrorKind::UnexpectedEof.into()));
-                }
-            }
+            self.read_frame().await
         })
         .await
         .map_err(|_| Error::Timeout)?
+    }
+
+    /// Sends a command and leaves its reply unread (a subscription's
+    /// replies are read with [`RawConn::next_frame`]).
+    pub async fn send(&mut self, args: &[&[u8]], timeout: Duration) -> Result<(), Error> {
+        self.output.clear();
+        encode(&mut self.output, args);
+        tokio::time::timeout(timeout, self.io.write_all(&self.output))
+            .await
+            .map_err(|_| Error::Timeout)?
+            .map_err(Error::Io)
+    }
+
+    /// The next reply (or pushed message), however long it takes. Cancel
+    /// safe: what was read of an incomplete reply stays buffered.
+    pub async fn next_frame(&mut self) -> Result<Bytes, Error> {
+        self.read_frame().await
+    }
+
+    async fn read_frame(&mut self) -> Result<Bytes, Error> {
+        loop {
+            if let Some(len) = scan(&self.input, &mut 0, 0)? {
+                let frame = self.input.split_to(len).freeze();
+                if frame.first() == Some(&b'-') {
+                    let Reply::Error(message) = Cursor::new(&frame).reply() else {
+                        unreachable!("an error reply")
+                    };
+                    return Err(Error::Server(message));
+                }
+                return Ok(frame);
+            }
+            if self.input.capacity() - self.input.len() < 16 * 1024 {
+                self.input.reserve(64 * 1024);
+            }
+            if self.io.read_buf(&mut self.input).await? == 0 {
+                return Err(Error::Io(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+        }
     }
 }
 

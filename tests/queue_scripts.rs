@@ -1,0 +1,538 @@
+//! The Redis queue's IO half (`streams::carrier`) and its Lua scripts
+//! against a real redis-server: what each command does to the streams, the
+//! pending lists and the leases, and, above all, what it refuses to do
+//! (take back an entry another consumer holds, dead-letter one twice or
+//! under another consumer, give up someone else's lease). Also on a
+//! three-master Redis Cluster, where the scripts that concern many streams
+//! run once per node.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use subtocall::streams::carrier::{Carrier, Fields};
+use subtocall::streams::core::{Command, CommandId, EntryId, Failure, Kept, Key, Reply, Unit};
+use subtocall::streams::{Keys, Target};
+use support::redis::RedisCluster;
+use support::resp::Reply as R;
+use support::*;
+
+const GROUP: &str = "q";
+const CLAIM_IDLE: Duration = Duration::from_secs(2);
+
+fn carrier(url: &str, cluster: bool, consumer: &str) -> Carrier {
+    let target = Target::new(url, cluster).expect("target");
+    let shared = target.shared().expect("shared");
+    Carrier::new(
+        target,
+        shared,
+        Arc::new(Keys::new(GROUP)),
+        consumer,
+        Duration::from_secs(300),
+        CLAIM_IDLE,
+    )
+}
+
+async fn run(c: &Carrier, command: Command) -> Reply<Fields> {
+    c.start(CommandId(1), command).await.1
+}
+
+fn unit(procedure: &str, partition: Option<u16>) -> Unit {
+    Unit {
+        procedure: Arc::from(procedure),
+        partition,
+    }
+}
+
+fn stream(u: &Unit) -> String {
+    Keys::new(GROUP).stream_of(u)
+}
+
+async fn add(redis: &Redis, u: &Unit, body: &str) -> EntryId {
+    let id = redis.command(&["XADD", &stream(u), "*", "e", body]).await;
+    EntryId::parse(&id.text().expect("an id")).expect("an entry id")
+}
+
+async fn create(c: &Carrier, units: &[Unit]) {
+    let r = run(
+        c,
+        Command::CreateGroups {
+            units: units.to_vec(),
+        },
+    )
+    .await;
+    assert_eq!(r, Reply::Done);
+}
+
+async fn read(c: &Carrier, units: &[Unit], count: usize) -> Vec<(Unit, Vec<(EntryId, String)>)> {
+    match run(
+        c,
+        Command::Read {
+            units: units.to_vec(),
+            count,
+            block: None,
+        },
+    )
+    .await
+    {
+        Reply::Read(per) => per
+            .into_iter()
+            .map(|(u, got)| {
+                let got = got
+                    .into_iter()
+                    .map(|g| (g.id, body(g.body.as_ref())))
+                    .collect();
+                (u, got)
+            })
+            .collect(),
+        other => panic!("read: {other:?}"),
+    }
+}
+
+fn body(fields: Option<&Fields>) -> String {
+    fields
+        .and_then(|f| f.first())
+        .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+        .unwrap_or_default()
+}
+
+async fn take(
+    c: &Carrier,
+    u: &Unit,
+    cursor: EntryId,
+    min_idle: Option<Duration>,
+    count_own: bool,
+) -> (EntryId, Vec<(EntryId, u32, String)>) {
+    match run(
+        c,
+        Command::Take {
+            unit: u.clone(),
+            cursor,
+            count: 10,
+            min_idle,
+            count_own,
+        },
+    )
+    .await
+    {
+        Reply::Taken { next, got } => (
+            next,
+            got.into_iter()
+                .map(|g| (g.id, g.deliveries, body(g.body.as_ref())))
+                .collect(),
+        ),
+        other => panic!("take: {other:?}"),
+    }
+}
+
+/// `XPENDING stream group - + 100` as (id, consumer, deliveries).
+async fn pending(redis: &Redis, u: &Unit) -> Vec<(String, String, i64)> {
+    match redis
+        .command(&["XPENDING", &stream(u), GROUP, "-", "+", "100"])
+        .await
+    {
+        R::Array(Some(rows)) => rows
+            .iter()
+            .map(|r| match r {
+                R::Array(Some(f)) => (
+                    f[0].text().unwrap_or_default(),
+                    f[1].text().unwrap_or_default(),
+                    f[3].integer(),
+                ),
+                other => panic!("{other:?}"),
+            })
+            .collect(),
+        other => panic!("XPENDING: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn reads_span_streams_and_takes_claim_only_what_another_left_idle() {
+    let redis = Redis::start().await;
+    let a = carrier(&redis.url(), false, "a");
+    let b = carrier(&redis.url(), false, "b");
+    let plain = unit("p.SUB_x", None);
+    let part = unit("p.SUB_x", Some(3));
+    create(&a, &[plain.clone(), part.clone()]).await;
+    let e1 = add(&redis, &plain, "one").await;
+    let e2 = add(&redis, &plain, "two").await;
+    let e3 = add(&redis, &part, "three").await;
+
+    // One read over both streams, at most one entry of each.
+    let got = read(&a, &[plain.clone(), part.clone()], 1).await;
+    assert_eq!(
+        got,
+        vec![
+            (plain.clone(), vec![(e1, "one".to_owned())]),
+            (part.clone(), vec![(e3, "three".to_owned())]),
+        ]
+    );
+    let got = read(&b, std::slice::from_ref(&plain), 5).await;
+    assert_eq!(got, vec![(plain.clone(), vec![(e2, "two".to_owned())])]);
+
+    // b's own entry: taken without counting, or counted after a restart.
+    let (_, own) = take(&b, &plain, EntryId::ZERO, None, false).await;
+    assert_eq!(own, vec![(e2, 1, "two".to_owned())]);
+    let (_, own) = take(&b, &plain, EntryId::ZERO, None, true).await;
+    assert_eq!(
+        own,
+        vec![(e2, 2, "two".to_owned())],
+        "counted as delivered again"
+    );
+
+    // a's entry is not b's to take while it is not idle long enough ...
+    let (next, none) = take(&b, &plain, EntryId::ZERO, Some(CLAIM_IDLE), false).await;
+    assert_eq!(
+        none,
+        vec![(e2, 2, "two".to_owned())],
+        "only b's own entry: a's is too fresh"
+    );
+    assert_eq!(next, e2, "it stops after an entry handed out before");
+    // ... and is, with no idle time required (a partition's new holder).
+    let (_, claimed) = take(&b, &part, EntryId::ZERO, Some(Duration::ZERO), false).await;
+    assert_eq!(claimed, vec![(e3, 2, "three".to_owned())]);
+    assert_eq!(
+        pending(&redis, &part).await,
+        vec![(e3.to_string(), "b".to_owned(), 2)]
+    );
+
+    // An entry deleted while pending is acknowledged away, never handed out.
+    redis
+        .command(&["XDEL", &stream(&plain), &e1.to_string()])
+        .await;
+    let (next, got) = take(&a, &plain, EntryId::ZERO, None, false).await;
+    assert!(got.is_empty(), "{got:?}");
+    assert_eq!(next, EntryId::ZERO, "at the end");
+    assert_eq!(
+        pending(&redis, &plain).await,
+        vec![(e2.to_string(), "b".to_owned(), 2)]
+    );
+}
+
+#[tokio::test]
+async fn keepalive_refreshes_only_what_is_still_ours_and_leases_are_never_taken_from_their_holder()
+{
+    let redis = Redis::start().await;
+    let a = carrier(&redis.url(), false, "a");
+    let b = carrier(&redis.url(), false, "b");
+    let plain = unit("p.SUB_k", None);
+    let parts: Vec<Unit> = (0..4).map(|k| unit("p.SUB_k", Some(k))).collect();
+    create(&a, std::slice::from_ref(&plain)).await;
+    let e1 = add(&redis, &plain, "one").await;
+    let e2 = add(&redis, &plain, "two").await;
+    read(&a, std::slice::from_ref(&plain), 10).await;
+    // b takes e2 over (as after a's pause).
+    redis
+        .command(&["XCLAIM", &stream(&plain), GROUP, "b", "0", &e2.to_string()])
+        .await;
+
+    let keepalive = |renew: Vec<Unit>, want: usize| Command::Keepalive {
+        renew,
+        take: vec![(Arc::from("p.SUB_k"), vec![0, 1, 2, 3], want)],
+        refresh: vec![(plain.clone(), vec![e1, e2])],
+        ttl: CLAIM_IDLE,
+    };
+    let Reply::Kept(kept) = run(&a, keepalive(vec![], 2)).await else {
+        panic!("keepalive")
+    };
+    assert_eq!(
+        kept.lost,
+        vec![Key {
+            unit: plain.clone(),
+            id: e2
+        }],
+        "e2 is b's now"
+    );
+    assert_eq!(
+        kept.taken,
+        parts[..2].to_vec(),
+        "two leases taken, as asked"
+    );
+    assert_eq!(kept.instances, 1);
+    assert_eq!(
+        pending(&redis, &plain).await,
+        vec![
+            (e1.to_string(), "a".to_owned(), 1),
+            (e2.to_string(), "b".to_owned(), 2)
+        ],
+        "e2 was not taken back"
+    );
+
+    // b cannot renew or take a's leases; it takes the free ones.
+    let Reply::Kept(kept_b) = run(
+        &b,
+        Command::Keepalive {
+            renew: parts[..2].to_vec(),
+            take: vec![(Arc::from("p.SUB_k"), vec![0, 1, 2, 3], 4)],
+            refresh: vec![],
+            ttl: CLAIM_IDLE,
+        },
+    )
+    .await
+    else {
+        panic!("keepalive")
+    };
+    assert_eq!(
+        kept_b,
+        Kept {
+            instances: 2,
+            renewed: vec![(parts[0].clone(), false), (parts[1].clone(), false)],
+            taken: parts[2..].to_vec(),
+            lost: vec![],
+        }
+    );
+    let Reply::Kept(kept) = run(&a, keepalive(parts[..2].to_vec(), 0)).await else {
+        panic!("keepalive")
+    };
+    assert_eq!(
+        kept.renewed,
+        vec![(parts[0].clone(), true), (parts[1].clone(), true)]
+    );
+
+    // Giving up: only one's own.
+    assert_eq!(
+        run(
+            &a,
+            Command::GiveUp {
+                units: parts.clone()
+            }
+        )
+        .await,
+        Reply::Done
+    );
+    let holders = |k: u16| {
+        let key = Keys::new(GROUP).lease("p.SUB_k", k);
+        let redis = &redis;
+        async move { redis.command(&["GET", &key]).await.text() }
+    };
+    assert_eq!(holders(0).await, None);
+    assert_eq!(holders(2).await.as_deref(), Some("b"));
+}
+
+#[tokio::test]
+async fn a_dead_letter_is_written_once_and_never_under_another_consumer() {
+    let redis = Redis::start().await;
+    let a = carrier(&redis.url(), false, "a");
+    let plain = unit("p.SUB_d", None);
+    create(&a, std::slice::from_ref(&plain)).await;
+    let e1 = add(&redis, &plain, "one").await;
+    let e2 = add(&redis, &plain, "two").await;
+    read(&a, std::slice::from_ref(&plain), 10).await;
+    redis
+        .command(&["XCLAIM", &stream(&plain), GROUP, "b", "0", &e2.to_string()])
+        .await;
+    let dead_letter = |id| Command::DeadLetter {
+        key: Key {
+            unit: plain.clone(),
+            id,
+        },
+        fields: vec![("reason", b"rejected".to_vec())],
+    };
+    // Sent twice (a lost reply): stored once.
+    assert_eq!(run(&a, dead_letter(e1)).await, Reply::Done);
+    assert_eq!(run(&a, dead_letter(e1)).await, Reply::Done);
+    // b holds e2: a does not dead-letter it.
+    assert_eq!(run(&a, dead_letter(e2)).await, Reply::Done);
+    let dead = "{q:p.SUB_d}:dead";
+    assert_eq!(redis.command(&["XLEN", dead]).await.integer(), 1);
+    assert_eq!(
+        pending(&redis, &plain).await,
+        vec![(e2.to_string(), "b".to_owned(), 2)]
+    );
+    assert_eq!(
+        redis.command(&["XLEN", &stream(&plain)]).await.integer(),
+        1,
+        "e1 deleted, e2 kept"
+    );
+
+    // Released only if ours: e2 is b's.
+    assert_eq!(
+        run(
+            &a,
+            Command::Release {
+                keys: vec![Key {
+                    unit: plain.clone(),
+                    id: e2
+                }],
+                idle: Duration::from_secs(60),
+            }
+        )
+        .await,
+        Reply::Done
+    );
+    let (_, stale) = take(
+        &a,
+        &plain,
+        EntryId::ZERO,
+        Some(Duration::from_secs(30)),
+        false,
+    )
+    .await;
+    assert!(stale.is_empty(), "b's entry stays b's: {stale:?}");
+}
+
+#[tokio::test]
+async fn a_scan_finds_streams_with_entries_left_idle() {
+    let redis = Redis::start().await;
+    let a = carrier(&redis.url(), false, "a");
+    let idle = unit("p.SUB_s1", None);
+    let fresh = unit("p.SUB_s2", None);
+    create(&a, &[idle.clone(), fresh.clone()]).await;
+    let e = add(&redis, &idle, "x").await;
+    add(&redis, &fresh, "y").await;
+    read(&a, &[idle.clone(), fresh.clone()], 10).await;
+    // Left idle by a consumer that stopped answering.
+    redis
+        .command(&[
+            "XCLAIM",
+            &stream(&idle),
+            GROUP,
+            "gone",
+            "0",
+            &e.to_string(),
+            "IDLE",
+            "60000",
+        ])
+        .await;
+    let r = run(
+        &a,
+        Command::Scan {
+            units: vec![idle.clone(), fresh.clone()],
+            idle: Duration::from_secs(30),
+        },
+    )
+    .await;
+    assert_eq!(r, Reply::Stale(vec![idle]));
+}
+
+#[tokio::test]
+async fn a_missing_group_is_said_and_can_be_created_again() {
+    let redis = Redis::start().await;
+    let a = carrier(&redis.url(), false, "a");
+    let u = unit("p.SUB_g", None);
+    let r = run(
+        &a,
+        Command::Read {
+            units: vec![u.clone()],
+            count: 1,
+            block: Some(Duration::from_millis(10)),
+        },
+    )
+    .await;
+    assert!(matches!(r, Reply::Failed(Failure::NoGroup(_))), "{r:?}");
+    create(&a, std::slice::from_ref(&u)).await;
+    create(&a, std::slice::from_ref(&u)).await;
+    let r = run(
+        &a,
+        Command::Read {
+            units: vec![u],
+            count: 1,
+            block: Some(Duration::from_millis(10)),
+        },
+    )
+    .await;
+    assert_eq!(r, Reply::Read(vec![]), "nothing after the wait");
+}
+
+#[tokio::test]
+async fn a_blocked_read_is_cut_short_by_an_interrupt() {
+    let redis = Redis::start().await;
+    let a = carrier(&redis.url(), false, "a");
+    let u = unit("p.SUB_i", None);
+    create(&a, std::slice::from_ref(&u)).await;
+    let started = std::time::Instant::now();
+    let read = a.start(
+        CommandId(1),
+        Command::Read {
+            units: vec![u],
+            count: 1,
+            block: Some(Duration::from_secs(20)),
+        },
+    );
+    let interrupt = async {
+        // The read must be blocked before it can be cut short.
+        eventually(Duration::from_secs(5), "the read to block", || async {
+            let clients = redis.command(&["CLIENT", "LIST"]).await.text();
+            clients
+                .is_some_and(|c| c.contains("cmd=xreadgroup"))
+                .then_some(())
+        })
+        .await;
+        a.interrupt().await;
+    };
+    let ((_, reply), ()) = tokio::join!(read, interrupt);
+    assert_eq!(reply, Reply::Read(vec![]));
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "cut short: {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn on_a_cluster_keepalive_and_scans_run_once_per_node_over_many_slots() {
+    let cluster = RedisCluster::start().await;
+    let a = carrier(&cluster.url(), true, "a");
+    // Procedures whose slots spread over the masters.
+    let procedures: Vec<String> = (0..12).map(|i| format!("p.SUB_c{i}")).collect();
+    let plain: Vec<Unit> = procedures.iter().map(|p| unit(p, None)).collect();
+    create(&a, &plain).await;
+    for u in &plain {
+        let node = cluster.node_for_key(&stream(u)).await;
+        add(node, u, "x").await;
+    }
+    let got = match run(
+        &a,
+        Command::Read {
+            units: plain.clone(),
+            count: 5,
+            block: None,
+        },
+    )
+    .await
+    {
+        Reply::Read(per) => per,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(got.len(), 12, "one entry from each procedure's stream");
+    let refresh: Vec<(Unit, Vec<EntryId>)> = got
+        .iter()
+        .map(|(u, g)| (u.clone(), vec![g[0].id]))
+        .collect();
+    let Reply::Kept(kept) = run(
+        &a,
+        Command::Keepalive {
+            renew: vec![],
+            take: procedures
+                .iter()
+                .map(|p| (Arc::from(p.as_str()), vec![0, 1], 1))
+                .collect(),
+            refresh,
+            ttl: CLAIM_IDLE,
+        },
+    )
+    .await
+    else {
+        panic!("keepalive")
+    };
+    assert!(kept.lost.is_empty(), "{kept:?}");
+    assert_eq!(kept.taken.len(), 12, "one lease of each procedure");
+    let r = run(
+        &a,
+        Command::Scan {
+            units: plain.clone(),
+            idle: Duration::from_secs(30),
+        },
+    )
+    .await;
+    assert_eq!(r, Reply::Stale(vec![]));
+    let r = run(
+        &a,
+        Command::Leave {
+            units: kept.taken.clone(),
+        },
+    )
+    .await;
+    assert_eq!(r, Reply::Done);
+}
