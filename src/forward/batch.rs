@@ -297,6 +297,47 @@ impl<T> Pools<T> {
         }
     }
 
+    /// Takes out the waiting events (fresh and retries) `pred` picks; a
+    /// retry's keys are free again.
+    pub fn take_if(&mut self, pred: &mut dyn FnMut(&Job<T>) -> bool) -> Vec<Job<T>> {
+        let mut out = Vec::new();
+        for pool in self.lines.values_mut() {
+            let mut kept = VecDeque::with_capacity(pool.fresh.len());
+            for job in pool.fresh.drain(..) {
+                if pred(&job) {
+                    pool.bytes -= size_of(&job);
+                    out.push(job);
+                } else {
+                    kept.push_back(job);
+                }
+            }
+            pool.fresh = kept;
+            if pool.fresh.is_empty() {
+                pool.since = None;
+            }
+            pool.blocked = false;
+            for (_, jobs) in &mut pool.retries {
+                let (taken, left): (Vec<_>, Vec<_>) = jobs.drain(..).partition(|j| pred(j));
+                *jobs = left;
+                for job in &taken {
+                    if let Some(key) = job.key.filter(|_| job.batched_out)
+                        && let Entry::Occupied(mut busy) = pool.busy.entry(key)
+                    {
+                        *busy.get_mut() -= 1;
+                        if *busy.get() == 0 {
+                            busy.remove();
+                        }
+                    }
+                }
+                out.extend(taken);
+            }
+            pool.retries.retain(|(_, jobs)| !jobs.is_empty());
+        }
+        self.waiting -= out.len();
+        self.lines.retain(|_, p| !p.is_idle());
+        out
+    }
+
     /// Takes out everything waiting (fresh and retries), in acceptance
     /// order, and forgets every line.
     pub fn drain(&mut self) -> Vec<Job<T>> {

@@ -9,8 +9,10 @@
 //! generator.
 //!
 //! Every accepted event is resolved exactly once, by an `Ack` or a
-//! `DeadLetter`: `accepted == forwarded + dead_lettered + waiting + in_flight`
-//! holds after every call.
+//! `DeadLetter`, or handed back to the driver ([`Forwarder::withdraw`],
+//! [`Forwarder::cancel`]: a shared queue's entry that is no longer certainly
+//! this instance's): `accepted == forwarded + dead_lettered + withdrawn +
+//! waiting + in_flight` holds after every call.
 //!
 //! Per-key order (jobs with a [`Job::key`], one delivery per event): the
 //! first event of a key taken from the queue becomes the key's head; later
@@ -109,6 +111,8 @@ pub struct Counts {
     /// Keys whose head was dead-lettered while later events of the key
     /// waited: the next one went ahead without it.
     pub keys_released_by_dead_letter: u64,
+    /// Handed back to the driver, neither delivered nor given up.
+    pub withdrawn: u64,
 }
 
 /// One ordering key's events: the head (in flight, or waiting for its retry)
@@ -323,6 +327,70 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
         }
         self.dispatch(now);
         true
+    }
+
+    /// Hands back the waiting events `pred` picks (first attempts, retries
+    /// waiting out a backoff, events behind their key's head), neither
+    /// delivered nor given up. A key whose head is handed back goes on with
+    /// its next event.
+    pub fn withdraw(&mut self, mut pred: impl FnMut(&T) -> bool) -> Vec<Job<T>> {
+        let mut pick = |job: &Job<T>| pred(&job.item);
+        let mut out = Vec::new();
+        for line in self.lines.values_mut() {
+            let before = line.waiting.len();
+            let mut kept = VecDeque::with_capacity(before);
+            for job in line.waiting.drain(..) {
+                if pick(&job) {
+                    out.push(job);
+                } else {
+                    kept.push_back(job);
+                }
+            }
+            self.in_lines -= before - kept.len();
+            line.waiting = kept;
+        }
+        let mut kept = VecDeque::with_capacity(self.released.len());
+        for job in self.released.drain(..) {
+            if pick(&job) {
+                out.push(job);
+            } else {
+                kept.push_back(job);
+            }
+        }
+        self.released = kept;
+        out.extend(self.queue.take_if(&mut pick));
+        out.extend(self.pools.take_if(&mut pick));
+        for job in &out {
+            if job.batch.is_none() {
+                self.next_in_line(job, false);
+            }
+        }
+        self.counts.withdrawn += out.len() as u64;
+        out
+    }
+
+    /// Undoes a delivery that must not start after all (its events are no
+    /// longer certainly this instance's): its events are handed back,
+    /// neither delivered nor given up.
+    pub fn cancel(&mut self, id: DeliveryId) -> Option<Vec<Job<T>>> {
+        let jobs = self.in_flight.remove(&id)?;
+        self.in_flight_events -= jobs.len();
+        match jobs.first().and_then(|j| j.batch).map(|b| b.line) {
+            Some(line) => {
+                self.pools.finished(line);
+                for job in &jobs {
+                    self.pools.resolved(line, job);
+                }
+            }
+            None => {
+                self.in_flight_each -= jobs.len();
+                for job in &jobs {
+                    self.next_in_line(job, false);
+                }
+            }
+        }
+        self.counts.withdrawn += jobs.len() as u64;
+        Some(jobs)
     }
 
     /// Time passed: start due retries; at the shutdown deadline, dead-letter

@@ -94,6 +94,8 @@ pub trait Queue<T> {
     fn next_due(&self) -> Option<Instant>;
     /// Takes out everything waiting, oldest first where it matters.
     fn drain(&mut self) -> Vec<Job<T>>;
+    /// Takes out the waiting events `pred` picks, in order.
+    fn take_if(&mut self, pred: &mut dyn FnMut(&Job<T>) -> bool) -> Vec<Job<T>>;
     /// Looks at everything waiting (for metrics).
     fn for_each<'a>(&'a self, f: &mut dyn FnMut(&'a Job<T>));
 }
@@ -195,6 +197,27 @@ impl<T> Queue<T> for MemoryQueue<T> {
     fn for_each<'a>(&'a self, f: &mut dyn FnMut(&'a Job<T>)) {
         self.ready.iter().for_each(&mut *f);
         self.backing_off.values().for_each(f);
+    }
+
+    fn take_if(&mut self, pred: &mut dyn FnMut(&Job<T>) -> bool) -> Vec<Job<T>> {
+        let mut out = Vec::new();
+        let mut kept = VecDeque::with_capacity(self.ready.len());
+        for job in self.ready.drain(..) {
+            if pred(&job) {
+                out.push(job);
+            } else {
+                kept.push_back(job);
+            }
+        }
+        self.ready = kept;
+        let picked: Vec<(Instant, u64)> = self
+            .backing_off
+            .iter()
+            .filter(|(_, job)| pred(job))
+            .map(|(k, _)| *k)
+            .collect();
+        out.extend(picked.iter().filter_map(|k| self.backing_off.remove(k)));
+        out
     }
 
     fn drain(&mut self) -> Vec<Job<T>> {

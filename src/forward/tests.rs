@@ -321,6 +321,10 @@ mod model {
         Advance(u64),
         Open(bool),
         Shutdown(u64),
+        /// Hand back the waiting events whose item is `.1` modulo `.0`.
+        Withdraw(u32, u32),
+        /// Undo the n-th delivery in flight before it starts.
+        Cancel(usize),
     }
 
     #[derive(Debug, Clone, Copy)]
@@ -355,6 +359,8 @@ mod model {
             3 => (0..3000u64).prop_map(Op::Advance),
             1 => any::<bool>().prop_map(Op::Open),
             1 => (0..20_000u64).prop_map(Op::Shutdown),
+            1 => (2..4u32, 0..2u32).prop_map(|(m, r)| Op::Withdraw(m, r)),
+            1 => (0..8usize).prop_map(Op::Cancel),
         ]
     }
 
@@ -530,7 +536,7 @@ mod model {
             let (waiting, in_flight) = (self.f.waiting() as u64, self.f.in_flight() as u64);
             prop_assert_eq!(
                 c.accepted,
-                c.forwarded + c.dead_lettered + waiting + in_flight
+                c.forwarded + c.dead_lettered + c.withdrawn + waiting + in_flight
             );
             let each = self
                 .flying
@@ -612,6 +618,25 @@ mod model {
                     self.f.on_tick(self.now);
                 }
                 Op::Open(open) => self.f.set_open(open, self.now),
+                Op::Withdraw(m, r) => {
+                    for job in self.f.withdraw(|item| item % m == r) {
+                        prop_assert_eq!(job.item % m, r);
+                        let was = self.resolved.insert(job.item, true);
+                        prop_assert_eq!(was, Some(false), "item {} withdrawn twice", job.item);
+                    }
+                    self.f.on_tick(self.now);
+                }
+                Op::Cancel(n) => {
+                    if let Some(id) = self.land(n) {
+                        let jobs = self.f.cancel(id);
+                        prop_assert!(jobs.is_some());
+                        for job in jobs.unwrap_or_default() {
+                            let was = self.resolved.insert(job.item, true);
+                            prop_assert_eq!(was, Some(false), "item {} cancelled twice", job.item);
+                        }
+                        self.f.on_tick(self.now);
+                    }
+                }
                 Op::Shutdown(ms) => {
                     let deadline = self.now + Duration::from_millis(ms);
                     self.f.shutdown(deadline, self.now);
@@ -658,7 +683,7 @@ mod model {
             prop_assert!(w.f.is_idle());
             prop_assert!(w.resolved.values().all(|r| *r));
             let c = w.f.counts();
-            prop_assert_eq!(c.accepted, c.forwarded + c.dead_lettered);
+            prop_assert_eq!(c.accepted, c.forwarded + c.dead_lettered + c.withdrawn);
         }
 
         /// Many keys, answering backends: keys go in parallel (never two of
