@@ -74,7 +74,7 @@ pub struct Metrics {
     pub procedure_latency: Family<ProcedureLabel, Histogram>,
     /// Procedures counted under `other`.
     pub procedures_other: Gauge,
-    dead_lettered: [Counter; 6],
+    dead_lettered: [Counter; 7],
     unroutable_unknown_subscription: Counter,
     unroutable_missing_topic: Counter,
     /// EVENTs over SUBTOCALL_MAX_MESSAGE_SIZE, refused before acceptance.
@@ -110,6 +110,9 @@ pub struct Metrics {
     pub queue_released: Counter,
     /// Redis queue: entries that could not be read back as events.
     pub queue_malformed: Counter,
+    /// Redis queue: entries taken back undelivered because they were no
+    /// longer certainly this instance's (a pause, Redis out of reach).
+    pub queue_fenced: Counter,
     /// 1 while Redis answers (Redis queue), else 0.
     pub redis_up: Gauge,
 }
@@ -355,6 +358,12 @@ impl Metrics {
             "queue_malformed",
             "Queue entries that were not events (moved to the dead-letter stream)",
         );
+        let queue_fenced = counter(
+            r,
+            "queue_fenced",
+            "Queue entries not delivered because they were no longer certainly this instance's \
+             (not refreshed in time, or taken over): left in Redis for whoever holds them",
+        );
         let redis_up = gauge(
             r,
             "redis_up",
@@ -368,6 +377,7 @@ impl Metrics {
             queue_taken_over,
             queue_released,
             queue_malformed,
+            queue_fenced,
             redis_up,
             events_received,
             events_duplicate,

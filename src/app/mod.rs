@@ -44,8 +44,8 @@ use crate::sink::stream::StreamSink;
 use crate::sink::wamp::WampSink;
 use crate::status::{self, QueueProbe, RedisProbe, Status, StatusRequest, TargetProbe};
 use crate::streams::admit::{self, AdmitSink};
-use crate::streams::commit::Committer;
-use crate::streams::reader::{FromReaders, Readers};
+use crate::streams::carrier::{Carrier, Fields, Wakes};
+use crate::streams::core::{self as queue_core, CommandId, QueueCore, Wake};
 use crate::streams::{Keys, Target};
 use crate::wamp::auth::Credentials;
 use crate::wamp::{ClientConfig, CloseReason, ConnectError, Connection, Serializer};
@@ -168,8 +168,8 @@ struct App {
     sessions: u64,
     drain_deadline: Option<Instant>,
     dead_letter_task: Option<JoinHandle<()>>,
-    /// The Redis queue's tasks, when there is one.
-    streams: Option<StreamTasks>,
+    /// The Redis queue's commands in flight and wake-ups, when there is one.
+    streams: Option<QueueIo>,
     /// `/status`'s requests, and what it shows that does not change.
     status_requests: Option<mpsc::Receiver<StatusRequest>>,
     shown: Shown,
@@ -192,18 +192,35 @@ struct Shown {
     probe: Option<RedisProbe>,
 }
 
-/// The tasks behind the Redis queue.
-struct StreamTasks {
-    /// What the readers hand over; `None` once they all stopped.
-    from_readers: Option<mpsc::UnboundedReceiver<FromReaders>>,
-    stop: CancellationToken,
-    /// Cancelled after the last commits: the readers give up their
-    /// partitions' leases.
-    release: CancellationToken,
-    readers: JoinHandle<()>,
-    committer: JoinHandle<()>,
+/// The Redis queue's IO, awaited by the loop: commands on their way to
+/// Redis (the queue core's replies come back through them), interrupts of
+/// the blocked read, and (on a Redis Cluster) the wake-ups admission
+/// publishes.
+struct QueueIo {
+    commands: FuturesUnordered<queue_stage::PendingCommand>,
+    interrupts: FuturesUnordered<BoxFuture<'static, ()>>,
+    wakes: WakeLink,
+    carrier: Carrier,
     /// What `/status` reads of the queue.
     probe: QueueProbe,
+}
+
+/// The subscription to the wake-ups (Redis Cluster only).
+enum WakeLink {
+    /// One Redis server: reads wait on every stream instead.
+    Unused,
+    Subscribing(BoxFuture<'static, Result<Wakes, queue_core::Failure>>),
+    Up(Wakes),
+    Waiting(Instant),
+}
+
+/// What came of the wake-up subscription.
+enum WakeEvent {
+    /// A procedure got entries (`None`: some may have been missed).
+    Wake(Option<String>),
+    Subscribed(Result<Wakes, queue_core::Failure>),
+    Lost(queue_core::Failure),
+    RetryDue,
 }
 
 impl App {
@@ -339,7 +356,7 @@ impl App {
                 .with_lanes(partitions(config)),
             None => sidecar,
         };
-        let queue_probe = streams.as_ref().map(|s: &StreamTasks| s.probe.clone());
+        let queue_probe = streams.as_ref().map(|s: &QueueIo| s.probe.clone());
         let shown = Shown {
             started: Instant::now(),
             url: config.wamp.url.to_string(),
@@ -404,11 +421,7 @@ impl App {
                     tracing::warn!("shutdown deadline reached before everything was delivered");
                     return Ok(());
                 }
-                let readers_done = self
-                    .streams
-                    .as_ref()
-                    .is_none_or(|s| s.from_readers.is_none());
-                if self.sidecar.is_idle() && readers_done {
+                if self.sidecar.is_idle() {
                     tracing::info!("drained: every accepted event is delivered or dead-lettered");
                     return Ok(());
                 }
@@ -424,13 +437,12 @@ impl App {
                 Some((id, report)) = self.reports.next(), if !self.reports.is_empty() => {
                     self.sidecar.on_report(id, report, Instant::now().into_std());
                 }
-                message = next_from_readers(&mut self.streams) => match message {
-                    Some(message) => self.sidecar.on_readers(message, Instant::now().into_std()),
-                    None => {
-                        if let Some(s) = &mut self.streams {
-                            s.from_readers = None;
-                        }
+                event = next_queue_event(&mut self.streams) => match event {
+                    QueueEvent::Reply(id, reply) => {
+                        self.sidecar.on_queue_reply(id, reply, Instant::now().into_std());
                     }
+                    QueueEvent::Interrupted => {}
+                    QueueEvent::Wake(event) => self.on_wake_event(event),
                 },
                 Some(reply) = next_status_request(&mut self.status_requests) => {
                     let _ = reply.send((self.status(), self.shown.probe.clone()));
@@ -487,6 +499,64 @@ impl App {
         }
     }
 
+    fn on_wake_event(&mut self, event: WakeEvent) {
+        let Some(s) = &mut self.streams else {
+            return;
+        };
+        let now = Instant::now();
+        match event {
+            WakeEvent::Wake(procedure) => {
+                self.sidecar.on_wake(procedure.as_deref(), now.into_std())
+            }
+            WakeEvent::Subscribed(Ok(wakes)) => {
+                s.wakes = WakeLink::Up(wakes);
+                self.sidecar.on_wake(None, now.into_std());
+            }
+            WakeEvent::Subscribed(Err(e)) | WakeEvent::Lost(e) => {
+                tracing::warn!(error = %e, "cannot hear the Redis queue's wake-ups; every stream is read once per SUBTOCALL_CLAIM_IDLE meanwhile");
+                s.wakes = WakeLink::Waiting(now + Duration::from_secs(1));
+            }
+            WakeEvent::RetryDue => {
+                let carrier = s.carrier.clone();
+                s.wakes = WakeLink::Subscribing(Box::pin(async move { carrier.subscribe().await }));
+            }
+        }
+    }
+
+    /// Takes the Redis queue's new commands and interrupts into the loop.
+    fn take_queue_io(&mut self) {
+        let Some(s) = &mut self.streams else {
+            return;
+        };
+        if let Some((commands, interrupts)) = self.sidecar.take_queue_io() {
+            s.commands.extend(commands);
+            s.interrupts.extend(interrupts);
+        }
+    }
+
+    /// After the drain: the Redis queue's last commands, until its leases
+    /// are given up.
+    async fn finish_queue(&mut self) {
+        loop {
+            let now = Instant::now().into_std();
+            self.sidecar.pump(None, now);
+            self.take_queue_io();
+            let Some(s) = &mut self.streams else {
+                return;
+            };
+            if self.sidecar.queue_finished() && s.commands.is_empty() {
+                return;
+            }
+            let wake = self.sidecar.next_wake().map(Instant::from_std);
+            tokio::select! {
+                Some((id, reply)) = s.commands.next(), if !s.commands.is_empty() => {
+                    self.sidecar.on_queue_reply(id, reply, Instant::now().into_std());
+                }
+                _ = sleep_until(wake.unwrap_or_else(Instant::now)), if wake.is_some() => {}
+            }
+        }
+    }
+
     fn connect(&self) -> BoxFuture<'static, Result<Box<Connection<Token>>, ConnectError>> {
         let config = self.client_config.clone();
         Box::pin(async move { Connection::connect(&config).await.map(Box::new) })
@@ -522,6 +592,7 @@ impl App {
             self.connect_failures = 0;
         }
         self.reports.extend(self.sidecar.take_started());
+        self.take_queue_io();
         Ok(())
     }
 
@@ -640,10 +711,6 @@ impl App {
     fn begin_drain(&mut self, now: Instant) {
         let deadline = now + self.shutdown_timeout;
         self.drain_deadline = Some(deadline);
-        if let Some(s) = &self.streams {
-            // No new entries; what is held is delivered or released.
-            s.stop.cancel();
-        }
         self.metrics.ready.set(0);
         let session = match &mut self.link {
             Link::Up(conn) => Some(conn.session()),
@@ -680,18 +747,14 @@ impl App {
         if let Some(task) = self.dead_letter_task.take() {
             let _ = timeout(FINAL_GRACE, task).await;
         }
-        if let Some(s) = self.streams.take() {
-            s.stop.cancel();
-            // Acknowledgements and releases must reach Redis before we go.
-            if timeout(FINAL_GRACE, s.committer).await.is_err() {
+        if self.streams.is_some() {
+            // Acknowledgements, releases and the leases given up must reach
+            // Redis before we go.
+            if timeout(FINAL_GRACE, self.finish_queue()).await.is_err() {
                 tracing::warn!(
-                    "the last Redis queue updates did not finish; those entries are delivered again after a takeover"
+                    "the last Redis queue updates did not finish; those entries are delivered \
+                     again after a takeover, and the leases lapse after SUBTOCALL_CLAIM_IDLE"
                 );
-            }
-            s.release.cancel();
-            let mut readers = s.readers;
-            if timeout(FINAL_GRACE, &mut readers).await.is_err() {
-                readers.abort();
             }
         }
         self.metrics.router_connected.set(0);
@@ -714,22 +777,59 @@ async fn next_status_request(
     }
 }
 
-async fn next_from_readers(streams: &mut Option<StreamTasks>) -> Option<FromReaders> {
-    match streams.as_mut().and_then(|s| s.from_readers.as_mut()) {
-        Some(rx) => rx.recv().await,
-        None => std::future::pending().await,
+/// What the Redis queue's IO brought.
+enum QueueEvent {
+    Reply(CommandId, queue_core::Reply<Fields>),
+    Interrupted,
+    Wake(WakeEvent),
+}
+
+/// The next thing the Redis queue's IO brings. Cancel safe:
+/// `FuturesUnordered::next` loses nothing when another branch wins, and so
+/// is [`next_wake_event`].
+async fn next_queue_event(streams: &mut Option<QueueIo>) -> QueueEvent {
+    let Some(s) = streams.as_mut() else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        Some((id, reply)) = s.commands.next(), if !s.commands.is_empty() => {
+            QueueEvent::Reply(id, reply)
+        }
+        Some(()) = s.interrupts.next(), if !s.interrupts.is_empty() => QueueEvent::Interrupted,
+        event = next_wake_event(&mut s.wakes) => QueueEvent::Wake(event),
     }
 }
 
-/// Starts the Redis queue's committer and readers; returns the admission
-/// sink and the delivery stage (over `sink`, the real destination).
+/// What comes of the wake-up subscription. Cancel safe: the subscribing
+/// future stays in `wakes`, `Wakes::next` keeps what it read, the retry
+/// time is kept.
+async fn next_wake_event(wakes: &mut WakeLink) -> WakeEvent {
+    match wakes {
+        WakeLink::Unused => std::future::pending().await,
+        WakeLink::Subscribing(f) => WakeEvent::Subscribed(f.await),
+        WakeLink::Up(wakes) => match wakes.next().await {
+            Ok(Some(procedure)) => WakeEvent::Wake(Some(procedure)),
+            // The subscription's confirmation: what came before it was
+            // not heard.
+            Ok(None) => WakeEvent::Wake(None),
+            Err(e) => WakeEvent::Lost(e),
+        },
+        WakeLink::Waiting(until) => {
+            sleep_until(*until).await;
+            WakeEvent::RetryDue
+        }
+    }
+}
+
+/// The Redis queue: the admission sink, and the delivery stage (its queue
+/// core and carrier, delivering through `sink`, the real destination).
 fn start_streams(
     config: &Config,
     settings: Settings,
     sink: Box<dyn Sink<Token> + Send>,
     metrics: &Arc<Metrics>,
     now: std::time::Instant,
-) -> Result<(AdmitSink, QueueStage, StreamTasks), Fatal> {
+) -> Result<(AdmitSink, QueueStage, QueueIo), Fatal> {
     let q = &config.queue;
     let target = Target::new(config.redis.url.expose(), config.redis.cluster)
         .map_err(|e| Fatal::Setup(format!("Redis: {e}")))?;
@@ -737,7 +837,10 @@ fn start_streams(
         .shared()
         .map_err(|e| Fatal::Setup(format!("Redis: {e}")))?;
     let keys = Arc::new(Keys::new(&q.name));
-    let consumer = consumer_name();
+    let consumer = match &q.instance_id {
+        Some(id) => id.clone(),
+        None => consumer_name(),
+    };
     let probe = QueueProbe {
         shared: shared.clone(),
         keys: keys.clone(),
@@ -745,62 +848,69 @@ fn start_streams(
         partitions: partitions(config),
     };
     tracing::info!(queue = %q.name, %consumer, cluster = config.redis.cluster, "using the Redis queue");
-    // The local window: entries held here (waiting or in flight) at most.
-    let window = match sink.dispatch() {
-        Dispatch::Each => (2 * settings.max_in_flight).max(64),
-        Dispatch::Pipeline { max } => 2 * max,
+    // The window: entries held here (waiting or in flight) at most, over
+    // every stream: what may be in flight, plus what one read brings.
+    let read_max = match sink.dispatch() {
+        Dispatch::Each => settings
+            .max_in_flight
+            .max(settings.batching.max_events)
+            .clamp(16, 512),
+        Dispatch::Pipeline { max } => max,
     };
-    let credits = Arc::new(tokio::sync::Semaphore::new(window));
-    let (commit_tx, commit_rx) = mpsc::unbounded_channel();
-    let committer = tokio::spawn(
-        Committer {
-            conn: shared.clone(),
-            keys: keys.clone(),
-            consumer: consumer.clone(),
-            claim_idle: q.claim_idle,
-            dedup_window: q.dedup_window,
-            metrics: metrics.clone(),
-        }
-        .run(commit_rx),
+    let window = settings.max_in_flight + read_max;
+    let carrier = Carrier::new(
+        target.clone(),
+        shared.clone(),
+        keys.clone(),
+        &consumer,
+        q.dedup_window,
+        q.claim_idle,
     );
-    let (new_tx, new_rx) = mpsc::unbounded_channel();
-    let (out_tx, out_rx) = mpsc::unbounded_channel();
-    let stop = CancellationToken::new();
-    let release = CancellationToken::new();
-    let readers = tokio::spawn(
-        Readers {
-            target,
-            shared: shared.clone(),
-            keys: keys.clone(),
-            consumer,
+    let wake = if config.redis.cluster {
+        Wake::Notified
+    } else {
+        Wake::Blocking((q.claim_idle / 4).min(Duration::from_secs(1)))
+    };
+    let queue = QueueCore::new(
+        queue_core::Settings {
+            window,
+            read_max,
             claim_idle: q.claim_idle,
-            credits: credits.clone(),
-            read_chunk: (window / 4).clamp(1, 64) as u32,
-            out: out_tx,
-            stop: stop.clone(),
             partitions: partitions(config),
-            release: release.clone(),
-        }
-        .run(new_rx),
+            max_deliveries: q.max_deliveries,
+            wake,
+        },
+        now,
     );
-    let admit = AdmitSink::new(shared, keys, q.dedup_window, new_tx, metrics.clone());
+    let admit = AdmitSink::new(
+        shared,
+        keys,
+        q.dedup_window,
+        config.redis.cluster,
+        metrics.clone(),
+    );
     let deliver = Settings {
-        // Never reached: the readers hold no more than the window.
+        // Never reached: the queue core holds no more than the window.
         capacity: 2 * window,
         ..settings
     };
     let core = Forwarder::new(MemoryQueue::new(), deliver, rand::random())
         .with_ids_from(queue_stage::IDS_FROM);
-    let stage = QueueStage::new(core, sink, commit_tx, credits, q.claim_idle, now);
-    let tasks = StreamTasks {
-        from_readers: Some(out_rx),
-        stop,
-        release,
-        readers,
-        committer,
+    let stage = QueueStage::new(core, sink, queue, carrier.clone());
+    let wakes = if config.redis.cluster {
+        let c = carrier.clone();
+        WakeLink::Subscribing(Box::pin(async move { c.subscribe().await }))
+    } else {
+        WakeLink::Unused
+    };
+    let io = QueueIo {
+        commands: FuturesUnordered::new(),
+        interrupts: FuturesUnordered::new(),
+        wakes,
+        carrier,
         probe,
     };
-    Ok((admit, stage, tasks))
+    Ok((admit, stage, io))
 }
 
 /// Partitions per procedure for keyed events: with per-key ordering on the

@@ -1,59 +1,54 @@
 //! The delivery stage of the Redis queue (`SUBTOCALL_QUEUE=redis`): the
-//! entries this instance's readers handed over, delivered through the real
-//! sink by a forwarding core of their own. What the stage does to the
-//! streams (acknowledge, dead-letter, count a failed attempt, refresh, release)
-//! goes to the committer task as [`Commit`]s. Synchronous, like the sidecar.
+//! queue core (`streams::core`) decides what this instance reads, holds
+//! and commits; the carrier takes its commands to Redis; the entries it
+//! hands out are delivered through the real sink by a forwarding core of
+//! their own. Synchronous, like the sidecar: the loop brings the replies.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use tokio::sync::{Semaphore, mpsc};
+use futures_util::future::BoxFuture;
 
 use super::Token;
 use super::sidecar::Core;
 use crate::forward::envelope::{Entry as EntryRef, SharedEvent};
 use crate::forward::{DeliveryId, Job};
 use crate::sink::Sink;
-use crate::streams::commit::Commit;
-use crate::streams::entry_id_numbers;
-use crate::streams::reader::Entry;
+use crate::streams::carrier::{Carrier, Fields};
+use crate::streams::core::{Command, CommandId, Handed, Key, QueueCore, Reply};
 
 /// Delivery ids of this stage start here, apart from the admission core's.
 pub const IDS_FROM: u64 = 1 << 62;
 
+/// A command on its way to Redis: its reply, when it comes.
+pub type PendingCommand = BoxFuture<'static, (CommandId, Reply<Fields>)>;
+
 pub struct QueueStage {
+    /// The forwarding core that delivers what the queue core hands out.
     pub core: Core,
     pub sink: Box<dyn Sink<Token> + Send>,
-    commits: Option<mpsc::UnboundedSender<Commit>>,
-    /// The readers' window: one credit per entry held here.
-    credits: Arc<Semaphore>,
-    /// Entries held (waiting or in flight), per procedure, by id (its two
-    /// numbers): refreshed so that no other instance takes them over.
-    // A BTreeMap: a few procedures, compared faster than hashed.
-    held: BTreeMap<Arc<str>, BTreeSet<(u64, u64)>>,
-    refresh_every: Duration,
-    next_refresh: Instant,
+    /// What this instance reads, holds and commits.
+    pub queue: QueueCore<Fields>,
+    carrier: Carrier,
+    /// Commands carried whose replies the loop takes in.
+    commands: Vec<PendingCommand>,
+    /// Interrupts of the blocked read, to be run by the loop.
+    interrupts: Vec<BoxFuture<'static, ()>>,
 }
 
 impl QueueStage {
     pub fn new(
         core: Core,
         sink: Box<dyn Sink<Token> + Send>,
-        commits: mpsc::UnboundedSender<Commit>,
-        credits: Arc<Semaphore>,
-        claim_idle: Duration,
-        now: Instant,
+        queue: QueueCore<Fields>,
+        carrier: Carrier,
     ) -> QueueStage {
-        let refresh_every = claim_idle / 3;
         QueueStage {
             core,
             sink,
-            commits: Some(commits),
-            credits,
-            held: BTreeMap::new(),
-            refresh_every,
-            next_refresh: now + refresh_every,
+            queue,
+            carrier,
+            commands: Vec::new(),
+            interrupts: Vec::new(),
         }
     }
 
@@ -61,86 +56,64 @@ impl QueueStage {
         id.0 > IDS_FROM
     }
 
-    pub fn commit(&self, commit: Commit) {
-        if let Some(tx) = &self.commits {
-            let _ = tx.send(commit);
-        }
+    /// Takes `command` to Redis.
+    pub fn carry(&mut self, id: CommandId, command: Command) {
+        self.commands.push(self.carrier.start(id, command));
     }
 
-    /// Closes the channel so that the committer finishes what it has.
-    pub fn close(&mut self) {
-        self.commits = None;
+    /// Cuts the blocked read short.
+    pub fn interrupt(&mut self) {
+        self.interrupts.push(self.carrier.interrupt());
     }
 
-    /// An entry read back: a job with its history (received when it was
-    /// added to the stream; attempted once per earlier hand-out).
-    pub fn job(&mut self, entry: &Entry, mut event: SharedEvent, now: Instant) -> Job<SharedEvent> {
-        let key = entry_id_numbers(&entry.id);
-        let age = key
-            .map(|(ms, _)| {
-                let added = SystemTime::UNIX_EPOCH + Duration::from_millis(ms);
-                SystemTime::now().duration_since(added).unwrap_or_default()
-            })
-            .unwrap_or_default();
+    /// Commands started and interrupts asked for since last asked, for the
+    /// loop to await.
+    pub fn take_io(
+        &mut self,
+    ) -> (
+        std::vec::Drain<'_, PendingCommand>,
+        std::vec::Drain<'_, BoxFuture<'static, ()>>,
+    ) {
+        (self.commands.drain(..), self.interrupts.drain(..))
+    }
+
+    pub fn carrier(&self) -> &Carrier {
+        &self.carrier
+    }
+
+    /// An entry handed out, as a job with its history: received when it
+    /// was added to the stream, attempted once per earlier hand-out.
+    pub fn job(
+        &self,
+        handed: &Handed<Fields>,
+        mut event: SharedEvent,
+        now: Instant,
+    ) -> Job<SharedEvent> {
+        let added = SystemTime::UNIX_EPOCH + Duration::from_millis(handed.key.id.0);
+        let age = SystemTime::now().duration_since(added).unwrap_or_default();
         event.outgoing = self.sink.prepare(&event);
         event.entry = Some(EntryRef {
-            procedure: entry.procedure.clone(),
-            id: entry.id.clone(),
-            deliveries: entry.deliveries,
+            key: handed.key.clone(),
+            deliveries: handed.deliveries,
         });
-        if let Some(key) = key {
-            match self.held.get_mut(&*entry.procedure) {
-                Some(ids) => {
-                    ids.insert(key);
-                }
-                None => {
-                    self.held
-                        .insert(entry.procedure.clone(), BTreeSet::from([key]));
-                }
-            }
-        }
         let mut job = Job::new(event, now.checked_sub(age).unwrap_or(now));
-        job.attempts = entry.deliveries.saturating_sub(1).min(u64::from(u32::MAX)) as u32;
+        job.attempts = handed.deliveries.saturating_sub(1);
         job
     }
 
-    /// The entry is done with here (acknowledged, dead-lettered, released):
-    /// its credit goes back to the readers.
-    pub fn let_go(&mut self, entry: &EntryRef) {
-        if let (Some(ids), Some(id)) = (
-            self.held.get_mut(&entry.procedure),
-            entry_id_numbers(&entry.id),
-        ) {
-            ids.remove(&id);
-        }
-        self.credits.add_permits(1);
+    /// The queue key of each job of a delivery that may not start now (no
+    /// longer certainly this instance's), if any.
+    pub fn fenced(&self, jobs: &[Job<SharedEvent>], now: Instant) -> bool {
+        jobs.iter().any(|j| {
+            j.item
+                .entry
+                .as_ref()
+                .is_some_and(|e| !self.queue.may_dispatch(&e.key, now))
+        })
     }
+}
 
-    /// A credit for an entry that never became a job.
-    pub fn return_credit(&self) {
-        self.credits.add_permits(1);
-    }
-
-    /// Every `claim_idle / 3`: tells the streams we still hold what we hold.
-    pub fn refresh(&mut self, now: Instant) {
-        if now < self.next_refresh {
-            return;
-        }
-        self.next_refresh = now + self.refresh_every;
-        for (procedure, ids) in &self.held {
-            if !ids.is_empty() {
-                self.commit(Commit::Refresh {
-                    procedure: procedure.clone(),
-                    ids: ids.iter().map(|(ms, seq)| format!("{ms}-{seq}")).collect(),
-                });
-            }
-        }
-    }
-
-    pub fn next_refresh(&self) -> Option<Instant> {
-        self.held
-            .values()
-            .any(|ids| !ids.is_empty())
-            .then_some(self.next_refresh)
-    }
+/// The queue key of a job read from the queue.
+pub fn key_of(job: &Job<SharedEvent>) -> Option<&Key> {
+    job.item.entry.as_ref().map(|e| &e.key)
 }

@@ -10,26 +10,28 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use tokio::sync::mpsc;
 
 use super::Fatal;
 use super::dead_letter_log::{DeadLetterLog, LINES_PER_WINDOW, Summary};
 use super::procedure_metrics::{Counts, Live, ProcedureMetrics};
-use super::queue_stage::QueueStage;
+use super::queue_stage::{self, QueueStage};
 use crate::config::OrderBy;
 use crate::discovery::meta;
 use crate::discovery::topic::MatchPolicy;
 use crate::discovery::{self, Action, Destination, Discovery, GetOutcome, Note, TopicKey};
 use crate::forward::dedup::{DEFAULT_CAPACITY, Dedup};
 use crate::forward::envelope::SharedEvent;
+use crate::forward::key::{KeyOf, OrderKey};
 use crate::forward::{Batched, DeliveryId, Forwarder, GiveUp, Job, MemoryQueue, Output};
 use crate::metrics::Metrics;
 use crate::sink::{Report, Sink, Started};
 use crate::status;
-use crate::streams::commit::{Commit, DeadFrom};
-use crate::streams::reader::{Entry, FromReaders};
+use crate::streams::carrier::Fields;
+use crate::streams::core::{
+    CommandId, Handed, Key, Note as QueueNote, Output as QueueOutput, Reply,
+};
 use crate::wamp::connection::Refused;
 use crate::wamp::id::IdHashing;
 use crate::wamp::session::{Output as SessionOutput, Session, Success};
@@ -551,14 +553,19 @@ impl Sidecar {
 
     fn accept(&mut self, mut event: SharedEvent, batch: bool, now: Instant) {
         event.outgoing = self.sink.prepare(&event);
-        let mut job = shaped(
+        let (job, key) = shaped(
             &self.order_by,
             Some(&self.metrics),
             Job::new(event, now),
             batch,
         );
-        if let (Some(partitions), Some(key)) = (self.lanes, job.key) {
-            job.item.lane = Some((key % u64::from(partitions)) as u16);
+        let mut job = job;
+        if let Some(q) = &mut self.queue {
+            // Its stream is read from now on (a no-op once it is).
+            q.queue.add_procedure(&job.item.procedure, now);
+            if let (Some(partitions), Some(key)) = (self.lanes, key) {
+                job.item.lane = Some(key.partition(partitions));
+            }
         }
         self.core.accept_job(job, now);
     }
@@ -638,75 +645,81 @@ impl Sidecar {
         self.metrics.redis_up.set(i64::from(up));
     }
 
-    /// What the stream readers report.
-    pub fn on_readers(&mut self, message: FromReaders, now: Instant) {
-        match message {
-            FromReaders::RedisUp(up) => self.set_redis_up(up),
-            FromReaders::Entries(entries) => {
-                for entry in entries {
-                    self.on_entry(entry, now);
-                }
+    /// A Redis queue command's reply.
+    pub fn on_queue_reply(&mut self, id: CommandId, reply: Reply<Fields>, now: Instant) {
+        if let Some(q) = &mut self.queue {
+            q.queue.on_reply(id, reply, now);
+        }
+    }
+
+    /// A procedure got entries (Redis Cluster's wake-ups); `None`: some may
+    /// have been missed.
+    pub fn on_wake(&mut self, procedure: Option<&str>, now: Instant) {
+        if let Some(q) = &mut self.queue {
+            match procedure {
+                Some(p) => q.queue.on_wake(p, now),
+                None => q.queue.on_wakes_missed(),
             }
         }
     }
 
-    fn on_entry(&mut self, mut entry: Entry, now: Instant) {
+    /// An entry the queue core handed out: into the delivery core, or, if
+    /// it holds no event, to the dead-letter stream.
+    fn take_entry(&mut self, handed: Handed<Fields>, now: Instant) {
         let Some(q) = &mut self.queue else {
             return;
         };
-        if entry.taken_over {
+        if handed.taken_over {
             self.metrics.queue_taken_over.inc();
         }
-        // What a malformed entry held, as text, for its dead-letter record.
-        let shown = |fields: &[(Bytes, Bytes)]| -> Vec<u8> {
-            let text: serde_json::Map<String, serde_json::Value> = fields
-                .iter()
-                .map(|(k, v)| {
-                    let k = String::from_utf8_lossy(k).into_owned();
-                    (k, String::from_utf8_lossy(v).into_owned().into())
-                })
-                .collect();
-            serde_json::Value::Object(text).to_string().into_bytes()
-        };
-        let fields = std::mem::take(&mut entry.fields);
-        let raw = if crate::streams::entry::looks_like_an_event(&fields) {
-            Vec::new()
-        } else {
-            shown(&fields)
-        };
-        // A partition's entries are its procedure's events.
-        let procedure = crate::streams::split_lane(&entry.procedure).0;
-        let event = crate::streams::entry::read(procedure, fields);
-        match event {
+        match read_entry(&handed) {
             Ok(event) => {
                 let batch = self.discovery.marker().is_batch(&event.procedure);
-                let job = q.job(&entry, event, now);
+                let job = q.job(&handed, event, now);
                 // Counted unordered when it was admitted, not again.
-                let job = shaped(&self.order_by, None, job, batch);
+                let (job, _) = shaped(&self.order_by, None, job, batch);
                 q.core.accept_job(job, now);
             }
-            Err(why) => {
+            Err((why, shown)) => {
                 self.metrics.queue_malformed.inc();
                 tracing::error!(
                     target: "subtocall::dead_letter",
-                    procedure = %entry.procedure,
-                    entry = %entry.id,
+                    stream = %handed.key.unit,
+                    entry = %handed.key.id,
                     error = %why,
                     "queue entry is not an event; moved to the dead-letter stream"
                 );
-                q.commit(Commit::DeadLetter {
-                    procedure: entry.procedure.clone(),
-                    from: DeadFrom::Entry(entry.id.clone()),
-                    fields: vec![
+                q.queue.dead_letter(
+                    &handed.key,
+                    vec![
                         ("reason", b"malformed".to_vec()),
-                        ("attempts", entry.deliveries.to_string().into_bytes()),
+                        ("attempts", handed.deliveries.to_string().into_bytes()),
                         ("last_error", why.into_bytes()),
                         ("dead_lettered_at", rfc3339_now().into_bytes()),
-                        ("event", raw),
+                        ("event", shown),
                     ],
-                });
-                q.return_credit();
+                );
             }
+        }
+    }
+
+    /// An entry handed out too often: dead-lettered without a delivery.
+    fn poison(&mut self, handed: Handed<Fields>, now: Instant) {
+        let Some(q) = &self.queue else {
+            return;
+        };
+        match read_entry(&handed) {
+            Ok(event) => {
+                let mut job = q.job(&handed, event, now);
+                job.last_error = Some(format!(
+                    "handed out {} times (SUBTOCALL_MAX_DELIVERIES): an instance that \
+                     delivered it may have died each time",
+                    handed.deliveries
+                ));
+                self.dead_letter(&job, GiveUp::MaxDeliveries, now);
+            }
+            // Not an event either: as any malformed entry.
+            Err(_) => self.take_entry(handed, now),
         }
     }
 
@@ -805,62 +818,137 @@ impl Sidecar {
         }
     }
 
-    /// The delivery stage's outputs (Redis queue).
+    /// The Redis queue: what its core says, and the delivery stage's
+    /// outputs, until neither has more.
     fn pump_queue(&mut self, mut session: Option<&mut Session<Token>>, now: Instant) {
         let Some(q) = &mut self.queue else {
             return;
         };
+        q.queue.on_tick(now);
         q.core.on_tick(now);
-        q.refresh(now);
-        let mut released: HashMap<Arc<str>, Vec<String>> = HashMap::new();
-        while let Some(output) = self.queue.as_mut().and_then(|q| q.core.poll()) {
+        let mut released = 0;
+        loop {
+            let Some(q) = &mut self.queue else {
+                return;
+            };
+            if let Some(output) = q.queue.poll() {
+                self.on_queue_output(output, now);
+                continue;
+            }
+            let Some(output) = q.core.poll() else {
+                // Acknowledgements of what was just delivered go out now.
+                q.queue.on_tick(now);
+                if q.queue.has_output() {
+                    continue;
+                }
+                break;
+            };
             match output {
                 Output::Deliver(id) => self.start(id, session.as_deref_mut(), now),
                 Output::Ack(job) => {
-                    let pushed = self.queue.as_ref().is_some_and(|q| !q.sink.needs_session());
+                    let pushed = !q.sink.needs_session();
+                    if let Some(key) = queue_stage::key_of(&job) {
+                        q.queue.on_delivered(key);
+                    }
                     self.delivered(&job, pushed, now);
-                    let q = self.queue.as_mut().expect("queue stage");
-                    if let Some(entry) = &job.item.entry {
-                        q.commit(Commit::Ack {
-                            procedure: entry.procedure.clone(),
-                            id: entry.id.clone(),
-                        });
-                        q.let_go(entry);
-                    }
                 }
-                Output::DeadLetter(job, crate::forward::GiveUp::Shutdown) => {
+                Output::DeadLetter(job, GiveUp::Shutdown) => {
                     // Not given up: left in the stream for the other instances.
-                    let q = self.queue.as_mut().expect("queue stage");
-                    if let Some(entry) = &job.item.entry {
+                    if let Some(key) = queue_stage::key_of(&job) {
+                        q.queue.release(key);
                         self.metrics.queue_released.inc();
-                        released
-                            .entry(entry.procedure.clone())
-                            .or_default()
-                            .push(entry.id.clone());
-                        q.let_go(entry);
+                        released += 1;
                     }
                 }
-                Output::DeadLetter(job, why) => {
-                    self.dead_letter(&job, why, now);
-                    if let Some(entry) = &job.item.entry {
-                        self.queue.as_mut().expect("queue stage").let_go(entry);
-                    }
-                }
+                Output::DeadLetter(job, why) => self.dead_letter(&job, why, now),
                 Output::Retrying { events, .. } => {
                     self.metrics.events_retried.inc_by(events as u64);
                 }
             }
         }
-        let q = self.queue.as_mut().expect("queue stage");
-        if !released.is_empty() {
-            let n: usize = released.values().map(Vec::len).sum();
+        if released > 0 {
             tracing::info!(
-                entries = n,
+                entries = released,
                 "left unfinished entries in the Redis queue for the other instances"
             );
         }
-        for (procedure, ids) in released {
-            q.commit(Commit::Release { procedure, ids });
+    }
+
+    /// One output of the queue core.
+    fn on_queue_output(&mut self, output: QueueOutput<Fields>, now: Instant) {
+        let Some(q) = &mut self.queue else {
+            return;
+        };
+        match output {
+            QueueOutput::Send(id, command) => q.carry(id, command),
+            QueueOutput::Deliver(handed) => {
+                for h in handed {
+                    self.take_entry(h, now);
+                }
+            }
+            QueueOutput::Poison(h) => self.poison(h, now),
+            QueueOutput::Withdraw(keys) => {
+                let keys: std::collections::HashSet<Key> = keys.into_iter().collect();
+                let back: Vec<Key> = q
+                    .core
+                    .withdraw(|e| e.entry.as_ref().is_some_and(|e| keys.contains(&e.key)))
+                    .into_iter()
+                    .filter_map(|j| j.item.entry.map(|e| e.key))
+                    .collect();
+                q.queue.on_withdrawn(&back);
+            }
+            QueueOutput::Interrupt => q.interrupt(),
+            QueueOutput::RedisUp(up) => {
+                if !up {
+                    tracing::warn!("the Redis queue does not answer; retrying");
+                }
+                self.set_redis_up(up);
+            }
+            QueueOutput::Note(note) => self.on_queue_note(note),
+        }
+    }
+
+    fn on_queue_note(&mut self, note: QueueNote) {
+        match note {
+            QueueNote::TakenOver { unit, entries } => {
+                tracing::info!(stream = %unit, entries, "took over entries another instance left idle");
+            }
+            QueueNote::LeaseTaken { unit } => {
+                tracing::info!(partition = %unit, "holding the partition's lease; delivering it");
+            }
+            QueueNote::LeaseLost { unit } => {
+                tracing::warn!(
+                    partition = %unit,
+                    "the partition's lease is no longer certainly ours (not renewed in time); \
+                     its waiting entries are left to its next holder"
+                );
+            }
+            QueueNote::HandingOver { unit, instances } => {
+                tracing::info!(partition = %unit, instances, "handing the partition over to another instance");
+            }
+            QueueNote::Fenced { entries } => {
+                self.metrics.queue_fenced.inc_by(entries as u64);
+                tracing::warn!(
+                    entries,
+                    "entries no longer certainly ours (not refreshed in time, or taken over): \
+                     not delivered here, left in Redis for whoever holds them"
+                );
+            }
+            QueueNote::CommitGivenUp { what, keys, error } => {
+                self.metrics.redis_errors.inc();
+                tracing::warn!(
+                    entries = keys,
+                    %error,
+                    "could not {what}; the entries stay pending and are delivered again after a takeover"
+                );
+            }
+            QueueNote::CommandFailed { what, error } => {
+                self.metrics.redis_errors.inc();
+                tracing::debug!(%error, "could not {what}; retrying");
+            }
+            QueueNote::Reading { procedure } => {
+                tracing::info!(%procedure, "reading the procedure's queue streams");
+            }
         }
     }
 
@@ -889,7 +977,23 @@ impl Sidecar {
     }
 
     /// Starts a delivery of either stage (the queue stage's ids are its own).
+    /// A queue delivery whose entries are no longer certainly this
+    /// instance's is cancelled instead: nobody is called.
     fn start(&mut self, id: DeliveryId, session: Option<&mut Session<Token>>, now: Instant) {
+        if let Some(q) = &mut self.queue
+            && QueueStage::is_delivery(id)
+            && q.core.delivery(id).is_some_and(|jobs| q.fenced(jobs, now))
+        {
+            let keys: Vec<Key> = q
+                .core
+                .cancel(id)
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|j| j.item.entry.map(|e| e.key))
+                .collect();
+            q.queue.cancelled(&keys, now);
+            return;
+        }
         let (core, sink) = match &mut self.queue {
             Some(q) if QueueStage::is_delivery(id) => (&q.core, &mut q.sink),
             _ => (&self.core, &mut self.sink),
@@ -970,32 +1074,25 @@ impl Sidecar {
             "event dead-lettered"
             );
         }
-        if let Some(q) = &self.queue {
+        if let Some(q) = &mut self.queue {
             // Into the procedure's dead-letter stream (and out of its queue
-            // stream, when it came from there).
-            q.commit(Commit::DeadLetter {
-                procedure: ev
-                    .entry
-                    .as_ref()
-                    .map(|e| e.procedure.clone())
-                    .unwrap_or_else(|| Arc::from(ev.procedure.as_str())),
-                from: match &ev.entry {
-                    Some(e) => DeadFrom::Entry(e.id.clone()),
-                    None => DeadFrom::Unadmitted {
-                        publication: ev.publication.0,
-                    },
-                },
-                fields: vec![
-                    ("reason", why.as_str().as_bytes().to_vec()),
-                    ("attempts", job.attempts.to_string().into_bytes()),
-                    (
-                        "last_error",
-                        job.last_error.clone().unwrap_or_default().into_bytes(),
-                    ),
-                    ("dead_lettered_at", rfc3339_now().into_bytes()),
-                    ("event", ev.envelope_json()),
-                ],
-            });
+            // stream, when it came from there and is still ours).
+            let fields = vec![
+                ("reason", why.as_str().as_bytes().to_vec()),
+                ("attempts", job.attempts.to_string().into_bytes()),
+                (
+                    "last_error",
+                    job.last_error.clone().unwrap_or_default().into_bytes(),
+                ),
+                ("dead_lettered_at", rfc3339_now().into_bytes()),
+                ("event", ev.envelope_json()),
+            ];
+            match &ev.entry {
+                Some(e) => q.queue.dead_letter(&e.key, fields),
+                None => q
+                    .queue
+                    .dead_letter_unadmitted(&ev.procedure, ev.publication.0, fields),
+            }
         }
         if let Some(store) = &self.dead_letter_store {
             let record = ev.dead_letter_json(
@@ -1030,6 +1127,8 @@ impl Sidecar {
         self.draining = true;
         self.core.shutdown(deadline, now);
         if let Some(q) = &mut self.queue {
+            // Nothing new is read; what is held is delivered or released.
+            q.queue.shutdown();
             q.core.shutdown(deadline, now);
             if q.sink.needs_session() && !(session.is_some() && self.joined) {
                 q.core.shutdown(now, now);
@@ -1067,9 +1166,14 @@ impl Sidecar {
         &self.core
     }
 
-    /// Nothing waiting or in flight in either stage.
+    /// Nothing waiting or in flight in either stage (and, with the Redis
+    /// queue, its last commits made and its leases given up).
     pub fn is_idle(&self) -> bool {
-        self.core.is_idle() && self.queue.as_ref().is_none_or(|q| q.core.is_idle())
+        self.core.is_idle()
+            && self
+                .queue
+                .as_ref()
+                .is_none_or(|q| q.core.is_idle() && q.queue.is_finished())
     }
 
     /// The shutdown deadline passed.
@@ -1095,7 +1199,7 @@ impl Sidecar {
             None
         };
         let (queue_wake, refresh) = match &self.queue {
-            Some(q) => (q.core.next_wake(), q.next_refresh()),
+            Some(q) => (q.core.next_wake(), q.queue.next_wake()),
             None => (None, None),
         };
         [
@@ -1194,14 +1298,27 @@ impl Sidecar {
     /// Closes the dead-letter store channel so its task can finish.
     pub fn close_dead_letter_store(&mut self) {
         self.dead_letter_store = None;
-        if let Some(q) = &mut self.queue {
-            q.close();
-        }
+    }
+
+    /// The Redis queue's commands started since last asked, for the loop to
+    /// await; and the interrupts of its blocked read.
+    pub fn take_queue_io(
+        &mut self,
+    ) -> Option<(
+        std::vec::Drain<'_, queue_stage::PendingCommand>,
+        std::vec::Drain<'_, futures_util::future::BoxFuture<'static, ()>>,
+    )> {
+        Some(self.queue.as_mut()?.take_io())
+    }
+
+    /// Whether the Redis queue is done (its leases given up), or there is
+    /// none.
+    pub fn queue_finished(&self) -> bool {
+        self.queue.as_ref().is_none_or(|q| q.queue.is_finished())
     }
 }
 
-/// A delivery of the queue stage ended: failed attempts are counted on
-/// their entries (so the count survives a takeover), then the core decides.
+/// A delivery of the queue stage ended: the core decides.
 fn on_queue_report(
     q: &mut QueueStage,
     metrics: &Metrics,
@@ -1214,18 +1331,6 @@ fn on_queue_report(
         log_failures(jobs, &report, per_procedure);
         if !q.sink.needs_session() {
             count_redis_errors(metrics, jobs.len(), &report);
-        }
-        let failed: Vec<bool> = match &report {
-            Report::All(o) => vec![o.is_err(); jobs.len()],
-            Report::Each(o) => o.iter().map(Result::is_err).collect(),
-        };
-        for (job, failed) in jobs.iter().zip(failed) {
-            if let (true, Some(entry)) = (failed, &job.item.entry) {
-                q.commit(Commit::Failed {
-                    procedure: entry.procedure.clone(),
-                    id: entry.id.clone(),
-                });
-            }
         }
     }
     let known = match report {
@@ -1359,33 +1464,19 @@ impl EventIn for Event {
     }
 }
 
-/// Per-key ordering: the event's key (its procedure's and the key's
-/// value hashed together), or `None` to go unordered.
-fn order_key(order_by: &OrderBy, metrics: Option<&Metrics>, event: &SharedEvent) -> Option<u64> {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::hash::DefaultHasher::new();
-    match order_by {
-        OrderBy::None => return None,
-        OrderBy::Topic => event.topic.hash(&mut h),
-        OrderBy::Kwarg(_) | OrderBy::Arg(_) => {
-            let payload = event.payload.decoded().ok();
-            let value = payload.as_deref().and_then(|p| match order_by {
-                OrderBy::Kwarg(name) => p.kwargs.get(name),
-                OrderBy::Arg(n) => p.args.get(*n),
-                OrderBy::None | OrderBy::Topic => None,
-            });
-            let Some(value) = value else {
-                if let Some(metrics) = metrics {
-                    metrics.events_unordered.inc();
-                    tracing::debug!(procedure = %event.procedure, publication = %event.publication, "event without its ordering key; delivered unordered");
-                }
-                return None;
-            };
-            hash_key(value, &mut h);
-        }
+/// Per-key ordering: the event's key (`forward::key`), or `None` to go
+/// unordered (counted when the key is missing, if `metrics` is given).
+fn order_key(
+    order_by: &OrderBy,
+    metrics: Option<&Metrics>,
+    event: &SharedEvent,
+) -> Option<OrderKey> {
+    let key = crate::forward::key::key_of(order_by, event);
+    if let (KeyOf::Missing, Some(metrics)) = (key, metrics) {
+        metrics.events_unordered.inc();
+        tracing::debug!(procedure = %event.procedure, publication = %event.publication, "event without its ordering key; delivered unordered");
     }
-    event.procedure.hash(&mut h);
-    Some(h.finish())
+    key.key()
 }
 
 /// `job` with its ordering key and, for a batch procedure's event, its
@@ -1395,21 +1486,35 @@ fn shaped(
     metrics: Option<&Metrics>,
     job: Job<SharedEvent>,
     batch: bool,
-) -> Job<SharedEvent> {
+) -> (Job<SharedEvent>, Option<OrderKey>) {
     let key = order_key(order_by, metrics, &job.item);
     let batch = batch.then(|| Batched {
-        line: line_of(&job.item.procedure),
+        line: crate::forward::key::fnv1a64(job.item.procedure.as_bytes()),
         bytes: job.item.batch_size(),
     });
-    job.with_key(key).with_batch(batch)
+    (job.with_key(key.map(|k| k.line)).with_batch(batch), key)
 }
 
-/// A batch procedure's line in the forwarding core.
-fn line_of(procedure: &str) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::hash::DefaultHasher::new();
-    procedure.hash(&mut h);
-    h.finish()
+/// The event in a queue entry handed out, or why there is none and what
+/// the entry held, as text, for its dead-letter record.
+fn read_entry(handed: &Handed<Fields>) -> Result<SharedEvent, (String, Vec<u8>)> {
+    let fields = &handed.body;
+    let event = crate::streams::entry::read(&handed.key.unit.procedure, fields.clone());
+    event.map_err(|why| {
+        let shown = if crate::streams::entry::looks_like_an_event(fields) {
+            Vec::new()
+        } else {
+            let text: serde_json::Map<String, serde_json::Value> = fields
+                .iter()
+                .map(|(k, v)| {
+                    let k = String::from_utf8_lossy(k).into_owned();
+                    (k, String::from_utf8_lossy(v).into_owned().into())
+                })
+                .collect();
+            serde_json::Value::Object(text).to_string().into_bytes()
+        };
+        (why, shown)
+    })
 }
 
 /// `event` for each of `procedures` (one per group): copies for all but the
@@ -1427,21 +1532,4 @@ fn for_each_group<E: Clone, D>(
         f(procedure, event.clone());
     }
     f(last, event);
-}
-
-/// Feeds an ordering key's value to `h`: equal values, equal hashes (a
-/// string and the same bytes differ; so do 1 and 1.0).
-fn hash_key(value: &Value, h: &mut impl std::hash::Hasher) {
-    use std::hash::Hash;
-    match value {
-        Value::Null => 0u8.hash(h),
-        Value::Bool(b) => (1u8, b).hash(h),
-        Value::Int(n) => (2u8, n).hash(h),
-        Value::UInt(n) => (3u8, n).hash(h),
-        Value::Float(f) => (4u8, f.to_bits()).hash(h),
-        Value::Str(s) => (5u8, s).hash(h),
-        Value::Bytes(b) => (6u8, b).hash(h),
-        // Rare as keys: their debug form is canonical enough.
-        other => (7u8, format!("{other:?}")).hash(h),
-    }
 }

@@ -219,6 +219,10 @@ pub struct QueueConfig {
     pub dedup_window: Duration,
     /// Partitions per procedure for ordered events.
     pub partitions: u16,
+    /// This instance's consumer name, when stable (else a new one per start).
+    pub instance_id: Option<String>,
+    /// Hand-outs of an entry before it is dead-lettered.
+    pub max_deliveries: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -385,6 +389,8 @@ struct RawVars {
     subtocall_claim_idle: Option<String>,
     subtocall_order_partitions: Option<String>,
     subtocall_dedup_window: Option<String>,
+    subtocall_instance_id: Option<String>,
+    subtocall_max_deliveries: Option<String>,
     subtocall_redis_cluster: Option<String>,
     subtocall_shutdown_timeout: Option<String>,
     subtocall_http_addr: Option<String>,
@@ -455,6 +461,8 @@ impl RawVars {
             "SUBTOCALL_CLAIM_IDLE" => &self.subtocall_claim_idle,
             "SUBTOCALL_ORDER_PARTITIONS" => &self.subtocall_order_partitions,
             "SUBTOCALL_DEDUP_WINDOW" => &self.subtocall_dedup_window,
+            "SUBTOCALL_INSTANCE_ID" => &self.subtocall_instance_id,
+            "SUBTOCALL_MAX_DELIVERIES" => &self.subtocall_max_deliveries,
             "SUBTOCALL_REDIS_CLUSTER" => &self.subtocall_redis_cluster,
             "SUBTOCALL_SHUTDOWN_TIMEOUT" => &self.subtocall_shutdown_timeout,
             "SUBTOCALL_HTTP_ADDR" => &self.subtocall_http_addr,
@@ -790,12 +798,16 @@ fn queue(r: &mut Reader) -> Checked<QueueConfig> {
         parse::duration_at_least(text, Duration::from_secs(1))
     });
     let partitions = r.required(&ORDER_PARTITIONS, |text| parse::number_in(text, 1, 1024));
+    let instance_id = r.optional(&INSTANCE_ID, parse::queue_name);
+    let max_deliveries = r.required(&MAX_DELIVERIES, |text| parse::number_in(text, 1, 1000));
     Ok(QueueConfig {
         kind: kind?,
         name: name?,
         claim_idle: claim_idle?,
         dedup_window: dedup_window?,
         partitions: partitions?,
+        instance_id: instance_id?,
+        max_deliveries: max_deliveries?,
     })
 }
 

@@ -571,6 +571,32 @@ pub(crate) const DEDUP_WINDOW: Var = Var {
     group: Group::Queue,
 };
 
+pub(crate) const INSTANCE_ID: Var = Var {
+    name: "SUBTOCALL_INSTANCE_ID",
+    old_names: &[],
+    default: DefaultValue::Depends("a new name at every start: host, process id and a random part"),
+    accepts: "letters, digits, '.', '_', '-' or ':' (not empty)",
+    meaning: "With SUBTOCALL_QUEUE=redis: this instance's name in the consumer group. A stable \
+              name (a StatefulSet pod's, say) lets a restarted instance take up the entries it \
+              held at once instead of after SUBTOCALL_CLAIM_IDLE; no two running instances may \
+              share one.",
+    secret: false,
+    group: Group::Queue,
+};
+
+pub(crate) const MAX_DELIVERIES: Var = Var {
+    name: "SUBTOCALL_MAX_DELIVERIES",
+    old_names: &[],
+    default: DefaultValue::Value("5"),
+    accepts: "a whole number from 1 to 1000",
+    meaning: "With SUBTOCALL_QUEUE=redis: an entry handed out this many times (each takeover \
+              after an instance died or froze counts) is dead-lettered with reason \
+              max_deliveries instead of being delivered again, so that an event that kills \
+              whoever delivers it cannot block its key or crash the instances forever.",
+    secret: false,
+    group: Group::Queue,
+};
+
 // ---- Redis ----
 
 pub(crate) const REDIS_URL: Var = Var {
@@ -747,6 +773,8 @@ pub(crate) const VARS: &[&Var] = &[
     &CLAIM_IDLE,
     &ORDER_PARTITIONS,
     &DEDUP_WINDOW,
+    &INSTANCE_ID,
+    &MAX_DELIVERIES,
     &REDIS_URL,
     &REDIS_CLUSTER,
     &REDIS_PREFIX,

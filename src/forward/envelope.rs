@@ -71,14 +71,12 @@ pub struct SharedEvent {
     pub lane: Option<u16>,
 }
 
-/// A Redis queue entry: its stream (by unit: the procedure, or one of its
-/// partitions, `procedure#k`), its id, and how often it was handed out.
+/// A Redis queue entry: its stream and id, and how often it was handed out.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
-    pub procedure: std::sync::Arc<str>,
-    pub id: String,
+    pub key: crate::streams::core::Key,
     /// The stream's delivery count when this instance got the entry.
-    pub deliveries: u64,
+    pub deliveries: u32,
 }
 
 impl SharedEvent {

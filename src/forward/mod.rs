@@ -9,6 +9,7 @@ pub mod batch;
 pub mod core;
 pub mod dedup;
 pub mod envelope;
+pub mod key;
 pub mod outcome;
 pub mod queue;
 pub mod retry;

@@ -77,6 +77,9 @@ const RETRYABLE_WAMP_ERRORS: &[&str] = &[
 /// Redis server error codes that mean "try again later", not "this command
 /// is wrong".
 const TRANSIENT_REDIS_CODES: &[&str] = &[
+    "NOREPLICAS",
+    "MOVED",
+    "ASK",
     "LOADING",
     "BUSY",
     "TRYAGAIN",
@@ -110,7 +113,8 @@ pub fn classify(failure: &Failure) -> RetryAction {
                 || e.is_io_error()
                 || e.is_timeout()
                 || e.is_connection_dropped()
-                || e.is_connection_refusal();
+                || e.is_connection_refusal()
+                || e.is_cluster_error();
             if transient {
                 RetryAction::Retry
             } else {
@@ -147,16 +151,20 @@ pub enum GiveUp {
     TooLarge,
     /// Its Redis stream holds its bound of unacknowledged entries.
     Backlog,
+    /// A Redis queue entry handed out `SUBTOCALL_MAX_DELIVERIES` times
+    /// (takeovers after an instance died or froze included).
+    MaxDeliveries,
 }
 
 impl GiveUp {
-    pub const ALL: [GiveUp; 6] = [
+    pub const ALL: [GiveUp; 7] = [
         GiveUp::Overflow,
         GiveUp::Rejected,
         GiveUp::Exhausted,
         GiveUp::Shutdown,
         GiveUp::TooLarge,
         GiveUp::Backlog,
+        GiveUp::MaxDeliveries,
     ];
 
     /// Metric label and log field.
@@ -168,6 +176,7 @@ impl GiveUp {
             GiveUp::Shutdown => "shutdown",
             GiveUp::TooLarge => "too_large",
             GiveUp::Backlog => "backlog",
+            GiveUp::MaxDeliveries => "max_deliveries",
         }
     }
 }

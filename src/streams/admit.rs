@@ -15,7 +15,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
-use tokio::sync::mpsc;
 
 use super::{Keys, Shared, entry};
 use crate::forward::envelope::{Outgoing, SharedEvent};
@@ -28,15 +27,18 @@ use crate::wamp::session::Session;
 pub const BATCH: usize = 512;
 
 /// KEYS[1] is the stream, KEYS[2..] the claim keys; ARGV[1] the claim TTL
-/// in milliseconds, ARGV[2..] the stored events (`streams::entry`). Claims
-/// each publication (SET NX) and appends it only if the claim is new; an
-/// append that fails gives its claim back, so the batch can be retried.
-/// Returns {admitted, admitted before}.
+/// in milliseconds, ARGV[2] the wake-up channel ('' for none), ARGV[3] the
+/// procedure, ARGV[4..] the stored events (`streams::entry`). Claims each
+/// publication (SET NX) and appends it only if the claim is new; an append
+/// that fails gives its claim back, so the batch can be retried. Says on
+/// the channel that the procedure got entries (a Redis Cluster's readers
+/// cannot wait on every stream at once). Returns {admitted, admitted
+/// before}.
 const ADMIT: &str = r"
 local added, before = 0, 0
 for i = 2, #KEYS do
   if redis.call('SET', KEYS[i], '1', 'NX', 'PX', ARGV[1]) then
-    local id = redis.pcall('XADD', KEYS[1], '*', 'e', ARGV[i])
+    local id = redis.pcall('XADD', KEYS[1], '*', 'e', ARGV[i + 2])
     if type(id) == 'table' and id.err then
       redis.call('DEL', KEYS[i])
       return id
@@ -45,6 +47,9 @@ for i = 2, #KEYS do
   else
     before = before + 1
   end
+end
+if added > 0 and ARGV[2] ~= '' then
+  redis.call('PUBLISH', ARGV[2], ARGV[3])
 end
 return {added, before}
 ";
@@ -59,8 +64,9 @@ pub struct AdmitSink {
     window_ms: u64,
     /// Procedures already in the registry set (added once per process).
     registered: Arc<Mutex<HashSet<String>>>,
-    /// Tells this instance's readers about a procedure they may not know.
-    new_procedures: mpsc::UnboundedSender<String>,
+    /// Where admission says a procedure got entries ('' for nowhere: on one
+    /// Redis server the readers wait on the streams themselves).
+    wake: String,
     metrics: Arc<Metrics>,
 }
 
@@ -69,15 +75,15 @@ impl AdmitSink {
         conn: Shared,
         keys: Arc<Keys>,
         window: Duration,
-        new_procedures: mpsc::UnboundedSender<String>,
+        wake: bool,
         metrics: Arc<Metrics>,
     ) -> AdmitSink {
         AdmitSink {
+            wake: if wake { keys.wake() } else { String::new() },
             conn,
             keys,
             window_ms: window.as_millis().max(1) as u64,
             registered: Arc::default(),
-            new_procedures,
             metrics,
         }
     }
@@ -137,7 +143,7 @@ impl<T> Sink<T> for AdmitSink {
                 let _ = write!(scratch, "{}", ev.publication.0);
                 cmd.arg(scratch.as_slice());
             }
-            cmd.arg(self.window_ms);
+            cmd.arg(self.window_ms).arg(&self.wake).arg(procedure);
             for ev in &events {
                 scratch.clear();
                 entry::encode_into(ev, &mut scratch);
@@ -157,7 +163,6 @@ impl<T> Sink<T> for AdmitSink {
         let conn = self.conn.clone();
         let keys = self.keys.clone();
         let registered = self.registered.clone();
-        let notify = self.new_procedures.clone();
         let metrics = self.metrics.clone();
         Started::Pending(Box::pin(async move {
             let mut c = match conn.get().await {
@@ -174,7 +179,6 @@ impl<T> Sink<T> for AdmitSink {
                 if let Err(e) = added {
                     return Report::All(Err(Failure::Redis(e)));
                 }
-                let _ = notify.send(procedure.clone());
                 registered.lock().expect("not poisoned").insert(procedure);
             }
             let replies = join_all(calls.iter().map(|cmd| {

@@ -838,6 +838,48 @@ impl<T> QueueCore<T> {
         }
     }
 
+    /// A delivery was cancelled before it started because one of its
+    /// entries may not be dispatched now ([`QueueCore::may_dispatch`]):
+    /// its entries are forgotten here. A unit that is still ours but lost
+    /// an entry that way has all its waiting entries taken back too and is
+    /// read again from its pending entries, so that its order holds.
+    pub fn cancelled(&mut self, keys: &[Key], now: Instant) {
+        let mut units: Vec<(Unit, bool)> = Vec::new();
+        for key in keys {
+            let valid = self.may_dispatch(key, now);
+            if !units.iter().any(|(u, _)| *u == key.unit) {
+                units.push((key.unit.clone(), valid));
+            } else if valid && let Some(u) = units.iter_mut().find(|(u, _)| *u == key.unit) {
+                u.1 = true;
+            }
+        }
+        self.on_withdrawn(keys);
+        for (unit, still_ours) in units {
+            if !still_ours {
+                // The fence takes the rest back at the next tick.
+                continue;
+            }
+            let Some(u) = self.units.get_mut(&unit) else {
+                continue;
+            };
+            let mut withdraw = Vec::new();
+            for (id, held) in u.held.iter_mut() {
+                if !held.revoked {
+                    held.revoked = true;
+                    withdraw.push(Key {
+                        unit: unit.clone(),
+                        id: *id,
+                    });
+                }
+            }
+            let epoch = u.epoch;
+            if !withdraw.is_empty() {
+                self.outputs.push_back(Output::Withdraw(withdraw));
+            }
+            self.recover(&unit, epoch, false);
+        }
+    }
+
     /// Whether an entry may be dispatched now: held, not taken back, and
     /// certainly still ours.
     pub fn may_dispatch(&self, key: &Key, now: Instant) -> bool {
@@ -923,6 +965,11 @@ impl<T> QueueCore<T> {
 
     pub fn poll(&mut self) -> Option<Output<T>> {
         self.outputs.pop_front()
+    }
+
+    /// Whether [`QueueCore::poll`] has something.
+    pub fn has_output(&self) -> bool {
+        !self.outputs.is_empty()
     }
 
     /// When [`QueueCore::on_tick`] has something to do.

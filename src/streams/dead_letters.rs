@@ -1,7 +1,10 @@
 //! `subtocall dead-letters list|redrive [--procedure P] [--limit N]`: the
 //! dead-letter streams of the Redis queue, read and put back into the queue
 //! (like an SQS redrive). A redriven event is a new entry with a fresh
-//! retry budget; it keeps its envelope (publication, received_at).
+//! retry budget; it keeps its envelope (publication, received_at). With
+//! per-key ordering, a keyed event goes back to its key's partition (the
+//! same `forward::key` hash admission uses). Each letter moves once, in one
+//! step, even when two redrives run at once.
 
 use std::io::Write;
 
@@ -12,11 +15,18 @@ use crate::config::Config;
 use crate::forward::envelope::SharedEvent;
 
 /// KEYS[1] the dead-letter stream, KEYS[2] the queue stream; ARGV[1] the
-/// dead-letter entry id, ARGV[2] the stored event (`streams::entry`). Moves
-/// one event back.
+/// dead-letter entry id, ARGV[2] the stored event (`streams::entry`),
+/// ARGV[3] the wake-up channel ('' for none), ARGV[4] the procedure. Moves
+/// one event back, if it is still a dead letter: returns 1, or 0 when
+/// another redrive moved it first.
 const REDRIVE: &str = r"
+if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then
+  return 0
+end
 redis.call('XADD', KEYS[2], '*', 'e', ARGV[2])
-redis.call('XDEL', KEYS[1], ARGV[1])
+if ARGV[3] ~= '' then
+  redis.call('PUBLISH', ARGV[3], ARGV[4])
+end
 return 1
 ";
 
@@ -82,6 +92,13 @@ pub async fn run(
         .await
         .map_err(|e| format!("cannot reach Redis: {e}"))?;
     let keys = Keys::new(&config.queue.name);
+    let partitions = (config.forward.order_by != crate::config::OrderBy::None)
+        .then_some(config.queue.partitions);
+    let wake = if config.redis.cluster {
+        keys.wake()
+    } else {
+        String::new()
+    };
     let procedures = match &request.procedure {
         Some(p) => vec![p.clone()],
         None => {
@@ -96,6 +113,7 @@ pub async fn run(
     };
     let mut done = 0;
     let mut skipped = 0;
+    let mut elsewhere = 0;
     for procedure in procedures {
         let room = request.limit.map_or(usize::MAX, |l| l.saturating_sub(done));
         if room == 0 {
@@ -115,17 +133,35 @@ pub async fn run(
                         skipped += 1;
                         continue;
                     };
-                    let event = super::entry::encode(&event);
-                    redis::cmd("EVAL")
+                    // Keyed: back into its key's partition.
+                    let partition = partitions.and_then(|n| {
+                        crate::forward::key::key_of(&config.forward.order_by, &event)
+                            .key()
+                            .map(|k| k.partition(n))
+                    });
+                    let unit = super::core::Unit {
+                        procedure: std::sync::Arc::from(procedure.as_str()),
+                        partition,
+                    };
+                    let stored = super::entry::encode(&event);
+                    ensure_group(&mut conn, &keys, &unit).await?;
+                    let moved = redis::cmd("EVAL")
                         .arg(REDRIVE)
                         .arg(2)
                         .arg(keys.dead(&procedure))
-                        .arg(keys.stream(&procedure))
+                        .arg(keys.stream_of(&unit))
                         .arg(&letter.id)
-                        .arg(&event)
+                        .arg(&stored)
+                        .arg(&wake)
+                        .arg(&procedure)
                         .query_async::<i64>(&mut conn)
                         .await
                         .map_err(|e| format!("cannot redrive {} of {procedure}: {e}", letter.id))?;
+                    if moved == 0 {
+                        // Another redrive moved it first.
+                        elsewhere += 1;
+                        continue;
+                    }
                 }
             }
             done += 1;
@@ -142,6 +178,11 @@ pub async fn run(
     }
     if request.action == Action::Redrive {
         writeln!(out, "redriven {}", done - skipped).map_err(|e| e.to_string())?;
+        if elsewhere > 0 {
+            eprintln!(
+                "subtocall dead-letters: {elsewhere} dead letters were moved by another redrive meanwhile"
+            );
+        }
         if skipped > 0 {
             eprintln!(
                 "subtocall dead-letters: {skipped} dead letters hold no event (malformed entries) and stay where they are"
@@ -149,6 +190,31 @@ pub async fn run(
         }
     }
     Ok(done - skipped)
+}
+
+/// The consumer group of `unit`'s stream, created if missing (a stream no
+/// instance has read yet).
+async fn ensure_group(
+    conn: &mut Conn,
+    keys: &Keys,
+    unit: &super::core::Unit,
+) -> Result<(), String> {
+    let created = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(keys.stream_of(unit))
+        .arg(keys.group())
+        .arg(0)
+        .arg("MKSTREAM")
+        .query_async::<redis::Value>(conn)
+        .await;
+    match created {
+        Ok(_) => Ok(()),
+        Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+        Err(e) => Err(format!(
+            "cannot create the group of {}: {e}",
+            keys.stream_of(unit)
+        )),
+    }
 }
 
 /// Up to `limit` dead letters of `procedure`, oldest first.

@@ -7,25 +7,24 @@
 //!   checks the publication's claim key and appends to the procedure's
 //!   stream only if nobody admitted it yet (the claim and the append are one
 //!   server-side step, so a crash cannot leave one without the other).
-//! - [`reader`]: each instance reads the streams as one consumer group
-//!   (XREADGROUP, on a connection of its own per stream, since it blocks),
-//!   up to a local window, and takes over what a silent instance left
-//!   pending (XAUTOCLAIM after `SUBTOCALL_CLAIM_IDLE`).
-//! - [`commit`]: acknowledgements (XACK + XDEL), dead letters (to the
-//!   procedure's dead-letter stream, atomically), failed-attempt counts and
-//!   idle-time refreshes, batched.
-//! - [`dead_letters`]: `subtocall dead-letters list|redrive`.
+//! - [`core`]: what one instance reads, holds, leases, keeps alive, claims,
+//!   acknowledges, dead-letters and releases, as a sans-IO state machine
+//!   with fencing by the instance's own clock (a model test drives it
+//!   through pauses, lost replies, crashes and restarts).
+//! - [`carrier`]: the IO half that takes the core's commands to Redis: one
+//!   blocking XREADGROUP over every stream on one server, one multiplexed
+//!   connection for the rest, scripts that check the owner.
+//! - [`entry`]: an entry's binary layout; [`resp`]: the reader's own RESP2
+//!   connection; [`dead_letters`]: `subtocall dead-letters list|redrive`.
 //!
 //! Every key of one procedure shares a hash slot (`{ns:procedure}`), so the
 //! scripts work on a Redis Cluster and procedures spread over its masters.
 
 pub mod admit;
 pub mod carrier;
-pub mod commit;
 pub mod core;
 pub mod dead_letters;
 pub mod entry;
-pub mod reader;
 pub mod resp;
 
 use std::sync::Arc;

@@ -879,7 +879,7 @@ impl World {
             if !self.insts[i].core.may_dispatch(&h.key, now) {
                 self.insts[i]
                     .core
-                    .on_withdrawn(std::slice::from_ref(&h.key));
+                    .cancelled(std::slice::from_ref(&h.key), now);
                 continue;
             }
             let dur = ms(1 + self.rand(CALL_MAX_MS));
