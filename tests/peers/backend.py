@@ -65,6 +65,10 @@ def parse_args():
     parser.add_argument(
         "--concurrency", type=int, default=0, help="handle at most N invocations at once (0: any)"
     )
+    parser.add_argument(
+        "--hang-on-kwarg",
+        help="never answer an invocation whose kwargs hold this name with a true value",
+    )
     return peerlib.parse_args(parser)
 
 
@@ -116,6 +120,9 @@ async def main(args):
                     "com.example.error.rejected", f"{args.name} rejects call {k}"
                 )
             peerlib.emit(line)
+            if args.hang_on_kwarg and call_kwargs.get(args.hang_on_kwarg):
+                # Until the router cancels it (the caller went away).
+                await asyncio.Event().wait()
             delay_ms = args.delay_ms + (random.uniform(0, args.jitter_ms) if args.jitter_ms else 0)
             if delay_ms:
                 await asyncio.sleep(delay_ms / 1000.0)

@@ -22,7 +22,9 @@ EXIT_PUBLISH_FAILED = 6
 
 def parse_args():
     parser = peerlib.new_parser(__doc__.splitlines()[0])
-    parser.add_argument("--topic", required=True)
+    parser.add_argument(
+        "--topic", action="append", required=True, help="repeatable: event i goes to topic i %% N"
+    )
     parser.add_argument("--count", type=int, default=1)
     parser.add_argument("--rate", type=float, default=0.0, help="events per second, 0 = max")
     parser.add_argument("--with-bytes", action="store_true")
@@ -63,12 +65,13 @@ async def main(args):
                     await asyncio.sleep(delay)
             event_args, event_kwargs = payload(args, i)
             try:
+                topic = args.topic[i % len(args.topic)]
                 publication = await session.publish(
-                    args.topic, *event_args, options=options, **event_kwargs
+                    topic, *event_args, options=options, **event_kwargs
                 )
             except Exception as exc:  # noqa: BLE001 - reported, then the peer exits
                 peerlib.emit({"publish_error": i, "error": peerlib.describe(exc)})
-                peerlib.log(f"publish {i} to {args.topic} failed: {peerlib.describe(exc)}")
+                peerlib.log(f"publish {i} to {topic} failed: {peerlib.describe(exc)}")
                 await peerlib.leave(session, ended)
                 return EXIT_PUBLISH_FAILED
             if not args.quiet:

@@ -11,7 +11,9 @@
 pub mod crossbar;
 pub mod fake_router;
 pub mod metrics;
+pub mod ordered;
 pub mod peers;
+pub mod queue;
 pub mod redis;
 pub mod resp;
 pub mod sidecar;
@@ -236,4 +238,34 @@ pub(crate) async fn terminate(
     }
     let _ = child.kill();
     child.wait().expect("wait for a SIGKILLed child")
+}
+
+/// Established TCP connections of process `pid` to `port` on this host
+/// (its socket descriptors, matched against `/proc/net/tcp` and `tcp6`).
+pub fn connections_to(pid: u32, port: u16) -> usize {
+    let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return 0;
+    };
+    let inodes: std::collections::HashSet<String> = fds
+        .filter_map(|fd| fs::read_link(fd.ok()?.path()).ok())
+        .filter_map(|target| {
+            let text = target.to_string_lossy().into_owned();
+            let inode = text.strip_prefix("socket:[")?.strip_suffix(']')?;
+            Some(inode.to_owned())
+        })
+        .collect();
+    let port = format!("{port:04X}");
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|table| fs::read_to_string(table).ok())
+        .flat_map(|text| text.lines().skip(1).map(str::to_owned).collect::<Vec<_>>())
+        .filter(|line| {
+            // sl local remote state ... uid timeout inode
+            let f: Vec<&str> = line.split_whitespace().collect();
+            f.len() > 9
+                && f[3] == "01"
+                && f[2].rsplit(':').next() == Some(port.as_str())
+                && inodes.contains(f[9])
+        })
+        .count()
 }

@@ -492,6 +492,9 @@ pub struct BackendOptions {
     pub jitter_ms: u64,
     /// Print `{"answered": K, "name", "at"}` just before answering call K.
     pub report_answers: bool,
+    /// Never answer an invocation whose kwargs hold this name with a true
+    /// value (until the router cancels it).
+    pub hang_on_kwarg: Option<String>,
 }
 
 impl BackendOptions {
@@ -511,6 +514,7 @@ impl BackendOptions {
             concurrency: None,
             jitter_ms: 0,
             report_answers: false,
+            hang_on_kwarg: None,
         }
     }
 
@@ -551,6 +555,9 @@ impl BackendOptions {
         }
         if self.report_answers {
             args.push("--report-answers".into());
+        }
+        if let Some(name) = &self.hang_on_kwarg {
+            args.extend(["--hang-on-kwarg".into(), name.into()]);
         }
         args
     }
@@ -739,6 +746,8 @@ impl DerefMut for Backend {
 pub struct PublisherOptions {
     pub connection: Connection,
     pub topic: String,
+    /// More topics: event `i` goes to the `i % (1 + n)`-th of `topic` and these.
+    pub more_topics: Vec<String>,
     pub count: u32,
     /// Events per second; 0 publishes as fast as acknowledgements come back.
     pub rate: f64,
@@ -759,6 +768,7 @@ impl PublisherOptions {
         Self {
             connection: Connection::to(crossbar),
             topic: topic.to_owned(),
+            more_topics: Vec::new(),
             count,
             rate: 0.0,
             with_bytes: false,
@@ -779,6 +789,9 @@ impl PublisherOptions {
             "--rate".into(),
             self.rate.to_string().into(),
         ]);
+        for topic in &self.more_topics {
+            args.extend(["--topic".into(), topic.into()]);
+        }
         if self.with_bytes {
             args.push("--with-bytes".into());
         }
