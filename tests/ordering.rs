@@ -9,8 +9,8 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use serde_json::Value;
-use support::peers::Invoke;
 use support::ordered::{Verdict, assert_in_order, calls, verdict};
+use support::peers::Invoke;
 use support::sidecar::Sidecar;
 use support::*;
 

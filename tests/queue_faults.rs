@@ -99,13 +99,17 @@ async fn an_instance_frozen_for_7s_while_it_delivers_never_overlaps_a_key_or_bre
     });
     // The partitions shared (once the first events made the procedure
     // known); the instance frozen holds at least one of the keys.
-    eventually(WAIT, "the partitions shared by the two instances", || async {
-        let (h1, h2) = (
-            held_by(&redis, procedure, &one).await,
-            held_by(&redis, procedure, &two).await,
-        );
-        (h1.len() == 8 && h2.len() == 8).then_some(())
-    })
+    eventually(
+        WAIT,
+        "the partitions shared by the two instances",
+        || async {
+            let (h1, h2) = (
+                held_by(&redis, procedure, &one).await,
+                held_by(&redis, procedure, &two).await,
+            );
+            (h1.len() == 8 && h2.len() == 8).then_some(())
+        },
+    )
     .await;
     let keys: Vec<u16> = (0..u64::from(KEYS))
         .map(|k| partition_of(procedure, k))
@@ -130,10 +134,14 @@ async fn an_instance_frozen_for_7s_while_it_delivers_never_overlaps_a_key_or_bre
     send_signal(pid, libc::SIGSTOP);
     let frozen_at = Instant::now();
     let consumer = consumer_of(other).await;
-    eventually(WAIT, "the other instance holding every partition", || async {
-        let all = held_by(&redis, procedure, other).await.len() == usize::from(PARTITIONS);
-        (all && !consumer.is_empty()).then_some(())
-    })
+    eventually(
+        WAIT,
+        "the other instance holding every partition",
+        || async {
+            let all = held_by(&redis, procedure, other).await.len() == usize::from(PARTITIONS);
+            (all && !consumer.is_empty()).then_some(())
+        },
+    )
     .await;
     let taken_over_after = frozen_at.elapsed();
     tokio::time::sleep(Duration::from_secs(7).saturating_sub(frozen_at.elapsed())).await;
@@ -322,7 +330,10 @@ async fn with_a_stable_instance_name_a_killed_and_restarted_instance_takes_up_it
         took < Duration::from_secs(20),
         "none waited for the claim idle time (30 s): {took:?}"
     );
-    assert!(duplicates <= 16, "duplicates at most about the in-flight limit: {duplicates}");
+    assert!(
+        duplicates <= 16,
+        "duplicates at most about the in-flight limit: {duplicates}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -405,8 +416,10 @@ async fn an_event_that_kills_whoever_delivers_it_is_dead_lettered_after_five_del
     // Its key goes on.
     let expected: BTreeSet<(String, u64)> = (0..3).map(|i| (procedure.to_owned(), i)).collect();
     eventually(DELIVER, "the key's later events delivered", || async {
-        let delivered: BTreeSet<(String, u64)> =
-            deliveries(&[&backend]).into_keys().filter(|(_, s)| *s < 3).collect();
+        let delivered: BTreeSet<(String, u64)> = deliveries(&[&backend])
+            .into_keys()
+            .filter(|(_, s)| *s < 3)
+            .collect();
         (delivered == expected).then_some(())
     })
     .await;
@@ -506,7 +519,11 @@ async fn two_redrives_at_once_move_each_dead_letter_back_once_and_keyed_ones_to_
     let mut expected: BTreeMap<String, i64> = BTreeMap::new();
     for i in 0..LETTERS {
         let stream = if i % 2 == 0 {
-            format!("{}:{}", stream_key(GROUP, procedure), partition_of(procedure, i % 7))
+            format!(
+                "{}:{}",
+                stream_key(GROUP, procedure),
+                partition_of(procedure, i % 7)
+            )
         } else {
             stream_key(GROUP, procedure)
         };
@@ -566,7 +583,10 @@ async fn an_idle_ordered_instance_stops_within_2s_and_hands_its_partitions_over(
     let env = queue_env(
         &crossbar,
         &redis.url(),
-        &[("SUBTOCALL_ORDER_BY", "kwarg:k"), ("SUBTOCALL_CLAIM_IDLE", "3s")],
+        &[
+            ("SUBTOCALL_ORDER_BY", "kwarg:k"),
+            ("SUBTOCALL_CLAIM_IDLE", "3s"),
+        ],
     );
     let mut one = Sidecar::start(env.clone());
     let two = Sidecar::start(env);
@@ -591,13 +611,22 @@ async fn an_idle_ordered_instance_stops_within_2s_and_hands_its_partitions_over(
     let asked = Instant::now();
     assert_eq!(one.terminate(WAIT).await.code(), Some(0), "SIGTERM exits 0");
     let took = asked.elapsed();
-    eventually(WAIT, "the other instance holding every partition", || async {
-        (held_by(&redis, procedure, &two).await.len() == usize::from(PARTITIONS)).then_some(())
-    })
+    eventually(
+        WAIT,
+        "the other instance holding every partition",
+        || async {
+            (held_by(&redis, procedure, &two).await.len() == usize::from(PARTITIONS)).then_some(())
+        },
+    )
     .await;
     let handed = asked.elapsed();
-    println!("idle SIGTERM: exited after {took:?}; every partition with the other after {handed:?}");
-    assert!(took < Duration::from_secs(2), "exits within 2 s when idle: {took:?}");
+    println!(
+        "idle SIGTERM: exited after {took:?}; every partition with the other after {handed:?}"
+    );
+    assert!(
+        took < Duration::from_secs(2),
+        "exits within 2 s when idle: {took:?}"
+    );
     assert!(
         handed < Duration::from_secs(3),
         "its partitions handed over before their leases (3 s) lapse: {handed:?}"

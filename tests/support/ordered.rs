@@ -93,4 +93,3 @@ pub fn verdict(all: &[Call]) -> Verdict {
         most,
     }
 }
-

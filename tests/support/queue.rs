@@ -162,7 +162,12 @@ pub async fn wait_subscribers(sidecar: &Sidecar, router: &RouterMeta, topic: &st
 }
 
 /// [`wait_subscribers`] for each of `topics`.
-pub async fn wait_subscribers_all(sidecar: &Sidecar, router: &RouterMeta, topics: &[String], n: usize) {
+pub async fn wait_subscribers_all(
+    sidecar: &Sidecar,
+    router: &RouterMeta,
+    topics: &[String],
+    n: usize,
+) {
     for topic in topics {
         wait_subscribers(sidecar, router, topic, n).await;
     }
@@ -211,4 +216,3 @@ pub fn parse_list(stdout: &str) -> Vec<Value> {
         })
         .collect()
 }
-
