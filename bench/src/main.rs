@@ -200,6 +200,7 @@ fn run() -> Result<()> {
         router: None,
         queue: Vec::new(),
         queue_instructions: Vec::new(),
+        queue_idle: Vec::new(),
         queue_router: None,
         redis: Vec::new(),
         redis_benchmark: Vec::new(),
@@ -414,6 +415,19 @@ fn run() -> Result<()> {
                 q.env()
             ));
             results.queue_instructions.push((q, per));
+        }
+        log("part 4: 1,000 procedures, two idle instances (Redis connections and commands)");
+        for ordered in [false, true] {
+            let r = queue::idle(&ctx, &ctx.subtocall, server, 1000, 2, ordered)?;
+            log(&format!(
+                "  {}: {:.1} commands/s, redis-server {:.0} us/s, subtocall {:.0} us/s, connections {:?}",
+                if ordered { "ordered" } else { "unordered" },
+                r.commands_per_s,
+                r.redis_cpu_per_s_ns / 1e3,
+                r.sidecar_cpu_per_s_ns / 1e3,
+                r.connections
+            ));
+            results.queue_idle.push(r);
         }
         if !wants("crossbar") {
             log(&format!(

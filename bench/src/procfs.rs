@@ -20,6 +20,38 @@ pub fn cpu_ns(pid: u32) -> u64 {
         .sum()
 }
 
+/// Established TCP connections of process `pid` to `port` on this host
+/// (its socket descriptors, matched against `/proc/net/tcp` and `tcp6`).
+pub fn connections_to(pid: u32, port: u16) -> usize {
+    let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return 0;
+    };
+    let inodes: std::collections::HashSet<String> = fds
+        .filter_map(|fd| fs::read_link(fd.ok()?.path()).ok())
+        .filter_map(|target| {
+            let text = target.to_string_lossy().into_owned();
+            Some(text.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+        })
+        .collect();
+    let port = format!("{port:04X}");
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|table| fs::read_to_string(table).ok())
+        .map(|text| {
+            text.lines()
+                .skip(1)
+                .filter(|line| {
+                    let f: Vec<&str> = line.split_whitespace().collect();
+                    f.len() > 9
+                        && f[3] == "01"
+                        && f[2].rsplit(':').next() == Some(port.as_str())
+                        && inodes.contains(f[9])
+                })
+                .count()
+        })
+        .sum()
+}
+
 /// CPU time of several processes together.
 pub fn cpu_ns_all(pids: &[u32]) -> u64 {
     pids.iter().map(|&p| cpu_ns(p)).sum()

@@ -197,6 +197,130 @@ pub fn run_once(
     })
 }
 
+/// Idle instances on the Redis queue with many procedures: what they cost
+/// Redis when nothing happens.
+#[derive(Debug, Clone, Default)]
+pub struct IdleRun {
+    pub procedures: usize,
+    pub instances: usize,
+    /// With `SUBTOCALL_ORDER_BY` (16 partitions per procedure).
+    pub ordered: bool,
+    pub claim_idle_s: f64,
+    /// Commands redis-server processed per second, all instances together.
+    pub commands_per_s: f64,
+    /// redis-server's CPU per second.
+    pub redis_cpu_per_s_ns: f64,
+    /// subtocall's CPU per second, all instances together.
+    pub sidecar_cpu_per_s_ns: f64,
+    /// Connections to Redis of each instance.
+    pub connections: Vec<usize>,
+}
+
+/// `instances` idle instances on the Redis queue, `procedures` procedures
+/// known to it (in its procedures set), at the default claim idle time:
+/// after a warm-up of half of it, one claim idle time measured.
+pub fn idle(
+    ctx: &Ctx,
+    binary: &Path,
+    redis: &RedisServer,
+    procedures: usize,
+    instances: usize,
+    ordered: bool,
+) -> Result<IdleRun> {
+    let claim_idle = if ctx.repeats <= 2 {
+        Duration::from_secs(10)
+    } else {
+        Duration::from_secs(30)
+    };
+    let mut conn = crate::resp::Conn::connect(redis.port)?;
+    conn.command(&["FLUSHALL"])?;
+    let set = format!("{QUEUE_NAME}:procedures");
+    for chunk in (0..procedures).collect::<Vec<_>>().chunks(500) {
+        let names: Vec<String> = chunk.iter().map(|i| format!("bench.SUB_idle{i}")).collect();
+        let mut args = vec!["SADD", set.as_str()];
+        args.extend(names.iter().map(String::as_str));
+        conn.command(&args)?;
+    }
+    let serializer = Serializer::MsgPack;
+    let peers = Peer::start_group(
+        PeerConfig {
+            serializer,
+            window: WINDOW,
+            limit: None,
+            external_completions: None,
+            rate: None,
+            keys: None,
+        },
+        instances,
+    )?;
+    let mut sidecars = Vec::with_capacity(instances);
+    for (i, peer) in peers.iter().enumerate() {
+        let mut env: BTreeMap<String, String> = sidecar_env(peer, serializer);
+        env.insert("SUBTOCALL_QUEUE".into(), "redis".into());
+        env.insert("REDIS_URL".into(), redis.url());
+        env.insert("SUBTOCALL_QUEUE_NAME".into(), QUEUE_NAME.into());
+        env.insert(
+            "SUBTOCALL_CLAIM_IDLE".into(),
+            format!("{}s", claim_idle.as_secs()),
+        );
+        if ordered {
+            env.insert("SUBTOCALL_ORDER_BY".into(), "kwarg:k".into());
+        }
+        sidecars.push(Sidecar::start(SidecarSpec {
+            binary,
+            env,
+            callgrind_out: None,
+            log: ctx.work.join(format!("subtocall-idle-{}.log", i + 1)),
+        })?);
+    }
+    for (peer, sidecar) in peers.iter().zip(&mut sidecars) {
+        wait_subscribed(peer, sidecar, Duration::from_secs(15))?;
+    }
+    // Groups created, leases shared: half a claim idle time.
+    std::thread::sleep(claim_idle / 2);
+    let commands = |conn: &mut crate::resp::Conn| -> Result<u64> {
+        let info = conn.text(&["INFO", "stats"])?;
+        info.lines()
+            .find_map(|l| l.strip_prefix("total_commands_processed:"))
+            .and_then(|n| n.trim().parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("no total_commands_processed in INFO"))
+    };
+    let pids: Vec<u32> = sidecars.iter().map(Sidecar::pid).collect();
+    let (t0, c0, r0, s0) = (
+        Instant::now(),
+        commands(&mut conn)?,
+        crate::procfs::cpu_ns(redis.proc.pid()),
+        crate::procfs::cpu_ns_all(&pids),
+    );
+    std::thread::sleep(claim_idle);
+    let (t1, c1, r1, s1) = (
+        Instant::now(),
+        commands(&mut conn)?,
+        crate::procfs::cpu_ns(redis.proc.pid()),
+        crate::procfs::cpu_ns_all(&pids),
+    );
+    let connections = pids
+        .iter()
+        .map(|&p| crate::procfs::connections_to(p, redis.port))
+        .collect();
+    for s in &mut sidecars {
+        s.proc.check_alive()?;
+        s.proc.stop(Duration::from_secs(10));
+    }
+    let secs = t1.duration_since(t0).as_secs_f64();
+    Ok(IdleRun {
+        procedures,
+        instances,
+        ordered,
+        claim_idle_s: claim_idle.as_secs_f64(),
+        // Two INFO of ours are in the count.
+        commands_per_s: (c1 - c0).saturating_sub(2) as f64 / secs,
+        redis_cpu_per_s_ns: (r1 - r0) as f64 / secs,
+        sidecar_cpu_per_s_ns: (s1 - s0) as f64 / secs,
+        connections,
+    })
+}
+
 /// Reads what each instance has taken in (admitted, or found admitted by
 /// another) from its metrics every few milliseconds into its peer's
 /// [`PeerStats::subscriber_done`], until dropped. Costs each instance about

@@ -182,6 +182,8 @@ pub struct Results {
     pub queue: Vec<(Queue, usize, QueueRun)>,
     /// Part 4 under callgrind, one instance: instructions per event.
     pub queue_instructions: Vec<(Queue, f64)>,
+    /// Part 4 with many procedures and idle instances.
+    pub queue_idle: Vec<crate::queue::IdleRun>,
     /// Part 4 through Crossbar when part 2 did not run (`--only queue`):
     /// only the memory and Redis-queue paths at the moderate rate.
     pub queue_router: Option<RouterResults>,
@@ -715,6 +717,8 @@ fn queue_section(md: &mut String, r: &Results, targets: &mut Vec<(String, String
         ));
     }
 
+    idle_section(md, r, targets);
+
     let Some(rr) = paced else {
         return;
     };
@@ -818,6 +822,70 @@ fn queue_section(md: &mut String, r: &Results, targets: &mut Vec<(String, String
         ),
         added99 < 2e6,
     ));
+}
+
+/// Part of section 4: idle instances with many procedures.
+fn idle_section(md: &mut String, r: &Results, targets: &mut Vec<(String, String, bool)>) {
+    if r.queue_idle.is_empty() {
+        return;
+    }
+    let first = &r.queue_idle[0];
+    let _ = writeln!(
+        md,
+        "**Many procedures, nothing happening**: {} procedures in the queue's procedures set \
+         (their streams and consumer groups created by the instances), {} instances of the \
+         current build on the same private redis-server, `SUBTOCALL_CLAIM_IDLE={:.0}s`; after \
+         a warm-up of half of that, one claim idle time measured: the commands redis-server \
+         processed (`INFO stats`), its CPU, and each instance's connections to it (its \
+         sockets, from `/proc`).\n",
+        thousands(first.procedures as f64),
+        first.instances,
+        first.claim_idle_s
+    );
+    let _ = writeln!(
+        md,
+        "| | commands/s (all instances) | per procedure and claim idle time, per instance | \
+         redis-server CPU | subtocall CPU (all instances) | connections per instance |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|---|");
+    for run in &r.queue_idle {
+        let per = run.commands_per_s * run.claim_idle_s
+            / (run.procedures as f64 * run.instances as f64);
+        let label = if run.ordered {
+            "with `SUBTOCALL_ORDER_BY` (16 partitions each)"
+        } else {
+            "unordered"
+        };
+        let conns: Vec<String> = run.connections.iter().map(|c| c.to_string()).collect();
+        let _ = writeln!(
+            md,
+            "| {label} | {:.1} | {:.3} | {:.1}% of a core | {:.1}% of a core | {} |",
+            run.commands_per_s,
+            per,
+            run.redis_cpu_per_s_ns / 1e7,
+            run.sidecar_cpu_per_s_ns / 1e7,
+            conns.join(" / ")
+        );
+        let most = run.connections.iter().copied().max().unwrap_or(0);
+        targets.push((
+            format!(
+                "{} procedures, {label}, idle: at most 5 Redis connections per instance",
+                thousands(run.procedures as f64)
+            ),
+            format!("{most}"),
+            most <= 5,
+        ));
+        targets.push((
+            format!(
+                "{} procedures, {label}, idle: commands per second per instance at most one per \
+                 procedure per claim idle time",
+                thousands(run.procedures as f64)
+            ),
+            format!("{per:.3} per procedure and claim idle time"),
+            per <= 1.0,
+        ));
+    }
+    let _ = writeln!(md);
 }
 
 /// Section 1: the sidecar ceiling against the loopback peer.

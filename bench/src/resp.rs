@@ -1,5 +1,6 @@
 //! A tiny blocking Redis client (RESP2) for what the benchmark asks Redis:
-//! PING, LLEN, DEL. Only integer, status and error replies are understood.
+//! PING, LLEN, DEL, SADD, INFO. Integer, status, error and (for INFO) bulk
+//! string replies are understood.
 
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::net::TcpStream;
@@ -39,5 +40,23 @@ impl Conn {
             Some(b'-') => bail!("redis: {}", &line[1..]),
             _ => Err(anyhow!("unexpected redis reply {line:?}")),
         }
+    }
+
+    /// Sends one command whose reply is a bulk string (INFO).
+    pub fn text(&mut self, args: &[&str]) -> Result<String> {
+        let mut req = format!("*{}\r\n", args.len());
+        for a in args {
+            req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+        }
+        self.writer.write_all(req.as_bytes())?;
+        let mut line = String::new();
+        self.reader.read_line(&mut line)?;
+        let Some(len) = line.trim_end().strip_prefix('$') else {
+            bail!("unexpected redis reply {:?}", line.trim_end());
+        };
+        let mut body = vec![0; len.parse::<usize>()? + 2];
+        std::io::Read::read_exact(&mut self.reader, &mut body)?;
+        body.truncate(body.len() - 2);
+        Ok(String::from_utf8_lossy(&body).into_owned())
     }
 }
