@@ -71,7 +71,6 @@ async fn read(c: &Carrier, units: &[Unit], count: usize) -> Vec<(Unit, Vec<(Entr
         Command::Read {
             units: units.to_vec(),
             count,
-            block: None,
         },
     )
     .await
@@ -416,7 +415,6 @@ async fn a_missing_group_is_said_and_can_be_created_again() {
         Command::Read {
             units: vec![u.clone()],
             count: 1,
-            block: Some(Duration::from_millis(10)),
         },
     )
     .await;
@@ -428,46 +426,119 @@ async fn a_missing_group_is_said_and_can_be_created_again() {
         Command::Read {
             units: vec![u],
             count: 1,
-            block: Some(Duration::from_millis(10)),
         },
     )
     .await;
     assert_eq!(r, Reply::Read(vec![]), "nothing after the wait");
 }
 
-#[tokio::test]
-async fn a_blocked_read_is_cut_short_by_an_interrupt() {
-    let redis = Redis::start().await;
-    let a = carrier(&redis.url(), false, "a");
-    let u = unit("p.SUB_i", None);
-    create(&a, std::slice::from_ref(&u)).await;
-    let started = std::time::Instant::now();
-    let read = a.start(
-        CommandId(1),
-        Command::Read {
-            units: vec![u],
-            count: 1,
-            block: Some(Duration::from_secs(20)),
-        },
-    );
-    let interrupt = async {
-        // The read must be blocked before it can be cut short.
-        eventually(Duration::from_secs(5), "the read to block", || async {
-            let clients = redis.command(&["CLIENT", "LIST"]).await.text();
-            clients
-                .is_some_and(|c| c.contains("cmd=xreadgroup"))
-                .then_some(())
+/// `n` events of `procedure` (publications from `first`), in partition
+/// `lane` if any, as the admission stage hands them over.
+fn events(
+    procedure: &str,
+    lane: Option<u16>,
+    first: u64,
+    n: u64,
+) -> Vec<subtocall::forward::Job<subtocall::forward::envelope::SharedEvent>> {
+    (first..first + n)
+        .map(|p| {
+            let envelope = serde_json::json!({
+                "procedure": procedure, "topic": "p.x", "publication": p,
+                "args": [p], "kwargs": {},
+            });
+            let mut event = subtocall::forward::envelope::SharedEvent::from_envelope(
+                envelope.to_string().as_bytes(),
+            )
+            .expect("an envelope");
+            event.lane = lane;
+            subtocall::forward::Job::new(event, std::time::Instant::now())
         })
-        .await;
-        a.interrupt().await;
+        .collect()
+}
+
+#[tokio::test]
+async fn an_admission_reads_what_it_is_granted_and_a_partition_only_under_its_lease() {
+    use subtocall::streams::admit::AdmitSink;
+    use subtocall::streams::core::{Grant, GrantId};
+    let redis = Redis::start().await;
+    let target = Target::new(&redis.url(), false).expect("target");
+    let keys = Arc::new(Keys::new(GROUP));
+    let metrics = Arc::new(subtocall::metrics::Metrics::new());
+    let admit = |consumer: &str| {
+        AdmitSink::new(
+            target.shared().expect("shared"),
+            keys.clone(),
+            consumer,
+            Duration::from_secs(300),
+            metrics.clone(),
+        )
     };
-    let ((_, reply), ()) = tokio::join!(read, interrupt);
-    assert_eq!(reply, Reply::Read(vec![]));
+    let (a, b) = (admit("a"), admit("b"));
+    let plain = unit("p.SUB_adm", None);
+    let part = unit("p.SUB_adm", Some(1));
+    create(
+        &carrier(&redis.url(), false, "a"),
+        &[plain.clone(), part.clone()],
+    )
+    .await;
+    let grant = |count| {
+        move |_: &Unit| {
+            Some(Grant {
+                id: GrantId(7),
+                count,
+            })
+        }
+    };
+
+    // Three appended, two read back (the grant), as ids of the events given.
+    let done = a.admit(&events("p.SUB_adm", None, 1, 3), grant(2)).await;
+    assert!(matches!(done.report, subtocall::sink::Report::All(Ok(()))));
+    let (id, taken) = &done.taken[0];
+    assert_eq!(*id, GrantId(7));
+    let taken = taken.as_ref().expect("taken");
+    assert_eq!(taken.len(), 2);
     assert!(
-        started.elapsed() < Duration::from_secs(10),
-        "cut short: {:?}",
-        started.elapsed()
+        taken.iter().all(|g| g.body.is_some()),
+        "bodies from the events given"
     );
+    // b offers the same three (none appended again) and reads the third,
+    // which a appended: its fields come from Redis.
+    let done = b.admit(&events("p.SUB_adm", None, 1, 3), grant(5)).await;
+    let taken = done.taken[0].1.as_ref().expect("taken");
+    assert_eq!(taken.len(), 1);
+    assert_eq!(redis.command(&["XLEN", &stream(&plain)]).await.integer(), 3);
+    assert_eq!(pending(&redis, &plain).await.len(), 3);
+
+    // A partition: appended, but read only by its lease holder.
+    let done = a
+        .admit(&events("p.SUB_adm", Some(1), 10, 2), grant(5))
+        .await;
+    assert!(
+        done.taken[0].1.as_ref().expect("taken").is_empty(),
+        "no lease: nothing read"
+    );
+    let lease = Keys::new(GROUP).lease("p.SUB_adm", 1);
+    redis.command(&["SET", &lease, "a"]).await;
+    let done = b
+        .admit(&events("p.SUB_adm", Some(1), 12, 1), grant(5))
+        .await;
+    assert!(
+        done.taken[0].1.as_ref().expect("taken").is_empty(),
+        "a's lease, not b's"
+    );
+    let done = a
+        .admit(&events("p.SUB_adm", Some(1), 13, 1), grant(5))
+        .await;
+    let taken = done.taken[0].1.as_ref().expect("taken");
+    assert_eq!(taken.len(), 4, "the holder reads them all, in order");
+    assert!(taken.windows(2).all(|w| w[0].id < w[1].id));
+
+    // A group lost with Redis's data: still admitted, nothing read.
+    redis.command(&["DEL", &stream(&plain)]).await;
+    let done = a.admit(&events("p.SUB_adm", None, 20, 1), grant(5)).await;
+    assert!(matches!(done.report, subtocall::sink::Report::All(Ok(()))));
+    assert!(done.taken[0].1.as_ref().expect("taken").is_empty());
+    assert_eq!(redis.command(&["XLEN", &stream(&plain)]).await.integer(), 1);
 }
 
 #[tokio::test]
@@ -487,7 +558,6 @@ async fn on_a_cluster_keepalive_and_scans_run_once_per_node_over_many_slots() {
         Command::Read {
             units: plain.clone(),
             count: 5,
-            block: None,
         },
     )
     .await

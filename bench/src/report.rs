@@ -849,8 +849,8 @@ fn idle_section(md: &mut String, r: &Results, targets: &mut Vec<(String, String,
     );
     let _ = writeln!(md, "|---|---|---|---|---|---|");
     for run in &r.queue_idle {
-        let per = run.commands_per_s * run.claim_idle_s
-            / (run.procedures as f64 * run.instances as f64);
+        let per =
+            run.commands_per_s * run.claim_idle_s / (run.procedures as f64 * run.instances as f64);
         let label = if run.ordered {
             "with `SUBTOCALL_ORDER_BY` (16 partitions each)"
         } else {

@@ -36,16 +36,19 @@ pub use self::sidecar::{Core, Sidecar, Token};
 use crate::config::{self, Config};
 use crate::discovery::Discovery;
 use crate::forward::retry::{Backoff, RetryPolicy};
-use crate::forward::{Dispatch, Forwarder, GiveUp, MemoryQueue, OverflowPolicy, Settings};
+use crate::forward::{
+    DeliveryId, Dispatch, Forwarder, GiveUp, MemoryQueue, OverflowPolicy, Settings,
+};
 use crate::metrics::Metrics;
 use crate::sink::Sink;
 use crate::sink::redis::{self as redis_sink, RedisSink};
 use crate::sink::stream::StreamSink;
 use crate::sink::wamp::WampSink;
 use crate::status::{self, QueueProbe, RedisProbe, Status, StatusRequest, TargetProbe};
+use crate::streams::admit::Admitted;
 use crate::streams::admit::{self, AdmitSink};
-use crate::streams::carrier::{Carrier, Fields, Wakes};
-use crate::streams::core::{self as queue_core, CommandId, QueueCore, Wake};
+use crate::streams::carrier::{Carrier, Fields};
+use crate::streams::core::{self as queue_core, CommandId, QueueCore};
 use crate::streams::{Keys, Target};
 use crate::wamp::auth::Credentials;
 use crate::wamp::{ClientConfig, CloseReason, ConnectError, Connection, Serializer};
@@ -193,34 +196,13 @@ struct Shown {
 }
 
 /// The Redis queue's IO, awaited by the loop: commands on their way to
-/// Redis (the queue core's replies come back through them), interrupts of
-/// the blocked read, and (on a Redis Cluster) the wake-ups admission
-/// publishes.
+/// Redis (the queue core's replies come back through them) and admission
+/// batches (which also bring what they read).
 struct QueueIo {
     commands: FuturesUnordered<queue_stage::PendingCommand>,
-    interrupts: FuturesUnordered<BoxFuture<'static, ()>>,
-    wakes: WakeLink,
-    carrier: Carrier,
+    admissions: FuturesUnordered<queue_stage::PendingAdmission>,
     /// What `/status` reads of the queue.
     probe: QueueProbe,
-}
-
-/// The subscription to the wake-ups (Redis Cluster only).
-enum WakeLink {
-    /// One Redis server: reads wait on every stream instead.
-    Unused,
-    Subscribing(BoxFuture<'static, Result<Wakes, queue_core::Failure>>),
-    Up(Wakes),
-    Waiting(Instant),
-}
-
-/// What came of the wake-up subscription.
-enum WakeEvent {
-    /// A procedure got entries (`None`: some may have been missed).
-    Wake(Option<String>),
-    Subscribed(Result<Wakes, queue_core::Failure>),
-    Lost(queue_core::Failure),
-    RetryDue,
 }
 
 impl App {
@@ -441,8 +423,9 @@ impl App {
                     QueueEvent::Reply(id, reply) => {
                         self.sidecar.on_queue_reply(id, reply, Instant::now().into_std());
                     }
-                    QueueEvent::Interrupted => {}
-                    QueueEvent::Wake(event) => self.on_wake_event(event),
+                    QueueEvent::Admitted(id, admitted) => {
+                        self.sidecar.on_admitted(id, admitted, Instant::now().into_std());
+                    }
                 },
                 Some(reply) = next_status_request(&mut self.status_requests) => {
                     let _ = reply.send((self.status(), self.shown.probe.clone()));
@@ -499,38 +482,14 @@ impl App {
         }
     }
 
-    fn on_wake_event(&mut self, event: WakeEvent) {
-        let Some(s) = &mut self.streams else {
-            return;
-        };
-        let now = Instant::now();
-        match event {
-            WakeEvent::Wake(procedure) => {
-                self.sidecar.on_wake(procedure.as_deref(), now.into_std())
-            }
-            WakeEvent::Subscribed(Ok(wakes)) => {
-                s.wakes = WakeLink::Up(wakes);
-                self.sidecar.on_wake(None, now.into_std());
-            }
-            WakeEvent::Subscribed(Err(e)) | WakeEvent::Lost(e) => {
-                tracing::warn!(error = %e, "cannot hear the Redis queue's wake-ups; every stream is read once per SUBTOCALL_CLAIM_IDLE meanwhile");
-                s.wakes = WakeLink::Waiting(now + Duration::from_secs(1));
-            }
-            WakeEvent::RetryDue => {
-                let carrier = s.carrier.clone();
-                s.wakes = WakeLink::Subscribing(Box::pin(async move { carrier.subscribe().await }));
-            }
-        }
-    }
-
-    /// Takes the Redis queue's new commands and interrupts into the loop.
+    /// Takes the Redis queue's new commands and admissions into the loop.
     fn take_queue_io(&mut self) {
         let Some(s) = &mut self.streams else {
             return;
         };
-        if let Some((commands, interrupts)) = self.sidecar.take_queue_io() {
+        if let Some((commands, admissions)) = self.sidecar.take_queue_io() {
             s.commands.extend(commands);
-            s.interrupts.extend(interrupts);
+            s.admissions.extend(admissions);
         }
     }
 
@@ -544,13 +503,16 @@ impl App {
             let Some(s) = &mut self.streams else {
                 return;
             };
-            if self.sidecar.queue_finished() && s.commands.is_empty() {
+            if self.sidecar.queue_finished() && s.commands.is_empty() && s.admissions.is_empty() {
                 return;
             }
             let wake = self.sidecar.next_wake().map(Instant::from_std);
             tokio::select! {
                 Some((id, reply)) = s.commands.next(), if !s.commands.is_empty() => {
                     self.sidecar.on_queue_reply(id, reply, Instant::now().into_std());
+                }
+                Some((id, admitted)) = s.admissions.next(), if !s.admissions.is_empty() => {
+                    self.sidecar.on_admitted(id, admitted, Instant::now().into_std());
                 }
                 _ = sleep_until(wake.unwrap_or_else(Instant::now)), if wake.is_some() => {}
             }
@@ -780,44 +742,22 @@ async fn next_status_request(
 /// What the Redis queue's IO brought.
 enum QueueEvent {
     Reply(CommandId, queue_core::Reply<Fields>),
-    Interrupted,
-    Wake(WakeEvent),
+    Admitted(DeliveryId, Admitted),
 }
 
 /// The next thing the Redis queue's IO brings. Cancel safe:
-/// `FuturesUnordered::next` loses nothing when another branch wins, and so
-/// is [`next_wake_event`].
+/// `FuturesUnordered::next` loses nothing when another branch wins.
 async fn next_queue_event(streams: &mut Option<QueueIo>) -> QueueEvent {
-    let Some(s) = streams.as_mut() else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        Some((id, reply)) = s.commands.next(), if !s.commands.is_empty() => {
-            QueueEvent::Reply(id, reply)
-        }
-        Some(()) = s.interrupts.next(), if !s.interrupts.is_empty() => QueueEvent::Interrupted,
-        event = next_wake_event(&mut s.wakes) => QueueEvent::Wake(event),
-    }
-}
-
-/// What comes of the wake-up subscription. Cancel safe: the subscribing
-/// future stays in `wakes`, `Wakes::next` keeps what it read, the retry
-/// time is kept.
-async fn next_wake_event(wakes: &mut WakeLink) -> WakeEvent {
-    match wakes {
-        WakeLink::Unused => std::future::pending().await,
-        WakeLink::Subscribing(f) => WakeEvent::Subscribed(f.await),
-        WakeLink::Up(wakes) => match wakes.next().await {
-            Ok(Some(procedure)) => WakeEvent::Wake(Some(procedure)),
-            // The subscription's confirmation: what came before it was
-            // not heard.
-            Ok(None) => WakeEvent::Wake(None),
-            Err(e) => WakeEvent::Lost(e),
+    match streams.as_mut() {
+        Some(s) if !s.commands.is_empty() || !s.admissions.is_empty() => tokio::select! {
+            Some((id, reply)) = s.commands.next(), if !s.commands.is_empty() => {
+                QueueEvent::Reply(id, reply)
+            }
+            Some((id, admitted)) = s.admissions.next(), if !s.admissions.is_empty() => {
+                QueueEvent::Admitted(id, admitted)
+            }
         },
-        WakeLink::Waiting(until) => {
-            sleep_until(*until).await;
-            WakeEvent::RetryDue
-        }
+        _ => std::future::pending().await,
     }
 }
 
@@ -866,11 +806,6 @@ fn start_streams(
         q.dedup_window,
         q.claim_idle,
     );
-    let wake = if config.redis.cluster {
-        Wake::Notified
-    } else {
-        Wake::Blocking((q.claim_idle / 4).min(Duration::from_secs(1)))
-    };
     let queue = QueueCore::new(
         queue_core::Settings {
             window,
@@ -878,17 +813,10 @@ fn start_streams(
             claim_idle: q.claim_idle,
             partitions: partitions(config),
             max_deliveries: q.max_deliveries,
-            wake,
         },
         now,
     );
-    let admit = AdmitSink::new(
-        shared,
-        keys,
-        q.dedup_window,
-        config.redis.cluster,
-        metrics.clone(),
-    );
+    let admit = AdmitSink::new(shared, keys, &consumer, q.dedup_window, metrics.clone());
     let deliver = Settings {
         // Never reached: the queue core holds no more than the window.
         capacity: 2 * window,
@@ -896,18 +824,10 @@ fn start_streams(
     };
     let core = Forwarder::new(MemoryQueue::new(), deliver, rand::random())
         .with_ids_from(queue_stage::IDS_FROM);
-    let stage = QueueStage::new(core, sink, queue, carrier.clone());
-    let wakes = if config.redis.cluster {
-        let c = carrier.clone();
-        WakeLink::Subscribing(Box::pin(async move { c.subscribe().await }))
-    } else {
-        WakeLink::Unused
-    };
+    let stage = QueueStage::new(core, sink, queue, carrier, admit.clone());
     let io = QueueIo {
         commands: FuturesUnordered::new(),
-        interrupts: FuturesUnordered::new(),
-        wakes,
-        carrier,
+        admissions: FuturesUnordered::new(),
         probe,
     };
     Ok((admit, stage, io))

@@ -13,6 +13,7 @@ use super::sidecar::Core;
 use crate::forward::envelope::{Entry as EntryRef, SharedEvent};
 use crate::forward::{DeliveryId, Job};
 use crate::sink::Sink;
+use crate::streams::admit::{AdmitSink, Admitted};
 use crate::streams::carrier::{Carrier, Fields};
 use crate::streams::core::{Command, CommandId, Handed, Key, QueueCore, Reply};
 
@@ -22,6 +23,9 @@ pub const IDS_FROM: u64 = 1 << 62;
 /// A command on its way to Redis: its reply, when it comes.
 pub type PendingCommand = BoxFuture<'static, (CommandId, Reply<Fields>)>;
 
+/// An admission batch on its way to Redis: what came of it, when it comes.
+pub type PendingAdmission = BoxFuture<'static, (DeliveryId, Admitted)>;
+
 pub struct QueueStage {
     /// The forwarding core that delivers what the queue core hands out.
     pub core: Core,
@@ -29,10 +33,13 @@ pub struct QueueStage {
     /// What this instance reads, holds and commits.
     pub queue: QueueCore<Fields>,
     carrier: Carrier,
+    /// The admission stage's sink: its batches also read what the queue
+    /// core grants.
+    admission: AdmitSink,
     /// Commands carried whose replies the loop takes in.
     commands: Vec<PendingCommand>,
-    /// Interrupts of the blocked read, to be run by the loop.
-    interrupts: Vec<BoxFuture<'static, ()>>,
+    /// Admission batches started, likewise.
+    admissions: Vec<PendingAdmission>,
 }
 
 impl QueueStage {
@@ -41,14 +48,16 @@ impl QueueStage {
         sink: Box<dyn Sink<Token> + Send>,
         queue: QueueCore<Fields>,
         carrier: Carrier,
+        admission: AdmitSink,
     ) -> QueueStage {
         QueueStage {
             core,
             sink,
             queue,
             carrier,
+            admission,
             commands: Vec::new(),
-            interrupts: Vec::new(),
+            admissions: Vec::new(),
         }
     }
 
@@ -61,20 +70,24 @@ impl QueueStage {
         self.commands.push(self.carrier.start(id, command));
     }
 
-    /// Cuts the blocked read short.
-    pub fn interrupt(&mut self) {
-        self.interrupts.push(self.carrier.interrupt());
+    /// Starts admission delivery `id` of `jobs`, each stream's batch taking
+    /// what the queue core grants.
+    pub fn admit(&mut self, id: DeliveryId, jobs: &[Job<SharedEvent>], now: Instant) {
+        let queue = &mut self.queue;
+        let admitting = self.admission.admit(jobs, |unit| queue.grant(unit, now));
+        self.admissions
+            .push(Box::pin(async move { (id, admitting.await) }));
     }
 
-    /// Commands started and interrupts asked for since last asked, for the
-    /// loop to await.
+    /// Commands and admissions started since last asked, for the loop to
+    /// await.
     pub fn take_io(
         &mut self,
     ) -> (
         std::vec::Drain<'_, PendingCommand>,
-        std::vec::Drain<'_, BoxFuture<'static, ()>>,
+        std::vec::Drain<'_, PendingAdmission>,
     ) {
-        (self.commands.drain(..), self.interrupts.drain(..))
+        (self.commands.drain(..), self.admissions.drain(..))
     }
 
     pub fn carrier(&self) -> &Carrier {

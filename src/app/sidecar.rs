@@ -28,6 +28,7 @@ use crate::forward::{Batched, DeliveryId, Forwarder, GiveUp, Job, MemoryQueue, O
 use crate::metrics::Metrics;
 use crate::sink::{Report, Sink, Started};
 use crate::status;
+use crate::streams::admit::Admitted;
 use crate::streams::carrier::Fields;
 use crate::streams::core::{
     CommandId, Handed, Key, Note as QueueNote, Output as QueueOutput, Reply,
@@ -652,15 +653,15 @@ impl Sidecar {
         }
     }
 
-    /// A procedure got entries (Redis Cluster's wake-ups); `None`: some may
-    /// have been missed.
-    pub fn on_wake(&mut self, procedure: Option<&str>, now: Instant) {
+    /// An admission batch's outcome: what each stream's grant took goes to
+    /// the queue core, the outcome to the admission core.
+    pub fn on_admitted(&mut self, id: DeliveryId, admitted: Admitted, now: Instant) {
         if let Some(q) = &mut self.queue {
-            match procedure {
-                Some(p) => q.queue.on_wake(p, now),
-                None => q.queue.on_wakes_missed(),
+            for (grant, taken) in admitted.taken {
+                q.queue.on_granted(grant, taken, now);
             }
         }
+        self.on_report(id, admitted.report, now);
     }
 
     /// An entry the queue core handed out: into the delivery core, or, if
@@ -897,7 +898,6 @@ impl Sidecar {
                     .collect();
                 q.queue.on_withdrawn(&back);
             }
-            QueueOutput::Interrupt => q.interrupt(),
             QueueOutput::RedisUp(up) => {
                 if !up {
                     tracing::warn!("the Redis queue does not answer; retrying");
@@ -978,8 +978,17 @@ impl Sidecar {
 
     /// Starts a delivery of either stage (the queue stage's ids are its own).
     /// A queue delivery whose entries are no longer certainly this
-    /// instance's is cancelled instead: nobody is called.
+    /// instance's is cancelled instead: nobody is called. An admission to
+    /// the Redis queue also reads what the queue core grants.
     fn start(&mut self, id: DeliveryId, session: Option<&mut Session<Token>>, now: Instant) {
+        if let Some(q) = &mut self.queue
+            && !QueueStage::is_delivery(id)
+        {
+            if let Some(jobs) = self.core.delivery(id) {
+                q.admit(id, jobs, now);
+            }
+            return;
+        }
         if let Some(q) = &mut self.queue
             && QueueStage::is_delivery(id)
             && q.core.delivery(id).is_some_and(|jobs| q.fenced(jobs, now))
@@ -1306,7 +1315,7 @@ impl Sidecar {
         &mut self,
     ) -> Option<(
         std::vec::Drain<'_, queue_stage::PendingCommand>,
-        std::vec::Drain<'_, futures_util::future::BoxFuture<'static, ()>>,
+        std::vec::Drain<'_, queue_stage::PendingAdmission>,
     )> {
         Some(self.queue.as_mut()?.take_io())
     }

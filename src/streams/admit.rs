@@ -1,10 +1,16 @@
 //! Admission: the sink of the first stage in Redis-queue mode. Every
-//! instance offers every event it receives; one Lua script per procedure and
-//! batch appends each event to the procedure's stream unless its
-//! publication's claim key exists, then sets the claim key (with a TTL of
+//! instance offers every event it receives; one Lua script per stream and
+//! batch appends each event to the stream unless its publication's claim
+//! key exists, then sets the claim key (with a TTL of
 //! `SUBTOCALL_DEDUP_WINDOW`). The check, the append and the claim are one
 //! atomic step on the server, so each event enters the stream once however
 //! many instances offer it, and an append that fails leaves no claim behind.
+//!
+//! The same step reads the stream's new entries for this instance, as many
+//! as the queue core granted room for (`QueueCore::grant`), and for a
+//! partition only if its lease in Redis is this instance's: that is how
+//! most entries are read, with no command of their own. Entries this batch
+//! added come back as their ids alone (the events are here already).
 //!
 //! Offering again is harmless (the claim refuses it), so a batch that failed
 //! half-way is simply retried whole.
@@ -14,9 +20,13 @@ use std::io::Write as _;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures_util::future::join_all;
+use bytes::Bytes;
+use futures_util::future::{BoxFuture, join_all};
+use redis::Value;
 
-use super::{Keys, Shared, entry};
+use super::carrier::Fields;
+use super::core::{EntryId, Failure as QueueFailure, Got, Grant, GrantId, Unit};
+use super::{Keys, Shared, entry, text};
 use crate::forward::envelope::{Outgoing, SharedEvent};
 use crate::forward::{DeliveryId, Dispatch, Failure, Job};
 use crate::metrics::Metrics;
@@ -26,47 +36,71 @@ use crate::wamp::session::Session;
 /// How many events one admission batch carries at most.
 pub const BATCH: usize = 512;
 
-/// KEYS[1] is the stream, KEYS[2..] the claim keys; ARGV[1] the claim TTL
-/// in milliseconds, ARGV[2] the wake-up channel ('' for none), ARGV[3] the
-/// procedure, ARGV[4..] the stored events (`streams::entry`). Claims each
+/// KEYS[1] the stream, KEYS[2] its lease (a partition's; for a plain
+/// stream, unused), KEYS[3..] the claim keys; ARGV[1] the claim TTL in
+/// milliseconds, ARGV[2] the group, ARGV[3] this consumer, ARGV[4] how many
+/// new entries to read for it, ARGV[5] whether the lease must be its own
+/// (1/0), ARGV[6..] the stored events (`streams::entry`). Claims each
 /// publication (SET NX) and appends it only if the claim is new; an append
-/// that fails gives its claim back, so the batch can be retried. Says on
-/// the channel that the procedure got entries (a Redis Cluster's readers
-/// cannot wait on every stream at once). Returns {admitted, admitted
-/// before}.
+/// that fails gives its claim back, so the batch can be retried. Then reads.
+/// Returns {admitted, admitted before, read}, where read holds {id, n} for
+/// an entry this call appended (the n-th event given), {id, 0, fields} for
+/// another.
 const ADMIT: &str = r"
 local added, before = 0, 0
-for i = 2, #KEYS do
+local mine = {}
+for i = 3, #KEYS do
   if redis.call('SET', KEYS[i], '1', 'NX', 'PX', ARGV[1]) then
-    local id = redis.pcall('XADD', KEYS[1], '*', 'e', ARGV[i + 2])
+    local id = redis.pcall('XADD', KEYS[1], '*', 'e', ARGV[i + 3])
     if type(id) == 'table' and id.err then
       redis.call('DEL', KEYS[i])
       return id
     end
+    mine[id] = i - 2
     added = added + 1
   else
     before = before + 1
   end
 end
-if added > 0 and ARGV[2] ~= '' then
-  redis.call('PUBLISH', ARGV[2], ARGV[3])
+local read = {}
+local want = tonumber(ARGV[4])
+if want > 0 and (ARGV[5] == '0' or redis.call('GET', KEYS[2]) == ARGV[3]) then
+  -- A group gone with a Redis that lost its data: nothing read (the reader
+  -- creates it again).
+  local r = redis.pcall('XREADGROUP', 'GROUP', ARGV[2], ARGV[3], 'COUNT', want, 'STREAMS', KEYS[1], '>')
+  if type(r) == 'table' and not r.err then
+    for _, e in ipairs(r[1][2]) do
+      local n = mine[e[1]]
+      if n then
+        read[#read + 1] = {e[1], n}
+      else
+        read[#read + 1] = {e[1], 0, e[2]}
+      end
+    end
+  end
 end
-return {added, before}
+return {added, before, read}
 ";
 
-/// A stream's procedure and partition (see [`super::lane`]).
-type Unit<'a> = (&'a str, Option<u16>);
+/// What one stream's grant took, or why its admission failed.
+pub type Taken = Result<Vec<Got<Fields>>, QueueFailure>;
+
+/// What one admission batch came to: the outcome for the admission core,
+/// and what each stream's grant took.
+pub struct Admitted {
+    pub report: Report,
+    pub taken: Vec<(GrantId, Taken)>,
+}
 
 /// The admission sink.
+#[derive(Clone)]
 pub struct AdmitSink {
     conn: Shared,
     keys: Arc<Keys>,
+    consumer: Arc<str>,
     window_ms: u64,
     /// Procedures already in the registry set (added once per process).
     registered: Arc<Mutex<HashSet<String>>>,
-    /// Where admission says a procedure got entries ('' for nowhere: on one
-    /// Redis server the readers wait on the streams themselves).
-    wake: String,
     metrics: Arc<Metrics>,
 }
 
@@ -74,19 +108,184 @@ impl AdmitSink {
     pub fn new(
         conn: Shared,
         keys: Arc<Keys>,
+        consumer: &str,
         window: Duration,
-        wake: bool,
         metrics: Arc<Metrics>,
     ) -> AdmitSink {
         AdmitSink {
-            wake: if wake { keys.wake() } else { String::new() },
             conn,
             keys,
+            consumer: Arc::from(consumer),
             window_ms: window.as_millis().max(1) as u64,
             registered: Arc::default(),
             metrics,
         }
     }
+
+    /// Admits `jobs`, one script call per stream (a procedure, or one of
+    /// its partitions; its keys share a hash slot), in the order of each
+    /// stream's first event; each also reads what `grant` allows of its
+    /// stream.
+    pub fn admit(
+        &self,
+        jobs: &[Job<SharedEvent>],
+        mut grant: impl FnMut(&Unit) -> Option<Grant>,
+    ) -> BoxFuture<'static, Admitted> {
+        let groups = crate::sink::groups_in_order(
+            jobs.iter()
+                .map(|j| (j.item.procedure.as_str(), j.item.lane)),
+        );
+        let mut calls = Vec::with_capacity(groups.len());
+        let mut new = Vec::new();
+        for ((procedure, lane), at) in groups {
+            let unit = Unit {
+                procedure: Arc::from(procedure),
+                partition: lane,
+            };
+            let granted = grant(&unit);
+            let mut cmd = redis::cmd("EVAL");
+            cmd.arg(ADMIT);
+            let events: Vec<&SharedEvent> = at.iter().map(|&i| &jobs[i].item).collect();
+            let stream = self.keys.stream_of(&unit);
+            let lease = self.keys.lease_of(&unit);
+            cmd.arg(events.len() + 2)
+                .arg(&stream)
+                .arg(lease.as_deref().unwrap_or(&stream));
+            // One buffer for every key and event: `arg` copies it.
+            let seen = self.keys.seen(procedure, 0);
+            let prefix = seen.strip_suffix('0').unwrap_or(&seen).as_bytes();
+            let mut scratch: Vec<u8> = Vec::with_capacity(256);
+            for ev in &events {
+                scratch.clear();
+                scratch.extend_from_slice(prefix);
+                let _ = write!(scratch, "{}", ev.publication.0);
+                cmd.arg(scratch.as_slice());
+            }
+            cmd.arg(self.window_ms)
+                .arg(self.keys.group())
+                .arg(&*self.consumer)
+                .arg(granted.map_or(0, |g| g.count))
+                .arg(u8::from(lease.is_some()));
+            // The stored events, kept for the entries this call reads back.
+            let mut stored = Vec::with_capacity(events.len());
+            for ev in &events {
+                scratch.clear();
+                entry::encode_into(ev, &mut scratch);
+                cmd.arg(scratch.as_slice());
+                if granted.is_some() {
+                    stored.push(Bytes::copy_from_slice(&scratch));
+                }
+            }
+            let registered = self
+                .registered
+                .lock()
+                .map(|r| r.contains(procedure))
+                .unwrap_or(false);
+            if !registered && !new.iter().any(|p| p == procedure) {
+                new.push(procedure.to_owned());
+            }
+            calls.push((cmd, granted.map(|g| g.id), stored));
+        }
+        let conn = self.conn.clone();
+        let keys = self.keys.clone();
+        let registered = self.registered.clone();
+        let metrics = self.metrics.clone();
+        Box::pin(async move {
+            let grants: Vec<GrantId> = calls.iter().filter_map(|(_, g, _)| *g).collect();
+            let failed = |e: redis::RedisError| {
+                let why = super::carrier::failure(&e);
+                Admitted {
+                    report: Report::All(Err(Failure::Redis(e))),
+                    taken: grants.iter().map(|g| (*g, Err(why.clone()))).collect(),
+                }
+            };
+            let mut c = match conn.get().await {
+                Ok(c) => c,
+                Err(e) => return failed(e),
+            };
+            // The registry first: a stream nobody knows about would not be read.
+            for procedure in new {
+                let added = redis::cmd("SADD")
+                    .arg(keys.procedures())
+                    .arg(&procedure)
+                    .query_async::<i64>(&mut c)
+                    .await;
+                if let Err(e) = added {
+                    return failed(e);
+                }
+                if let Ok(mut r) = registered.lock() {
+                    r.insert(procedure);
+                }
+            }
+            let replies = join_all(calls.iter().map(|(cmd, _, _)| {
+                let mut c = c.clone();
+                async move { cmd.query_async::<Value>(&mut c).await }
+            }))
+            .await;
+            let (mut admitted, mut elsewhere) = (0, 0);
+            let mut taken = Vec::new();
+            let mut error = None;
+            for (reply, (_, grant, stored)) in replies.into_iter().zip(calls) {
+                match reply {
+                    Ok(value) => {
+                        let (added, before, got) = parse_admitted(&value, &stored);
+                        admitted += added;
+                        elsewhere += before;
+                        if let Some(g) = grant {
+                            taken.push((g, Ok(got)));
+                        }
+                    }
+                    Err(e) => {
+                        if let Some(g) = grant {
+                            taken.push((g, Err(super::carrier::failure(&e))));
+                        }
+                        // Offering again is harmless: retry the whole batch.
+                        error.get_or_insert(e);
+                    }
+                }
+            }
+            metrics.queue_admitted.inc_by(admitted);
+            metrics.queue_admitted_elsewhere.inc_by(elsewhere);
+            let report = match error {
+                Some(e) => Report::All(Err(Failure::Redis(e))),
+                None => Report::All(Ok(())),
+            };
+            Admitted { report, taken }
+        })
+    }
+}
+
+/// The counts and the entries read of an admission's reply; the entries it
+/// appended itself are the events given (`stored`, in order).
+fn parse_admitted(value: &Value, stored: &[Bytes]) -> (u64, u64, Vec<Got<Fields>>) {
+    let Value::Array(parts) = value else {
+        return (0, 0, Vec::new());
+    };
+    let count = |v: Option<&Value>| match v {
+        Some(Value::Int(n)) => (*n).max(0) as u64,
+        _ => 0,
+    };
+    let mut got = Vec::new();
+    if let Some(Value::Array(read)) = parts.get(2) {
+        for row in read {
+            let Value::Array(row) = row else { continue };
+            let Some(id) = row.first().and_then(text).and_then(|t| EntryId::parse(&t)) else {
+                continue;
+            };
+            let body = match row.get(1) {
+                Some(Value::Int(n)) if *n >= 1 => stored
+                    .get(*n as usize - 1)
+                    .map(|e| vec![(Bytes::from_static(entry::FIELD.as_bytes()), e.clone())]),
+                _ => row.get(2).map(super::carrier::fields),
+            };
+            got.push(Got {
+                id,
+                deliveries: 1,
+                body,
+            });
+        }
+    }
+    (count(parts.first()), count(parts.get(1)), got)
 }
 
 impl<T> Sink<T> for AdmitSink {
@@ -104,6 +303,8 @@ impl<T> Sink<T> for AdmitSink {
         false
     }
 
+    /// Admits without reading (the queue stage admits through
+    /// [`AdmitSink::admit`], with what its core grants).
     fn start(
         &mut self,
         _id: DeliveryId,
@@ -111,95 +312,7 @@ impl<T> Sink<T> for AdmitSink {
         _session: Option<&mut Session<T>>,
         _now: Instant,
     ) -> Started {
-        // One script call per stream (a procedure, or one of its
-        // partitions; its keys share a hash slot), in the order of each
-        // stream's first event.
-        let groups = crate::sink::groups_in_order(
-            jobs.iter()
-                .map(|j| -> Unit<'_> { (j.item.procedure.as_str(), j.item.lane) }),
-        );
-        let mut calls = Vec::with_capacity(groups.len());
-        let mut new = Vec::new();
-        for ((procedure, lane), at) in groups {
-            let mut cmd = redis::cmd("EVAL");
-            cmd.arg(ADMIT);
-            let n = at.len();
-            let events: Vec<&SharedEvent> = at.iter().map(|&i| &jobs[i].item).collect();
-            let stream = match lane {
-                Some(k) => self.keys.stream(&super::lane(procedure, k)),
-                None => self.keys.stream(procedure),
-            };
-            cmd.arg(n + 1).arg(stream);
-            // One buffer for every key and event: `arg` copies it.
-            let seen = self.keys.seen(procedure, 0);
-            let prefix = seen
-                .strip_suffix('0')
-                .expect("seen key ends with the id")
-                .as_bytes();
-            let mut scratch: Vec<u8> = Vec::with_capacity(256);
-            for ev in &events {
-                scratch.clear();
-                scratch.extend_from_slice(prefix);
-                let _ = write!(scratch, "{}", ev.publication.0);
-                cmd.arg(scratch.as_slice());
-            }
-            cmd.arg(self.window_ms).arg(&self.wake).arg(procedure);
-            for ev in &events {
-                scratch.clear();
-                entry::encode_into(ev, &mut scratch);
-                cmd.arg(scratch.as_slice());
-            }
-            if !self
-                .registered
-                .lock()
-                .expect("not poisoned")
-                .contains(procedure)
-                && !new.iter().any(|p| p == procedure)
-            {
-                new.push(procedure.to_owned());
-            }
-            calls.push(cmd);
-        }
-        let conn = self.conn.clone();
-        let keys = self.keys.clone();
-        let registered = self.registered.clone();
-        let metrics = self.metrics.clone();
-        Started::Pending(Box::pin(async move {
-            let mut c = match conn.get().await {
-                Ok(c) => c,
-                Err(e) => return Report::All(Err(Failure::Redis(e))),
-            };
-            // The registry first: a stream nobody knows about would not be read.
-            for procedure in new {
-                let added = redis::cmd("SADD")
-                    .arg(keys.procedures())
-                    .arg(&procedure)
-                    .query_async::<i64>(&mut c)
-                    .await;
-                if let Err(e) = added {
-                    return Report::All(Err(Failure::Redis(e)));
-                }
-                registered.lock().expect("not poisoned").insert(procedure);
-            }
-            let replies = join_all(calls.iter().map(|cmd| {
-                let mut c = c.clone();
-                async move { cmd.query_async::<(u64, u64)>(&mut c).await }
-            }))
-            .await;
-            let (mut admitted, mut elsewhere) = (0, 0);
-            for reply in replies {
-                match reply {
-                    Ok((added, before)) => {
-                        admitted += added;
-                        elsewhere += before;
-                    }
-                    // Offering again is harmless: retry the whole batch.
-                    Err(e) => return Report::All(Err(Failure::Redis(e))),
-                }
-            }
-            metrics.queue_admitted.inc_by(admitted);
-            metrics.queue_admitted_elsewhere.inc_by(elsewhere);
-            Report::All(Ok(()))
-        }))
+        let admitting = self.admit(jobs, |_| None);
+        Started::Pending(Box::pin(async move { admitting.await.report }))
     }
 }

@@ -4,14 +4,14 @@
 //!
 //! Connections, per instance: the shared multiplexed connection (one per
 //! node on a cluster) for everything but the reads, and on one Redis
-//! server one reader connection of its own for the blocking XREADGROUP,
-//! which waits on every stream the core names at once. On a Redis Cluster
-//! one command cannot span the procedures' slots, so reads do not wait:
-//! admission publishes a wake-up per procedure (one more connection
-//! subscribes to them) and the core reads what it is told about. Scripts
-//! that concern many streams (keepalive, scan, leases) run once per node,
-//! declaring one key for routing and naming the others as arguments
-//! (`allow-cross-slot-keys`: keys of several slots, on one node).
+//! server one reader connection of its own, whose XREADGROUP reads every
+//! stream the core names at once, without waiting (most new entries are
+//! taken by the admissions themselves, `streams::admit`). On a Redis
+//! Cluster one command cannot span the procedures' slots: a read is one
+//! XREADGROUP per procedure, all at once. Scripts that concern many
+//! streams (keepalive, scan, leases) run once per node, declaring one key
+//! for routing and naming the others as arguments (`allow-cross-slot-keys`:
+//! keys of several slots, on one node).
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::RangeInclusive;
@@ -263,10 +263,8 @@ pub struct Carrier {
     keys: Arc<Keys>,
     consumer: Arc<str>,
     dedup_window: Duration,
-    /// The blocking reader's connection (one Redis server), and its client
-    /// id (for CLIENT UNBLOCK; 0 when unknown).
+    /// The reader's connection (one Redis server).
     reader: Arc<Mutex<Option<RawConn>>>,
-    reader_id: Arc<AtomicU64>,
     topology: Arc<Mutex<Option<Topology>>>,
     /// Consumers silent this long, with nothing pending, are forgotten.
     gone_after: Duration,
@@ -289,7 +287,6 @@ impl Carrier {
             consumer: Arc::from(consumer),
             dedup_window,
             reader: Arc::new(Mutex::new(None)),
-            reader_id: Arc::new(AtomicU64::new(0)),
             topology: Arc::new(Mutex::new(None)),
             gone_after: (claim_idle * 10).max(Duration::from_secs(300)),
             scans: Arc::new(AtomicU64::new(0)),
@@ -313,36 +310,11 @@ impl Carrier {
         })
     }
 
-    /// Cuts a blocked read short (it returns with nothing).
-    pub fn interrupt(&self) -> BoxFuture<'static, ()> {
-        let this = self.clone();
-        Box::pin(async move {
-            let id = this.reader_id.load(Ordering::Relaxed);
-            if id == 0 {
-                return;
-            }
-            if let Ok(mut c) = this.shared.get().await {
-                let _ = tokio::time::timeout(
-                    COMMAND_TIMEOUT,
-                    redis::cmd("CLIENT")
-                        .arg("UNBLOCK")
-                        .arg(id)
-                        .query_async::<i64>(&mut c),
-                )
-                .await;
-            }
-        })
-    }
-
     async fn carry(&self, command: Command) -> Reply<Fields> {
         let result = match command {
             Command::Procedures => self.procedures().await,
             Command::CreateGroups { units } => self.create_groups(&units).await,
-            Command::Read {
-                units,
-                count,
-                block,
-            } => self.read(&units, count, block).await,
+            Command::Read { units, count } => self.read(&units, count).await,
             Command::Take {
                 unit,
                 cursor,
@@ -408,21 +380,14 @@ impl Carrier {
         Ok(Reply::Done)
     }
 
-    /// New entries: one XREADGROUP over every unit on one server (waiting
-    /// up to `block`); on a cluster, one per procedure, at once, never
-    /// waiting.
-    async fn read(
-        &self,
-        units: &[Unit],
-        count: usize,
-        block: Option<Duration>,
-    ) -> Result<Reply<Fields>, Failure> {
+    /// New entries: one XREADGROUP over every unit on one server; on a
+    /// cluster, one per procedure, at once. Never waiting.
+    async fn read(&self, units: &[Unit], count: usize) -> Result<Reply<Fields>, Failure> {
         if self.target.is_cluster() {
             return self.read_cluster(units, count).await;
         }
         let streams: Vec<String> = units.iter().map(|u| self.keys.stream_of(u)).collect();
         let count_arg = count.to_string();
-        let block_ms = block.map(|b| b.as_millis().max(1).to_string());
         let mut args: Vec<&[u8]> = vec![
             b"XREADGROUP",
             b"GROUP",
@@ -431,29 +396,20 @@ impl Carrier {
             b"COUNT",
             count_arg.as_bytes(),
         ];
-        if let Some(ms) = &block_ms {
-            args.push(b"BLOCK");
-            args.push(ms.as_bytes());
-        }
         args.push(b"STREAMS");
         args.extend(streams.iter().map(|s| s.as_bytes()));
         args.extend(std::iter::repeat_n(&b">"[..], streams.len()));
-        let deadline = block.unwrap_or_default() + COMMAND_TIMEOUT;
         let mut slot = self.reader.lock().await;
         if slot.is_none() {
-            let mut conn = RawConn::connect(self.target.endpoint(), false, COMMAND_TIMEOUT)
+            let conn = RawConn::connect(self.target.endpoint(), false, COMMAND_TIMEOUT)
                 .await
                 .map_err(raw_failure)?;
-            // Known for CLIENT UNBLOCK; a server that refuses says 0.
-            let id = match conn.command(&[b"CLIENT", b"ID"], COMMAND_TIMEOUT).await {
-                Ok(resp::Reply::Int(id)) => id as u64,
-                _ => 0,
-            };
-            self.reader_id.store(id, Ordering::Relaxed);
             *slot = Some(conn);
         }
-        let conn = slot.as_mut().expect("connected above");
-        match conn.frame(&args, deadline).await {
+        let Some(conn) = slot.as_mut() else {
+            return Err(Failure::Transient("no reader connection".into()));
+        };
+        match conn.frame(&args, COMMAND_TIMEOUT).await {
             Ok(frame) => {
                 let by_stream: HashMap<&str, &Unit> = streams
                     .iter()
@@ -465,7 +421,6 @@ impl Carrier {
             Err(e) => {
                 // A late reply would answer the next command: start over.
                 *slot = None;
-                self.reader_id.store(0, Ordering::Relaxed);
                 Err(raw_failure(e))
             }
         }
@@ -960,43 +915,6 @@ impl Carrier {
             *slot = None;
         }
     }
-
-    /// Subscribes to the wake-ups admission publishes (a cluster's reads
-    /// are told what to read).
-    pub async fn subscribe(&self) -> Result<Wakes, Failure> {
-        let mut conn = RawConn::connect(self.target.endpoint(), true, COMMAND_TIMEOUT)
-            .await
-            .map_err(raw_failure)?;
-        let channel = self.keys.wake();
-        conn.send(&[b"SUBSCRIBE", channel.as_bytes()], COMMAND_TIMEOUT)
-            .await
-            .map_err(raw_failure)?;
-        Ok(Wakes { conn })
-    }
-}
-
-/// A subscription to the wake-ups.
-pub struct Wakes {
-    conn: RawConn,
-}
-
-impl Wakes {
-    /// The next procedure that got entries (`None` for the subscription's
-    /// own confirmations). Cancel safe.
-    pub async fn next(&mut self) -> Result<Option<String>, Failure> {
-        let frame = self.conn.next_frame().await.map_err(raw_failure)?;
-        let mut c = Cursor::new(&frame);
-        if c.array() != Some(3) {
-            return Ok(None);
-        }
-        let kind = c.bulk();
-        let _channel = c.bulk();
-        let payload = c.bulk();
-        Ok(match (kind.as_deref(), payload) {
-            (Some(b"message"), Some(p)) => Some(String::from_utf8_lossy(&p).into_owned()),
-            _ => None,
-        })
-    }
 }
 
 /// One node's share of a keepalive round (indices into the round's lists).
@@ -1150,7 +1068,7 @@ fn stream_entries(value: &Value) -> Vec<(String, Vec<Got<Fields>>)> {
 }
 
 /// Field/value pairs of an entry, as redis-rs gives them.
-fn fields(value: &Value) -> Fields {
+pub(crate) fn fields(value: &Value) -> Fields {
     let Value::Array(flat) = value else {
         return Vec::new();
     };

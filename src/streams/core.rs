@@ -14,6 +14,15 @@
 //! - **One window.** Entries held (read and not yet acknowledged,
 //!   dead-lettered, released or dropped), plus what the commands in flight
 //!   may bring, never exceed [`Settings::window`], over every stream.
+//! - **Reads ride on admissions.** Every instance offers every event, so
+//!   the admission of an event is where a stream's new entries are taken:
+//!   the admission script appends, then reads for this instance what the
+//!   core granted room for ([`QueueCore::grant`]); for a partition only if
+//!   the lease in Redis is this instance's. What could not be taken then (no
+//!   room, a read in flight) marks the stream to be read when it can, with
+//!   reads that never wait; every stream is read once per claim idle time
+//!   anyway (what a redrive added, say). No connection waits on streams, and
+//!   an idle instance costs Redis nothing per stream.
 //! - **Fencing by its own clock.** A partition's entries go out only while
 //!   its lease is certainly this instance's: renewed less than the lease
 //!   time minus a margin ago, counted from when the renewal was *sent*.
@@ -124,21 +133,6 @@ pub struct Settings {
     pub partitions: Option<u16>,
     /// Hand-outs of one entry at most; the next one dead-letters it.
     pub max_deliveries: u32,
-    /// How new entries are noticed.
-    pub wake: Wake,
-}
-
-/// How new entries are noticed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Wake {
-    /// A read waits up to this long for entries (one Redis server: one
-    /// XREADGROUP waits on every stream at once).
-    Blocking(Duration),
-    /// Reads never wait; [`QueueCore::on_wake`] says which procedure got
-    /// entries (a Redis Cluster, where one command cannot span the
-    /// procedures' slots). Every stream is read at least once per claim
-    /// idle time anyway.
-    Notified,
 }
 
 /// Names a command so that its reply finds its way back.
@@ -152,13 +146,9 @@ pub enum Command {
     Procedures,
     /// Creates each unit's consumer group (and stream) if missing.
     CreateGroups { units: Vec<Unit> },
-    /// Reads new entries (`>`) of `units`, at most `count` of each, waiting
-    /// up to `block` when there are none.
-    Read {
-        units: Vec<Unit>,
-        count: usize,
-        block: Option<Duration>,
-    },
+    /// Reads new entries (`>`) of `units`, at most `count` of each,
+    /// without waiting.
+    Read { units: Vec<Unit>, count: usize },
     /// Walks `unit`'s pending entries after `cursor`, in order, and takes
     /// up to `count` of them: this consumer's own (counted as a new
     /// delivery only when `count_own`), and, when `min_idle` is given,
@@ -274,6 +264,18 @@ pub enum Reply<T> {
     Failed(Failure),
 }
 
+/// Names an admission's take, granted room by [`QueueCore::grant`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct GrantId(pub u64);
+
+/// Room for an admission to take entries of a stream in the same step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grant {
+    pub id: GrantId,
+    /// Entries the admission may take at most.
+    pub count: usize,
+}
+
 /// An entry for the delivery stage.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Handed<T> {
@@ -329,9 +331,6 @@ pub enum Output<T> {
     /// waiting in the delivery stage (report them with
     /// [`QueueCore::on_withdrawn`]); those in flight finish.
     Withdraw(Vec<Key>),
-    /// Stop waiting in the read in flight: there is something new to read
-    /// (or the core is shutting down).
-    Interrupt,
     /// Whether Redis answers.
     RedisUp(bool),
     Note(Note),
@@ -403,11 +402,15 @@ struct UnitState {
     held: BTreeMap<EntryId, Held>,
     /// Commits of its entries in flight (a handover waits for them).
     commits: u32,
-    /// Notified mode: may have entries not read yet.
-    dirty: bool,
+    /// A read or an admission's take of it in flight: nothing else reads
+    /// it meanwhile (the replies come back on different connections).
+    busy: bool,
     /// Its own pending entries were counted as delivered again once since
     /// this process started (they may be what killed the last one).
     counted: bool,
+    /// When something it holds stops being certainly ours (as entered in
+    /// `QueueCore::deadlines`).
+    deadline: Option<Instant>,
 }
 
 impl UnitState {
@@ -429,8 +432,9 @@ impl UnitState {
             epoch: 0,
             held: BTreeMap::new(),
             commits: 0,
-            dirty: true,
+            busy: false,
             counted: !partition,
+            deadline: None,
         }
     }
 }
@@ -477,6 +481,15 @@ enum State {
     Finished,
 }
 
+/// An admission's take in flight, for its answer.
+#[derive(Debug)]
+struct Granted {
+    unit: Unit,
+    epoch: u32,
+    at: Instant,
+    count: usize,
+}
+
 /// The Redis queue's core for one instance; `T` is an entry's body (its
 /// fields), carried through untouched.
 #[derive(Debug)]
@@ -489,18 +502,30 @@ pub struct QueueCore<T> {
     every: Duration,
     procedures: BTreeSet<Arc<str>>,
     units: BTreeMap<Unit, UnitState>,
-    /// Entries held, all units together.
+    // Indexes over `units`, so that a tick costs nothing per idle stream.
+    /// Streams that may have entries not read yet (plain ones, and
+    /// partitions whose lease is ours).
+    dirty: BTreeSet<Unit>,
+    /// Streams in `Phase::Take`.
+    taking: BTreeSet<Unit>,
+    /// Partitions whose lease is ours (or being given up).
+    leased: BTreeSet<Unit>,
+    /// Streams whose consumer group is to be created.
+    no_group: BTreeSet<Unit>,
+    /// When what a stream holds stops being certainly ours, by time.
+    deadlines: BTreeSet<(Instant, Unit)>,
+    /// Entries held, all streams together.
     held: usize,
-    /// Room promised to the reads and claims in flight.
+    /// Room promised to the reads, takes and grants in flight.
     reserved: usize,
     next_id: u64,
     sent: HashMap<CommandId, Sent>,
+    grants: HashMap<GrantId, Granted>,
     outputs: VecDeque<Output<T>>,
-    /// The units of the read of new entries in flight, if one is.
-    reading: Option<BTreeSet<Unit>>,
-    /// Something became readable that the read in flight does not cover.
-    read_set_changed: bool,
-    interrupted: bool,
+    read_in_flight: bool,
+    /// Where the next read starts among the dirty streams (when not all
+    /// fit).
+    read_from: Option<Unit>,
     /// A `Take` in flight.
     side_in_flight: bool,
     scan_in_flight: bool,
@@ -510,7 +535,7 @@ pub struct QueueCore<T> {
     next_keepalive: Instant,
     next_scan: Instant,
     next_registry: Instant,
-    /// Notified mode: every stream is read at least this often.
+    /// Every stream is read again then.
     next_sweep: Instant,
     /// After failed reads, the next waits until then.
     read_pause_until: Option<Instant>,
@@ -521,9 +546,7 @@ pub struct QueueCore<T> {
     retries: Vec<(Instant, Command, u32)>,
     /// Live instances, as the last keepalive counted them.
     instances: usize,
-    /// Where a read starts among the readable units when not all fit.
-    rotate: usize,
-    /// A taken-over entry out now: the next is claimed once it is resolved.
+    /// A taken-over entry out now: the next is taken once it is resolved.
     probation: Option<Key>,
     /// Consecutive failed commands.
     failures: u32,
@@ -542,19 +565,25 @@ impl<T> QueueCore<T> {
         let margin = s.claim_idle / 4;
         let every = s.claim_idle / 3;
         QueueCore {
+            next_sweep: now + s.claim_idle,
             s,
             margin,
             every,
             procedures: BTreeSet::new(),
             units: BTreeMap::new(),
+            dirty: BTreeSet::new(),
+            taking: BTreeSet::new(),
+            leased: BTreeSet::new(),
+            no_group: BTreeSet::new(),
+            deadlines: BTreeSet::new(),
             held: 0,
             reserved: 0,
             next_id: 0,
             sent: HashMap::new(),
+            grants: HashMap::new(),
             outputs: VecDeque::new(),
-            reading: None,
-            read_set_changed: false,
-            interrupted: false,
+            read_in_flight: false,
+            read_from: None,
             side_in_flight: false,
             scan_in_flight: false,
             keepalive_in_flight: false,
@@ -563,13 +592,11 @@ impl<T> QueueCore<T> {
             next_keepalive: now,
             next_scan: now,
             next_registry: now,
-            next_sweep: now,
             read_pause_until: None,
             read_failures: 0,
             acks: Vec::new(),
             retries: Vec::new(),
             instances: 1,
-            rotate: 0,
             probation: None,
             failures: 0,
             redis_up: None,
@@ -591,13 +618,16 @@ impl<T> QueueCore<T> {
         }
         let procedure: Arc<str> = Arc::from(procedure);
         self.procedures.insert(procedure.clone());
-        self.units
-            .insert(Unit::plain(&procedure), UnitState::new(false));
+        let plain = Unit::plain(&procedure);
+        self.units.insert(plain.clone(), UnitState::new(false));
+        self.no_group.insert(plain.clone());
+        // Own pending entries first (see `UnitState::new`).
+        self.taking.insert(plain);
         for k in 0..self.s.partitions.unwrap_or(0) {
-            self.units
-                .insert(Unit::partition(&procedure, k), UnitState::new(true));
+            let unit = Unit::partition(&procedure, k);
+            self.units.insert(unit.clone(), UnitState::new(true));
+            self.no_group.insert(unit);
         }
-        self.read_set_changed = true;
         self.outputs
             .push_back(Output::Note(Note::Reading { procedure }));
         if self.s.partitions.is_some() {
@@ -606,25 +636,58 @@ impl<T> QueueCore<T> {
         }
     }
 
-    /// Notified mode: `procedure`'s streams got entries.
-    pub fn on_wake(&mut self, procedure: &str, now: Instant) {
-        if !self.procedures.contains(procedure) {
-            self.add_procedure(procedure, now);
+    /// Room for an admission of `unit`'s events to take new entries of it
+    /// in the same step, if it may be read now; `None` marks it to be read
+    /// as soon as it can. Answer with [`QueueCore::on_granted`].
+    pub fn grant(&mut self, unit: &Unit, now: Instant) -> Option<Grant> {
+        let room = self.room().min(self.s.read_max);
+        if room == 0 || !self.readable(unit, now) {
+            self.mark_dirty(unit);
+            return None;
         }
-        for (_, u) in self
-            .units
-            .iter_mut()
-            .filter(|(unit, _)| &*unit.procedure == procedure)
-        {
-            u.dirty = true;
-        }
+        let u = self.units.get_mut(unit)?;
+        u.busy = true;
+        let epoch = u.epoch;
+        self.dirty.remove(unit);
+        self.reserved += room;
+        self.next_id += 1;
+        let id = GrantId(self.next_id);
+        self.grants.insert(
+            id,
+            Granted {
+                unit: unit.clone(),
+                epoch,
+                at: now,
+                count: room,
+            },
+        );
+        Some(Grant { id, count: room })
     }
 
-    /// Notified mode: notifications may have been missed (the subscription
-    /// was down): every stream is read.
-    pub fn on_wakes_missed(&mut self) {
-        for u in self.units.values_mut() {
-            u.dirty = true;
+    /// What an admission took under a grant (or why it failed: then it may
+    /// have taken entries whose answer was lost, read again as our own).
+    pub fn on_granted(&mut self, id: GrantId, taken: Result<Vec<Got<T>>, Failure>, now: Instant) {
+        let Some(g) = self.grants.remove(&id) else {
+            return;
+        };
+        self.reserved -= g.count;
+        if let Some(u) = self.units.get_mut(&g.unit) {
+            u.busy = false;
+        }
+        match taken {
+            Ok(got) => {
+                self.answered();
+                if got.len() >= g.count {
+                    // Full: more may be waiting.
+                    self.mark_dirty(&g.unit);
+                }
+                self.take_in(&g.unit, g.epoch, got, false, g.at, now);
+            }
+            Err(f) => {
+                self.failed("admit and read", &f);
+                let no_group = matches!(f, Failure::NoGroup(_));
+                self.recover(&g.unit, g.epoch, no_group);
+            }
         }
     }
 
@@ -660,16 +723,17 @@ impl<T> QueueCore<T> {
                     _ => true,
                 };
                 for unit in units {
-                    if let Some(u) = self.units.get_mut(&unit) {
-                        u.group = if ok { Group::Ready } else { Group::Unknown };
-                    }
+                    self.set_group(&unit, if ok { Group::Ready } else { Group::Unknown });
                 }
-                self.read_set_changed = true;
             }
             Sent::Read { at, units, count } => {
-                self.reading = None;
-                self.interrupted = false;
+                self.read_in_flight = false;
                 self.reserved -= count * units.len();
+                for (unit, _) in &units {
+                    if let Some(u) = self.units.get_mut(unit) {
+                        u.busy = false;
+                    }
+                }
                 match reply {
                     Reply::Read(mut per_unit) => {
                         self.read_failures = 0;
@@ -679,9 +743,9 @@ impl<T> QueueCore<T> {
                                 .find(|(u, _)| *u == unit)
                                 .map(|(_, got)| std::mem::take(got))
                                 .unwrap_or_default();
-                            if let Some(u) = self.units.get_mut(&unit) {
-                                // A full answer may leave more behind.
-                                u.dirty = got.len() >= count;
+                            if got.len() >= count {
+                                // Full: more may be waiting.
+                                self.mark_dirty(&unit);
                             }
                             self.take_in(&unit, epoch, got, false, at, now);
                         }
@@ -720,7 +784,12 @@ impl<T> QueueCore<T> {
                         }
                         self.advance(&unit, epoch, next);
                     }
-                    Reply::Failed(f) => self.side_failed(&unit, &f, now),
+                    Reply::Failed(f) => {
+                        self.read_failed(&f, now);
+                        if matches!(f, Failure::NoGroup(_)) {
+                            self.set_group(&unit, Group::Unknown);
+                        }
+                    }
                     _ => {}
                 }
             }
@@ -757,12 +826,14 @@ impl<T> QueueCore<T> {
                 // Given up or not, they are no longer read here; an
                 // unanswered one lapses within the lease time.
                 for unit in units {
-                    if let Some(u) = self.units.get_mut(&unit)
-                        && u.lease == Lease::GivingUp
+                    if self
+                        .units
+                        .get(&unit)
+                        .is_some_and(|u| u.lease == Lease::GivingUp)
                     {
-                        u.lease = Lease::NotOurs;
-                        u.epoch += 1;
-                        u.phase = Phase::Ready;
+                        self.set_lease(&unit, Lease::NotOurs);
+                        self.bump(&unit);
+                        self.set_phase(&unit, Phase::Ready);
                     }
                 }
             }
@@ -770,11 +841,10 @@ impl<T> QueueCore<T> {
                 if let Reply::Failed(f) = &reply {
                     self.failed("give up the leases", f);
                 }
-                for u in self.units.values_mut() {
-                    if u.lease == Lease::GivingUp {
-                        u.lease = Lease::NotOurs;
-                        u.epoch += 1;
-                    }
+                let leaving: Vec<Unit> = self.leased.iter().cloned().collect();
+                for unit in leaving {
+                    self.set_lease(&unit, Lease::NotOurs);
+                    self.bump(&unit);
                 }
                 self.state = State::Finished;
             }
@@ -827,9 +897,8 @@ impl<T> QueueCore<T> {
         }
     }
 
-    /// Entries the delivery stage gave back after [`Output::Withdraw`], or
-    /// would not dispatch ([`QueueCore::may_dispatch`]): forgotten here,
-    /// not acknowledged.
+    /// Entries the delivery stage gave back after [`Output::Withdraw`]:
+    /// forgotten here, not acknowledged.
     pub fn on_withdrawn(&mut self, keys: &[Key]) {
         let fenced = keys.iter().filter(|key| self.forget(key)).count();
         if fenced > 0 {
@@ -840,17 +909,16 @@ impl<T> QueueCore<T> {
 
     /// A delivery was cancelled before it started because one of its
     /// entries may not be dispatched now ([`QueueCore::may_dispatch`]):
-    /// its entries are forgotten here. A unit that is still ours but lost
+    /// its entries are forgotten here. A stream that is still ours but lost
     /// an entry that way has all its waiting entries taken back too and is
     /// read again from its pending entries, so that its order holds.
     pub fn cancelled(&mut self, keys: &[Key], now: Instant) {
         let mut units: Vec<(Unit, bool)> = Vec::new();
         for key in keys {
             let valid = self.may_dispatch(key, now);
-            if !units.iter().any(|(u, _)| *u == key.unit) {
-                units.push((key.unit.clone(), valid));
-            } else if valid && let Some(u) = units.iter_mut().find(|(u, _)| *u == key.unit) {
-                u.1 = true;
+            match units.iter_mut().find(|(u, _)| *u == key.unit) {
+                Some(u) => u.1 |= valid,
+                None => units.push((key.unit.clone(), valid)),
             }
         }
         self.on_withdrawn(keys);
@@ -859,23 +927,11 @@ impl<T> QueueCore<T> {
                 // The fence takes the rest back at the next tick.
                 continue;
             }
-            let Some(u) = self.units.get_mut(&unit) else {
-                continue;
-            };
-            let mut withdraw = Vec::new();
-            for (id, held) in u.held.iter_mut() {
-                if !held.revoked {
-                    held.revoked = true;
-                    withdraw.push(Key {
-                        unit: unit.clone(),
-                        id: *id,
-                    });
-                }
-            }
-            let epoch = u.epoch;
+            let withdraw = self.revoke_all(&unit);
             if !withdraw.is_empty() {
                 self.outputs.push_back(Output::Withdraw(withdraw));
             }
+            let epoch = self.units.get(&unit).map_or(0, |u| u.epoch);
             self.recover(&unit, epoch, false);
         }
     }
@@ -924,9 +980,18 @@ impl<T> QueueCore<T> {
                 if !self.scan_in_flight && now >= self.next_scan {
                     self.scan(now);
                 }
-                if self.s.wake == Wake::Notified && now >= self.next_sweep {
+                if now >= self.next_sweep {
+                    // Every stream read once per claim idle time, whatever
+                    // admission saw (a redrive, a stream left full).
                     self.next_sweep = now + self.s.claim_idle;
-                    self.on_wakes_missed();
+                    let all: Vec<Unit> = self
+                        .units
+                        .keys()
+                        .filter(|u| u.partition.is_none())
+                        .chain(self.leased.iter())
+                        .cloned()
+                        .collect();
+                    self.dirty.extend(all);
                 }
                 // After failed reads, the next ones wait a little.
                 if self.read_pause_until.is_some_and(|t| now < t) {
@@ -940,8 +1005,9 @@ impl<T> QueueCore<T> {
                 let busy = self.held > 0
                     || !self.retries.is_empty()
                     || self.units.values().any(|u| u.commits > 0)
-                    || self.reading.is_some()
-                    || self.side_in_flight;
+                    || self.read_in_flight
+                    || self.side_in_flight
+                    || !self.grants.is_empty();
                 if !busy {
                     self.leave();
                 }
@@ -955,9 +1021,6 @@ impl<T> QueueCore<T> {
     pub fn shutdown(&mut self) {
         if self.state == State::Running {
             self.state = State::Draining;
-            if self.reading.is_some() {
-                self.outputs.push_back(Output::Interrupt);
-            }
         }
     }
 
@@ -977,7 +1040,7 @@ impl<T> QueueCore<T> {
         if self.state == State::Finished {
             return None;
         }
-        let mut wake = self.fence_deadline();
+        let mut wake = self.deadlines.first().map(|(t, _)| *t);
         let mut at = |t: Instant| wake = Some(wake.map_or(t, |w| w.min(t)));
         if !self.keepalive_in_flight {
             at(self.next_keepalive);
@@ -989,9 +1052,7 @@ impl<T> QueueCore<T> {
             if !self.registry_in_flight {
                 at(self.next_registry);
             }
-            if self.s.wake == Wake::Notified {
-                at(self.next_sweep);
-            }
+            at(self.next_sweep);
             if let Some(t) = self.read_pause_until {
                 at(t);
             }
@@ -1007,8 +1068,8 @@ impl<T> QueueCore<T> {
         self.held
     }
 
-    /// Entries held plus what the reads and claims in flight may bring:
-    /// never above the window.
+    /// Entries held plus what the reads, takes and grants in flight may
+    /// bring: never above the window.
     pub fn committed(&self) -> usize {
         self.held + self.reserved
     }
@@ -1019,15 +1080,105 @@ impl<T> QueueCore<T> {
 
     /// The partitions whose lease is ours now.
     pub fn leases(&self) -> impl Iterator<Item = &Unit> {
-        self.units
-            .iter()
-            .filter(|(_, u)| matches!(u.lease, Lease::Ours { .. }))
-            .map(|(unit, _)| unit)
+        self.leased.iter().filter(|u| {
+            self.units
+                .get(*u)
+                .is_some_and(|s| matches!(s.lease, Lease::Ours { .. }))
+        })
     }
 
     /// The drain is over and the leases are given up.
     pub fn is_finished(&self) -> bool {
         self.state == State::Finished
+    }
+
+    // ------------------------------------------------------------ indexes
+
+    fn set_phase(&mut self, unit: &Unit, phase: Phase) {
+        let Some(u) = self.units.get_mut(unit) else {
+            return;
+        };
+        u.phase = phase;
+        match phase {
+            Phase::Take { .. } => {
+                self.taking.insert(unit.clone());
+            }
+            Phase::Ready => {
+                self.taking.remove(unit);
+            }
+        }
+    }
+
+    fn set_lease(&mut self, unit: &Unit, lease: Lease) {
+        let Some(u) = self.units.get_mut(unit) else {
+            return;
+        };
+        u.lease = lease;
+        match lease {
+            Lease::NotOurs => {
+                self.leased.remove(unit);
+                self.dirty.remove(unit);
+            }
+            Lease::Ours { .. } | Lease::GivingUp => {
+                self.leased.insert(unit.clone());
+            }
+        }
+        self.update_deadline(unit);
+    }
+
+    fn set_group(&mut self, unit: &Unit, group: Group) {
+        let Some(u) = self.units.get_mut(unit) else {
+            return;
+        };
+        u.group = group;
+        if group == Group::Unknown {
+            self.no_group.insert(unit.clone());
+        } else {
+            self.no_group.remove(unit);
+        }
+    }
+
+    /// A new holding of `unit` (a fence, a lease taken, a recovery):
+    /// replies to what was sent before are dropped.
+    fn bump(&mut self, unit: &Unit) {
+        if let Some(u) = self.units.get_mut(unit) {
+            u.epoch += 1;
+        }
+    }
+
+    /// `unit` may have entries not read yet (a plain stream, or a partition
+    /// whose lease is ours).
+    fn mark_dirty(&mut self, unit: &Unit) {
+        if unit.partition.is_none() || self.leased.contains(unit) {
+            self.dirty.insert(unit.clone());
+        }
+    }
+
+    /// Recomputes when what `unit` holds stops being certainly ours.
+    fn update_deadline(&mut self, unit: &Unit) {
+        let Some(u) = self.units.get_mut(unit) else {
+            return;
+        };
+        let deadline = match (unit.partition, u.lease) {
+            (Some(_), Lease::Ours { valid_until, .. }) => Some(valid_until),
+            (Some(_), _) => None,
+            (None, _) => u
+                .held
+                .values()
+                .filter(|h| !h.revoked)
+                .map(|h| h.owned_until)
+                .min(),
+        };
+        if u.deadline == deadline {
+            return;
+        }
+        if let Some(old) = u.deadline.take() {
+            self.deadlines.remove(&(old, unit.clone()));
+        }
+        u.deadline = deadline;
+        if let Some(new) = deadline {
+            self.deadlines.insert((new, unit.clone()));
+        }
     }
 
     // ------------------------------------------------------------ inside
@@ -1054,7 +1205,7 @@ impl<T> QueueCore<T> {
         );
     }
 
-    /// Counts a commit of each of its units in flight (or done).
+    /// Counts a commit of each of its streams in flight (or done).
     fn count_commits(&mut self, command: &Command, more: bool) {
         for key in command_keys(command) {
             if let Some(u) = self.units.get_mut(&key.unit) {
@@ -1119,19 +1270,10 @@ impl<T> QueueCore<T> {
         self.read_pause_until = Some(now + backoff(self.read_failures));
     }
 
-    fn side_failed(&mut self, unit: &Unit, f: &Failure, now: Instant) {
-        self.read_failed(f, now);
-        if let Some(u) = self.units.get_mut(unit)
-            && matches!(f, Failure::NoGroup(_))
-        {
-            u.group = Group::Unknown;
-        }
-    }
-
-    /// A take of `unit` answered: the walk goes on after `next`, or (at
-    /// the end) the unit reads new entries now, unless its epoch moved on.
+    /// A take of `unit` answered: the walk goes on after `next`, or (at the
+    /// end) the stream reads new entries now, unless its epoch moved on.
     fn advance(&mut self, unit: &Unit, epoch: u32, next: EntryId) {
-        let Some(u) = self.units.get_mut(unit) else {
+        let Some(u) = self.units.get(unit) else {
             return;
         };
         if u.epoch != epoch {
@@ -1143,31 +1285,31 @@ impl<T> QueueCore<T> {
                 count_own,
                 ..
             } if next != EntryId::ZERO => {
-                u.phase = Phase::Take {
+                let phase = Phase::Take {
                     cursor: next,
                     min_idle,
                     count_own,
                 };
+                self.set_phase(unit, phase);
             }
             _ => {
-                u.phase = Phase::Ready;
-                u.dirty = true;
-                self.read_set_changed = true;
+                self.set_phase(unit, Phase::Ready);
+                self.mark_dirty(unit);
             }
         }
     }
 
     /// `unit`'s own pending entries are read again before anything new: a
     /// read's reply was lost, or entries were dropped because they came
-    /// from an earlier holding. A partition's holder claims everything
+    /// from an earlier holding. A partition's holder takes everything
     /// pending in it again instead (its own entries included), in order.
     fn recover(&mut self, unit: &Unit, epoch: u32, no_group: bool) {
+        if no_group {
+            self.set_group(unit, Group::Unknown);
+        }
         let Some(u) = self.units.get_mut(unit) else {
             return;
         };
-        if no_group {
-            u.group = Group::Unknown;
-        }
         if u.epoch != epoch {
             // A later holding already started over.
             return;
@@ -1177,21 +1319,25 @@ impl<T> QueueCore<T> {
             Some(_) => return,
             None => None,
         };
-        u.epoch += 1;
-        u.phase = Phase::Take {
-            cursor: EntryId::ZERO,
-            min_idle,
-            count_own: !u.counted,
-        };
+        let count_own = !u.counted;
         u.counted = true;
+        u.epoch += 1;
+        self.set_phase(
+            unit,
+            Phase::Take {
+                cursor: EntryId::ZERO,
+                min_idle,
+                count_own,
+            },
+        );
     }
 
-    /// Takes in the entries a read or claim brought for `unit` (sent at
-    /// `at`, in epoch `epoch`): hands out those that may go, dead-letters
-    /// those delivered too often, and drops everything when the unit's
-    /// holding changed meanwhile or is not certainly ours (such entries stay
-    /// pending in Redis and are read or claimed again, in order). Returns
-    /// how many were handed out or dead-lettered.
+    /// Takes in the entries a read, a take or an admission brought for
+    /// `unit` (sent at `at`, in epoch `epoch`): hands out those that may
+    /// go, dead-letters those delivered too often, and drops everything
+    /// when the stream's holding changed meanwhile or is not certainly ours
+    /// (such entries stay pending in Redis and are read or taken again, in
+    /// order). Returns how many were handed out or dead-lettered.
     fn take_in(
         &mut self,
         unit: &Unit,
@@ -1201,6 +1347,9 @@ impl<T> QueueCore<T> {
         at: Instant,
         now: Instant,
     ) -> usize {
+        if got.is_empty() {
+            return 0;
+        }
         let running = self.state == State::Running;
         let max = self.s.max_deliveries;
         let owned_until = at + self.s.claim_idle - self.margin;
@@ -1243,7 +1392,7 @@ impl<T> QueueCore<T> {
         for g in got {
             if u.held.contains_key(&g.id) {
                 // Already here (in flight since before a recovery read or a
-                // claim): it stays as it is.
+                // take): it stays as it is.
                 continue;
             }
             let key = Key {
@@ -1288,6 +1437,7 @@ impl<T> QueueCore<T> {
             self.outputs.push_back(Output::Deliver(handed));
         }
         self.acks.extend(deleted);
+        self.update_deadline(unit);
         n
     }
 
@@ -1296,15 +1446,17 @@ impl<T> QueueCore<T> {
         let Some(u) = self.units.get_mut(&key.unit) else {
             return false;
         };
-        if u.held.remove(&key.id).is_some() {
-            if self.probation.as_ref() == Some(key) {
-                self.probation = None;
-            }
-            self.held -= 1;
-            true
-        } else {
-            false
+        let Some(held) = u.held.remove(&key.id) else {
+            return false;
+        };
+        if self.probation.as_ref() == Some(key) {
+            self.probation = None;
         }
+        self.held -= 1;
+        if key.unit.partition.is_none() && !held.revoked && u.deadline == Some(held.owned_until) {
+            self.update_deadline(&key.unit);
+        }
+        true
     }
 
     /// Idle time set on released entries: past any instance's claim
@@ -1313,21 +1465,23 @@ impl<T> QueueCore<T> {
         self.s.claim_idle * 2 + Duration::from_secs(1)
     }
 
-    /// A plain stream has entries idle too long: they are claimed (then
-    /// new entries are read again).
+    /// A plain stream has entries idle too long: they are taken (then new
+    /// entries are read again).
     fn claim_stale(&mut self, unit: &Unit) {
         if unit.partition.is_some() {
             return;
         }
-        let claim_idle = self.s.claim_idle;
-        if let Some(u) = self.units.get_mut(unit)
-            && u.phase == Phase::Ready
+        if self
+            .units
+            .get(unit)
+            .is_some_and(|u| u.phase == Phase::Ready)
         {
-            u.phase = Phase::Take {
+            let phase = Phase::Take {
                 cursor: EntryId::ZERO,
-                min_idle: Some(claim_idle),
+                min_idle: Some(self.s.claim_idle),
                 count_own: false,
             };
+            self.set_phase(unit, phase);
         }
     }
 
@@ -1342,19 +1496,20 @@ impl<T> QueueCore<T> {
         let valid_until = at + self.s.claim_idle - self.margin;
         let asked: HashMap<Unit, u32> = renew.into_iter().collect();
         for (unit, ours) in kept.renewed {
-            let Some(u) = self.units.get_mut(&unit) else {
+            let Some(u) = self.units.get(&unit) else {
                 continue;
             };
             if asked.get(&unit) != Some(&u.epoch) {
                 continue;
             }
             match (ours, u.lease) {
-                (true, Lease::Ours { leaving, .. }) => {
-                    u.lease = Lease::Ours {
+                (true, Lease::Ours { leaving, .. }) => self.set_lease(
+                    &unit,
+                    Lease::Ours {
                         valid_until,
                         leaving,
-                    };
-                }
+                    },
+                ),
                 (false, Lease::Ours { .. }) => self.lose_lease(&unit),
                 _ => {}
             }
@@ -1365,20 +1520,26 @@ impl<T> QueueCore<T> {
                 continue;
             };
             u.epoch += 1;
-            u.lease = Lease::Ours {
-                valid_until,
-                // Taken just as we stop: given up with the rest.
-                leaving: !running,
-            };
+            let count_own = !u.counted;
+            u.counted = true;
+            self.set_lease(
+                &unit,
+                Lease::Ours {
+                    valid_until,
+                    // Taken just as we stop: given up with the rest.
+                    leaving: !running,
+                },
+            );
             // Everything still pending in it first, whoever held it (our
             // own from before a restart count as delivered again).
-            u.phase = Phase::Take {
-                cursor: EntryId::ZERO,
-                min_idle: Some(Duration::ZERO),
-                count_own: !u.counted,
-            };
-            u.counted = true;
-            u.dirty = true;
+            self.set_phase(
+                &unit,
+                Phase::Take {
+                    cursor: EntryId::ZERO,
+                    min_idle: Some(Duration::ZERO),
+                    count_own,
+                },
+            );
             self.outputs
                 .push_back(Output::Note(Note::LeaseTaken { unit: unit.clone() }));
         }
@@ -1409,6 +1570,7 @@ impl<T> QueueCore<T> {
                     held.owned_until = valid_until;
                 }
             }
+            self.update_deadline(&unit);
         }
         if !withdraw.is_empty() {
             self.outputs.push_back(Output::Withdraw(withdraw));
@@ -1426,25 +1588,32 @@ impl<T> QueueCore<T> {
             return;
         }
         let share = usize::from(partitions).div_ceil(self.instances);
-        let procedures: Vec<Arc<str>> = self.procedures.iter().cloned().collect();
-        for p in procedures {
-            let staying: Vec<Unit> = (0..partitions)
-                .map(|k| Unit::partition(&p, k))
-                .filter(|unit| {
-                    self.units
-                        .get(unit)
-                        .is_some_and(|u| matches!(u.lease, Lease::Ours { leaving: false, .. }))
-                })
-                .collect();
-            let excess = staying.len().saturating_sub(share);
-            for unit in staying.iter().rev().take(excess) {
-                if let Some(u) = self.units.get_mut(unit)
-                    && let Lease::Ours { valid_until, .. } = u.lease
+        let mut staying: BTreeMap<Arc<str>, Vec<Unit>> = BTreeMap::new();
+        for unit in &self.leased {
+            if self
+                .units
+                .get(unit)
+                .is_some_and(|u| matches!(u.lease, Lease::Ours { leaving: false, .. }))
+            {
+                staying
+                    .entry(unit.procedure.clone())
+                    .or_default()
+                    .push(unit.clone());
+            }
+        }
+        for units in staying.values() {
+            let excess = units.len().saturating_sub(share);
+            for unit in units.iter().rev().take(excess) {
+                if let Some(Lease::Ours { valid_until, .. }) = self.units.get(unit).map(|u| u.lease)
                 {
-                    u.lease = Lease::Ours {
-                        valid_until,
-                        leaving: true,
-                    };
+                    self.set_lease(
+                        unit,
+                        Lease::Ours {
+                            valid_until,
+                            leaving: true,
+                        },
+                    );
+                    self.dirty.remove(unit);
                     self.outputs.push_back(Output::Note(Note::HandingOver {
                         unit: unit.clone(),
                         instances: self.instances,
@@ -1457,25 +1626,27 @@ impl<T> QueueCore<T> {
     /// Partitions being handed over with nothing of them left here are
     /// given up.
     fn hand_over(&mut self) {
-        let reading = &self.reading;
+        if self.side_in_flight {
+            return;
+        }
         let done: Vec<Unit> = self
-            .units
+            .leased
             .iter()
-            .filter(|(unit, u)| {
-                matches!(u.lease, Lease::Ours { leaving: true, .. })
-                    && u.held.is_empty()
-                    && u.commits == 0
-                    && reading.as_ref().is_none_or(|r| !r.contains(*unit))
+            .filter(|unit| {
+                self.units.get(*unit).is_some_and(|u| {
+                    matches!(u.lease, Lease::Ours { leaving: true, .. })
+                        && u.held.is_empty()
+                        && u.commits == 0
+                        && !u.busy
+                })
             })
-            .map(|(unit, _)| unit.clone())
+            .cloned()
             .collect();
-        if done.is_empty() || self.side_in_flight {
+        if done.is_empty() {
             return;
         }
         for unit in &done {
-            if let Some(u) = self.units.get_mut(unit) {
-                u.lease = Lease::GivingUp;
-            }
+            self.set_lease(unit, Lease::GivingUp);
         }
         self.send(
             Command::GiveUp {
@@ -1485,15 +1656,11 @@ impl<T> QueueCore<T> {
         );
     }
 
-    /// A partition is not (certainly) ours any more: its entries are taken
-    /// back.
-    fn lose_lease(&mut self, unit: &Unit) {
+    /// Marks every entry `unit` holds as taken back; returns them.
+    fn revoke_all(&mut self, unit: &Unit) -> Vec<Key> {
         let Some(u) = self.units.get_mut(unit) else {
-            return;
+            return Vec::new();
         };
-        u.lease = Lease::NotOurs;
-        u.epoch += 1;
-        u.phase = Phase::Ready;
         let mut keys = Vec::new();
         for (id, held) in u.held.iter_mut() {
             if !held.revoked {
@@ -1504,6 +1671,17 @@ impl<T> QueueCore<T> {
                 });
             }
         }
+        self.update_deadline(unit);
+        keys
+    }
+
+    /// A partition is not (certainly) ours any more: its entries are taken
+    /// back.
+    fn lose_lease(&mut self, unit: &Unit) {
+        self.set_lease(unit, Lease::NotOurs);
+        self.bump(unit);
+        self.set_phase(unit, Phase::Ready);
+        let keys = self.revoke_all(unit);
         self.outputs
             .push_back(Output::Note(Note::LeaseLost { unit: unit.clone() }));
         if !keys.is_empty() {
@@ -1511,67 +1689,40 @@ impl<T> QueueCore<T> {
         }
     }
 
-    /// The earliest time something held stops being certainly ours.
-    fn fence_deadline(&self) -> Option<Instant> {
-        self.units
-            .iter()
-            .filter_map(|(unit, u)| match (unit.partition, u.lease) {
-                (Some(_), Lease::Ours { valid_until, .. }) => Some(valid_until),
-                (Some(_), _) => None,
-                (None, _) => u
-                    .held
-                    .values()
-                    .filter(|h| !h.revoked)
-                    .map(|h| h.owned_until)
-                    .min(),
-            })
-            .min()
-    }
-
     /// Takes back what is not certainly ours any more.
     fn fence(&mut self, now: Instant) {
-        if self.fence_deadline().is_none_or(|t| now < t) {
-            return;
-        }
-        let lapsed: Vec<Unit> = self
-            .units
-            .iter()
-            .filter(|(unit, u)| {
-                unit.partition.is_some()
-                    && matches!(u.lease, Lease::Ours { valid_until, .. } if now >= valid_until)
-            })
-            .map(|(unit, _)| unit.clone())
-            .collect();
-        for unit in lapsed {
-            self.lose_lease(&unit);
-        }
-        let mut withdraw = Vec::new();
-        let mut recover = Vec::new();
-        for (unit, u) in self.units.iter_mut() {
-            if unit.partition.is_some() {
-                continue;
+        while let Some((t, unit)) = self.deadlines.first().cloned() {
+            if t > now {
+                return;
             }
-            let before = withdraw.len();
-            for (id, held) in u.held.iter_mut() {
-                if !held.revoked && now >= held.owned_until {
-                    held.revoked = true;
-                    withdraw.push(Key {
-                        unit: unit.clone(),
-                        id: *id,
-                    });
+            match unit.partition {
+                Some(_) => self.lose_lease(&unit),
+                None => {
+                    let Some(u) = self.units.get_mut(&unit) else {
+                        self.deadlines.remove(&(t, unit));
+                        continue;
+                    };
+                    let mut withdraw = Vec::new();
+                    for (id, held) in u.held.iter_mut() {
+                        if !held.revoked && now >= held.owned_until {
+                            held.revoked = true;
+                            withdraw.push(Key {
+                                unit: unit.clone(),
+                                id: *id,
+                            });
+                        }
+                    }
+                    let epoch = u.epoch;
+                    self.update_deadline(&unit);
+                    if !withdraw.is_empty() {
+                        self.outputs.push_back(Output::Withdraw(withdraw));
+                        // What is still ours comes back with a read of our
+                        // own pending entries (sent after the delivery stage
+                        // gave the others up).
+                        self.recover(&unit, epoch, false);
+                    }
                 }
             }
-            if withdraw.len() > before {
-                recover.push((unit.clone(), u.epoch));
-            }
-        }
-        if !withdraw.is_empty() {
-            self.outputs.push_back(Output::Withdraw(withdraw));
-        }
-        // What is still ours comes back with a read of our own pending
-        // entries (sent after the delivery stage gave the others up).
-        for (unit, epoch) in recover {
-            self.recover(&unit, epoch, false);
         }
     }
 
@@ -1579,50 +1730,73 @@ impl<T> QueueCore<T> {
         self.s.window.saturating_sub(self.held + self.reserved)
     }
 
+    /// Whether `unit`'s new entries may be read now.
+    fn readable(&self, unit: &Unit, now: Instant) -> bool {
+        self.state == State::Running
+            && self.units.get(unit).is_some_and(|u| {
+                u.group == Group::Ready
+                    && u.phase == Phase::Ready
+                    && !u.busy
+                    && match unit.partition {
+                        None => true,
+                        Some(_) => matches!(
+                            u.lease,
+                            Lease::Ours { valid_until, leaving: false } if now < valid_until
+                        ),
+                    }
+            })
+    }
+
     fn keepalive(&mut self, now: Instant) {
         self.next_keepalive = now + self.every;
         let running = self.state == State::Running;
         let mut renew = Vec::new();
+        for unit in &self.leased {
+            if let Some(u) = self.units.get(unit)
+                && matches!(u.lease, Lease::Ours { .. })
+            {
+                renew.push((unit.clone(), u.epoch));
+            }
+        }
         let mut take = Vec::new();
-        if let Some(partitions) = self.s.partitions {
+        if let (Some(partitions), true) = (self.s.partitions, running) {
             let share = usize::from(partitions).div_ceil(self.instances);
             for p in &self.procedures {
                 let mut staying = 0;
                 let mut free = Vec::new();
                 for k in 0..partitions {
                     let unit = Unit::partition(p, k);
-                    let Some(u) = self.units.get(&unit) else {
-                        continue;
-                    };
-                    match u.lease {
-                        Lease::Ours { leaving, .. } => {
-                            staying += usize::from(!leaving);
-                            renew.push((unit, u.epoch));
+                    match self.units.get(&unit) {
+                        Some(u) if matches!(u.lease, Lease::Ours { leaving: false, .. }) => {
+                            staying += 1
                         }
-                        Lease::NotOurs if u.group == Group::Ready => free.push(k),
+                        Some(u) if u.lease == Lease::NotOurs && u.group == Group::Ready => {
+                            free.push(k)
+                        }
                         _ => {}
                     }
                 }
                 let want = share.saturating_sub(staying);
-                if running && want > 0 && !free.is_empty() {
+                if want > 0 && !free.is_empty() {
                     take.push((p.clone(), free, want));
                 }
             }
         }
-        let refresh: Vec<(Unit, u32, Vec<EntryId>)> = self
-            .units
-            .iter()
-            .filter(|(unit, _)| unit.partition.is_none())
-            .filter_map(|(unit, u)| {
-                let ids: Vec<EntryId> = u
-                    .held
-                    .iter()
-                    .filter(|(_, h)| !h.revoked)
-                    .map(|(id, _)| *id)
-                    .collect();
-                (!ids.is_empty()).then(|| (unit.clone(), u.epoch, ids))
-            })
-            .collect();
+        let mut refresh = Vec::new();
+        for (unit, u) in &self.units {
+            if unit.partition.is_some() || u.held.is_empty() {
+                continue;
+            }
+            let ids: Vec<EntryId> = u
+                .held
+                .iter()
+                .filter(|(_, h)| !h.revoked)
+                .map(|(id, _)| *id)
+                .collect();
+            if !ids.is_empty() {
+                refresh.push((unit.clone(), u.epoch, ids));
+            }
+        }
         let command = Command::Keepalive {
             renew: renew.iter().map(|(u, _)| u.clone()).collect(),
             take,
@@ -1658,18 +1832,10 @@ impl<T> QueueCore<T> {
     }
 
     fn create_groups(&mut self) {
-        if self.groups_in_flight {
+        if self.groups_in_flight || self.no_group.is_empty() {
             return;
         }
-        let units: Vec<Unit> = self
-            .units
-            .iter()
-            .filter(|(_, u)| u.group == Group::Unknown)
-            .map(|(unit, _)| unit.clone())
-            .collect();
-        if units.is_empty() {
-            return;
-        }
+        let units: Vec<Unit> = std::mem::take(&mut self.no_group).into_iter().collect();
         for unit in &units {
             if let Some(u) = self.units.get_mut(unit) {
                 u.group = Group::Creating;
@@ -1684,14 +1850,14 @@ impl<T> QueueCore<T> {
         );
     }
 
-    /// Recovery reads and claims, before the units' new entries are read.
+    /// Takes of pending entries (own ones, or those left by others), before
+    /// the streams' new entries are read.
     ///
-    /// They take one entry at a time, and the next only once the last is
-    /// resolved: an entry taken over has been handed out before, and if it
-    /// is what killed its last holder, no other taken-over entry should be
-    /// out with it (every entry an instance held when it died counts one
-    /// more delivery when it is taken over, and would reach the delivery cap
-    /// along with the poison).
+    /// An entry handed out before goes out alone: the next is taken only
+    /// once it is resolved. If it is what killed its last holder, no other
+    /// entry should be out with it (every entry an instance held when it
+    /// died counts one more delivery when it is taken over, and would reach
+    /// the delivery cap along with the poison).
     fn side_read(&mut self, now: Instant) {
         if self.side_in_flight || self.probation.is_some() {
             return;
@@ -1700,7 +1866,8 @@ impl<T> QueueCore<T> {
         if room == 0 {
             return;
         }
-        let next = self.units.iter().find_map(|(unit, u)| {
+        let next = self.taking.iter().find_map(|unit| {
+            let u = self.units.get(unit)?;
             let Phase::Take {
                 cursor,
                 min_idle,
@@ -1709,7 +1876,7 @@ impl<T> QueueCore<T> {
             else {
                 return None;
             };
-            if u.group != Group::Ready {
+            if u.group != Group::Ready || u.busy {
                 return None;
             }
             // A partition is taken from only by its holder.
@@ -1766,86 +1933,59 @@ impl<T> QueueCore<T> {
         );
     }
 
-    /// The units whose new entries may be read now.
-    fn readable(&self, now: Instant) -> Vec<(Unit, u32)> {
-        let wait = match self.s.wake {
-            Wake::Blocking(block) => block,
-            Wake::Notified => Duration::ZERO,
-        };
-        // A partition is read only while its lease outlasts the wait.
-        let needs = now + wait;
-        let notified = self.s.wake == Wake::Notified;
-        self.units
-            .iter()
-            .filter(|(unit, u)| {
-                u.group == Group::Ready
-                    && u.phase == Phase::Ready
-                    && (!notified || u.dirty)
-                    && match unit.partition {
-                        None => true,
-                        Some(_) => matches!(
-                            u.lease,
-                            Lease::Ours { valid_until, leaving: false } if needs < valid_until
-                        ),
-                    }
-            })
-            .map(|(unit, u)| (unit.clone(), u.epoch))
-            .collect()
-    }
-
-    /// The next read of new entries, if there is room and none in flight.
+    /// A read of the streams marked dirty, if there is room and none in
+    /// flight: a share of the room each, or (when more are dirty than the
+    /// room holds) one entry each of as many as fit, in turn.
     fn read(&mut self, now: Instant) {
-        if let Some(reading) = &self.reading {
-            // A blocked read is cut short when something it does not
-            // cover became readable.
-            if self.read_set_changed
-                && !self.interrupted
-                && self
-                    .readable(now)
-                    .iter()
-                    .any(|(unit, _)| !reading.contains(unit))
-            {
-                self.interrupted = true;
-                self.outputs.push_back(Output::Interrupt);
-            }
-            self.read_set_changed = false;
+        if self.read_in_flight || self.dirty.is_empty() {
             return;
         }
-        self.read_set_changed = false;
         let room = self.room();
         if room == 0 {
             return;
         }
-        let readable = self.readable(now);
-        if readable.is_empty() {
+        let start = self.read_from.take();
+        let after = start
+            .as_ref()
+            .map(|u| self.dirty.range(u.clone()..))
+            .into_iter()
+            .flatten();
+        let before = match &start {
+            Some(u) => self.dirty.range(..u.clone()),
+            None => self.dirty.range(..),
+        };
+        let mut units: Vec<(Unit, u32)> = Vec::new();
+        let mut gone: Vec<Unit> = Vec::new();
+        for unit in after.chain(before) {
+            if units.len() >= room {
+                self.read_from = Some(unit.clone());
+                break;
+            }
+            if self.readable(unit, now) {
+                units.push((unit.clone(), self.units.get(unit).map_or(0, |u| u.epoch)));
+            } else if unit.partition.is_some() && !self.leased.contains(unit) {
+                gone.push(unit.clone());
+            }
+        }
+        for unit in gone {
+            self.dirty.remove(&unit);
+        }
+        if units.is_empty() {
             return;
         }
-        let n = readable.len();
-        let (units, count): (Vec<(Unit, u32)>, usize) = if room >= n {
-            (readable, (room / n).min(self.s.read_max))
-        } else {
-            // Not every stream fits: `room` of them, one entry each, in turn.
-            let start = self.rotate % n;
-            self.rotate = self.rotate.wrapping_add(room);
-            let units = readable
-                .into_iter()
-                .cycle()
-                .skip(start)
-                .take(room)
-                .collect();
-            (units, 1)
-        };
+        let count = (room / units.len()).clamp(1, self.s.read_max);
+        for (unit, _) in &units {
+            self.dirty.remove(unit);
+            if let Some(u) = self.units.get_mut(unit) {
+                u.busy = true;
+            }
+        }
         self.reserved += count * units.len();
-        self.reading = Some(units.iter().map(|(u, _)| u.clone()).collect());
-        let block = match self.s.wake {
-            Wake::Blocking(block) => Some(block),
-            Wake::Notified => None,
-        };
+        self.read_in_flight = true;
         self.send(
             Command::Read {
                 units: units.iter().map(|(u, _)| u.clone()).collect(),
                 count,
-                block,
             },
             Sent::Read {
                 at: now,
@@ -1858,11 +1998,16 @@ impl<T> QueueCore<T> {
     /// Gives up every lease and leaves the live instances (after the
     /// drain).
     fn leave(&mut self) {
+        let leased: Vec<Unit> = self.leased.iter().cloned().collect();
         let mut units = Vec::new();
-        for (unit, u) in self.units.iter_mut() {
-            if matches!(u.lease, Lease::Ours { .. }) {
-                u.lease = Lease::GivingUp;
-                units.push(unit.clone());
+        for unit in leased {
+            if self
+                .units
+                .get(&unit)
+                .is_some_and(|u| matches!(u.lease, Lease::Ours { .. }))
+            {
+                self.set_lease(&unit, Lease::GivingUp);
+                units.push(unit);
             }
         }
         self.state = State::Leaving;
