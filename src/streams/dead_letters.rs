@@ -15,18 +15,15 @@ use crate::config::Config;
 use crate::forward::envelope::SharedEvent;
 
 /// KEYS[1] the dead-letter stream, KEYS[2] the queue stream; ARGV[1] the
-/// dead-letter entry id, ARGV[2] the stored event (`streams::entry`),
-/// ARGV[3] the wake-up channel ('' for none), ARGV[4] the procedure. Moves
+/// dead-letter entry id, ARGV[2] the stored event (`streams::entry`). Moves
 /// one event back, if it is still a dead letter: returns 1, or 0 when
-/// another redrive moved it first.
+/// another redrive moved it first. The instances find it at their next
+/// sweep (every claim idle time).
 const REDRIVE: &str = r"
 if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then
   return 0
 end
 redis.call('XADD', KEYS[2], '*', 'e', ARGV[2])
-if ARGV[3] ~= '' then
-  redis.call('PUBLISH', ARGV[3], ARGV[4])
-end
 return 1
 ";
 
@@ -94,11 +91,6 @@ pub async fn run(
     let keys = Keys::new(&config.queue.name);
     let partitions = (config.forward.order_by != crate::config::OrderBy::None)
         .then_some(config.queue.partitions);
-    let wake = if config.redis.cluster {
-        keys.wake()
-    } else {
-        String::new()
-    };
     let procedures = match &request.procedure {
         Some(p) => vec![p.clone()],
         None => {
@@ -152,8 +144,6 @@ pub async fn run(
                         .arg(keys.stream_of(&unit))
                         .arg(&letter.id)
                         .arg(&stored)
-                        .arg(&wake)
-                        .arg(&procedure)
                         .query_async::<i64>(&mut conn)
                         .await
                         .map_err(|e| format!("cannot redrive {} of {procedure}: {e}", letter.id))?;

@@ -6,14 +6,16 @@
 //! - [`admit`]: every instance offers every EVENT; one Lua script per batch
 //!   checks the publication's claim key and appends to the procedure's
 //!   stream only if nobody admitted it yet (the claim and the append are one
-//!   server-side step, so a crash cannot leave one without the other).
+//!   server-side step, so a crash cannot leave one without the other), then
+//!   reads for this instance the new entries the core granted room for.
 //! - [`core`]: what one instance reads, holds, leases, keeps alive, claims,
 //!   acknowledges, dead-letters and releases, as a sans-IO state machine
 //!   with fencing by the instance's own clock (a model test drives it
 //!   through pauses, lost replies, crashes and restarts).
-//! - [`carrier`]: the IO half that takes the core's commands to Redis: one
-//!   blocking XREADGROUP over every stream on one server, one multiplexed
-//!   connection for the rest, scripts that check the owner.
+//! - [`carrier`]: the IO half that takes the core's commands to Redis:
+//!   non-blocking reads (most new entries come with the admission that
+//!   appended them), takeovers, and scripts that check the owner; a reader
+//!   connection and one multiplexed connection per Redis node.
 //! - [`entry`]: an entry's binary layout; [`resp`]: the reader's own RESP2
 //!   connection; [`dead_letters`]: `subtocall dead-letters list|redrive`.
 //!
@@ -36,7 +38,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
 use tokio::sync::Mutex;
 
-/// Deadline of one ordinary Redis command (not a blocking read).
+/// Deadline of one Redis command.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The queue's key names, for one queue name (`SUBTOCALL_QUEUE_NAME`).
@@ -107,12 +109,6 @@ impl Keys {
     /// The lease of a partition unit (`None` for a plain stream).
     pub fn lease_of(&self, unit: &core::Unit) -> Option<String> {
         unit.partition.map(|k| self.lease(&unit.procedure, k))
-    }
-
-    /// The channel on which admission says a procedure got entries (Redis
-    /// Cluster, where no read can wait on every stream at once).
-    pub fn wake(&self) -> String {
-        format!("{}:wake", self.name)
     }
 }
 
