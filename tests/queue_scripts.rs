@@ -218,6 +218,10 @@ async fn keepalive_refreshes_only_what_is_still_ours_and_leases_are_never_taken_
     let plain = unit("p.SUB_k", None);
     let parts: Vec<Unit> = (0..4).map(|k| unit("p.SUB_k", Some(k))).collect();
     create(&a, std::slice::from_ref(&plain)).await;
+    create(&a, &parts).await;
+    // Partition 1 has an entry a previous holder read and never finished.
+    add(&redis, &parts[1], "left").await;
+    read(&b, &parts[1..2], 1).await;
     let e1 = add(&redis, &plain, "one").await;
     let e2 = add(&redis, &plain, "two").await;
     read(&a, std::slice::from_ref(&plain), 10).await;
@@ -245,10 +249,10 @@ async fn keepalive_refreshes_only_what_is_still_ours_and_leases_are_never_taken_
     );
     assert_eq!(
         kept.taken,
-        parts[..2].to_vec(),
-        "two leases taken, as asked"
+        vec![(parts[0].clone(), true), (parts[1].clone(), false)],
+        "two leases taken, as asked; partition 1 has an entry pending"
     );
-    assert_eq!(kept.instances, 1);
+    assert_eq!((kept.instances, kept.departures), (1, 0));
     assert_eq!(
         pending(&redis, &plain).await,
         vec![
@@ -276,8 +280,9 @@ async fn keepalive_refreshes_only_what_is_still_ours_and_leases_are_never_taken_
         kept_b,
         Kept {
             instances: 2,
+            departures: 0,
             renewed: vec![(parts[0].clone(), false), (parts[1].clone(), false)],
-            taken: parts[2..].to_vec(),
+            taken: vec![(parts[2].clone(), true), (parts[3].clone(), true)],
             lost: vec![],
         }
     );
@@ -307,6 +312,23 @@ async fn keepalive_refreshes_only_what_is_still_ours_and_leases_are_never_taken_
     };
     assert_eq!(holders(0).await, None);
     assert_eq!(holders(2).await.as_deref(), Some("b"));
+
+    // a leaves: b counts a departure (and would look for what a left).
+    assert_eq!(run(&a, Command::Leave { units: vec![] }).await, Reply::Done);
+    let Reply::Kept(kept_b) = run(
+        &b,
+        Command::Keepalive {
+            renew: vec![],
+            take: vec![],
+            refresh: vec![],
+            ttl: CLAIM_IDLE,
+        },
+    )
+    .await
+    else {
+        panic!("keepalive")
+    };
+    assert_eq!((kept_b.instances, kept_b.departures), (1, 1));
 }
 
 #[tokio::test]
@@ -600,7 +622,7 @@ async fn on_a_cluster_keepalive_and_scans_run_once_per_node_over_many_slots() {
     let r = run(
         &a,
         Command::Leave {
-            units: kept.taken.clone(),
+            units: kept.taken.iter().map(|(u, _)| u.clone()).collect(),
         },
     )
     .await;

@@ -93,9 +93,10 @@ Usage: subtocall-bench --subtocall PATH [options]   (normally run by scripts/ben
   --baseline-commit REV the commit the baseline build was made from (for the report)
   --repo DIR            repository root (default: current directory)
   --venv DIR            the Crossbar virtualenv (default: scripts/setup-crossbar.sh)
-  --only LIST           comma-separated parts: ceiling,paced,callgrind,crossbar,redis,queue,ordering
+  --only LIST           comma-separated parts: ceiling,paced,callgrind,crossbar,redis,queue,idle,ordering
                         (queue: the Redis queue beside the memory queue, against the
-                        loopback peer and at the moderate rate through Crossbar;
+                        loopback peer and at the moderate rate through Crossbar, and
+                        idle; idle: 1,000 procedures, two idle instances;
                         ordering: the ceiling with SUBTOCALL_ORDER_BY and 1, 100
                         and 10,000 keys beside it without)
   --repeats N           runs per figure (default 5)
@@ -305,7 +306,7 @@ fn run() -> Result<()> {
         }
     }
     // Part 4's redis-server, also serving the Redis-queue path of part 2.
-    let queue_redis = if wants("queue") {
+    let queue_redis = if wants("queue") || wants("idle") {
         Some(procs::RedisServer::start_with(
             &ctx.work,
             "redis-queue",
@@ -379,7 +380,7 @@ fn run() -> Result<()> {
         }
     }
 
-    if let Some(server) = &queue_redis {
+    if let Some(server) = queue_redis.as_ref().filter(|_| wants("queue")) {
         log("part 4: the Redis queue beside the memory queue, loopback peer");
         for i in 0..ctx.repeats {
             let mut cases = queue::CASES.to_vec();
@@ -416,6 +417,19 @@ fn run() -> Result<()> {
             ));
             results.queue_instructions.push((q, per));
         }
+        if !wants("crossbar") {
+            log(&format!(
+                "part 4b: through the real Crossbar at {:.0} events/s, memory and Redis queue",
+                ctx.rate
+            ));
+            let plan = router::Plan {
+                full: false,
+                redis: Some(server),
+            };
+            results.queue_router = Some(router::run(&ctx, &plan, &log)?);
+        }
+    }
+    if let Some(server) = &queue_redis {
         log("part 4: 1,000 procedures, two idle instances (Redis connections and commands)");
         for ordered in [false, true] {
             let r = queue::idle(&ctx, &ctx.subtocall, server, 1000, 2, ordered)?;
@@ -428,17 +442,6 @@ fn run() -> Result<()> {
                 r.connections
             ));
             results.queue_idle.push(r);
-        }
-        if !wants("crossbar") {
-            log(&format!(
-                "part 4b: through the real Crossbar at {:.0} events/s, memory and Redis queue",
-                ctx.rate
-            ));
-            let plan = router::Plan {
-                full: false,
-                redis: Some(server),
-            };
-            results.queue_router = Some(router::run(&ctx, &plan, &log)?);
         }
     }
     drop(queue_redis);

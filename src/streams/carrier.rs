@@ -77,10 +77,11 @@ return {'0-0', out}
 
 /// Keepalive on one node. KEYS[1] routes it. ARGV: this consumer, the lease
 /// time (ms), the group; then the leases to renew (count, keys); the
-/// leases to take (count of groups, each: how many to take, count, keys);
-/// the entries to refresh (count of streams, each: stream, count, ids in
-/// order). Returns {renewed (1/0 each), taken keys, lost (stream index,
-/// id, ...)}.
+/// leases to take (count of groups, each: how many to take, count, then
+/// pairs of lease and its stream); the entries to refresh (count of
+/// streams, each: stream, count, ids in order). Returns {renewed (1/0
+/// each), taken ({lease, 1 if its stream has nothing pending else 0}, ...),
+/// lost (stream index, id, ...)}.
 const KEEPALIVE: &str = r"#!lua flags=allow-cross-slot-keys
 local me, ttl, group = ARGV[1], ARGV[2], ARGV[3]
 local i = 4
@@ -99,9 +100,12 @@ n = tonumber(ARGV[i]); i = i + 1
 for g = 1, n do
   local want, m = tonumber(ARGV[i]), tonumber(ARGV[i + 1]); i = i + 2
   for k = 1, m do
-    local key = ARGV[i]; i = i + 1
+    local key, stream = ARGV[i], ARGV[i + 1]; i = i + 2
     if want > 0 and redis.call('SET', key, me, 'NX', 'PX', ttl) then
-      taken[#taken + 1] = key
+      local p = redis.pcall('XPENDING', stream, group)
+      local empty = 0
+      if type(p) == 'table' and not p.err and p[1] == 0 then empty = 1 end
+      taken[#taken + 1] = {key, empty}
       want = want - 1
     end
   end
@@ -178,16 +182,32 @@ end
 return n
 ";
 
-/// KEYS[1] the instances (a sorted set); ARGV[1] this consumer, ARGV[2]
-/// how long an instance counts as live (ms). Scores this instance with
-/// Redis's clock, forgets the silent ones, returns how many are live.
+/// KEYS[1] the instances (a sorted set), KEYS[2] the departures counter
+/// (same slot); ARGV[1] this consumer, ARGV[2] how long an instance counts
+/// as live (ms). Scores this instance with Redis's clock, forgets the
+/// silent ones (counting them as departed), returns {how many are live,
+/// departures so far}.
 const HEARTBEAT: &str = r"
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local ttl = tonumber(ARGV[2])
 redis.call('ZADD', KEYS[1], now, ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
-redis.call('PEXPIRE', KEYS[1], 10 * tonumber(ARGV[2]))
-return redis.call('ZCARD', KEYS[1])
+local gone = redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - ttl)
+if gone > 0 then
+  redis.call('INCRBY', KEYS[2], gone)
+end
+redis.call('PEXPIRE', KEYS[1], 10 * ttl)
+redis.call('PEXPIRE', KEYS[2], 10 * ttl)
+return {redis.call('ZCARD', KEYS[1]), tonumber(redis.call('GET', KEYS[2]) or '0')}
+";
+
+/// KEYS[1] the instances, KEYS[2] the departures counter; ARGV[1] this
+/// consumer. Leaves the live instances, counted as a departure.
+const LEAVE: &str = r"
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then
+  redis.call('INCR', KEYS[2])
+end
+return 0
 ";
 
 /// KEYS[1] the stream, KEYS[2] its dead-letter stream; ARGV[1] the group,
@@ -574,11 +594,12 @@ impl Carrier {
     ) -> Result<Reply<Fields>, Failure> {
         let mut c = self.conn().await?;
         let ttl_ms = ttl.as_millis().max(1) as u64;
-        let instances: i64 = query(
+        let (instances, departures): (i64, i64) = query(
             redis::cmd("EVAL")
                 .arg(HEARTBEAT)
-                .arg(1)
+                .arg(2)
                 .arg(self.keys.instances())
+                .arg(self.keys.departures())
                 .arg(&*self.consumer)
                 .arg(ttl_ms),
             &mut c,
@@ -586,6 +607,7 @@ impl Carrier {
         .await?;
         let mut kept = Kept {
             instances: instances.max(1) as usize,
+            departures: departures.max(0) as u64,
             ..Kept::default()
         };
         // Every key this round touches, by node.
@@ -653,9 +675,12 @@ impl Carrier {
             }
             cmd.arg(round.take.len());
             for &g in &round.take {
-                cmd.arg(take[g].2)
-                    .arg(take_keys[g].len())
-                    .arg(&take_keys[g]);
+                let (procedure, ks, want) = &take[g];
+                cmd.arg(*want).arg(ks.len());
+                for (lease, k) in take_keys[g].iter().zip(ks) {
+                    cmd.arg(lease)
+                        .arg(self.keys.stream_of(&Unit::partition(procedure, *k)));
+                }
             }
             cmd.arg(round.refresh.len());
             for &s in &round.refresh {
@@ -697,9 +722,13 @@ impl Carrier {
                 }
             }
             if let Some(Value::Array(taken)) = parts.get(1) {
-                for key in taken.iter().filter_map(text) {
-                    if let Some(unit) = unit_of_lease.get(key.as_str()) {
-                        kept.taken.push(unit.clone());
+                for pair in taken {
+                    let Value::Array(pair) = pair else { continue };
+                    if let (Some(key), Some(empty)) = (pair.first().and_then(text), pair.get(1))
+                        && let Some(unit) = unit_of_lease.get(key.as_str())
+                    {
+                        kept.taken
+                            .push((unit.clone(), matches!(empty, Value::Int(1))));
                     }
                 }
             }
@@ -838,8 +867,11 @@ impl Carrier {
         if leave {
             let mut c = c.clone();
             query::<i64>(
-                redis::cmd("ZREM")
+                redis::cmd("EVAL")
+                    .arg(LEAVE)
+                    .arg(2)
                     .arg(self.keys.instances())
+                    .arg(self.keys.departures())
                     .arg(&*self.consumer),
                 &mut c,
             )

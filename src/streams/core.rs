@@ -163,13 +163,16 @@ pub enum Command {
         count_own: bool,
     },
     /// Which of `units` have an entry idle at least `idle` (left by an
-    /// instance that stopped answering); also forgets consumers long gone.
+    /// instance that stopped answering or left); also forgets consumers
+    /// long gone. Sent at start, after an instance departed, and every
+    /// [`SCAN_BACKSTOP`] claim idle times.
     Scan { units: Vec<Unit>, idle: Duration },
     /// One round of keeping alive (one script per Redis node): renew the
     /// leases in `renew` that are still ours, take up to `want` free ones of
     /// each procedure in `take` (of the partitions listed), refresh the idle
     /// time of the entries in `refresh` that are still ours, and say this
-    /// instance is alive (returns how many are).
+    /// instance is alive (returns how many are, and how many departed so
+    /// far).
     Keepalive {
         renew: Vec<Unit>,
         take: Vec<(Arc<str>, Vec<u16>, usize)>,
@@ -216,10 +219,15 @@ pub struct Got<T> {
 pub struct Kept {
     /// Live instances (this one included).
     pub instances: usize,
+    /// Instances that departed (went silent or left), a counter kept in
+    /// Redis: when it moves, what they held is looked for.
+    pub departures: u64,
     /// Of the leases asked to renew: whether each is still ours.
     pub renewed: Vec<(Unit, bool)>,
-    /// Leases newly ours.
-    pub taken: Vec<Unit>,
+    /// Leases newly ours, each with whether its stream had nothing pending
+    /// then (its new entries are read at once, with nothing to take over
+    /// first).
+    pub taken: Vec<(Unit, bool)>,
     /// Entries asked to refresh that are no longer ours.
     pub lost: Vec<Key>,
 }
@@ -336,6 +344,10 @@ pub enum Output<T> {
     Note(Note),
 }
 
+/// Streams are scanned for entries left idle at start, after each
+/// departure of an instance, and every this many claim idle times anyway
+/// (what no departure explains: a consumer of another tool, say).
+pub const SCAN_BACKSTOP: u32 = 10;
 /// How often the procedures set is read again.
 const REGISTRY_EVERY: Duration = Duration::from_secs(5);
 /// A commit is tried this often at most before it is given up.
@@ -546,6 +558,14 @@ pub struct QueueCore<T> {
     retries: Vec<(Instant, Command, u32)>,
     /// Live instances, as the last keepalive counted them.
     instances: usize,
+    /// Plain streams whose group became ready since the last scan: scanned
+    /// at once (a departure before this instance knew them is not seen).
+    unscanned: BTreeSet<Unit>,
+    /// The departures counter as the last keepalive read it.
+    departures: Option<u64>,
+    /// Scans still to send soon after a departure (the departed instance's
+    /// entries may have been refreshed a little after its last heartbeat).
+    scans_after: u8,
     /// A taken-over entry out now: the next is taken once it is resolved.
     probation: Option<Key>,
     /// Consecutive failed commands.
@@ -597,6 +617,9 @@ impl<T> QueueCore<T> {
             acks: Vec::new(),
             retries: Vec::new(),
             instances: 1,
+            unscanned: BTreeSet::new(),
+            departures: None,
+            scans_after: 0,
             probation: None,
             failures: 0,
             redis_up: None,
@@ -724,6 +747,9 @@ impl<T> QueueCore<T> {
                 };
                 for unit in units {
                     self.set_group(&unit, if ok { Group::Ready } else { Group::Unknown });
+                    if ok && unit.partition.is_none() {
+                        self.unscanned.insert(unit);
+                    }
                 }
             }
             Sent::Read { at, units, count } => {
@@ -808,7 +834,7 @@ impl<T> QueueCore<T> {
             Sent::Keepalive { at, renew, refresh } => {
                 self.keepalive_in_flight = false;
                 match reply {
-                    Reply::Kept(kept) => self.on_kept(at, renew, refresh, kept),
+                    Reply::Kept(kept) => self.on_kept(at, renew, refresh, kept, now),
                     Reply::Failed(f) => self.failed("keep leases and entries alive", &f),
                     _ => {}
                 }
@@ -977,7 +1003,7 @@ impl<T> QueueCore<T> {
                     self.send(Command::Procedures, Sent::Procedures);
                 }
                 self.create_groups();
-                if !self.scan_in_flight && now >= self.next_scan {
+                if !self.scan_in_flight && (now >= self.next_scan || !self.unscanned.is_empty()) {
                     self.scan(now);
                 }
                 if now >= self.next_sweep {
@@ -1491,8 +1517,17 @@ impl<T> QueueCore<T> {
         renew: Vec<(Unit, u32)>,
         refresh: Vec<(Unit, u32, Vec<EntryId>)>,
         kept: Kept,
+        now: Instant,
     ) {
         self.instances = kept.instances.max(1);
+        if self.departures.is_some_and(|d| d != kept.departures) {
+            // An instance went silent or left: what it held is claimable
+            // (at once if it released it, after the claim idle time if it
+            // died), so look for it now and once more a little later.
+            self.next_scan = self.next_scan.min(now);
+            self.scans_after = 1;
+        }
+        self.departures = Some(kept.departures);
         let valid_until = at + self.s.claim_idle - self.margin;
         let asked: HashMap<Unit, u32> = renew.into_iter().collect();
         for (unit, ours) in kept.renewed {
@@ -1515,7 +1550,7 @@ impl<T> QueueCore<T> {
             }
         }
         let running = self.state == State::Running;
-        for unit in kept.taken {
+        for (unit, empty) in kept.taken {
             let Some(u) = self.units.get_mut(&unit) else {
                 continue;
             };
@@ -1530,16 +1565,22 @@ impl<T> QueueCore<T> {
                     leaving: !running,
                 },
             );
-            // Everything still pending in it first, whoever held it (our
-            // own from before a restart count as delivered again).
-            self.set_phase(
-                &unit,
-                Phase::Take {
-                    cursor: EntryId::ZERO,
-                    min_idle: Some(Duration::ZERO),
-                    count_own,
-                },
-            );
+            if empty {
+                // Nothing pending: its new entries are read at once.
+                self.set_phase(&unit, Phase::Ready);
+                self.mark_dirty(&unit);
+            } else {
+                // Everything still pending in it first, whoever held it
+                // (our own from before a restart count as delivered again).
+                self.set_phase(
+                    &unit,
+                    Phase::Take {
+                        cursor: EntryId::ZERO,
+                        min_idle: Some(Duration::ZERO),
+                        count_own,
+                    },
+                );
+            }
             self.outputs
                 .push_back(Output::Note(Note::LeaseTaken { unit: unit.clone() }));
         }
@@ -1912,14 +1953,32 @@ impl<T> QueueCore<T> {
         );
     }
 
+    /// Every stream when one is due (at start, after a departure, as a
+    /// backstop), else the streams no scan covered yet.
     fn scan(&mut self, now: Instant) {
-        self.next_scan = now + self.s.claim_idle / 2;
-        let units: Vec<Unit> = self
-            .units
-            .iter()
-            .filter(|(_, u)| u.group == Group::Ready)
-            .map(|(unit, _)| unit.clone())
-            .collect();
+        let units: Vec<Unit> = if now >= self.next_scan {
+            self.next_scan = if self.scans_after > 0 {
+                self.scans_after -= 1;
+                now + self.s.claim_idle / 2
+            } else {
+                now + self.s.claim_idle * SCAN_BACKSTOP
+            };
+            self.unscanned.clear();
+            self.units
+                .iter()
+                .filter(|(_, u)| u.group == Group::Ready)
+                .map(|(unit, _)| unit.clone())
+                .collect()
+        } else {
+            std::mem::take(&mut self.unscanned)
+                .into_iter()
+                .filter(|unit| {
+                    self.units
+                        .get(unit)
+                        .is_some_and(|u| u.group == Group::Ready)
+                })
+                .collect()
+        };
         if units.is_empty() {
             return;
         }

@@ -93,6 +93,13 @@ impl Keys {
         format!("{}:instances", self.name)
     }
 
+    /// How many instances departed (went silent or left) so far, in the
+    /// instances' hash slot: when it moves, the others look for what the
+    /// departed held.
+    pub fn departures(&self) -> String {
+        format!("{{{}:instances}}:departures", self.name)
+    }
+
     /// The set of every procedure that has a stream.
     pub fn procedures(&self) -> String {
         format!("{}:procedures", self.name)

@@ -66,6 +66,8 @@ struct Redis {
     streams: BTreeMap<Unit, Stream>,
     leases: BTreeMap<Unit, (String, Instant)>,
     live: BTreeMap<String, Instant>,
+    /// Instances that went silent or left, so far.
+    departures: u64,
     dead: BTreeMap<u64, u32>,
     procedures: BTreeSet<String>,
     next_ms: u64,
@@ -253,10 +255,13 @@ impl Redis {
             } => {
                 self.live.insert(consumer.to_owned(), now);
                 let ttl = *ttl;
+                let before = self.live.len();
                 self.live
                     .retain(|_, at| now.saturating_duration_since(*at) < ttl);
+                self.departures += (before - self.live.len()) as u64;
                 let mut kept = Kept {
                     instances: self.live.len(),
+                    departures: self.departures,
                     ..Kept::default()
                 };
                 for unit in renew {
@@ -274,7 +279,8 @@ impl Redis {
                         if want > 0 && self.lease_holder(&unit, now).is_none() {
                             self.leases
                                 .insert(unit.clone(), (consumer.to_owned(), now + ttl));
-                            kept.taken.push(unit);
+                            let empty = self.streams.get(&unit).is_none_or(|s| s.pel.is_empty());
+                            kept.taken.push((unit, empty));
                             want -= 1;
                         }
                     }
@@ -329,8 +335,9 @@ impl Redis {
                         self.leases.remove(unit);
                     }
                 }
-                if matches!(command, Command::Leave { .. }) {
-                    self.live.remove(consumer);
+                if matches!(command, Command::Leave { .. }) && self.live.remove(consumer).is_some()
+                {
+                    self.departures += 1;
                 }
                 Reply::Done
             }
@@ -1272,4 +1279,76 @@ proptest! {
     fn a_frozen_instance_never_calls_what_another_took_over(plan in frozen()) {
         run(&plan)?;
     }
+}
+
+/// Scans for entries left idle go out at start, at once when the departures
+/// counter moves (and once more half a claim idle time later, for entries
+/// refreshed just after the departed instance's last heartbeat), and
+/// otherwise only every `SCAN_BACKSTOP` claim idle times: an idle instance
+/// does not look at every stream twice per claim idle time, and nobody
+/// waits that long for what a departed instance held.
+#[test]
+fn a_departure_brings_a_scan_at_once_and_scans_are_rare_otherwise() {
+    let t0 = Instant::now();
+    let claim_idle = ms(CLAIM_IDLE_MS);
+    let mut core: QueueCore<Ev> = QueueCore::new(
+        Settings {
+            window: 8,
+            read_max: 4,
+            claim_idle,
+            partitions: None,
+            max_deliveries: MAX_DELIVERIES,
+        },
+        t0,
+    );
+    core.add_procedure(PROCEDURES[0], t0);
+    let departed_at = ms(7_000);
+    let mut scans = Vec::new();
+    let mut now = t0;
+    while now < t0 + claim_idle * (2 * SCAN_BACKSTOP) + ms(500) {
+        core.on_tick(now);
+        while let Some(output) = core.poll() {
+            let Output::Send(id, command) = output else {
+                continue;
+            };
+            let reply = match command {
+                Command::Procedures => Reply::Procedures(vec![PROCEDURES[0].to_owned()]),
+                Command::Scan { .. } => {
+                    scans.push(now - t0);
+                    Reply::Stale(vec![])
+                }
+                Command::Keepalive { .. } => Reply::Kept(Kept {
+                    instances: 2,
+                    departures: u64::from(now - t0 >= departed_at),
+                    ..Kept::default()
+                }),
+                Command::Read { .. } => Reply::Read(vec![]),
+                _ => Reply::Done,
+            };
+            core.on_reply(id, reply, now);
+        }
+        now += ms(50);
+    }
+    let keepalive = claim_idle / 3;
+    assert!(
+        scans[0] <= ms(200),
+        "at start, as soon as the stream's group is ready: {scans:?}"
+    );
+    assert!(
+        scans[1] >= departed_at && scans[1] <= departed_at + keepalive + ms(100),
+        "at the first keepalive that sees the departure: {scans:?}"
+    );
+    assert!(
+        scans[2] >= scans[1] + claim_idle / 2 && scans[2] <= scans[1] + claim_idle / 2 + ms(100),
+        "once more half a claim idle time later: {scans:?}"
+    );
+    assert_eq!(
+        scans.len(),
+        4,
+        "then only one more, a backstop claim idle times later: {scans:?}"
+    );
+    assert!(
+        scans[3] >= scans[2] + claim_idle * SCAN_BACKSTOP,
+        "{scans:?}"
+    );
 }
