@@ -479,9 +479,34 @@ fn events(
 }
 
 #[tokio::test]
-async fn an_admission_reads_what_it_is_granted_and_a_partition_only_under_its_lease() {
-    use subtocall::streams::admit::AdmitSink;
+async fn an_admission_reads_what_it_is_granted_and_a_partition_only_under_its_lease_and_carries_acknowledgements()
+ {
+    use subtocall::streams::admit::{AdmitSink, Grants};
     use subtocall::streams::core::{Grant, GrantId};
+
+    /// Grants `count` (none for 0) and carries `acks`.
+    struct Scripted {
+        count: usize,
+        acks: Vec<Key>,
+    }
+    impl Grants for Scripted {
+        fn grant(&mut self, _: &Unit) -> Option<Grant> {
+            (self.count > 0).then_some(Grant {
+                id: GrantId(7),
+                count: self.count,
+            })
+        }
+        fn ride_acks(&mut self, procedure: &str) -> Option<(CommandId, Command)> {
+            let keys: Vec<Key> = self
+                .acks
+                .iter()
+                .filter(|k| &*k.unit.procedure == procedure)
+                .cloned()
+                .collect();
+            (!keys.is_empty()).then_some((CommandId(9), Command::Ack { keys }))
+        }
+    }
+
     let redis = Redis::start().await;
     let target = Target::new(&redis.url(), false).expect("target");
     let keys = Arc::new(Keys::new(GROUP));
@@ -503,17 +528,15 @@ async fn an_admission_reads_what_it_is_granted_and_a_partition_only_under_its_le
         &[plain.clone(), part.clone()],
     )
     .await;
-    let grant = |count| {
-        move |_: &Unit| {
-            Some(Grant {
-                id: GrantId(7),
-                count,
-            })
-        }
+    let grant = |count| Scripted {
+        count,
+        acks: vec![],
     };
 
     // Three appended, two read back (the grant), as ids of the events given.
-    let done = a.admit(&events("p.SUB_adm", None, 1, 3), grant(2)).await;
+    let done = a
+        .admit(&events("p.SUB_adm", None, 1, 3), Some(&mut grant(2)))
+        .await;
     assert!(matches!(done.report, subtocall::sink::Report::All(Ok(()))));
     let (id, taken) = &done.taken[0];
     assert_eq!(*id, GrantId(7));
@@ -525,15 +548,44 @@ async fn an_admission_reads_what_it_is_granted_and_a_partition_only_under_its_le
     );
     // b offers the same three (none appended again) and reads the third,
     // which a appended: its fields come from Redis.
-    let done = b.admit(&events("p.SUB_adm", None, 1, 3), grant(5)).await;
+    let done = b
+        .admit(&events("p.SUB_adm", None, 1, 3), Some(&mut grant(5)))
+        .await;
     let taken = done.taken[0].1.as_ref().expect("taken");
     assert_eq!(taken.len(), 1);
     assert_eq!(redis.command(&["XLEN", &stream(&plain)]).await.integer(), 3);
     assert_eq!(pending(&redis, &plain).await.len(), 3);
+    let a_took: Vec<Key> = pending(&redis, &plain)
+        .await
+        .into_iter()
+        .filter(|(_, owner, _)| owner == "a")
+        .map(|(id, _, _)| Key {
+            unit: plain.clone(),
+            id: EntryId::parse(&id).expect("an id"),
+        })
+        .collect();
+    assert_eq!(a_took.len(), 2);
+
+    // a's next admission of the procedure (to one of its partitions, a
+    // stream in the same slot) carries a's acknowledgements of the plain
+    // stream: acknowledged and deleted.
+    let done = a
+        .admit(
+            &events("p.SUB_adm", Some(2), 4, 1),
+            Some(&mut Scripted {
+                count: 0,
+                acks: a_took,
+            }),
+        )
+        .await;
+    assert!(matches!(done.report, subtocall::sink::Report::All(Ok(()))));
+    assert_eq!(done.acked, vec![(CommandId(9), Ok(()))]);
+    assert_eq!(redis.command(&["XLEN", &stream(&plain)]).await.integer(), 1);
+    assert_eq!(pending(&redis, &plain).await.len(), 1, "b's alone");
 
     // A partition: appended, but read only by its lease holder.
     let done = a
-        .admit(&events("p.SUB_adm", Some(1), 10, 2), grant(5))
+        .admit(&events("p.SUB_adm", Some(1), 10, 2), Some(&mut grant(5)))
         .await;
     assert!(
         done.taken[0].1.as_ref().expect("taken").is_empty(),
@@ -542,14 +594,14 @@ async fn an_admission_reads_what_it_is_granted_and_a_partition_only_under_its_le
     let lease = Keys::new(GROUP).lease("p.SUB_adm", 1);
     redis.command(&["SET", &lease, "a"]).await;
     let done = b
-        .admit(&events("p.SUB_adm", Some(1), 12, 1), grant(5))
+        .admit(&events("p.SUB_adm", Some(1), 12, 1), Some(&mut grant(5)))
         .await;
     assert!(
         done.taken[0].1.as_ref().expect("taken").is_empty(),
         "a's lease, not b's"
     );
     let done = a
-        .admit(&events("p.SUB_adm", Some(1), 13, 1), grant(5))
+        .admit(&events("p.SUB_adm", Some(1), 13, 1), Some(&mut grant(5)))
         .await;
     let taken = done.taken[0].1.as_ref().expect("taken");
     assert_eq!(taken.len(), 4, "the holder reads them all, in order");
@@ -557,7 +609,9 @@ async fn an_admission_reads_what_it_is_granted_and_a_partition_only_under_its_le
 
     // A group lost with Redis's data: still admitted, nothing read.
     redis.command(&["DEL", &stream(&plain)]).await;
-    let done = a.admit(&events("p.SUB_adm", None, 20, 1), grant(5)).await;
+    let done = a
+        .admit(&events("p.SUB_adm", None, 20, 1), Some(&mut grant(5)))
+        .await;
     assert!(matches!(done.report, subtocall::sink::Report::All(Ok(()))));
     assert!(done.taken[0].1.as_ref().expect("taken").is_empty());
     assert_eq!(redis.command(&["XLEN", &stream(&plain)]).await.integer(), 1);

@@ -421,13 +421,20 @@ async fn on_the_redis_queue_without_ordering_each_instance_still_heartbeats() {
         .await;
     Publisher::publish(&crossbar, "com.example.plain", 5).await;
     sidecar.wait_idle(5, WAIT).await;
-    let s = eventually(WAIT, "this instance heartbeating", || async {
-        let s = status(&sidecar).await;
-        let beating = s["queue"]["instances"].as_array()?.iter().any(|i| {
-            i["this"] == true && i["heartbeat_seconds"].as_f64().is_some_and(|h| h < 10.0)
-        });
-        beating.then_some(s)
-    })
+    // Acknowledgements may wait a few milliseconds for an admission to ride
+    // on (`streams::core::ACK_LINGER`).
+    let s = eventually(
+        WAIT,
+        "this instance heartbeating, its stream acknowledged",
+        || async {
+            let s = status(&sidecar).await;
+            let beating = s["queue"]["instances"].as_array()?.iter().any(|i| {
+                i["this"] == true && i["heartbeat_seconds"].as_f64().is_some_and(|h| h < 10.0)
+            });
+            let acked = s["queue"]["streams"][0]["pending"] == 0;
+            (beating && acked).then_some(s)
+        },
+    )
     .await;
     let q = &s["queue"];
     assert_eq!(q["instances"].as_array().unwrap().len(), 1, "{q:#}");

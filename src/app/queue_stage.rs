@@ -73,8 +73,9 @@ impl QueueStage {
     /// Starts admission delivery `id` of `jobs`, each stream's batch taking
     /// what the queue core grants.
     pub fn admit(&mut self, id: DeliveryId, jobs: &[Job<SharedEvent>], now: Instant) {
-        let queue = &mut self.queue;
-        let admitting = self.admission.admit(jobs, |unit| queue.grant(unit, now));
+        let admitting = self
+            .admission
+            .admit(jobs, Some(&mut (&mut self.queue, now)));
         self.admissions
             .push(Box::pin(async move { (id, admitting.await) }));
     }

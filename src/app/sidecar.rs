@@ -660,6 +660,13 @@ impl Sidecar {
             for (grant, taken) in admitted.taken {
                 q.queue.on_granted(grant, taken, now);
             }
+            for (id, acked) in admitted.acked {
+                let reply = match acked {
+                    Ok(()) => Reply::Done,
+                    Err(f) => Reply::Failed(f),
+                };
+                q.queue.on_reply(id, reply, now);
+            }
         }
         self.on_report(id, admitted.report, now);
     }

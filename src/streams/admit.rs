@@ -12,6 +12,10 @@
 //! most entries are read, with no command of their own. Entries this batch
 //! added come back as their ids alone (the events are here already).
 //!
+//! It also carries the acknowledgements waiting for the procedure's streams
+//! (`QueueCore::ride_acks`): while events keep coming, an event costs Redis
+//! one request, not two.
+//!
 //! Offering again is harmless (the claim refuses it), so a batch that failed
 //! half-way is simply retried whole.
 
@@ -25,7 +29,9 @@ use futures_util::future::{BoxFuture, join_all};
 use redis::Value;
 
 use super::carrier::Fields;
-use super::core::{EntryId, Failure as QueueFailure, Got, Grant, GrantId, Unit};
+use super::core::{
+    Command, CommandId, EntryId, Failure as QueueFailure, Got, Grant, GrantId, Key, QueueCore, Unit,
+};
 use super::{Keys, Shared, entry, text};
 use crate::forward::envelope::{Outgoing, SharedEvent};
 use crate::forward::{DeliveryId, Dispatch, Failure, Job};
@@ -37,21 +43,35 @@ use crate::wamp::session::Session;
 pub const BATCH: usize = 512;
 
 /// KEYS[1] the stream, KEYS[2] its lease (a partition's; for a plain
-/// stream, unused), KEYS[3..] the claim keys; ARGV[1] the claim TTL in
+/// stream, unused), KEYS[3..] the claim keys, then the streams (of the same
+/// procedure) with entries to acknowledge; ARGV[1] the claim TTL in
 /// milliseconds, ARGV[2] the group, ARGV[3] this consumer, ARGV[4] how many
 /// new entries to read for it, ARGV[5] whether the lease must be its own
-/// (1/0), ARGV[6..] the stored events (`streams::entry`). Claims each
-/// publication (SET NX) and appends it only if the claim is new; an append
-/// that fails gives its claim back, so the batch can be retried. Then reads.
-/// Returns {admitted, admitted before, read}, where read holds {id, n} for
-/// an entry this call appended (the n-th event given), {id, 0, fields} for
-/// another.
+/// (1/0), ARGV[6] how many streams to acknowledge in, then the stored
+/// events (`streams::entry`), one per claim key, then for each stream to
+/// acknowledge in: how many ids, the ids. Acknowledges and deletes those
+/// first (as `Ack` does). Claims each publication (SET NX) and appends it
+/// only if the claim is new; an append that fails gives its claim back, so
+/// the batch can be retried. Then reads. Returns {admitted, admitted
+/// before, read}, where read holds {id, n} for an entry this call appended
+/// (the n-th event given), {id, 0, fields} for another.
 const ADMIT: &str = r"
+local nacks = tonumber(ARGV[6])
+local nclaims = #KEYS - 2 - nacks
+local a = 7 + nclaims
+for s = 1, nacks do
+  local stream, m = KEYS[2 + nclaims + s], tonumber(ARGV[a])
+  local ids = {}
+  for k = 1, m do ids[k] = ARGV[a + k] end
+  a = a + m + 1
+  redis.call('XACK', stream, ARGV[2], unpack(ids))
+  redis.call('XDEL', stream, unpack(ids))
+end
 local added, before = 0, 0
 local mine = {}
-for i = 3, #KEYS do
+for i = 3, 2 + nclaims do
   if redis.call('SET', KEYS[i], '1', 'NX', 'PX', ARGV[1]) then
-    local id = redis.pcall('XADD', KEYS[1], '*', 'e', ARGV[i + 3])
+    local id = redis.pcall('XADD', KEYS[1], '*', 'e', ARGV[i + 4])
     if type(id) == 'table' and id.err then
       redis.call('DEL', KEYS[i])
       return id
@@ -82,6 +102,26 @@ end
 return {added, before, read}
 ";
 
+/// What an admission asks of the queue core.
+pub trait Grants {
+    /// Room to read `unit`'s new entries in the same step
+    /// (`QueueCore::grant`).
+    fn grant(&mut self, unit: &Unit) -> Option<Grant>;
+    /// The acknowledgements to carry for `procedure`
+    /// (`QueueCore::ride_acks`).
+    fn ride_acks(&mut self, procedure: &str) -> Option<(CommandId, Command)>;
+}
+
+impl Grants for (&mut QueueCore<Fields>, Instant) {
+    fn grant(&mut self, unit: &Unit) -> Option<Grant> {
+        self.0.grant(unit, self.1)
+    }
+
+    fn ride_acks(&mut self, procedure: &str) -> Option<(CommandId, Command)> {
+        self.0.ride_acks(procedure)
+    }
+}
+
 /// What one stream's grant took, or why its admission failed.
 pub type Taken = Result<Vec<Got<Fields>>, QueueFailure>;
 
@@ -90,6 +130,8 @@ pub type Taken = Result<Vec<Got<Fields>>, QueueFailure>;
 pub struct Admitted {
     pub report: Report,
     pub taken: Vec<(GrantId, Taken)>,
+    /// The acknowledgements it carried, and whether they were made.
+    pub acked: Vec<(CommandId, Result<(), QueueFailure>)>,
 }
 
 /// The admission sink.
@@ -124,12 +166,13 @@ impl AdmitSink {
 
     /// Admits `jobs`, one script call per stream (a procedure, or one of
     /// its partitions; its keys share a hash slot), in the order of each
-    /// stream's first event; each also reads what `grant` allows of its
-    /// stream.
+    /// stream's first event. With the queue core, each also reads what the
+    /// core grants of its stream, and the first call of each procedure
+    /// carries the acknowledgements waiting for it.
     pub fn admit(
         &self,
         jobs: &[Job<SharedEvent>],
-        mut grant: impl FnMut(&Unit) -> Option<Grant>,
+        mut core: Option<&mut dyn Grants>,
     ) -> BoxFuture<'static, Admitted> {
         let groups = crate::sink::groups_in_order(
             jobs.iter()
@@ -137,18 +180,32 @@ impl AdmitSink {
         );
         let mut calls = Vec::with_capacity(groups.len());
         let mut new = Vec::new();
+        let mut seen_procedures: Vec<&str> = Vec::new();
         for ((procedure, lane), at) in groups {
             let unit = Unit {
                 procedure: Arc::from(procedure),
                 partition: lane,
             };
-            let granted = grant(&unit);
+            let first_of_procedure = !seen_procedures.contains(&procedure);
+            if first_of_procedure {
+                seen_procedures.push(procedure);
+            }
+            let granted = core.as_mut().and_then(|c| c.grant(&unit));
+            let ride = match core.as_mut() {
+                Some(c) if first_of_procedure => c.ride_acks(procedure),
+                _ => None,
+            };
+            let acks = match ride {
+                Some((id, Command::Ack { keys })) => Some((id, by_stream(&self.keys, &keys))),
+                _ => None,
+            };
+            let ack_streams = acks.as_ref().map_or(&[][..], |(_, s)| s.as_slice());
             let mut cmd = redis::cmd("EVAL");
             cmd.arg(ADMIT);
             let events: Vec<&SharedEvent> = at.iter().map(|&i| &jobs[i].item).collect();
             let stream = self.keys.stream_of(&unit);
             let lease = self.keys.lease_of(&unit);
-            cmd.arg(events.len() + 2)
+            cmd.arg(events.len() + 2 + ack_streams.len())
                 .arg(&stream)
                 .arg(lease.as_deref().unwrap_or(&stream));
             // One buffer for every key and event: `arg` copies it.
@@ -161,11 +218,15 @@ impl AdmitSink {
                 let _ = write!(scratch, "{}", ev.publication.0);
                 cmd.arg(scratch.as_slice());
             }
+            for (s, _) in ack_streams {
+                cmd.arg(s);
+            }
             cmd.arg(self.window_ms)
                 .arg(self.keys.group())
                 .arg(&*self.consumer)
                 .arg(granted.map_or(0, |g| g.count))
-                .arg(u8::from(lease.is_some()));
+                .arg(u8::from(lease.is_some()))
+                .arg(ack_streams.len());
             // The stored events, kept for the entries this call reads back.
             let mut stored = Vec::with_capacity(events.len());
             for ev in &events {
@@ -176,6 +237,12 @@ impl AdmitSink {
                     stored.push(Bytes::copy_from_slice(&scratch));
                 }
             }
+            for (_, ids) in ack_streams {
+                cmd.arg(ids.len());
+                for id in ids {
+                    cmd.arg(id);
+                }
+            }
             let registered = self
                 .registered
                 .lock()
@@ -184,19 +251,21 @@ impl AdmitSink {
             if !registered && !new.iter().any(|p| p == procedure) {
                 new.push(procedure.to_owned());
             }
-            calls.push((cmd, granted.map(|g| g.id), stored));
+            calls.push((cmd, granted.map(|g| g.id), acks.map(|(id, _)| id), stored));
         }
         let conn = self.conn.clone();
         let keys = self.keys.clone();
         let registered = self.registered.clone();
         let metrics = self.metrics.clone();
         Box::pin(async move {
-            let grants: Vec<GrantId> = calls.iter().filter_map(|(_, g, _)| *g).collect();
+            let grants: Vec<GrantId> = calls.iter().filter_map(|(_, g, _, _)| *g).collect();
+            let rides: Vec<CommandId> = calls.iter().filter_map(|(_, _, a, _)| *a).collect();
             let failed = |e: redis::RedisError| {
                 let why = super::carrier::failure(&e);
                 Admitted {
                     report: Report::All(Err(Failure::Redis(e))),
                     taken: grants.iter().map(|g| (*g, Err(why.clone()))).collect(),
+                    acked: rides.iter().map(|a| (*a, Err(why.clone()))).collect(),
                 }
             };
             let mut c = match conn.get().await {
@@ -217,15 +286,16 @@ impl AdmitSink {
                     r.insert(procedure);
                 }
             }
-            let replies = join_all(calls.iter().map(|(cmd, _, _)| {
+            let replies = join_all(calls.iter().map(|(cmd, _, _, _)| {
                 let mut c = c.clone();
                 async move { cmd.query_async::<Value>(&mut c).await }
             }))
             .await;
             let (mut admitted, mut elsewhere) = (0, 0);
             let mut taken = Vec::new();
+            let mut acked = Vec::new();
             let mut error = None;
-            for (reply, (_, grant, stored)) in replies.into_iter().zip(calls) {
+            for (reply, (_, grant, ride, stored)) in replies.into_iter().zip(calls) {
                 match reply {
                     Ok(value) => {
                         let (added, before, got) = parse_admitted(&value, &stored);
@@ -234,10 +304,17 @@ impl AdmitSink {
                         if let Some(g) = grant {
                             taken.push((g, Ok(got)));
                         }
+                        if let Some(a) = ride {
+                            acked.push((a, Ok(())));
+                        }
                     }
                     Err(e) => {
+                        let why = super::carrier::failure(&e);
                         if let Some(g) = grant {
-                            taken.push((g, Err(super::carrier::failure(&e))));
+                            taken.push((g, Err(why.clone())));
+                        }
+                        if let Some(a) = ride {
+                            acked.push((a, Err(why)));
                         }
                         // Offering again is harmless: retry the whole batch.
                         error.get_or_insert(e);
@@ -250,9 +327,26 @@ impl AdmitSink {
                 Some(e) => Report::All(Err(Failure::Redis(e))),
                 None => Report::All(Ok(())),
             };
-            Admitted { report, taken }
+            Admitted {
+                report,
+                taken,
+                acked,
+            }
         })
     }
+}
+
+/// Acknowledgements by stream: each stream's name and its entry ids.
+fn by_stream(keys: &Keys, acks: &[Key]) -> Vec<(String, Vec<String>)> {
+    let mut out: Vec<(String, Vec<String>)> = Vec::new();
+    for key in acks {
+        let stream = keys.stream_of(&key.unit);
+        match out.iter_mut().find(|(s, _)| *s == stream) {
+            Some((_, ids)) => ids.push(key.id.to_string()),
+            None => out.push((stream, vec![key.id.to_string()])),
+        }
+    }
+    out
 }
 
 /// The counts and the entries read of an admission's reply; the entries it
@@ -312,7 +406,7 @@ impl<T> Sink<T> for AdmitSink {
         _session: Option<&mut Session<T>>,
         _now: Instant,
     ) -> Started {
-        let admitting = self.admit(jobs, |_| None);
+        let admitting = self.admit(jobs, None);
         Started::Pending(Box::pin(async move { admitting.await.report }))
     }
 }

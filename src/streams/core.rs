@@ -44,6 +44,10 @@
 //! - **A delivery cap.** An entry handed out more than
 //!   [`Settings::max_deliveries`] times, takeovers included, is
 //!   dead-lettered ([`Output::Poison`]) instead of delivered.
+//! - **Acknowledgements ride on admissions.** They wait up to
+//!   [`ACK_LINGER`] for an admission of their procedure to carry them
+//!   ([`QueueCore::ride_acks`]), then go alone: while events keep coming,
+//!   an event costs Redis one request.
 //! - **Commits retried.** Acknowledgements, dead letters and releases are
 //!   retried on transient errors (the scripts are idempotent and check the
 //!   owner), then given up with a count: the entry stays pending and is
@@ -348,6 +352,13 @@ pub enum Output<T> {
 /// departure of an instance, and every this many claim idle times anyway
 /// (what no departure explains: a consumer of another tool, say).
 pub const SCAN_BACKSTOP: u32 = 10;
+/// Acknowledgements wait this long at most for an admission of their
+/// procedure to carry them (one request to Redis per event instead of two,
+/// when events keep coming); then they go alone. A crash in that time makes
+/// a few more duplicates, nothing else.
+pub const ACK_LINGER: Duration = Duration::from_millis(5);
+/// Acknowledgements go at once when this many wait.
+const ACK_BATCH: usize = 256;
 /// How often the procedures set is read again.
 const REGISTRY_EVERY: Duration = Duration::from_secs(5);
 /// A commit is tried this often at most before it is given up.
@@ -552,8 +563,11 @@ pub struct QueueCore<T> {
     /// After failed reads, the next waits until then.
     read_pause_until: Option<Instant>,
     read_failures: u32,
-    /// Acknowledgements to send with the next tick.
+    /// Acknowledgements waiting to ride on an admission of their procedure
+    /// ([`QueueCore::ride_acks`]), or to be sent alone after [`ACK_LINGER`].
     acks: Vec<Key>,
+    /// When the oldest of them was first seen by a tick.
+    acks_since: Option<Instant>,
     /// Commits waiting for another try: when, what, tries so far.
     retries: Vec<(Instant, Command, u32)>,
     /// Live instances, as the last keepalive counted them.
@@ -615,6 +629,7 @@ impl<T> QueueCore<T> {
             read_pause_until: None,
             read_failures: 0,
             acks: Vec::new(),
+            acks_since: None,
             retries: Vec::new(),
             instances: 1,
             unscanned: BTreeSet::new(),
@@ -884,6 +899,34 @@ impl<T> QueueCore<T> {
         }
     }
 
+    /// The acknowledgements waiting for `procedure`'s streams, to be carried
+    /// by an admission of that procedure (its keys share a slot): report
+    /// the outcome with [`QueueCore::on_reply`] under the id given.
+    pub fn ride_acks(&mut self, procedure: &str) -> Option<(CommandId, Command)> {
+        if !self.acks.iter().any(|k| &*k.unit.procedure == procedure) {
+            return None;
+        }
+        let (keys, stay): (Vec<Key>, Vec<Key>) = std::mem::take(&mut self.acks)
+            .into_iter()
+            .partition(|k| &*k.unit.procedure == procedure);
+        self.acks = stay;
+        if self.acks.is_empty() {
+            self.acks_since = None;
+        }
+        let command = Command::Ack { keys };
+        self.count_commits(&command, true);
+        self.next_id += 1;
+        let id = CommandId(self.next_id);
+        self.sent.insert(
+            id,
+            Sent::Commit {
+                command: command.clone(),
+                attempts: 1,
+            },
+        );
+        Some((id, command))
+    }
+
     /// An entry was given up here: it goes to the dead-letter stream (if it
     /// is still ours) with this record.
     pub fn dead_letter(&mut self, key: &Key, fields: Vec<(&'static str, Vec<u8>)>) {
@@ -990,9 +1033,18 @@ impl<T> QueueCore<T> {
             self.keepalive(now);
         }
         self.retry_commits(now);
-        if !self.acks.is_empty() {
-            let keys = std::mem::take(&mut self.acks);
-            self.commit(Command::Ack { keys });
+        if self.acks.is_empty() {
+            self.acks_since = None;
+        } else {
+            let since = *self.acks_since.get_or_insert(now);
+            if now >= since + ACK_LINGER
+                || self.acks.len() >= ACK_BATCH
+                || self.state != State::Running
+            {
+                self.acks_since = None;
+                let keys = std::mem::take(&mut self.acks);
+                self.commit(Command::Ack { keys });
+            }
         }
         match self.state {
             State::Running => {
@@ -1070,6 +1122,9 @@ impl<T> QueueCore<T> {
         let mut at = |t: Instant| wake = Some(wake.map_or(t, |w| w.min(t)));
         if !self.keepalive_in_flight {
             at(self.next_keepalive);
+        }
+        if let Some(since) = self.acks_since {
+            at(since + ACK_LINGER);
         }
         if self.state == State::Running {
             if !self.scan_in_flight {

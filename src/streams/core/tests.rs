@@ -404,6 +404,8 @@ enum What {
         unit: Unit,
         ev: Ev,
         grant: Option<Grant>,
+        /// Acknowledgements it carries.
+        ride: Option<(CommandId, Command)>,
         lose_reply: bool,
     },
     /// Something reaches an instance.
@@ -600,8 +602,27 @@ impl World {
                 unit,
                 ev,
                 grant,
+                ride,
                 lose_reply,
             } => {
+                if let Some((id, acks)) = ride {
+                    // Acknowledged first, in the same step.
+                    self.redis.execute(&consumer, &acks, now);
+                    let reply = if lose_reply {
+                        Reply::Failed(Failure::Transient("reply lost".into()))
+                    } else {
+                        Reply::Done
+                    };
+                    let at = now + self.net();
+                    self.at(
+                        at,
+                        What::Deliver {
+                            inst,
+                            incarnation,
+                            msg: Msg::Reply(id, reply),
+                        },
+                    );
+                }
                 let count = grant.map_or(0, |g| g.count);
                 let taken = self.redis.admit(&unit, ev, &consumer, count, now);
                 let Some(grant) = grant else {
@@ -645,6 +666,7 @@ impl World {
                     offered = true;
                     self.insts[i].core.add_procedure(&unit.procedure, now);
                     let grant = self.insts[i].core.grant(&unit, now);
+                    let ride = self.insts[i].core.ride_acks(&unit.procedure);
                     let cut = self.insts[i].cut_until.is_some_and(|t| now < t);
                     let incarnation = self.insts[i].incarnation;
                     if let (true, Some(until)) = (cut, self.insts[i].cut_until) {
@@ -662,9 +684,23 @@ impl World {
                                 unit: unit.clone(),
                                 ev: ev.clone(),
                                 grant: None,
+                                ride: None,
                                 lose_reply: false,
                             },
                         );
+                        if let Some((id, _)) = ride {
+                            self.at(
+                                now + ms(50),
+                                What::Deliver {
+                                    inst: i,
+                                    incarnation,
+                                    msg: Msg::Reply(
+                                        id,
+                                        Reply::Failed(Failure::Transient("cut off".into())),
+                                    ),
+                                },
+                            );
+                        }
                         if let Some(g) = grant {
                             let at = now + ms(50);
                             self.at(
@@ -681,7 +717,8 @@ impl World {
                         }
                         continue;
                     }
-                    let lose_reply = grant.is_some() && self.insts[i].lose_replies > 0;
+                    let lose_reply =
+                        (grant.is_some() || ride.is_some()) && self.insts[i].lose_replies > 0;
                     if lose_reply {
                         self.insts[i].lose_replies -= 1;
                     }
@@ -699,6 +736,7 @@ impl World {
                             unit: unit.clone(),
                             ev: ev.clone(),
                             grant,
+                            ride,
                             lose_reply,
                         },
                     );
