@@ -200,8 +200,10 @@ impl AdmitSink {
                 _ => None,
             };
             let ack_streams = acks.as_ref().map_or(&[][..], |(_, s)| s.as_slice());
-            let mut cmd = redis::cmd("EVAL");
-            cmd.arg(ADMIT);
+            // By its hash: the script's 2 KB are not sent (nor hashed by
+            // Redis) with every event; sent once a server says it lacks it.
+            let mut cmd = redis::cmd("EVALSHA");
+            cmd.arg(admit_hash());
             let events: Vec<&SharedEvent> = at.iter().map(|&i| &jobs[i].item).collect();
             let stream = self.keys.stream_of(&unit);
             let lease = self.keys.lease_of(&unit);
@@ -288,7 +290,14 @@ impl AdmitSink {
             }
             let replies = join_all(calls.iter().map(|(cmd, _, _, _)| {
                 let mut c = c.clone();
-                async move { cmd.query_async::<Value>(&mut c).await }
+                async move {
+                    match cmd.query_async::<Value>(&mut c).await {
+                        Err(e) if e.code() == Some("NOSCRIPT") => {
+                            with_body(cmd).query_async::<Value>(&mut c).await
+                        }
+                        other => other,
+                    }
+                }
             }))
             .await;
             let (mut admitted, mut elsewhere) = (0, 0);
@@ -334,6 +343,25 @@ impl AdmitSink {
             }
         })
     }
+}
+
+/// The admission script's SHA-1, as EVALSHA names it.
+fn admit_hash() -> &'static str {
+    static HASH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    HASH.get_or_init(|| redis::Script::new(ADMIT).get_hash().to_owned())
+}
+
+/// `cmd` (an EVALSHA of the admission script) as an EVAL with the script's
+/// body, which also puts it in the server's script cache.
+fn with_body(cmd: &redis::Cmd) -> redis::Cmd {
+    let mut eval = redis::cmd("EVAL");
+    eval.arg(ADMIT);
+    for arg in cmd.args_iter().skip(2) {
+        if let redis::Arg::Simple(bytes) = arg {
+            eval.arg(bytes);
+        }
+    }
+    eval
 }
 
 /// Acknowledgements by stream: each stream's name and its entry ids.
