@@ -895,7 +895,7 @@ fn idle_section(md: &mut String, r: &Results, targets: &mut Vec<(String, String,
         let per =
             run.commands_per_s * run.claim_idle_s / (run.procedures as f64 * run.instances as f64);
         let label = if run.ordered {
-            "with `SUBTOCALL_ORDER_BY` (16 partitions each)"
+            "with `SUBTOCALL_ORDER_BY`, 16 partitions each"
         } else {
             "unordered"
         };
