@@ -387,6 +387,7 @@ impl App {
 
     async fn run(&mut self, shutdown: &CancellationToken) -> Result<(), Fatal> {
         self.link = Link::Connecting(self.connect());
+        let mut timer = Timer::new();
         loop {
             let now = Instant::now();
             self.pump(now)?;
@@ -409,10 +410,11 @@ impl App {
                 }
             }
             let wake = self.sidecar.next_wake().map(Instant::from_std);
+            timer.set(wake);
             // Every branch is cancel-safe: the link future is polled by
             // reference and stays in `self.link` (and `Connection::wait` is
             // cancel-safe); `FuturesUnordered::next` loses nothing when
-            // another branch wins; the timer is recomputed on every turn.
+            // another branch wins; the timer is set again on every turn.
             tokio::select! {
                 _ = shutdown.cancelled(), if self.drain_deadline.is_none() => self.begin_drain(now),
                 event = next_link_event(&mut self.link) => self.on_link_event(event)?,
@@ -430,7 +432,7 @@ impl App {
                 Some(reply) = next_status_request(&mut self.status_requests) => {
                     let _ = reply.send((self.status(), self.shown.probe.clone()));
                 }
-                _ = sleep_until(wake.unwrap_or(now)), if wake.is_some() => {}
+                _ = timer.sleep.as_mut(), if wake.is_some() => {}
             }
         }
     }
@@ -496,6 +498,7 @@ impl App {
     /// After the drain: the Redis queue's last commands, until its leases
     /// are given up.
     async fn finish_queue(&mut self) {
+        let mut timer = Timer::new();
         loop {
             let now = Instant::now().into_std();
             self.sidecar.pump(None, now);
@@ -507,6 +510,7 @@ impl App {
                 return;
             }
             let wake = self.sidecar.next_wake().map(Instant::from_std);
+            timer.set(wake);
             tokio::select! {
                 Some((id, reply)) = s.commands.next(), if !s.commands.is_empty() => {
                     self.sidecar.on_queue_reply(id, reply, Instant::now().into_std());
@@ -514,7 +518,7 @@ impl App {
                 Some((id, admitted)) = s.admissions.next(), if !s.admissions.is_empty() => {
                     self.sidecar.on_admitted(id, admitted, Instant::now().into_std());
                 }
-                _ = sleep_until(wake.unwrap_or_else(Instant::now)), if wake.is_some() => {}
+                _ = timer.sleep.as_mut(), if wake.is_some() => {}
             }
         }
     }
@@ -900,4 +904,32 @@ pub fn client_config(config: &Config) -> ClientConfig {
     // kwarg).
     c.raw_event_payloads = true;
     c
+}
+
+/// The loop's one timer, kept across turns and moved only when the next
+/// deadline changes: a new timer on every turn costs the runtime a wake-up
+/// of its own (tokio unparks its driver whenever a timer is registered
+/// earlier than the deadline it last slept towards).
+struct Timer {
+    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+    deadline: Option<Instant>,
+}
+
+impl Timer {
+    fn new() -> Timer {
+        Timer {
+            sleep: Box::pin(sleep_until(Instant::now())),
+            deadline: None,
+        }
+    }
+
+    /// Fires at `deadline` (`None`: the caller does not wait on it).
+    fn set(&mut self, deadline: Option<Instant>) {
+        if let Some(d) = deadline
+            && self.deadline != Some(d)
+        {
+            self.sleep.as_mut().reset(d);
+            self.deadline = Some(d);
+        }
+    }
 }
