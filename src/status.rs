@@ -16,6 +16,7 @@ use tokio::sync::oneshot;
 
 use crate::metrics::{Metrics, StreamLabel};
 use crate::sink::redis::RedisSink;
+use crate::streams::carrier::holder_consumer;
 use crate::streams::{Keys, Shared};
 
 /// How long `/status` waits for the event loop, and for each Redis read.
@@ -337,12 +338,14 @@ impl QueueProbe {
             .arg("WITHSCORES")
             .query_async(&mut c)
             .await?;
-        for (consumer, at) in beats {
-            instances
-                .entry(consumer.clone())
-                .or_default()
-                .heartbeat_seconds =
-                Some(seconds(Duration::from_millis((now - at).max(0.0) as u64)));
+        // By incarnation (`carrier::holder_name`): an instance restarted
+        // under the same name is shown once, with its latest heartbeat.
+        for (holder, at) in beats {
+            let beat = seconds(Duration::from_millis((now - at).max(0.0) as u64));
+            let i = instances
+                .entry(holder_consumer(&holder).to_owned())
+                .or_default();
+            i.heartbeat_seconds = Some(i.heartbeat_seconds.map_or(beat, |s: f64| s.min(beat)));
         }
         // Every stream's reads at once: on the one multiplexed connection
         // they share round trips, so many streams cost about one.
@@ -413,7 +416,7 @@ impl QueueProbe {
                 for (k, holder) in holders.into_iter().enumerate() {
                     if let Some(holder) = holder {
                         instances
-                            .entry(holder)
+                            .entry(holder_consumer(&holder).to_owned())
                             .or_default()
                             .partitions
                             .push(crate::streams::lane(procedure, k as u16));

@@ -9,6 +9,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use serde_json::Value;
+use subtocall::streams::carrier::holder_consumer;
 use support::ordered::{Verdict, assert_in_order, calls, verdict};
 use support::peers::Invoke;
 use support::sidecar::Sidecar;
@@ -113,13 +114,15 @@ async fn an_event_without_its_key_is_delivered_unordered_and_counted() {
 }
 
 /// The lease holders of `procedure`'s partitions on the Redis queue: the
-/// consumer names (host-pid-random) holding them.
+/// consumer names (host-pid-random) holding them (the holders' names
+/// without their incarnation's part).
 async fn lease_holders(redis: &Redis, procedure: &str, partitions: u16) -> Vec<String> {
     let mut holders = Vec::new();
     for k in 0..partitions {
         let key = format!("{{subtocall:{procedure}}}:lease:{k}");
         if let support::resp::Reply::Bulk(Some(v)) = redis.command(&["GET", &key]).await {
-            holders.push(String::from_utf8_lossy(&v).into_owned());
+            let holder = String::from_utf8_lossy(&v);
+            holders.push(holder_consumer(&holder).to_owned());
         }
     }
     holders

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use subtocall::forward::key::OrderKey;
+use subtocall::streams::carrier::holder_consumer;
 use support::ordered::{Verdict, calls, verdict};
 use support::queue::*;
 use support::resp::Reply;
@@ -29,7 +30,8 @@ async fn held_by(redis: &Redis, procedure: &str, sidecar: &Sidecar) -> BTreeSet<
     let mut held = BTreeSet::new();
     for k in 0..PARTITIONS {
         let key = format!("{{{GROUP}:{procedure}}}:lease:{k}");
-        if redis.command(&["GET", &key]).await.text().as_deref() == Some(consumer.as_str()) {
+        let holder = redis.command(&["GET", &key]).await.text();
+        if holder.as_deref().map(holder_consumer) == Some(consumer.as_str()) {
             held.insert(k);
         }
     }

@@ -11,7 +11,7 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use subtocall::streams::carrier::{Carrier, Fields};
+use subtocall::streams::carrier::{Carrier, Fields, holder_consumer};
 use subtocall::streams::core::{Command, CommandId, EntryId, Failure, Kept, Key, Reply, Unit};
 use subtocall::streams::{Keys, Target};
 use support::redis::RedisCluster;
@@ -209,6 +209,130 @@ async fn reads_span_streams_and_takes_claim_only_what_another_left_idle() {
     );
 }
 
+/// On one Redis a lease is its holder's for as long as the holder
+/// heartbeats: one heartbeat keeps any number of leases (no command per
+/// lease), a silent holder's leases are taken once it has been silent for
+/// the lease time, and the silent holder then finds them gone. A lease under
+/// one's own name (an earlier incarnation's) is taken back only when the
+/// core says so.
+#[tokio::test]
+async fn on_one_redis_a_lease_lasts_while_its_holder_heartbeats_and_no_longer() {
+    let redis = Redis::start().await;
+    let a = carrier(&redis.url(), false, "a");
+    let b = carrier(&redis.url(), false, "b");
+    const PARTS: u16 = 200;
+    let parts: Vec<Unit> = (0..PARTS).map(|k| unit("p.SUB_l", Some(k))).collect();
+    create(&a, &parts).await;
+    let ttl = Duration::from_millis(400);
+    // Takes up to `want` of the partitions it does not hold, as the core
+    // asks.
+    let keepalive = |renew: Vec<Unit>, want: usize| Command::Keepalive {
+        take: match want {
+            0 => vec![],
+            _ => vec![(
+                Arc::from("p.SUB_l"),
+                (0..PARTS)
+                    .filter(|k| !renew.iter().any(|u| u.partition == Some(*k)))
+                    .collect(),
+                want,
+            )],
+        },
+        renew,
+        refresh: vec![],
+        ttl,
+    };
+    let kept = |r: Reply<Fields>| match r {
+        Reply::Kept(k) => k,
+        other => panic!("keepalive: {other:?}"),
+    };
+    let held: Vec<Unit> = kept(run(&a, keepalive(vec![], 150)).await)
+        .taken
+        .into_iter()
+        .map(|(u, _)| u)
+        .collect();
+    assert_eq!(held.len(), 150);
+    let lease = |k: u16| Keys::new(GROUP).lease("p.SUB_l", k);
+    assert_eq!(
+        redis.command(&["PTTL", &lease(0)]).await.integer(),
+        -1,
+        "a lease on one Redis does not expire by itself"
+    );
+    // b takes only what nobody holds.
+    let taken_b: Vec<Unit> = kept(run(&b, keepalive(vec![], 200)).await)
+        .taken
+        .into_iter()
+        .map(|(u, _)| u)
+        .collect();
+    assert_eq!(taken_b.len(), 50, "{taken_b:?}");
+
+    // a renews its 150 leases with a heartbeat, not a command per lease.
+    let commands = || async {
+        let info = redis
+            .command(&["INFO", "stats"])
+            .await
+            .text()
+            .unwrap_or_default();
+        info.lines()
+            .find_map(|l| l.strip_prefix("total_commands_processed:"))
+            .and_then(|n| n.trim().parse::<i64>().ok())
+            .expect("total_commands_processed")
+    };
+    let before = commands().await;
+    let renewed = kept(run(&a, keepalive(held.clone(), 0)).await).renewed;
+    let spent = commands().await - before - 1;
+    assert!(renewed.iter().all(|(_, ours)| *ours) && renewed.len() == 150);
+    assert!(spent < 20, "{spent} commands to renew 150 leases");
+
+    // a goes silent; b, heartbeating, takes a's leases once a has been
+    // silent for the lease time, and not before.
+    let started = std::time::Instant::now();
+    let mut taken = Vec::new();
+    while taken.is_empty() {
+        assert!(started.elapsed() < Duration::from_secs(5), "never taken");
+        taken = kept(run(&b, keepalive(taken_b.clone(), 100)).await).taken;
+        if taken.is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    assert!(
+        started.elapsed() >= ttl - Duration::from_millis(50),
+        "taken after {:?}, before a was silent for the lease time",
+        started.elapsed()
+    );
+    let b_silent = std::time::Instant::now();
+    assert_eq!(taken.len(), 100);
+    // a finds out: its heartbeat had lapsed, so each lease is looked at.
+    let renewed = kept(run(&a, keepalive(held.clone(), 0)).await).renewed;
+    let still: Vec<Unit> = renewed
+        .into_iter()
+        .filter(|(_, ours)| *ours)
+        .map(|(u, _)| u)
+        .collect();
+    assert_eq!(still.len(), 50, "the 50 b did not take are still a's");
+
+    // b restarted under its own name is a new holder: the leases of b's
+    // earlier incarnation (whose last calls may still run) lapse as
+    // anybody's do, and are not taken back at once.
+    let b2 = carrier(&redis.url(), false, "b");
+    let restarted = std::time::Instant::now();
+    let mut back = Vec::new();
+    while back.is_empty() {
+        assert!(restarted.elapsed() < Duration::from_secs(5), "never taken");
+        // a stays live.
+        kept(run(&a, keepalive(still.clone(), 0)).await);
+        back = kept(run(&b2, keepalive(vec![], 200)).await).taken;
+        if back.is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    assert!(
+        b_silent.elapsed() >= ttl - Duration::from_millis(50),
+        "taken {:?} after b's last heartbeat",
+        b_silent.elapsed()
+    );
+    assert_eq!(back.len(), 150, "b's 150, none of a's 50");
+}
+
 #[tokio::test]
 async fn keepalive_refreshes_only_what_is_still_ours_and_leases_are_never_taken_from_their_holder()
 {
@@ -311,7 +435,7 @@ async fn keepalive_refreshes_only_what_is_still_ours_and_leases_are_never_taken_
         async move { redis.command(&["GET", &key]).await.text() }
     };
     assert_eq!(holders(0).await, None);
-    assert_eq!(holders(2).await.as_deref(), Some("b"));
+    assert_eq!(holders(2).await.as_deref().map(holder_consumer), Some("b"));
 
     // a leaves: b counts a departure (and would look for what a left).
     assert_eq!(run(&a, Command::Leave { units: vec![] }).await, Reply::Done);
@@ -516,6 +640,7 @@ async fn an_admission_reads_what_it_is_granted_and_a_partition_only_under_its_le
             target.shared().expect("shared"),
             keys.clone(),
             consumer,
+            &format!("{consumer}#1"),
             Duration::from_secs(300),
             metrics.clone(),
         )
@@ -592,7 +717,7 @@ async fn an_admission_reads_what_it_is_granted_and_a_partition_only_under_its_le
         "no lease: nothing read"
     );
     let lease = Keys::new(GROUP).lease("p.SUB_adm", 1);
-    redis.command(&["SET", &lease, "a"]).await;
+    redis.command(&["SET", &lease, "a#1"]).await;
     let done = b
         .admit(&events("p.SUB_adm", Some(1), 12, 1), Some(&mut grant(5)))
         .await;

@@ -820,7 +820,14 @@ fn start_streams(
         },
         now,
     );
-    let admit = AdmitSink::new(shared, keys, &consumer, q.dedup_window, metrics.clone());
+    let admit = AdmitSink::new(
+        shared,
+        keys,
+        &consumer,
+        carrier.holder(),
+        q.dedup_window,
+        metrics.clone(),
+    );
     let deliver = Settings {
         // Never reached: the queue core holds no more than the window.
         capacity: 2 * window,

@@ -540,7 +540,8 @@ pub(crate) const CLAIM_IDLE: Var = Var {
     accepts: AT_LEAST_100MS,
     meaning: "With SUBTOCALL_QUEUE=redis: an event held this long by an instance that stopped \
               answering is taken over by another. Live instances refresh what they hold, so \
-              long calls are not taken from them.",
+              long calls are not taken from them. Every instance of one queue must use the same \
+              value.",
     secret: false,
     group: Group::Queue,
 };

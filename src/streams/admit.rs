@@ -46,8 +46,8 @@ pub const BATCH: usize = 512;
 /// stream, unused), KEYS[3..] the claim keys, then the streams (of the same
 /// procedure) with entries to acknowledge; ARGV[1] the claim TTL in
 /// milliseconds, ARGV[2] the group, ARGV[3] this consumer, ARGV[4] how many
-/// new entries to read for it, ARGV[5] whether the lease must be its own
-/// (1/0), ARGV[6] how many streams to acknowledge in, then the stored
+/// new entries to read for it, ARGV[5] the lease holder it must be (this
+/// incarnation's, `Carrier::holder`; '' for a plain stream), ARGV[6] how many streams to acknowledge in, then the stored
 /// events (`streams::entry`), one per claim key, then for each stream to
 /// acknowledge in: how many ids, the ids. Acknowledges and deletes those
 /// first (as `Ack` does). Claims each publication (SET NX) and appends it
@@ -84,7 +84,7 @@ for i = 3, 2 + nclaims do
 end
 local read = {}
 local want = tonumber(ARGV[4])
-if want > 0 and (ARGV[5] == '0' or redis.call('GET', KEYS[2]) == ARGV[3]) then
+if want > 0 and (ARGV[5] == '' or redis.call('GET', KEYS[2]) == ARGV[5]) then
   -- A group gone with a Redis that lost its data: nothing read (the reader
   -- creates it again).
   local r = redis.pcall('XREADGROUP', 'GROUP', ARGV[2], ARGV[3], 'COUNT', want, 'STREAMS', KEYS[1], '>')
@@ -140,6 +140,8 @@ pub struct AdmitSink {
     conn: Shared,
     keys: Arc<Keys>,
     consumer: Arc<str>,
+    /// This incarnation as a lease holder (`Carrier::holder`).
+    holder: Arc<str>,
     window_ms: u64,
     /// Procedures already in the registry set (added once per process).
     registered: Arc<Mutex<HashSet<String>>>,
@@ -151,6 +153,7 @@ impl AdmitSink {
         conn: Shared,
         keys: Arc<Keys>,
         consumer: &str,
+        holder: &str,
         window: Duration,
         metrics: Arc<Metrics>,
     ) -> AdmitSink {
@@ -158,6 +161,7 @@ impl AdmitSink {
             conn,
             keys,
             consumer: Arc::from(consumer),
+            holder: Arc::from(holder),
             window_ms: window.as_millis().max(1) as u64,
             registered: Arc::default(),
             metrics,
@@ -227,7 +231,7 @@ impl AdmitSink {
                 .arg(self.keys.group())
                 .arg(&*self.consumer)
                 .arg(granted.map_or(0, |g| g.count))
-                .arg(u8::from(lease.is_some()))
+                .arg(if lease.is_some() { &*self.holder } else { "" })
                 .arg(ack_streams.len());
             // The stored events, kept for the entries this call reads back.
             let mut stored = Vec::with_capacity(events.len());

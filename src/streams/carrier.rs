@@ -76,21 +76,45 @@ return {'0-0', out}
 ";
 
 /// Keepalive on one node. KEYS[1] routes it. ARGV: this consumer, the lease
-/// time (ms), the group; then the leases to renew (count, keys); the
-/// leases to take (count of groups, each: how many to take, count, then
-/// pairs of lease and its stream); the entries to refresh (count of
-/// streams, each: stream, count, ids in order). Returns {renewed (1/0
-/// each), taken ({lease, 1 if its stream has nothing pending else 0}, ...),
-/// lost (stream index, id, ...)}.
+/// time (ms), the group, the instances' sorted set or '' (see below),
+/// this incarnation's name as a lease holder (`Carrier::holder`); then
+/// the leases to renew (count, keys); the leases to take (count of groups,
+/// each: how many to take, count, then pairs of lease and its stream); the
+/// entries to refresh (count of streams, each: stream, count, ids in
+/// order). Returns {renewed (1/0 each), taken ({lease, 1 if its stream has
+/// nothing pending else 0}, ...), lost (stream index, id, ...)}.
+///
+/// A lease key holds its holder's name: the consumer's and a part of this
+/// incarnation's own, so that a restart under the same
+/// `SUBTOCALL_INSTANCE_ID` is a new holder. Without the instances' set (a
+/// cluster, where it lives on one node only) a lease lasts the lease time
+/// unless renewed, one key at a time. With it (one Redis), a lease never
+/// expires by itself: it is its holder's for as long as the holder counts
+/// as live in that set (`HEARTBEAT`), so one heartbeat keeps all of an
+/// instance's leases, and a lease whose holder went silent for the lease
+/// time is free to take.
 const KEEPALIVE: &str = r"#!lua flags=allow-cross-slot-keys
-local me, ttl, group = ARGV[1], ARGV[2], ARGV[3]
-local i = 4
+local me, ttl, group, instances, holder = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local live = instances ~= ''
+local now = 0
+if live then
+  local t = redis.call('TIME')
+  now = t[1] * 1000 + math.floor(t[2] / 1000)
+end
+local function free(key)
+  local owner = redis.call('GET', key)
+  if not owner or owner == holder then return true end
+  if not live then return false end
+  local seen = redis.call('ZSCORE', instances, owner)
+  return not seen or now - tonumber(seen) >= tonumber(ttl)
+end
+local i = 6
 local renewed, taken, lost = {}, {}, {}
 local n = tonumber(ARGV[i]); i = i + 1
 for k = 1, n do
   local key = ARGV[i]; i = i + 1
-  if redis.call('GET', key) == me then
-    redis.call('PEXPIRE', key, ttl)
+  if redis.call('GET', key) == holder then
+    if not live then redis.call('PEXPIRE', key, ttl) end
     renewed[k] = 1
   else
     renewed[k] = 0
@@ -101,7 +125,12 @@ for g = 1, n do
   local want, m = tonumber(ARGV[i]), tonumber(ARGV[i + 1]); i = i + 2
   for k = 1, m do
     local key, stream = ARGV[i], ARGV[i + 1]; i = i + 2
-    if want > 0 and redis.call('SET', key, me, 'NX', 'PX', ttl) then
+    if want > 0 and free(key) then
+      if live then
+        redis.call('SET', key, holder)
+      else
+        redis.call('SET', key, holder, 'PX', ttl)
+      end
       local p = redis.pcall('XPENDING', stream, group)
       local empty = 0
       if type(p) == 'table' and not p.err and p[1] == 0 then empty = 1 end
@@ -169,7 +198,7 @@ end
 return stale
 ";
 
-/// KEYS[1] routes it; ARGV[1] this consumer, ARGV[2..] leases. Gives up
+/// KEYS[1] routes it; ARGV[1] this holder, ARGV[2..] leases. Gives up
 /// those still ours.
 const GIVE_UP: &str = r"#!lua flags=allow-cross-slot-keys
 local n = 0
@@ -183,14 +212,18 @@ return n
 ";
 
 /// KEYS[1] the instances (a sorted set), KEYS[2] the departures counter
-/// (same slot); ARGV[1] this consumer, ARGV[2] how long an instance counts
+/// (same slot); ARGV[1] this holder, ARGV[2] how long an instance counts
 /// as live (ms). Scores this instance with Redis's clock, forgets the
 /// silent ones (counting them as departed), returns {how many are live,
-/// departures so far}.
+/// departures so far, 1 if this instance had counted as live without a
+/// break since its previous heartbeat else 0}.
 const HEARTBEAT: &str = r"
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local ttl = tonumber(ARGV[2])
+local prev = redis.call('ZSCORE', KEYS[1], ARGV[1])
+local fresh = 0
+if prev and now - tonumber(prev) < ttl then fresh = 1 end
 redis.call('ZADD', KEYS[1], now, ARGV[1])
 local gone = redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - ttl)
 if gone > 0 then
@@ -198,11 +231,11 @@ if gone > 0 then
 end
 redis.call('PEXPIRE', KEYS[1], 10 * ttl)
 redis.call('PEXPIRE', KEYS[2], 10 * ttl)
-return {redis.call('ZCARD', KEYS[1]), tonumber(redis.call('GET', KEYS[2]) or '0')}
+return {redis.call('ZCARD', KEYS[1]), tonumber(redis.call('GET', KEYS[2]) or '0'), fresh}
 ";
 
 /// KEYS[1] the instances, KEYS[2] the departures counter; ARGV[1] this
-/// consumer. Leaves the live instances, counted as a departure.
+/// holder. Leaves the live instances, counted as a departure.
 const LEAVE: &str = r"
 if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then
   redis.call('INCR', KEYS[2])
@@ -276,12 +309,29 @@ impl Topology {
 }
 
 /// Carries the queue core's commands.
+/// A lease holder's (and a live instance's) name for a consumer: the
+/// consumer's name, `#` and a random part of this incarnation's. A restart
+/// under the same `SUBTOCALL_INSTANCE_ID` takes its own pending entries up
+/// at once, but it is a new holder: an earlier incarnation's leases (whose
+/// last calls may still run) lapse as anybody's do.
+pub fn holder_name(consumer: &str) -> String {
+    format!("{consumer}#{:08x}", rand::random::<u32>())
+}
+
+/// The consumer a lease holder's (or a live instance's) name is of.
+pub fn holder_consumer(holder: &str) -> &str {
+    holder.rsplit_once('#').map_or(holder, |(c, _)| c)
+}
+
 #[derive(Clone)]
 pub struct Carrier {
     target: Target,
     shared: Shared,
     keys: Arc<Keys>,
     consumer: Arc<str>,
+    /// This incarnation as a lease holder and a live instance: the
+    /// consumer's name and a random part (`holder_name`).
+    holder: Arc<str>,
     dedup_window: Duration,
     /// The reader's connection (one Redis server).
     reader: Arc<Mutex<Option<RawConn>>>,
@@ -305,6 +355,7 @@ impl Carrier {
             shared,
             keys,
             consumer: Arc::from(consumer),
+            holder: Arc::from(holder_name(consumer)),
             dedup_window,
             reader: Arc::new(Mutex::new(None)),
             topology: Arc::new(Mutex::new(None)),
@@ -315,6 +366,11 @@ impl Carrier {
 
     pub fn consumer(&self) -> &str {
         &self.consumer
+    }
+
+    /// This incarnation's name as a lease holder and a live instance.
+    pub fn holder(&self) -> &str {
+        &self.holder
     }
 
     /// Carries `command`; the future brings back its reply.
@@ -594,13 +650,13 @@ impl Carrier {
     ) -> Result<Reply<Fields>, Failure> {
         let mut c = self.conn().await?;
         let ttl_ms = ttl.as_millis().max(1) as u64;
-        let (instances, departures): (i64, i64) = query(
+        let (instances, departures, fresh): (i64, i64, i64) = query(
             redis::cmd("EVAL")
                 .arg(HEARTBEAT)
                 .arg(2)
                 .arg(self.keys.instances())
                 .arg(self.keys.departures())
-                .arg(&*self.consumer)
+                .arg(&*self.holder)
                 .arg(ttl_ms),
             &mut c,
         )
@@ -609,6 +665,25 @@ impl Carrier {
             instances: instances.max(1) as usize,
             departures: departures.max(0) as u64,
             ..Kept::default()
+        };
+        // On one Redis, leases last as long as their holder counts as live
+        // (`KEEPALIVE`): when this instance counted as live without a break,
+        // nobody could take one of its leases, and the heartbeat just sent
+        // renewed them all; else each is looked at.
+        let live = !self.target.is_cluster();
+        let renew = if live && fresh == 1 {
+            kept.renewed = renew.iter().map(|u| (u.clone(), true)).collect();
+            &[][..]
+        } else {
+            renew
+        };
+        if renew.is_empty() && take.is_empty() && refresh.is_empty() {
+            return Ok(Reply::Kept(kept));
+        }
+        let instances_key = if live {
+            self.keys.instances()
+        } else {
+            String::new()
         };
         // Every key this round touches, by node.
         let renew_keys: Vec<String> = renew.iter().filter_map(|u| self.keys.lease_of(u)).collect();
@@ -669,6 +744,8 @@ impl Carrier {
                 .arg(&*self.consumer)
                 .arg(ttl_ms)
                 .arg(self.keys.group())
+                .arg(&instances_key)
+                .arg(&*self.holder)
                 .arg(round.renew.len());
             for &i in &round.renew {
                 cmd.arg(&renew_keys[i]);
@@ -853,7 +930,7 @@ impl Carrier {
                 cmd.arg(GIVE_UP)
                     .arg(1)
                     .arg(&leases[indices[0]])
-                    .arg(&*self.consumer);
+                    .arg(&*self.holder);
                 for &i in &indices {
                     cmd.arg(&leases[i]);
                 }
@@ -872,7 +949,7 @@ impl Carrier {
                     .arg(2)
                     .arg(self.keys.instances())
                     .arg(self.keys.departures())
-                    .arg(&*self.consumer),
+                    .arg(&*self.holder),
                 &mut c,
             )
             .await?;

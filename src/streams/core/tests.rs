@@ -5,7 +5,9 @@
 //! (with a stable or a new consumer name) and events that crash whoever
 //! delivers them. The model executes each command as Redis does (streams,
 //! consumer groups and their pending lists, admissions that take what
-//! they were granted, leases that expire), at a time of its own.
+//! they were granted, leases that expire unless renewed as on a Cluster or
+//! that last while their holder heartbeats as on one Redis, a holder being
+//! one incarnation of an instance), at a time of its own.
 //!
 //! Invariants: no two calls of one key overlap at the backend, across
 //! instances; the first calls of a key's events follow their admission
@@ -64,7 +66,12 @@ struct Stream {
 #[derive(Debug, Default)]
 struct Redis {
     streams: BTreeMap<Unit, Stream>,
-    leases: BTreeMap<Unit, (String, Instant)>,
+    /// Each lease's holder, and when it expires (`None`: never, with
+    /// `live_leases`).
+    leases: BTreeMap<Unit, (String, Option<Instant>)>,
+    /// Leases held for as long as their holder counts as live (one Redis)
+    /// instead of expiring unless renewed one by one (a cluster).
+    live_leases: bool,
     live: BTreeMap<String, Instant>,
     /// Instances that went silent or left, so far.
     departures: u64,
@@ -94,17 +101,19 @@ impl Redis {
     }
 
     /// The admission script: appends, then reads up to `count` new entries
-    /// for `consumer` (of a partition only if its lease is the consumer's).
+    /// for `consumer` (of a partition only if its lease is `holder`'s: the
+    /// consumer's incarnation, as `Carrier::holder`).
     fn admit(
         &mut self,
         unit: &Unit,
         ev: Ev,
         consumer: &str,
+        holder: &str,
         count: usize,
         now: Instant,
     ) -> Result<Vec<Got<Ev>>, Failure> {
         self.add(unit, ev);
-        let fenced = unit.partition.is_some() && self.lease_holder(unit, now) != Some(consumer);
+        let fenced = unit.partition.is_some() && self.lease_key(unit, now) != Some(holder);
         if count == 0 || fenced {
             return Ok(Vec::new());
         }
@@ -114,11 +123,28 @@ impl Redis {
         Ok(self.read_new(unit, consumer, count, now))
     }
 
-    fn lease_holder(&self, unit: &Unit, now: Instant) -> Option<&str> {
+    /// What a GET of `unit`'s lease key returns.
+    fn lease_key(&self, unit: &Unit, now: Instant) -> Option<&str> {
         self.leases
             .get(unit)
-            .filter(|(_, until)| now < *until)
+            .filter(|(_, until)| until.is_none_or(|u| now < u))
             .map(|(h, _)| h.as_str())
+    }
+
+    /// Whether `holder` may take `unit`'s lease: nobody holds it, it is
+    /// its own, or (live leases) its holder no longer counts as live.
+    fn lease_free(&self, unit: &Unit, holder: &str, now: Instant, ttl: Duration) -> bool {
+        match self.lease_key(unit, now) {
+            None => true,
+            Some(h) if h == holder => true,
+            Some(h) => {
+                self.live_leases
+                    && self
+                        .live
+                        .get(h)
+                        .is_none_or(|at| now.saturating_duration_since(*at) >= ttl)
+            }
+        }
     }
 
     /// XREADGROUP `>` of one stream.
@@ -159,7 +185,15 @@ impl Redis {
         got
     }
 
-    fn execute(&mut self, consumer: &str, command: &Command, now: Instant) -> Reply<Ev> {
+    /// `command` from `consumer`, whose incarnation holds leases and counts
+    /// as live as `holder`.
+    fn execute(
+        &mut self,
+        consumer: &str,
+        holder: &str,
+        command: &Command,
+        now: Instant,
+    ) -> Reply<Ev> {
         match command {
             Command::Procedures => Reply::Procedures(self.procedures.iter().cloned().collect()),
             Command::CreateGroups { units } => {
@@ -253,8 +287,15 @@ impl Redis {
                 refresh,
                 ttl,
             } => {
-                self.live.insert(consumer.to_owned(), now);
                 let ttl = *ttl;
+                // Counted as live without a break since its last heartbeat:
+                // with live leases, none of its leases could be taken.
+                let fresh = self
+                    .live
+                    .get(holder)
+                    .is_some_and(|at| now.saturating_duration_since(*at) < ttl);
+                self.live.insert(holder.to_owned(), now);
+                let expiry = (!self.live_leases).then_some(now + ttl);
                 let before = self.live.len();
                 self.live
                     .retain(|_, at| now.saturating_duration_since(*at) < ttl);
@@ -265,10 +306,15 @@ impl Redis {
                     ..Kept::default()
                 };
                 for unit in renew {
-                    let ours = self.lease_holder(unit, now) == Some(consumer);
-                    if ours {
+                    // The carrier does not ask: the heartbeat renewed them.
+                    if self.live_leases && fresh {
+                        kept.renewed.push((unit.clone(), true));
+                        continue;
+                    }
+                    let ours = self.lease_key(unit, now) == Some(holder);
+                    if ours && !self.live_leases {
                         self.leases
-                            .insert(unit.clone(), (consumer.to_owned(), now + ttl));
+                            .insert(unit.clone(), (holder.to_owned(), expiry));
                     }
                     kept.renewed.push((unit.clone(), ours));
                 }
@@ -276,9 +322,9 @@ impl Redis {
                     let mut want = *want;
                     for k in ks {
                         let unit = Unit::partition(procedure, *k);
-                        if want > 0 && self.lease_holder(&unit, now).is_none() {
+                        if want > 0 && self.lease_free(&unit, holder, now, ttl) {
                             self.leases
-                                .insert(unit.clone(), (consumer.to_owned(), now + ttl));
+                                .insert(unit.clone(), (holder.to_owned(), expiry));
                             let empty = self.streams.get(&unit).is_none_or(|s| s.pel.is_empty());
                             kept.taken.push((unit, empty));
                             want -= 1;
@@ -331,12 +377,11 @@ impl Redis {
             }
             Command::GiveUp { units } | Command::Leave { units } => {
                 for unit in units {
-                    if self.lease_holder(unit, now) == Some(consumer) {
+                    if self.lease_key(unit, now) == Some(holder) {
                         self.leases.remove(unit);
                     }
                 }
-                if matches!(command, Command::Leave { .. }) && self.live.remove(consumer).is_some()
-                {
+                if matches!(command, Command::Leave { .. }) && self.live.remove(holder).is_some() {
                     self.departures += 1;
                 }
                 Reply::Done
@@ -452,7 +497,7 @@ struct World {
 }
 
 impl World {
-    fn new(seed: u64, instances: usize, window: usize) -> World {
+    fn new(seed: u64, instances: usize, window: usize, live_leases: bool) -> World {
         let t0 = Instant::now();
         let settings = Settings {
             window,
@@ -480,7 +525,10 @@ impl World {
             t0,
             now: t0,
             rng: seed | 1,
-            redis: Redis::default(),
+            redis: Redis {
+                live_leases,
+                ..Redis::default()
+            },
             insts,
             events: BinaryHeap::new(),
             payloads: BTreeMap::new(),
@@ -579,7 +627,8 @@ impl World {
                 command,
                 lose_reply,
             } => {
-                let reply = self.redis.execute(&consumer, &command, now);
+                let holder = format!("{consumer}#{incarnation}");
+                let reply = self.redis.execute(&consumer, &holder, &command, now);
                 let reply = if lose_reply {
                     Reply::Failed(Failure::Transient("reply lost".into()))
                 } else {
@@ -607,7 +656,8 @@ impl World {
             } => {
                 if let Some((id, acks)) = ride {
                     // Acknowledged first, in the same step.
-                    self.redis.execute(&consumer, &acks, now);
+                    let holder = format!("{consumer}#{incarnation}");
+                    self.redis.execute(&consumer, &holder, &acks, now);
                     let reply = if lose_reply {
                         Reply::Failed(Failure::Transient("reply lost".into()))
                     } else {
@@ -624,7 +674,8 @@ impl World {
                     );
                 }
                 let count = grant.map_or(0, |g| g.count);
-                let taken = self.redis.admit(&unit, ev, &consumer, count, now);
+                let holder = format!("{consumer}#{incarnation}");
+                let taken = self.redis.admit(&unit, ev, &consumer, &holder, count, now);
                 let Some(grant) = grant else {
                     return;
                 };
@@ -1184,6 +1235,9 @@ struct Plan {
     events: Vec<(u64, u8, bool, bool)>,
     faults: Vec<(u64, Fault)>,
     window: usize,
+    /// Leases held while their holder counts as live (one Redis), else
+    /// leases that expire unless renewed (a cluster).
+    live_leases: bool,
 }
 
 fn fault(instances: usize) -> impl Strategy<Value = Fault> {
@@ -1213,23 +1267,27 @@ fn plan() -> impl Strategy<Value = Plan> {
             prop_oneof![Just(15_000u64), 300..3_000u64],
             prop::collection::vec((0..15_000u64, fault(instances)), 0..6),
             3..24usize,
+            any::<bool>(),
         )
-            .prop_map(move |(seed, mut events, span, mut faults, window)| {
-                // The faults strike while the events come in.
-                for e in &mut events {
-                    e.0 = e.0 * span / 15_000;
-                }
-                for f in &mut faults {
-                    f.0 = f.0 * span / 15_000;
-                }
-                Plan {
-                    seed,
-                    instances,
-                    events,
-                    faults,
-                    window,
-                }
-            })
+            .prop_map(
+                move |(seed, mut events, span, mut faults, window, live_leases)| {
+                    // The faults strike while the events come in.
+                    for e in &mut events {
+                        e.0 = e.0 * span / 15_000;
+                    }
+                    for f in &mut faults {
+                        f.0 = f.0 * span / 15_000;
+                    }
+                    Plan {
+                        seed,
+                        instances,
+                        events,
+                        faults,
+                        window,
+                        live_leases,
+                    }
+                },
+            )
     })
 }
 
@@ -1248,7 +1306,7 @@ fn frozen() -> impl Strategy<Value = Plan> {
         3..24usize,
     )
         .prop_flat_map(|(seed, instances, keys, n, span, at, pause, window)| {
-            (0..instances).prop_map(move |who| Plan {
+            (0..instances, any::<bool>()).prop_map(move |(who, live_leases)| Plan {
                 seed,
                 instances,
                 events: (0..n as u64)
@@ -1263,12 +1321,13 @@ fn frozen() -> impl Strategy<Value = Plan> {
                     .collect(),
                 faults: vec![(at, Fault::Pause(who, pause))],
                 window,
+                live_leases,
             })
         })
 }
 
 fn run(plan: &Plan) -> Result<World, TestCaseError> {
-    let mut w = World::new(plan.seed, plan.instances, plan.window);
+    let mut w = World::new(plan.seed, plan.instances, plan.window, plan.live_leases);
     let t0 = w.t0;
     // Numbered in admission order (what "in order" means).
     let mut events = plan.events.clone();
