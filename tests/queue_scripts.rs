@@ -227,6 +227,7 @@ async fn on_one_redis_a_lease_lasts_while_its_holder_heartbeats_and_no_longer() 
     // Takes up to `want` of the partitions it does not hold, as the core
     // asks.
     let keepalive = |renew: Vec<Unit>, want: usize| Command::Keepalive {
+        settle: vec![],
         take: match want {
             0 => vec![],
             _ => vec![(
@@ -331,6 +332,34 @@ async fn on_one_redis_a_lease_lasts_while_its_holder_heartbeats_and_no_longer() 
         b_silent.elapsed()
     );
     assert_eq!(back.len(), 150, "b's 150, none of a's 50");
+
+    // Settling (a lease this holder may hold without knowing it): given up
+    // if it is this holder's, left alone if it is another's.
+    let (mine, theirs) = (still[0].clone(), back[0].0.clone());
+    kept(
+        run(
+            &a,
+            Command::Keepalive {
+                settle: vec![mine.clone(), theirs.clone()],
+                renew: vec![],
+                take: vec![],
+                refresh: vec![],
+                ttl,
+            },
+        )
+        .await,
+    );
+    let get = |u: &Unit| {
+        let key = Keys::new(GROUP).lease_of(u).expect("a partition");
+        let redis = &redis;
+        async move { redis.command(&["GET", &key]).await.text() }
+    };
+    assert_eq!(get(&mine).await, None, "a's own, given up");
+    assert_eq!(
+        get(&theirs).await.as_deref(),
+        Some(b2.holder()),
+        "b2's, left alone"
+    );
 }
 
 #[tokio::test]
@@ -355,6 +384,7 @@ async fn keepalive_refreshes_only_what_is_still_ours_and_leases_are_never_taken_
         .await;
 
     let keepalive = |renew: Vec<Unit>, want: usize| Command::Keepalive {
+        settle: vec![],
         renew,
         take: vec![(Arc::from("p.SUB_k"), vec![0, 1, 2, 3], want)],
         refresh: vec![(plain.clone(), vec![e1, e2])],
@@ -390,6 +420,7 @@ async fn keepalive_refreshes_only_what_is_still_ours_and_leases_are_never_taken_
     let Reply::Kept(kept_b) = run(
         &b,
         Command::Keepalive {
+            settle: vec![],
             renew: parts[..2].to_vec(),
             take: vec![(Arc::from("p.SUB_k"), vec![0, 1, 2, 3], 4)],
             refresh: vec![],
@@ -442,6 +473,7 @@ async fn keepalive_refreshes_only_what_is_still_ours_and_leases_are_never_taken_
     let Reply::Kept(kept_b) = run(
         &b,
         Command::Keepalive {
+            settle: vec![],
             renew: vec![],
             take: vec![],
             refresh: vec![],
@@ -774,6 +806,7 @@ async fn on_a_cluster_keepalive_and_scans_run_once_per_node_over_many_slots() {
     let Reply::Kept(kept) = run(
         &a,
         Command::Keepalive {
+            settle: vec![],
             renew: vec![],
             take: procedures
                 .iter()

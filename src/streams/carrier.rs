@@ -78,7 +78,8 @@ return {'0-0', out}
 /// Keepalive on one node. KEYS[1] routes it. ARGV: this consumer, the lease
 /// time (ms), the group, the instances' sorted set or '' (see below),
 /// this incarnation's name as a lease holder (`Carrier::holder`); then
-/// the leases to renew (count, keys); the leases to take (count of groups,
+/// the leases to give up if they are this holder's (count, keys); the
+/// leases to renew (count, keys); the leases to take (count of groups,
 /// each: how many to take, count, then pairs of lease and its stream); the
 /// entries to refresh (count of streams, each: stream, count, ids in
 /// order). Returns {renewed (1/0 each), taken ({lease, 1 if its stream has
@@ -111,6 +112,11 @@ end
 local i = 6
 local renewed, taken, lost = {}, {}, {}
 local n = tonumber(ARGV[i]); i = i + 1
+for k = 1, n do
+  local key = ARGV[i]; i = i + 1
+  if redis.call('GET', key) == holder then redis.call('DEL', key) end
+end
+n = tonumber(ARGV[i]); i = i + 1
 for k = 1, n do
   local key = ARGV[i]; i = i + 1
   if redis.call('GET', key) == holder then
@@ -400,11 +406,12 @@ impl Carrier {
             } => self.take(&unit, cursor, count, min_idle, count_own).await,
             Command::Scan { units, idle } => self.scan(&units, idle).await,
             Command::Keepalive {
+                settle,
                 renew,
                 take,
                 refresh,
                 ttl,
-            } => self.keepalive(&renew, &take, &refresh, ttl).await,
+            } => self.keepalive(&settle, &renew, &take, &refresh, ttl).await,
             Command::Ack { keys } => self.ack(&keys).await,
             Command::DeadLetter { key, fields } => self.dead_letter(&key, &fields).await,
             Command::DeadLetterUnadmitted {
@@ -643,6 +650,7 @@ impl Carrier {
 
     async fn keepalive(
         &self,
+        settle: &[Unit],
         renew: &[Unit],
         take: &[(Arc<str>, Vec<u16>, usize)],
         refresh: &[(Unit, Vec<EntryId>)],
@@ -677,7 +685,7 @@ impl Carrier {
         } else {
             renew
         };
-        if renew.is_empty() && take.is_empty() && refresh.is_empty() {
+        if settle.is_empty() && renew.is_empty() && take.is_empty() && refresh.is_empty() {
             return Ok(Reply::Kept(kept));
         }
         let instances_key = if live {
@@ -687,6 +695,10 @@ impl Carrier {
         };
         // Every key this round touches, by node.
         let renew_keys: Vec<String> = renew.iter().filter_map(|u| self.keys.lease_of(u)).collect();
+        let settle_keys: Vec<String> = settle
+            .iter()
+            .filter_map(|u| self.keys.lease_of(u))
+            .collect();
         let take_keys: Vec<Vec<String>> = take
             .iter()
             .map(|(p, ks, _)| ks.iter().map(|k| self.keys.lease(p, *k)).collect())
@@ -695,15 +707,14 @@ impl Carrier {
             .iter()
             .map(|(u, _)| self.keys.stream_of(u))
             .collect();
-        let all = renew_keys
-            .iter()
-            .chain(take_keys.iter().flatten())
-            .chain(refresh_streams.iter())
-            .map(String::as_str);
         let topology = self.topology().await?;
         let mut nodes: BTreeMap<usize, NodeRound> = BTreeMap::new();
-        for key in all {
-            nodes.entry(topology.node_of(key)).or_default();
+        for (i, key) in settle_keys.iter().enumerate() {
+            nodes
+                .entry(topology.node_of(key))
+                .or_default()
+                .settle
+                .push(i);
         }
         for (i, key) in renew_keys.iter().enumerate() {
             nodes
@@ -732,9 +743,10 @@ impl Carrier {
         let rounds = join_all(nodes.into_values().map(|round| {
             let mut c = c.clone();
             let route = round
-                .renew
+                .settle
                 .first()
-                .map(|&i| renew_keys[i].clone())
+                .map(|&i| settle_keys[i].clone())
+                .or_else(|| round.renew.first().map(|&i| renew_keys[i].clone()))
                 .or_else(|| round.take.first().map(|&g| take_keys[g][0].clone()))
                 .or_else(|| round.refresh.first().map(|&s| refresh_streams[s].clone()));
             let mut cmd = redis::cmd("EVAL");
@@ -746,7 +758,11 @@ impl Carrier {
                 .arg(self.keys.group())
                 .arg(&instances_key)
                 .arg(&*self.holder)
-                .arg(round.renew.len());
+                .arg(round.settle.len());
+            for &i in &round.settle {
+                cmd.arg(&settle_keys[i]);
+            }
+            cmd.arg(round.renew.len());
             for &i in &round.renew {
                 cmd.arg(&renew_keys[i]);
             }
@@ -1029,6 +1045,7 @@ impl Carrier {
 /// One node's share of a keepalive round (indices into the round's lists).
 #[derive(Debug, Default)]
 struct NodeRound {
+    settle: Vec<usize>,
     renew: Vec<usize>,
     take: Vec<usize>,
     refresh: Vec<usize>,

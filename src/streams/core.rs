@@ -171,13 +171,17 @@ pub enum Command {
     /// long gone. Sent at start, after an instance departed, and every
     /// [`SCAN_BACKSTOP`] claim idle times.
     Scan { units: Vec<Unit>, idle: Duration },
-    /// One round of keeping alive (one script per Redis node): renew the
-    /// leases in `renew` that are still ours, take up to `want` free ones of
-    /// each procedure in `take` (of the partitions listed), refresh the idle
-    /// time of the entries in `refresh` that are still ours, and say this
-    /// instance is alive (returns how many are, and how many departed so
-    /// far).
+    /// One round of keeping alive (one script per Redis node): give up the
+    /// leases in `settle` that are ours in Redis (this instance may hold them
+    /// without knowing: a take or a give-up whose reply was lost, a lease it
+    /// let go of by its own clock while Redis still counted it as live),
+    /// renew the leases in `renew` that are still ours, take up to `want`
+    /// free ones of each procedure in `take` (of the partitions listed),
+    /// refresh the idle time of the entries in `refresh` that are still
+    /// ours, and say this instance is alive (returns how many are, and how
+    /// many departed so far).
     Keepalive {
+        settle: Vec<Unit>,
         renew: Vec<Unit>,
         take: Vec<(Arc<str>, Vec<u16>, usize)>,
         refresh: Vec<(Unit, Vec<EntryId>)>,
@@ -484,6 +488,8 @@ enum Sent {
         at: Instant,
         renew: Vec<(Unit, u32)>,
         refresh: Vec<(Unit, u32, Vec<EntryId>)>,
+        /// The partitions it asked to take, and to settle.
+        asked: Vec<Unit>,
     },
     /// Acknowledgements, dead letters, releases: retried.
     Commit {
@@ -533,6 +539,10 @@ pub struct QueueCore<T> {
     taking: BTreeSet<Unit>,
     /// Partitions whose lease is ours (or being given up).
     leased: BTreeSet<Unit>,
+    /// Partitions whose lease may be ours in Redis without this instance
+    /// knowing it, to give up (`Command::Keepalive`'s `settle`) from when on:
+    /// on one Redis a lease does not lapse while its holder heartbeats.
+    unsure: BTreeMap<Unit, Instant>,
     /// Streams whose consumer group is to be created.
     no_group: BTreeSet<Unit>,
     /// When what a stream holds stops being certainly ours, by time.
@@ -608,6 +618,7 @@ impl<T> QueueCore<T> {
             dirty: BTreeSet::new(),
             taking: BTreeSet::new(),
             leased: BTreeSet::new(),
+            unsure: BTreeMap::new(),
             no_group: BTreeSet::new(),
             deadlines: BTreeSet::new(),
             held: 0,
@@ -846,11 +857,32 @@ impl<T> QueueCore<T> {
                     _ => {}
                 }
             }
-            Sent::Keepalive { at, renew, refresh } => {
+            Sent::Keepalive {
+                at,
+                renew,
+                refresh,
+                asked,
+            } => {
                 self.keepalive_in_flight = false;
                 match reply {
-                    Reply::Kept(kept) => self.on_kept(at, renew, refresh, kept, now),
-                    Reply::Failed(f) => self.failed("keep leases and entries alive", &f),
+                    Reply::Kept(kept) => {
+                        // Settled; what it took is in `kept`.
+                        for unit in &asked {
+                            if self.unsure.get(unit).is_some_and(|t| *t <= at) {
+                                self.unsure.remove(unit);
+                            }
+                        }
+                        self.on_kept(at, renew, refresh, kept, now)
+                    }
+                    Reply::Failed(f) => {
+                        // It may have taken some of them, or not settled
+                        // them: none was called for, so they may be given
+                        // up at once.
+                        for unit in asked {
+                            self.unsure.entry(unit).or_insert(now);
+                        }
+                        self.failed("keep leases and entries alive", &f)
+                    }
                     _ => {}
                 }
             }
@@ -863,6 +895,10 @@ impl<T> QueueCore<T> {
             Sent::GiveUp(units) => {
                 if let Reply::Failed(f) = &reply {
                     self.failed("hand partitions over", f);
+                    // Handed over with nothing of them left here.
+                    for unit in &units {
+                        self.unsure.entry(unit.clone()).or_insert(now);
+                    }
                 }
                 // Given up or not, they are no longer read here; an
                 // unanswered one lapses within the lease time.
@@ -1774,6 +1810,17 @@ impl<T> QueueCore<T> {
     /// A partition is not (certainly) ours any more: its entries are taken
     /// back.
     fn lose_lease(&mut self, unit: &Unit) {
+        // It may still be ours in Redis (let go of by our clock, a quarter
+        // of the lease time early): given up only when it would have lapsed,
+        // so that a call already made for it ends before anybody takes it.
+        if let Some(UnitState {
+            lease: Lease::Ours { valid_until, .. },
+            ..
+        }) = self.units.get(unit)
+        {
+            let at = *valid_until + self.margin;
+            self.unsure.insert(unit.clone(), at);
+        }
         self.set_lease(unit, Lease::NotOurs);
         self.bump(unit);
         self.set_phase(unit, Phase::Ready);
@@ -1866,7 +1913,13 @@ impl<T> QueueCore<T> {
                         Some(u) if matches!(u.lease, Lease::Ours { leaving: false, .. }) => {
                             staying += 1
                         }
-                        Some(u) if u.lease == Lease::NotOurs && u.group == Group::Ready => {
+                        // Not one that may still be ours in Redis before it
+                        // is given up (`unsure`).
+                        Some(u)
+                            if u.lease == Lease::NotOurs
+                                && u.group == Group::Ready
+                                && self.unsure.get(&unit).is_none_or(|t| *t <= now) =>
+                        {
                             free.push(k)
                         }
                         _ => {}
@@ -1893,7 +1946,19 @@ impl<T> QueueCore<T> {
                 refresh.push((unit.clone(), u.epoch, ids));
             }
         }
+        let settle: Vec<Unit> = self
+            .unsure
+            .iter()
+            .filter(|(_, t)| **t <= now)
+            .map(|(u, _)| u.clone())
+            .collect();
+        let asked: Vec<Unit> = take
+            .iter()
+            .flat_map(|(p, ks, _)| ks.iter().map(|k| Unit::partition(p, *k)))
+            .chain(settle.iter().cloned())
+            .collect();
         let command = Command::Keepalive {
+            settle,
             renew: renew.iter().map(|(u, _)| u.clone()).collect(),
             take,
             refresh: refresh
@@ -1909,6 +1974,7 @@ impl<T> QueueCore<T> {
                 at: now,
                 renew,
                 refresh,
+                asked,
             },
         );
     }

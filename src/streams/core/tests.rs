@@ -282,12 +282,18 @@ impl Redis {
                     .collect(),
             ),
             Command::Keepalive {
+                settle,
                 renew,
                 take,
                 refresh,
                 ttl,
             } => {
                 let ttl = *ttl;
+                for unit in settle {
+                    if self.lease_key(unit, now) == Some(holder) {
+                        self.leases.remove(unit);
+                    }
+                }
                 // Counted as live without a break since its last heartbeat:
                 // with live leases, none of its leases could be taken.
                 let fresh = self
