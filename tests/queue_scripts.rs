@@ -287,14 +287,11 @@ async fn on_one_redis_a_lease_lasts_while_its_holder_heartbeats_and_no_longer() 
     // a goes silent; b, heartbeating, takes a's leases once a has been
     // silent for the lease time, and not before.
     let started = std::time::Instant::now();
-    let mut taken = Vec::new();
-    while taken.is_empty() {
-        assert!(started.elapsed() < Duration::from_secs(5), "never taken");
-        taken = kept(run(&b, keepalive(taken_b.clone(), 100)).await).taken;
-        if taken.is_empty() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
+    let taken = eventually(Duration::from_secs(5), "a's leases taken", || async {
+        let taken = kept(run(&b, keepalive(taken_b.clone(), 100)).await).taken;
+        (!taken.is_empty()).then_some(taken)
+    })
+    .await;
     assert!(
         started.elapsed() >= ttl - Duration::from_millis(50),
         "taken after {:?}, before a was silent for the lease time",
@@ -315,17 +312,13 @@ async fn on_one_redis_a_lease_lasts_while_its_holder_heartbeats_and_no_longer() 
     // earlier incarnation (whose last calls may still run) lapse as
     // anybody's do, and are not taken back at once.
     let b2 = carrier(&redis.url(), false, "b");
-    let restarted = std::time::Instant::now();
-    let mut back = Vec::new();
-    while back.is_empty() {
-        assert!(restarted.elapsed() < Duration::from_secs(5), "never taken");
+    let back = eventually(Duration::from_secs(5), "b's leases taken", || async {
         // a stays live.
         kept(run(&a, keepalive(still.clone(), 0)).await);
-        back = kept(run(&b2, keepalive(vec![], 200)).await).taken;
-        if back.is_empty() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
+        let back = kept(run(&b2, keepalive(vec![], 200)).await).taken;
+        (!back.is_empty()).then_some(back)
+    })
+    .await;
     assert!(
         b_silent.elapsed() >= ttl - Duration::from_millis(50),
         "taken {:?} after b's last heartbeat",

@@ -709,37 +709,25 @@ impl Carrier {
             .collect();
         let topology = self.topology().await?;
         let mut nodes: BTreeMap<usize, NodeRound> = BTreeMap::new();
-        for (i, key) in settle_keys.iter().enumerate() {
-            nodes
-                .entry(topology.node_of(key))
-                .or_default()
-                .settle
-                .push(i);
-        }
-        for (i, key) in renew_keys.iter().enumerate() {
-            nodes
-                .entry(topology.node_of(key))
-                .or_default()
-                .renew
-                .push(i);
-        }
-        for (g, keys) in take_keys.iter().enumerate() {
-            // A procedure's leases share a slot: one node.
-            if let Some(first) = keys.first() {
-                nodes
-                    .entry(topology.node_of(first))
-                    .or_default()
-                    .take
-                    .push(g);
+        // Each list's keys (by index) by node: `field` picks the list in a
+        // node's round.
+        let mut place = |keys: &mut dyn Iterator<Item = (usize, &String)>,
+                         field: fn(&mut NodeRound) -> &mut Vec<usize>| {
+            for (i, key) in keys {
+                field(nodes.entry(topology.node_of(key)).or_default()).push(i);
             }
-        }
-        for (s, stream) in refresh_streams.iter().enumerate() {
-            nodes
-                .entry(topology.node_of(stream))
-                .or_default()
-                .refresh
-                .push(s);
-        }
+        };
+        place(&mut settle_keys.iter().enumerate(), |r| &mut r.settle);
+        place(&mut renew_keys.iter().enumerate(), |r| &mut r.renew);
+        // A procedure's leases share a slot: one node.
+        place(
+            &mut take_keys
+                .iter()
+                .enumerate()
+                .filter_map(|(g, keys)| keys.first().map(|k| (g, k))),
+            |r| &mut r.take,
+        );
+        place(&mut refresh_streams.iter().enumerate(), |r| &mut r.refresh);
         let rounds = join_all(nodes.into_values().map(|round| {
             let mut c = c.clone();
             let route = round
