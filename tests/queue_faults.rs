@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use subtocall::forward::key::OrderKey;
 use subtocall::streams::carrier::holder_consumer;
-use support::ordered::{Verdict, calls, verdict};
+use support::ordered::{Verdict, calls, overlaps, verdict};
 use support::queue::*;
 use support::resp::Reply;
 use support::sidecar::Sidecar;
@@ -51,6 +51,18 @@ async fn consumer_of(sidecar: &Sidecar) -> String {
         .as_str()
         .expect("a consumer name")
         .to_owned()
+}
+
+/// `sidecar`'s router session.
+async fn session_of(sidecar: &Sidecar) -> Option<u64> {
+    status(sidecar).await["router"]["session"].as_u64()
+}
+
+/// Now, as the backends note when a call starts (seconds since the epoch).
+fn wall_clock() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// The partition of ordering key `k` (an integer kwarg) of `procedure`.
@@ -135,6 +147,7 @@ async fn an_instance_frozen_for_7s_while_it_delivers_never_overlaps_a_key_or_bre
     let pid = frozen.pid().expect("running");
     send_signal(pid, libc::SIGSTOP);
     let frozen_at = Instant::now();
+    let stopped_wall = wall_clock();
     let consumer = consumer_of(other).await;
     eventually(
         WAIT,
@@ -148,6 +161,7 @@ async fn an_instance_frozen_for_7s_while_it_delivers_never_overlaps_a_key_or_bre
     let taken_over_after = frozen_at.elapsed();
     tokio::time::sleep(Duration::from_secs(7).saturating_sub(frozen_at.elapsed())).await;
     send_signal(pid, libc::SIGCONT);
+    let continued_wall = wall_clock();
     publisher.finish().await.assert_success();
 
     let every: BTreeSet<u64> = (0..u64::from(EVENTS)).collect();
@@ -176,7 +190,16 @@ async fn an_instance_frozen_for_7s_while_it_delivers_never_overlaps_a_key_or_bre
         all.len()
     );
     assert_eq!(keys, KEYS as usize);
-    assert_eq!(overlapping, 0, "never two calls of a key at once");
+    let sessions = (session_of(frozen).await, session_of(other).await);
+    assert_eq!(
+        overlapping,
+        0,
+        "never two calls of a key at once (frozen: session {:?}, other: {:?}; \
+         SIGSTOP at {stopped_wall:.3}, SIGCONT at {continued_wall:.3}): {:#?}",
+        sessions.0,
+        sessions.1,
+        overlaps(&all)
+    );
     assert_eq!(out_of_order, 0, "first deliveries of each key in order");
     assert!(
         duplicates * 100 <= EVENTS as usize,

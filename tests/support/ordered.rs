@@ -14,6 +14,8 @@ pub struct Call {
     pub seq: u64,
     pub start: f64,
     pub answered: Option<f64>,
+    /// The calling session (the router discloses it), when known.
+    pub caller: Option<u64>,
 }
 
 pub fn calls(backends: &[&Backend]) -> Vec<Call> {
@@ -27,6 +29,7 @@ pub fn calls(backends: &[&Backend]) -> Vec<Call> {
                 seq: inv["kwargs"]["seq"].as_u64().unwrap(),
                 start: inv["at"].as_f64().unwrap(),
                 answered: answers.get(&k).copied(),
+                caller: inv["caller"].as_u64(),
             });
         }
     }
@@ -54,6 +57,21 @@ pub fn assert_in_order(out_of_order: usize, overlapping: usize, most: i32) {
     assert_eq!(out_of_order, 0, "no key out of order");
     assert_eq!(overlapping, 0, "no key with two calls at once");
     assert!(most >= 4, "keys run in parallel: at most {most} at once");
+}
+
+/// The calls of a key that started before the previous one was answered,
+/// each with that previous call (for a failure's message).
+pub fn overlaps(all: &[Call]) -> Vec<(&Call, &Call)> {
+    let mut by_key: BTreeMap<u64, Vec<&Call>> = BTreeMap::new();
+    for c in all {
+        by_key.entry(c.key).or_default().push(c);
+    }
+    by_key
+        .values()
+        .flat_map(|calls| calls.windows(2))
+        .filter(|pair| pair[0].answered.is_some_and(|at| pair[1].start < at))
+        .map(|pair| (pair[0], pair[1]))
+        .collect()
 }
 
 pub fn verdict(all: &[Call]) -> Verdict {
