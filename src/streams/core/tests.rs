@@ -22,6 +22,11 @@ use proptest::prelude::*;
 
 use super::*;
 
+/// A reply lost on its way: the command's outcome is unknown.
+fn lost() -> Failure {
+    Failure::Transient("reply lost".into())
+}
+
 fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
 }
@@ -622,6 +627,49 @@ impl World {
         }
     }
 
+    /// Instance `i` offers `ev` to Redis, executed at `at` at the
+    /// earliest: an instance offers events in the order it received them,
+    /// one batch after the other.
+    #[allow(clippy::too_many_arguments)]
+    fn offer(
+        &mut self,
+        i: usize,
+        at: Instant,
+        unit: &Unit,
+        ev: &Ev,
+        grant: Option<Grant>,
+        ride: Option<(CommandId, Command)>,
+        lose_reply: bool,
+    ) {
+        let at = at.max(self.insts[i].admitted_until);
+        self.insts[i].admitted_until = at;
+        let inst = &self.insts[i];
+        let what = What::ExecuteAdmit {
+            inst: i,
+            incarnation: inst.incarnation,
+            consumer: inst.name.clone(),
+            unit: unit.clone(),
+            ev: ev.clone(),
+            grant,
+            ride,
+            lose_reply,
+        };
+        self.at(at, what);
+    }
+
+    /// `msg` reaches `inst`'s `incarnation` after a network delay.
+    fn reply_later(&mut self, inst: usize, incarnation: u32, msg: Msg) {
+        let at = self.now + self.net();
+        self.at(
+            at,
+            What::Deliver {
+                inst,
+                incarnation,
+                msg,
+            },
+        );
+    }
+
     fn handle(&mut self, what: What) {
         let now = self.now;
         match what {
@@ -636,19 +684,11 @@ impl World {
                 let holder = format!("{consumer}#{incarnation}");
                 let reply = self.redis.execute(&consumer, &holder, &command, now);
                 let reply = if lose_reply {
-                    Reply::Failed(Failure::Transient("reply lost".into()))
+                    Reply::Failed(lost())
                 } else {
                     reply
                 };
-                let at = now + self.net();
-                self.at(
-                    at,
-                    What::Deliver {
-                        inst,
-                        incarnation,
-                        msg: Msg::Reply(id, reply),
-                    },
-                );
+                self.reply_later(inst, incarnation, Msg::Reply(id, reply));
             }
             What::ExecuteAdmit {
                 inst,
@@ -660,45 +700,24 @@ impl World {
                 ride,
                 lose_reply,
             } => {
+                let holder = format!("{consumer}#{incarnation}");
                 if let Some((id, acks)) = ride {
                     // Acknowledged first, in the same step.
-                    let holder = format!("{consumer}#{incarnation}");
                     self.redis.execute(&consumer, &holder, &acks, now);
                     let reply = if lose_reply {
-                        Reply::Failed(Failure::Transient("reply lost".into()))
+                        Reply::Failed(lost())
                     } else {
                         Reply::Done
                     };
-                    let at = now + self.net();
-                    self.at(
-                        at,
-                        What::Deliver {
-                            inst,
-                            incarnation,
-                            msg: Msg::Reply(id, reply),
-                        },
-                    );
+                    self.reply_later(inst, incarnation, Msg::Reply(id, reply));
                 }
                 let count = grant.map_or(0, |g| g.count);
-                let holder = format!("{consumer}#{incarnation}");
                 let taken = self.redis.admit(&unit, ev, &consumer, &holder, count, now);
                 let Some(grant) = grant else {
                     return;
                 };
-                let taken = if lose_reply {
-                    Err(Failure::Transient("reply lost".into()))
-                } else {
-                    taken
-                };
-                let at = now + self.net();
-                self.at(
-                    at,
-                    What::Deliver {
-                        inst,
-                        incarnation,
-                        msg: Msg::Granted(grant.id, taken),
-                    },
-                );
+                let taken = if lose_reply { Err(lost()) } else { taken };
+                self.reply_later(inst, incarnation, Msg::Granted(grant.id, taken));
             }
             What::Deliver {
                 inst,
@@ -729,22 +748,7 @@ impl World {
                     if let (true, Some(until)) = (cut, self.insts[i].cut_until) {
                         // The admission is retried until Redis answers
                         // again.
-                        let consumer = self.insts[i].name.clone();
-                        let at = until.max(self.insts[i].admitted_until);
-                        self.insts[i].admitted_until = at;
-                        self.at(
-                            at,
-                            What::ExecuteAdmit {
-                                inst: i,
-                                incarnation,
-                                consumer,
-                                unit: unit.clone(),
-                                ev: ev.clone(),
-                                grant: None,
-                                ride: None,
-                                lose_reply: false,
-                            },
-                        );
+                        self.offer(i, until, &unit, &ev, None, None, false);
                         if let Some((id, _)) = ride {
                             self.at(
                                 now + ms(50),
@@ -781,22 +785,8 @@ impl World {
                     }
                     // An instance offers events in the order it received
                     // them, one batch after the other.
-                    let at = (now + self.net()).max(self.insts[i].admitted_until);
-                    self.insts[i].admitted_until = at;
-                    let consumer = self.insts[i].name.clone();
-                    self.at(
-                        at,
-                        What::ExecuteAdmit {
-                            inst: i,
-                            incarnation,
-                            consumer,
-                            unit: unit.clone(),
-                            ev: ev.clone(),
-                            grant,
-                            ride,
-                            lose_reply,
-                        },
-                    );
+                    let at = now + self.net();
+                    self.offer(i, at, &unit, &ev, grant, ride, lose_reply);
                 }
                 if !offered {
                     self.redis.stream(&unit).group = true;
