@@ -314,7 +314,6 @@ impl Topology {
     }
 }
 
-/// Carries the queue core's commands.
 /// A lease holder's (and a live instance's) name for a consumer: the
 /// consumer's name, `#` and a random part of this incarnation's. A restart
 /// under the same `SUBTOCALL_INSTANCE_ID` takes its own pending entries up
@@ -329,6 +328,7 @@ pub fn holder_consumer(holder: &str) -> &str {
     holder.rsplit_once('#').map_or(holder, |(c, _)| c)
 }
 
+/// Carries the queue core's commands.
 #[derive(Clone)]
 pub struct Carrier {
     target: Target,

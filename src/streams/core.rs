@@ -901,7 +901,7 @@ impl<T> QueueCore<T> {
                     }
                 }
                 // Given up or not, they are no longer read here; an
-                // unanswered one lapses within the lease time.
+                // unanswered one is settled by the next keepalive.
                 for unit in units {
                     if self
                         .units
