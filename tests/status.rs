@@ -425,13 +425,16 @@ async fn on_the_redis_queue_without_ordering_each_instance_still_heartbeats() {
     // on (`streams::core::ACK_LINGER`).
     let s = eventually(
         WAIT,
-        "this instance heartbeating, its stream acknowledged",
+        "this instance heartbeating, its stream acknowledged and emptied",
         || async {
             let s = status(&sidecar).await;
             let beating = s["queue"]["instances"].as_array()?.iter().any(|i| {
                 i["this"] == true && i["heartbeat_seconds"].as_f64().is_some_and(|h| h < 10.0)
             });
-            let acked = s["queue"]["streams"][0]["pending"] == 0;
+            // Its pending count and length are read one after the other:
+            // an acknowledgement can land between the two.
+            let stream = &s["queue"]["streams"][0];
+            let acked = stream["pending"] == 0 && stream["length"] == 0;
             (beating && acked).then_some(s)
         },
     )
