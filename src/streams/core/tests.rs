@@ -22,6 +22,11 @@ use proptest::prelude::*;
 
 use super::*;
 
+/// A command that never reached Redis (a cut link).
+fn cut_off() -> Failure {
+    Failure::Transient("cut off".into())
+}
+
 /// A reply lost on its way: the command's outcome is unknown.
 fn lost() -> Failure {
     Failure::Transient("reply lost".into())
@@ -657,9 +662,21 @@ impl World {
         self.at(at, what);
     }
 
+    /// What instance `i` sent never reached Redis: `msg` (a failure) comes
+    /// back when its command times out.
+    fn time_out(&mut self, i: usize, msg: Msg) {
+        let at = self.now + ms(50);
+        let incarnation = self.insts[i].incarnation;
+        self.reply_later_at(at, i, incarnation, msg);
+    }
+
     /// `msg` reaches `inst`'s `incarnation` after a network delay.
     fn reply_later(&mut self, inst: usize, incarnation: u32, msg: Msg) {
         let at = self.now + self.net();
+        self.reply_later_at(at, inst, incarnation, msg);
+    }
+
+    fn reply_later_at(&mut self, at: Instant, inst: usize, incarnation: u32, msg: Msg) {
         self.at(
             at,
             What::Deliver {
@@ -744,37 +761,15 @@ impl World {
                     let grant = self.insts[i].core.grant(&unit, now);
                     let ride = self.insts[i].core.ride_acks(&unit.procedure);
                     let cut = self.insts[i].cut_until.is_some_and(|t| now < t);
-                    let incarnation = self.insts[i].incarnation;
                     if let (true, Some(until)) = (cut, self.insts[i].cut_until) {
                         // The admission is retried until Redis answers
                         // again.
                         self.offer(i, until, &unit, &ev, None, None, false);
                         if let Some((id, _)) = ride {
-                            self.at(
-                                now + ms(50),
-                                What::Deliver {
-                                    inst: i,
-                                    incarnation,
-                                    msg: Msg::Reply(
-                                        id,
-                                        Reply::Failed(Failure::Transient("cut off".into())),
-                                    ),
-                                },
-                            );
+                            self.time_out(i, Msg::Reply(id, Reply::Failed(cut_off())));
                         }
                         if let Some(g) = grant {
-                            let at = now + ms(50);
-                            self.at(
-                                at,
-                                What::Deliver {
-                                    inst: i,
-                                    incarnation,
-                                    msg: Msg::Granted(
-                                        g.id,
-                                        Err(Failure::Transient("cut off".into())),
-                                    ),
-                                },
-                            );
+                            self.time_out(i, Msg::Granted(g.id, Err(cut_off())));
                         }
                         continue;
                     }
@@ -938,18 +933,7 @@ impl World {
                 let incarnation = self.insts[i].incarnation;
                 if cut {
                     // Never reaches Redis: the command times out.
-                    let at = now + ms(50);
-                    self.at(
-                        at,
-                        What::Deliver {
-                            inst: i,
-                            incarnation,
-                            msg: Msg::Reply(
-                                id,
-                                Reply::Failed(Failure::Transient("cut off".into())),
-                            ),
-                        },
-                    );
+                    self.time_out(i, Msg::Reply(id, Reply::Failed(cut_off())));
                     return;
                 }
                 if lose_reply {
