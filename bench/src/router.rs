@@ -136,6 +136,9 @@ pub struct RouterRun {
     pub redis_cpu_ns: f64,
     /// Publish -> backend, ns (paced runs only).
     pub latencies: Vec<u64>,
+    /// redis-server's commands per event on the Redis-queue path (paced
+    /// runs only; a diagnostic for the log).
+    pub commands: String,
 }
 
 /// Everything part 2 measured.
@@ -332,8 +335,8 @@ struct Bench {
     /// The baseline build, serving `BASELINE_PROCEDURE`.
     baseline: Option<Sidecar>,
     /// The current build on the Redis queue, serving `QUEUED_PROCEDURE`,
-    /// and its redis-server's pid.
-    queued: Option<(Sidecar, u32)>,
+    /// and its redis-server's pid and port.
+    queued: Option<(Sidecar, u32, u16)>,
     /// The current build serving `BATCHED_PROCEDURE` (part 2 in full).
     batched: Option<Sidecar>,
     publishers: Vec<Client>,
@@ -354,7 +357,7 @@ impl Bench {
     fn sidecar(&self, path: Path) -> &Sidecar {
         match (path, &self.baseline, &self.queued, &self.batched) {
             (Path::BaselineSidecar, Some(b), _, _) => b,
-            (Path::RedisQueue, _, Some((q, _)), _) => q,
+            (Path::RedisQueue, _, Some((q, _, _)), _) => q,
             (Path::Batched, _, _, Some(b)) => b,
             _ => &self.sidecar,
         }
@@ -362,7 +365,7 @@ impl Bench {
 
     fn sample(&self, path: Path) -> (Instant, u64, u64, u64, u64) {
         let redis = match (path, &self.queued) {
-            (Path::RedisQueue, Some((_, pid))) => crate::procfs::cpu_ns(*pid),
+            (Path::RedisQueue, Some((_, pid, _))) => crate::procfs::cpu_ns(*pid),
             _ => 0,
         };
         (
@@ -372,6 +375,28 @@ impl Bench {
             self.sidecar(path).cpu_ns(),
             redis,
         )
+    }
+
+    /// redis-server's `INFO commandstats` on the Redis-queue path: calls
+    /// and microseconds by command (empty on the other paths).
+    fn command_stats(&self, path: Path) -> BTreeMap<String, (u64, u64)> {
+        let port = match (path, &self.queued) {
+            (Path::RedisQueue, Some((_, _, port))) => *port,
+            _ => return BTreeMap::new(),
+        };
+        let text = crate::resp::Conn::connect(port)
+            .and_then(|mut c| c.text(&["INFO", "commandstats"]))
+            .unwrap_or_default();
+        text.lines()
+            .filter_map(|line| {
+                let (name, rest) = line.strip_prefix("cmdstat_")?.split_once(':')?;
+                let field = |f: &str| {
+                    rest.split(',')
+                        .find_map(|kv| kv.strip_prefix(f)?.strip_prefix('=')?.parse().ok())
+                };
+                Some((name.to_owned(), (field("calls")?, field("usec")?)))
+            })
+            .collect()
     }
 
     /// Waits until every event sent has reached a backend.
@@ -442,6 +467,7 @@ impl Bench {
             sidecar_cpu_ns: (s1 - s0) as f64 / events,
             redis_cpu_ns: (r1 - r0) as f64 / events,
             latencies: Vec::new(),
+            commands: String::new(),
         })
     }
 
@@ -459,6 +485,7 @@ impl Bench {
         let per_publisher = total / self.publishers.len() as u64;
         let interval = Duration::from_secs_f64(self.publishers.len() as f64 / ctx.rate);
         self.rec.recording.store(true, Ordering::Relaxed);
+        let stats0 = self.command_stats(path);
         let (t0, c0, x0, s0, r0) = self.sample(path);
         let start = tokio::time::Instant::now();
         let mut tasks = Vec::new();
@@ -481,6 +508,7 @@ impl Bench {
         self.drain(path, issued, base).await?;
         let (t1, c1, x1, s1, r1) = self.sample(path);
         self.rec.recording.store(false, Ordering::Relaxed);
+        let commands = per_event(&stats0, &self.command_stats(path), (c1 - c0).max(1));
         let latencies = self
             .rec
             .samples
@@ -494,6 +522,7 @@ impl Bench {
             sidecar_cpu_ns: (s1 - s0) as f64 / events,
             redis_cpu_ns: (r1 - r0) as f64 / events,
             latencies,
+            commands,
         })
     }
 }
@@ -541,7 +570,7 @@ pub fn run(ctx: &Ctx, plan: &Plan<'_>, log: &dyn Fn(&str)) -> Result<RouterResul
                     "crossbar-queued",
                     &env,
                 )?;
-                Some((s, r.proc.pid()))
+                Some((s, r.proc.pid(), r.port))
             }
             None => None,
         };
@@ -563,7 +592,7 @@ pub fn run(ctx: &Ctx, plan: &Plan<'_>, log: &dyn Fn(&str)) -> Result<RouterResul
         if let Some(b) = baseline.as_mut() {
             wait_subscribed(b, BASELINE_TOPIC).await?;
         }
-        if let Some((q, _)) = queued.as_mut() {
+        if let Some((q, _, _)) = queued.as_mut() {
             wait_subscribed(q, QUEUED_TOPIC).await?;
         }
         let mut publishers = Vec::new();
@@ -644,7 +673,11 @@ pub fn run(ctx: &Ctx, plan: &Plan<'_>, log: &dyn Fn(&str)) -> Result<RouterResul
                 let mut l = r.latencies.clone();
                 l.sort_unstable();
                 let redis = if path == Path::RedisQueue {
-                    format!(", redis-server {:.1} us/ev", r.redis_cpu_ns / 1e3)
+                    format!(
+                        ", redis-server {:.1} us/ev ({})",
+                        r.redis_cpu_ns / 1e3,
+                        r.commands
+                    )
                 } else {
                     String::new()
                 };
@@ -671,7 +704,7 @@ pub fn run(ctx: &Ctx, plan: &Plan<'_>, log: &dyn Fn(&str)) -> Result<RouterResul
             b.check_nothing_lost()?;
             results.baseline_peak_rss_kb = Some(b.peak_rss_kb());
         }
-        if let Some((q, _)) = &bench.queued {
+        if let Some((q, _, _)) = &bench.queued {
             q.check_nothing_lost()?;
             results.queued_peak_rss_kb = Some(q.peak_rss_kb());
         }
@@ -737,4 +770,27 @@ async fn wait_subscribed(sidecar: &mut Sidecar, topic: &str) -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Commands per event between two `INFO commandstats` (the ones of this
+/// measurement, not its own INFO), as `name calls/ev usec/ev`.
+fn per_event(
+    before: &BTreeMap<String, (u64, u64)>,
+    after: &BTreeMap<String, (u64, u64)>,
+    events: u64,
+) -> String {
+    after
+        .iter()
+        .filter(|(name, _)| name.as_str() != "info")
+        .filter_map(|(name, (calls, usec))| {
+            let (c0, u0) = before.get(name).copied().unwrap_or_default();
+            let calls = calls.checked_sub(c0).filter(|c| *c > 0)?;
+            Some(format!(
+                "{name} {:.2}/ev {:.1} us/ev",
+                calls as f64 / events as f64,
+                usec.saturating_sub(u0) as f64 / events as f64
+            ))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
