@@ -531,3 +531,61 @@ async fn wss_join_works_with_the_extra_ca_file_and_fails_without_it() {
         "{err}"
     );
 }
+
+/// A call still unwritten when the time it had to be written by has passed
+/// (a paused process: the Redis queue's lease of its entries may have
+/// passed to another instance meanwhile) is never written: it fails with
+/// `Fenced`, the backend never sees it, and the calls around it go out.
+#[tokio::test]
+async fn a_call_past_the_time_it_had_to_be_written_by_is_not_written() {
+    use subtocall::wamp::connection::Connection as Conn;
+    use subtocall::wamp::session::{Output, Success};
+
+    let crossbar = Crossbar::start().await;
+    let backend = Backend::spawn(BackendOptions::new(&crossbar, &["com.example.fenced"])).await;
+    let mut conn: Conn<u32> = Conn::connect(&config(&crossbar, Ser::MsgPack, cra(BACKEND_USER)))
+        .await
+        .expect("join");
+    let call = |conn: &mut Conn<u32>, n: u64| {
+        let payload = Payload::new(vec![n.into()], Dict::new());
+        conn.session()
+            .call("com.example.fenced", Dict::new(), payload, n as u32, None);
+    };
+    let now = std::time::Instant::now();
+    call(&mut conn, 1);
+    // Decided in time, written too late: as after a pause.
+    call(&mut conn, 2);
+    conn.session().send_last_by(now);
+    call(&mut conn, 3);
+    conn.session().send_last_by(now + Duration::from_secs(60));
+    while conn.poll_output().is_some() {}
+    conn.flush().await;
+    assert!(conn.has_output(), "the fenced call is answered at once");
+
+    let mut replies = std::collections::BTreeMap::new();
+    let started = std::time::Instant::now();
+    while replies.len() < 3 {
+        assert!(started.elapsed() < WAIT, "replies so far: {replies:?}");
+        while let Some(output) = conn.poll_output() {
+            if let Output::Reply { token, reply } = output {
+                let args = reply.map(|s| match s {
+                    Success::Result { payload, .. } => payload.args,
+                    other => panic!("{other:?}"),
+                });
+                replies.insert(token, args);
+            }
+        }
+        conn.flush().await;
+        if replies.len() < 3 {
+            tokio::time::timeout(WAIT, conn.wait())
+                .await
+                .expect("a reply");
+        }
+    }
+    assert_eq!(replies[&2], Err(RequestError::Fenced));
+    assert_eq!(replies[&1].as_ref().unwrap()[1], Value::UInt(1));
+    assert_eq!(replies[&3].as_ref().unwrap()[1], Value::UInt(3));
+    let seen = backend.wait_for_invocations(2, WAIT).await;
+    let args: Vec<_> = seen.iter().map(|i| i["args"][0].clone()).collect();
+    assert_eq!(args, [1, 3], "the fenced call never reached the backend");
+}

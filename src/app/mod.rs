@@ -398,6 +398,11 @@ impl App {
                     self.on_session_end(reason)?;
                     continue;
                 }
+                if conn.has_output() {
+                    // A call the flush did not write (fenced) is answered
+                    // already: take it in before waiting.
+                    continue;
+                }
             }
             if self.drain_deadline.is_some() {
                 if self.sidecar.is_stopped() {

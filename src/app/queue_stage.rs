@@ -115,6 +115,14 @@ impl QueueStage {
         job
     }
 
+    /// Until when every entry of a delivery is certainly this instance's:
+    /// its call must be written before then.
+    pub fn send_by(&self, jobs: &[Job<SharedEvent>]) -> Option<Instant> {
+        jobs.iter()
+            .filter_map(|j| self.queue.certain_until(&j.item.entry.as_ref()?.key))
+            .min()
+    }
+
     /// The queue key of each job of a delivery that may not start now (no
     /// longer certainly this instance's), if any.
     pub fn fenced(&self, jobs: &[Job<SharedEvent>], now: Instant) -> bool {

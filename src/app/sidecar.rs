@@ -24,7 +24,7 @@ use crate::discovery::{self, Action, Destination, Discovery, GetOutcome, Note, T
 use crate::forward::dedup::{DEFAULT_CAPACITY, Dedup};
 use crate::forward::envelope::SharedEvent;
 use crate::forward::key::{KeyOf, OrderKey};
-use crate::forward::{Batched, DeliveryId, Forwarder, GiveUp, Job, MemoryQueue, Output};
+use crate::forward::{Batched, DeliveryId, Failure, Forwarder, GiveUp, Job, MemoryQueue, Output};
 use crate::metrics::Metrics;
 use crate::sink::{Report, Sink, Started};
 use crate::status;
@@ -1010,9 +1010,12 @@ impl Sidecar {
             q.queue.cancelled(&keys, now);
             return;
         }
-        let (core, sink) = match &mut self.queue {
-            Some(q) if QueueStage::is_delivery(id) => (&q.core, &mut q.sink),
-            _ => (&self.core, &mut self.sink),
+        let (core, sink, send_by) = match &mut self.queue {
+            Some(q) if QueueStage::is_delivery(id) => {
+                let send_by = q.core.delivery(id).and_then(|jobs| q.send_by(jobs));
+                (&q.core, &mut q.sink, send_by)
+            }
+            _ => (&self.core, &mut self.sink, None),
         };
         let Some(jobs) = core.delivery(id) else {
             return;
@@ -1020,8 +1023,16 @@ impl Sidecar {
         if jobs.first().is_some_and(|j| j.batch.is_some()) {
             self.metrics.batch_calls.inc();
         }
-        match sink.start(id, jobs, session, now) {
-            Started::OnSession => {}
+        let mut session = session;
+        match sink.start(id, jobs, session.as_deref_mut(), now) {
+            // A queue delivery's call goes out only while its entries are
+            // certainly still ours, however long this process is paused
+            // before it writes the call.
+            Started::OnSession => {
+                if let (Some(session), Some(at)) = (session, send_by) {
+                    session.send_last_by(at);
+                }
+            }
             Started::Pending(report) => self
                 .started
                 .push(Box::pin(async move { (id, report.await) })),
@@ -1343,6 +1354,22 @@ fn on_queue_report(
     report: Report,
     now: Instant,
 ) {
+    if matches!(
+        report,
+        Report::All(Err(Failure::Call(RequestError::Fenced)))
+    ) {
+        // Never written: its entries are no longer certainly ours, and are
+        // left to whoever holds them now.
+        let keys: Vec<Key> = q
+            .core
+            .cancel(id)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|j| j.item.entry.map(|e| e.key))
+            .collect();
+        q.queue.cancelled(&keys, now);
+        return;
+    }
     if let Some(jobs) = q.core.delivery(id) {
         log_failures(jobs, &report, per_procedure);
         if !q.sink.needs_session() {

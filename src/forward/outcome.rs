@@ -103,8 +103,13 @@ pub fn classify_wamp_error(uri: &str) -> RetryAction {
 pub fn classify(failure: &Failure) -> RetryAction {
     match failure {
         Failure::Call(RequestError::Wamp(e)) => classify_wamp_error(&e.error),
+        // Fenced: not sent at all (the queue stage takes such a delivery
+        // back rather than retrying it).
         Failure::Call(
-            RequestError::Timeout | RequestError::ConnectionLost | RequestError::NotJoined,
+            RequestError::Timeout
+            | RequestError::ConnectionLost
+            | RequestError::NotJoined
+            | RequestError::Fenced,
         ) => RetryAction::Retry,
         // The same message would be too large again.
         Failure::Call(RequestError::TooLarge { .. }) => RetryAction::Final,

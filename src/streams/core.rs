@@ -1044,17 +1044,20 @@ impl<T> QueueCore<T> {
     /// Whether an entry may be dispatched now: held, not taken back, and
     /// certainly still ours.
     pub fn may_dispatch(&self, key: &Key, now: Instant) -> bool {
-        let Some(u) = self.units.get(&key.unit) else {
-            return false;
-        };
+        self.certain_until(key).is_some_and(|until| now < until)
+    }
+
+    /// Until when an entry held and not taken back is certainly ours (its
+    /// partition's lease, or its own claim); `None` when it is not held.
+    pub fn certain_until(&self, key: &Key) -> Option<Instant> {
+        let u = self.units.get(&key.unit)?;
         match u.held.get(&key.id) {
-            Some(held) if !held.revoked => match key.unit.partition {
-                Some(_) => {
-                    matches!(u.lease, Lease::Ours { valid_until, .. } if now < valid_until)
-                }
-                None => now < held.owned_until,
+            Some(held) if !held.revoked => match (key.unit.partition, &u.lease) {
+                (Some(_), Lease::Ours { valid_until, .. }) => Some(*valid_until),
+                (Some(_), _) => None,
+                (None, _) => Some(held.owned_until),
             },
-            _ => false,
+            _ => None,
         }
     }
 

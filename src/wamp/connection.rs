@@ -230,8 +230,10 @@ pub struct Connection<T> {
     /// `wait`); `armed` is when, if it is armed.
     deadline_timer: Pin<Box<Sleep>>,
     armed: Option<Instant>,
-    /// Encoded frames not yet written.
-    writes: VecDeque<WsMessage>,
+    /// Encoded frames not yet written, each with the request it carries
+    /// and the time it must be written by, if it must
+    /// ([`Session::send_last_by`]).
+    writes: VecDeque<(WsMessage, Option<(RequestId, std::time::Instant)>)>,
     max_message_size: usize,
     max_call_size: usize,
     /// The largest request written in the last flush, blamed when the
@@ -353,7 +355,7 @@ impl<T> Connection<T> {
                 let now = Instant::now();
                 self.ping_timer.as_mut().reset(now + self.ping_interval);
                 self.pong_deadline.get_or_insert(now + self.ping_timeout);
-                self.writes.push_back(WsMessage::Ping(Default::default()));
+                self.writes.push_back((WsMessage::Ping(Default::default()), None));
             }
             _ = sleep_until(pong_wait), if self.pong_deadline.is_some() => {
                 self.close(CloseReason::PingTimeout(self.ping_timeout));
@@ -395,7 +397,9 @@ impl<T> Connection<T> {
                     continue;
                 }
             };
+            let mut fence = None;
             if let Some(request) = request {
+                fence = self.session.send_by(request).map(|at| (request, at));
                 let size = frame.len();
                 if size > self.max_call_size {
                     // The router would close the connection over it.
@@ -406,8 +410,14 @@ impl<T> Connection<T> {
                 }
                 self.queued_requests.push((request, size));
             }
-            self.writes.push_back(frame);
+            self.writes.push_back((frame, fence));
         }
+    }
+
+    /// Whether the session has outputs for the owner (a flush may leave
+    /// some: a request it did not write, failed).
+    pub fn has_output(&self) -> bool {
+        self.session.has_output()
     }
 
     /// Whether frames wait to be written.
@@ -431,7 +441,15 @@ impl<T> Connection<T> {
         }
         let limit = self.ping_interval + self.ping_timeout;
         let write = async {
-            while let Some(frame) = self.writes.pop_front() {
+            while let Some((frame, fence)) = self.writes.pop_front() {
+                // The clock is read as late as it can be: right before the
+                // frame goes to the socket.
+                if let Some((request, by)) = fence
+                    && std::time::Instant::now() >= by
+                {
+                    self.session.fail(request, RequestError::Fenced);
+                    continue;
+                }
                 self.ws.feed(frame).await?;
                 self.unflushed = true;
             }

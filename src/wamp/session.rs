@@ -101,6 +101,11 @@ pub enum RequestError {
     /// (1009, `limit` unknown).
     #[error("message of {size} bytes is over the router's limit{}", .limit.map(|l| format!(" of {l} bytes")).unwrap_or_default())]
     TooLarge { size: usize, limit: Option<usize> },
+    /// Not sent: it was still unwritten when the time it had to be written
+    /// by passed ([`Session::send_last_by`]), as when the process was
+    /// paused between making the request and writing it.
+    #[error("not sent: still unwritten when it had to be written by")]
+    Fenced,
 }
 
 /// Every reply is one of these, delivered exactly once per request.
@@ -252,6 +257,8 @@ struct Pending<T> {
     kind: Kind,
     token: T,
     deadline: Option<Instant>,
+    /// Written after this, it is not written at all ([`RequestError::Fenced`]).
+    send_by: Option<Instant>,
 }
 
 /// Counters of things that are not errors but worth knowing about.
@@ -270,6 +277,8 @@ pub struct Session<T> {
     /// Whether the router's dealer supports CANCEL (checked in WELCOME).
     call_canceling: bool,
     next_request: RequestId,
+    /// The request made last, for [`Session::send_last_by`].
+    last_request: Option<RequestId>,
     pending: HashMap<RequestId, Pending<T>, IdHashing>,
     /// Deadlines of pending requests, earliest first.
     deadlines: BTreeSet<(Instant, RequestId)>,
@@ -285,6 +294,7 @@ impl<T> Session<T> {
             info: None,
             call_canceling: false,
             next_request: RequestId(1),
+            last_request: None,
             pending: HashMap::default(),
             deadlines: BTreeSet::new(),
             outputs: VecDeque::new(),
@@ -528,6 +538,7 @@ impl<T> Session<T> {
         deadline: Option<Instant>,
         build: impl FnOnce(RequestId) -> Output<T>,
     ) {
+        self.last_request = None;
         if !self.is_established() {
             self.reply(token, Err(RequestError::NotJoined));
             return;
@@ -535,6 +546,30 @@ impl<T> Session<T> {
         let request = self.take_request_id();
         self.outputs.push_back(build(request));
         self.track(request, kind, token, deadline);
+        self.last_request = Some(request);
+    }
+
+    /// The request made last (if it was made, and is not yet answered) must
+    /// be written to the router before `at`, or not at all: the owner of the
+    /// connection checks the clock right before it writes the request, and
+    /// one still unwritten at `at` fails with [`RequestError::Fenced`]
+    /// instead. For work that is only this client's to do until then (a
+    /// queue entry's lease), so that a pause between deciding to call and
+    /// writing the call cannot make the call after another took it over.
+    pub fn send_last_by(&mut self, at: Instant) {
+        if let Some(p) = self.last_request.and_then(|r| self.pending.get_mut(&r)) {
+            p.send_by = Some(at);
+        }
+    }
+
+    /// When `request` must be written by, if it must.
+    pub fn send_by(&self, request: RequestId) -> Option<Instant> {
+        self.pending.get(&request).and_then(|p| p.send_by)
+    }
+
+    /// Whether outputs wait to be polled.
+    pub fn has_output(&self) -> bool {
+        !self.outputs.is_empty()
     }
 
     /// Resolves a pending request with `error` without a word from the
@@ -565,6 +600,7 @@ impl<T> Session<T> {
                 kind,
                 token,
                 deadline,
+                send_by: None,
             },
         );
     }
@@ -990,6 +1026,24 @@ mod tests {
             "never answer ABORT with ABORT"
         );
         assert!(s.is_closed());
+    }
+
+    #[test]
+    fn send_last_by_marks_the_request_made_last_and_no_other() {
+        let mut s = established();
+        let at = Instant::now();
+        s.call("a", Dict::new(), Payload::default(), 1, None);
+        s.call("b", Dict::new(), Payload::default(), 2, None);
+        s.send_last_by(at);
+        assert_eq!(s.send_by(RequestId(1)), None);
+        assert_eq!(s.send_by(RequestId(2)), Some(at));
+        // A request refused at once (not joined) is not pending: marking it
+        // must not fall on the one made before.
+        s.leave("wamp.close.normal");
+        s.call("c", Dict::new(), Payload::default(), 3, None);
+        s.send_last_by(at + Duration::from_secs(1));
+        assert_eq!(s.send_by(RequestId(2)), Some(at));
+        assert_eq!(s.send_by(RequestId(3)), None);
     }
 
     #[test]
