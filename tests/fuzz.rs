@@ -50,6 +50,11 @@ fn every_saved_raw_event_input_passes_the_raw_event_check() {
     run_saved("raw_event", checks::raw_event);
 }
 
+#[test]
+fn every_saved_queue_entry_input_passes_the_queue_entry_check() {
+    run_saved("queue_entry", checks::queue_entry);
+}
+
 // ---- a bounded run over generated inputs ------------------------------------
 
 /// Any value either decoder can produce, including what only one of them
@@ -148,6 +153,7 @@ proptest! {
     fn arbitrary_bytes_pass_both_checks(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
         checks::codec(&bytes);
         checks::raw_event(&bytes);
+        checks::queue_entry(&bytes);
     }
 
 }
@@ -171,6 +177,42 @@ proptest! {
                 apply(&mut frame, edit);
                 checks::codec(&frame);
                 checks::raw_event(&frame);
+            }
+        }
+    }
+}
+
+/// An EVENT frame's event as a queue entry stores it.
+fn stored_entry(frame: &[u8], ser: Serializer, topic: &str) -> Vec<u8> {
+    let raw = subtocall::wamp::raw::decode_event(ser, frame).expect("a valid EVENT");
+    let event = subtocall::forward::envelope::SharedEvent::from_raw(
+        "p.SUB_x".into(),
+        topic.into(),
+        raw,
+        std::time::SystemTime::now(),
+    );
+    subtocall::streams::entry::encode(&event)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn generated_queue_entries_pass_the_queue_entry_check_whole_and_mutated(
+        payload in payload(),
+        topic in "[a-z.]{1,12}",
+        long in any::<bool>(),
+        edits in proptest::collection::vec(edit(), 0..4),
+    ) {
+        // A topic too long for a 2-byte length makes the second layout.
+        let topic = if long { topic.repeat(70_000 / topic.len() + 1) } else { topic };
+        for ser in Serializer::ALL {
+            let frame = event_frame(ser, payload.clone(), None);
+            let mut stored = stored_entry(&frame, ser, &topic);
+            checks::queue_entry(&stored);
+            for edit in &edits {
+                apply(&mut stored, edit);
+                checks::queue_entry(&stored);
             }
         }
     }

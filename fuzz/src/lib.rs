@@ -5,6 +5,7 @@
 //! run through exactly these assertions. A violated check panics, which is
 //! what the fuzzer reports. May call only `subtocall::wamp`.
 
+use subtocall::streams::entry;
 use subtocall::wamp::codec::{Serializer, json_string_to_bytes};
 use subtocall::wamp::message::{Element, Message, Payload};
 use subtocall::wamp::raw::{decode_event, encode_call};
@@ -177,4 +178,28 @@ fn payload_reads_back_as(
 ) -> bool {
     list_reads_back_as(&got.args, &original.args, from, to)
         && dict_reads_back_as(&got.kwargs, &original.kwargs, from, to)
+}
+
+/// A stored queue entry's `e` field (Redis holds what any instance, build
+/// or tool wrote there): decoding arbitrary bytes never panics; an event
+/// that decodes, stored again, decodes to the same event, and the CALL
+/// payload it makes is the one it had.
+pub fn queue_entry(stored: &[u8]) {
+    let Ok(event) = entry::decode("p.SUB_x", bytes::Bytes::copy_from_slice(stored)) else {
+        return;
+    };
+    let again = entry::encode(&event);
+    let back = entry::decode("p.SUB_x", bytes::Bytes::from(again))
+        .unwrap_or_else(|e| panic!("an event read from an entry does not read back: {e}"));
+    assert_eq!(back.topic, event.topic);
+    assert_eq!(back.publication, event.publication);
+    assert_eq!(back.publisher, event.publisher);
+    assert_eq!(back.publisher_authid, event.publisher_authid);
+    assert_eq!(back.publisher_authrole, event.publisher_authrole);
+    assert_eq!(back.received_at, event.received_at);
+    match (event.call_payload(None), back.call_payload(None)) {
+        (Ok(a), Ok(b)) => assert_eq!(format!("{a:?}"), format!("{b:?}")),
+        (Err(_), Err(_)) => {}
+        (a, b) => panic!("stored again, its payload changed: {a:?} then {b:?}"),
+    }
 }

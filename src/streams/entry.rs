@@ -12,7 +12,7 @@
 //!
 //! | bytes | what |
 //! |---|---|
-//! | 1 | format version, 1 |
+//! | 1 | format version: 1, or 2 when a string is 65,535 bytes or longer |
 //! | 1 | serializer of the payload: 0 JSON, 1 MessagePack |
 //! | 8 | publication id |
 //! | 8 | received, milliseconds since the Unix epoch |
@@ -22,6 +22,11 @@
 //! | 2 + n | publisher authid, length `u16::MAX` when not disclosed |
 //! | 2 + n | publisher authrole, likewise |
 //! | rest | the payload's wire bytes |
+//!
+//! Version 2 is version 1 with each string's length in 4 bytes (`u32::MAX`
+//! when absent). It is written only for an event with a string too long
+//! for 2 bytes, so that entries stay readable by builds that know
+//! version 1 alone (a rolling upgrade), as far as they can be.
 
 use std::ops::Range;
 use std::time::{Duration, UNIX_EPOCH};
@@ -35,6 +40,8 @@ use crate::wamp::{PublicationId, Serializer};
 /// The stream field that holds an event.
 pub const FIELD: &str = "e";
 const VERSION: u8 = 1;
+/// [`VERSION`] with 4-byte string lengths.
+const VERSION_LONG: u8 = 2;
 const NONE32: u32 = u32::MAX;
 const NONE16: u16 = u16::MAX;
 
@@ -61,8 +68,16 @@ pub fn encode_into(event: &SharedEvent, out: &mut Vec<u8>) {
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
         .as_millis() as u64;
+    let strings = [
+        Some(event.topic.as_str()),
+        event.publisher_authid.as_deref(),
+        event.publisher_authrole.as_deref(),
+    ];
+    let long = strings
+        .iter()
+        .any(|s| s.is_some_and(|s| s.len() >= usize::from(NONE16)));
     out.reserve(40 + event.topic.len() + bytes.len());
-    out.push(VERSION);
+    out.push(if long { VERSION_LONG } else { VERSION });
     out.push(match raw.serializer() {
         Serializer::Json => 0,
         Serializer::MsgPack => 1,
@@ -75,21 +90,23 @@ pub fn encode_into(event: &SharedEvent, out: &mut Vec<u8>) {
     };
     out.extend_from_slice(&end(args, false).to_le_bytes());
     out.extend_from_slice(&end(kwargs, true).to_le_bytes());
-    put_str(out, Some(&event.topic));
-    put_str(out, event.publisher_authid.as_deref());
-    put_str(out, event.publisher_authrole.as_deref());
+    for s in strings {
+        put_str(out, s, long);
+    }
     out.extend_from_slice(bytes);
 }
 
-/// A string with its length; `None` (and anything longer than a length can
-/// say, which a router does not send) as the `NONE16` length.
-fn put_str(out: &mut Vec<u8>, s: Option<&str>) {
-    match s {
-        Some(s) if s.len() < usize::from(NONE16) => {
-            out.extend_from_slice(&(s.len() as u16).to_le_bytes());
-            out.extend_from_slice(s.as_bytes());
-        }
-        _ => out.extend_from_slice(&NONE16.to_le_bytes()),
+/// A string with its length (in 4 bytes when `long`); `None` as the
+/// largest length.
+fn put_str(out: &mut Vec<u8>, s: Option<&str>, long: bool) {
+    match (s, long) {
+        (Some(s), false) => out.extend_from_slice(&(s.len() as u16).to_le_bytes()),
+        (Some(s), true) => out.extend_from_slice(&(s.len() as u32).to_le_bytes()),
+        (None, false) => out.extend_from_slice(&NONE16.to_le_bytes()),
+        (None, true) => out.extend_from_slice(&NONE32.to_le_bytes()),
+    }
+    if let Some(s) = s {
+        out.extend_from_slice(s.as_bytes());
     }
 }
 
@@ -123,9 +140,11 @@ pub fn looks_like_an_event(fields: &[(Bytes, Bytes)]) -> bool {
 pub fn decode(procedure: &str, e: Bytes) -> Result<SharedEvent, String> {
     let mut r = Cursor { buf: &e, pos: 0 };
     let short = || "the stored event is cut short".to_owned();
-    if r.u8().ok_or_else(short)? != VERSION {
-        return Err("the stored event has an unknown format version".into());
-    }
+    let long = match r.u8().ok_or_else(short)? {
+        VERSION => false,
+        VERSION_LONG => true,
+        _ => return Err("the stored event has an unknown format version".into()),
+    };
     let serializer = match r.u8().ok_or_else(short)? {
         0 => Serializer::Json,
         1 => Serializer::MsgPack,
@@ -137,11 +156,11 @@ pub fn decode(procedure: &str, e: Bytes) -> Result<SharedEvent, String> {
     let args_end = r.u32().ok_or_else(short)?;
     let kwargs_at = r.u32().ok_or_else(short)?;
     let topic = r
-        .str()
+        .str(long)
         .ok_or_else(short)??
         .ok_or("the stored event has no topic")?;
-    let authid = r.str().ok_or_else(short)??;
-    let authrole = r.str().ok_or_else(short)??;
+    let authid = r.str(long).ok_or_else(short)??;
+    let authrole = r.str(long).ok_or_else(short)??;
     let start = r.pos;
     let len = e.len() - start;
     let args = (args_end != NONE32).then_some(0..args_end as usize);
@@ -193,14 +212,19 @@ impl Cursor<'_> {
             .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
     }
 
-    /// A length-prefixed string: `None` when cut short, `Some(Err)` when
-    /// not UTF-8, `Some(Ok(None))` when absent.
-    fn str(&mut self) -> Option<Result<Option<String>, String>> {
-        let len = self.u16()?;
-        if len == NONE16 {
+    /// A length-prefixed string (a 4-byte length when `long`): `None` when
+    /// cut short, `Some(Err)` when not UTF-8, `Some(Ok(None))` when absent.
+    fn str(&mut self, long: bool) -> Option<Result<Option<String>, String>> {
+        let len = match long {
+            false => Some(self.u16()?).filter(|l| *l != NONE16).map(usize::from),
+            true => Some(self.u32()?)
+                .filter(|l| *l != NONE32)
+                .map(|l| l as usize),
+        };
+        let Some(len) = len else {
             return Some(Ok(None));
-        }
-        let bytes = self.take(usize::from(len))?;
+        };
+        let bytes = self.take(len)?;
         Some(
             std::str::from_utf8(bytes)
                 .map(|s| Some(s.to_owned()))
@@ -273,6 +297,55 @@ mod tests {
     }
 
     #[test]
+    fn a_topic_or_authid_of_65535_bytes_or_more_reads_back_whole() {
+        for len in [65_534, 65_535, 70_000] {
+            let mut ev = SharedEvent::from_envelope(
+                br#"{"procedure":"p.SUB_x","topic":"p.x","publication":1,"args":[],"kwargs":{}}"#,
+            )
+            .unwrap();
+            ev.topic = "t".repeat(len);
+            ev.publisher_authid = Some("a".repeat(len / 2));
+            ev.payload = EventPayload::Decoded(event_payload());
+            let stored = encode(&ev);
+            assert_eq!(stored[0], if len >= 65_535 { 2 } else { 1 }, "{len}");
+            let back = read("p.SUB_x", fields_of(&ev)).unwrap();
+            assert_eq!(back.topic.len(), len);
+            assert_eq!(back.publisher_authid, ev.publisher_authid);
+            assert_eq!(back.publisher_authrole, None);
+            assert_eq!(back.call_payload(None).unwrap(), event_payload());
+        }
+    }
+
+    #[test]
+    fn a_version_1_entry_as_earlier_builds_wrote_it_still_reads() {
+        // Written by this layout's first version: JSON, publication 42,
+        // received at 1234 ms, no publisher, args `[7]` and no kwargs,
+        // topic "p.x", authid "pub", no authrole.
+        let mut e = vec![1, 0];
+        e.extend_from_slice(&42u64.to_le_bytes());
+        e.extend_from_slice(&1234u64.to_le_bytes());
+        e.extend_from_slice(&u64::MAX.to_le_bytes());
+        e.extend_from_slice(&3u32.to_le_bytes());
+        e.extend_from_slice(&u32::MAX.to_le_bytes());
+        e.extend_from_slice(&[3, 0]);
+        e.extend_from_slice(b"p.x");
+        e.extend_from_slice(&[3, 0]);
+        e.extend_from_slice(b"pub");
+        e.extend_from_slice(&[0xff, 0xff]);
+        e.extend_from_slice(b"[7]");
+        let back = decode("p.SUB_x", Bytes::from(e)).unwrap();
+        assert_eq!(back.publication, PublicationId(42));
+        assert_eq!(back.topic, "p.x");
+        assert_eq!(back.publisher, None);
+        assert_eq!(back.publisher_authid.as_deref(), Some("pub"));
+        assert_eq!(back.publisher_authrole, None);
+        assert_eq!(
+            back.call_payload(None).unwrap(),
+            Payload::new(vec![Value::UInt(7)], Dict::new())
+        );
+    }
+
+    #[test]
     fn malformed_entries_are_refused_not_spliced() {
         let stored = |ser: Serializer,
                       payload: &[u8],
@@ -284,9 +357,9 @@ mod tests {
             e.extend_from_slice(&u64::MAX.to_le_bytes());
             e.extend_from_slice(&args.map_or(NONE32, |r| r.end as u32).to_le_bytes());
             e.extend_from_slice(&kwargs_at.map_or(NONE32, |k| k as u32).to_le_bytes());
-            put_str(&mut e, Some("t"));
-            put_str(&mut e, None);
-            put_str(&mut e, None);
+            put_str(&mut e, Some("t"), false);
+            put_str(&mut e, None, false);
+            put_str(&mut e, None, false);
             e.extend_from_slice(payload);
             decode("p", Bytes::from(e))
         };
