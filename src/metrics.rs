@@ -167,7 +167,7 @@ impl Metrics {
         let procedure_received = Family::<ProcedureLabel, Counter>::default();
         r.register(
             "procedure_events_received",
-            "EVENTs received for each procedure (as subtocall_events_received_total)",
+            "EVENTs accepted for each procedure, after de-duplication: each is forwarded, dead-lettered or still on its way",
             procedure_received.clone(),
         );
         let procedure_forwarded = Family::<ProcedureLabel, Counter>::default();

@@ -508,9 +508,6 @@ impl Sidecar {
             }
             Ok(topic) => {
                 self.metrics.events_received.inc_by(procedures.len() as u64);
-                for d in procedures.iter() {
-                    self.per_procedure.received(&d.procedure);
-                }
                 topic
             }
             Err(e) => {
@@ -533,6 +530,11 @@ impl Sidecar {
             }
             first
         });
+        // A procedure's count is of what it was given: forwarded,
+        // dead-lettered or on its way, nothing else.
+        for d in procedures.iter() {
+            self.per_procedure.received(&d.procedure);
+        }
         (!procedures.is_empty()).then(|| topic.to_owned())
     }
 

@@ -323,6 +323,21 @@ fn status_mappings_follow_callees_joining_and_leaving_and_keep_the_last_error() 
 }
 
 #[test]
+fn a_procedures_received_count_leaves_out_duplicates_so_its_figures_add_up() {
+    let mut rig = Rig::new();
+    rig.discover();
+    // The same publication twice (as on two overlapping subscriptions).
+    rig.router(json!([36, 777, 5, {}, ["hello"]])).unwrap();
+    rig.router(json!([36, 777, 5, {}, ["hello"]])).unwrap();
+    let sent = rig.take_sent();
+    assert_eq!(kinds(&sent), [48], "called once: {sent:?}");
+    rig.router(json!([50, sent[0][1], {}])).unwrap();
+    assert_eq!(rig.metrics.events_duplicate.get(), 1);
+    let m = rig.sidecar.mappings(rig.now).remove(0);
+    assert_eq!((m.received, m.forwarded, m.in_flight), (1, 1, 0));
+}
+
+#[test]
 fn a_wildcard_registration_matches_the_procedures_derived_from_it() {
     use super::sidecar::wildcard_matches;
     assert!(wildcard_matches("com..SUB_s", "com.a.SUB_s"));
