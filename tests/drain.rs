@@ -5,12 +5,11 @@
 
 mod support;
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use subtocall::wamp::auth::Credentials;
 use subtocall::wamp::{Client, ClientConfig, Dict, Payload, Serializer, Value};
-use support::sidecar::Sidecar;
+use support::sidecar::{Sidecar, stop_summary};
 use support::*;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -24,18 +23,6 @@ const ROUNDS: usize = 75;
 /// Events per stop: published at once, so that the backend's delay keeps
 /// several calls in flight.
 const EVENTS: u64 = 6;
-
-fn stop_summary(log: &str) -> BTreeMap<String, u64> {
-    let line = log
-        .lines()
-        .rev()
-        .find(|l| l.contains("subtocall stopped"))
-        .unwrap_or_else(|| panic!("no summary line in:\n{log}"));
-    line.split_whitespace()
-        .filter_map(|kv| kv.split_once('='))
-        .filter_map(|(k, v)| Some((k.to_owned(), v.parse().ok()?)))
-        .collect()
-}
 
 async fn publisher(crossbar: &Crossbar) -> Client {
     let mut config = ClientConfig::new(crossbar.url(), crossbar.realm());

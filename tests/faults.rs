@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use support::crossbar::LIMITED_USER;
 use support::fake_router::FakeRouter;
 use support::peers::Connection;
-use support::sidecar::{Sidecar, fake_router_env, sidecar_env};
+use support::sidecar::{Sidecar, fake_router_env, sidecar_env, stop_summary};
 use support::*;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -67,19 +67,6 @@ fn is_done(publisher: &Publisher) -> bool {
     !publisher
         .lines_matching(|line| line["done"] == json!(true))
         .is_empty()
-}
-
-/// The key=value fields of the sidecar's last "subtocall stopped" line.
-fn stop_summary(log: &str) -> BTreeMap<String, u64> {
-    let line = log
-        .lines()
-        .rev()
-        .find(|l| l.contains("subtocall stopped"))
-        .unwrap_or_else(|| panic!("no summary line in:\n{log}"));
-    line.split_whitespace()
-        .filter_map(|kv| kv.split_once('='))
-        .filter_map(|(k, v)| Some((k.to_owned(), v.parse().ok()?)))
-        .collect()
 }
 
 #[tokio::test]

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use support::redis::RedisCluster;
 use support::resp::Reply;
-use support::sidecar::Sidecar;
+use support::sidecar::{Sidecar, stop_summary};
 use support::*;
 
 use support::queue::*;
@@ -123,6 +123,15 @@ async fn failover_under_load(store: Store<'_>, procedures: &[&str], per_procedur
         "SIGTERM exits 0"
     );
     let terminated_at = started.elapsed();
+    // Its last line says where what it accepted went (all into Redis: it
+    // dead-lettered nothing), not a balance it cannot know alone.
+    let stopped = stop_summary(&second.log());
+    assert_eq!(
+        stopped["admitted"] + stopped["admitted_elsewhere"],
+        stopped["accepted"],
+        "{stopped:?}"
+    );
+    assert_eq!(stopped["dead_lettered"], 0, "{stopped:?}");
     wait_subscribers_all(&first, &router, &topics, 1).await;
     second.restart();
     wait_subscribers_all(&second, &router, &topics, 2).await;

@@ -77,8 +77,12 @@ pub enum Fatal {
     Setup(String),
 }
 
-/// Counts reported when the sidecar stops. Every accepted event is either
-/// forwarded or dead-lettered by then: `accepted() == forwarded + dead_lettered`.
+/// Counts reported when the sidecar stops. With the memory queue every
+/// accepted event is either forwarded or dead-lettered by then:
+/// `accepted() == forwarded + dead_lettered`. On the Redis queue an instance
+/// hands what it accepts to Redis (`admitted`, or `admitted_elsewhere` when
+/// another instance was first) and delivers what it reads, whoever admitted
+/// it: the balance holds for the group, not for one instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Summary {
     /// EVENTs received on forwarding subscriptions.
@@ -89,11 +93,16 @@ pub struct Summary {
     pub unroutable: u64,
     pub forwarded: u64,
     pub dead_lettered: u64,
+    /// On the Redis queue: accepted events this instance added to a
+    /// stream, and those another instance had added first.
+    pub admitted: Option<(u64, u64)>,
 }
 
 impl Summary {
-    fn from_metrics(m: &Metrics) -> Summary {
+    fn from_metrics(m: &Metrics, redis_queue: bool) -> Summary {
         Summary {
+            admitted: redis_queue
+                .then(|| (m.queue_admitted.get(), m.queue_admitted_elsewhere.get())),
             received: m.events_received.get(),
             duplicates: m.events_duplicate.get(),
             unroutable: m.unroutable(false).get() + m.unroutable(true).get(),
@@ -123,16 +132,30 @@ pub async fn run(
     app.status_requests = status;
     let result = app.run(&shutdown).await;
     app.finish().await;
-    let summary = Summary::from_metrics(&metrics);
-    tracing::info!(
-        received = summary.received,
-        duplicates = summary.duplicates,
-        unroutable = summary.unroutable,
-        accepted = summary.accepted(),
-        forwarded = summary.forwarded,
-        dead_lettered = summary.dead_lettered,
-        "subtocall stopped"
-    );
+    let redis_queue = matches!(config.queue.kind, config::QueueKind::Redis);
+    let summary = Summary::from_metrics(&metrics, redis_queue);
+    match summary.admitted {
+        None => tracing::info!(
+            received = summary.received,
+            duplicates = summary.duplicates,
+            unroutable = summary.unroutable,
+            accepted = summary.accepted(),
+            forwarded = summary.forwarded,
+            dead_lettered = summary.dead_lettered,
+            "subtocall stopped"
+        ),
+        Some((admitted, elsewhere)) => tracing::info!(
+            received = summary.received,
+            duplicates = summary.duplicates,
+            unroutable = summary.unroutable,
+            accepted = summary.accepted(),
+            admitted,
+            admitted_elsewhere = elsewhere,
+            forwarded = summary.forwarded,
+            dead_lettered = summary.dead_lettered,
+            "subtocall stopped"
+        ),
+    }
     result.map(|()| summary)
 }
 

@@ -442,3 +442,17 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
         .ok()
         .flatten()
 }
+
+/// The fields of the last `subtocall stopped` line in `log` (the counts a
+/// sidecar gives at exit).
+pub fn stop_summary(log: &str) -> BTreeMap<String, u64> {
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("subtocall stopped"))
+        .unwrap_or_else(|| panic!("no summary line in:\n{log}"));
+    line.split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .filter_map(|(k, v)| Some((k.to_owned(), v.parse().ok()?)))
+        .collect()
+}
