@@ -8,7 +8,7 @@
 use subtocall::streams::entry;
 use subtocall::wamp::codec::{Serializer, json_string_to_bytes};
 use subtocall::wamp::message::{Element, Message, Payload};
-use subtocall::wamp::raw::{decode_event, encode_call};
+use subtocall::wamp::raw::{decode_event, decode_event_in, encode_call, result_request};
 use subtocall::wamp::{Dict, RequestId, Value};
 
 /// `frame` through [`Serializer::decode`] of both serializers. Whatever
@@ -17,7 +17,19 @@ use subtocall::wamp::{Dict, RequestId, Value};
 /// to what that format cannot tell apart ([`reads_back_as`]).
 pub fn codec(frame: &[u8]) {
     for from in Serializer::ALL {
-        let Ok(msg) = from.decode(frame) else {
+        let decoded = from.decode(frame);
+        // The head of a RESULT read alone (for a RESULT nobody reads) names
+        // the request the full decoder finds there, whenever it decodes.
+        if let (Some(request), Ok(msg)) = (result_request(from, frame), &decoded) {
+            assert!(
+                matches!(msg, Message::Result { request: r, .. } if *r == request),
+                "{from}: the head says a RESULT for {request:?}, the full decoder {msg:?}"
+            );
+        }
+        if let Ok(Message::Result { request, .. }) = &decoded {
+            assert_eq!(result_request(from, frame), Some(*request), "{from}");
+        }
+        let Ok(msg) = decoded else {
             continue;
         };
         let original = elements(&msg);
@@ -55,8 +67,19 @@ pub fn raw_event(frame: &[u8]) {
     for from in Serializer::ALL {
         let full = from.decode(frame);
         let Some(raw) = decode_event(from, frame) else {
+            assert_eq!(
+                decode_event_in(from, &bytes::Bytes::copy_from_slice(frame)),
+                None
+            );
             continue;
         };
+        // The connection's way (the payload a slice of the frame) reads the
+        // same.
+        assert_eq!(
+            decode_event_in(from, &bytes::Bytes::copy_from_slice(frame)).as_ref(),
+            Some(&raw),
+            "{from}"
+        );
         let Ok(Message::Event(event)) = full else {
             panic!("the {from} pass-through accepted a frame the full decoder gives {full:?}");
         };

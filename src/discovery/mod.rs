@@ -38,6 +38,7 @@ use std::time::{Duration, Instant};
 use regex::Regex;
 
 use crate::forward::dedup::group_mix;
+use crate::wamp::id::IdHashing;
 use crate::wamp::{RegistrationId, SubscriptionId};
 
 pub use meta::{
@@ -341,7 +342,7 @@ pub struct Discovery {
     grace: Duration,
     retry_delay: Duration,
     /// SUB_ registrations, by id: the only thing that makes a topic wanted.
-    tracked: HashMap<RegistrationId, Tracked>,
+    tracked: HashMap<RegistrationId, Tracked, IdHashing>,
     /// Registrations seen and deliberately ignored (ordinary, filtered out,
     /// prefix), so that a second report of one (`on_create` and `get`) is a
     /// no-op and the prefix warning is given once.
@@ -357,7 +358,7 @@ pub struct Discovery {
     /// the router. Ordered for deterministic output.
     topics: BTreeMap<TopicKey, Topic>,
     /// Subscriptions that exist on the router, for routing EVENTs.
-    routes: HashMap<SubscriptionId, RouteEntry>,
+    routes: HashMap<SubscriptionId, RouteEntry, IdHashing>,
     /// Groups over every topic, as of the last `poll`.
     group_count: usize,
     sync: SyncState,
@@ -456,12 +457,12 @@ impl Discovery {
             mapper: Mapper::new(marker, filter),
             grace: grace_period,
             retry_delay: DEFAULT_RETRY_DELAY,
-            tracked: HashMap::new(),
+            tracked: HashMap::default(),
             ignored: HashSet::new(),
             gets: BTreeMap::new(),
             deleted: RecentIds::new(RECENTLY_DELETED_CAPACITY),
             topics: BTreeMap::new(),
-            routes: HashMap::new(),
+            routes: HashMap::default(),
             group_count: 0,
             sync: SyncState::AwaitingList,
             out: Vec::new(),
@@ -497,7 +498,9 @@ impl Discovery {
     /// Gives back the room of maps that a churn of registrations left mostly
     /// empty, so a burst of thousands of registrations does not pin memory.
     fn shrink(&mut self) {
-        fn shrink_map<K: std::hash::Hash + Eq, V>(map: &mut HashMap<K, V>) {
+        fn shrink_map<K: std::hash::Hash + Eq, V, S: std::hash::BuildHasher>(
+            map: &mut HashMap<K, V, S>,
+        ) {
             if map.capacity() > 64 && map.len() < map.capacity() / 4 {
                 map.shrink_to(map.len() * 2);
             }

@@ -35,6 +35,7 @@ use super::batch::{Batching, Pools};
 use super::outcome::{Failure, GiveUp, Outcome, RetryAction, classify, final_reason};
 use super::queue::{Job, Queue};
 use super::retry::RetryPolicy;
+use crate::wamp::id::IdHashing;
 
 /// What to do with a new event when `capacity` events are already waiting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,7 +140,7 @@ enum State {
 pub struct Forwarder<T, Q> {
     queue: Q,
     settings: Settings,
-    in_flight: HashMap<DeliveryId, Vec<Job<T>>>,
+    in_flight: HashMap<DeliveryId, Vec<Job<T>>, IdHashing>,
     in_flight_events: usize,
     /// Events in flight one to a delivery (those the in-flight limit bounds).
     in_flight_each: usize,
@@ -148,7 +149,7 @@ pub struct Forwarder<T, Q> {
     next_id: u64,
     outputs: VecDeque<Output<T>>,
     /// Per-key order: each key with an event out, by key.
-    lines: HashMap<u64, Line<T>>,
+    lines: HashMap<u64, Line<T>, IdHashing>,
     /// Events waiting in the lines (behind their key's head).
     in_lines: usize,
     /// Heads whose predecessor was resolved: they go before the queue.
@@ -189,13 +190,13 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
         Forwarder {
             queue,
             settings,
-            in_flight: HashMap::new(),
+            in_flight: HashMap::default(),
             in_flight_events: 0,
             in_flight_each: 0,
             pools: Pools::default(),
             next_id: 0,
             outputs: VecDeque::new(),
-            lines: HashMap::new(),
+            lines: HashMap::default(),
             in_lines: 0,
             released: VecDeque::new(),
             next_seq: 0,

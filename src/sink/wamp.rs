@@ -58,6 +58,7 @@ impl<T: From<DeliveryId>> Sink<T> for WampSink {
                 let procedure = first.item.procedure.clone();
                 let payload = self.batch(jobs);
                 session.call_raw(procedure, Dict::new(), payload, id.into(), deadline);
+                session.ignore_last_result();
                 return Started::OnSession;
             }
             [job] => job,
@@ -89,6 +90,8 @@ impl<T: From<DeliveryId>> Sink<T> for WampSink {
                 return Started::Done(Report::All(Err(Failure::Encode(e))));
             }
         }
+        // Only whether the call succeeded matters, not what it returned.
+        session.ignore_last_result();
         Started::OnSession
     }
 }

@@ -28,10 +28,11 @@ use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 use super::auth::{Credentials, redact_query};
 use super::codec::{DecodeError, Serializer};
 use super::id::{PublicationId, RequestId, SubscriptionId};
-use super::message::Message;
+use super::message::{Message, Payload};
 use super::raw;
 use super::session::{Output, RequestError, Session, SessionConfig, SessionError, SessionInfo};
 use super::tls::{self, TlsError};
+use super::value::Dict;
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -540,9 +541,24 @@ impl<T> Connection<T> {
             return self.refuse(&data);
         }
         if self.raw_events
-            && let Some(event) = raw::decode_event(self.serializer, &data)
+            && let Some(event) = raw::decode_event_in(self.serializer, &data)
         {
             if let Err(e) = self.session.handle_raw_event(event) {
+                self.on_session_error(e);
+            }
+            return;
+        }
+        // A RESULT nobody reads (a forwarded call's): its payload is not
+        // decoded.
+        if let Some(request) = raw::result_request(self.serializer, &data)
+            && !self.session.reads_result(request)
+        {
+            let result = Message::Result {
+                request,
+                details: Dict::new(),
+                payload: Payload::default(),
+            };
+            if let Err(e) = self.session.handle_message(result) {
                 self.on_session_error(e);
             }
             return;

@@ -54,8 +54,9 @@ impl RequestId {
     }
 }
 
-/// A hasher for maps and sets keyed by WAMP ids, which sit on the per-event
-/// path (pending requests, recent publications, meta subscriptions). The
+/// A hasher for maps and sets keyed by WAMP ids and our own sequential ids,
+/// which sit on the per-event path (pending requests, recent publications,
+/// subscriptions, deliveries in flight, key lines). The
 /// std default, SipHash, is built to resist hash flooding and costs ~20 ns
 /// a lookup; an id needs only one multiplication (Fibonacci hashing, so that
 /// sequential request ids still spread over the table's high bits). Flooding

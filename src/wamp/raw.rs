@@ -212,9 +212,51 @@ pub struct RawEvent {
 /// frame is not an EVENT, or is anything the pass-through does not handle:
 /// decode it with [`Serializer::decode`] then.
 pub fn decode_event(serializer: Serializer, frame: &[u8]) -> Option<RawEvent> {
+    let copy = |range: Range<usize>| Bytes::copy_from_slice(&frame[range]);
     match serializer {
-        Serializer::MsgPack => decode_event_msgpack(frame),
-        Serializer::Json => decode_event_json(frame),
+        Serializer::MsgPack => decode_event_msgpack(frame, copy),
+        Serializer::Json => decode_event_json(frame, copy),
+    }
+}
+
+/// The request a RESULT frame answers, read from its first elements alone
+/// (the rest is not looked at: for a RESULT nobody reads). `None` when the
+/// frame is not a RESULT, or its head is not what the full decoder takes.
+pub fn result_request(serializer: Serializer, frame: &[u8]) -> Option<RequestId> {
+    let id = match serializer {
+        Serializer::MsgPack => {
+            let mut r = Reader { buf: frame, pos: 0 };
+            let len = r.array_len()?;
+            if !(3..=5).contains(&len) || r.uint()? != code::RESULT {
+                return None;
+            }
+            r.id()?
+        }
+        Serializer::Json => {
+            if !json_starts_with_code(frame, code::RESULT) {
+                return None;
+            }
+            let rest = frame.trim_ascii_start()[1..].trim_ascii_start();
+            let rest = rest[rest.iter().position(|b| *b == b',')? + 1..].trim_ascii_start();
+            let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+            let after = rest[digits..].trim_ascii_start();
+            if after.first() != Some(&b',') {
+                return None;
+            }
+            let id: u64 = std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()?;
+            Some(id).filter(|v| (1..=MAX_ID).contains(v))?
+        }
+    };
+    Some(RequestId(id))
+}
+
+/// [`decode_event`] of a frame already in [`Bytes`]: the payload is a
+/// slice of the frame, not a copy.
+pub fn decode_event_in(serializer: Serializer, frame: &Bytes) -> Option<RawEvent> {
+    let slice = |range: Range<usize>| frame.slice(range);
+    match serializer {
+        Serializer::MsgPack => decode_event_msgpack(frame, slice),
+        Serializer::Json => decode_event_json(frame, slice),
     }
 }
 
@@ -289,7 +331,11 @@ pub fn encode_call(
 
 // ---------------------------------------------------------------- MessagePack
 
-fn decode_event_msgpack(frame: &[u8]) -> Option<RawEvent> {
+/// `payload` makes the payload's bytes from their range in `frame`.
+fn decode_event_msgpack(
+    frame: &[u8],
+    payload: impl FnOnce(Range<usize>) -> Bytes,
+) -> Option<RawEvent> {
     let mut r = Reader { buf: frame, pos: 0 };
     let len = r.array_len()?;
     if !(4..=6).contains(&len) || r.uint()? != code::EVENT {
@@ -333,7 +379,7 @@ fn decode_event_msgpack(frame: &[u8]) -> Option<RawEvent> {
         details,
         payload: RawPayload {
             serializer: Serializer::MsgPack,
-            bytes: Bytes::copy_from_slice(&frame[start..]),
+            bytes: payload(start..frame.len()),
             args,
             kwargs,
         },
@@ -466,7 +512,13 @@ enum Kind {
 
 // ---------------------------------------------------------------- JSON
 
-fn decode_event_json(frame: &[u8]) -> Option<RawEvent> {
+/// `make` makes the payload's bytes from their range in `frame`.
+fn decode_event_json(frame: &[u8], make: impl FnOnce(Range<usize>) -> Bytes) -> Option<RawEvent> {
+    // Most frames that are not EVENTs (a RESULT per event) are told by
+    // their first bytes, before the whole frame is parsed.
+    if !json_starts_with_code(frame, code::EVENT) {
+        return None;
+    }
     // Each element's exact text, borrowed from the frame; serde_json checks
     // the syntax of all of it.
     let parts: Vec<&RawValue> = serde_json::from_slice(frame).ok()?;
@@ -495,26 +547,27 @@ fn decode_event_json(frame: &[u8]) -> Option<RawEvent> {
     // (with the comma between them), as it stood in the frame.
     let base = frame.as_ptr() as usize;
     let offset = |raw: &RawValue| (raw.get().as_ptr() as usize).checked_sub(base);
-    let (bytes, args, kwargs) = match payload {
-        [] => (Bytes::new(), None, None),
-        [args] => (
-            Bytes::copy_from_slice(args.get().as_bytes()),
-            Some(0..args.get().len()),
-            None,
-        ),
+    let (range, args, kwargs) = match payload {
+        [] => (0..0, None, None),
+        [args] => {
+            let start = offset(args)?;
+            let len = args.get().len();
+            (start..start + len, Some(0..len), None)
+        }
         [args, kwargs] => {
             let start = offset(args)?;
             let kw_start = offset(kwargs)?.checked_sub(start)?;
             let end = kw_start + kwargs.get().len();
-            let text = frame.get(start..start + end)?;
             (
-                Bytes::copy_from_slice(text),
+                start..start + end,
                 Some(0..args.get().len()),
                 Some(kw_start..end),
             )
         }
         _ => return None,
     };
+    frame.get(range.clone())?;
+    let bytes = make(range);
     Some(RawEvent {
         subscription,
         publication,
@@ -526,6 +579,22 @@ fn decode_event_json(frame: &[u8]) -> Option<RawEvent> {
             kwargs,
         },
     })
+}
+
+/// Whether a JSON frame begins as a message of type `code` does: `[`, then
+/// that number, then `,` or `]` (whitespace allowed between).
+fn json_starts_with_code(frame: &[u8], code: u64) -> bool {
+    let mut rest = frame.trim_ascii_start();
+    let Some(after) = rest.strip_prefix(b"[") else {
+        return false;
+    };
+    rest = after.trim_ascii_start();
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    let matches = std::str::from_utf8(&rest[..digits])
+        .ok()
+        .and_then(|d| d.parse::<u64>().ok())
+        == Some(code);
+    matches && matches!(rest[digits..].trim_ascii_start().first(), Some(b',' | b']'))
 }
 
 /// Whether the full JSON decoder would accept this value: parses it all
@@ -793,5 +862,70 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn an_event_read_from_shared_bytes_keeps_its_payload_in_the_frame() {
+        for ser in Serializer::ALL {
+            let payload = Payload::new(vec![Value::UInt(7)], Dict::new().with("k", "v"));
+            let frame = Bytes::from(event_frame(ser, payload.clone()));
+            let raw = decode_event_in(ser, &frame).expect("an EVENT");
+            assert_eq!(raw, decode_event(ser, &frame).unwrap(), "{ser}");
+            let (bytes, _, _) = raw.payload.parts();
+            let within = frame.as_ptr_range();
+            assert!(
+                within.contains(&bytes.as_ptr()),
+                "{ser}: a slice, not a copy"
+            );
+            assert_eq!(raw.payload.decode().unwrap(), payload);
+        }
+    }
+
+    #[test]
+    fn a_json_frame_is_told_from_its_type_code_before_it_is_parsed() {
+        for (frame, event) in [
+            (&b"[36,1,2,{}]"[..], true),
+            (b" [ 36 , 1, 2, {}]", true),
+            (b"[36]", true),
+            (b"[50,1,{}]", false),
+            (b"[360,1,2,{}]", false),
+            (b"[3,1,2,{}]", false),
+            (b"36", false),
+            (b"[", false),
+            (b"", false),
+        ] {
+            let text = String::from_utf8_lossy(frame);
+            assert_eq!(json_starts_with_code(frame, code::EVENT), event, "{text}");
+        }
+    }
+
+    #[test]
+    fn a_results_request_is_read_from_its_head_in_both_serializers() {
+        for ser in Serializer::ALL {
+            let result = |request, payload| Message::Result {
+                request: RequestId(request),
+                details: Dict::new(),
+                payload,
+            };
+            let full = Payload::new(vec![Value::UInt(1)], Dict::new().with("k", "v"));
+            for (msg, expected) in [
+                (result(7, full), Some(RequestId(7))),
+                (result(MAX_ID, Payload::default()), Some(RequestId(MAX_ID))),
+                (
+                    Message::Published {
+                        request: RequestId(7),
+                        publication: PublicationId(9),
+                    },
+                    None,
+                ),
+            ] {
+                let frame = ser.encode(&msg).unwrap();
+                assert_eq!(result_request(ser, &frame), expected, "{ser} {msg:?}");
+            }
+            let event = event_frame(ser, Payload::default());
+            assert_eq!(result_request(ser, &event), None, "{ser}");
+        }
+        assert_eq!(result_request(Serializer::Json, b"[50,0,{}]"), None);
+        assert_eq!(result_request(Serializer::Json, b"[50,7]"), None);
     }
 }

@@ -259,6 +259,8 @@ struct Pending<T> {
     deadline: Option<Instant>,
     /// Written after this, it is not written at all ([`RequestError::Fenced`]).
     send_by: Option<Instant>,
+    /// Its RESULT's payload is read (else it comes back empty).
+    read_result: bool,
 }
 
 /// Counters of things that are not errors but worth knowing about.
@@ -562,6 +564,22 @@ impl<T> Session<T> {
         }
     }
 
+    /// Nobody reads the RESULT of the request made last (a CALL whose
+    /// answer only says "done"): the connection does not decode its payload
+    /// or details, and the reply holds them empty.
+    pub fn ignore_last_result(&mut self) {
+        if let Some(p) = self.last_request.and_then(|r| self.pending.get_mut(&r)) {
+            p.read_result = false;
+        }
+    }
+
+    /// Whether the RESULT of `request` is read (see
+    /// [`Session::ignore_last_result`]); an unknown request's is, so that
+    /// it is checked in full.
+    pub fn reads_result(&self, request: RequestId) -> bool {
+        self.pending.get(&request).is_none_or(|p| p.read_result)
+    }
+
     /// When `request` must be written by, if it must.
     pub fn send_by(&self, request: RequestId) -> Option<Instant> {
         self.pending.get(&request).and_then(|p| p.send_by)
@@ -601,6 +619,7 @@ impl<T> Session<T> {
                 token,
                 deadline,
                 send_by: None,
+                read_result: true,
             },
         );
     }
@@ -1044,6 +1063,18 @@ mod tests {
         s.send_last_by(at + Duration::from_secs(1));
         assert_eq!(s.send_by(RequestId(2)), Some(at));
         assert_eq!(s.send_by(RequestId(3)), None);
+    }
+
+    #[test]
+    fn a_result_nobody_reads_is_marked_on_the_request_made_last_alone() {
+        let mut s = established();
+        s.call("a", Dict::new(), Payload::default(), 1, None);
+        s.call("b", Dict::new(), Payload::default(), 2, None);
+        s.ignore_last_result();
+        assert!(s.reads_result(RequestId(1)));
+        assert!(!s.reads_result(RequestId(2)));
+        // Unknown requests are read in full (so checked in full).
+        assert!(s.reads_result(RequestId(99)));
     }
 
     #[test]
