@@ -610,7 +610,7 @@ fn events(
     lane: Option<u16>,
     first: u64,
     n: u64,
-) -> Vec<subtocall::forward::Job<subtocall::forward::envelope::SharedEvent>> {
+) -> Vec<subtocall::forward::Job<Box<subtocall::forward::envelope::SharedEvent>>> {
     (first..first + n)
         .map(|p| {
             let envelope = serde_json::json!({
@@ -622,7 +622,7 @@ fn events(
             )
             .expect("an envelope");
             event.lane = lane;
-            subtocall::forward::Job::new(event, std::time::Instant::now())
+            subtocall::forward::Job::new(Box::new(event), std::time::Instant::now())
         })
         .collect()
 }

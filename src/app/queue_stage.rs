@@ -72,7 +72,7 @@ impl QueueStage {
 
     /// Starts admission delivery `id` of `jobs`, each stream's batch taking
     /// what the queue core grants.
-    pub fn admit(&mut self, id: DeliveryId, jobs: &[Job<SharedEvent>], now: Instant) {
+    pub fn admit(&mut self, id: DeliveryId, jobs: &[Job<Box<SharedEvent>>], now: Instant) {
         let admitting = self
             .admission
             .admit(jobs, Some(&mut (&mut self.queue, now)));
@@ -102,7 +102,7 @@ impl QueueStage {
         handed: &Handed<Fields>,
         mut event: SharedEvent,
         now: Instant,
-    ) -> Job<SharedEvent> {
+    ) -> Job<Box<SharedEvent>> {
         let added = SystemTime::UNIX_EPOCH + Duration::from_millis(handed.key.id.0);
         let age = SystemTime::now().duration_since(added).unwrap_or_default();
         event.outgoing = self.sink.prepare(&event);
@@ -110,14 +110,14 @@ impl QueueStage {
             key: handed.key.clone(),
             deliveries: handed.deliveries,
         });
-        let mut job = Job::new(event, now.checked_sub(age).unwrap_or(now));
+        let mut job = Job::new(Box::new(event), now.checked_sub(age).unwrap_or(now));
         job.attempts = handed.deliveries.saturating_sub(1);
         job
     }
 
     /// Until when every entry of a delivery is certainly this instance's:
     /// its call must be written before then.
-    pub fn send_by(&self, jobs: &[Job<SharedEvent>]) -> Option<Instant> {
+    pub fn send_by(&self, jobs: &[Job<Box<SharedEvent>>]) -> Option<Instant> {
         jobs.iter()
             .filter_map(|j| self.queue.certain_until(&j.item.entry.as_ref()?.key))
             .min()
@@ -125,7 +125,7 @@ impl QueueStage {
 
     /// The queue key of each job of a delivery that may not start now (no
     /// longer certainly this instance's), if any.
-    pub fn fenced(&self, jobs: &[Job<SharedEvent>], now: Instant) -> bool {
+    pub fn fenced(&self, jobs: &[Job<Box<SharedEvent>>], now: Instant) -> bool {
         jobs.iter().any(|j| {
             j.item
                 .entry
@@ -136,6 +136,6 @@ impl QueueStage {
 }
 
 /// The queue key of a job read from the queue.
-pub fn key_of(job: &Job<SharedEvent>) -> Option<&Key> {
+pub fn key_of(job: &Job<Box<SharedEvent>>) -> Option<&Key> {
     job.item.entry.as_ref().map(|e| &e.key)
 }

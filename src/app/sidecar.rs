@@ -42,7 +42,7 @@ use crate::wamp::{
 };
 
 /// The forwarding core as the sidecar uses it.
-pub type Core = Forwarder<SharedEvent, MemoryQueue<SharedEvent>>;
+pub type Core = Forwarder<Box<SharedEvent>, MemoryQueue<Box<SharedEvent>>>;
 
 /// `SUBTOCALL_METRICS_MAX_PROCEDURES` unless configured.
 const DEFAULT_METRICS_MAX_PROCEDURES: usize = 100;
@@ -559,7 +559,7 @@ impl Sidecar {
         let (job, key) = shaped(
             &self.order_by,
             Some(&self.metrics),
-            Job::new(event, now),
+            Job::new(Box::new(event), now),
             batch,
         );
         let mut job = job;
@@ -1043,7 +1043,7 @@ impl Sidecar {
     }
 
     /// `pushed`: delivered by an RPUSH (Redis mode), not a CALL.
-    fn delivered(&mut self, job: &Job<SharedEvent>, pushed: bool, now: Instant) {
+    fn delivered(&mut self, job: &Job<Box<SharedEvent>>, pushed: bool, now: Instant) {
         self.metrics.events_forwarded.inc();
         self.per_procedure.forwarded(
             &job.item.procedure,
@@ -1071,7 +1071,7 @@ impl Sidecar {
             _ => self.sink.take_evicted(),
         };
         for event in evicted {
-            let mut job = Job::new(event, now);
+            let mut job = Job::new(Box::new(event), now);
             job.last_error = Some(
                 "removed from the stream to make room for newer events \
                  (SUBTOCALL_REDIS_MAX_BACKLOG, SUBTOCALL_OVERFLOW=drop-oldest)"
@@ -1081,7 +1081,7 @@ impl Sidecar {
         }
     }
 
-    fn dead_letter(&mut self, job: &Job<SharedEvent>, why: GiveUp, now: Instant) {
+    fn dead_letter(&mut self, job: &Job<Box<SharedEvent>>, why: GiveUp, now: Instant) {
         self.metrics.dead_lettered(why).inc();
         self.per_procedure
             .dead_lettered(&job.item.procedure, why.as_str());
@@ -1409,7 +1409,7 @@ fn rfc3339_now() -> String {
 /// What each procedure has in flight and waiting, over both stages.
 fn live<'a>(core: &'a Core, queue: Option<&'a QueueStage>) -> HashMap<&'a str, Live> {
     let mut live: HashMap<&str, Live> = HashMap::new();
-    let mut count = |j: &'a Job<SharedEvent>, in_flight: bool| {
+    let mut count = |j: &'a Job<Box<SharedEvent>>, in_flight: bool| {
         live.entry(j.item.procedure.as_str())
             .or_default()
             .add_job(j.received, in_flight);
@@ -1436,8 +1436,12 @@ pub(super) fn wildcard_matches(pattern: &str, name: &str) -> bool {
 
 /// Logs each failed attempt (debug) and keeps it as its procedure's last
 /// error.
-fn log_failures(jobs: &[Job<SharedEvent>], report: &Report, per_procedure: &mut ProcedureMetrics) {
-    let failures: Box<dyn Iterator<Item = (&Job<SharedEvent>, &crate::forward::Failure)>> =
+fn log_failures(
+    jobs: &[Job<Box<SharedEvent>>],
+    report: &Report,
+    per_procedure: &mut ProcedureMetrics,
+) {
+    let failures: Box<dyn Iterator<Item = (&Job<Box<SharedEvent>>, &crate::forward::Failure)>> =
         match report {
             Report::All(Ok(())) => return,
             Report::All(Err(f)) => Box::new(jobs.iter().map(move |j| (j, f))),
@@ -1529,9 +1533,9 @@ fn order_key(
 fn shaped(
     order_by: &OrderBy,
     metrics: Option<&Metrics>,
-    job: Job<SharedEvent>,
+    job: Job<Box<SharedEvent>>,
     batch: bool,
-) -> (Job<SharedEvent>, Option<OrderKey>) {
+) -> (Job<Box<SharedEvent>>, Option<OrderKey>) {
     let key = order_key(order_by, metrics, &job.item);
     let batch = batch.then(|| Batched {
         line: crate::forward::key::fnv1a64(job.item.procedure.as_bytes()),

@@ -75,7 +75,7 @@ pub trait Sink<T> {
     fn start(
         &mut self,
         id: DeliveryId,
-        jobs: &[Job<SharedEvent>],
+        jobs: &[Job<Box<SharedEvent>>],
         session: Option<&mut Session<T>>,
         now: Instant,
     ) -> Started;

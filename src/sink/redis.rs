@@ -74,7 +74,7 @@ impl<T> Sink<T> for RedisSink {
     fn start(
         &mut self,
         _id: DeliveryId,
-        jobs: &[Job<SharedEvent>],
+        jobs: &[Job<Box<SharedEvent>>],
         _session: Option<&mut Session<T>>,
         _now: Instant,
     ) -> Started {

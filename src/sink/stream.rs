@@ -299,7 +299,7 @@ impl<T> Sink<T> for StreamSink {
     fn start(
         &mut self,
         _id: DeliveryId,
-        jobs: &[Job<SharedEvent>],
+        jobs: &[Job<Box<SharedEvent>>],
         _session: Option<&mut Session<T>>,
         _now: Instant,
     ) -> Started {

@@ -43,7 +43,7 @@ impl<T: From<DeliveryId>> Sink<T> for WampSink {
     fn start(
         &mut self,
         id: DeliveryId,
-        jobs: &[Job<SharedEvent>],
+        jobs: &[Job<Box<SharedEvent>>],
         session: Option<&mut Session<T>>,
         now: Instant,
     ) -> Started {
@@ -100,7 +100,7 @@ impl WampSink {
     /// A batch call's arguments: each event a dict, in order, written in the
     /// serializer its first event arrived in (the session's), so that the
     /// events' args and kwargs are copied in undecoded.
-    fn batch(&self, jobs: &[Job<SharedEvent>]) -> crate::wamp::RawPayload {
+    fn batch(&self, jobs: &[Job<Box<SharedEvent>>]) -> crate::wamp::RawPayload {
         let serializer = jobs
             .iter()
             .find_map(|j| match j.item.batch_parts() {

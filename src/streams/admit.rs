@@ -175,7 +175,7 @@ impl AdmitSink {
     /// carries the acknowledgements waiting for it.
     pub fn admit(
         &self,
-        jobs: &[Job<SharedEvent>],
+        jobs: &[Job<Box<SharedEvent>>],
         mut core: Option<&mut dyn Grants>,
     ) -> BoxFuture<'static, Admitted> {
         let groups = crate::sink::groups_in_order(
@@ -208,7 +208,7 @@ impl AdmitSink {
             // Redis) with every event; sent once a server says it lacks it.
             let mut cmd = redis::cmd("EVALSHA");
             cmd.arg(admit_hash());
-            let events: Vec<&SharedEvent> = at.iter().map(|&i| &jobs[i].item).collect();
+            let events: Vec<&SharedEvent> = at.iter().map(|&i| &*jobs[i].item).collect();
             let stream = self.keys.stream_of(&unit);
             let lease = self.keys.lease_of(&unit);
             cmd.arg(events.len() + 2 + ack_streams.len())
@@ -434,7 +434,7 @@ impl<T> Sink<T> for AdmitSink {
     fn start(
         &mut self,
         _id: DeliveryId,
-        jobs: &[Job<SharedEvent>],
+        jobs: &[Job<Box<SharedEvent>>],
         _session: Option<&mut Session<T>>,
         _now: Instant,
     ) -> Started {
