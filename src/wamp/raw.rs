@@ -487,7 +487,12 @@ impl Reader<'_> {
         match kind {
             // Invalid UTF-8 in a str decodes as bytes in the full decoder:
             // leave that conversion to it.
-            Kind::Str => std::str::from_utf8(self.take(len)?).ok().map(drop),
+            // Most strings are short and ASCII: told apart without the
+            // general check.
+            Kind::Str => {
+                let s = self.take(len)?;
+                (s.is_ascii() || std::str::from_utf8(s).is_ok()).then_some(())
+            }
             Kind::Bin => self.take(len).map(drop),
             Kind::Array | Kind::Map if depth >= PASS_THROUGH_DEPTH => None,
             Kind::Array => (0..len).try_for_each(|_| self.skip(depth + 1)),
