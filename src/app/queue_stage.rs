@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 use futures_util::future::BoxFuture;
 
 use super::Token;
-use super::sidecar::Core;
+use crate::forward::EventCore as Core;
 use crate::forward::envelope::{Entry as EntryRef, SharedEvent};
 use crate::forward::{DeliveryId, Job};
 use crate::sink::Sink;

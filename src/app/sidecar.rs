@@ -21,10 +21,11 @@ use crate::config::OrderBy;
 use crate::discovery::meta;
 use crate::discovery::topic::MatchPolicy;
 use crate::discovery::{self, Action, Destination, Discovery, GetOutcome, Note, TopicKey};
+pub use crate::forward::EventCore as Core;
 use crate::forward::dedup::{DEFAULT_CAPACITY, Dedup};
 use crate::forward::envelope::SharedEvent;
 use crate::forward::key::{KeyOf, OrderKey};
-use crate::forward::{Batched, DeliveryId, Failure, Forwarder, GiveUp, Job, MemoryQueue, Output};
+use crate::forward::{Batched, DeliveryId, Failure, GiveUp, Job, Output};
 use crate::metrics::Metrics;
 use crate::sink::{Report, Sink, Started};
 use crate::status;
@@ -40,9 +41,6 @@ use crate::wamp::{
     Dict, Event, Payload, PublicationId, RawEvent, RegistrationId, RequestError, SubscriptionId,
     Value,
 };
-
-/// The forwarding core as the sidecar uses it.
-pub type Core = Forwarder<Box<SharedEvent>, MemoryQueue<Box<SharedEvent>>>;
 
 /// `SUBTOCALL_METRICS_MAX_PROCEDURES` unless configured.
 const DEFAULT_METRICS_MAX_PROCEDURES: usize = 100;

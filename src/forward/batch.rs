@@ -17,7 +17,7 @@ use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use super::queue::Job;
+use super::job::Job;
 
 /// How batch procedures' events are grouped into calls.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,14 +42,6 @@ impl Default for Batching {
             linger: Duration::ZERO,
         }
     }
-}
-
-/// A job's place among batch procedures: its line (the procedure's) and its
-/// size in a call.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Batched {
-    pub line: u64,
-    pub bytes: u32,
 }
 
 /// Every batch line's pool.
@@ -359,6 +351,7 @@ impl<T> Pools<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::forward::job::Batched;
 
     const MS: Duration = Duration::from_millis(1);
 

@@ -32,8 +32,9 @@ use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
 
 use super::batch::{Batching, Pools};
+use super::job::{DeliveryId, Job};
 use super::outcome::{Failure, GiveUp, Outcome, RetryAction, classify, final_reason};
-use super::queue::{Job, Queue};
+use super::queue::Queue;
 use super::retry::RetryPolicy;
 use crate::wamp::id::IdHashing;
 
@@ -72,17 +73,6 @@ pub struct Settings {
     pub retry: RetryPolicy,
     /// How batch procedures' events are grouped (with [`Dispatch::Each`]).
     pub batching: Batching,
-}
-
-/// Names one delivery (one attempt at one event, or at a pipeline batch) so
-/// that its outcome finds its way back.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct DeliveryId(pub u64);
-
-impl std::fmt::Display for DeliveryId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.0.fmt(f)
-    }
 }
 
 /// What the driver must do, in order.

@@ -9,6 +9,7 @@ pub mod batch;
 pub mod core;
 pub mod dedup;
 pub mod envelope;
+pub mod job;
 pub mod key;
 pub mod outcome;
 pub mod queue;
@@ -17,7 +18,12 @@ pub mod retry;
 #[cfg(test)]
 mod tests;
 
-pub use self::batch::{Batched, Batching};
-pub use self::core::{Counts, DeliveryId, Dispatch, Forwarder, Output, OverflowPolicy, Settings};
+pub use self::batch::Batching;
+pub use self::core::{Counts, Dispatch, Forwarder, Output, OverflowPolicy, Settings};
+pub use self::job::{Batched, DeliveryId, Job};
 pub use self::outcome::{Failure, GiveUp, Outcome, RetryAction};
-pub use self::queue::{Job, MemoryQueue, Queue};
+pub use self::queue::{MemoryQueue, Queue};
+
+/// The forwarding core as the sidecar runs it: over events, kept in memory
+/// (boxed, so that a job moves as a pointer).
+pub type EventCore = Forwarder<Box<envelope::SharedEvent>, MemoryQueue<Box<envelope::SharedEvent>>>;

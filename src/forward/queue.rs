@@ -4,68 +4,15 @@
 //! bound, retries, dead letters); a queue only keeps events and hands them
 //! out in order. Pure: time is an argument.
 //!
-//! The trait is shaped for a second implementation on Redis Streams shared by
-//! several instances (issue 11): `enqueue` is an XADD, `take_ready` reads the
-//! group's next entry, `ack` is an XACK, `give_back` leaves the entry pending
-//! for a later attempt, `dead_letter` acknowledges it and appends it to the
-//! dead-letter stream. Such a queue stays sans-IO like this one: it mirrors
-//! its stream locally and lets the event loop carry out those commands, so
-//! the core never awaits.
+//! The Redis queue is not behind this seam: it is a stage of its own
+//! (`streams::core`), whose entries the same core then delivers from a
+//! memory queue. The seam stays for what a core needs of any queue, and
+//! keeps the core's tests free of the memory queue's details.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Instant;
 
-use super::batch::Batched;
-
-/// An event on its way to a destination, with its delivery history.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Job<T> {
-    pub item: T,
-    /// When subtocall received the event; the retry budget counts from here.
-    pub received: Instant,
-    /// Attempts made so far.
-    pub attempts: u32,
-    /// The last failure, for the dead-letter record.
-    pub last_error: Option<String>,
-    /// The ordering key's hash (`SUBTOCALL_ORDER_BY`): events with the same
-    /// key are delivered one at a time, in the order accepted. `None`:
-    /// unordered.
-    pub key: Option<u64>,
-    /// Set for an event of a batch procedure: delivered many to a call (see
-    /// [`super::batch`]).
-    pub batch: Option<Batched>,
-    /// Set by the forwarding core when it accepts the job: its place in the
-    /// order of acceptance.
-    pub(super) seq: u64,
-    /// Set when the job went out in a batch (its key counts as busy in its
-    /// pool until it is resolved).
-    pub(super) batched_out: bool,
-}
-
-impl<T> Job<T> {
-    pub fn new(item: T, received: Instant) -> Job<T> {
-        Job {
-            item,
-            received,
-            attempts: 0,
-            last_error: None,
-            key: None,
-            batch: None,
-            seq: 0,
-            batched_out: false,
-        }
-    }
-
-    /// The same job with an ordering key.
-    pub fn with_key(self, key: Option<u64>) -> Job<T> {
-        Job { key, ..self }
-    }
-
-    /// The same job as an event of a batch procedure, or not.
-    pub fn with_batch(self, batch: Option<Batched>) -> Job<T> {
-        Job { batch, ..self }
-    }
-}
+use super::job::Job;
 
 /// Where accepted events wait. Every event the core enqueues comes back out
 /// of exactly one of `take_ready`, `evict_oldest_new` or `drain`, and is then

@@ -1,0 +1,75 @@
+//! The words the forwarding stages, the sinks and the metrics share: a
+//! [`Job`] (an event on its way, with its history), its place in a batch
+//! ([`Batched`]), and the [`DeliveryId`] that brings an attempt's outcome
+//! back. A leaf: it imports none of them.
+
+use std::time::Instant;
+
+/// Names one delivery (one attempt at one event, or at a pipeline batch) so
+/// that its outcome finds its way back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DeliveryId(pub u64);
+
+impl std::fmt::Display for DeliveryId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// A job's place among batch procedures: its line (the procedure's) and its
+/// size in a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Batched {
+    pub line: u64,
+    pub bytes: u32,
+}
+
+/// An event on its way to a destination, with its delivery history.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Job<T> {
+    pub item: T,
+    /// When subtocall received the event; the retry budget counts from here.
+    pub received: Instant,
+    /// Attempts made so far.
+    pub attempts: u32,
+    /// The last failure, for the dead-letter record.
+    pub last_error: Option<String>,
+    /// The ordering key's hash (`SUBTOCALL_ORDER_BY`): events with the same
+    /// key are delivered one at a time, in the order accepted. `None`:
+    /// unordered.
+    pub key: Option<u64>,
+    /// Set for an event of a batch procedure: delivered many to a call (see
+    /// [`super::batch`]).
+    pub batch: Option<Batched>,
+    /// Set by the forwarding core when it accepts the job: its place in the
+    /// order of acceptance.
+    pub(super) seq: u64,
+    /// Set when the job went out in a batch (its key counts as busy in its
+    /// pool until it is resolved).
+    pub(super) batched_out: bool,
+}
+
+impl<T> Job<T> {
+    pub fn new(item: T, received: Instant) -> Job<T> {
+        Job {
+            item,
+            received,
+            attempts: 0,
+            last_error: None,
+            key: None,
+            batch: None,
+            seq: 0,
+            batched_out: false,
+        }
+    }
+
+    /// The same job with an ordering key.
+    pub fn with_key(self, key: Option<u64>) -> Job<T> {
+        Job { key, ..self }
+    }
+
+    /// The same job as an event of a batch procedure, or not.
+    pub fn with_batch(self, batch: Option<Batched>) -> Job<T> {
+        Job { batch, ..self }
+    }
+}
