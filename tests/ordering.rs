@@ -113,6 +113,44 @@ async fn an_event_without_its_key_is_delivered_unordered_and_counted() {
     assert_eq!(seqs, (0..10).collect());
 }
 
+#[tokio::test]
+async fn a_dead_lettered_head_releases_its_key_and_each_release_is_counted_once() {
+    let crossbar = Crossbar::start().await;
+    let router = RouterMeta::join(&crossbar).await;
+    let procedure = "com.example.SUB_released";
+    // Every call outlasts its timeout and is not retried: each head of the
+    // one key is dead-lettered while the later events wait behind it (all
+    // five arrive within milliseconds; a head waits 500 ms), so each but the
+    // last lets the next go ahead.
+    let _a = Backend::spawn(BackendOptions {
+        delay_ms: 2_000,
+        jitter_ms: 0,
+        ..backend(&crossbar, "A", procedure)
+    })
+    .await;
+    let sidecar = Sidecar::start_for(
+        &crossbar,
+        &[
+            ("SUBTOCALL_ORDER_BY", "kwarg:k"),
+            ("SUBTOCALL_CALL_TIMEOUT", "500ms"),
+            ("SUBTOCALL_RETRY_MAX_ATTEMPTS", "1"),
+        ],
+    );
+    sidecar
+        .wait_subscribed(&router, "com.example.released", WAIT)
+        .await;
+    Publisher::run(PublisherOptions {
+        quiet: true,
+        keys: Some(1),
+        ..PublisherOptions::new(&crossbar, "com.example.released", 5)
+    })
+    .await
+    .assert_success();
+    let idle = sidecar.wait_idle(5, WAIT).await;
+    assert_eq!((idle.forwarded, idle.dead_lettered), (0.0, 5.0));
+    assert_eq!(sidecar.metric("subtocall_order_released_total").await, 4.0);
+}
+
 /// The lease holders of `procedure`'s partitions on the Redis queue: the
 /// consumer names (host-pid-random) holding them (the holders' names
 /// without their incarnation's part).

@@ -99,7 +99,6 @@ pub struct Sidecar {
     /// Per-key ordering (`SUBTOCALL_ORDER_BY`).
     order_by: OrderBy,
     /// The core's count of keys released by a dead letter, as last seen.
-    keys_released_seen: u64,
     /// Where an EVENT's destinations (one per group) are gathered; reused.
     procedures: Vec<Destination>,
     /// Partitions per procedure for keyed events (Redis queue, ordering).
@@ -146,7 +145,6 @@ impl Sidecar {
             redis_up: true,
             queue: None,
             order_by: OrderBy::None,
-            keys_released_seen: 0,
             procedures: Vec::new(),
             lanes: None,
             per_procedure: ProcedureMetrics::new(
@@ -778,24 +776,12 @@ impl Sidecar {
                 Output::Retrying { events, .. } => {
                     self.metrics.events_retried.inc_by(events as u64);
                 }
+                // With the Redis queue, ordering is the delivering stage's.
+                Output::KeyReleased if self.queue.is_some() => {}
+                Output::KeyReleased => self.key_released(),
             }
         }
         self.pump_queue(session, now);
-        // The delivering core's: the queue stage's with the Redis queue.
-        let released = match &self.queue {
-            Some(q) => q.core.counts().keys_released_by_dead_letter,
-            None => self.core.counts().keys_released_by_dead_letter,
-        };
-        if released > self.keys_released_seen {
-            self.metrics
-                .order_released
-                .inc_by(released - self.keys_released_seen);
-            self.keys_released_seen = released;
-            tracing::info!(
-                keys = released,
-                "a dead-lettered event released its ordering key: the next event of the key went ahead"
-            );
-        }
         if let Some(summary) = self.dead_letter_log.flush(now) {
             log_summary(&summary);
         }
@@ -824,6 +810,15 @@ impl Sidecar {
             let live = live(&self.core, self.queue.as_ref());
             self.per_procedure.refresh(live, now);
         }
+    }
+
+    /// A dead-lettered event let the next of its ordering key go ahead.
+    fn key_released(&mut self) {
+        self.metrics.order_released.inc();
+        tracing::info!(
+            keys = self.metrics.order_released.get(),
+            "a dead-lettered event released its ordering key: the next event of the key went ahead"
+        );
     }
 
     /// The Redis queue: what its core says, and the delivery stage's
@@ -872,6 +867,7 @@ impl Sidecar {
                 Output::Retrying { events, .. } => {
                     self.metrics.events_retried.inc_by(events as u64);
                 }
+                Output::KeyReleased => self.key_released(),
             }
         }
         if released > 0 {

@@ -87,6 +87,9 @@ pub enum Output<T> {
     DeadLetter(Job<T>, GiveUp),
     /// An attempt failed and its `events` will be tried again at `at`.
     Retrying { at: Instant, events: usize },
+    /// An ordering key's head was dead-lettered while later events of the
+    /// key waited: the next one goes ahead without it.
+    KeyReleased,
 }
 
 /// Running totals, each changed only by the core.
@@ -99,9 +102,6 @@ pub struct Counts {
     /// Outcomes reported for deliveries that were already resolved (at the
     /// shutdown deadline): ignored.
     pub late_outcomes: u64,
-    /// Keys whose head was dead-lettered while later events of the key
-    /// waited: the next one went ahead without it.
-    pub keys_released_by_dead_letter: u64,
     /// Handed back to the driver, neither delivered nor given up.
     pub withdrawn: u64,
 }
@@ -353,7 +353,7 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
         out.extend(self.pools.take_if(&mut pick));
         for job in &out {
             if job.batch.is_none() {
-                self.next_in_line(job, false);
+                self.next_in_line(job);
             }
         }
         self.counts.withdrawn += out.len() as u64;
@@ -376,7 +376,7 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
             None => {
                 self.in_flight_each -= jobs.len();
                 for job in &jobs {
-                    self.next_in_line(job, false);
+                    self.next_in_line(job);
                 }
             }
         }
@@ -575,28 +575,27 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
     }
 
     /// `job` was resolved: if it was its key's head, the next of the key
-    /// goes ahead (or the key is free).
-    fn next_in_line(&mut self, job: &Job<T>, dead_lettered: bool) {
+    /// goes ahead (or the key is free). Whether a next one went ahead.
+    fn next_in_line(&mut self, job: &Job<T>) -> bool {
         let Some(key) = job.key else {
-            return;
+            return false;
         };
         let Entry::Occupied(mut line) = self.lines.entry(key) else {
-            return;
+            return false;
         };
         if line.get().head != job.seq {
-            return;
+            return false;
         }
         match line.get_mut().waiting.pop_front() {
             Some(next) => {
-                if dead_lettered {
-                    self.counts.keys_released_by_dead_letter += 1;
-                }
                 line.get_mut().head = next.seq;
                 self.in_lines -= 1;
                 self.released.push_back(next);
+                true
             }
             None => {
                 line.remove();
+                false
             }
         }
     }
@@ -619,18 +618,19 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
 
     fn ack(&mut self, job: Job<T>) {
         self.queue.ack(&job);
-        self.resolved(&job, false);
+        self.resolved(&job);
         self.counts.forwarded += 1;
         self.outputs.push_back(Output::Ack(job));
     }
 
     fn give_up(&mut self, job: Job<T>, why: GiveUp) {
         self.queue.dead_letter(&job);
-        if self.state != State::Stopped {
-            self.resolved(&job, true);
-        }
+        let released = self.state != State::Stopped && self.resolved(&job);
         self.counts.dead_lettered += 1;
         self.outputs.push_back(Output::DeadLetter(job, why));
+        if released {
+            self.outputs.push_back(Output::KeyReleased);
+        }
     }
 
     /// One event's attempt failed: retry it within its budget, or give up.
@@ -655,11 +655,15 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
     }
 
     /// `job` was acknowledged or dead-lettered: its key (in its line or its
-    /// batch pool) may go on.
-    fn resolved(&mut self, job: &Job<T>, dead_lettered: bool) {
+    /// batch pool) may go on. Whether a later event of its line was waiting
+    /// for it (and now goes ahead).
+    fn resolved(&mut self, job: &Job<T>) -> bool {
         match job.batch {
-            Some(b) => self.pools.resolved(b.line, job),
-            None => self.next_in_line(job, dead_lettered),
+            Some(b) => {
+                self.pools.resolved(b.line, job);
+                false
+            }
+            None => self.next_in_line(job),
         }
     }
 
