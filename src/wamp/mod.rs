@@ -8,6 +8,7 @@ pub mod batch;
 pub mod client;
 pub mod codec;
 pub mod connection;
+mod deadlines;
 pub mod id;
 pub mod message;
 pub mod raw;

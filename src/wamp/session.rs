@@ -8,10 +8,11 @@
 //! Each pending request carries a caller-chosen token `T` (the async client
 //! uses the channel its caller waits on), handed back with the reply.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
 
 use super::auth::{AuthError, Credentials};
+use super::deadlines::Deadlines;
 use super::id::{IdHashing, PublicationId, RegistrationId, RequestId, SessionId, SubscriptionId};
 use super::message::{Event, Invocation, Message, Payload, code};
 use super::raw::{RawEvent, RawPayload};
@@ -283,7 +284,7 @@ pub struct Session<T> {
     last_request: Option<RequestId>,
     pending: HashMap<RequestId, Pending<T>, IdHashing>,
     /// Deadlines of pending requests, earliest first.
-    deadlines: BTreeSet<(Instant, RequestId)>,
+    deadlines: Deadlines,
     outputs: VecDeque<Output<T>>,
     stats: SessionStats,
 }
@@ -298,7 +299,7 @@ impl<T> Session<T> {
             next_request: RequestId(1),
             last_request: None,
             pending: HashMap::default(),
-            deadlines: BTreeSet::new(),
+            deadlines: Deadlines::default(),
             outputs: VecDeque::new(),
             stats: SessionStats::default(),
         }
@@ -369,7 +370,7 @@ impl<T> Session<T> {
 
     /// The earliest request deadline; call [`Session::handle_timeouts`] then.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.deadlines.first().map(|(at, _)| *at)
+        self.deadlines.first()
     }
 
     // ------------------------------------------------------------ requests
@@ -596,7 +597,9 @@ impl<T> Session<T> {
     pub fn fail(&mut self, request: RequestId, error: RequestError) {
         if let Some(p) = self.pending.remove(&request) {
             if let Some(at) = p.deadline {
-                self.deadlines.remove(&(at, request));
+                let pending = &self.pending;
+                self.deadlines
+                    .remove(at, request, pending.len(), waits(pending));
             }
             self.reply(p.token, Err(error));
         }
@@ -609,9 +612,6 @@ impl<T> Session<T> {
     }
 
     fn track(&mut self, request: RequestId, kind: Kind, token: T, deadline: Option<Instant>) {
-        if let Some(at) = deadline {
-            self.deadlines.insert((at, request));
-        }
         self.pending.insert(
             request,
             Pending {
@@ -622,6 +622,11 @@ impl<T> Session<T> {
                 read_result: true,
             },
         );
+        if let Some(at) = deadline {
+            let pending = &self.pending;
+            self.deadlines
+                .insert(at, request, pending.len(), waits(pending));
+        }
     }
 
     fn send(&mut self, msg: Message) {
@@ -651,7 +656,9 @@ impl<T> Session<T> {
             Some(_) => {
                 if let Some(p) = self.pending.remove(&request) {
                     if let Some(at) = p.deadline {
-                        self.deadlines.remove(&(at, request));
+                        let pending = &self.pending;
+                        self.deadlines
+                            .remove(at, request, pending.len(), waits(pending));
                     }
                     self.reply(p.token, reply);
                 }
@@ -665,11 +672,11 @@ impl<T> Session<T> {
     /// Resolves every request whose deadline is at or before `now` as a
     /// timeout; a timed-out CALL is cancelled at the router when possible.
     pub fn handle_timeouts(&mut self, now: Instant) {
-        while let Some(&(at, request)) = self.deadlines.first() {
-            if at > now {
+        loop {
+            let pending = &self.pending;
+            let Some(request) = self.deadlines.pop_due(now, pending.len(), waits(pending)) else {
                 break;
-            }
-            self.deadlines.pop_first();
+            };
             if let Some(p) = self.pending.remove(&request) {
                 if p.kind == Kind::Call && self.call_canceling && self.is_established() {
                     self.send(Message::Cancel {
@@ -925,6 +932,17 @@ fn feature(details: &Dict, role: &str, name: &str) -> bool {
         .and_then(Value::as_dict)
         .and_then(|f| f.get(name))
         == Some(&Value::Bool(true))
+}
+
+/// Whether a request still waits with deadline `at` (for [`Deadlines`]).
+fn waits<T>(
+    pending: &HashMap<RequestId, Pending<T>, IdHashing>,
+) -> impl Fn(RequestId, Instant) -> bool + '_ {
+    move |request, at| {
+        pending
+            .get(&request)
+            .is_some_and(|p| p.deadline == Some(at))
+    }
 }
 
 #[cfg(test)]
