@@ -101,14 +101,25 @@ pub fn raw_event(frame: &[u8]) {
             "{from} payload {payload:?}, the full decoder's {:?}",
             event.payload
         );
-        let options = Dict::new().with("timeout", 5000u64);
+        // With options (the general way) and without (the forwarding path,
+        // whose head is written directly); request ids of each width.
+        let cases = [
+            (Dict::new().with("timeout", 5000u64), 7),
+            (Dict::new(), 7),
+            (Dict::new(), 300),
+            (Dict::new(), 70_000),
+            (Dict::new(), 1 << 40),
+        ];
         let procedure = "com.example.SUB_fuzz";
-        for to in Serializer::ALL {
+        for (to, (options, request)) in Serializer::ALL
+            .into_iter()
+            .flat_map(|to| cases.iter().map(move |c| (to, c)))
+        {
             let call = encode_call(
                 to,
-                RequestId(7),
+                RequestId(*request),
                 options.clone(),
-                procedure.into(),
+                procedure,
                 &raw.payload,
             )
             .unwrap_or_else(|e| panic!("a {from} payload does not make a {to} CALL: {e}"));
@@ -116,7 +127,7 @@ pub fn raw_event(frame: &[u8]) {
                 .decode(&call)
                 .unwrap_or_else(|e| panic!("the {to} CALL for a {from} payload: {e}"));
             let Message::Call {
-                request: RequestId(7),
+                request: got_request,
                 options: got_options,
                 procedure: got_procedure,
                 payload: got,
@@ -124,7 +135,8 @@ pub fn raw_event(frame: &[u8]) {
             else {
                 panic!("the {to} CALL for a {from} payload decodes as {decoded:?}");
             };
-            assert_eq!(got_options, options, "{from} -> {to}");
+            assert_eq!(got_request, RequestId(*request), "{from} -> {to}");
+            assert_eq!(&got_options, options, "{from} -> {to}");
             assert_eq!(got_procedure, procedure, "{from} -> {to}");
             assert!(
                 payload_reads_back_as(&got, &event.payload, from, to),

@@ -1404,7 +1404,7 @@ fn rfc3339_now() -> String {
 fn live<'a>(core: &'a Core, queue: Option<&'a QueueStage>) -> HashMap<&'a str, Live> {
     let mut live: HashMap<&str, Live> = HashMap::new();
     let mut count = |j: &'a Job<Box<SharedEvent>>, in_flight: bool| {
-        live.entry(j.item.procedure.as_str())
+        live.entry(&*j.item.procedure)
             .or_default()
             .add_job(j.received, in_flight);
     };
@@ -1449,7 +1449,7 @@ fn log_failures(
     // not formatted again for each of its events.
     let mut last: Option<(&str, &crate::forward::Failure)> = None;
     for (job, error) in failures {
-        if last.is_none_or(|(p, e)| p != job.item.procedure || !std::ptr::eq(e, error)) {
+        if last.is_none_or(|(p, e)| p != &*job.item.procedure || !std::ptr::eq(e, error)) {
             per_procedure.failed(&job.item.procedure, error.to_string());
             last = Some((&job.item.procedure, error));
         }
@@ -1484,7 +1484,7 @@ fn log_note(note: &Note) {
 /// decoded.
 trait EventIn: Clone {
     fn head(&self) -> (SubscriptionId, PublicationId, &Dict);
-    fn into_shared(self, procedure: String, topic: String, received: SystemTime) -> SharedEvent;
+    fn into_shared(self, procedure: Arc<str>, topic: String, received: SystemTime) -> SharedEvent;
 }
 
 impl EventIn for RawEvent {
@@ -1492,7 +1492,7 @@ impl EventIn for RawEvent {
         (self.subscription, self.publication, &self.details)
     }
 
-    fn into_shared(self, procedure: String, topic: String, received: SystemTime) -> SharedEvent {
+    fn into_shared(self, procedure: Arc<str>, topic: String, received: SystemTime) -> SharedEvent {
         SharedEvent::from_raw(procedure, topic, self, received)
     }
 }
@@ -1502,7 +1502,7 @@ impl EventIn for Event {
         (self.subscription, self.publication, &self.details)
     }
 
-    fn into_shared(self, procedure: String, topic: String, received: SystemTime) -> SharedEvent {
+    fn into_shared(self, procedure: Arc<str>, topic: String, received: SystemTime) -> SharedEvent {
         SharedEvent::new(procedure, topic, self, received)
     }
 }

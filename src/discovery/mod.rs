@@ -33,6 +33,7 @@ mod tests;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use regex::Regex;
@@ -293,8 +294,9 @@ pub struct Route<'a> {
 /// One group's share of an EVENT (see [`Discovery::route_into`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Destination {
-    /// The procedure to CALL (or the Redis list to push to).
-    pub procedure: String,
+    /// The procedure to CALL (or the Redis list to push to), shared with
+    /// the route: routing an event copies no name.
+    pub procedure: Arc<str>,
     /// The group's [`group_mix`], for de-duplication per group.
     pub mix: u64,
     /// Whether the group is served in batches.
@@ -407,7 +409,7 @@ struct Members {
     grace_until: Option<Instant>,
     /// For an exact topic, the group's procedure, computed once rather than
     /// per event. `None` for patterns: it depends on each event's topic.
-    procedure: Option<String>,
+    procedure: Option<Arc<str>>,
     /// The group's [`group_mix`], for de-duplication per group.
     mix: u64,
 }
@@ -756,7 +758,10 @@ impl Discovery {
         let mut procedures = Vec::new();
         let topic = self.route_into(subscription, details_topic, &mut procedures)?;
         Ok(Route {
-            procedures: procedures.into_iter().map(|d| d.procedure).collect(),
+            procedures: procedures
+                .into_iter()
+                .map(|d| d.procedure.to_string())
+                .collect(),
             topic,
         })
     }
@@ -796,7 +801,7 @@ impl Discovery {
         let marker = self.mapper.marker();
         for (group, m) in groups {
             procedures.push(Destination {
-                procedure: marker.procedure_for(topic, group),
+                procedure: marker.procedure_for(topic, group).into(),
                 mix: m.mix,
                 batch: group.batch,
             });
@@ -830,7 +835,7 @@ impl Discovery {
             for (group, members) in &topic.groups {
                 let registrations: Vec<RegistrationId> =
                     members.registrations.iter().copied().collect();
-                let procedure = members.procedure.clone().or_else(|| {
+                let procedure = members.procedure.as_deref().map(str::to_owned).or_else(|| {
                     registrations
                         .iter()
                         .find_map(|id| self.tracked.get(id).map(|t| t.uri.clone()))
@@ -913,7 +918,7 @@ impl Discovery {
                 registrations: BTreeSet::new(),
                 grace_until: None,
                 procedure: (key.policy == MatchPolicy::Exact)
-                    .then(|| marker.procedure_for(&key.topic, &group)),
+                    .then(|| marker.procedure_for(&key.topic, &group).into()),
                 mix: group_mix(group.name.as_deref(), group.batch),
             });
         members.registrations.insert(id);

@@ -4,6 +4,7 @@
 //! record. The shape a sink sends is built once, when the event is accepted
 //! ([`Outgoing`]), not at every attempt. Pure.
 
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use std::borrow::Cow;
@@ -51,7 +52,8 @@ pub enum Outgoing {
 #[derive(Debug, Clone, PartialEq)]
 pub struct SharedEvent {
     /// The SUB_ procedure that will receive it (Redis: the list it goes to).
-    pub procedure: String,
+    /// Shared with discovery's routes: an event costs no copy of it.
+    pub procedure: Arc<str>,
     /// The concrete topic it was published to.
     pub topic: String,
     pub publication: PublicationId,
@@ -81,7 +83,7 @@ pub struct Entry {
 
 impl SharedEvent {
     pub fn new(
-        procedure: String,
+        procedure: Arc<str>,
         topic: String,
         event: Event,
         received_at: SystemTime,
@@ -98,7 +100,7 @@ impl SharedEvent {
 
     /// An event whose payload stays as received.
     pub fn from_raw(
-        procedure: String,
+        procedure: Arc<str>,
         topic: String,
         event: RawEvent,
         received_at: SystemTime,
@@ -114,7 +116,7 @@ impl SharedEvent {
     }
 
     fn with_payload(
-        procedure: String,
+        procedure: Arc<str>,
         topic: String,
         publication: PublicationId,
         details: &Dict,
@@ -172,7 +174,7 @@ impl SharedEvent {
         };
         // The envelope names the publisher as EVENT details do.
         Ok(Self::with_payload(
-            procedure,
+            procedure.into(),
             topic,
             publication,
             &d,
@@ -248,7 +250,7 @@ impl SharedEvent {
             Err(e) => (Value::Null, Value::Null, Some(e.to_string())),
         };
         let mut envelope = Dict::with_capacity(9)
-            .with("procedure", self.procedure.as_str())
+            .with("procedure", &*self.procedure)
             .with("topic", self.topic.as_str())
             .with("args", args)
             .with("kwargs", kwargs)

@@ -71,7 +71,7 @@ impl<T: From<DeliveryId>> Sink<T> for WampSink {
             }
         };
         let event = &job.item;
-        let procedure = event.procedure.as_str();
+        let procedure = &*event.procedure;
         match (&event.outgoing, &event.payload) {
             (Outgoing::AsReceived, EventPayload::Raw(raw)) => {
                 session.call_raw(procedure, Dict::new(), raw.clone(), id.into(), deadline)

@@ -178,10 +178,8 @@ impl AdmitSink {
         jobs: &[Job<Box<SharedEvent>>],
         mut core: Option<&mut dyn Grants>,
     ) -> BoxFuture<'static, Admitted> {
-        let groups = crate::sink::groups_in_order(
-            jobs.iter()
-                .map(|j| (j.item.procedure.as_str(), j.item.lane)),
-        );
+        let groups =
+            crate::sink::groups_in_order(jobs.iter().map(|j| (&*j.item.procedure, j.item.lane)));
         let mut calls = Vec::with_capacity(groups.len());
         let mut new = Vec::new();
         let mut seen_procedures: Vec<&str> = Vec::new();

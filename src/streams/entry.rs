@@ -168,7 +168,7 @@ pub fn decode(procedure: &str, e: Bytes) -> Result<SharedEvent, String> {
     let payload = e.slice(start..);
     let raw = RawPayload::from_parts(serializer, payload, args, kwargs)?;
     Ok(SharedEvent {
-        procedure: procedure.to_owned(),
+        procedure: procedure.into(),
         topic,
         publication,
         publisher,

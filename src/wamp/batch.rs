@@ -273,8 +273,7 @@ mod tests {
 
     fn decode_batch(ser: Serializer, batch: &RawPayload) -> Vec<Value> {
         let frame =
-            crate::wamp::raw::encode_call(ser, RequestId(1), Dict::new(), "p".into(), batch)
-                .unwrap();
+            crate::wamp::raw::encode_call(ser, RequestId(1), Dict::new(), "p", batch).unwrap();
         match ser.decode(&frame).unwrap() {
             Message::Call { payload, .. } => {
                 assert!(payload.kwargs.is_empty());

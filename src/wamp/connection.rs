@@ -379,7 +379,7 @@ impl<T> Connection<T> {
                     procedure,
                     payload,
                 } => (
-                    raw::encode_call(self.serializer, request, options, procedure, &payload)
+                    raw::encode_call(self.serializer, request, options, &procedure, &payload)
                         .map(|bytes| ws_message(self.serializer, bytes)),
                     Some(request),
                 ),

@@ -267,9 +267,16 @@ pub fn encode_call(
     serializer: Serializer,
     request: RequestId,
     options: Dict,
-    procedure: String,
+    procedure: &str,
     payload: &RawPayload,
 ) -> Result<Vec<u8>, EncodeError> {
+    if payload.serializer == serializer && options.is_empty() {
+        // The forwarding path: the head written directly, no message built.
+        return Ok(call_without_options(
+            serializer, request, procedure, payload,
+        ));
+    }
+    let procedure = procedure.to_owned();
     let transcode = |options, procedure| -> Result<Vec<u8>, EncodeError> {
         let decoded = payload.decode().map_err(|e| EncodeError {
             message: "CALL",
@@ -586,6 +593,104 @@ fn decode_event_json(frame: &[u8], make: impl FnOnce(Range<usize>) -> Bytes) -> 
     })
 }
 
+/// `[CALL, request, {}, procedure, args..., kwargs...]` with the payload's
+/// bytes spliced in: what [`encode_call`] writes for a payload in the
+/// session's own serializer and no options, byte for byte as the encoder
+/// would.
+fn call_without_options(
+    serializer: Serializer,
+    request: RequestId,
+    procedure: &str,
+    payload: &RawPayload,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(24 + procedure.len() + payload.bytes.len());
+    match serializer {
+        Serializer::MsgPack => {
+            out.push(0x94 + payload.elements());
+            out.push(code::CALL as u8);
+            msgpack_uint(&mut out, request.0);
+            out.push(0x80);
+            msgpack_str_len(&mut out, procedure.len());
+            out.extend_from_slice(procedure.as_bytes());
+            out.extend_from_slice(&payload.bytes);
+        }
+        Serializer::Json => {
+            out.extend_from_slice(b"[48,");
+            json_uint(&mut out, request.0);
+            out.extend_from_slice(b",{},");
+            if procedure
+                .bytes()
+                .all(|b| b >= 0x20 && b != b'"' && b != b'\\')
+            {
+                // Nothing to escape (a URI): as serde_json writes it.
+                out.push(b'"');
+                out.extend_from_slice(procedure.as_bytes());
+                out.push(b'"');
+            } else {
+                // A JSON string of any text: serde_json cannot fail on it.
+                let _ = serde_json::to_writer(&mut out, procedure);
+            }
+            if payload.elements() > 0 {
+                out.push(b',');
+                out.extend_from_slice(&payload.bytes);
+            }
+            out.push(b']');
+        }
+    }
+    out
+}
+
+/// A JSON unsigned integer.
+fn json_uint(out: &mut Vec<u8>, mut v: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
+}
+
+/// A MessagePack unsigned integer in its shortest form.
+fn msgpack_uint(out: &mut Vec<u8>, v: u64) {
+    match v {
+        0..=0x7f => out.push(v as u8),
+        0x80..=0xff => out.extend_from_slice(&[0xcc, v as u8]),
+        0x100..=0xffff => {
+            out.push(0xcd);
+            out.extend_from_slice(&(v as u16).to_be_bytes());
+        }
+        0x1_0000..=0xffff_ffff => {
+            out.push(0xce);
+            out.extend_from_slice(&(v as u32).to_be_bytes());
+        }
+        _ => {
+            out.push(0xcf);
+            out.extend_from_slice(&v.to_be_bytes());
+        }
+    }
+}
+
+/// A MessagePack string header for `len` bytes, in its shortest form.
+fn msgpack_str_len(out: &mut Vec<u8>, len: usize) {
+    match len {
+        0..=31 => out.push(0xa0 | len as u8),
+        32..=0xff => out.extend_from_slice(&[0xd9, len as u8]),
+        0x100..=0xffff => {
+            out.push(0xda);
+            out.extend_from_slice(&(len as u16).to_be_bytes());
+        }
+        _ => {
+            out.push(0xdb);
+            out.extend_from_slice(&(len as u32).to_be_bytes());
+        }
+    }
+}
+
 /// Whether a JSON frame begins as a message of type `code` does: `[`, then
 /// that number, then `,` or `]` (whitespace allowed between).
 fn json_starts_with_code(frame: &[u8], code: u64) -> bool {
@@ -749,7 +854,7 @@ mod tests {
                         to,
                         RequestId(77),
                         Dict::new().with("timeout", 5u64),
-                        "com.example.SUB_x".into(),
+                        "com.example.SUB_x",
                         &raw,
                     )
                     .unwrap();
@@ -770,14 +875,7 @@ mod tests {
         // 1e2 and the escaped é stay exactly as the publisher wrote them.
         let frame = br#"[36,1,2,{},[1e2,"\u00e9"],{"k":[true]}]"#;
         let raw = decode_event(Serializer::Json, frame).unwrap().payload;
-        let call = encode_call(
-            Serializer::Json,
-            RequestId(3),
-            Dict::new(),
-            "p".into(),
-            &raw,
-        )
-        .unwrap();
+        let call = encode_call(Serializer::Json, RequestId(3), Dict::new(), "p", &raw).unwrap();
         assert_eq!(call, br#"[48,3,{},"p",[1e2,"\u00e9"],{"k":[true]}]"#);
     }
 
@@ -932,5 +1030,41 @@ mod tests {
         }
         assert_eq!(result_request(Serializer::Json, b"[50,0,{}]"), None);
         assert_eq!(result_request(Serializer::Json, b"[50,7]"), None);
+    }
+
+    #[test]
+    fn a_call_without_options_is_written_as_the_encoder_writes_it() {
+        let payloads = [
+            Payload::default(),
+            Payload::new(vec![Value::UInt(7), Value::from("é\"x")], Dict::new()),
+            Payload::new(vec![], Dict::new().with("k", "v")),
+        ];
+        for ser in Serializer::ALL {
+            for payload in &payloads {
+                let raw = decode_event(ser, &event_frame(ser, payload.clone()))
+                    .unwrap()
+                    .payload;
+                for request in [1, 127, 128, 255, 256, 65_535, 65_536, 1 << 40, MAX_ID] {
+                    for procedure in [
+                        "p",
+                        "com.example.SUB_with_a_name_of_more_than_31_bytes",
+                        "a\"quote\\and\u{1}control",
+                    ] {
+                        let fast =
+                            encode_call(ser, RequestId(request), Dict::new(), procedure, &raw)
+                                .unwrap();
+                        let full = ser
+                            .encode(&Message::Call {
+                                request: RequestId(request),
+                                options: Dict::new(),
+                                procedure: procedure.to_owned(),
+                                payload: payload.clone(),
+                            })
+                            .unwrap();
+                        assert_eq!(fast, full, "{ser} {request} {procedure} {payload:?}");
+                    }
+                }
+            }
+        }
     }
 }

@@ -9,6 +9,7 @@
 //! uses the channel its caller waits on), handed back with the reply.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::Instant;
 
 use super::auth::{AuthError, Credentials};
@@ -121,7 +122,7 @@ pub enum Output<T> {
     SendRawCall {
         request: RequestId,
         options: Dict,
-        procedure: String,
+        procedure: Arc<str>,
         payload: RawPayload,
     },
     /// WELCOME arrived: the session is established.
@@ -452,7 +453,7 @@ impl<T> Session<T> {
     /// [`Session::call`] with a payload that is sent on as received.
     pub fn call_raw(
         &mut self,
-        procedure: impl Into<String>,
+        procedure: impl Into<Arc<str>>,
         options: Dict,
         payload: RawPayload,
         token: T,
