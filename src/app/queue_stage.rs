@@ -115,6 +115,20 @@ impl QueueStage {
         job
     }
 
+    /// Takes back a delivery that must not go out (or was not written):
+    /// its entries are no longer certainly ours, and are left undelivered
+    /// to whoever holds them now.
+    pub fn take_back(&mut self, id: DeliveryId, now: Instant) {
+        let keys: Vec<Key> = self
+            .core
+            .cancel(id)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|j| j.item.entry.map(|e| e.key))
+            .collect();
+        self.queue.cancelled(&keys, now);
+    }
+
     /// Until when every entry of a delivery is certainly this instance's:
     /// its call must be written before then.
     pub fn send_by(&self, jobs: &[Job<Box<SharedEvent>>]) -> Option<Instant> {

@@ -996,14 +996,7 @@ impl Sidecar {
             && QueueStage::is_delivery(id)
             && q.core.delivery(id).is_some_and(|jobs| q.fenced(jobs, now))
         {
-            let keys: Vec<Key> = q
-                .core
-                .cancel(id)
-                .unwrap_or_default()
-                .into_iter()
-                .filter_map(|j| j.item.entry.map(|e| e.key))
-                .collect();
-            q.queue.cancelled(&keys, now);
+            q.take_back(id, now);
             return;
         }
         let (core, sink, send_by) = match &mut self.queue {
@@ -1356,14 +1349,7 @@ fn on_queue_report(
     ) {
         // Never written: its entries are no longer certainly ours, and are
         // left to whoever holds them now.
-        let keys: Vec<Key> = q
-            .core
-            .cancel(id)
-            .unwrap_or_default()
-            .into_iter()
-            .filter_map(|j| j.item.entry.map(|e| e.key))
-            .collect();
-        q.queue.cancelled(&keys, now);
+        q.take_back(id, now);
         return;
     }
     if let Some(jobs) = q.core.delivery(id) {
