@@ -4,7 +4,7 @@
 //! wire bytes: an event's args and kwargs received in the same serializer
 //! are copied in as they are (binary stays binary, nothing is decoded);
 //! others are transcoded. Pure; may call only `codec`, `raw`, `message`,
-//! `value` and `id`.
+//! `value`, `write` and `id`.
 
 use bytes::Bytes;
 
@@ -12,6 +12,7 @@ use super::codec::Serializer;
 use super::message::Payload;
 use super::raw::RawPayload;
 use super::value::{Dict, Value};
+use super::write::{empty, string, uint};
 
 /// An event's args and kwargs, as the batch writer takes them.
 #[derive(Debug, Clone, Copy)]
@@ -162,65 +163,6 @@ fn key(ser: Serializer, out: &mut Vec<u8>, name: &str, first: bool) {
     string(ser, out, name);
     if ser == Serializer::Json {
         out.push(b':');
-    }
-}
-
-fn empty(ser: Serializer, out: &mut Vec<u8>, list: bool) {
-    match (ser, list) {
-        (Serializer::MsgPack, true) => out.push(0x90),
-        (Serializer::MsgPack, false) => out.push(0x80),
-        (Serializer::Json, true) => out.extend_from_slice(b"[]"),
-        (Serializer::Json, false) => out.extend_from_slice(b"{}"),
-    }
-}
-
-fn string(ser: Serializer, out: &mut Vec<u8>, s: &str) {
-    match ser {
-        Serializer::Json => {
-            // Writing a string into a Vec cannot fail.
-            let _ = serde_json::to_writer(&mut *out, s);
-        }
-        Serializer::MsgPack => {
-            let n = s.len();
-            if n < 32 {
-                out.push(0xa0 | n as u8);
-            } else if n <= 0xff {
-                out.extend_from_slice(&[0xd9, n as u8]);
-            } else if n <= 0xffff {
-                out.push(0xda);
-                out.extend_from_slice(&(n as u16).to_be_bytes());
-            } else {
-                out.push(0xdb);
-                out.extend_from_slice(&(n as u32).to_be_bytes());
-            }
-            out.extend_from_slice(s.as_bytes());
-        }
-    }
-}
-
-fn uint(ser: Serializer, out: &mut Vec<u8>, n: u64) {
-    match ser {
-        Serializer::Json => {
-            use std::io::Write;
-            // Writing into a Vec cannot fail.
-            let _ = write!(out, "{n}");
-        }
-        Serializer::MsgPack => {
-            if n < 128 {
-                out.push(n as u8);
-            } else if n <= 0xff {
-                out.extend_from_slice(&[0xcc, n as u8]);
-            } else if n <= 0xffff {
-                out.push(0xcd);
-                out.extend_from_slice(&(n as u16).to_be_bytes());
-            } else if n <= 0xffff_ffff {
-                out.push(0xce);
-                out.extend_from_slice(&(n as u32).to_be_bytes());
-            } else {
-                out.push(0xcf);
-                out.extend_from_slice(&n.to_be_bytes());
-            }
-        }
     }
 }
 

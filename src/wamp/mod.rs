@@ -15,6 +15,7 @@ pub mod raw;
 pub mod session;
 pub mod tls;
 pub mod value;
+mod write;
 
 pub use client::{CallResult, Client, Incoming, IncomingRx};
 pub use codec::Serializer;

@@ -26,6 +26,7 @@ use super::codec::{DecodeError, EncodeError, Serializer};
 use super::id::{MAX_ID, PublicationId, RequestId, SubscriptionId};
 use super::message::{Message, Payload, code};
 use super::value::{Dict, Value};
+use super::write::{empty, string, uint};
 
 /// How deep a payload may nest to be passed through undecoded. Far below
 /// the full decoder's limit ([`super::codec::MAX_DEPTH`]), so that whatever
@@ -607,29 +608,21 @@ fn call_without_options(
     match serializer {
         Serializer::MsgPack => {
             out.push(0x94 + payload.elements());
-            out.push(code::CALL as u8);
-            msgpack_uint(&mut out, request.0);
-            out.push(0x80);
-            msgpack_str_len(&mut out, procedure.len());
-            out.extend_from_slice(procedure.as_bytes());
+            uint(serializer, &mut out, code::CALL);
+            uint(serializer, &mut out, request.0);
+            empty(serializer, &mut out, false);
+            string(serializer, &mut out, procedure);
             out.extend_from_slice(&payload.bytes);
         }
         Serializer::Json => {
-            out.extend_from_slice(b"[48,");
-            json_uint(&mut out, request.0);
-            out.extend_from_slice(b",{},");
-            if procedure
-                .bytes()
-                .all(|b| b >= 0x20 && b != b'"' && b != b'\\')
-            {
-                // Nothing to escape (a URI): as serde_json writes it.
-                out.push(b'"');
-                out.extend_from_slice(procedure.as_bytes());
-                out.push(b'"');
-            } else {
-                // A JSON string of any text: serde_json cannot fail on it.
-                let _ = serde_json::to_writer(&mut out, procedure);
-            }
+            out.push(b'[');
+            uint(serializer, &mut out, code::CALL);
+            out.push(b',');
+            uint(serializer, &mut out, request.0);
+            out.push(b',');
+            empty(serializer, &mut out, false);
+            out.push(b',');
+            string(serializer, &mut out, procedure);
             if payload.elements() > 0 {
                 out.push(b',');
                 out.extend_from_slice(&payload.bytes);
@@ -638,57 +631,6 @@ fn call_without_options(
         }
     }
     out
-}
-
-/// A JSON unsigned integer.
-fn json_uint(out: &mut Vec<u8>, mut v: u64) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (v % 10) as u8;
-        v /= 10;
-        if v == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[at..]);
-}
-
-/// A MessagePack unsigned integer in its shortest form.
-fn msgpack_uint(out: &mut Vec<u8>, v: u64) {
-    match v {
-        0..=0x7f => out.push(v as u8),
-        0x80..=0xff => out.extend_from_slice(&[0xcc, v as u8]),
-        0x100..=0xffff => {
-            out.push(0xcd);
-            out.extend_from_slice(&(v as u16).to_be_bytes());
-        }
-        0x1_0000..=0xffff_ffff => {
-            out.push(0xce);
-            out.extend_from_slice(&(v as u32).to_be_bytes());
-        }
-        _ => {
-            out.push(0xcf);
-            out.extend_from_slice(&v.to_be_bytes());
-        }
-    }
-}
-
-/// A MessagePack string header for `len` bytes, in its shortest form.
-fn msgpack_str_len(out: &mut Vec<u8>, len: usize) {
-    match len {
-        0..=31 => out.push(0xa0 | len as u8),
-        32..=0xff => out.extend_from_slice(&[0xd9, len as u8]),
-        0x100..=0xffff => {
-            out.push(0xda);
-            out.extend_from_slice(&(len as u16).to_be_bytes());
-        }
-        _ => {
-            out.push(0xdb);
-            out.extend_from_slice(&(len as u32).to_be_bytes());
-        }
-    }
 }
 
 /// Whether a JSON frame begins as a message of type `code` does: `[`, then
