@@ -234,17 +234,13 @@ pub fn result_request(serializer: Serializer, frame: &[u8]) -> Option<RequestId>
             r.id()?
         }
         Serializer::Json => {
-            if !json_starts_with_code(frame, code::RESULT) {
+            let (code::RESULT, rest) = json_head(frame)? else {
+                return None;
+            };
+            let (id, rest) = json_uint_at(rest.strip_prefix(b",")?)?;
+            if rest.first() != Some(&b',') {
                 return None;
             }
-            let rest = frame.trim_ascii_start()[1..].trim_ascii_start();
-            let rest = rest[rest.iter().position(|b| *b == b',')? + 1..].trim_ascii_start();
-            let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
-            let after = rest[digits..].trim_ascii_start();
-            if after.first() != Some(&b',') {
-                return None;
-            }
-            let id: u64 = std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()?;
             Some(id).filter(|v| (1..=MAX_ID).contains(v))?
         }
     };
@@ -636,17 +632,22 @@ fn call_without_options(
 /// Whether a JSON frame begins as a message of type `code` does: `[`, then
 /// that number, then `,` or `]` (whitespace allowed between).
 fn json_starts_with_code(frame: &[u8], code: u64) -> bool {
-    let mut rest = frame.trim_ascii_start();
-    let Some(after) = rest.strip_prefix(b"[") else {
-        return false;
-    };
-    rest = after.trim_ascii_start();
-    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
-    let matches = std::str::from_utf8(&rest[..digits])
-        .ok()
-        .and_then(|d| d.parse::<u64>().ok())
-        == Some(code);
-    matches && matches!(rest[digits..].trim_ascii_start().first(), Some(b',' | b']'))
+    json_head(frame).is_some_and(|(c, rest)| c == code && matches!(rest.first(), Some(b',' | b']')))
+}
+
+/// A JSON frame's first element as an unsigned integer, and what follows
+/// it (whitespace skipped).
+fn json_head(frame: &[u8]) -> Option<(u64, &[u8])> {
+    json_uint_at(frame.trim_ascii_start().strip_prefix(b"[")?)
+}
+
+/// The unsigned integer `text` begins with (after whitespace), and what
+/// follows it (whitespace skipped).
+fn json_uint_at(text: &[u8]) -> Option<(u64, &[u8])> {
+    let text = text.trim_ascii_start();
+    let digits = text.iter().take_while(|b| b.is_ascii_digit()).count();
+    let n = std::str::from_utf8(&text[..digits]).ok()?.parse().ok()?;
+    Some((n, text[digits..].trim_ascii_start()))
 }
 
 /// Whether the full JSON decoder would accept this value: parses it all
