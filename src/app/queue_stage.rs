@@ -129,23 +129,16 @@ impl QueueStage {
         self.queue.cancelled(&keys, now);
     }
 
-    /// Until when every entry of a delivery is certainly this instance's:
-    /// its call must be written before then.
-    pub fn send_by(&self, jobs: &[Job<Box<SharedEvent>>]) -> Option<Instant> {
-        jobs.iter()
-            .filter_map(|j| self.queue.certain_until(&j.item.entry.as_ref()?.key))
-            .min()
-    }
-
-    /// The queue key of each job of a delivery that may not start now (no
-    /// longer certainly this instance's), if any.
-    pub fn fenced(&self, jobs: &[Job<Box<SharedEvent>>], now: Instant) -> bool {
-        jobs.iter().any(|j| {
-            j.item
-                .entry
-                .as_ref()
-                .is_some_and(|e| !self.queue.may_dispatch(&e.key, now))
-        })
+    /// Until when every entry of a delivery is certainly this instance's
+    /// (its call must be written before then); `None` when one of them is
+    /// not any more.
+    pub fn certain_until(&self, jobs: &[Job<Box<SharedEvent>>]) -> Option<Instant> {
+        let mut earliest: Option<Instant> = None;
+        for entry in jobs.iter().filter_map(|j| j.item.entry.as_ref()) {
+            let until = self.queue.certain_until(&entry.key)?;
+            earliest = Some(earliest.map_or(until, |e| e.min(until)));
+        }
+        earliest
     }
 }
 

@@ -992,19 +992,24 @@ impl Sidecar {
             }
             return;
         }
+        // A queue delivery starts only while its entries are certainly
+        // ours, and its call must be written before that ends.
+        let mut send_by = None;
         if let Some(q) = &mut self.queue
             && QueueStage::is_delivery(id)
-            && q.core.delivery(id).is_some_and(|jobs| q.fenced(jobs, now))
+            && let Some(jobs) = q.core.delivery(id)
         {
-            q.take_back(id, now);
-            return;
-        }
-        let (core, sink, send_by) = match &mut self.queue {
-            Some(q) if QueueStage::is_delivery(id) => {
-                let send_by = q.core.delivery(id).and_then(|jobs| q.send_by(jobs));
-                (&q.core, &mut q.sink, send_by)
+            match q.certain_until(jobs) {
+                Some(until) if now < until => send_by = Some(until),
+                _ => {
+                    q.take_back(id, now);
+                    return;
+                }
             }
-            _ => (&self.core, &mut self.sink, None),
+        }
+        let (core, sink) = match &mut self.queue {
+            Some(q) if QueueStage::is_delivery(id) => (&q.core, &mut q.sink),
+            _ => (&self.core, &mut self.sink),
         };
         let Some(jobs) = core.delivery(id) else {
             return;
