@@ -13,12 +13,20 @@
 //! the router goes away are delivered on the next session (or, in Redis
 //! mode, keep flowing meanwhile).
 
+mod bootstrap;
 mod dead_letter_log;
+mod fatal;
+mod intake;
+mod ledger;
 mod procedure_metrics;
-mod queue_stage;
+mod redis_queue;
 mod sidecar;
+mod stage;
 #[cfg(test)]
 mod tests;
+mod token;
+mod view;
+mod wiring;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,52 +38,24 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep_until, timeout};
 use tokio_util::sync::CancellationToken;
 
-use self::queue_stage::QueueStage;
+pub use self::fatal::Fatal;
 use self::sidecar::PendingReport;
-pub use self::sidecar::{Core, Sidecar, Token};
+pub use self::sidecar::Sidecar;
+pub use self::token::Token;
+pub use self::wiring::client_config;
+use self::wiring::{QueueIo, Shown};
 use crate::config::{self, Config};
-use crate::discovery::Discovery;
-use crate::forward::retry::{Backoff, RetryPolicy};
-use crate::forward::{
-    DeliveryId, Dispatch, Forwarder, GiveUp, MemoryQueue, OverflowPolicy, Settings,
-};
+use crate::forward::retry::Backoff;
+use crate::forward::{DeliveryId, GiveUp};
 use crate::metrics::Metrics;
-use crate::sink::Sink;
-use crate::sink::redis::{self as redis_sink, RedisSink};
-use crate::sink::stream::StreamSink;
-use crate::sink::wamp::WampSink;
-use crate::status::{self, QueueProbe, RedisProbe, Status, StatusRequest, TargetProbe};
+use crate::status::{self, Status, StatusRequest};
 use crate::streams::admit::Admitted;
-use crate::streams::admit::{self, AdmitSink};
-use crate::streams::carrier::{Carrier, Fields};
-use crate::streams::core::{self as queue_core, CommandId, QueueCore};
-use crate::streams::{Keys, Target};
-use crate::wamp::auth::Credentials;
-use crate::wamp::{ClientConfig, CloseReason, ConnectError, Connection, Serializer};
+use crate::streams::carrier::Fields;
+use crate::streams::core::{self as queue_core, CommandId};
+use crate::wamp::{ClientConfig, CloseReason, ConnectError, Connection};
 
 /// After the drain: how long GOODBYE may take.
 const FINAL_GRACE: Duration = Duration::from_secs(3);
-
-/// Why the sidecar stops with a non-zero exit code.
-#[derive(Debug, thiserror::Error)]
-pub enum Fatal {
-    /// The router refused us for good (credentials, realm, TLS, URL).
-    #[error("cannot join the router: {0}")]
-    Connect(ConnectError),
-    #[error("giving up after {attempts} consecutive failed connection attempts; last: {last}")]
-    TooManyFailures { attempts: u32, last: String },
-    /// The router does not let our role use the registration meta API.
-    #[error(
-        "{what} was refused: {error}. The sidecar's role needs {permission} (see doc/crossbar.md)"
-    )]
-    MetaApi {
-        what: String,
-        error: String,
-        permission: &'static str,
-    },
-    #[error("cannot start: {0}")]
-    Setup(String),
-}
 
 /// Counts reported when the sidecar stops. With the memory queue every
 /// accepted event is either forwarded or dead-lettered by then:
@@ -203,207 +183,28 @@ struct App {
     joined_at: Option<(Instant, std::time::SystemTime)>,
 }
 
-/// What `/status` shows that is fixed at startup.
-struct Shown {
-    started: Instant,
-    url: String,
-    realm: String,
-    settings: Vec<status::Setting>,
-    delivery: &'static str,
-    queue_kind: &'static str,
-    capacity: usize,
-    max_in_flight: usize,
-    queue_name: Option<String>,
-    consumer: Option<String>,
-    probe: Option<RedisProbe>,
-}
-
-/// The Redis queue's IO, awaited by the loop: commands on their way to
-/// Redis (the queue core's replies come back through them) and admission
-/// batches (which also bring what they read).
-struct QueueIo {
-    commands: FuturesUnordered<queue_stage::PendingCommand>,
-    admissions: FuturesUnordered<queue_stage::PendingAdmission>,
-    /// What `/status` reads of the queue.
-    probe: QueueProbe,
-}
-
 impl App {
     fn new(config: &Config, metrics: Arc<Metrics>) -> Result<App, Fatal> {
-        let marker = config
-            .discovery
-            .marker()
-            .map_err(|e| Fatal::Setup(e.to_string()))?;
-        let discovery = Discovery::new(
-            marker,
-            config.discovery.filter.clone(),
-            config.discovery.grace_period,
-        );
-        let f = &config.forward;
-        let redis_timeout = Duration::from_secs(5);
-        let needs_redis = f.mode == config::Mode::Redis || config.redis.dead_letter_key.is_some();
-        let stream_target = config.redis.target == config::RedisTarget::Stream;
-        let redis = if needs_redis {
-            Some(
-                RedisSink::new(
-                    config.redis.url.expose(),
-                    &config.redis.prefix,
-                    redis_timeout,
-                )
-                .map_err(|e| Fatal::Setup(format!("Redis: {e}")))?,
-            )
-        } else {
-            None
-        };
-        let sink: Box<dyn Sink<Token> + Send> = match (&f.mode, &redis) {
-            (config::Mode::Redis, Some(redis))
-                if config.redis.target == config::RedisTarget::Stream =>
-            {
-                let sink = StreamSink::new(
-                    redis.clone(),
-                    &config.redis.consumer_group,
-                    config.redis.max_backlog,
-                    f.overflow == config::Overflow::DropOldest,
-                    metrics.clone(),
-                );
-                tokio::spawn(sink.clone().watch());
-                Box::new(sink)
-            }
-            (config::Mode::Redis, Some(redis)) => Box::new(redis.clone()),
-            _ => Box::new(WampSink {
-                call_timeout: f.call_timeout,
-                details_kwarg: f.details_kwarg.as_deref().map(Arc::from),
-            }),
-        };
-        let settings = Settings {
-            capacity: f.queue_capacity,
-            overflow: match f.overflow {
-                config::Overflow::DropNewest => OverflowPolicy::DropNewest,
-                config::Overflow::DropOldest => OverflowPolicy::DropOldest,
-            },
-            max_in_flight: f.max_in_flight,
-            dispatch: sink.dispatch(),
-            retry: RetryPolicy {
-                max_attempts: f.retry.max_attempts,
-                max_age: f.retry.max_age,
-                backoff: Backoff {
-                    initial: f.retry.initial_backoff,
-                    max: f.retry.max_backoff,
-                },
-            },
-            batching: f.batching,
-        };
-        let targets = match (&f.mode, &redis) {
-            (config::Mode::Redis, Some(redis)) => Some(TargetProbe {
-                redis: redis.clone(),
-                stream: stream_target,
-                metrics: metrics.clone(),
-            }),
-            _ => None,
-        };
-        let now = std::time::Instant::now();
-        let (core, sink, queue, streams) = match config.queue.kind {
-            config::QueueKind::Memory => (
-                Forwarder::new(MemoryQueue::new(), settings, rand::random()),
-                sink,
-                None,
-                None,
-            ),
-            config::QueueKind::Redis => {
-                let (admit, queue, tasks) = start_streams(config, settings, sink, &metrics, now)?;
-                let admit_settings = Settings {
-                    max_in_flight: admit::BATCH,
-                    dispatch: Dispatch::Pipeline { max: admit::BATCH },
-                    // Events wait for Redis as long as there is room for them.
-                    retry: RetryPolicy {
-                        max_attempts: u32::MAX,
-                        max_age: Duration::MAX,
-                        backoff: Backoff {
-                            initial: Duration::from_millis(100),
-                            max: Duration::from_secs(2),
-                        },
-                    },
-                    ..settings
-                };
-                let core = Forwarder::new(MemoryQueue::new(), admit_settings, rand::random());
-                let admit: Box<dyn Sink<Token> + Send> = Box::new(admit);
-                (core, admit, Some(queue), Some(tasks))
-            }
-        };
-        let (dead_letter_tx, dead_letter_task) = match (&config.redis.dead_letter_key, redis) {
-            (Some(key), Some(redis)) => {
-                let (tx, rx) = mpsc::channel(4096);
-                let task = tokio::spawn(redis_sink::store_dead_letters(
-                    redis,
-                    key.clone(),
-                    rx,
-                    metrics.clone(),
-                ));
-                (Some(tx), Some(task))
-            }
-            _ => (None, None),
-        };
-        let client_config = client_config(config);
-        let sidecar = Sidecar::new(
-            discovery,
-            core,
-            sink,
-            metrics.clone(),
-            dead_letter_tx,
-            client_config.request_timeout,
-            now,
-        )
-        .with_order_by(f.order_by.clone())
-        .with_procedure_metrics(config.metrics_max_procedures);
-        let sidecar = match queue {
-            Some(queue) => sidecar
-                .with_queue(queue, now)
-                .with_lanes(partitions(config)),
-            None => sidecar,
-        };
-        let queue_probe = streams.as_ref().map(|s: &QueueIo| s.probe.clone());
-        let shown = Shown {
-            started: Instant::now(),
-            url: config.wamp.url.to_string(),
-            realm: config.wamp.realm.clone(),
-            settings: config.settings().to_vec(),
-            delivery: match (&f.mode, stream_target) {
-                (config::Mode::Wamp, _) => "wamp",
-                (config::Mode::Redis, false) => "redis-list",
-                (config::Mode::Redis, true) => "redis-stream",
-            },
-            queue_kind: match config.queue.kind {
-                config::QueueKind::Memory => "memory",
-                config::QueueKind::Redis => "redis",
-            },
-            capacity: f.queue_capacity,
-            max_in_flight: f.max_in_flight,
-            queue_name: queue_probe.as_ref().map(|_| config.queue.name.clone()),
-            consumer: queue_probe.as_ref().map(|q| q.consumer.clone()),
-            probe: (queue_probe.is_some() || targets.is_some()).then(|| RedisProbe {
-                queue: queue_probe,
-                targets,
-            }),
-        };
+        let parts = wiring::build(config, &metrics)?;
         Ok(App {
-            client_config,
+            client_config: parts.client_config,
             reconnect: Backoff {
                 initial: config.reconnect.initial_backoff,
                 max: config.reconnect.max_backoff,
             },
             max_connect_failures: config.reconnect.max_failures.map(|n| n.get()),
             shutdown_timeout: config.shutdown_timeout,
-            sidecar,
+            sidecar: parts.sidecar,
             link: Link::Stopped,
             reports: FuturesUnordered::new(),
             metrics,
             connect_failures: 0,
             sessions: 0,
             drain_deadline: None,
-            dead_letter_task,
-            streams,
+            dead_letter_task: parts.dead_letter_task,
+            streams: parts.streams,
             status_requests: None,
-            shown,
+            shown: parts.shown,
             joined_at: None,
         })
     }
@@ -793,107 +594,6 @@ async fn next_queue_event(streams: &mut Option<QueueIo>) -> QueueEvent {
     }
 }
 
-/// The Redis queue: the admission sink, and the delivery stage (its queue
-/// core and carrier, delivering through `sink`, the real destination).
-fn start_streams(
-    config: &Config,
-    settings: Settings,
-    sink: Box<dyn Sink<Token> + Send>,
-    metrics: &Arc<Metrics>,
-    now: std::time::Instant,
-) -> Result<(AdmitSink, QueueStage, QueueIo), Fatal> {
-    let q = &config.queue;
-    let target = Target::new(config.redis.url.expose(), config.redis.cluster)
-        .map_err(|e| Fatal::Setup(format!("Redis: {e}")))?;
-    let shared = target
-        .shared()
-        .map_err(|e| Fatal::Setup(format!("Redis: {e}")))?;
-    let keys = Arc::new(Keys::new(&q.name));
-    let consumer = match &q.instance_id {
-        Some(id) => id.clone(),
-        None => consumer_name(),
-    };
-    let probe = QueueProbe {
-        shared: shared.clone(),
-        keys: keys.clone(),
-        consumer: consumer.clone(),
-        partitions: partitions(config),
-    };
-    tracing::info!(queue = %q.name, %consumer, cluster = config.redis.cluster, "using the Redis queue");
-    // The window: entries held here (waiting or in flight) at most, over
-    // every stream: what may be in flight, plus what one read brings.
-    let read_max = match sink.dispatch() {
-        Dispatch::Each => settings
-            .max_in_flight
-            .max(settings.batching.max_events)
-            .clamp(16, 512),
-        Dispatch::Pipeline { max } => max,
-    };
-    let window = settings.max_in_flight + read_max;
-    let carrier = Carrier::new(
-        target.clone(),
-        shared.clone(),
-        keys.clone(),
-        &consumer,
-        q.dedup_window,
-        q.claim_idle,
-    );
-    let queue = QueueCore::new(
-        queue_core::Settings {
-            window,
-            read_max,
-            claim_idle: q.claim_idle,
-            partitions: partitions(config),
-            max_deliveries: q.max_deliveries,
-        },
-        now,
-    );
-    let admit = AdmitSink::new(
-        shared,
-        keys,
-        &consumer,
-        carrier.holder(),
-        q.dedup_window,
-        metrics.clone(),
-    );
-    let deliver = Settings {
-        // Never reached: the queue core holds no more than the window.
-        capacity: 2 * window,
-        ..settings
-    };
-    let core = Forwarder::new(MemoryQueue::new(), deliver, rand::random())
-        .with_ids_from(queue_stage::IDS_FROM);
-    let stage = QueueStage::new(core, sink, queue, carrier, admit.clone());
-    let io = QueueIo {
-        commands: FuturesUnordered::new(),
-        admissions: FuturesUnordered::new(),
-        probe,
-    };
-    Ok((admit, stage, io))
-}
-
-/// Partitions per procedure for keyed events: with per-key ordering on the
-/// Redis queue.
-fn partitions(config: &Config) -> Option<u16> {
-    (config.forward.order_by != config::OrderBy::None).then_some(config.queue.partitions)
-}
-
-/// This process's consumer name in the group: host, pid and a random part,
-/// so that a restarted instance is a new consumer.
-fn consumer_name() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .map(|h| h.trim().to_owned())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "subtocall".to_owned());
-    format!(
-        "{host}-{}-{:08x}",
-        std::process::id(),
-        rand::random::<u32>()
-    )
-}
-
 async fn next_link_event(link: &mut Link) -> LinkEvent {
     match link {
         Link::Waiting { until } => {
@@ -907,38 +607,6 @@ async fn next_link_event(link: &mut Link) -> LinkEvent {
         }
         Link::Stopped => std::future::pending().await,
     }
-}
-
-/// The WAMP client settings derived from the configuration.
-pub fn client_config(config: &Config) -> ClientConfig {
-    let w = &config.wamp;
-    let mut c = ClientConfig::new(w.url.as_str(), &w.realm);
-    c.credentials = match &w.auth {
-        config::Auth::Anonymous => Credentials::Anonymous,
-        config::Auth::WampCra { authid, secret } => Credentials::WampCra {
-            authid: authid.clone(),
-            secret: secret.expose().to_owned(),
-        },
-        config::Auth::Ticket { authid, ticket } => Credentials::Ticket {
-            authid: authid.clone(),
-            ticket: ticket.expose().to_owned(),
-        },
-    };
-    c.serializers = match w.serializer {
-        config::Serializer::MsgPack => vec![Serializer::MsgPack, Serializer::Json],
-        config::Serializer::Json => vec![Serializer::Json, Serializer::MsgPack],
-    };
-    c.connect_timeout = w.connect_timeout;
-    c.ping_interval = w.ping_interval;
-    c.ping_timeout = w.ping_timeout;
-    c.max_message_size = w.max_message_size;
-    c.max_call_size = w.max_call_size;
-    c.ca_file = w.ca_file.clone();
-    // EVENT payloads are kept as received: forwarded undecoded in a CALL,
-    // or decoded once when the event is accepted (Redis envelope, details
-    // kwarg).
-    c.raw_event_payloads = true;
-    c
 }
 
 /// The loop's one timer, kept across turns and moved only when the next

@@ -12,6 +12,7 @@ use crate::discovery::{Discovery, Marker};
 use crate::forward::retry::{Backoff, RetryPolicy};
 use crate::forward::{Dispatch, Forwarder, MemoryQueue, OverflowPolicy, Settings};
 use crate::sink::wamp::WampSink;
+use crate::wamp::Serializer;
 use crate::wamp::auth::Credentials;
 use crate::wamp::session::{Output as SessionOutput, Session, SessionConfig};
 
@@ -339,7 +340,7 @@ fn a_procedures_received_count_leaves_out_duplicates_so_its_figures_add_up() {
 
 #[test]
 fn a_wildcard_registration_matches_the_procedures_derived_from_it() {
-    use super::sidecar::wildcard_matches;
+    use super::view::wildcard_matches;
     assert!(wildcard_matches("com..SUB_s", "com.a.SUB_s"));
     assert!(!wildcard_matches("com..SUB_s", "com.a.b.SUB_s"));
     assert!(!wildcard_matches("com..SUB_s", "com.a.SUB_t"));
