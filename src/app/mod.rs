@@ -22,6 +22,7 @@ mod procedure_metrics;
 mod redis_queue;
 mod sidecar;
 mod stage;
+mod summary;
 #[cfg(test)]
 mod tests;
 mod token;
@@ -39,63 +40,21 @@ use tokio::time::{Instant, sleep_until, timeout};
 use tokio_util::sync::CancellationToken;
 
 pub use self::fatal::Fatal;
+use self::redis_queue::{QueueEvent, QueueIo};
 use self::sidecar::PendingReport;
 pub use self::sidecar::Sidecar;
+pub use self::summary::Summary;
 pub use self::token::Token;
+use self::view::Shown;
 pub use self::wiring::client_config;
-use self::wiring::{QueueIo, Shown};
 use crate::config::{self, Config};
 use crate::forward::retry::Backoff;
-use crate::forward::{DeliveryId, GiveUp};
 use crate::metrics::Metrics;
-use crate::status::{self, Status, StatusRequest};
-use crate::streams::admit::Admitted;
-use crate::streams::carrier::Fields;
-use crate::streams::core::{self as queue_core, CommandId};
+use crate::status::{Status, StatusRequest};
 use crate::wamp::{ClientConfig, CloseReason, ConnectError, Connection};
 
 /// After the drain: how long GOODBYE may take.
 const FINAL_GRACE: Duration = Duration::from_secs(3);
-
-/// Counts reported when the sidecar stops. With the memory queue every
-/// accepted event is either forwarded or dead-lettered by then:
-/// `accepted() == forwarded + dead_lettered`. On the Redis queue an instance
-/// hands what it accepts to Redis (`admitted`, or `admitted_elsewhere` when
-/// another instance was first) and delivers what it reads, whoever admitted
-/// it: the balance holds for the group, not for one instance.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Summary {
-    /// EVENTs received on forwarding subscriptions.
-    pub received: u64,
-    /// Skipped: the same publication was already accepted.
-    pub duplicates: u64,
-    /// Skipped: no procedure to route them to.
-    pub unroutable: u64,
-    pub forwarded: u64,
-    pub dead_lettered: u64,
-    /// On the Redis queue: accepted events this instance added to a
-    /// stream, and those another instance had added first.
-    pub admitted: Option<(u64, u64)>,
-}
-
-impl Summary {
-    fn from_metrics(m: &Metrics, redis_queue: bool) -> Summary {
-        Summary {
-            admitted: redis_queue
-                .then(|| (m.queue_admitted.get(), m.queue_admitted_elsewhere.get())),
-            received: m.events_received.get(),
-            duplicates: m.events_duplicate.get(),
-            unroutable: m.unroutable(false).get() + m.unroutable(true).get(),
-            forwarded: m.events_forwarded.get(),
-            dead_lettered: GiveUp::ALL.iter().map(|g| m.dead_lettered(*g).get()).sum(),
-        }
-    }
-
-    /// Events taken on for delivery.
-    pub fn accepted(&self) -> u64 {
-        self.received - self.duplicates - self.unroutable
-    }
-}
 
 /// Runs the sidecar until `shutdown` is cancelled (then drains) or a fatal
 /// error. Returns how many events went where.
@@ -114,28 +73,7 @@ pub async fn run(
     app.finish().await;
     let redis_queue = matches!(config.queue.kind, config::QueueKind::Redis);
     let summary = Summary::from_metrics(&metrics, redis_queue);
-    match summary.admitted {
-        None => tracing::info!(
-            received = summary.received,
-            duplicates = summary.duplicates,
-            unroutable = summary.unroutable,
-            accepted = summary.accepted(),
-            forwarded = summary.forwarded,
-            dead_lettered = summary.dead_lettered,
-            "subtocall stopped"
-        ),
-        Some((admitted, elsewhere)) => tracing::info!(
-            received = summary.received,
-            duplicates = summary.duplicates,
-            unroutable = summary.unroutable,
-            accepted = summary.accepted(),
-            admitted,
-            admitted_elsewhere = elsewhere,
-            forwarded = summary.forwarded,
-            dead_lettered = summary.dead_lettered,
-            "subtocall stopped"
-        ),
-    }
+    summary.log();
     result.map(|()| summary)
 }
 
@@ -250,14 +188,9 @@ impl App {
                 Some((id, report)) = self.reports.next(), if !self.reports.is_empty() => {
                     self.sidecar.on_report(id, report, Instant::now().into_std());
                 }
-                event = next_queue_event(&mut self.streams) => match event {
-                    QueueEvent::Reply(id, reply) => {
-                        self.sidecar.on_queue_reply(id, reply, Instant::now().into_std());
-                    }
-                    QueueEvent::Admitted(id, admitted) => {
-                        self.sidecar.on_admitted(id, admitted, Instant::now().into_std());
-                    }
-                },
+                event = next_queue_event(&mut self.streams) => {
+                    self.sidecar.on_queue_event(event, Instant::now().into_std());
+                }
                 Some(reply) = next_status_request(&mut self.status_requests) => {
                     let _ = reply.send((self.status(), self.shown.probe.clone()));
                 }
@@ -268,8 +201,6 @@ impl App {
 
     /// `/status`, as far as this loop knows it.
     fn status(&self) -> Status {
-        let now = Instant::now();
-        let shown = &self.shown;
         let (session, serializer) = match &self.link {
             Link::Up(conn) => (
                 Some(conn.info().session.0),
@@ -277,50 +208,25 @@ impl App {
             ),
             _ => (None, None),
         };
-        let joined = self.joined_at.filter(|_| session.is_some());
-        let (waiting, in_flight) = self.sidecar.held();
-        Status {
-            version: env!("CARGO_PKG_VERSION").to_owned(),
-            ready: self.sidecar.is_ready(),
-            draining: self.drain_deadline.is_some() || self.sidecar.is_draining(),
-            uptime_seconds: status::seconds(now - shown.started),
-            router: status::Router {
-                url: shown.url.clone(),
-                realm: shown.realm.clone(),
-                connected: session.is_some(),
-                session,
-                joined_at: joined.map(|(_, at)| status::rfc3339(at)),
-                joined_seconds: joined.map(|(at, _)| status::seconds(now - at)),
-                serializer,
-                reconnects: self.metrics.router_reconnects.get(),
-                connect_failures: self.connect_failures,
-            },
-            delivery: shown.delivery.to_owned(),
-            queue: status::Queue {
-                kind: shown.queue_kind.to_owned(),
-                waiting: waiting as u64,
-                in_flight: in_flight as u64,
-                capacity: shown.capacity as u64,
-                max_in_flight: shown.max_in_flight as u64,
-                name: shown.queue_name.clone(),
-                consumer: shown.consumer.clone(),
-                redis_up: self.sidecar.redis_up(),
-                ..status::Queue::default()
-            },
-            mappings: self.sidecar.mappings(now.into_std()),
-            redis_targets: Vec::new(),
-            configuration: shown.settings.clone(),
-        }
+        let link = view::LinkView {
+            joined: self
+                .joined_at
+                .filter(|_| session.is_some())
+                .map(|(at, wall)| (at.into_std(), wall)),
+            session,
+            serializer,
+            reconnects: self.metrics.router_reconnects.get(),
+            connect_failures: self.connect_failures,
+            draining: self.drain_deadline.is_some(),
+        };
+        self.shown
+            .status(link, &self.sidecar, Instant::now().into_std())
     }
 
     /// Takes the Redis queue's new commands and admissions into the loop.
     fn take_queue_io(&mut self) {
-        let Some(s) = &mut self.streams else {
-            return;
-        };
-        if let Some((commands, admissions)) = self.sidecar.take_queue_io() {
-            s.commands.extend(commands);
-            s.admissions.extend(admissions);
+        if let Some(io) = &mut self.streams {
+            self.sidecar.take_queue_io(io);
         }
     }
 
@@ -335,18 +241,13 @@ impl App {
             let Some(s) = &mut self.streams else {
                 return;
             };
-            if self.sidecar.queue_finished() && s.commands.is_empty() && s.admissions.is_empty() {
+            if self.sidecar.queue_finished() && s.is_empty() {
                 return;
             }
             let wake = self.sidecar.next_wake().map(Instant::from_std);
             timer.set(wake);
             tokio::select! {
-                Some((id, reply)) = s.commands.next(), if !s.commands.is_empty() => {
-                    self.sidecar.on_queue_reply(id, reply, Instant::now().into_std());
-                }
-                Some((id, admitted)) = s.admissions.next(), if !s.admissions.is_empty() => {
-                    self.sidecar.on_admitted(id, admitted, Instant::now().into_std());
-                }
+                event = s.next() => self.sidecar.on_queue_event(event, Instant::now().into_std()),
                 _ = timer.sleep.as_mut(), if wake.is_some() => {}
             }
         }
@@ -572,25 +473,11 @@ async fn next_status_request(
     }
 }
 
-/// What the Redis queue's IO brought.
-enum QueueEvent {
-    Reply(CommandId, queue_core::Reply<Fields>),
-    Admitted(DeliveryId, Admitted),
-}
-
-/// The next thing the Redis queue's IO brings. Cancel safe:
-/// `FuturesUnordered::next` loses nothing when another branch wins.
+/// The next thing the Redis queue's IO brings, if there is one.
 async fn next_queue_event(streams: &mut Option<QueueIo>) -> QueueEvent {
     match streams.as_mut() {
-        Some(s) if !s.commands.is_empty() || !s.admissions.is_empty() => tokio::select! {
-            Some((id, reply)) = s.commands.next(), if !s.commands.is_empty() => {
-                QueueEvent::Reply(id, reply)
-            }
-            Some((id, admitted)) = s.admissions.next(), if !s.admissions.is_empty() => {
-                QueueEvent::Admitted(id, admitted)
-            }
-        },
-        _ => std::future::pending().await,
+        Some(io) => io.next().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -6,10 +6,11 @@
 //! procedures get labels of their own; the events of the others are counted
 //! under `procedure="other"` (and `subtocall_metrics_procedures_other` says
 //! how many procedures that is), so the metrics' cardinality is bounded
-//! whatever the registrations.
+//! whatever the registrations. `/status` reads each procedure's counts
+//! from the same counters (a procedure beyond the cap has counters of its
+//! own, unlabelled, which `other` sums): each count has one owner.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -25,24 +26,26 @@ const REFRESH_EVERY: Duration = Duration::from_secs(1);
 /// The label of events beyond the cap.
 const OTHER: &str = "other";
 
-/// One procedure's handles (or `other`'s).
+/// One procedure's handles. Each count has one owner: a procedure with a
+/// label of its own counts in the metrics' own counters, which `/status`
+/// reads back; one beyond the cap counts in counters of its own (for
+/// `/status`), and `other`'s, their sum, is added to beside them.
 #[derive(Clone)]
 struct Handles {
     label: ProcedureLabel,
     received: Counter,
     forwarded: Counter,
+    /// `other`'s received and forwarded (beyond the cap only).
+    other: Option<(Counter, Counter)>,
     latency: Histogram,
-    /// This procedure's own counts, whatever the cap (for `/status`).
+    /// Dead letters by reason and the last error (shared by the clones).
     tally: Arc<Tally>,
 }
 
-/// One procedure's counts and last error, for `/status`: exact per
-/// procedure, unlike the metrics beyond the cap.
+/// A procedure's dead letters by reason, and its last error.
 #[derive(Debug, Default)]
 pub struct Tally {
-    received: AtomicU64,
-    forwarded: AtomicU64,
-    dead_lettered: Mutex<BTreeMap<&'static str, u64>>,
+    dead_lettered: Mutex<BTreeMap<&'static str, Counter>>,
     last_error: Mutex<Option<(String, SystemTime)>>,
 }
 
@@ -103,21 +106,58 @@ impl Counts {
     }
 }
 
-impl Tally {
+impl Handles {
     fn read(&self) -> Counts {
         Counts {
-            received: self.received.load(Ordering::Relaxed),
-            forwarded: self.forwarded.load(Ordering::Relaxed),
+            received: self.received.get(),
+            forwarded: self.forwarded.get(),
             dead_lettered: self
+                .tally
                 .dead_lettered
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .clone(),
+                .iter()
+                .map(|(reason, n)| (*reason, n.get()))
+                .collect(),
             last_error: self
+                .tally
                 .last_error
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .clone(),
+        }
+    }
+
+    /// The procedure's dead letters of `reason`, and `other`'s beyond the cap.
+    fn dead_lettered(&self, metrics: &Metrics, reason: &'static str) {
+        let of = |label: &ProcedureLabel| {
+            metrics
+                .procedure_dead_lettered
+                .get_or_create(&ProcedureReason {
+                    procedure: label.procedure.clone(),
+                    group: label.group.clone(),
+                    reason,
+                })
+                .clone()
+        };
+        let mut counts = self
+            .tally
+            .dead_lettered
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let own = self.other.is_none();
+        counts
+            .entry(reason)
+            .or_insert_with(|| {
+                if own {
+                    of(&self.label)
+                } else {
+                    Counter::default()
+                }
+            })
+            .inc();
+        if !own {
+            of(&self.label).inc();
         }
     }
 }
@@ -184,9 +224,19 @@ impl ProcedureMetrics {
                 }
             };
             let m = &self.metrics;
+            let own = label.procedure != OTHER;
+            let received = m.procedure_received.get_or_create(&label).clone();
+            let forwarded = m.procedure_forwarded.get_or_create(&label).clone();
+            let (received, forwarded, other) = if own {
+                (received, forwarded, None)
+            } else {
+                let counted = (received, forwarded);
+                (Counter::default(), Counter::default(), Some(counted))
+            };
             let handles = Handles {
-                received: m.procedure_received.get_or_create(&label).clone(),
-                forwarded: m.procedure_forwarded.get_or_create(&label).clone(),
+                received,
+                forwarded,
+                other,
                 latency: m.procedure_latency.get_or_create(&label).clone(),
                 tally: Arc::default(),
                 label,
@@ -199,13 +249,17 @@ impl ProcedureMetrics {
     pub fn received(&mut self, procedure: &str) {
         let h = self.handles(procedure);
         h.received.inc();
-        h.tally.received.fetch_add(1, Ordering::Relaxed);
+        if let Some((other, _)) = &h.other {
+            other.inc();
+        }
     }
 
     pub fn forwarded(&mut self, procedure: &str, latency: Duration) {
         let h = self.handles(procedure);
         h.forwarded.inc();
-        h.tally.forwarded.fetch_add(1, Ordering::Relaxed);
+        if let Some((_, other)) = &h.other {
+            other.inc();
+        }
         h.latency.observe(latency.as_secs_f64());
     }
 
@@ -220,35 +274,18 @@ impl ProcedureMetrics {
     pub fn tally(&self, procedure: &str) -> Counts {
         self.handles
             .get(procedure)
-            .map(|h| h.tally.read())
+            .map(Handles::read)
             .unwrap_or_default()
     }
 
     /// Every procedure that had an event, with its counts.
     pub fn tallies(&self) -> impl Iterator<Item = (&str, Counts)> + '_ {
-        self.handles
-            .iter()
-            .map(|(p, h)| (p.as_str(), h.tally.read()))
+        self.handles.iter().map(|(p, h)| (p.as_str(), h.read()))
     }
 
     pub fn dead_lettered(&mut self, procedure: &str, reason: &'static str) {
-        let handles = self.handles(procedure);
-        *handles
-            .tally
-            .dead_lettered
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(reason)
-            .or_default() += 1;
-        let label = handles.label.clone();
-        self.metrics
-            .procedure_dead_lettered
-            .get_or_create(&ProcedureReason {
-                procedure: label.procedure,
-                group: label.group,
-                reason,
-            })
-            .inc();
+        let metrics = self.metrics.clone();
+        self.handles(procedure).dead_lettered(&metrics, reason);
     }
 
     /// Whether [`ProcedureMetrics::refresh`] is due.
@@ -360,6 +397,22 @@ mod tests {
             ),
             Some(1.0)
         );
+        // `/status` reads each procedure's own counts, exact beyond the cap.
+        assert_eq!(p.tally("a.SUB_x__audit").received, 2);
+        assert_eq!(p.tally("a.SUB_y").received, 1);
+        let z = p.tally("a.SUB_z");
+        assert_eq!((z.received, z.dead_lettered.get("rejected")), (1, Some(&1)));
+        assert!(p.tally("a.SUB_y").dead_lettered.is_empty());
+        // A procedure with a label of its own: what `/status` reads is the
+        // metric itself, not a second count kept beside it.
+        metrics
+            .procedure_received
+            .get_or_create(&ProcedureLabel {
+                procedure: "a.SUB_x__audit".into(),
+                group: "audit".into(),
+            })
+            .inc();
+        assert_eq!(p.tally("a.SUB_x__audit").received, 3);
         // Nothing left: the gauges go back to zero.
         p.refresh([], t0 + Duration::from_secs(3));
         let text = metrics.encode();

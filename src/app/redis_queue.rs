@@ -8,11 +8,13 @@
 use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::future::BoxFuture;
+use futures_util::stream::{FuturesUnordered, StreamExt as _};
 
 use crate::forward::envelope::{Entry as EntryRef, SharedEvent};
 use crate::forward::{DeliveryId, EventCore, GiveUp, Job};
 use crate::metrics::Metrics;
 use crate::sink::{Report, Sink};
+use crate::status::QueueProbe;
 use crate::streams::admit::{AdmitSink, Admitted};
 use crate::streams::carrier::{Carrier, Fields};
 use crate::streams::core::{Command, CommandId, Handed, Key, Note, QueueCore, Reply};
@@ -22,6 +24,59 @@ pub type PendingCommand = BoxFuture<'static, (CommandId, Reply<Fields>)>;
 
 /// An admission batch on its way to Redis: what came of it, when it comes.
 pub type PendingAdmission = BoxFuture<'static, (DeliveryId, Admitted)>;
+
+/// The Redis queue's IO, awaited by the loop: commands on their way to
+/// Redis (the queue core's replies come back through them) and admission
+/// batches (which also bring what they read).
+pub struct QueueIo {
+    commands: FuturesUnordered<PendingCommand>,
+    admissions: FuturesUnordered<PendingAdmission>,
+    /// What `/status` reads of the queue.
+    pub probe: QueueProbe,
+}
+
+/// What the Redis queue's IO brought.
+pub enum QueueEvent {
+    Reply(CommandId, Reply<Fields>),
+    Admitted(DeliveryId, Admitted),
+}
+
+impl QueueIo {
+    pub fn new(probe: QueueProbe) -> QueueIo {
+        QueueIo {
+            commands: FuturesUnordered::new(),
+            admissions: FuturesUnordered::new(),
+            probe,
+        }
+    }
+
+    /// Awaits what `queue` started since last asked.
+    pub fn take_from(&mut self, queue: &mut RedisQueue) {
+        self.commands.extend(queue.commands.drain(..));
+        self.admissions.extend(queue.admissions.drain(..));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.commands.is_empty() && self.admissions.is_empty()
+    }
+
+    /// The next thing the IO brings; pending while there is nothing to
+    /// await. Cancel safe: `FuturesUnordered::next` loses nothing when
+    /// another branch of a `select!` wins.
+    pub async fn next(&mut self) -> QueueEvent {
+        if self.is_empty() {
+            return std::future::pending().await;
+        }
+        tokio::select! {
+            Some((id, reply)) = self.commands.next(), if !self.commands.is_empty() => {
+                QueueEvent::Reply(id, reply)
+            }
+            Some((id, admitted)) = self.admissions.next(), if !self.admissions.is_empty() => {
+                QueueEvent::Admitted(id, admitted)
+            }
+        }
+    }
+}
 
 pub struct RedisQueue {
     /// What this instance reads, holds and commits.
@@ -81,17 +136,6 @@ impl RedisQueue {
             self.queue.on_reply(id, reply, now);
         }
         admitted.report
-    }
-
-    /// Commands and admissions started since last asked, for the loop to
-    /// await.
-    pub fn take_io(
-        &mut self,
-    ) -> (
-        std::vec::Drain<'_, PendingCommand>,
-        std::vec::Drain<'_, PendingAdmission>,
-    ) {
-        (self.commands.drain(..), self.admissions.drain(..))
     }
 
     pub fn carrier(&self) -> &Carrier {

@@ -12,7 +12,7 @@
 //! the backend. Each stage's outputs are written down by the [`Ledger`].
 //! The session bootstrap ([`Bootstrap`]) keeps discovery current.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -23,21 +23,18 @@ use super::bootstrap::Bootstrap;
 use super::fatal::Fatal;
 use super::intake::{self, EventIn, Intake};
 use super::ledger::Ledger;
-use super::procedure_metrics::ProcedureMetrics;
-use super::redis_queue::{self, PendingAdmission, PendingCommand, RedisQueue};
+use super::procedure_metrics::{Live, ProcedureMetrics};
+use super::redis_queue::{self, QueueEvent, QueueIo, RedisQueue};
 use super::stage::{Role, Stage, Stages};
 use super::token::Token;
-use super::view;
 use crate::config::OrderBy;
 use crate::discovery::Discovery;
 use crate::forward::envelope::SharedEvent;
 use crate::forward::{DeliveryId, EventCore, Failure, GiveUp, Job, Output};
 use crate::metrics::Metrics;
 use crate::sink::{Report, Sink, Started};
-use crate::status;
-use crate::streams::admit::Admitted;
 use crate::streams::carrier::Fields;
-use crate::streams::core::{CommandId, Handed, Key, Output as QueueOutput, Reply};
+use crate::streams::core::{Handed, Key, Output as QueueOutput};
 use crate::wamp::RequestError;
 use crate::wamp::connection::Refused;
 use crate::wamp::session::{Output as SessionOutput, Session};
@@ -283,19 +280,15 @@ impl Sidecar {
         }
     }
 
-    /// A Redis queue command's reply.
-    pub fn on_queue_reply(&mut self, id: CommandId, reply: Reply<Fields>, now: Instant) {
-        if let Some(q) = &mut self.queue {
-            q.queue.on_reply(id, reply, now);
-        }
-    }
-
-    /// An admission batch's outcome: what each stream's grant took goes to
-    /// the queue core, the outcome to the admission stage.
-    pub fn on_admitted(&mut self, id: DeliveryId, admitted: Admitted, now: Instant) {
-        let report = match &mut self.queue {
-            Some(q) => q.on_admitted(admitted, now),
-            None => admitted.report,
+    /// What the Redis queue's IO brought: a command's reply goes to the
+    /// queue core; an admission batch's grants to the queue core and its
+    /// outcome to the admission stage.
+    pub fn on_queue_event(&mut self, event: QueueEvent, now: Instant) {
+        let (id, report) = match (event, &mut self.queue) {
+            (QueueEvent::Reply(id, reply), Some(q)) => return q.queue.on_reply(id, reply, now),
+            (QueueEvent::Reply(..), None) => return,
+            (QueueEvent::Admitted(id, admitted), Some(q)) => (id, q.on_admitted(admitted, now)),
+            (QueueEvent::Admitted(id, admitted), None) => (id, admitted.report),
         };
         self.on_report(id, report, now);
     }
@@ -668,10 +661,18 @@ impl Sidecar {
         .min()
     }
 
-    /// Every mapping with its counts, for `/status`.
-    pub fn mappings(&self, now: Instant) -> Vec<status::Mapping> {
-        let live = self.stages.live();
-        view::mappings(&self.bootstrap, &self.ledger.per_procedure, &live, now)
+    pub fn bootstrap(&self) -> &Bootstrap {
+        &self.bootstrap
+    }
+
+    /// Each procedure's counts.
+    pub fn per_procedure(&self) -> &ProcedureMetrics {
+        &self.ledger.per_procedure
+    }
+
+    /// What each procedure has in flight and waiting, over every stage.
+    pub fn live(&self) -> HashMap<&str, Live> {
+        self.stages.live()
     }
 
     /// Whether Redis answers (Redis queue; `None` without it).
@@ -689,15 +690,11 @@ impl Sidecar {
         self.ledger.close_dead_letter_store();
     }
 
-    /// The Redis queue's commands and admissions started since last asked,
-    /// for the loop to await.
-    pub fn take_queue_io(
-        &mut self,
-    ) -> Option<(
-        std::vec::Drain<'_, PendingCommand>,
-        std::vec::Drain<'_, PendingAdmission>,
-    )> {
-        Some(self.queue.as_mut()?.take_io())
+    /// Hands `io` what the Redis queue started since last asked.
+    pub fn take_queue_io(&mut self, io: &mut QueueIo) {
+        if let Some(q) = &mut self.queue {
+            io.take_from(q);
+        }
     }
 
     /// Whether the Redis queue is done (its leases given up), or there is

@@ -279,7 +279,7 @@ fn under_overload_meta_events_still_get_through() {
 fn status_mappings_follow_callees_joining_and_leaving_and_keep_the_last_error() {
     let mut rig = Rig::new();
     rig.discover();
-    let mapping = |rig: &Rig| rig.sidecar.mappings(rig.now).remove(0);
+    let mapping = |rig: &Rig| super::view::mappings(&rig.sidecar, rig.now).remove(0);
     let m = mapping(&rig);
     assert_eq!(
         (
@@ -334,7 +334,7 @@ fn a_procedures_received_count_leaves_out_duplicates_so_its_figures_add_up() {
     assert_eq!(kinds(&sent), [48], "called once: {sent:?}");
     rig.router(json!([50, sent[0][1], {}])).unwrap();
     assert_eq!(rig.metrics.events_duplicate.get(), 1);
-    let m = rig.sidecar.mappings(rig.now).remove(0);
+    let m = super::view::mappings(&rig.sidecar, rig.now).remove(0);
     assert_eq!((m.received, m.forwarded, m.in_flight), (1, 1, 0));
 }
 

@@ -1,22 +1,88 @@
-//! The `/status` view of the mappings: each topic and group discovery
-//! knows, with its procedure's counts (`ProcedureMetrics`), what it has in
-//! flight and waiting in the stages, and its callees. Read-only.
+//! The `/status` view, as far as the loop knows it (the listener adds
+//! what only Redis knows): the router link, the queue, and every mapping,
+//! each topic and group discovery knows with its procedure's counts
+//! (`ProcedureMetrics`), what it has in flight and waiting in the stages,
+//! and its callees. Read-only.
 
-use std::collections::HashMap;
 use std::time::{Instant, SystemTime};
 
-use super::bootstrap::Bootstrap;
-use super::procedure_metrics::{Counts, Live, ProcedureMetrics};
+use super::procedure_metrics::{Counts, Live};
+use super::sidecar::Sidecar;
 use crate::discovery::topic::MatchPolicy;
-use crate::status;
+use crate::status::{self, RedisProbe, Status};
+
+/// What `/status` shows that is fixed at startup.
+pub struct Shown {
+    pub started: Instant,
+    pub url: String,
+    pub realm: String,
+    pub settings: Vec<status::Setting>,
+    pub delivery: &'static str,
+    pub queue_kind: &'static str,
+    pub capacity: usize,
+    pub max_in_flight: usize,
+    pub queue_name: Option<String>,
+    pub consumer: Option<String>,
+    pub probe: Option<RedisProbe>,
+}
+
+/// What the loop knows of the router link.
+pub struct LinkView {
+    pub session: Option<u64>,
+    pub serializer: Option<String>,
+    /// When the current session joined.
+    pub joined: Option<(Instant, SystemTime)>,
+    pub reconnects: u64,
+    /// Consecutive failures to reach a healthy session.
+    pub connect_failures: u32,
+    /// The loop is draining.
+    pub draining: bool,
+}
+
+impl Shown {
+    pub fn status(&self, link: LinkView, sidecar: &Sidecar, now: Instant) -> Status {
+        let (waiting, in_flight) = sidecar.held();
+        Status {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            ready: sidecar.is_ready(),
+            draining: link.draining || sidecar.is_draining(),
+            uptime_seconds: status::seconds(now.saturating_duration_since(self.started)),
+            router: status::Router {
+                url: self.url.clone(),
+                realm: self.realm.clone(),
+                connected: link.session.is_some(),
+                session: link.session,
+                joined_at: link.joined.map(|(_, at)| status::rfc3339(at)),
+                joined_seconds: link
+                    .joined
+                    .map(|(at, _)| status::seconds(now.saturating_duration_since(at))),
+                serializer: link.serializer,
+                reconnects: link.reconnects,
+                connect_failures: link.connect_failures,
+            },
+            delivery: self.delivery.to_owned(),
+            queue: status::Queue {
+                kind: self.queue_kind.to_owned(),
+                waiting: waiting as u64,
+                in_flight: in_flight as u64,
+                capacity: self.capacity as u64,
+                max_in_flight: self.max_in_flight as u64,
+                name: self.queue_name.clone(),
+                consumer: self.consumer.clone(),
+                redis_up: sidecar.redis_up(),
+                ..status::Queue::default()
+            },
+            mappings: mappings(sidecar, now),
+            redis_targets: Vec::new(),
+            configuration: self.settings.clone(),
+        }
+    }
+}
 
 /// Every mapping with its counts, for `/status`.
-pub fn mappings(
-    bootstrap: &Bootstrap,
-    per_procedure: &ProcedureMetrics,
-    live: &HashMap<&str, Live>,
-    now: Instant,
-) -> Vec<status::Mapping> {
+pub fn mappings(sidecar: &Sidecar, now: Instant) -> Vec<status::Mapping> {
+    let (bootstrap, per_procedure) = (sidecar.bootstrap(), sidecar.per_procedure());
+    let live = sidecar.live();
     let wall = SystemTime::now();
     bootstrap
         .discovery()
@@ -43,7 +109,7 @@ pub fn mappings(
                     }
                 }
             }
-            for (name, l) in live {
+            for (name, l) in &live {
                 if matches(name) {
                     here.add(*l);
                 }

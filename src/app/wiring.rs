@@ -5,15 +5,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::stream::FuturesUnordered;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tokio::time::Instant;
 
 use super::fatal::Fatal;
-use super::redis_queue::{PendingAdmission, PendingCommand, RedisQueue};
+use super::redis_queue::{QueueIo, RedisQueue};
 use super::sidecar::Sidecar;
 use super::token::Token;
+use super::view::Shown;
 use crate::config::{self, Config};
 use crate::discovery::Discovery;
 use crate::forward::retry::{Backoff, RetryPolicy};
@@ -23,7 +22,7 @@ use crate::sink::Sink;
 use crate::sink::redis::{self as redis_sink, RedisSink};
 use crate::sink::stream::StreamSink;
 use crate::sink::wamp::WampSink;
-use crate::status::{self, QueueProbe, RedisProbe, TargetProbe};
+use crate::status::{QueueProbe, RedisProbe, TargetProbe};
 use crate::streams::admit::{self, AdmitSink};
 use crate::streams::carrier::Carrier;
 use crate::streams::core::{self as queue_core, QueueCore};
@@ -41,31 +40,6 @@ pub struct Parts {
     pub shown: Shown,
     /// The task writing dead letters to Redis, when one is configured.
     pub dead_letter_task: Option<JoinHandle<()>>,
-}
-
-/// What `/status` shows that is fixed at startup.
-pub struct Shown {
-    pub started: Instant,
-    pub url: String,
-    pub realm: String,
-    pub settings: Vec<status::Setting>,
-    pub delivery: &'static str,
-    pub queue_kind: &'static str,
-    pub capacity: usize,
-    pub max_in_flight: usize,
-    pub queue_name: Option<String>,
-    pub consumer: Option<String>,
-    pub probe: Option<RedisProbe>,
-}
-
-/// The Redis queue's IO, awaited by the loop: commands on their way to
-/// Redis (the queue core's replies come back through them) and admission
-/// batches (which also bring what they read).
-pub struct QueueIo {
-    pub commands: FuturesUnordered<PendingCommand>,
-    pub admissions: FuturesUnordered<PendingAdmission>,
-    /// What `/status` reads of the queue.
-    pub probe: QueueProbe,
 }
 
 /// Builds the sidecar and what the loop needs beside it.
@@ -198,7 +172,7 @@ pub fn build(config: &Config, metrics: &Arc<Metrics>) -> Result<Parts, Fatal> {
     };
     let queue_probe = streams.as_ref().map(|s: &QueueIo| s.probe.clone());
     let shown = Shown {
-        started: Instant::now(),
+        started: std::time::Instant::now(),
         url: config.wamp.url.to_string(),
         realm: config.wamp.realm.clone(),
         settings: config.settings().to_vec(),
@@ -300,11 +274,7 @@ fn start_streams(
     };
     let core = Forwarder::new(MemoryQueue::new(), deliver, rand::random());
     let queue = RedisQueue::new(queue, carrier, admit.clone());
-    let io = QueueIo {
-        commands: FuturesUnordered::new(),
-        admissions: FuturesUnordered::new(),
-        probe,
-    };
+    let io = QueueIo::new(probe);
     Ok((admit, queue, core, io))
 }
 
