@@ -620,11 +620,6 @@ impl Sidecar {
         self.ledger.finish();
     }
 
-    /// The first stage's core.
-    pub fn core(&self) -> &EventCore {
-        &self.stages.get(0).core
-    }
-
     /// Nothing waiting or in flight in any stage (and, with the Redis
     /// queue, its last commits made and its leases given up).
     pub fn is_idle(&self) -> bool {

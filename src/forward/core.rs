@@ -32,7 +32,7 @@ use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
 
 use super::batch::{Batching, Pools};
-use super::job::{DeliveryId, Job};
+use super::job::{DeliveryId, Dispatch, Job};
 use super::outcome::{Failure, GiveUp, Outcome, RetryAction, classify, final_reason};
 use super::queue::Queue;
 use super::retry::RetryPolicy;
@@ -47,18 +47,6 @@ pub enum OverflowPolicy {
     /// attempt (it is dead-lettered); if every waiting event is a retry, the
     /// new event is refused instead.
     DropOldest,
-}
-
-/// How events are grouped into deliveries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Dispatch {
-    /// One event per delivery, up to the in-flight limit at once, each
-    /// retried on its own (a CALL per event).
-    Each,
-    /// Up to `max` events per delivery, in order, one delivery at a time; a
-    /// delivery that fails as a whole goes back to the head of the line and
-    /// nothing passes it (Redis lists, whose order is kept).
-    Pipeline { max: usize },
 }
 
 /// The core's limits and policies.

@@ -1,7 +1,8 @@
 //! The words the forwarding stages, the sinks and the metrics share: a
 //! [`Job`] (an event on its way, with its history), its place in a batch
-//! ([`Batched`]), and the [`DeliveryId`] that brings an attempt's outcome
-//! back. A leaf: it imports none of them.
+//! ([`Batched`]), the [`DeliveryId`] that brings an attempt's outcome
+//! back, and how a sink takes deliveries ([`Dispatch`]). A leaf: it
+//! imports none of them.
 
 use std::time::Instant;
 
@@ -72,4 +73,16 @@ impl<T> Job<T> {
     pub fn with_batch(self, batch: Option<Batched>) -> Job<T> {
         Job { batch, ..self }
     }
+}
+
+/// How events are grouped into deliveries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dispatch {
+    /// One event per delivery, up to the in-flight limit at once, each
+    /// retried on its own (a CALL per event).
+    Each,
+    /// Up to `max` events per delivery, in order, one delivery at a time; a
+    /// delivery that fails as a whole goes back to the head of the line and
+    /// nothing passes it (Redis lists, whose order is kept).
+    Pipeline { max: usize },
 }

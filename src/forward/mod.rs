@@ -19,8 +19,8 @@ pub mod retry;
 mod tests;
 
 pub use self::batch::Batching;
-pub use self::core::{Counts, Dispatch, Forwarder, Output, OverflowPolicy, Settings};
-pub use self::job::{Batched, DeliveryId, Job};
+pub use self::core::{Counts, Forwarder, Output, OverflowPolicy, Settings};
+pub use self::job::{Batched, DeliveryId, Dispatch, Job};
 pub use self::outcome::{Failure, GiveUp, Outcome, RetryAction};
 pub use self::queue::{MemoryQueue, Queue};
 
