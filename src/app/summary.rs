@@ -42,10 +42,12 @@ impl Summary {
         self.received - self.duplicates - self.unroutable
     }
 
-    /// The stop line.
+    /// The stop line (target `subtocall::app`, as before it had a file
+    /// of its own).
     pub fn log(&self) {
         match self.admitted {
             None => tracing::info!(
+                target: "subtocall::app",
                 received = self.received,
                 duplicates = self.duplicates,
                 unroutable = self.unroutable,
@@ -55,6 +57,7 @@ impl Summary {
                 "subtocall stopped"
             ),
             Some((admitted, elsewhere)) => tracing::info!(
+                target: "subtocall::app",
                 received = self.received,
                 duplicates = self.duplicates,
                 unroutable = self.unroutable,
