@@ -1188,6 +1188,14 @@ impl<T> QueueCore<T> {
         self.held
     }
 
+    /// Entries held, counted stream by stream: the one record of what is
+    /// held, which `held` sums up as it changes (the model test checks that
+    /// they agree after every step).
+    #[cfg(test)]
+    pub(crate) fn held_by_stream(&self) -> usize {
+        self.units.values().map(|u| u.held.len()).sum()
+    }
+
     /// Entries held plus what the reads, takes and grants in flight may
     /// bring: never above the window.
     pub fn committed(&self) -> usize {

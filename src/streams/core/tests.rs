@@ -907,6 +907,12 @@ impl World {
                 core.committed(),
                 core.window()
             );
+            prop_assert_eq!(
+                core.held(),
+                core.held_by_stream(),
+                "{}'s count of held entries disagrees with its streams",
+                &self.insts[i].name
+            );
             if !any {
                 return Ok(());
             }
