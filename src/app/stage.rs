@@ -199,3 +199,85 @@ impl Stages {
         live
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::{Duration, SystemTime};
+
+    use super::*;
+    use crate::forward::retry::{Backoff, RetryPolicy};
+    use crate::forward::{Dispatch, Forwarder, MemoryQueue, Output, OverflowPolicy, Settings};
+    use crate::sink::wamp::WampSink;
+    use crate::wamp::{Dict, Event, Payload, PublicationId, SubscriptionId};
+
+    fn core() -> EventCore {
+        let s = Duration::from_secs(1);
+        let settings = Settings {
+            capacity: 10,
+            overflow: OverflowPolicy::DropNewest,
+            max_in_flight: 4,
+            dispatch: Dispatch::Each,
+            retry: RetryPolicy {
+                max_attempts: 3,
+                max_age: 60 * s,
+                backoff: Backoff { initial: s, max: s },
+            },
+            batching: Default::default(),
+        };
+        Forwarder::new(MemoryQueue::new(), settings, 1)
+    }
+
+    fn sink() -> Box<dyn Sink<Token> + Send> {
+        Box::new(WampSink {
+            call_timeout: Duration::from_secs(10),
+            details_kwarg: None,
+        })
+    }
+
+    fn job(publication: u64, now: Instant) -> Job<Box<SharedEvent>> {
+        let event = Event {
+            subscription: SubscriptionId(1),
+            publication: PublicationId(publication),
+            details: Dict::new(),
+            payload: Payload::default(),
+        };
+        let shared = SharedEvent::new(Arc::from("p.SUB_t"), "p.t".into(), event, SystemTime::now());
+        Job::new(Box::new(shared), now)
+    }
+
+    fn delivered(stage: &mut Stage) -> Vec<DeliveryId> {
+        std::iter::from_fn(|| stage.core.poll())
+            .filter_map(|o| match o {
+                Output::Deliver(id) => Some(id),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A report finds its stage by the delivery id alone, whichever stage
+    /// started it, and each stage's counts are its own.
+    #[test]
+    fn each_stage_owns_its_delivery_ids_and_the_list_sums_what_they_hold() {
+        let now = Instant::now();
+        let mut stages = Stages::default();
+        stages.push(Role::Admit, core(), sink(), now);
+        stages.push(Role::DeliverQueued, core(), sink(), now);
+        stages.set_joined(true, now);
+        for (i, n) in [(0, 2), (1, 3)] {
+            for p in 0..n {
+                stages.get_mut(i).core.accept_job(job(p, now), now);
+            }
+        }
+        let first = delivered(stages.get_mut(0));
+        let second = delivered(stages.get_mut(1));
+        assert_eq!((first.len(), second.len()), (2, 3));
+        assert!(first.iter().all(|id| stages.of(*id) == 0));
+        assert!(second.iter().all(|id| stages.of(*id) == 1));
+        assert_eq!(stages.held(), (0, 5));
+        // Only the delivering stage's calls are deliveries in flight.
+        assert_eq!(stages.delivering(), 3);
+        assert_eq!(stages.live()["p.SUB_t"].in_flight, 5);
+        assert!(!stages.is_idle());
+    }
+}
