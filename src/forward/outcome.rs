@@ -75,7 +75,7 @@ const RETRYABLE_WAMP_ERRORS: &[&str] = &[
 ];
 
 /// Redis server error codes that mean "try again later", not "this command
-/// is wrong".
+/// is wrong": one list for every Redis path (sinks, the Redis queue).
 const TRANSIENT_REDIS_CODES: &[&str] = &[
     "NOREPLICAS",
     "MOVED",
@@ -88,6 +88,12 @@ const TRANSIENT_REDIS_CODES: &[&str] = &[
     "OOM",
     "READONLY",
 ];
+
+/// Whether a Redis server error code means "try again later" (a busy,
+/// loading, failing-over or redirecting server, a missing replica).
+pub fn is_transient_redis_code(code: &str) -> bool {
+    TRANSIENT_REDIS_CODES.contains(&code)
+}
 
 /// Classifies a WAMP ERROR returned for a forwarded CALL.
 pub fn classify_wamp_error(uri: &str) -> RetryAction {
@@ -114,7 +120,7 @@ pub fn classify(failure: &Failure) -> RetryAction {
         // The same message would be too large again.
         Failure::Call(RequestError::TooLarge { .. }) => RetryAction::Final,
         Failure::Redis(e) => {
-            let transient = e.code().is_some_and(|c| TRANSIENT_REDIS_CODES.contains(&c))
+            let transient = e.code().is_some_and(is_transient_redis_code)
                 || e.is_io_error()
                 || e.is_timeout()
                 || e.is_connection_dropped()

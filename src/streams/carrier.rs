@@ -27,6 +27,7 @@ use tokio::sync::Mutex;
 use super::core::{Command, CommandId, EntryId, Failure, Got, Kept, Key, Reply, Unit};
 use super::resp::{self, Cursor, RawConn};
 use super::{COMMAND_TIMEOUT, Keys, Shared, Target, text};
+use crate::forward::outcome::is_transient_redis_code;
 
 /// An entry's fields, as slices of the reply that brought them.
 pub type Fields = Vec<(Bytes, Bytes)>;
@@ -1056,26 +1057,12 @@ async fn query_pipe(pipe: &redis::Pipeline, c: &mut super::Conn) -> Result<(), F
     }
 }
 
-/// Server error codes that mean "try again later".
-const TRANSIENT_CODES: &[&str] = &[
-    "LOADING",
-    "BUSY",
-    "TRYAGAIN",
-    "MASTERDOWN",
-    "CLUSTERDOWN",
-    "READONLY",
-    "NOREPLICAS",
-    "MOVED",
-    "ASK",
-    "OOM",
-];
-
 /// What a redis-rs error means for the core.
 pub fn failure(e: &redis::RedisError) -> Failure {
     let message = e.to_string();
     match e.code() {
         Some("NOGROUP") => Failure::NoGroup(message),
-        Some(code) if TRANSIENT_CODES.contains(&code) => Failure::Transient(message),
+        Some(code) if is_transient_redis_code(code) => Failure::Transient(message),
         _ if e.is_io_error()
             || e.is_timeout()
             || e.is_connection_dropped()
@@ -1095,7 +1082,7 @@ pub fn failure(e: &redis::RedisError) -> Failure {
 fn raw_failure(e: resp::Error) -> Failure {
     match (&e, e.code()) {
         (_, Some("NOGROUP")) => Failure::NoGroup(e.to_string()),
-        (_, Some(code)) if TRANSIENT_CODES.contains(&code) => Failure::Transient(e.to_string()),
+        (_, Some(code)) if is_transient_redis_code(code) => Failure::Transient(e.to_string()),
         (resp::Error::Server(_) | resp::Error::Unsupported(_), _) => Failure::Final(e.to_string()),
         _ => Failure::Transient(e.to_string()),
     }
