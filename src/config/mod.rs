@@ -192,12 +192,25 @@ pub struct RedisConfig {
     pub dead_letter_key: Option<String>,
     /// `url` is a seed node of a Redis Cluster.
     pub cluster: bool,
+    /// The master is found through these sentinels (`url` gives only the
+    /// user, password and database).
+    pub sentinel: Option<SentinelConfig>,
     /// Lists or streams (`SUBTOCALL_REDIS_TARGET`).
     pub target: RedisTarget,
     /// The consumer group created on each stream.
     pub consumer_group: String,
     /// Unacknowledged entries a stream may hold.
     pub max_backlog: u64,
+}
+
+/// Redis Sentinel: who to ask for the master, and its name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SentinelConfig {
+    /// Host and port of each sentinel.
+    pub sentinels: Vec<(String, u16)>,
+    pub master: String,
+    /// The sentinels' own password.
+    pub password: Option<Secret>,
 }
 
 /// What Redis mode pushes onto.
@@ -392,6 +405,9 @@ struct RawVars {
     subtocall_instance_id: Option<String>,
     subtocall_max_deliveries: Option<String>,
     subtocall_redis_cluster: Option<String>,
+    subtocall_redis_sentinels: Option<String>,
+    subtocall_redis_sentinel_master: Option<String>,
+    subtocall_redis_sentinel_password: Option<String>,
     subtocall_shutdown_timeout: Option<String>,
     subtocall_http_addr: Option<String>,
     subtocall_metrics_max_procedures: Option<String>,
@@ -464,6 +480,9 @@ impl RawVars {
             "SUBTOCALL_INSTANCE_ID" => &self.subtocall_instance_id,
             "SUBTOCALL_MAX_DELIVERIES" => &self.subtocall_max_deliveries,
             "SUBTOCALL_REDIS_CLUSTER" => &self.subtocall_redis_cluster,
+            "SUBTOCALL_REDIS_SENTINELS" => &self.subtocall_redis_sentinels,
+            "SUBTOCALL_REDIS_SENTINEL_MASTER" => &self.subtocall_redis_sentinel_master,
+            "SUBTOCALL_REDIS_SENTINEL_PASSWORD" => &self.subtocall_redis_sentinel_password,
             "SUBTOCALL_SHUTDOWN_TIMEOUT" => &self.subtocall_shutdown_timeout,
             "SUBTOCALL_HTTP_ADDR" => &self.subtocall_http_addr,
             "SUBTOCALL_METRICS_MAX_PROCEDURES" => &self.subtocall_metrics_max_procedures,
@@ -772,15 +791,63 @@ fn redis(r: &mut Reader) -> Checked<RedisConfig> {
     let max_backlog = r.required(&REDIS_MAX_BACKLOG, |text| {
         parse::number_in(text, 1, 1_000_000_000)
     });
+    let sentinel = sentinel(r, cluster.as_ref().is_ok_and(|c| *c));
     Ok(RedisConfig {
         url: url?,
         prefix: prefix?,
         dead_letter_key: dead_letter_key?,
         cluster: cluster?,
+        sentinel: sentinel?,
         target: target?,
         consumer_group: consumer_group?,
         max_backlog: max_backlog?,
     })
+}
+
+/// `SUBTOCALL_REDIS_SENTINELS` and the settings that go with it.
+fn sentinel(r: &mut Reader, cluster: bool) -> Checked<Option<SentinelConfig>> {
+    let sentinels = r.optional(&REDIS_SENTINELS, parse::host_ports);
+    let master = r.optional(&REDIS_SENTINEL_MASTER, parse::non_empty);
+    let password = r.optional(&REDIS_SENTINEL_PASSWORD, parse::secret);
+    let (sentinels, master, password) = (sentinels?, master?, password?);
+    let Some(sentinels) = sentinels else {
+        let only = format!("is only used with {}", REDIS_SENTINELS.name);
+        if master.is_some() {
+            r.report(REDIS_SENTINEL_MASTER.name, None, only.clone());
+        }
+        if password.is_some() {
+            r.report(REDIS_SENTINEL_PASSWORD.name, None, only);
+        }
+        return if master.is_some() || password.is_some() {
+            Err(Reported)
+        } else {
+            Ok(None)
+        };
+    };
+    if cluster {
+        r.report(
+            REDIS_SENTINELS.name,
+            None,
+            format!(
+                "cannot be used with {} (a Redis Cluster fails over by itself)",
+                REDIS_CLUSTER.name
+            ),
+        );
+        return Err(Reported);
+    }
+    let Some(master) = master else {
+        r.report(
+            REDIS_SENTINEL_MASTER.name,
+            None,
+            format!("is required when {} is set", REDIS_SENTINELS.name),
+        );
+        return Err(Reported);
+    };
+    Ok(Some(SentinelConfig {
+        sentinels,
+        master,
+        password,
+    }))
 }
 
 fn queue(r: &mut Reader) -> Checked<QueueConfig> {

@@ -155,6 +155,32 @@ pub(crate) fn queue_name(text: &str) -> Parsed<String> {
 }
 
 /// Any text, even empty.
+/// `host:port[,host:port...]`, IPv6 hosts in brackets (`[::1]:26379`).
+pub(crate) fn host_ports(text: &str) -> Parsed<Vec<(String, u16)>> {
+    let mut out = Vec::new();
+    for item in text.split(',').map(str::trim) {
+        let (host, port) = item
+            .rsplit_once(':')
+            .ok_or_else(|| Invalid::because(format!("{item:?} is not host:port")))?;
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        if host.is_empty() || host.contains(':') && !item.starts_with('[') {
+            return Err(Invalid::because(format!(
+                "{item:?} is not host:port (write an IPv6 address as [addr]:port)"
+            )));
+        }
+        let port = port
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| Invalid::because(format!("{item:?} has no port from 1 to 65535")))?;
+        out.push((host.to_owned(), port));
+    }
+    Ok(out)
+}
+
 pub(crate) fn any_text(text: &str) -> Parsed<String> {
     Ok(text.to_string())
 }

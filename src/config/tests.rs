@@ -870,3 +870,58 @@ fn the_group_separator_is_a_word_without_dots() {
         "SUBTOCALL_GROUP_SEPARATOR",
     );
 }
+
+#[test]
+fn sentinel_settings_are_read_and_checked_together() {
+    let c = config(&[
+        (
+            "SUBTOCALL_REDIS_SENTINELS",
+            "10.0.0.1:26379, [::1]:26380,s3:1",
+        ),
+        ("SUBTOCALL_REDIS_SENTINEL_MASTER", "mymaster"),
+        ("SUBTOCALL_REDIS_SENTINEL_PASSWORD", SECRET),
+    ]);
+    let s = c.redis.sentinel.as_ref().expect("Sentinel configured");
+    assert_eq!(
+        s.sentinels,
+        [
+            ("10.0.0.1".to_owned(), 26379),
+            ("::1".to_owned(), 26380),
+            ("s3".to_owned(), 1)
+        ]
+    );
+    assert_eq!(s.master, "mymaster");
+    assert_eq!(s.password.as_ref().map(Secret::expose), Some(SECRET));
+    assert!(!format!("{c:?}").contains(SECRET));
+    assert_eq!(config(&[]).redis.sentinel, None);
+
+    let p = problem(
+        &[("SUBTOCALL_REDIS_SENTINELS", "s1:26379")],
+        "SUBTOCALL_REDIS_SENTINEL_MASTER",
+    );
+    assert!(p.message.contains("required"), "{p:?}");
+    let p = problem(
+        &[("SUBTOCALL_REDIS_SENTINEL_MASTER", "m")],
+        "SUBTOCALL_REDIS_SENTINEL_MASTER",
+    );
+    assert!(p.message.contains("only used with"), "{p:?}");
+    let p = problem(
+        &[
+            ("SUBTOCALL_REDIS_SENTINELS", "s1:26379"),
+            ("SUBTOCALL_REDIS_SENTINEL_MASTER", "m"),
+            ("SUBTOCALL_REDIS_CLUSTER", "1"),
+        ],
+        "SUBTOCALL_REDIS_SENTINELS",
+    );
+    assert!(p.message.contains("SUBTOCALL_REDIS_CLUSTER"), "{p:?}");
+    for bad in ["s1", "s1:0", "s1:65536", ":26379", "::1:26379", "s1:26379,"] {
+        let p = problem(
+            &[
+                ("SUBTOCALL_REDIS_SENTINELS", bad),
+                ("SUBTOCALL_REDIS_SENTINEL_MASTER", "m"),
+            ],
+            "SUBTOCALL_REDIS_SENTINELS",
+        );
+        assert!(p.message.contains("port"), "{bad}: {p:?}");
+    }
+}

@@ -625,6 +625,43 @@ pub(crate) const REDIS_CLUSTER: Var = Var {
     group: Group::Redis,
 };
 
+pub(crate) const REDIS_SENTINELS: Var = Var {
+    name: "SUBTOCALL_REDIS_SENTINELS",
+    old_names: &[],
+    default: DefaultValue::Unset,
+    accepts: "host:port[,host:port...] (IPv6 as [addr]:port)",
+    meaning: "Redis Sentinel: the sentinels to ask for the master named by \
+              SUBTOCALL_REDIS_SENTINEL_MASTER, for every Redis connection (the queue, \
+              Redis mode, dead letters, /status, subtocall check and dead-letters). A \
+              failover is followed: a connection that fails or finds a replica asks again. \
+              The user, password and database come from REDIS_URL; its host and port are \
+              ignored. Not with SUBTOCALL_REDIS_CLUSTER.",
+    secret: false,
+    group: Group::Redis,
+};
+
+pub(crate) const REDIS_SENTINEL_MASTER: Var = Var {
+    name: "SUBTOCALL_REDIS_SENTINEL_MASTER",
+    old_names: &[],
+    default: DefaultValue::Unset,
+    accepts: "the master's name in the sentinels' configuration (not empty)",
+    meaning: "With SUBTOCALL_REDIS_SENTINELS (and required by it): the name the sentinels \
+              monitor the master under (`sentinel monitor <name> ...`).",
+    secret: false,
+    group: Group::Redis,
+};
+
+pub(crate) const REDIS_SENTINEL_PASSWORD: Var = Var {
+    name: "SUBTOCALL_REDIS_SENTINEL_PASSWORD",
+    old_names: &[],
+    default: DefaultValue::Unset,
+    accepts: "any text",
+    meaning: "With SUBTOCALL_REDIS_SENTINELS: the sentinels' own password \
+              (`requirepass` in sentinel.conf), when they have one.",
+    secret: true,
+    group: Group::Redis,
+};
+
 pub(crate) const REDIS_PREFIX: Var = Var {
     name: "SUBTOCALL_REDIS_PREFIX",
     old_names: &[],
@@ -778,6 +815,9 @@ pub(crate) const VARS: &[&Var] = &[
     &MAX_DELIVERIES,
     &REDIS_URL,
     &REDIS_CLUSTER,
+    &REDIS_SENTINELS,
+    &REDIS_SENTINEL_MASTER,
+    &REDIS_SENTINEL_PASSWORD,
     &REDIS_PREFIX,
     &REDIS_TARGET,
     &REDIS_CONSUMER_GROUP,
