@@ -10,7 +10,7 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::app::client_config;
-use crate::config::{Config, Mode, QueueKind, RedisTarget, RedisUrl};
+use crate::config::{Config, Mode, QueueKind, RedisTarget};
 use crate::discovery::GroupName;
 use crate::discovery::meta::{self, RegistrationInfo};
 use crate::discovery::topic::{Classification, Mapper, MatchPolicy};
@@ -291,13 +291,22 @@ async fn check_registrations(
 }
 
 async fn check_redis(config: &Config, report: &mut Report) {
-    let url = &config.redis.url;
+    // Where it asks: the URL (its password hidden), or the master the
+    // sentinels name.
+    let url: String = match &config.redis.sentinel {
+        Some(s) => format!(
+            "the master {} (named by {} sentinels)",
+            s.master,
+            s.sentinels.len()
+        ),
+        None => config.redis.url.to_string(),
+    };
+    let url = &url;
     let ask = async {
-        let client = redis::Client::open(url.expose()).map_err(|e| e.to_string())?;
-        let mut conn = client
-            .get_multiplexed_async_connection()
-            .await
-            .map_err(|e| e.to_string())?;
+        // One server, or the master the sentinels name (not a cluster:
+        // PING and INFO ask the seed).
+        let target = crate::streams::Target::from_config(&config.redis, false)?;
+        let mut conn = target.shared()?.get().await.map_err(|e| e.to_string())?;
         redis::cmd("PING")
             .query_async::<String>(&mut conn)
             .await
@@ -335,10 +344,7 @@ async fn check_redis(config: &Config, report: &mut Report) {
 
 /// One line per stream of the stream target (`<prefix>*`): its backlog and
 /// each consumer group with its consumers, pending entries and lag.
-async fn stream_lines(
-    config: &Config,
-    conn: &mut redis::aio::MultiplexedConnection,
-) -> Vec<String> {
+async fn stream_lines(config: &Config, conn: &mut crate::streams::Conn) -> Vec<String> {
     let pattern = format!("{}*", config.redis.prefix);
     let mut streams: Vec<String> = Vec::new();
     let mut cursor: u64 = 0;
@@ -465,7 +471,7 @@ fn parse_server_version(info: &str) -> Result<ServerVersion, String> {
 /// The report line for the server at `url` once it answered PING: ok with
 /// its version when it is new enough; otherwise a failure naming what was
 /// found (or why the version cannot be told) and the minimum.
-fn version_line(url: &RedisUrl, version: Result<ServerVersion, String>) -> Line {
+fn version_line(url: &dyn std::fmt::Display, version: Result<ServerVersion, String>) -> Line {
     let (major, minor) = MIN_REDIS;
     let needs = format!("subtocall needs Redis {major}.{minor} or newer, or Valkey");
     let (status, text) = match version {
@@ -543,7 +549,7 @@ mod tests {
                             valkey_version:8.0.1\r\nredis_git_sha1:00000000\r\n";
 
     fn line_for(url: &str, info: &str) -> Line {
-        let url = RedisUrl::parse(url).expect("a valid URL");
+        let url = crate::config::RedisUrl::parse(url).expect("a valid URL");
         version_line(&url, parse_server_version(info))
     }
 

@@ -246,11 +246,13 @@ impl TargetProbe {
     async fn read(&self, procedure: &str) -> RedisTarget {
         let key = self.redis.key(procedure);
         let command = if self.stream { "XLEN" } else { "LLEN" };
-        let mut conn = self.redis.connection();
-        let length = tokio::time::timeout(
-            ANSWER_WITHIN,
-            redis::cmd(command).arg(&key).query_async::<u64>(&mut conn),
-        )
+        let length = tokio::time::timeout(ANSWER_WITHIN, async {
+            let mut conn = self.redis.connection().await?;
+            redis::cmd(command)
+                .arg(&key)
+                .query_async::<u64>(&mut conn)
+                .await
+        })
         .await;
         let (length, error) = match length {
             Ok(Ok(n)) => (Some(n), None),

@@ -54,17 +54,23 @@ pub fn build(config: &Config, metrics: &Arc<Metrics>) -> Result<Parts, Fatal> {
         config.discovery.grace_period,
     );
     let f = &config.forward;
-    let redis_timeout = Duration::from_secs(5);
     let needs_redis = f.mode == config::Mode::Redis || config.redis.dead_letter_key.is_some();
     let stream_target = config.redis.target == config::RedisTarget::Stream;
+    if let Some(sentinel) = &config.redis.sentinel {
+        tracing::info!(
+            master = %sentinel.master,
+            sentinels = sentinel.sentinels.len(),
+            "asking the sentinels where the Redis master is (REDIS_URL gives only the login and database)"
+        );
+    }
     let redis = if needs_redis {
+        // Redis mode and dead letters talk to one server (or the master the
+        // sentinels name), never to a cluster.
+        let target = Target::from_config(&config.redis, false)
+            .map_err(|e| Fatal::Setup(format!("Redis: {e}")))?;
         Some(
-            RedisSink::new(
-                config.redis.url.expose(),
-                &config.redis.prefix,
-                redis_timeout,
-            )
-            .map_err(|e| Fatal::Setup(format!("Redis: {e}")))?,
+            RedisSink::new(&target, &config.redis.prefix)
+                .map_err(|e| Fatal::Setup(format!("Redis: {e}")))?,
         )
     } else {
         None
@@ -214,7 +220,7 @@ fn start_streams(
     now: std::time::Instant,
 ) -> Result<(AdmitSink, RedisQueue, EventCore, QueueIo), Fatal> {
     let q = &config.queue;
-    let target = Target::new(config.redis.url.expose(), config.redis.cluster)
+    let target = Target::from_config(&config.redis, true)
         .map_err(|e| Fatal::Setup(format!("Redis: {e}")))?;
     let shared = target
         .shared()

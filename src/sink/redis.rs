@@ -1,20 +1,21 @@
 //! Redis mode: RPUSH each event's JSON envelope (built when the event was
 //! accepted) onto `<prefix><procedure>`, many events per round trip, through
-//! redis-rs's reconnecting `ConnectionManager`; each batch is one MULTI/EXEC
+//! a shared reconnecting connection (`streams::Shared`: one server, or the
+//! master the sentinels name); each batch is one MULTI/EXEC
 //! transaction. Also stores dead letters when a dead-letter list is
 //! configured.
 
 use std::borrow::Cow;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::mpsc;
 
 use super::{Report, Sink, Started};
 use crate::forward::envelope::{Outgoing, SharedEvent};
 use crate::forward::{DeliveryId, Dispatch, Failure, Job};
 use crate::metrics::Metrics;
+use crate::streams::{Conn, Shared, Target};
 use crate::wamp::session::Session;
 
 /// How many events one Redis pipeline carries at most.
@@ -23,32 +24,23 @@ const PIPELINE: usize = 512;
 /// A cheap-clone handle for pushing to Redis.
 #[derive(Clone)]
 pub struct RedisSink {
-    conn: ConnectionManager,
+    conn: Shared,
     prefix: String,
 }
 
 impl RedisSink {
     /// Creates the sink without connecting: Redis may be down at startup;
     /// pushes fail (and are retried) until it is up.
-    pub fn new(url: &str, prefix: &str, timeout: Duration) -> Result<RedisSink, String> {
-        let client = redis::Client::open(url).map_err(|e| e.to_string())?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout))
-            // The forwarding core does the backing off; the manager should
-            // just try once per use.
-            .set_number_of_retries(1);
-        let conn =
-            ConnectionManager::new_lazy_with_config(client, config).map_err(|e| e.to_string())?;
+    pub fn new(target: &Target, prefix: &str) -> Result<RedisSink, String> {
         Ok(RedisSink {
-            conn,
+            conn: target.shared()?,
             prefix: prefix.to_owned(),
         })
     }
 
-    /// A handle on the shared connection.
-    pub fn connection(&self) -> ConnectionManager {
-        self.conn.clone()
+    /// The shared connection (connecting first if there is none).
+    pub async fn connection(&self) -> redis::RedisResult<Conn> {
+        self.conn.get().await
     }
 
     /// The list (or stream) an event for `procedure` goes to.
@@ -97,12 +89,16 @@ impl<T> Sink<T> for RedisSink {
                 .arg(self.key(&event.procedure))
                 .arg(envelope.as_ref());
         }
-        let mut conn = self.conn.clone();
+        let conn = self.conn.clone();
         Started::Pending(Box::pin(async move {
-            match pipe
-                .query_async::<Vec<redis::RedisResult<i64>>>(&mut conn)
-                .await
-            {
+            let pushed = match conn.get().await {
+                Ok(mut conn) => {
+                    pipe.query_async::<Vec<redis::RedisResult<i64>>>(&mut conn)
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+            match pushed {
                 Err(e) => Report::All(Err(Failure::Redis(e))),
                 Ok(results) if results.iter().all(Result::is_ok) => Report::All(Ok(())),
                 Ok(results) => Report::Each(
@@ -127,13 +123,16 @@ pub async fn store_dead_letters(
     let mut batch = Vec::new();
     while records.recv_many(&mut batch, 256).await > 0 {
         let n = batch.len() as u64;
-        let mut conn = sink.conn.clone();
         let mut cmd = redis::cmd("RPUSH");
         cmd.arg(&key);
         for record in batch.drain(..) {
             cmd.arg(record);
         }
-        match cmd.query_async::<i64>(&mut conn).await {
+        let stored = match sink.connection().await {
+            Ok(mut conn) => cmd.query_async::<i64>(&mut conn).await,
+            Err(e) => Err(e),
+        };
+        match stored {
             Ok(_) => {
                 metrics.dead_letters_stored.inc_by(n);
             }

@@ -27,8 +27,8 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::streams::Conn;
 use futures_util::future::join_all;
-use redis::aio::ConnectionManager;
 
 use super::redis::RedisSink;
 use super::{Report, Sink, Started};
@@ -186,7 +186,7 @@ impl StreamSink {
     /// says.
     async fn measure(&self, stream: &str) -> redis::RedisResult<()> {
         let cmd = self.push_cmd(stream, false, std::iter::empty::<&[u8]>());
-        let pushed = run(&cmd, &mut self.redis.connection()).await?;
+        let pushed = run(&cmd, &mut self.redis.connection().await?).await?;
         self.record(stream, &pushed);
         Ok(())
     }
@@ -225,7 +225,7 @@ impl StreamSink {
 }
 
 /// Runs a [`PUSH`] call and reads its reply.
-async fn run(cmd: &redis::Cmd, conn: &mut ConnectionManager) -> redis::RedisResult<Pushed> {
+async fn run(cmd: &redis::Cmd, conn: &mut Conn) -> redis::RedisResult<Pushed> {
     let reply: Vec<redis::Value> = cmd.query_async(conn).await?;
     let int = |i: usize| match reply.get(i) {
         Some(redis::Value::Int(n)) => *n,
@@ -332,8 +332,8 @@ impl<T> Sink<T> for StreamSink {
         let n = jobs.len();
         Started::Pending(Box::pin(async move {
             let calls = cmds.iter().map(|cmd| {
-                let mut conn = this.redis.connection();
-                async move { run(cmd, &mut conn).await }
+                let this = &this;
+                async move { run(cmd, &mut this.redis.connection().await?).await }
             });
             let replies = join_all(calls).await;
             let mut outcomes: Vec<Option<crate::forward::Outcome>> = (0..n).map(|_| None).collect();

@@ -485,7 +485,8 @@ impl Carrier {
         args.extend(std::iter::repeat_n(&b">"[..], streams.len()));
         let mut slot = self.reader.lock().await;
         if slot.is_none() {
-            let conn = RawConn::connect(self.target.endpoint(), false, COMMAND_TIMEOUT)
+            let endpoint = self.target.endpoint().await.map_err(|e| failure(&e))?;
+            let conn = RawConn::connect(&endpoint, false, COMMAND_TIMEOUT)
                 .await
                 .map_err(raw_failure)?;
             *slot = Some(conn);

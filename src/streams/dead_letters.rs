@@ -82,7 +82,7 @@ pub async fn run(
     request: &Request,
     out: &mut impl Write,
 ) -> Result<usize, String> {
-    let target = Target::new(config.redis.url.expose(), config.redis.cluster)?;
+    let target = Target::from_config(&config.redis, true)?;
     let mut conn = target
         .shared()?
         .get()

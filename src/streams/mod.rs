@@ -32,10 +32,13 @@ pub mod resp;
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{
+    ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection,
+};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
+use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
+use redis::{Cmd, IntoConnectionInfo, Pipeline, RedisFuture, RedisResult, Value};
 use tokio::sync::Mutex;
 
 /// Deadline of one Redis command.
@@ -135,12 +138,16 @@ pub fn split_lane(unit: &str) -> (&str, Option<&str>) {
     }
 }
 
-/// Where the Redis is: one server, or a seed node of a cluster.
+/// Where the Redis is: one server, a seed node of a cluster, or a master
+/// found through Redis Sentinel.
 #[derive(Clone)]
 pub struct Target {
     url: String,
     cluster: bool,
-    /// The same, for the readers' own connections.
+    /// With Sentinel: who says where the master is now.
+    sentinel: Option<Arc<Locator>>,
+    /// The same, for the readers' own connections (with Sentinel: the
+    /// login, at whatever address the sentinels name).
     endpoint: resp::Endpoint,
 }
 
@@ -149,6 +156,7 @@ impl std::fmt::Debug for Target {
         // The URL may hold a password.
         f.debug_struct("Target")
             .field("cluster", &self.cluster)
+            .field("sentinel", &self.sentinel.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -160,13 +168,43 @@ impl Target {
         Ok(Target {
             url: url.to_owned(),
             cluster,
+            sentinel: None,
             endpoint: resp::Endpoint::from_url(url).map_err(|e| e.to_string())?,
         })
     }
 
-    /// Where a reader connects (on a cluster: the seed, for its login).
-    pub fn endpoint(&self) -> &resp::Endpoint {
-        &self.endpoint
+    /// The Redis the configuration names: `REDIS_URL`, a cluster when
+    /// `cluster` (and `SUBTOCALL_REDIS_CLUSTER`), or with
+    /// `SUBTOCALL_REDIS_SENTINELS` the master the sentinels name (the URL
+    /// then gives only the login and database).
+    pub fn from_config(
+        redis: &crate::config::RedisConfig,
+        cluster: bool,
+    ) -> Result<Target, String> {
+        let mut target = Target::new(redis.url.expose(), cluster && redis.cluster)?;
+        if let Some(sentinel) = &redis.sentinel {
+            target.sentinel = Some(Arc::new(Locator::new(sentinel, redis.url.expose())?));
+        }
+        Ok(target)
+    }
+
+    /// Where a reader connects: the server, a cluster's seed (for its
+    /// login), or the master the sentinels name now.
+    pub async fn endpoint(&self) -> RedisResult<resp::Endpoint> {
+        match &self.sentinel {
+            None => Ok(self.endpoint.clone()),
+            Some(locator) => {
+                let client = locator.master().await?;
+                match client.get_connection_info().addr() {
+                    redis::ConnectionAddr::Tcp(host, port) => Ok(self.endpoint.at(host, *port)),
+                    other => Err(redis::RedisError::from((
+                        redis::ErrorKind::InvalidClientConfig,
+                        "the sentinels name a master the Redis queue cannot read from",
+                        format!("{other:?} (TLS is not supported)"),
+                    ))),
+                }
+            }
+        }
     }
 
     pub fn is_cluster(&self) -> bool {
@@ -176,7 +214,12 @@ impl Target {
     /// A handle on a shared, reconnecting connection for ordinary commands;
     /// it connects on first use, so Redis may be down at startup.
     pub fn shared(&self) -> Result<Shared, String> {
-        let inner = if self.cluster {
+        let inner = if let Some(locator) = &self.sentinel {
+            SharedInner::Located {
+                locator: locator.clone(),
+                slot: Arc::new(Mutex::new(None)),
+            }
+        } else if self.cluster {
             SharedInner::Cluster {
                 client: Box::new(self.cluster_client(COMMAND_TIMEOUT)?),
                 conn: Arc::new(Mutex::new(None)),
@@ -205,6 +248,64 @@ impl Target {
     }
 }
 
+/// Asks the sentinels where the master is (`SENTINEL
+/// get-master-addr-by-name`, then `ROLE` on the address, by redis-rs).
+pub struct Locator {
+    client: Mutex<SentinelClient>,
+    master: String,
+}
+
+impl Locator {
+    /// `url` gives the master's login and database.
+    fn new(config: &crate::config::SentinelConfig, url: &str) -> Result<Locator, String> {
+        let info = url.into_connection_info().map_err(|e| e.to_string())?;
+        let login = info.redis_settings();
+        let sentinels = config
+            .sentinels
+            .iter()
+            .map(|(host, port)| redis::ConnectionAddr::Tcp(host.clone(), *port));
+        let mut builder =
+            SentinelClientBuilder::new(sentinels, &config.master, SentinelServerType::Master)
+                .map_err(|e| e.to_string())?
+                .set_client_to_redis_db(login.db());
+        if let Some(user) = login.username() {
+            builder = builder.set_client_to_redis_username(user);
+        }
+        if let Some(password) = login.password() {
+            builder = builder.set_client_to_redis_password(password);
+        }
+        if let Some(password) = &config.password {
+            builder = builder.set_client_to_sentinel_password(password.expose());
+        }
+        Ok(Locator {
+            client: Mutex::new(builder.build().map_err(|e| e.to_string())?),
+            master: config.master.clone(),
+        })
+    }
+
+    /// A client for the master the sentinels name now. Not finding one
+    /// (no sentinel answers, or the one they name is down or no master:
+    /// a failover under way) is an IO error, tried again like any other.
+    async fn master(&self) -> RedisResult<redis::Client> {
+        let mut client = self.client.lock().await;
+        let found = tokio::time::timeout(COMMAND_TIMEOUT, client.async_get_client()).await;
+        found
+            .unwrap_or_else(|_| {
+                Err(redis::RedisError::from((
+                    redis::ErrorKind::Io,
+                    "no answer in time",
+                )))
+            })
+            .map_err(|e| {
+                redis::RedisError::from((
+                    redis::ErrorKind::Io,
+                    "the sentinels name no master that answers (a failover under way?)",
+                    format!("{}: {e}", self.master),
+                ))
+            })
+    }
+}
+
 /// A cheap-clone handle on the shared connection.
 #[derive(Clone)]
 pub struct Shared {
@@ -218,7 +319,16 @@ enum SharedInner {
         client: Box<ClusterClient>,
         conn: Arc<Mutex<Option<ClusterConnection>>>,
     },
+    /// With Sentinel: a connection to the master the sentinels named, until
+    /// it fails or turns out to be a replica; then asked again.
+    Located {
+        locator: Arc<Locator>,
+        slot: Arc<Mutex<Option<(u64, MultiplexedConnection)>>>,
+    },
 }
+
+/// How many connections to a located master were made (each one's tag).
+static LOCATED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 impl Shared {
     /// The connection, connecting first if there is none yet.
@@ -234,7 +344,63 @@ impl Shared {
                 *slot = Some(c.clone());
                 Ok(Conn::Cluster(c))
             }
+            SharedInner::Located { locator, slot } => {
+                let mut held = slot.lock().await;
+                if let Some((tag, c)) = held.as_ref() {
+                    return Ok(Conn::Located(Located {
+                        conn: c.clone(),
+                        tag: *tag,
+                        slot: slot.clone(),
+                    }));
+                }
+                let client = locator.master().await?;
+                let config = redis::AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(COMMAND_TIMEOUT))
+                    .set_response_timeout(Some(COMMAND_TIMEOUT));
+                let c = client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await?;
+                let tag = LOCATED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if let redis::ConnectionAddr::Tcp(host, port) = client.get_connection_info().addr()
+                {
+                    tracing::info!(master = %locator.master, %host, port, "connected to the master the sentinels name");
+                }
+                *held = Some((tag, c.clone()));
+                Ok(Conn::Located(Located {
+                    conn: c,
+                    tag,
+                    slot: slot.clone(),
+                }))
+            }
         }
+    }
+}
+
+/// A connection to a master found through the sentinels: an error that
+/// says it is gone or no master any more (a failover) drops it, so that the
+/// next use asks the sentinels again.
+#[derive(Clone)]
+pub struct Located {
+    conn: MultiplexedConnection,
+    tag: u64,
+    slot: Arc<Mutex<Option<(u64, MultiplexedConnection)>>>,
+}
+
+impl Located {
+    async fn forget_if<T>(&self, result: RedisResult<T>) -> RedisResult<T> {
+        if let Err(e) = &result
+            && (e.is_io_error()
+                || e.is_connection_dropped()
+                || e.is_connection_refusal()
+                || e.is_timeout()
+                || matches!(e.code(), Some("READONLY" | "MASTERDOWN" | "LOADING")))
+        {
+            let mut held = self.slot.lock().await;
+            if held.as_ref().is_some_and(|(tag, _)| *tag == self.tag) {
+                *held = None;
+            }
+        }
+        result
     }
 }
 
@@ -243,6 +409,7 @@ impl Shared {
 pub enum Conn {
     Managed(ConnectionManager),
     Cluster(ClusterConnection),
+    Located(Located),
 }
 
 impl ConnectionLike for Conn {
@@ -250,6 +417,10 @@ impl ConnectionLike for Conn {
         match self {
             Conn::Managed(c) => c.req_packed_command(cmd),
             Conn::Cluster(c) => c.req_packed_command(cmd),
+            Conn::Located(c) => Box::pin(async move {
+                let result = c.conn.req_packed_command(cmd).await;
+                c.forget_if(result).await
+            }),
         }
     }
 
@@ -262,6 +433,10 @@ impl ConnectionLike for Conn {
         match self {
             Conn::Managed(c) => c.req_packed_commands(pipeline, offset, count),
             Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Located(c) => Box::pin(async move {
+                let result = c.conn.req_packed_commands(pipeline, offset, count).await;
+                c.forget_if(result).await
+            }),
         }
     }
 
@@ -269,6 +444,7 @@ impl ConnectionLike for Conn {
         match self {
             Conn::Managed(c) => c.get_db(),
             Conn::Cluster(c) => c.get_db(),
+            Conn::Located(c) => c.conn.get_db(),
         }
     }
 }
