@@ -16,6 +16,7 @@ pub mod peers;
 pub mod queue;
 pub mod redis;
 pub mod resp;
+pub mod sentinel;
 pub mod sidecar;
 
 use std::fs::{self, File};

@@ -55,6 +55,8 @@ pub struct Redis {
     /// a short node timeout until [`RedisCluster::start`] restores the default, and its
     /// port chosen so that port + 10000 (the cluster bus) is free too.
     cluster_node: bool,
+    /// `--replicaof 127.0.0.1 <port>`: a replica of the server on that port.
+    replica_of: Option<u16>,
     child: Option<Child>,
     log_path: PathBuf,
 }
@@ -72,7 +74,17 @@ impl Redis {
         Self::start_with(true, false).await
     }
 
+    /// Starts a replica of the server on `master`'s port (and waits until
+    /// it answers PING; it may still be syncing).
+    pub async fn start_replica_of(master: u16) -> Self {
+        Self::start_full(false, false, Some(master)).await
+    }
+
     async fn start_with(persistent: bool, cluster_node: bool) -> Self {
+        Self::start_full(persistent, cluster_node, None).await
+    }
+
+    async fn start_full(persistent: bool, cluster_node: bool, replica_of: Option<u16>) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("subtocall-redis-")
             .tempdir()
@@ -83,6 +95,7 @@ impl Redis {
             port: 0,
             persistent,
             cluster_node,
+            replica_of,
             child: None,
             log_path,
         };
@@ -124,6 +137,22 @@ impl Redis {
             return;
         };
         stop_server(&mut child, self.port, STOP_GRACE, "redis-server").await;
+    }
+
+    /// SIGKILLs the server (a crash: nothing is saved or handed over) and
+    /// waits until its port refuses connections.
+    pub async fn kill(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let _ = child.kill();
+        let _ = child.wait();
+        let closed = super::wait_until(STOP_GRACE, || super::port_is_closed(self.port)).await;
+        assert!(
+            closed,
+            "redis-server killed but port {} still accepts connections",
+            self.port
+        );
     }
 
     /// Starts the server again on the same port (stopping it first if it runs). Data is
@@ -184,6 +213,9 @@ impl Redis {
                 .arg("--cluster-config-file")
                 .arg(self.dir.path().join("nodes.conf"))
                 .args(["--cluster-node-timeout", CLUSTER_FORMING_NODE_TIMEOUT_MS]);
+        }
+        if let Some(master) = self.replica_of {
+            command.args(["--replicaof", "127.0.0.1", &master.to_string()]);
         }
         let child = command
             .args(["--port", &self.port.to_string()])
