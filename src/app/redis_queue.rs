@@ -299,6 +299,19 @@ pub fn on_note(note: Note, metrics: &Metrics) {
                  not delivered here, left in Redis for whoever holds them"
             );
         }
+        Note::CommitGivenUp {
+            what,
+            keys: 0,
+            error,
+        } => {
+            // Only the dead letter of an event never admitted commits no
+            // entry: nothing of it is pending in a stream.
+            metrics.redis_errors.inc();
+            tracing::warn!(
+                %error,
+                "could not {what} in Redis; the dead letter's log line and metrics are all that keep it"
+            );
+        }
         Note::CommitGivenUp { what, keys, error } => {
             metrics.redis_errors.inc();
             tracing::warn!(
