@@ -39,6 +39,9 @@ const CLUSTER_FORMING_NODE_TIMEOUT_MS: &str = "500";
 /// `cluster-node-timeout` once the cluster is up, in ms: Redis's default, so a test machine
 /// busy for a second does not get a node marked failing (and the cluster down).
 const CLUSTER_NODE_TIMEOUT_MS: &str = "15000";
+/// `cluster-node-timeout` of a cluster with replicas, in ms: a replica takes over about
+/// 2 s after its master stopped answering.
+const FAILOVER_NODE_TIMEOUT_MS: &str = "1000";
 /// How long `redis-cli --cluster create` may take; it needs about 1 s (a 1 s sleep of its
 /// own after the MEETs).
 const CLUSTER_CREATE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -123,6 +126,11 @@ impl Redis {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// Whether the server process runs (not stopped or killed).
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
     }
 
     /// The server's log so far.
@@ -317,14 +325,59 @@ impl RedisCluster {
     /// every node says `cluster_state:ok`: about 2 s, because a master reports `ok` no
     /// sooner than 2 s after its slots changed (Redis's `CLUSTER_WRITABLE_DELAY`).
     pub async fn start() -> Self {
-        let mut nodes = Vec::with_capacity(CLUSTER_MASTERS);
+        let cluster = Self::form(0).await;
+        // Formed: back to the default node timeout (see CLUSTER_NODE_TIMEOUT_MS).
+        cluster
+            .config_set("cluster-node-timeout", CLUSTER_NODE_TIMEOUT_MS)
+            .await;
+        cluster
+    }
+
+    /// Like [`RedisCluster::start`], with a replica for each master, ready
+    /// to take over: a master that stops answering is replaced about 2 s
+    /// later (`cluster-node-timeout 1000`, and `cluster-replica-validity-factor
+    /// 0` so that a replica may always take over).
+    pub async fn start_with_replicas() -> Self {
+        let cluster = Self::form(1).await;
+        cluster
+            .config_set("cluster-node-timeout", FAILOVER_NODE_TIMEOUT_MS)
+            .await;
+        cluster
+            .config_set("cluster-replica-validity-factor", "0")
+            .await;
+        eventually(
+            CLUSTER_READY_TIMEOUT,
+            "every replica in sync with its master",
+            || async {
+                let mut synced = 0;
+                for node in &cluster.nodes {
+                    if let Ok(Reply::Bulk(Some(info))) =
+                        resp::command(node.port, &["INFO", "replication"]).await
+                    {
+                        let info = String::from_utf8_lossy(&info);
+                        if info.contains("role:slave") && info.contains("master_link_status:up") {
+                            synced += 1;
+                        }
+                    }
+                }
+                (synced == CLUSTER_MASTERS).then_some(())
+            },
+        )
+        .await;
+        cluster
+    }
+
+    /// Starts the nodes (`replicas` per master) and joins them.
+    async fn form(replicas: usize) -> Self {
+        let count = CLUSTER_MASTERS * (1 + replicas);
+        let mut nodes = Vec::with_capacity(count);
         // One after the other: a node's port and bus port are bound before the next draws
         // its own, so no two nodes can pick the same. (A node takes ~50 ms to answer PING.)
-        for _ in 0..CLUSTER_MASTERS {
+        for _ in 0..count {
             nodes.push(Redis::start_with(false, true).await);
         }
         let cluster = Self { nodes };
-        cluster.create().await;
+        cluster.create(replicas).await;
         eventually(
             CLUSTER_READY_TIMEOUT,
             "cluster_state:ok on every cluster node",
@@ -342,22 +395,55 @@ impl RedisCluster {
             },
         )
         .await;
-        // Formed: back to the default node timeout (see CLUSTER_NODE_TIMEOUT_MS).
-        for node in &cluster.nodes {
-            let reply = node
-                .command(&[
-                    "CONFIG",
-                    "SET",
-                    "cluster-node-timeout",
-                    CLUSTER_NODE_TIMEOUT_MS,
-                ])
-                .await;
-            assert_eq!(reply, Reply::Simple("OK".to_owned()), "port {}", node.port);
-        }
         cluster
     }
 
-    async fn create(&self) {
+    /// `CONFIG SET name value` on every running node.
+    async fn config_set(&self, name: &str, value: &str) {
+        for node in self.nodes.iter().filter(|n| n.is_running()) {
+            let reply = node.command(&["CONFIG", "SET", name, value]).await;
+            assert_eq!(reply, Reply::Simple("OK".to_owned()), "port {}", node.port);
+        }
+    }
+
+    /// SIGKILLs the master that holds `key`'s slot and waits until the
+    /// cluster names another one; returns the old and the new master's
+    /// ports and how long the takeover took.
+    pub async fn kill_master_of(&mut self, key: &str) -> (u16, u16, Duration) {
+        let old = self.node_for_key(key).await.port();
+        let slot = self.live_node().command(&["CLUSTER", "KEYSLOT", key]).await;
+        let slot = u16::try_from(slot.integer()).expect("a slot is below 16384");
+        self.nodes
+            .iter_mut()
+            .find(|n| n.port == old)
+            .expect("the master is one of ours")
+            .kill()
+            .await;
+        let killed = Instant::now();
+        let new = eventually(
+            CLUSTER_READY_TIMEOUT,
+            &format!("another master for slot {slot} than {old}"),
+            || async {
+                let masters = self.slot_masters().await;
+                masters
+                    .iter()
+                    .find(|(range, port)| range.contains(&slot) && *port != old)
+                    .map(|&(_, port)| port)
+            },
+        )
+        .await;
+        (old, new, killed.elapsed())
+    }
+
+    /// A node that runs (the seed, unless it was killed).
+    fn live_node(&self) -> &Redis {
+        self.nodes
+            .iter()
+            .find(|n| n.is_running())
+            .expect("a cluster node that runs")
+    }
+
+    async fn create(&self, replicas: usize) {
         let cli = redis_cli();
         let mut command = tokio::process::Command::new(&cli);
         command.args(["--cluster", "create"]);
@@ -365,7 +451,7 @@ impl RedisCluster {
             command.arg(format!("127.0.0.1:{}", node.port));
         }
         command
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .stdin(Stdio::null())
             // The timeout drops the `output()` future, and with it kills redis-cli.
             .kill_on_drop(true);
@@ -406,7 +492,7 @@ impl RedisCluster {
     /// Who serves which slots, from the seed's `CLUSTER SLOTS`: each slot range with the
     /// port of its master.
     pub async fn slot_masters(&self) -> Vec<(RangeInclusive<u16>, u16)> {
-        let reply = self.nodes[0].command(&["CLUSTER", "SLOTS"]).await;
+        let reply = self.live_node().command(&["CLUSTER", "SLOTS"]).await;
         let Reply::Array(Some(ranges)) = &reply else {
             panic!("CLUSTER SLOTS: expected an array, got {reply:?}");
         };
@@ -431,7 +517,7 @@ impl RedisCluster {
 
     /// The node whose master holds `key`'s slot (`CLUSTER KEYSLOT` and `CLUSTER SLOTS`).
     pub async fn node_for_key(&self, key: &str) -> &Redis {
-        let slot = self.nodes[0].command(&["CLUSTER", "KEYSLOT", key]).await;
+        let slot = self.live_node().command(&["CLUSTER", "KEYSLOT", key]).await;
         let slot = u16::try_from(slot.integer()).expect("a slot is below 16384");
         let masters = self.slot_masters().await;
         let port = masters
