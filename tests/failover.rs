@@ -1,7 +1,9 @@
-//! Redis fails over and subtocall follows: the Redis queue with Redis
-//! Sentinel (a master, a replica, three sentinels), the master SIGKILLed
-//! mid-stream. Real Crossbar, real redis-server and sentinels (private, on
-//! free ports), autobahn peers.
+//! Redis fails over and subtocall follows, on the Redis queue: Redis
+//! Sentinel (a master, a replica, three sentinels) and a Redis Cluster with
+//! a replica per master, each master SIGKILLed mid-stream; and a master
+//! refusing writes for want of replicas (`NOREPLICAS`), waited for. Real
+//! Crossbar, real redis-server and sentinels (private, on free ports),
+//! autobahn peers.
 
 mod support;
 
@@ -9,6 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use support::redis::RedisCluster;
+use support::resp::Reply;
 use support::sentinel::{MASTER_NAME, RedisSentinel};
 use support::sidecar::Sidecar;
 use support::*;
@@ -171,5 +174,53 @@ async fn on_a_cluster_with_replicas_a_master_failover_is_followed_and_nothing_is
         node.command(&["XLEN", &dead]).await.integer(),
         0,
         "nothing dead-lettered"
+    );
+}
+
+/// A master that refuses writes for want of replicas (`min-replicas-to-write`,
+/// answered `NOREPLICAS`) is waited for, not given up on: the events wait
+/// and are delivered once it takes writes again.
+#[tokio::test]
+async fn a_master_without_the_replicas_it_requires_is_waited_for_not_given_up_on() {
+    let redis = Redis::start().await;
+    let crossbar = Crossbar::start().await;
+    let router = RouterMeta::join(&crossbar).await;
+    let procedure = "com.example.SUB_noreplicas";
+    let topic = topic_of(procedure);
+    let mut a = Backend::spawn(backend(&crossbar, "A", &[procedure])).await;
+    let sidecar = Sidecar::start(queue_env(&crossbar, &redis.url(), &[]));
+    wait_subscribers(&sidecar, &router, &topic, 1).await;
+    let refuse = |n: &'static str| {
+        let redis = &redis;
+        async move {
+            let reply = redis
+                .command(&["CONFIG", "SET", "min-replicas-to-write", n])
+                .await;
+            assert_eq!(reply, Reply::Simple("OK".into()));
+        }
+    };
+    refuse("1").await;
+    let total = 50;
+    Publisher::spawn(PublisherOptions::new(&crossbar, &topic, total))
+        .finish()
+        .await
+        .assert_success();
+    // Every event was tried and refused, none given up.
+    eventually(WAIT, "the sidecar retrying admissions", || async {
+        (sidecar.metric("subtocall_redis_errors_total").await >= 2.0).then_some(())
+    })
+    .await;
+    assert_eq!(deliveries(&[&a]).len(), 0, "nothing admitted while refused");
+    refuse("0").await;
+    let expected = published(&[procedure], u64::from(total));
+    all_delivered(&[&a], &expected).await;
+    a.sync().await;
+    let dead = dead_key(GROUP, procedure);
+    assert_eq!(redis.command(&["XLEN", &dead]).await.integer(), 0);
+    assert_eq!(
+        sidecar
+            .metric(r#"subtocall_events_dead_lettered_total{reason="rejected"}"#)
+            .await,
+        0.0
     );
 }
