@@ -1,7 +1,7 @@
 //! Redis fails over and subtocall follows, on the Redis queue: Redis
 //! Sentinel (a master, a replica, three sentinels) and a Redis Cluster with
-//! a replica per master, each master SIGKILLed mid-stream; and a master
-//! refusing writes for want of replicas (`NOREPLICAS`), waited for. Real
+//! a replica per master, each master SIGKILLed mid-stream (a master
+//! refusing writes for want of replicas is tests/queue_faults.rs's). Real
 //! Crossbar, real redis-server and sentinels (private, on free ports),
 //! autobahn peers.
 
@@ -11,42 +11,104 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use support::redis::RedisCluster;
-use support::resp::Reply;
 use support::sentinel::{MASTER_NAME, RedisSentinel};
-use support::sidecar::Sidecar;
+use support::sidecar::{Sidecar, run_subtocall};
 use support::*;
 
 use support::queue::*;
 
 /// `subtocall check` with `env`: its exit code and report.
 async fn check(env: &BTreeMap<String, String>) -> (Option<i32>, String) {
-    let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_subtocall"))
-        .arg("check")
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .envs(env)
-        .kill_on_drop(true)
-        .output();
-    let output = tokio::time::timeout(Duration::from_secs(30), run)
-        .await
-        .expect("subtocall check finishes")
-        .expect("subtocall check runs");
+    let output = run_subtocall(&["check"], env, Duration::from_secs(30)).await;
     let report = String::from_utf8_lossy(&output.stdout).into_owned();
     (output.status.code(), report)
 }
 
-/// The scenario of issue 23: two instances, two backends, 2,000 events at
-/// 400/s, the master SIGKILLed at the 600th delivered. Before, everything
-/// after the kill was lost (both instances kept trying the dead address).
+/// Issue 23's scenario under way: two instances with `env`, two backends,
+/// 2,000 events published at 400/s, 600 of them delivered.
+struct UnderLoad {
+    procedure: &'static str,
+    a: Backend,
+    b: Backend,
+    _instances: [Sidecar; 2],
+    publisher: Publisher,
+}
+
+/// How many events [`UnderLoad`] publishes.
+const TOTAL: u32 = 2_000;
+
+impl UnderLoad {
+    async fn start(
+        crossbar: &Crossbar,
+        procedure: &'static str,
+        env: BTreeMap<String, String>,
+    ) -> UnderLoad {
+        let router = RouterMeta::join(crossbar).await;
+        let topic = topic_of(procedure);
+        let a = Backend::spawn(backend(crossbar, "A", &[procedure])).await;
+        let b = Backend::spawn(backend(crossbar, "B", &[procedure])).await;
+        let instances = [Sidecar::start(env.clone()), Sidecar::start(env)];
+        for instance in &instances {
+            wait_subscribers(instance, &router, &topic, 2).await;
+        }
+        let publisher = Publisher::spawn(PublisherOptions {
+            rate: 400.0,
+            quiet: true,
+            ..PublisherOptions::new(crossbar, &topic, TOTAL)
+        });
+        wait_delivered(&[&a, &b], 600).await;
+        UnderLoad {
+            procedure,
+            a,
+            b,
+            _instances: instances,
+            publisher,
+        }
+    }
+
+    /// After the failover: every event delivered, the stream drained on
+    /// `master` (the new one), duplicates below 1 %, nothing dead-lettered.
+    /// Prints `what` with how long the delivery of the rest took.
+    async fn finish(mut self, master: &Redis, what: &str) {
+        let since = Instant::now();
+        self.publisher.finish().await.assert_success();
+        let expected = published(&[self.procedure], u64::from(TOTAL));
+        all_delivered(&[&self.a, &self.b], &expected).await;
+        let caught_up = since.elapsed();
+        wait_drained(master, &stream_key(GROUP, self.procedure)).await;
+        self.a.sync().await;
+        self.b.sync().await;
+        let all = deliveries(&[&self.a, &self.b]);
+        let duplicates = duplicates(&all);
+        println!(
+            "{what}; all {TOTAL} delivered {caught_up:?} after that; {duplicates} duplicate \
+             deliveries"
+        );
+        assert_eq!(
+            all.keys().cloned().collect::<BTreeSet<_>>(),
+            expected,
+            "zero events lost"
+        );
+        assert!(
+            duplicates * 100 < TOTAL as usize,
+            "duplicates below 1%: {duplicates} of {TOTAL}"
+        );
+        let dead = dead_key(GROUP, self.procedure);
+        assert_eq!(
+            master.command(&["XLEN", &dead]).await.integer(),
+            0,
+            "nothing dead-lettered"
+        );
+    }
+}
+
+/// Sentinel: the master SIGKILLed after the 600th delivery. Before,
+/// everything after the kill was lost (both instances kept trying the dead
+/// address).
 #[tokio::test]
 async fn with_sentinel_a_master_failover_is_followed_and_nothing_is_lost() {
     let mut redis = RedisSentinel::start().await;
     let crossbar = Crossbar::start().await;
-    let router = RouterMeta::join(&crossbar).await;
-    let procedure = "com.example.SUB_failover";
-    let topic = topic_of(procedure);
-    let mut a = Backend::spawn(backend(&crossbar, "A", &[procedure])).await;
-    let mut b = Backend::spawn(backend(&crossbar, "B", &[procedure])).await;
     // REDIS_URL names no server that exists: the sentinels name the master.
     let env = queue_env(
         &crossbar,
@@ -59,58 +121,19 @@ async fn with_sentinel_a_master_failover_is_followed_and_nothing_is_lost() {
     let said = format!("at the master {MASTER_NAME} (named by 3 sentinels) answers PING");
     let (code, report) = check(&env).await;
     assert!(code == Some(0) && report.contains(&said), "{report}");
-    let first = Sidecar::start(env.clone());
-    let second = Sidecar::start(env.clone());
-    wait_subscribers(&second, &router, &topic, 2).await;
-    wait_subscribers(&first, &router, &topic, 2).await;
-
-    let total = 2_000;
-    let publisher = Publisher::spawn(PublisherOptions {
-        rate: 400.0,
-        quiet: true,
-        ..PublisherOptions::new(&crossbar, &topic, total)
-    });
-    wait_delivered(&[&a, &b], 600).await;
+    let run = UnderLoad::start(&crossbar, "com.example.SUB_failover", env.clone()).await;
     let old = redis.master_port().await.expect("a master");
     let promoted_in = redis.kill_master().await;
     let new = redis.master_port().await.expect("a new master");
-    let killed_at = Instant::now();
-    publisher.finish().await.assert_success();
-
-    let expected = published(&[procedure], u64::from(total));
-    all_delivered(&[&a, &b], &expected).await;
-    let caught_up = killed_at.elapsed();
-    // Everything went through the new master, and it holds nothing more.
-    let key = stream_key(GROUP, procedure);
-    wait_drained(redis.server(new), &key).await;
+    let what = format!(
+        "sentinel failover: master {old} killed after 600 deliveries, {new} promoted \
+         {promoted_in:?} later"
+    );
+    run.finish(redis.server(new), &what).await;
     let (code, report) = check(&env).await;
     assert!(
         code == Some(0) && report.contains(&said),
         "after the failover:\n{report}"
-    );
-    a.sync().await;
-    b.sync().await;
-    let all = deliveries(&[&a, &b]);
-    let duplicates = duplicates(&all);
-    println!(
-        "sentinel failover: master {old} killed after 600 deliveries, {new} promoted \
-         {promoted_in:?} later; all {total} delivered {caught_up:?} after the promotion; \
-         {duplicates} duplicate deliveries"
-    );
-    assert_eq!(
-        all.keys().cloned().collect::<BTreeSet<_>>(),
-        expected,
-        "zero events lost"
-    );
-    assert!(
-        duplicates * 100 < total as usize,
-        "duplicates below 1%: {duplicates} of {total}"
-    );
-    let dead = dead_key(GROUP, procedure);
-    assert_eq!(
-        redis.server(new).command(&["XLEN", &dead]).await.integer(),
-        0,
-        "nothing dead-lettered"
     );
 }
 
@@ -121,106 +144,17 @@ async fn with_sentinel_a_master_failover_is_followed_and_nothing_is_lost() {
 async fn on_a_cluster_with_replicas_a_master_failover_is_followed_and_nothing_is_lost() {
     let mut cluster = RedisCluster::start_with_replicas().await;
     let crossbar = Crossbar::start().await;
-    let router = RouterMeta::join(&crossbar).await;
     let procedure = "com.example.SUB_clfailover";
-    let topic = topic_of(procedure);
-    let key = stream_key(GROUP, procedure);
-    let dead = dead_key(GROUP, procedure);
-    let mut a = Backend::spawn(backend(&crossbar, "A", &[procedure])).await;
-    let mut b = Backend::spawn(backend(&crossbar, "B", &[procedure])).await;
     let mut env = queue_env(&crossbar, &cluster.url(), &[]);
     env.insert("SUBTOCALL_REDIS_CLUSTER".into(), "1".into());
-    let first = Sidecar::start(env.clone());
-    let second = Sidecar::start(env);
-    wait_subscribers(&second, &router, &topic, 2).await;
-    wait_subscribers(&first, &router, &topic, 2).await;
-
-    let total = 2_000;
-    let publisher = Publisher::spawn(PublisherOptions {
-        rate: 400.0,
-        quiet: true,
-        ..PublisherOptions::new(&crossbar, &topic, total)
-    });
-    wait_delivered(&[&a, &b], 600).await;
+    let run = UnderLoad::start(&crossbar, procedure, env).await;
+    let key = stream_key(GROUP, procedure);
     let (old, new, took) = cluster.kill_master_of(&key).await;
-    let promoted = Instant::now();
-    publisher.finish().await.assert_success();
-
-    let expected = published(&[procedure], u64::from(total));
-    all_delivered(&[&a, &b], &expected).await;
-    let caught_up = promoted.elapsed();
-    let node = cluster.node_for_key(&key).await;
-    assert_eq!(node.port(), new);
-    wait_drained(node, &key).await;
-    a.sync().await;
-    b.sync().await;
-    let all = deliveries(&[&a, &b]);
-    let duplicates = duplicates(&all);
-    println!(
+    let master = cluster.node_for_key(&key).await;
+    assert_eq!(master.port(), new);
+    let what = format!(
         "cluster failover: master {old} killed after 600 deliveries, replica {new} took over \
-         {took:?} later; all {total} delivered {caught_up:?} after that; {duplicates} \
-         duplicate deliveries"
+         {took:?} later"
     );
-    assert_eq!(
-        all.keys().cloned().collect::<BTreeSet<_>>(),
-        expected,
-        "zero events lost"
-    );
-    assert!(
-        duplicates * 100 < total as usize,
-        "duplicates below 1%: {duplicates} of {total}"
-    );
-    assert_eq!(
-        node.command(&["XLEN", &dead]).await.integer(),
-        0,
-        "nothing dead-lettered"
-    );
-}
-
-/// A master that refuses writes for want of replicas (`min-replicas-to-write`,
-/// answered `NOREPLICAS`) is waited for, not given up on: the events wait
-/// and are delivered once it takes writes again.
-#[tokio::test]
-async fn a_master_without_the_replicas_it_requires_is_waited_for_not_given_up_on() {
-    let redis = Redis::start().await;
-    let crossbar = Crossbar::start().await;
-    let router = RouterMeta::join(&crossbar).await;
-    let procedure = "com.example.SUB_noreplicas";
-    let topic = topic_of(procedure);
-    let mut a = Backend::spawn(backend(&crossbar, "A", &[procedure])).await;
-    let sidecar = Sidecar::start(queue_env(&crossbar, &redis.url(), &[]));
-    wait_subscribers(&sidecar, &router, &topic, 1).await;
-    let refuse = |n: &'static str| {
-        let redis = &redis;
-        async move {
-            let reply = redis
-                .command(&["CONFIG", "SET", "min-replicas-to-write", n])
-                .await;
-            assert_eq!(reply, Reply::Simple("OK".into()));
-        }
-    };
-    refuse("1").await;
-    let total = 50;
-    Publisher::spawn(PublisherOptions::new(&crossbar, &topic, total))
-        .finish()
-        .await
-        .assert_success();
-    // Every event was tried and refused, none given up.
-    eventually(WAIT, "the sidecar retrying admissions", || async {
-        (sidecar.metric("subtocall_redis_errors_total").await >= 2.0).then_some(())
-    })
-    .await;
-    assert_eq!(deliveries(&[&a]).len(), 0, "nothing admitted while refused");
-    refuse("0").await;
-    let expected = published(&[procedure], u64::from(total));
-    all_delivered(&[&a], &expected).await;
-    a.sync().await;
-    let dead = dead_key(GROUP, procedure);
-    assert_eq!(redis.command(&["XLEN", &dead]).await.integer(), 0);
-    assert_eq!(
-        sidecar
-            .metric(r#"subtocall_events_dead_lettered_total{reason="rejected"}"#)
-            .await,
-        0.0
-    );
+    run.finish(master, &what).await;
 }

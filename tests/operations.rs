@@ -13,24 +13,14 @@ use std::time::Duration;
 
 use support::crossbar::LIMITED_USER;
 use support::peers::{Invoke, Match};
-use support::sidecar::{Sidecar, sidecar_env};
+use support::sidecar::{Sidecar, run_subtocall, sidecar_env};
 use support::*;
 
 const WAIT: Duration = Duration::from_secs(30);
 
 /// Runs the binary with exactly `env` and `args`, to completion.
 async fn subtocall(args: &[&str], env: &BTreeMap<String, String>) -> Output {
-    let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_subtocall"))
-        .args(args)
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .envs(env)
-        .kill_on_drop(true)
-        .output();
-    tokio::time::timeout(WAIT, run)
-        .await
-        .expect("subtocall finishes")
-        .expect("subtocall runs")
+    run_subtocall(args, env, WAIT).await
 }
 
 fn stdout(output: &Output) -> String {

@@ -11,7 +11,7 @@ use std::process::Output;
 use std::time::Duration;
 
 use serde_json::Value;
-use support::sidecar::{Sidecar, fake_router_env, sidecar_env};
+use support::sidecar::{Sidecar, fake_router_env, run_subtocall, sidecar_env};
 use support::*;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -34,17 +34,8 @@ fn mapping<'a>(status: &'a Value, procedure: &str) -> &'a Value {
 
 /// `subtocall status ARGS` with nothing but PATH in its environment.
 async fn subtocall_status(args: &[&str]) -> Output {
-    let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_subtocall"))
-        .arg("status")
-        .args(args)
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .kill_on_drop(true)
-        .output();
-    tokio::time::timeout(WAIT, run)
-        .await
-        .expect("subtocall status finishes")
-        .expect("subtocall status runs")
+    let args: Vec<&str> = ["status"].iter().chain(args).copied().collect();
+    run_subtocall(&args, &BTreeMap::new(), WAIT).await
 }
 
 fn url(sidecar: &Sidecar) -> String {

@@ -356,6 +356,26 @@ impl Sidecar {
     }
 }
 
+/// Runs the binary to completion with `args` and exactly `env` (plus PATH),
+/// within `limit`.
+pub async fn run_subtocall(
+    args: &[&str],
+    env: &BTreeMap<String, String>,
+    limit: Duration,
+) -> std::process::Output {
+    let run = Command::new(env!("CARGO_BIN_EXE_subtocall"))
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .envs(env)
+        .kill_on_drop(true)
+        .output();
+    tokio::time::timeout(limit, run)
+        .await
+        .unwrap_or_else(|_| panic!("subtocall {args:?} took over {limit:?}"))
+        .unwrap_or_else(|e| panic!("run subtocall {args:?}: {e}"))
+}
+
 /// Spawns the binary with exactly `env` (plus PATH), its stdout and stderr into `log`.
 fn spawn(env: &BTreeMap<String, String>, log: File) -> Child {
     Command::new(env!("CARGO_BIN_EXE_subtocall"))
