@@ -323,6 +323,12 @@ impl Sidecar {
         sample_value(&body, sample).unwrap_or(0.0)
     }
 
+    /// The sum of every sample of `family`, whatever its labels.
+    pub async fn metric_total(&self, family: &str) -> f64 {
+        let body = self.metrics_text().await.expect("/metrics answers 200");
+        family_sum(&body, family)
+    }
+
     /// Like [`Self::metric`], but `None` while `/metrics` does not answer 200.
     pub async fn try_metric(&self, sample: &str) -> Option<f64> {
         let body = self.metrics_text().await?;
