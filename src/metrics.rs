@@ -113,6 +113,21 @@ pub struct Metrics {
     /// Redis queue: entries taken back undelivered because they were no
     /// longer certainly this instance's (a pause, Redis out of reach).
     pub queue_fenced: Counter,
+    /// Replica acknowledgement: the replicas asked for
+    /// (`SUBTOCALL_REDIS_WAIT_REPLICAS`), and how many the last WAIT found.
+    pub redis_wait_replicas: Gauge,
+    pub redis_replicas_acknowledging: Gauge,
+    /// Redis queue: admitted events this instance keeps a copy of until the
+    /// replicas confirm them.
+    pub queue_unconfirmed: Gauge,
+    /// Redis queue: copies let go unconfirmed (past the bound, or older
+    /// than the dedup window).
+    pub queue_unprotected: Counter,
+    /// Redis queue: copies offered again after a failover or a failed write.
+    pub queue_reoffered: Counter,
+    /// Dead letters and Redis mode pushes whose WAIT found fewer replicas
+    /// than asked for.
+    pub redis_writes_unconfirmed: Counter,
     /// 1 while Redis answers (Redis queue), else 0.
     pub redis_up: Gauge,
 }
@@ -370,8 +385,45 @@ impl Metrics {
             "1 while the Redis queue answers (SUBTOCALL_QUEUE=redis), else 0",
         );
 
+        let redis_wait_replicas = gauge(
+            r,
+            "redis_wait_replicas",
+            "Replicas each write is asked to reach (SUBTOCALL_REDIS_WAIT_REPLICAS)",
+        );
+        let redis_replicas_acknowledging = gauge(
+            r,
+            "redis_replicas_acknowledging",
+            "Replicas that acknowledged the last WAIT (the fewest over a cluster's masters); -1 before the first",
+        );
+        let queue_unconfirmed = gauge(
+            r,
+            "queue_unconfirmed_events",
+            "Admitted events not yet confirmed by the replicas, of which this instance keeps a copy",
+        );
+        let queue_unprotected = counter(
+            r,
+            "queue_unprotected_events",
+            "Unconfirmed copies let go (past SUBTOCALL_REDIS_WAIT_COPIES or the dedup window): \
+             the events stay in Redis, unprotected against a master failover",
+        );
+        let queue_reoffered = counter(
+            r,
+            "queue_reoffered_events",
+            "Unconfirmed copies offered again to the master after a failover or a failed write",
+        );
+        let redis_writes_unconfirmed = counter(
+            r,
+            "redis_writes_unconfirmed",
+            "Dead-letter writes and Redis mode pushes whose WAIT found fewer replicas than asked for",
+        );
         Metrics {
             registry,
+            redis_wait_replicas,
+            redis_replicas_acknowledging,
+            queue_unconfirmed,
+            queue_unprotected,
+            queue_reoffered,
+            redis_writes_unconfirmed,
             queue_admitted,
             queue_admitted_elsewhere,
             queue_taken_over,

@@ -85,6 +85,25 @@ pub struct Queue {
     pub streams: Vec<QueueStream>,
     /// Why the Redis part is missing, if it is.
     pub error: Option<String>,
+    /// Replica acknowledgement (`SUBTOCALL_REDIS_WAIT_REPLICAS` > 0).
+    #[serde(default)]
+    pub replicas: Option<Replicas>,
+}
+
+/// Replica acknowledgement of the Redis queue's writes.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Replicas {
+    /// Replicas each write is asked to reach.
+    pub wanted: u64,
+    /// How many acknowledged the last WAIT (the fewest over a cluster's
+    /// masters); `None` before the first answer.
+    pub acknowledging: Option<u64>,
+    /// Admitted events this instance keeps a copy of until confirmed.
+    pub unconfirmed: u64,
+    /// Copies let go unconfirmed, since start.
+    pub unprotected_total: u64,
+    /// Copies offered again after a failover or a failed write, since start.
+    pub reoffered_total: u64,
 }
 
 /// One instance of the Redis queue.
@@ -487,6 +506,21 @@ pub fn render(s: &Status) -> String {
         );
     }
     let _ = writeln!(out, "{queue}");
+    if let Some(r) = &q.replicas {
+        let acknowledging = r
+            .acknowledging
+            .map_or_else(|| "not asked yet".to_owned(), |n| n.to_string());
+        let short = match r.acknowledging {
+            Some(n) if n < r.wanted => " (FEWER THAN WANTED)",
+            _ => "",
+        };
+        let _ = writeln!(
+            out,
+            "replicas   {} wanted, {acknowledging} acknowledging{short}; {} unconfirmed events held, \
+             {} let go unprotected, {} offered again",
+            r.wanted, r.unconfirmed, r.unprotected_total, r.reoffered_total
+        );
+    }
 
     out.push_str("\nMAPPINGS\n");
     let mut rows = vec![row(&[

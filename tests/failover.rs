@@ -30,7 +30,7 @@ struct UnderLoad {
     procedure: &'static str,
     a: Backend,
     b: Backend,
-    _instances: [Sidecar; 2],
+    instances: [Sidecar; 2],
     publisher: Publisher,
 }
 
@@ -61,7 +61,7 @@ impl UnderLoad {
             procedure,
             a,
             b,
-            _instances: instances,
+            instances,
             publisher,
         }
     }
@@ -71,6 +71,14 @@ impl UnderLoad {
     /// Prints `what` with how long the delivery of the rest took.
     async fn finish(mut self, master: &Redis, what: &str) {
         let since = Instant::now();
+        let before = deliveries(&[&self.a, &self.b]).len();
+        eventually(
+            Duration::from_secs(10),
+            "forwarding again within 10 s of the promotion",
+            || async { (deliveries(&[&self.a, &self.b]).len() > before).then_some(()) },
+        )
+        .await;
+        let resumed = since.elapsed();
         self.publisher.finish().await.assert_success();
         let expected = published(&[self.procedure], u64::from(TOTAL));
         all_delivered(&[&self.a, &self.b], &expected).await;
@@ -81,9 +89,18 @@ impl UnderLoad {
         let all = deliveries(&[&self.a, &self.b]);
         let duplicates = duplicates(&all);
         println!(
-            "{what}; all {TOTAL} delivered {caught_up:?} after that; {duplicates} duplicate \
-             deliveries"
+            "{what}; forwarding again {resumed:?} after that, all {TOTAL} delivered \
+             {caught_up:?} after it; {duplicates} duplicate deliveries"
         );
+        let (mut reoffered, mut unconfirmed) = (0.0, 0.0);
+        for instance in &self.instances {
+            assert!(!instance.has_exited(), "both instances alive");
+            reoffered += instance
+                .metric("subtocall_queue_reoffered_events_total")
+                .await;
+            unconfirmed += instance.metric("subtocall_queue_unconfirmed_events").await;
+        }
+        println!("copies offered again: {reoffered}; unconfirmed now: {unconfirmed}");
         assert_eq!(
             all.keys().cloned().collect::<BTreeSet<_>>(),
             expected,
@@ -102,11 +119,11 @@ impl UnderLoad {
     }
 }
 
-/// Sentinel: the master SIGKILLed after the 600th delivery. Before,
-/// everything after the kill was lost (both instances kept trying the dead
-/// address).
-#[tokio::test]
-async fn with_sentinel_a_master_failover_is_followed_and_nothing_is_lost() {
+/// Sentinel: the master SIGKILLed after the 600th delivery, with
+/// `SUBTOCALL_REDIS_WAIT_REPLICAS=wait`. Before, everything after the kill
+/// was lost (both instances kept trying the dead address). The promoted
+/// master has no replica: with WAIT the queue must keep running.
+async fn sentinel_failover(procedure: &'static str, wait: &str) {
     let mut redis = RedisSentinel::start().await;
     let crossbar = Crossbar::start().await;
     // REDIS_URL names no server that exists: the sentinels name the master.
@@ -116,18 +133,19 @@ async fn with_sentinel_a_master_failover_is_followed_and_nothing_is_lost() {
         &[
             ("SUBTOCALL_REDIS_SENTINELS", &redis.sentinels()),
             ("SUBTOCALL_REDIS_SENTINEL_MASTER", MASTER_NAME),
+            ("SUBTOCALL_REDIS_WAIT_REPLICAS", wait),
         ],
     );
     let said = format!("at the master {MASTER_NAME} (named by 3 sentinels) answers PING");
     let (code, report) = check(&env).await;
     assert!(code == Some(0) && report.contains(&said), "{report}");
-    let run = UnderLoad::start(&crossbar, "com.example.SUB_failover", env.clone()).await;
+    let run = UnderLoad::start(&crossbar, procedure, env.clone()).await;
     let old = redis.master_port().await.expect("a master");
     let promoted_in = redis.kill_master().await;
     let new = redis.master_port().await.expect("a new master");
     let what = format!(
-        "sentinel failover: master {old} killed after 600 deliveries, {new} promoted \
-         {promoted_in:?} later"
+        "sentinel failover (WAIT_REPLICAS={wait}): master {old} killed after 600 deliveries, \
+         {new} promoted {promoted_in:?} later"
     );
     run.finish(redis.server(new), &what).await;
     let (code, report) = check(&env).await;
@@ -135,6 +153,17 @@ async fn with_sentinel_a_master_failover_is_followed_and_nothing_is_lost() {
         code == Some(0) && report.contains(&said),
         "after the failover:\n{report}"
     );
+}
+
+#[tokio::test]
+async fn with_sentinel_a_master_failover_is_followed_and_nothing_is_lost() {
+    sentinel_failover("com.example.SUB_failover", "1").await;
+}
+
+/// The same without WAIT: what it loses is the figure in doc/operations.md.
+#[tokio::test]
+async fn with_sentinel_and_no_wait_a_master_failover_is_followed() {
+    sentinel_failover("com.example.SUB_failover0", "0").await;
 }
 
 /// Redis Cluster with a replica per master: the master holding the queue's
@@ -145,8 +174,14 @@ async fn on_a_cluster_with_replicas_a_master_failover_is_followed_and_nothing_is
     let mut cluster = RedisCluster::start_with_replicas().await;
     let crossbar = Crossbar::start().await;
     let procedure = "com.example.SUB_clfailover";
-    let mut env = queue_env(&crossbar, &cluster.url(), &[]);
-    env.insert("SUBTOCALL_REDIS_CLUSTER".into(), "1".into());
+    let env = queue_env(
+        &crossbar,
+        &cluster.url(),
+        &[
+            ("SUBTOCALL_REDIS_CLUSTER", "1"),
+            ("SUBTOCALL_REDIS_WAIT_REPLICAS", "1"),
+        ],
+    );
     let run = UnderLoad::start(&crossbar, procedure, env).await;
     let key = stream_key(GROUP, procedure);
     let (old, new, took) = cluster.kill_master_of(&key).await;
@@ -157,4 +192,106 @@ async fn on_a_cluster_with_replicas_a_master_failover_is_followed_and_nothing_is
          {took:?} later"
     );
     run.finish(master, &what).await;
+}
+
+/// `SUBTOCALL_REDIS_WAIT_REPLICAS=1` and the replica frozen (SIGSTOP): the
+/// WAITs fall short, delivery goes on, nothing is dead-lettered, and the
+/// unconfirmed copies are counted and bounded (`SUBTOCALL_REDIS_WAIT_COPIES`,
+/// the oldest let go and counted); the replica goes on (SIGCONT) and the
+/// copies drain to 0.
+#[tokio::test]
+async fn with_the_replica_gone_delivery_goes_on_and_the_unconfirmed_copies_are_bounded() {
+    let master = Redis::start().await;
+    let replica = Redis::start_replica_of(master.port()).await;
+    replica.wait_in_sync(Duration::from_secs(20)).await;
+    let crossbar = Crossbar::start().await;
+    let router = RouterMeta::join(&crossbar).await;
+    let procedure = "com.example.SUB_replicagone";
+    let topic = topic_of(procedure);
+    let env = queue_env(
+        &crossbar,
+        &master.url(),
+        &[
+            ("SUBTOCALL_REDIS_WAIT_REPLICAS", "1"),
+            ("SUBTOCALL_REDIS_WAIT_COPIES", "100"),
+        ],
+    );
+    let mut a = Backend::spawn(backend(&crossbar, "A", &[procedure])).await;
+    let instance = Sidecar::start(env);
+    wait_subscribers(&instance, &router, &topic, 1).await;
+    // Two runs of the numbered publisher number their events alike: counted
+    // by calls (one instance, nothing taken over: no duplicates).
+    let publish = |count: u32| {
+        Publisher::spawn(PublisherOptions {
+            rate: 100.0,
+            quiet: true,
+            ..PublisherOptions::new(&crossbar, &topic, count)
+        })
+    };
+    let calls = |n: usize| {
+        let a = &a;
+        async move {
+            eventually(Duration::from_secs(30), &format!("{n} calls"), || async {
+                (a.invocations().len() >= n).then_some(())
+            })
+            .await;
+        }
+    };
+    publish(50).finish().await.assert_success();
+    calls(50).await;
+    let metric = |name: &'static str| {
+        let instance = &instance;
+        async move { instance.metric(name).await }
+    };
+    eventually(Duration::from_secs(10), "the 50 confirmed", || async {
+        (metric("subtocall_queue_unconfirmed_events").await == 0.0
+            && metric("subtocall_redis_replicas_acknowledging").await == 1.0)
+            .then_some(())
+    })
+    .await;
+
+    replica.signal(libc::SIGSTOP);
+    publish(300).finish().await.assert_success();
+    calls(350).await;
+    let unconfirmed = metric("subtocall_queue_unconfirmed_events").await;
+    let let_go = metric("subtocall_queue_unprotected_events_total").await;
+    let acknowledging = metric("subtocall_redis_replicas_acknowledging").await;
+    let status = instance.http_get("/status").await.expect("/status").1;
+    println!(
+        "replica frozen: 300 events delivered, {unconfirmed} unconfirmed copies held, \
+         {let_go} let go, {acknowledging} replicas acknowledging"
+    );
+    assert!(
+        unconfirmed > 0.0 && unconfirmed <= 100.0,
+        "bounded by SUBTOCALL_REDIS_WAIT_COPIES: {unconfirmed}"
+    );
+    assert_eq!(
+        unconfirmed + let_go,
+        300.0,
+        "every unconfirmed event held or counted"
+    );
+    assert_eq!(acknowledging, 0.0);
+    let status: serde_json::Value = serde_json::from_str(&status).expect("JSON");
+    assert_eq!(
+        status["queue"]["replicas"]["wanted"], 1,
+        "/status shows it: {status}"
+    );
+    assert_eq!(status["queue"]["replicas"]["acknowledging"], 0);
+    assert!(status["queue"]["replicas"]["unprotected_total"].as_u64() >= Some(200));
+
+    replica.signal(libc::SIGCONT);
+    eventually(Duration::from_secs(15), "the copies confirmed", || async {
+        (metric("subtocall_queue_unconfirmed_events").await == 0.0
+            && metric("subtocall_redis_replicas_acknowledging").await == 1.0)
+            .then_some(())
+    })
+    .await;
+    let dead = dead_key(GROUP, procedure);
+    assert_eq!(master.command(&["XLEN", &dead]).await.integer(), 0);
+    a.sync().await;
+    assert_eq!(
+        a.invocations().len(),
+        350,
+        "every event delivered once, none dead-lettered"
+    );
 }

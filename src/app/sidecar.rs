@@ -675,6 +675,24 @@ impl Sidecar {
         self.queue.as_ref().map(|q| q.is_up())
     }
 
+    /// Replica acknowledgement, as the metrics count it (Redis queue with
+    /// `SUBTOCALL_REDIS_WAIT_REPLICAS` > 0).
+    pub fn replicas(&self) -> Option<crate::status::Replicas> {
+        let m = &self.ledger.metrics;
+        let wanted = m.redis_wait_replicas.get();
+        if self.queue.is_none() || wanted <= 0 {
+            return None;
+        }
+        Some(crate::status::Replicas {
+            wanted: wanted as u64,
+            // -1 until the first answer.
+            acknowledging: u64::try_from(m.redis_replicas_acknowledging.get()).ok(),
+            unconfirmed: m.queue_unconfirmed.get().max(0) as u64,
+            unprotected_total: m.queue_unprotected.get(),
+            reoffered_total: m.queue_reoffered.get(),
+        })
+    }
+
     /// Shutting down.
     pub fn is_draining(&self) -> bool {
         self.draining

@@ -70,6 +70,7 @@ impl Shown {
                 name: self.queue_name.clone(),
                 consumer: self.consumer.clone(),
                 redis_up: sidecar.redis_up(),
+                replicas: sidecar.replicas(),
                 ..status::Queue::default()
             },
             mappings: mappings(sidecar, now),

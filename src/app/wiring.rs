@@ -265,14 +265,24 @@ fn start_streams(
         },
         now,
     );
+    // WAIT holds the connection it is sent on and counts only its writes:
+    // with replica acknowledgement, admission writes on a connection of its own.
+    let admitting = if config.redis.wait.replicas > 0 {
+        target
+            .shared()
+            .map_err(|e| Fatal::Setup(format!("Redis: {e}")))?
+    } else {
+        shared
+    };
     let admit = AdmitSink::new(
-        shared,
+        admitting,
         keys,
         &consumer,
         carrier.holder(),
         q.dedup_window,
         metrics.clone(),
-    );
+    )
+    .with_replicas(config.redis.wait, q.dedup_window);
     let deliver = Settings {
         // Never reached: the queue core holds no more than the window.
         capacity: 2 * window,

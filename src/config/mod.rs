@@ -195,12 +195,33 @@ pub struct RedisConfig {
     /// The master is found through these sentinels (`url` gives only the
     /// user, password and database).
     pub sentinel: Option<SentinelConfig>,
+    /// Replica acknowledgement (`SUBTOCALL_REDIS_WAIT_*`).
+    pub wait: WaitConfig,
     /// Lists or streams (`SUBTOCALL_REDIS_TARGET`).
     pub target: RedisTarget,
     /// The consumer group created on each stream.
     pub consumer_group: String,
     /// Unacknowledged entries a stream may hold.
     pub max_backlog: u64,
+}
+
+/// Replica acknowledgement: how many replicas a write must reach before
+/// this instance lets go of its copy (0: none asked), how long one WAIT
+/// waits, and how many copies are kept at most.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WaitConfig {
+    pub replicas: u32,
+    pub timeout: Duration,
+    pub copies: usize,
+}
+
+impl WaitConfig {
+    /// Nothing asked of the replicas (the default).
+    pub const OFF: WaitConfig = WaitConfig {
+        replicas: 0,
+        timeout: Duration::from_millis(100),
+        copies: 10_000,
+    };
 }
 
 /// Redis Sentinel: who to ask for the master, and its name.
@@ -408,6 +429,9 @@ struct RawVars {
     subtocall_redis_sentinels: Option<String>,
     subtocall_redis_sentinel_master: Option<String>,
     subtocall_redis_sentinel_password: Option<String>,
+    subtocall_redis_wait_replicas: Option<String>,
+    subtocall_redis_wait_timeout: Option<String>,
+    subtocall_redis_wait_copies: Option<String>,
     subtocall_shutdown_timeout: Option<String>,
     subtocall_http_addr: Option<String>,
     subtocall_metrics_max_procedures: Option<String>,
@@ -483,6 +507,9 @@ impl RawVars {
             "SUBTOCALL_REDIS_SENTINELS" => &self.subtocall_redis_sentinels,
             "SUBTOCALL_REDIS_SENTINEL_MASTER" => &self.subtocall_redis_sentinel_master,
             "SUBTOCALL_REDIS_SENTINEL_PASSWORD" => &self.subtocall_redis_sentinel_password,
+            "SUBTOCALL_REDIS_WAIT_REPLICAS" => &self.subtocall_redis_wait_replicas,
+            "SUBTOCALL_REDIS_WAIT_TIMEOUT" => &self.subtocall_redis_wait_timeout,
+            "SUBTOCALL_REDIS_WAIT_COPIES" => &self.subtocall_redis_wait_copies,
             "SUBTOCALL_SHUTDOWN_TIMEOUT" => &self.subtocall_shutdown_timeout,
             "SUBTOCALL_HTTP_ADDR" => &self.subtocall_http_addr,
             "SUBTOCALL_METRICS_MAX_PROCEDURES" => &self.subtocall_metrics_max_procedures,
@@ -792,12 +819,28 @@ fn redis(r: &mut Reader) -> Checked<RedisConfig> {
         parse::number_in(text, 1, 1_000_000_000)
     });
     let sentinel = sentinel(r, cluster.as_ref().is_ok_and(|c| *c));
+    let wait_replicas = r.required(&REDIS_WAIT_REPLICAS, |text| parse::number_in(text, 0, 16));
+    let wait_timeout = r.required(&REDIS_WAIT_TIMEOUT, |text| {
+        let d = parse::duration_at_least(text, Duration::from_millis(1))?;
+        if d > Duration::from_secs(10) {
+            return Err(parse::Invalid::because("is too long; at most 10s"));
+        }
+        Ok(d)
+    });
+    let wait_copies = r.required(&REDIS_WAIT_COPIES, |text| {
+        parse::number_in(text, 1, 10_000_000)
+    });
     Ok(RedisConfig {
         url: url?,
         prefix: prefix?,
         dead_letter_key: dead_letter_key?,
         cluster: cluster?,
         sentinel: sentinel?,
+        wait: WaitConfig {
+            replicas: wait_replicas?,
+            timeout: wait_timeout?,
+            copies: wait_copies?,
+        },
         target: target?,
         consumer_group: consumer_group?,
         max_backlog: max_backlog?,

@@ -662,6 +662,48 @@ pub(crate) const REDIS_SENTINEL_PASSWORD: Var = Var {
     group: Group::Redis,
 };
 
+pub(crate) const REDIS_WAIT_REPLICAS: Var = Var {
+    name: "SUBTOCALL_REDIS_WAIT_REPLICAS",
+    old_names: &[],
+    default: DefaultValue::Value("0"),
+    accepts: "a whole number from 0 to 16",
+    meaning: "With SUBTOCALL_QUEUE=redis: after each admission batch (and dead-letter write, \
+              and Redis mode push) ask Redis to WAIT until this many replicas have it, batched \
+              per pipeline. Delivery does not wait for the answer; until the replicas confirm an \
+              admitted event, this instance keeps a copy in memory and offers it again to the \
+              master after a failover (bounded by SUBTOCALL_REDIS_WAIT_COPIES). 0 asks nothing: \
+              an acknowledged but unreplicated write is lost with its master.",
+    secret: false,
+    group: Group::Redis,
+};
+
+pub(crate) const REDIS_WAIT_TIMEOUT: Var = Var {
+    name: "SUBTOCALL_REDIS_WAIT_TIMEOUT",
+    old_names: &[],
+    default: DefaultValue::Value("100ms"),
+    accepts: "a duration from 1ms to 10s such as 100ms",
+    meaning: "With SUBTOCALL_REDIS_WAIT_REPLICAS: how long one WAIT waits for the replicas. \
+              WAIT holds the admission connection, so keep it short; while fewer replicas than \
+              asked answer, WAIT is asked at most once a second and the events stay unconfirmed.",
+    secret: false,
+    group: Group::Redis,
+};
+
+pub(crate) const REDIS_WAIT_COPIES: Var = Var {
+    name: "SUBTOCALL_REDIS_WAIT_COPIES",
+    old_names: &[],
+    default: DefaultValue::Value("10000"),
+    accepts: "a whole number from 1 to 10000000",
+    meaning: "With SUBTOCALL_REDIS_WAIT_REPLICAS: how many unconfirmed admitted events this \
+              instance keeps copies of. Past it the oldest copies are let go and counted \
+              (subtocall_queue_unprotected_events_total): the events stay in Redis, only \
+              unprotected against the master failing before its replicas have them. Copies \
+              older than SUBTOCALL_DEDUP_WINDOW are let go too (offering them again could \
+              admit them twice).",
+    secret: false,
+    group: Group::Redis,
+};
+
 pub(crate) const REDIS_PREFIX: Var = Var {
     name: "SUBTOCALL_REDIS_PREFIX",
     old_names: &[],
@@ -818,6 +860,9 @@ pub(crate) const VARS: &[&Var] = &[
     &REDIS_SENTINELS,
     &REDIS_SENTINEL_MASTER,
     &REDIS_SENTINEL_PASSWORD,
+    &REDIS_WAIT_REPLICAS,
+    &REDIS_WAIT_TIMEOUT,
+    &REDIS_WAIT_COPIES,
     &REDIS_PREFIX,
     &REDIS_TARGET,
     &REDIS_CONSUMER_GROUP,

@@ -32,6 +32,7 @@ use super::carrier::Fields;
 use super::core::{
     Command, CommandId, EntryId, Failure as QueueFailure, Got, Grant, GrantId, Key, QueueCore, Unit,
 };
+use super::replicas::{self, Ask, Copies, Copy};
 use super::{Keys, Shared, entry, text};
 use crate::forward::envelope::{Outgoing, SharedEvent};
 use crate::forward::{DeliveryId, Dispatch, Failure, Job};
@@ -146,6 +147,17 @@ pub struct AdmitSink {
     /// Procedures already in the registry set (added once per process).
     registered: Arc<Mutex<HashSet<String>>>,
     metrics: Arc<Metrics>,
+    /// With `SUBTOCALL_REDIS_WAIT_REPLICAS`: the copies kept until the
+    /// replicas confirm them.
+    replicas: Option<Arc<Replicas>>,
+}
+
+/// Replica acknowledgement as the admission sink does it.
+struct Replicas {
+    copies: replicas::Shared,
+    wait: crate::config::WaitConfig,
+    /// The watch task was started.
+    watching: std::sync::atomic::AtomicBool,
 }
 
 impl AdmitSink {
@@ -165,7 +177,30 @@ impl AdmitSink {
             window_ms: window.as_millis().max(1) as u64,
             registered: Arc::default(),
             metrics,
+            replicas: None,
         }
+    }
+
+    /// Asks the replicas after each batch (`wait.replicas` > 0) and keeps
+    /// copies until they confirm. `conn` should be the admission's own:
+    /// WAIT holds it, and counts only its writes.
+    pub fn with_replicas(mut self, wait: crate::config::WaitConfig, window: Duration) -> AdmitSink {
+        self.metrics
+            .redis_wait_replicas
+            .set(i64::from(wait.replicas));
+        if wait.replicas > 0 {
+            // Not known until the first WAIT answers.
+            self.metrics.redis_replicas_acknowledging.set(-1);
+            self.replicas = Some(Arc::new(Replicas {
+                copies: Arc::new(Mutex::new(Copies::new(&wait, window))),
+                wait,
+                watching: Default::default(),
+            }));
+            if let (Some(r), Ok(_)) = (&self.replicas, tokio::runtime::Handle::try_current()) {
+                self.watch(r);
+            }
+        }
+        self
     }
 
     /// Admits `jobs`, one script call per stream (a procedure, or one of
@@ -181,6 +216,7 @@ impl AdmitSink {
         let groups =
             crate::sink::groups_in_order(jobs.iter().map(|j| (&*j.item.procedure, j.item.lane)));
         let mut calls = Vec::with_capacity(groups.len());
+        let mut copies = Vec::new();
         let mut new = Vec::new();
         let mut seen_procedures: Vec<&str> = Vec::new();
         for ((procedure, lane), at) in groups {
@@ -216,11 +252,21 @@ impl AdmitSink {
             let seen = self.keys.seen(procedure, 0);
             let prefix = seen.strip_suffix('0').unwrap_or(&seen).as_bytes();
             let mut scratch: Vec<u8> = Vec::with_capacity(256);
+            let keep = self.replicas.is_some();
+            let mut copy = keep.then(|| Copy {
+                stream: stream.clone(),
+                lease: lease.clone().unwrap_or_else(|| stream.clone()),
+                claims: Vec::with_capacity(events.len()),
+                entries: Vec::with_capacity(events.len()),
+            });
             for ev in &events {
                 scratch.clear();
                 scratch.extend_from_slice(prefix);
                 let _ = write!(scratch, "{}", ev.publication.0);
                 cmd.arg(scratch.as_slice());
+                if let Some(copy) = copy.as_mut() {
+                    copy.claims.push(Bytes::copy_from_slice(&scratch));
+                }
             }
             for (s, _) in ack_streams {
                 cmd.arg(s);
@@ -237,8 +283,12 @@ impl AdmitSink {
                 scratch.clear();
                 entry::encode_into(ev, &mut scratch);
                 cmd.arg(scratch.as_slice());
-                if granted.is_some() {
-                    stored.push(Bytes::copy_from_slice(&scratch));
+                if granted.is_some() || keep {
+                    let e = Bytes::copy_from_slice(&scratch);
+                    if let Some(copy) = copy.as_mut() {
+                        copy.entries.push(e.clone());
+                    }
+                    stored.push(e);
                 }
             }
             for (_, ids) in ack_streams {
@@ -255,12 +305,18 @@ impl AdmitSink {
             if !registered && !new.iter().any(|p| p == procedure) {
                 new.push(procedure.to_owned());
             }
+            if granted.is_none() {
+                stored.clear();
+            }
+            copies.extend(copy);
             calls.push((cmd, granted.map(|g| g.id), acks.map(|(id, _)| id), stored));
         }
         let conn = self.conn.clone();
         let keys = self.keys.clone();
         let registered = self.registered.clone();
         let metrics = self.metrics.clone();
+        let replicas = self.replicas.clone();
+        let again = self.clone();
         Box::pin(async move {
             let grants: Vec<GrantId> = calls.iter().filter_map(|(_, g, _, _)| *g).collect();
             let rides: Vec<CommandId> = calls.iter().filter_map(|(_, _, a, _)| *a).collect();
@@ -274,8 +330,19 @@ impl AdmitSink {
             };
             let mut c = match conn.get().await {
                 Ok(c) => c,
-                Err(e) => return failed(e),
+                Err(e) => {
+                    again.write_failed();
+                    return failed(e);
+                }
             };
+            let epoch = c.epoch();
+            if let Some(r) = &replicas {
+                again.watch(r);
+                // What an earlier master may have lost goes before anything new.
+                if let Err(e) = again.offer_again(r, &c).await {
+                    return failed(e);
+                }
+            }
             // The registry first: a stream nobody knows about would not be read.
             for procedure in new {
                 let added = redis::cmd("SADD")
@@ -284,6 +351,7 @@ impl AdmitSink {
                     .query_async::<i64>(&mut c)
                     .await;
                 if let Err(e) = added {
+                    again.write_failed();
                     return failed(e);
                 }
                 if let Ok(mut r) = registered.lock() {
@@ -292,14 +360,7 @@ impl AdmitSink {
             }
             let replies = join_all(calls.iter().map(|(cmd, _, _, _)| {
                 let mut c = c.clone();
-                async move {
-                    match cmd.query_async::<Value>(&mut c).await {
-                        Err(e) if e.code() == Some("NOSCRIPT") => {
-                            with_body(cmd).query_async::<Value>(&mut c).await
-                        }
-                        other => other,
-                    }
-                }
+                async move { run_admit(cmd, &mut c).await }
             }))
             .await;
             let (mut admitted, mut elsewhere) = (0, 0);
@@ -334,6 +395,21 @@ impl AdmitSink {
             }
             metrics.queue_admitted.inc_by(admitted);
             metrics.queue_admitted_elsewhere.inc_by(elsewhere);
+            if let Some(r) = &replicas {
+                if error.is_some() {
+                    again.write_failed();
+                } else {
+                    let ask = {
+                        let mut held = lock(&r.copies);
+                        let ask = held.keep(copies, epoch, Instant::now());
+                        held.publish(&metrics);
+                        ask
+                    };
+                    if let Some(ask) = ask {
+                        again.ask_wait(r, c, ask);
+                    }
+                }
+            }
             let report = match error {
                 Some(e) => Report::All(Err(Failure::Redis(e))),
                 None => Report::All(Ok(())),
@@ -344,6 +420,137 @@ impl AdmitSink {
                 acked,
             }
         })
+    }
+}
+
+impl AdmitSink {
+    /// A write failed: the copies are offered again before the next one.
+    fn write_failed(&self) {
+        if let Some(r) = &self.replicas {
+            lock(&r.copies).failed();
+        }
+    }
+
+    /// Offers the unconfirmed copies again when connection `c` may lack
+    /// them (another master, or a write failed since they were written).
+    async fn offer_again(&self, r: &Replicas, c: &super::Conn) -> redis::RedisResult<()> {
+        let epoch = c.epoch();
+        let again = lock(&r.copies).to_offer_again(epoch, Instant::now());
+        if !again.is_empty() {
+            let events: usize = again.iter().map(|copy| copy.claims.len()).sum();
+            let offers: Vec<redis::Cmd> = again.iter().map(|copy| self.offer_cmd(copy)).collect();
+            let replies = join_all(offers.iter().map(|cmd| {
+                let mut c = c.clone();
+                async move { run_admit(cmd, &mut c).await }
+            }))
+            .await;
+            let mut admitted = 0;
+            for reply in replies {
+                match reply {
+                    Ok(value) => admitted += parse_admitted(&value, &[]).0,
+                    Err(e) => {
+                        lock(&r.copies).failed();
+                        return Err(e);
+                    }
+                }
+            }
+            tracing::warn!(
+                events,
+                admitted,
+                "offered the events the replicas had not confirmed to the master again \
+                 (a failover or a failed write); admitted = what the master had lost"
+            );
+            self.metrics.queue_admitted.inc_by(admitted);
+        }
+        let mut copies = lock(&r.copies);
+        copies.offered(epoch);
+        copies.publish(&self.metrics);
+        Ok(())
+    }
+
+    /// The admission script for a copy: append unless claimed, read nothing.
+    fn offer_cmd(&self, copy: &Copy) -> redis::Cmd {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(admit_hash())
+            .arg(copy.claims.len() + 2)
+            .arg(&copy.stream)
+            .arg(&copy.lease);
+        for claim in &copy.claims {
+            cmd.arg(claim.as_ref());
+        }
+        cmd.arg(self.window_ms)
+            .arg(self.keys.group())
+            .arg(&*self.consumer)
+            .arg(0)
+            .arg("")
+            .arg(0);
+        for entry in &copy.entries {
+            cmd.arg(entry.as_ref());
+        }
+        cmd
+    }
+
+    /// Sends `WAIT` on `c` (the connection the batch was written on), and
+    /// lets go of the copies it confirms when it answers.
+    fn ask_wait(&self, r: &Arc<Replicas>, mut c: super::Conn, ask: Ask) {
+        let r = r.clone();
+        let metrics = self.metrics.clone();
+        tokio::spawn(async move {
+            let answer = redis::cmd("WAIT")
+                .arg(r.wait.replicas)
+                .arg(r.wait.timeout.as_millis().max(1) as u64)
+                .query_async::<i64>(&mut c)
+                .await;
+            if let Err(e) = &answer {
+                tracing::debug!(error = %e, "WAIT failed: the unconfirmed copies are offered again");
+            }
+            let mut copies = lock(&r.copies);
+            copies.answered(ask, answer.map_err(|_| ()));
+            copies.publish(&metrics);
+        });
+    }
+
+    /// Starts, once, the task that asks the replicas once a second while
+    /// no admission does (and offers the copies again after a failover
+    /// when no new event comes to do it).
+    fn watch(&self, r: &Arc<Replicas>) {
+        use std::sync::atomic::Ordering;
+        if r.watching.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let sink = self.clone();
+        let weak = Arc::downgrade(r);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(replicas::ASK_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(r) = weak.upgrade() else { return };
+                let c = match sink.conn.get().await {
+                    Ok(c) => c,
+                    Err(_) => continue,
+                };
+                if sink.offer_again(&r, &c).await.is_err() {
+                    continue;
+                }
+                let ask = lock(&r.copies).tick(c.epoch(), Instant::now());
+                if let Some(ask) = ask {
+                    sink.ask_wait(&r, c, ask);
+                }
+            }
+        });
+    }
+}
+
+fn lock(copies: &replicas::Shared) -> std::sync::MutexGuard<'_, Copies> {
+    copies.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Runs an admission script call, sending the body when the server lacks it.
+async fn run_admit(cmd: &redis::Cmd, c: &mut super::Conn) -> redis::RedisResult<Value> {
+    match cmd.query_async::<Value>(c).await {
+        Err(e) if e.code() == Some("NOSCRIPT") => with_body(cmd).query_async::<Value>(c).await,
+        other => other,
     }
 }
 

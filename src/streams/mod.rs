@@ -27,6 +27,7 @@ pub mod carrier;
 pub mod core;
 pub mod dead_letters;
 pub mod entry;
+pub mod replicas;
 pub mod resp;
 
 use std::sync::Arc;
@@ -410,6 +411,18 @@ pub enum Conn {
     Managed(ConnectionManager),
     Cluster(ClusterConnection),
     Located(Located),
+}
+
+impl Conn {
+    /// Which connection to a Sentinel-located master this is: another
+    /// number, another connection (perhaps another master). `None` for the
+    /// kinds that reconnect by themselves.
+    pub fn epoch(&self) -> Option<u64> {
+        match self {
+            Conn::Located(c) => Some(c.tag),
+            Conn::Managed(_) | Conn::Cluster(_) => None,
+        }
+    }
 }
 
 impl ConnectionLike for Conn {

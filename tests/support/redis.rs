@@ -163,6 +163,32 @@ impl Redis {
         );
     }
 
+    /// Waits until this replica's link to its master is up (in sync).
+    pub async fn wait_in_sync(&self, timeout: Duration) {
+        eventually(timeout, "the replica in sync with its master", || async {
+            match self.command(&["INFO", "replication"]).await {
+                Reply::Bulk(Some(info))
+                    if String::from_utf8_lossy(&info).contains("master_link_status:up") =>
+                {
+                    Some(())
+                }
+                _ => None,
+            }
+        })
+        .await;
+    }
+
+    /// Sends `signal` to the server (SIGSTOP freezes it: connected, silent;
+    /// SIGCONT lets it go on).
+    pub fn signal(&self, signal: i32) {
+        if let Some(child) = &self.child {
+            // SAFETY: kill(2) on our own child's pid; no memory is involved.
+            unsafe {
+                libc::kill(child.id() as i32, signal);
+            }
+        }
+    }
+
     /// Starts the server again on the same port (stopping it first if it runs). Data is
     /// kept only when started with [`Redis::start_persistent`].
     pub async fn start_again(&mut self) {

@@ -106,21 +106,7 @@ impl RedisSentinel {
     pub async fn start() -> RedisSentinel {
         let master = Redis::start().await;
         let replica = Redis::start_replica_of(master.port()).await;
-        eventually(
-            READY_TIMEOUT,
-            "the replica in sync with the master",
-            || async {
-                match replica.command(&["INFO", "replication"]).await {
-                    Reply::Bulk(Some(info))
-                        if String::from_utf8_lossy(&info).contains("master_link_status:up") =>
-                    {
-                        Some(())
-                    }
-                    _ => None,
-                }
-            },
-        )
-        .await;
+        replica.wait_in_sync(READY_TIMEOUT).await;
         let sentinels: Vec<SentinelProcess> = (0..3)
             .map(|_| SentinelProcess::spawn(master.port()))
             .collect();

@@ -1,0 +1,348 @@
+//! Replica acknowledgement (`SUBTOCALL_REDIS_WAIT_REPLICAS`): Redis
+//! replicates asynchronously, so a master that fails right after
+//! acknowledging an admission may take the event with it. After each
+//! admission batch the admission connection asks `WAIT N timeout`; until
+//! the replicas confirm the batch, this instance keeps its own copy of the
+//! batch's events. When the connection fails or lands on another master (a
+//! Sentinel failover), the copies are offered again before anything new:
+//! the claim and the entry were written in one step, so on the new master
+//! either both survived (the offer is refused) or neither did (the event is
+//! admitted again). Delivery never waits for the answer.
+//!
+//! [`Copies`] is the bookkeeping, without IO; the admission sink
+//! (`admit.rs`) does the writes and the WAITs, and a watch task asks again
+//! once a second while copies are held or replicas are missing.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::config::WaitConfig;
+use crate::metrics::Metrics;
+
+/// How often WAIT is asked while the last answer fell short, and how often
+/// the watch task looks.
+pub const ASK_EVERY: Duration = Duration::from_secs(1);
+
+/// One admission call's events, as they were offered: enough to offer them
+/// again.
+#[derive(Debug, Clone)]
+pub struct Copy {
+    pub stream: String,
+    /// The partition's lease key (the script's second key), or the stream.
+    pub lease: String,
+    /// One claim key and one stored entry per event.
+    pub claims: Vec<Bytes>,
+    pub entries: Vec<Bytes>,
+}
+
+/// A batch of copies, numbered in the order they were written.
+#[derive(Debug)]
+struct Held {
+    seq: u64,
+    at: Instant,
+    copies: Vec<Arc<Copy>>,
+    events: usize,
+}
+
+/// What one WAIT is to confirm: the batches written up to `seq` on the
+/// connection `epoch`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ask {
+    pub seq: u64,
+    pub epoch: Option<u64>,
+}
+
+/// The unconfirmed copies and what is known of the replicas.
+#[derive(Debug)]
+pub struct Copies {
+    wanted: u32,
+    bound: usize,
+    /// Copies older than this are let go (their claims may have expired:
+    /// offered again they could be admitted twice).
+    window: Duration,
+    held: VecDeque<Held>,
+    events: usize,
+    next: u64,
+    /// The connection the held copies were written on (a Sentinel-located
+    /// master's tag; `None` for one that cannot tell).
+    written_on: Option<u64>,
+    /// A write or a WAIT failed since the copies were written: they are
+    /// offered again before the next admission.
+    suspect: bool,
+    /// The last WAIT found fewer replicas than wanted.
+    short: bool,
+    last_asked: Option<Instant>,
+    /// Counted since the last [`Copies::take_counts`].
+    let_go: u64,
+    offered_again: u64,
+    replicas: Option<i64>,
+}
+
+impl Copies {
+    pub fn new(wait: &WaitConfig, window: Duration) -> Copies {
+        Copies {
+            wanted: wait.replicas,
+            bound: wait.copies,
+            window,
+            held: VecDeque::new(),
+            events: 0,
+            next: 0,
+            written_on: None,
+            suspect: false,
+            short: false,
+            last_asked: None,
+            let_go: 0,
+            offered_again: 0,
+            replicas: None,
+        }
+    }
+
+    /// Events held.
+    pub fn events(&self) -> usize {
+        self.events
+    }
+
+    /// The copies to offer again before writing on connection `epoch`:
+    /// every held copy when a write failed since or the connection is not
+    /// the one they were written on. Copies past the window are let go
+    /// first.
+    pub fn to_offer_again(&mut self, epoch: Option<u64>, now: Instant) -> Vec<Arc<Copy>> {
+        self.expire(now);
+        if self.held.is_empty() {
+            self.suspect = false;
+            self.written_on = epoch;
+            return Vec::new();
+        }
+        if !self.suspect && self.written_on == epoch {
+            return Vec::new();
+        }
+        let again: Vec<Arc<Copy>> = self
+            .held
+            .iter()
+            .flat_map(|h| h.copies.iter().cloned())
+            .collect();
+        self.offered_again += self.events as u64;
+        again
+    }
+
+    /// The copies offered again made it to connection `epoch`.
+    pub fn offered(&mut self, epoch: Option<u64>) {
+        self.suspect = false;
+        self.written_on = epoch;
+    }
+
+    /// A write failed: the connection may have lost what it acknowledged.
+    pub fn failed(&mut self) {
+        self.suspect = true;
+    }
+
+    /// Keeps a batch just written on connection `epoch`, and says whether to
+    /// ask WAIT now (always while the replicas keep up; once a second while
+    /// they do not).
+    pub fn keep(&mut self, copies: Vec<Copy>, epoch: Option<u64>, now: Instant) -> Option<Ask> {
+        let events: usize = copies.iter().map(|c| c.claims.len()).sum();
+        if events > 0 {
+            self.next += 1;
+            self.held.push_back(Held {
+                seq: self.next,
+                at: now,
+                copies: copies.into_iter().map(Arc::new).collect(),
+                events,
+            });
+            self.events += events;
+            if self.written_on != epoch {
+                // Written on another connection than the copies before:
+                // those are offered again (`to_offer_again` saw to it
+                // unless this connection is new since).
+                self.suspect = true;
+            }
+        }
+        while self.events > self.bound {
+            let Some(oldest) = self.held.pop_front() else {
+                break;
+            };
+            self.events -= oldest.events;
+            self.let_go += oldest.events as u64;
+        }
+        self.ask(epoch, now)
+    }
+
+    /// Whether to ask WAIT now, with nothing new written (the watch task).
+    pub fn ask(&mut self, epoch: Option<u64>, now: Instant) -> Option<Ask> {
+        if self.wanted == 0 {
+            return None;
+        }
+        let due = self
+            .last_asked
+            .is_none_or(|at| now.saturating_duration_since(at) >= ASK_EVERY);
+        if self.short && !due {
+            return None;
+        }
+        self.last_asked = Some(now);
+        Some(Ask {
+            seq: self.next,
+            epoch,
+        })
+    }
+
+    /// The watch task's tick: asks when nothing else asked for a second.
+    pub fn tick(&mut self, epoch: Option<u64>, now: Instant) -> Option<Ask> {
+        let due = self
+            .last_asked
+            .is_none_or(|at| now.saturating_duration_since(at) >= ASK_EVERY);
+        if due { self.ask(epoch, now) } else { None }
+    }
+
+    /// WAIT's answer to `ask`: `replicas` acknowledged everything written
+    /// on that connection before it. Enough of them confirm the batches up
+    /// to `ask.seq`, if they were written on that connection.
+    pub fn answered(&mut self, ask: Ask, replicas: Result<i64, ()>) {
+        let Ok(replicas) = replicas else {
+            self.suspect = true;
+            return;
+        };
+        self.replicas = Some(replicas);
+        self.short = replicas < i64::from(self.wanted);
+        if self.short || ask.epoch != self.written_on || self.suspect {
+            return;
+        }
+        while self.held.front().is_some_and(|h| h.seq <= ask.seq) {
+            if let Some(h) = self.held.pop_front() {
+                self.events -= h.events;
+            }
+        }
+    }
+
+    fn expire(&mut self, now: Instant) {
+        while self
+            .held
+            .front()
+            .is_some_and(|h| now.saturating_duration_since(h.at) >= self.window)
+        {
+            if let Some(h) = self.held.pop_front() {
+                self.events -= h.events;
+                self.let_go += h.events as u64;
+            }
+        }
+    }
+
+    /// Brings the metrics up to date.
+    pub fn publish(&mut self, metrics: &Metrics) {
+        metrics.queue_unconfirmed.set(self.events as i64);
+        metrics
+            .queue_unprotected
+            .inc_by(std::mem::take(&mut self.let_go));
+        metrics
+            .queue_reoffered
+            .inc_by(std::mem::take(&mut self.offered_again));
+        if let Some(r) = self.replicas {
+            metrics.redis_replicas_acknowledging.set(r);
+        }
+    }
+}
+
+/// The copies, shared by the admission sink's clones and its watch task.
+pub type Shared = Arc<Mutex<Copies>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn copy(n: usize) -> Copy {
+        Copy {
+            stream: "s".into(),
+            lease: "s".into(),
+            claims: (0..n).map(|i| Bytes::from(format!("c{i}"))).collect(),
+            entries: (0..n).map(|i| Bytes::from(format!("e{i}"))).collect(),
+        }
+    }
+
+    fn wait(replicas: u32, copies: usize) -> WaitConfig {
+        WaitConfig {
+            replicas,
+            timeout: Duration::from_millis(100),
+            copies,
+        }
+    }
+
+    #[test]
+    fn a_wait_that_reaches_the_replicas_lets_go_of_what_it_covers() {
+        let t0 = Instant::now();
+        let mut c = Copies::new(&wait(1, 100), Duration::from_secs(60));
+        assert!(c.to_offer_again(Some(1), t0).is_empty());
+        let first = c.keep(vec![copy(3)], Some(1), t0).expect("asks");
+        let second = c
+            .keep(vec![copy(2)], Some(1), t0)
+            .expect("asks while healthy");
+        assert_eq!(c.events(), 5);
+        c.answered(first, Ok(1));
+        assert_eq!(c.events(), 2, "only the batches the WAIT covers");
+        c.answered(second, Ok(0));
+        assert_eq!(c.events(), 2, "too few replicas: kept");
+        assert!(
+            c.keep(vec![copy(1)], Some(1), t0).is_none(),
+            "short: asked again only after a second"
+        );
+        let later = c.ask(Some(1), t0 + ASK_EVERY).expect("due");
+        c.answered(later, Ok(2));
+        assert_eq!(c.events(), 0);
+    }
+
+    #[test]
+    fn a_new_master_or_a_failed_write_gets_every_copy_again() {
+        let t0 = Instant::now();
+        let mut c = Copies::new(&wait(1, 100), Duration::from_secs(60));
+        c.to_offer_again(Some(1), t0);
+        let ask = c.keep(vec![copy(3), copy(1)], Some(1), t0).unwrap();
+        assert!(c.to_offer_again(Some(1), t0).is_empty(), "same connection");
+        assert_eq!(c.to_offer_again(Some(2), t0).len(), 2, "another master");
+        // The old connection's WAIT fails with it: still owed.
+        c.answered(ask, Err(()));
+        assert_eq!(c.events(), 4);
+        let stale = c.ask(Some(1), t0).unwrap();
+        c.offered(Some(2));
+        c.answered(stale, Ok(1));
+        assert_eq!(
+            c.events(),
+            4,
+            "a WAIT on another connection confirms nothing here"
+        );
+        assert!(c.to_offer_again(Some(2), t0).is_empty());
+        c.failed();
+        assert_eq!(c.to_offer_again(Some(2), t0).len(), 2, "after a failure");
+        c.offered(Some(2));
+        let ask = c.ask(Some(2), t0 + ASK_EVERY).unwrap();
+        c.answered(ask, Ok(1));
+        assert_eq!(c.events(), 0);
+        let m = Metrics::new();
+        c.publish(&m);
+        assert_eq!(m.queue_reoffered.get(), 8);
+    }
+
+    #[test]
+    fn copies_past_the_bound_or_the_window_are_let_go_and_counted() {
+        let t0 = Instant::now();
+        let mut c = Copies::new(&wait(1, 4), Duration::from_secs(10));
+        c.keep(vec![copy(2)], None, t0);
+        c.keep(vec![copy(2)], None, t0 + Duration::from_secs(5));
+        c.keep(vec![copy(1)], None, t0 + Duration::from_secs(5));
+        assert_eq!(c.events(), 3, "the oldest batch went");
+        c.to_offer_again(None, t0 + Duration::from_secs(15));
+        assert_eq!(c.events(), 0, "older than the window");
+        let m = Metrics::new();
+        c.publish(&m);
+        assert_eq!(m.queue_unprotected.get(), 5);
+        assert_eq!(m.queue_unconfirmed.get(), 0);
+    }
+
+    #[test]
+    fn nothing_is_asked_when_no_replica_is_wanted() {
+        let t0 = Instant::now();
+        let mut c = Copies::new(&wait(0, 4), Duration::from_secs(10));
+        assert!(c.keep(vec![], None, t0).is_none());
+        assert!(c.tick(None, t0).is_none());
+    }
+}
