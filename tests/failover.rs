@@ -295,3 +295,127 @@ async fn with_the_replica_gone_delivery_goes_on_and_the_unconfirmed_copies_are_b
         "every event delivered once, none dead-lettered"
     );
 }
+
+/// The lagging-replica scenario: what it lost, duplicate deliveries, and
+/// the copies the instances offered again.
+struct Lagged {
+    lost: usize,
+    duplicates: usize,
+    offered_again: f64,
+}
+
+/// A replica that lags when its master dies: its link held by a proxy
+/// (connected, hearing nothing) from before 400 events are published at
+/// 400/s to two instances whose slow backends (50 ms a call, 4 calls in
+/// flight per instance) cannot keep up, then the master SIGKILLed. The
+/// sentinels promote a replica that never got those events nor their
+/// claims. With `wait` = 1 the instances offer their unconfirmed copies to
+/// it; with 0 nothing brings back what was not yet delivered.
+async fn lagging_replica_failover(procedure: &'static str, wait: &str) -> Lagged {
+    let mut redis = RedisSentinel::start_with_link().await;
+    let crossbar = Crossbar::start().await;
+    let router = RouterMeta::join(&crossbar).await;
+    let topic = topic_of(procedure);
+    let env = queue_env(
+        &crossbar,
+        "redis://127.0.0.1:1",
+        &[
+            ("SUBTOCALL_REDIS_SENTINELS", &redis.sentinels()),
+            ("SUBTOCALL_REDIS_SENTINEL_MASTER", MASTER_NAME),
+            ("SUBTOCALL_REDIS_WAIT_REPLICAS", wait),
+            ("SUBTOCALL_MAX_IN_FLIGHT", "4"),
+        ],
+    );
+    let slow = |name: &str| BackendOptions {
+        delay_ms: 50,
+        ..backend(&crossbar, name, &[procedure])
+    };
+    let mut a = Backend::spawn(slow("A")).await;
+    let mut b = Backend::spawn(slow("B")).await;
+    let instances = [Sidecar::start(env.clone()), Sidecar::start(env)];
+    for instance in &instances {
+        wait_subscribers(instance, &router, &topic, 2).await;
+    }
+    redis.replica_link().hold();
+    let total = 400;
+    Publisher::spawn(PublisherOptions {
+        rate: 400.0,
+        quiet: true,
+        ..PublisherOptions::new(&crossbar, &topic, total)
+    })
+    .finish()
+    .await
+    .assert_success();
+    eventually(Duration::from_secs(10), "all 400 admitted", || async {
+        let mut admitted = 0.0;
+        for instance in &instances {
+            admitted += instance.metric("subtocall_queue_admitted_total").await;
+        }
+        (admitted >= f64::from(total)).then_some(())
+    })
+    .await;
+    let delivered_before = deliveries(&[&a, &b]).len();
+    let promoted_in = redis.kill_master().await;
+    let new = redis.master_port().await.expect("a new master");
+    let expected = published(&[procedure], u64::from(total));
+    if wait == "0" {
+        // Until the new master's stream is drained and the instances idle:
+        // what is not delivered then never will be.
+        wait_drained(redis.server(new), &stream_key(GROUP, procedure)).await;
+        eventually(Duration::from_secs(30), "both instances idle", || async {
+            for instance in &instances {
+                if instance.metric("subtocall_calls_in_flight").await > 0.0
+                    || instance.metric("subtocall_queue_depth").await > 0.0
+                {
+                    return None;
+                }
+            }
+            Some(())
+        })
+        .await;
+    } else {
+        all_delivered(&[&a, &b], &expected).await;
+        wait_drained(redis.server(new), &stream_key(GROUP, procedure)).await;
+    }
+    a.sync().await;
+    b.sync().await;
+    let all = deliveries(&[&a, &b]);
+    let mut offered_again = 0.0;
+    for instance in &instances {
+        assert!(!instance.has_exited(), "both instances alive");
+        offered_again += instance
+            .metric("subtocall_queue_reoffered_events_total")
+            .await;
+    }
+    let lagged = Lagged {
+        lost: expected.iter().filter(|e| !all.contains_key(*e)).count(),
+        duplicates: duplicates(&all),
+        offered_again,
+    };
+    println!(
+        "lagging replica (WAIT_REPLICAS={wait}): {delivered_before} of {total} delivered when \
+         the master was killed, replica promoted {promoted_in:?} later; lost {}, {} duplicate \
+         deliveries, {} copies offered again",
+        lagged.lost, lagged.duplicates, lagged.offered_again
+    );
+    lagged
+}
+
+#[tokio::test]
+async fn with_wait_what_a_lagging_replica_lacks_is_offered_again_and_nothing_is_lost() {
+    let lagged = lagging_replica_failover("com.example.SUB_lagging", "1").await;
+    assert_eq!(lagged.lost, 0, "zero events lost");
+    assert!(lagged.offered_again > 0.0, "the copies were offered again");
+}
+
+/// The same scenario without WAIT loses events: what the test above guards
+/// against (and the figure in doc/operations.md).
+#[tokio::test]
+async fn without_wait_a_lagging_replica_loses_what_was_not_yet_delivered() {
+    let lagged = lagging_replica_failover("com.example.SUB_lagging0", "0").await;
+    assert!(
+        lagged.lost > 0,
+        "nothing brought back what the replica lacked"
+    );
+    assert_eq!(lagged.offered_again, 0.0);
+}

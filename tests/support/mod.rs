@@ -13,6 +13,7 @@ pub mod fake_router;
 pub mod metrics;
 pub mod ordered;
 pub mod peers;
+pub mod proxy;
 pub mod queue;
 pub mod redis;
 pub mod resp;

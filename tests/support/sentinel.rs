@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
+use super::proxy::Proxy;
 use super::redis::Redis;
 use super::resp::{self, Reply};
 use super::{eventually, free_port, tail, terminate_blocking};
@@ -96,6 +97,9 @@ pub struct RedisSentinel {
     /// The master first, then the replica (as started; a failover swaps
     /// their roles, not their places here).
     servers: Vec<Redis>,
+    /// With [`RedisSentinel::start_with_link`]: the replica's link to the
+    /// master.
+    link: Option<Proxy>,
 }
 
 impl RedisSentinel {
@@ -104,8 +108,23 @@ impl RedisSentinel {
     /// replica and the two other sentinels (so that a failover can be
     /// agreed on and has somewhere to go).
     pub async fn start() -> RedisSentinel {
+        Self::start_full(false).await
+    }
+
+    /// Like [`RedisSentinel::start`], with the replica's link to the master
+    /// through a [`Proxy`] ([`RedisSentinel::replica_link`]), to make it lag.
+    pub async fn start_with_link() -> RedisSentinel {
+        Self::start_full(true).await
+    }
+
+    async fn start_full(with_link: bool) -> RedisSentinel {
         let master = Redis::start().await;
-        let replica = Redis::start_replica_of(master.port()).await;
+        let link = match with_link {
+            true => Some(Proxy::start(master.port()).await),
+            false => None,
+        };
+        let replica =
+            Redis::start_replica_of(link.as_ref().map_or(master.port(), Proxy::port)).await;
         replica.wait_in_sync(READY_TIMEOUT).await;
         let sentinels: Vec<SentinelProcess> = (0..3)
             .map(|_| SentinelProcess::spawn(master.port()))
@@ -113,6 +132,7 @@ impl RedisSentinel {
         let fixture = RedisSentinel {
             sentinels,
             servers: vec![master, replica],
+            link,
         };
         for s in &fixture.sentinels {
             let port = s.port;
@@ -143,6 +163,11 @@ impl RedisSentinel {
             .map(|s| format!("127.0.0.1:{}", s.port))
             .collect::<Vec<_>>()
             .join(",")
+    }
+
+    /// The replica's link to the master (started with a link).
+    pub fn replica_link(&self) -> &Proxy {
+        self.link.as_ref().expect("started with_link")
     }
 
     /// The port of the master, as the first sentinel says now.
