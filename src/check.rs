@@ -320,17 +320,39 @@ async fn check_redis(config: &Config, report: &mut Report) {
             Ok(info) => parse_server_version(&info),
             Err(e) => Err(format!("INFO server failed: {e}")),
         };
+        let topology = topology(config, &mut conn).await;
         let streams =
             if config.forward.mode == Mode::Redis && config.redis.target == RedisTarget::Stream {
                 stream_lines(config, &mut conn).await
             } else {
                 Vec::new()
             };
-        Ok::<_, String>((version, streams))
+        Ok::<_, String>((version, topology, streams))
     };
     match tokio::time::timeout(REDIS_TIMEOUT, ask).await {
-        Ok(Ok((version, streams))) => {
+        Ok(Ok((version, topology, streams))) => {
             report.lines.push(version_line(url, version));
+            match topology {
+                Ok(t) => {
+                    report.ok(t.describe());
+                    let wanted = config.redis.wait.replicas;
+                    if wanted > 0 && (t.fewest_replicas() as u64) < u64::from(wanted) {
+                        report.warn(format!(
+                            "SUBTOCALL_REDIS_WAIT_REPLICAS={wanted} but {} replicas are \
+                             online{}: WAITs fall short, admitted events stay unconfirmed \
+                             copies (up to SUBTOCALL_REDIS_WAIT_COPIES) and the \
+                             replicas-missing alert fires",
+                            t.fewest_replicas(),
+                            if t.masters.len() > 1 {
+                                " on some master"
+                            } else {
+                                ""
+                            }
+                        ));
+                    }
+                }
+                Err(e) => report.warn(format!("Redis topology unknown: {e}")),
+            }
             for line in streams {
                 report.ok(line);
             }
@@ -339,6 +361,127 @@ async fn check_redis(config: &Config, report: &mut Report) {
         Err(_) => report.fail(format!(
             "Redis at {url}: no answer within {REDIS_TIMEOUT:?}"
         )),
+    }
+}
+
+/// The masters found and their online replicas.
+#[derive(Debug, PartialEq)]
+struct Topology {
+    cluster: bool,
+    /// Each master's address and its online replicas' addresses.
+    masters: Vec<(String, Vec<String>)>,
+}
+
+impl Topology {
+    fn fewest_replicas(&self) -> usize {
+        self.masters.iter().map(|(_, r)| r.len()).min().unwrap_or(0)
+    }
+
+    fn describe(&self) -> String {
+        let one = |(master, replicas): &(String, Vec<String>)| match replicas.len() {
+            0 => format!("{master} without replicas"),
+            _ => format!("{master} with replicas {}", replicas.join(", ")),
+        };
+        if self.cluster {
+            format!(
+                "topology: a cluster of {} masters: {}",
+                self.masters.len(),
+                self.masters.iter().map(one).collect::<Vec<_>>().join("; ")
+            )
+        } else {
+            format!(
+                "topology: master {}",
+                self.masters.first().map(one).unwrap_or_default()
+            )
+        }
+    }
+}
+
+/// What `conn` says of the masters and replicas: `CLUSTER NODES` on a
+/// cluster, `INFO replication` on a master.
+async fn topology(config: &Config, conn: &mut crate::streams::Conn) -> Result<Topology, String> {
+    if config.redis.cluster {
+        let nodes = redis::cmd("CLUSTER")
+            .arg("NODES")
+            .query_async::<String>(conn)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(cluster_topology(&nodes))
+    } else {
+        let info = redis::cmd("INFO")
+            .arg("replication")
+            .query_async::<String>(conn)
+            .await
+            .map_err(|e| e.to_string())?;
+        let addr = match &config.redis.sentinel {
+            Some(s) => format!("{} (Sentinel)", s.master),
+            None => config.redis.url.to_string(),
+        };
+        master_topology(&addr, &info)
+    }
+}
+
+/// A master's `INFO replication`: its online replicas (`slaveN:ip=...,
+/// port=...,state=online,...`).
+fn master_topology(addr: &str, info: &str) -> Result<Topology, String> {
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|l| l.trim().strip_prefix(name)?.strip_prefix(':'))
+            .map(str::to_owned)
+    };
+    if field("role").as_deref() != Some("master") {
+        return Err(format!(
+            "{addr} is not a master (role {})",
+            field("role").unwrap_or_default()
+        ));
+    }
+    let replicas = info
+        .lines()
+        .filter(|l| l.starts_with("slave") && l.contains("ip="))
+        .filter_map(|l| {
+            let (_, rest) = l.trim().split_once(':')?;
+            let get = |k: &str| {
+                rest.split(',')
+                    .find_map(|kv| kv.strip_prefix(k)?.strip_prefix('='))
+            };
+            if get("state") != Some("online") {
+                return None;
+            }
+            Some(format!("{}:{}", get("ip")?, get("port")?))
+        })
+        .collect();
+    Ok(Topology {
+        cluster: false,
+        masters: vec![(addr.to_owned(), replicas)],
+    })
+}
+
+/// `CLUSTER NODES`: every master that holds slots, with its connected
+/// replicas.
+fn cluster_topology(nodes: &str) -> Topology {
+    // <id> <ip:port@cport> <flags> <master id or -> <ping> <pong> <epoch> <link> <slots...>
+    let rows: Vec<Vec<&str>> = nodes
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|f| f.len() >= 8)
+        .collect();
+    let addr = |f: &[&str]| f[1].split('@').next().unwrap_or(f[1]).to_owned();
+    let healthy = |f: &[&str]| !f[2].contains("fail") && f[7] == "connected";
+    let masters = rows
+        .iter()
+        .filter(|f| f[2].contains("master") && !f[2].contains("fail") && f.len() > 8)
+        .map(|m| {
+            let replicas = rows
+                .iter()
+                .filter(|r| r[3] == m[0] && r[2].contains("slave") && healthy(r))
+                .map(|r| addr(r))
+                .collect();
+            (addr(m), replicas)
+        })
+        .collect();
+    Topology {
+        cluster: true,
+        masters,
     }
 }
 
@@ -526,6 +669,34 @@ mod tests {
             "{text}"
         );
         assert!(text.contains(r#""uri": "wamp.registration.""#), "{text}");
+    }
+
+    #[test]
+    fn the_topology_counts_online_replicas_only() {
+        let info = "# Replication\r\nrole:master\r\nconnected_slaves:2\r\n\
+                    slave0:ip=10.0.0.2,port=6380,state=online,offset=10,lag=0\r\n\
+                    slave1:ip=10.0.0.3,port=6381,state=wait_bgsave,offset=0,lag=0\r\n\
+                    master_replid:abc\r\n";
+        let t = master_topology("m", info).unwrap();
+        assert_eq!(t.masters, vec![("m".into(), vec!["10.0.0.2:6380".into()])]);
+        assert_eq!(
+            t.describe(),
+            "topology: master m with replicas 10.0.0.2:6380"
+        );
+        assert!(master_topology("m", "role:slave\r\n").is_err());
+        let nodes = "a 127.0.0.1:7000@17000 myself,master - 0 0 1 connected 0-5460\n\
+                     b 127.0.0.1:7001@17001 master - 0 0 2 connected 5461-10922\n\
+                     c 127.0.0.1:7002@17002 slave a 0 0 1 connected\n\
+                     d 127.0.0.1:7003@17003 slave,fail b 0 0 2 disconnected\n\
+                     e 127.0.0.1:7004@17004 master,fail - 0 0 3 disconnected\n";
+        let t = cluster_topology(nodes);
+        assert_eq!(t.masters.len(), 2, "{t:?}");
+        assert_eq!(t.fewest_replicas(), 0, "b's replica has failed");
+        assert_eq!(
+            t.describe(),
+            "topology: a cluster of 2 masters: 127.0.0.1:7000 with replicas 127.0.0.1:7002; \
+             127.0.0.1:7001 without replicas"
+        );
     }
 
     #[test]

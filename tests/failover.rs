@@ -139,6 +139,10 @@ async fn sentinel_failover(procedure: &'static str, wait: &str) {
     let said = format!("at the master {MASTER_NAME} (named by 3 sentinels) answers PING");
     let (code, report) = check(&env).await;
     assert!(code == Some(0) && report.contains(&said), "{report}");
+    let topology = format!("topology: master {MASTER_NAME} (Sentinel) with replicas 127.0.0.1:");
+    assert!(report.contains(&topology), "{report}");
+    let short = "SUBTOCALL_REDIS_WAIT_REPLICAS=1 but 0 replicas are online";
+    assert!(!report.contains(short), "{report}");
     let run = UnderLoad::start(&crossbar, procedure, env.clone()).await;
     let old = redis.master_port().await.expect("a master");
     let promoted_in = redis.kill_master().await;
@@ -153,6 +157,8 @@ async fn sentinel_failover(procedure: &'static str, wait: &str) {
         code == Some(0) && report.contains(&said),
         "after the failover:\n{report}"
     );
+    // The promoted master has no replica yet: said, not failed.
+    assert_eq!(report.contains(short), wait == "1", "{report}");
 }
 
 #[tokio::test]
