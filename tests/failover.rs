@@ -425,3 +425,56 @@ async fn without_wait_a_lagging_replica_loses_what_was_not_yet_delivered() {
     );
     assert_eq!(lagged.offered_again, 0.0);
 }
+
+/// Redis mode (`USE_REDIS_MQ`) with `SUBTOCALL_REDIS_WAIT_REPLICAS=1`: each
+/// push is followed by a WAIT; with the replica in step none is counted
+/// unconfirmed, with it frozen every push still lands and is counted.
+#[tokio::test]
+async fn in_redis_mode_pushes_the_replica_did_not_confirm_are_counted() {
+    let master = Redis::start().await;
+    let replica = Redis::start_replica_of(master.port()).await;
+    replica.wait_in_sync(Duration::from_secs(20)).await;
+    let crossbar = Crossbar::start().await;
+    let router = RouterMeta::join(&crossbar).await;
+    let procedure = "com.example.SUB_pushwait";
+    let topic = topic_of(procedure);
+    let _announce = Backend::spawn(backend(&crossbar, "A", &[procedure])).await;
+    let sidecar = Sidecar::start_for(
+        &crossbar,
+        &[
+            ("USE_REDIS_MQ", "1"),
+            ("REDIS_URL", &master.url()),
+            ("SUBTOCALL_REDIS_WAIT_REPLICAS", "1"),
+        ],
+    );
+    sidecar
+        .wait_subscribed(&router, &topic, Duration::from_secs(30))
+        .await;
+    let key = format!("queue:{procedure}");
+    let publish_and_wait = |n: i64| {
+        let (crossbar, topic, key, master) = (&crossbar, &topic, &key, &master);
+        async move {
+            Publisher::run(PublisherOptions::new(crossbar, topic, 20))
+                .await
+                .assert_success();
+            eventually(Duration::from_secs(30), "pushed", || async {
+                (master.llen(key).await == n).then_some(())
+            })
+            .await;
+        }
+    };
+    publish_and_wait(20).await;
+    let unconfirmed = "subtocall_redis_writes_unconfirmed_total";
+    assert_eq!(
+        sidecar.metric(unconfirmed).await,
+        0.0,
+        "the replica keeps up"
+    );
+    replica.signal(libc::SIGSTOP);
+    publish_and_wait(40).await;
+    eventually(Duration::from_secs(10), "the 20 counted", || async {
+        (sidecar.metric(unconfirmed).await == 20.0).then_some(())
+    })
+    .await;
+    replica.signal(libc::SIGCONT);
+}

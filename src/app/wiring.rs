@@ -70,7 +70,8 @@ pub fn build(config: &Config, metrics: &Arc<Metrics>) -> Result<Parts, Fatal> {
             .map_err(|e| Fatal::Setup(format!("Redis: {e}")))?;
         Some(
             RedisSink::new(&target, &config.redis.prefix)
-                .map_err(|e| Fatal::Setup(format!("Redis: {e}")))?,
+                .map_err(|e| Fatal::Setup(format!("Redis: {e}")))?
+                .with_wait(&config.redis.wait, metrics.clone()),
         )
     } else {
         None
@@ -254,7 +255,8 @@ fn start_streams(
         &consumer,
         q.dedup_window,
         q.claim_idle,
-    );
+    )
+    .with_wait(&config.redis.wait, metrics.clone());
     let queue = QueueCore::new(
         queue_core::Settings {
             window,

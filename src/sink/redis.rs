@@ -15,6 +15,7 @@ use super::{Report, Sink, Started};
 use crate::forward::envelope::{Outgoing, SharedEvent};
 use crate::forward::{DeliveryId, Dispatch, Failure, Job};
 use crate::metrics::Metrics;
+use crate::streams::replicas::Gate;
 use crate::streams::{Conn, Shared, Target};
 use crate::wamp::session::Session;
 
@@ -26,6 +27,8 @@ const PIPELINE: usize = 512;
 pub struct RedisSink {
     conn: Shared,
     prefix: String,
+    /// With `SUBTOCALL_REDIS_WAIT_REPLICAS`: WAIT after each push.
+    gate: Option<Arc<Gate>>,
 }
 
 impl RedisSink {
@@ -35,12 +38,24 @@ impl RedisSink {
         Ok(RedisSink {
             conn: target.shared()?,
             prefix: prefix.to_owned(),
+            gate: None,
         })
+    }
+
+    /// Asks the replicas after each push (`SUBTOCALL_REDIS_WAIT_REPLICAS`).
+    pub fn with_wait(mut self, wait: &crate::config::WaitConfig, metrics: Arc<Metrics>) -> Self {
+        self.gate = Gate::new(wait, metrics);
+        self
     }
 
     /// The shared connection (connecting first if there is none).
     pub async fn connection(&self) -> redis::RedisResult<Conn> {
         self.conn.get().await
+    }
+
+    /// WAIT after writes, when replicas are wanted.
+    pub fn gate(&self) -> Option<&Arc<Gate>> {
+        self.gate.as_ref()
     }
 
     /// The list (or stream) an event for `procedure` goes to.
@@ -90,11 +105,18 @@ impl<T> Sink<T> for RedisSink {
                 .arg(envelope.as_ref());
         }
         let conn = self.conn.clone();
+        let gate = self.gate.clone();
+        let writes = jobs.len() as u64;
         Started::Pending(Box::pin(async move {
             let pushed = match conn.get().await {
                 Ok(mut conn) => {
-                    pipe.query_async::<Vec<redis::RedisResult<i64>>>(&mut conn)
-                        .await
+                    let pushed = pipe
+                        .query_async::<Vec<redis::RedisResult<i64>>>(&mut conn)
+                        .await;
+                    if let (Some(gate), Ok(_)) = (&gate, &pushed) {
+                        gate.after(conn, writes);
+                    }
+                    pushed
                 }
                 Err(e) => Err(e),
             };
@@ -129,7 +151,13 @@ pub async fn store_dead_letters(
             cmd.arg(record);
         }
         let stored = match sink.connection().await {
-            Ok(mut conn) => cmd.query_async::<i64>(&mut conn).await,
+            Ok(mut conn) => {
+                let stored = cmd.query_async::<i64>(&mut conn).await;
+                if let (Some(gate), Ok(_)) = (&sink.gate, &stored) {
+                    gate.after(conn, n);
+                }
+                stored
+            }
             Err(e) => Err(e),
         };
         match stored {

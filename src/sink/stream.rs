@@ -336,6 +336,13 @@ impl<T> Sink<T> for StreamSink {
                 async move { run(cmd, &mut this.redis.connection().await?).await }
             });
             let replies = join_all(calls).await;
+            let added: usize = replies.iter().flatten().map(|p| p.added).sum();
+            if let Some(gate) = this.redis.gate()
+                && added > 0
+                && let Ok(conn) = this.redis.connection().await
+            {
+                gate.after(conn, added as u64);
+            }
             let mut outcomes: Vec<Option<crate::forward::Outcome>> = (0..n).map(|_| None).collect();
             for ((key, at), reply) in streams.iter().zip(replies) {
                 match reply {

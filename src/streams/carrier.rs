@@ -346,6 +346,8 @@ pub struct Carrier {
     /// Consumers silent this long, with nothing pending, are forgotten.
     gone_after: Duration,
     scans: Arc<AtomicU64>,
+    /// With `SUBTOCALL_REDIS_WAIT_REPLICAS`: WAIT after each dead letter.
+    gate: Option<Arc<super::replicas::Gate>>,
 }
 
 impl Carrier {
@@ -368,7 +370,18 @@ impl Carrier {
             topology: Arc::new(Mutex::new(None)),
             gone_after: (claim_idle * 10).max(Duration::from_secs(300)),
             scans: Arc::new(AtomicU64::new(0)),
+            gate: None,
         }
+    }
+
+    /// Asks the replicas after each dead letter written.
+    pub fn with_wait(
+        mut self,
+        wait: &crate::config::WaitConfig,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Carrier {
+        self.gate = super::replicas::Gate::new(wait, metrics);
+        self
     }
 
     pub fn consumer(&self) -> &str {
@@ -872,6 +885,9 @@ impl Carrier {
             cmd.arg(*name).arg(value.as_slice());
         }
         query::<i64>(&cmd, &mut c).await?;
+        if let Some(gate) = &self.gate {
+            gate.after(c, 1);
+        }
         Ok(Reply::Done)
     }
 
@@ -892,6 +908,9 @@ impl Carrier {
             cmd.arg(*name).arg(value.as_slice());
         }
         query::<i64>(&cmd, &mut c).await?;
+        if let Some(gate) = &self.gate {
+            gate.after(c, 1);
+        }
         Ok(Reply::Done)
     }
 

@@ -247,6 +247,62 @@ impl Copies {
 /// The copies, shared by the admission sink's clones and its watch task.
 pub type Shared = Arc<Mutex<Copies>>;
 
+/// WAIT after writes that keep no copies (dead letters, Redis mode
+/// pushes): asked after each write while the replicas keep up, at most once
+/// a second while they do not; writes it finds short are counted
+/// (`subtocall_redis_writes_unconfirmed_total`).
+pub struct Gate {
+    wait: WaitConfig,
+    /// Whether the last WAIT fell short, and when one was last asked.
+    state: Mutex<(bool, Option<Instant>)>,
+    metrics: Arc<Metrics>,
+}
+
+impl Gate {
+    /// `None` when no replica is wanted.
+    pub fn new(wait: &WaitConfig, metrics: Arc<Metrics>) -> Option<Arc<Gate>> {
+        (wait.replicas > 0).then(|| {
+            Arc::new(Gate {
+                wait: *wait,
+                state: Mutex::new((false, None)),
+                metrics,
+            })
+        })
+    }
+
+    /// Sends WAIT on `conn` (the connection `writes` writes were just made
+    /// on) unless the replicas were short less than a second ago, without
+    /// holding up the caller.
+    pub fn after(self: &Arc<Gate>, mut conn: super::Conn, writes: u64) {
+        let now = Instant::now();
+        {
+            let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            let (short, last) = *state;
+            if short && last.is_some_and(|at| now.saturating_duration_since(at) < ASK_EVERY) {
+                self.metrics.redis_writes_unconfirmed.inc_by(writes);
+                return;
+            }
+            state.1 = Some(now);
+        }
+        let gate = self.clone();
+        tokio::spawn(async move {
+            let answer = redis::cmd("WAIT")
+                .arg(gate.wait.replicas)
+                .arg(gate.wait.timeout.as_millis().max(1) as u64)
+                .query_async::<i64>(&mut conn)
+                .await;
+            let short = answer
+                .as_ref()
+                .is_ok_and(|n| *n < i64::from(gate.wait.replicas));
+            if short || answer.is_err() {
+                gate.metrics.redis_writes_unconfirmed.inc_by(writes);
+            }
+            let mut state = gate.state.lock().unwrap_or_else(|p| p.into_inner());
+            state.0 = short;
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
