@@ -33,6 +33,9 @@ def main():
                    help="the SUB_ procedure to register (default: %(default)s)")
     p.add_argument("--authid", default="backend")
     p.add_argument("--secret", default="secret123")
+    p.add_argument("--work", type=float, default=0.0,
+                   help="seconds each event takes to handle, after it is printed "
+                        "(simulated work; default: %(default)s)")
     args = p.parse_args()
     txaio.start_logging(level="error")
     txaio.set_global_log_level("error")
@@ -54,6 +57,8 @@ def main():
             print(f"[{args.name}] handled {list(event_args)} {event_kwargs}"
                   + (f" publication={details['publication']}" if details else ""),
                   flush=True)
+            if args.work > 0:
+                await asyncio.sleep(args.work)
             return args.name
 
         await session.register(on_event, args.procedure,

@@ -6,47 +6,22 @@
 # run (the Crossbar virtualenv; a cargo build).
 #
 #   scripts/demo.sh [EVENTS]      (default 10)
+#   scripts/demo.sh ha [EVENTS]   (default 200) two subtocall instances on the
+#                                 Redis queue, one killed mid-stream: see
+#                                 scripts/demo-ha.sh
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
+if [ "${1:-}" = ha ]; then
+  shift
+  exec bash scripts/demo-ha.sh "$@"
+fi
 EVENTS="${1:-10}"
+. scripts/demo-common.sh
 
-say() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
-
-say "Crossbar virtualenv (first run installs crossbar==26.10.1, about a minute)"
-VENV="$(bash scripts/setup-crossbar.sh)"
-PY="$VENV/bin/python"
-
-say "Building subtocall"
-cargo build --release --quiet --bin subtocall
-BIN="$ROOT/target/release/subtocall"
-
-WORK="$(mktemp -d -t subtocall-demo-XXXXXX)"
-PIDS=()
-cleanup() {
-  # Reverse start order: backends and subtocall first, the router last.
-  for ((i=${#PIDS[@]}-1; i>=0; i--)); do
-    kill -TERM "${PIDS[$i]}" 2>/dev/null || true
-    for _ in $(seq 50); do kill -0 "${PIDS[$i]}" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "${PIDS[$i]}" 2>/dev/null || true
-  done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-# A free port, and the example router config bound to 127.0.0.1 on it.
-PORT="$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
-HTTP_PORT="$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
-mkdir -p "$WORK/.crossbar"
-"$PY" scripts/local_router.py config "$PORT" "$WORK/.crossbar/config.json"
-URL="ws://127.0.0.1:$PORT/ws"
-
-say "Starting Crossbar on $URL (log: $WORK/crossbar.log)"
-"$VENV/bin/crossbar" start --cbdir "$WORK/.crossbar" --loglevel warn --color false \
-  --shutdownafter 900 >"$WORK/crossbar.log" 2>&1 &
-PIDS+=($!)
-"$PY" scripts/local_router.py wait "$URL"
+demo_setup
+start_crossbar
+HTTP_PORT="$(free_port)"
 
 say "Starting subtocall (metrics: http://127.0.0.1:$HTTP_PORT/metrics)"
 WAMP_URL="$URL" CROSSBAR_REALM=realm1 \
@@ -61,13 +36,6 @@ for name in A B; do
   PIDS+=($!)
 done
 
-wait_for() { # file pattern seconds
-  local end=$((SECONDS + $3))
-  until grep -q "$2" "$1" 2>/dev/null; do
-    if [ $SECONDS -ge $end ]; then echo "timed out waiting for '$2' in $1" >&2; exit 1; fi
-    sleep 0.1
-  done
-}
 wait_for "$WORK/subtocall.log" "subscribed to com.example.status" 30
 
 say "Publishing $EVENTS events to com.example.status (examples/publisher.py)"
