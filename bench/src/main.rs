@@ -395,8 +395,8 @@ fn run() -> Result<()> {
                     .map(|s| format!("{:.0}%", s * 100.0))
                     .collect();
                 log(&format!(
-                    "  {:>6} x{instances} #{}: {:>7.0} ev/s, subtocall {:.2} us/ev, redis-server {:.2} us/ev, peer {:.2} us/ev, delivered {}",
-                    q.env(),
+                    "  {:>10} x{instances} #{}: {:>7.0} ev/s, subtocall {:.2} us/ev, redis-server {:.2} us/ev, peer {:.2} us/ev, delivered {}",
+                    q.name(),
                     i + 1,
                     r.events_per_s,
                     r.sidecar_cpu_ns / 1e3,
@@ -524,11 +524,12 @@ fn throughput_bars(r: &report::Results) -> Vec<(String, f64)> {
             .filter(|(a, b, _)| (*a, *b) == (q, instances))
             .map(|(_, _, run)| run.events_per_s)
             .collect();
-        if !v.is_empty() && q == queue::Queue::Redis {
-            let who = match instances {
-                1 => "one instance".to_owned(),
-                2 => "two instances".to_owned(),
-                n => format!("{n} instances"),
+        if !v.is_empty() && q.is_redis() {
+            let who = match (q, instances) {
+                (queue::Queue::RedisWait, _) => "one instance, replica and WAIT".to_owned(),
+                (_, 1) => "one instance".to_owned(),
+                (_, 2) => "two instances".to_owned(),
+                (_, n) => format!("{n} instances"),
             };
             bars.push((format!("subtocall, Redis queue, {who}"), median(v)));
         }

@@ -25,21 +25,42 @@ use crate::procs::{RedisServer, Sidecar, SidecarSpec, metrics_at};
 pub enum Queue {
     Memory,
     Redis,
+    /// The Redis queue with a replica and `SUBTOCALL_REDIS_WAIT_REPLICAS=1`.
+    RedisWait,
 }
 
 impl Queue {
     pub fn env(self) -> &'static str {
         match self {
             Queue::Memory => "memory",
-            Queue::Redis => "redis",
+            Queue::Redis | Queue::RedisWait => "redis",
         }
+    }
+
+    /// In the log.
+    pub fn name(self) -> &'static str {
+        match self {
+            Queue::Memory => "memory",
+            Queue::Redis => "redis",
+            Queue::RedisWait => "redis+wait",
+        }
+    }
+
+    pub fn is_redis(self) -> bool {
+        self != Queue::Memory
     }
 }
 
 /// The configurations measured, in this order within a repetition (reversed
 /// every other one): the memory queue (one instance: it cannot share work),
 /// the Redis queue with one instance and with two.
-pub const CASES: [(Queue, usize); 3] = [(Queue::Memory, 1), (Queue::Redis, 1), (Queue::Redis, 2)];
+/// Then the Redis queue with a replica and WAIT, one instance.
+pub const CASES: [(Queue, usize); 4] = [
+    (Queue::Memory, 1),
+    (Queue::Redis, 1),
+    (Queue::Redis, 2),
+    (Queue::RedisWait, 1),
+];
 
 /// The event counts of the two callgrind runs per queue.
 pub const CALLGRIND_EVENTS: (u64, u64) = (5_000, 25_000);
@@ -73,15 +94,21 @@ pub fn run_once(
     instances: usize,
     redis: Option<&RedisServer>,
 ) -> Result<QueueRun> {
-    let redis = match (queue, redis) {
-        (Queue::Redis, Some(r)) => {
+    let redis = match (queue.is_redis(), redis) {
+        (true, Some(r)) => {
             // No stream, claim key or group left from the previous run (their
             // publication ids are the same).
             crate::resp::Conn::connect(r.port)?.command(&["FLUSHALL"])?;
             Some(r)
         }
-        (Queue::Redis, None) => bail!("the Redis queue needs a redis-server"),
-        (Queue::Memory, _) => None,
+        (true, None) => bail!("the Redis queue needs a redis-server"),
+        (false, _) => None,
+    };
+    // Its replica, in step before the run, for this case only (replication
+    // costs the master CPU the other cases should not pay).
+    let _replica = match (queue, redis) {
+        (Queue::RedisWait, Some(r)) => Some(start_replica(ctx, r)?),
+        _ => None,
     };
     let serializer = Serializer::MsgPack;
     let peers = Peer::start_group(
@@ -102,6 +129,9 @@ pub fn run_once(
         if let Some(r) = redis {
             env.insert("REDIS_URL".into(), r.url());
             env.insert("SUBTOCALL_QUEUE_NAME".into(), QUEUE_NAME.into());
+        }
+        if queue == Queue::RedisWait {
+            env.insert("SUBTOCALL_REDIS_WAIT_REPLICAS".into(), "1".into());
         }
         sidecars.push(Sidecar::start(SidecarSpec {
             binary,
@@ -195,6 +225,27 @@ pub fn run_once(
             .map(|&d| d / unique.max(1) as f64)
             .collect(),
     })
+}
+
+/// A replica of `master`, once the master counts it online.
+fn start_replica(ctx: &Ctx, master: &RedisServer) -> Result<RedisServer> {
+    let port = master.port.to_string();
+    let replica = RedisServer::start_with(
+        &ctx.work,
+        "redis-queue-replica",
+        &["--replicaof", "127.0.0.1", &port],
+    )?;
+    let started = Instant::now();
+    loop {
+        let info = crate::resp::Conn::connect(master.port)?.command(&["INFO", "replication"])?;
+        if format!("{info:?}").contains("state=online") {
+            return Ok(replica);
+        }
+        if started.elapsed() > Duration::from_secs(15) {
+            bail!("the replica was not online within 15 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Idle instances on the Redis queue with many procedures: what they cost
@@ -380,7 +431,7 @@ fn exactly_once(sidecars: &[Sidecar], queue: Queue, unique: u64) -> Result<Vec<f
         }
         let delivered: f64 = forwarded.iter().sum();
         let unique = unique as f64;
-        if delivered > unique || (queue == Queue::Redis && admitted > unique) {
+        if delivered > unique || (queue.is_redis() && admitted > unique) {
             bail!(
                 "{delivered} deliveries and {admitted} admissions for {unique} events: \
                  not exactly once"

@@ -620,10 +620,14 @@ fn queue_section(md: &mut String, r: &Results, targets: &mut Vec<(String, String
                 (Queue::Redis, 1) => "Redis, one instance".to_owned(),
                 (Queue::Redis, 2) => "Redis, two instances".to_owned(),
                 (Queue::Redis, n) => format!("Redis, {n} instances"),
+                (Queue::RedisWait, _) => {
+                    "Redis with a replica and `SUBTOCALL_REDIS_WAIT_REPLICAS=1`, one instance"
+                        .to_owned()
+                }
             };
             let (redis, total) = match q {
                 Queue::Memory => ("—".to_owned(), cpu.show(us)),
-                Queue::Redis => (
+                Queue::Redis | Queue::RedisWait => (
                     spread(&runs, |x| x.redis_cpu_ns).show(us),
                     spread(&runs, |x| x.sidecar_cpu_ns + x.redis_cpu_ns).show(us),
                 ),

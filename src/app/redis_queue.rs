@@ -121,6 +121,13 @@ impl RedisQueue {
             .push(Box::pin(async move { (id, admitting.await) }));
     }
 
+    /// `job` was delivered (here: its copy, kept until the replicas confirm
+    /// its admission, need not be offered again).
+    pub fn delivered(&mut self, job: &Job<Box<SharedEvent>>) {
+        self.admission
+            .delivered(&job.item.procedure, job.item.publication.0);
+    }
+
     /// An admission batch's outcome: what each stream's grant took, and
     /// the acknowledgements that rode along, go to the queue core; the
     /// report is the admission stage's.

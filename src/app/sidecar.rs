@@ -383,6 +383,7 @@ impl Sidecar {
             Output::Ack(job) => {
                 if let (Some(q), Some(key)) = (&mut self.queue, redis_queue::key_of(&job)) {
                     q.queue.on_delivered(key);
+                    q.delivered(&job);
                 }
                 let pushed = !self.stages.get(i).sink.needs_session();
                 self.ledger.delivered(&job, pushed, now);

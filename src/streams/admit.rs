@@ -54,8 +54,9 @@ pub const BATCH: usize = 512;
 /// first (as `Ack` does). Claims each publication (SET NX) and appends it
 /// only if the claim is new; an append that fails gives its claim back, so
 /// the batch can be retried. Then reads. Returns {admitted, admitted
-/// before, read}, where read holds {id, n} for an entry this call appended
-/// (the n-th event given), {id, 0, fields} for another.
+/// before, read, refused}, where read holds {id, n} for an entry this call
+/// appended (the n-th event given), {id, 0, fields} for another, and
+/// refused the n of each event already claimed.
 const ADMIT: &str = r"
 local nacks = tonumber(ARGV[6])
 local nclaims = #KEYS - 2 - nacks
@@ -69,7 +70,7 @@ for s = 1, nacks do
   redis.call('XDEL', stream, unpack(ids))
 end
 local added, before = 0, 0
-local mine = {}
+local mine, refused = {}, {}
 for i = 3, 2 + nclaims do
   if redis.call('SET', KEYS[i], '1', 'NX', 'PX', ARGV[1]) then
     local id = redis.pcall('XADD', KEYS[1], '*', 'e', ARGV[i + 4])
@@ -81,6 +82,7 @@ for i = 3, 2 + nclaims do
     added = added + 1
   else
     before = before + 1
+    refused[#refused + 1] = i - 2
   end
 end
 local read = {}
@@ -100,7 +102,7 @@ if want > 0 and (ARGV[5] == '' or redis.call('GET', KEYS[2]) == ARGV[5]) then
     end
   end
 end
-return {added, before, read}
+return {added, before, read, refused}
 ";
 
 /// What an admission asks of the queue core.
@@ -216,7 +218,7 @@ impl AdmitSink {
         let groups =
             crate::sink::groups_in_order(jobs.iter().map(|j| (&*j.item.procedure, j.item.lane)));
         let mut calls = Vec::with_capacity(groups.len());
-        let mut copies = Vec::new();
+        let mut copies: Vec<Option<Copy>> = Vec::new();
         let mut new = Vec::new();
         let mut seen_procedures: Vec<&str> = Vec::new();
         for ((procedure, lane), at) in groups {
@@ -308,7 +310,7 @@ impl AdmitSink {
             if granted.is_none() {
                 stored.clear();
             }
-            copies.extend(copy);
+            copies.push(copy);
             calls.push((cmd, granted.map(|g| g.id), acks.map(|(id, _)| id), stored));
         }
         let conn = self.conn.clone();
@@ -367,9 +369,15 @@ impl AdmitSink {
             let mut taken = Vec::new();
             let mut acked = Vec::new();
             let mut error = None;
-            for (reply, (_, grant, ride, stored)) in replies.into_iter().zip(calls) {
+            let mut kept = Vec::new();
+            for ((reply, (_, grant, ride, stored)), copy) in
+                replies.into_iter().zip(calls).zip(copies)
+            {
                 match reply {
                     Ok(value) => {
+                        if let Some(copy) = copy {
+                            kept.push(only_admitted(copy, &value));
+                        }
                         let (added, before, got) = parse_admitted(&value, &stored);
                         admitted += added;
                         elsewhere += before;
@@ -401,7 +409,7 @@ impl AdmitSink {
                 } else {
                     let ask = {
                         let mut held = lock(&r.copies);
-                        let ask = held.keep(copies, epoch, Instant::now());
+                        let ask = held.keep(kept, epoch, Instant::now());
                         held.publish(&metrics);
                         ask
                     };
@@ -424,6 +432,15 @@ impl AdmitSink {
 }
 
 impl AdmitSink {
+    /// This instance delivered `procedure`'s event of `publication`: its
+    /// copy (if any) is not offered again.
+    pub fn delivered(&self, procedure: &str, publication: u64) {
+        if let Some(r) = &self.replicas {
+            let claim = self.keys.seen(procedure, publication);
+            lock(&r.copies).delivered(claim.as_bytes());
+        }
+    }
+
     /// A write failed: the copies are offered again before the next one.
     fn write_failed(&self) {
         if let Some(r) = &self.replicas {
@@ -584,6 +601,35 @@ fn by_stream(keys: &Keys, acks: &[Key]) -> Vec<(String, Vec<String>)> {
         }
     }
     out
+}
+
+/// `copy` without the events its admission's reply says were already
+/// claimed (another instance admitted them, and keeps their copies).
+fn only_admitted(mut copy: Copy, value: &Value) -> Copy {
+    let Value::Array(parts) = value else {
+        return copy;
+    };
+    let Some(Value::Array(refused)) = parts.get(3) else {
+        return copy;
+    };
+    if refused.is_empty() {
+        return copy;
+    }
+    let mut skip = vec![false; copy.claims.len()];
+    for n in refused {
+        if let Value::Int(n) = n
+            && let Some(s) = usize::try_from(*n - 1).ok().and_then(|i| skip.get_mut(i))
+        {
+            *s = true;
+        }
+    }
+    let mut flags = skip.iter();
+    copy.claims
+        .retain(|_| !flags.next().copied().unwrap_or(false));
+    let mut flags = skip.iter();
+    copy.entries
+        .retain(|_| !flags.next().copied().unwrap_or(false));
+    copy
 }
 
 /// The counts and the entries read of an admission's reply; the entries it

@@ -13,7 +13,7 @@
 //! (`admit.rs`) does the writes and the WAITs, and a watch task asks again
 //! once a second while copies are held or replicas are missing.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -43,8 +43,7 @@ pub struct Copy {
 struct Held {
     seq: u64,
     at: Instant,
-    copies: Vec<Arc<Copy>>,
-    events: usize,
+    copies: Vec<Copy>,
 }
 
 /// What one WAIT is to confirm: the batches written up to `seq` on the
@@ -64,7 +63,10 @@ pub struct Copies {
     /// offered again they could be admitted twice).
     window: Duration,
     held: VecDeque<Held>,
-    events: usize,
+    /// The claim key of every event still owed (not confirmed, not
+    /// delivered here), with its batch: an event delivered by this instance
+    /// leaves it and is not offered again.
+    owed: HashMap<Bytes, u64>,
     next: u64,
     /// The connection the held copies were written on (a Sentinel-located
     /// master's tag; `None` for one that cannot tell).
@@ -75,7 +77,7 @@ pub struct Copies {
     /// The last WAIT found fewer replicas than wanted.
     short: bool,
     last_asked: Option<Instant>,
-    /// Counted since the last [`Copies::take_counts`].
+    /// Counted since the last [`Copies::publish`].
     let_go: u64,
     offered_again: u64,
     replicas: Option<i64>,
@@ -88,7 +90,7 @@ impl Copies {
             bound: wait.copies,
             window,
             held: VecDeque::new(),
-            events: 0,
+            owed: HashMap::new(),
             next: 0,
             written_on: None,
             suspect: false,
@@ -102,16 +104,16 @@ impl Copies {
 
     /// Events held.
     pub fn events(&self) -> usize {
-        self.events
+        self.owed.len()
     }
 
     /// The copies to offer again before writing on connection `epoch`:
-    /// every held copy when a write failed since or the connection is not
-    /// the one they were written on. Copies past the window are let go
-    /// first.
-    pub fn to_offer_again(&mut self, epoch: Option<u64>, now: Instant) -> Vec<Arc<Copy>> {
+    /// every event still owed when a write failed since or the connection
+    /// is not the one they were written on. Copies past the window are let
+    /// go first.
+    pub fn to_offer_again(&mut self, epoch: Option<u64>, now: Instant) -> Vec<Copy> {
         self.expire(now);
-        if self.held.is_empty() {
+        if self.owed.is_empty() {
             self.suspect = false;
             self.written_on = epoch;
             return Vec::new();
@@ -119,12 +121,27 @@ impl Copies {
         if !self.suspect && self.written_on == epoch {
             return Vec::new();
         }
-        let again: Vec<Arc<Copy>> = self
-            .held
-            .iter()
-            .flat_map(|h| h.copies.iter().cloned())
-            .collect();
-        self.offered_again += self.events as u64;
+        let mut again = Vec::new();
+        for h in &self.held {
+            for copy in &h.copies {
+                let mut owed = Copy {
+                    stream: copy.stream.clone(),
+                    lease: copy.lease.clone(),
+                    claims: Vec::new(),
+                    entries: Vec::new(),
+                };
+                for (claim, entry) in copy.claims.iter().zip(&copy.entries) {
+                    if self.owed.contains_key(claim) {
+                        owed.claims.push(claim.clone());
+                        owed.entries.push(entry.clone());
+                    }
+                }
+                if !owed.claims.is_empty() {
+                    again.push(owed);
+                }
+            }
+        }
+        self.offered_again += self.owed.len() as u64;
         again
     }
 
@@ -139,20 +156,32 @@ impl Copies {
         self.suspect = true;
     }
 
-    /// Keeps a batch just written on connection `epoch`, and says whether to
-    /// ask WAIT now (always while the replicas keep up; once a second while
-    /// they do not).
+    /// This instance delivered the event of `claim`: nothing to offer again.
+    pub fn delivered(&mut self, claim: &[u8]) {
+        self.owed.remove(claim);
+    }
+
+    /// Keeps a batch just written on connection `epoch` (only the events
+    /// it admitted: those another instance admitted are that one's to
+    /// keep), and says whether to ask WAIT now (always while the replicas
+    /// keep up; once a second while they do not).
     pub fn keep(&mut self, copies: Vec<Copy>, epoch: Option<u64>, now: Instant) -> Option<Ask> {
-        let events: usize = copies.iter().map(|c| c.claims.len()).sum();
-        if events > 0 {
+        let copies: Vec<Copy> = copies
+            .into_iter()
+            .filter(|c| !c.claims.is_empty())
+            .collect();
+        if !copies.is_empty() {
             self.next += 1;
+            for copy in &copies {
+                for claim in &copy.claims {
+                    self.owed.insert(claim.clone(), self.next);
+                }
+            }
             self.held.push_back(Held {
                 seq: self.next,
                 at: now,
-                copies: copies.into_iter().map(Arc::new).collect(),
-                events,
+                copies,
             });
-            self.events += events;
             if self.written_on != epoch {
                 // Written on another connection than the copies before:
                 // those are offered again (`to_offer_again` saw to it
@@ -160,14 +189,25 @@ impl Copies {
                 self.suspect = true;
             }
         }
-        while self.events > self.bound {
+        while self.owed.len() > self.bound {
             let Some(oldest) = self.held.pop_front() else {
                 break;
             };
-            self.events -= oldest.events;
-            self.let_go += oldest.events as u64;
+            self.let_go += self.forget(&oldest);
         }
         self.ask(epoch, now)
+    }
+
+    /// Drops what `h` still owes; returns how many events that was.
+    fn forget(&mut self, h: &Held) -> u64 {
+        let mut n = 0;
+        for claim in h.copies.iter().flat_map(|c| &c.claims) {
+            if self.owed.get(claim) == Some(&h.seq) {
+                self.owed.remove(claim);
+                n += 1;
+            }
+        }
+        n
     }
 
     /// Whether to ask WAIT now, with nothing new written (the watch task).
@@ -211,7 +251,7 @@ impl Copies {
         }
         while self.held.front().is_some_and(|h| h.seq <= ask.seq) {
             if let Some(h) = self.held.pop_front() {
-                self.events -= h.events;
+                self.forget(&h);
             }
         }
     }
@@ -223,15 +263,14 @@ impl Copies {
             .is_some_and(|h| now.saturating_duration_since(h.at) >= self.window)
         {
             if let Some(h) = self.held.pop_front() {
-                self.events -= h.events;
-                self.let_go += h.events as u64;
+                self.let_go += self.forget(&h);
             }
         }
     }
 
     /// Brings the metrics up to date.
     pub fn publish(&mut self, metrics: &Metrics) {
-        metrics.queue_unconfirmed.set(self.events as i64);
+        metrics.queue_unconfirmed.set(self.owed.len() as i64);
         metrics
             .queue_unprotected
             .inc_by(std::mem::take(&mut self.let_go));
@@ -307,12 +346,21 @@ impl Gate {
 mod tests {
     use super::*;
 
+    /// `n` events of claim keys `c<k>` (and entries `e<k>`), `k` counting on
+    /// from the last call's.
     fn copy(n: usize) -> Copy {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let first = NEXT.fetch_add(n, Ordering::Relaxed);
         Copy {
             stream: "s".into(),
             lease: "s".into(),
-            claims: (0..n).map(|i| Bytes::from(format!("c{i}"))).collect(),
-            entries: (0..n).map(|i| Bytes::from(format!("e{i}"))).collect(),
+            claims: (first..first + n)
+                .map(|i| Bytes::from(format!("c{i}")))
+                .collect(),
+            entries: (first..first + n)
+                .map(|i| Bytes::from(format!("e{i}")))
+                .collect(),
         }
     }
 
@@ -376,6 +424,25 @@ mod tests {
         let m = Metrics::new();
         c.publish(&m);
         assert_eq!(m.queue_reoffered.get(), 8);
+    }
+
+    #[test]
+    fn an_event_delivered_here_is_not_offered_again() {
+        let t0 = Instant::now();
+        let mut c = Copies::new(&wait(1, 100), Duration::from_secs(60));
+        c.to_offer_again(Some(1), t0);
+        let three = copy(3);
+        let (claims, entries) = (three.claims.clone(), three.entries.clone());
+        c.keep(vec![three], Some(1), t0);
+        c.delivered(&claims[1]);
+        assert_eq!(c.events(), 2);
+        let again = c.to_offer_again(Some(2), t0);
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].claims, vec![claims[0].clone(), claims[2].clone()]);
+        assert_eq!(
+            again[0].entries,
+            vec![entries[0].clone(), entries[2].clone()]
+        );
     }
 
     #[test]
