@@ -228,7 +228,7 @@ pub fn run_once(
 }
 
 /// A replica of `master`, once the master counts it online.
-fn start_replica(ctx: &Ctx, master: &RedisServer) -> Result<RedisServer> {
+pub fn start_replica(ctx: &Ctx, master: &RedisServer) -> Result<RedisServer> {
     let port = master.port.to_string();
     let replica = RedisServer::start_with(
         &ctx.work,
@@ -237,8 +237,8 @@ fn start_replica(ctx: &Ctx, master: &RedisServer) -> Result<RedisServer> {
     )?;
     let started = Instant::now();
     loop {
-        let info = crate::resp::Conn::connect(master.port)?.command(&["INFO", "replication"])?;
-        if format!("{info:?}").contains("state=online") {
+        let info = crate::resp::Conn::connect(master.port)?.text(&["INFO", "replication"])?;
+        if info.contains("state=online") {
             return Ok(replica);
         }
         if started.elapsed() > Duration::from_secs(15) {

@@ -579,7 +579,10 @@ fn queue_section(md: &mut String, r: &Results, targets: &mut Vec<(String, String
             "The current build against the loopback peer (MessagePack, 0.5 s warm-up and a \
              {}-s window, at most {} events outstanding, as in section 1), with \
              `SUBTOCALL_QUEUE=memory` (one instance) and with `SUBTOCALL_QUEUE=redis`, one \
-             instance and two, the three alternating within each repetition ({}). The Redis \
+             instance and two, and one instance with a replica started beside the \
+             redis-server for that run and `SUBTOCALL_REDIS_WAIT_REPLICAS=1` (its \
+             redis-server CPU is the master's), the four alternating within each repetition \
+             ({}). The Redis \
              queue is a private `redis-server` (no persistence), emptied before each run. \
              With two instances each has a session of its own with a loopback peer, and the \
              peers send the same publication ids (neither more than {} ahead of the other), \
@@ -658,6 +661,19 @@ fn queue_section(md: &mut String, r: &Results, targets: &mut Vec<(String, String
                 ceilings.push((n, rate));
                 cpu_ratios.push((n, ratio, cpu.median));
             }
+        }
+        let (plain, waited) = (case(Queue::Redis, 1), case(Queue::RedisWait, 1));
+        if !plain.is_empty() && !waited.is_empty() {
+            let (p, w) = (
+                spread(&plain, |x| x.events_per_s).median,
+                spread(&waited, |x| x.events_per_s).median,
+            );
+            targets.push((
+                "Redis queue ceiling with a replica and WAIT ≥ 50% of without (one instance)"
+                    .into(),
+                format!("{} ({} against {})", pct(w / p), thousands(w), thousands(p)),
+                w >= 0.5 * p,
+            ));
         }
         let peers = Spread::of(r.queue.iter().map(|(_, _, x)| x.peer_cpu_ns));
         let _ = writeln!(
@@ -777,8 +793,12 @@ fn queue_section(md: &mut String, r: &Results, targets: &mut Vec<(String, String
             router_spread(runs, |x| x.crossbar_cpu_ns).show(us),
         );
     };
+    let wai = rr.paced.get(&RoutePath::RedisWait);
     row(md, "memory", mem, false);
     row(md, "Redis", red, true);
+    if wai.is_some() {
+        row(md, "Redis, a replica and WAIT", wai, true);
+    }
     let (pm, pr) = (pooled(mem), pooled(red));
     let added = |q: f64| percentile(&pr, q) - percentile(&pm, q);
     // Per repetition: the two runs of one repetition are next to each other.
@@ -823,6 +843,34 @@ fn queue_section(md: &mut String, r: &Results, targets: &mut Vec<(String, String
             "The Redis-queue sidecar's peak RSS over the Crossbar part: {}.\n",
             mb(kb as f64)
         );
+    }
+    if wai.is_some() {
+        let pw = pooled(wai);
+        let more = percentile(&pw, 99.0) - percentile(&pr, 99.0);
+        let _ = writeln!(
+            md,
+            "The row with WAIT is a third sidecar of the current build on a redis-server of \
+             its own with one replica (`--replicaof`) and `SUBTOCALL_REDIS_WAIT_REPLICAS=1`, \
+             taking its turn next to the plain Redis queue's; its redis-server CPU is the \
+             master's (the replica's is not counted). WAIT adds {} to the p99 and {} to the \
+             p50 over the Redis queue without it.\n",
+            signed(more),
+            signed(percentile(&pw, 50.0) - percentile(&pr, 50.0)),
+        );
+        targets.push((
+            format!(
+                "WAIT (a replica, SUBTOCALL_REDIS_WAIT_REPLICAS=1) adds ≤ 1 ms to the Redis \
+                 queue's p99 at {:.0}/s through Crossbar",
+                rr.rate
+            ),
+            format!(
+                "{} ({} against {})",
+                signed(more),
+                ms(percentile(&pw, 99.0)),
+                ms(percentile(&pr, 99.0))
+            ),
+            more <= 1e6,
+        ));
     }
     let added99 = added(99.0);
     targets.push((

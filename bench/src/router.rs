@@ -46,6 +46,9 @@ const BASELINE_TOPIC: &str = "bench.before";
 /// What the sidecar on the Redis queue serves.
 const QUEUED_PROCEDURE: &str = "bench.SUB_queued";
 const QUEUED_TOPIC: &str = "bench.queued";
+/// What the sidecar on the Redis queue with a replica and WAIT serves.
+const WAITED_PROCEDURE: &str = "bench.SUB_waited";
+const WAITED_TOPIC: &str = "bench.waited";
 const PLAIN_TOPIC: &str = "bench.plain";
 /// What one backend alone subscribes to (the pub/sub hop).
 const HOP_TOPIC: &str = "bench.hop";
@@ -81,6 +84,9 @@ pub enum Path {
     /// topic and SUB_ procedure). Not in `ALL`: measured only at the
     /// moderate rate, and only with part 4.
     RedisQueue,
+    /// As `RedisQueue`, on a redis-server of its own with a replica and
+    /// `SUBTOCALL_REDIS_WAIT_REPLICAS=1`. Measured with `RedisQueue`.
+    RedisWait,
 }
 
 impl Path {
@@ -102,6 +108,10 @@ impl Path {
             Path::Batched => "through subtocall, batch calls (`SUBBATCH_`)",
             Path::BaselineSidecar => "through the baseline build of subtocall",
             Path::RedisQueue => "through subtocall, `SUBTOCALL_QUEUE=redis`",
+            Path::RedisWait => {
+                "through subtocall, `SUBTOCALL_QUEUE=redis`, a replica and \
+                 `SUBTOCALL_REDIS_WAIT_REPLICAS=1`"
+            }
         }
     }
 
@@ -114,6 +124,7 @@ impl Path {
             Path::Batched => "subtocall, batches",
             Path::BaselineSidecar => "baseline build",
             Path::RedisQueue => "subtocall, Redis queue",
+            Path::RedisWait => "subtocall, Redis queue + WAIT",
         }
     }
 
@@ -255,6 +266,7 @@ async fn start_backend(url: &str, rec: Arc<Recorder>, hop: bool) -> Result<Clien
         PROCEDURE,
         BASELINE_PROCEDURE,
         QUEUED_PROCEDURE,
+        WAITED_PROCEDURE,
         BATCHED_PROCEDURE,
     ] {
         client
@@ -298,6 +310,10 @@ async fn send(client: &Client, path: Path, seq: u64, errors: &Arc<AtomicU64>) {
             .publish(QUEUED_TOPIC, payload(seq), Dict::new())
             .await
             .map(drop),
+        Path::RedisWait => client
+            .publish(WAITED_TOPIC, payload(seq), Dict::new())
+            .await
+            .map(drop),
         Path::DirectSubscribe => client
             .publish(PLAIN_TOPIC, payload(seq), Dict::new())
             .await
@@ -337,6 +353,10 @@ struct Bench {
     /// The current build on the Redis queue, serving `QUEUED_PROCEDURE`,
     /// and its redis-server's pid and port.
     queued: Option<(Sidecar, u32, u16)>,
+    /// The same on `Path::RedisWait`, serving `WAITED_PROCEDURE`; its
+    /// master and replica.
+    waited: Option<(Sidecar, u32, u16)>,
+    _waited_redis: Option<(RedisServer, RedisServer)>,
     /// The current build serving `BATCHED_PROCEDURE` (part 2 in full).
     batched: Option<Sidecar>,
     publishers: Vec<Client>,
@@ -358,14 +378,19 @@ impl Bench {
         match (path, &self.baseline, &self.queued, &self.batched) {
             (Path::BaselineSidecar, Some(b), _, _) => b,
             (Path::RedisQueue, _, Some((q, _, _)), _) => q,
+            (Path::RedisWait, ..) if self.waited.is_some() => {
+                &self.waited.as_ref().expect("checked").0
+            }
             (Path::Batched, _, _, Some(b)) => b,
             _ => &self.sidecar,
         }
     }
 
     fn sample(&self, path: Path) -> (Instant, u64, u64, u64, u64) {
-        let redis = match (path, &self.queued) {
-            (Path::RedisQueue, Some((_, pid, _))) => crate::procfs::cpu_ns(*pid),
+        let redis = match (path, &self.queued, &self.waited) {
+            (Path::RedisQueue, Some((_, pid, _)), _) | (Path::RedisWait, _, Some((_, pid, _))) => {
+                crate::procfs::cpu_ns(*pid)
+            }
             _ => 0,
         };
         (
@@ -380,8 +405,9 @@ impl Bench {
     /// redis-server's `INFO commandstats` on the Redis-queue path: calls
     /// and microseconds by command (empty on the other paths).
     fn command_stats(&self, path: Path) -> BTreeMap<String, (u64, u64)> {
-        let port = match (path, &self.queued) {
-            (Path::RedisQueue, Some((_, _, port))) => *port,
+        let port = match (path, &self.queued, &self.waited) {
+            (Path::RedisQueue, Some((_, _, port)), _)
+            | (Path::RedisWait, _, Some((_, _, port))) => *port,
             _ => return BTreeMap::new(),
         };
         let text = crate::resp::Conn::connect(port)
@@ -574,6 +600,29 @@ pub fn run(ctx: &Ctx, plan: &Plan<'_>, log: &dyn Fn(&str)) -> Result<RouterResul
             }
             None => None,
         };
+        // The same on a master of its own with a replica, and WAIT.
+        let (mut waited, waited_redis) = match plan.redis {
+            Some(_) => {
+                let master = RedisServer::start_with(&ctx.work, "redis-waited", &[])?;
+                let replica = crate::queue::start_replica(ctx, &master)?;
+                let env = [
+                    ("SUBTOCALL_QUEUE", "redis".to_owned()),
+                    ("REDIS_URL", master.url()),
+                    ("SUBTOCALL_REDIS_WAIT_REPLICAS", "1".to_owned()),
+                ];
+                let s = start_sidecar(
+                    ctx,
+                    &ctx.subtocall,
+                    &url,
+                    WAITED_PROCEDURE,
+                    "crossbar-waited",
+                    &env,
+                )?;
+                let (pid, port) = (master.proc.pid(), master.port);
+                (Some((s, pid, port)), Some((master, replica)))
+            }
+            None => (None, None),
+        };
         let mut batched = match plan.full {
             true => Some(start_sidecar(
                 ctx,
@@ -595,6 +644,9 @@ pub fn run(ctx: &Ctx, plan: &Plan<'_>, log: &dyn Fn(&str)) -> Result<RouterResul
         if let Some((q, _, _)) = queued.as_mut() {
             wait_subscribed(q, QUEUED_TOPIC).await?;
         }
+        if let Some((w, _, _)) = waited.as_mut() {
+            wait_subscribed(w, WAITED_TOPIC).await?;
+        }
         let mut publishers = Vec::new();
         for _ in 0..PUBLISHERS {
             publishers.push(Client::connect(client_config(&url)).await?.0);
@@ -604,6 +656,8 @@ pub fn run(ctx: &Ctx, plan: &Plan<'_>, log: &dyn Fn(&str)) -> Result<RouterResul
             sidecar,
             baseline,
             queued,
+            waited,
+            _waited_redis: waited_redis,
             batched,
             publishers,
             _backends: backends,
@@ -623,7 +677,8 @@ pub fn run(ctx: &Ctx, plan: &Plan<'_>, log: &dyn Fn(&str)) -> Result<RouterResul
             // No saturation runs to warm the router up first: a short paced
             // run of each path, not recorded.
             let queued = bench.queued.is_some().then_some(Path::RedisQueue);
-            for path in std::iter::once(Path::Sidecar).chain(queued) {
+            let waited = bench.waited.is_some().then_some(Path::RedisWait);
+            for path in std::iter::once(Path::Sidecar).chain(queued).chain(waited) {
                 bench.paced(ctx, path, Duration::from_secs(2)).await?;
             }
         }
@@ -653,6 +708,9 @@ pub fn run(ctx: &Ctx, plan: &Plan<'_>, log: &dyn Fn(&str)) -> Result<RouterResul
             if bench.queued.is_some() {
                 around.push(Path::RedisQueue);
             }
+            if bench.waited.is_some() {
+                around.push(Path::RedisWait);
+            }
             if rep % 2 == 1 {
                 around.reverse();
             }
@@ -672,7 +730,7 @@ pub fn run(ctx: &Ctx, plan: &Plan<'_>, log: &dyn Fn(&str)) -> Result<RouterResul
                 let r = bench.paced(ctx, path, ctx.paced).await?;
                 let mut l = r.latencies.clone();
                 l.sort_unstable();
-                let redis = if path == Path::RedisQueue {
+                let redis = if matches!(path, Path::RedisQueue | Path::RedisWait) {
                     format!(
                         ", redis-server {:.1} us/ev ({})",
                         r.redis_cpu_ns / 1e3,
@@ -707,6 +765,9 @@ pub fn run(ctx: &Ctx, plan: &Plan<'_>, log: &dyn Fn(&str)) -> Result<RouterResul
         if let Some((q, _, _)) = &bench.queued {
             q.check_nothing_lost()?;
             results.queued_peak_rss_kb = Some(q.peak_rss_kb());
+        }
+        if let Some((w, _, _)) = &bench.waited {
+            w.check_nothing_lost()?;
         }
         if let Some(b) = &bench.batched {
             b.check_nothing_lost()?;

@@ -284,7 +284,20 @@ fn start_streams(
         q.dedup_window,
         metrics.clone(),
     )
-    .with_replicas(config.redis.wait, q.dedup_window);
+    .with_replicas(
+        config.redis.wait,
+        q.dedup_window,
+        // WAIT's own connection, except on a cluster (where a write of its
+        // own would reach one master only).
+        match config.redis.wait.replicas > 0 && !target.is_cluster() {
+            true => Some(
+                target
+                    .shared()
+                    .map_err(|e| Fatal::Setup(format!("Redis: {e}")))?,
+            ),
+            false => None,
+        },
+    );
     let deliver = Settings {
         // Never reached: the queue core holds no more than the window.
         capacity: 2 * window,

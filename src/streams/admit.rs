@@ -158,6 +158,13 @@ pub struct AdmitSink {
 struct Replicas {
     copies: replicas::Shared,
     wait: crate::config::WaitConfig,
+    /// A connection of its own for WAIT (one server or Sentinel): WAIT
+    /// blocks the connection it is sent on, so it is sent here after a
+    /// small write of its own (`waited`), which comes after the batch's and
+    /// so covers it, and admission goes on meanwhile.
+    side: Option<Shared>,
+    /// That write's key.
+    waited: String,
     /// The watch task was started.
     watching: std::sync::atomic::AtomicBool,
 }
@@ -186,7 +193,12 @@ impl AdmitSink {
     /// Asks the replicas after each batch (`wait.replicas` > 0) and keeps
     /// copies until they confirm. `conn` should be the admission's own:
     /// WAIT holds it, and counts only its writes.
-    pub fn with_replicas(mut self, wait: crate::config::WaitConfig, window: Duration) -> AdmitSink {
+    pub fn with_replicas(
+        mut self,
+        wait: crate::config::WaitConfig,
+        window: Duration,
+        side: Option<Shared>,
+    ) -> AdmitSink {
         self.metrics
             .redis_wait_replicas
             .set(i64::from(wait.replicas));
@@ -196,6 +208,8 @@ impl AdmitSink {
             self.replicas = Some(Arc::new(Replicas {
                 copies: Arc::new(Mutex::new(Copies::new(&wait, window))),
                 wait,
+                side,
+                waited: format!("{}:waited:{}", self.keys.group(), self.consumer),
                 watching: Default::default(),
             }));
             if let (Some(r), Ok(_)) = (&self.replicas, tokio::runtime::Handle::try_current()) {
@@ -513,11 +527,29 @@ impl AdmitSink {
         let r = r.clone();
         let metrics = self.metrics.clone();
         tokio::spawn(async move {
-            let answer = redis::cmd("WAIT")
-                .arg(r.wait.replicas)
-                .arg(r.wait.timeout.as_millis().max(1) as u64)
-                .query_async::<i64>(&mut c)
-                .await;
+            let mut wait = redis::cmd("WAIT");
+            wait.arg(r.wait.replicas)
+                .arg(r.wait.timeout.as_millis().max(1) as u64);
+            let side = match &r.side {
+                Some(side) => side.get().await.ok().filter(|s| s.same_server(&c)),
+                None => None,
+            };
+            let answer = match side {
+                // After a write of its own, which Redis orders after the
+                // batch's: its WAIT covers the batch too.
+                Some(mut s) => redis::pipe()
+                    .cmd("SET")
+                    .arg(&r.waited)
+                    .arg(ask.seq)
+                    .arg("PX")
+                    .arg(60_000)
+                    .ignore()
+                    .add_command(wait)
+                    .query_async::<(i64,)>(&mut s)
+                    .await
+                    .map(|(n,)| n),
+                None => wait.query_async::<i64>(&mut c).await,
+            };
             if let Err(e) = &answer {
                 tracing::debug!(error = %e, "WAIT failed: the unconfirmed copies are offered again");
             }

@@ -324,9 +324,13 @@ enum SharedInner {
     /// it fails or turns out to be a replica; then asked again.
     Located {
         locator: Arc<Locator>,
-        slot: Arc<Mutex<Option<(u64, MultiplexedConnection)>>>,
+        slot: Arc<Mutex<Option<LocatedSlot>>>,
     },
 }
+
+/// A connection to a located master: its tag, the connection, the master's
+/// address.
+type LocatedSlot = (u64, MultiplexedConnection, Arc<str>);
 
 /// How many connections to a located master were made (each one's tag).
 static LOCATED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -347,10 +351,11 @@ impl Shared {
             }
             SharedInner::Located { locator, slot } => {
                 let mut held = slot.lock().await;
-                if let Some((tag, c)) = held.as_ref() {
+                if let Some((tag, c, server)) = held.as_ref() {
                     return Ok(Conn::Located(Located {
                         conn: c.clone(),
                         tag: *tag,
+                        server: server.clone(),
                         slot: slot.clone(),
                     }));
                 }
@@ -362,14 +367,18 @@ impl Shared {
                     .get_multiplexed_async_connection_with_config(&config)
                     .await?;
                 let tag = LOCATED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if let redis::ConnectionAddr::Tcp(host, port) = client.get_connection_info().addr()
-                {
-                    tracing::info!(master = %locator.master, %host, port, "connected to the master the sentinels name");
-                }
-                *held = Some((tag, c.clone()));
+                let server: Arc<str> = match client.get_connection_info().addr() {
+                    redis::ConnectionAddr::Tcp(host, port) => {
+                        tracing::info!(master = %locator.master, %host, port, "connected to the master the sentinels name");
+                        Arc::from(format!("{host}:{port}"))
+                    }
+                    other => Arc::from(format!("{other:?}")),
+                };
+                *held = Some((tag, c.clone(), server.clone()));
                 Ok(Conn::Located(Located {
                     conn: c,
                     tag,
+                    server,
                     slot: slot.clone(),
                 }))
             }
@@ -384,7 +393,9 @@ impl Shared {
 pub struct Located {
     conn: MultiplexedConnection,
     tag: u64,
-    slot: Arc<Mutex<Option<(u64, MultiplexedConnection)>>>,
+    /// The master's address, as the sentinels named it.
+    server: Arc<str>,
+    slot: Arc<Mutex<Option<LocatedSlot>>>,
 }
 
 impl Located {
@@ -397,7 +408,7 @@ impl Located {
                 || matches!(e.code(), Some("READONLY" | "MASTERDOWN" | "LOADING")))
         {
             let mut held = self.slot.lock().await;
-            if held.as_ref().is_some_and(|(tag, _)| *tag == self.tag) {
+            if held.as_ref().is_some_and(|(tag, _, _)| *tag == self.tag) {
                 *held = None;
             }
         }
@@ -421,6 +432,17 @@ impl Conn {
         match self {
             Conn::Located(c) => Some(c.tag),
             Conn::Managed(_) | Conn::Cluster(_) => None,
+        }
+    }
+
+    /// Whether `other` certainly talks to the same server: two connections
+    /// to the one address of `REDIS_URL`, or to the master the sentinels
+    /// named at the same address. Never on a cluster.
+    pub fn same_server(&self, other: &Conn) -> bool {
+        match (self, other) {
+            (Conn::Managed(_), Conn::Managed(_)) => true,
+            (Conn::Located(a), Conn::Located(b)) => a.server == b.server,
+            _ => false,
         }
     }
 }
