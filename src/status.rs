@@ -507,16 +507,17 @@ pub fn render(s: &Status) -> String {
     }
     let _ = writeln!(out, "{queue}");
     if let Some(r) = &q.replicas {
-        let acknowledging = r
-            .acknowledging
-            .map_or_else(|| "not asked yet".to_owned(), |n| n.to_string());
+        let acknowledging = r.acknowledging.map_or_else(
+            || "not asked yet".to_owned(),
+            |n| format!("{n} acknowledging"),
+        );
         let short = match r.acknowledging {
             Some(n) if n < r.wanted => " (FEWER THAN WANTED)",
             _ => "",
         };
         let _ = writeln!(
             out,
-            "replicas   {} wanted, {acknowledging} acknowledging{short}; {} unconfirmed events held, \
+            "replicas   {} wanted, {acknowledging}{short}; {} unconfirmed events held, \
              {} let go unprotected, {} offered again",
             r.wanted, r.unconfirmed, r.unprotected_total, r.reoffered_total
         );
@@ -803,6 +804,33 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("INSTANCES"), "memory queue: {text}");
+    }
+
+    #[test]
+    fn replica_acknowledgement_is_a_line_of_its_own_and_says_when_replicas_are_short() {
+        let mut status = example();
+        assert!(!render(&status).contains("replicas "), "off: no line");
+        status.queue.replicas = Some(Replicas {
+            wanted: 1,
+            acknowledging: Some(0),
+            unconfirmed: 120,
+            unprotected_total: 7,
+            reoffered_total: 3,
+        });
+        let text = render(&status);
+        assert!(
+            text.contains(
+                "replicas   1 wanted, 0 acknowledging (FEWER THAN WANTED); 120 unconfirmed \
+                 events held, 7 let go unprotected, 3 offered again"
+            ),
+            "{text}"
+        );
+        status.queue.replicas = Some(Replicas {
+            wanted: 1,
+            acknowledging: None,
+            ..Replicas::default()
+        });
+        assert!(render(&status).contains("1 wanted, not asked yet;"));
     }
 
     #[test]

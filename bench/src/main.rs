@@ -408,12 +408,16 @@ fn run() -> Result<()> {
             }
         }
         log("part 4: instructions per event, one instance (valgrind --tool=callgrind)");
-        for q in [queue::Queue::Memory, queue::Queue::Redis] {
+        for q in [
+            queue::Queue::Memory,
+            queue::Queue::Redis,
+            queue::Queue::RedisWait,
+        ] {
             let per =
                 queue::instructions(&ctx, &ctx.subtocall, q, server, queue::CALLGRIND_EVENTS)?;
             log(&format!(
-                "  {:>6}: {per:.0} instructions per event",
-                q.env()
+                "  {:>10}: {per:.0} instructions per event",
+                q.name()
             ));
             results.queue_instructions.push((q, per));
         }

@@ -461,10 +461,17 @@ pub fn instructions(
     (small, large): (u64, u64),
 ) -> Result<f64> {
     let mut extra = vec![("SUBTOCALL_QUEUE", queue.env().to_owned())];
-    if queue == Queue::Redis {
+    if queue.is_redis() {
         extra.push(("REDIS_URL", redis.url()));
         extra.push(("SUBTOCALL_QUEUE_NAME", QUEUE_NAME.to_owned()));
     }
+    let _replica = match queue {
+        Queue::RedisWait => {
+            extra.push(("SUBTOCALL_REDIS_WAIT_REPLICAS", "1".to_owned()));
+            Some(start_replica(ctx, redis)?)
+        }
+        _ => None,
+    };
     let total = |events| {
         crate::resp::Conn::connect(redis.port)?.command(&["FLUSHALL"])?;
         crate::ceiling::callgrind_total(ctx, binary, Serializer::MsgPack, events, &extra)

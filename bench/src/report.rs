@@ -699,6 +699,15 @@ fn queue_section(md: &mut String, r: &Results, targets: &mut Vec<(String, String
                 thousands(q),
                 times(q / m)
             );
+            if let Some(w) = instr(Queue::RedisWait) {
+                let _ = writeln!(
+                    md,
+                    "With a replica and `SUBTOCALL_REDIS_WAIT_REPLICAS=1`: {} instructions per \
+                     event, {} the Redis queue's without it.\n",
+                    thousands(w),
+                    times(w / q)
+                );
+            }
             Some(q / m)
         }
         _ => None,

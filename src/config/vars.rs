@@ -683,8 +683,9 @@ pub(crate) const REDIS_WAIT_TIMEOUT: Var = Var {
     default: DefaultValue::Value("100ms"),
     accepts: "a duration from 1ms to 10s such as 100ms",
     meaning: "With SUBTOCALL_REDIS_WAIT_REPLICAS: how long one WAIT waits for the replicas. \
-              WAIT holds the admission connection, so keep it short; while fewer replicas than \
-              asked answer, WAIT is asked at most once a second and the events stay unconfirmed.",
+              While fewer replicas than asked answer, WAIT is asked at most once a second and \
+              the events stay unconfirmed. On a cluster WAIT holds the admission connection, \
+              so keep it short.",
     secret: false,
     group: Group::Redis,
 };
