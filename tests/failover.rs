@@ -145,7 +145,24 @@ async fn sentinel_failover(procedure: &'static str, wait: &str) {
     assert!(!report.contains(short), "{report}");
     let run = UnderLoad::start(&crossbar, procedure, env.clone()).await;
     let old = redis.master_port().await.expect("a master");
-    let promoted_in = redis.kill_master().await;
+    // /readyz says not ready while no master answers.
+    let promoted = std::sync::atomic::AtomicBool::new(false);
+    let watch = async {
+        let mut unready = false;
+        while !promoted.load(std::sync::atomic::Ordering::Relaxed) {
+            unready |= !run.instances[0].is_ready().await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        unready
+    };
+    let kill = async {
+        let took = redis.kill_master().await;
+        promoted.store(true, std::sync::atomic::Ordering::Relaxed);
+        took
+    };
+    let (promoted_in, unready) = tokio::join!(kill, watch);
+    assert!(unready, "not ready while no master answered");
+    run.instances[0].wait_ready(Duration::from_secs(15)).await;
     let new = redis.master_port().await.expect("a new master");
     let what = format!(
         "sentinel failover (WAIT_REPLICAS={wait}): master {old} killed after 600 deliveries, \
@@ -187,6 +204,14 @@ async fn on_a_cluster_with_replicas_a_master_failover_is_followed_and_nothing_is
             ("SUBTOCALL_REDIS_CLUSTER", "1"),
             ("SUBTOCALL_REDIS_WAIT_REPLICAS", "1"),
         ],
+    );
+    let (code, report) = check(&env).await;
+    assert!(
+        code == Some(0)
+            && report.contains("topology: a cluster of 3 masters")
+            && report.matches(" with replicas 127.0.0.1:").count() == 3
+            && !report.contains("SUBTOCALL_REDIS_WAIT_REPLICAS=1 but"),
+        "{report}"
     );
     let run = UnderLoad::start(&crossbar, procedure, env).await;
     let key = stream_key(GROUP, procedure);
