@@ -225,6 +225,30 @@ async fn on_a_cluster_with_replicas_a_master_failover_is_followed_and_nothing_is
     run.finish(master, &what).await;
 }
 
+/// A master and its replica (in sync), a Crossbar and a meta session on it.
+struct Replicated {
+    master: Redis,
+    replica: Redis,
+    crossbar: Crossbar,
+    router: RouterMeta,
+}
+
+impl Replicated {
+    async fn start() -> Replicated {
+        let master = Redis::start().await;
+        let replica = Redis::start_replica_of(master.port()).await;
+        replica.wait_in_sync(Duration::from_secs(20)).await;
+        let crossbar = Crossbar::start().await;
+        let router = RouterMeta::join(&crossbar).await;
+        Replicated {
+            master,
+            replica,
+            crossbar,
+            router,
+        }
+    }
+}
+
 /// `SUBTOCALL_REDIS_WAIT_REPLICAS=1` and the replica frozen (SIGSTOP): the
 /// WAITs fall short, delivery goes on, nothing is dead-lettered, and the
 /// unconfirmed copies are counted and bounded (`SUBTOCALL_REDIS_WAIT_COPIES`:
@@ -232,11 +256,12 @@ async fn on_a_cluster_with_replicas_a_master_failover_is_followed_and_nothing_is
 /// replica goes on (SIGCONT), is counted again and the copies drain to 0.
 #[tokio::test]
 async fn with_the_replica_gone_delivery_goes_on_and_the_unconfirmed_copies_are_bounded() {
-    let master = Redis::start().await;
-    let replica = Redis::start_replica_of(master.port()).await;
-    replica.wait_in_sync(Duration::from_secs(20)).await;
-    let crossbar = Crossbar::start().await;
-    let router = RouterMeta::join(&crossbar).await;
+    let Replicated {
+        master,
+        replica,
+        crossbar,
+        router,
+    } = Replicated::start().await;
     let procedure = "com.example.SUB_replicagone";
     let topic = topic_of(procedure);
     let env = queue_env(
@@ -469,11 +494,12 @@ async fn without_wait_a_lagging_replica_loses_what_was_not_yet_delivered() {
 /// unconfirmed, with it frozen every push still lands and is counted.
 #[tokio::test]
 async fn in_redis_mode_pushes_the_replica_did_not_confirm_are_counted() {
-    let master = Redis::start().await;
-    let replica = Redis::start_replica_of(master.port()).await;
-    replica.wait_in_sync(Duration::from_secs(20)).await;
-    let crossbar = Crossbar::start().await;
-    let router = RouterMeta::join(&crossbar).await;
+    let Replicated {
+        master,
+        replica,
+        crossbar,
+        router,
+    } = Replicated::start().await;
     let procedure = "com.example.SUB_pushwait";
     let topic = topic_of(procedure);
     let _announce = Backend::spawn(backend(&crossbar, "A", &[procedure])).await;

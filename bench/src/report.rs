@@ -235,6 +235,23 @@ fn router_spread(runs: Option<&Vec<RouterRun>>, f: impl Fn(&RouterRun) -> f64) -
     Spread::of(runs.into_iter().flatten().map(f))
 }
 
+/// A target that `with` adds at most 1 ms to the p99 of `without` (pooled
+/// latency samples).
+fn p99_added(what: String, with: &[u64], without: &[u64]) -> (String, String, bool) {
+    let (a, b) = (percentile(with, 99.0), percentile(without, 99.0));
+    let more = a - b;
+    let signed = if more >= 0.0 {
+        format!("+{}", ms(more))
+    } else {
+        ms(more)
+    };
+    (
+        what,
+        format!("{signed} ({} against {})", ms(a), ms(b)),
+        more <= 1e6,
+    )
+}
+
 /// The CPU columns of a router table: Crossbar's CPU per event, subtocall's,
 /// and their ratio; the last two only for the path that has a subtocall.
 fn cpu_columns(path: RoutePath, runs: Option<&Vec<RouterRun>>) -> [String; 3] {
@@ -866,34 +883,23 @@ fn queue_section(md: &mut String, r: &Results, targets: &mut Vec<(String, String
             signed(more),
             signed(percentile(&pw, 50.0) - percentile(&pr, 50.0)),
         );
-        targets.push((
+        targets.push(p99_added(
             format!(
                 "WAIT (a replica, SUBTOCALL_REDIS_WAIT_REPLICAS=1) adds ≤ 1 ms to the Redis \
                  queue's p99 at {:.0}/s through Crossbar",
                 rr.rate
             ),
-            format!(
-                "{} ({} against {})",
-                signed(more),
-                ms(percentile(&pw, 99.0)),
-                ms(percentile(&pr, 99.0))
-            ),
-            more <= 1e6,
+            &pw,
+            &pr,
         ));
     }
-    let added99 = added(99.0);
-    targets.push((
+    targets.push(p99_added(
         format!(
             "Redis queue adds ≤ 1 ms to the publish → backend p99 at {:.0}/s through Crossbar",
             rr.rate
         ),
-        format!(
-            "{} ({} against {})",
-            signed(added99),
-            ms(percentile(&pr, 99.0)),
-            ms(percentile(&pm, 99.0))
-        ),
-        added99 <= 1e6,
+        &pr,
+        &pm,
     ));
     let (cpu_red, cpu_mem) = (
         router_spread(red, |x| x.sidecar_cpu_ns).median,
