@@ -147,6 +147,16 @@ impl Copies {
 
     /// The copies offered again made it to connection `epoch`.
     pub fn offered(&mut self, epoch: Option<u64>) {
+        if self.suspect || self.written_on != epoch {
+            // Written again now: a WAIT asked before covers none of them.
+            self.next += 1;
+            for h in &mut self.held {
+                h.seq = self.next;
+            }
+            for seq in self.owed.values_mut() {
+                *seq = self.next;
+            }
+        }
         self.suspect = false;
         self.written_on = epoch;
     }
@@ -467,5 +477,147 @@ mod tests {
         let mut c = Copies::new(&wait(0, 4), Duration::from_secs(10));
         assert!(c.keep(vec![], None, t0).is_none());
         assert!(c.tick(None, t0).is_none());
+    }
+
+    /// A model of what the copies are for: a master, its replica, failovers
+    /// that promote the replica (losing what it lacked), WAITs answered as
+    /// Redis would (or failing with their connection), deliveries, and the
+    /// admission's order of work (offer again what is owed, then write).
+    /// Whatever the interleaving, once what is owed has been offered again,
+    /// every admitted event is delivered or in the master.
+    mod model {
+        use super::*;
+        use proptest::prelude::*;
+        use std::collections::BTreeSet;
+
+        #[derive(Debug, Clone)]
+        enum Op {
+            Admit(usize),
+            Replicate,
+            Answer,
+            Deliver(usize),
+            Failover,
+            FailWrite,
+            Tick,
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            prop_oneof![
+                4 => (1usize..4).prop_map(Op::Admit),
+                2 => Just(Op::Replicate),
+                3 => Just(Op::Answer),
+                2 => (0usize..64).prop_map(Op::Deliver),
+                1 => Just(Op::Failover),
+                1 => Just(Op::FailWrite),
+                1 => Just(Op::Tick),
+            ]
+        }
+
+        struct World {
+            copies: Copies,
+            master: BTreeSet<Bytes>,
+            replica: BTreeSet<Bytes>,
+            epoch: u64,
+            /// WAITs asked: what the master held then, on which epoch.
+            asked: VecDeque<(Ask, BTreeSet<Bytes>, u64)>,
+            admitted: Vec<Bytes>,
+            delivered: BTreeSet<Bytes>,
+            now: Instant,
+        }
+
+        impl World {
+            fn offer_again(&mut self) {
+                let again = self.copies.to_offer_again(Some(self.epoch), self.now);
+                for copy in again {
+                    // The claim and the entry together: admitted again if absent.
+                    self.master.extend(copy.claims);
+                }
+                self.copies.offered(Some(self.epoch));
+            }
+
+            fn apply(&mut self, op: Op) {
+                match op {
+                    Op::Admit(n) => {
+                        self.offer_again();
+                        let first = self.admitted.len();
+                        let claims: Vec<Bytes> = (first..first + n)
+                            .map(|i| Bytes::from(format!("ev{i}")))
+                            .collect();
+                        self.admitted.extend(claims.iter().cloned());
+                        self.master.extend(claims.iter().cloned());
+                        let copy = Copy {
+                            stream: "s".into(),
+                            lease: "s".into(),
+                            entries: claims.clone(),
+                            claims,
+                        };
+                        if let Some(ask) = self.copies.keep(vec![copy], Some(self.epoch), self.now)
+                        {
+                            self.asked.push_back((ask, self.master.clone(), self.epoch));
+                        }
+                    }
+                    Op::Replicate => self.replica = self.master.clone(),
+                    Op::Answer => {
+                        if let Some((ask, held, epoch)) = self.asked.pop_front() {
+                            let answer = if epoch != self.epoch {
+                                Err(()) // its connection went with the old master
+                            } else {
+                                Ok(i64::from(held.is_subset(&self.replica)))
+                            };
+                            self.copies.answered(ask, answer);
+                        }
+                    }
+                    Op::Deliver(i) => {
+                        if let Some(claim) = self.admitted.get(i)
+                            && self.master.contains(claim)
+                        {
+                            self.delivered.insert(claim.clone());
+                            self.copies.delivered(claim);
+                        }
+                    }
+                    Op::Failover => {
+                        self.master = self.replica.clone();
+                        self.epoch += 1;
+                    }
+                    Op::FailWrite => self.copies.failed(),
+                    Op::Tick => {
+                        self.now += ASK_EVERY;
+                        if let Some(ask) = self.copies.tick(Some(self.epoch), self.now) {
+                            self.asked.push_back((ask, self.master.clone(), self.epoch));
+                        }
+                    }
+                }
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 1024, ..ProptestConfig::default() })]
+
+            #[test]
+            fn nothing_admitted_is_lost_to_a_failover(ops in prop::collection::vec(op(), 0..80)) {
+                let wait = WaitConfig { replicas: 1, timeout: Duration::from_millis(100), copies: 1_000_000 };
+                let mut w = World {
+                    copies: Copies::new(&wait, Duration::from_secs(1_000_000)),
+                    master: BTreeSet::new(),
+                    replica: BTreeSet::new(),
+                    epoch: 0,
+                    asked: VecDeque::new(),
+                    admitted: Vec::new(),
+                    delivered: BTreeSet::new(),
+                    now: Instant::now(),
+                };
+                for op in ops {
+                    w.apply(op);
+                }
+                w.offer_again();
+                for claim in &w.admitted {
+                    prop_assert!(
+                        w.delivered.contains(claim) || w.master.contains(claim),
+                        "{claim:?} lost"
+                    );
+                }
+                prop_assert!(w.copies.events() <= w.admitted.len());
+            }
+        }
     }
 }
