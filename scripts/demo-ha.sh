@@ -169,7 +169,7 @@ if [ "$TWICE" -eq 0 ]; then
   echo "none of them more than once ($TOTAL calls in all)"
 else
   echo "$TWICE of them more than once ($TOTAL calls in all): delivery is at least once; a call under way"
-  echo "when its instance died is made again by the survivor (backends de-duplicate on the publication id)"
+  echo "when its instance died is made again by the survivor (a backend that must not act twice de-duplicates on the publication id)"
 fi
 echo "the survivor, subtocall-$SURVIVOR, counted:"
 for m in subtocall_events_received_total subtocall_events_forwarded_total \
