@@ -527,35 +527,25 @@ impl AdmitSink {
         let r = r.clone();
         let metrics = self.metrics.clone();
         tokio::spawn(async move {
-            let mut wait = redis::cmd("WAIT");
-            wait.arg(r.wait.replicas)
-                .arg(r.wait.timeout.as_millis().max(1) as u64);
-            let side = match &r.side {
-                Some(side) => side.get().await.ok().filter(|s| s.same_server(&c)),
-                None => None,
-            };
-            let answer = match side {
-                // After a write of its own, which Redis orders after the
-                // batch's: its WAIT covers the batch too.
-                Some(mut s) => redis::pipe()
-                    .cmd("SET")
-                    .arg(&r.waited)
-                    .arg(ask.seq)
-                    .arg("PX")
-                    .arg(60_000)
-                    .ignore()
-                    .add_command(wait)
-                    .query_async::<(i64,)>(&mut s)
-                    .await
-                    .map(|(n,)| n),
-                None => wait.query_async::<i64>(&mut c).await,
-            };
-            if let Err(e) = &answer {
-                tracing::debug!(error = %e, "WAIT failed: the unconfirmed copies are offered again");
+            let mut ask = ask;
+            loop {
+                // A WAIT owed for batches written on another connection than
+                // `c` fails at once: they are offered again.
+                let answer = match ask.epoch == c.epoch() {
+                    true => wait(&r, &mut c, ask).await,
+                    false => Err(()),
+                };
+                let next = {
+                    let mut copies = lock(&r.copies);
+                    let next = copies.answered(ask, answer, Instant::now());
+                    copies.publish(&metrics);
+                    next
+                };
+                match next {
+                    Some(next) => ask = next,
+                    None => break,
+                }
             }
-            let mut copies = lock(&r.copies);
-            copies.answered(ask, answer.map_err(|_| ()));
-            copies.publish(&metrics);
         });
     }
 
@@ -593,6 +583,38 @@ impl AdmitSink {
 
 fn lock(copies: &replicas::Shared) -> std::sync::MutexGuard<'_, Copies> {
     copies.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Asks `WAIT` for what `c` (the admission's connection) wrote before
+/// `ask`: on WAIT's own connection after a small write of its own, when it
+/// reaches the same server, else on `c`.
+async fn wait(r: &Replicas, c: &mut super::Conn, ask: Ask) -> Result<i64, ()> {
+    let mut wait = redis::cmd("WAIT");
+    wait.arg(r.wait.replicas)
+        .arg(r.wait.timeout.as_millis().max(1) as u64);
+    let side = match &r.side {
+        Some(side) => side.get().await.ok().filter(|s| s.same_server(c)),
+        None => None,
+    };
+    let answer = match side {
+        // After a write of its own, which Redis orders after the batch's:
+        // its WAIT covers the batch too.
+        Some(mut s) => redis::pipe()
+            .cmd("SET")
+            .arg(&r.waited)
+            .arg(ask.seq)
+            .arg("PX")
+            .arg(60_000)
+            .ignore()
+            .add_command(wait)
+            .query_async::<(i64,)>(&mut s)
+            .await
+            .map(|(n,)| n),
+        None => wait.query_async::<i64>(c).await,
+    };
+    answer.map_err(|e| {
+        tracing::debug!(error = %e, "WAIT failed: the unconfirmed copies are offered again");
+    })
 }
 
 /// Runs an admission script call, sending the body when the server lacks it.

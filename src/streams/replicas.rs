@@ -26,6 +26,10 @@ use crate::metrics::Metrics;
 /// the watch task looks.
 pub const ASK_EVERY: Duration = Duration::from_secs(1);
 
+/// A WAIT unanswered this long (past any WAIT timeout and command deadline)
+/// no longer holds the next one back.
+const OVERDUE: Duration = Duration::from_secs(20);
+
 /// One admission call's events, as they were offered: enough to offer them
 /// again.
 #[derive(Debug, Clone)]
@@ -77,6 +81,10 @@ pub struct Copies {
     /// The last WAIT found fewer replicas than wanted.
     short: bool,
     last_asked: Option<Instant>,
+    /// WAITs asked and not answered yet; while one is, a batch kept asks
+    /// for one more when it answers (on this connection), not at once.
+    outstanding: u32,
+    wait_owed: Option<Option<u64>>,
     /// Counted since the last [`Copies::publish`].
     let_go: u64,
     offered_again: u64,
@@ -96,6 +104,8 @@ impl Copies {
             suspect: false,
             short: false,
             last_asked: None,
+            outstanding: 0,
+            wait_owed: None,
             let_go: 0,
             offered_again: 0,
             replicas: None,
@@ -220,7 +230,10 @@ impl Copies {
         n
     }
 
-    /// Whether to ask WAIT now, with nothing new written (the watch task).
+    /// Whether to ask WAIT now for what connection `epoch` wrote: at once
+    /// while the replicas keep up and no WAIT is outstanding (one that is
+    /// makes the next wait for its answer: one WAIT covers every batch
+    /// written meanwhile), once a second while they do not.
     pub fn ask(&mut self, epoch: Option<u64>, now: Instant) -> Option<Ask> {
         if self.wanted == 0 {
             return None;
@@ -231,39 +244,59 @@ impl Copies {
         if self.short && !due {
             return None;
         }
-        self.last_asked = Some(now);
-        Some(Ask {
-            seq: self.next,
-            epoch,
-        })
+        if self.outstanding > 0 {
+            self.wait_owed = Some(epoch);
+            return None;
+        }
+        Some(self.asked(epoch, now))
     }
 
-    /// The watch task's tick: asks when nothing else asked for a second.
+    fn asked(&mut self, epoch: Option<u64>, now: Instant) -> Ask {
+        self.last_asked = Some(now);
+        self.outstanding += 1;
+        Ask {
+            seq: self.next,
+            epoch,
+        }
+    }
+
+    /// The watch task's tick: asks when nothing else asked for a second
+    /// (even past an outstanding WAIT, if that one is long overdue).
     pub fn tick(&mut self, epoch: Option<u64>, now: Instant) -> Option<Ask> {
-        let due = self
+        let since = self
             .last_asked
-            .is_none_or(|at| now.saturating_duration_since(at) >= ASK_EVERY);
-        if due { self.ask(epoch, now) } else { None }
+            .map_or(Duration::MAX, |at| now.saturating_duration_since(at));
+        if self.wanted == 0 || since < ASK_EVERY {
+            return None;
+        }
+        if self.outstanding > 0 && since < OVERDUE {
+            return None;
+        }
+        Some(self.asked(epoch, now))
     }
 
     /// WAIT's answer to `ask`: `replicas` acknowledged everything written
     /// on that connection before it. Enough of them confirm the batches up
-    /// to `ask.seq`, if they were written on that connection.
-    pub fn answered(&mut self, ask: Ask, replicas: Result<i64, ()>) {
-        let Ok(replicas) = replicas else {
-            self.suspect = true;
-            return;
-        };
-        self.replicas = Some(replicas);
-        self.short = replicas < i64::from(self.wanted);
-        if self.short || ask.epoch != self.written_on || self.suspect {
-            return;
-        }
-        while self.held.front().is_some_and(|h| h.seq <= ask.seq) {
-            if let Some(h) = self.held.pop_front() {
-                self.forget(&h);
+    /// to `ask.seq`, if they were written on that connection. Returns the
+    /// WAIT to ask next, if batches kept meanwhile are owed one.
+    pub fn answered(&mut self, ask: Ask, replicas: Result<i64, ()>, now: Instant) -> Option<Ask> {
+        self.outstanding = self.outstanding.saturating_sub(1);
+        match replicas {
+            Err(()) => self.suspect = true,
+            Ok(replicas) => {
+                self.replicas = Some(replicas);
+                self.short = replicas < i64::from(self.wanted);
+                if !self.short && ask.epoch == self.written_on && !self.suspect {
+                    while self.held.front().is_some_and(|h| h.seq <= ask.seq) {
+                        if let Some(h) = self.held.pop_front() {
+                            self.forget(&h);
+                        }
+                    }
+                }
             }
         }
+        let epoch = self.wait_owed.take()?;
+        self.ask(epoch, now)
     }
 
     fn expire(&mut self, now: Instant) {
@@ -388,20 +421,23 @@ mod tests {
         let mut c = Copies::new(&wait(1, 100), Duration::from_secs(60));
         assert!(c.to_offer_again(Some(1), t0).is_empty());
         let first = c.keep(vec![copy(3)], Some(1), t0).expect("asks");
-        let second = c
-            .keep(vec![copy(2)], Some(1), t0)
-            .expect("asks while healthy");
+        assert!(
+            c.keep(vec![copy(2)], Some(1), t0).is_none(),
+            "one WAIT at a time"
+        );
         assert_eq!(c.events(), 5);
-        c.answered(first, Ok(1));
+        let second = c
+            .answered(first, Ok(1), t0)
+            .expect("the batch kept meanwhile is owed a WAIT");
         assert_eq!(c.events(), 2, "only the batches the WAIT covers");
-        c.answered(second, Ok(0));
+        assert!(c.answered(second, Ok(0), t0).is_none());
         assert_eq!(c.events(), 2, "too few replicas: kept");
         assert!(
             c.keep(vec![copy(1)], Some(1), t0).is_none(),
             "short: asked again only after a second"
         );
         let later = c.ask(Some(1), t0 + ASK_EVERY).expect("due");
-        c.answered(later, Ok(2));
+        c.answered(later, Ok(2), t0 + ASK_EVERY);
         assert_eq!(c.events(), 0);
     }
 
@@ -414,11 +450,11 @@ mod tests {
         assert!(c.to_offer_again(Some(1), t0).is_empty(), "same connection");
         assert_eq!(c.to_offer_again(Some(2), t0).len(), 2, "another master");
         // The old connection's WAIT fails with it: still owed.
-        c.answered(ask, Err(()));
+        c.answered(ask, Err(()), t0);
         assert_eq!(c.events(), 4);
         let stale = c.ask(Some(1), t0).unwrap();
         c.offered(Some(2));
-        c.answered(stale, Ok(1));
+        c.answered(stale, Ok(1), t0);
         assert_eq!(
             c.events(),
             4,
@@ -429,7 +465,7 @@ mod tests {
         assert_eq!(c.to_offer_again(Some(2), t0).len(), 2, "after a failure");
         c.offered(Some(2));
         let ask = c.ask(Some(2), t0 + ASK_EVERY).unwrap();
-        c.answered(ask, Ok(1));
+        c.answered(ask, Ok(1), t0 + ASK_EVERY);
         assert_eq!(c.events(), 0);
         let m = Metrics::new();
         c.publish(&m);
@@ -559,12 +595,23 @@ mod tests {
                     Op::Replicate => self.replica = self.master.clone(),
                     Op::Answer => {
                         if let Some((ask, held, epoch)) = self.asked.pop_front() {
-                            let answer = if epoch != self.epoch {
+                            let mut answer = if epoch != self.epoch {
                                 Err(()) // its connection went with the old master
                             } else {
                                 Ok(i64::from(held.is_subset(&self.replica)))
                             };
-                            self.copies.answered(ask, answer);
+                            let mut ask = ask;
+                            // A WAIT owed goes on the same connection (as
+                            // `AdmitSink::ask_wait` does), or fails at once
+                            // if the batches were written on another one.
+                            while let Some(next) = self.copies.answered(ask, answer, self.now) {
+                                if next.epoch == Some(epoch) {
+                                    self.asked.push_back((next, self.master.clone(), epoch));
+                                    break;
+                                }
+                                ask = next;
+                                answer = Err(());
+                            }
                         }
                     }
                     Op::Deliver(i) => {
