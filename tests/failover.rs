@@ -375,8 +375,8 @@ struct Lagged {
 
 /// A replica that lags when its master dies: its link held by a proxy
 /// (connected, hearing nothing) from before 400 events are published at
-/// 400/s to two instances whose slow backends (50 ms a call, 4 calls in
-/// flight per instance) cannot keep up, then the master SIGKILLed. The
+/// 400/s to two instances whose slow backends (50 ms a call, one at a
+/// time) cannot keep up, then the master SIGKILLed. The
 /// sentinels promote a replica that never got those events nor their
 /// claims. With `wait` = 1 the instances offer their unconfirmed copies to
 /// it; with 0 nothing brings back what was not yet delivered.
@@ -395,8 +395,10 @@ async fn lagging_replica_failover(procedure: &'static str, wait: &str) -> Lagged
             ("SUBTOCALL_MAX_IN_FLIGHT", "4"),
         ],
     );
+    // 20 calls a second each: most of the 400 still wait in Redis at the kill.
     let slow = |name: &str| BackendOptions {
         delay_ms: 50,
+        concurrency: Some(1),
         ..backend(&crossbar, name, &[procedure])
     };
     let mut a = Backend::spawn(slow("A")).await;
