@@ -557,7 +557,12 @@ impl AdmitSink {
         if r.watching.swap(true, Ordering::Relaxed) {
             return;
         }
-        let sink = self.clone();
+        // Without the copies: only `weak` keeps them, so the task ends with
+        // the last clone of the sink.
+        let sink = AdmitSink {
+            replicas: None,
+            ..self.clone()
+        };
         let weak = Arc::downgrade(r);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(replicas::ASK_EVERY);
