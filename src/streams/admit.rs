@@ -304,7 +304,9 @@ impl AdmitSink {
                     if let Some(copy) = copy.as_mut() {
                         copy.entries.push(e.clone());
                     }
-                    stored.push(e);
+                    if granted.is_some() {
+                        stored.push(e);
+                    }
                 }
             }
             for (_, ids) in ack_streams {
@@ -320,9 +322,6 @@ impl AdmitSink {
                 .unwrap_or(false);
             if !registered && !new.iter().any(|p| p == procedure) {
                 new.push(procedure.to_owned());
-            }
-            if granted.is_none() {
-                stored.clear();
             }
             copies.push(copy);
             calls.push((cmd, granted.map(|g| g.id), acks.map(|(id, _)| id), stored));
