@@ -491,10 +491,9 @@ impl AdmitSink {
                  (a failover or a failed write); admitted = what the master had lost"
             );
             self.metrics.queue_admitted.inc_by(admitted);
+            lock(&r.copies).publish(&self.metrics);
         }
-        let mut copies = lock(&r.copies);
-        copies.offered(epoch);
-        copies.publish(&self.metrics);
+        lock(&r.copies).offered(epoch);
         Ok(())
     }
 
@@ -593,9 +592,7 @@ fn lock(copies: &replicas::Shared) -> std::sync::MutexGuard<'_, Copies> {
 /// `ask`: on WAIT's own connection after a small write of its own, when it
 /// reaches the same server, else on `c`.
 async fn wait(r: &Replicas, c: &mut super::Conn, ask: Ask) -> Result<i64, ()> {
-    let mut wait = redis::cmd("WAIT");
-    wait.arg(r.wait.replicas)
-        .arg(r.wait.timeout.as_millis().max(1) as u64);
+    let wait = replicas::wait_cmd(&r.wait);
     let side = match &r.side {
         Some(side) => side.get().await.ok().filter(|s| s.same_server(c)),
         None => None,

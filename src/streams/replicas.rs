@@ -329,6 +329,14 @@ impl Copies {
 /// The copies, shared by the admission sink's clones and its watch task.
 pub type Shared = Arc<Mutex<Copies>>;
 
+/// `WAIT <replicas> <timeout in ms>`.
+pub fn wait_cmd(wait: &WaitConfig) -> redis::Cmd {
+    let mut cmd = redis::cmd("WAIT");
+    cmd.arg(wait.replicas)
+        .arg(wait.timeout.as_millis().max(1) as u64);
+    cmd
+}
+
 /// WAIT after writes that keep no copies (dead letters, Redis mode
 /// pushes): asked after each write while the replicas keep up, at most once
 /// a second while they do not; writes it finds short are counted
@@ -368,11 +376,7 @@ impl Gate {
         }
         let gate = self.clone();
         tokio::spawn(async move {
-            let answer = redis::cmd("WAIT")
-                .arg(gate.wait.replicas)
-                .arg(gate.wait.timeout.as_millis().max(1) as u64)
-                .query_async::<i64>(&mut conn)
-                .await;
+            let answer = wait_cmd(&gate.wait).query_async::<i64>(&mut conn).await;
             let short = answer
                 .as_ref()
                 .is_ok_and(|n| *n < i64::from(gate.wait.replicas));
