@@ -424,15 +424,11 @@ async fn topology(config: &Config, conn: &mut crate::streams::Conn) -> Result<To
 /// A master's `INFO replication`: its online replicas (`slaveN:ip=...,
 /// port=...,state=online,...`).
 fn master_topology(addr: &str, info: &str) -> Result<Topology, String> {
-    let field = |name: &str| {
-        info.lines()
-            .find_map(|l| l.trim().strip_prefix(name)?.strip_prefix(':'))
-            .map(str::to_owned)
-    };
-    if field("role").as_deref() != Some("master") {
+    let role = info_field(info, "role");
+    if role != Some("master") {
         return Err(format!(
             "{addr} is not a master (role {})",
-            field("role").unwrap_or_default()
+            role.unwrap_or_default()
         ));
     }
     let replicas = info
@@ -585,13 +581,16 @@ struct ServerVersion {
 /// reports `redis_version`; Valkey reports `server_name:valkey` and, since
 /// 7.2.5, its own `valkey_version`, while its `redis_version` stays the Redis
 /// it is compatible with (7.2.4). `Err` says why the version cannot be told.
+/// The value of `name` in an `INFO` reply (`name:value` lines).
+fn info_field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
+    info.lines().find_map(|line| {
+        let (key, value) = line.trim().split_once(':')?;
+        (key == name).then_some(value.trim())
+    })
+}
+
 fn parse_server_version(info: &str) -> Result<ServerVersion, String> {
-    let field = |name: &str| {
-        info.lines().find_map(|line| {
-            let (key, value) = line.trim().split_once(':')?;
-            (key == name).then_some(value.trim())
-        })
-    };
+    let field = |name: &str| info_field(info, name);
     let valkey_version = field("valkey_version");
     let is_valkey = field("server_name") == Some("valkey") || valkey_version.is_some();
     let name = if is_valkey { "Valkey" } else { "Redis" };
