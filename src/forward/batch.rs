@@ -184,9 +184,16 @@ impl<T> Pools<T> {
     /// The next batch that may go at `now`: a line's due retry first, then
     /// its fresh events when full or lingered long enough (at once when
     /// `hurry`, while draining). `None` when nothing may go.
-    pub fn take(&mut self, s: &Batching, now: Instant, hurry: bool) -> Option<Vec<Job<T>>> {
-        for pool in self.lines.values_mut() {
-            if pool.in_flight >= s.in_flight {
+    /// Lines `skip` names wait (their procedure has no callee).
+    pub fn take(
+        &mut self,
+        s: &Batching,
+        now: Instant,
+        hurry: bool,
+        skip: &dyn Fn(u64) -> bool,
+    ) -> Option<Vec<Job<T>>> {
+        for (line, pool) in self.lines.iter_mut() {
+            if pool.in_flight >= s.in_flight || skip(*line) {
                 continue;
             }
             let due_retry = pool
@@ -250,11 +257,16 @@ impl<T> Pools<T> {
     /// When [`Pools::take`] next has something to hand out, for a line with
     /// room for another delivery: its earliest retry, or its fresh events'
     /// linger end.
-    pub fn next_wake(&self, s: &Batching, hurry: bool) -> Option<Instant> {
+    pub fn next_wake(
+        &self,
+        s: &Batching,
+        hurry: bool,
+        skip: &dyn Fn(u64) -> bool,
+    ) -> Option<Instant> {
         self.lines
-            .values()
-            .filter(|p| p.in_flight < s.in_flight)
-            .flat_map(|p| {
+            .iter()
+            .filter(|(line, p)| p.in_flight < s.in_flight && !skip(**line))
+            .flat_map(|(_, p)| {
                 let retry = p.retries.iter().map(|(at, _)| *at).min();
                 retry.into_iter().chain(p.due(s, hurry))
             })
@@ -354,6 +366,8 @@ mod tests {
     use crate::forward::job::Batched;
 
     const MS: Duration = Duration::from_millis(1);
+    /// No line waits for a callee.
+    const NONE: &dyn Fn(u64) -> bool = &|_| false;
 
     fn job(n: u32, key: Option<u64>, bytes: u32, seq: u64) -> Job<u32> {
         let mut job = Job::new(n, Instant::now())
@@ -390,12 +404,15 @@ mod tests {
             p.push(1, job(n, None, 10, n.into()), t0);
         }
         assert_eq!(
-            p.take(&s, t0, false).map(|j| items(&j)),
+            p.take(&s, t0, false, &NONE).map(|j| items(&j)),
             Some(vec![1, 2, 3])
         );
-        assert!(p.take(&s, t0, false).is_none(), "one call in flight");
+        assert!(p.take(&s, t0, false, &NONE).is_none(), "one call in flight");
         p.finished(1);
-        assert_eq!(p.take(&s, t0, false).map(|j| items(&j)), Some(vec![4, 5]));
+        assert_eq!(
+            p.take(&s, t0, false, &NONE).map(|j| items(&j)),
+            Some(vec![4, 5])
+        );
         assert_eq!(p.waiting(), 0);
     }
 
@@ -408,9 +425,18 @@ mod tests {
         p.push(1, job(2, None, 10, 2), t0);
         p.push(1, job(3, None, 10, 3), t0);
         p.push(1, job(4, None, 99, 4), t0);
-        assert_eq!(p.take(&s, t0, false).map(|j| items(&j)), Some(vec![1, 2]));
-        assert_eq!(p.take(&s, t0, false).map(|j| items(&j)), Some(vec![3]));
-        assert_eq!(p.take(&s, t0, false).map(|j| items(&j)), Some(vec![4]));
+        assert_eq!(
+            p.take(&s, t0, false, &NONE).map(|j| items(&j)),
+            Some(vec![1, 2])
+        );
+        assert_eq!(
+            p.take(&s, t0, false, &NONE).map(|j| items(&j)),
+            Some(vec![3])
+        );
+        assert_eq!(
+            p.take(&s, t0, false, &NONE).map(|j| items(&j)),
+            Some(vec![4])
+        );
     }
 
     #[test]
@@ -419,16 +445,19 @@ mod tests {
         let t0 = Instant::now();
         let mut p = Pools::default();
         p.push(1, job(1, None, 1, 1), t0);
-        assert!(p.take(&s, t0, false).is_none());
-        assert_eq!(p.next_wake(&s, false), Some(t0 + 10 * MS));
-        assert!(p.take(&s, t0, true).is_some(), "a drain does not linger");
+        assert!(p.take(&s, t0, false, &NONE).is_none());
+        assert_eq!(p.next_wake(&s, false, &NONE), Some(t0 + 10 * MS));
+        assert!(
+            p.take(&s, t0, true, &NONE).is_some(),
+            "a drain does not linger"
+        );
         p.finished(1);
         p.resolved(1, &Job::new(0, t0));
         for n in 2..=4 {
             p.push(1, job(n, None, 1, n.into()), t0 + MS);
         }
         assert_eq!(
-            p.take(&s, t0 + MS, false).map(|j| items(&j)),
+            p.take(&s, t0 + MS, false, &NONE).map(|j| items(&j)),
             Some(vec![2, 3, 4]),
             "a full call does not wait"
         );
@@ -441,7 +470,7 @@ mod tests {
         let mut p = Pools::default();
         p.push(1, job(1, Some(7), 1, 1), t0);
         p.push(1, job(2, Some(7), 1, 2), t0);
-        let first = p.take(&s, t0, false).unwrap();
+        let first = p.take(&s, t0, false, &NONE).unwrap();
         assert_eq!(
             items(&first),
             [1, 2],
@@ -450,14 +479,17 @@ mod tests {
         p.push(1, job(3, Some(7), 1, 3), t0);
         p.push(1, job(4, Some(8), 1, 4), t0);
         p.push(1, job(5, Some(7), 1, 5), t0);
-        let second = p.take(&s, t0, false).unwrap();
+        let second = p.take(&s, t0, false, &NONE).unwrap();
         assert_eq!(items(&second), [4], "key 7 waits for its batch");
         p.finished(1);
         p.finished(1);
         for j in first.iter().chain(&second) {
             p.resolved(1, j);
         }
-        assert_eq!(p.take(&s, t0, false).map(|j| items(&j)), Some(vec![3, 5]));
+        assert_eq!(
+            p.take(&s, t0, false, &NONE).map(|j| items(&j)),
+            Some(vec![3, 5])
+        );
     }
 
     #[test]
@@ -467,14 +499,17 @@ mod tests {
         let mut p = Pools::default();
         p.push(1, job(1, Some(7), 1, 1), t0);
         p.push(1, job(2, None, 1, 2), t0);
-        let batch = p.take(&s, t0, false).unwrap();
+        let batch = p.take(&s, t0, false, &NONE).unwrap();
         p.finished(1);
         p.give_back(1, batch, t0 + 5 * MS);
         p.push(1, job(3, Some(7), 1, 3), t0);
-        assert!(p.take(&s, t0, false).is_none(), "key 7 waits for the retry");
-        assert_eq!(p.next_wake(&s, false), Some(t0 + 5 * MS));
+        assert!(
+            p.take(&s, t0, false, &NONE).is_none(),
+            "key 7 waits for the retry"
+        );
+        assert_eq!(p.next_wake(&s, false, &NONE), Some(t0 + 5 * MS));
         assert_eq!(
-            p.take(&s, t0 + 5 * MS, false).map(|j| items(&j)),
+            p.take(&s, t0 + 5 * MS, false, &NONE).map(|j| items(&j)),
             Some(vec![1, 2])
         );
         assert_eq!(p.waiting(), 1);

@@ -22,6 +22,14 @@
 //! parallel up to the in-flight limit. Pipelines keep the order of
 //! everything anyway and ignore keys.
 //!
+//! Waiting for a callee: while a procedure has no callee (its backends
+//! are away, within their grace period) its unit ([`Job::unit`]) is
+//! [`Forwarder::pause`]d. Its events are parked instead of delivered: no
+//! call is made, an attempt that fails meanwhile is not counted, and no
+//! retry budget is spent; [`Forwarder::resume`] sends them on, in order,
+//! their budget counted from then. They count as waiting (the capacity
+//! bounds them). Pipelines (Redis lists, which need no callee) ignore it.
+//!
 //! Batch calls (jobs with a [`Job::batch`] line) wait in their line's pool
 //! instead of the queue and go out many to a delivery under the line's own
 //! in-flight bound ([`Batching`]), outside the per-event one; a failed batch
@@ -136,6 +144,14 @@ pub struct Forwarder<T, Q> {
     next_seq: u64,
     /// Whether the sink can take deliveries now (WAMP: joined).
     open: bool,
+    /// Units waiting for a callee, each with its parked events (in the
+    /// order they were taken up).
+    paused: HashMap<u64, VecDeque<Job<T>>, IdHashing>,
+    /// Events parked, all units together.
+    parked: usize,
+    /// When each unit last resumed: its events' retry budget counts from
+    /// then at the earliest.
+    resumed: HashMap<u64, Instant, IdHashing>,
     state: State,
     counts: Counts,
     rng: u64,
@@ -179,6 +195,9 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
             released: VecDeque::new(),
             next_seq: 0,
             open: false,
+            paused: HashMap::default(),
+            parked: 0,
+            resumed: HashMap::default(),
             state: State::Running,
             counts: Counts::default(),
             // xorshift must not start at zero.
@@ -197,7 +216,7 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
     /// Takes on an event that has a history already: received earlier and
     /// perhaps attempted before (an entry read back from a shared queue,
     /// possibly taken over from another instance). Its retry budget counts
-    /// from `job.received` and `job.attempts`.
+    /// from `job.budget_from` and `job.attempts`.
     pub fn accept_job(&mut self, mut job: Job<T>, now: Instant) {
         self.counts.accepted += 1;
         self.next_seq += 1;
@@ -215,7 +234,8 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
                 OverflowPolicy::DropOldest => self
                     .queue
                     .evict_oldest_new()
-                    .or_else(|| self.pools.evict_oldest_new()),
+                    .or_else(|| self.pools.evict_oldest_new())
+                    .or_else(|| self.evict_oldest_parked()),
                 OverflowPolicy::DropNewest => None,
             };
             match evicted {
@@ -242,6 +262,33 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
     pub fn set_open(&mut self, open: bool, now: Instant) {
         self.open = open;
         self.dispatch(now);
+    }
+
+    /// Procedure `unit` has no callee: its events wait (parked) instead of
+    /// being delivered, and failures of those already out are not counted
+    /// against their budget. A no-op for a pipeline.
+    pub fn pause(&mut self, unit: u64) {
+        if matches!(self.settings.dispatch, Dispatch::Each) {
+            self.paused.entry(unit).or_default();
+        }
+    }
+
+    /// Procedure `unit` has a callee again: its parked events go first, in
+    /// order, and its events' retry budget counts from `now`.
+    pub fn resume(&mut self, unit: u64, now: Instant) {
+        let Some(parked) = self.paused.remove(&unit) else {
+            return;
+        };
+        self.resumed.insert(unit, now);
+        self.parked -= parked.len();
+        // Ahead of the queue, behind heads already released.
+        self.released.extend(parked);
+        self.dispatch(now);
+    }
+
+    /// Whether procedure `unit` waits for a callee.
+    pub fn is_paused(&self, unit: u64) -> bool {
+        self.paused.contains_key(&unit)
     }
 
     /// How a delivery ended: one outcome for all its events. Returns false
@@ -337,6 +384,19 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
             }
         }
         self.released = kept;
+        for parked in self.paused.values_mut() {
+            let before = parked.len();
+            let mut kept = VecDeque::with_capacity(before);
+            for job in parked.drain(..) {
+                if pick(&job) {
+                    out.push(job);
+                } else {
+                    kept.push_back(job);
+                }
+            }
+            self.parked -= before - kept.len();
+            *parked = kept;
+        }
         out.extend(self.queue.take_if(&mut pick));
         out.extend(self.pools.take_if(&mut pick));
         for job in &out {
@@ -419,8 +479,9 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
             None
         };
         let batch = if self.open {
+            let skip = |line: u64| self.paused.contains_key(&line);
             self.pools
-                .next_wake(&self.settings.batching, self.draining())
+                .next_wake(&self.settings.batching, self.draining(), &skip)
         } else {
             None
         };
@@ -441,7 +502,11 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
 
     /// Events waiting for an attempt: in the queue, and in the keys' lines.
     pub fn waiting(&self) -> usize {
-        self.queue.waiting() + self.in_lines + self.released.len() + self.pools.waiting()
+        self.queue.waiting()
+            + self.in_lines
+            + self.released.len()
+            + self.pools.waiting()
+            + self.parked
     }
 
     /// Looks at every event waiting (`false`) and in flight (`true`), for
@@ -451,6 +516,7 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
         self.queue.for_each(&mut waiting);
         self.pools.for_each(&mut waiting);
         self.released.iter().for_each(&mut waiting);
+        self.paused.values().flatten().for_each(&mut waiting);
         self.lines
             .values()
             .flat_map(|l| &l.waiting)
@@ -499,6 +565,9 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
                     .or_else(|| self.queue.take_ready(now))
                 {
                     Some(job) => {
+                        let Some(job) = self.unless_paused(job, now) else {
+                            continue;
+                        };
                         if let Some(mut job) = self.in_order(job) {
                             job.attempts += 1;
                             jobs.push(job);
@@ -524,8 +593,18 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
             return;
         }
         let hurry = self.draining();
-        while let Some(mut jobs) = self.pools.take(&self.settings.batching, now, hurry) {
-            jobs.iter_mut().for_each(|j| j.attempts += 1);
+        loop {
+            let paused = &self.paused;
+            let skip = |line: u64| paused.contains_key(&line);
+            let Some(mut jobs) = self.pools.take(&self.settings.batching, now, hurry, &skip) else {
+                break;
+            };
+            for job in &mut jobs {
+                job.attempts += 1;
+                if let Some(at) = self.resumed.get(&job.unit) {
+                    job.budget_from = job.budget_from.max(*at);
+                }
+            }
             self.deliver(jobs);
         }
     }
@@ -536,6 +615,24 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
         self.in_flight_events += jobs.len();
         self.in_flight.insert(id, jobs);
         self.outputs.push_back(Output::Deliver(id));
+    }
+
+    /// A job taken to be delivered: itself unless its unit waits for a
+    /// callee (then it is parked), its retry budget counted from its
+    /// unit's resumption at the earliest.
+    fn unless_paused(&mut self, mut job: Job<T>, now: Instant) -> Option<Job<T>> {
+        if self.paused.is_empty() && self.resumed.is_empty() {
+            return Some(job);
+        }
+        if let Some(parked) = self.paused.get_mut(&job.unit) {
+            parked.push_back(job);
+            self.parked += 1;
+            return None;
+        }
+        if let Some(at) = self.resumed.get(&job.unit) {
+            job.budget_from = job.budget_from.max((*at).min(now));
+        }
+        Some(job)
     }
 
     /// A job taken to be delivered: itself if it may go now (no key, the
@@ -627,11 +724,18 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
         if classify(failure) == RetryAction::Final {
             return self.give_up(job, final_reason(failure));
         }
+        if let Some(parked) = self.paused.get_mut(&job.unit) {
+            // Its callee went away: waiting is not failing.
+            job.attempts = job.attempts.saturating_sub(1);
+            parked.push_back(job);
+            self.parked += 1;
+            return;
+        }
         let jitter = self.jitter();
         match self
             .settings
             .retry
-            .next_attempt(job.attempts, job.received, now, jitter)
+            .next_attempt(job.attempts, job.budget_from, now, jitter)
         {
             Some(at) => {
                 self.counts.retried += 1;
@@ -663,6 +767,13 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
             .for_each(|j| j.last_error = Some(error.clone()));
         let why = match classify(failure) {
             RetryAction::Final => final_reason(failure),
+            RetryAction::Retry if self.paused.contains_key(&line) => {
+                // Its callee went away: the batch waits whole, uncounted.
+                jobs.iter_mut()
+                    .for_each(|j| j.attempts = j.attempts.saturating_sub(1));
+                self.pools.give_back(line, jobs, now);
+                return;
+            }
             RetryAction::Retry => match self.together_backoff(&jobs, now).0 {
                 Some(at) => {
                     let events = jobs.len();
@@ -684,7 +795,7 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
     /// `None` past the budget; and the jitter drawn for it.
     fn together_backoff(&mut self, jobs: &[Job<T>], now: Instant) -> (Option<Instant>, f64) {
         let attempts = jobs.iter().map(|j| j.attempts).max().unwrap_or(0);
-        let oldest = jobs.iter().map(|j| j.received).min().unwrap_or(now);
+        let oldest = jobs.iter().map(|j| j.budget_from).min().unwrap_or(now);
         let jitter = self.jitter();
         let at = self
             .settings
@@ -703,7 +814,7 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
             let within_budget = self
                 .settings
                 .retry
-                .next_attempt(job.attempts, job.received, now, jitter)
+                .next_attempt(job.attempts, job.budget_from, now, jitter)
                 .is_some();
             if within_budget {
                 keep.push(job);
@@ -729,8 +840,11 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
         self.in_lines = 0;
         waiting.sort_by_key(|j| j.seq);
         let pooled = self.pools.drain();
+        let parked: Vec<Job<T>> = self.paused.values_mut().flat_map(|p| p.drain(..)).collect();
+        self.parked = 0;
         for job in released
             .into_iter()
+            .chain(parked)
             .chain(waiting)
             .chain(pooled)
             .chain(self.queue.drain())
@@ -744,6 +858,21 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
         for job in in_flight.into_iter().flat_map(|(_, jobs)| jobs) {
             self.give_up(job, GiveUp::Shutdown);
         }
+    }
+
+    /// The parked event that never had an attempt and was accepted first
+    /// (overflow with [`OverflowPolicy::DropOldest`]).
+    fn evict_oldest_parked(&mut self) -> Option<Job<T>> {
+        let (unit, at) = self
+            .paused
+            .iter()
+            .flat_map(|(unit, p)| p.iter().enumerate().map(move |(i, j)| (*unit, i, j)))
+            .filter(|(_, _, j)| j.attempts == 0)
+            .min_by_key(|(_, _, j)| j.seq)
+            .map(|(unit, i, _)| (unit, i))?;
+        let job = self.paused.get_mut(&unit)?.remove(at)?;
+        self.parked -= 1;
+        Some(job)
     }
 
     /// A jitter draw in `[0, 1)` (xorshift64*).

@@ -29,8 +29,16 @@ pub struct Batched {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Job<T> {
     pub item: T,
-    /// When subtocall received the event; the retry budget counts from here.
+    /// When subtocall received the event (latency and age count from here).
     pub received: Instant,
+    /// The retry budget's age counts from here: `received`, or later when
+    /// the event waited for its procedure's callee (waiting is not
+    /// failing).
+    pub budget_from: Instant,
+    /// Its procedure, hashed ([`crate::forward::key::fnv1a64`]): the unit
+    /// that waits while the procedure has no callee
+    /// ([`super::Forwarder::pause`]).
+    pub unit: u64,
     /// Attempts made so far.
     pub attempts: u32,
     /// The last failure, for the dead-letter record.
@@ -55,6 +63,8 @@ impl<T> Job<T> {
         Job {
             item,
             received,
+            budget_from: received,
+            unit: 0,
             attempts: 0,
             last_error: None,
             key: None,
@@ -67,6 +77,11 @@ impl<T> Job<T> {
     /// The same job with an ordering key.
     pub fn with_key(self, key: Option<u64>) -> Job<T> {
         Job { key, ..self }
+    }
+
+    /// The same job as an event of procedure `unit` (its hash).
+    pub fn with_unit(self, unit: u64) -> Job<T> {
+        Job { unit, ..self }
     }
 
     /// The same job as an event of a batch procedure, or not.

@@ -300,6 +300,52 @@ fn a_key_waits_for_its_head_whose_retry_keeps_its_place_and_a_dead_letter_releas
     assert_eq!(released.count(), 1);
 }
 
+/// A procedure whose callee is away: its events wait, uncounted, longer
+/// than the retry budget's age; resumed, they go in order, and their
+/// budget counts from the resumption.
+#[test]
+fn events_wait_for_a_callee_without_spending_their_retry_budget() {
+    let t0 = Instant::now();
+    let mut s = settings(10, 1, Dispatch::Each);
+    s.retry.max_age = 5 * S;
+    let mut f = core(s);
+    let unit = 7;
+    f.accept_job(Job::new(1, t0).with_unit(unit), t0);
+    let first = delivered_ids(&outputs(&mut f));
+    // The backend leaves while the call is out: it fails, uncounted.
+    f.pause(unit);
+    assert!(f.on_outcome(first[0], wamp("wamp.error.no_such_procedure"), t0));
+    f.accept_job(Job::new(2, t0).with_unit(unit), t0);
+    f.accept_job(Job::new(3, t0).with_unit(8), t0);
+    // The other procedure goes on; these two wait, well past 5 s.
+    let out = outputs(&mut f);
+    assert_eq!(delivered_ids(&out).len(), 1);
+    let other = delivered_ids(&out)[0];
+    assert_eq!(f.delivery(other).unwrap()[0].item, 3);
+    assert!(f.on_outcome(other, Ok(()), t0));
+    let later = t0 + 12 * S;
+    f.on_tick(later);
+    assert_eq!((f.waiting(), f.in_flight()), (2, 0));
+    assert!(outputs(&mut f).iter().all(|o| matches!(o, Output::Ack(_))));
+    f.resume(unit, later);
+    let out = outputs(&mut f);
+    let id = delivered_ids(&out)[0];
+    let job = &f.delivery(id).unwrap()[0];
+    assert_eq!(
+        (job.item, job.attempts),
+        (1, 1),
+        "the failure while away did not count"
+    );
+    // A failure now is retried: the budget counts from the resumption.
+    assert!(f.on_outcome(id, lost(), later));
+    assert!(
+        outputs(&mut f)
+            .iter()
+            .any(|o| matches!(o, Output::Retrying { .. }))
+    );
+    assert_eq!(f.counts().dead_lettered, 0);
+}
+
 mod model {
     use proptest::prelude::*;
 
@@ -326,7 +372,15 @@ mod model {
         Withdraw(u32, u32),
         /// Undo the n-th delivery in flight before it starts.
         Cancel(usize),
+        /// The n-th unit (of [`UNITS`]) loses its callee.
+        Pause(usize),
+        /// The n-th unit has a callee again.
+        Resume(usize),
     }
+
+    /// The units events belong to: the two batch lines, and two plain
+    /// procedures.
+    const UNITS: [u64; 4] = [0, 1, 10, 11];
 
     #[derive(Debug, Clone, Copy)]
     enum Kind {
@@ -362,6 +416,8 @@ mod model {
             1 => (0..20_000u64).prop_map(Op::Shutdown),
             1 => (2..4u32, 0..2u32).prop_map(|(m, r)| Op::Withdraw(m, r)),
             1 => (0..8usize).prop_map(Op::Cancel),
+            1 => (0..4usize).prop_map(Op::Pause),
+            2 => (0..4usize).prop_map(Op::Resume),
         ]
     }
 
@@ -412,6 +468,12 @@ mod model {
         /// Dead letters of keyed events, and keys said to be released.
         keyed_dead_letters: usize,
         keys_released: usize,
+        /// Each item's unit, and the units without a callee now.
+        units: BTreeMap<u32, u64>,
+        paused: BTreeSet<u64>,
+        /// Each item's attempts that count: a failure while its procedure
+        /// had no callee does not.
+        attempts: BTreeMap<u32, u32>,
     }
 
     impl World {
@@ -431,7 +493,41 @@ mod model {
                 keys_released: 0,
                 lines: BTreeMap::new(),
                 batching: s.batching,
+                units: BTreeMap::new(),
+                paused: BTreeSet::new(),
+                attempts: BTreeMap::new(),
             }
+        }
+
+        /// A delivery of `items` ended with these outcomes, one per item
+        /// (`None`: no outcome, a lost one): which attempts count.
+        fn count_attempts(&mut self, items: &[u32], kinds: &[Option<Kind>]) {
+            for (item, kind) in items.iter().zip(kinds) {
+                let counts = match kind {
+                    Some(Kind::Ok) => false,
+                    Some(Kind::Final) => true,
+                    Some(Kind::Transient) | None => !self.waits(*item),
+                };
+                if counts {
+                    *self.attempts.entry(*item).or_default() += 1;
+                }
+            }
+        }
+
+        /// Whether `item`'s unit waits for a callee (pipelines ignore it).
+        fn waits(&self, item: u32) -> bool {
+            !self.pipeline
+                && self
+                    .units
+                    .get(&item)
+                    .is_some_and(|u| self.paused.contains(u))
+        }
+
+        /// A plain item's unit: one of the two plain procedures.
+        fn plain_unit(&mut self, item: u32) -> u64 {
+            let unit = 10 + u64::from(item % 2);
+            self.units.insert(item, unit);
+            unit
         }
 
         /// The batch line of an item, if it has one (pipelines ignore lines).
@@ -501,6 +597,17 @@ mod model {
                                 !self.resolved[item],
                                 "resolved item {item} delivered again"
                             );
+                            prop_assert!(
+                                !self.waits(*item),
+                                "item {item} delivered while its procedure has no callee"
+                            );
+                            let job = &self.f.delivery(id).unwrap()[at];
+                            prop_assert_eq!(
+                                job.attempts,
+                                self.attempts.get(item).copied().unwrap_or(0) + 1,
+                                "item {}'s attempts count failures while its procedure had no callee",
+                                item
+                            );
                             // Per-key order: every earlier event of the key
                             // is acknowledged or dead-lettered, or ahead of
                             // it in the same batch; and no other delivery
@@ -535,7 +642,12 @@ mod model {
                         self.keys_at_once = self.keys_at_once.max(keys_flying.len());
                     }
                     Output::Ack(job) => self.resolve(job.item)?,
-                    Output::DeadLetter(job, _) => {
+                    Output::DeadLetter(job, why) => {
+                        prop_assert!(
+                            !(why == GiveUp::Exhausted && self.waits(job.item)),
+                            "item {} dead-lettered for failures while its procedure had no callee",
+                            job.item
+                        );
                         if self.key_of(job.item).is_some() {
                             self.keyed_dead_letters += 1;
                         }
@@ -571,6 +683,13 @@ mod model {
             Ok(())
         }
 
+        /// Like [`World::land`], with the delivery's items.
+        fn land_items(&mut self, n: usize) -> Option<(DeliveryId, Vec<u32>)> {
+            let id = *self.flying.keys().nth(n % self.flying.len().max(1))?;
+            let items = self.flying.remove(&id)?;
+            Some((id, items))
+        }
+
         /// Takes the n-th delivery in flight (modulo), whose outcome comes now.
         fn land(&mut self, n: usize) -> Option<DeliveryId> {
             let id = *self.flying.keys().nth(n % self.flying.len().max(1))?;
@@ -583,13 +702,20 @@ mod model {
                 Op::Accept => {
                     self.next_item += 1;
                     self.resolved.insert(self.next_item, false);
-                    self.f.accept(self.next_item, self.now);
+                    let unit = self.plain_unit(self.next_item);
+                    let job = Job::new(self.next_item, self.now).with_unit(unit);
+                    self.f.accept_job(job, self.now);
                 }
                 Op::AcceptKeyed(key) => {
                     self.next_item += 1;
                     self.resolved.insert(self.next_item, false);
                     self.keyed.entry(key).or_default().push(self.next_item);
-                    let job = Job::new(self.next_item, self.now).with_key(Some(key));
+                    // A key's line is its procedure's (key.rs hashes both).
+                    let unit = 10 + key % 2;
+                    self.units.insert(self.next_item, unit);
+                    let job = Job::new(self.next_item, self.now)
+                        .with_key(Some(key))
+                        .with_unit(unit);
                     self.f.accept_job(job, self.now);
                 }
                 Op::AcceptBatched(line, key) => {
@@ -603,7 +729,9 @@ mod model {
                         self.keyed.entry(key).or_default().push(self.next_item);
                     }
                     let batched = Batched { line, bytes: 10 };
+                    self.units.insert(self.next_item, line);
                     let job = Job::new(self.next_item, self.now)
+                        .with_unit(line)
                         .with_key(key)
                         .with_batch(Some(batched));
                     self.f.accept_job(job, self.now);
@@ -615,19 +743,34 @@ mod model {
                         .now
                         .checked_sub(Duration::from_millis(ago))
                         .unwrap_or(self.now);
+                    let unit = self.plain_unit(self.next_item);
+                    self.attempts.insert(self.next_item, attempts);
                     let job = Job {
                         attempts,
-                        ..Job::new(self.next_item, received)
+                        ..Job::new(self.next_item, received).with_unit(unit)
                     };
                     self.f.accept_job(job, self.now);
                 }
                 Op::Finish(n, kind) => {
-                    if let Some(id) = self.land(n) {
+                    if let Some((id, items)) = self.land_items(n) {
+                        self.count_attempts(&items, &vec![Some(kind); items.len()]);
                         prop_assert!(self.f.on_outcome(id, kind.outcome(), self.now));
                     }
                 }
                 Op::FinishEach(n, kinds) => {
-                    if let Some(id) = self.land(n) {
+                    if let Some((id, items)) = self.land_items(n) {
+                        let mut each: Vec<Option<Kind>> =
+                            (0..items.len()).map(|i| kinds.get(i).copied()).collect();
+                        if self.line_of(items[0]).is_some() {
+                            // A batch is resolved whole, by its first failure.
+                            let whole = kinds
+                                .iter()
+                                .find(|k| !matches!(k, Kind::Ok))
+                                .copied()
+                                .or((kinds.len() >= items.len()).then_some(Kind::Ok));
+                            each = vec![whole; items.len()];
+                        }
+                        self.count_attempts(&items, &each);
                         let outcomes = kinds.iter().map(|k| k.outcome()).collect();
                         prop_assert!(self.f.on_outcomes(id, outcomes, self.now));
                     }
@@ -659,6 +802,14 @@ mod model {
                 Op::Shutdown(ms) => {
                     let deadline = self.now + Duration::from_millis(ms);
                     self.f.shutdown(deadline, self.now);
+                }
+                Op::Pause(n) => {
+                    self.paused.insert(UNITS[n]);
+                    self.f.pause(UNITS[n]);
+                }
+                Op::Resume(n) => {
+                    self.paused.remove(&UNITS[n]);
+                    self.f.resume(UNITS[n], self.now);
                 }
             }
             self.drain()?;
