@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use subtocall::config::{self, Config, LogFormat};
 use subtocall::metrics::Metrics;
-use subtocall::streams::dead_letters;
+use subtocall::streams::{dead_letters, groups};
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
@@ -26,7 +26,7 @@ fn main() -> ExitCode {
         Err(problem) => {
             eprintln!(
                 "subtocall: {problem}\n\
-                 Usage: subtocall [check | healthcheck | status | dead-letters list|redrive | --help | --version]; \
+                 Usage: subtocall [check | healthcheck | status | dead-letters list|redrive | groups list|forget | --help | --version]; \
                  the configuration comes from environment variables (see --help)."
             );
             return ExitCode::from(2);
@@ -48,6 +48,9 @@ fn main() -> ExitCode {
     }
     if let Command::DeadLetters(request) = &command {
         return dead_letters(&config, request);
+    }
+    if let Command::Groups(request) = &command {
+        return groups_command(&config, request);
     }
     init_tracing(&config);
     for warning in config.warnings() {
@@ -85,6 +88,8 @@ enum Command {
     HealthCheck,
     /// `subtocall dead-letters list|redrive`: the Redis queue's dead letters.
     DeadLetters(dead_letters::Request),
+    /// `subtocall groups list|forget`: the groups kept in Redis.
+    Groups(groups::Request),
     /// `subtocall status [--url URL] [--json]`: a running sidecar's /status.
     Status { url: Option<String>, json: bool },
 }
@@ -104,6 +109,7 @@ enum Named {
     Check,
     HealthCheck,
     DeadLetters,
+    Groups,
     Status,
     Help,
     Version,
@@ -115,6 +121,7 @@ impl Named {
             "check" => Some(Named::Check),
             "healthcheck" => Some(Named::HealthCheck),
             "dead-letters" => Some(Named::DeadLetters),
+            "groups" => Some(Named::Groups),
             "status" => Some(Named::Status),
             "help" | "-h" | "--help" => Some(Named::Help),
             "version" | "-V" | "--version" => Some(Named::Version),
@@ -156,6 +163,22 @@ impl Named {
                  configuration or arguments.\n"
                     .to_owned()
             }
+            Named::Groups => "Usage: subtocall groups list | groups forget PROCEDURE [--yes]\n\n\
+                 With SUBTOCALL_QUEUE=redis, every instance keeps the exact groups it\n\
+                 serves in Redis ({QUEUE_NAME}:groups), so that a group whose backends\n\
+                 are away is still read for (its events wait in its streams) by an\n\
+                 instance that starts meanwhile, until its grace period ends.\n\
+                 list      prints each group: procedure, topic, group, whether it has a\n\
+                 \x20         callee or since when it is away (and until when it is kept),\n\
+                 \x20         and its backlog (events waiting in its streams).\n\
+                 forget P  drops the group of procedure P for good, with its backlog:\n\
+                 \x20         without --yes it only says what it would drop. Running\n\
+                 \x20         instances let the group go at the end of its grace period.\n\n\
+                 Reads REDIS_URL, SUBTOCALL_QUEUE_NAME, SUBTOCALL_REDIS_CLUSTER,\n\
+                 SUBTOCALL_GRACE_PERIOD, SUBTOCALL_ORDER_BY and SUBTOCALL_ORDER_PARTITIONS.\n\
+                 Exit code: 0 on success, 1 when Redis cannot be used or forget is not\n\
+                 confirmed, 2 for invalid configuration or arguments.\n"
+                .to_owned(),
             Named::Status => "Usage: subtocall status [--url http://HOST:PORT] [--json]\n\n\
                  Asks a running sidecar's /status and prints what it is doing as\n\
                  tables: the router link, every mapping (topic, group, procedure,\n\
@@ -195,6 +218,7 @@ fn parse_args(args: &[String]) -> Result<Invocation, String> {
         (Named::Check, []) => Ok(Invocation::Run(Command::Check)),
         (Named::HealthCheck, []) => Ok(Invocation::Run(Command::HealthCheck)),
         (Named::DeadLetters, rest) => dead_letters_args(rest).map(Invocation::Run),
+        (Named::Groups, rest) => groups_args(rest).map(Invocation::Run),
         (Named::Status, rest) => status_args(rest).map(Invocation::Run),
         (Named::Help, []) => Ok(Invocation::Print(named.usage())),
         (Named::Help, [topic]) => match Named::from_arg(topic) {
@@ -244,6 +268,31 @@ fn dead_letters_args(args: &[String]) -> Result<Command, String> {
         rest = after;
     }
     Ok(Command::DeadLetters(request))
+}
+
+/// `groups list | groups forget PROCEDURE [--yes]`.
+fn groups_args(args: &[String]) -> Result<Command, String> {
+    let strs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let request = match strs.as_slice() {
+        ["list"] => groups::Request::List,
+        ["forget", procedure] if !procedure.starts_with('-') => groups::Request::Forget {
+            procedure: (*procedure).to_owned(),
+            yes: false,
+        },
+        ["forget", procedure, "--yes"] | ["forget", "--yes", procedure]
+            if !procedure.starts_with('-') =>
+        {
+            groups::Request::Forget {
+                procedure: (*procedure).to_owned(),
+                yes: true,
+            }
+        }
+        ["forget", ..] => return Err("groups forget takes one procedure, and --yes".to_owned()),
+        ["list", extra, ..] => return Err(format!("groups list takes no argument {extra:?}")),
+        [other, ..] => return Err(format!("groups: unknown action {other:?} (list or forget)")),
+        [] => return Err("groups needs an action: list or forget".to_owned()),
+    };
+    Ok(Command::Groups(request))
 }
 
 /// `status [--url URL] [--json]`.
@@ -405,6 +454,27 @@ fn dead_letters(config: &Config, request: &dead_letters::Request) -> ExitCode {
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("subtocall dead-letters: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn groups_command(config: &Config, request: &groups::Request) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("subtocall groups: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut out = std::io::stdout().lock();
+    match runtime.block_on(groups::run(config, request, &mut out)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("subtocall groups: {e}");
             ExitCode::FAILURE
         }
     }

@@ -87,6 +87,9 @@ pub struct Metrics {
     pub subscriptions_active: Gauge,
     /// Consumer groups served, over every topic (the default group counts).
     pub groups: Gauge,
+    /// Groups whose backends are away (within their grace period): their
+    /// events wait.
+    pub groups_waiting: Gauge,
     /// Events delivered unordered because they lacked the ordering key.
     pub events_unordered: Counter,
     /// Ordering keys whose head was dead-lettered while later events waited.
@@ -311,6 +314,11 @@ impl Metrics {
             "groups",
             "Consumer groups served, over every topic (a topic's default group counts as one)",
         );
+        let groups_waiting = gauge(
+            r,
+            "groups_waiting_for_callee",
+            "Groups whose backends are all away, within their grace period: their events wait, no call is made",
+        );
         let router_connected = gauge(
             r,
             "router_connected",
@@ -456,6 +464,7 @@ impl Metrics {
             registrations_tracked,
             subscriptions_active,
             groups,
+            groups_waiting,
             events_unordered,
             order_released,
             router_connected,

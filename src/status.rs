@@ -135,6 +135,10 @@ pub struct QueueStream {
     pub length: u64,
     /// Read by an instance, not finished yet.
     pub pending: u64,
+    /// Seconds since its oldest entry was added (by Redis's clock); `None`
+    /// when it is empty.
+    #[serde(default)]
+    pub oldest_seconds: Option<f64>,
 }
 
 /// One consumer group of one topic.
@@ -156,6 +160,14 @@ pub struct Mapping {
     pub subscription_state: String,
     /// The last registration left; the subscription stays for the grace period.
     pub in_grace: bool,
+    /// No callee (within the grace period): its events wait, no call is
+    /// made. Their backlog is `waiting` here, or with the Redis queue its
+    /// streams' length (under `queue.streams`).
+    #[serde(default)]
+    pub waiting_for_callee: bool,
+    /// Seconds since this instance saw its last callee leave.
+    #[serde(default)]
+    pub away_seconds: Option<f64>,
     pub received: u64,
     pub forwarded: u64,
     /// By reason.
@@ -301,6 +313,23 @@ impl TargetProbe {
     }
 }
 
+/// The milliseconds part of the id of the first entry of an `XRANGE`
+/// reply, if there is one.
+fn first_entry_ms(reply: &redis::Value) -> Option<u64> {
+    let redis::Value::Array(entries) = reply else {
+        return None;
+    };
+    let redis::Value::Array(entry) = entries.first()? else {
+        return None;
+    };
+    let id = match entry.first()? {
+        redis::Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+        redis::Value::SimpleString(s) => s.clone(),
+        _ => return None,
+    };
+    crate::streams::entry_id_numbers(&id).map(|(ms, _)| ms)
+}
+
 /// The rows of an `XINFO` reply, each as a map of its fields.
 fn rows(reply: redis::Value) -> Vec<BTreeMap<String, redis::Value>> {
     use redis::Value;
@@ -376,6 +405,15 @@ impl QueueProbe {
             let stream = self.keys.stream(unit);
             async move {
                 let length: u64 = redis::cmd("XLEN").arg(&stream).query_async(&mut c).await?;
+                let first: redis::Value = redis::cmd("XRANGE")
+                    .arg(&stream)
+                    .arg("-")
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(1)
+                    .query_async(&mut c)
+                    .await?;
+                let oldest = first_entry_ms(&first);
                 let consumers: redis::RedisResult<redis::Value> = redis::cmd("XINFO")
                     .arg("CONSUMERS")
                     .arg(&stream)
@@ -383,12 +421,12 @@ impl QueueProbe {
                     .query_async(&mut c)
                     .await;
                 // No stream or group yet: nothing read from it.
-                redis::RedisResult::Ok((length, consumers.map(rows).unwrap_or_default()))
+                redis::RedisResult::Ok((length, oldest, consumers.map(rows).unwrap_or_default()))
             }
         });
         let read = futures_util::future::try_join_all(per_unit).await?;
         let mut streams = Vec::new();
-        for (unit, (length, consumers)) in units.iter().zip(read) {
+        for (unit, (length, oldest, consumers)) in units.iter().zip(read) {
             let mut pending_here = 0;
             for consumer in consumers {
                 let text = |k: &str| match consumer.get(k) {
@@ -411,6 +449,8 @@ impl QueueProbe {
                 unit: unit.clone(),
                 length,
                 pending: pending_here,
+                oldest_seconds: oldest
+                    .map(|ms| seconds(Duration::from_millis((now - ms as f64).max(0.0) as u64))),
             });
         }
         if let Some(partitions) = self.partitions {
@@ -550,7 +590,12 @@ pub fn render(s: &Status) -> String {
             group.push_str(" (batch)");
         }
         let mut procedure = m.procedure.clone().unwrap_or_else(|| "-".into());
-        if m.in_grace {
+        if m.waiting_for_callee {
+            match m.away_seconds {
+                Some(s) => procedure.push_str(&format!(" (no callee {}: waiting)", age(s))),
+                None => procedure.push_str(" (no callee: waiting)"),
+            }
+        } else if m.in_grace {
             procedure.push_str(" (gone, grace)");
         }
         rows.push(vec![
@@ -633,12 +678,13 @@ pub fn render(s: &Status) -> String {
         table(&mut out, &rows);
         if !q.streams.is_empty() {
             out.push_str("\nSTREAMS\n");
-            let mut rows = vec![row(&["STREAM", "LENGTH", "PENDING"])];
+            let mut rows = vec![row(&["STREAM", "LENGTH", "PENDING", "OLDEST"])];
             for st in &q.streams {
                 rows.push(vec![
                     st.unit.clone(),
                     st.length.to_string(),
                     st.pending.to_string(),
+                    st.oldest_seconds.map_or("-".into(), age),
                 ]);
             }
             table(&mut out, &rows);

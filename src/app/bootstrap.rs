@@ -34,6 +34,10 @@ pub struct Bootstrap {
     callees: HashMap<RegistrationId, u64, IdHashing>,
     /// The router refused `count_callees` (said once).
     callees_refused: bool,
+    /// Groups known from before this process (kept in Redis), each until
+    /// when it is kept without a registration: remembered at the first
+    /// join.
+    kept: Vec<(String, Instant)>,
 }
 
 impl Bootstrap {
@@ -47,16 +51,37 @@ impl Bootstrap {
             rejoin: None,
             callees: HashMap::default(),
             callees_refused: false,
+            kept: Vec::new(),
         }
+    }
+
+    /// Groups known from before this process, each until when it is kept
+    /// without a registration (see [`Discovery::remember`]).
+    pub fn keep_groups(&mut self, kept: Vec<(String, Instant)>) {
+        self.kept = kept;
     }
 
     pub fn discovery(&self) -> &Discovery {
         &self.discovery
     }
 
-    /// A new session: discovery starts from nothing, meta topics first.
+    /// A new session: discovery starts from nothing, meta topics first,
+    /// but for the groups it knew (and those kept from before this
+    /// process): they read their topics for their grace period unless
+    /// their registrations come back, their events waiting for a callee.
     pub fn on_joined(&mut self, session: &mut Session<Token>, now: Instant) {
+        let mut known = self.discovery.snapshot(now);
+        known.extend(
+            std::mem::take(&mut self.kept)
+                .into_iter()
+                .map(|(p, until)| (std::sync::Arc::from(p), until)),
+        );
         self.discovery.reset();
+        for (procedure, until) in known {
+            if !self.discovery.remember(&procedure, until, now) {
+                tracing::warn!(%procedure, "a kept group's procedure is not a SUB_ registration here (marker or filter changed?); not kept");
+            }
+        }
         self.callees.clear();
         self.meta.clear();
         self.meta_pending = meta::META_TOPICS.len();
@@ -286,14 +311,17 @@ impl Bootstrap {
 
     /// Makes discovery's requests and logs its notes; `tracked` is told
     /// of each exact registration newly tracked (its destination may
-    /// prepare for it).
+    /// prepare for it). Whether discovery had anything to say (its groups
+    /// may have changed).
     pub fn poll(
         &mut self,
         session: &mut Session<Token>,
         now: Instant,
         mut tracked: impl FnMut(&str),
-    ) {
-        for output in self.discovery.poll(now) {
+    ) -> bool {
+        let outputs = self.discovery.poll(now);
+        let changed = !outputs.is_empty();
+        for output in outputs {
             match output {
                 discovery::Output::Action(action) => self.execute(action, session, now),
                 discovery::Output::Note(note) => {
@@ -306,6 +334,7 @@ impl Bootstrap {
                 }
             }
         }
+        changed
     }
 
     fn execute(&mut self, action: Action, session: &mut Session<Token>, now: Instant) {

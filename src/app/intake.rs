@@ -71,7 +71,8 @@ impl Intake {
                 let mut event = event.into_shared(d.procedure, topic, received);
                 event.outgoing = prepare(&event);
                 let job = Job::new(Box::new(event), now);
-                let (mut job, key) = shaped(&self.order_by, Some(&ledger.metrics), job, d.batch);
+                let metrics = Some(&*ledger.metrics);
+                let (mut job, key) = shaped(&self.order_by, metrics, job, d.batch, d.unit);
                 if let (Some(partitions), Some(key)) = (self.lanes, key) {
                     job.item.lane = Some(key.partition(partitions));
                 }
@@ -209,20 +210,22 @@ fn order_key(
     key.key()
 }
 
-/// `job` with its ordering key and, for a batch procedure's event, its
-/// batch line (the procedure's) and size.
+/// `job` with its ordering key, its procedure's `unit` (its hash) and,
+/// for a batch procedure's event, its batch line (the same hash) and size.
 pub fn shaped(
     order_by: &OrderBy,
     metrics: Option<&Metrics>,
     job: Job<Box<SharedEvent>>,
     batch: bool,
+    unit: u64,
 ) -> (Job<Box<SharedEvent>>, Option<OrderKey>) {
     let key = order_key(order_by, metrics, &job.item);
     let batch = batch.then(|| Batched {
-        line: crate::forward::key::fnv1a64(job.item.procedure.as_bytes()),
+        line: unit,
         bytes: job.item.batch_size(),
     });
-    (job.with_key(key.map(|k| k.line)).with_batch(batch), key)
+    let job = job.with_key(key.map(|k| k.line)).with_unit(unit);
+    (job.with_batch(batch), key)
 }
 
 /// `event` for each of `procedures` (one per group): copies for all but the

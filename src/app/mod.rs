@@ -69,6 +69,7 @@ pub async fn run(
 ) -> Result<Summary, Fatal> {
     let mut app = App::new(&config, metrics.clone())?;
     app.status_requests = status;
+    app.load_kept_groups().await;
     let result = app.run(&shutdown).await;
     app.finish().await;
     let redis_queue = matches!(config.queue.kind, config::QueueKind::Redis);
@@ -119,6 +120,8 @@ struct App {
     shown: Shown,
     /// When the current session joined.
     joined_at: Option<(Instant, std::time::SystemTime)>,
+    /// With the Redis queue: where the groups are kept, until loaded.
+    kept: Option<(crate::streams::Shared, crate::streams::Keys)>,
 }
 
 impl App {
@@ -144,7 +147,45 @@ impl App {
             status_requests: None,
             shown: parts.shown,
             joined_at: None,
+            kept: parts.kept,
         })
+    }
+
+    /// With the Redis queue: the groups kept in Redis by every instance,
+    /// so that one whose backends are away is read for from the start.
+    /// Tried a few times; without an answer the instance starts knowing
+    /// only what the router says (said in the log).
+    async fn load_kept_groups(&mut self) {
+        let Some((shared, keys)) = self.kept.take() else {
+            return;
+        };
+        let mut kept = None;
+        for attempt in 1..=3 {
+            let load = crate::streams::groups::load(&shared, &keys);
+            match tokio::time::timeout(crate::streams::COMMAND_TIMEOUT, load).await {
+                Ok(Ok(k)) => {
+                    kept = Some(k);
+                    break;
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(attempt, error = %e, "cannot read the groups kept in Redis")
+                }
+                Err(_) => tracing::warn!(attempt, "reading the groups kept in Redis timed out"),
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        if kept.is_none() {
+            tracing::warn!(
+                "starting without the groups kept in Redis: a group whose backends are away \
+                 is served again only when one of them registers"
+            );
+        }
+        let registry = crate::streams::groups::writer(shared, keys, self.metrics.clone());
+        self.sidecar.keep_groups(
+            registry,
+            kept.unwrap_or_default(),
+            std::time::Instant::now(),
+        );
     }
 
     async fn run(&mut self, shutdown: &CancellationToken) -> Result<(), Fatal> {

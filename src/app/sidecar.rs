@@ -35,6 +35,7 @@ use crate::metrics::Metrics;
 use crate::sink::{Report, Sink, Started};
 use crate::streams::carrier::Fields;
 use crate::streams::core::{Handed, Key, Output as QueueOutput};
+use crate::streams::groups;
 use crate::wamp::RequestError;
 use crate::wamp::connection::Refused;
 use crate::wamp::session::{Output as SessionOutput, Session};
@@ -58,6 +59,19 @@ pub struct Sidecar {
     /// This session reached readiness once: it counts as healthy.
     healthy: bool,
     draining: bool,
+    /// Every exact group as last seen, and whether its backends are away
+    /// (its events wait).
+    groups: HashMap<Arc<str>, GroupSeen>,
+    /// With the Redis queue: where the groups are kept for every instance.
+    kept: Option<groups::Registry>,
+}
+
+/// A group as the sidecar last saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct GroupSeen {
+    away: bool,
+    /// When it was first seen without a callee (this process's clock).
+    away_since: Option<std::time::SystemTime>,
 }
 
 impl Sidecar {
@@ -85,7 +99,43 @@ impl Sidecar {
             started: Vec::new(),
             healthy: false,
             draining: false,
+            groups: HashMap::new(),
+            kept: None,
         }
+    }
+
+    /// Keeps the groups in Redis for every instance (`registry`), and
+    /// starts with those kept there: each reads its topic until its grace
+    /// period ends, its events waiting for a callee.
+    pub fn keep_groups(
+        &mut self,
+        registry: groups::Registry,
+        kept: Vec<groups::Kept>,
+        now: Instant,
+    ) {
+        let grace = self.bootstrap.discovery().grace();
+        let wall = std::time::SystemTime::now();
+        let mut remembered = Vec::new();
+        for k in kept {
+            let left = k
+                .kept_until(grace, wall)
+                .duration_since(wall)
+                .unwrap_or_default();
+            if left.is_zero() {
+                // Its grace period ended while no instance ran.
+                registry.send(groups::Change::Forget(k.procedure));
+                continue;
+            }
+            tracing::info!(
+                procedure = %k.procedure,
+                away = k.away_since.is_some(),
+                kept_for = ?left,
+                "a group kept in Redis: reading its topic for its grace period unless its backends come back"
+            );
+            remembered.push((k.procedure, now + left));
+        }
+        self.bootstrap.keep_groups(remembered);
+        self.kept = Some(registry);
     }
 
     /// Delivers events with the same key one at a time, in order; with
@@ -129,6 +179,82 @@ impl Sidecar {
         self.bootstrap.on_joined(session, now);
         self.healthy = false;
         self.stages.set_joined(true, now);
+        self.sync_groups(now);
+    }
+
+    /// What discovery says of its groups, applied: a group whose backends
+    /// are away waits (its events are kept, no call is made), one with a
+    /// callee again goes on, one gone after its grace period is let go;
+    /// with the Redis queue, kept in Redis for every instance.
+    fn sync_groups(&mut self, now: Instant) {
+        let wall = std::time::SystemTime::now();
+        let mut seen: HashMap<Arc<str>, GroupSeen> = HashMap::with_capacity(self.groups.len());
+        let discovery = self.bootstrap.discovery();
+        for g in discovery.group_states() {
+            let before = self.groups.get(&g.procedure).copied();
+            let now_seen = GroupSeen {
+                away: g.away,
+                away_since: match before {
+                    Some(b) if b.away && g.away => b.away_since,
+                    _ => g.away.then_some(wall),
+                },
+            };
+            if before.map(|b| b.away) != Some(g.away) {
+                let unit = crate::forward::key::fnv1a64(g.procedure.as_bytes());
+                self.stages.set_away(unit, g.away, now);
+                if let Some(q) = &mut self.queue {
+                    if g.away {
+                        q.queue.pause(&g.procedure);
+                    } else {
+                        q.queue.resume(&g.procedure);
+                    }
+                }
+                if g.away {
+                    tracing::info!(procedure = %g.procedure, "no callee: its events wait for one (no call is made) until its grace period ends");
+                } else if before.is_some() {
+                    tracing::info!(procedure = %g.procedure, "a callee again: its waiting events go on");
+                }
+                if let Some(kept) = &self.kept {
+                    kept.send(groups::Change::Keep(groups::Kept {
+                        procedure: g.procedure.to_string(),
+                        topic: g.topic.topic.clone(),
+                        group: g.group.name.clone(),
+                        batch: g.group.batch,
+                        away_since: now_seen.away_since,
+                    }));
+                }
+            }
+            seen.insert(g.procedure, now_seen);
+        }
+        for (procedure, before) in &self.groups {
+            if seen.contains_key(procedure) {
+                continue;
+            }
+            // Gone (its grace period ended): what waited goes on, and
+            // fails as calls to a procedure nobody registers.
+            if before.away {
+                let unit = crate::forward::key::fnv1a64(procedure.as_bytes());
+                self.stages.set_away(unit, false, now);
+                if let Some(q) = &mut self.queue {
+                    q.queue.resume(procedure);
+                }
+            }
+            if let Some(kept) = &self.kept {
+                kept.send(groups::Change::Forget(procedure.to_string()));
+            }
+        }
+        self.groups = seen;
+        let waiting = self.groups.values().filter(|g| g.away).count();
+        self.ledger.metrics.groups_waiting.set(waiting as i64);
+    }
+
+    /// The groups whose backends are away, and since when (this process's
+    /// view): what `/status` shows as waiting for a callee.
+    pub fn groups_away(&self) -> impl Iterator<Item = (&str, Option<std::time::SystemTime>)> {
+        self.groups
+            .iter()
+            .filter(|(_, g)| g.away)
+            .map(|(p, g)| (&**p, g.away_since))
     }
 
     /// The session is gone: no delivery starts on it any more. The loop
@@ -306,13 +432,17 @@ impl Sidecar {
             && !self.draining
         {
             let stages = &self.stages;
-            self.bootstrap.poll(session, now, |uri| {
+            let due = self.bootstrap.next_wake().is_some_and(|at| at <= now);
+            let changed = self.bootstrap.poll(session, now, |uri| {
                 // The stream target creates the stream and its group now,
                 // before the first event.
                 for s in stages.iter().filter(|s| s.role.delivers()) {
                     s.sink.prepare_procedure(uri);
                 }
             });
+            if changed || due {
+                self.sync_groups(now);
+            }
         }
         for i in 0..self.stages.len() {
             self.pump_stage(i, session.as_deref_mut(), now);
@@ -474,7 +604,8 @@ impl Sidecar {
                     .is_batch(&event.procedure);
                 let job = RedisQueue::job(&handed, event, &*stage.sink, now);
                 // Counted unordered when it was admitted, not again.
-                let (job, _) = intake::shaped(self.intake.order_by(), None, job, batch);
+                let unit = crate::forward::key::fnv1a64(job.item.procedure.as_bytes());
+                let (job, _) = intake::shaped(self.intake.order_by(), None, job, batch, unit);
                 stage.core.accept_job(job, now);
             }
             Err((why, shown)) => {
@@ -601,6 +732,31 @@ impl Sidecar {
         if let Some(q) = &mut self.queue {
             // Nothing new is read; what is held is delivered or released.
             q.queue.shutdown();
+            // What waits for a callee is left to the other instances at
+            // once: nothing here will call it before the deadline.
+            let away: HashSet<u64> = self
+                .groups
+                .iter()
+                .filter(|(_, g)| g.away)
+                .map(|(p, _)| crate::forward::key::fnv1a64(p.as_bytes()))
+                .collect();
+            if let Some(stage) = self.stages.with_role(Role::DeliverQueued)
+                && !away.is_empty()
+            {
+                let back = stage.core.withdraw(|e| {
+                    away.contains(&crate::forward::key::fnv1a64(e.procedure.as_bytes()))
+                });
+                for key in back.iter().filter_map(redis_queue::key_of) {
+                    q.queue.release(key);
+                    self.ledger.metrics.queue_released.inc();
+                }
+                if !back.is_empty() {
+                    tracing::info!(
+                        entries = back.len(),
+                        "left the entries waiting for a callee in the Redis queue for the other instances"
+                    );
+                }
+            }
         }
         let joined = self.bootstrap.is_joined();
         let session = session.filter(|_| joined);

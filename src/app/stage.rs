@@ -87,6 +87,21 @@ impl Stages {
         });
     }
 
+    /// Procedure `unit` has no callee (`away`), or has one again: the
+    /// stages that call it keep its events waiting, or send them on.
+    pub fn set_away(&mut self, unit: u64, away: bool, now: Instant) {
+        for s in &mut self.list {
+            if !(s.role.delivers() && s.sink.needs_session()) {
+                continue;
+            }
+            if away {
+                s.core.pause(unit);
+            } else {
+                s.core.resume(unit, now);
+            }
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.list.len()
     }

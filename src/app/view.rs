@@ -85,6 +85,7 @@ pub fn mappings(sidecar: &Sidecar, now: Instant) -> Vec<status::Mapping> {
     let (bootstrap, per_procedure) = (sidecar.bootstrap(), sidecar.per_procedure());
     let live = sidecar.live();
     let wall = SystemTime::now();
+    let away: std::collections::HashMap<&str, Option<SystemTime>> = sidecar.groups_away().collect();
     bootstrap
         .discovery()
         .mappings()
@@ -132,6 +133,12 @@ pub fn mappings(sidecar: &Sidecar, now: Instant) -> Vec<status::Mapping> {
                 subscription: m.subscription.map(|s| s.0),
                 subscription_state: m.subscription_state.to_owned(),
                 in_grace: m.in_grace,
+                waiting_for_callee: m.procedure.as_deref().is_some_and(|p| away.contains_key(p)),
+                away_seconds: m
+                    .procedure
+                    .as_deref()
+                    .and_then(|p| away.get(p).copied().flatten())
+                    .map(|since| status::seconds(wall.duration_since(since).unwrap_or_default())),
                 received: counts.received,
                 forwarded: counts.forwarded,
                 dead_lettered: counts

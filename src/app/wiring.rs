@@ -40,6 +40,8 @@ pub struct Parts {
     pub shown: Shown,
     /// The task writing dead letters to Redis, when one is configured.
     pub dead_letter_task: Option<JoinHandle<()>>,
+    /// With the Redis queue: where the groups are kept for every instance.
+    pub kept: Option<(crate::streams::Shared, Keys)>,
 }
 
 /// Builds the sidecar and what the loop needs beside it.
@@ -147,6 +149,7 @@ pub fn build(config: &Config, metrics: &Arc<Metrics>) -> Result<Parts, Fatal> {
         )
         .with_procedure_metrics(config.metrics_max_procedures)
     };
+    let mut kept = None;
     let (sidecar, streams) = match config.queue.kind {
         config::QueueKind::Memory => {
             let core = Forwarder::new(MemoryQueue::new(), settings, rand::random());
@@ -171,6 +174,7 @@ pub fn build(config: &Config, metrics: &Arc<Metrics>) -> Result<Parts, Fatal> {
                 ..settings
             };
             let core = Forwarder::new(MemoryQueue::new(), admit_settings, rand::random());
+            kept = Some((io.probe.shared.clone(), Keys::new(&config.queue.name)));
             let sidecar = new_sidecar(core, Box::new(admit))
                 .with_intake(f.order_by.clone(), partitions(config))
                 .with_queue(queue, deliver, sink, now);
@@ -207,6 +211,7 @@ pub fn build(config: &Config, metrics: &Arc<Metrics>) -> Result<Parts, Fatal> {
         streams,
         shown,
         dead_letter_task,
+        kept,
     })
 }
 

@@ -301,6 +301,20 @@ pub struct Destination {
     pub mix: u64,
     /// Whether the group is served in batches.
     pub batch: bool,
+    /// The procedure's hash ([`crate::forward::key::fnv1a64`]): the unit
+    /// that waits while the group has no callee, and its batch line.
+    pub unit: u64,
+}
+
+/// A group of an exact topic as [`Discovery::group_states`] gives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupState {
+    pub procedure: Arc<str>,
+    pub topic: TopicKey,
+    pub group: Group,
+    /// No callee now (its last registration left; within its grace
+    /// period): its events wait.
+    pub away: bool,
 }
 
 /// One group of one topic, as [`Discovery::mappings`] lists it.
@@ -410,14 +424,34 @@ struct Members {
     /// For an exact topic, the group's procedure, computed once rather than
     /// per event. `None` for patterns: it depends on each event's topic.
     procedure: Option<Arc<str>>,
+    /// The procedure's hash, likewise (0 for patterns).
+    unit: u64,
     /// The group's [`group_mix`], for de-duplication per group.
     mix: u64,
 }
 
 impl Topic {
-    /// Whether some group has a registration.
+    /// Whether some group reads it: one with a registration, or one whose
+    /// backends are away (within its grace period), whose events wait for
+    /// them.
     fn wanted(&self) -> bool {
-        self.groups.values().any(|m| !m.registrations.is_empty())
+        !self.groups.is_empty()
+    }
+}
+
+impl Members {
+    fn new(key: &TopicKey, group: &Group, marker: &Marker) -> Members {
+        let procedure: Option<Arc<str>> = (key.policy == MatchPolicy::Exact)
+            .then(|| marker.procedure_for(&key.topic, group).into());
+        Members {
+            registrations: BTreeSet::new(),
+            grace_until: None,
+            unit: procedure
+                .as_deref()
+                .map_or(0, |p| crate::forward::key::fnv1a64(p.as_bytes())),
+            procedure,
+            mix: group_mix(group.name.as_deref(), group.batch),
+        }
     }
 }
 
@@ -475,6 +509,11 @@ impl Discovery {
     pub fn with_retry_delay(mut self, delay: Duration) -> Discovery {
         self.retry_delay = delay;
         self
+    }
+
+    /// How long a group whose last registration left keeps reading.
+    pub fn grace(&self) -> Duration {
+        self.grace
     }
 
     pub fn marker(&self) -> &Marker {
@@ -704,9 +743,14 @@ impl Discovery {
             GetState::RetryAt(at) => Some(at),
             GetState::Due | GetState::InFlight => None,
         });
-        let topics = self.topics.values().filter_map(|t| match t.subscription {
-            SubState::Failed { retry_at } if t.wanted() => Some(retry_at),
-            _ => t.groups.values().filter_map(|m| m.grace_until).min(),
+        let topics = self.topics.values().filter_map(|t| {
+            let grace = t.groups.values().filter_map(|m| m.grace_until).min();
+            match t.subscription {
+                SubState::Failed { retry_at } if t.wanted() => {
+                    Some(grace.map_or(retry_at, |g| g.min(retry_at)))
+                }
+                _ => grace,
+            }
         });
         gets.chain(topics).min()
     }
@@ -789,6 +833,7 @@ impl Discovery {
                         procedure: p.clone(),
                         mix: m.mix,
                         batch: group.batch,
+                        unit: m.unit,
                     });
                 }
             }
@@ -800,8 +845,10 @@ impl Discovery {
         })?;
         let marker = self.mapper.marker();
         for (group, m) in groups {
+            let procedure: Arc<str> = marker.procedure_for(topic, group).into();
             procedures.push(Destination {
-                procedure: marker.procedure_for(topic, group).into(),
+                unit: crate::forward::key::fnv1a64(procedure.as_bytes()),
+                procedure,
                 mix: m.mix,
                 batch: group.batch,
             });
@@ -852,6 +899,67 @@ impl Discovery {
             }
         }
         out
+    }
+
+    /// Every group of an exact topic, with whether its backends are away
+    /// (pattern groups have no one procedure).
+    pub fn group_states(&self) -> impl Iterator<Item = GroupState> + '_ {
+        self.topics.iter().flat_map(|(key, t)| {
+            t.groups.iter().filter_map(move |(group, m)| {
+                Some(GroupState {
+                    procedure: m.procedure.clone()?,
+                    topic: key.clone(),
+                    group: group.clone(),
+                    away: m.registrations.is_empty(),
+                })
+            })
+        })
+    }
+
+    /// Every exact group's procedure and until when it is kept without a
+    /// registration: the end of its grace period, or for a group with
+    /// registrations `now` + the grace period. What a rejoin carries over
+    /// ([`Discovery::remember`] after [`Discovery::reset`]): registrations
+    /// that do not come back with the new session leave their group
+    /// waiting for its grace period, not gone at once.
+    pub fn snapshot(&self, now: Instant) -> Vec<(Arc<str>, Instant)> {
+        self.topics
+            .values()
+            .flat_map(|t| t.groups.values())
+            .filter_map(|m| {
+                let until = m.grace_until.unwrap_or(now + self.grace);
+                Some((m.procedure.clone()?, until))
+            })
+            .collect()
+    }
+
+    /// A group known from before (an earlier session, or kept in Redis by
+    /// the instances): `procedure` (an exact registration's URI) reads its
+    /// topic until `until` unless a registration of it comes. Its topic is
+    /// subscribed; its events wait for a callee. Returns false when the
+    /// URI stands for no group here (not a SUB_ procedure, filtered out).
+    pub fn remember(&mut self, procedure: &str, until: Instant, now: Instant) -> bool {
+        let Classification::Shared(key, group) =
+            self.mapper.classify(procedure, MatchPolicy::Exact)
+        else {
+            return false;
+        };
+        if until <= now {
+            return true;
+        }
+        let marker = self.mapper.marker();
+        let topic = self.topics.entry(key.clone()).or_insert_with(|| Topic {
+            groups: BTreeMap::new(),
+            subscription: SubState::None,
+        });
+        let members = topic
+            .groups
+            .entry(group.clone())
+            .or_insert_with(|| Members::new(&key, &group, marker));
+        if members.registrations.is_empty() {
+            members.grace_until = Some(members.grace_until.map_or(until, |u| u.max(until)));
+        }
+        true
     }
 
     /// The groups reading each topic we want or hold.
@@ -914,13 +1022,7 @@ impl Discovery {
         let members = topic
             .groups
             .entry(group.clone())
-            .or_insert_with(|| Members {
-                registrations: BTreeSet::new(),
-                grace_until: None,
-                procedure: (key.policy == MatchPolicy::Exact)
-                    .then(|| marker.procedure_for(&key.topic, &group).into()),
-                mix: group_mix(group.name.as_deref(), group.batch),
-            });
+            .or_insert_with(|| Members::new(&key, &group, marker));
         members.registrations.insert(id);
         let resumed = members.grace_until.take().is_some();
         self.out.push(Output::Note(Note::RegistrationTracked {

@@ -607,7 +607,7 @@ fn refused_subscribe_is_retried_after_the_delay_not_at_once() {
 }
 
 #[test]
-fn failed_topic_whose_registrations_are_gone_is_dropped() {
+fn failed_topic_whose_registrations_are_gone_is_dropped_after_its_grace_period() {
     let t0 = Instant::now();
     let mut d = discovery(GRACE);
     d.on_meta_event(created(1, "a.SUB_b"), t0);
@@ -615,8 +615,56 @@ fn failed_topic_whose_registrations_are_gone_is_dropped() {
     d.on_subscribe_failed(&exact("a.b"), "denied".into(), t0);
     d.on_meta_event(deleted(1), t0);
     d.poll(t0);
+    // The group waits for its backends (grace 10 s, before the retry).
+    assert_eq!(d.next_deadline(), Some(t0 + GRACE));
+    assert_eq!(d.poll(t0 + GRACE), []);
     assert_eq!(d.next_deadline(), None);
     assert_eq!(d.poll(t0 + RETRY), []);
+}
+
+/// A group whose backends are away is subscribed for all the same (its
+/// events wait for them): when the router lost the subscription, and when
+/// an instance starts knowing the group only from before.
+#[test]
+fn a_group_whose_backends_are_away_is_subscribed_for() {
+    let t0 = Instant::now();
+    let mut d = subscribed_status(GRACE, t0);
+    d.on_meta_event(deleted(1), t0);
+    d.poll(t0);
+    // The router revokes the subscription within the grace period.
+    d.on_unsubscribed(sub(100));
+    assert_eq!(
+        actions(&d.poll(t0)),
+        [subscribe(exact("com.example.status"))]
+    );
+    let states: Vec<GroupState> = d.group_states().collect();
+    assert_eq!(states.len(), 1);
+    assert!(states[0].away);
+    assert_eq!(&*states[0].procedure, "com.example.SUB_status");
+
+    // A fresh start that remembers the group.
+    let mut fresh = discovery(GRACE);
+    assert!(fresh.remember("com.example.SUB_status", t0 + GRACE, t0));
+    assert!(!fresh.remember("com.example.status", t0 + GRACE, t0));
+    assert_eq!(
+        actions(&fresh.poll(t0)),
+        [subscribe(exact("com.example.status"))]
+    );
+    assert_eq!(
+        fresh.snapshot(t0),
+        [("com.example.SUB_status".into(), t0 + GRACE)]
+    );
+    // Its grace ends unless a registration comes.
+    fresh.on_subscribed(&exact("com.example.status"), sub(7));
+    fresh.poll(t0);
+    assert_eq!(fresh.next_deadline(), Some(t0 + GRACE));
+    let out = fresh.poll(t0 + GRACE);
+    assert!(
+        actions(&out)
+            .iter()
+            .any(|a| matches!(a, Action::Unsubscribe { .. }))
+    );
+    assert_eq!(fresh.group_states().count(), 0);
 }
 
 #[test]

@@ -530,6 +530,9 @@ pub struct QueueCore<T> {
     /// Keepalive period.
     every: Duration,
     procedures: BTreeSet<Arc<str>>,
+    /// Procedures without a callee: their streams are not read (their
+    /// events wait in Redis, not in this instance).
+    paused: BTreeSet<Arc<str>>,
     units: BTreeMap<Unit, UnitState>,
     // Indexes over `units`, so that a tick costs nothing per idle stream.
     /// Streams that may have entries not read yet (plain ones, and
@@ -614,6 +617,7 @@ impl<T> QueueCore<T> {
             margin,
             every,
             procedures: BTreeSet::new(),
+            paused: BTreeSet::new(),
             units: BTreeMap::new(),
             dirty: BTreeSet::new(),
             taking: BTreeSet::new(),
@@ -682,6 +686,31 @@ impl<T> QueueCore<T> {
         if self.s.partitions.is_some() {
             // Its leases are to be taken.
             self.next_keepalive = now;
+        }
+    }
+
+    /// `procedure` has no callee: its streams are not read (nor its
+    /// pending entries taken) until [`QueueCore::resume`]; what it holds
+    /// stays held and kept alive.
+    pub fn pause(&mut self, procedure: &str) {
+        if !self.paused.contains(procedure) {
+            self.paused.insert(Arc::from(procedure));
+        }
+    }
+
+    /// `procedure` has a callee again: its streams are read at once.
+    pub fn resume(&mut self, procedure: &str) {
+        if !self.paused.remove(procedure) {
+            return;
+        }
+        let units: Vec<Unit> = self
+            .units
+            .keys()
+            .filter(|u| &*u.procedure == procedure)
+            .cloned()
+            .collect();
+        for unit in units {
+            self.mark_dirty(&unit);
         }
     }
 
@@ -1887,6 +1916,7 @@ impl<T> QueueCore<T> {
     /// Whether `unit`'s new entries may be read now.
     fn readable(&self, unit: &Unit, now: Instant) -> bool {
         self.state == State::Running
+            && !self.paused.contains(&unit.procedure)
             && self.units.get(unit).is_some_and(|u| {
                 u.group == Group::Ready
                     && u.phase == Phase::Ready
@@ -2049,7 +2079,7 @@ impl<T> QueueCore<T> {
             else {
                 return None;
             };
-            if u.group != Group::Ready || u.busy {
+            if u.group != Group::Ready || u.busy || self.paused.contains(&unit.procedure) {
                 return None;
             }
             // A partition is taken from only by its holder.

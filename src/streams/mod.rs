@@ -27,6 +27,7 @@ pub mod carrier;
 pub mod core;
 pub mod dead_letters;
 pub mod entry;
+pub mod groups;
 pub mod replicas;
 pub mod resp;
 
@@ -102,6 +103,12 @@ impl Keys {
     /// departed held.
     pub fn departures(&self) -> String {
         format!("{{{}:instances}}:departures", self.name)
+    }
+
+    /// The groups kept for the instances (`streams::groups`): a hash by
+    /// procedure.
+    pub fn groups(&self) -> String {
+        format!("{}:groups", self.name)
     }
 
     /// The set of every procedure that has a stream.

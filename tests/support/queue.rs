@@ -216,3 +216,34 @@ pub fn parse_list(stdout: &str) -> Vec<Value> {
         })
         .collect()
 }
+
+/// Runs `subtocall groups <args>` against `redis` (queue `subtocall`, the
+/// Redis queue), checks that it exits 0, and returns its stdout.
+pub async fn subtocall_groups(redis: &Redis, args: &[&str]) -> String {
+    let output = subtocall_groups_output(redis, args).await;
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "subtocall groups {args:?} failed ({}):\n{stdout}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+/// Runs `subtocall groups <args>` against `redis` and returns how it ended.
+pub async fn subtocall_groups_output(redis: &Redis, args: &[&str]) -> std::process::Output {
+    let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_subtocall"))
+        .arg("groups")
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("REDIS_URL", redis.url())
+        .env("SUBTOCALL_QUEUE", "redis")
+        .kill_on_drop(true)
+        .output();
+    tokio::time::timeout(WAIT, run)
+        .await
+        .unwrap_or_else(|_| panic!("subtocall groups {args:?} took over {WAIT:?}"))
+        .expect("run subtocall groups")
+}

@@ -1435,3 +1435,74 @@ fn a_departure_brings_a_scan_at_once_and_scans_are_rare_otherwise() {
         "{scans:?}"
     );
 }
+
+/// A procedure without a callee: its streams are neither granted to
+/// admissions nor read nor taken from (its events wait in Redis), until it
+/// has one again; then they are read at once.
+#[test]
+fn a_procedure_without_a_callee_is_not_read_until_it_has_one() {
+    let t0 = Instant::now();
+    let mut core: QueueCore<Ev> = QueueCore::new(
+        Settings {
+            window: 8,
+            read_max: 4,
+            claim_idle: ms(CLAIM_IDLE_MS),
+            partitions: None,
+            max_deliveries: MAX_DELIVERIES,
+        },
+        t0,
+    );
+    let procedure = PROCEDURES[0];
+    let unit = Unit::plain(&Arc::from(procedure));
+    core.add_procedure(procedure, t0);
+    let mut reads = Vec::new();
+    let run = |core: &mut QueueCore<Ev>, from: u64, to: u64, reads: &mut Vec<u64>| {
+        for step in from..to {
+            let now = t0 + ms(50 * step);
+            core.on_tick(now);
+            while let Some(output) = core.poll() {
+                let Output::Send(id, command) = output else {
+                    continue;
+                };
+                let reply = match command {
+                    Command::Procedures => Reply::Procedures(vec![procedure.to_owned()]),
+                    Command::Scan { units, .. } => Reply::Stale(units),
+                    Command::Keepalive { .. } => Reply::Kept(Kept {
+                        instances: 1,
+                        departures: 0,
+                        ..Kept::default()
+                    }),
+                    Command::Read { .. } => {
+                        reads.push(step);
+                        Reply::Read(vec![])
+                    }
+                    Command::Take { .. } => {
+                        reads.push(step);
+                        Reply::Taken {
+                            next: EntryId::ZERO,
+                            got: vec![],
+                        }
+                    }
+                    _ => Reply::Done,
+                };
+                core.on_reply(id, reply, now);
+            }
+        }
+    };
+    // Its own pending entries taken, then read like any stream.
+    run(&mut core, 0, 10, &mut reads);
+    assert!(!reads.is_empty());
+    reads.clear();
+    core.pause(procedure);
+    // Longer than a sweep: a sweep does not read it either.
+    let away = 10 + 3 * CLAIM_IDLE_MS / 50;
+    run(&mut core, 10, away, &mut reads);
+    assert!(
+        reads.is_empty(),
+        "nothing of it read while it has no callee: {reads:?}"
+    );
+    assert_eq!(core.grant(&unit, t0 + ms(50 * away)), None);
+    core.resume(procedure);
+    run(&mut core, away, away + 2, &mut reads);
+    assert_eq!(reads.first(), Some(&away), "read at once when it has one");
+}
