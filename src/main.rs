@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use subtocall::config::{self, Config, LogFormat};
 use subtocall::metrics::Metrics;
-use subtocall::streams::{dead_letters, groups};
+use subtocall::streams::{dead_letters, groups, retain};
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
@@ -26,7 +26,7 @@ fn main() -> ExitCode {
         Err(problem) => {
             eprintln!(
                 "subtocall: {problem}\n\
-                 Usage: subtocall [check | healthcheck | status | dead-letters list|redrive | groups list|forget | --help | --version]; \
+                 Usage: subtocall [check | healthcheck | status | dead-letters list|redrive | groups list|forget | replay | --help | --version]; \
                  the configuration comes from environment variables (see --help)."
             );
             return ExitCode::from(2);
@@ -51,6 +51,9 @@ fn main() -> ExitCode {
     }
     if let Command::Groups(request) = &command {
         return groups_command(&config, request);
+    }
+    if let Command::Replay(request) = &command {
+        return replay_command(&config, request);
     }
     init_tracing(&config);
     for warning in config.warnings() {
@@ -90,6 +93,8 @@ enum Command {
     DeadLetters(dead_letters::Request),
     /// `subtocall groups list|forget`: the groups kept in Redis.
     Groups(groups::Request),
+    /// `subtocall replay`: retained events put back into a queue.
+    Replay(retain::Request),
     /// `subtocall status [--url URL] [--json]`: a running sidecar's /status.
     Status { url: Option<String>, json: bool },
 }
@@ -110,6 +115,7 @@ enum Named {
     HealthCheck,
     DeadLetters,
     Groups,
+    Replay,
     Status,
     Help,
     Version,
@@ -122,6 +128,7 @@ impl Named {
             "healthcheck" => Some(Named::HealthCheck),
             "dead-letters" => Some(Named::DeadLetters),
             "groups" => Some(Named::Groups),
+            "replay" => Some(Named::Replay),
             "status" => Some(Named::Status),
             "help" | "-h" | "--help" => Some(Named::Help),
             "version" | "-V" | "--version" => Some(Named::Version),
@@ -179,6 +186,25 @@ impl Named {
                  Exit code: 0 on success, 1 when Redis cannot be used or forget is not\n\
                  confirmed, 2 for invalid configuration or arguments.\n"
                 .to_owned(),
+            Named::Replay => "Usage: subtocall replay --procedure P (--since DURATION | --from TIME)\n\
+                 \x20                       [--until TIME] [--dry-run]\n\n\
+                 With SUBTOCALL_QUEUE=redis and SUBTOCALL_RETENTION, puts the retained\n\
+                 events of P's topic published in the window back into P's queue, each\n\
+                 once per run, in publication order (keyed events into their\n\
+                 partitions); the instances deliver them again, marked replayed\n\
+                 (`replayed: true` in the details under SUBTOCALL_DETAILS_KWARG and in\n\
+                 the Redis-mode envelope). Prints how many.\n\
+                 --procedure P     an exact SUB_ procedure (its group gets them).\n\
+                 --since DURATION  the window starts this long ago (15m, 2h, 1d).\n\
+                 --from TIME       or at this RFC 3339 time (2026-12-06T10:00:00Z).\n\
+                 --until TIME      the window ends then (default: now).\n\
+                 --dry-run         only count what would be replayed.\n\n\
+                 Reads REDIS_URL, SUBTOCALL_QUEUE, SUBTOCALL_QUEUE_NAME,\n\
+                 SUBTOCALL_RETENTION, SUBTOCALL_MARKER, SUBTOCALL_ORDER_BY and\n\
+                 SUBTOCALL_ORDER_PARTITIONS (as the instances have them).\n\
+                 Exit code: 0 on success, 1 when Redis cannot be used or nothing is\n\
+                 retained, 2 for invalid configuration or arguments.\n"
+                .to_owned(),
             Named::Status => "Usage: subtocall status [--url http://HOST:PORT] [--json]\n\n\
                  Asks a running sidecar's /status and prints what it is doing as\n\
                  tables: the router link, every mapping (topic, group, procedure,\n\
@@ -219,6 +245,7 @@ fn parse_args(args: &[String]) -> Result<Invocation, String> {
         (Named::HealthCheck, []) => Ok(Invocation::Run(Command::HealthCheck)),
         (Named::DeadLetters, rest) => dead_letters_args(rest).map(Invocation::Run),
         (Named::Groups, rest) => groups_args(rest).map(Invocation::Run),
+        (Named::Replay, rest) => replay_args(rest).map(Invocation::Run),
         (Named::Status, rest) => status_args(rest).map(Invocation::Run),
         (Named::Help, []) => Ok(Invocation::Print(named.usage())),
         (Named::Help, [topic]) => match Named::from_arg(topic) {
@@ -293,6 +320,53 @@ fn groups_args(args: &[String]) -> Result<Command, String> {
         [] => return Err("groups needs an action: list or forget".to_owned()),
     };
     Ok(Command::Groups(request))
+}
+
+/// `replay --procedure P (--since D | --from TIME) [--until TIME] [--dry-run]`.
+fn replay_args(args: &[String]) -> Result<Command, String> {
+    let mut procedure = None;
+    let mut from = None;
+    let mut until = None;
+    let mut dry_run = false;
+    let mut rest = args;
+    let time = |flag: &str, value: &str| {
+        humantime::parse_rfc3339_weak(value)
+            .map_err(|e| format!("replay: {flag} {value:?} is not an RFC 3339 time ({e})"))
+    };
+    while let Some((flag, after)) = rest.split_first() {
+        if flag == "--dry-run" {
+            dry_run = true;
+            rest = after;
+            continue;
+        }
+        let Some((value, after)) = after.split_first() else {
+            return Err(format!("replay: {flag} needs a value"));
+        };
+        match flag.as_str() {
+            "--procedure" if !value.is_empty() => procedure = Some(value.clone()),
+            "--since" | "--from" if from.is_some() => {
+                return Err("replay: give one of --since and --from".to_owned());
+            }
+            "--since" => {
+                let d = humantime::parse_duration(value).map_err(|e| {
+                    format!("replay: --since {value:?} is not a duration such as 15m ({e})")
+                })?;
+                from = Some(retain::Start::Since(d));
+            }
+            "--from" => from = Some(retain::Start::At(time(flag, value)?)),
+            "--until" => until = Some(time(flag, value)?),
+            _ => return Err(format!("replay: unknown option {flag:?} {value:?}")),
+        }
+        rest = after;
+    }
+    let procedure = procedure.ok_or("replay needs --procedure P")?;
+    let from = from.ok_or("replay needs --since DURATION or --from TIME")?;
+    Ok(Command::Replay(retain::Request {
+        procedure,
+        from,
+        until,
+        dry_run,
+    }))
 }
 
 /// `status [--url URL] [--json]`.
@@ -454,6 +528,27 @@ fn dead_letters(config: &Config, request: &dead_letters::Request) -> ExitCode {
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("subtocall dead-letters: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn replay_command(config: &Config, request: &retain::Request) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("subtocall replay: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut out = std::io::stdout().lock();
+    match runtime.block_on(retain::replay(config, request, &mut out)) {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("subtocall replay: {e}");
             ExitCode::FAILURE
         }
     }

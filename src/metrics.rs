@@ -107,6 +107,12 @@ pub struct Metrics {
     pub queue_admitted: Counter,
     /// Redis queue: events offered that another instance had already admitted.
     pub queue_admitted_elsewhere: Counter,
+    /// Redis queue: events this instance kept in a topic's retained stream.
+    pub queue_retained: Counter,
+    /// Redis queue: retained events a new group was given
+    /// (`SUBTOCALL_NEW_GROUP_START=retained`), and backfills that failed.
+    pub queue_backfilled: Counter,
+    pub queue_backfills_failed: Counter,
     /// Redis queue: entries taken over from another consumer.
     pub queue_taken_over: Counter,
     /// Redis queue: entries left in the stream at shutdown, for the others.
@@ -366,6 +372,21 @@ impl Metrics {
             "queue_admitted_elsewhere",
             "Events offered to the Redis queue that another instance had already admitted",
         );
+        let queue_retained = counter(
+            r,
+            "queue_retained",
+            "Events this instance kept in their topic's retained stream (SUBTOCALL_RETENTION)",
+        );
+        let queue_backfilled = counter(
+            r,
+            "queue_backfilled",
+            "Retained events this instance admitted for a new group (SUBTOCALL_NEW_GROUP_START=retained)",
+        );
+        let queue_backfills_failed = counter(
+            r,
+            "queue_backfills_failed",
+            "New groups that could not be given their topic's retained events (said in the log; their live events go on)",
+        );
         let queue_taken_over = counter(
             r,
             "queue_taken_over",
@@ -434,6 +455,9 @@ impl Metrics {
             redis_writes_unconfirmed,
             queue_admitted,
             queue_admitted_elsewhere,
+            queue_retained,
+            queue_backfilled,
+            queue_backfills_failed,
             queue_taken_over,
             queue_released,
             queue_malformed,

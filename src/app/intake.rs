@@ -43,6 +43,11 @@ impl Intake {
         &self.order_by
     }
 
+    /// Partitions per procedure for keyed events (Redis queue, ordering).
+    pub fn partitions(&self) -> Option<u16> {
+        self.lanes
+    }
+
     /// An EVENT on one of our forwarding subscriptions: `accept` is given
     /// a job for each group that reads its topic and has not had it yet,
     /// its outgoing form made by `prepare`.

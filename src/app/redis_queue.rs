@@ -5,6 +5,7 @@
 //! core grants. Synchronous, like the sidecar: the loop awaits the IO it
 //! starts and brings the replies.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::future::BoxFuture;
@@ -25,12 +26,17 @@ pub type PendingCommand = BoxFuture<'static, (CommandId, Reply<Fields>)>;
 /// An admission batch on its way to Redis: what came of it, when it comes.
 pub type PendingAdmission = BoxFuture<'static, (DeliveryId, Admitted)>;
 
+/// A new group being given its topic's retained events: how many, or why
+/// not.
+pub type PendingBackfill = BoxFuture<'static, (Arc<str>, Result<u64, String>)>;
+
 /// The Redis queue's IO, awaited by the loop: commands on their way to
 /// Redis (the queue core's replies come back through them) and admission
 /// batches (which also bring what they read).
 pub struct QueueIo {
     commands: FuturesUnordered<PendingCommand>,
     admissions: FuturesUnordered<PendingAdmission>,
+    backfills: FuturesUnordered<PendingBackfill>,
     /// What `/status` reads of the queue.
     pub probe: QueueProbe,
 }
@@ -39,6 +45,8 @@ pub struct QueueIo {
 pub enum QueueEvent {
     Reply(CommandId, Reply<Fields>),
     Admitted(DeliveryId, Admitted),
+    /// A new group was given its topic's retained events (or not).
+    Backfilled(Arc<str>, Result<u64, String>),
 }
 
 impl QueueIo {
@@ -46,6 +54,7 @@ impl QueueIo {
         QueueIo {
             commands: FuturesUnordered::new(),
             admissions: FuturesUnordered::new(),
+            backfills: FuturesUnordered::new(),
             probe,
         }
     }
@@ -54,10 +63,11 @@ impl QueueIo {
     pub fn take_from(&mut self, queue: &mut RedisQueue) {
         self.commands.extend(queue.commands.drain(..));
         self.admissions.extend(queue.admissions.drain(..));
+        self.backfills.extend(queue.backfills.drain(..));
     }
 
     pub fn is_empty(&self) -> bool {
-        self.commands.is_empty() && self.admissions.is_empty()
+        self.commands.is_empty() && self.admissions.is_empty() && self.backfills.is_empty()
     }
 
     /// The next thing the IO brings; pending while there is nothing to
@@ -74,6 +84,9 @@ impl QueueIo {
             Some((id, admitted)) = self.admissions.next(), if !self.admissions.is_empty() => {
                 QueueEvent::Admitted(id, admitted)
             }
+            Some((procedure, done)) = self.backfills.next(), if !self.backfills.is_empty() => {
+                QueueEvent::Backfilled(procedure, done)
+            }
         }
     }
 }
@@ -89,6 +102,8 @@ pub struct RedisQueue {
     commands: Vec<PendingCommand>,
     /// Admission batches started, likewise.
     admissions: Vec<PendingAdmission>,
+    /// New groups' backfills started, likewise.
+    backfills: Vec<PendingBackfill>,
     /// Whether Redis answers.
     up: bool,
 }
@@ -101,6 +116,7 @@ impl RedisQueue {
             admission,
             commands: Vec::new(),
             admissions: Vec::new(),
+            backfills: Vec::new(),
             // Not ready until Redis has answered once.
             up: false,
         }
@@ -119,6 +135,20 @@ impl RedisQueue {
             .admit(jobs, Some(&mut (&mut self.queue, now)));
         self.admissions
             .push(Box::pin(async move { (id, admitting.await) }));
+    }
+
+    /// Gives the new group of `procedure` the retained events of `topic`,
+    /// admitted like live ones (in order, each once: the claims refuse
+    /// what another instance's backfill admitted), unless a backfill of it
+    /// completed before (marked in Redis). Its live events wait meanwhile
+    /// (the caller holds them).
+    pub fn start_backfill(&mut self, procedure: Arc<str>, topic: String, shape: Shape) {
+        // Retained already: not again.
+        let admission = self.admission.without_retention();
+        self.backfills.push(Box::pin(async move {
+            let done = backfill(&admission, &procedure, &topic, &shape).await;
+            (procedure, done)
+        }));
     }
 
     /// `job` was delivered (here: its copy, kept until the replicas confirm
@@ -250,6 +280,85 @@ impl RedisQueue {
             ],
         );
     }
+}
+
+/// How a backfill's events are keyed: the ordering key and its partitions.
+#[derive(Debug, Clone)]
+pub struct Shape {
+    pub order_by: crate::config::OrderBy,
+    pub partitions: Option<u16>,
+}
+
+/// Tries of one chunk of a backfill before it is given up.
+const BACKFILL_TRIES: u32 = 5;
+
+async fn backfill(
+    admission: &AdmitSink,
+    procedure: &Arc<str>,
+    topic: &str,
+    shape: &Shape,
+) -> Result<u64, String> {
+    let (shared, keys) = admission.store();
+    let mut conn = shared.get().await.map_err(|e| e.to_string())?;
+    let done: bool = redis::cmd("HEXISTS")
+        .arg(keys.started())
+        .arg(&**procedure)
+        .query_async(&mut conn)
+        .await
+        .map_err(|e| e.to_string())?;
+    if done {
+        return Ok(0);
+    }
+    let mut after: Option<String> = None;
+    let mut total = 0;
+    loop {
+        let chunk =
+            crate::streams::retain::read_chunk(&mut conn, keys, topic, 0, None, after.as_deref())
+                .await?;
+        let Some(last) = chunk.last() else {
+            break;
+        };
+        after = Some(last.id.clone());
+        let now = Instant::now();
+        let mut jobs = Vec::with_capacity(chunk.len());
+        for r in &chunk {
+            let mut event = match crate::streams::entry::decode(procedure, r.stored.clone()) {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::warn!(%procedure, entry = %r.id, error = %e, "a retained entry that is not an event; skipped");
+                    continue;
+                }
+            };
+            if let Some(n) = shape.partitions {
+                event.lane = crate::forward::key::key_of(&shape.order_by, &event)
+                    .key()
+                    .map(|k| k.partition(n));
+            }
+            jobs.push(Job::new(Box::new(event), now));
+        }
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match admission.admit(&jobs, None).await.report {
+                Report::All(Ok(())) => break,
+                Report::All(Err(e)) if tries < BACKFILL_TRIES => {
+                    tracing::debug!(%procedure, error = %e, "backfill chunk failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(200 * u64::from(tries))).await;
+                }
+                Report::All(Err(e)) => return Err(format!("{e} ({total} admitted so far)")),
+                Report::Each(_) => break,
+            }
+        }
+        total += jobs.len() as u64;
+    }
+    redis::cmd("HSET")
+        .arg(keys.started())
+        .arg(&**procedure)
+        .arg(1)
+        .query_async::<i64>(&mut conn)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(total)
 }
 
 /// The queue key of a job read from the queue.

@@ -64,6 +64,17 @@ pub struct Sidecar {
     groups: HashMap<Arc<str>, GroupSeen>,
     /// With the Redis queue: where the groups are kept for every instance.
     kept: Option<groups::Registry>,
+    /// Where a group seen for the first time starts.
+    start: crate::config::GroupStart,
+    /// The groups kept in Redis when this process started: not new.
+    known: HashSet<Arc<str>>,
+    /// New groups being given their topic's retained events: their live
+    /// events wait here meanwhile, in order (at most the admission
+    /// stage's capacity each).
+    holding: HashMap<Arc<str>, Vec<Job<Box<SharedEvent>>>>,
+    /// Events that found no room there: dead-lettered (overflow).
+    held_over: Vec<Job<Box<SharedEvent>>>,
+    holding_capacity: usize,
 }
 
 /// A group as the sidecar last saw it.
@@ -101,7 +112,21 @@ impl Sidecar {
             draining: false,
             groups: HashMap::new(),
             kept: None,
+            start: crate::config::GroupStart::Now,
+            known: HashSet::new(),
+            holding: HashMap::new(),
+            held_over: Vec::new(),
+            holding_capacity: 10_000,
         }
+    }
+
+    /// Gives each group seen for the first time its topic's retained
+    /// events first (`SUBTOCALL_NEW_GROUP_START=retained`, Redis queue);
+    /// its live events wait meanwhile, `capacity` at most.
+    pub fn with_new_groups_from_retained(mut self, capacity: usize) -> Sidecar {
+        self.start = crate::config::GroupStart::Retained;
+        self.holding_capacity = capacity.max(1);
+        self
     }
 
     /// Keeps the groups in Redis for every instance (`registry`), and
@@ -117,6 +142,7 @@ impl Sidecar {
         let wall = std::time::SystemTime::now();
         let mut remembered = Vec::new();
         for k in kept {
+            self.known.insert(Arc::from(k.procedure.as_str()));
             let left = k
                 .kept_until(grace, wall)
                 .duration_since(wall)
@@ -199,6 +225,22 @@ impl Sidecar {
                     _ => g.away.then_some(wall),
                 },
             };
+            if before.is_none()
+                && self.start == crate::config::GroupStart::Retained
+                && !self.known.contains(&g.procedure)
+                && let Some(q) = &mut self.queue
+            {
+                // New to this process and to the groups kept in Redis: its
+                // topic's past first, its live events held meanwhile.
+                self.known.insert(g.procedure.clone());
+                self.holding.insert(g.procedure.clone(), Vec::new());
+                tracing::info!(procedure = %g.procedure, topic = %g.topic.topic, "a new group: giving it its topic's retained events first");
+                let shape = redis_queue::Shape {
+                    order_by: self.intake.order_by().clone(),
+                    partitions: self.intake.partitions(),
+                };
+                q.start_backfill(g.procedure.clone(), g.topic.topic.clone(), shape);
+            }
             if before.map(|b| b.away) != Some(g.away) {
                 let unit = crate::forward::key::fnv1a64(g.procedure.as_bytes());
                 self.stages.set_away(unit, g.away, now);
@@ -341,7 +383,20 @@ impl Sidecar {
         let Stage { core, sink, .. } = self.stages.first();
         let sink = &**sink;
         let queue = &mut self.queue;
+        let (holding, held_over) = (&mut self.holding, &mut self.held_over);
+        let capacity = self.holding_capacity;
         let accept = |job: Job<Box<SharedEvent>>| {
+            if !holding.is_empty()
+                && let Some(held) = holding.get_mut(&job.item.procedure)
+            {
+                // A new group's live events wait for its past.
+                if held.len() < capacity {
+                    held.push(job);
+                } else {
+                    held_over.push(job);
+                }
+                return;
+            }
             if let Some(q) = queue {
                 // Its stream is read from now on (a no-op once it is).
                 q.queue.add_procedure(&job.item.procedure, now);
@@ -352,6 +407,38 @@ impl Sidecar {
         let prepare = |e: &SharedEvent| sink.prepare(e);
         self.intake
             .on_event(event, discovery, &mut self.ledger, prepare, now, accept);
+        for mut job in std::mem::take(&mut self.held_over) {
+            job.last_error = Some(
+                "no room while its new group was given its topic's retained events \
+                 (SUBTOCALL_QUEUE_CAPACITY)"
+                    .into(),
+            );
+            self.dead_letter(&job, GiveUp::Overflow, now);
+        }
+    }
+
+    /// A new group's backfill ended: its live events held meanwhile go on,
+    /// in order.
+    fn on_backfilled(&mut self, procedure: Arc<str>, done: Result<u64, String>, now: Instant) {
+        let m = &self.ledger.metrics;
+        match done {
+            Ok(n) => {
+                m.queue_backfilled.inc_by(n);
+                tracing::info!(%procedure, events = n, "the new group was given its topic's retained events; its live events follow");
+            }
+            Err(e) => {
+                m.queue_backfills_failed.inc();
+                tracing::warn!(%procedure, error = %e, "could not give the new group its topic's retained events; its live events go on without them");
+            }
+        }
+        let held = self.holding.remove(&procedure).unwrap_or_default();
+        let Stage { core, .. } = self.stages.first();
+        for job in held {
+            if let Some(q) = &mut self.queue {
+                q.queue.add_procedure(&job.item.procedure, now);
+            }
+            core.accept_job(job, now);
+        }
     }
 
     /// An EVENT over SUBTOCALL_MAX_MESSAGE_SIZE that the connection did not
@@ -415,6 +502,9 @@ impl Sidecar {
             (QueueEvent::Reply(..), None) => return,
             (QueueEvent::Admitted(id, admitted), Some(q)) => (id, q.on_admitted(admitted, now)),
             (QueueEvent::Admitted(id, admitted), None) => (id, admitted.report),
+            (QueueEvent::Backfilled(procedure, done), _) => {
+                return self.on_backfilled(procedure, done, now);
+            }
         };
         self.on_report(id, report, now);
     }

@@ -26,6 +26,7 @@ use crate::status::{QueueProbe, RedisProbe, TargetProbe};
 use crate::streams::admit::{self, AdmitSink};
 use crate::streams::carrier::Carrier;
 use crate::streams::core::{self as queue_core, QueueCore};
+use crate::streams::retain::Retention;
 use crate::streams::{Keys, Target};
 use crate::wamp::ClientConfig;
 use crate::wamp::Serializer;
@@ -175,9 +176,12 @@ pub fn build(config: &Config, metrics: &Arc<Metrics>) -> Result<Parts, Fatal> {
             };
             let core = Forwarder::new(MemoryQueue::new(), admit_settings, rand::random());
             kept = Some((io.probe.shared.clone(), Keys::new(&config.queue.name)));
-            let sidecar = new_sidecar(core, Box::new(admit))
+            let mut sidecar = new_sidecar(core, Box::new(admit))
                 .with_intake(f.order_by.clone(), partitions(config))
                 .with_queue(queue, deliver, sink, now);
+            if config.queue.new_group_start == config::GroupStart::Retained {
+                sidecar = sidecar.with_new_groups_from_retained(f.queue_capacity);
+            }
             (sidecar, Some(io))
         }
     };
@@ -303,6 +307,17 @@ fn start_streams(
             false => None,
         },
     );
+    let admit = if q.retention.is_zero() {
+        admit
+    } else {
+        tracing::info!(retention = ?q.retention, max_events = q.retention_max_events, "retaining every admitted event per topic");
+        admit.with_retention(Retention::new(
+            Arc::new(Keys::new(&q.name)),
+            q.dedup_window,
+            q.retention,
+            q.retention_max_events,
+        ))
+    };
     let deliver = Settings {
         // Never reached: the queue core holds no more than the window.
         capacity: 2 * window,

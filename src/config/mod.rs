@@ -257,6 +257,21 @@ pub struct QueueConfig {
     pub instance_id: Option<String>,
     /// Hand-outs of an entry before it is dead-lettered.
     pub max_deliveries: u32,
+    /// How long admitted events are kept per topic (`Duration::ZERO`: not).
+    pub retention: Duration,
+    /// Retained events per topic at most.
+    pub retention_max_events: u64,
+    /// Where a group seen for the first time starts.
+    pub new_group_start: GroupStart,
+}
+
+/// Where a group seen for the first time starts (`SUBTOCALL_NEW_GROUP_START`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupStart {
+    /// With the events published from then on.
+    Now,
+    /// With the retained events of its topic first.
+    Retained,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -423,6 +438,9 @@ struct RawVars {
     subtocall_claim_idle: Option<String>,
     subtocall_order_partitions: Option<String>,
     subtocall_dedup_window: Option<String>,
+    subtocall_retention: Option<String>,
+    subtocall_retention_max_events: Option<String>,
+    subtocall_new_group_start: Option<String>,
     subtocall_instance_id: Option<String>,
     subtocall_max_deliveries: Option<String>,
     subtocall_redis_cluster: Option<String>,
@@ -501,6 +519,9 @@ impl RawVars {
             "SUBTOCALL_CLAIM_IDLE" => &self.subtocall_claim_idle,
             "SUBTOCALL_ORDER_PARTITIONS" => &self.subtocall_order_partitions,
             "SUBTOCALL_DEDUP_WINDOW" => &self.subtocall_dedup_window,
+            "SUBTOCALL_RETENTION" => &self.subtocall_retention,
+            "SUBTOCALL_RETENTION_MAX_EVENTS" => &self.subtocall_retention_max_events,
+            "SUBTOCALL_NEW_GROUP_START" => &self.subtocall_new_group_start,
             "SUBTOCALL_INSTANCE_ID" => &self.subtocall_instance_id,
             "SUBTOCALL_MAX_DELIVERIES" => &self.subtocall_max_deliveries,
             "SUBTOCALL_REDIS_CLUSTER" => &self.subtocall_redis_cluster,
@@ -910,6 +931,41 @@ fn queue(r: &mut Reader) -> Checked<QueueConfig> {
     let partitions = r.required(&ORDER_PARTITIONS, |text| parse::number_in(text, 1, 1024));
     let instance_id = r.optional(&INSTANCE_ID, parse::queue_name);
     let max_deliveries = r.required(&MAX_DELIVERIES, |text| parse::number_in(text, 1, 1000));
+    let retention = r.required(&RETENTION, parse::duration);
+    let retention_max_events = r.required(&RETENTION_MAX_EVENTS, |text| {
+        parse::number_in(text, 1, 1_000_000_000)
+    });
+    let new_group_start = r.required(&NEW_GROUP_START, |text| {
+        parse::choice(
+            text,
+            &[("now", GroupStart::Now), ("retained", GroupStart::Retained)],
+        )
+    });
+    let redis_queue = matches!(kind, Ok(QueueKind::Redis));
+    if let Ok(retention) = &retention
+        && !retention.is_zero()
+        && !redis_queue
+    {
+        let value = r.raw.get(RETENTION.name).map(str::to_owned);
+        r.report(
+            RETENTION.name,
+            value.as_deref(),
+            format!("needs {}=redis (events are retained in Redis)", QUEUE.name),
+        );
+    }
+    if let (Ok(GroupStart::Retained), Ok(retention)) = (&new_group_start, &retention)
+        && retention.is_zero()
+    {
+        let value = r.raw.get(NEW_GROUP_START.name).map(str::to_owned);
+        r.report(
+            NEW_GROUP_START.name,
+            value.as_deref(),
+            format!(
+                "retained needs {} (there is nothing retained to start from)",
+                RETENTION.name
+            ),
+        );
+    }
     Ok(QueueConfig {
         kind: kind?,
         name: name?,
@@ -918,6 +974,9 @@ fn queue(r: &mut Reader) -> Checked<QueueConfig> {
         partitions: partitions?,
         instance_id: instance_id?,
         max_deliveries: max_deliveries?,
+        retention: retention?,
+        retention_max_events: retention_max_events?,
+        new_group_start: new_group_start?,
     })
 }
 

@@ -322,8 +322,11 @@ pub(crate) const GRACE_PERIOD: Var = Var {
     old_names: &[],
     default: DefaultValue::Value("60s"),
     accepts: DURATION,
-    meaning: "How long a topic stays subscribed after the last callee of its registration \
-              left, so a rolling restart of the backends loses nothing; 0 unsubscribes at once.",
+    meaning: "How long a group stays after the last callee of its registration left (it may \
+              be days): its topic stays subscribed and its events wait for a callee, with no \
+              call made and no retry budget spent, bounded by SUBTOCALL_QUEUE_CAPACITY (and \
+              with the Redis queue kept in its streams, and the group kept in Redis for \
+              instances that start meanwhile). 0 lets the group go at once.",
     secret: false,
     group: Group::Discovery,
 };
@@ -471,7 +474,8 @@ pub(crate) const RETRY_MAX_AGE: Var = Var {
     old_names: &[],
     default: DefaultValue::Value("120s"),
     accepts: AT_LEAST_100MS,
-    meaning: "An event older than this is not retried any more.",
+    meaning: "An event older than this is not retried any more (counted from when it was \
+              received, or from when its procedure got a callee back after waiting for one).",
     secret: false,
     group: Group::Retry,
 };
@@ -581,6 +585,44 @@ pub(crate) const INSTANCE_ID: Var = Var {
               name (a StatefulSet pod's, say) lets a restarted instance take up the entries it \
               held at once instead of after SUBTOCALL_CLAIM_IDLE; no two running instances may \
               share one.",
+    secret: false,
+    group: Group::Queue,
+};
+
+pub(crate) const RETENTION: Var = Var {
+    name: "SUBTOCALL_RETENTION",
+    old_names: &[],
+    default: DefaultValue::Value("0"),
+    accepts: "a duration such as 1h or 7d (a bare number means seconds); 0 turns it off",
+    meaning: "With SUBTOCALL_QUEUE=redis: every admitted event is also kept for this long in its \
+              topic's retained stream ({QUEUE_NAME:topic:T}:retained, one copy per topic \
+              whatever its groups), written in the admission step and trimmed by age, so that \
+              `subtocall replay` can put it back and SUBTOCALL_NEW_GROUP_START=retained can give \
+              it to a new group. Costs one script call per topic and admission batch.",
+    secret: false,
+    group: Group::Queue,
+};
+
+pub(crate) const RETENTION_MAX_EVENTS: Var = Var {
+    name: "SUBTOCALL_RETENTION_MAX_EVENTS",
+    old_names: &[],
+    default: DefaultValue::Value("1000000"),
+    accepts: "a whole number from 1 to 1000000000",
+    meaning: "With SUBTOCALL_RETENTION: events a topic's retained stream keeps at most; the \
+              oldest go first.",
+    secret: false,
+    group: Group::Queue,
+};
+
+pub(crate) const NEW_GROUP_START: Var = Var {
+    name: "SUBTOCALL_NEW_GROUP_START",
+    old_names: &[],
+    default: DefaultValue::Value("now"),
+    accepts: "now or retained",
+    meaning: "With SUBTOCALL_RETENTION: where a group seen for the first time (not kept in Redis \
+              yet) starts. now: with the events published from then on. retained: first with \
+              the retained events of its topic, in order, then the live ones, none missing \
+              between the two and none twice (exact registrations).",
     secret: false,
     group: Group::Queue,
 };
@@ -854,6 +896,9 @@ pub(crate) const VARS: &[&Var] = &[
     &CLAIM_IDLE,
     &ORDER_PARTITIONS,
     &DEDUP_WINDOW,
+    &RETENTION,
+    &RETENTION_MAX_EVENTS,
+    &NEW_GROUP_START,
     &INSTANCE_ID,
     &MAX_DELIVERIES,
     &REDIS_URL,

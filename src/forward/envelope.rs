@@ -71,6 +71,9 @@ pub struct SharedEvent {
     /// With the Redis queue and per-key ordering: the partition of its
     /// procedure its key falls in (the stream it is admitted to).
     pub lane: Option<u16>,
+    /// Put back by `subtocall replay`: delivered once already. Said in its
+    /// details (`replayed: true`) and in its envelope.
+    pub replayed: bool,
 }
 
 /// A Redis queue entry: its stream and id, and how often it was handed out.
@@ -135,6 +138,7 @@ impl SharedEvent {
             outgoing: Outgoing::AsReceived,
             entry: None,
             lane: None,
+            replayed: false,
         }
     }
 
@@ -197,6 +201,9 @@ impl SharedEvent {
         }
         if let Some(r) = &self.publisher_authrole {
             d.insert("publisher_authrole", r.as_str());
+        }
+        if self.replayed {
+            d.insert("replayed", true);
         }
         d
     }
@@ -261,6 +268,9 @@ impl SharedEvent {
             .with("received_at", rfc3339(self.received_at));
         if let Some(e) = error {
             envelope.insert("payload_error", e);
+        }
+        if self.replayed {
+            envelope.insert("replayed", true);
         }
         envelope
     }

@@ -152,6 +152,9 @@ pub struct AdmitSink {
     /// With `SUBTOCALL_REDIS_WAIT_REPLICAS`: the copies kept until the
     /// replicas confirm them.
     replicas: Option<Arc<Replicas>>,
+    /// With `SUBTOCALL_RETENTION`: each event is also kept per topic, in
+    /// the same step.
+    retention: Option<Arc<super::retain::Retention>>,
 }
 
 /// Replica acknowledgement as the admission sink does it.
@@ -187,7 +190,28 @@ impl AdmitSink {
             registered: Arc::default(),
             metrics,
             replicas: None,
+            retention: None,
         }
+    }
+
+    /// Where it writes, and the queue's key names.
+    pub fn store(&self) -> (&Shared, &Keys) {
+        (&self.conn, &self.keys)
+    }
+
+    /// The same sink without retention: for events that come from the
+    /// retained stream (kept there already).
+    pub fn without_retention(&self) -> AdmitSink {
+        AdmitSink {
+            retention: None,
+            ..self.clone()
+        }
+    }
+
+    /// Keeps every admitted event per topic as well (`SUBTOCALL_RETENTION`).
+    pub fn with_retention(mut self, retention: super::retain::Retention) -> AdmitSink {
+        self.retention = Some(Arc::new(retention));
+        self
     }
 
     /// Asks the replicas after each batch (`wait.replicas` > 0) and keeps
@@ -326,6 +350,10 @@ impl AdmitSink {
             copies.push(copy);
             calls.push((cmd, granted.map(|g| g.id), acks.map(|(id, _)| id), stored));
         }
+        let retains = match &self.retention {
+            Some(r) => r.commands(jobs.iter().map(|j| &*j.item)),
+            None => Vec::new(),
+        };
         let conn = self.conn.clone();
         let keys = self.keys.clone();
         let registered = self.registered.clone();
@@ -373,11 +401,15 @@ impl AdmitSink {
                     r.insert(procedure);
                 }
             }
-            let replies = join_all(calls.iter().map(|(cmd, _, _, _)| {
+            let admitting = join_all(calls.iter().map(|(cmd, _, _, _)| {
                 let mut c = c.clone();
                 async move { run_admit(cmd, &mut c).await }
-            }))
-            .await;
+            }));
+            let retaining = join_all(retains.iter().map(|cmd| {
+                let mut c = c.clone();
+                async move { super::retain::run(cmd, &mut c).await }
+            }));
+            let (replies, retained) = futures_util::join!(admitting, retaining);
             let (mut admitted, mut elsewhere) = (0, 0);
             let mut taken = Vec::new();
             let mut acked = Vec::new();
@@ -410,6 +442,18 @@ impl AdmitSink {
                             acked.push((a, Err(why)));
                         }
                         // Offering again is harmless: retry the whole batch.
+                        error.get_or_insert(e);
+                    }
+                }
+            }
+            for kept in retained {
+                match kept {
+                    Ok(Value::Int(n)) => {
+                        metrics.queue_retained.inc_by(n.max(0) as u64);
+                    }
+                    Ok(_) => {}
+                    // Retaining again is harmless too (its claims refuse).
+                    Err(e) => {
                         error.get_or_insert(e);
                     }
                 }

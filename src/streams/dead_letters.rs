@@ -189,9 +189,19 @@ async fn ensure_group(
     keys: &Keys,
     unit: &super::core::Unit,
 ) -> Result<(), String> {
+    ensure_stream_group(conn, keys, &keys.stream_of(unit)).await
+}
+
+/// The queue's consumer group on `stream`, created (from its first entry)
+/// if missing.
+pub(super) async fn ensure_stream_group(
+    conn: &mut Conn,
+    keys: &Keys,
+    stream: &str,
+) -> Result<(), String> {
     let created = redis::cmd("XGROUP")
         .arg("CREATE")
-        .arg(keys.stream_of(unit))
+        .arg(stream)
         .arg(keys.group())
         .arg(0)
         .arg("MKSTREAM")
@@ -200,10 +210,7 @@ async fn ensure_group(
     match created {
         Ok(_) => Ok(()),
         Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
-        Err(e) => Err(format!(
-            "cannot create the group of {}: {e}",
-            keys.stream_of(unit)
-        )),
+        Err(e) => Err(format!("cannot create the group of {stream}: {e}")),
     }
 }
 

@@ -39,6 +39,9 @@ use crate::wamp::{PublicationId, Serializer};
 
 /// The stream field that holds an event.
 pub const FIELD: &str = "e";
+/// A second field, `r`, present (with any value) on an entry `subtocall
+/// replay` put back: the event was delivered once already.
+pub const REPLAYED: &[u8] = b"r";
 const VERSION: u8 = 1;
 /// [`VERSION`] with 4-byte string lengths.
 const VERSION_LONG: u8 = 2;
@@ -114,18 +117,22 @@ fn put_str(out: &mut Vec<u8>, s: Option<&str>, long: bool) {
 pub fn read(procedure: &str, fields: Vec<(Bytes, Bytes)>) -> Result<SharedEvent, String> {
     let mut e = None;
     let mut envelope = None;
+    let mut replayed = false;
     for (k, v) in fields {
         match &k[..] {
             b"e" => e = Some(v),
             b"event" => envelope = Some(v),
+            REPLAYED => replayed = true,
             _ => {}
         }
     }
-    match (e, envelope) {
+    let mut event = match (e, envelope) {
         (Some(e), _) => decode(procedure, e),
         (None, Some(json)) => SharedEvent::from_envelope(&json),
         (None, None) => Err("the entry holds no event".into()),
-    }
+    }?;
+    event.replayed = replayed;
+    Ok(event)
 }
 
 /// Whether an entry has the fields of an event (in either form); one that
@@ -179,6 +186,7 @@ pub fn decode(procedure: &str, e: Bytes) -> Result<SharedEvent, String> {
         outgoing: Default::default(),
         entry: None,
         lane: None,
+        replayed: false,
     })
 }
 

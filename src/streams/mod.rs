@@ -30,6 +30,7 @@ pub mod entry;
 pub mod groups;
 pub mod replicas;
 pub mod resp;
+pub mod retain;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -109,6 +110,23 @@ impl Keys {
     /// procedure.
     pub fn groups(&self) -> String {
         format!("{}:groups", self.name)
+    }
+
+    /// A topic's retained stream (`SUBTOCALL_RETENTION`): one per topic,
+    /// whatever its groups.
+    pub fn retained(&self, topic: &str) -> String {
+        format!("{{{}:topic:{topic}}}:retained", self.name)
+    }
+
+    /// The claim that keeps one publication of `topic` once.
+    pub fn retained_claim(&self, topic: &str, publication: u64) -> String {
+        format!("{{{}:topic:{topic}}}:kept:{publication}", self.name)
+    }
+
+    /// Groups that were given their topic's retained events
+    /// (`SUBTOCALL_NEW_GROUP_START=retained`), a hash by procedure.
+    pub fn started(&self) -> String {
+        format!("{}:groups:started", self.name)
     }
 
     /// The set of every procedure that has a stream.

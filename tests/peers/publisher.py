@@ -26,6 +26,7 @@ def parse_args():
         "--topic", action="append", required=True, help="repeatable: event i goes to topic i %% N"
     )
     parser.add_argument("--count", type=int, default=1)
+    parser.add_argument("--first", type=int, default=0, help="the first event's seq")
     parser.add_argument("--rate", type=float, default=0.0, help="events per second, 0 = max")
     parser.add_argument("--with-bytes", action="store_true")
     parser.add_argument(
@@ -57,10 +58,11 @@ async def main(args):
     interval = 1.0 / args.rate if args.rate > 0 else 0.0
     started = time.monotonic()
     try:
-        for i in range(args.count):
+        for n in range(args.count):
+            i = args.first + n
             if interval:
                 # Pace against the start time so slow publishes do not lower the rate.
-                delay = started + i * interval - time.monotonic()
+                delay = started + n * interval - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
             event_args, event_kwargs = payload(args, i)

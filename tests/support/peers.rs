@@ -749,6 +749,8 @@ pub struct PublisherOptions {
     /// More topics: event `i` goes to the `i % (1 + n)`-th of `topic` and these.
     pub more_topics: Vec<String>,
     pub count: u32,
+    /// The first event's `seq` (and `i`): 0 unless set.
+    pub first: u32,
     /// Events per second; 0 publishes as fast as acknowledgements come back.
     pub rate: f64,
     /// Append `publisher_blob(i)` to args and as kwargs `"blob"`.
@@ -770,6 +772,7 @@ impl PublisherOptions {
             topic: topic.to_owned(),
             more_topics: Vec::new(),
             count,
+            first: 0,
             rate: 0.0,
             with_bytes: false,
             payload: None,
@@ -788,6 +791,8 @@ impl PublisherOptions {
             self.count.to_string().into(),
             "--rate".into(),
             self.rate.to_string().into(),
+            "--first".into(),
+            self.first.to_string().into(),
         ]);
         for topic in &self.more_topics {
             args.extend(["--topic".into(), topic.into()]);
