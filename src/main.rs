@@ -774,6 +774,98 @@ mod tests {
     }
 
     #[test]
+    fn groups_and_replay_read_their_arguments_and_say_what_is_wrong() {
+        assert_eq!(
+            parse(&["groups", "list"]),
+            Ok(Invocation::Run(Command::Groups(groups::Request::List)))
+        );
+        assert_eq!(
+            parse(&["groups", "forget", "a.SUB_b", "--yes"]),
+            Ok(Invocation::Run(Command::Groups(groups::Request::Forget {
+                procedure: "a.SUB_b".into(),
+                yes: true
+            })))
+        );
+        assert!(parse(&["groups"]).unwrap_err().contains("list or forget"));
+        assert!(parse(&["groups", "forget"]).is_err());
+        assert!(parse(&["groups", "drop"]).unwrap_err().contains("\"drop\""));
+        assert!(printed(&["groups", "--help"]).starts_with("Usage: subtocall groups"));
+
+        let Ok(Invocation::Run(Command::Replay(r))) = parse(&[
+            "replay",
+            "--procedure",
+            "a.SUB_b",
+            "--since",
+            "15m",
+            "--until",
+            "2026-12-06T10:00:00Z",
+            "--dry-run",
+        ]) else {
+            panic!("replay parses");
+        };
+        assert_eq!(r.procedure, "a.SUB_b");
+        assert_eq!(
+            r.from,
+            retain::Start::Since(std::time::Duration::from_secs(900))
+        );
+        assert!(r.until.is_some() && r.dry_run);
+        let Ok(Invocation::Run(Command::Replay(r))) = parse(&[
+            "replay",
+            "--from",
+            "2026-12-06T09:00:00Z",
+            "--procedure",
+            "a.SUB_b",
+        ]) else {
+            panic!("replay --from parses");
+        };
+        assert!(matches!(r.from, retain::Start::At(_)) && !r.dry_run);
+        for (args, says) in [
+            (&["replay", "--since", "1h"][..], "--procedure"),
+            (&["replay", "--procedure", "p"][..], "--since"),
+            (
+                &["replay", "--procedure", "p", "--since", "soon"][..],
+                "duration",
+            ),
+            (
+                &["replay", "--procedure", "p", "--from", "today"][..],
+                "RFC 3339",
+            ),
+            (
+                &[
+                    "replay",
+                    "--procedure",
+                    "p",
+                    "--since",
+                    "1h",
+                    "--from",
+                    "2026-12-06T09:00:00Z",
+                ][..],
+                "one of",
+            ),
+            (
+                &["replay", "--procedure", "p", "--since"][..],
+                "needs a value",
+            ),
+            (
+                &[
+                    "replay",
+                    "--procedure",
+                    "p",
+                    "--since",
+                    "1h",
+                    "--bogus",
+                    "x",
+                ][..],
+                "unknown option",
+            ),
+        ] {
+            let e = parse(args).unwrap_err();
+            assert!(e.contains(says), "{args:?}: {e}");
+        }
+        assert!(printed(&["replay", "-h"]).starts_with("Usage: subtocall replay"));
+    }
+
+    #[test]
     fn version_prints_the_crate_version() {
         for arg in ["version", "--version", "-V"] {
             assert_eq!(

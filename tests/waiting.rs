@@ -189,6 +189,30 @@ async fn with_the_redis_queue_instances_restarted_while_backends_are_away_lose_n
     let kept: serde_json::Value =
         serde_json::from_str(&kept.text().expect("a kept group")).expect("JSON");
     assert!(kept["away_since_ms"].is_null(), "a callee again: {kept}");
+
+    // Forgetting a group asks for confirmation, then drops it.
+    let asked = subtocall_groups_output(&redis, &["forget", procedure]).await;
+    assert_eq!(asked.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&asked.stdout).contains("--yes"));
+    assert_eq!(
+        redis
+            .command(&["HEXISTS", "subtocall:groups", procedure])
+            .await
+            .integer(),
+        1
+    );
+    let forgot = subtocall_groups(&redis, &["forget", procedure, "--yes"]).await;
+    assert!(forgot.contains("forgot"), "{forgot}");
+    assert_eq!(
+        redis
+            .command(&["HEXISTS", "subtocall:groups", procedure])
+            .await
+            .integer(),
+        0
+    );
+    let unknown = subtocall_groups_output(&redis, &["forget", procedure]).await;
+    assert_eq!(unknown.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("no group is kept"));
 }
 
 /// The backlog bound while a group is away (memory queue): past

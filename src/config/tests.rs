@@ -925,3 +925,43 @@ fn sentinel_settings_are_read_and_checked_together() {
         assert!(p.message.contains("port"), "{bad}: {p:?}");
     }
 }
+
+#[test]
+fn retention_and_new_group_start_are_read_and_checked_together() {
+    let c = config(&[
+        ("SUBTOCALL_QUEUE", "redis"),
+        ("SUBTOCALL_RETENTION", "1h"),
+        ("SUBTOCALL_RETENTION_MAX_EVENTS", "5000"),
+        ("SUBTOCALL_NEW_GROUP_START", "retained"),
+    ]);
+    assert_eq!(c.queue.retention, Duration::from_secs(3600));
+    assert_eq!(c.queue.retention_max_events, 5000);
+    assert_eq!(c.queue.new_group_start, GroupStart::Retained);
+    let defaults = config(&[]);
+    assert_eq!(defaults.queue.retention, Duration::ZERO);
+    assert_eq!(defaults.queue.retention_max_events, 1_000_000);
+    assert_eq!(defaults.queue.new_group_start, GroupStart::Now);
+
+    let p = problem(&[("SUBTOCALL_RETENTION", "1h")], "SUBTOCALL_RETENTION");
+    assert!(p.message.contains("SUBTOCALL_QUEUE=redis"), "{p:?}");
+    let p = problem(
+        &[
+            ("SUBTOCALL_QUEUE", "redis"),
+            ("SUBTOCALL_NEW_GROUP_START", "retained"),
+        ],
+        "SUBTOCALL_NEW_GROUP_START",
+    );
+    assert!(p.message.contains("SUBTOCALL_RETENTION"), "{p:?}");
+    let p = problem(
+        &[("SUBTOCALL_NEW_GROUP_START", "yesterday")],
+        "SUBTOCALL_NEW_GROUP_START",
+    );
+    assert!(
+        p.message.contains("now") && p.message.contains("retained"),
+        "{p:?}"
+    );
+    problem(
+        &[("SUBTOCALL_RETENTION_MAX_EVENTS", "0")],
+        "SUBTOCALL_RETENTION_MAX_EVENTS",
+    );
+}
