@@ -205,14 +205,19 @@ impl Sidecar {
         self.bootstrap.on_joined(session, now);
         self.healthy = false;
         self.stages.set_joined(true, now);
-        self.sync_groups(now);
     }
 
     /// What discovery says of its groups, applied: a group whose backends
     /// are away waits (its events are kept, no call is made), one with a
     /// callee again goes on, one gone after its grace period is let go;
     /// with the Redis queue, kept in Redis for every instance.
+    ///
+    /// Only once discovery is synced: until the registration list is
+    /// answered, every group would look away (at every rejoin).
     fn sync_groups(&mut self, now: Instant) {
+        if !self.bootstrap.is_synced() {
+            return;
+        }
         let wall = std::time::SystemTime::now();
         let mut seen: HashMap<Arc<str>, GroupSeen> = HashMap::with_capacity(self.groups.len());
         let discovery = self.bootstrap.discovery();
