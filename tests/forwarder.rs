@@ -327,7 +327,11 @@ async fn late_registration_is_picked_up_and_a_backend_swap_within_grace_loses_no
         1,
         "the subscription stays for the grace period"
     );
-    // Published while no backend exists at all: the sidecar keeps retrying.
+    // Published while no backend exists at all: the event waits for a
+    // callee, no call is made for it.
+    sidecar
+        .wait_metric("subtocall_groups_waiting_for_callee", |n| n == 1.0, WAIT)
+        .await;
     let retried = sidecar.metric("subtocall_events_retried_total").await;
     let gap = Publisher::run(PublisherOptions {
         payload: Some(json!({"args": ["during the gap"], "kwargs": {"seq": 100}})),
@@ -336,8 +340,14 @@ async fn late_registration_is_picked_up_and_a_backend_swap_within_grace_loses_no
     .await;
     gap.assert_success();
     sidecar
-        .wait_metric("subtocall_events_retried_total", |n| n > retried, WAIT)
+        .wait_metric("subtocall_queue_depth", |n| n == 1.0, WAIT)
         .await;
+    assert_eq!(sidecar.metric("subtocall_calls_in_flight").await, 0.0);
+    assert_eq!(
+        sidecar.metric("subtocall_events_retried_total").await,
+        retried,
+        "no call, no retry"
+    );
 
     let b = Backend::spawn(backend(
         &crossbar,

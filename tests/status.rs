@@ -435,7 +435,7 @@ async fn on_the_redis_queue_without_ordering_each_instance_still_heartbeats() {
     assert_eq!(q["instances"][0]["partitions"], serde_json::json!([]));
     assert_eq!(
         q["streams"],
-        serde_json::json!([{"unit": "com.example.SUB_plain", "length": 0, "pending": 0}]),
+        serde_json::json!([{"unit": "com.example.SUB_plain", "length": 0, "pending": 0, "oldest_seconds": null}]),
         "{q:#}"
     );
     assert_eq!(mapping(&s, "com.example.SUB_plain")["forwarded"], 5);

@@ -395,7 +395,7 @@ fn run() -> Result<()> {
                     .map(|s| format!("{:.0}%", s * 100.0))
                     .collect();
                 log(&format!(
-                    "  {:>10} x{instances} #{}: {:>7.0} ev/s, subtocall {:.2} us/ev, redis-server {:.2} us/ev, peer {:.2} us/ev, delivered {}",
+                    "  {:>12} x{instances} #{}: {:>7.0} ev/s, subtocall {:.2} us/ev, redis-server {:.2} us/ev, peer {:.2} us/ev, delivered {}",
                     q.name(),
                     i + 1,
                     r.events_per_s,
@@ -404,6 +404,13 @@ fn run() -> Result<()> {
                     r.peer_cpu_ns / 1e3,
                     share.join(" + ")
                 ));
+                if let Some((n, s)) = r.replay {
+                    log(&format!(
+                        "  {:>12} replay: {n} events put back in {s:.2} s, {:.0} events/s",
+                        "",
+                        n as f64 / s
+                    ));
+                }
                 results.queue.push((q, instances, r));
             }
         }
@@ -412,6 +419,7 @@ fn run() -> Result<()> {
             queue::Queue::Memory,
             queue::Queue::Redis,
             queue::Queue::RedisWait,
+            queue::Queue::RedisRetained,
         ] {
             let per =
                 queue::instructions(&ctx, &ctx.subtocall, q, server, queue::CALLGRIND_EVENTS)?;
@@ -531,6 +539,7 @@ fn throughput_bars(r: &report::Results) -> Vec<(String, f64)> {
         if !v.is_empty() && q.is_redis() {
             let who = match (q, instances) {
                 (queue::Queue::RedisWait, _) => "one instance, replica and WAIT".to_owned(),
+                (queue::Queue::RedisRetained, _) => "one instance, retention".to_owned(),
                 (_, 1) => "one instance".to_owned(),
                 (_, 2) => "two instances".to_owned(),
                 (_, n) => format!("{n} instances"),

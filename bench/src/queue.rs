@@ -27,13 +27,15 @@ pub enum Queue {
     Redis,
     /// The Redis queue with a replica and `SUBTOCALL_REDIS_WAIT_REPLICAS=1`.
     RedisWait,
+    /// The Redis queue with `SUBTOCALL_RETENTION=1h`.
+    RedisRetained,
 }
 
 impl Queue {
     pub fn env(self) -> &'static str {
         match self {
             Queue::Memory => "memory",
-            Queue::Redis | Queue::RedisWait => "redis",
+            Queue::Redis | Queue::RedisWait | Queue::RedisRetained => "redis",
         }
     }
 
@@ -43,6 +45,7 @@ impl Queue {
             Queue::Memory => "memory",
             Queue::Redis => "redis",
             Queue::RedisWait => "redis+wait",
+            Queue::RedisRetained => "redis+retain",
         }
     }
 
@@ -54,13 +57,18 @@ impl Queue {
 /// The configurations measured, in this order within a repetition (reversed
 /// every other one): the memory queue (one instance: it cannot share work),
 /// the Redis queue with one instance and with two.
-/// Then the Redis queue with a replica and WAIT, one instance.
-pub const CASES: [(Queue, usize); 4] = [
+/// Then the Redis queue with a replica and WAIT, one instance, and with
+/// retention, one instance.
+pub const CASES: [(Queue, usize); 5] = [
     (Queue::Memory, 1),
     (Queue::Redis, 1),
     (Queue::Redis, 2),
     (Queue::RedisWait, 1),
+    (Queue::RedisRetained, 1),
 ];
+
+/// `SUBTOCALL_RETENTION` in the retention case.
+const RETENTION: &str = "1h";
 
 /// The event counts of the two callgrind runs per queue.
 pub const CALLGRIND_EVENTS: (u64, u64) = (5_000, 25_000);
@@ -83,6 +91,9 @@ pub struct QueueRun {
     pub peak_rss_kb: u64,
     /// The share of the events each instance delivered, over the whole run.
     pub delivered_share: Vec<f64>,
+    /// With retention: `subtocall replay` of everything the run retained,
+    /// events put back and seconds it took (the command's whole run).
+    pub replay: Option<(u64, f64)>,
 }
 
 /// Runs the subtocall `binary` with `instances` instances on `queue`
@@ -132,6 +143,9 @@ pub fn run_once(
         }
         if queue == Queue::RedisWait {
             env.insert("SUBTOCALL_REDIS_WAIT_REPLICAS".into(), "1".into());
+        }
+        if queue == Queue::RedisRetained {
+            env.insert("SUBTOCALL_RETENTION".into(), RETENTION.into());
         }
         sidecars.push(Sidecar::start(SidecarSpec {
             binary,
@@ -213,6 +227,10 @@ pub fn run_once(
         s.check_nothing_lost()?;
         s.proc.stop(Duration::from_secs(10));
     }
+    let replay = match (queue, redis) {
+        (Queue::RedisRetained, Some(r)) => Some(replay_all(binary, r, unique)?),
+        _ => None,
+    };
     let events = (c1 - c0).max(1) as f64;
     Ok(QueueRun {
         events_per_s: (c1 - c0) as f64 / t1.duration_since(t0).as_secs_f64(),
@@ -224,7 +242,46 @@ pub fn run_once(
             .iter()
             .map(|&d| d / unique.max(1) as f64)
             .collect(),
+        replay,
     })
+}
+
+/// Runs `subtocall replay` of the last hour of the bench procedure's topic
+/// (everything the run retained, `retained` events) and times it: events
+/// put back, seconds.
+fn replay_all(binary: &Path, redis: &RedisServer, retained: u64) -> Result<(u64, f64)> {
+    let started = Instant::now();
+    let out = std::process::Command::new(binary)
+        .args([
+            "replay",
+            "--procedure",
+            crate::peer::PROCEDURE,
+            "--since",
+            "1h",
+        ])
+        .env_clear()
+        .env("REDIS_URL", redis.url())
+        .env("SUBTOCALL_QUEUE", "redis")
+        .env("SUBTOCALL_QUEUE_NAME", QUEUE_NAME)
+        .env("SUBTOCALL_RETENTION", RETENTION)
+        .output()?;
+    let seconds = started.elapsed().as_secs_f64();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "subtocall replay failed: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let n: u64 = stdout
+        .strip_prefix("replayed ")
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("unexpected replay output: {stdout}"))?;
+    if n < retained {
+        bail!("replay put back {n} events, fewer than the {retained} the run retained");
+    }
+    Ok((n, seconds))
 }
 
 /// A replica of `master`, once the master counts it online.
@@ -469,6 +526,10 @@ pub fn instructions(
         Queue::RedisWait => {
             extra.push(("SUBTOCALL_REDIS_WAIT_REPLICAS", "1".to_owned()));
             Some(start_replica(ctx, redis)?)
+        }
+        Queue::RedisRetained => {
+            extra.push(("SUBTOCALL_RETENTION", RETENTION.to_owned()));
+            None
         }
         _ => None,
     };

@@ -598,7 +598,9 @@ fn queue_section(md: &mut String, r: &Results, targets: &mut Vec<(String, String
              `SUBTOCALL_QUEUE=memory` (one instance) and with `SUBTOCALL_QUEUE=redis`, one \
              instance and two, and one instance with a replica started beside the \
              redis-server for that run and `SUBTOCALL_REDIS_WAIT_REPLICAS=1` (its \
-             redis-server CPU is the master's), the four alternating within each repetition \
+             redis-server CPU is the master's), and one instance with \
+             `SUBTOCALL_RETENTION=1h` (every event also kept in its topic's retained stream), \
+             the five alternating within each repetition \
              ({}). The Redis \
              queue is a private `redis-server` (no persistence), emptied before each run. \
              With two instances each has a session of its own with a loopback peer, and the \
@@ -644,10 +646,13 @@ fn queue_section(md: &mut String, r: &Results, targets: &mut Vec<(String, String
                     "Redis with a replica and `SUBTOCALL_REDIS_WAIT_REPLICAS=1`, one instance"
                         .to_owned()
                 }
+                (Queue::RedisRetained, _) => {
+                    "Redis with `SUBTOCALL_RETENTION=1h`, one instance".to_owned()
+                }
             };
             let (redis, total) = match q {
                 Queue::Memory => ("—".to_owned(), cpu.show(us)),
-                Queue::Redis | Queue::RedisWait => (
+                Queue::Redis | Queue::RedisWait | Queue::RedisRetained => (
                     spread(&runs, |x| x.redis_cpu_ns).show(us),
                     spread(&runs, |x| x.sidecar_cpu_ns + x.redis_cpu_ns).show(us),
                 ),
@@ -692,6 +697,46 @@ fn queue_section(md: &mut String, r: &Results, targets: &mut Vec<(String, String
                 w >= 0.5 * p,
             ));
         }
+        let retained = case(Queue::RedisRetained, 1);
+        if !plain.is_empty() && !retained.is_empty() {
+            let rate = |runs: &[&QueueRun]| spread(runs, |x| x.events_per_s).median;
+            let both =
+                |runs: &[&QueueRun]| spread(runs, |x| x.sidecar_cpu_ns + x.redis_cpu_ns).median;
+            let (p, k) = (rate(&plain), rate(&retained));
+            targets.push((
+                "Redis queue ceiling with `SUBTOCALL_RETENTION=1h` ≥ 75% of without (one instance)"
+                    .into(),
+                format!("{} ({} against {})", pct(k / p), thousands(k), thousands(p)),
+                k >= 0.75 * p,
+            ));
+            let (pc, kc) = (both(&plain), both(&retained));
+            targets.push((
+                "Redis queue CPU per event (subtocall + redis-server) with `SUBTOCALL_RETENTION=1h` \
+                 ≤ 1.3× without (one instance)"
+                    .into(),
+                format!("{} ({} against {})", times(kc / pc), us(kc), us(pc)),
+                kc <= 1.3 * pc,
+            ));
+            let replays: Vec<f64> = retained
+                .iter()
+                .filter_map(|x| x.replay.map(|(n, s)| n as f64 / s.max(1e-3)))
+                .collect();
+            if !replays.is_empty() {
+                let events = Spread::of(
+                    retained
+                        .iter()
+                        .filter_map(|x| x.replay.map(|(n, _)| n as f64)),
+                );
+                let _ = writeln!(
+                    md,
+                    "\n`subtocall replay --since 1h` after each retention run, putting back \
+                     everything the run retained ({} events; the whole command, connecting \
+                     included): {} events/s.",
+                    events.show(thousands),
+                    Spread::of(replays.into_iter()).show(thousands)
+                );
+            }
+        }
         let peers = Spread::of(r.queue.iter().map(|(_, _, x)| x.peer_cpu_ns));
         let _ = writeln!(
             md,
@@ -716,6 +761,15 @@ fn queue_section(md: &mut String, r: &Results, targets: &mut Vec<(String, String
                 thousands(q),
                 times(q / m)
             );
+            if let Some(k) = instr(Queue::RedisRetained) {
+                let _ = writeln!(
+                    md,
+                    "With `SUBTOCALL_RETENTION=1h`: {} instructions per event, {} the Redis \
+                     queue's without it.\n",
+                    thousands(k),
+                    times(k / q)
+                );
+            }
             if let Some(w) = instr(Queue::RedisWait) {
                 let _ = writeln!(
                     md,

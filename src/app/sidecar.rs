@@ -214,8 +214,14 @@ impl Sidecar {
     ///
     /// Only once discovery is synced: until the registration list is
     /// answered, every group would look away (at every rejoin).
+    ///
+    /// A group new to this process and to the groups kept in Redis is
+    /// given its topic's past first (`SUBTOCALL_NEW_GROUP_START=retained`)
+    /// as soon as it is seen, synced or not: it is called right after the
+    /// meta event that made it, before an EVENT for it can be taken in.
     fn sync_groups(&mut self, now: Instant) {
-        if !self.bootstrap.is_synced() {
+        let synced = self.bootstrap.is_synced();
+        if !synced && self.start == crate::config::GroupStart::Now {
             return;
         }
         let wall = std::time::SystemTime::now();
@@ -231,6 +237,7 @@ impl Sidecar {
                 },
             };
             if before.is_none()
+                && !g.away
                 && self.start == crate::config::GroupStart::Retained
                 && !self.known.contains(&g.procedure)
                 && let Some(q) = &mut self.queue
@@ -245,6 +252,11 @@ impl Sidecar {
                     partitions: self.intake.partitions(),
                 };
                 q.start_backfill(g.procedure.clone(), g.topic.topic.clone(), shape);
+            }
+            if !synced {
+                // Until the registration list is answered every group
+                // looks away (at every rejoin): nothing else is compared.
+                continue;
             }
             if before.map(|b| b.away) != Some(g.away) {
                 let unit = crate::forward::key::fnv1a64(g.procedure.as_bytes());
@@ -289,6 +301,9 @@ impl Sidecar {
             if let Some(kept) = &self.kept {
                 kept.send(groups::Change::Forget(procedure.to_string()));
             }
+        }
+        if !synced {
+            return;
         }
         self.groups = seen;
         let waiting = self.groups.values().filter(|g| g.away).count();
@@ -351,21 +366,29 @@ impl Sidecar {
                 self.on_report(id, Report::All(outcome), now);
             }
             SessionOutput::Reply { token, reply } => {
-                self.bootstrap.on_reply(token, reply, session, now)?
+                self.bootstrap.on_reply(token, reply, session, now)?;
+                self.poll_discovery(session, now);
             }
             SessionOutput::RawEvent(event) => match self.bootstrap.meta_topic(event.subscription) {
-                Some(topic) => match event.payload.decode() {
-                    Ok(payload) => self
-                        .bootstrap
-                        .on_meta_event(topic, &payload.args, session, now),
-                    Err(e) => tracing::warn!(topic, error = %e, "ignoring malformed meta event"),
-                },
+                Some(topic) => {
+                    match event.payload.decode() {
+                        Ok(payload) => {
+                            self.bootstrap
+                                .on_meta_event(topic, &payload.args, session, now)
+                        }
+                        Err(e) => {
+                            tracing::warn!(topic, error = %e, "ignoring malformed meta event")
+                        }
+                    }
+                    self.poll_discovery(session, now);
+                }
                 None => self.on_event(event, now),
             },
             SessionOutput::Event(event) => match self.bootstrap.meta_topic(event.subscription) {
                 Some(topic) => {
                     self.bootstrap
-                        .on_meta_event(topic, &event.payload.args, session, now)
+                        .on_meta_event(topic, &event.payload.args, session, now);
+                    self.poll_discovery(session, now);
                 }
                 None => self.on_event(event, now),
             },
@@ -522,22 +545,8 @@ impl Sidecar {
     /// Does everything that needs no waiting: discovery's requests (while
     /// joined and not draining), each stage's outputs in order, gauges.
     pub fn pump(&mut self, mut session: Option<&mut Session<Token>>, now: Instant) {
-        if let Some(session) = session.as_deref_mut()
-            && self.bootstrap.is_joined()
-            && !self.draining
-        {
-            let stages = &self.stages;
-            let due = self.bootstrap.next_wake().is_some_and(|at| at <= now);
-            let changed = self.bootstrap.poll(session, now, |uri| {
-                // The stream target creates the stream and its group now,
-                // before the first event.
-                for s in stages.iter().filter(|s| s.role.delivers()) {
-                    s.sink.prepare_procedure(uri);
-                }
-            });
-            if changed || due {
-                self.sync_groups(now);
-            }
+        if let Some(session) = session.as_deref_mut() {
+            self.poll_discovery(session, now);
         }
         for i in 0..self.stages.len() {
             self.pump_stage(i, session.as_deref_mut(), now);
@@ -554,6 +563,28 @@ impl Sidecar {
         if self.ledger.per_procedure.refresh_due(now) {
             let live = self.stages.live();
             self.ledger.per_procedure.refresh(live, now);
+        }
+    }
+
+    /// Discovery's requests and notes (while joined and not draining), and
+    /// what its groups' changes mean. Called by `pump`, and right after a
+    /// meta event or a reply to discovery, so that an EVENT read after it
+    /// meets the groups as they are now.
+    fn poll_discovery(&mut self, session: &mut Session<Token>, now: Instant) {
+        if !self.bootstrap.is_joined() || self.draining {
+            return;
+        }
+        let stages = &self.stages;
+        let due = self.bootstrap.next_wake().is_some_and(|at| at <= now);
+        let changed = self.bootstrap.poll(session, now, |uri| {
+            // The stream target creates the stream and its group now,
+            // before the first event.
+            for s in stages.iter().filter(|s| s.role.delivers()) {
+                s.sink.prepare_procedure(uri);
+            }
+        });
+        if changed || due {
+            self.sync_groups(now);
         }
     }
 

@@ -727,8 +727,9 @@ impl Discovery {
         }
         let out = &mut self.out;
         let mut groups = 0;
+        let synced = self.sync == SyncState::Synced;
         self.topics.retain(|key, topic| {
-            let keep = topic.reconcile(key, now, out);
+            let keep = topic.reconcile(key, now, synced, out);
             groups += if keep { topic.groups.len() } else { 0 };
             keep
         });
@@ -1127,7 +1128,16 @@ impl Discovery {
 impl Topic {
     /// Moves the topic's subscription one step towards what is wanted and
     /// says whether the topic is still worth keeping.
-    fn reconcile(&mut self, key: &TopicKey, now: Instant, out: &mut Vec<Output>) -> bool {
+    /// A topic only remembered (no group has a registration) is subscribed
+    /// once discovery is `synced`: the registration list comes first, as
+    /// on a fresh start.
+    fn reconcile(
+        &mut self,
+        key: &TopicKey,
+        now: Instant,
+        synced: bool,
+        out: &mut Vec<Output>,
+    ) -> bool {
         // Groups whose grace period ended leave; the others are untouched.
         let mut left = Vec::new();
         self.groups.retain(|group, m| {
@@ -1154,10 +1164,14 @@ impl Topic {
         // A topic whose groups are all in their grace period keeps what it
         // has but starts nothing.
         let keep = !self.groups.is_empty();
+        let registered = self.groups.values().any(|m| !m.registrations.is_empty());
         match self.subscription {
             SubState::None => {
                 if !wanted {
                     return false;
+                }
+                if !registered && !synced {
+                    return true;
                 }
                 self.subscription = SubState::Subscribing;
                 out.push(Output::Action(Action::Subscribe(key.clone())));
