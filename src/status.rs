@@ -880,6 +880,39 @@ mod tests {
     }
 
     #[test]
+    fn a_group_waiting_for_a_callee_says_so_with_its_backlog_and_the_streams_their_oldest() {
+        let mut status = example();
+        let m = &mut status.mappings[0];
+        m.waiting_for_callee = true;
+        m.away_seconds = Some(125.0);
+        m.waiting = 40;
+        m.oldest_waiting_seconds = 130.0;
+        status.queue.kind = "redis".into();
+        status.queue.name = Some("subtocall".into());
+        status.queue.streams = vec![QueueStream {
+            unit: "com.example.SUB_good".into(),
+            length: 40,
+            pending: 0,
+            oldest_seconds: Some(130.0),
+        }];
+        let text = render(&status);
+        let row = text
+            .lines()
+            .find(|l| l.starts_with("com.example.good "))
+            .unwrap();
+        assert!(
+            row.contains("com.example.SUB_good (no callee 2m5s: waiting)"),
+            "{text}"
+        );
+        assert!(row.contains(" 40 ") && row.contains("2m10s"), "{text}");
+        let stream = text
+            .lines()
+            .find(|l| l.starts_with("com.example.SUB_good "))
+            .unwrap();
+        assert!(stream.ends_with("2m10s"), "{text}");
+    }
+
+    #[test]
     fn the_json_round_trips() {
         let status = example();
         let json = serde_json::to_string(&status).unwrap();

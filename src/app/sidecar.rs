@@ -285,6 +285,9 @@ impl Sidecar {
             }
             seen.insert(g.procedure, now_seen);
         }
+        if !synced {
+            return;
+        }
         for (procedure, before) in &self.groups {
             if seen.contains_key(procedure) {
                 continue;
@@ -301,9 +304,6 @@ impl Sidecar {
             if let Some(kept) = &self.kept {
                 kept.send(groups::Change::Forget(procedure.to_string()));
             }
-        }
-        if !synced {
-            return;
         }
         self.groups = seen;
         let waiting = self.groups.values().filter(|g| g.away).count();
@@ -855,6 +855,19 @@ impl Sidecar {
             "shutdown requested: no new subscriptions, draining accepted events"
         );
         self.draining = true;
+        // New groups' live events held for their past are admitted now
+        // (ahead of a past not given yet, rather than lost).
+        let held: Vec<_> = self.holding.drain().flat_map(|(_, jobs)| jobs).collect();
+        if !held.is_empty() {
+            tracing::warn!(
+                events = held.len(),
+                "shutdown while new groups were given their topic's past: their live events are admitted without waiting for it"
+            );
+            let Stage { core, .. } = self.stages.first();
+            for job in held {
+                core.accept_job(job, now);
+            }
+        }
         if let Some(q) = &mut self.queue {
             // Nothing new is read; what is held is delivered or released.
             q.queue.shutdown();

@@ -346,3 +346,62 @@ fn a_wildcard_registration_matches_the_procedures_derived_from_it() {
     assert!(!wildcard_matches("com..SUB_s", "com.a.SUB_t"));
     assert!(wildcard_matches("com.x.SUB_s", "com.x.SUB_s"));
 }
+
+/// A group whose last registration goes keeps its events without calling
+/// anyone, across a rejoin of the router session (it is not forgotten
+/// while the new session's registration list is on its way), and sends
+/// them on when a backend registers again.
+#[test]
+fn a_group_without_a_callee_keeps_its_events_across_a_rejoin_until_one_registers() {
+    let mut rig = Rig::new();
+    rig.discover();
+    // on_delete (the fourth meta subscription, id 103) of registration 42.
+    rig.router(json!([36, 103, 1, {}, [5, 42]])).unwrap();
+    assert_eq!(rig.metrics.groups_waiting.get(), 1);
+    rig.router(json!([36, 777, 9, {}, ["later"]])).unwrap();
+    assert!(
+        !kinds(&rig.take_sent()).contains(&48),
+        "no call while the group has no callee"
+    );
+    assert_eq!(rig.sidecar.held(), (1, 0));
+
+    // The router session is lost and joined again.
+    let now = rig.now;
+    rig.sidecar.on_session_end(now);
+    rig.sidecar.on_joined(&mut rig.session, now);
+    rig.run().unwrap();
+    let away: Vec<&str> = rig.sidecar.groups_away().map(|(p, _)| p).collect();
+    assert_eq!(away, ["com.example.SUB_t"], "still waiting, not forgotten");
+    let subscribes = rig.take_sent();
+    assert_eq!(
+        kinds(&subscribes),
+        [32, 32, 32, 32],
+        "the meta topics first"
+    );
+    for (n, s) in subscribes.iter().enumerate() {
+        rig.router(json!([33, s[1], 200 + n])).unwrap();
+    }
+    let list = rig.take_sent().remove(0);
+    rig.router(json!([50, list[1], {}, [{"exact": []}]]))
+        .unwrap();
+    // No registration came back: the topic is subscribed for the group.
+    let subscribe = rig.take_sent().remove(0);
+    assert_eq!(
+        (subscribe[0].as_u64(), subscribe[3].as_str()),
+        (Some(32), Some("com.example.t"))
+    );
+    rig.router(json!([33, subscribe[1], 778])).unwrap();
+    assert_eq!(rig.metrics.groups_waiting.get(), 1);
+    assert_eq!(rig.sidecar.held(), (1, 0));
+
+    // A backend registers again (on_create, id 200): the event goes out.
+    let info = json!({"id": 43, "created": "x", "uri": "com.example.SUB_t", "match": "exact", "invoke": "roundrobin"});
+    rig.router(json!([36, 200, 2, {}, [6, info]])).unwrap();
+    let sent = rig.take_sent();
+    let call = sent
+        .iter()
+        .find(|m| m[0] == 48 && m[3] == "com.example.SUB_t")
+        .unwrap_or_else(|| panic!("the waiting event is called: {sent:?}"));
+    assert_eq!(call[4], json!(["later"]));
+    assert_eq!(rig.metrics.groups_waiting.get(), 0);
+}
