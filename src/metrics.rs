@@ -109,6 +109,8 @@ pub struct Metrics {
     pub queue_admitted_elsewhere: Counter,
     /// Redis queue: events this instance kept in a topic's retained stream.
     pub queue_retained: Counter,
+    /// Redis queue: admitted events whose retained copy could not be written.
+    pub queue_retention_failed: Counter,
     /// Redis queue: retained events a new group was given
     /// (`SUBTOCALL_NEW_GROUP_START=retained`), and backfills that failed.
     pub queue_backfilled: Counter,
@@ -377,6 +379,11 @@ impl Metrics {
             "queue_retained",
             "Events this instance kept in their topic's retained stream (SUBTOCALL_RETENTION)",
         );
+        let queue_retention_failed = counter(
+            r,
+            "queue_retention_failed",
+            "Admitted events whose copy could not be kept in their topic's retained stream (delivered all the same; replay will not have them)",
+        );
         let queue_backfilled = counter(
             r,
             "queue_backfilled",
@@ -456,6 +463,7 @@ impl Metrics {
             queue_admitted,
             queue_admitted_elsewhere,
             queue_retained,
+            queue_retention_failed,
             queue_backfilled,
             queue_backfills_failed,
             queue_taken_over,

@@ -200,6 +200,9 @@ async fn a_new_group_starts_with_its_topics_retained_events_then_the_live_ones()
     let expected: Vec<u64> = (0..1100).collect();
     assert_eq!(got, expected, "all 1,100, once each, in order");
     assert!(sidecar.metric("subtocall_queue_backfilled_total").await >= 1000.0);
+    // One copy per topic, not per group.
+    let retained = format!("{{{GROUP}:topic:{topic}}}:retained");
+    assert_eq!(redis.command(&["XLEN", &retained]).await.integer(), 1100);
     assert_eq!(
         sidecar
             .metric_total("subtocall_events_dead_lettered_total")

@@ -254,3 +254,68 @@ async fn while_a_group_is_away_its_backlog_is_bounded_and_the_overflow_dead_lett
         50.0
     );
 }
+
+/// The Redis queue's backlog bound while a group is away
+/// (`SUBTOCALL_QUEUE_MAX_BACKLOG`=50, 80 events): with drop-newest the last
+/// 30 are refused, with drop-oldest the first 30 are removed; either way
+/// they are counted, dead-lettered with reason `backlog` and kept in the
+/// dead-letter stream, and the other 50 are delivered when a backend comes.
+#[tokio::test]
+async fn on_the_redis_queue_a_groups_backlog_is_bounded_with_the_overflow_policy() {
+    let crossbar = Crossbar::start().await;
+    let router = RouterMeta::join(&crossbar).await;
+    for (policy, kept) in [("drop-newest", 0..50u64), ("drop-oldest", 30..80u64)] {
+        let redis = Redis::start().await;
+        let procedure = format!("com.example.SUB_bound_{}", policy.replace('-', "_"));
+        let topic = topic_of(&procedure);
+        let mut a = Backend::spawn(backend(&crossbar, "A", &[&procedure])).await;
+        let sidecar = Sidecar::start(queue_env(
+            &crossbar,
+            &redis.url(),
+            &[
+                ("SUBTOCALL_GRACE_PERIOD", "10m"),
+                ("SUBTOCALL_QUEUE_MAX_BACKLOG", "50"),
+                ("SUBTOCALL_OVERFLOW", policy),
+            ],
+        ));
+        sidecar.wait_ready(WAIT).await;
+        wait_subscribers(&sidecar, &router, &topic, 1).await;
+        a.kill().await;
+        wait_waiting(&sidecar, true).await;
+        Publisher::publish(&crossbar, &topic, 80).await;
+        sidecar
+            .wait_metric(
+                r#"subtocall_events_dead_lettered_total{reason="backlog"}"#,
+                |n| n == 30.0,
+                WAIT,
+            )
+            .await;
+        let dead = dead_key(GROUP, &procedure);
+        eventually(WAIT, "30 dead letters stored", || async {
+            (redis.command(&["XLEN", &dead]).await.integer() == 30).then_some(())
+        })
+        .await;
+        let stream = stream_key(GROUP, &procedure);
+        assert_eq!(
+            redis.command(&["XLEN", &stream]).await.integer(),
+            50,
+            "{policy}"
+        );
+        let b = Backend::spawn(backend(&crossbar, "B", &[&procedure])).await;
+        wait_delivered(&[&b], 50).await;
+        wait_drained(&redis, &stream).await;
+        let got: BTreeSet<u64> = deliveries(&[&b]).keys().map(|(_, seq)| *seq).collect();
+        assert_eq!(got, kept.collect::<BTreeSet<_>>(), "{policy}");
+        assert_eq!(
+            dead_lettered(&sidecar).await,
+            30.0,
+            "{policy}: the overflow only"
+        );
+        assert_eq!(
+            sidecar.metric("subtocall_redis_errors_total").await,
+            0.0,
+            "{policy}: no Redis error; log:\n{}",
+            sidecar.log()
+        );
+    }
+}

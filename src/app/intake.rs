@@ -72,8 +72,11 @@ impl Intake {
         ) {
             let received = SystemTime::now();
             let each = procedures.drain(..);
+            // The first group's copy is the one retained for the topic.
+            let mut first = true;
             for_each_group((event, topic), each, |d, (event, topic)| {
                 let mut event = event.into_shared(d.procedure, topic, received);
+                event.retain = std::mem::take(&mut first);
                 event.outgoing = prepare(&event);
                 let job = Job::new(Box::new(event), now);
                 let metrics = Some(&*ledger.metrics);

@@ -145,7 +145,11 @@ fn count_redis_errors(metrics: &Metrics, events: usize, report: &Report) {
             tracing::warn!(events, %error, "Redis push failed; the batch waits and is retried in order");
         }
         Report::Each(outcomes) => {
-            let failed = outcomes.iter().filter(|o| o.is_err()).count();
+            // An event refused at a backlog bound is no Redis error.
+            let failed = outcomes
+                .iter()
+                .filter(|o| o.is_err() && !matches!(o, Err(Failure::Backlog { .. })))
+                .count();
             metrics.redis_errors.inc_by(failed as u64);
         }
     }

@@ -241,8 +241,31 @@ impl RedisQueue {
     /// A dead letter: into the procedure's dead-letter stream (and out of
     /// its queue stream, when it came from there and is still ours).
     pub fn dead_letter(&mut self, job: &Job<Box<SharedEvent>>, why: GiveUp) {
+        let fields = Self::record(job, why);
         let ev = &job.item;
-        let fields = vec![
+        match &ev.entry {
+            Some(e) => self.queue.dead_letter(&e.key, fields),
+            None => {
+                self.queue
+                    .dead_letter_unadmitted(&ev.procedure, ev.publication.0, fields, true)
+            }
+        }
+    }
+
+    /// An event removed from a stream to make room (the backlog bound,
+    /// `SUBTOCALL_OVERFLOW=drop-oldest`): into the dead-letter stream as it
+    /// is (its claim is there: it was admitted).
+    pub fn dead_letter_removed(&mut self, job: &Job<Box<SharedEvent>>) {
+        let fields = Self::record(job, GiveUp::Backlog);
+        let ev = &job.item;
+        self.queue
+            .dead_letter_unadmitted(&ev.procedure, ev.publication.0, fields, false);
+    }
+
+    /// A dead-letter record's fields.
+    fn record(job: &Job<Box<SharedEvent>>, why: GiveUp) -> Vec<(&'static str, Vec<u8>)> {
+        let ev = &job.item;
+        vec![
             ("reason", why.as_str().as_bytes().to_vec()),
             ("attempts", job.attempts.to_string().into_bytes()),
             (
@@ -251,13 +274,7 @@ impl RedisQueue {
             ),
             ("dead_lettered_at", rfc3339_now().into_bytes()),
             ("event", ev.envelope_json()),
-        ];
-        match &ev.entry {
-            Some(e) => self.queue.dead_letter(&e.key, fields),
-            None => self
-                .queue
-                .dead_letter_unadmitted(&ev.procedure, ev.publication.0, fields),
-        }
+        ]
     }
 
     /// An entry that holds no event: to the dead-letter stream as it is.

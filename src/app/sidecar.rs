@@ -821,10 +821,14 @@ impl Sidecar {
             let mut job = Job::new(Box::new(event), now);
             job.last_error = Some(
                 "removed from the stream to make room for newer events \
-                 (SUBTOCALL_REDIS_MAX_BACKLOG, SUBTOCALL_OVERFLOW=drop-oldest)"
+                 (SUBTOCALL_REDIS_MAX_BACKLOG or SUBTOCALL_QUEUE_MAX_BACKLOG, \
+                 SUBTOCALL_OVERFLOW=drop-oldest)"
                     .into(),
             );
-            self.dead_letter(&job, GiveUp::Backlog, now);
+            self.ledger.dead_letter(&job, GiveUp::Backlog, now);
+            if let Some(q) = &mut self.queue {
+                q.dead_letter_removed(&job);
+            }
         }
     }
 

@@ -307,13 +307,16 @@ fn start_streams(
             false => None,
         },
     );
+    let admit = admit.with_bound(
+        q.max_backlog,
+        config.forward.overflow == config::Overflow::DropOldest,
+    );
     let admit = if q.retention.is_zero() {
         admit
     } else {
         tracing::info!(retention = ?q.retention, max_events = q.retention_max_events, "retaining every admitted event per topic");
         admit.with_retention(Retention::new(
             Arc::new(Keys::new(&q.name)),
-            q.dedup_window,
             q.retention,
             q.retention_max_events,
         ))

@@ -257,6 +257,8 @@ pub struct QueueConfig {
     pub instance_id: Option<String>,
     /// Hand-outs of an entry before it is dead-lettered.
     pub max_deliveries: u32,
+    /// Entries one stream may hold (0: no bound).
+    pub max_backlog: u64,
     /// How long admitted events are kept per topic (`Duration::ZERO`: not).
     pub retention: Duration,
     /// Retained events per topic at most.
@@ -438,6 +440,7 @@ struct RawVars {
     subtocall_claim_idle: Option<String>,
     subtocall_order_partitions: Option<String>,
     subtocall_dedup_window: Option<String>,
+    subtocall_queue_max_backlog: Option<String>,
     subtocall_retention: Option<String>,
     subtocall_retention_max_events: Option<String>,
     subtocall_new_group_start: Option<String>,
@@ -519,6 +522,7 @@ impl RawVars {
             "SUBTOCALL_CLAIM_IDLE" => &self.subtocall_claim_idle,
             "SUBTOCALL_ORDER_PARTITIONS" => &self.subtocall_order_partitions,
             "SUBTOCALL_DEDUP_WINDOW" => &self.subtocall_dedup_window,
+            "SUBTOCALL_QUEUE_MAX_BACKLOG" => &self.subtocall_queue_max_backlog,
             "SUBTOCALL_RETENTION" => &self.subtocall_retention,
             "SUBTOCALL_RETENTION_MAX_EVENTS" => &self.subtocall_retention_max_events,
             "SUBTOCALL_NEW_GROUP_START" => &self.subtocall_new_group_start,
@@ -931,6 +935,9 @@ fn queue(r: &mut Reader) -> Checked<QueueConfig> {
     let partitions = r.required(&ORDER_PARTITIONS, |text| parse::number_in(text, 1, 1024));
     let instance_id = r.optional(&INSTANCE_ID, parse::queue_name);
     let max_deliveries = r.required(&MAX_DELIVERIES, |text| parse::number_in(text, 1, 1000));
+    let max_backlog = r.required(&QUEUE_MAX_BACKLOG, |text| {
+        parse::number_in(text, 0, 1_000_000_000)
+    });
     let retention = r.required(&RETENTION, parse::duration);
     let retention_max_events = r.required(&RETENTION_MAX_EVENTS, |text| {
         parse::number_in(text, 1, 1_000_000_000)
@@ -974,6 +981,7 @@ fn queue(r: &mut Reader) -> Checked<QueueConfig> {
         partitions: partitions?,
         instance_id: instance_id?,
         max_deliveries: max_deliveries?,
+        max_backlog: max_backlog?,
         retention: retention?,
         retention_max_events: retention_max_events?,
         new_group_start: new_group_start?,

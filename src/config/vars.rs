@@ -589,6 +589,21 @@ pub(crate) const INSTANCE_ID: Var = Var {
     group: Group::Queue,
 };
 
+pub(crate) const QUEUE_MAX_BACKLOG: Var = Var {
+    name: "SUBTOCALL_QUEUE_MAX_BACKLOG",
+    old_names: &[],
+    default: DefaultValue::Value("1000000"),
+    accepts: "a whole number from 0 to 1000000000; 0 for no bound",
+    meaning: "With SUBTOCALL_QUEUE=redis: entries one stream of a procedure (its plain stream, \
+              or one of its partitions with ordering) may hold, waiting or being delivered; it \
+              protects Redis while a group waits for a callee for a long grace period. At the \
+              bound SUBTOCALL_OVERFLOW applies: drop-newest refuses the new event, drop-oldest \
+              removes the stream's oldest entry no instance holds; either is dead-lettered with \
+              reason `backlog`.",
+    secret: false,
+    group: Group::Queue,
+};
+
 pub(crate) const RETENTION: Var = Var {
     name: "SUBTOCALL_RETENTION",
     old_names: &[],
@@ -896,6 +911,7 @@ pub(crate) const VARS: &[&Var] = &[
     &CLAIM_IDLE,
     &ORDER_PARTITIONS,
     &DEDUP_WINDOW,
+    &QUEUE_MAX_BACKLOG,
     &RETENTION,
     &RETENTION_MAX_EVENTS,
     &NEW_GROUP_START,

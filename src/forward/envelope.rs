@@ -74,6 +74,10 @@ pub struct SharedEvent {
     /// Put back by `subtocall replay`: delivered once already. Said in its
     /// details (`replayed: true`) and in its envelope.
     pub replayed: bool,
+    /// With `SUBTOCALL_RETENTION`: the event's copy for its topic's
+    /// retained stream is this one's (the first group of its topic): kept
+    /// there by whichever instance admits it.
+    pub retain: bool,
 }
 
 /// A Redis queue entry: its stream and id, and how often it was handed out.
@@ -139,6 +143,7 @@ impl SharedEvent {
             entry: None,
             lane: None,
             replayed: false,
+            retain: false,
         }
     }
 

@@ -48,19 +48,25 @@ pub const BATCH: usize = 512;
 /// procedure) with entries to acknowledge; ARGV[1] the claim TTL in
 /// milliseconds, ARGV[2] the group, ARGV[3] this consumer, ARGV[4] how many
 /// new entries to read for it, ARGV[5] the lease holder it must be (this
-/// incarnation's, `Carrier::holder`; '' for a plain stream), ARGV[6] how many streams to acknowledge in, then the stored
-/// events (`streams::entry`), one per claim key, then for each stream to
+/// incarnation's, `Carrier::holder`; '' for a plain stream), ARGV[6] how many streams to acknowledge in, ARGV[7]
+/// the most entries the stream may hold (0: no bound), ARGV[8] '1' to make
+/// room at the bound by removing its oldest entry nobody holds, then the
+/// stored events (`streams::entry`), one per claim key, then for each stream to
 /// acknowledge in: how many ids, the ids. Acknowledges and deletes those
 /// first (as `Ack` does). Claims each publication (SET NX) and appends it
-/// only if the claim is new; an append that fails gives its claim back, so
-/// the batch can be retried. Then reads. Returns {admitted, admitted
-/// before, read, refused}, where read holds {id, n} for an entry this call
-/// appended (the n-th event given), {id, 0, fields} for another, and
-/// refused the n of each event already claimed.
+/// only if the claim is new and there is room (else gives the claim back:
+/// over the bound); an append that fails gives its claim back, so the
+/// batch can be retried. Then reads. Returns {admitted, admitted before,
+/// read, refused, over, removed}, where read holds {id, n} for an entry
+/// this call appended (the n-th event given), {id, 0, fields} for another,
+/// refused the n of each event already claimed, over the n of each event
+/// refused for the bound, and removed the fields of each entry removed to
+/// make room.
 const ADMIT: &str = r"
 local nacks = tonumber(ARGV[6])
 local nclaims = #KEYS - 2 - nacks
-local a = 7 + nclaims
+local bound, oldest = tonumber(ARGV[7]), ARGV[8] == '1'
+local a = 9 + nclaims
 for s = 1, nacks do
   local stream, m = KEYS[2 + nclaims + s], tonumber(ARGV[a])
   local ids = {}
@@ -70,16 +76,42 @@ for s = 1, nacks do
   redis.call('XDEL', stream, unpack(ids))
 end
 local added, before = 0, 0
-local mine, refused = {}, {}
+local mine, refused, over, removed = {}, {}, {}, {}
+local len = -1
 for i = 3, 2 + nclaims do
   if redis.call('SET', KEYS[i], '1', 'NX', 'PX', ARGV[1]) then
-    local id = redis.pcall('XADD', KEYS[1], '*', 'e', ARGV[i + 4])
-    if type(id) == 'table' and id.err then
-      redis.call('DEL', KEYS[i])
-      return id
+    local room = true
+    if bound > 0 then
+      if len < 0 then len = redis.call('XLEN', KEYS[1]) end
+      if len >= bound then
+        room = false
+        if oldest then
+          local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)[1]
+          if first then
+            local held = redis.pcall('XPENDING', KEYS[1], ARGV[2], first[1], first[1], 1)
+            if type(held) == 'table' and not held.err and #held == 0 then
+              redis.call('XDEL', KEYS[1], first[1])
+              removed[#removed + 1] = first[2]
+              len = len - 1
+              room = true
+            end
+          end
+        end
+      end
     end
-    mine[id] = i - 2
-    added = added + 1
+    if room then
+      local id = redis.pcall('XADD', KEYS[1], '*', 'e', ARGV[i + 6])
+      if type(id) == 'table' and id.err then
+        redis.call('DEL', KEYS[i])
+        return id
+      end
+      mine[id] = i - 2
+      added = added + 1
+      if len >= 0 then len = len + 1 end
+    else
+      redis.call('DEL', KEYS[i])
+      over[#over + 1] = i - 2
+    end
   else
     before = before + 1
     refused[#refused + 1] = i - 2
@@ -102,7 +134,7 @@ if want > 0 and (ARGV[5] == '' or redis.call('GET', KEYS[2]) == ARGV[5]) then
     end
   end
 end
-return {added, before, read, refused}
+return {added, before, read, refused, over, removed}
 ";
 
 /// What an admission asks of the queue core.
@@ -155,6 +187,13 @@ pub struct AdmitSink {
     /// With `SUBTOCALL_RETENTION`: each event is also kept per topic, in
     /// the same step.
     retention: Option<Arc<super::retain::Retention>>,
+    /// `SUBTOCALL_QUEUE_MAX_BACKLOG`: entries a stream may hold (0: no
+    /// bound), and whether to make room by removing the oldest.
+    bound: u64,
+    drop_oldest: bool,
+    /// Events removed from a stream to make room, for the driver to
+    /// dead-letter (`Sink::take_evicted`).
+    removed: Arc<Mutex<Vec<SharedEvent>>>,
 }
 
 /// Replica acknowledgement as the admission sink does it.
@@ -191,7 +230,19 @@ impl AdmitSink {
             metrics,
             replicas: None,
             retention: None,
+            bound: 0,
+            drop_oldest: false,
+            removed: Arc::default(),
         }
+    }
+
+    /// Bounds each stream to `bound` entries (0: none); at the bound the
+    /// new event is refused, or with `drop_oldest` the stream's oldest
+    /// entry nobody holds is removed to make room.
+    pub fn with_bound(mut self, bound: u64, drop_oldest: bool) -> AdmitSink {
+        self.bound = bound;
+        self.drop_oldest = drop_oldest;
+        self
     }
 
     /// Where it writes, and the queue's key names.
@@ -259,6 +310,10 @@ impl AdmitSink {
         let mut copies: Vec<Option<Copy>> = Vec::new();
         let mut new = Vec::new();
         let mut seen_procedures: Vec<&str> = Vec::new();
+        // Each call's procedure and the batch's events it carries.
+        let mut placed: Vec<(Arc<str>, Vec<usize>)> = Vec::with_capacity(groups.len());
+        // With retention: the topic's copies, by call and place in it.
+        let mut to_retain: Vec<(usize, usize, String, Bytes)> = Vec::new();
         for ((procedure, lane), at) in groups {
             let unit = Unit {
                 procedure: Arc::from(procedure),
@@ -316,13 +371,20 @@ impl AdmitSink {
                 .arg(&*self.consumer)
                 .arg(granted.map_or(0, |g| g.count))
                 .arg(if lease.is_some() { &*self.holder } else { "" })
-                .arg(ack_streams.len());
+                .arg(ack_streams.len())
+                .arg(self.bound)
+                .arg(if self.drop_oldest { "1" } else { "0" });
             // The stored events, kept for the entries this call reads back.
             let mut stored = Vec::with_capacity(events.len());
-            for ev in &events {
+            for (n, ev) in events.iter().enumerate() {
                 scratch.clear();
                 entry::encode_into(ev, &mut scratch);
                 cmd.arg(scratch.as_slice());
+                if ev.retain && self.retention.is_some() {
+                    // Kept for the topic if this call appends it.
+                    let e = Bytes::copy_from_slice(&scratch);
+                    to_retain.push((calls.len(), n + 1, ev.topic.clone(), e));
+                }
                 if granted.is_some() || keep {
                     let e = Bytes::copy_from_slice(&scratch);
                     if let Some(copy) = copy.as_mut() {
@@ -349,11 +411,10 @@ impl AdmitSink {
             }
             copies.push(copy);
             calls.push((cmd, granted.map(|g| g.id), acks.map(|(id, _)| id), stored));
+            placed.push((unit.procedure.clone(), at));
         }
-        let retains = match &self.retention {
-            Some(r) => r.commands(jobs.iter().map(|j| &*j.item)),
-            None => Vec::new(),
-        };
+        let events = jobs.len();
+        let retention = self.retention.clone();
         let conn = self.conn.clone();
         let keys = self.keys.clone();
         let registered = self.registered.clone();
@@ -405,23 +466,48 @@ impl AdmitSink {
                 let mut c = c.clone();
                 async move { run_admit(cmd, &mut c).await }
             }));
-            let retaining = join_all(retains.iter().map(|cmd| {
-                let mut c = c.clone();
-                async move { super::retain::run(cmd, &mut c).await }
-            }));
-            let (replies, retained) = futures_util::join!(admitting, retaining);
+            let replies = admitting.await;
             let (mut admitted, mut elsewhere) = (0, 0);
             let mut taken = Vec::new();
             let mut acked = Vec::new();
             let mut error = None;
             let mut kept = Vec::new();
-            for ((reply, (_, grant, ride, stored)), copy) in
-                replies.into_iter().zip(calls).zip(copies)
+            let mut over: Vec<usize> = Vec::new();
+            // The retained copies this batch appended.
+            let mut retain: Vec<(&str, &[u8])> = Vec::new();
+            for (call, (((reply, (_, grant, ride, stored)), copy), (procedure, at))) in replies
+                .into_iter()
+                .zip(calls)
+                .zip(copies)
+                .zip(placed)
+                .enumerate()
             {
                 match reply {
                     Ok(value) => {
+                        if retention.is_some() {
+                            let not_here = not_appended(&value);
+                            retain.extend(
+                                to_retain
+                                    .iter()
+                                    .filter(|(c, n, _, _)| *c == call && !not_here.contains(n))
+                                    .map(|(_, _, topic, e)| (topic.as_str(), e.as_ref())),
+                            );
+                        }
                         if let Some(copy) = copy {
                             kept.push(only_admitted(copy, &value));
+                        }
+                        let (refused, removed) = over_bound(&value);
+                        over.extend(refused.iter().filter_map(|n| at.get(n - 1)));
+                        if !removed.is_empty() {
+                            let mut out = again.removed.lock().unwrap_or_else(|e| e.into_inner());
+                            for fields in removed {
+                                match entry::read(&procedure, fields) {
+                                    Ok(event) => out.push(event),
+                                    Err(e) => {
+                                        tracing::warn!(%procedure, error = %e, "an entry removed to make room held no event")
+                                    }
+                                }
+                            }
                         }
                         let (added, before, got) = parse_admitted(&value, &stored);
                         admitted += added;
@@ -446,15 +532,27 @@ impl AdmitSink {
                     }
                 }
             }
-            for kept in retained {
-                match kept {
-                    Ok(Value::Int(n)) => {
-                        metrics.queue_retained.inc_by(n.max(0) as u64);
-                    }
-                    Ok(_) => {}
-                    // Retaining again is harmless too (its claims refuse).
-                    Err(e) => {
-                        error.get_or_insert(e);
+            if let (Some(r), false) = (&retention, retain.is_empty()) {
+                let commands = r.commands(&retain);
+                let kept = join_all(commands.iter().map(|cmd| {
+                    let mut c = c.clone();
+                    async move { super::retain::run(cmd, &mut c).await }
+                }))
+                .await;
+                for (kept, cmd) in kept.into_iter().zip(&commands) {
+                    match kept {
+                        Ok(Value::Int(n)) => {
+                            metrics.queue_retained.inc_by(n.max(0) as u64);
+                        }
+                        Ok(_) => {}
+                        // The events are admitted: only their history copy
+                        // is missing (not retried: it would be kept twice).
+                        Err(e) => {
+                            let events = cmd.args_iter().count().saturating_sub(5);
+                            metrics.redis_errors.inc();
+                            metrics.queue_retention_failed.inc_by(events as u64);
+                            tracing::warn!(events, error = %e, "could not keep admitted events in their topic's retained stream; they are delivered, but replay will not have them");
+                        }
                     }
                 }
             }
@@ -477,7 +575,20 @@ impl AdmitSink {
             }
             let report = match error {
                 Some(e) => Report::All(Err(Failure::Redis(e))),
-                None => Report::All(Ok(())),
+                None if over.is_empty() => Report::All(Ok(())),
+                // Refused at the bound: dead-lettered with reason backlog.
+                None => {
+                    let mut each: Vec<crate::forward::Outcome> =
+                        (0..events).map(|_| Ok(())).collect();
+                    for i in over {
+                        if let Some(o) = each.get_mut(i) {
+                            *o = Err(Failure::Backlog {
+                                backlog: again.bound,
+                            });
+                        }
+                    }
+                    Report::Each(each)
+                }
             };
             Admitted {
                 report,
@@ -556,7 +667,9 @@ impl AdmitSink {
             .arg(&*self.consumer)
             .arg(0)
             .arg("")
-            .arg(0);
+            .arg(0)
+            .arg(self.bound)
+            .arg(if self.drop_oldest { "1" } else { "0" });
         for entry in &copy.entries {
             cmd.arg(entry.as_ref());
         }
@@ -708,14 +821,18 @@ fn only_admitted(mut copy: Copy, value: &Value) -> Copy {
     let Value::Array(parts) = value else {
         return copy;
     };
-    let Some(Value::Array(refused)) = parts.get(3) else {
-        return copy;
+    // Already claimed, or refused at the bound: not admitted here.
+    let none = Vec::new();
+    let list = |i: usize| match parts.get(i) {
+        Some(Value::Array(v)) => v,
+        _ => &none,
     };
-    if refused.is_empty() {
+    let (refused, over) = (list(3), list(4));
+    if refused.is_empty() && over.is_empty() {
         return copy;
     }
     let mut skip = vec![false; copy.claims.len()];
-    for n in refused {
+    for n in refused.iter().chain(over) {
         if let Value::Int(n) = n
             && let Some(s) = usize::try_from(*n - 1).ok().and_then(|i| skip.get_mut(i))
         {
@@ -729,6 +846,50 @@ fn only_admitted(mut copy: Copy, value: &Value) -> Copy {
     copy.entries
         .retain(|_| !flags.next().copied().unwrap_or(false));
     copy
+}
+
+/// The events of an admission call it did not append (already claimed, or
+/// over the bound), by their place in the call (from 1).
+fn not_appended(value: &Value) -> Vec<usize> {
+    let Value::Array(parts) = value else {
+        return Vec::new();
+    };
+    [3, 4]
+        .iter()
+        .filter_map(|&i| match parts.get(i) {
+            Some(Value::Array(v)) => Some(v),
+            _ => None,
+        })
+        .flatten()
+        .filter_map(|n| match n {
+            Value::Int(n) if *n >= 1 => Some(*n as usize),
+            _ => None,
+        })
+        .collect()
+}
+
+/// What an admission's reply says of the bound: the events refused (their
+/// place in the call, from 1) and the fields of the entries removed to make
+/// room.
+fn over_bound(value: &Value) -> (Vec<usize>, Vec<Fields>) {
+    let Value::Array(parts) = value else {
+        return (Vec::new(), Vec::new());
+    };
+    let refused = match parts.get(4) {
+        Some(Value::Array(v)) => v
+            .iter()
+            .filter_map(|n| match n {
+                Value::Int(n) if *n >= 1 => Some(*n as usize),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    let removed = match parts.get(5) {
+        Some(Value::Array(v)) => v.iter().map(super::carrier::fields).collect(),
+        _ => Vec::new(),
+    };
+    (refused, removed)
 }
 
 /// The counts and the entries read of an admission's reply; the entries it
@@ -768,6 +929,10 @@ impl<T> Sink<T> for AdmitSink {
     fn prepare(&self, _event: &SharedEvent) -> Outgoing {
         // The entry is made of the payload as received: nothing to build.
         Outgoing::AsReceived
+    }
+
+    fn take_evicted(&mut self) -> Vec<SharedEvent> {
+        std::mem::take(&mut *self.removed.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     fn dispatch(&self) -> Dispatch {

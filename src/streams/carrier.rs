@@ -432,8 +432,9 @@ impl Carrier {
                 procedure,
                 publication,
                 fields,
+                claim,
             } => {
-                self.dead_letter_unadmitted(&procedure, publication, &fields)
+                self.dead_letter_unadmitted(&procedure, publication, &fields, claim)
                     .await
             }
             Command::Release { keys, idle } => self.release(&keys, idle).await,
@@ -896,18 +897,27 @@ impl Carrier {
         procedure: &str,
         publication: u64,
         fields: &[(&'static str, Vec<u8>)],
+        claim: bool,
     ) -> Result<Reply<Fields>, Failure> {
         let mut c = self.conn().await?;
-        let mut cmd = redis::cmd("EVAL");
-        cmd.arg(DEAD_LETTER_UNADMITTED)
-            .arg(2)
-            .arg(self.keys.seen(procedure, publication))
-            .arg(self.keys.dead(procedure))
-            .arg(self.dedup_window.as_millis().max(1) as u64);
+        let mut cmd = if claim {
+            let mut cmd = redis::cmd("EVAL");
+            cmd.arg(DEAD_LETTER_UNADMITTED)
+                .arg(2)
+                .arg(self.keys.seen(procedure, publication))
+                .arg(self.keys.dead(procedure))
+                .arg(self.dedup_window.as_millis().max(1) as u64);
+            cmd
+        } else {
+            let mut cmd = redis::cmd("XADD");
+            cmd.arg(self.keys.dead(procedure)).arg("*");
+            cmd
+        };
         for (name, value) in fields {
             cmd.arg(*name).arg(value.as_slice());
         }
-        query::<i64>(&cmd, &mut c).await?;
+        // The script's count, or XADD's entry id.
+        query::<redis::Value>(&cmd, &mut c).await?;
         if let Some(gate) = &self.gate {
             gate.after(c, 1);
         }

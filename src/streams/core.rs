@@ -201,6 +201,10 @@ pub enum Command {
         procedure: Arc<str>,
         publication: u64,
         fields: Vec<(&'static str, Vec<u8>)>,
+        /// Whether to claim the publication first (an event every instance
+        /// may give up: stored once); an event removed from a stream to
+        /// make room is stored as it is.
+        claim: bool,
     },
     /// If still ours: makes the entries claimable by another instance at
     /// once.
@@ -1010,11 +1014,13 @@ impl<T> QueueCore<T> {
         procedure: &str,
         publication: u64,
         fields: Vec<(&'static str, Vec<u8>)>,
+        claim: bool,
     ) {
         self.commit(Command::DeadLetterUnadmitted {
             procedure: Arc::from(procedure),
             publication,
             fields,
+            claim,
         });
     }
 

@@ -187,6 +187,7 @@ pub fn decode(procedure: &str, e: Bytes) -> Result<SharedEvent, String> {
         entry: None,
         lane: None,
         replayed: false,
+        retain: false,
     })
 }
 

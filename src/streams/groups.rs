@@ -223,6 +223,11 @@ pub async fn run(config: &Config, request: &Request, out: &mut impl Write) -> Re
                 .hdel(keys.groups(), procedure)
                 .await
                 .map_err(|e| e.to_string())?;
+            // Registered again later, it is a new group.
+            let _: i64 = conn
+                .hdel(keys.started(), procedure)
+                .await
+                .map_err(|e| e.to_string())?;
             let mut dropped = 0;
             for stream in streams(&keys, procedure, config) {
                 dropped += conn

@@ -118,11 +118,6 @@ impl Keys {
         format!("{{{}:topic:{topic}}}:retained", self.name)
     }
 
-    /// The claim that keeps one publication of `topic` once.
-    pub fn retained_claim(&self, topic: &str, publication: u64) -> String {
-        format!("{{{}:topic:{topic}}}:kept:{publication}", self.name)
-    }
-
     /// Groups that were given their topic's retained events
     /// (`SUBTOCALL_NEW_GROUP_START=retained`), a hash by procedure.
     pub fn started(&self) -> String {

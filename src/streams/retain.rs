@@ -1,11 +1,15 @@
 //! Retention (`SUBTOCALL_RETENTION`): every admitted event is also kept, one
 //! copy per topic whatever its groups, in the topic's retained stream
 //! (`{ns:topic:T}:retained`), trimmed by age and bounded in length. It is
-//! written in the admission step, by a script of its own per topic (the
-//! topic's keys live in another hash slot than a procedure's), which
-//! claims each publication for the topic (`{ns:topic:T}:kept:<id>`, for
-//! `SUBTOCALL_DEDUP_WINDOW`) so that the instances offering the same event,
-//! and the groups it goes to, keep it once.
+//! written in the admission step, right after the admission script (the
+//! topic's keys live in another hash slot than a procedure's), by a script
+//! of its own per topic. The copy kept is the topic's first group's (the
+//! intake marks it, [`SharedEvent::retain`]), and only the instance whose
+//! admission appended that copy keeps it: the admission's claim already
+//! makes that one instance, so retention needs no claim of its own. (While
+//! instances disagree on a topic's groups, for a moment when one comes or
+//! goes, an event may be kept twice or, if the group whose copy it was
+//! leaves, not at all.)
 //!
 //! What is retained can be put back: `subtocall replay` into one
 //! procedure's queue, each event once per run and marked replayed; and a
@@ -22,85 +26,56 @@ use redis::Value;
 use super::{Conn, Keys, Target, entry, text};
 use crate::config::Config;
 use crate::discovery::{Classification, Mapper, MatchPolicy};
-use crate::forward::envelope::SharedEvent;
 
-/// KEYS[1] the topic's retained stream, KEYS[2..] the claim keys; ARGV[1]
-/// the claim TTL in milliseconds, ARGV[2] the oldest entry id to keep
-/// (milliseconds; 0 keeps all), ARGV[3] the most entries to keep, then the
-/// stored events (`streams::entry`), one per claim key. Keeps each event
-/// whose claim is new (an append that fails gives its claim back), then
-/// trims by age. Returns how many it kept.
+/// KEYS[1] the topic's retained stream; ARGV[1] the oldest entry id to
+/// keep (milliseconds; 0 keeps all), ARGV[2] the most entries to keep,
+/// then the stored events (`streams::entry`). Appends each, then trims by
+/// age. Returns how many it kept.
 const RETAIN: &str = r"
-local kept = 0
-for i = 2, #KEYS do
-  if redis.call('SET', KEYS[i], '1', 'NX', 'PX', ARGV[1]) then
-    local id = redis.pcall('XADD', KEYS[1], 'MAXLEN', ARGV[3], '*', 'e', ARGV[i + 2])
-    if type(id) == 'table' and id.err then
-      redis.call('DEL', KEYS[i])
-      return id
-    end
-    kept = kept + 1
-  end
+for i = 3, #ARGV do
+  redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[2], '*', 'e', ARGV[i])
 end
-if kept > 0 and ARGV[2] ~= '0' then
-  redis.call('XTRIM', KEYS[1], 'MINID', ARGV[2])
+if ARGV[1] ~= '0' then
+  redis.call('XTRIM', KEYS[1], 'MINID', ARGV[1])
 end
-return kept
+return #ARGV - 2
 ";
 
 /// How events are retained.
 #[derive(Debug, Clone)]
 pub struct Retention {
     keys: Arc<Keys>,
-    claim_ms: u64,
     keep: Duration,
     max_events: u64,
 }
 
 impl Retention {
-    pub fn new(keys: Arc<Keys>, claim_window: Duration, keep: Duration, max_events: u64) -> Self {
+    pub fn new(keys: Arc<Keys>, keep: Duration, max_events: u64) -> Self {
         Retention {
             keys,
-            claim_ms: claim_window.as_millis().max(1) as u64,
             keep,
             max_events,
         }
     }
 
-    /// One script call per topic of `events` (in the order of each
-    /// topic's first event), each publication once.
-    pub fn commands<'a>(&self, events: impl Iterator<Item = &'a SharedEvent>) -> Vec<redis::Cmd> {
-        let events: Vec<&SharedEvent> = events.collect();
+    /// One script call per topic of `events` (their topic and stored
+    /// form, in order), in the order of each topic's first event.
+    pub fn commands<'a>(&self, events: &[(&'a str, &'a [u8])]) -> Vec<redis::Cmd> {
         let oldest = SystemTime::now()
             .checked_sub(self.keep)
             .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
             .map_or(0, |d| d.as_millis() as u64);
-        let topics = crate::sink::groups_in_order(events.iter().map(|e| e.topic.as_str()));
+        let topics = crate::sink::groups_in_order(events.iter().map(|(t, _)| *t));
         let mut out = Vec::with_capacity(topics.len());
-        let mut scratch = Vec::with_capacity(256);
         for (topic, at) in topics {
-            let mut seen = Vec::with_capacity(at.len());
-            let mut kept: Vec<&SharedEvent> = Vec::with_capacity(at.len());
-            for i in at {
-                // An event of several groups is offered once.
-                let e = events[i];
-                if !seen.contains(&e.publication.0) {
-                    seen.push(e.publication.0);
-                    kept.push(e);
-                }
-            }
             let mut cmd = redis::cmd("EVALSHA");
             cmd.arg(retain_hash())
-                .arg(1 + kept.len())
-                .arg(self.keys.retained(topic));
-            for e in &kept {
-                cmd.arg(self.keys.retained_claim(topic, e.publication.0));
-            }
-            cmd.arg(self.claim_ms).arg(oldest).arg(self.max_events);
-            for e in &kept {
-                scratch.clear();
-                entry::encode_into(e, &mut scratch);
-                cmd.arg(scratch.as_slice());
+                .arg(1)
+                .arg(self.keys.retained(topic))
+                .arg(oldest)
+                .arg(self.max_events);
+            for i in at {
+                cmd.arg(events[i].1);
             }
             out.push(cmd);
         }
