@@ -315,11 +315,14 @@ fn start_streams(
         admit
     } else {
         tracing::info!(retention = ?q.retention, max_events = q.retention_max_events, "retaining every admitted event per topic");
-        admit.with_retention(Retention::new(
-            Arc::new(Keys::new(&q.name)),
-            q.retention,
-            q.retention_max_events,
-        ))
+        admit.with_retention(
+            Retention::new(
+                Arc::new(Keys::new(&q.name)),
+                q.retention,
+                q.retention_max_events,
+            ),
+            target.is_cluster(),
+        )
     };
     let deliver = Settings {
         // Never reached: the queue core holds no more than the window.

@@ -44,41 +44,49 @@ use crate::wamp::session::Session;
 pub const BATCH: usize = 512;
 
 /// KEYS[1] the stream, KEYS[2] its lease (a partition's; for a plain
-/// stream, unused), KEYS[3..] the claim keys, then the streams (of the same
-/// procedure) with entries to acknowledge; ARGV[1] the claim TTL in
-/// milliseconds, ARGV[2] the group, ARGV[3] this consumer, ARGV[4] how many
-/// new entries to read for it, ARGV[5] the lease holder it must be (this
-/// incarnation's, `Carrier::holder`; '' for a plain stream), ARGV[6] how many streams to acknowledge in, ARGV[7]
-/// the most entries the stream may hold (0: no bound), ARGV[8] '1' to make
-/// room at the bound by removing its oldest entry nobody holds, then the
-/// stored events (`streams::entry`), one per claim key, then for each stream to
+/// stream, unused), KEYS[3] the topic's retained stream (when retention is
+/// written here; else unused), KEYS[4..] the claim keys, then the streams
+/// (of the same procedure) with entries to acknowledge; ARGV[1] the claim
+/// TTL in milliseconds, ARGV[2] the group, ARGV[3] this consumer, ARGV[4]
+/// how many new entries to read for it, ARGV[5] the lease holder it must be
+/// (this incarnation's, `Carrier::holder`; '' for a plain stream), ARGV[6]
+/// how many streams to acknowledge in, ARGV[7] the most entries the stream
+/// may hold (0: no bound), ARGV[8] '1' to make room at the bound by
+/// removing its oldest entry nobody holds, ARGV[9] one character per event,
+/// '1' for the events whose copy is the topic's retained one ('' for
+/// none), ARGV[10] the oldest retained entry id to keep (milliseconds; 0
+/// keeps all), ARGV[11] the most retained entries, then the stored events
+/// (`streams::entry`), one per claim key, then for each stream to
 /// acknowledge in: how many ids, the ids. Acknowledges and deletes those
 /// first (as `Ack` does). Claims each publication (SET NX) and appends it
 /// only if the claim is new and there is room (else gives the claim back:
-/// over the bound); an append that fails gives its claim back, so the
-/// batch can be retried. Then reads. Returns {admitted, admitted before,
-/// read, refused, over, removed}, where read holds {id, n} for an entry
-/// this call appended (the n-th event given), {id, 0, fields} for another,
-/// refused the n of each event already claimed, over the n of each event
-/// refused for the bound, and removed the fields of each entry removed to
-/// make room.
+/// over the bound), and keeps the retained copy of what it appended; an
+/// append that fails gives its claim back, so the batch can be retried.
+/// Then reads. Returns {admitted, admitted before, read, refused, over,
+/// removed, retained}, where read holds {id, n} for an entry this call
+/// appended (the n-th event given), {id, 0, fields} for another, refused
+/// the n of each event already claimed, over the n of each event refused
+/// for the bound, removed the fields of each entry removed to make room,
+/// and retained how many copies it kept.
 const ADMIT: &str = r"
 local nacks = tonumber(ARGV[6])
-local nclaims = #KEYS - 2 - nacks
+local nclaims = #KEYS - 3 - nacks
 local bound, oldest = tonumber(ARGV[7]), ARGV[8] == '1'
-local a = 9 + nclaims
+local keep, keepmax = ARGV[9], ARGV[11]
+local a = 12 + nclaims
 for s = 1, nacks do
-  local stream, m = KEYS[2 + nclaims + s], tonumber(ARGV[a])
+  local stream, m = KEYS[3 + nclaims + s], tonumber(ARGV[a])
   local ids = {}
   for k = 1, m do ids[k] = ARGV[a + k] end
   a = a + m + 1
   redis.call('XACK', stream, ARGV[2], unpack(ids))
   redis.call('XDEL', stream, unpack(ids))
 end
-local added, before = 0, 0
+local added, before, retained = 0, 0, 0
 local mine, refused, over, removed = {}, {}, {}, {}
 local len = -1
-for i = 3, 2 + nclaims do
+for i = 4, 3 + nclaims do
+  local n = i - 3
   if redis.call('SET', KEYS[i], '1', 'NX', 'PX', ARGV[1]) then
     local room = true
     if bound > 0 then
@@ -100,22 +108,29 @@ for i = 3, 2 + nclaims do
       end
     end
     if room then
-      local id = redis.pcall('XADD', KEYS[1], '*', 'e', ARGV[i + 6])
+      local id = redis.pcall('XADD', KEYS[1], '*', 'e', ARGV[i + 8])
       if type(id) == 'table' and id.err then
         redis.call('DEL', KEYS[i])
         return id
       end
-      mine[id] = i - 2
+      mine[id] = n
       added = added + 1
       if len >= 0 then len = len + 1 end
+      if string.byte(keep, n) == 49 then
+        redis.call('XADD', KEYS[3], 'MAXLEN', keepmax, '*', 'e', ARGV[i + 8])
+        retained = retained + 1
+      end
     else
       redis.call('DEL', KEYS[i])
-      over[#over + 1] = i - 2
+      over[#over + 1] = n
     end
   else
     before = before + 1
-    refused[#refused + 1] = i - 2
+    refused[#refused + 1] = n
   end
+end
+if retained > 0 and ARGV[10] ~= '0' then
+  redis.call('XTRIM', KEYS[3], 'MINID', ARGV[10])
 end
 local read = {}
 local want = tonumber(ARGV[4])
@@ -134,7 +149,7 @@ if want > 0 and (ARGV[5] == '' or redis.call('GET', KEYS[2]) == ARGV[5]) then
     end
   end
 end
-return {added, before, read, refused, over, removed}
+return {added, before, read, refused, over, removed, retained}
 ";
 
 /// What an admission asks of the queue core.
@@ -187,6 +202,9 @@ pub struct AdmitSink {
     /// With `SUBTOCALL_RETENTION`: each event is also kept per topic, in
     /// the same step.
     retention: Option<Arc<super::retain::Retention>>,
+    /// By the admission script itself (one Redis), or by a script of its
+    /// own after it (a cluster: the topic's stream is in another slot).
+    retain_in_script: bool,
     /// `SUBTOCALL_QUEUE_MAX_BACKLOG`: entries a stream may hold (0: no
     /// bound), and whether to make room by removing the oldest.
     bound: u64,
@@ -230,6 +248,7 @@ impl AdmitSink {
             metrics,
             replicas: None,
             retention: None,
+            retain_in_script: false,
             bound: 0,
             drop_oldest: false,
             removed: Arc::default(),
@@ -259,9 +278,16 @@ impl AdmitSink {
         }
     }
 
-    /// Keeps every admitted event per topic as well (`SUBTOCALL_RETENTION`).
-    pub fn with_retention(mut self, retention: super::retain::Retention) -> AdmitSink {
+    /// Keeps every admitted event per topic as well (`SUBTOCALL_RETENTION`),
+    /// in the admission script itself unless `cluster` (where the topic's
+    /// stream lives in another hash slot).
+    pub fn with_retention(
+        mut self,
+        retention: super::retain::Retention,
+        cluster: bool,
+    ) -> AdmitSink {
         self.retention = Some(Arc::new(retention));
+        self.retain_in_script = !cluster;
         self
     }
 
@@ -340,9 +366,17 @@ impl AdmitSink {
             let events: Vec<&SharedEvent> = at.iter().map(|&i| &*jobs[i].item).collect();
             let stream = self.keys.stream_of(&unit);
             let lease = self.keys.lease_of(&unit);
-            cmd.arg(events.len() + 2 + ack_streams.len())
+            // Retention in the same script (one Redis), or after it.
+            let keep_here = self
+                .retention
+                .as_ref()
+                .filter(|_| self.retain_in_script)
+                .filter(|_| events.iter().any(|e| e.retain));
+            let retained = keep_here.map(|r| r.key(&events[0].topic));
+            cmd.arg(events.len() + 3 + ack_streams.len())
                 .arg(&stream)
-                .arg(lease.as_deref().unwrap_or(&stream));
+                .arg(lease.as_deref().unwrap_or(&stream))
+                .arg(retained.as_deref().unwrap_or(&stream));
             // One buffer for every key and event: `arg` copies it.
             let seen = self.keys.seen(procedure, 0);
             let prefix = seen.strip_suffix('0').unwrap_or(&seen).as_bytes();
@@ -374,14 +408,27 @@ impl AdmitSink {
                 .arg(ack_streams.len())
                 .arg(self.bound)
                 .arg(if self.drop_oldest { "1" } else { "0" });
+            match keep_here {
+                Some(r) => {
+                    let flags: Vec<u8> = events
+                        .iter()
+                        .map(|e| if e.retain { b'1' } else { b'0' })
+                        .collect();
+                    cmd.arg(flags).arg(r.oldest_ms()).arg(r.max_events());
+                }
+                None => {
+                    cmd.arg("").arg(0).arg(0);
+                }
+            }
             // The stored events, kept for the entries this call reads back.
             let mut stored = Vec::with_capacity(events.len());
             for (n, ev) in events.iter().enumerate() {
                 scratch.clear();
                 entry::encode_into(ev, &mut scratch);
                 cmd.arg(scratch.as_slice());
-                if ev.retain && self.retention.is_some() {
-                    // Kept for the topic if this call appends it.
+                if ev.retain && self.retention.is_some() && !self.retain_in_script {
+                    // Kept for the topic (after the script, on a cluster)
+                    // if this call appends it.
                     let e = Bytes::copy_from_slice(&scratch);
                     to_retain.push((calls.len(), n + 1, ev.topic.clone(), e));
                 }
@@ -495,6 +542,11 @@ impl AdmitSink {
                         }
                         if let Some(copy) = copy {
                             kept.push(only_admitted(copy, &value));
+                        }
+                        if let Value::Array(parts) = &value
+                            && let Some(Value::Int(n)) = parts.get(6)
+                        {
+                            metrics.queue_retained.inc_by((*n).max(0) as u64);
                         }
                         let (refused, removed) = over_bound(&value);
                         over.extend(refused.iter().filter_map(|n| at.get(n - 1)));
@@ -656,9 +708,10 @@ impl AdmitSink {
     fn offer_cmd(&self, copy: &Copy) -> redis::Cmd {
         let mut cmd = redis::cmd("EVALSHA");
         cmd.arg(admit_hash())
-            .arg(copy.claims.len() + 2)
+            .arg(copy.claims.len() + 3)
             .arg(&copy.stream)
-            .arg(&copy.lease);
+            .arg(&copy.lease)
+            .arg(&copy.stream);
         for claim in &copy.claims {
             cmd.arg(claim.as_ref());
         }
@@ -669,7 +722,10 @@ impl AdmitSink {
             .arg("")
             .arg(0)
             .arg(self.bound)
-            .arg(if self.drop_oldest { "1" } else { "0" });
+            .arg(if self.drop_oldest { "1" } else { "0" })
+            .arg("")
+            .arg(0)
+            .arg(0);
         for entry in &copy.entries {
             cmd.arg(entry.as_ref());
         }

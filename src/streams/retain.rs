@@ -58,13 +58,28 @@ impl Retention {
         }
     }
 
+    /// The retained stream of `topic`.
+    pub fn key(&self, topic: &str) -> String {
+        self.keys.retained(topic)
+    }
+
+    /// The oldest entry id to keep now, in milliseconds (0: all).
+    pub fn oldest_ms(&self) -> u64 {
+        SystemTime::now()
+            .checked_sub(self.keep)
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_millis() as u64)
+    }
+
+    /// The most entries a retained stream keeps.
+    pub fn max_events(&self) -> u64 {
+        self.max_events
+    }
+
     /// One script call per topic of `events` (their topic and stored
     /// form, in order), in the order of each topic's first event.
     pub fn commands<'a>(&self, events: &[(&'a str, &'a [u8])]) -> Vec<redis::Cmd> {
-        let oldest = SystemTime::now()
-            .checked_sub(self.keep)
-            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_millis() as u64);
+        let oldest = self.oldest_ms();
         let topics = crate::sink::groups_in_order(events.iter().map(|(t, _)| *t));
         let mut out = Vec::with_capacity(topics.len());
         for (topic, at) in topics {
