@@ -217,3 +217,62 @@ async fn a_new_group_starts_with_its_topics_retained_events_then_the_live_ones()
         .integer();
     assert_eq!(started, 1);
 }
+
+/// On a Redis Cluster the topic's retained stream lives in another hash
+/// slot than the procedure's streams: it is written by a script of its
+/// own after the admission, once per event, and replay reads it there.
+#[tokio::test]
+async fn on_a_redis_cluster_events_are_retained_and_replayed_too() {
+    let crossbar = Crossbar::start().await;
+    let router = RouterMeta::join(&crossbar).await;
+    let cluster = support::redis::RedisCluster::start().await;
+    let procedure = "com.example.SUB_clustered";
+    let topic = topic_of(procedure);
+    let a = Backend::spawn(backend(&crossbar, "A", &[procedure])).await;
+    let mut env = queue_env(
+        &crossbar,
+        &cluster.url(),
+        &[
+            ("SUBTOCALL_RETENTION", "1h"),
+            ("SUBTOCALL_DETAILS_KWARG", DETAILS),
+        ],
+    );
+    env.insert("SUBTOCALL_REDIS_CLUSTER".into(), "1".into());
+    let sidecar = Sidecar::start(env);
+    sidecar.wait_ready(WAIT).await;
+    wait_subscribers(&sidecar, &router, &topic, 1).await;
+    Publisher::publish(&crossbar, &topic, 100).await;
+    wait_delivered(&[&a], 100).await;
+    let retained = format!("{{{GROUP}:topic:{topic}}}:retained");
+    let node = cluster.node_for_key(&retained).await;
+    eventually(WAIT, "100 events retained", || async {
+        (node.command(&["XLEN", &retained]).await.integer() == 100).then_some(())
+    })
+    .await;
+    let mut run = tokio::process::Command::new(env!("CARGO_BIN_EXE_subtocall"));
+    run.args(["replay", "--procedure", procedure, "--since", "5m"])
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("REDIS_URL", cluster.url())
+        .env("SUBTOCALL_REDIS_CLUSTER", "1")
+        .env("SUBTOCALL_QUEUE", "redis")
+        .env("SUBTOCALL_RETENTION", "1h")
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(WAIT, run.output())
+        .await
+        .expect("replay in time")
+        .expect("run replay");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("replayed 100 events"), "{stdout}");
+    eventually(DELIVER, "each event delivered once more", || async {
+        (a.invocations().len() >= 200).then_some(())
+    })
+    .await;
+    let replayed = calls(&a).iter().filter(|(_, r)| *r).count();
+    assert_eq!(replayed, 100);
+}
