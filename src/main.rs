@@ -513,63 +513,40 @@ fn status(url: Option<&str>, json: bool) -> ExitCode {
 }
 
 fn dead_letters(config: &Config, request: &dead_letters::Request) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("subtocall dead-letters: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
     let mut out = std::io::stdout().lock();
-    match runtime.block_on(dead_letters::run(config, request, &mut out)) {
-        Ok(_) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("subtocall dead-letters: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    run_command("dead-letters", dead_letters::run(config, request, &mut out))
 }
 
 fn replay_command(config: &Config, request: &retain::Request) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("subtocall replay: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
     let mut out = std::io::stdout().lock();
-    match runtime.block_on(retain::replay(config, request, &mut out)) {
-        Ok(_) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("subtocall replay: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    run_command("replay", retain::replay(config, request, &mut out))
 }
 
 fn groups_command(config: &Config, request: &groups::Request) -> ExitCode {
+    let mut out = std::io::stdout().lock();
+    run_command("groups", groups::run(config, request, &mut out))
+}
+
+/// Runs one of the Redis commands on a runtime of its own; its error goes
+/// to stderr, named after the command, with exit code 1.
+fn run_command<T>(
+    name: &str,
+    command: impl std::future::Future<Output = Result<T, String>>,
+) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("subtocall groups: cannot start the async runtime: {e}");
+            eprintln!("subtocall {name}: cannot start the async runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
-    let mut out = std::io::stdout().lock();
-    match runtime.block_on(groups::run(config, request, &mut out)) {
-        Ok(()) => ExitCode::SUCCESS,
+    match runtime.block_on(command) {
+        Ok(_) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("subtocall groups: {e}");
+            eprintln!("subtocall {name}: {e}");
             ExitCode::FAILURE
         }
     }

@@ -408,6 +408,39 @@ mod tests {
     }
 
     #[test]
+    fn a_replayed_event_says_so_in_its_details_and_its_envelope_and_only_then() {
+        let mut ev = shared(Dict::new());
+        let json = |ev: &SharedEvent| {
+            serde_json::from_slice::<serde_json::Value>(&ev.envelope_json()).unwrap()
+        };
+        assert_eq!(ev.details().get("replayed"), None);
+        assert_eq!(json(&ev).get("replayed"), None);
+        ev.replayed = true;
+        assert_eq!(ev.details().get("replayed"), Some(&Value::Bool(true)));
+        assert_eq!(json(&ev)["replayed"], serde_json::Value::Bool(true));
+        // Stored with the entry's `r` field, read back replayed.
+        let stored = crate::streams::entry::encode(&ev);
+        let fields = vec![
+            (
+                bytes::Bytes::from_static(b"e"),
+                bytes::Bytes::from(stored.clone()),
+            ),
+            (
+                bytes::Bytes::from_static(b"r"),
+                bytes::Bytes::from_static(b"1"),
+            ),
+        ];
+        let back = crate::streams::entry::read("com.example.SUB_status", fields).unwrap();
+        assert!(back.replayed);
+        let plain = vec![(bytes::Bytes::from_static(b"e"), bytes::Bytes::from(stored))];
+        assert!(
+            !crate::streams::entry::read("com.example.SUB_status", plain)
+                .unwrap()
+                .replayed
+        );
+    }
+
+    #[test]
     fn details_kwarg_is_added_only_when_configured_and_never_overwrites() {
         let ev = shared(Dict::new().with("publisher_authid", "backend"));
         let EventPayload::Decoded(payload) = &ev.payload else {

@@ -10,7 +10,7 @@ use std::io::Write;
 
 use redis::Value;
 
-use super::{Conn, Keys, Target, text};
+use super::{Conn, Keys, Target};
 use crate::config::Config;
 use crate::forward::envelope::SharedEvent;
 
@@ -230,31 +230,12 @@ async fn read(
         .query_async(conn)
         .await
         .map_err(|e| format!("cannot read {}: {e}", keys.dead(procedure)))?;
-    let Value::Array(entries) = reply else {
-        return Ok(Vec::new());
-    };
-    Ok(entries
-        .iter()
-        .filter_map(|entry| {
-            let Value::Array(pair) = entry else {
-                return None;
-            };
-            let id = pair.first().and_then(text)?;
-            let Some(Value::Array(raw)) = pair.get(1) else {
-                return None;
-            };
-            let fields = raw
-                .chunks(2)
-                .filter_map(|kv| match kv {
-                    [k, Value::BulkString(v)] => Some((text(k)?, v.clone())),
-                    _ => None,
-                })
-                .collect();
-            Some(DeadLetter {
-                procedure: procedure.to_owned(),
-                id,
-                fields,
-            })
+    Ok(super::xrange_entries(&reply)
+        .into_iter()
+        .map(|(id, fields)| DeadLetter {
+            procedure: procedure.to_owned(),
+            id,
+            fields,
         })
         .collect())
 }

@@ -143,6 +143,37 @@ impl Keys {
     }
 }
 
+/// A stream entry as `XRANGE` gives it: its id, and its fields (names as
+/// text, values as bytes).
+pub(crate) type RangeEntry = (String, Vec<(String, Vec<u8>)>);
+
+/// The entries of an `XRANGE` reply, in order.
+pub(crate) fn xrange_entries(reply: &Value) -> Vec<RangeEntry> {
+    let Value::Array(entries) = reply else {
+        return Vec::new();
+    };
+    entries
+        .iter()
+        .filter_map(|entry| {
+            let Value::Array(pair) = entry else {
+                return None;
+            };
+            let id = pair.first().and_then(text)?;
+            let Some(Value::Array(raw)) = pair.get(1) else {
+                return None;
+            };
+            let fields = raw
+                .chunks(2)
+                .filter_map(|kv| match kv {
+                    [k, Value::BulkString(v)] => Some((text(k)?, v.clone())),
+                    _ => None,
+                })
+                .collect();
+            Some((id, fields))
+        })
+        .collect()
+}
+
 /// A procedure's partition `k` as a stream unit: `procedure#k`. `#` is not
 /// allowed in WAMP URIs, so the name is unambiguous.
 pub fn lane(procedure: &str, k: u16) -> String {

@@ -23,7 +23,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use redis::Value;
 
-use super::{Conn, Keys, Target, entry, text};
+use super::{Conn, Keys, Target, entry};
 use crate::config::Config;
 use crate::discovery::{Classification, Mapper, MatchPolicy};
 
@@ -156,25 +156,12 @@ pub async fn read_chunk(
         .query_async(conn)
         .await
         .map_err(|e| format!("cannot read {}: {e}", keys.retained(topic)))?;
-    let Value::Array(entries) = reply else {
-        return Ok(Vec::new());
-    };
-    Ok(entries
-        .iter()
-        .filter_map(|entry| {
-            let Value::Array(pair) = entry else {
-                return None;
-            };
-            let id = pair.first().and_then(text)?;
-            let Some(Value::Array(fields)) = pair.get(1) else {
-                return None;
-            };
-            let stored = fields.chunks(2).find_map(|kv| match kv {
-                [k, Value::BulkString(v)] if text(k).as_deref() == Some(entry::FIELD) => {
-                    Some(Bytes::copy_from_slice(v))
-                }
-                _ => None,
-            })?;
+    Ok(super::xrange_entries(&reply)
+        .into_iter()
+        .filter_map(|(id, fields)| {
+            let stored = fields
+                .into_iter()
+                .find_map(|(k, v)| (k == entry::FIELD).then(|| Bytes::from(v)))?;
             let at_ms = super::entry_id_numbers(&id)?.0;
             Some(Retained { at_ms, id, stored })
         })
