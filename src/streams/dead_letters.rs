@@ -10,7 +10,7 @@ use std::io::Write;
 
 use redis::Value;
 
-use super::{Conn, Keys, Target};
+use super::{Conn, Keys};
 use crate::config::Config;
 use crate::forward::envelope::SharedEvent;
 
@@ -82,15 +82,7 @@ pub async fn run(
     request: &Request,
     out: &mut impl Write,
 ) -> Result<usize, String> {
-    let target = Target::from_config(&config.redis, true)?;
-    let mut conn = target
-        .shared()?
-        .get()
-        .await
-        .map_err(|e| format!("cannot reach Redis: {e}"))?;
-    let keys = Keys::new(&config.queue.name);
-    let partitions = (config.forward.order_by != crate::config::OrderBy::None)
-        .then_some(config.queue.partitions);
+    let (mut conn, keys, partitions) = super::connect_tool(config).await?;
     let procedures = match &request.procedure {
         Some(p) => vec![p.clone()],
         None => {

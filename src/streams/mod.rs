@@ -143,6 +143,23 @@ impl Keys {
     }
 }
 
+/// What a command-line tool of the queue starts with: a connection to its
+/// Redis, its keys, and the partitions per procedure (with ordering).
+pub(crate) async fn connect_tool(
+    config: &crate::config::Config,
+) -> Result<(Conn, Keys, Option<u16>), String> {
+    let target = Target::from_config(&config.redis, true)?;
+    let conn = target
+        .shared()?
+        .get()
+        .await
+        .map_err(|e| format!("cannot reach Redis: {e}"))?;
+    let keys = Keys::new(&config.queue.name);
+    let partitions = (config.forward.order_by != crate::config::OrderBy::None)
+        .then_some(config.queue.partitions);
+    Ok((conn, keys, partitions))
+}
+
 /// A stream entry as `XRANGE` gives it: its id, and its fields (names as
 /// text, values as bytes).
 pub(crate) type RangeEntry = (String, Vec<(String, Vec<u8>)>);

@@ -23,7 +23,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use redis::Value;
 
-use super::{Conn, Keys, Target, entry};
+use super::{Conn, Keys, entry};
 use crate::config::Config;
 use crate::discovery::{Classification, Mapper, MatchPolicy};
 
@@ -231,15 +231,7 @@ pub async fn replay(
     {
         return Err("--until is before the start of the window".into());
     }
-    let target = Target::from_config(&config.redis, true)?;
-    let mut conn = target
-        .shared()?
-        .get()
-        .await
-        .map_err(|e| format!("cannot reach Redis: {e}"))?;
-    let keys = Keys::new(&config.queue.name);
-    let partitions = (config.forward.order_by != crate::config::OrderBy::None)
-        .then_some(config.queue.partitions);
+    let (mut conn, keys, partitions) = super::connect_tool(config).await?;
     let mut after: Option<String> = None;
     let mut total = 0u64;
     let mut groups_made: Vec<String> = Vec::new();
