@@ -80,6 +80,8 @@ pub struct Sidecar {
 /// A group as the sidecar last saw it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct GroupSeen {
+    /// The procedure's hash (its unit in the stages).
+    unit: u64,
     away: bool,
     /// When it was first seen without a callee (this process's clock).
     away_since: Option<std::time::SystemTime>,
@@ -230,6 +232,7 @@ impl Sidecar {
         for g in discovery.group_states() {
             let before = self.groups.get(&g.procedure).copied();
             let now_seen = GroupSeen {
+                unit: g.unit,
                 away: g.away,
                 away_since: match before {
                     Some(b) if b.away && g.away => b.away_since,
@@ -259,8 +262,7 @@ impl Sidecar {
                 continue;
             }
             if before.map(|b| b.away) != Some(g.away) {
-                let unit = crate::forward::key::fnv1a64(g.procedure.as_bytes());
-                self.stages.set_away(unit, g.away, now);
+                self.stages.set_away(g.unit, g.away, now);
                 if let Some(q) = &mut self.queue {
                     if g.away {
                         q.queue.pause(&g.procedure);
@@ -295,8 +297,7 @@ impl Sidecar {
             // Gone (its grace period ended): what waited goes on, and
             // fails as calls to a procedure nobody registers.
             if before.away {
-                let unit = crate::forward::key::fnv1a64(procedure.as_bytes());
-                self.stages.set_away(unit, false, now);
+                self.stages.set_away(before.unit, false, now);
                 if let Some(q) = &mut self.queue {
                     q.queue.resume(procedure);
                 }
@@ -879,9 +880,9 @@ impl Sidecar {
             // once: nothing here will call it before the deadline.
             let away: HashSet<u64> = self
                 .groups
-                .iter()
-                .filter(|(_, g)| g.away)
-                .map(|(p, _)| crate::forward::key::fnv1a64(p.as_bytes()))
+                .values()
+                .filter(|g| g.away)
+                .map(|g| g.unit)
                 .collect();
             if let Some(stage) = self.stages.with_role(Role::DeliverQueued)
                 && !away.is_empty()

@@ -310,6 +310,8 @@ pub struct Destination {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GroupState {
     pub procedure: Arc<str>,
+    /// The procedure's hash ([`Destination::unit`]).
+    pub unit: u64,
     pub topic: TopicKey,
     pub group: Group,
     /// No callee now (its last registration left; within its grace
@@ -909,6 +911,7 @@ impl Discovery {
             t.groups.iter().filter_map(move |(group, m)| {
                 Some(GroupState {
                     procedure: m.procedure.clone()?,
+                    unit: m.unit,
                     topic: key.clone(),
                     group: group.clone(),
                     away: m.registrations.is_empty(),

@@ -509,11 +509,11 @@ impl AdmitSink {
                     r.insert(procedure);
                 }
             }
-            let admitting = join_all(calls.iter().map(|(cmd, _, _, _)| {
+            let replies = join_all(calls.iter().map(|(cmd, _, _, _)| {
                 let mut c = c.clone();
                 async move { run_admit(cmd, &mut c).await }
-            }));
-            let replies = admitting.await;
+            }))
+            .await;
             let (mut admitted, mut elsewhere) = (0, 0);
             let mut taken = Vec::new();
             let mut acked = Vec::new();
