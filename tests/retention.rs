@@ -19,20 +19,7 @@ const DETAILS: &str = "_details";
 /// Runs `subtocall replay <args>` against `redis` with `env` (the
 /// instances' queue settings), returning its exit code, stdout and stderr.
 async fn replay(redis: &Redis, env: &[(&str, &str)], args: &[&str]) -> (i32, String, String) {
-    let mut run = tokio::process::Command::new(env!("CARGO_BIN_EXE_subtocall"));
-    run.arg("replay")
-        .args(args)
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("REDIS_URL", redis.url())
-        .kill_on_drop(true);
-    for (k, v) in env {
-        run.env(k, v);
-    }
-    let output = tokio::time::timeout(WAIT, run.output())
-        .await
-        .expect("subtocall replay in time")
-        .expect("run subtocall replay");
+    let output = queue_tool(&redis.url(), "replay", args, env).await;
     (
         output.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&output.stdout).into_owned(),
@@ -249,25 +236,14 @@ async fn on_a_redis_cluster_events_are_retained_and_replayed_too() {
         (node.command(&["XLEN", &retained]).await.integer() == 100).then_some(())
     })
     .await;
-    let mut run = tokio::process::Command::new(env!("CARGO_BIN_EXE_subtocall"));
-    run.args(["replay", "--procedure", procedure, "--since", "5m"])
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("REDIS_URL", cluster.url())
-        .env("SUBTOCALL_REDIS_CLUSTER", "1")
-        .env("SUBTOCALL_QUEUE", "redis")
-        .env("SUBTOCALL_RETENTION", "1h")
-        .kill_on_drop(true);
-    let out = tokio::time::timeout(WAIT, run.output())
-        .await
-        .expect("replay in time")
-        .expect("run replay");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let args = ["--procedure", procedure, "--since", "5m"];
+    let env = [
+        ("SUBTOCALL_REDIS_CLUSTER", "1"),
+        ("SUBTOCALL_QUEUE", "redis"),
+        ("SUBTOCALL_RETENTION", "1h"),
+    ];
+    let out = queue_tool(&cluster.url(), "replay", &args, &env).await;
+    let stdout = succeeded("replay", &args, out);
     assert!(stdout.contains("replayed 100 events"), "{stdout}");
     eventually(DELIVER, "each event delivered once more", || async {
         (a.invocations().len() >= 200).then_some(())

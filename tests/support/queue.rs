@@ -183,23 +183,44 @@ pub fn is_done(publisher: &Publisher) -> bool {
 /// Runs `subtocall dead-letters <args>` against `redis` and queue `namespace`,
 /// checks that it exits 0, and returns its stdout.
 pub async fn dead_letters(redis: &Redis, namespace: &str, args: &[&str]) -> String {
-    let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_subtocall"))
-        .arg("dead-letters")
+    let env = [("SUBTOCALL_QUEUE_NAME", namespace)];
+    succeeded(
+        "dead-letters",
+        args,
+        queue_tool(&redis.url(), "dead-letters", args, &env).await,
+    )
+}
+
+/// Runs `subtocall <command> <args>` against the Redis at `url`, with only
+/// `env` set beside it (and PATH), and returns how it ended.
+pub async fn queue_tool(
+    url: &str,
+    command: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> std::process::Output {
+    let mut run = tokio::process::Command::new(env!("CARGO_BIN_EXE_subtocall"));
+    run.arg(command)
         .args(args)
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("REDIS_URL", redis.url())
-        .env("SUBTOCALL_QUEUE_NAME", namespace)
-        .kill_on_drop(true)
-        .output();
-    let output = tokio::time::timeout(WAIT, run)
+        .env("REDIS_URL", url)
+        .kill_on_drop(true);
+    for (k, v) in env {
+        run.env(k, v);
+    }
+    tokio::time::timeout(WAIT, run.output())
         .await
-        .unwrap_or_else(|_| panic!("subtocall dead-letters {args:?} took over {WAIT:?}"))
-        .expect("run subtocall dead-letters");
+        .unwrap_or_else(|_| panic!("subtocall {command} {args:?} took over {WAIT:?}"))
+        .unwrap_or_else(|e| panic!("run subtocall {command}: {e}"))
+}
+
+/// The stdout of a tool's run, which must have exited 0.
+pub fn succeeded(command: &str, args: &[&str], output: std::process::Output) -> String {
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     assert!(
         output.status.success(),
-        "subtocall dead-letters {args:?} failed ({}):\n{stdout}\n{}",
+        "subtocall {command} {args:?} failed ({}):\n{stdout}\n{}",
         output.status,
         String::from_utf8_lossy(&output.stderr)
     );
@@ -220,30 +241,16 @@ pub fn parse_list(stdout: &str) -> Vec<Value> {
 /// Runs `subtocall groups <args>` against `redis` (queue `subtocall`, the
 /// Redis queue), checks that it exits 0, and returns its stdout.
 pub async fn subtocall_groups(redis: &Redis, args: &[&str]) -> String {
-    let output = subtocall_groups_output(redis, args).await;
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(
-        output.status.success(),
-        "subtocall groups {args:?} failed ({}):\n{stdout}\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    stdout
+    succeeded("groups", args, subtocall_groups_output(redis, args).await)
 }
 
 /// Runs `subtocall groups <args>` against `redis` and returns how it ended.
 pub async fn subtocall_groups_output(redis: &Redis, args: &[&str]) -> std::process::Output {
-    let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_subtocall"))
-        .arg("groups")
-        .args(args)
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("REDIS_URL", redis.url())
-        .env("SUBTOCALL_QUEUE", "redis")
-        .kill_on_drop(true)
-        .output();
-    tokio::time::timeout(WAIT, run)
-        .await
-        .unwrap_or_else(|_| panic!("subtocall groups {args:?} took over {WAIT:?}"))
-        .expect("run subtocall groups")
+    queue_tool(
+        &redis.url(),
+        "groups",
+        args,
+        &[("SUBTOCALL_QUEUE", "redis")],
+    )
+    .await
 }
