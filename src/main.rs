@@ -597,6 +597,7 @@ async fn run(config: Config) -> ExitCode {
     let metrics = Arc::new(Metrics::new());
     let shutdown = CancellationToken::new();
     tokio::spawn(watch_signals(shutdown.clone()));
+    tokio::spawn(watch_hangups(metrics.clone()));
     // The listener stops after the app has drained, so /metrics and /readyz
     // answer (not ready) during the drain.
     let http_stop = CancellationToken::new();
@@ -662,6 +663,24 @@ async fn watch_signals(shutdown: CancellationToken) {
     }
     tracing::warn!("second signal: exiting without draining");
     std::process::exit(130);
+}
+
+/// SIGHUP, the operator's reload habit, must not end the process (its
+/// default action). There is nothing to reload yet: every setting comes
+/// from the environment, read once at start. Counted and said in the log.
+async fn watch_hangups(metrics: Arc<Metrics>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hangup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot install the SIGHUP handler; SIGHUP would stop subtocall");
+        return;
+    };
+    while hangup.recv().await.is_some() {
+        metrics.reload_signals.inc();
+        tracing::info!(
+            "SIGHUP: nothing to reload (the settings come from the environment, read at start); \
+             going on as before"
+        );
+    }
 }
 
 fn init_tracing(config: &Config) {

@@ -87,6 +87,8 @@ pub struct Metrics {
     pub subscriptions_active: Gauge,
     /// Consumer groups served, over every topic (the default group counts).
     pub groups: Gauge,
+    /// SIGHUPs received (each answered in the log; the process goes on).
+    pub reload_signals: Counter,
     /// Groups whose backends are away (within their grace period): their
     /// events wait.
     pub groups_waiting: Gauge,
@@ -332,6 +334,11 @@ impl Metrics {
             "router_connected",
             "1 while a WAMP session with the router is established",
         );
+        let reload_signals = counter(
+            r,
+            "reload_signals",
+            "SIGHUPs received: each is said in the log and the process goes on (there is nothing to reload: the settings come from the environment)",
+        );
         let router_reconnects = counter(
             r,
             "router_reconnects",
@@ -497,6 +504,7 @@ impl Metrics {
             subscriptions_active,
             groups,
             groups_waiting,
+            reload_signals,
             events_unordered,
             order_released,
             router_connected,

@@ -283,6 +283,29 @@ async fn metrics_health_and_readiness_report_a_working_sidecar() {
     assert_eq!(sidecar.http_get("/nope").await.map(|r| r.0), Some(404));
 }
 
+/// SIGHUP, the reload habit, does not stop subtocall (the default action
+/// of the signal would): it is counted and the sidecar goes on forwarding.
+#[tokio::test]
+async fn sighup_is_answered_and_the_sidecar_goes_on() {
+    let crossbar = Crossbar::start().await;
+    let router = RouterMeta::join(&crossbar).await;
+    let backend = Backend::spawn(backend(&crossbar, "com.example.SUB_hup")).await;
+    let sidecar = Sidecar::start_for(&crossbar, &[]);
+    sidecar
+        .wait_subscribed(&router, "com.example.hup", WAIT)
+        .await;
+    sidecar.wait_ready(WAIT).await;
+    sidecar.signal(libc::SIGHUP);
+    sidecar
+        .wait_metric("subtocall_reload_signals_total", |n| n == 1.0, WAIT)
+        .await;
+    assert!(!sidecar.has_exited());
+    Publisher::publish(&crossbar, "com.example.hup", 5).await;
+    backend.wait_for_invocations(5, WAIT).await;
+    assert!(sidecar.is_ready().await);
+    assert!(!sidecar.has_exited());
+}
+
 #[tokio::test]
 async fn readyz_is_503_while_the_router_is_unreachable_but_healthz_is_200() {
     let mut env = BTreeMap::new();
