@@ -37,6 +37,23 @@ async fn wait_waiting(sidecar: &Sidecar, waiting: bool) {
         .await;
 }
 
+/// The group's only backend leaves; once `sidecar` sees the group waiting,
+/// 80 events are published to `topic`, 30 more than the bound the test set:
+/// waits until those 30 are dead-lettered with `reason`.
+async fn overflow_while_away(
+    backend: &mut Backend,
+    sidecar: &Sidecar,
+    crossbar: &Crossbar,
+    topic: &str,
+    reason: &str,
+) {
+    backend.kill().await;
+    wait_waiting(sidecar, true).await;
+    Publisher::publish(crossbar, topic, 80).await;
+    let sample = format!(r#"subtocall_events_dead_lettered_total{{reason="{reason}"}}"#);
+    sidecar.wait_metric(&sample, |n| n == 30.0, WAIT).await;
+}
+
 /// Dead letters of every reason, as `sidecar` counts them.
 async fn dead_lettered(sidecar: &Sidecar) -> f64 {
     sidecar
@@ -230,16 +247,7 @@ async fn while_a_group_is_away_its_backlog_is_bounded_and_the_overflow_dead_lett
         ],
     );
     sidecar.wait_subscribed(&router, &topic, WAIT).await;
-    a.kill().await;
-    wait_waiting(&sidecar, true).await;
-    Publisher::publish(&crossbar, &topic, 80).await;
-    sidecar
-        .wait_metric(
-            r#"subtocall_events_dead_lettered_total{reason="overflow"}"#,
-            |n| n == 30.0,
-            WAIT,
-        )
-        .await;
+    overflow_while_away(&mut a, &sidecar, &crossbar, &topic, "overflow").await;
     assert_eq!(sidecar.metric("subtocall_queue_depth").await, 50.0);
     let b = Backend::spawn(backend(&crossbar, "B", &[procedure])).await;
     wait_delivered(&[&b], 50).await;
@@ -280,16 +288,7 @@ async fn on_the_redis_queue_a_groups_backlog_is_bounded_with_the_overflow_policy
         ));
         sidecar.wait_ready(WAIT).await;
         wait_subscribers(&sidecar, &router, &topic, 1).await;
-        a.kill().await;
-        wait_waiting(&sidecar, true).await;
-        Publisher::publish(&crossbar, &topic, 80).await;
-        sidecar
-            .wait_metric(
-                r#"subtocall_events_dead_lettered_total{reason="backlog"}"#,
-                |n| n == 30.0,
-                WAIT,
-            )
-            .await;
+        overflow_while_away(&mut a, &sidecar, &crossbar, &topic, "backlog").await;
         let dead = dead_key(GROUP, &procedure);
         eventually(WAIT, "30 dead letters stored", || async {
             (redis.command(&["XLEN", &dead]).await.integer() == 30).then_some(())
