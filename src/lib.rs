@@ -17,6 +17,7 @@ pub mod discovery;
 pub mod forward;
 pub mod http;
 pub mod metrics;
+pub mod policy;
 pub mod sink;
 pub mod status;
 pub mod streams;

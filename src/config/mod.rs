@@ -8,6 +8,7 @@
 
 mod error;
 mod parse;
+pub mod policy_keys;
 mod redacted;
 mod vars;
 
@@ -47,6 +48,9 @@ pub struct Config {
     /// Procedures with metrics of their own (`SUBTOCALL_METRICS_MAX_PROCEDURES`).
     pub metrics_max_procedures: usize,
     pub log: LogConfig,
+    /// The rules of `SUBTOCALL_POLICY_FILE` (none when unset), over the
+    /// settings above.
+    pub policies: std::sync::Arc<crate::policy::Policies>,
     /// Not errors, but worth a log line once logging is up.
     warnings: Vec<String>,
     /// Every variable's value in effect, secrets hidden (for `/status`).
@@ -458,6 +462,7 @@ struct RawVars {
     subtocall_metrics_max_procedures: Option<String>,
     subtocall_log: Option<String>,
     subtocall_log_format: Option<String>,
+    subtocall_policy_file: Option<String>,
 }
 
 impl RawVars {
@@ -540,6 +545,7 @@ impl RawVars {
             "SUBTOCALL_METRICS_MAX_PROCEDURES" => &self.subtocall_metrics_max_procedures,
             "SUBTOCALL_LOG" => &self.subtocall_log,
             "SUBTOCALL_LOG_FORMAT" => &self.subtocall_log_format,
+            "SUBTOCALL_POLICY_FILE" => &self.subtocall_policy_file,
             _ => return None,
         };
         field.as_deref()
@@ -598,6 +604,10 @@ fn read(vars: Vec<(String, String)>, not_unicode: Vec<String>) -> Result<Config,
         parse::number_in(text, 0, 10_000)
     });
     let log = log(&mut r);
+    let policies = match (&forward, &discovery, &queue) {
+        (Ok(f), Ok(d), Ok(q)) => policies(&mut r, f, d, q),
+        _ => Err(Reported),
+    };
 
     match (
         wamp,
@@ -610,6 +620,7 @@ fn read(vars: Vec<(String, String)>, not_unicode: Vec<String>) -> Result<Config,
         http,
         metrics_max_procedures,
         log,
+        policies,
     ) {
         (
             Ok(wamp),
@@ -622,6 +633,7 @@ fn read(vars: Vec<(String, String)>, not_unicode: Vec<String>) -> Result<Config,
             Ok(http),
             Ok(metrics_max_procedures),
             Ok(log),
+            Ok(policies),
         ) if r.problems.is_empty() => Ok(Config {
             wamp,
             discovery,
@@ -633,6 +645,7 @@ fn read(vars: Vec<(String, String)>, not_unicode: Vec<String>) -> Result<Config,
             http,
             metrics_max_procedures,
             log,
+            policies,
             warnings: r.warnings,
             settings,
         }),
@@ -773,15 +786,13 @@ fn forward(r: &mut Reader) -> Checked<ForwardConfig> {
     let mode = r.required(&USE_REDIS_MQ, |text| {
         parse::boolean(text).map(|redis| if redis { Mode::Redis } else { Mode::Wamp })
     });
-    let call_timeout = r.required(&CALL_TIMEOUT, |text| {
-        parse::duration_at_least(text, MIN_100MS)
-    });
-    let details_kwarg = r.optional(&DETAILS_KWARG, parse::non_empty);
+    let call_timeout = r.required(&CALL_TIMEOUT, policy_keys::call_timeout);
+    let details_kwarg = r.optional(&DETAILS_KWARG, policy_keys::details_kwarg);
     let order_by = r.required(&ORDER_BY, parse::order_by);
-    let max_in_flight = r.required(&MAX_IN_FLIGHT, |text| parse::number_in(text, 1, 65_536));
-    let batch_max_events = r.required(&BATCH_MAX_EVENTS, |text| parse::number_in(text, 1, 100_000));
+    let max_in_flight = r.required(&MAX_IN_FLIGHT, policy_keys::max_in_flight);
+    let batch_max_events = r.required(&BATCH_MAX_EVENTS, policy_keys::batch_max_events);
     let batch_max_bytes = r.required(&BATCH_MAX_BYTES, parse::byte_size);
-    let batch_in_flight = r.required(&BATCH_IN_FLIGHT, |text| parse::number_in(text, 1, 1024));
+    let batch_in_flight = r.required(&BATCH_IN_FLIGHT, policy_keys::batch_in_flight);
     let batch_linger = r.required(&BATCH_LINGER, parse::duration);
     let queue_capacity = r.required(&QUEUE_CAPACITY, |text| {
         parse::number_in(text, 1, 10_000_000)
@@ -795,12 +806,8 @@ fn forward(r: &mut Reader) -> Checked<ForwardConfig> {
             ],
         )
     });
-    let max_attempts = r.required(&RETRY_MAX_ATTEMPTS, |text| {
-        parse::number_in(text, 1, 1_000_000)
-    });
-    let max_age = r.required(&RETRY_MAX_AGE, |text| {
-        parse::duration_at_least(text, MIN_100MS)
-    });
+    let max_attempts = r.required(&RETRY_MAX_ATTEMPTS, policy_keys::retry_max_attempts);
+    let max_age = r.required(&RETRY_MAX_AGE, policy_keys::retry_max_age);
     let (initial_backoff, max_backoff) = r.backoff_pair(
         (&RETRY_INITIAL_BACKOFF, MIN_10MS),
         (&RETRY_MAX_BACKOFF, MIN_10MS),
@@ -934,7 +941,7 @@ fn queue(r: &mut Reader) -> Checked<QueueConfig> {
     });
     let partitions = r.required(&ORDER_PARTITIONS, |text| parse::number_in(text, 1, 1024));
     let instance_id = r.optional(&INSTANCE_ID, parse::queue_name);
-    let max_deliveries = r.required(&MAX_DELIVERIES, |text| parse::number_in(text, 1, 1000));
+    let max_deliveries = r.required(&MAX_DELIVERIES, policy_keys::max_deliveries);
     let max_backlog = r.required(&QUEUE_MAX_BACKLOG, |text| {
         parse::number_in(text, 0, 1_000_000_000)
     });
@@ -986,6 +993,92 @@ fn queue(r: &mut Reader) -> Checked<QueueConfig> {
         retention_max_events: retention_max_events?,
         new_group_start: new_group_start?,
     })
+}
+
+/// The settings of a procedure no rule matches: the variables'.
+fn default_policy(
+    f: &ForwardConfig,
+    d: &DiscoveryConfig,
+    q: &QueueConfig,
+) -> crate::forward::policy::Policy {
+    crate::forward::policy::Policy {
+        order_by: f.order_by.clone(),
+        call_timeout: f.call_timeout,
+        max_in_flight: None,
+        retry: crate::forward::retry::RetryPolicy {
+            max_attempts: f.retry.max_attempts,
+            max_age: f.retry.max_age,
+            backoff: crate::forward::retry::Backoff {
+                initial: f.retry.initial_backoff,
+                max: f.retry.max_backoff,
+            },
+        },
+        max_deliveries: q.max_deliveries,
+        batching: f.batching,
+        details_kwarg: f.details_kwarg.as_deref().map(std::sync::Arc::from),
+        grace_period: d.grace_period,
+    }
+}
+
+/// `SUBTOCALL_POLICY_FILE`: its rules over the settings read so far.
+fn policies(
+    r: &mut Reader,
+    f: &ForwardConfig,
+    d: &DiscoveryConfig,
+    q: &QueueConfig,
+) -> Checked<std::sync::Arc<crate::policy::Policies>> {
+    let defaults = default_policy(f, d, q);
+    let Some(path) = r.optional(&POLICY_FILE, parse::non_empty)? else {
+        return Ok(std::sync::Arc::new(crate::policy::Policies::none(defaults)));
+    };
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) => {
+            r.report(
+                POLICY_FILE.name,
+                Some(&path),
+                format!("cannot be read: {e}"),
+            );
+            return Err(Reported);
+        }
+    };
+    let context = policy_context(d, f);
+    match crate::policy::Policies::load(PathBuf::from(&path), &text, defaults, &context) {
+        Ok(policies) => {
+            let sets_deliveries = policies
+                .rules()
+                .iter()
+                .any(|rule| rule.overrides.max_deliveries.is_some());
+            if sets_deliveries && q.kind != QueueKind::Redis {
+                r.warn(format!(
+                    "max_deliveries in {path} has no effect without {}=redis",
+                    QUEUE.name
+                ));
+            }
+            Ok(std::sync::Arc::new(policies))
+        }
+        Err(problems) => {
+            for problem in problems {
+                r.report(POLICY_FILE.name, None, problem);
+            }
+            Err(Reported)
+        }
+    }
+}
+
+/// What the policy file's rules are checked against.
+fn policy_context(d: &DiscoveryConfig, f: &ForwardConfig) -> crate::policy::Context {
+    crate::policy::Context {
+        markers: vec![d.marker.clone(), d.batch_marker.clone()],
+        max_in_flight: f.max_in_flight,
+    }
+}
+
+impl Config {
+    /// What a reload of the policy file checks its rules against.
+    pub fn policy_context(&self) -> crate::policy::Context {
+        policy_context(&self.discovery, &self.forward)
+    }
 }
 
 /// `REDIS_URL`, or else the Python SubToCall's `REDIS_HOST` and `REDIS_PORT`.

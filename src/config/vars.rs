@@ -437,6 +437,20 @@ pub(crate) const MAX_IN_FLIGHT: Var = Var {
     group: Group::Forwarding,
 };
 
+pub(crate) const POLICY_FILE: Var = Var {
+    name: "SUBTOCALL_POLICY_FILE",
+    old_names: &[],
+    default: DefaultValue::Unset,
+    accepts: "the path of a readable TOML file of [[policy]] rules",
+    meaning: "Per-procedure delivery policies: rules, each a procedure pattern and settings; \
+              the first rule whose pattern matches a registration's URI gives its settings, \
+              these variables the rest (see \"Per-procedure policies\" below). Read at startup \
+              and again on SIGHUP; a file that is not usable stops startup (exit 2), or on \
+              SIGHUP keeps the rules in effect. Use the same file on every instance.",
+    secret: false,
+    group: Group::Forwarding,
+};
+
 pub(crate) const QUEUE_CAPACITY: Var = Var {
     name: "SUBTOCALL_QUEUE_CAPACITY",
     old_names: &[],
@@ -899,6 +913,7 @@ pub(crate) const VARS: &[&Var] = &[
     &BATCH_IN_FLIGHT,
     &BATCH_LINGER,
     &MAX_IN_FLIGHT,
+    &POLICY_FILE,
     &QUEUE_CAPACITY,
     &OVERFLOW,
     &RETRY_MAX_ATTEMPTS,
@@ -1038,7 +1053,7 @@ pub fn markdown_reference() -> String {
 }
 
 /// Table cells cannot hold a `|`.
-fn markdown_cell(text: &str) -> String {
+pub(crate) fn markdown_cell(text: &str) -> String {
     text.replace('|', "\\|")
 }
 

@@ -69,6 +69,9 @@ struct Pool<T> {
     /// Every fresh event's key was busy at the last try: nothing goes until
     /// a key is freed or an event arrives.
     blocked: bool,
+    /// How its calls are formed: the procedure's (its policy's, as of its
+    /// latest event) or the global settings.
+    s: Batching,
 }
 
 impl<T> Default for Pool<T> {
@@ -81,6 +84,7 @@ impl<T> Default for Pool<T> {
             in_flight: 0,
             busy: HashMap::new(),
             blocked: false,
+            s: Batching::default(),
         }
     }
 }
@@ -168,9 +172,11 @@ impl<T> Pools<T> {
         self.waiting
     }
 
-    /// Adds a newly accepted event to its line's pool.
-    pub fn push(&mut self, line: u64, job: Job<T>, now: Instant) {
+    /// Adds a newly accepted event to its line's pool, whose calls are
+    /// formed by `s` from then on.
+    pub fn push(&mut self, line: u64, job: Job<T>, now: Instant, s: Batching) {
         let pool = self.lines.entry(line).or_default();
+        pool.s = s;
         pool.bytes += size_of(&job);
         // A blocked pool stays blocked by an event whose key is busy too.
         if job.key.is_none_or(|k| !pool.busy.contains_key(&k)) {
@@ -187,12 +193,12 @@ impl<T> Pools<T> {
     /// Lines `skip` names wait (their procedure has no callee).
     pub fn take(
         &mut self,
-        s: &Batching,
         now: Instant,
         hurry: bool,
         skip: &dyn Fn(u64) -> bool,
     ) -> Option<Vec<Job<T>>> {
         for (line, pool) in self.lines.iter_mut() {
+            let s = pool.s;
             if pool.in_flight >= s.in_flight || skip(*line) {
                 continue;
             }
@@ -205,7 +211,7 @@ impl<T> Pools<T> {
                 .map(|(i, _)| i);
             let jobs = match due_retry {
                 Some(i) => pool.retries.swap_remove(i).1,
-                None if pool.due(s, hurry).is_some_and(|at| at <= now) => pool.form(s, now),
+                None if pool.due(&s, hurry).is_some_and(|at| at <= now) => pool.form(&s, now),
                 None => continue,
             };
             if jobs.is_empty() {
@@ -257,18 +263,13 @@ impl<T> Pools<T> {
     /// When [`Pools::take`] next has something to hand out, for a line with
     /// room for another delivery: its earliest retry, or its fresh events'
     /// linger end.
-    pub fn next_wake(
-        &self,
-        s: &Batching,
-        hurry: bool,
-        skip: &dyn Fn(u64) -> bool,
-    ) -> Option<Instant> {
+    pub fn next_wake(&self, hurry: bool, skip: &dyn Fn(u64) -> bool) -> Option<Instant> {
         self.lines
             .iter()
-            .filter(|(line, p)| p.in_flight < s.in_flight && !skip(**line))
+            .filter(|(line, p)| p.in_flight < p.s.in_flight && !skip(**line))
             .flat_map(|(_, p)| {
                 let retry = p.retries.iter().map(|(at, _)| *at).min();
-                retry.into_iter().chain(p.due(s, hurry))
+                retry.into_iter().chain(p.due(&p.s, hurry))
             })
             .min()
     }
@@ -401,16 +402,16 @@ mod tests {
         let t0 = Instant::now();
         let mut p = Pools::default();
         for n in 1..=5 {
-            p.push(1, job(n, None, 10, n.into()), t0);
+            p.push(1, job(n, None, 10, n.into()), t0, s);
         }
         assert_eq!(
-            p.take(&s, t0, false, &NONE).map(|j| items(&j)),
+            p.take(t0, false, &NONE).map(|j| items(&j)),
             Some(vec![1, 2, 3])
         );
-        assert!(p.take(&s, t0, false, &NONE).is_none(), "one call in flight");
+        assert!(p.take(t0, false, &NONE).is_none(), "one call in flight");
         p.finished(1);
         assert_eq!(
-            p.take(&s, t0, false, &NONE).map(|j| items(&j)),
+            p.take(t0, false, &NONE).map(|j| items(&j)),
             Some(vec![4, 5])
         );
         assert_eq!(p.waiting(), 0);
@@ -421,22 +422,16 @@ mod tests {
         let s = batching(100, 25, 9, Duration::ZERO);
         let t0 = Instant::now();
         let mut p = Pools::default();
-        p.push(1, job(1, None, 10, 1), t0);
-        p.push(1, job(2, None, 10, 2), t0);
-        p.push(1, job(3, None, 10, 3), t0);
-        p.push(1, job(4, None, 99, 4), t0);
+        p.push(1, job(1, None, 10, 1), t0, s);
+        p.push(1, job(2, None, 10, 2), t0, s);
+        p.push(1, job(3, None, 10, 3), t0, s);
+        p.push(1, job(4, None, 99, 4), t0, s);
         assert_eq!(
-            p.take(&s, t0, false, &NONE).map(|j| items(&j)),
+            p.take(t0, false, &NONE).map(|j| items(&j)),
             Some(vec![1, 2])
         );
-        assert_eq!(
-            p.take(&s, t0, false, &NONE).map(|j| items(&j)),
-            Some(vec![3])
-        );
-        assert_eq!(
-            p.take(&s, t0, false, &NONE).map(|j| items(&j)),
-            Some(vec![4])
-        );
+        assert_eq!(p.take(t0, false, &NONE).map(|j| items(&j)), Some(vec![3]));
+        assert_eq!(p.take(t0, false, &NONE).map(|j| items(&j)), Some(vec![4]));
     }
 
     #[test]
@@ -444,20 +439,17 @@ mod tests {
         let s = batching(3, 1000, 1, 10 * MS);
         let t0 = Instant::now();
         let mut p = Pools::default();
-        p.push(1, job(1, None, 1, 1), t0);
-        assert!(p.take(&s, t0, false, &NONE).is_none());
-        assert_eq!(p.next_wake(&s, false, &NONE), Some(t0 + 10 * MS));
-        assert!(
-            p.take(&s, t0, true, &NONE).is_some(),
-            "a drain does not linger"
-        );
+        p.push(1, job(1, None, 1, 1), t0, s);
+        assert!(p.take(t0, false, &NONE).is_none());
+        assert_eq!(p.next_wake(false, &NONE), Some(t0 + 10 * MS));
+        assert!(p.take(t0, true, &NONE).is_some(), "a drain does not linger");
         p.finished(1);
         p.resolved(1, &Job::new(0, t0));
         for n in 2..=4 {
-            p.push(1, job(n, None, 1, n.into()), t0 + MS);
+            p.push(1, job(n, None, 1, n.into()), t0 + MS, s);
         }
         assert_eq!(
-            p.take(&s, t0 + MS, false, &NONE).map(|j| items(&j)),
+            p.take(t0 + MS, false, &NONE).map(|j| items(&j)),
             Some(vec![2, 3, 4]),
             "a full call does not wait"
         );
@@ -468,18 +460,18 @@ mod tests {
         let s = batching(10, 1000, 2, Duration::ZERO);
         let t0 = Instant::now();
         let mut p = Pools::default();
-        p.push(1, job(1, Some(7), 1, 1), t0);
-        p.push(1, job(2, Some(7), 1, 2), t0);
-        let first = p.take(&s, t0, false, &NONE).unwrap();
+        p.push(1, job(1, Some(7), 1, 1), t0, s);
+        p.push(1, job(2, Some(7), 1, 2), t0, s);
+        let first = p.take(t0, false, &NONE).unwrap();
         assert_eq!(
             items(&first),
             [1, 2],
             "one key's events in order in a batch"
         );
-        p.push(1, job(3, Some(7), 1, 3), t0);
-        p.push(1, job(4, Some(8), 1, 4), t0);
-        p.push(1, job(5, Some(7), 1, 5), t0);
-        let second = p.take(&s, t0, false, &NONE).unwrap();
+        p.push(1, job(3, Some(7), 1, 3), t0, s);
+        p.push(1, job(4, Some(8), 1, 4), t0, s);
+        p.push(1, job(5, Some(7), 1, 5), t0, s);
+        let second = p.take(t0, false, &NONE).unwrap();
         assert_eq!(items(&second), [4], "key 7 waits for its batch");
         p.finished(1);
         p.finished(1);
@@ -487,7 +479,7 @@ mod tests {
             p.resolved(1, j);
         }
         assert_eq!(
-            p.take(&s, t0, false, &NONE).map(|j| items(&j)),
+            p.take(t0, false, &NONE).map(|j| items(&j)),
             Some(vec![3, 5])
         );
     }
@@ -497,19 +489,19 @@ mod tests {
         let s = batching(10, 1000, 2, Duration::ZERO);
         let t0 = Instant::now();
         let mut p = Pools::default();
-        p.push(1, job(1, Some(7), 1, 1), t0);
-        p.push(1, job(2, None, 1, 2), t0);
-        let batch = p.take(&s, t0, false, &NONE).unwrap();
+        p.push(1, job(1, Some(7), 1, 1), t0, s);
+        p.push(1, job(2, None, 1, 2), t0, s);
+        let batch = p.take(t0, false, &NONE).unwrap();
         p.finished(1);
         p.give_back(1, batch, t0 + 5 * MS);
-        p.push(1, job(3, Some(7), 1, 3), t0);
+        p.push(1, job(3, Some(7), 1, 3), t0, s);
         assert!(
-            p.take(&s, t0, false, &NONE).is_none(),
+            p.take(t0, false, &NONE).is_none(),
             "key 7 waits for the retry"
         );
-        assert_eq!(p.next_wake(&s, false, &NONE), Some(t0 + 5 * MS));
+        assert_eq!(p.next_wake(false, &NONE), Some(t0 + 5 * MS));
         assert_eq!(
-            p.take(&s, t0 + 5 * MS, false, &NONE).map(|j| items(&j)),
+            p.take(t0 + 5 * MS, false, &NONE).map(|j| items(&j)),
             Some(vec![1, 2])
         );
         assert_eq!(p.waiting(), 1);

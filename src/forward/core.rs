@@ -30,6 +30,12 @@
 //! their budget counted from then. They count as waiting (the capacity
 //! bounds them). Pipelines (Redis lists, which need no callee) ignore it.
 //!
+//! Per-procedure policies: a job may carry its procedure's settings
+//! ([`Job::policy`]), which then replace the core's own for its retry
+//! budget, its batch line's [`Batching`], and add a bound of its own on the
+//! procedure's calls in flight (under the global one): a job whose unit is
+//! at that bound is held, in order, until one of the unit's calls ends.
+//!
 //! Batch calls (jobs with a [`Job::batch`] line) wait in their line's pool
 //! instead of the queue and go out many to a delivery under the line's own
 //! in-flight bound ([`Batching`]), outside the per-event one; a failed batch
@@ -110,6 +116,22 @@ struct Line<T> {
     waiting: VecDeque<Job<T>>,
 }
 
+/// A unit with a bound of its own on its calls in flight.
+#[derive(Debug)]
+struct Limited<T> {
+    out: usize,
+    held: VecDeque<Job<T>>,
+}
+
+impl<T> Default for Limited<T> {
+    fn default() -> Self {
+        Limited {
+            out: 0,
+            held: VecDeque::new(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     Running,
@@ -149,6 +171,12 @@ pub struct Forwarder<T, Q> {
     paused: HashMap<u64, VecDeque<Job<T>>, IdHashing>,
     /// Events parked, all units together.
     parked: usize,
+    /// Units under a bound of their own on calls in flight
+    /// ([`super::policy::Policy::max_in_flight`]): their calls out, and
+    /// their events held back meanwhile, in order.
+    limited: HashMap<u64, Limited<T>, IdHashing>,
+    /// Events held back, all units together.
+    held: usize,
     /// When each unit last resumed: its events' retry budget counts from
     /// then at the earliest.
     resumed: HashMap<u64, Instant, IdHashing>,
@@ -197,6 +225,8 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
             open: false,
             paused: HashMap::default(),
             parked: 0,
+            limited: HashMap::default(),
+            held: 0,
             resumed: HashMap::default(),
             state: State::Running,
             counts: Counts::default(),
@@ -253,7 +283,13 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
 
     fn enqueue(&mut self, job: Job<T>, now: Instant) {
         match job.batch {
-            Some(b) => self.pools.push(b.line, job, now),
+            Some(b) => {
+                let batching = job
+                    .policy
+                    .as_deref()
+                    .map_or(self.settings.batching, |p| sane_batching(p.batching));
+                self.pools.push(b.line, job, now, batching)
+            }
             None => self.queue.enqueue(job),
         }
     }
@@ -397,6 +433,19 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
             self.parked -= before - kept.len();
             *parked = kept;
         }
+        for limited in self.limited.values_mut() {
+            let before = limited.held.len();
+            let mut kept = VecDeque::with_capacity(before);
+            for job in limited.held.drain(..) {
+                if pick(&job) {
+                    out.push(job);
+                } else {
+                    kept.push_back(job);
+                }
+            }
+            self.held -= before - kept.len();
+            limited.held = kept;
+        }
         out.extend(self.queue.take_if(&mut pick));
         out.extend(self.pools.take_if(&mut pick));
         for job in &out {
@@ -424,6 +473,7 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
             None => {
                 self.in_flight_each -= jobs.len();
                 for job in &jobs {
+                    self.call_ended(job);
                     self.next_in_line(job);
                 }
             }
@@ -480,8 +530,7 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
         };
         let batch = if self.open {
             let skip = |line: u64| self.paused.contains_key(&line);
-            self.pools
-                .next_wake(&self.settings.batching, self.draining(), &skip)
+            self.pools.next_wake(self.draining(), &skip)
         } else {
             None
         };
@@ -507,6 +556,7 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
             + self.released.len()
             + self.pools.waiting()
             + self.parked
+            + self.held
     }
 
     /// Looks at every event waiting (`false`) and in flight (`true`), for
@@ -517,6 +567,10 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
         self.pools.for_each(&mut waiting);
         self.released.iter().for_each(&mut waiting);
         self.paused.values().flatten().for_each(&mut waiting);
+        self.limited
+            .values()
+            .flat_map(|l| &l.held)
+            .for_each(&mut waiting);
         self.lines
             .values()
             .flat_map(|l| &l.waiting)
@@ -559,21 +613,23 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
             let room = (self.settings.max_in_flight - self.in_flight_each).min(batch_max);
             let mut jobs = Vec::with_capacity(room);
             while jobs.len() < room {
-                match self
+                let Some((job, released)) = self
                     .released
                     .pop_front()
-                    .or_else(|| self.queue.take_ready(now))
-                {
-                    Some(job) => {
-                        let Some(job) = self.unless_paused(job, now) else {
-                            continue;
-                        };
-                        if let Some(mut job) = self.in_order(job) {
-                            job.attempts += 1;
-                            jobs.push(job);
-                        }
-                    }
-                    None => break,
+                    .map(|job| (job, true))
+                    .or_else(|| self.queue.take_ready(now).map(|job| (job, false)))
+                else {
+                    break;
+                };
+                let Some(job) = self.unless_paused(job, now) else {
+                    continue;
+                };
+                let Some(job) = self.in_order(job) else {
+                    continue;
+                };
+                if let Some(mut job) = self.within_bound(job, released) {
+                    job.attempts += 1;
+                    jobs.push(job);
                 }
             }
             if jobs.is_empty() {
@@ -596,7 +652,7 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
         loop {
             let paused = &self.paused;
             let skip = |line: u64| paused.contains_key(&line);
-            let Some(mut jobs) = self.pools.take(&self.settings.batching, now, hurry, &skip) else {
+            let Some(mut jobs) = self.pools.take(now, hurry, &skip) else {
                 break;
             };
             for job in &mut jobs {
@@ -633,6 +689,50 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
             job.budget_from = job.budget_from.max((*at).min(now));
         }
         Some(job)
+    }
+
+    /// A job taken to be delivered: itself unless its procedure is at its
+    /// own bound on calls in flight (then it is held, behind the unit's
+    /// other held jobs). A job `released` (from a key's line, a pause or
+    /// the unit's held ones) goes before the unit's held jobs: it is older.
+    fn within_bound(&mut self, job: Job<T>, released: bool) -> Option<Job<T>> {
+        let Some(bound) = job.policy.as_ref().and_then(|p| p.max_in_flight) else {
+            return Some(job);
+        };
+        if job.batch.is_some() || matches!(self.settings.dispatch, Dispatch::Pipeline { .. }) {
+            return Some(job);
+        }
+        let unit = self.limited.entry(job.unit).or_default();
+        if unit.out < bound && (released || unit.held.is_empty()) {
+            unit.out += 1;
+            return Some(job);
+        }
+        unit.held.push_back(job);
+        self.held += 1;
+        None
+    }
+
+    /// A call of `job` (one to a delivery) ended: under its procedure's
+    /// own bound, the next held job of the unit goes.
+    fn call_ended(&mut self, job: &Job<T>) {
+        if job
+            .policy
+            .as_ref()
+            .is_none_or(|p| p.max_in_flight.is_none())
+            || matches!(self.settings.dispatch, Dispatch::Pipeline { .. })
+        {
+            return;
+        }
+        let Entry::Occupied(mut unit) = self.limited.entry(job.unit) else {
+            return;
+        };
+        unit.get_mut().out = unit.get().out.saturating_sub(1);
+        if let Some(next) = unit.get_mut().held.pop_front() {
+            self.held -= 1;
+            self.released.push_back(next);
+        } else if unit.get().out == 0 {
+            unit.remove();
+        }
     }
 
     /// A job taken to be delivered: itself if it may go now (no key, the
@@ -691,6 +791,9 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
                 self.in_flight_events -= jobs.len();
                 if jobs.first().is_some_and(|j| j.batch.is_none()) {
                     self.in_flight_each -= jobs.len();
+                    for job in &jobs {
+                        self.call_ended(job);
+                    }
                 }
                 Some(jobs)
             }
@@ -732,11 +835,12 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
             return;
         }
         let jitter = self.jitter();
-        match self
-            .settings
-            .retry
-            .next_attempt(job.attempts, job.budget_from, now, jitter)
-        {
+        match retry_of(&self.settings, &job).next_attempt(
+            job.attempts,
+            job.budget_from,
+            now,
+            jitter,
+        ) {
             Some(at) => {
                 self.counts.retried += 1;
                 self.queue.give_back(job, at);
@@ -797,10 +901,10 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
         let attempts = jobs.iter().map(|j| j.attempts).max().unwrap_or(0);
         let oldest = jobs.iter().map(|j| j.budget_from).min().unwrap_or(now);
         let jitter = self.jitter();
-        let at = self
-            .settings
-            .retry
-            .next_attempt(attempts, oldest, now, jitter);
+        let at = jobs
+            .first()
+            .map(|job| retry_of(&self.settings, job))
+            .and_then(|retry| retry.next_attempt(attempts, oldest, now, jitter));
         (at, jitter)
     }
 
@@ -811,9 +915,7 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
         let mut keep = Vec::with_capacity(jobs.len());
         for mut job in jobs {
             job.last_error = Some(error.to_owned());
-            let within_budget = self
-                .settings
-                .retry
+            let within_budget = retry_of(&self.settings, &job)
                 .next_attempt(job.attempts, job.budget_from, now, jitter)
                 .is_some();
             if within_budget {
@@ -842,9 +944,13 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
         let pooled = self.pools.drain();
         let parked: Vec<Job<T>> = self.paused.values_mut().flat_map(|p| p.drain(..)).collect();
         self.parked = 0;
+        let mut held: Vec<Job<T>> = self.limited.drain().flat_map(|(_, l)| l.held).collect();
+        held.sort_by_key(|j| j.seq);
+        self.held = 0;
         for job in released
             .into_iter()
             .chain(parked)
+            .chain(held)
             .chain(waiting)
             .chain(pooled)
             .chain(self.queue.drain())
@@ -883,5 +989,21 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
         x ^= x >> 27;
         self.rng = x;
         (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// The retry budget of `job`: its procedure's, or the core's.
+fn retry_of<'a, T>(settings: &'a Settings, job: &'a Job<T>) -> &'a RetryPolicy {
+    job.policy
+        .as_deref()
+        .map_or(&settings.retry, |policy| &policy.retry)
+}
+
+/// `batching` with the floors the core keeps.
+fn sane_batching(batching: Batching) -> Batching {
+    Batching {
+        max_events: batching.max_events.max(1),
+        in_flight: batching.in_flight.max(1),
+        ..batching
     }
 }

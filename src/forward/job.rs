@@ -4,7 +4,10 @@
 //! back, and how a sink takes deliveries ([`Dispatch`]). A leaf: it
 //! imports none of them.
 
+use std::sync::Arc;
 use std::time::Instant;
+
+use super::policy::Policy;
 
 /// Names one delivery (one attempt at one event, or at a pipeline batch) so
 /// that its outcome finds its way back.
@@ -50,6 +53,10 @@ pub struct Job<T> {
     /// Set for an event of a batch procedure: delivered many to a call (see
     /// [`super::batch`]).
     pub batch: Option<Batched>,
+    /// Its procedure's settings when a rule of the policy file applies to
+    /// it (`None`: the global ones). Carried, not looked up: an event keeps
+    /// the policy it was accepted under.
+    pub policy: Option<Arc<Policy>>,
     /// Set by the forwarding core when it accepts the job: its place in the
     /// order of acceptance.
     pub(super) seq: u64,
@@ -69,6 +76,7 @@ impl<T> Job<T> {
             last_error: None,
             key: None,
             batch: None,
+            policy: None,
             seq: 0,
             batched_out: false,
         }
@@ -82,6 +90,11 @@ impl<T> Job<T> {
     /// The same job as an event of procedure `unit` (its hash).
     pub fn with_unit(self, unit: u64) -> Job<T> {
         Job { unit, ..self }
+    }
+
+    /// The same job under its procedure's policy (`None`: the global one).
+    pub fn with_policy(self, policy: Option<Arc<Policy>>) -> Job<T> {
+        Job { policy, ..self }
     }
 
     /// The same job as an event of a batch procedure, or not.

@@ -12,6 +12,7 @@ pub mod envelope;
 pub mod job;
 pub mod key;
 pub mod outcome;
+pub mod policy;
 pub mod queue;
 pub mod retry;
 

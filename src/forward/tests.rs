@@ -53,6 +53,29 @@ fn pipeline_with(
     f
 }
 
+/// A procedure's policy: the test settings' retry with `max_attempts`,
+/// its own bound on calls in flight and its own batching.
+fn policy(
+    max_attempts: u32,
+    max_in_flight: Option<usize>,
+    batching: Batching,
+) -> std::sync::Arc<policy::Policy> {
+    let base = settings(1, 1, Dispatch::Each);
+    std::sync::Arc::new(policy::Policy {
+        order_by: crate::config::OrderBy::None,
+        call_timeout: S,
+        max_in_flight,
+        retry: RetryPolicy {
+            max_attempts,
+            ..base.retry
+        },
+        max_deliveries: 5,
+        batching,
+        details_kwarg: None,
+        grace_period: Duration::ZERO,
+    })
+}
+
 fn outputs<T, Q: Queue<T>>(f: &mut Forwarder<T, Q>) -> Vec<Output<T>> {
     std::iter::from_fn(|| f.poll()).collect()
 }
@@ -474,10 +497,24 @@ mod model {
         /// Each item's attempts that count: a failure while its procedure
         /// had no callee does not.
         attempts: BTreeMap<u32, u32>,
+        /// Plain unit 11's policy: its own retry budget (1 or 2 attempts)
+        /// and bound on calls in flight; batch line 1's: its own batching.
+        bounded: std::sync::Arc<policy::Policy>,
+        line_policy: std::sync::Arc<policy::Policy>,
+        /// Items accepted with a history (their attempts exceed budgets).
+        taken: BTreeSet<u32>,
     }
 
     impl World {
         fn new(s: Settings) -> World {
+            World::with_policies(s, policy(3, None, s.batching), policy(3, None, s.batching))
+        }
+
+        fn with_policies(
+            s: Settings,
+            bounded: std::sync::Arc<policy::Policy>,
+            line_policy: std::sync::Arc<policy::Policy>,
+        ) -> World {
             World {
                 f: Forwarder::new(MemoryQueue::new(), s, 42),
                 now: Instant::now(),
@@ -496,6 +533,9 @@ mod model {
                 units: BTreeMap::new(),
                 paused: BTreeSet::new(),
                 attempts: BTreeMap::new(),
+                bounded,
+                line_policy,
+                taken: BTreeSet::new(),
             }
         }
 
@@ -521,6 +561,24 @@ mod model {
                     .units
                     .get(&item)
                     .is_some_and(|u| self.paused.contains(u))
+        }
+
+        /// The policy an item of `unit` is accepted with.
+        fn policy_of(&self, unit: u64) -> Option<std::sync::Arc<policy::Policy>> {
+            match unit {
+                11 => Some(self.bounded.clone()),
+                1 => Some(self.line_policy.clone()),
+                _ => None,
+            }
+        }
+
+        /// The batching of `line`: line 1's policy's, or the settings'.
+        fn batching_of(&self, line: u64) -> Batching {
+            if line == 1 {
+                self.line_policy.batching
+            } else {
+                self.batching
+            }
         }
 
         /// A plain item's unit: one of the two plain procedures.
@@ -582,13 +640,14 @@ mod model {
                                 items.iter().all(|i| self.line_of(*i) == Some(line)),
                                 "a batch holds one line's events only"
                             );
-                            prop_assert!(items.len() <= self.batching.max_events);
+                            let batching = self.batching_of(line);
+                            prop_assert!(items.len() <= batching.max_events);
                             let out = self
                                 .flying
                                 .values()
                                 .filter(|v| self.line_of(v[0]) == Some(line))
                                 .count();
-                            prop_assert!(out < self.batching.in_flight, "batch calls in flight");
+                            prop_assert!(out < batching.in_flight, "batch calls in flight");
                         } else {
                             prop_assert!(items.iter().all(|i| self.line_of(*i).is_none()));
                         }
@@ -631,6 +690,38 @@ mod model {
                                 self.flying.values().all(|v| !v.contains(item)),
                                 "item {item} twice in flight"
                             );
+                        }
+                        if !self.pipeline
+                            && let Some(bound) = self.bounded.max_in_flight
+                        {
+                            let unit_11 = |i: &&u32| {
+                                self.line_of(**i).is_none() && self.units.get(*i) == Some(&11)
+                            };
+                            let out = self.flying.values().flatten().filter(unit_11).count()
+                                + items.iter().filter(unit_11).count();
+                            prop_assert!(
+                                out <= bound,
+                                "unit 11 has {} calls out, its bound is {}",
+                                out,
+                                bound
+                            );
+                            for item in items.iter().filter(unit_11) {
+                                let job = self
+                                    .f
+                                    .delivery(id)
+                                    .unwrap()
+                                    .iter()
+                                    .find(|j| j.item == *item)
+                                    .unwrap();
+                                prop_assert!(
+                                    self.taken.contains(item)
+                                        || job.attempts <= self.bounded.retry.max_attempts,
+                                    "item {} attempted {} times, its procedure allows {}",
+                                    item,
+                                    job.attempts,
+                                    self.bounded.retry.max_attempts
+                                );
+                            }
                         }
                         self.flying.insert(id, items);
                         let keys_flying: BTreeSet<u64> = self
@@ -703,7 +794,9 @@ mod model {
                     self.next_item += 1;
                     self.resolved.insert(self.next_item, false);
                     let unit = self.plain_unit(self.next_item);
-                    let job = Job::new(self.next_item, self.now).with_unit(unit);
+                    let job = Job::new(self.next_item, self.now)
+                        .with_unit(unit)
+                        .with_policy(self.policy_of(unit));
                     self.f.accept_job(job, self.now);
                 }
                 Op::AcceptKeyed(key) => {
@@ -715,7 +808,8 @@ mod model {
                     self.units.insert(self.next_item, unit);
                     let job = Job::new(self.next_item, self.now)
                         .with_key(Some(key))
-                        .with_unit(unit);
+                        .with_unit(unit)
+                        .with_policy(self.policy_of(unit));
                     self.f.accept_job(job, self.now);
                 }
                 Op::AcceptBatched(line, key) => {
@@ -733,7 +827,8 @@ mod model {
                     let job = Job::new(self.next_item, self.now)
                         .with_unit(line)
                         .with_key(key)
-                        .with_batch(Some(batched));
+                        .with_batch(Some(batched))
+                        .with_policy(self.policy_of(line));
                     self.f.accept_job(job, self.now);
                 }
                 Op::AcceptTaken(ago, attempts) => {
@@ -745,9 +840,12 @@ mod model {
                         .unwrap_or(self.now);
                     let unit = self.plain_unit(self.next_item);
                     self.attempts.insert(self.next_item, attempts);
+                    self.taken.insert(self.next_item);
                     let job = Job {
                         attempts,
-                        ..Job::new(self.next_item, received).with_unit(unit)
+                        ..Job::new(self.next_item, received)
+                            .with_unit(unit)
+                            .with_policy(self.policy_of(unit))
                     };
                     self.f.accept_job(job, self.now);
                 }
@@ -833,13 +931,20 @@ mod model {
             dispatch in dispatch(),
             drop_oldest in any::<bool>(),
             batching in batching(),
+            line_batching in batching(),
+            bound in prop::option::of(1..3usize),
+            attempts in 1..3u32,
         ) {
             let mut s = settings(capacity, max_in_flight, dispatch);
             s.batching = batching;
             if drop_oldest {
                 s.overflow = OverflowPolicy::DropOldest;
             }
-            let mut w = World::new(s);
+            let mut w = World::with_policies(
+                s,
+                policy(attempts, bound, batching),
+                policy(3, None, line_batching),
+            );
             for op in ops {
                 w.apply(op)?;
             }
