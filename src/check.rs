@@ -234,10 +234,14 @@ async fn check_registrations(
     };
     let mapper = Mapper::new(marker, config.discovery.filter.clone());
     let mut served = 0;
+    let mut matched = vec![false; config.policies.rules().len()];
     for reg in registrations {
         match mapper.classify(&reg.uri, reg.match_policy) {
             Classification::Shared(key, group) => {
                 served += 1;
+                if let Some(i) = config.policies.resolve(&reg.uri).rule {
+                    matched[i] = true;
+                }
                 let pattern = match key.policy {
                     MatchPolicy::Wildcard => " (wildcard)",
                     _ => "",
@@ -250,11 +254,12 @@ async fn check_registrations(
                     Ok(id) => {
                         let _ = client.unsubscribe(id).await;
                         report.ok(format!(
-                            "serves {} (invoke {}) <- topic {}{pattern}, {}",
+                            "serves {} (invoke {}) <- topic {}{pattern}, {}; policy: {}",
                             reg.uri,
                             reg.invoke,
                             key.topic,
-                            GroupName(&group)
+                            GroupName(&group),
+                            policy_line(&config.policies, &reg.uri)
                         ));
                     }
                     Err(e) => {
@@ -281,12 +286,52 @@ async fn check_registrations(
             Classification::Ordinary => {}
         }
     }
+    if let Some(source) = config.policies.source() {
+        report.ok(format!(
+            "policy file {}: {} rules, content {}",
+            source.path.display(),
+            config.policies.rules().len(),
+            source.hash
+        ));
+    }
+    for (rule, _) in config
+        .policies
+        .rules()
+        .iter()
+        .zip(&matched)
+        .filter(|(_, m)| !**m)
+    {
+        report.warn(format!(
+            "policy rule {:?} (line {}) matches no registration",
+            rule.pattern, rule.line
+        ));
+    }
     if served == 0 {
         report.warn(format!(
             "no {}-registrations yet: nothing to forward until a backend registers one \
              (subtocall picks them up while running)",
             config.discovery.marker
         ));
+    }
+}
+
+/// The rule that applies to `uri` and the settings it changes, or
+/// `defaults`.
+fn policy_line(policies: &crate::policy::Policies, uri: &str) -> String {
+    let resolved = policies.resolve(uri);
+    let Some(policy) = resolved.policy else {
+        return "defaults".to_owned();
+    };
+    let changed: Vec<String> = policies
+        .differences(&policy)
+        .into_iter()
+        .map(|(key, value)| format!("{key}={value}"))
+        .collect();
+    let rule = policies.describe(resolved.rule);
+    if changed.is_empty() {
+        format!("{rule}, no setting changed")
+    } else {
+        format!("{rule}: {}", changed.join(", "))
     }
 }
 

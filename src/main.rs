@@ -597,7 +597,9 @@ async fn run(config: Config) -> ExitCode {
     let metrics = Arc::new(Metrics::new());
     let shutdown = CancellationToken::new();
     tokio::spawn(watch_signals(shutdown.clone()));
-    tokio::spawn(watch_hangups(metrics.clone()));
+    // One reload waiting is enough: SIGHUPs meanwhile read the same file.
+    let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(watch_hangups(metrics.clone(), reload_tx));
     // The listener stops after the app has drained, so /metrics and /readyz
     // answer (not ready) during the drain.
     let http_stop = CancellationToken::new();
@@ -630,7 +632,8 @@ async fn run(config: Config) -> ExitCode {
         mode = ?config.forward.mode,
         "subtocall starting"
     );
-    let result = subtocall::app::run(config, metrics, shutdown, Some(status_rx)).await;
+    let result =
+        subtocall::app::run(config, metrics, shutdown, Some(status_rx), Some(reload_rx)).await;
     http_stop.cancel();
     match result {
         Ok(_) => ExitCode::SUCCESS,
@@ -665,10 +668,10 @@ async fn watch_signals(shutdown: CancellationToken) {
     std::process::exit(130);
 }
 
-/// SIGHUP, the operator's reload habit, must not end the process (its
-/// default action). There is nothing to reload yet: every setting comes
-/// from the environment, read once at start. Counted and said in the log.
-async fn watch_hangups(metrics: Arc<Metrics>) {
+/// SIGHUP, the operator's reload habit: the loop reads the policy file
+/// again (the variables are read only at start). It must not end the
+/// process (its default action). Counted.
+async fn watch_hangups(metrics: Arc<Metrics>, reload: tokio::sync::mpsc::Sender<()>) {
     use tokio::signal::unix::{SignalKind, signal};
     let Ok(mut hangup) = signal(SignalKind::hangup()) else {
         tracing::warn!("cannot install the SIGHUP handler; SIGHUP would stop subtocall");
@@ -676,10 +679,9 @@ async fn watch_hangups(metrics: Arc<Metrics>) {
     };
     while hangup.recv().await.is_some() {
         metrics.reload_signals.inc();
-        tracing::info!(
-            "SIGHUP: nothing to reload (the settings come from the environment, read at start); \
-             going on as before"
-        );
+        // Full: a reload is waiting already, and it reads the file as it
+        // is now.
+        let _ = reload.try_send(());
     }
 }
 

@@ -89,6 +89,8 @@ pub struct Metrics {
     pub groups: Gauge,
     /// SIGHUPs received (each answered in the log; the process goes on).
     pub reload_signals: Counter,
+    pub policy_reloads: Counter,
+    pub policy_reload_failures: Counter,
     /// Groups whose backends are away (within their grace period): their
     /// events wait.
     pub groups_waiting: Gauge,
@@ -337,7 +339,17 @@ impl Metrics {
         let reload_signals = counter(
             r,
             "reload_signals",
-            "SIGHUPs received: each is said in the log and the process goes on (there is nothing to reload: the settings come from the environment)",
+            "SIGHUPs received: each reloads SUBTOCALL_POLICY_FILE when one is set (the variables are read only at start)",
+        );
+        let policy_reloads = counter(
+            r,
+            "policy_reloads",
+            "Reloads of SUBTOCALL_POLICY_FILE that applied (new events follow the new rules)",
+        );
+        let policy_reload_failures = counter(
+            r,
+            "policy_reload_failures",
+            "Reloads of SUBTOCALL_POLICY_FILE refused (unreadable or bad file): the rules in effect stay; /status says why",
         );
         let router_reconnects = counter(
             r,
@@ -505,6 +517,8 @@ impl Metrics {
             groups,
             groups_waiting,
             reload_signals,
+            policy_reloads,
+            policy_reload_failures,
             events_unordered,
             order_released,
             router_connected,

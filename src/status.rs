@@ -44,6 +44,40 @@ pub struct Status {
     /// Every variable with the value in effect (`set` false: the default);
     /// secrets are `***`, URLs without passwords or query values.
     pub configuration: Vec<Setting>,
+    /// `SUBTOCALL_POLICY_FILE`, when set: what is loaded, and the last
+    /// reload refused.
+    #[serde(default)]
+    pub policy_file: Option<PolicyFile>,
+}
+
+/// The policy file in effect. Its content hash is the same on instances
+/// that read the same file: compare them across instances.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct PolicyFile {
+    pub path: String,
+    pub rules: u64,
+    /// FNV-1a 64 of the content loaded, hex.
+    pub content_hash: String,
+    /// RFC 3339, UTC.
+    pub loaded_at: String,
+    /// Why the last reload (SIGHUP) was refused, when it was; the rules
+    /// loaded before stay in effect. Cleared by a reload that applies.
+    pub last_reload_error: Option<String>,
+    pub last_reload_error_at: Option<String>,
+}
+
+/// A mapping's delivery settings: the rule that gives them (`None`: the
+/// variables), every setting in effect, and the names of those a rule
+/// changed.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct MappingPolicy {
+    /// The rule's pattern, `None` for the defaults.
+    pub rule: Option<String>,
+    /// Its line in the file.
+    pub line: Option<u64>,
+    pub settings: BTreeMap<String, String>,
+    /// The settings that differ from the variables'.
+    pub overrides: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -179,6 +213,9 @@ pub struct Mapping {
     /// RFC 3339, UTC.
     pub last_error_at: Option<String>,
     pub last_error_seconds: Option<f64>,
+    /// Its delivery settings in effect.
+    #[serde(default)]
+    pub policy: MappingPolicy,
 }
 
 /// One Redis list or stream events are pushed to (Redis mode).
@@ -643,6 +680,46 @@ pub fn render(s: &Status) -> String {
         out.push_str("dead-lettered by reason:\n");
         out.push_str(&dead.join("\n"));
         out.push('\n');
+    }
+    if let Some(file) = &s.policy_file {
+        let _ = writeln!(
+            out,
+            "\npolicy file {}: {} rules, content {}, loaded {}",
+            file.path, file.rules, file.content_hash, file.loaded_at
+        );
+        if let Some(e) = &file.last_reload_error {
+            let _ = writeln!(
+                out,
+                "  LAST RELOAD REFUSED ({}), the rules above stay: {}",
+                file.last_reload_error_at.as_deref().unwrap_or("?"),
+                e.replace('\n', "; ")
+            );
+        }
+        for m in &s.mappings {
+            let name = m.procedure.as_deref().unwrap_or(&m.topic);
+            let rule = match (&m.policy.rule, m.policy.line) {
+                (Some(p), Some(line)) => format!("rule {p:?} (line {line})"),
+                (Some(p), None) => format!("rule {p:?}"),
+                _ => "defaults".to_owned(),
+            };
+            let changed: Vec<String> = m
+                .policy
+                .overrides
+                .iter()
+                .map(|k| {
+                    format!(
+                        "{k}={}",
+                        m.policy.settings.get(k).map_or("?", String::as_str)
+                    )
+                })
+                .collect();
+            let _ = writeln!(
+                out,
+                "  {name}: {rule}{}{}",
+                if changed.is_empty() { "" } else { ": " },
+                changed.join(", ")
+            );
+        }
     }
 
     if q.name.is_some() {

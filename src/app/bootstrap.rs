@@ -65,6 +65,10 @@ impl Bootstrap {
         &self.discovery
     }
 
+    pub fn discovery_mut(&mut self) -> &mut Discovery {
+        &mut self.discovery
+    }
+
     /// A new session: discovery starts from nothing, meta topics first,
     /// but for the groups it knew (and those kept from before this
     /// process): they read their topics for their grace period unless

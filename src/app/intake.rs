@@ -14,6 +14,7 @@ use crate::discovery::{self, Destination, Discovery};
 use crate::forward::dedup::{DEFAULT_CAPACITY, Dedup};
 use crate::forward::envelope::{Outgoing, SharedEvent};
 use crate::forward::key::{KeyOf, OrderKey};
+use crate::forward::policy::Policy;
 use crate::forward::{Batched, Job};
 use crate::metrics::Metrics;
 use crate::wamp::connection::Refused;
@@ -56,7 +57,7 @@ impl Intake {
         event: E,
         discovery: &Discovery,
         ledger: &mut Ledger,
-        prepare: impl Fn(&SharedEvent) -> Outgoing,
+        prepare: impl Fn(&SharedEvent, Option<&Policy>) -> Outgoing,
         now: Instant,
         mut accept: impl FnMut(Job<Box<SharedEvent>>),
     ) {
@@ -77,10 +78,11 @@ impl Intake {
             for_each_group((event, topic), each, |d, (event, topic)| {
                 let mut event = event.into_shared(d.procedure, topic, received);
                 event.retain = std::mem::take(&mut first);
-                event.outgoing = prepare(&event);
+                event.outgoing = prepare(&event, d.policy.as_deref());
                 let job = Job::new(Box::new(event), now);
                 let metrics = Some(&*ledger.metrics);
-                let (mut job, key) = shaped(&self.order_by, metrics, job, d.batch, d.unit);
+                let (mut job, key) =
+                    shaped(&self.order_by, metrics, job, d.batch, d.unit, d.policy);
                 if let (Some(partitions), Some(key)) = (self.lanes, key) {
                     job.item.lane = Some(key.partition(partitions));
                 }
@@ -218,21 +220,27 @@ fn order_key(
     key.key()
 }
 
-/// `job` with its ordering key, its procedure's `unit` (its hash) and,
-/// for a batch procedure's event, its batch line (the same hash) and size.
+/// `job` with its ordering key (under its procedure's `policy`, else
+/// `order_by`), its procedure's `unit` (its hash), its policy and, for a
+/// batch procedure's event, its batch line (the same hash) and size.
 pub fn shaped(
     order_by: &OrderBy,
     metrics: Option<&Metrics>,
     job: Job<Box<SharedEvent>>,
     batch: bool,
     unit: u64,
+    policy: Option<Arc<Policy>>,
 ) -> (Job<Box<SharedEvent>>, Option<OrderKey>) {
+    let order_by = policy.as_ref().map_or(order_by, |p| &p.order_by);
     let key = order_key(order_by, metrics, &job.item);
     let batch = batch.then(|| Batched {
         line: unit,
         bytes: job.item.batch_size(),
     });
-    let job = job.with_key(key.map(|k| k.line)).with_unit(unit);
+    let job = job
+        .with_key(key.map(|k| k.line))
+        .with_unit(unit)
+        .with_policy(policy);
     (job.with_batch(batch), key)
 }
 

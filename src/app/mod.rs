@@ -18,6 +18,7 @@ mod dead_letter_log;
 mod fatal;
 mod intake;
 mod ledger;
+mod policies;
 mod procedure_metrics;
 mod redis_queue;
 mod sidecar;
@@ -60,15 +61,18 @@ const FINAL_GRACE: Duration = Duration::from_secs(3);
 /// error. Returns how many events went where.
 ///
 /// `status` brings `/status`'s requests; the loop answers them between
-/// other work.
+/// other work. Each message on `reloads` (a SIGHUP) reads the policy file
+/// again.
 pub async fn run(
     config: Arc<Config>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     status: Option<mpsc::Receiver<StatusRequest>>,
+    reloads: Option<mpsc::Receiver<()>>,
 ) -> Result<Summary, Fatal> {
     let mut app = App::new(&config, metrics.clone())?;
     app.status_requests = status;
+    app.reloads = reloads;
     app.load_kept_groups().await;
     let result = app.run(&shutdown).await;
     app.finish().await;
@@ -117,6 +121,8 @@ struct App {
     streams: Option<QueueIo>,
     /// `/status`'s requests, and what it shows that does not change.
     status_requests: Option<mpsc::Receiver<StatusRequest>>,
+    /// SIGHUPs: read the policy file again.
+    reloads: Option<mpsc::Receiver<()>>,
     shown: Shown,
     /// When the current session joined.
     joined_at: Option<(Instant, std::time::SystemTime)>,
@@ -145,6 +151,7 @@ impl App {
             dead_letter_task: parts.dead_letter_task,
             streams: parts.streams,
             status_requests: None,
+            reloads: None,
             shown: parts.shown,
             joined_at: None,
             kept: parts.kept,
@@ -235,9 +242,30 @@ impl App {
                 Some(reply) = next_status_request(&mut self.status_requests) => {
                     let _ = reply.send((self.status(), self.shown.probe.clone()));
                 }
+                Some(()) = next_reload(&mut self.reloads) => self.reload_policies(),
                 _ = timer.sleep.as_mut(), if wake.is_some() => {}
             }
         }
+    }
+
+    /// SIGHUP: the policy file read again, if there is one.
+    fn reload_policies(&mut self) {
+        let path = self
+            .sidecar
+            .policies()
+            .and_then(|p| p.current().source())
+            .map(|s| s.path.clone());
+        let Some(path) = path else {
+            tracing::info!(
+                "SIGHUP: no SUBTOCALL_POLICY_FILE to reload (the variables are read only at start); going on as before"
+            );
+            return;
+        };
+        tracing::info!(path = %path.display(), "SIGHUP: reading the policy file again");
+        // A small file: read in the loop, between two turns.
+        let text = std::fs::read_to_string(&path);
+        self.sidecar
+            .reload_policies(text, Instant::now().into_std());
     }
 
     /// `/status`, as far as this loop knows it.
@@ -496,6 +524,20 @@ impl App {
         }
         self.metrics.router_connected.set(0);
         self.metrics.ready.set(0);
+    }
+}
+
+/// The next SIGHUP; never, once the sender is gone.
+async fn next_reload(reloads: &mut Option<mpsc::Receiver<()>>) -> Option<()> {
+    match reloads.as_mut() {
+        Some(rx) => match rx.recv().await {
+            Some(()) => Some(()),
+            None => {
+                *reloads = None;
+                std::future::pending().await
+            }
+        },
+        None => std::future::pending().await,
     }
 }
 

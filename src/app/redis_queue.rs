@@ -194,16 +194,18 @@ impl RedisQueue {
 
     /// An entry handed out, as a job with its history: received when it
     /// was added to the stream, attempted once per earlier hand-out, its
-    /// outgoing form made by the delivering `sink`.
+    /// outgoing form made by the delivering `sink` under its procedure's
+    /// `policy`.
     pub fn job<T>(
         handed: &Handed<Fields>,
         mut event: SharedEvent,
         sink: &dyn Sink<T>,
+        policy: Option<&crate::forward::policy::Policy>,
         now: Instant,
     ) -> Job<Box<SharedEvent>> {
         let added = SystemTime::UNIX_EPOCH + Duration::from_millis(handed.key.id.0);
         let age = SystemTime::now().duration_since(added).unwrap_or_default();
-        event.outgoing = sink.prepare(&event);
+        event.outgoing = sink.prepare(&event, policy);
         event.entry = Some(EntryRef {
             key: handed.key.clone(),
             deliveries: handed.deliveries,

@@ -23,6 +23,7 @@ use super::bootstrap::Bootstrap;
 use super::fatal::Fatal;
 use super::intake::{self, EventIn, Intake};
 use super::ledger::Ledger;
+use super::policies::PolicyState;
 use super::procedure_metrics::{Live, ProcedureMetrics};
 use super::redis_queue::{self, QueueEvent, QueueIo, RedisQueue};
 use super::stage::{Role, Stage, Stages};
@@ -30,6 +31,7 @@ use super::token::Token;
 use crate::config::OrderBy;
 use crate::discovery::Discovery;
 use crate::forward::envelope::SharedEvent;
+use crate::forward::policy::Policy;
 use crate::forward::{DeliveryId, EventCore, Failure, GiveUp, Job, Output};
 use crate::metrics::Metrics;
 use crate::sink::{Report, Sink, Started};
@@ -75,6 +77,9 @@ pub struct Sidecar {
     /// Events that found no room there: dead-lettered (overflow).
     held_over: Vec<Job<Box<SharedEvent>>>,
     holding_capacity: usize,
+    /// The policy file's rules, and each group's policy (`None` in tests
+    /// built without a configuration: the global settings).
+    policies: Option<PolicyState>,
 }
 
 /// A group as the sidecar last saw it.
@@ -119,7 +124,50 @@ impl Sidecar {
             holding: HashMap::new(),
             held_over: Vec::new(),
             holding_capacity: 10_000,
+            policies: None,
         }
+    }
+
+    /// Applies the policy file's rules (`state`): discovery resolves each
+    /// group's policy with them.
+    pub fn with_policies(mut self, state: PolicyState) -> Sidecar {
+        self.bootstrap
+            .discovery_mut()
+            .set_policies(state.current().clone());
+        self.policies = Some(state);
+        self
+    }
+
+    /// The policy file read again after SIGHUP (`text`, or why it could
+    /// not be read). A usable file applies to the events accepted from now
+    /// on; a bad one changes nothing, and is said in the log and in
+    /// `/status`.
+    pub fn reload_policies(&mut self, text: std::io::Result<String>, now: Instant) {
+        let Some(state) = &mut self.policies else {
+            return;
+        };
+        let m = &self.ledger.metrics;
+        match state.reload(text) {
+            Ok(policies) => {
+                m.policy_reloads.inc();
+                tracing::info!(
+                    rules = policies.rules().len(),
+                    hash = policies.source().map_or("", |s| s.hash.as_str()),
+                    "policy file reloaded: events accepted from now on follow its rules"
+                );
+                self.bootstrap.discovery_mut().set_policies(policies);
+                self.sync_groups(now);
+            }
+            Err(why) => {
+                m.policy_reload_failures.inc();
+                tracing::warn!(error = %why, "policy file not reloaded: the rules in effect stay");
+            }
+        }
+    }
+
+    /// The policy file's rules in effect and the last refused reload.
+    pub fn policies(&self) -> Option<&PolicyState> {
+        self.policies.as_ref()
     }
 
     /// Gives each group seen for the first time its topic's retained
@@ -223,13 +271,21 @@ impl Sidecar {
     /// meta event that made it, before an EVENT for it can be taken in.
     fn sync_groups(&mut self, now: Instant) {
         let synced = self.bootstrap.is_synced();
+        let states: Vec<crate::discovery::GroupState> =
+            self.bootstrap.discovery().group_states().collect();
+        if let Some(state) = &mut self.policies {
+            for (procedure, max) in state.note_groups(states.iter(), synced) {
+                if let Some(q) = &mut self.queue {
+                    q.queue.set_max_deliveries(&procedure, max);
+                }
+            }
+        }
         if !synced && self.start == crate::config::GroupStart::Now {
             return;
         }
         let wall = std::time::SystemTime::now();
         let mut seen: HashMap<Arc<str>, GroupSeen> = HashMap::with_capacity(self.groups.len());
-        let discovery = self.bootstrap.discovery();
-        for g in discovery.group_states() {
+        for g in states {
             let before = self.groups.get(&g.procedure).copied();
             let now_seen = GroupSeen {
                 unit: g.unit,
@@ -251,7 +307,10 @@ impl Sidecar {
                 self.holding.insert(g.procedure.clone(), Vec::new());
                 tracing::info!(procedure = %g.procedure, topic = %g.topic.topic, "a new group: giving it its topic's retained events first");
                 let shape = redis_queue::Shape {
-                    order_by: self.intake.order_by().clone(),
+                    order_by: g
+                        .policy
+                        .as_ref()
+                        .map_or_else(|| self.intake.order_by().clone(), |p| p.order_by.clone()),
                     partitions: self.intake.partitions(),
                 };
                 q.start_backfill(g.procedure.clone(), g.topic.topic.clone(), shape);
@@ -426,14 +485,18 @@ impl Sidecar {
                 }
                 return;
             }
+            let mut job = job;
             if let Some(q) = queue {
                 // Its stream is read from now on (a no-op once it is).
                 q.queue.add_procedure(&job.item.procedure, now);
+                // Admission follows the global settings; the procedure's
+                // policy applies where the entry is delivered.
+                job.policy = None;
             }
             core.accept_job(job, now);
         };
         let discovery = self.bootstrap.discovery();
-        let prepare = |e: &SharedEvent| sink.prepare(e);
+        let prepare = |e: &SharedEvent, policy: Option<&Policy>| sink.prepare(e, policy);
         self.intake
             .on_event(event, discovery, &mut self.ledger, prepare, now, accept);
         for mut job in std::mem::take(&mut self.held_over) {
@@ -729,10 +792,12 @@ impl Sidecar {
                     .discovery()
                     .marker()
                     .is_batch(&event.procedure);
-                let job = RedisQueue::job(&handed, event, &*stage.sink, now);
+                let policy = self.policies.as_ref().and_then(|p| p.of(&event.procedure));
+                let job = RedisQueue::job(&handed, event, &*stage.sink, policy.as_deref(), now);
                 // Counted unordered when it was admitted, not again.
                 let unit = crate::forward::key::fnv1a64(job.item.procedure.as_bytes());
-                let (job, _) = intake::shaped(self.intake.order_by(), None, job, batch, unit);
+                let (job, _) =
+                    intake::shaped(self.intake.order_by(), None, job, batch, unit, policy);
                 stage.core.accept_job(job, now);
             }
             Err((why, shown)) => {
@@ -749,7 +814,7 @@ impl Sidecar {
         };
         match redis_queue::read_entry(&handed) {
             Ok(event) => {
-                let mut job = RedisQueue::job(&handed, event, &*stage.sink, now);
+                let mut job = RedisQueue::job(&handed, event, &*stage.sink, None, now);
                 job.last_error = Some(format!(
                     "handed out {} times (SUBTOCALL_MAX_DELIVERIES): an instance that \
                      delivered it may have died each time",

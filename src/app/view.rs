@@ -76,7 +76,47 @@ impl Shown {
             mappings: mappings(sidecar, now),
             redis_targets: Vec::new(),
             configuration: self.settings.clone(),
+            policy_file: policy_file(sidecar),
         }
+    }
+}
+
+/// The policy file as `/status` shows it.
+fn policy_file(sidecar: &Sidecar) -> Option<status::PolicyFile> {
+    let state = sidecar.policies()?;
+    let policies = state.current();
+    let source = policies.source()?;
+    let (error_at, error) = state.last_error().cloned().unzip();
+    Some(status::PolicyFile {
+        path: source.path.display().to_string(),
+        rules: policies.rules().len() as u64,
+        content_hash: source.hash.clone(),
+        loaded_at: status::rfc3339(source.loaded_at),
+        last_reload_error: error,
+        last_reload_error_at: error_at.map(status::rfc3339),
+    })
+}
+
+/// A mapping's settings in effect as `/status` shows them.
+pub fn mapping_policy(
+    policies: &crate::policy::Policies,
+    rule: Option<usize>,
+    policy: Option<&crate::forward::policy::Policy>,
+) -> status::MappingPolicy {
+    let effective = policies.effective(policy);
+    let rule = rule.and_then(|i| policies.rules().get(i));
+    status::MappingPolicy {
+        rule: rule.map(|r| r.pattern.clone()),
+        line: rule.map(|r| r.line as u64),
+        settings: crate::config::policy_keys::POLICY_KEYS
+            .iter()
+            .map(|k| (k.name.to_owned(), k.show(effective)))
+            .collect(),
+        overrides: policies
+            .differences(effective)
+            .into_iter()
+            .map(|(name, _)| name.to_owned())
+            .collect(),
     }
 }
 
@@ -122,6 +162,10 @@ pub fn mappings(sidecar: &Sidecar, now: Instant) -> Vec<status::Mapping> {
                 .map(|id| bootstrap.callees(*id))
                 .sum::<Option<u64>>();
             let (last_error, last_error_at) = counts.last_error.unzip();
+            let policy = sidecar
+                .policies()
+                .map(|p| mapping_policy(p.current(), m.rule, m.policy))
+                .unwrap_or_default();
             status::Mapping {
                 topic: m.topic.topic.clone(),
                 match_policy: m.topic.policy.as_str().to_owned(),
@@ -155,6 +199,7 @@ pub fn mappings(sidecar: &Sidecar, now: Instant) -> Vec<status::Mapping> {
                 last_error_at: last_error_at.map(status::rfc3339),
                 last_error_seconds: last_error_at
                     .map(|at| status::seconds(wall.duration_since(at).unwrap_or_default())),
+                policy,
             }
         })
         .collect()

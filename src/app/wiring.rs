@@ -149,6 +149,11 @@ pub fn build(config: &Config, metrics: &Arc<Metrics>) -> Result<Parts, Fatal> {
             now,
         )
         .with_procedure_metrics(config.metrics_max_procedures)
+        .with_policies(super::policies::PolicyState::new(
+            config.policies.clone(),
+            config.policy_context(),
+            (config.queue.kind == config::QueueKind::Redis).then(|| config.orders_any()),
+        ))
     };
     let mut kept = None;
     let (sidecar, streams) = match config.queue.kind {
@@ -338,7 +343,7 @@ fn start_streams(
 /// Partitions per procedure for keyed events: with per-key ordering on the
 /// Redis queue.
 fn partitions(config: &Config) -> Option<u16> {
-    (config.forward.order_by != config::OrderBy::None).then_some(config.queue.partitions)
+    config.orders_any().then_some(config.queue.partitions)
 }
 
 /// This process's consumer name in the group: host, pid and a random part,

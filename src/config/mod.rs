@@ -1075,6 +1075,21 @@ fn policy_context(d: &DiscoveryConfig, f: &ForwardConfig) -> crate::policy::Cont
 }
 
 impl Config {
+    /// Whether any procedure is ordered: by `SUBTOCALL_ORDER_BY` or by a
+    /// rule of the policy file (the Redis queue then has partitions).
+    pub fn orders_any(&self) -> bool {
+        self.forward.order_by != OrderBy::None || self.policies.orders_any()
+    }
+
+    /// How `procedure`'s events are ordered: its rule's `order_by`, else
+    /// `SUBTOCALL_ORDER_BY` (for the tools that move entries by hand).
+    pub fn order_by_of(&self, procedure: &str) -> OrderBy {
+        match self.policies.resolve(procedure).policy {
+            Some(policy) => policy.order_by.clone(),
+            None => self.forward.order_by.clone(),
+        }
+    }
+
     /// What a reload of the policy file checks its rules against.
     pub fn policy_context(&self) -> crate::policy::Context {
         policy_context(&self.discovery, &self.forward)

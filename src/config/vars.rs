@@ -1049,8 +1049,82 @@ pub fn markdown_reference() -> String {
             ));
         }
     }
+    out.push('\n');
+    out.push_str(POLICY_INTRO);
+    out.push_str(&super::policy_keys::policy_markdown());
+    out.push_str(POLICY_OUTRO);
     out
 }
+
+/// The policy file's part of the reference, around the table of its keys.
+const POLICY_INTRO: &str = r#"### Per-procedure policies (`SUBTOCALL_POLICY_FILE`)
+
+The variables above apply to every procedure. A policy file gives some
+procedures settings of their own: a TOML file of `[[policy]]` rules, each a
+`procedure` pattern and settings. For each registration, the **first** rule
+whose pattern matches its URI (the group suffix included, e.g.
+`com.example.SUB_orders__billing`) applies; the variables remain the
+defaults of everything that rule does not set, and of procedures no rule
+matches.
+
+```toml
+[[policy]]
+procedure = "com.example.SUB_orders*"
+order_by = "kwarg:order_id"
+call_timeout = "5m"
+max_in_flight = 8          # this procedure's calls in flight at once
+
+[[policy]]
+procedure = "com.example.SUB_presence"
+call_timeout = "1s"
+retry_max_attempts = 1
+```
+
+Patterns: `*` matches any run of characters, dots included; every other
+character stands for itself. There is no `?` and there are no character
+classes (a pattern holding `?`, `[`, `]`, `{` or `}` is refused). A value is
+a TOML string, or a whole number where the variable takes one (a bare number
+of seconds for a duration). Each key accepts exactly what its variable
+accepts, within the same bounds (one parser serves both):
+
+"#;
+
+const POLICY_OUTRO: &str = r#"
+`max_in_flight` bounds the procedure's calls in flight under
+`SUBTOCALL_MAX_IN_FLIGHT`, which still bounds all procedures together (a rule
+may not set more). `max_deliveries` applies with `SUBTOCALL_QUEUE=redis`
+only. Batch settings apply to batch procedures (`SUBBATCH_`).
+
+**Errors.** At startup every problem of the file is reported at once, each as
+`SUBTOCALL_POLICY_FILE: FILE:LINE: …`, and subtocall exits with code 2: TOML
+that does not parse, an unknown key (with the nearest known one), a bad
+value, a rule without `procedure`, a pattern that cannot match a
+registration subtocall serves (e.g. its last component does not start with
+`SUBTOCALL_MARKER` or `SUBTOCALL_BATCH_MARKER`), a pattern repeated (the
+second could never apply), `retry_max_backoff` below `retry_initial_backoff`
+once the rule is over the defaults. A rule that matches no registration is a
+warning in the log once discovery has the registration list, and in
+`subtocall check`.
+
+**Reloading.** `kill -HUP` reads the file again. A usable file applies to the
+events accepted from then on (each event keeps the policy it was accepted
+under; with the Redis queue, to the entries handed out from then on); an
+ordered procedure's events already waiting keep their order. A file that is
+not usable changes nothing: the rules in effect stay, and the reason is in
+the log, in `/status` (`policy_file.last_reload_error`) and counted
+(`subtocall_policy_reload_failures_total`). With the Redis queue a reload
+cannot order a procedure when the instance started with no ordering at all
+(`SUBTOCALL_ORDER_BY=none` and no rule setting `order_by`): its streams have
+no partitions, so that reload is refused; restart the instances instead. The
+other variables are read only at start.
+
+**Several instances.** Give every instance the same file: a procedure's
+events are delivered by whichever instance reads them, under that instance's
+rules. `/status` shows each instance's `policy_file.content_hash` (and
+`subtocall status` prints it), so a difference is visible; `/status` also
+gives each mapping's rule and settings in effect (`mappings[].policy`), and
+`subtocall check` the rule and changed settings of each registration.
+"#;
 
 /// Table cells cannot hold a `|`.
 pub(crate) fn markdown_cell(text: &str) -> String {

@@ -304,6 +304,8 @@ pub struct Destination {
     /// The procedure's hash ([`crate::forward::key::fnv1a64`]): the unit
     /// that waits while the group has no callee, and its batch line.
     pub unit: u64,
+    /// The group's policy (`None`: the global settings).
+    pub policy: Option<Arc<crate::forward::policy::Policy>>,
 }
 
 /// A group of an exact topic as [`Discovery::group_states`] gives it.
@@ -317,6 +319,10 @@ pub struct GroupState {
     /// No callee now (its last registration left; within its grace
     /// period): its events wait.
     pub away: bool,
+    /// The policy file's rule that applies (its index), and its settings;
+    /// `None`: the defaults.
+    pub rule: Option<usize>,
+    pub policy: Option<Arc<crate::forward::policy::Policy>>,
 }
 
 /// One group of one topic, as [`Discovery::mappings`] lists it.
@@ -335,6 +341,10 @@ pub struct Mapping<'a> {
     pub subscription_state: &'static str,
     /// Its last registration left; it stays for the grace period.
     pub in_grace: bool,
+    /// The policy file's rule that applies (its index), and its settings;
+    /// `None`: the defaults.
+    pub rule: Option<usize>,
+    pub policy: Option<&'a crate::forward::policy::Policy>,
 }
 
 /// Why an EVENT cannot be routed. Both mean: drop the event and count it.
@@ -358,6 +368,9 @@ pub enum RouteError {
 pub struct Discovery {
     mapper: Mapper,
     grace: Duration,
+    /// The policy file's rules: each group's policy is resolved once, when
+    /// the group is first seen, and again by [`Discovery::set_policies`].
+    policies: Option<Arc<crate::policy::Policies>>,
     retry_delay: Duration,
     /// SUB_ registrations, by id: the only thing that makes a topic wanted.
     tracked: HashMap<RegistrationId, Tracked, IdHashing>,
@@ -430,6 +443,10 @@ struct Members {
     unit: u64,
     /// The group's [`group_mix`], for de-duplication per group.
     mix: u64,
+    /// The policy file's rule that applies (its index) and its settings;
+    /// `None`: the defaults.
+    rule: Option<usize>,
+    policy: Option<Arc<crate::forward::policy::Policy>>,
 }
 
 impl Topic {
@@ -442,10 +459,15 @@ impl Topic {
 }
 
 impl Members {
-    fn new(key: &TopicKey, group: &Group, marker: &Marker) -> Members {
+    fn new(
+        key: &TopicKey,
+        group: &Group,
+        marker: &Marker,
+        policies: Option<&crate::policy::Policies>,
+    ) -> Members {
         let procedure: Option<Arc<str>> = (key.policy == MatchPolicy::Exact)
             .then(|| marker.procedure_for(&key.topic, group).into());
-        Members {
+        let mut members = Members {
             registrations: BTreeSet::new(),
             grace_until: None,
             unit: procedure
@@ -453,7 +475,32 @@ impl Members {
                 .map_or(0, |p| crate::forward::key::fnv1a64(p.as_bytes())),
             procedure,
             mix: group_mix(group.name.as_deref(), group.batch),
-        }
+            rule: None,
+            policy: None,
+        };
+        members.resolve(key, group, marker, policies);
+        members
+    }
+
+    /// Its policy under `policies`: the first rule matching its
+    /// registration's URI.
+    fn resolve(
+        &mut self,
+        key: &TopicKey,
+        group: &Group,
+        marker: &Marker,
+        policies: Option<&crate::policy::Policies>,
+    ) {
+        let resolved = policies.map(|p| match &self.procedure {
+            Some(procedure) => p.resolve(procedure),
+            None => p.resolve(&marker.procedure_for(&key.topic, group)),
+        });
+        (self.rule, self.policy) = resolved.map_or((None, None), |r| (r.rule, r.policy));
+    }
+
+    /// How long it reads after its last registration left.
+    fn grace(&self, default: Duration) -> Duration {
+        self.policy.as_ref().map_or(default, |p| p.grace_period)
     }
 }
 
@@ -494,6 +541,7 @@ impl Discovery {
         Discovery {
             mapper: Mapper::new(marker, filter),
             grace: grace_period,
+            policies: None,
             retry_delay: DEFAULT_RETRY_DELAY,
             tracked: HashMap::default(),
             ignored: HashSet::new(),
@@ -513,9 +561,24 @@ impl Discovery {
         self
     }
 
-    /// How long a group whose last registration left keeps reading.
+    /// How long a group whose last registration left keeps reading
+    /// (unless its policy says otherwise).
     pub fn grace(&self) -> Duration {
         self.grace
+    }
+
+    /// Resolves each group's policy from these rules, now and for groups
+    /// seen from now on (at startup, and after a reload of the file).
+    /// Events accepted from then on carry the new policies.
+    pub fn set_policies(&mut self, policies: Arc<crate::policy::Policies>) {
+        let policies = (!policies.rules().is_empty()).then_some(policies);
+        let marker = self.mapper.marker();
+        for (key, topic) in &mut self.topics {
+            for (group, members) in &mut topic.groups {
+                members.resolve(key, group, marker, policies.as_deref());
+            }
+        }
+        self.policies = policies;
     }
 
     pub fn marker(&self) -> &Marker {
@@ -837,6 +900,7 @@ impl Discovery {
                         mix: m.mix,
                         batch: group.batch,
                         unit: m.unit,
+                        policy: m.policy.clone(),
                     });
                 }
             }
@@ -854,6 +918,7 @@ impl Discovery {
                 procedure,
                 mix: m.mix,
                 batch: group.batch,
+                policy: m.policy.clone(),
             });
         }
         Ok(topic)
@@ -898,6 +963,8 @@ impl Discovery {
                     subscription,
                     subscription_state: state,
                     in_grace: members.grace_until.is_some(),
+                    rule: members.rule,
+                    policy: members.policy.as_deref(),
                 });
             }
         }
@@ -915,6 +982,8 @@ impl Discovery {
                     topic: key.clone(),
                     group: group.clone(),
                     away: m.registrations.is_empty(),
+                    rule: m.rule,
+                    policy: m.policy.clone(),
                 })
             })
         })
@@ -931,7 +1000,7 @@ impl Discovery {
             .values()
             .flat_map(|t| t.groups.values())
             .filter_map(|m| {
-                let until = m.grace_until.unwrap_or(now + self.grace);
+                let until = m.grace_until.unwrap_or(now + m.grace(self.grace));
                 Some((m.procedure.clone()?, until))
             })
             .collect()
@@ -952,6 +1021,7 @@ impl Discovery {
             return true;
         }
         let marker = self.mapper.marker();
+        let policies = self.policies.as_deref();
         let topic = self.topics.entry(key.clone()).or_insert_with(|| Topic {
             groups: BTreeMap::new(),
             subscription: SubState::None,
@@ -959,7 +1029,7 @@ impl Discovery {
         let members = topic
             .groups
             .entry(group.clone())
-            .or_insert_with(|| Members::new(&key, &group, marker));
+            .or_insert_with(|| Members::new(&key, &group, marker, policies));
         if members.registrations.is_empty() {
             members.grace_until = Some(members.grace_until.map_or(until, |u| u.max(until)));
         }
@@ -1023,10 +1093,11 @@ impl Discovery {
             subscription: SubState::None,
         });
         let marker = self.mapper.marker();
+        let policies = self.policies.as_deref();
         let members = topic
             .groups
             .entry(group.clone())
-            .or_insert_with(|| Members::new(&key, &group, marker));
+            .or_insert_with(|| Members::new(&key, &group, marker, policies));
         members.registrations.insert(id);
         let resumed = members.grace_until.take().is_some();
         self.out.push(Output::Note(Note::RegistrationTracked {
@@ -1084,13 +1155,13 @@ impl Discovery {
         if !members.registrations.is_empty() {
             return;
         }
-        members.grace_until = Some(now + self.grace);
+        let grace = members.grace(self.grace);
+        members.grace_until = Some(now + grace);
         let holds_subscription = matches!(
             topic.subscription,
             SubState::Subscribing | SubState::Subscribed(_)
         );
-        if holds_subscription && !self.grace.is_zero() {
-            let grace = self.grace;
+        if holds_subscription && !grace.is_zero() {
             self.note(Note::GraceStarted {
                 topic: key,
                 group,

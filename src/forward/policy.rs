@@ -12,7 +12,7 @@ use crate::config::OrderBy;
 
 /// Every delivery setting of one procedure, the rule's values over the
 /// environment's.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Policy {
     pub order_by: OrderBy,
     /// Deadline of one forwarding attempt.

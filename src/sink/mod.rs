@@ -14,6 +14,7 @@ use std::time::Instant;
 use futures_util::future::BoxFuture;
 
 use crate::forward::envelope::{Outgoing, SharedEvent};
+use crate::forward::policy::Policy;
 use crate::forward::{DeliveryId, Dispatch, Job, Outcome};
 use crate::wamp::session::Session;
 
@@ -53,8 +54,9 @@ pub fn groups_in_order<K: PartialEq>(keys: impl IntoIterator<Item = K>) -> Vec<(
 }
 
 pub trait Sink<T> {
-    /// What this sink sends for `event`, built once at accept time.
-    fn prepare(&self, event: &SharedEvent) -> Outgoing;
+    /// What this sink sends for `event`, built once at accept time, under
+    /// its procedure's `policy` (`None`: the global settings).
+    fn prepare(&self, event: &SharedEvent, policy: Option<&Policy>) -> Outgoing;
     /// How the forwarding core should group events into deliveries.
     fn dispatch(&self) -> Dispatch;
     /// Whether deliveries go through the router session (and wait for one).

@@ -5,6 +5,7 @@
 //! transaction. Also stores dead letters when a dead-letter list is
 //! configured.
 
+use crate::forward::policy::Policy;
 use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Instant;
@@ -65,7 +66,7 @@ impl RedisSink {
 }
 
 impl<T> Sink<T> for RedisSink {
-    fn prepare(&self, event: &SharedEvent) -> Outgoing {
+    fn prepare(&self, event: &SharedEvent, _policy: Option<&Policy>) -> Outgoing {
         Outgoing::Envelope(event.envelope_json())
     }
 

@@ -22,6 +22,7 @@
 //! no `XTRIM ... ACKED`), so entries acknowledged out of order behind it
 //! still count until it is acknowledged too.
 
+use crate::forward::policy::Policy;
 use std::borrow::Cow;
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
@@ -250,7 +251,7 @@ async fn run(cmd: &redis::Cmd, conn: &mut Conn) -> redis::RedisResult<Pushed> {
 }
 
 impl<T> Sink<T> for StreamSink {
-    fn prepare(&self, event: &SharedEvent) -> Outgoing {
+    fn prepare(&self, event: &SharedEvent, _policy: Option<&Policy>) -> Outgoing {
         Outgoing::Envelope(event.envelope_json())
     }
 

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use super::{Report, Sink, Started};
 use crate::forward::envelope::{EventPayload, Outgoing, SharedEvent};
+use crate::forward::policy::Policy;
 use crate::forward::{DeliveryId, Dispatch, Failure, Job};
 use crate::wamp::batch::{BatchWriter, Parts};
 use crate::wamp::session::Session;
@@ -21,8 +22,12 @@ pub struct WampSink {
 }
 
 impl<T: From<DeliveryId>> Sink<T> for WampSink {
-    fn prepare(&self, event: &SharedEvent) -> Outgoing {
-        match (&self.details_kwarg, &event.payload) {
+    fn prepare(&self, event: &SharedEvent, policy: Option<&Policy>) -> Outgoing {
+        let details_kwarg = match policy {
+            Some(policy) => &policy.details_kwarg,
+            None => &self.details_kwarg,
+        };
+        match (details_kwarg, &event.payload) {
             // The hot path: the payload goes out as it came in, undecoded.
             (None, _) => Outgoing::AsReceived,
             (Some(kwarg), _) => match event.call_payload(Some(kwarg)) {
@@ -52,7 +57,11 @@ impl<T: From<DeliveryId>> Sink<T> for WampSink {
             let not_joined = Failure::Call(RequestError::NotJoined);
             return Started::Done(Report::All(Err(not_joined)));
         };
-        let deadline = Some(now + self.call_timeout);
+        let call_timeout = match jobs.first().and_then(|j| j.policy.as_deref()) {
+            Some(policy) => policy.call_timeout,
+            None => self.call_timeout,
+        };
+        let deadline = Some(now + call_timeout);
         let job = match jobs {
             [first, ..] if first.batch.is_some() => {
                 let procedure = first.item.procedure.clone();
@@ -113,12 +122,13 @@ impl WampSink {
             .map(|j| j.batch.map_or(0, |b| b.bytes as usize))
             .sum();
         let mut writer = BatchWriter::new(serializer, jobs.len(), bytes);
+        let details_kwarg = match jobs.first().and_then(|j| j.policy.as_deref()) {
+            Some(policy) => policy.details_kwarg.as_deref(),
+            None => self.details_kwarg.as_deref(),
+        };
         for job in jobs {
             let event = &job.item;
-            let details = self
-                .details_kwarg
-                .as_deref()
-                .map(|kwarg| (kwarg, event.details()));
+            let details = details_kwarg.map(|kwarg| (kwarg, event.details()));
             writer.push(
                 event.batch_parts(),
                 &event.topic,

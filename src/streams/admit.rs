@@ -19,6 +19,7 @@
 //! Offering again is harmless (the claim refuses it), so a batch that failed
 //! half-way is simply retried whole.
 
+use crate::forward::policy::Policy;
 use std::collections::HashSet;
 use std::io::Write as _;
 use std::sync::{Arc, Mutex};
@@ -982,7 +983,7 @@ fn parse_admitted(value: &Value, stored: &[Bytes]) -> (u64, u64, Vec<Got<Fields>
 }
 
 impl<T> Sink<T> for AdmitSink {
-    fn prepare(&self, _event: &SharedEvent) -> Outgoing {
+    fn prepare(&self, _event: &SharedEvent, _policy: Option<&Policy>) -> Outgoing {
         // The entry is made of the payload as received: nothing to build.
         Outgoing::AsReceived
     }

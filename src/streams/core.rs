@@ -537,6 +537,8 @@ pub struct QueueCore<T> {
     /// Procedures without a callee: their streams are not read (their
     /// events wait in Redis, not in this instance).
     paused: BTreeSet<Arc<str>>,
+    /// Procedures whose policy sets its own `max_deliveries`.
+    max_deliveries_of: HashMap<Arc<str>, u32>,
     units: BTreeMap<Unit, UnitState>,
     // Indexes over `units`, so that a tick costs nothing per idle stream.
     /// Streams that may have entries not read yet (plain ones, and
@@ -622,6 +624,7 @@ impl<T> QueueCore<T> {
             every,
             procedures: BTreeSet::new(),
             paused: BTreeSet::new(),
+            max_deliveries_of: HashMap::new(),
             units: BTreeMap::new(),
             dirty: BTreeSet::new(),
             taking: BTreeSet::new(),
@@ -699,6 +702,20 @@ impl<T> QueueCore<T> {
     pub fn pause(&mut self, procedure: &str) {
         if !self.paused.contains(procedure) {
             self.paused.insert(Arc::from(procedure));
+        }
+    }
+
+    /// Hand-outs of `procedure`'s entries before they are dead-lettered:
+    /// its policy's (`Some`), or [`Settings::max_deliveries`].
+    pub fn set_max_deliveries(&mut self, procedure: &str, max: Option<u32>) {
+        match max {
+            Some(max) => {
+                self.max_deliveries_of
+                    .insert(Arc::from(procedure), max.max(1));
+            }
+            None => {
+                self.max_deliveries_of.remove(procedure);
+            }
         }
     }
 
@@ -1514,7 +1531,11 @@ impl<T> QueueCore<T> {
             return 0;
         }
         let running = self.state == State::Running;
-        let max = self.s.max_deliveries;
+        let max = self
+            .max_deliveries_of
+            .get(&unit.procedure)
+            .copied()
+            .unwrap_or(self.s.max_deliveries);
         let owned_until = at + self.s.claim_idle - self.margin;
         let release_idle = self.release_idle();
         let Some(u) = self.units.get_mut(unit) else {

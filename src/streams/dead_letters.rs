@@ -119,7 +119,7 @@ pub async fn run(
                     };
                     // Keyed: back into its key's partition.
                     let partition = partitions.and_then(|n| {
-                        crate::forward::key::key_of(&config.forward.order_by, &event)
+                        crate::forward::key::key_of(&config.order_by_of(&procedure), &event)
                             .key()
                             .map(|k| k.partition(n))
                     });

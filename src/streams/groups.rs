@@ -257,7 +257,7 @@ fn round(d: Duration) -> Duration {
 /// The streams of a procedure: plain, and its partitions with ordering.
 fn streams(keys: &Keys, procedure: &str, config: &Config) -> Vec<String> {
     let mut all = vec![keys.stream(procedure)];
-    if config.forward.order_by != crate::config::OrderBy::None {
+    if config.orders_any() {
         for k in 0..config.queue.partitions {
             all.push(keys.stream(&super::lane(procedure, k)));
         }

@@ -155,8 +155,7 @@ pub(crate) async fn connect_tool(
         .await
         .map_err(|e| format!("cannot reach Redis: {e}"))?;
     let keys = Keys::new(&config.queue.name);
-    let partitions = (config.forward.order_by != crate::config::OrderBy::None)
-        .then_some(config.queue.partitions);
+    let partitions = config.orders_any().then_some(config.queue.partitions);
     Ok((conn, keys, partitions))
 }
 

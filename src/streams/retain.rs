@@ -255,7 +255,7 @@ pub async fn replay(
             let stream = match partitions {
                 Some(n) => {
                     let event = entry::decode(procedure, r.stored.clone())?;
-                    let lane = crate::forward::key::key_of(&config.forward.order_by, &event)
+                    let lane = crate::forward::key::key_of(&config.order_by_of(procedure), &event)
                         .key()
                         .map(|k| k.partition(n));
                     keys.stream_of(&super::core::Unit {
