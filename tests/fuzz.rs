@@ -55,6 +55,11 @@ fn every_saved_queue_entry_input_passes_the_queue_entry_check() {
     run_saved("queue_entry", checks::queue_entry);
 }
 
+#[test]
+fn every_saved_policy_file_passes_the_policy_file_check() {
+    run_saved("policy_file", checks::policy_file);
+}
+
 // ---- a bounded run over generated inputs ------------------------------------
 
 /// Any value either decoder can produce, including what only one of them
@@ -215,5 +220,43 @@ proptest! {
                 checks::queue_entry(&stored);
             }
         }
+    }
+}
+
+/// Policy files: the saved ones cut, spliced and mutated line by line
+/// (keys, values and headers moved around), and arbitrary text.
+fn policy_text() -> impl Strategy<Value = String> {
+    let seeds: Vec<String> = regressions("policy_file")
+        .iter()
+        .map(|f| fs::read_to_string(f).expect("a seed is text"))
+        .collect();
+    let lines: Vec<String> = seeds
+        .iter()
+        .flat_map(|s| s.lines().map(str::to_owned))
+        .chain(["[[policy]]".to_owned(), "procedure = \"*\"".to_owned()])
+        .collect();
+    prop_oneof![
+        proptest::collection::vec(proptest::sample::select(lines), 0..12)
+            .prop_map(|l| l.join("\n")),
+        "(\\PC|\n){0,200}",
+        proptest::collection::vec(
+            prop_oneof![
+                Just("[[policy]]\n".to_owned()),
+                "[a-z_]{1,22}".prop_map(|k| format!("{k} = ")),
+                "\"[a-zA-Z0-9.*_:? ]{0,20}\"\n",
+                "[0-9_]{1,12}\n",
+            ],
+            0..20
+        )
+        .prop_map(|parts| parts.concat()),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(1024))]
+
+    #[test]
+    fn generated_policy_files_pass_the_policy_file_check(text in policy_text()) {
+        checks::policy_file(text.as_bytes());
     }
 }

@@ -93,12 +93,13 @@ Usage: subtocall-bench --subtocall PATH [options]   (normally run by scripts/ben
   --baseline-commit REV the commit the baseline build was made from (for the report)
   --repo DIR            repository root (default: current directory)
   --venv DIR            the Crossbar virtualenv (default: scripts/setup-crossbar.sh)
-  --only LIST           comma-separated parts: ceiling,paced,callgrind,crossbar,redis,queue,idle,ordering
+  --only LIST           comma-separated parts: ceiling,paced,callgrind,crossbar,redis,queue,idle,ordering,policy
                         (queue: the Redis queue beside the memory queue, against the
                         loopback peer and at the moderate rate through Crossbar, and
                         idle; idle: 1,000 procedures, two idle instances;
                         ordering: the ceiling with SUBTOCALL_ORDER_BY and 1, 100
-                        and 10,000 keys beside it without)
+                        and 10,000 keys beside it without; policy: instructions per
+                        event with a policy file of 100 rules beside none)
   --repeats N           runs per figure (default 5)
   --latency-repeats N   runs per path at the moderate rate (default 3)
   --rate N              the moderate rate through Crossbar, events/s (default 500)
@@ -209,6 +210,7 @@ fn run() -> Result<()> {
         redis_stream: Vec::new(),
         redis_benchmark_xadd: Vec::new(),
         ordering: Vec::new(),
+        policy_instructions: Vec::new(),
         envelope_bytes: envelope_bytes(),
         measure_s: ctx.measure.as_secs_f64(),
         router_warmup_s: ctx.router_warmup.as_secs_f64(),
@@ -255,6 +257,34 @@ fn run() -> Result<()> {
                 results.ordering.push((keys, r));
             }
         }
+    }
+    if wants("policy") {
+        log("part 6: instructions per event with a policy file of 100 rules (callgrind)");
+        let file = ctx.work.join("policies-100.toml");
+        std::fs::write(&file, policy_file_of_100_rules())?;
+        let (small, large) = (5_000, 25_000);
+        let per = |extra: &[(&str, String)]| -> anyhow::Result<f64> {
+            let a =
+                ceiling::callgrind_total(&ctx, &ctx.subtocall, Serializer::MsgPack, small, extra)?;
+            let b =
+                ceiling::callgrind_total(&ctx, &ctx.subtocall, Serializer::MsgPack, large, extra)?;
+            Ok(b.saturating_sub(a) as f64 / (large - small) as f64)
+        };
+        let none = per(&[])?;
+        let rules = per(&[("SUBTOCALL_POLICY_FILE", file.display().to_string())])?;
+        // The figure means something only if the rules were in effect: the
+        // sidecar (logging warnings only) says each of the 99 that match
+        // nothing, and not the last.
+        let text = std::fs::read_to_string(ctx.work.join("subtocall-callgrind.log"))?;
+        let unmatched = text.matches("matches no registration").count();
+        if unmatched != 99 || text.contains(&format!("rule={}", peer::PROCEDURE)) {
+            anyhow::bail!("the sidecar under callgrind did not load the 100 rules:\n{text}");
+        }
+        log(&format!(
+            "  no file {none:.0}, 100 rules {rules:.0} instructions per event ({:+.2}%)",
+            (rules / none - 1.0) * 100.0
+        ));
+        results.policy_instructions.push((none, rules));
     }
     if wants("paced") {
         log(&format!(
@@ -681,4 +711,23 @@ fn date_utc() -> String {
     let t = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
     // 2026-11-22T10:21:58Z -> 2026-11-22 10:21 UTC
     format!("{} {} UTC", &t[..10], &t[11..16])
+}
+
+/// A policy file of 100 rules in which the loopback peer's procedure
+/// (`bench.SUB_ev`) matches only the last: 99 patterns tried and missed
+/// once per registration, and a rule that applies (its events carry a
+/// policy of their own).
+fn policy_file_of_100_rules() -> String {
+    let mut text = String::new();
+    for i in 0..99 {
+        text.push_str(&format!(
+            "[[policy]]\nprocedure = \"bench.other{i}.SUB_*\"\ncall_timeout = \"{}s\"\n\n",
+            10 + i
+        ));
+    }
+    text.push_str(&format!(
+        "[[policy]]\nprocedure = \"{}\"\ncall_timeout = \"29s\"\nretry_max_attempts = 4\n",
+        peer::PROCEDURE
+    ));
+    text
 }

@@ -3,7 +3,8 @@
 //! encoded again. `tests/fuzz.rs` includes this file as a module, so stable
 //! CI runs every saved input in `fuzz/regressions/` and a bounded generated
 //! run through exactly these assertions. A violated check panics, which is
-//! what the fuzzer reports. May call only `subtocall::wamp`.
+//! what the fuzzer reports. May call only `subtocall::wamp`, the queue
+//! entry's codec and the policy file's parser.
 
 use subtocall::streams::entry;
 use subtocall::wamp::codec::{Serializer, json_string_to_bytes};
@@ -236,5 +237,76 @@ pub fn queue_entry(stored: &[u8]) {
         (Ok(a), Ok(b)) => assert_eq!(format!("{a:?}"), format!("{b:?}")),
         (Err(_), Err(_)) => {}
         (a, b) => panic!("stored again, its payload changed: {a:?} then {b:?}"),
+    }
+}
+
+/// A policy file as an operator writes it (`SUBTOCALL_POLICY_FILE`): read
+/// as text, it is either rules or problems, never a panic. Every problem
+/// names the file and a line of it; every rule starts on a line of it; the
+/// first rule a procedure resolves to matches it.
+pub fn policy_file(bytes: &[u8]) {
+    use std::sync::Arc;
+    use std::time::Duration;
+    use subtocall::forward::batch::Batching;
+    use subtocall::forward::policy::Policy;
+    use subtocall::forward::retry::{Backoff, RetryPolicy};
+    use subtocall::policy::{Context, Policies, glob_matches};
+
+    let text = String::from_utf8_lossy(bytes);
+    let defaults = Policy {
+        order_by: subtocall::config::OrderBy::None,
+        call_timeout: Duration::from_secs(30),
+        max_in_flight: None,
+        retry: RetryPolicy {
+            max_attempts: 5,
+            max_age: Duration::from_secs(300),
+            backoff: Backoff {
+                initial: Duration::from_millis(500),
+                max: Duration::from_secs(30),
+            },
+        },
+        max_deliveries: 5,
+        batching: Batching::default(),
+        details_kwarg: None::<Arc<str>>,
+        grace_period: Duration::from_secs(600),
+    };
+    let context = Context {
+        markers: vec!["SUB_".into(), "SUBBATCH_".into()],
+        max_in_flight: 256,
+    };
+    let lines = text.matches('\n').count() + 1;
+    match Policies::load("f.toml".into(), &text, defaults, &context) {
+        Ok(policies) => {
+            for (i, rule) in policies.rules().iter().enumerate() {
+                assert!(
+                    (1..=lines).contains(&rule.line),
+                    "rule {i} on line {}",
+                    rule.line
+                );
+                // A rule's own pattern, read as a URI, resolves to it or to
+                // an earlier rule that matches it too.
+                let resolved = policies.resolve(&rule.pattern);
+                let first = resolved.rule.expect("a pattern matches itself");
+                assert!(first <= i);
+                assert!(glob_matches(
+                    &policies.rules()[first].pattern,
+                    &rule.pattern
+                ));
+            }
+        }
+        Err(problems) => {
+            assert!(!problems.is_empty());
+            for problem in problems {
+                let line: usize = problem
+                    .strip_prefix("f.toml:")
+                    .and_then(|rest| rest.split(':').next())
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or_else(|| panic!("no file and line in {problem:?}"));
+                assert!(
+                    (1..=lines).contains(&line),
+                    "line {line} of {lines} in {problem:?}"
+                );
+            }
+        }
     }
 }

@@ -56,6 +56,14 @@ pub fn build(config: &Config, metrics: &Arc<Metrics>) -> Result<Parts, Fatal> {
         config.discovery.filter.clone(),
         config.discovery.grace_period,
     );
+    if let Some(source) = config.policies.source() {
+        tracing::info!(
+            path = %source.path.display(),
+            rules = config.policies.rules().len(),
+            hash = %source.hash,
+            "policy file loaded"
+        );
+    }
     let f = &config.forward;
     let needs_redis = f.mode == config::Mode::Redis || config.redis.dead_letter_key.is_some();
     let stream_target = config.redis.target == config::RedisTarget::Stream;

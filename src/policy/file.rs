@@ -231,9 +231,8 @@ fn check_pattern(pattern: &str, context: &Context) -> Result<(), String> {
     if let Some(c) = pattern.chars().find(|c| c.is_whitespace() || *c == '#') {
         return Err(format!("cannot match: a WAMP URI never holds {c:?}"));
     }
-    if pattern.contains("..") || pattern.starts_with('.') || pattern.ends_with('.') {
-        return Err("cannot match: a WAMP URI has no empty component".to_owned());
-    }
+    // (Empty components are allowed: a wildcard registration's URI has
+    // them, e.g. `com.example..SUB_ev`.)
     // The last component of a served registration starts with a marker.
     let last = pattern.rsplit('.').next().unwrap_or(pattern);
     let fixed = last.split('*').next().unwrap_or(last);

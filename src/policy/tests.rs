@@ -175,4 +175,7 @@ fn an_empty_file_has_no_rules_and_numbers_may_be_bare() {
     let policy = p.resolve("x.SUB_y").policy.unwrap();
     assert_eq!(policy.call_timeout, Duration::from_secs(2));
     assert_eq!(policy.batching.max_events, 10_000);
+    // A wildcard registration's URI has empty components.
+    let wildcard = load("[[policy]]\nprocedure = \"com.example..SUB_ev\"\n").unwrap();
+    assert_eq!(wildcard.resolve("com.example..SUB_ev").rule, Some(0));
 }
