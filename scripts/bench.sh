@@ -17,6 +17,9 @@
 #      redis-server's CPU per event, exactly-once check, instructions per
 #      event under callgrind), and at 500 events/s through Crossbar (a path
 #      of part 2: the p99 the Redis queue adds);
+#   5. per-key ordering: the ceiling with 1, 100 and 10,000 keys;
+#   6. per-procedure policies: instructions per event with a policy file of
+#      100 rules (the procedure matching the last) beside none;
 #
 # the baseline build alternating with the current one for the ceiling,
 # instructions and CPU per event, the CPU per event at 500 events/s (loopback
@@ -26,7 +29,7 @@
 # virtualenv once); `--quick --only queue` about 75 s (`--only queue` starts
 # a Crossbar of its own for the two queues' paths).
 #
-#   scripts/bench.sh [--quick] [--only ceiling,callgrind,paced,crossbar,redis,queue,ordering]
+#   scripts/bench.sh [--quick] [--only ceiling,callgrind,paced,crossbar,redis,queue,ordering,policy]
 #                    [--no-write] [--baseline REV] ...
 #
 # --no-write prints the section instead of writing it: a run of some parts

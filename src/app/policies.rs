@@ -19,6 +19,8 @@ pub struct PolicyState {
     context: Context,
     /// Each exact group's rule and policy, by procedure.
     by_procedure: HashMap<Arc<str>, Resolved>,
+    /// Each pattern group's registration URI and policy.
+    patterns: Vec<(String, Option<Arc<Policy>>)>,
     /// The last reload that was refused, and why (cleared by one that
     /// applies).
     last_error: Option<(SystemTime, String)>,
@@ -36,6 +38,7 @@ impl PolicyState {
             current,
             context,
             by_procedure: HashMap::new(),
+            patterns: Vec::new(),
             last_error: None,
             checked_unmatched: false,
             partitions,
@@ -50,16 +53,30 @@ impl PolicyState {
         self.last_error.as_ref()
     }
 
-    /// The policy of `procedure`: its group's, else the first rule that
-    /// matches it (a pattern group's concrete procedure), else `None`.
+    /// The policy of `procedure`: its exact group's, else that of the
+    /// pattern group whose registration it matches, else (a group gone)
+    /// the first rule that matches it; `None` for the defaults.
     pub fn of(&self, procedure: &str) -> Option<Arc<Policy>> {
         if self.current.rules().is_empty() {
             return None;
         }
-        match self.by_procedure.get(procedure) {
+        if let Some((_, policy)) = self.by_procedure.get(procedure) {
+            return policy.clone();
+        }
+        let pattern = self
+            .patterns
+            .iter()
+            .find(|(uri, _)| super::view::wildcard_matches(uri, procedure));
+        match pattern {
             Some((_, policy)) => policy.clone(),
             None => self.current.resolve(procedure).policy,
         }
+    }
+
+    /// The pattern groups as discovery has them now (see
+    /// [`crate::discovery::Discovery::pattern_policies`]).
+    pub fn note_patterns(&mut self, patterns: Vec<(String, Option<Arc<Policy>>)>) {
+        self.patterns = patterns;
     }
 
     /// The rule (index) that applies to `procedure`'s group, if known.
@@ -144,5 +161,100 @@ impl PolicyState {
         self.last_error = None;
         self.checked_unmatched = false;
         Ok(self.current.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::config::OrderBy;
+    use crate::forward::batch::Batching;
+    use crate::forward::retry::{Backoff, RetryPolicy};
+
+    fn defaults() -> Policy {
+        Policy {
+            order_by: OrderBy::None,
+            call_timeout: Duration::from_secs(30),
+            max_in_flight: None,
+            retry: RetryPolicy {
+                max_attempts: 5,
+                max_age: Duration::from_secs(300),
+                backoff: Backoff {
+                    initial: Duration::from_millis(500),
+                    max: Duration::from_secs(30),
+                },
+            },
+            max_deliveries: 5,
+            batching: Batching::default(),
+            details_kwarg: None,
+            grace_period: Duration::from_secs(600),
+        }
+    }
+
+    fn state(text: &str) -> PolicyState {
+        let context = Context {
+            markers: vec!["SUB_".into()],
+            max_in_flight: 256,
+        };
+        let policies = Policies::load("p.toml".into(), text, defaults(), &context).unwrap();
+        PolicyState::new(Arc::new(policies), context, Some(true))
+    }
+
+    #[test]
+    fn an_entry_of_a_pattern_group_takes_its_groups_policy_not_its_own_names() {
+        let mut s = state(
+            "[[policy]]\nprocedure = \"com.example..SUB_ev\"\ncall_timeout = \"1s\"\n\n\
+             [[policy]]\nprocedure = \"com.example.*\"\ncall_timeout = \"2s\"\n",
+        );
+        let group = s.current().resolve("com.example..SUB_ev").policy;
+        s.note_patterns(vec![("com.example..SUB_ev".into(), group)]);
+        let concrete = s.of("com.example.a.SUB_ev").unwrap();
+        assert_eq!(concrete.call_timeout, Duration::from_secs(1));
+        // Not of a group here: the first rule its own name matches.
+        let other = s.of("com.example.b.SUB_other").unwrap();
+        assert_eq!(other.call_timeout, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn a_bad_reload_keeps_the_rules_and_says_why_and_a_good_one_clears_it() {
+        let mut s = state("[[policy]]\nprocedure = \"a.SUB_b\"\ncall_timeout = \"1s\"\n");
+        let hash = s.current().source().unwrap().hash.clone();
+        let why = s
+            .reload(Ok(
+                "[[policy]]\nprocedure = \"a.SUB_b\"\ncall_timout = \"1s\"\n".into(),
+            ))
+            .unwrap_err();
+        assert!(
+            why.starts_with("p.toml:3: unknown key `call_timout`"),
+            "{why}"
+        );
+        assert_eq!(s.current().source().unwrap().hash, hash);
+        assert!(s.last_error().is_some());
+        let missing = s.reload(Err(std::io::Error::other("gone"))).unwrap_err();
+        assert_eq!(missing, "p.toml: cannot be read: gone");
+        s.reload(Ok(
+            "[[policy]]\nprocedure = \"a.SUB_b\"\ncall_timeout = \"2s\"\n".into(),
+        ))
+        .unwrap();
+        assert!(s.last_error().is_none());
+        assert_ne!(s.current().source().unwrap().hash, hash);
+    }
+
+    #[test]
+    fn a_reload_that_orders_a_procedure_needs_partitions() {
+        let context = Context {
+            markers: vec!["SUB_".into()],
+            max_in_flight: 256,
+        };
+        let policies = Policies::load("p.toml".into(), "", defaults(), &context).unwrap();
+        let mut s = PolicyState::new(Arc::new(policies), context, Some(false));
+        let why = s
+            .reload(Ok(
+                "[[policy]]\nprocedure = \"a.SUB_b\"\norder_by = \"kwarg:k\"\n".into(),
+            ))
+            .unwrap_err();
+        assert!(why.contains("restart the instances"), "{why}");
     }
 }

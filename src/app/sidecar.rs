@@ -274,6 +274,7 @@ impl Sidecar {
         let states: Vec<crate::discovery::GroupState> =
             self.bootstrap.discovery().group_states().collect();
         if let Some(state) = &mut self.policies {
+            state.note_patterns(self.bootstrap.discovery().pattern_policies());
             for (procedure, max) in state.note_groups(states.iter(), synced) {
                 if let Some(q) = &mut self.queue {
                     q.queue.set_max_deliveries(&procedure, max);

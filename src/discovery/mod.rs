@@ -971,6 +971,23 @@ impl Discovery {
         out
     }
 
+    /// Every group of a pattern topic: its registration's URI (a wildcard
+    /// URI) and its policy (`None`: the defaults). A pattern group's events
+    /// go to procedures derived from their topics; an entry read back from
+    /// the Redis queue finds its group's policy by matching them.
+    pub fn pattern_policies(&self) -> Vec<(String, Option<Arc<crate::forward::policy::Policy>>)> {
+        let marker = self.mapper.marker();
+        self.topics
+            .iter()
+            .filter(|(key, _)| key.policy != MatchPolicy::Exact)
+            .flat_map(|(key, t)| {
+                t.groups.iter().map(move |(group, m)| {
+                    (marker.procedure_for(&key.topic, group), m.policy.clone())
+                })
+            })
+            .collect()
+    }
+
     /// Every group of an exact topic, with whether its backends are away
     /// (pattern groups have no one procedure).
     pub fn group_states(&self) -> impl Iterator<Item = GroupState> + '_ {
