@@ -957,6 +957,38 @@ mod tests {
     }
 
     #[test]
+    fn the_policy_file_its_hash_a_refused_reload_and_each_mappings_rule_are_printed() {
+        let mut status = example();
+        assert!(!render(&status).contains("policy file"), "no file: no line");
+        status.policy_file = Some(PolicyFile {
+            path: "/etc/subtocall/policies.toml".into(),
+            rules: 2,
+            content_hash: "0123456789abcdef".into(),
+            loaded_at: "2026-12-06T09:00:00Z".into(),
+            last_reload_error: Some(
+                "policies.toml:3: unknown key `x`\npolicies.toml:9: bad".into(),
+            ),
+            last_reload_error_at: Some("2026-12-06T09:05:00Z".into()),
+        });
+        let m = &mut status.mappings[0];
+        m.policy.rule = Some("com.example.SUB_*".into());
+        m.policy.line = Some(2);
+        m.policy.settings.insert("call_timeout".into(), "1s".into());
+        m.policy.overrides = vec!["call_timeout".into()];
+        let text = render(&status);
+        for line in [
+            "policy file /etc/subtocall/policies.toml: 2 rules, content 0123456789abcdef, loaded 2026-12-06T09:00:00Z",
+            "  LAST RELOAD REFUSED (2026-12-06T09:05:00Z), the rules above stay: policies.toml:3: unknown key `x`; policies.toml:9: bad",
+            "rule \"com.example.SUB_*\" (line 2): call_timeout=1s",
+        ] {
+            assert!(text.contains(line), "{line:?} not in\n{text}");
+        }
+        let json = serde_json::to_string(&status).unwrap();
+        let back: Status = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, status);
+    }
+
+    #[test]
     fn a_group_waiting_for_a_callee_says_so_with_its_backlog_and_the_streams_their_oldest() {
         let mut status = example();
         let m = &mut status.mappings[0];
