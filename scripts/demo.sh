@@ -27,6 +27,7 @@ say "Starting subtocall (metrics: http://127.0.0.1:$HTTP_PORT/metrics)"
 WAMP_URL="$URL" CROSSBAR_REALM=realm1 \
 BACKEND_USERNAME=subtocall BACKEND_SECRET=subtocall-secret \
 SUBTOCALL_DETAILS_KWARG=_details SUBTOCALL_HTTP_ADDR="127.0.0.1:$HTTP_PORT" \
+SUBTOCALL_POLICY_FILE=examples/policies.toml \
   "$BIN" 2> >(tee "$WORK/subtocall.log" | sed -u 's/^[^ ]* *//; s/^/[subtocall] /') &
 PIDS+=($!)
 

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use support::ordered::{Verdict, calls, verdict};
-use support::sidecar::{Sidecar, run_subtocall, sidecar_env};
+use support::sidecar::{Sidecar, mapping, run_subtocall, sidecar_env, status};
 use support::*;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -36,22 +36,6 @@ async fn per_procedure(sidecar: &Sidecar, family: &str, procedure: &str) -> f64 
         .filter(|l| l.starts_with(&format!("{family}{{")) && l.contains(&label))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
-}
-
-async fn status(sidecar: &Sidecar) -> Value {
-    let (code, body) = sidecar.http_get("/status").await.expect("/status answers");
-    assert_eq!(code, 200, "{body}");
-    serde_json::from_str(&body).expect("/status is JSON")
-}
-
-/// `/status`'s mapping of `procedure`.
-fn mapping<'a>(status: &'a Value, procedure: &str) -> &'a Value {
-    status["mappings"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["procedure"] == procedure)
-        .unwrap_or_else(|| panic!("no mapping of {procedure} in {status:#}"))
 }
 
 fn slow_backend(

@@ -18,7 +18,7 @@ use subtocall::streams::carrier::holder_consumer;
 use support::ordered::{Verdict, calls, overlaps, verdict};
 use support::queue::*;
 use support::resp::Reply;
-use support::sidecar::Sidecar;
+use support::sidecar::{Sidecar, status};
 use support::*;
 
 /// A procedure's partition streams under per-key ordering.
@@ -36,13 +36,6 @@ async fn held_by(redis: &Redis, procedure: &str, sidecar: &Sidecar) -> BTreeSet<
         }
     }
     held
-}
-
-/// `sidecar`'s `/status` as JSON.
-async fn status(sidecar: &Sidecar) -> Value {
-    let (code, body) = sidecar.http_get("/status").await.expect("/status answers");
-    assert_eq!(code, 200, "{body}");
-    serde_json::from_str(&body).expect("/status is JSON")
 }
 
 /// `sidecar`'s consumer name in the queue's group.

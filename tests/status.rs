@@ -11,26 +11,11 @@ use std::process::Output;
 use std::time::Duration;
 
 use serde_json::Value;
-use support::sidecar::{Sidecar, fake_router_env, run_subtocall, sidecar_env};
+use support::sidecar::{Sidecar, fake_router_env, mapping, run_subtocall, sidecar_env, status};
 use support::*;
 
 const WAIT: Duration = Duration::from_secs(60);
 const SECRET: &str = "a-secret-that-must-not-show";
-
-async fn status(sidecar: &Sidecar) -> Value {
-    let (code, body) = sidecar.http_get("/status").await.expect("/status answers");
-    assert_eq!(code, 200, "{body}");
-    serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"))
-}
-
-fn mapping<'a>(status: &'a Value, procedure: &str) -> &'a Value {
-    status["mappings"]
-        .as_array()
-        .expect("mappings")
-        .iter()
-        .find(|m| m["procedure"] == procedure)
-        .unwrap_or_else(|| panic!("no mapping of {procedure}: {status:#}"))
-}
 
 /// `subtocall status ARGS` with nothing but PATH in its environment.
 async fn subtocall_status(args: &[&str]) -> Output {

@@ -245,35 +245,14 @@ pub fn queue_entry(stored: &[u8]) {
 /// names the file and a line of it; every rule starts on a line of it; the
 /// first rule a procedure resolves to matches it.
 pub fn policy_file(bytes: &[u8]) {
-    use std::sync::Arc;
-    use std::time::Duration;
-    use subtocall::forward::batch::Batching;
-    use subtocall::forward::policy::Policy;
-    use subtocall::forward::retry::{Backoff, RetryPolicy};
-    use subtocall::policy::{Context, Policies, glob_matches};
+    use subtocall::config::Config;
+    use subtocall::policy::{Policies, glob_matches};
 
     let text = String::from_utf8_lossy(bytes);
-    let defaults = Policy {
-        order_by: subtocall::config::OrderBy::None,
-        call_timeout: Duration::from_secs(30),
-        max_in_flight: None,
-        retry: RetryPolicy {
-            max_attempts: 5,
-            max_age: Duration::from_secs(300),
-            backoff: Backoff {
-                initial: Duration::from_millis(500),
-                max: Duration::from_secs(30),
-            },
-        },
-        max_deliveries: 5,
-        batching: Batching::default(),
-        details_kwarg: None::<Arc<str>>,
-        grace_period: Duration::from_secs(600),
-    };
-    let context = Context {
-        markers: vec!["SUB_".into(), "SUBBATCH_".into()],
-        max_in_flight: 256,
-    };
+    // The variables' own defaults (nothing set).
+    let config = Config::from_vars(Vec::new()).expect("the defaults are a configuration");
+    let defaults = config.policies.defaults().clone();
+    let context = config.policy_context();
     let lines = text.matches('\n').count() + 1;
     match Policies::load("f.toml".into(), &text, defaults, &context) {
         Ok(policies) => {

@@ -169,29 +169,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::config::OrderBy;
-    use crate::forward::batch::Batching;
-    use crate::forward::retry::{Backoff, RetryPolicy};
-
-    fn defaults() -> Policy {
-        Policy {
-            order_by: OrderBy::None,
-            call_timeout: Duration::from_secs(30),
-            max_in_flight: None,
-            retry: RetryPolicy {
-                max_attempts: 5,
-                max_age: Duration::from_secs(300),
-                backoff: Backoff {
-                    initial: Duration::from_millis(500),
-                    max: Duration::from_secs(30),
-                },
-            },
-            max_deliveries: 5,
-            batching: Batching::default(),
-            details_kwarg: None,
-            grace_period: Duration::from_secs(600),
-        }
-    }
+    use crate::policy::tests::defaults;
 
     fn state(text: &str) -> PolicyState {
         let context = Context {

@@ -2,7 +2,8 @@ use std::time::Duration;
 
 use super::*;
 
-fn defaults() -> Policy {
+/// The settings of a procedure no rule matches, for tests.
+pub(crate) fn defaults() -> Policy {
     Policy {
         order_by: OrderBy::None,
         call_timeout: Duration::from_secs(30),

@@ -482,3 +482,20 @@ pub fn stop_summary(log: &str) -> BTreeMap<String, u64> {
         .filter_map(|(k, v)| Some((k.to_owned(), v.parse().ok()?)))
         .collect()
 }
+
+/// `sidecar`'s `/status` as JSON; panics unless it answers 200 with JSON.
+pub async fn status(sidecar: &Sidecar) -> serde_json::Value {
+    let (code, body) = sidecar.http_get("/status").await.expect("/status answers");
+    assert_eq!(code, 200, "{body}");
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"))
+}
+
+/// The mapping of `procedure` in a `/status`.
+pub fn mapping<'a>(status: &'a serde_json::Value, procedure: &str) -> &'a serde_json::Value {
+    status["mappings"]
+        .as_array()
+        .expect("mappings")
+        .iter()
+        .find(|m| m["procedure"] == procedure)
+        .unwrap_or_else(|| panic!("no mapping of {procedure}: {status:#}"))
+}
