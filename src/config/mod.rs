@@ -26,6 +26,8 @@ use serde::Deserialize;
 
 pub use error::{ConfigError, Problem};
 pub use redacted::{RedisUrl, Secret, WampUrl};
+#[cfg(test)]
+pub(crate) use vars::POLICY_EXAMPLE;
 pub use vars::{help_text, markdown_reference};
 
 use parse::{Invalid, Parsed};

@@ -1051,6 +1051,10 @@ pub fn markdown_reference() -> String {
     }
     out.push('\n');
     out.push_str(POLICY_INTRO);
+    out.push_str("```toml\n");
+    out.push_str(POLICY_EXAMPLE);
+    out.push_str("```\n");
+    out.push_str(POLICY_PATTERNS);
     out.push_str(&super::policy_keys::policy_markdown());
     out.push_str(POLICY_OUTRO);
     out
@@ -1067,8 +1071,11 @@ whose pattern matches its URI (the group suffix included, e.g.
 defaults of everything that rule does not set, and of procedures no rule
 matches.
 
-```toml
-[[policy]]
+"#;
+
+/// The policy file of the reference (and of the issue that asked for it);
+/// a unit test reads it as the sidecar would.
+pub(crate) const POLICY_EXAMPLE: &str = r#"[[policy]]
 procedure = "com.example.SUB_orders*"
 order_by = "kwarg:order_id"
 call_timeout = "5m"
@@ -1078,8 +1085,10 @@ max_in_flight = 8          # this procedure's calls in flight at once
 procedure = "com.example.SUB_presence"
 call_timeout = "1s"
 retry_max_attempts = 1
-```
+"#;
 
+/// After the example, before the keys' table.
+const POLICY_PATTERNS: &str = r#"
 Patterns: `*` matches any run of characters, dots included; every other
 character stands for itself. There is no `?` and there are no character
 classes (a pattern holding `?`, `[`, `]`, `{` or `}` is refused). A value is

@@ -399,52 +399,14 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
         let mut pick = |job: &Job<T>| pred(&job.item);
         let mut out = Vec::new();
         for line in self.lines.values_mut() {
-            let before = line.waiting.len();
-            let mut kept = VecDeque::with_capacity(before);
-            for job in line.waiting.drain(..) {
-                if pick(&job) {
-                    out.push(job);
-                } else {
-                    kept.push_back(job);
-                }
-            }
-            self.in_lines -= before - kept.len();
-            line.waiting = kept;
+            self.in_lines -= take_picked(&mut line.waiting, &mut pick, &mut out);
         }
-        let mut kept = VecDeque::with_capacity(self.released.len());
-        for job in self.released.drain(..) {
-            if pick(&job) {
-                out.push(job);
-            } else {
-                kept.push_back(job);
-            }
-        }
-        self.released = kept;
+        take_picked(&mut self.released, &mut pick, &mut out);
         for parked in self.paused.values_mut() {
-            let before = parked.len();
-            let mut kept = VecDeque::with_capacity(before);
-            for job in parked.drain(..) {
-                if pick(&job) {
-                    out.push(job);
-                } else {
-                    kept.push_back(job);
-                }
-            }
-            self.parked -= before - kept.len();
-            *parked = kept;
+            self.parked -= take_picked(parked, &mut pick, &mut out);
         }
         for limited in self.limited.values_mut() {
-            let before = limited.held.len();
-            let mut kept = VecDeque::with_capacity(before);
-            for job in limited.held.drain(..) {
-                if pick(&job) {
-                    out.push(job);
-                } else {
-                    kept.push_back(job);
-                }
-            }
-            self.held -= before - kept.len();
-            limited.held = kept;
+            self.held -= take_picked(&mut limited.held, &mut pick, &mut out);
         }
         out.extend(self.queue.take_if(&mut pick));
         out.extend(self.pools.take_if(&mut pick));
@@ -990,6 +952,26 @@ impl<T, Q: Queue<T>> Forwarder<T, Q> {
         self.rng = x;
         (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
     }
+}
+
+/// Moves the jobs of `jobs` that `pick` picks to `out`, the others keeping
+/// their order; how many moved.
+fn take_picked<T>(
+    jobs: &mut VecDeque<Job<T>>,
+    pick: &mut impl FnMut(&Job<T>) -> bool,
+    out: &mut Vec<Job<T>>,
+) -> usize {
+    let before = out.len();
+    let mut kept = VecDeque::with_capacity(jobs.len());
+    for job in jobs.drain(..) {
+        if pick(&job) {
+            out.push(job);
+        } else {
+            kept.push_back(job);
+        }
+    }
+    *jobs = kept;
+    out.len() - before
 }
 
 /// The retry budget of `job`: its procedure's, or the core's.

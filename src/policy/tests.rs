@@ -34,18 +34,8 @@ fn load(text: &str) -> Result<Policies, Vec<String>> {
     Policies::load("p.toml".into(), text, defaults(), &context())
 }
 
-const EXAMPLE: &str = r#"
-[[policy]]
-procedure = "com.example.SUB_orders*"
-order_by = "kwarg:order_id"
-call_timeout = "5m"
-max_in_flight = 8          # this procedure's calls in flight at once
-
-[[policy]]
-procedure = "com.example.SUB_presence"
-call_timeout = "1s"
-retry_max_attempts = 1
-"#;
+/// The reference's example (doc/configuration.md).
+const EXAMPLE: &str = crate::config::POLICY_EXAMPLE;
 
 #[test]
 fn a_star_matches_any_run_and_nothing_else_is_a_wildcard() {
@@ -81,7 +71,7 @@ fn the_first_matching_rule_applies_over_the_defaults() {
     assert_eq!(policy.retry.max_attempts, 5, "unset: the default");
     let presence = p.resolve("com.example.SUB_presence").policy.unwrap();
     assert_eq!(presence.retry.max_attempts, 1);
-    assert_eq!(p.rules()[1].line, 8);
+    assert_eq!(p.rules()[1].line, 7);
     assert_eq!(p.resolve("com.example.SUB_other").rule, None);
     assert_eq!(
         p.differences(&presence),
