@@ -213,6 +213,14 @@ pub enum CloseReason {
     ClosedLocally,
 }
 
+/// How a flush ended.
+enum Written {
+    All,
+    /// A fenced frame's deadline passed after it was buffered: nothing of
+    /// the buffer was written.
+    PausedPastAFence,
+}
+
 /// One joined session on its socket. See the module documentation.
 pub struct Connection<T> {
     ws: Ws,
@@ -246,6 +254,10 @@ pub struct Connection<T> {
     refused: VecDeque<Refused>,
     /// Frames were fed to the socket (or a pong queued) since the last flush.
     unflushed: bool,
+    /// Frames that must not go out any more wait in the WebSocket's write
+    /// buffer (a pause passed a fenced call's deadline after it was
+    /// queued): the socket is dropped without writing them.
+    discard_writes: bool,
     /// Set when the session has ended; the owner stops driving it.
     close: Option<CloseReason>,
 }
@@ -282,6 +294,7 @@ impl<T> Connection<T> {
             queued_requests: Vec::new(),
             refused: VecDeque::new(),
             unflushed: false,
+            discard_writes: false,
             close: None,
         })
     }
@@ -442,26 +455,45 @@ impl<T> Connection<T> {
         }
         let limit = self.ping_interval + self.ping_timeout;
         let write = async {
+            // The earliest deadline of a fenced frame fed to the buffer.
+            let mut earliest: Option<std::time::Instant> = None;
             while let Some((frame, fence)) = self.writes.pop_front() {
                 // The clock is read as late as it can be: right before the
-                // frame goes to the socket.
-                if let Some((request, by)) = fence
-                    && std::time::Instant::now() >= by
-                {
-                    self.session.fail(request, RequestError::Fenced);
-                    continue;
+                // frame goes to the buffer, and again before the buffer
+                // goes to the socket.
+                if let Some((request, by)) = fence {
+                    if std::time::Instant::now() >= by {
+                        self.session.fail(request, RequestError::Fenced);
+                        continue;
+                    }
+                    earliest = Some(earliest.map_or(by, |e| e.min(by)));
                 }
                 self.ws.feed(frame).await?;
                 self.unflushed = true;
             }
             if self.unflushed {
+                // Paused since (the process frozen, the host stalled): a
+                // fenced call in the buffer must not go out late.
+                if earliest.is_some_and(|by| std::time::Instant::now() >= by) {
+                    return Ok(Written::PausedPastAFence);
+                }
                 self.unflushed = false;
                 self.ws.flush().await?;
             }
-            Ok::<(), tungstenite::Error>(())
+            Ok::<Written, tungstenite::Error>(Written::All)
         };
         match timeout(limit, write).await {
-            Ok(Ok(())) => {}
+            Ok(Ok(Written::All)) => {}
+            Ok(Ok(Written::PausedPastAFence)) => {
+                // What the buffer holds is never written: the session ends
+                // and its requests fail as for a lost connection.
+                self.discard_writes = true;
+                self.close(CloseReason::ConnectionLost(
+                    "paused past a queue delivery's deadline while writing it; \
+                     dropping the connection instead of calling late"
+                        .into(),
+                ));
+            }
             Ok(Err(e)) => self.close(CloseReason::ConnectionLost(e.to_string())),
             Err(_) => self.close(CloseReason::ConnectionLost(format!(
                 "router took none of our data for {limit:?}"
@@ -473,6 +505,10 @@ impl<T> Connection<T> {
     /// owner sees each answered once, then closes the socket (bounded).
     pub async fn shut(&mut self) {
         self.session.abandon();
+        if self.discard_writes {
+            // A close would flush the buffer first.
+            return;
+        }
         let _ = timeout(Duration::from_secs(1), self.ws.close(None)).await;
     }
 

@@ -110,16 +110,48 @@ pub fn python() -> PathBuf {
     venv().join("bin/python")
 }
 
-/// A TCP port on 127.0.0.1 that was free a moment ago (bind to port 0, read it, close).
+/// A TCP port on 127.0.0.1 that was free a moment ago.
 ///
-/// Another process may take it before we use it; fixtures that bind it retry on a new
-/// port when their server reports the address in use.
+/// Drawn at random below the kernel's ephemeral range
+/// (`/proc/sys/net/ipv4/ip_local_port_range`), and checked by binding it:
+/// a port from `bind(0)` comes out of that range, where every outgoing
+/// connection's source port comes from too, so another test's client could
+/// take it before our server binds it ("Address already in use"). Below the
+/// range only another test's draw can, which is rare; fixtures that bind it
+/// still retry on a new port when their server reports the address in use.
 pub fn free_port() -> u16 {
+    free_port_below(0)
+}
+
+/// [`free_port`], leaving `room` ports above it below the ephemeral range
+/// (a Redis Cluster node's bus listens on its port + 10000).
+pub fn free_port_below(room: u16) -> u16 {
+    let low = ephemeral_low().saturating_sub(room);
+    if low > 11_000 {
+        for _ in 0..200 {
+            let port = rand::random_range(10_000..low);
+            if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
+        }
+    }
+    // A system whose ephemeral range starts low: the kernel's choice.
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
     listener
         .local_addr()
         .expect("local address of a bound listener")
         .port()
+}
+
+/// The first port of the kernel's ephemeral range (32768 when unreadable).
+fn ephemeral_low() -> u16 {
+    static LOW: OnceLock<u16> = OnceLock::new();
+    *LOW.get_or_init(|| {
+        fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|range| range.split_whitespace().next()?.parse().ok())
+            .unwrap_or(32_768)
+    })
 }
 
 /// Polls `check` every 50 ms until it returns `Some`, and returns that value.

@@ -15,7 +15,9 @@ use serde_json::Value;
 use tempfile::TempDir;
 
 use super::resp::{self, Reply};
-use super::{eventually, free_port, stop_server, tail, terminate, terminate_blocking};
+use super::{
+    eventually, free_port, free_port_below, stop_server, tail, terminate, terminate_blocking,
+};
 
 /// How long redis-server gets to answer PING after spawn.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -316,7 +318,7 @@ impl Drop for Redis {
 /// Both may be taken before redis-server binds them; [`Redis::start_with`] then retries.
 fn free_cluster_port() -> u16 {
     for _ in 0..CLUSTER_PORT_DRAWS {
-        let port = free_port();
+        let port = free_port_below(CLUSTER_BUS_OFFSET);
         let Some(bus) = port.checked_add(CLUSTER_BUS_OFFSET) else {
             continue;
         };
