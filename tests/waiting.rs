@@ -55,6 +55,52 @@ async fn overflow_while_away(
 }
 
 /// Dead letters of every reason, as `sidecar` counts them.
+/// 300 events published at [`RATE`] to `topic`; once 100 reached A or B,
+/// both are SIGKILLed. The publisher goes on: it is returned, with when the
+/// backends left.
+async fn publish_and_lose_both(
+    crossbar: &Crossbar,
+    topic: &str,
+    a: &mut Backend,
+    b: &mut Backend,
+) -> (Publisher, Instant) {
+    let publisher = Publisher::spawn(PublisherOptions {
+        rate: RATE,
+        quiet: true,
+        ..PublisherOptions::new(crossbar, topic, 300)
+    });
+    wait_delivered(&[&*a, &*b], 100).await;
+    a.kill().await;
+    b.kill().await;
+    (publisher, Instant::now())
+}
+
+/// A backend C registers `procedure`; the publisher ends and every one of
+/// its 300 events reaches `gone` or C. Returns C and those events.
+async fn one_comes_back(
+    crossbar: &Crossbar,
+    procedure: &str,
+    publisher: Publisher,
+    gone: [&Backend; 2],
+) -> (Backend, BTreeSet<(String, u64)>) {
+    let c = Backend::spawn(backend(crossbar, "C", &[procedure])).await;
+    publisher.finish().await.assert_success();
+    let expected = published(&[procedure], 300);
+    all_delivered(&[gone[0], gone[1], &c], &expected).await;
+    (c, expected)
+}
+
+/// Every one of `expected` delivered, at most 1 % of them twice.
+fn each_once_at_most_1_percent_twice(backends: &[&Backend], expected: &BTreeSet<(String, u64)>) {
+    let all = deliveries(backends);
+    assert_eq!(&all.keys().cloned().collect::<BTreeSet<_>>(), expected);
+    assert!(
+        duplicates(&all) <= 3,
+        "at most 1 % twice: {}",
+        duplicates(&all)
+    );
+}
+
 async fn dead_lettered(sidecar: &Sidecar) -> f64 {
     sidecar
         .metric_total("subtocall_events_dead_lettered_total")
@@ -75,18 +121,9 @@ async fn with_the_memory_queue_events_wait_for_a_backend_that_is_away() {
     let sidecar = Sidecar::start_for(&crossbar, &WAITING);
     sidecar.wait_subscribed(&router, &topic, WAIT).await;
 
-    let publisher = Publisher::spawn(PublisherOptions {
-        rate: RATE,
-        quiet: true,
-        ..PublisherOptions::new(&crossbar, &topic, 300)
-    });
-    wait_delivered(&[&a, &b], 100).await;
-    a.kill().await;
-    b.kill().await;
-    let left = Instant::now();
+    let (publisher, left) = publish_and_lose_both(&crossbar, &topic, &mut a, &mut b).await;
     wait_waiting(&sidecar, true).await;
-    let status = sidecar.http_get("/status").await.expect("/status").1;
-    let status: serde_json::Value = serde_json::from_str(&status).expect("JSON");
+    let status = support::sidecar::status(&sidecar).await;
     let mapping = &status["mappings"][0];
     assert_eq!(mapping["waiting_for_callee"], true, "{mapping}");
 
@@ -100,18 +137,9 @@ async fn with_the_memory_queue_events_wait_for_a_backend_that_is_away() {
         sidecar.metric("subtocall_queue_depth").await > 0.0,
         "the events published meanwhile wait"
     );
-    let c = Backend::spawn(backend(&crossbar, "C", &[procedure])).await;
-    publisher.finish().await.assert_success();
-    let expected = published(&[procedure], 300);
-    all_delivered(&[&a, &b, &c], &expected).await;
+    let (c, expected) = one_comes_back(&crossbar, procedure, publisher, [&a, &b]).await;
     wait_waiting(&sidecar, false).await;
-    let all = deliveries(&[&a, &b, &c]);
-    assert_eq!(all.keys().cloned().collect::<BTreeSet<_>>(), expected);
-    assert!(
-        duplicates(&all) <= 3,
-        "at most 1 % twice: {}",
-        duplicates(&all)
-    );
+    each_once_at_most_1_percent_twice(&[&a, &b, &c], &expected);
     let idle = sidecar.wait_idle(300, WAIT).await;
     assert_eq!((idle.forwarded, idle.dead_lettered), (300.0, 0.0));
 }
@@ -138,15 +166,7 @@ async fn with_the_redis_queue_instances_restarted_while_backends_are_away_lose_n
     }
     wait_subscribers(&second, &router, &topic, 2).await;
 
-    let publisher = Publisher::spawn(PublisherOptions {
-        rate: RATE,
-        quiet: true,
-        ..PublisherOptions::new(&crossbar, &topic, 300)
-    });
-    wait_delivered(&[&a, &b], 100).await;
-    a.kill().await;
-    b.kill().await;
-    let left = Instant::now();
+    let (publisher, left) = publish_and_lose_both(&crossbar, &topic, &mut a, &mut b).await;
     for sidecar in [&first, &second] {
         wait_waiting(sidecar, true).await;
     }
@@ -181,22 +201,13 @@ async fn with_the_redis_queue_instances_restarted_while_backends_are_away_lose_n
             "nothing dead-lettered while away"
         );
     }
-    let c = Backend::spawn(backend(&crossbar, "C", &[procedure])).await;
-    publisher.finish().await.assert_success();
-    let expected = published(&[procedure], 300);
-    all_delivered(&[&a, &b, &c], &expected).await;
+    let (c, expected) = one_comes_back(&crossbar, procedure, publisher, [&a, &b]).await;
     wait_drained(&redis, &stream_key(GROUP, procedure)).await;
     for sidecar in [&first, &second] {
         wait_waiting(sidecar, false).await;
         assert_eq!(dead_lettered(sidecar).await, 0.0);
     }
-    let all = deliveries(&[&a, &b, &c]);
-    assert_eq!(all.keys().cloned().collect::<BTreeSet<_>>(), expected);
-    assert!(
-        duplicates(&all) <= 3,
-        "at most 1 % twice: {}",
-        duplicates(&all)
-    );
+    each_once_at_most_1_percent_twice(&[&a, &b, &c], &expected);
     let kept = redis
         .command(&["HGET", "subtocall:groups", procedure])
         .await;
