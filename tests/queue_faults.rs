@@ -241,12 +241,17 @@ async fn two_healthy_instances_work_off_a_backlog_over_30_procedures_without_dup
     // While the backlog is worked off: how many connections each instance
     // has to Redis.
     let mut most = [0usize; 2];
+    // The connections of the sample with the most, for a failure to show.
+    let mut worst: [Vec<String>; 2] = Default::default();
     let mut samples = 0;
     eventually(DELIVER, "every event delivered", || {
         samples += 1;
         for (i, s) in [&one, &two].iter().enumerate() {
-            let n = connections_to(s.pid().expect("running"), redis.port());
-            most[i] = most[i].max(n);
+            let lines = connection_lines(s.pid().expect("running"), redis.port());
+            if lines.len() > most[i] {
+                most[i] = lines.len();
+                worst[i] = lines;
+            }
         }
         let done = deliveries(&[&a, &b]).len() >= expected.len();
         async move { done.then_some(()) }
@@ -279,7 +284,17 @@ async fn two_healthy_instances_work_off_a_backlog_over_30_procedures_without_dup
     assert_eq!(taken_over, 0.0, "nothing taken from a live instance");
     for (i, n) in most.iter().enumerate() {
         assert!(*n >= 1, "instance {i}'s connections were seen");
-        assert!(*n <= 5, "at most 5 Redis connections per instance: {n}");
+        let log = [&one, &two][i].log();
+        assert!(
+            *n <= 5,
+            "at most 5 Redis connections per instance: {n} on instance {i}:\n{}\n\
+             its warnings and errors:\n{}",
+            worst[i].join("\n"),
+            log.lines()
+                .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
     }
 }
 

@@ -275,10 +275,12 @@ pub(crate) async fn terminate(
 }
 
 /// Established TCP connections of process `pid` to `port` on this host
-/// (its socket descriptors, matched against `/proc/net/tcp` and `tcp6`).
-pub fn connections_to(pid: u32, port: u16) -> usize {
+/// (its socket descriptors, matched against `/proc/net/tcp` and `tcp6`),
+/// each as its line there (local and remote address in hex, state, queues,
+/// inode): what a failure shows of them.
+pub fn connection_lines(pid: u32, port: u16) -> Vec<String> {
     let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
-        return 0;
+        return Vec::new();
     };
     let inodes: std::collections::HashSet<String> = fds
         .filter_map(|fd| fs::read_link(fd.ok()?.path()).ok())
@@ -301,5 +303,5 @@ pub fn connections_to(pid: u32, port: u16) -> usize {
                 && f[2].rsplit(':').next() == Some(port.as_str())
                 && inodes.contains(f[9])
         })
-        .count()
+        .collect()
 }
