@@ -474,7 +474,13 @@ impl Sidecar {
         let queue = &mut self.queue;
         let (holding, held_over) = (&mut self.holding, &mut self.held_over);
         let capacity = self.holding_capacity;
-        let accept = |job: Job<Box<SharedEvent>>| {
+        let accept = |mut job: Job<Box<SharedEvent>>| {
+            if queue.is_some() {
+                // Admission (now, or after a new group's past) follows the
+                // global settings; the procedure's policy applies where the
+                // entry is delivered.
+                job.policy = None;
+            }
             if !holding.is_empty()
                 && let Some(held) = holding.get_mut(&job.item.procedure)
             {
@@ -486,13 +492,9 @@ impl Sidecar {
                 }
                 return;
             }
-            let mut job = job;
             if let Some(q) = queue {
                 // Its stream is read from now on (a no-op once it is).
                 q.queue.add_procedure(&job.item.procedure, now);
-                // Admission follows the global settings; the procedure's
-                // policy applies where the entry is delivered.
-                job.policy = None;
             }
             core.accept_job(job, now);
         };
