@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::Value;
-use support::ordered::{Verdict, calls, verdict};
+use support::ordered::{Verdict, calls, calls_to, verdict};
 use support::sidecar::{Sidecar, mapping, run_subtocall, sidecar_env, status};
 use support::*;
 
@@ -246,23 +246,9 @@ async fn max_in_flight_one_holds_one_procedure_to_one_call_while_another_runs_tw
     backend.sync().await;
 
     let all = calls(&[&backend]);
-    let of = |procedure: &str| -> Vec<support::ordered::Call> {
-        let invocations = backend.invocations();
-        let answers = backend.answered_at();
-        invocations
-            .iter()
-            .filter(|i| i["procedure"] == procedure)
-            .map(|i| support::ordered::Call {
-                key: i["kwargs"]["k"].as_u64().unwrap(),
-                seq: i["kwargs"]["seq"].as_u64().unwrap(),
-                start: i["at"].as_f64().unwrap(),
-                answered: answers.get(&i["call"].as_u64().unwrap()).copied(),
-                caller: None,
-            })
-            .collect()
-    };
     assert_eq!(all.len(), 38);
-    let (one_most, many_most) = (verdict(&of(one)).most, verdict(&of(many)).most);
+    let most = |procedure| verdict(&calls_to(&[&backend], procedure)).most;
+    let (one_most, many_most) = (most(one), most(many));
     println!(
         "max_in_flight: {one_most} call(s) of the bounded procedure at once, {many_most} of the other"
     );

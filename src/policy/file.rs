@@ -28,11 +28,8 @@ pub fn parse(
     defaults: &Policy,
     context: &Context,
 ) -> Result<Vec<Rule>, Vec<String>> {
-    let at = |offset: usize, message: String| {
-        let line = text[..offset.min(text.len())].matches('\n').count() + 1;
-        format!("{file}:{line}: {message}")
-    };
     let line_of = |offset: usize| text[..offset.min(text.len())].matches('\n').count() + 1;
+    let at = |offset: usize, message: String| format!("{file}:{}: {message}", line_of(offset));
     let table = match DeTable::parse(text) {
         Ok(table) => table.into_inner(),
         Err(e) => {

@@ -19,10 +19,19 @@ pub struct Call {
 }
 
 pub fn calls(backends: &[&Backend]) -> Vec<Call> {
+    calls_where(backends, |_| true)
+}
+
+/// [`calls`] of `procedure` only.
+pub fn calls_to(backends: &[&Backend], procedure: &str) -> Vec<Call> {
+    calls_where(backends, |inv| inv["procedure"] == procedure)
+}
+
+fn calls_where(backends: &[&Backend], pick: impl Fn(&serde_json::Value) -> bool) -> Vec<Call> {
     let mut all = Vec::new();
     for b in backends {
         let answers = b.answered_at();
-        for inv in b.invocations() {
+        for inv in b.invocations().into_iter().filter(|inv| pick(inv)) {
             let k = inv["call"].as_u64().unwrap();
             all.push(Call {
                 key: inv["kwargs"]["k"].as_u64().expect("a key"),
