@@ -6,15 +6,20 @@
 //! atomic step on the server, so each event enters the stream once however
 //! many instances offer it, and an append that fails leaves no claim behind.
 //!
-//! The same step reads the stream's new entries for this instance, as many
-//! as the queue core granted room for (`QueueCore::grant`), and for a
-//! partition only if its lease in Redis is this instance's: that is how
-//! most entries are read, with no command of their own. Entries this batch
-//! added come back as their ids alone (the events are here already).
+//! The same write reads the stream's new entries for this instance, as
+//! many as the queue core granted room for (`QueueCore::grant`): that is
+//! how most entries are read, with no request of their own. For a plain
+//! stream the read is an XREADGROUP right after the script; for a
+//! partition it is the script's own, and only if the partition's lease in
+//! Redis is this instance's. Entries this batch added are taken as the
+//! events given, not decoded again.
 //!
-//! It also carries the acknowledgements waiting for the procedure's streams
-//! (`QueueCore::ride_acks`): while events keep coming, an event costs Redis
-//! one request, not two.
+//! The write also carries the acknowledgements waiting for the procedure's
+//! streams (`QueueCore::ride_acks`), as XACK and XDEL before the script:
+//! while events keep coming, an event costs Redis one request, not two.
+//! What is not atomic is kept out of the script: at a moderate rate the
+//! script's own cost (its arguments made Lua strings, each `redis.call`
+//! parsed back) is most of what an event costs Redis (see `ADMIT`).
 //!
 //! Offering again is harmless (the claim refuses it), so a batch that failed
 //! half-way is simply retried whole.
@@ -46,43 +51,37 @@ pub const BATCH: usize = 512;
 
 /// KEYS[1] the stream, KEYS[2] its lease (a partition's; for a plain
 /// stream, unused), KEYS[3] the topic's retained stream (when retention is
-/// written here; else unused), KEYS[4..] the claim keys, then the streams
-/// (of the same procedure) with entries to acknowledge; ARGV[1] the claim
+/// written here; else unused), KEYS[4..] the claim keys; ARGV[1] the claim
 /// TTL in milliseconds, ARGV[2] the group, ARGV[3] this consumer, ARGV[4]
-/// how many new entries to read for it, ARGV[5] the lease holder it must be
-/// (this incarnation's, `Carrier::holder`; '' for a plain stream), ARGV[6]
-/// how many streams to acknowledge in, ARGV[7] the most entries the stream
-/// may hold (0: no bound), ARGV[8] '1' to make room at the bound by
-/// removing its oldest entry nobody holds, ARGV[9] one character per event,
-/// '1' for the events whose copy is the topic's retained one ('' for
-/// none), ARGV[10] the oldest retained entry id to keep (milliseconds; 0
-/// keeps all), ARGV[11] the most retained entries, then the stored events
-/// (`streams::entry`), one per claim key, then for each stream to
-/// acknowledge in: how many ids, the ids. Acknowledges and deletes those
-/// first (as `Ack` does). Claims each publication (SET NX) and appends it
-/// only if the claim is new and there is room (else gives the claim back:
-/// over the bound), and keeps the retained copy of what it appended; an
-/// append that fails gives its claim back, so the batch can be retried.
-/// Then reads. Returns {admitted, admitted before, read, refused, over,
-/// removed, retained}, where read holds {id, n} for an entry this call
-/// appended (the n-th event given), {id, 0, fields} for another, refused
-/// the n of each event already claimed, over the n of each event refused
-/// for the bound, removed the fields of each entry removed to make room,
-/// and retained how many copies it kept.
+/// how many new entries to read for it (0: none; -1: none, the caller
+/// reads them with an XREADGROUP of its own right after), ARGV[5] the lease
+/// holder it must be (this incarnation's, `Carrier::holder`; '' for a
+/// plain stream), ARGV[6] the most entries the stream may hold (0: no
+/// bound), ARGV[7] '1' to make room at the bound by removing its oldest
+/// entry nobody holds, ARGV[8] one character per event, '1' for the events
+/// whose copy is the topic's retained one ('' for none), ARGV[9] the oldest
+/// retained entry id to keep (milliseconds; 0 keeps all), ARGV[10] the
+/// most retained entries, then the stored events (`streams::entry`), one
+/// per claim key. Claims each publication (SET NX) and appends it only if
+/// the claim is new and there is room (else gives the claim back: over the
+/// bound), and keeps the retained copy of what it appended; an append that
+/// fails gives its claim back, so the batch can be retried. Then reads.
+/// Returns {admitted, admitted before, read, refused, over, removed,
+/// retained}, where read holds {id, n} for an entry this call appended and
+/// read (the n-th event given; with ARGV[4] -1, every entry it appended),
+/// {id, 0, fields} for another, refused the n of each event already
+/// claimed, over the n of each event refused for the bound, removed the
+/// fields of each entry removed to make room, and retained how many copies
+/// it kept.
+///
+/// Every argument costs the server a Lua string and every `redis.call` a
+/// round through its reply parser (about 1,500 and 7,000 instructions
+/// under callgrind): acknowledgements and a plain stream's read are plain
+/// commands beside the call, in the same write (`AdmitSink::admit`).
 const ADMIT: &str = r"
-local nacks = tonumber(ARGV[6])
-local nclaims = #KEYS - 3 - nacks
-local bound, oldest = tonumber(ARGV[7]), ARGV[8] == '1'
-local keep, keepmax = ARGV[9], ARGV[11]
-local a = 12 + nclaims
-for s = 1, nacks do
-  local stream, m = KEYS[3 + nclaims + s], tonumber(ARGV[a])
-  local ids = {}
-  for k = 1, m do ids[k] = ARGV[a + k] end
-  a = a + m + 1
-  redis.call('XACK', stream, ARGV[2], unpack(ids))
-  redis.call('XDEL', stream, unpack(ids))
-end
+local nclaims = #KEYS - 3
+local bound, oldest = tonumber(ARGV[6]), ARGV[7] == '1'
+local keep, keepmax = ARGV[8], ARGV[10]
 local added, before, retained = 0, 0, 0
 local mine, refused, over, removed = {}, {}, {}, {}
 local len = -1
@@ -109,7 +108,7 @@ for i = 4, 3 + nclaims do
       end
     end
     if room then
-      local id = redis.pcall('XADD', KEYS[1], '*', 'e', ARGV[i + 8])
+      local id = redis.pcall('XADD', KEYS[1], '*', 'e', ARGV[i + 7])
       if type(id) == 'table' and id.err then
         redis.call('DEL', KEYS[i])
         return id
@@ -118,7 +117,7 @@ for i = 4, 3 + nclaims do
       added = added + 1
       if len >= 0 then len = len + 1 end
       if string.byte(keep, n) == 49 then
-        redis.call('XADD', KEYS[3], 'MAXLEN', keepmax, '*', 'e', ARGV[i + 8])
+        redis.call('XADD', KEYS[3], 'MAXLEN', keepmax, '*', 'e', ARGV[i + 7])
         retained = retained + 1
       end
     else
@@ -130,12 +129,14 @@ for i = 4, 3 + nclaims do
     refused[#refused + 1] = n
   end
 end
-if retained > 0 and ARGV[10] ~= '0' then
-  redis.call('XTRIM', KEYS[3], 'MINID', ARGV[10])
+if retained > 0 and ARGV[9] ~= '0' then
+  redis.call('XTRIM', KEYS[3], 'MINID', ARGV[9])
 end
 local read = {}
 local want = tonumber(ARGV[4])
-if want > 0 and (ARGV[5] == '' or redis.call('GET', KEYS[2]) == ARGV[5]) then
+if want < 0 then
+  for id, n in pairs(mine) do read[#read + 1] = {id, n} end
+elseif want > 0 and (ARGV[5] == '' or redis.call('GET', KEYS[2]) == ARGV[5]) then
   -- A group gone with a Redis that lost its data: nothing read (the reader
   -- creates it again).
   local r = redis.pcall('XREADGROUP', 'GROUP', ARGV[2], ARGV[3], 'COUNT', want, 'STREAMS', KEYS[1], '>')
@@ -151,6 +152,41 @@ if want > 0 and (ARGV[5] == '' or redis.call('GET', KEYS[2]) == ARGV[5]) then
   end
 end
 return {added, before, read, refused, over, removed, retained}
+";
+
+/// The admission script of a plain stream with nothing more to do than
+/// claim, bound (refusing the newest) and append: most calls. KEYS[1] the
+/// stream, KEYS[2..] the claim keys; ARGV[1] the claim TTL in
+/// milliseconds, ARGV[2] the most entries the stream may hold (0: no
+/// bound), then the stored events, one per claim key. Replies as `ADMIT`
+/// does, its read holding {id, n} for every entry it appended (the caller
+/// reads with an XREADGROUP of its own right after).
+const PLAIN: &str = r"
+local bound, len = tonumber(ARGV[2]), -1
+local added, before, mine, refused, over = 0, 0, {}, {}, {}
+for i = 2, #KEYS do
+  local n = i - 1
+  if redis.call('SET', KEYS[i], '1', 'NX', 'PX', ARGV[1]) then
+    if bound > 0 and len < 0 then len = redis.call('XLEN', KEYS[1]) end
+    if bound > 0 and len >= bound then
+      redis.call('DEL', KEYS[i])
+      over[#over + 1] = n
+    else
+      local id = redis.pcall('XADD', KEYS[1], '*', 'e', ARGV[i + 1])
+      if type(id) == 'table' and id.err then
+        redis.call('DEL', KEYS[i])
+        return id
+      end
+      mine[#mine + 1] = {id, n}
+      added = added + 1
+      if len >= 0 then len = len + 1 end
+    end
+  else
+    before = before + 1
+    refused[#refused + 1] = n
+  end
+end
+return {added, before, mine, refused, over, {}, 0}
 ";
 
 /// What an admission asks of the queue core.
@@ -359,25 +395,46 @@ impl AdmitSink {
                 Some((id, Command::Ack { keys })) => Some((id, by_stream(&self.keys, &keys))),
                 _ => None,
             };
-            let ack_streams = acks.as_ref().map_or(&[][..], |(_, s)| s.as_slice());
-            // By its hash: the script's 2 KB are not sent (nor hashed by
-            // Redis) with every event; sent once a server says it lacks it.
-            let mut cmd = redis::cmd("EVALSHA");
-            cmd.arg(admit_hash());
             let events: Vec<&SharedEvent> = at.iter().map(|&i| &*jobs[i].item).collect();
             let stream = self.keys.stream_of(&unit);
             let lease = self.keys.lease_of(&unit);
+            // One write: the acknowledgements, the script, and for a plain
+            // stream its read (a partition's is the script's: only while
+            // this instance holds its lease).
+            let mut pipe = redis::pipe();
+            pipe.ignore_errors();
+            for (s, ids) in acks.iter().flat_map(|(_, s)| s) {
+                pipe.cmd("XACK").arg(s).arg(self.keys.group()).arg(ids);
+                pipe.cmd("XDEL").arg(s).arg(ids);
+            }
+            let read_here = match granted {
+                Some(g) if lease.is_none() && g.count > 0 => Some(g.count),
+                _ => None,
+            };
             // Retention in the same script (one Redis), or after it.
             let keep_here = self
                 .retention
                 .as_ref()
                 .filter(|_| self.retain_in_script)
                 .filter(|_| events.iter().any(|e| e.retain));
+            // The small script where it does all that is needed: most
+            // calls at a moderate rate are one event, whose cost to Redis
+            // is mostly the script's arguments.
+            let plain =
+                lease.is_none() && keep_here.is_none() && !(self.bound > 0 && self.drop_oldest);
+            // By its hash: the script's 2 KB are not sent (nor hashed by
+            // Redis) with every event; sent once a server says it lacks it.
+            let mut cmd = redis::cmd("EVALSHA");
             let retained = keep_here.map(|r| r.key(&events[0].topic));
-            cmd.arg(events.len() + 3 + ack_streams.len())
-                .arg(&stream)
-                .arg(lease.as_deref().unwrap_or(&stream))
-                .arg(retained.as_deref().unwrap_or(&stream));
+            if plain {
+                cmd.arg(hash(true)).arg(events.len() + 1).arg(&stream);
+            } else {
+                cmd.arg(hash(false))
+                    .arg(events.len() + 3)
+                    .arg(&stream)
+                    .arg(lease.as_deref().unwrap_or(&stream))
+                    .arg(retained.as_deref().unwrap_or(&stream));
+            }
             // One buffer for every key and event: `arg` copies it.
             let seen = self.keys.seen(procedure, 0);
             let prefix = seen.strip_suffix('0').unwrap_or(&seen).as_bytes();
@@ -398,27 +455,35 @@ impl AdmitSink {
                     copy.claims.push(Bytes::copy_from_slice(&scratch));
                 }
             }
-            for (s, _) in ack_streams {
-                cmd.arg(s);
-            }
-            cmd.arg(self.window_ms)
-                .arg(self.keys.group())
-                .arg(&*self.consumer)
-                .arg(granted.map_or(0, |g| g.count))
-                .arg(if lease.is_some() { &*self.holder } else { "" })
-                .arg(ack_streams.len())
-                .arg(self.bound)
-                .arg(if self.drop_oldest { "1" } else { "0" });
-            match keep_here {
-                Some(r) => {
-                    let flags: Vec<u8> = events
-                        .iter()
-                        .map(|e| if e.retain { b'1' } else { b'0' })
-                        .collect();
-                    cmd.arg(flags).arg(r.oldest_ms()).arg(r.max_events());
-                }
-                None => {
-                    cmd.arg("").arg(0).arg(0);
+            let want = match (read_here, granted) {
+                (Some(_), _) => -1,
+                (None, Some(g)) => g.count as i64,
+                (None, None) => 0,
+            };
+            // Whether the script's reply lists what it read (else what it
+            // appended, or nothing).
+            let script_reads = !plain && want > 0;
+            if plain {
+                cmd.arg(self.window_ms).arg(self.bound);
+            } else {
+                cmd.arg(self.window_ms)
+                    .arg(self.keys.group())
+                    .arg(&*self.consumer)
+                    .arg(want)
+                    .arg(if lease.is_some() { &*self.holder } else { "" })
+                    .arg(self.bound)
+                    .arg(if self.drop_oldest { "1" } else { "0" });
+                match keep_here {
+                    Some(r) => {
+                        let flags: Vec<u8> = events
+                            .iter()
+                            .map(|e| if e.retain { b'1' } else { b'0' })
+                            .collect();
+                        cmd.arg(flags).arg(r.oldest_ms()).arg(r.max_events());
+                    }
+                    None => {
+                        cmd.arg("").arg(0).arg(0);
+                    }
                 }
             }
             // The stored events, kept for the entries this call reads back.
@@ -443,11 +508,17 @@ impl AdmitSink {
                     }
                 }
             }
-            for (_, ids) in ack_streams {
-                cmd.arg(ids.len());
-                for id in ids {
-                    cmd.arg(id);
-                }
+            pipe.add_command(cmd);
+            if let Some(count) = read_here {
+                pipe.cmd("XREADGROUP")
+                    .arg("GROUP")
+                    .arg(self.keys.group())
+                    .arg(&*self.consumer)
+                    .arg("COUNT")
+                    .arg(count)
+                    .arg("STREAMS")
+                    .arg(&stream)
+                    .arg(">");
             }
             let registered = self
                 .registered
@@ -458,7 +529,12 @@ impl AdmitSink {
                 new.push(procedure.to_owned());
             }
             copies.push(copy);
-            calls.push((cmd, granted.map(|g| g.id), acks.map(|(id, _)| id), stored));
+            calls.push((
+                pipe,
+                granted.map(|g| (g.id, script_reads)),
+                acks.map(|(id, _)| id),
+                stored,
+            ));
             placed.push((unit.procedure.clone(), at));
         }
         let events = jobs.len();
@@ -470,7 +546,10 @@ impl AdmitSink {
         let replicas = self.replicas.clone();
         let again = self.clone();
         Box::pin(async move {
-            let grants: Vec<GrantId> = calls.iter().filter_map(|(_, g, _, _)| *g).collect();
+            let grants: Vec<GrantId> = calls
+                .iter()
+                .filter_map(|(_, g, _, _)| g.map(|(id, _)| id))
+                .collect();
             let rides: Vec<CommandId> = calls.iter().filter_map(|(_, _, a, _)| *a).collect();
             let failed = |e: redis::RedisError| {
                 let why = super::carrier::failure(&e);
@@ -510,9 +589,9 @@ impl AdmitSink {
                     r.insert(procedure);
                 }
             }
-            let replies = join_all(calls.iter().map(|(cmd, _, _, _)| {
+            let replies = join_all(calls.iter().map(|(pipe, _, _, _)| {
                 let mut c = c.clone();
-                async move { run_admit(cmd, &mut c).await }
+                async move { run_call(pipe, &mut c).await }
             }))
             .await;
             let (mut admitted, mut elsewhere) = (0, 0);
@@ -530,7 +609,25 @@ impl AdmitSink {
                 .zip(placed)
                 .enumerate()
             {
-                match reply {
+                let (value, read) = match reply {
+                    Ok(Call {
+                        acked: ack,
+                        script,
+                        read,
+                    }) => {
+                        if let Some(a) = ride {
+                            acked.push((a, ack));
+                        }
+                        (script, read)
+                    }
+                    Err(e) => {
+                        if let Some(a) = ride {
+                            acked.push((a, Err(super::carrier::failure(&e))));
+                        }
+                        (Err(e), None)
+                    }
+                };
+                match value {
                     Ok(value) => {
                         if retention.is_some() {
                             let not_here = not_appended(&value);
@@ -562,23 +659,29 @@ impl AdmitSink {
                                 }
                             }
                         }
-                        let (added, before, got) = parse_admitted(&value, &stored);
+                        let (added, before, mut got) = parse_admitted(&value, &stored);
                         admitted += added;
                         elsewhere += before;
-                        if let Some(g) = grant {
-                            taken.push((g, Ok(got)));
-                        }
-                        if let Some(a) = ride {
-                            acked.push((a, Ok(())));
+                        if let Some((g, script_reads)) = grant {
+                            let got = match read {
+                                // Read beside the script: what it appended
+                                // are the events given (`got` names them).
+                                Some(read) => read.map(|read| with_stored(&read, &mut got)),
+                                None if script_reads => Ok(std::mem::take(&mut got)),
+                                None => Ok(Vec::new()),
+                            };
+                            taken.push((g, got));
                         }
                     }
                     Err(e) => {
-                        let why = super::carrier::failure(&e);
-                        if let Some(g) = grant {
-                            taken.push((g, Err(why.clone())));
-                        }
-                        if let Some(a) = ride {
-                            acked.push((a, Err(why)));
+                        if let Some((g, _)) = grant {
+                            // A read beside it took what it says (the
+                            // entries a half-done script appended too).
+                            let got = match read {
+                                Some(read) => read.map(|read| with_stored(&read, &mut Vec::new())),
+                                None => Err(super::carrier::failure(&e)),
+                            };
+                            taken.push((g, got));
                         }
                         // Offering again is harmless: retry the whole batch.
                         error.get_or_insert(e);
@@ -708,7 +811,7 @@ impl AdmitSink {
     /// The admission script for a copy: append unless claimed, read nothing.
     fn offer_cmd(&self, copy: &Copy) -> redis::Cmd {
         let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(admit_hash())
+        cmd.arg(hash(false))
             .arg(copy.claims.len() + 3)
             .arg(&copy.stream)
             .arg(&copy.lease)
@@ -721,7 +824,6 @@ impl AdmitSink {
             .arg(&*self.consumer)
             .arg(0)
             .arg("")
-            .arg(0)
             .arg(self.bound)
             .arg(if self.drop_oldest { "1" } else { "0" })
             .arg("")
@@ -832,6 +934,114 @@ async fn wait(r: &Replicas, c: &mut super::Conn, ask: Ask) -> Result<i64, ()> {
     })
 }
 
+/// What one admission call's write came to.
+struct Call {
+    /// The acknowledgements it carried (none: `Ok`).
+    acked: Result<(), QueueFailure>,
+    /// The script's reply.
+    script: redis::RedisResult<Value>,
+    /// The XREADGROUP replies beside it, if it read.
+    read: Option<Result<Vec<Value>, QueueFailure>>,
+}
+
+/// Sends one admission call's write (`AdmitSink::admit`): the
+/// acknowledgements, the script, its stream's read, in this order; when the
+/// server lacks the script, the script with its body and the read again.
+async fn run_call(pipe: &redis::Pipeline, c: &mut super::Conn) -> redis::RedisResult<Call> {
+    let replies: Vec<redis::RedisResult<Value>> = pipe.query_async(c).await?;
+    let at = pipe
+        .cmd_iter()
+        .position(|cmd| matches!(cmd.args_iter().next(), Some(redis::Arg::Simple(b"EVALSHA"))))
+        .unwrap_or(0);
+    let mut replies = replies.into_iter();
+    let acked = replies
+        .by_ref()
+        .take(at)
+        .try_for_each(|r| r.map(drop))
+        .map_err(|e| super::carrier::failure(&e));
+    let script = replies.next().unwrap_or_else(|| {
+        Err((redis::ErrorKind::UnexpectedReturnType, "no admission reply").into())
+    });
+    let read = replies.next().map(read_reply);
+    let (script, read) = match (script, pipe.cmd_iter().nth(at)) {
+        (Err(e), Some(cmd)) if e.code() == Some("NOSCRIPT") => {
+            let mut again = redis::pipe();
+            again.ignore_errors().add_command(with_body(cmd));
+            for read in pipe.cmd_iter().skip(at + 1) {
+                again.add_command(read.clone());
+            }
+            let replies: Vec<redis::RedisResult<Value>> = again.query_async(c).await?;
+            let mut replies = replies.into_iter();
+            let script = replies.next().unwrap_or_else(|| {
+                Err((redis::ErrorKind::UnexpectedReturnType, "no admission reply").into())
+            });
+            // What the first read took stays taken: both count.
+            let read = match (read, replies.next().map(read_reply)) {
+                (Some(Ok(mut first)), Some(Ok(second))) => {
+                    first.extend(second);
+                    Some(Ok(first))
+                }
+                (Some(Err(e)), _) | (_, Some(Err(e))) => Some(Err(e)),
+                (first, _) => first,
+            };
+            (script, read)
+        }
+        (script, _) => (script, read),
+    };
+    Ok(Call {
+        acked,
+        script,
+        read,
+    })
+}
+
+/// An XREADGROUP reply beside an admission script, as its entries' values.
+fn read_reply(reply: redis::RedisResult<Value>) -> Result<Vec<Value>, QueueFailure> {
+    match reply {
+        Ok(v) => Ok(vec![v]),
+        // A group gone with a Redis that lost its data: nothing read (the
+        // reader creates it again).
+        Err(e) if e.code() == Some("NOGROUP") => Ok(Vec::new()),
+        Err(e) => Err(super::carrier::failure(&e)),
+    }
+}
+
+/// The entries of an XREADGROUP reply beside an admission script: those
+/// the script appended (`appended`, from its reply) keep the events as
+/// given, the others their fields from the reply.
+fn with_stored(read: &[Value], appended: &mut [Got<Fields>]) -> Vec<Got<Fields>> {
+    appended.sort_unstable_by_key(|g| g.id);
+    // Each `[[stream, [[id, [field, value, ...]], ...]]]`, or nil.
+    let streams = read.iter().flat_map(|r| match r {
+        Value::Array(streams) => streams.as_slice(),
+        _ => &[],
+    });
+    let entries = streams.filter_map(|s| match s {
+        Value::Array(pair) => match pair.get(1) {
+            Some(Value::Array(entries)) => Some(entries),
+            _ => None,
+        },
+        _ => None,
+    });
+    let mut got = Vec::new();
+    for e in entries.flatten() {
+        let Value::Array(e) = e else { continue };
+        let Some(id) = e.first().and_then(text).and_then(|t| EntryId::parse(&t)) else {
+            continue;
+        };
+        let body = match appended.binary_search_by_key(&id, |a| a.id) {
+            Ok(i) => appended[i].body.take(),
+            Err(_) => e.get(1).map(super::carrier::fields),
+        };
+        got.push(Got {
+            id,
+            deliveries: 1,
+            body,
+        });
+    }
+    got
+}
+
 /// Runs an admission script call, sending the body when the server lacks it.
 async fn run_admit(cmd: &redis::Cmd, c: &mut super::Conn) -> redis::RedisResult<Value> {
     match cmd.query_async::<Value>(c).await {
@@ -840,18 +1050,26 @@ async fn run_admit(cmd: &redis::Cmd, c: &mut super::Conn) -> redis::RedisResult<
     }
 }
 
-/// The admission script's SHA-1, as EVALSHA names it.
-fn admit_hash() -> &'static str {
-    static HASH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    HASH.get_or_init(|| redis::Script::new(ADMIT).get_hash().to_owned())
+/// The SHA-1 of an admission script (`PLAIN` or `ADMIT`), as EVALSHA
+/// names it.
+fn hash(plain: bool) -> &'static str {
+    static HASHES: std::sync::OnceLock<[String; 2]> = std::sync::OnceLock::new();
+    let [admit, plain_hash] = HASHES
+        .get_or_init(|| [ADMIT, PLAIN].map(|body| redis::Script::new(body).get_hash().to_owned()));
+    if plain { plain_hash } else { admit }
 }
 
-/// `cmd` (an EVALSHA of the admission script) as an EVAL with the script's
+/// `cmd` (an EVALSHA of an admission script) as an EVAL with the script's
 /// body, which also puts it in the server's script cache.
 fn with_body(cmd: &redis::Cmd) -> redis::Cmd {
+    let mut args = cmd.args_iter().skip(1);
+    let body = match args.next() {
+        Some(redis::Arg::Simple(sha)) if sha == hash(true).as_bytes() => PLAIN,
+        _ => ADMIT,
+    };
     let mut eval = redis::cmd("EVAL");
-    eval.arg(ADMIT);
-    for arg in cmd.args_iter().skip(2) {
+    eval.arg(body);
+    for arg in args {
         if let redis::Arg::Simple(bytes) = arg {
             eval.arg(bytes);
         }
