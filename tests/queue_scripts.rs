@@ -757,6 +757,24 @@ async fn an_admission_reads_what_it_is_granted_and_a_partition_only_under_its_le
     assert_eq!(taken.len(), 4, "the holder reads them all, in order");
     assert!(taken.windows(2).all(|w| w[0].id < w[1].id));
 
+    // A large batch is read up to the grant, as the events given.
+    let big = unit("p.SUB_big", None);
+    create(
+        &carrier(&redis.url(), false, "a"),
+        std::slice::from_ref(&big),
+    )
+    .await;
+    let done = a
+        .admit(&events("p.SUB_big", None, 100, 40), Some(&mut grant(30)))
+        .await;
+    assert!(matches!(done.report, subtocall::sink::Report::All(Ok(()))));
+    let taken = done.taken[0].1.as_ref().expect("taken");
+    assert_eq!(taken.len(), 30, "as many as granted");
+    assert!(taken.iter().all(|g| g.body.is_some()));
+    assert!(taken.windows(2).all(|w| w[0].id < w[1].id));
+    assert_eq!(redis.command(&["XLEN", &stream(&big)]).await.integer(), 40);
+    assert_eq!(pending(&redis, &big).await.len(), 30);
+
     // A group lost with Redis's data: still admitted, nothing read.
     redis.command(&["DEL", &stream(&plain)]).await;
     let done = a

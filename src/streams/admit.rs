@@ -9,10 +9,11 @@
 //! The same write reads the stream's new entries for this instance, as
 //! many as the queue core granted room for (`QueueCore::grant`): that is
 //! how most entries are read, with no request of their own. For a plain
-//! stream the read is an XREADGROUP right after the script; for a
-//! partition it is the script's own, and only if the partition's lease in
-//! Redis is this instance's. Entries this batch added are taken as the
-//! events given, not decoded again.
+//! stream the read is an XREADGROUP right after the script (Redis then
+//! never turns the entries into Lua values: a quarter of its instructions
+//! per event for batches of 100); for a partition it is the script's own,
+//! and only if the partition's lease in Redis is this instance's. Entries
+//! this batch added are taken as the events given, not decoded again.
 //!
 //! The write also carries the acknowledgements waiting for the procedure's
 //! streams (`QueueCore::ride_acks`), as XACK and XDEL before the script:
