@@ -984,9 +984,7 @@ async fn run_call(pipe: &redis::Pipeline, c: &mut super::Conn) -> redis::RedisRe
         .take(at)
         .try_for_each(|r| r.map(drop))
         .map_err(|e| super::carrier::failure(&e));
-    let script = replies.next().unwrap_or_else(|| {
-        Err((redis::ErrorKind::UnexpectedReturnType, "no admission reply").into())
-    });
+    let script = replies.next().unwrap_or_else(no_reply);
     let read = replies.next().map(read_reply);
     let (script, read) = match (script, pipe.cmd_iter().nth(at)) {
         (Err(e), Some(cmd)) if e.code() == Some("NOSCRIPT") => {
@@ -997,9 +995,7 @@ async fn run_call(pipe: &redis::Pipeline, c: &mut super::Conn) -> redis::RedisRe
             }
             let replies: Vec<redis::RedisResult<Value>> = again.query_async(c).await?;
             let mut replies = replies.into_iter();
-            let script = replies.next().unwrap_or_else(|| {
-                Err((redis::ErrorKind::UnexpectedReturnType, "no admission reply").into())
-            });
+            let script = replies.next().unwrap_or_else(no_reply);
             // What the first read took stays taken: both count.
             let read = match (read, replies.next().map(read_reply)) {
                 (Some(Ok(mut first)), Some(Ok(second))) => {
@@ -1026,6 +1022,11 @@ async fn run_call(pipe: &redis::Pipeline, c: &mut super::Conn) -> redis::RedisRe
         script,
         read,
     })
+}
+
+/// A pipeline that came back without the script's reply.
+fn no_reply() -> redis::RedisResult<Value> {
+    Err((redis::ErrorKind::UnexpectedReturnType, "no admission reply").into())
 }
 
 /// An XREADGROUP reply beside an admission script, as its entries' values.
