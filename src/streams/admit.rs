@@ -1045,35 +1045,15 @@ fn read_reply(reply: redis::RedisResult<Value>) -> Result<Vec<Value>, QueueFailu
 /// given, the others their fields from the reply.
 fn with_stored(read: &[Value], appended: &mut [Got<Fields>]) -> Vec<Got<Fields>> {
     appended.sort_unstable_by_key(|g| g.id);
-    // Each `[[stream, [[id, [field, value, ...]], ...]]]`, or nil.
-    let streams = read.iter().flat_map(|r| match r {
-        Value::Array(streams) => streams.as_slice(),
-        _ => &[],
-    });
-    let entries = streams.filter_map(|s| match s {
-        Value::Array(pair) => match pair.get(1) {
-            Some(Value::Array(entries)) => Some(entries),
-            _ => None,
-        },
-        _ => None,
-    });
-    let mut got = Vec::new();
-    for e in entries.flatten() {
-        let Value::Array(e) = e else { continue };
-        let Some(id) = e.first().and_then(text).and_then(|t| EntryId::parse(&t)) else {
-            continue;
-        };
-        let body = match appended.binary_search_by_key(&id, |a| a.id) {
+    let mut body =
+        |id: EntryId, e: Option<&Value>| match appended.binary_search_by_key(&id, |a| a.id) {
             Ok(i) => appended[i].body.take(),
-            Err(_) => e.get(1).map(super::carrier::fields),
+            Err(_) => e.map(super::carrier::fields),
         };
-        got.push(Got {
-            id,
-            deliveries: 1,
-            body,
-        });
-    }
-    got
+    read.iter()
+        .flat_map(|r| super::carrier::stream_entries_with(r, &mut body))
+        .flat_map(|(_, entries)| entries)
+        .collect()
 }
 
 /// Runs an admission script call, sending the body when the server lacks it.

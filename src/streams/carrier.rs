@@ -1170,6 +1170,15 @@ fn parse_read(frame: &Bytes, units: &HashMap<&str, &Unit>) -> Vec<(Unit, Vec<Got
 
 /// The entries of an XREADGROUP reply as redis-rs values, by stream.
 fn stream_entries(value: &Value) -> Vec<(String, Vec<Got<Fields>>)> {
+    stream_entries_with(value, |_, e| e.map(fields))
+}
+
+/// The same, each entry's body given by `body` from its id and its
+/// field/value pairs as redis-rs gives them.
+pub(super) fn stream_entries_with(
+    value: &Value,
+    mut body: impl FnMut(EntryId, Option<&Value>) -> Option<Fields>,
+) -> Vec<(String, Vec<Got<Fields>>)> {
     let Value::Array(streams) = value else {
         return Vec::new();
     };
@@ -1189,7 +1198,7 @@ fn stream_entries(value: &Value) -> Vec<(String, Vec<Got<Fields>>)> {
                     Some(Got {
                         id,
                         deliveries: 1,
-                        body: e.get(1).map(fields),
+                        body: body(id, e.get(1)),
                     })
                 })
                 .collect();
