@@ -73,7 +73,9 @@ pub const BATCH: usize = 512;
 /// {id, 0, fields} for another, refused the n of each event already
 /// claimed, over the n of each event refused for the bound, removed the
 /// fields of each entry removed to make room, and retained how many copies
-/// it kept.
+/// it kept. Taken where `PLAIN` does not do: a partition (its read only
+/// under the lease), making room by removing the oldest entry, and the
+/// offer again after a failover (`offer_cmd`).
 ///
 /// Every argument costs the server a Lua string and every `redis.call` a
 /// round through its reply parser (about 1,500 and 7,000 instructions
@@ -155,47 +157,68 @@ end
 return {added, before, read, refused, over, removed, retained}
 ";
 
-/// The admission script of a plain stream with nothing more to do than
-/// claim, bound (refusing the newest) and append: most calls. KEYS[1] the
-/// stream, KEYS[2..] the claim keys; ARGV[1] the claim TTL in
+/// The admission script of a stream with nothing more to do than claim,
+/// bound (refusing the newest), append and keep the topic's retained copy:
+/// most calls. KEYS[1] the stream, KEYS[2..n+1] the claim keys, and with
+/// retention KEYS[n+2] the topic's retained stream; ARGV[1] the claim TTL in
 /// milliseconds, ARGV[2] the most entries the stream may hold (0: no
-/// bound), then the stored events, one per claim key. Returns one value per
-/// event: its entry id if appended, 0 if already claimed, 1 if refused for
-/// the bound (`plain_reply` makes it `ADMIT`'s shape). One flat table: each
-/// table a script returns costs Redis a dozen lookups of its own.
+/// bound), ARGV[3..n+2] the stored events, one per claim key, and with
+/// retention ARGV[n+3] one character per event ('1': keep its copy),
+/// ARGV[n+4] the oldest retained entry id to keep (milliseconds; 0 keeps
+/// all), ARGV[n+5] the most retained entries (retention is there when
+/// ARGV has three more than KEYS, not one). Returns one flat table: how
+/// many copies it kept, then per event its entry id if appended, 0 if
+/// already claimed, 1 if refused for the bound (`plain_reply` makes it
+/// `ADMIT`'s shape). Flat: each table a script returns costs Redis a dozen
+/// lookups of its own.
 const PLAIN: &str = r"
-local bound, len = tonumber(ARGV[2]), -1
-local out = {}
-for i = 2, #KEYS do
+local keep = #ARGV - #KEYS == 3
+local n = #KEYS - (keep and 2 or 1)
+local bound, len, kept = tonumber(ARGV[2]), -1, 0
+local out = {0}
+for i = 2, n + 1 do
   if redis.call('SET', KEYS[i], '1', 'NX', 'PX', ARGV[1]) then
     if bound > 0 and len < 0 then len = redis.call('XLEN', KEYS[1]) end
     if bound > 0 and len >= bound then
       redis.call('DEL', KEYS[i])
-      out[i - 1] = 1
+      out[i] = 1
     else
       local id = redis.pcall('XADD', KEYS[1], '*', 'e', ARGV[i + 1])
       if type(id) == 'table' and id.err then
         redis.call('DEL', KEYS[i])
         return id
       end
-      out[i - 1] = id
+      out[i] = id
       if len >= 0 then len = len + 1 end
+      if keep and string.byte(ARGV[n + 3], i - 1) == 49 then
+        redis.call('XADD', KEYS[n + 2], 'MAXLEN', ARGV[n + 5], '*', 'e', ARGV[i + 1])
+        kept = kept + 1
+      end
     end
   else
-    out[i - 1] = 0
+    out[i] = 0
   end
 end
+if kept > 0 and ARGV[n + 4] ~= '0' then
+  redis.call('XTRIM', KEYS[n + 2], 'MINID', ARGV[n + 4])
+end
+out[1] = kept
 return out
 ";
 
 /// `PLAIN`'s reply in `ADMIT`'s shape: {admitted, admitted before, {{id,
-/// n}, ...} for the entries it appended, refused, over, {}, 0}.
+/// n}, ...} for the entries it appended, refused, over, {}, retained}.
 fn plain_reply(value: Value) -> Value {
     let Value::Array(each) = value else {
         return value;
     };
+    let mut each = each.into_iter();
+    let retained = match each.next() {
+        Some(Value::Int(kept)) => kept,
+        _ => 0,
+    };
     let (mut appended, mut refused, mut over) = (Vec::new(), Vec::new(), Vec::new());
-    for (i, v) in each.into_iter().enumerate() {
+    for (i, v) in each.enumerate() {
         let n = Value::Int(i as i64 + 1);
         match v {
             Value::Int(0) => refused.push(n),
@@ -210,7 +233,7 @@ fn plain_reply(value: Value) -> Value {
         Value::Array(refused),
         Value::Array(over),
         Value::Array(Vec::new()),
-        Value::Int(0),
+        Value::Int(retained),
     ])
 }
 
@@ -445,14 +468,14 @@ impl AdmitSink {
             // The small script where it does all that is needed: most
             // calls at a moderate rate are one event, whose cost to Redis
             // is mostly the script's arguments.
-            let plain =
-                lease.is_none() && keep_here.is_none() && !(self.bound > 0 && self.drop_oldest);
+            let plain = lease.is_none() && !(self.bound > 0 && self.drop_oldest);
             // By its hash: the script's 2 KB are not sent (nor hashed by
             // Redis) with every event; sent once a server says it lacks it.
             let mut cmd = redis::cmd("EVALSHA");
             let retained = keep_here.map(|r| r.key(&events[0].topic));
             if plain {
-                cmd.arg(hash(true)).arg(events.len() + 1).arg(&stream);
+                let keys = events.len() + 1 + usize::from(retained.is_some());
+                cmd.arg(hash(true)).arg(keys).arg(&stream);
             } else {
                 cmd.arg(hash(false))
                     .arg(events.len() + 3)
@@ -480,6 +503,9 @@ impl AdmitSink {
                     copy.claims.push(Bytes::copy_from_slice(&scratch));
                 }
             }
+            if let (true, Some(retained)) = (plain, &retained) {
+                cmd.arg(retained);
+            }
             let want = match (read_here, granted) {
                 (Some(_), _) => -1,
                 (None, Some(g)) => g.count as i64,
@@ -488,6 +514,15 @@ impl AdmitSink {
             // Whether the script's reply lists what it read (else what it
             // appended, or nothing).
             let script_reads = !plain && want > 0;
+            // Retention's arguments: which events to keep, the oldest entry
+            // id and the most entries to keep.
+            let keep_args = keep_here.map(|r| {
+                let flags: Vec<u8> = events
+                    .iter()
+                    .map(|e| if e.retain { b'1' } else { b'0' })
+                    .collect();
+                (flags, r.oldest_ms(), r.max_events())
+            });
             if plain {
                 cmd.arg(self.window_ms).arg(self.bound);
             } else {
@@ -498,18 +533,10 @@ impl AdmitSink {
                     .arg(if lease.is_some() { &*self.holder } else { "" })
                     .arg(self.bound)
                     .arg(if self.drop_oldest { "1" } else { "0" });
-                match keep_here {
-                    Some(r) => {
-                        let flags: Vec<u8> = events
-                            .iter()
-                            .map(|e| if e.retain { b'1' } else { b'0' })
-                            .collect();
-                        cmd.arg(flags).arg(r.oldest_ms()).arg(r.max_events());
-                    }
-                    None => {
-                        cmd.arg("").arg(0).arg(0);
-                    }
-                }
+                match &keep_args {
+                    Some((flags, oldest, max)) => cmd.arg(flags).arg(oldest).arg(max),
+                    None => cmd.arg("").arg(0).arg(0),
+                };
             }
             // The stored events, kept for the entries this call reads back.
             let mut stored = Vec::with_capacity(events.len());
@@ -532,6 +559,9 @@ impl AdmitSink {
                         stored.push(e);
                     }
                 }
+            }
+            if let (true, Some((flags, oldest, max))) = (plain, &keep_args) {
+                cmd.arg(flags).arg(oldest).arg(max);
             }
             pipe.add_command(cmd);
             if let Some(count) = read_here {
@@ -1254,9 +1284,18 @@ mod tests {
     #[test]
     fn a_plain_reply_reads_as_the_full_scripts() {
         let id = || Value::BulkString(b"1-1".to_vec());
-        let reply = plain_reply(Value::Array(vec![id(), Value::Int(0), Value::Int(1)]));
+        let reply = plain_reply(Value::Array(vec![
+            Value::Int(1),
+            id(),
+            Value::Int(0),
+            Value::Int(1),
+        ]));
         let (added, before, got) = parse_admitted(&reply, &[Bytes::from_static(b"event")]);
         assert_eq!((added, before), (1, 1));
+        let Value::Array(parts) = &reply else {
+            panic!("an array")
+        };
+        assert_eq!(parts.get(6), Some(&Value::Int(1)), "the copies kept");
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].id, EntryId::parse("1-1").expect("an id"));
         assert_eq!(not_appended(&reply), vec![2, 3]);
