@@ -913,6 +913,11 @@ impl World {
                 "{}'s count of held entries disagrees with its streams",
                 &self.insts[i].name
             );
+            prop_assert!(
+                core.until_agrees(),
+                "{}'s times its entries are ours until disagree with what it holds",
+                &self.insts[i].name
+            );
             if !any {
                 return Ok(());
             }
