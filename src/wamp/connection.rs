@@ -254,6 +254,10 @@ pub struct Connection<T> {
     refused: VecDeque<Refused>,
     /// Frames were fed to the socket (or a pong queued) since the last flush.
     unflushed: bool,
+    /// tungstenite may hold frames it already read from the socket (a burst
+    /// cut at `BATCH`, or what came in with the handshake): the stream is
+    /// then polled whatever the socket says (`Connection::wait`).
+    maybe_buffered: bool,
     /// Frames that must not go out any more wait in the WebSocket's write
     /// buffer (a pause passed a fenced call's deadline after it was
     /// queued): the socket is dropped without writing them.
@@ -294,6 +298,7 @@ impl<T> Connection<T> {
             queued_requests: Vec::new(),
             refused: VecDeque::new(),
             unflushed: false,
+            maybe_buffered: true,
             discard_writes: false,
             close: None,
         })
@@ -346,18 +351,39 @@ impl<T> Connection<T> {
         let pong_wait = self
             .pong_deadline
             .unwrap_or_else(|| Instant::now() + self.ping_timeout);
+        // tungstenite zero-fills its read buffer (`READ_BUFFER`) before every
+        // read it tries, so the stream is polled only once the socket has
+        // something (or tungstenite may hold frames already): the owner
+        // waits here again after everything else that wakes it (a Redis
+        // reply, a timer), and each of those polls cost a 16 KiB memset
+        // that also pushed the event's working set out of the L1 cache.
+        let ws = &mut self.ws;
+        let gated = !self.maybe_buffered;
+        let next = async move {
+            if gated && let MaybeTlsStream::Plain(tcp) = ws.get_ref() {
+                // Readiness only (a spurious one costs a read, as before);
+                // TLS may hold decrypted bytes the socket does not show.
+                let _ = std::future::poll_fn(|cx| tcp.poll_read_ready(cx)).await;
+            }
+            ws.next().await
+        };
         tokio::select! {
-            frame = self.ws.next() => {
+            frame = next => {
                 self.pong_deadline = None;
                 self.on_frame(frame);
                 // Take whatever else is already buffered.
+                self.maybe_buffered = true;
                 for _ in 1..BATCH {
                     if self.close.is_some() {
                         break;
                     }
                     match self.ws.next().now_or_never() {
                         Some(frame) => self.on_frame(frame),
-                        None => break,
+                        // Nothing buffered, the socket read dry.
+                        None => {
+                            self.maybe_buffered = false;
+                            break;
+                        }
                     }
                 }
             }
