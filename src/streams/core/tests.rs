@@ -1511,3 +1511,129 @@ fn a_procedure_without_a_callee_is_not_read_until_it_has_one() {
     run(&mut core, away, away + 2, &mut reads);
     assert_eq!(reads.first(), Some(&away), "read at once when it has one");
 }
+
+/// A plain stream's entries held through a freeze longer than their claim,
+/// with nothing in the delivery stage to notice first, are taken back by
+/// the clock alone: withdrawn at the first tick after the freeze, never
+/// dispatchable again, and read back as the instance's own pending
+/// entries. (The model test's delivery stage looks at the clock before the
+/// core does after a pause, so it never reaches this branch of the fence.)
+#[test]
+fn a_plain_streams_entries_held_through_a_freeze_are_taken_back_by_the_clock() {
+    let t0 = Instant::now();
+    let mut core: QueueCore<Ev> = QueueCore::new(
+        Settings {
+            window: 8,
+            read_max: 4,
+            claim_idle: ms(CLAIM_IDLE_MS),
+            partitions: None,
+            max_deliveries: MAX_DELIVERIES,
+        },
+        t0,
+    );
+    let procedure = PROCEDURES[0];
+    let unit = Unit::plain(&Arc::from(procedure));
+    core.add_procedure(procedure, t0);
+    let ev = |seq| Ev {
+        seq,
+        key: None,
+        poison: false,
+        rejected: false,
+    };
+    let ids: Vec<EntryId> = (1..=3)
+        .map(|n| EntryId::parse(&format!("{n}-0")).expect("an id"))
+        .collect();
+    #[derive(Default)]
+    struct Seen {
+        handed: Vec<Key>,
+        withdrawn: Vec<Key>,
+        own_reads: usize,
+        served: bool,
+    }
+    let tick = |core: &mut QueueCore<Ev>, seen: &mut Seen, now: Instant| {
+        core.on_tick(now);
+        while let Some(output) = core.poll() {
+            let command = match output {
+                Output::Send(id, command) => (id, command),
+                Output::Deliver(h) => {
+                    seen.handed.extend(h.into_iter().map(|h| h.key));
+                    continue;
+                }
+                Output::Withdraw(keys) => {
+                    seen.withdrawn.extend(keys);
+                    continue;
+                }
+                _ => continue,
+            };
+            let (id, command) = command;
+            let reply = match command {
+                Command::Procedures => Reply::Procedures(vec![procedure.to_owned()]),
+                Command::Scan { units, .. } => Reply::Stale(units),
+                Command::Keepalive { .. } => Reply::Kept(Kept {
+                    instances: 1,
+                    departures: 0,
+                    ..Kept::default()
+                }),
+                Command::Read { units, .. } if !seen.served => {
+                    seen.served = true;
+                    let got = ids
+                        .iter()
+                        .enumerate()
+                        .map(|(n, id)| Got {
+                            id: *id,
+                            deliveries: 1,
+                            body: Some(ev(n as u64 + 1)),
+                        })
+                        .collect();
+                    Reply::Read(vec![(units[0].clone(), got)])
+                }
+                Command::Read { .. } => Reply::Read(vec![]),
+                Command::Take { .. } => {
+                    seen.own_reads += 1;
+                    Reply::Taken {
+                        next: EntryId::ZERO,
+                        got: vec![],
+                    }
+                }
+                _ => Reply::Done,
+            };
+            core.on_reply(id, reply, now);
+        }
+    };
+    let mut seen = Seen::default();
+    let mut now = t0;
+    while !seen.served && now < t0 + ms(2_000) {
+        now += ms(50);
+        tick(&mut core, &mut seen, now);
+    }
+    assert_eq!(
+        seen.handed.len(),
+        3,
+        "the read entries go to the delivery stage"
+    );
+    let key = |id: &EntryId| Key {
+        unit: unit.clone(),
+        id: *id,
+    };
+    assert!(core.may_dispatch(&key(&ids[0]), now));
+    let takes_before = seen.own_reads;
+    // Frozen for three claim idle times: nothing ran, nothing was refreshed.
+    now += ms(3 * CLAIM_IDLE_MS);
+    tick(&mut core, &mut seen, now);
+    let mut got: Vec<EntryId> = seen.withdrawn.iter().map(|k| k.id).collect();
+    got.sort_unstable();
+    assert_eq!(got, ids, "every entry held is taken back");
+    assert!(ids.iter().all(|id| !core.may_dispatch(&key(id), now)));
+    assert!(core.until_agrees());
+    // What the delivery stage gave back is read again as our own pending
+    // entries (whatever another instance did not take meanwhile).
+    core.on_withdrawn(&seen.withdrawn);
+    for _ in 0..4 {
+        now += ms(50);
+        tick(&mut core, &mut seen, now);
+    }
+    assert!(
+        seen.own_reads > takes_before,
+        "its own pending entries read again"
+    );
+}
