@@ -1441,12 +1441,9 @@ fn a_departure_brings_a_scan_at_once_and_scans_are_rare_otherwise() {
     );
 }
 
-/// A procedure without a callee: its streams are neither granted to
-/// admissions nor read nor taken from (its events wait in Redis), until it
-/// has one again; then they are read at once.
-#[test]
-fn a_procedure_without_a_callee_is_not_read_until_it_has_one() {
-    let t0 = Instant::now();
+/// One instance alone, serving `PROCEDURES[0]` with no ordering: the core,
+/// the procedure and its plain stream.
+fn lone_core(t0: Instant) -> (QueueCore<Ev>, &'static str, Unit) {
     let mut core: QueueCore<Ev> = QueueCore::new(
         Settings {
             window: 8,
@@ -1458,8 +1455,32 @@ fn a_procedure_without_a_callee_is_not_read_until_it_has_one() {
         t0,
     );
     let procedure = PROCEDURES[0];
-    let unit = Unit::plain(&Arc::from(procedure));
     core.add_procedure(procedure, t0);
+    (core, procedure, Unit::plain(&Arc::from(procedure)))
+}
+
+/// What Redis answers `lone_core`'s commands other than reads: the one
+/// procedure, nothing stale, one live instance, done.
+fn quiet_reply(procedure: &str, command: Command) -> Reply<Ev> {
+    match command {
+        Command::Procedures => Reply::Procedures(vec![procedure.to_owned()]),
+        Command::Scan { units, .. } => Reply::Stale(units),
+        Command::Keepalive { .. } => Reply::Kept(Kept {
+            instances: 1,
+            departures: 0,
+            ..Kept::default()
+        }),
+        _ => Reply::Done,
+    }
+}
+
+/// A procedure without a callee: its streams are neither granted to
+/// admissions nor read nor taken from (its events wait in Redis), until it
+/// has one again; then they are read at once.
+#[test]
+fn a_procedure_without_a_callee_is_not_read_until_it_has_one() {
+    let t0 = Instant::now();
+    let (mut core, procedure, unit) = lone_core(t0);
     let mut reads = Vec::new();
     let run = |core: &mut QueueCore<Ev>, from: u64, to: u64, reads: &mut Vec<u64>| {
         for step in from..to {
@@ -1470,13 +1491,6 @@ fn a_procedure_without_a_callee_is_not_read_until_it_has_one() {
                     continue;
                 };
                 let reply = match command {
-                    Command::Procedures => Reply::Procedures(vec![procedure.to_owned()]),
-                    Command::Scan { units, .. } => Reply::Stale(units),
-                    Command::Keepalive { .. } => Reply::Kept(Kept {
-                        instances: 1,
-                        departures: 0,
-                        ..Kept::default()
-                    }),
                     Command::Read { .. } => {
                         reads.push(step);
                         Reply::Read(vec![])
@@ -1488,7 +1502,7 @@ fn a_procedure_without_a_callee_is_not_read_until_it_has_one() {
                             got: vec![],
                         }
                     }
-                    _ => Reply::Done,
+                    other => quiet_reply(procedure, other),
                 };
                 core.on_reply(id, reply, now);
             }
@@ -1521,19 +1535,7 @@ fn a_procedure_without_a_callee_is_not_read_until_it_has_one() {
 #[test]
 fn a_plain_streams_entries_held_through_a_freeze_are_taken_back_by_the_clock() {
     let t0 = Instant::now();
-    let mut core: QueueCore<Ev> = QueueCore::new(
-        Settings {
-            window: 8,
-            read_max: 4,
-            claim_idle: ms(CLAIM_IDLE_MS),
-            partitions: None,
-            max_deliveries: MAX_DELIVERIES,
-        },
-        t0,
-    );
-    let procedure = PROCEDURES[0];
-    let unit = Unit::plain(&Arc::from(procedure));
-    core.add_procedure(procedure, t0);
+    let (mut core, procedure, unit) = lone_core(t0);
     let ev = |seq| Ev {
         seq,
         key: None,
@@ -1567,13 +1569,6 @@ fn a_plain_streams_entries_held_through_a_freeze_are_taken_back_by_the_clock() {
             };
             let (id, command) = command;
             let reply = match command {
-                Command::Procedures => Reply::Procedures(vec![procedure.to_owned()]),
-                Command::Scan { units, .. } => Reply::Stale(units),
-                Command::Keepalive { .. } => Reply::Kept(Kept {
-                    instances: 1,
-                    departures: 0,
-                    ..Kept::default()
-                }),
                 Command::Read { units, .. } if !seen.served => {
                     seen.served = true;
                     let got = ids
@@ -1595,7 +1590,7 @@ fn a_plain_streams_entries_held_through_a_freeze_are_taken_back_by_the_clock() {
                         got: vec![],
                     }
                 }
-                _ => Reply::Done,
+                other => quiet_reply(procedure, other),
             };
             core.on_reply(id, reply, now);
         }
