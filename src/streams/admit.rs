@@ -37,7 +37,7 @@ use redis::Value;
 
 use super::carrier::Fields;
 use super::core::{
-    Command, CommandId, EntryId, Failure as QueueFailure, Got, Grant, GrantId, Key, QueueCore, Unit,
+    Command, CommandId, EntryId, Failure as QueueFailure, Got, Grant, GrantId, QueueCore, Unit,
 };
 use super::replicas::{self, Ask, Copies, Copy};
 use super::{Keys, Shared, entry, text};
@@ -440,7 +440,9 @@ impl AdmitSink {
                 _ => None,
             };
             let acks = match ride {
-                Some((id, Command::Ack { keys })) => Some((id, by_stream(&self.keys, &keys))),
+                Some((id, Command::Ack { keys })) => {
+                    Some((id, super::carrier::acks_by_stream(&self.keys, &keys)))
+                }
                 _ => None,
             };
             let events: Vec<&SharedEvent> = at.iter().map(|&i| &*jobs[i].item).collect();
@@ -452,8 +454,7 @@ impl AdmitSink {
             let mut pipe = redis::pipe();
             pipe.ignore_errors();
             for (s, ids) in acks.iter().flat_map(|(_, s)| s) {
-                pipe.cmd("XACK").arg(s).arg(self.keys.group()).arg(ids);
-                pipe.cmd("XDEL").arg(s).arg(ids);
+                super::carrier::push_ack(&mut pipe, s, self.keys.group(), ids);
             }
             let read_here = match granted {
                 Some(g) if lease.is_none() && g.count > 0 => Some(g.count),
@@ -584,8 +585,13 @@ impl AdmitSink {
                 new.push(procedure.to_owned());
             }
             copies.push(copy);
+            let script_at = 2 * acks.as_ref().map_or(0, |(_, s)| s.len());
             calls.push((
-                pipe,
+                Write {
+                    pipe,
+                    script_at,
+                    plain,
+                },
                 granted.map(|g| (g.id, script_reads)),
                 acks.map(|(id, _)| id),
                 stored,
@@ -644,9 +650,9 @@ impl AdmitSink {
                     r.insert(procedure);
                 }
             }
-            let replies = join_all(calls.iter().map(|(pipe, _, _, _)| {
+            let replies = join_all(calls.iter().map(|(write, _, _, _)| {
                 let mut c = c.clone();
-                async move { run_call(pipe, &mut c).await }
+                async move { run_call(write, &mut c).await }
             }))
             .await;
             let (mut admitted, mut elsewhere) = (0, 0);
@@ -999,15 +1005,20 @@ struct Call {
     read: Option<Result<Vec<Value>, QueueFailure>>,
 }
 
-/// Sends one admission call's write (`AdmitSink::admit`): the
-/// acknowledgements, the script, its stream's read, in this order; when the
-/// server lacks the script, the script with its body and the read again.
-async fn run_call(pipe: &redis::Pipeline, c: &mut super::Conn) -> redis::RedisResult<Call> {
+/// One admission call's write: the acknowledgements (`script_at`
+/// commands), the script (`PLAIN` or `ADMIT`), and its stream's read if
+/// any, as `AdmitSink::admit` laid them out.
+struct Write {
+    pipe: redis::Pipeline,
+    script_at: usize,
+    plain: bool,
+}
+
+/// Sends one admission call's write (`AdmitSink::admit`); when the server
+/// lacks the script, the script with its body and the read again.
+async fn run_call(write: &Write, c: &mut super::Conn) -> redis::RedisResult<Call> {
+    let (pipe, at, plain) = (&write.pipe, write.script_at, write.plain);
     let replies: Vec<redis::RedisResult<Value>> = pipe.query_async(c).await?;
-    let at = pipe
-        .cmd_iter()
-        .position(|cmd| matches!(cmd.args_iter().next(), Some(redis::Arg::Simple(b"EVALSHA"))))
-        .unwrap_or(0);
     let mut replies = replies.into_iter();
     let acked = replies
         .by_ref()
@@ -1019,7 +1030,7 @@ async fn run_call(pipe: &redis::Pipeline, c: &mut super::Conn) -> redis::RedisRe
     let (script, read) = match (script, pipe.cmd_iter().nth(at)) {
         (Err(e), Some(cmd)) if e.code() == Some("NOSCRIPT") => {
             let mut again = redis::pipe();
-            again.ignore_errors().add_command(with_body(cmd));
+            again.ignore_errors().add_command(with_body(cmd, plain));
             for read in pipe.cmd_iter().skip(at + 1) {
                 again.add_command(read.clone());
             }
@@ -1039,9 +1050,6 @@ async fn run_call(pipe: &redis::Pipeline, c: &mut super::Conn) -> redis::RedisRe
         }
         (script, _) => (script, read),
     };
-    let plain = pipe.cmd_iter().nth(at).is_some_and(|cmd| {
-        matches!(cmd.args_iter().nth(1), Some(redis::Arg::Simple(sha)) if sha == hash(true).as_bytes())
-    });
     let script = if plain {
         script.map(plain_reply)
     } else {
@@ -1086,10 +1094,13 @@ fn with_stored(read: &[Value], appended: &mut [Got<Fields>]) -> Vec<Got<Fields>>
         .collect()
 }
 
-/// Runs an admission script call, sending the body when the server lacks it.
+/// Runs a call of the full admission script (`offer_cmd`), sending the
+/// body when the server lacks it.
 async fn run_admit(cmd: &redis::Cmd, c: &mut super::Conn) -> redis::RedisResult<Value> {
     match cmd.query_async::<Value>(c).await {
-        Err(e) if e.code() == Some("NOSCRIPT") => with_body(cmd).query_async::<Value>(c).await,
+        Err(e) if e.code() == Some("NOSCRIPT") => {
+            with_body(cmd, false).query_async::<Value>(c).await
+        }
         other => other,
     }
 }
@@ -1103,35 +1114,17 @@ fn hash(plain: bool) -> &'static str {
     if plain { plain_hash } else { admit }
 }
 
-/// `cmd` (an EVALSHA of an admission script) as an EVAL with the script's
-/// body, which also puts it in the server's script cache.
-fn with_body(cmd: &redis::Cmd) -> redis::Cmd {
-    let mut args = cmd.args_iter().skip(1);
-    let body = match args.next() {
-        Some(redis::Arg::Simple(sha)) if sha == hash(true).as_bytes() => PLAIN,
-        _ => ADMIT,
-    };
+/// `cmd` (an EVALSHA of `PLAIN` if `plain`, else of `ADMIT`) as an EVAL
+/// with the script's body, which also puts it in the server's script cache.
+fn with_body(cmd: &redis::Cmd, plain: bool) -> redis::Cmd {
     let mut eval = redis::cmd("EVAL");
-    eval.arg(body);
-    for arg in args {
+    eval.arg(if plain { PLAIN } else { ADMIT });
+    for arg in cmd.args_iter().skip(2) {
         if let redis::Arg::Simple(bytes) = arg {
             eval.arg(bytes);
         }
     }
     eval
-}
-
-/// Acknowledgements by stream: each stream's name and its entry ids.
-fn by_stream(keys: &Keys, acks: &[Key]) -> Vec<(String, Vec<String>)> {
-    let mut out: Vec<(String, Vec<String>)> = Vec::new();
-    for key in acks {
-        let stream = keys.stream_of(&key.unit);
-        match out.iter_mut().find(|(s, _)| *s == stream) {
-            Some((_, ids)) => ids.push(key.id.to_string()),
-            None => out.push((stream, vec![key.id.to_string()])),
-        }
-    }
-    out
 }
 
 /// `copy` without the events its admission's reply says were already

@@ -848,21 +848,17 @@ impl Carrier {
 
     async fn ack(&self, keys: &[Key]) -> Result<Reply<Fields>, Failure> {
         let c = self.conn().await?;
-        let mut by_stream: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for key in keys {
-            by_stream
-                .entry(self.keys.stream_of(&key.unit))
-                .or_default()
-                .push(key.id.to_string());
-        }
         let group = self.keys.group();
-        let done = join_all(by_stream.into_iter().map(|(stream, ids)| {
-            let mut c = c.clone();
-            let mut pipe = redis::pipe();
-            pipe.cmd("XACK").arg(&stream).arg(group).arg(&ids).ignore();
-            pipe.cmd("XDEL").arg(&stream).arg(&ids).ignore();
-            async move { query_pipe(&pipe, &mut c).await }
-        }))
+        let done = join_all(
+            acks_by_stream(&self.keys, keys)
+                .into_iter()
+                .map(|(stream, ids)| {
+                    let mut c = c.clone();
+                    let mut pipe = redis::pipe();
+                    push_ack(&mut pipe, &stream, group, &ids);
+                    async move { query_pipe(&pipe, &mut c).await }
+                }),
+        )
         .await;
         done.into_iter().collect::<Result<Vec<()>, Failure>>()?;
         Ok(Reply::Done)
@@ -1085,6 +1081,28 @@ async fn query_pipe(pipe: &redis::Pipeline, c: &mut super::Conn) -> Result<(), F
         Ok(r) => r.map_err(|e| failure(&e)),
         Err(_) => Err(Failure::Transient("Redis did not answer in time".into())),
     }
+}
+
+/// Acknowledgements by stream: each stream's name and its entry ids, the
+/// streams in the order they first come.
+pub(super) fn acks_by_stream(keys: &Keys, acks: &[Key]) -> Vec<(String, Vec<String>)> {
+    let mut out: Vec<(String, Vec<String>)> = Vec::new();
+    for key in acks {
+        let stream = keys.stream_of(&key.unit);
+        match out.iter_mut().find(|(s, _)| *s == stream) {
+            Some((_, ids)) => ids.push(key.id.to_string()),
+            None => out.push((stream, vec![key.id.to_string()])),
+        }
+    }
+    out
+}
+
+/// Acknowledges `ids` of `stream` in `group` and deletes them: the two
+/// commands of an acknowledgement, alone (`Carrier::ack`) or riding on an
+/// admission (`AdmitSink::admit`).
+pub(super) fn push_ack(pipe: &mut redis::Pipeline, stream: &str, group: &str, ids: &[String]) {
+    pipe.cmd("XACK").arg(stream).arg(group).arg(ids);
+    pipe.cmd("XDEL").arg(stream).arg(ids);
 }
 
 /// What a redis-rs error means for the core.
