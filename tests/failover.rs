@@ -407,7 +407,7 @@ async fn lagging_replica_failover(procedure: &'static str, wait: &str) -> Lagged
     for instance in &instances {
         wait_subscribers(instance, &router, &topic, 2).await;
     }
-    redis.replica_link().hold();
+    redis.lag_replica().await;
     let total = 400;
     Publisher::spawn(PublisherOptions {
         rate: 400.0,

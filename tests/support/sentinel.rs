@@ -32,7 +32,7 @@ struct SentinelProcess {
 }
 
 impl SentinelProcess {
-    fn spawn(master_port: u16) -> SentinelProcess {
+    fn spawn(master_port: u16, failover_timeout_ms: u64) -> SentinelProcess {
         let dir = tempfile::Builder::new()
             .prefix("subtocall-sentinel-")
             .tempdir()
@@ -46,7 +46,7 @@ impl SentinelProcess {
                 "port {port}\nbind 127.0.0.1\ndaemonize no\ndir {dir}\nlogfile {log}\n\
                  sentinel monitor {MASTER_NAME} 127.0.0.1 {master_port} 2\n\
                  sentinel down-after-milliseconds {MASTER_NAME} 1000\n\
-                 sentinel failover-timeout {MASTER_NAME} 5000\n\
+                 sentinel failover-timeout {MASTER_NAME} {failover_timeout_ms}\n\
                  sentinel parallel-syncs {MASTER_NAME} 1\n",
                 dir = dir.path().display(),
                 log = log_path.display(),
@@ -126,8 +126,12 @@ impl RedisSentinel {
         let replica =
             Redis::start_replica_of(link.as_ref().map_or(master.port(), Proxy::port)).await;
         replica.wait_in_sync(READY_TIMEOUT).await;
+        // The sentinels re-point a replica that replicates from another
+        // address than the master's (its link) `failover-timeout` after they
+        // first saw it: with a link, later than any test runs.
+        let failover_timeout = if with_link { 120_000 } else { 5_000 };
         let sentinels: Vec<SentinelProcess> = (0..3)
-            .map(|_| SentinelProcess::spawn(master.port()))
+            .map(|_| SentinelProcess::spawn(master.port(), failover_timeout))
             .collect();
         let fixture = RedisSentinel {
             sentinels,
@@ -163,6 +167,21 @@ impl RedisSentinel {
             .map(|s| format!("127.0.0.1:{}", s.port))
             .collect::<Vec<_>>()
             .join(",")
+    }
+
+    /// Makes the replica lag from now on (started with a link): its link
+    /// to the master is held. Checks first that the replica still
+    /// replicates through the link (the sentinels re-point a replica that
+    /// replicates from another address than the master's own
+    /// `failover-timeout` after they first saw it: see `start_full`).
+    pub async fn lag_replica(&self) {
+        let link = self.link.as_ref().expect("started with_link");
+        let through = format!("master_port:{}", link.port());
+        match self.servers[1].command(&["INFO", "replication"]).await {
+            Reply::Bulk(Some(info)) if String::from_utf8_lossy(&info).contains(&through) => {}
+            other => panic!("the replica no longer replicates through its link: {other:?}"),
+        }
+        link.hold();
     }
 
     /// The replica's link to the master (started with a link).
