@@ -28,6 +28,7 @@ pub mod core;
 pub mod dead_letters;
 pub mod entry;
 pub mod groups;
+pub mod mux;
 pub mod replicas;
 pub mod resp;
 pub mod retain;
@@ -35,9 +36,7 @@ pub mod retain;
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::{
-    ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection,
-};
+use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
@@ -293,15 +292,7 @@ impl Target {
                 conn: Arc::new(Mutex::new(None)),
             }
         } else {
-            let client = redis::Client::open(self.url.as_str()).map_err(|e| e.to_string())?;
-            let config = ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(COMMAND_TIMEOUT))
-                .set_response_timeout(Some(COMMAND_TIMEOUT))
-                .set_number_of_retries(1);
-            SharedInner::Single(
-                ConnectionManager::new_lazy_with_config(client, config)
-                    .map_err(|e| e.to_string())?,
-            )
+            SharedInner::Single(mux::Mux::new(self.endpoint.clone(), COMMAND_TIMEOUT))
         };
         Ok(Shared { inner })
     }
@@ -382,7 +373,7 @@ pub struct Shared {
 
 #[derive(Clone)]
 enum SharedInner {
-    Single(ConnectionManager),
+    Single(mux::Mux),
     Cluster {
         client: Box<ClusterClient>,
         conn: Arc<Mutex<Option<ClusterConnection>>>,
@@ -406,7 +397,7 @@ impl Shared {
     /// The connection, connecting first if there is none yet.
     pub async fn get(&self) -> RedisResult<Conn> {
         match &self.inner {
-            SharedInner::Single(manager) => Ok(Conn::Managed(manager.clone())),
+            SharedInner::Single(mux) => Ok(Conn::Single(mux.clone())),
             SharedInner::Cluster { client, conn } => {
                 let mut slot = conn.lock().await;
                 if let Some(c) = slot.as_ref() {
@@ -486,7 +477,7 @@ impl Located {
 /// One connection of any kind.
 #[derive(Clone)]
 pub enum Conn {
-    Managed(ConnectionManager),
+    Single(mux::Mux),
     Cluster(ClusterConnection),
     Located(Located),
 }
@@ -498,7 +489,7 @@ impl Conn {
     pub fn epoch(&self) -> Option<u64> {
         match self {
             Conn::Located(c) => Some(c.tag),
-            Conn::Managed(_) | Conn::Cluster(_) => None,
+            Conn::Single(_) | Conn::Cluster(_) => None,
         }
     }
 
@@ -507,7 +498,7 @@ impl Conn {
     /// named at the same address. Never on a cluster.
     pub fn same_server(&self, other: &Conn) -> bool {
         match (self, other) {
-            (Conn::Managed(_), Conn::Managed(_)) => true,
+            (Conn::Single(_), Conn::Single(_)) => true,
             (Conn::Located(a), Conn::Located(b)) => a.server == b.server,
             _ => false,
         }
@@ -517,7 +508,7 @@ impl Conn {
 impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
-            Conn::Managed(c) => c.req_packed_command(cmd),
+            Conn::Single(c) => c.req_packed_command(cmd),
             Conn::Cluster(c) => c.req_packed_command(cmd),
             Conn::Located(c) => Box::pin(async move {
                 let result = c.conn.req_packed_command(cmd).await;
@@ -533,7 +524,7 @@ impl ConnectionLike for Conn {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
-            Conn::Managed(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
             Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
             Conn::Located(c) => Box::pin(async move {
                 let result = c.conn.req_packed_commands(pipeline, offset, count).await;
@@ -544,7 +535,7 @@ impl ConnectionLike for Conn {
 
     fn get_db(&self) -> i64 {
         match self {
-            Conn::Managed(c) => c.get_db(),
+            Conn::Single(c) => c.get_db(),
             Conn::Cluster(c) => c.get_db(),
             Conn::Located(c) => c.conn.get_db(),
         }

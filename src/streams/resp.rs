@@ -172,6 +172,11 @@ impl Endpoint {
         }
     }
 
+    /// The database it selects.
+    pub fn db(&self) -> i64 {
+        self.db
+    }
+
     /// The host of a TCP endpoint.
     pub fn host(&self) -> Option<&str> {
         match &self.addr {
@@ -181,7 +186,7 @@ impl Endpoint {
     }
 }
 
-enum Io {
+pub(super) enum Io {
     Tcp(TcpStream),
     Unix(UnixStream),
 }
@@ -228,9 +233,9 @@ impl AsyncWrite for Io {
 
 /// One connection, one command at a time.
 pub struct RawConn {
-    io: Io,
+    pub(super) io: Io,
     /// Bytes read and not yet parsed.
-    input: BytesMut,
+    pub(super) input: BytesMut,
     /// The command being written.
     output: Vec<u8>,
 }
@@ -346,7 +351,7 @@ pub fn encode(out: &mut Vec<u8>, args: &[&[u8]]) {
 
 /// The length of the complete reply at the start of `buf`, or `None` if
 /// more bytes are needed.
-fn scan(buf: &[u8], pos: &mut usize, depth: usize) -> Result<Option<usize>, Error> {
+pub(super) fn scan(buf: &[u8], pos: &mut usize, depth: usize) -> Result<Option<usize>, Error> {
     let Some(kind) = buf.get(*pos).copied() else {
         return Ok(None);
     };
@@ -438,6 +443,32 @@ impl<'a> Cursor<'a> {
                 self.bulk().map_or(Reply::Nil, Reply::Bulk)
             }
             _ => Reply::Nil,
+        }
+    }
+
+    /// The next element as the value redis-rs's own parser makes of it
+    /// (`+OK` is [`redis::Value::Okay`], an error a
+    /// [`redis::Value::ServerError`]; a nil past the end).
+    pub fn value(&mut self) -> redis::Value {
+        use redis::Value;
+        let start = self.pos;
+        match self.header() {
+            Some((b'+', _, text)) => match &self.frame[text] {
+                b"OK" => Value::Okay,
+                t => Value::SimpleString(String::from_utf8_lossy(t).into_owned()),
+            },
+            // Rare (a failed command): redis-rs's parser, for its error
+            // kinds.
+            Some((b'-', _, _)) => redis::parse_redis_value(&self.frame[start..self.pos])
+                .unwrap_or_else(|e| Value::SimpleString(e.to_string())),
+            Some((b':', n, _)) => Value::Int(n),
+            Some((b'*', n, _)) if n >= 0 => Value::Array((0..n).map(|_| self.value()).collect()),
+            Some((b'$', n, _)) if n >= 0 => {
+                let at = self.pos;
+                self.pos += n as usize + 2;
+                Value::BulkString(self.frame[at..at + n as usize].to_vec())
+            }
+            _ => Value::Nil,
         }
     }
 
@@ -620,6 +651,18 @@ mod tests {
             let (back, used) = parse_all(&bytes).unwrap().unwrap();
             prop_assert_eq!(back, reply);
             prop_assert_eq!(used, len);
+        }
+
+        /// A reply read as a redis-rs value is what redis-rs's own parser
+        /// makes of it.
+        #[test]
+        fn values_are_redis_rs_values(reply in replies()) {
+            let mut bytes = Vec::new();
+            write(&reply, &mut bytes);
+            let frame = Bytes::from(bytes);
+            let ours = Cursor::new(&frame).value();
+            let theirs = redis::parse_redis_value(&frame).unwrap();
+            prop_assert_eq!(ours, theirs);
         }
 
         /// Arbitrary bytes never panic the reader.

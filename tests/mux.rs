@@ -1,0 +1,240 @@
+//! The shared connection to one Redis (`streams::mux`) against a real
+//! redis-server: requests pipelined from many places each get their own
+//! reply, a reply that comes too late never answers a later request, and a
+//! lost connection fails what waits on it and is made again.
+
+mod support;
+
+use std::time::Duration;
+
+use ::redis::Value;
+use futures_util::future::join_all;
+use subtocall::streams::mux::Mux;
+use subtocall::streams::resp::Endpoint;
+use support::*;
+
+fn mux(redis: &Redis, timeout: Duration) -> Mux {
+    Mux::new(Endpoint::from_url(&redis.url()).expect("endpoint"), timeout)
+}
+
+#[tokio::test]
+async fn requests_from_many_places_each_get_their_own_reply() {
+    let redis = Redis::start().await;
+    let m = mux(&redis, Duration::from_secs(5));
+    let writes = join_all((0..200).map(|i| {
+        let mut c = m.clone();
+        async move {
+            ::redis::cmd("SET")
+                .arg(format!("k{i}"))
+                .arg(format!("v{i}"))
+                .query_async::<()>(&mut c)
+                .await
+        }
+    }))
+    .await;
+    assert!(writes.iter().all(Result::is_ok), "{writes:?}");
+    // Reads, pipelines of several commands and transactions at once, each
+    // from a task of its own (woken on its own).
+    let reads = join_all((0..200).map(|i| {
+        let mut c = m.clone();
+        tokio::spawn(async move {
+            match i % 3 {
+                0 => ::redis::cmd("GET")
+                    .arg(format!("k{i}"))
+                    .query_async::<String>(&mut c)
+                    .await
+                    .map(|v| vec![v]),
+                1 => ::redis::pipe()
+                    .cmd("GET")
+                    .arg(format!("k{i}"))
+                    .cmd("ECHO")
+                    .arg(i)
+                    .query_async::<(String, String)>(&mut c)
+                    .await
+                    .map(|(a, b)| vec![a, b]),
+                _ => ::redis::pipe()
+                    .atomic()
+                    .cmd("GET")
+                    .arg(format!("k{i}"))
+                    .cmd("ECHO")
+                    .arg(i)
+                    .query_async::<(String, String)>(&mut c)
+                    .await
+                    .map(|(a, b)| vec![a, b]),
+            }
+        })
+    }))
+    .await;
+    for (i, read) in reads.into_iter().enumerate() {
+        let got = read
+            .expect("join")
+            .unwrap_or_else(|e| panic!("request {i}: {e}"));
+        assert_eq!(got[0], format!("v{i}"), "request {i}");
+        if i % 3 != 0 {
+            assert_eq!(got[1], i.to_string(), "request {i}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_error_reply_is_an_error_alone_and_a_value_in_a_pipeline() {
+    let redis = Redis::start().await;
+    let mut c = mux(&redis, Duration::from_secs(5));
+    let sha = "0000000000000000000000000000000000000000";
+    let alone = ::redis::cmd("EVALSHA")
+        .arg(sha)
+        .arg(0)
+        .query_async::<Value>(&mut c)
+        .await
+        .expect_err("no such script");
+    assert_eq!(alone.code(), Some("NOSCRIPT"));
+    let mut pipe = ::redis::pipe();
+    pipe.ignore_errors()
+        .cmd("EVALSHA")
+        .arg(sha)
+        .arg(0)
+        .cmd("PING");
+    let replies: Vec<::redis::RedisResult<Value>> =
+        pipe.query_async(&mut c).await.expect("pipeline");
+    assert_eq!(replies.len(), 2);
+    assert_eq!(
+        replies[0].as_ref().expect_err("no such script").code(),
+        Some("NOSCRIPT")
+    );
+    assert_eq!(
+        replies[1].as_ref().ok(),
+        Some(&Value::SimpleString("PONG".into()))
+    );
+    // A transaction with a command Redis refuses to queue does not run.
+    let refused = ::redis::pipe()
+        .atomic()
+        .cmd("SET")
+        .arg("t")
+        .arg("1")
+        .cmd("NOSUCHCOMMAND")
+        .query_async::<Value>(&mut c)
+        .await;
+    assert!(refused.is_err(), "{refused:?}");
+    assert_eq!(
+        redis.command(&["EXISTS", "t"]).await,
+        support::resp::Reply::Integer(0)
+    );
+}
+
+#[tokio::test]
+async fn a_reply_that_comes_too_late_answers_nobody() {
+    let redis = Redis::start().await;
+    let mut c = mux(&redis, Duration::from_millis(500));
+    redis.command(&["SET", "a", "late"]).await;
+    redis.command(&["SET", "b", "mine"]).await;
+    // Connected first, so that the frozen server holds a request, not a
+    // connection attempt.
+    let _: () = ::redis::cmd("PING")
+        .query_async(&mut c)
+        .await
+        .expect("ping");
+    redis.signal(libc::SIGSTOP);
+    let late = ::redis::cmd("GET")
+        .arg("a")
+        .query_async::<String>(&mut c)
+        .await;
+    let e = late.expect_err("no answer from a frozen server");
+    assert!(e.is_timeout(), "{e}");
+    redis.signal(libc::SIGCONT);
+    // The first GET's reply comes first on the connection: it is dropped.
+    let mine = ::redis::cmd("GET")
+        .arg("b")
+        .query_async::<String>(&mut c)
+        .await;
+    assert_eq!(mine.expect("an answer"), "mine");
+}
+
+#[tokio::test]
+async fn a_lost_connection_fails_what_waits_and_is_made_again() {
+    let mut redis = Redis::start().await;
+    let mut c = mux(&redis, Duration::from_secs(5));
+    let _: () = ::redis::cmd("PING")
+        .query_async(&mut c)
+        .await
+        .expect("ping");
+    // Blocked on the server when it dies: an IO error, not a hang.
+    let mut blocked = c.clone();
+    let waiting = tokio::spawn(async move {
+        ::redis::cmd("BLPOP")
+            .arg("nothing")
+            .arg(0)
+            .query_async::<Value>(&mut blocked)
+            .await
+    });
+    blocked_clients(&redis, 1).await;
+    redis.kill().await;
+    let failed = waiting.await.expect("join").expect_err("the server died");
+    assert!(
+        failed.is_io_error() || failed.is_connection_dropped(),
+        "{failed}"
+    );
+    let refused = ::redis::cmd("PING").query_async::<String>(&mut c).await;
+    assert!(refused.is_err(), "nobody listens: {refused:?}");
+    redis.start_again().await;
+    let pong = ::redis::cmd("PING").query_async::<String>(&mut c).await;
+    assert_eq!(pong.expect("connected again"), "PONG");
+}
+
+#[tokio::test]
+async fn a_request_answered_hands_the_reading_on_to_the_next_one_waiting() {
+    let redis = Redis::start().await;
+    let m = mux(&redis, Duration::from_secs(5));
+    let _: () = ::redis::cmd("PING")
+        .query_async(&mut m.clone())
+        .await
+        .expect("ping");
+    let blpop = |list: &'static str| {
+        let mut c = m.clone();
+        async move {
+            ::redis::cmd("BLPOP")
+                .arg(list)
+                .arg(0)
+                .query_async::<(String, String)>(&mut c)
+                .await
+        }
+    };
+    // `first` is polled again after `second` (its task woken by something
+    // else): the socket then wakes `first` alone when Redis writes.
+    let nudge = std::sync::Arc::new(tokio::sync::Notify::new());
+    let first = tokio::spawn({
+        let nudge = nudge.clone();
+        let request = blpop("one");
+        async move { tokio::join!(request, nudge.notified()).0 }
+    });
+    blocked_clients(&redis, 1).await;
+    let second = tokio::spawn(blpop("two"));
+    tokio::task::yield_now().await;
+    nudge.notify_one();
+    tokio::task::yield_now().await;
+    redis.command(&["LPUSH", "one", "a"]).await;
+    let a = first.await.expect("join").expect("first");
+    assert_eq!(a.1, "a");
+    redis.command(&["LPUSH", "two", "b"]).await;
+    // Not at the request's deadline (when its timer wakes it).
+    let b = tokio::time::timeout(Duration::from_secs(2), second)
+        .await
+        .expect("the second request answered when its reply came")
+        .expect("join")
+        .expect("second");
+    assert_eq!(b.1, "b");
+}
+
+async fn blocked_clients(redis: &Redis, n: usize) {
+    let want = format!("blocked_clients:{n}");
+    eventually(Duration::from_secs(5), &want, || async {
+        match redis.command(&["INFO", "clients"]).await {
+            support::resp::Reply::Bulk(Some(info))
+                if String::from_utf8_lossy(&info).contains(&want) =>
+            {
+                Some(())
+            }
+            _ => None,
+        }
+    })
+    .await;
+}
