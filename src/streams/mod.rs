@@ -36,7 +36,7 @@ pub mod retain;
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::aio::ConnectionLike;
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
@@ -284,6 +284,7 @@ impl Target {
         let inner = if let Some(locator) = &self.sentinel {
             SharedInner::Located {
                 locator: locator.clone(),
+                login: self.endpoint.clone(),
                 slot: Arc::new(Mutex::new(None)),
             }
         } else if self.cluster {
@@ -382,13 +383,15 @@ enum SharedInner {
     /// it fails or turns out to be a replica; then asked again.
     Located {
         locator: Arc<Locator>,
+        /// The login and database, for whichever master it is.
+        login: resp::Endpoint,
         slot: Arc<Mutex<Option<LocatedSlot>>>,
     },
 }
 
 /// A connection to a located master: its tag, the connection, the master's
 /// address.
-type LocatedSlot = (u64, MultiplexedConnection, Arc<str>);
+type LocatedSlot = (u64, mux::Mux, Arc<str>);
 
 /// How many connections to a located master were made (each one's tag).
 static LOCATED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -407,7 +410,11 @@ impl Shared {
                 *slot = Some(c.clone());
                 Ok(Conn::Cluster(c))
             }
-            SharedInner::Located { locator, slot } => {
+            SharedInner::Located {
+                locator,
+                login,
+                slot,
+            } => {
                 let mut held = slot.lock().await;
                 if let Some((tag, c, server)) = held.as_ref() {
                     return Ok(Conn::Located(Located {
@@ -418,20 +425,22 @@ impl Shared {
                     }));
                 }
                 let client = locator.master().await?;
-                let config = redis::AsyncConnectionConfig::new()
-                    .set_connection_timeout(Some(COMMAND_TIMEOUT))
-                    .set_response_timeout(Some(COMMAND_TIMEOUT));
-                let c = client
-                    .get_multiplexed_async_connection_with_config(&config)
-                    .await?;
-                let tag = LOCATED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let server: Arc<str> = match client.get_connection_info().addr() {
+                let (c, server) = match client.get_connection_info().addr() {
                     redis::ConnectionAddr::Tcp(host, port) => {
+                        let c = mux::Mux::new(login.at(host, *port), COMMAND_TIMEOUT);
+                        c.connect().await?;
                         tracing::info!(master = %locator.master, %host, port, "connected to the master the sentinels name");
-                        Arc::from(format!("{host}:{port}"))
+                        (c, Arc::<str>::from(format!("{host}:{port}")))
                     }
-                    other => Arc::from(format!("{other:?}")),
+                    other => {
+                        return Err(redis::RedisError::from((
+                            redis::ErrorKind::InvalidClientConfig,
+                            "the sentinels name a master the Redis queue cannot reach",
+                            format!("{other:?} (TLS is not supported)"),
+                        )));
+                    }
                 };
+                let tag = LOCATED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 *held = Some((tag, c.clone(), server.clone()));
                 Ok(Conn::Located(Located {
                     conn: c,
@@ -449,7 +458,7 @@ impl Shared {
 /// next use asks the sentinels again.
 #[derive(Clone)]
 pub struct Located {
-    conn: MultiplexedConnection,
+    conn: mux::Mux,
     tag: u64,
     /// The master's address, as the sentinels named it.
     server: Arc<str>,

@@ -1,6 +1,6 @@
-//! The shared connection to one Redis server (`REDIS_URL`; a cluster's
-//! nodes and a master the sentinels name keep redis-rs's): every request of the
-//! instance pipelined on one socket, replies taken in order. It has no
+//! The shared connection to one Redis server (`REDIS_URL`, or the master
+//! the sentinels name; a cluster's nodes keep redis-rs's): every request of
+//! the instance pipelined on one socket, replies taken in order. It has no
 //! task of its own: whichever of its requests is polled writes what is
 //! waiting, reads what came and hands each reply to its request (waking
 //! it). redis-rs's multiplexed connection runs a task fed by a channel,
@@ -96,6 +96,11 @@ impl Mux {
 
     fn state(&self) -> MutexGuard<'_, State> {
         self.shared.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Connects now if there is no connection (else on first use).
+    pub async fn connect(&self) -> RedisResult<()> {
+        self.connected().await
     }
 
     /// Connects if there is no connection.
