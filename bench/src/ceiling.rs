@@ -243,12 +243,25 @@ pub fn callgrind_total(
     events: u64,
     extra: &[(&str, String)],
 ) -> Result<u64> {
+    callgrind_total_at(ctx, binary, serializer, events, extra, None)
+}
+
+/// [`callgrind_total`] with the events sent at `rate` per second (else as
+/// fast as they are taken).
+pub fn callgrind_total_at(
+    ctx: &Ctx,
+    binary: &Path,
+    serializer: Serializer,
+    events: u64,
+    extra: &[(&str, String)],
+    rate: Option<f64>,
+) -> Result<u64> {
     let peer = Peer::start(PeerConfig {
         serializer,
         window: WINDOW,
         limit: Some(events),
         external_completions: None,
-        rate: None,
+        rate,
         keys: None,
     })?;
     let out: PathBuf = ctx.work.join(format!(
@@ -300,6 +313,20 @@ pub fn paced_once(
     rate: f64,
     secs: f64,
 ) -> Result<f64> {
+    paced_with(ctx, binary, serializer, rate, secs, &[], None).map(|(s, _)| s)
+}
+
+/// `paced_once` with `extra` variables for subtocall; also the CPU per
+/// event of `other` (a redis-server's pid) over the same interval.
+pub fn paced_with(
+    ctx: &Ctx,
+    binary: &Path,
+    serializer: Serializer,
+    rate: f64,
+    secs: f64,
+    extra: &[(&str, String)],
+    other: Option<u32>,
+) -> Result<(f64, f64)> {
     let peer = Peer::start(PeerConfig {
         serializer,
         window: WINDOW,
@@ -308,9 +335,11 @@ pub fn paced_once(
         rate: Some(rate),
         keys: None,
     })?;
+    let mut env = sidecar_env(&peer, serializer);
+    env.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), v.clone())));
     let mut sidecar = Sidecar::start(SidecarSpec {
         binary,
-        env: sidecar_env(&peer, serializer),
+        env,
         callgrind_out: None,
         log: ctx.work.join("subtocall-paced.log"),
     })?;
@@ -318,6 +347,8 @@ pub fn paced_once(
     peer.stats.go.store(true, Ordering::Relaxed);
     std::thread::sleep(Duration::from_millis(300));
     let count = || peer.stats.answered.load(Ordering::Relaxed);
+    let other_cpu = || other.map_or(0, crate::procfs::cpu_ns);
+    let o0 = other_cpu();
     let s0 = Sample {
         at: Instant::now(),
         cpu_ns: sidecar.cpu_ns(),
@@ -329,11 +360,13 @@ pub fn paced_once(
         cpu_ns: sidecar.cpu_ns(),
         count: count(),
     };
+    let o1 = other_cpu();
     peer.stats.stop.store(true, Ordering::Relaxed);
     if let Some(e) = peer.error() {
         bail!("loopback peer: {e}");
     }
     sidecar.check_nothing_lost()?;
     sidecar.proc.stop(Duration::from_secs(10));
-    Ok(s1.cpu_per_event_ns(&s0))
+    let events = s1.count.saturating_sub(s0.count).max(1) as f64;
+    Ok((s1.cpu_per_event_ns(&s0), (o1 - o0) as f64 / events))
 }

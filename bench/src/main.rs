@@ -93,13 +93,18 @@ Usage: subtocall-bench --subtocall PATH [options]   (normally run by scripts/ben
   --baseline-commit REV the commit the baseline build was made from (for the report)
   --repo DIR            repository root (default: current directory)
   --venv DIR            the Crossbar virtualenv (default: scripts/setup-crossbar.sh)
-  --only LIST           comma-separated parts: ceiling,paced,callgrind,crossbar,redis,queue,idle,ordering,policy
+  --only LIST           comma-separated parts: ceiling,paced,callgrind,crossbar,redis,queue,idle,ordering,policy,queue-paced
                         (queue: the Redis queue beside the memory queue, against the
                         loopback peer and at the moderate rate through Crossbar, and
                         idle; idle: 1,000 procedures, two idle instances;
                         ordering: the ceiling with SUBTOCALL_ORDER_BY and 1, 100
                         and 10,000 keys beside it without; policy: instructions per
-                        event with a policy file of 100 rules beside none)
+                        event with a policy file of 100 rules beside none;
+                        queue-paced, only when named: the memory and Redis queue
+                        at the moderate rate from the loopback peer, subtocall's
+                        and redis-server's CPU per event, and with
+                        BENCH_QUEUE_CALLGRIND=N subtocall's instructions per event
+                        at 200/s over N and 5N events; no report is written)
   --repeats N           runs per figure (default 5)
   --latency-repeats N   runs per path at the moderate rate (default 3)
   --rate N              the moderate rate through Crossbar, events/s (default 500)
@@ -173,6 +178,10 @@ fn run() -> Result<()> {
         }
     }
     let wants = |p: &str| only.as_deref().is_none_or(|o| o.split(',').any(|x| x == p));
+    let named = |p: &str| {
+        only.as_deref()
+            .is_some_and(|o| o.split(',').any(|x| x == p))
+    };
     ctx.work = std::env::temp_dir().join(format!("subtocall-bench-{}", std::process::id()));
     std::fs::create_dir_all(&ctx.work)?;
     if wants("crossbar") || wants("queue") {
@@ -285,6 +294,18 @@ fn run() -> Result<()> {
             (rules / none - 1.0) * 100.0
         ));
         results.policy_instructions.push((none, rules));
+    }
+    if named("queue-paced") {
+        log(&format!(
+            "part 4c: the memory and Redis queue at {:.0} events/s from the loopback peer",
+            ctx.rate
+        ));
+        queue::paced_loopback(&ctx, &log)?;
+        if only.as_deref() == Some("queue-paced") {
+            // Nothing for the report: doc/benchmarks.md is left as it is.
+            let _ = std::fs::remove_dir_all(&ctx.work);
+            return Ok(());
+        }
     }
     if wants("paced") {
         log(&format!(

@@ -556,3 +556,92 @@ pub fn instructions(
     let b = total(large)?;
     Ok(b.saturating_sub(a) as f64 / (large - small) as f64)
 }
+
+/// Part 4c (`--only queue-paced`, never in a full run): the memory queue
+/// and the Redis queue (one instance, a private redis-server) at the
+/// moderate rate from the loopback peer, without the router, alternating
+/// (and alternating with the baseline build, if any): subtocall's CPU per
+/// event and redis-server's, medians per build. With
+/// `BENCH_QUEUE_CALLGRIND=N`, first subtocall's instructions per event at
+/// 200 events/s (callgrind, N and 5N events).
+pub fn paced_loopback(ctx: &Ctx, log: &dyn Fn(&str)) -> Result<()> {
+    let server = RedisServer::start(&ctx.work)?;
+    let redis_env = vec![
+        ("SUBTOCALL_QUEUE", "redis".to_owned()),
+        ("REDIS_URL", server.url()),
+        ("SUBTOCALL_QUEUE_NAME", QUEUE_NAME.to_owned()),
+    ];
+    let memory_env = vec![("SUBTOCALL_QUEUE", "memory".to_owned())];
+    let flush = || crate::resp::Conn::connect(server.port)?.command(&["FLUSHALL"]);
+    if let Some(n) = std::env::var("BENCH_QUEUE_CALLGRIND")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        for (name, env) in [("memory", &memory_env), ("redis", &redis_env)] {
+            let total = |events| -> Result<u64> {
+                flush()?;
+                crate::ceiling::callgrind_total_at(
+                    ctx,
+                    &ctx.subtocall,
+                    Serializer::MsgPack,
+                    events,
+                    env,
+                    Some(200.0),
+                )
+            };
+            let a = total(n)?;
+            let b = total(5 * n)?;
+            let per = b.saturating_sub(a) as f64 / (4 * n) as f64;
+            log(&format!(
+                "  {name}: {per:.0} instructions per event at 200/s"
+            ));
+        }
+    }
+    // (build, queue) -> subtocall's and redis-server's CPU per event, ns.
+    let mut runs: BTreeMap<(String, &str), Vec<(f64, f64)>> = BTreeMap::new();
+    for i in 0..ctx.repeats {
+        for (name, env) in [("memory", &memory_env), ("redis", &redis_env)] {
+            for (build, binary) in ctx.builds(i) {
+                flush()?;
+                let (cpu, redis) = crate::ceiling::paced_with(
+                    ctx,
+                    binary,
+                    Serializer::MsgPack,
+                    ctx.rate,
+                    ctx.paced.as_secs_f64(),
+                    env,
+                    Some(server.proc.pid()),
+                )?;
+                log(&format!(
+                    "  {:>8} {name:>6} #{}: subtocall {:.1} us/ev, redis-server {:.1} us/ev",
+                    build.label(),
+                    i + 1,
+                    cpu / 1e3,
+                    redis / 1e3
+                ));
+                runs.entry((build.label().to_owned(), name))
+                    .or_default()
+                    .push((cpu, redis));
+            }
+        }
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let builds: Vec<String> = runs.keys().map(|(b, _)| b.clone()).collect();
+    for build in builds.iter().collect::<std::collections::BTreeSet<_>>() {
+        let of = |queue: &str, pick: fn(&(f64, f64)) -> f64| {
+            median(runs[&(build.clone(), queue)].iter().map(pick).collect())
+        };
+        let (memory, redis) = (of("memory", |r| r.0), of("redis", |r| r.0));
+        log(&format!(
+            "  {build:>8} medians: memory queue {:.1} us, Redis queue {:.1} us ({:.2}x), redis-server {:.1} us",
+            memory / 1e3,
+            redis / 1e3,
+            redis / memory,
+            of("redis", |r| r.1) / 1e3
+        ));
+    }
+    Ok(())
+}
