@@ -122,31 +122,112 @@ async fn an_error_reply_is_an_error_alone_and_a_value_in_a_pipeline() {
 }
 
 #[tokio::test]
-async fn a_reply_that_comes_too_late_answers_nobody() {
+async fn a_request_not_answered_in_time_drops_its_connection() {
     let redis = Redis::start().await;
     let mut c = mux(&redis, Duration::from_millis(500));
-    redis.command(&["SET", "a", "late"]).await;
     redis.command(&["SET", "b", "mine"]).await;
-    // Connected first, so that the frozen server holds a request, not a
-    // connection attempt.
-    let _: () = ::redis::cmd("PING")
+    let before: i64 = ::redis::cmd("CLIENT")
+        .arg("ID")
         .query_async(&mut c)
         .await
-        .expect("ping");
+        .expect("client id");
     redis.signal(libc::SIGSTOP);
     let late = ::redis::cmd("GET")
         .arg("a")
-        .query_async::<String>(&mut c)
+        .query_async::<Value>(&mut c)
         .await;
     let e = late.expect_err("no answer from a frozen server");
     assert!(e.is_timeout(), "{e}");
     redis.signal(libc::SIGCONT);
-    // The first GET's reply comes first on the connection: it is dropped.
     let mine = ::redis::cmd("GET")
         .arg("b")
         .query_async::<String>(&mut c)
         .await;
     assert_eq!(mine.expect("an answer"), "mine");
+    let after: i64 = ::redis::cmd("CLIENT")
+        .arg("ID")
+        .query_async(&mut c)
+        .await
+        .expect("client id");
+    assert_ne!(before, after, "a connection of its own after the timeout");
+}
+
+#[tokio::test]
+async fn a_request_given_up_leaves_its_reply_to_nobody() {
+    let redis = Redis::start().await;
+    let mut c = mux(&redis, Duration::from_secs(5));
+    redis.command(&["SET", "a", "late"]).await;
+    redis.command(&["SET", "b", "mine"]).await;
+    let before: i64 = ::redis::cmd("CLIENT")
+        .arg("ID")
+        .query_async(&mut c)
+        .await
+        .expect("client id");
+    redis.signal(libc::SIGSTOP);
+    // Its caller stops waiting long before the request's own deadline.
+    let gone = tokio::time::timeout(
+        Duration::from_millis(200),
+        ::redis::cmd("GET").arg("a").query_async::<String>(&mut c),
+    )
+    .await;
+    assert!(gone.is_err(), "no answer from a frozen server");
+    redis.signal(libc::SIGCONT);
+    // The first GET's reply comes first on the same connection: dropped.
+    let mine = ::redis::cmd("GET")
+        .arg("b")
+        .query_async::<String>(&mut c)
+        .await;
+    assert_eq!(mine.expect("an answer"), "mine");
+    let after: i64 = ::redis::cmd("CLIENT")
+        .arg("ID")
+        .query_async(&mut c)
+        .await
+        .expect("client id");
+    assert_eq!(before, after, "the same connection");
+}
+
+#[tokio::test]
+async fn requests_made_in_one_turn_go_to_redis_in_few_writes() {
+    let redis = Redis::start().await;
+    let m = mux(&redis, Duration::from_secs(5));
+    let _: () = ::redis::cmd("PING")
+        .query_async(&mut m.clone())
+        .await
+        .expect("ping");
+    let reads = || async {
+        match redis.command(&["INFO", "stats"]).await {
+            support::resp::Reply::Bulk(Some(info)) => String::from_utf8_lossy(&info)
+                .lines()
+                .find_map(|l| {
+                    l.strip_prefix("total_reads_processed:")?
+                        .trim()
+                        .parse::<u64>()
+                        .ok()
+                })
+                .expect("total_reads_processed"),
+            other => panic!("INFO stats: {other:?}"),
+        }
+    };
+    let before = reads().await;
+    // 100 requests made in one poll of `join_all`, one turn of this task.
+    let answers = join_all((0..100).map(|i| {
+        let mut c = m.clone();
+        async move {
+            ::redis::cmd("ECHO")
+                .arg(i)
+                .query_async::<String>(&mut c)
+                .await
+        }
+    }))
+    .await;
+    assert!(answers.iter().all(Result::is_ok));
+    // Each INFO is one read on its own connection.
+    let reads_of_the_requests = reads().await - before - 1;
+    println!("100 requests: {reads_of_the_requests} reads by redis-server");
+    assert!(
+        reads_of_the_requests <= 10,
+        "{reads_of_the_requests} reads for 100 requests made at once"
+    );
 }
 
 #[tokio::test]

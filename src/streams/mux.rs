@@ -13,9 +13,11 @@
 //! Replies become the values redis-rs's own parser makes
 //! ([`Cursor::value`]), so commands and pipelines are built and read with
 //! redis-rs as before ([`ConnectionLike`]). A request gets its reply within
-//! the command timeout or a timeout error (its reply, if it comes, is
-//! dropped); an IO error fails every request waiting and drops the
-//! connection, and the next request connects again.
+//! the command timeout or a timeout error; a timeout or an IO error fails
+//! every request waiting and drops the connection (one that does not
+//! answer may be dead without saying so), and the next request connects
+//! again. A request whose future is dropped before its reply is abandoned:
+//! its reply, when it comes, answers nobody.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::poll_fn;
@@ -49,6 +51,8 @@ struct Shared {
 #[derive(Default)]
 struct State {
     link: Option<Link>,
+    /// Connections made so far (the current one's number).
+    links: u64,
     /// Requests answered (or failed) whose futures have not taken it yet.
     done: HashMap<u64, RedisResult<Vec<Value>>>,
     /// The next request's number.
@@ -58,11 +62,17 @@ struct State {
 /// A live connection and the requests waiting on it, in the order they
 /// were written.
 struct Link {
+    /// Its number (`State::links`).
+    number: u64,
     io: Io,
     input: BytesMut,
     /// Requests not yet written whole.
     output: Vec<u8>,
     written: usize,
+    /// The request that writes what is in `output` at its next poll;
+    /// until then nobody does (the requests made in one turn of the loop
+    /// go to Redis in one write, as redis-rs's task wrote them).
+    flusher: Option<u64>,
     waiting: VecDeque<Waiting>,
 }
 
@@ -115,7 +125,11 @@ impl Mux {
         let raw = RawConn::connect(&self.shared.endpoint, false, self.shared.timeout)
             .await
             .map_err(raw_error)?;
-        self.state().link = Some(Link {
+        let mut state = self.state();
+        state.links += 1;
+        state.link = Some(Link {
+            number: state.links,
+            flusher: None,
             io: raw.io,
             input: raw.input,
             output: Vec::with_capacity(4096),
@@ -134,13 +148,20 @@ impl Mux {
         count: usize,
     ) -> RedisResult<Vec<Value>> {
         self.connected().await?;
-        let id = {
+        let (id, link_number, mut defer) = {
             let mut state = self.state();
             let id = state.next;
             state.next += 1;
             let Some(link) = state.link.as_mut() else {
                 return Err(dropped("the connection to Redis was lost"));
             };
+            // Alone, it is written at once; else the first of a turn's
+            // requests writes them all, after the others are made.
+            let idle = link.waiting.is_empty() && link.output.is_empty();
+            let defer = !idle && link.output.is_empty() && link.flusher.is_none();
+            if defer {
+                link.flusher = Some(id);
+            }
             write(&mut link.output);
             link.waiting.push_back(Waiting {
                 id,
@@ -151,12 +172,20 @@ impl Mux {
                 waker: None,
                 abandoned: false,
             });
-            id
+            (id, link.number, defer)
         };
         let mut pending = Pending { mux: self, id };
         let answer = tokio::time::timeout(
             self.shared.timeout,
-            poll_fn(|cx| pending.mux.poll_request(id, cx)),
+            poll_fn(|cx| {
+                if std::mem::take(&mut defer) {
+                    // Polled again once the turn's other requests are made.
+                    pending.mux.wait_on(id, cx);
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+                pending.mux.poll_request(id, cx)
+            }),
         )
         .await;
         match answer {
@@ -164,43 +193,36 @@ impl Mux {
                 pending.id = u64::MAX;
                 answer
             }
-            Err(_) => Err(RedisError::from(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "Redis did not answer in time",
-            ))),
+            Err(_) => {
+                // A connection that does not answer may be dead without
+                // saying so (a host gone, a partition): made again.
+                self.drop_link(link_number, timed_out);
+                Err(timed_out())
+            }
         }
     }
 
-    fn poll_request(&self, id: u64, cx: &mut Context<'_>) -> Poll<RedisResult<Vec<Value>>> {
-        let mut guard = self.state();
-        let state = &mut *guard;
-        if let Some(answer) = state.done.remove(&id) {
-            state.pass_on();
-            return Poll::Ready(answer);
+    /// Drops connection `number` if it is still the current one: every
+    /// request waiting on it fails with `why`.
+    fn drop_link(&self, number: u64, why: impl Fn() -> RedisError) {
+        let mut state = self.state();
+        if state.link.as_ref().is_none_or(|l| l.number != number) {
+            return;
         }
-        let Some(link) = state.link.as_mut() else {
-            return Poll::Ready(Err(dropped("the connection to Redis was lost")));
-        };
-        match link.drive(cx, id, &mut state.done) {
-            Ok(()) => {}
-            Err(e) => {
-                // Every request on this connection fails; the next
-                // connects again.
-                let link = state.link.take().expect("driven above");
-                for w in link.waiting {
-                    if let Some(waker) = w.waker {
-                        waker.wake();
-                    }
-                    if !w.abandoned {
-                        state.done.insert(w.id, Err(io_error(&e)));
-                    }
-                }
+        let link = state.link.take().expect("checked above");
+        for w in link.waiting {
+            if let Some(waker) = w.waker {
+                waker.wake();
+            }
+            if !w.abandoned {
+                state.done.insert(w.id, Err(why()));
             }
         }
-        if let Some(answer) = state.done.remove(&id) {
-            state.pass_on();
-            return Poll::Ready(answer);
-        }
+    }
+
+    /// Request `id` is woken through `cx` when its reply comes.
+    fn wait_on(&self, id: u64, cx: &Context<'_>) {
+        let mut state = self.state();
         if let Some(w) = state
             .link
             .as_mut()
@@ -211,6 +233,35 @@ impl Mux {
                 _ => w.waker = Some(cx.waker().clone()),
             }
         }
+    }
+
+    fn poll_request(&self, id: u64, cx: &mut Context<'_>) -> Poll<RedisResult<Vec<Value>>> {
+        let failed = {
+            let mut guard = self.state();
+            let state = &mut *guard;
+            if let Some(answer) = state.done.remove(&id) {
+                state.pass_on();
+                return Poll::Ready(answer);
+            }
+            let Some(link) = state.link.as_mut() else {
+                return Poll::Ready(Err(dropped("the connection to Redis was lost")));
+            };
+            link.drive(cx, id, &mut state.done)
+                .err()
+                .map(|e| (link.number, e))
+        };
+        if let Some((number, e)) = failed {
+            // Every request on this connection fails; the next connects
+            // again.
+            self.drop_link(number, || io_error(&e));
+        }
+        let mut state = self.state();
+        if let Some(answer) = state.done.remove(&id) {
+            state.pass_on();
+            return Poll::Ready(answer);
+        }
+        drop(state);
+        self.wait_on(id, cx);
         Poll::Pending
     }
 }
@@ -239,7 +290,10 @@ impl Link {
         me: u64,
         done: &mut HashMap<u64, RedisResult<Vec<Value>>>,
     ) -> io::Result<()> {
-        while self.written < self.output.len() {
+        if self.flusher == Some(me) {
+            self.flusher = None;
+        }
+        while self.flusher.is_none() && self.written < self.output.len() {
             match Pin::new(&mut self.io).poll_write(cx, &self.output[self.written..]) {
                 Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
                 Poll::Ready(Ok(n)) => self.written += n,
@@ -340,6 +394,10 @@ impl Drop for Pending<'_> {
         let mut state = self.mux.state();
         state.done.remove(&self.id);
         if let Some(link) = state.link.as_mut() {
+            if link.flusher == Some(self.id) {
+                // Another writes what it was to write.
+                link.flusher = None;
+            }
             for w in &mut link.waiting {
                 if w.id == self.id {
                     w.abandoned = true;
@@ -399,6 +457,13 @@ fn protocol(e: resp::Error) -> io::Error {
 
 fn io_error(e: &io::Error) -> RedisError {
     RedisError::from(io::Error::new(e.kind(), e.to_string()))
+}
+
+fn timed_out() -> RedisError {
+    RedisError::from(io::Error::new(
+        io::ErrorKind::TimedOut,
+        "Redis did not answer in time",
+    ))
 }
 
 fn dropped(why: &'static str) -> RedisError {
