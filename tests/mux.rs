@@ -17,6 +17,37 @@ fn mux(redis: &Redis, timeout: Duration) -> Mux {
     Mux::new(Endpoint::from_url(&redis.url()).expect("endpoint"), timeout)
 }
 
+/// Which connection `c` is, as Redis numbers them.
+async fn client_id(c: &mut Mux) -> i64 {
+    ::redis::cmd("CLIENT")
+        .arg("ID")
+        .query_async(c)
+        .await
+        .expect("client id")
+}
+
+/// A connection made (a PING answered), with the command timeout of 5 s.
+async fn connected(redis: &Redis) -> Mux {
+    let mut m = mux(redis, Duration::from_secs(5));
+    let _: () = ::redis::cmd("PING")
+        .query_async(&mut m)
+        .await
+        .expect("ping");
+    m
+}
+
+/// A section of `INFO`, as text.
+async fn info(redis: &Redis, section: &str) -> String {
+    match redis.command(&["INFO", section]).await {
+        support::resp::Reply::Bulk(Some(info)) => String::from_utf8_lossy(&info).into_owned(),
+        other => panic!("INFO {section}: {other:?}"),
+    }
+}
+
+async fn get(c: &mut Mux, key: &str) -> ::redis::RedisResult<String> {
+    ::redis::cmd("GET").arg(key).query_async(c).await
+}
+
 #[tokio::test]
 async fn requests_from_many_places_each_get_their_own_reply() {
     let redis = Redis::start().await;
@@ -44,23 +75,20 @@ async fn requests_from_many_places_each_get_their_own_reply() {
                     .query_async::<String>(&mut c)
                     .await
                     .map(|v| vec![v]),
-                1 => ::redis::pipe()
-                    .cmd("GET")
-                    .arg(format!("k{i}"))
-                    .cmd("ECHO")
-                    .arg(i)
-                    .query_async::<(String, String)>(&mut c)
-                    .await
-                    .map(|(a, b)| vec![a, b]),
-                _ => ::redis::pipe()
-                    .atomic()
-                    .cmd("GET")
-                    .arg(format!("k{i}"))
-                    .cmd("ECHO")
-                    .arg(i)
-                    .query_async::<(String, String)>(&mut c)
-                    .await
-                    .map(|(a, b)| vec![a, b]),
+                // A pipeline, every third one a transaction.
+                _ => {
+                    let mut pipe = ::redis::pipe();
+                    if i % 3 == 2 {
+                        pipe.atomic();
+                    }
+                    pipe.cmd("GET")
+                        .arg(format!("k{i}"))
+                        .cmd("ECHO")
+                        .arg(i)
+                        .query_async::<(String, String)>(&mut c)
+                        .await
+                        .map(|(a, b)| vec![a, b])
+                }
             }
         })
     }))
@@ -125,30 +153,7 @@ async fn an_error_reply_is_an_error_alone_and_a_value_in_a_pipeline() {
 async fn a_request_not_answered_in_time_drops_its_connection() {
     let redis = Redis::start().await;
     let mut c = mux(&redis, Duration::from_millis(500));
-    redis.command(&["SET", "b", "mine"]).await;
-    let before: i64 = ::redis::cmd("CLIENT")
-        .arg("ID")
-        .query_async(&mut c)
-        .await
-        .expect("client id");
-    redis.signal(libc::SIGSTOP);
-    let late = ::redis::cmd("GET")
-        .arg("a")
-        .query_async::<Value>(&mut c)
-        .await;
-    let e = late.expect_err("no answer from a frozen server");
-    assert!(e.is_timeout(), "{e}");
-    redis.signal(libc::SIGCONT);
-    let mine = ::redis::cmd("GET")
-        .arg("b")
-        .query_async::<String>(&mut c)
-        .await;
-    assert_eq!(mine.expect("an answer"), "mine");
-    let after: i64 = ::redis::cmd("CLIENT")
-        .arg("ID")
-        .query_async(&mut c)
-        .await
-        .expect("client id");
+    let (before, after) = one_unanswered(&redis, &mut c, None).await;
     assert_ne!(before, after, "a connection of its own after the timeout");
 }
 
@@ -156,57 +161,53 @@ async fn a_request_not_answered_in_time_drops_its_connection() {
 async fn a_request_given_up_leaves_its_reply_to_nobody() {
     let redis = Redis::start().await;
     let mut c = mux(&redis, Duration::from_secs(5));
+    // Its caller stops waiting long before the request's own deadline.
+    let given_up = Some(Duration::from_millis(200));
+    let (before, after) = one_unanswered(&redis, &mut c, given_up).await;
+    assert_eq!(before, after, "the same connection");
+}
+
+/// A request (GET a) made while `redis` is frozen gets no answer: it times
+/// out, or its caller gives up after `give_up`. Then, thawed, the next
+/// request (GET b) gets its own answer, not the first one's. Which
+/// connection asked, before and after.
+async fn one_unanswered(redis: &Redis, c: &mut Mux, give_up: Option<Duration>) -> (i64, i64) {
     redis.command(&["SET", "a", "late"]).await;
     redis.command(&["SET", "b", "mine"]).await;
-    let before: i64 = ::redis::cmd("CLIENT")
-        .arg("ID")
-        .query_async(&mut c)
-        .await
-        .expect("client id");
+    let before = client_id(c).await;
     redis.signal(libc::SIGSTOP);
-    // Its caller stops waiting long before the request's own deadline.
-    let gone = tokio::time::timeout(
-        Duration::from_millis(200),
-        ::redis::cmd("GET").arg("a").query_async::<String>(&mut c),
-    )
-    .await;
-    assert!(gone.is_err(), "no answer from a frozen server");
+    match give_up {
+        Some(after) => {
+            let gone = tokio::time::timeout(after, get(c, "a")).await;
+            assert!(gone.is_err(), "no answer from a frozen server");
+        }
+        None => {
+            let e = get(c, "a")
+                .await
+                .expect_err("no answer from a frozen server");
+            assert!(e.is_timeout(), "{e}");
+        }
+    }
     redis.signal(libc::SIGCONT);
-    // The first GET's reply comes first on the same connection: dropped.
-    let mine = ::redis::cmd("GET")
-        .arg("b")
-        .query_async::<String>(&mut c)
-        .await;
-    assert_eq!(mine.expect("an answer"), "mine");
-    let after: i64 = ::redis::cmd("CLIENT")
-        .arg("ID")
-        .query_async(&mut c)
-        .await
-        .expect("client id");
-    assert_eq!(before, after, "the same connection");
+    assert_eq!(get(c, "b").await.expect("an answer"), "mine");
+    (before, client_id(c).await)
 }
 
 #[tokio::test]
 async fn requests_made_in_one_turn_go_to_redis_in_few_writes() {
     let redis = Redis::start().await;
-    let m = mux(&redis, Duration::from_secs(5));
-    let _: () = ::redis::cmd("PING")
-        .query_async(&mut m.clone())
-        .await
-        .expect("ping");
+    let m = connected(&redis).await;
     let reads = || async {
-        match redis.command(&["INFO", "stats"]).await {
-            support::resp::Reply::Bulk(Some(info)) => String::from_utf8_lossy(&info)
-                .lines()
-                .find_map(|l| {
-                    l.strip_prefix("total_reads_processed:")?
-                        .trim()
-                        .parse::<u64>()
-                        .ok()
-                })
-                .expect("total_reads_processed"),
-            other => panic!("INFO stats: {other:?}"),
-        }
+        info(&redis, "stats")
+            .await
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("total_reads_processed:")?
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
+            .expect("total_reads_processed")
     };
     let before = reads().await;
     // 100 requests made in one poll of `join_all`, one turn of this task.
@@ -264,11 +265,7 @@ async fn a_lost_connection_fails_what_waits_and_is_made_again() {
 #[tokio::test]
 async fn a_request_answered_hands_the_reading_on_to_the_next_one_waiting() {
     let redis = Redis::start().await;
-    let m = mux(&redis, Duration::from_secs(5));
-    let _: () = ::redis::cmd("PING")
-        .query_async(&mut m.clone())
-        .await
-        .expect("ping");
+    let m = connected(&redis).await;
     let blpop = |list: &'static str| {
         let mut c = m.clone();
         async move {
@@ -308,14 +305,7 @@ async fn a_request_answered_hands_the_reading_on_to_the_next_one_waiting() {
 async fn blocked_clients(redis: &Redis, n: usize) {
     let want = format!("blocked_clients:{n}");
     eventually(Duration::from_secs(5), &want, || async {
-        match redis.command(&["INFO", "clients"]).await {
-            support::resp::Reply::Bulk(Some(info))
-                if String::from_utf8_lossy(&info).contains(&want) =>
-            {
-                Some(())
-            }
-            _ => None,
-        }
+        info(redis, "clients").await.contains(&want).then_some(())
     })
     .await;
 }
