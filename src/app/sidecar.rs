@@ -319,6 +319,16 @@ impl Sidecar {
             if !synced {
                 // Until the registration list is answered every group
                 // looks away (at every rejoin): nothing else is compared.
+                // A group new to this process waits meanwhile: a restarted
+                // instance reads a kept group's streams at once, and would
+                // call a procedure nobody may register (an event past its
+                // retry age then dead-lettered on its first failure).
+                if before.is_none() {
+                    self.stages.set_away(g.unit, true, now);
+                    if let Some(q) = &mut self.queue {
+                        q.queue.pause(&g.procedure);
+                    }
+                }
                 continue;
             }
             if before.map(|b| b.away) != Some(g.away) {
