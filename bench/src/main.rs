@@ -101,7 +101,8 @@ Usage: subtocall-bench --subtocall PATH [options]   (normally run by scripts/ben
                         and 10,000 keys beside it without; policy: instructions per
                         event with a policy file of 100 rules beside none;
                         queue-paced, only when named: the memory and Redis queue
-                        at the moderate rate from the loopback peer, subtocall's
+                        (over TCP and over a Unix socket) at the moderate rate
+                        from the loopback peer, subtocall's
                         and redis-server's CPU per event, and with
                         BENCH_QUEUE_CALLGRIND=N subtocall's instructions per event
                         at 200/s over N and 5N events; no report is written)

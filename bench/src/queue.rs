@@ -564,11 +564,28 @@ pub fn instructions(
 /// event and redis-server's, medians per build. With
 /// `BENCH_QUEUE_CALLGRIND=N`, first subtocall's instructions per event at
 /// 200 events/s (callgrind, N and 5N events).
+///
+/// The Redis queue is measured twice: over TCP (the figure the targets
+/// are about) and over the same server's Unix socket. On loopback the
+/// sender of a TCP segment runs the receiver's side of the stack too (and
+/// wakes it), which a Redis on another host would run there; the Unix
+/// socket shows how much of the Redis queue's CPU per event that is.
 pub fn paced_loopback(ctx: &Ctx, log: &dyn Fn(&str)) -> Result<()> {
-    let server = RedisServer::start(&ctx.work)?;
+    let socket = ctx.work.join("redis-4c.sock");
+    let socket_arg = socket.to_string_lossy().into_owned();
+    let server = RedisServer::start_with(
+        &ctx.work,
+        "redis-4c",
+        &["--unixsocket", &socket_arg, "--unixsocketperm", "700"],
+    )?;
     let redis_env = vec![
         ("SUBTOCALL_QUEUE", "redis".to_owned()),
         ("REDIS_URL", server.url()),
+        ("SUBTOCALL_QUEUE_NAME", QUEUE_NAME.to_owned()),
+    ];
+    let unix_env = vec![
+        ("SUBTOCALL_QUEUE", "redis".to_owned()),
+        ("REDIS_URL", format!("unix://{socket_arg}")),
         ("SUBTOCALL_QUEUE_NAME", QUEUE_NAME.to_owned()),
     ];
     let memory_env = vec![("SUBTOCALL_QUEUE", "memory".to_owned())];
@@ -600,7 +617,11 @@ pub fn paced_loopback(ctx: &Ctx, log: &dyn Fn(&str)) -> Result<()> {
     // (build, queue) -> subtocall's and redis-server's CPU per event, ns.
     let mut runs: BTreeMap<(String, &str), Vec<(f64, f64)>> = BTreeMap::new();
     for i in 0..ctx.repeats {
-        for (name, env) in [("memory", &memory_env), ("redis", &redis_env)] {
+        for (name, env) in [
+            ("memory", &memory_env),
+            ("redis", &redis_env),
+            ("unix", &unix_env),
+        ] {
             for (build, binary) in ctx.builds(i) {
                 flush()?;
                 let (cpu, redis) = crate::ceiling::paced_with(
@@ -635,12 +656,17 @@ pub fn paced_loopback(ctx: &Ctx, log: &dyn Fn(&str)) -> Result<()> {
             median(runs[&(build.clone(), queue)].iter().map(pick).collect())
         };
         let (memory, redis) = (of("memory", |r| r.0), of("redis", |r| r.0));
+        let unix = of("unix", |r| r.0);
         log(&format!(
-            "  {build:>8} medians: memory queue {:.1} us, Redis queue {:.1} us ({:.2}x), redis-server {:.1} us",
+            "  {build:>8} medians: memory queue {:.1} us, Redis queue {:.1} us ({:.2}x), redis-server {:.1} us; \
+             over the Unix socket {:.1} us ({:.2}x), redis-server {:.1} us",
             memory / 1e3,
             redis / 1e3,
             redis / memory,
-            of("redis", |r| r.1) / 1e3
+            of("redis", |r| r.1) / 1e3,
+            unix / 1e3,
+            unix / memory,
+            of("unix", |r| r.1) / 1e3
         ));
     }
     Ok(())
