@@ -304,7 +304,7 @@ fn run() -> Result<()> {
         queue::paced_loopback(&ctx, &log)?;
         if only.as_deref() == Some("queue-paced") {
             // Nothing for the report: doc/benchmarks.md is left as it is.
-            let _ = std::fs::remove_dir_all(&ctx.work);
+            leave_work(&ctx);
             return Ok(());
         }
     }
@@ -533,13 +533,18 @@ fn run() -> Result<()> {
     } else {
         println!("{section}");
     }
-    // BENCH_KEEP_WORK=1 keeps the logs and callgrind outputs for a closer look.
+    leave_work(&ctx);
+    Ok(())
+}
+
+/// Removes the work directory, unless BENCH_KEEP_WORK=1 keeps the logs and
+/// callgrind outputs for a closer look.
+fn leave_work(ctx: &Ctx) {
     if std::env::var_os("BENCH_KEEP_WORK").is_some() {
         log(&format!("kept {}", ctx.work.display()));
     } else {
         let _ = std::fs::remove_dir_all(&ctx.work);
     }
-    Ok(())
 }
 
 fn log(line: &str) {
