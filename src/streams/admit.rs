@@ -472,7 +472,11 @@ impl AdmitSink {
             let plain = lease.is_none() && !(self.bound > 0 && self.drop_oldest);
             // By its hash: the script's 2 KB are not sent (nor hashed by
             // Redis) with every event; sent once a server says it lacks it.
-            let mut cmd = redis::cmd("EVALSHA");
+            // Sized up front: grown argument by argument, redis-rs's buffers
+            // cost a dozen reallocations per event at a moderate rate.
+            let mut cmd =
+                redis::Cmd::with_capacity(2 * events.len() + 16, 512 * events.len() + 512);
+            cmd.arg("EVALSHA");
             let retained = keep_here.map(|r| r.key(&events[0].topic));
             if plain {
                 let keys = events.len() + 1 + usize::from(retained.is_some());
@@ -566,7 +570,8 @@ impl AdmitSink {
             }
             pipe.add_command(cmd);
             if let Some(count) = read_here {
-                pipe.cmd("XREADGROUP")
+                let mut read = redis::Cmd::with_capacity(9, 128 + stream.len());
+                read.arg("XREADGROUP")
                     .arg("GROUP")
                     .arg(self.keys.group())
                     .arg(&*self.consumer)
@@ -575,6 +580,7 @@ impl AdmitSink {
                     .arg("STREAMS")
                     .arg(&stream)
                     .arg(">");
+                pipe.add_command(read);
             }
             let registered = self
                 .registered

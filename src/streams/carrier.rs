@@ -1101,8 +1101,12 @@ pub(super) fn acks_by_stream(keys: &Keys, acks: &[Key]) -> Vec<(String, Vec<Stri
 /// commands of an acknowledgement, alone (`Carrier::ack`) or riding on an
 /// admission (`AdmitSink::admit`).
 pub(super) fn push_ack(pipe: &mut redis::Pipeline, stream: &str, group: &str, ids: &[String]) {
-    pipe.cmd("XACK").arg(stream).arg(group).arg(ids);
-    pipe.cmd("XDEL").arg(stream).arg(ids);
+    let bytes = stream.len() + 24 * ids.len();
+    let mut ack = redis::Cmd::with_capacity(3 + ids.len(), bytes + group.len() + 4);
+    ack.arg("XACK").arg(stream).arg(group).arg(ids);
+    let mut del = redis::Cmd::with_capacity(2 + ids.len(), bytes + 4);
+    del.arg("XDEL").arg(stream).arg(ids);
+    pipe.add_command(ack).add_command(del);
 }
 
 /// What a redis-rs error means for the core.
