@@ -578,16 +578,15 @@ pub fn paced_loopback(ctx: &Ctx, log: &dyn Fn(&str)) -> Result<()> {
         "redis-4c",
         &["--unixsocket", &socket_arg, "--unixsocketperm", "700"],
     )?;
-    let redis_env = vec![
-        ("SUBTOCALL_QUEUE", "redis".to_owned()),
-        ("REDIS_URL", server.url()),
-        ("SUBTOCALL_QUEUE_NAME", QUEUE_NAME.to_owned()),
-    ];
-    let unix_env = vec![
-        ("SUBTOCALL_QUEUE", "redis".to_owned()),
-        ("REDIS_URL", format!("unix://{socket_arg}")),
-        ("SUBTOCALL_QUEUE_NAME", QUEUE_NAME.to_owned()),
-    ];
+    let redis_at = |url: String| {
+        vec![
+            ("SUBTOCALL_QUEUE", "redis".to_owned()),
+            ("REDIS_URL", url),
+            ("SUBTOCALL_QUEUE_NAME", QUEUE_NAME.to_owned()),
+        ]
+    };
+    let redis_env = redis_at(server.url());
+    let unix_env = redis_at(format!("unix://{socket_arg}"));
     let memory_env = vec![("SUBTOCALL_QUEUE", "memory".to_owned())];
     let flush = || crate::resp::Conn::connect(server.port)?.command(&["FLUSHALL"]);
     if let Some(n) = std::env::var("BENCH_QUEUE_CALLGRIND")
