@@ -35,6 +35,15 @@
 # --no-write prints the section instead of writing it: a run of some parts
 # only rewrites the generated section with those parts alone.
 #
+# Two parts run only when named and write nothing: queue-paced (the memory
+# and Redis queue at the moderate rate from the loopback peer) and
+# queue-ceiling (the Redis queue's ceiling with one instance), each with the
+# baseline build alternating and redis-server's INFO commandstats per event.
+# The Redis queue's targets of issue 21 were set on the build before the
+# queue core; on another machine, read them against that build:
+#
+#   scripts/bench.sh --only queue-paced,queue-ceiling --baseline e4174ba
+#
 # The baseline: --baseline REV, else $BENCH_BASELINE, else
 # BASELINE_DEFAULT in this script (068ae7d, the commit before the event-loop
 # redesign); `none` measures the current checkout alone. It is

@@ -93,7 +93,7 @@ Usage: subtocall-bench --subtocall PATH [options]   (normally run by scripts/ben
   --baseline-commit REV the commit the baseline build was made from (for the report)
   --repo DIR            repository root (default: current directory)
   --venv DIR            the Crossbar virtualenv (default: scripts/setup-crossbar.sh)
-  --only LIST           comma-separated parts: ceiling,paced,callgrind,crossbar,redis,queue,idle,ordering,policy,queue-paced
+  --only LIST           comma-separated parts: ceiling,paced,callgrind,crossbar,redis,queue,idle,ordering,policy,queue-paced,queue-ceiling
                         (queue: the Redis queue beside the memory queue, against the
                         loopback peer and at the moderate rate through Crossbar, and
                         idle; idle: 1,000 procedures, two idle instances;
@@ -106,6 +106,9 @@ Usage: subtocall-bench --subtocall PATH [options]   (normally run by scripts/ben
                         and redis-server's CPU per event, and with
                         BENCH_QUEUE_CALLGRIND=N subtocall's instructions per event
                         at 200/s over N and 5N events; no report is written)
+                        queue-ceiling, only when named: the Redis queue's ceiling
+                        with one instance, the current and the baseline build
+                        alternating; no report is written
   --repeats N           runs per figure (default 5)
   --latency-repeats N   runs per path at the moderate rate (default 3)
   --rate N              the moderate rate through Crossbar, events/s (default 500)
@@ -302,11 +305,19 @@ fn run() -> Result<()> {
             ctx.rate
         ));
         queue::paced_loopback(&ctx, &log)?;
-        if only.as_deref() == Some("queue-paced") {
-            // Nothing for the report: doc/benchmarks.md is left as it is.
-            leave_work(&ctx);
-            return Ok(());
-        }
+    }
+    if named("queue-ceiling") {
+        log("part 4d: the Redis queue's ceiling, one instance, loopback peer, builds alternating");
+        queue::ceiling_builds(&ctx, &log)?;
+    }
+    // Parts 4c and 4d are for a closer look: named alone (or together),
+    // doc/benchmarks.md is left as it is.
+    if only.as_deref().is_some_and(|o| {
+        o.split(',')
+            .all(|x| x == "queue-paced" || x == "queue-ceiling")
+    }) {
+        leave_work(&ctx);
+        return Ok(());
     }
     if wants("paced") {
         log(&format!(

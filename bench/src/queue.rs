@@ -563,7 +563,8 @@ pub fn instructions(
 /// (and alternating with the baseline build, if any): subtocall's CPU per
 /// event and redis-server's, medians per build. With
 /// `BENCH_QUEUE_CALLGRIND=N`, first subtocall's instructions per event at
-/// 200 events/s (callgrind, N and 5N events).
+/// 200 events/s (callgrind, N and 5N events). Each Redis run also logs what
+/// redis-server ran per event (`INFO commandstats`).
 ///
 /// The Redis queue is measured twice: over TCP (the figure the targets
 /// are about) and over the same server's Unix socket. On loopback the
@@ -623,6 +624,7 @@ pub fn paced_loopback(ctx: &Ctx, log: &dyn Fn(&str)) -> Result<()> {
         ] {
             for (build, binary) in ctx.builds(i) {
                 flush()?;
+                let stats0 = crate::router::command_stats(server.port);
                 let (cpu, redis) = crate::ceiling::paced_with(
                     ctx,
                     binary,
@@ -639,6 +641,15 @@ pub fn paced_loopback(ctx: &Ctx, log: &dyn Fn(&str)) -> Result<()> {
                     cpu / 1e3,
                     redis / 1e3
                 ));
+                if name != "memory" {
+                    let stats1 = crate::router::command_stats(server.port);
+                    log(&format!(
+                        "  {:>8} {name:>6} #{}: per event appended: {}",
+                        "",
+                        i + 1,
+                        appended_stats(&stats0, &stats1)
+                    ));
+                }
                 runs.entry((build.label().to_owned(), name))
                     .or_default()
                     .push((cpu, redis));
@@ -669,4 +680,83 @@ pub fn paced_loopback(ctx: &Ctx, log: &dyn Fn(&str)) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// Part 4d (`--only queue-ceiling`, never in a full run): the Redis
+/// queue's ceiling with one instance against the loopback peer (as in part
+/// 4), the current build alternating with the baseline build (if any) on
+/// the same private redis-server: events/s, subtocall's and redis-server's
+/// CPU per event, medians per build. With `--baseline` set to the build an
+/// absolute target was measured on, this reads the target on this machine
+/// as a ratio to that build.
+pub fn ceiling_builds(ctx: &Ctx, log: &dyn Fn(&str)) -> Result<()> {
+    let server = RedisServer::start_with(&ctx.work, "redis-4d", &[])?;
+    // (build) -> (events/s, subtocall ns/event, redis-server ns/event).
+    let mut runs: BTreeMap<&str, Vec<(f64, f64, f64)>> = BTreeMap::new();
+    for i in 0..ctx.repeats {
+        for (build, binary) in ctx.builds(i) {
+            let stats0 = crate::router::command_stats(server.port);
+            let r = run_once(ctx, binary, Queue::Redis, 1, Some(&server))?;
+            let stats1 = crate::router::command_stats(server.port);
+            log(&format!(
+                "  {:>8} #{}: {:>7.0} ev/s, subtocall {:.2} us/ev, redis-server {:.2} us/ev",
+                build.label(),
+                i + 1,
+                r.events_per_s,
+                r.sidecar_cpu_ns / 1e3,
+                r.redis_cpu_ns / 1e3
+            ));
+            log(&format!(
+                "  {:>8} #{}: per event appended: {}",
+                "",
+                i + 1,
+                appended_stats(&stats0, &stats1)
+            ));
+            runs.entry(build.label()).or_default().push((
+                r.events_per_s,
+                r.sidecar_cpu_ns,
+                r.redis_cpu_ns,
+            ));
+        }
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let of = |build: &str, pick: fn(&(f64, f64, f64)) -> f64| {
+        runs.get(build)
+            .map(|v| median(v.iter().map(pick).collect()))
+    };
+    for build in runs.keys() {
+        let (Some(rate), Some(cpu), Some(redis)) =
+            (of(build, |r| r.0), of(build, |r| r.1), of(build, |r| r.2))
+        else {
+            continue;
+        };
+        log(&format!(
+            "  {build:>8} medians: {rate:.0} ev/s, subtocall {:.2} us/ev, redis-server {:.2} us/ev",
+            cpu / 1e3,
+            redis / 1e3
+        ));
+    }
+    if let (Some(current), Some(baseline)) = (of("current", |r| r.0), of("baseline", |r| r.0)) {
+        log(&format!(
+            "  ceiling, current / baseline: {:.2}x",
+            current / baseline
+        ));
+    }
+    Ok(())
+}
+
+/// What redis-server ran between two `INFO commandstats`, per event
+/// appended (every XADD appends one, a script's too), over a whole run.
+fn appended_stats(
+    before: &BTreeMap<String, (u64, u64)>,
+    after: &BTreeMap<String, (u64, u64)>,
+) -> String {
+    let xadds = |m: &BTreeMap<String, (u64, u64)>| m.get("xadd").map_or(0, |s| s.0);
+    match xadds(after).saturating_sub(xadds(before)) {
+        0 => "nothing appended".to_owned(),
+        n => crate::router::per_event(before, after, n),
+    }
 }

@@ -410,19 +410,7 @@ impl Bench {
             | (Path::RedisWait, _, Some((_, _, port))) => *port,
             _ => return BTreeMap::new(),
         };
-        let text = crate::resp::Conn::connect(port)
-            .and_then(|mut c| c.text(&["INFO", "commandstats"]))
-            .unwrap_or_default();
-        text.lines()
-            .filter_map(|line| {
-                let (name, rest) = line.strip_prefix("cmdstat_")?.split_once(':')?;
-                let field = |f: &str| {
-                    rest.split(',')
-                        .find_map(|kv| kv.strip_prefix(f)?.strip_prefix('=')?.parse().ok())
-                };
-                Some((name.to_owned(), (field("calls")?, field("usec")?)))
-            })
-            .collect()
+        command_stats(port)
     }
 
     /// Waits until every event sent has reached a backend.
@@ -833,9 +821,29 @@ async fn wait_subscribed(sidecar: &mut Sidecar, topic: &str) -> Result<()> {
     }
 }
 
+/// redis-server's `INFO commandstats` on `port`: calls and microseconds by
+/// command (empty if it cannot be read).
+pub fn command_stats(port: u16) -> BTreeMap<String, (u64, u64)> {
+    let text = crate::resp::Conn::connect(port)
+        .and_then(|mut c| c.text(&["INFO", "commandstats"]))
+        .unwrap_or_default();
+    text.lines()
+        .filter_map(|line| {
+            let (name, rest) = line.strip_prefix("cmdstat_")?.split_once(':')?;
+            let field = |f: &str| {
+                rest.split(',')
+                    .find_map(|kv| kv.strip_prefix(f)?.strip_prefix('=')?.parse().ok())
+            };
+            Some((name.to_owned(), (field("calls")?, field("usec")?)))
+        })
+        .collect()
+}
+
 /// Commands per event between two `INFO commandstats` (the ones of this
-/// measurement, not its own INFO), as `name calls/ev usec/ev`.
-fn per_event(
+/// measurement, not its own INFO), as `name calls/ev usec/ev`; those
+/// called less than once per 100 events and costing less than 0.05 us per
+/// event are left out.
+pub fn per_event(
     before: &BTreeMap<String, (u64, u64)>,
     after: &BTreeMap<String, (u64, u64)>,
     events: u64,
@@ -845,11 +853,15 @@ fn per_event(
         .filter(|(name, _)| name.as_str() != "info")
         .filter_map(|(name, (calls, usec))| {
             let (c0, u0) = before.get(name).copied().unwrap_or_default();
-            let calls = calls.checked_sub(c0).filter(|c| *c > 0)?;
+            let calls = calls.checked_sub(c0)?;
+            let usec = usec.saturating_sub(u0);
+            if calls * 100 < events && usec * 20 < events {
+                return None;
+            }
             Some(format!(
-                "{name} {:.2}/ev {:.1} us/ev",
+                "{name} {:.4}/ev {:.2} us/ev",
                 calls as f64 / events as f64,
-                usec.saturating_sub(u0) as f64 / events as f64
+                usec as f64 / events as f64
             ))
         })
         .collect::<Vec<_>>()
