@@ -719,13 +719,9 @@ pub fn ceiling_builds(ctx: &Ctx, log: &dyn Fn(&str)) -> Result<()> {
             ));
         }
     }
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
     let of = |build: &str, pick: fn(&(f64, f64, f64)) -> f64| {
         runs.get(build)
-            .map(|v| median(v.iter().map(pick).collect()))
+            .map(|v| crate::report::Spread::of(v.iter().map(pick)).median)
     };
     for build in runs.keys() {
         let (Some(rate), Some(cpu), Some(redis)) =
