@@ -656,14 +656,10 @@ pub fn paced_loopback(ctx: &Ctx, log: &dyn Fn(&str)) -> Result<()> {
             }
         }
     }
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
     let builds: Vec<String> = runs.keys().map(|(b, _)| b.clone()).collect();
     for build in builds.iter().collect::<std::collections::BTreeSet<_>>() {
         let of = |queue: &str, pick: fn(&(f64, f64)) -> f64| {
-            median(runs[&(build.clone(), queue)].iter().map(pick).collect())
+            crate::report::Spread::of(runs[&(build.clone(), queue)].iter().map(pick)).median
         };
         let (memory, redis) = (of("memory", |r| r.0), of("redis", |r| r.0));
         let unix = of("unix", |r| r.0);
